@@ -1,0 +1,443 @@
+"""Envelopes: serialize (JSON) -> compress (lz4) -> encrypt (AES-256-GCM), and a keyring.
+
+An envelope is the only form a value takes outside the caller's process: in the Redis
+cache, in the command stream and in SQLite. Its layout (version 1)::
+
+    byte 0      version (1)
+    byte 1      flags: 0x01 compressed, 0x02 encrypted
+    encrypted:  byte 2 = key id length n, n bytes key id (ASCII), 12-byte nonce,
+                ciphertext with its 16-byte GCM tag
+    plaintext:  the (possibly compressed) JSON bytes
+
+The GCM additional data is the header (version, flags, key id) plus the record's scope,
+key and level, each length-prefixed, so a sealed envelope opens only at the place it was
+sealed for: copied to another key, scope or level it raises :class:`TamperedRecord`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import secrets
+import stat
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import lz4.block
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from acl.errors import ConfigurationError, MissingKey, TamperedRecord, ValidationError
+from acl.levels import ENCRYPTED_LEVELS, Level
+
+__all__ = [
+    "DEFAULT_COMPRESS_THRESHOLD",
+    "DEFAULT_MAX_VALUE_BYTES",
+    "ENVELOPE_VERSION",
+    "Codec",
+    "JsonSerializer",
+    "Keyring",
+    "Lz4Compressor",
+    "envelope_key_id",
+]
+
+ENVELOPE_VERSION = 1
+FLAG_COMPRESSED = 0x01
+FLAGENCRYPTED_LEVELS = 0x02
+NONCE_BYTES = 12
+KEY_BYTES = 32
+TAG_BYTES = 16
+DEFAULT_COMPRESS_THRESHOLD = 512
+DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
+_KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
+_KEYRING_FORMAT = "dualmem-keyring"
+
+
+class JsonSerializer:
+    """Step 1: a JSON value to compact UTF-8 bytes and back.
+
+    >>> JsonSerializer().encode({"a": [1, 2.5, None]})
+    b'{"a":[1,2.5,null]}'
+    """
+
+    def encode(self, value: object) -> bytes:
+        """Serialize ``value``; anything JSON cannot represent exactly is a ValidationError."""
+        try:
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            return text.encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f"value is not JSON-serializable: {exc}") from exc
+        except RecursionError as exc:
+            raise ValidationError("value is nested too deeply to serialize") from exc
+
+    def decode(self, data: bytes) -> Any:
+        """Parse bytes produced by :meth:`encode`."""
+        return json.loads(data)
+
+
+class Lz4Compressor:
+    """Step 2: lz4 block compression above a size threshold, when it actually shrinks.
+
+    The stored size prefix is checked against ``max_bytes`` before decompressing, so a
+    forged header cannot make a reader allocate gigabytes.
+    """
+
+    def __init__(self, threshold: int, max_bytes: int) -> None:
+        self.threshold = threshold
+        self.max_bytes = max_bytes
+
+    def encode(self, data: bytes) -> tuple[bytes, bool]:
+        """Return ``(bytes, compressed)``."""
+        if len(data) <= self.threshold:
+            return data, False
+        packed: bytes = lz4.block.compress(data, store_size=True)
+        if len(packed) >= len(data):
+            return data, False
+        return packed, True
+
+    def decode(self, data: bytes) -> bytes:
+        """Inverse of :meth:`encode` for data that was compressed."""
+        if len(data) < 4:
+            raise TamperedRecord("compressed payload is truncated")
+        (size,) = struct.unpack_from("<I", data)
+        if size > self.max_bytes:
+            raise TamperedRecord(f"compressed payload claims {size} bytes, over the limit")
+        try:
+            out: bytes = lz4.block.decompress(data)
+        except lz4.block.LZ4BlockError as exc:
+            raise TamperedRecord("compressed payload does not decompress") from exc
+        return out
+
+
+def _aad(header: bytes, scope: str, key: str, level: int) -> bytes:
+    s = scope.encode("utf-8")
+    k = key.encode("utf-8")
+    return b"".join(
+        (header, struct.pack(">I", len(s)), s, struct.pack(">I", len(k)), k, bytes((level,)))
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    key_id: str
+    secret: bytes
+    created_at: str
+
+
+class Keyring:
+    """AES-256 keys by id; one is active for new seals, all of them open old envelopes.
+
+    Keys live in a JSON key file (mode 0600) written by ``dualmem keygen``, or come from a
+    base64 secret in an environment variable (see ``dualmem.settings``).
+
+    >>> ring = Keyring.generate()
+    >>> ring.active_id in ring.ids
+    True
+    >>> Keyring.from_json(ring.to_json()).active_id == ring.active_id
+    True
+    """
+
+    def __init__(self, keys: Iterable[_Key], active_id: str) -> None:
+        self._keys: dict[str, _Key] = {}
+        for k in keys:
+            if not _KEY_ID_RE.match(k.key_id):
+                raise ConfigurationError(f"key id {k.key_id!r} must match {_KEY_ID_RE.pattern}")
+            if len(k.secret) != KEY_BYTES:
+                raise ConfigurationError(
+                    f"key {k.key_id!r} is {len(k.secret)} bytes; AES-256 needs {KEY_BYTES}"
+                )
+            self._keys[k.key_id] = k
+        if active_id not in self._keys:
+            raise ConfigurationError(f"active key id {active_id!r} is not in the keyring")
+        self._active_id = active_id
+        self._aeads: dict[str, AESGCM] = {kid: AESGCM(k.secret) for kid, k in self._keys.items()}
+
+    @property
+    def active_id(self) -> str:
+        """Id of the key that seals new envelopes."""
+        return self._active_id
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """All key ids, active or retired, that can open envelopes."""
+        return tuple(self._keys)
+
+    def aead(self, key_id: str) -> AESGCM:
+        """The cipher for ``key_id``; ``MissingKey`` if the keyring lacks it."""
+        try:
+            return self._aeads[key_id]
+        except KeyError:
+            raise MissingKey(
+                f"no key {key_id!r} in the keyring (it holds {', '.join(self._keys)}); "
+                "load the key file that sealed this record"
+            ) from None
+
+    @staticmethod
+    def _new_id() -> str:
+        return "k" + secrets.token_hex(4)
+
+    @classmethod
+    def generate(cls) -> Keyring:
+        """A keyring with one fresh random key (from the OS CSPRNG)."""
+        key = _Key(cls._new_id(), AESGCM.generate_key(bit_length=256), _now_iso())
+        return cls([key], key.key_id)
+
+    @classmethod
+    def from_secret(cls, secret_b64: str, key_id: str | None = None) -> Keyring:
+        """A one-key keyring from a base64 secret (for example an environment variable).
+
+        The default key id is derived from the secret's hash, so it is the same in every
+        process that is given the same secret.
+        """
+        try:
+            secret = base64.b64decode(secret_b64.strip(), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ConfigurationError("the key secret is not valid base64") from exc
+        if key_id is None:
+            from hashlib import sha256
+
+            key_id = "e" + sha256(b"dualmem-key-id" + secret).hexdigest()[:8]
+        return cls([_Key(key_id, secret, "")], key_id)
+
+    def with_new_key(self) -> Keyring:
+        """A copy of this keyring with a fresh key added and made active (for rotation)."""
+        key = _Key(self._new_id(), AESGCM.generate_key(bit_length=256), _now_iso())
+        return Keyring([*self._keys.values(), key], key.key_id)
+
+    def without_key(self, key_id: str) -> Keyring:
+        """A copy without ``key_id`` (after rotation re-sealed everything it opened)."""
+        if key_id == self._active_id:
+            raise ConfigurationError("cannot drop the active key; rotate first")
+        return Keyring([k for k in self._keys.values() if k.key_id != key_id], self._active_id)
+
+    def to_json(self) -> str:
+        """The key file's JSON text."""
+        doc = {
+            "format": _KEYRING_FORMAT,
+            "version": 1,
+            "active": self._active_id,
+            "keys": [
+                {
+                    "id": k.key_id,
+                    "key": base64.b64encode(k.secret).decode("ascii"),
+                    "created_at": k.created_at,
+                }
+                for k in self._keys.values()
+            ],
+        }
+        return json.dumps(doc, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "keyring") -> Keyring:
+        """Parse a key file's text; ``ConfigurationError`` names what is wrong."""
+        try:
+            doc = json.loads(text)
+            if not isinstance(doc, Mapping) or doc.get("format") != _KEYRING_FORMAT:
+                raise ValueError(f"not a dualmem key file (format must be {_KEYRING_FORMAT!r})")
+            keys = [
+                _Key(
+                    str(item["id"]),
+                    base64.b64decode(item["key"], validate=True),
+                    str(item.get("created_at", "")),
+                )
+                for item in doc["keys"]
+            ]
+            active = str(doc["active"])
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            raise ConfigurationError(f"{source}: unreadable key file: {exc}") from exc
+        return cls(keys, active)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Keyring:
+        """Read a key file, refusing one that other users can read.
+
+        >>> Keyring.load("/nonexistent/keys.json")
+        Traceback (most recent call last):
+        ...
+        acl.errors.ConfigurationError: key file /nonexistent/keys.json does not exist: create it ...
+        """
+        p = Path(path)
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise ConfigurationError(
+                f"key file {p} does not exist: create it with `dualmem keygen --out {p}`"
+            ) from None
+        if os.name == "posix" and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            mode = stat.S_IMODE(st.st_mode)
+            raise ConfigurationError(
+                f"key file {p} is accessible by other users (mode {mode:o}): run chmod 600 {p}"
+            )
+        return cls.from_json(p.read_text(encoding="utf-8"), source=str(p))
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Write the key file with mode 0600, atomically (temp file + rename).
+
+        Without ``overwrite`` an existing file is never replaced: losing a key loses every
+        record it sealed.
+        """
+        p = Path(path)
+        if p.exists() and not overwrite:
+            raise ConfigurationError(f"key file {p} already exists; refusing to overwrite it")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(self.to_json())
+                fh.flush()
+                os.fsync(fh.fileno())
+            if overwrite:
+                os.replace(tmp, p)
+            else:
+                # link() fails if another process created the file meanwhile: first writer wins.
+                try:
+                    os.link(tmp, p)
+                except FileExistsError:
+                    raise ConfigurationError(f"key file {p} already exists") from None
+                finally:
+                    os.unlink(tmp)
+        except BaseException:
+            if tmp.exists():
+                tmp.unlink()
+            raise
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def envelope_key_id(envelope: bytes) -> str | None:
+    """The key id an envelope was sealed with, or ``None`` for a plaintext envelope."""
+    if (
+        len(envelope) < 3
+        or envelope[0] != ENVELOPE_VERSION
+        or not envelope[1] & FLAGENCRYPTED_LEVELS
+    ):
+        return None
+    n = envelope[2]
+    return envelope[3 : 3 + n].decode("ascii", "replace")
+
+
+class Codec:
+    """The fixed pipeline: serialize -> compress -> encrypt, and its inverse.
+
+    Whether a level is encrypted is decided here and nowhere else. An encrypted level
+    with no keyring is a ``ConfigurationError`` at seal time, never plaintext.
+
+    >>> codec = Codec(Keyring.generate())
+    >>> env = codec.seal({"confidence": 0.85}, scope="agent:a", key="k", level=Level.PRIVATE)
+    >>> b"confidence" in env
+    False
+    >>> codec.open(env, scope="agent:a", key="k", level=Level.PRIVATE)
+    {'confidence': 0.85}
+    >>> codec.open(env, scope="agent:a", key="other", level=Level.PRIVATE)
+    Traceback (most recent call last):
+    ...
+    acl.errors.TamperedRecord: envelope failed authentication for agent:a/other at level PRIVATE
+    """
+
+    def __init__(
+        self,
+        keyring: Keyring | None,
+        *,
+        compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+    ) -> None:
+        self.keyring = keyring
+        self.max_value_bytes = max_value_bytes
+        self.serializer = JsonSerializer()
+        self.compressor = Lz4Compressor(compress_threshold, max_value_bytes)
+
+    def seal(self, value: object, *, scope: str, key: str, level: Level) -> bytes:
+        """Encode ``value`` into an envelope bound to ``(scope, key, level)``."""
+        data = self.serializer.encode(value)
+        if len(data) > self.max_value_bytes:
+            raise ValidationError(
+                f"value is {len(data)} bytes serialized; the limit is {self.max_value_bytes} "
+                "(setting max_value_bytes)"
+            )
+        return self.seal_bytes(data, scope=scope, key=key, level=level)
+
+    def seal_bytes(self, data: bytes, *, scope: str, key: str, level: Level) -> bytes:
+        """Compress and (for encrypted levels) encrypt already-serialized JSON bytes."""
+        payload, compressed = self.compressor.encode(data)
+        flags = FLAG_COMPRESSED if compressed else 0
+        if level not in ENCRYPTED_LEVELS:
+            return bytes((ENVELOPE_VERSION, flags)) + payload
+        ring = self.keyring
+        if ring is None:
+            raise ConfigurationError(
+                f"level {level.name} is encrypted but no keyring is configured: "
+                "set keyring= (a file from `dualmem keygen`) or DUALMEM_KEY"
+            )
+        kid = ring.active_id.encode("ascii")
+        header = bytes((ENVELOPE_VERSION, flags | FLAGENCRYPTED_LEVELS, len(kid))) + kid
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = ring.aead(ring.active_id).encrypt(nonce, payload, _aad(header, scope, key, level))
+        return header + nonce + sealed
+
+    def open_bytes(self, envelope: bytes, *, scope: str, key: str, level: Level) -> bytes:
+        """Authenticate, decrypt and decompress an envelope to its JSON bytes."""
+        where = f"{scope}/{key} at level {Level(level).name}"
+        if len(envelope) < 2 or envelope[0] != ENVELOPE_VERSION:
+            raise TamperedRecord(f"envelope for {where} has an unknown format")
+        flags = envelope[1]
+        if flags & ~(FLAG_COMPRESSED | FLAGENCRYPTED_LEVELS):
+            raise TamperedRecord(f"envelope for {where} has unknown flags")
+        encrypted = bool(flags & FLAGENCRYPTED_LEVELS)
+        if encrypted != (level in ENCRYPTED_LEVELS):
+            # A plaintext envelope planted at an encrypted level (or the reverse) is an
+            # attack on the level, not a format we accept.
+            raise TamperedRecord(f"envelope for {where} does not match the level's encryption")
+        if encrypted:
+            if len(envelope) < 3:
+                raise TamperedRecord(f"envelope for {where} is truncated")
+            n = envelope[2]
+            start = 3 + n
+            if n == 0 or len(envelope) < start + NONCE_BYTES + TAG_BYTES:
+                raise TamperedRecord(f"envelope for {where} is truncated")
+            try:
+                kid = envelope[3:start].decode("ascii")
+            except UnicodeDecodeError as exc:
+                raise TamperedRecord(f"envelope for {where} has a malformed key id") from exc
+            if self.keyring is None:
+                raise ConfigurationError(
+                    f"record {where} is encrypted but no keyring is configured"
+                )
+            aead = self.keyring.aead(kid)
+            nonce = envelope[start : start + NONCE_BYTES]
+            aad = _aad(envelope[:start], scope, key, level)
+            try:
+                payload = aead.decrypt(nonce, envelope[start + NONCE_BYTES :], aad)
+            except InvalidTag:
+                raise TamperedRecord(f"envelope failed authentication for {where}") from None
+        else:
+            payload = envelope[2:]
+        if flags & FLAG_COMPRESSED:
+            return self.compressor.decode(payload)
+        return payload
+
+    def open(self, envelope: bytes, *, scope: str, key: str, level: Level) -> Any:
+        """Inverse of :meth:`seal`: the value, or ``TamperedRecord`` / ``MissingKey``."""
+        data = self.open_bytes(envelope, scope=scope, key=key, level=level)
+        try:
+            return self.serializer.decode(data)
+        except (ValueError, RecursionError) as exc:
+            raise TamperedRecord(f"envelope for {scope}/{key} holds malformed JSON") from exc
+
+    def reseal(self, envelope: bytes, *, scope: str, key: str, level: Level) -> bytes | None:
+        """Re-encrypt under the active key; ``None`` if already sealed with it (rotation)."""
+        if level not in ENCRYPTED_LEVELS or self.keyring is None:
+            return None
+        if envelope_key_id(envelope) == self.keyring.active_id:
+            return None
+        data = self.open_bytes(envelope, scope=scope, key=key, level=level)
+        return self.seal_bytes(data, scope=scope, key=key, level=level)

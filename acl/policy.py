@@ -1,0 +1,105 @@
+"""Access decisions: which scope a principal may name at a level, decided before any I/O."""
+
+from __future__ import annotations
+
+from acl.errors import AccessDenied
+from acl.levels import Level, as_level
+from acl.principal import Principal
+
+__all__ = ["level_of_scope", "readable_scopes", "resolve_scope"]
+
+_WHY_NONE = {
+    Level.TEAM: "it belongs to no team",
+    Level.SWARM: "it belongs to no swarm",
+    Level.PROJECT: "it belongs to no project",
+    Level.SYSTEM: "it is not a system principal",
+}
+
+
+def resolve_scope(
+    principal: Principal,
+    level: object,
+    *,
+    action: str,
+    scope: str | None = None,
+    key: str | None = None,
+) -> tuple[Level, str]:
+    """Return ``(level, scope)`` the principal may use for ``action``, or raise ``AccessDenied``.
+
+    The scope is derived from the principal; naming another one is denied, so there is no
+    path where a row is read first and filtered afterwards.
+
+    >>> p = Principal(agent_id="coder-1", team="backend")
+    >>> resolve_scope(p, 2, action="read")
+    (<Level.TEAM: 2>, 'team:backend')
+    >>> resolve_scope(p, 1, action="read", scope="agent:coder-2")
+    Traceback (most recent call last):
+    ...
+    acl.errors.AccessDenied: coder-1 may not read scope 'agent:coder-2' at level PRIVATE
+    """
+    lvl = as_level(level)
+    own = principal.scope(lvl)
+    if own is None:
+        raise AccessDenied(
+            f"{principal.agent_id} may not {action} level {lvl.name}: {_WHY_NONE[lvl]}",
+            agent_id=principal.agent_id,
+            action=action,
+            level=int(lvl),
+            scope=scope,
+            key=key,
+        )
+    if scope is not None and scope != own:
+        raise AccessDenied(
+            f"{principal.agent_id} may not {action} scope {scope!r} at level {lvl.name}",
+            agent_id=principal.agent_id,
+            action=action,
+            level=int(lvl),
+            scope=scope,
+            key=key,
+        )
+    return lvl, own
+
+
+def readable_scopes(principal: Principal, levels: object = None) -> dict[Level, str]:
+    """Every ``{level: scope}`` the principal may read, restricted to ``levels`` if given.
+
+    ``levels`` is ``None`` (all), one level, or an iterable of levels. Levels where the
+    principal has no scope are left out rather than denied: a query over "everything I
+    can see" is not an attempt on someone else's scope.
+
+    >>> readable_scopes(Principal(agent_id="a", swarm="s"))
+    {<Level.PRIVATE: 1>: 'agent:a', <Level.SWARM: 3>: 'swarm:s'}
+    """
+    if levels is None:
+        wanted: list[Level] = list(Level)
+    elif isinstance(levels, (int, str)):
+        wanted = [as_level(levels)]
+    else:
+        wanted = [as_level(level) for level in levels]  # type: ignore[attr-defined]
+    scopes: dict[Level, str] = {}
+    for lvl in sorted(set(wanted)):
+        own = principal.scope(lvl)
+        if own is not None:
+            scopes[lvl] = own
+    return scopes
+
+
+def level_of_scope(scope: str) -> Level:
+    """The level a scope string belongs to (a scope's prefix fixes its level).
+
+    >>> level_of_scope("swarm:phase-1")
+    <Level.SWARM: 3>
+    """
+    if scope == "system":
+        return Level.SYSTEM
+    prefix, sep, rest = scope.partition(":")
+    if sep and rest:
+        for lvl, name in (
+            (Level.PRIVATE, "agent"),
+            (Level.TEAM, "team"),
+            (Level.SWARM, "swarm"),
+            (Level.PROJECT, "project"),
+        ):
+            if prefix == name:
+                return lvl
+    raise ValueError(f"not a dualmem scope: {scope!r}")

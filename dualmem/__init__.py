@@ -1,0 +1,46 @@
+"""dualmem: Redis-first writes, SQLite-backed reads, five access levels, encrypted at rest."""
+
+from acl.levels import Level
+from acl.principal import Principal
+from dualmem.commands import Receipt
+from dualmem.errors import (
+    AccessDenied,
+    Backpressure,
+    ConfigurationError,
+    DualMemError,
+    MissingKey,
+    NotPersisted,
+    StoreUnavailable,
+    TamperedRecord,
+    ValidationError,
+)
+from dualmem.memory import CloseReport, DualMemory, Record
+from dualmem.metrics import Metrics
+from dualmem.settings import Settings
+from dualmem.store import Change, Store
+from dualmem.worker import Worker
+
+__all__ = [
+    "AccessDenied",
+    "Backpressure",
+    "Change",
+    "CloseReport",
+    "ConfigurationError",
+    "DualMemError",
+    "DualMemory",
+    "Level",
+    "Metrics",
+    "MissingKey",
+    "NotPersisted",
+    "Principal",
+    "Receipt",
+    "Record",
+    "Settings",
+    "Store",
+    "StoreUnavailable",
+    "TamperedRecord",
+    "ValidationError",
+    "Worker",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,142 @@
+"""Batch planning for the worker: stream entries to rows, hash chains; pure, no I/O."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from dualmem.commands import OP_AUDIT, OP_DELETE, MalformedCommand, decode_command, sid_of
+from dualmem.store import Notification, StreamEntry
+
+__all__ = ["GENESIS", "RISKS", "BatchPlan", "chain_hash", "plan_batch"]
+
+GENESIS = b"\x00" * 32
+RISKS = ("low", "medium", "high")
+
+
+def chain_hash(prev: bytes, values: Iterable[object]) -> bytes:
+    """SHA-256 over the previous hash and a row's values (unit separator between them).
+
+    Both the journal and the audit log chain their rows with this, and ``verify``
+    recomputes it: editing any row breaks every hash after it.
+
+    >>> chain_hash(GENESIS, [1, "a", None]).hex()[:16]
+    'b6518af840b88701'
+    """
+    h = hashlib.sha256(prev)
+    h.update("\x1f".join("" if v is None else str(v) for v in values).encode("utf-8"))
+    return h.digest()
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    """Rows to write for a batch, computed before any SQL runs."""
+
+    journal: list[tuple[object, ...]] = field(default_factory=list)
+    memory: list[tuple[object, ...]] = field(default_factory=list)
+    audit: list[tuple[object, ...]] = field(default_factory=list)
+    notifications: list[Notification] = field(default_factory=list)
+    applied: list[StreamEntry] = field(default_factory=list)
+    duplicates: list[StreamEntry] = field(default_factory=list)
+    failed: list[tuple[StreamEntry, str]] = field(default_factory=list)
+    ts_us: list[int] = field(default_factory=list)
+    journal_tail: tuple[int, bytes] = (0, GENESIS)
+    audit_tail: tuple[int, bytes] = (0, GENESIS)
+
+
+def plan_batch(
+    entries: Sequence[StreamEntry],
+    *,
+    already: set[tuple[int, str]],
+    journal_tail: tuple[int, bytes],
+    audit_tail: tuple[int, bytes],
+    now_ms: int,
+) -> BatchPlan:
+    """Turn entries into journal, memory and audit rows.
+
+    ``already`` holds ``(shard, stream_id)`` of entries committed before: they become
+    ``duplicates`` (acknowledged, nothing written). ``*_tail`` is ``(last id, last hash)``
+    of each chain. Entries that do not decode land in ``failed`` with the reason.
+
+    Memory rows are upserts guarded by the stream id (see ``SQLiteStore``): a delete is a
+    row with a NULL envelope (a tombstone), so an older put delivered late cannot revive it.
+    """
+    plan = BatchPlan(journal_tail=journal_tail, audit_tail=audit_tail)
+    seq, jhash = journal_tail
+    aid, ahash = audit_tail
+    seen = set(already)
+    for entry in entries:
+        ident = (entry.shard, entry.stream_id)
+        if ident in seen:
+            plan.duplicates.append(entry)
+            continue
+        try:
+            cmd = decode_command(entry.fields)
+            sid = sid_of(entry.stream_id)
+            if cmd.op == OP_AUDIT and cmd.risk not in RISKS:
+                raise MalformedCommand(f"audit risk must be one of {RISKS}, got {cmd.risk!r}")
+        except MalformedCommand as exc:
+            plan.failed.append((entry, f"malformed command: {exc}"))
+            continue
+        seen.add(ident)
+        plan.applied.append(entry)
+        ts = cmd.ts_ms
+        if cmd.op == OP_AUDIT:
+            aid += 1
+            level = int(cmd.level) if cmd.scope else None
+            row = (
+                aid,
+                ts,
+                cmd.event,
+                cmd.actor,
+                cmd.scope or None,
+                cmd.key or None,
+                level,
+                cmd.risk,
+                cmd.detail,
+                entry.shard,
+                entry.stream_id,
+            )
+            prev_a = ahash
+            ahash = chain_hash(ahash, row)
+            plan.audit.append((*row, prev_a, ahash))
+            continue
+        seq += 1
+        jrow = (
+            seq,
+            entry.shard,
+            entry.stream_id,
+            sid,
+            cmd.op,
+            cmd.scope,
+            cmd.key,
+            int(cmd.level),
+            cmd.actor,
+            ts,
+            now_ms,
+        )
+        prev = jhash
+        jhash = chain_hash(jhash, jrow)
+        plan.journal.append((*jrow, prev, jhash))
+        envelope = None if cmd.op == OP_DELETE else cmd.envelope
+        expires = None if cmd.op == OP_DELETE else cmd.expires_at
+        plan.memory.append(
+            (
+                cmd.scope,
+                cmd.key,
+                int(cmd.level),
+                cmd.actor,
+                envelope,
+                sid,
+                entry.stream_id,
+                ts,
+                ts,
+                expires,
+            )
+        )
+        plan.notifications.append(Notification(seq, cmd.scope, cmd.key, int(cmd.level), cmd.op))
+        plan.ts_us.append(cmd.ts_us)
+    plan.journal_tail = (seq, jhash)
+    plan.audit_tail = (aid, ahash)
+    return plan

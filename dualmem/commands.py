@@ -1,0 +1,261 @@
+"""Commands as stream entries: input checks, encoding and decoding; pure, no I/O."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from acl.errors import ValidationError
+from acl.levels import Level
+from acl.policy import level_of_scope
+
+__all__ = [
+    "MAX_KEY_BYTES",
+    "MAX_TTL_SECONDS",
+    "Command",
+    "MalformedCommand",
+    "Receipt",
+    "audit_fields",
+    "check_key",
+    "decode_command",
+    "delete_fields",
+    "put_fields",
+    "sid_of",
+    "ttl_to_ms",
+]
+
+MAX_KEY_BYTES = 512
+MAX_TTL_SECONDS = 10 * 365 * 86_400
+OP_PUT = "put"
+OP_DELETE = "del"
+OP_AUDIT = "audit"
+_SEQ_BITS = 22  # stream-id sequence numbers per millisecond; 4 million is far beyond Redis
+
+
+class MalformedCommand(ValueError):
+    """A stream entry that is not a well-formed dualmem command (it goes to dead letters)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Proof that a command reached the stream: pass it to ``DualMemory.sync``.
+
+    ``stream_id`` is the Redis id of the command in ``shard``'s stream.
+    """
+
+    shard: int
+    stream_id: str
+    scope: str
+    key: str
+    op: str
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A decoded stream entry."""
+
+    op: str
+    scope: str
+    key: str
+    level: Level
+    actor: str
+    ts_us: int
+    envelope: bytes | None = None
+    expires_at: int | None = None
+    event: str | None = None
+    risk: str | None = None
+    detail: str | None = None
+
+    @property
+    def ts_ms(self) -> int:
+        """The writer's clock at put time, epoch milliseconds."""
+        return self.ts_us // 1000
+
+
+def check_key(key: object, max_bytes: int = MAX_KEY_BYTES) -> str:
+    """Return ``key`` if it is a usable record key, else raise ``ValidationError``.
+
+    A key is a non-empty str of at most ``max_bytes`` UTF-8 bytes without NUL. Any other
+    character is allowed and stored exactly (no glob or SQL meaning anywhere).
+
+    >>> check_key("confidence/auth/1")
+    'confidence/auth/1'
+    >>> check_key("")
+    Traceback (most recent call last):
+    ...
+    acl.errors.ValidationError: key must not be empty
+    """
+    if not isinstance(key, str):
+        raise ValidationError(f"key must be a str, got {type(key).__name__}")
+    if not key:
+        raise ValidationError("key must not be empty")
+    if "\x00" in key:
+        raise ValidationError("key must not contain NUL characters")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValidationError("key must be valid Unicode (no lone surrogates)") from exc
+    if size > max_bytes:
+        raise ValidationError(f"key is {size} bytes in UTF-8; the limit is {max_bytes}")
+    return key
+
+
+def ttl_to_ms(ttl: object) -> int | None:
+    """A ttl in seconds (int or float, > 0) as milliseconds; ``None`` means no expiry.
+
+    >>> ttl_to_ms(1.5), ttl_to_ms(None)
+    (1500, None)
+    """
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise ValidationError(f"ttl must be a number of seconds, got {type(ttl).__name__}")
+    if not math.isfinite(ttl) or ttl <= 0 or ttl > MAX_TTL_SECONDS:
+        raise ValidationError(f"ttl must be > 0 and <= {MAX_TTL_SECONDS} seconds, got {ttl}")
+    return max(1, int(ttl * 1000))
+
+
+def put_fields(
+    scope: str,
+    key: str,
+    level: Level,
+    actor: str,
+    ts_us: int,
+    envelope: bytes,
+    expires_at: int | None,
+) -> dict[bytes, bytes | str | int]:
+    """Stream entry of a put (short field names: this is the hot path's payload)."""
+    fields: dict[bytes, bytes | str | int] = {
+        b"op": OP_PUT,
+        b"s": scope,
+        b"k": key,
+        b"l": int(level),
+        b"a": actor,
+        b"t": ts_us,
+        b"e": envelope,
+    }
+    if expires_at is not None:
+        fields[b"x"] = expires_at
+    return fields
+
+
+def delete_fields(
+    scope: str, key: str, level: Level, actor: str, ts_us: int
+) -> dict[bytes, bytes | str | int]:
+    """Stream entry of a delete."""
+    return {b"op": OP_DELETE, b"s": scope, b"k": key, b"l": int(level), b"a": actor, b"t": ts_us}
+
+
+def audit_fields(
+    event: str,
+    *,
+    actor: str,
+    ts_us: int,
+    risk: str,
+    scope: str | None = None,
+    key: str | None = None,
+    level: int | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> dict[bytes, bytes | str | int]:
+    """Stream entry of an audit event (it travels the stream so the worker writes it)."""
+    return {
+        b"op": OP_AUDIT,
+        b"ev": event,
+        b"r": risk,
+        b"s": scope or "",
+        b"k": key or "",
+        b"l": int(level or 0),
+        b"a": actor,
+        b"t": ts_us,
+        b"d": json.dumps(dict(detail or {}), sort_keys=True, default=str),
+    }
+
+
+def _text(fields: Mapping[bytes, bytes], name: bytes) -> str:
+    try:
+        return fields[name].decode("utf-8")
+    except KeyError:
+        raise MalformedCommand(f"field {name.decode()!r} is missing") from None
+    except UnicodeDecodeError as exc:
+        raise MalformedCommand(f"field {name.decode()!r} is not UTF-8") from exc
+
+
+def _int(fields: Mapping[bytes, bytes], name: bytes) -> int:
+    text = _text(fields, name)
+    try:
+        return int(text)
+    except ValueError:
+        raise MalformedCommand(f"field {name.decode()!r} is not an integer: {text!r}") from None
+
+
+def decode_command(fields: Mapping[bytes, bytes]) -> Command:
+    """Parse a stream entry; ``MalformedCommand`` says what is wrong with it.
+
+    >>> fields = put_fields("swarm:s", "k", Level.SWARM, "a", 1, b"\\x01\\x00{}", None)
+    >>> raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+    >>> decode_command(raw).scope
+    'swarm:s'
+    """
+    op = _text(fields, b"op")
+    actor = _text(fields, b"a")
+    ts_us = _int(fields, b"t")
+    if op == OP_AUDIT:
+        lvl = _int(fields, b"l")
+        return Command(
+            op=op,
+            scope=_text(fields, b"s"),
+            key=_text(fields, b"k"),
+            level=Level(lvl) if lvl in Level._value2member_map_ else Level.SYSTEM,
+            actor=actor,
+            ts_us=ts_us,
+            event=_text(fields, b"ev"),
+            risk=_text(fields, b"r"),
+            detail=_text(fields, b"d"),
+        )
+    if op not in (OP_PUT, OP_DELETE):
+        raise MalformedCommand(f"unknown op {op!r}")
+    scope = _text(fields, b"s")
+    key = _text(fields, b"k")
+    try:
+        check_key(key)
+        level = Level(_int(fields, b"l"))
+        scope_level = level_of_scope(scope)
+    except (ValidationError, ValueError) as exc:
+        raise MalformedCommand(str(exc)) from exc
+    if scope_level is not level:
+        raise MalformedCommand(f"scope {scope!r} does not belong to level {level.name}")
+    if op == OP_DELETE:
+        return Command(op=op, scope=scope, key=key, level=level, actor=actor, ts_us=ts_us)
+    envelope = fields.get(b"e")
+    if not envelope:
+        raise MalformedCommand("put without an envelope")
+    expires_at = _int(fields, b"x") if b"x" in fields else None
+    return Command(
+        op=op,
+        scope=scope,
+        key=key,
+        level=level,
+        actor=actor,
+        ts_us=ts_us,
+        envelope=envelope,
+        expires_at=expires_at,
+    )
+
+
+def sid_of(stream_id: str) -> int:
+    """A stream id ``"<ms>-<seq>"`` as one integer that sorts like the id.
+
+    >>> sid_of("1700000000000-2") > sid_of("1700000000000-1") > sid_of("1699999999999-9")
+    True
+    """
+    ms_text, _, seq_text = stream_id.partition("-")
+    try:
+        ms, seq = int(ms_text), int(seq_text or 0)
+    except ValueError:
+        raise MalformedCommand(f"not a stream id: {stream_id!r}") from None
+    if seq >= 1 << _SEQ_BITS or ms < 0 or seq < 0:
+        raise MalformedCommand(f"stream id out of range: {stream_id!r}")
+    return (ms << _SEQ_BITS) | seq

@@ -1,0 +1,44 @@
+"""Every error dualmem raises; all derive from :class:`DualMemError`."""
+
+from __future__ import annotations
+
+from acl.errors import (
+    AccessDenied,
+    ConfigurationError,
+    DualMemError,
+    MissingKey,
+    TamperedRecord,
+    ValidationError,
+)
+
+__all__ = [
+    "AccessDenied",
+    "Backpressure",
+    "ConfigurationError",
+    "DualMemError",
+    "MissingKey",
+    "NotPersisted",
+    "StoreUnavailable",
+    "TamperedRecord",
+    "ValidationError",
+]
+
+
+class Backpressure(DualMemError):
+    """The command stream's backlog is over ``max_backlog``: the worker is behind.
+
+    Nothing was written. Retry after a short wait, or add workers.
+    """
+
+    def __init__(self, message: str, *, backlog: int, bound: int) -> None:
+        super().__init__(message)
+        self.backlog = backlog
+        self.bound = bound
+
+
+class StoreUnavailable(DualMemError):
+    """Redis or SQLite could not be reached or failed; the original error is chained."""
+
+
+class NotPersisted(DualMemError):
+    """``sync`` timed out (or the command was dead-lettered) before the worker committed it."""

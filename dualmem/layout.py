@@ -1,0 +1,64 @@
+"""Redis key names: every key of a shard carries one hash tag, so a put touches one slot."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+__all__ = ["Layout"]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Names of the streams, cache keys and channels of one namespace.
+
+    >>> lay = Layout("dualmem", shards=4)
+    >>> lay.stream(2)
+    b'dm:{dualmem:2}:cmd'
+    >>> lay.cache_key(2, "agent:a", "k")
+    b'dm:{dualmem:2}:c:agent:a:k'
+    >>> lay.shard_of("agent:a", "k") == lay.shard_of("agent:a", "k")
+    True
+    """
+
+    namespace: str
+    shards: int = 1
+
+    def shard_of(self, scope: str, key: str) -> int:
+        """Stable shard of a record: all commands on one key stay in one stream, in order."""
+        if self.shards == 1:
+            return 0
+        return zlib.crc32(f"{scope}\x00{key}".encode()) % self.shards
+
+    def _tag(self, shard: int) -> str:
+        return f"dm:{{{self.namespace}:{shard}}}"
+
+    def stream(self, shard: int) -> bytes:
+        """The command stream of ``shard``."""
+        return f"{self._tag(shard)}:cmd".encode()
+
+    def streams(self) -> list[bytes]:
+        """Every shard's stream, in shard order."""
+        return [self.stream(i) for i in range(self.shards)]
+
+    def shard_of_stream(self, name: bytes) -> int:
+        """Inverse of :meth:`stream`."""
+        text = name.decode()
+        inner = text[text.index("{") + 1 : text.index("}")]
+        return int(inner.rsplit(":", 1)[1])
+
+    def cache_key(self, shard: int, scope: str, key: str) -> bytes:
+        """The cache entry holding a record's current envelope."""
+        return f"{self._tag(shard)}:c:{scope}:{key}".encode()
+
+    def cache_pattern(self, shard: int) -> bytes:
+        """SCAN pattern matching every cache key of ``shard``."""
+        return (
+            f"dm:{{{self.namespace}:{shard}}}:c:*".encode()
+            .replace(b"{", b"\\{")
+            .replace(b"}", b"\\}")
+        )
+
+    def channel(self, scope: str) -> bytes:
+        """Pub/sub channel of change notifications for ``scope``."""
+        return f"dm:{self.namespace}:ev:{scope}".encode()

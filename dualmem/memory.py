@@ -1,0 +1,580 @@
+"""``DualMemory``: the public facade. Commands go to Redis, queries come from SQLite."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from acl.crypto import Codec, Keyring
+from acl.errors import AccessDenied, ConfigurationError, TamperedRecord, ValidationError
+from acl.levels import Level, as_level
+from acl.policy import level_of_scope, readable_scopes, resolve_scope
+from acl.principal import Principal
+from dualmem.commands import (
+    Receipt,
+    audit_fields,
+    check_key,
+    delete_fields,
+    put_fields,
+    ttl_to_ms,
+)
+from dualmem.errors import Backpressure, DualMemError, NotPersisted
+from dualmem.layout import Layout
+from dualmem.metrics import Metrics, prometheus_text
+from dualmem.redis_backend import connect, translate_errors
+from dualmem.settings import Settings
+from dualmem.sqlite_store import SQLiteStore
+from dualmem.store import Change, Store, StoredRow
+from dualmem.worker import Worker, ensure_groups, stream_backlog
+
+__all__ = ["CloseReport", "DualMemory", "Record"]
+
+log = logging.getLogger("dualmem")
+
+_MAX_QUERY_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A decrypted record as ``query`` returns it."""
+
+    scope: str
+    key: str
+    level: Level
+    owner: str
+    value: Any
+    created_at: int
+    updated_at: int
+    expires_at: int | None
+    stream_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CloseReport:
+    """What ``close()`` left behind: ``pending`` commands not yet persisted (0 = drained)."""
+
+    pending: int
+    drained: bool
+
+
+class DualMemory:
+    """Dual-layer memory: one Redis round trip per write, SQLite for every read.
+
+    With no arguments it runs embedded: an in-process fakeredis server, a worker thread
+    and ``./dualmem.db`` (plus its key file ``./dualmem.db.keys``). Arguments override
+    ``DUALMEM_*`` environment variables, which override defaults (see ``Settings``).
+
+    >>> import tempfile, os
+    >>> from acl import Level, Principal
+    >>> db = os.path.join(tempfile.mkdtemp(), "mem.db")
+    >>> coder = Principal(agent_id="coder-1", team="backend", swarm="auth", project="shop")
+    >>> with DualMemory(redis_url="memory://doctest", db_path=db) as mem:
+    ...     r = mem.put("confidence/auth/1", {"confidence": 0.85}, level=Level.PRIVATE,
+    ...                 principal=coder, ttl=86400)
+    ...     mem.sync(r, timeout=5)
+    ...     mem.get("confidence/auth/1", level=Level.PRIVATE, principal=coder)
+    {'confidence': 0.85}
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        db_path: str | None = None,
+        keyring: str | Keyring | None = None,
+        *,
+        worker: bool | None = None,
+        settings: Settings | None = None,
+        **overrides: Any,
+    ) -> None:
+        given_ring = keyring if isinstance(keyring, Keyring) else None
+        if settings is None:
+            settings = Settings.load(
+                {
+                    "redis_url": redis_url,
+                    "db_path": db_path,
+                    "keyring": None if given_ring else keyring,
+                    "worker": worker,
+                    **overrides,
+                }
+            )
+        elif redis_url or db_path or keyring or worker is not None or overrides:
+            raise ConfigurationError("pass either settings= or individual settings, not both")
+        self.settings = settings
+        self.layout = Layout(settings.namespace, settings.shards)
+        self.metrics_registry = Metrics()
+        self.codec = Codec(
+            given_ring or _load_keyring(settings),
+            compress_threshold=settings.compress_threshold,
+            max_value_bytes=settings.max_value_bytes,
+        )
+        self._streams = self.layout.streams()
+        self._backlog = [0] * settings.shards
+        self._closed = False
+        self._committed = threading.Condition()
+        self.store: Store = SQLiteStore(settings.db_path, busy_timeout_ms=settings.busy_timeout_ms)
+        try:
+            self._redis, self._wakeup = connect(settings)
+            # Groups exist before the first XADD, so no command is ever outside a group.
+            ensure_groups(self._redis, self._streams, settings.group)
+        except BaseException:
+            self.store.close()
+            raise
+        self._worker: Worker | None = None
+        self._worker_thread: threading.Thread | None = None
+        self._worker_stop = threading.Event()
+        self._worker_left = 0
+        if settings.worker:
+            self._start_worker()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        client, _ = connect(self.settings, extra_timeout=self.settings.block_ms / 1000)
+        self._worker = Worker(
+            client,
+            self.store,
+            self.settings,
+            metrics=self.metrics_registry,
+            wakeup=self._wakeup,
+            on_commit=self._notify_committed,
+        )
+
+        def run() -> None:
+            assert self._worker is not None
+            self._worker_left = self._worker.run(
+                self._worker_stop, drain_timeout=self._drain_timeout
+            )
+
+        self._drain_timeout = self.settings.close_timeout
+        self._worker_thread = threading.Thread(target=run, name="dualmem-worker", daemon=True)
+        self._worker_thread.start()
+
+    def _notify_committed(self) -> None:
+        with self._committed:
+            self._committed.notify_all()
+
+    def close(self, timeout: float | None = None) -> CloseReport:
+        """Stop accepting commands, let the in-process worker drain (up to ``timeout`` s,
+        default ``close_timeout``), snapshot metrics, release connections.
+
+        The report says how many commands are still pending in Redis; a later worker on
+        the same Redis persists them (on ``memory://`` they live only in this process).
+        """
+        if self._closed:
+            return CloseReport(0, True)
+        self._closed = True
+        pending = 0
+        if self._worker_thread is not None and self._worker is not None:
+            self._drain_timeout = self.settings.close_timeout if timeout is None else timeout
+            self._worker_stop.set()
+            self._worker_thread.join(self._drain_timeout + self.settings.block_ms / 1000 + 5)
+            pending = self._worker_left
+            try:
+                self._worker.snapshot_metrics()
+            except DualMemError as exc:  # pragma: no cover - best effort at shutdown
+                log.warning("could not snapshot metrics at close: %s", exc)
+            if pending:
+                log.warning("dualmem closed with %d commands not yet persisted", pending)
+        self.store.close()
+        self._redis.close()
+        return CloseReport(pending=max(pending, 0), drained=pending == 0)
+
+    def __enter__(self) -> DualMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DualMemError("this DualMemory is closed")
+
+    # -- access ------------------------------------------------------------------------
+
+    def _authorize(
+        self, principal: object, level: object, action: str, scope: str | None, key: str | None
+    ) -> tuple[Level, str]:
+        if not isinstance(principal, Principal):
+            raise ValidationError(f"principal must be an acl.Principal, got {type(principal)!r}")
+        try:
+            return resolve_scope(principal, level, action=action, scope=scope, key=key)
+        except AccessDenied as exc:
+            exc.audit_receipt = self._audit(  # type: ignore[attr-defined]
+                "access_denied",
+                actor=principal.agent_id,
+                risk="high",
+                scope=exc.scope,
+                key=key,
+                level=exc.level,
+                detail={"action": action, "reason": str(exc)},
+            )
+            raise
+
+    def _audit(
+        self,
+        event: str,
+        *,
+        actor: str,
+        risk: str,
+        scope: str | None = None,
+        key: str | None = None,
+        level: int | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> Receipt | None:
+        """Send an audit event through the stream (best effort: never masks the caller's
+        own error). Returns its receipt, or ``None`` if Redis could not take it."""
+        shard = self.layout.shard_of(scope or "", key or "")
+        fields = audit_fields(
+            event, actor=actor, ts_us=time.time_ns() // 1000, risk=risk, scope=scope, key=key,
+            level=level, detail=detail,
+        )
+        try:
+            with translate_errors("audit"):
+                sid = self._redis.xadd(self._streams[shard], fields)  # type: ignore[arg-type]
+        except DualMemError as exc:
+            log.error("audit event %s by %s could not be recorded: %s", event, actor, exc)
+            return None
+        if self._wakeup is not None:
+            self._wakeup.set()
+        return Receipt(shard, sid.decode(), scope or "", key or "", "audit")
+
+    def audit(
+        self,
+        event: str,
+        *,
+        principal: Principal,
+        risk: str = "low",
+        scope: str | None = None,
+        key: str | None = None,
+        level: int | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> Receipt:
+        """Record an application audit event (``risk`` is low, medium or high)."""
+        self._check_open()
+        if risk not in ("low", "medium", "high"):
+            raise ValidationError(f"risk must be low, medium or high, got {risk!r}")
+        if not isinstance(principal, Principal):
+            raise ValidationError("principal must be an acl.Principal")
+        receipt = self._audit(
+            event, actor=principal.agent_id, risk=risk, scope=scope, key=key, level=level,
+            detail=detail,
+        )
+        if receipt is None:
+            from dualmem.errors import StoreUnavailable
+
+            raise StoreUnavailable(f"audit event {event!r} could not be written to Redis")
+        return receipt
+
+    # -- commands ----------------------------------------------------------------------
+
+    def put(
+        self,
+        key: str,
+        value: Any,
+        *,
+        level: Level | int,
+        principal: Principal,
+        ttl: float | None = None,
+        scope: str | None = None,
+    ) -> Receipt:
+        """Write ``value`` (any JSON value) at ``key``; returns after ONE Redis round trip.
+
+        Validation, the access check and the envelope (JSON -> lz4 -> AES-GCM for levels
+        1, 2, 5) happen first; then ``MULTI; SET cache; XADD command; XLEN; EXEC``. The
+        worker persists the command to SQLite; ``sync(receipt)`` waits for that.
+        Raises ``ValidationError``, ``AccessDenied``, ``Backpressure`` or ``StoreUnavailable``;
+        on any of them nothing was written.
+        """
+        self._check_open()
+        check_key(key)
+        lvl, sc = self._authorize(principal, level, "write", scope, key)
+        ttl_ms = ttl_to_ms(ttl)
+        t0 = time.perf_counter_ns()
+        envelope = self.codec.seal(value, scope=sc, key=key, level=lvl)
+        t1 = time.perf_counter_ns()
+        now_us = time.time_ns() // 1000
+        expires_at = None if ttl_ms is None else now_us // 1000 + ttl_ms
+        shard = self.layout.shard_of(sc, key)
+        fields = put_fields(sc, key, lvl, principal.agent_id, now_us, envelope, expires_at)
+        px = ttl_ms if ttl_ms is not None else (self.settings.cache_ttl * 1000 or None)
+        sid = self._send(shard, fields, self.layout.cache_key(shard, sc, key), envelope, px)
+        t2 = time.perf_counter_ns()
+        self.metrics_registry.record("encode", t1 - t0)
+        self.metrics_registry.record("redis_write", t2 - t1)
+        return Receipt(shard, sid, sc, key, "put")
+
+    def delete(
+        self, key: str, *, level: Level | int, principal: Principal, scope: str | None = None
+    ) -> Receipt:
+        """Delete the record at ``key`` (same path as put: one round trip, worker persists)."""
+        self._check_open()
+        check_key(key)
+        lvl, sc = self._authorize(principal, level, "write", scope, key)
+        shard = self.layout.shard_of(sc, key)
+        fields = delete_fields(sc, key, lvl, principal.agent_id, time.time_ns() // 1000)
+        sid = self._send(shard, fields, self.layout.cache_key(shard, sc, key), None, None)
+        return Receipt(shard, sid, sc, key, "del")
+
+    def _send(
+        self,
+        shard: int,
+        fields: dict[bytes, bytes | str | int],
+        cache_key: bytes,
+        envelope: bytes | None,
+        px: int | None,
+    ) -> str:
+        stream = self._streams[shard]
+        if self._backlog[shard] >= self.settings.max_backlog:
+            # Only past the bound do we pay a second round trip, to see whether the worker
+            # has caught up since the last write told us the length.
+            with translate_errors("backlog check"):
+                self._backlog[shard] = int(self._redis.xlen(stream))
+            if self._backlog[shard] >= self.settings.max_backlog:
+                raise Backpressure(
+                    f"command stream {stream.decode()} holds {self._backlog[shard]} entries "
+                    f"(max_backlog={self.settings.max_backlog}); the worker is behind",
+                    backlog=self._backlog[shard],
+                    bound=self.settings.max_backlog,
+                )
+        pipe = self._redis.pipeline(transaction=True)
+        if envelope is None:
+            pipe.delete(cache_key)
+        else:
+            pipe.set(cache_key, envelope, px=px)
+        pipe.xadd(stream, fields)  # type: ignore[arg-type]
+        pipe.xlen(stream)
+        with translate_errors("write"):
+            _, sid, length = pipe.execute()
+        self._backlog[shard] = int(length)
+        if self._wakeup is not None:
+            self._wakeup.set()
+        return str(sid.decode())
+
+    # -- read-your-writes --------------------------------------------------------------
+
+    def sync(self, receipt: Receipt, timeout: float = 5.0) -> None:
+        """Wait until the worker has committed ``receipt`` to SQLite.
+
+        Raises ``NotPersisted`` after ``timeout`` seconds, or at once if the command was
+        dead-lettered.
+        """
+        if not isinstance(receipt, Receipt):
+            raise ValidationError("sync() takes the Receipt returned by put/delete")
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            status = self.store.status(receipt.shard, receipt.stream_id)
+            if status == "committed":
+                return
+            if status == "dead":
+                raise NotPersisted(
+                    f"command {receipt.shard}/{receipt.stream_id} was dead-lettered; "
+                    "see `dualmem dlq list`"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NotPersisted(
+                    f"command {receipt.shard}/{receipt.stream_id} not committed within "
+                    f"{timeout}s (is a worker running?)"
+                )
+            with self._committed:
+                self._committed.wait(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+
+    # -- queries -----------------------------------------------------------------------
+
+    def _open(self, row_envelope: bytes, scope: str, key: str, level: Level, actor: str) -> Any:
+        try:
+            return self.codec.open(row_envelope, scope=scope, key=key, level=level)
+        except TamperedRecord as exc:
+            self._audit(
+                "tampered_record", actor=actor, risk="high", scope=scope, key=key,
+                level=int(level), detail={"error": str(exc)},
+            )
+            raise
+
+    def get(
+        self,
+        key: str,
+        *,
+        level: Level | int,
+        principal: Principal,
+        scope: str | None = None,
+        default: Any = None,
+        fresh: bool = False,
+    ) -> Any:
+        """The value at ``key``, or ``default`` when absent or expired.
+
+        Reads SQLite (what the worker has committed). ``fresh=True`` answers from the Redis
+        cache entry when there is one, so a caller sees its own put before the commit.
+        """
+        record = self.get_record(key, level=level, principal=principal, scope=scope, fresh=fresh)
+        return default if record is None else record.value
+
+    def get_record(
+        self,
+        key: str,
+        *,
+        level: Level | int,
+        principal: Principal,
+        scope: str | None = None,
+        fresh: bool = False,
+    ) -> Record | None:
+        """Like :meth:`get` but with the record's metadata (owner, times, stream id)."""
+        self._check_open()
+        check_key(key)
+        lvl, sc = self._authorize(principal, level, "read", scope, key)
+        t0 = time.perf_counter_ns()
+        if fresh:
+            shard = self.layout.shard_of(sc, key)
+            with translate_errors("cache read"):
+                cached = self._redis.get(self.layout.cache_key(shard, sc, key))
+            if cached is not None:
+                value = self._open(bytes(cached), sc, key, lvl, principal.agent_id)  # type: ignore[arg-type]
+                self.metrics_registry.record("read", time.perf_counter_ns() - t0)
+                return Record(sc, key, lvl, "", value, 0, 0, None, "")
+        row = self.store.get(sc, key, int(time.time() * 1000))
+        if row is None:
+            self.metrics_registry.record("read", time.perf_counter_ns() - t0)
+            return None
+        record = self._record(row, principal.agent_id)
+        self.metrics_registry.record("read", time.perf_counter_ns() - t0)
+        return record
+
+    def _record(self, row: StoredRow, actor: str) -> Record:
+        value = self._open(row.envelope, row.scope, row.key, row.level, actor)
+        return Record(
+            row.scope, row.key, row.level, row.owner, value, row.created_at, row.updated_at,
+            row.expires_at, row.stream_id,
+        )
+
+    def _scopes(
+        self, principal: Principal, level: Level | int | None, scope: str | None
+    ) -> list[str]:
+        if not isinstance(principal, Principal):
+            raise ValidationError("principal must be an acl.Principal")
+        if scope is not None:
+            try:
+                scope_level = level_of_scope(scope)
+            except ValueError as exc:
+                raise ValidationError(str(exc)) from exc
+            if level is not None and as_level(level) is not scope_level:
+                raise ValidationError(f"scope {scope!r} is not at level {as_level(level).name}")
+            return [self._authorize(principal, scope_level, "read", scope, None)[1]]
+        if level is not None:
+            return [self._authorize(principal, level, "read", None, None)[1]]
+        return list(readable_scopes(principal).values())
+
+    def query(
+        self,
+        *,
+        principal: Principal,
+        level: Level | int | None = None,
+        prefix: str = "",
+        since: int | None = None,
+        until: int | None = None,
+        limit: int = 100,
+        scope: str | None = None,
+    ) -> list[Record]:
+        """Records the principal may read, by key prefix, level and ``updated_at`` range.
+
+        ``level=None`` searches every level the principal has a scope at; naming a level
+        or scope it has none at raises ``AccessDenied``. Ordered by scope, then key.
+        """
+        self._check_open()
+        if not isinstance(prefix, str):
+            raise ValidationError("prefix must be a str")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= _MAX_QUERY_LIMIT:
+            raise ValidationError(f"limit must be an int in 1..{_MAX_QUERY_LIMIT}")
+        scopes = self._scopes(principal, level, scope)
+        t0 = time.perf_counter_ns()
+        rows = self.store.query(
+            scopes, now_ms=int(time.time() * 1000), prefix=prefix, since=since, until=until,
+            limit=limit,
+        )
+        out = [self._record(r, principal.agent_id) for r in rows]
+        self.metrics_registry.record("read", time.perf_counter_ns() - t0)
+        return out
+
+    def history(
+        self,
+        key: str,
+        *,
+        level: Level | int,
+        principal: Principal,
+        scope: str | None = None,
+        limit: int | None = None,
+    ) -> list[Change]:
+        """Journal entries of one record (puts and deletes, oldest first; no values)."""
+        self._check_open()
+        check_key(key)
+        _, sc = self._authorize(principal, level, "read", scope, key)
+        return self.store.history(sc, key, limit)
+
+    def changes(
+        self,
+        since: int = 0,
+        *,
+        principal: Principal,
+        level: Level | int | None = None,
+        limit: int | None = None,
+    ) -> list[Change]:
+        """The change feed after ``since`` (a journal seq), restricted to what the
+        principal may read, ordered by seq."""
+        self._check_open()
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            raise ValidationError("since must be a journal seq (int >= 0)")
+        return self.store.changes(self._scopes(principal, level, None), since, limit)
+
+    # -- observability -----------------------------------------------------------------
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """p50/p95/p99/max/mean (ms) and count per path: redis_write, encode, persist, lag,
+        read. ``persist`` and ``lag`` are filled by the in-process worker."""
+        return self.metrics_registry.snapshot()
+
+    def backlog(self) -> dict[int, int]:
+        """Commands not yet persisted (pending + undelivered), per shard."""
+        with translate_errors("backlog"):
+            return {
+                shard: stream_backlog(self._redis, stream, self.settings.group)
+                for shard, stream in enumerate(self._streams)
+            }
+
+    def prometheus(self) -> str:
+        """Prometheus text exposition of :meth:`metrics` plus the backlog gauge."""
+        gauges: dict[str, float] = {}
+        try:
+            gauges["backlog"] = float(sum(self.backlog().values()))
+        except DualMemError:
+            gauges["redis_up"] = 0.0
+        else:
+            gauges["redis_up"] = 1.0
+        return prometheus_text(self.metrics(), gauges)
+
+
+def _load_keyring(settings: Settings) -> Keyring:
+    if settings.keyring:
+        return Keyring.load(settings.keyring)
+    if settings.key:
+        return Keyring.from_secret(settings.key)
+    if settings.embedded:
+        path = settings.default_keyring_path
+        if path.exists():
+            return Keyring.load(path)
+        ring = Keyring.generate()
+        try:
+            ring.save(path)
+        except ConfigurationError:
+            # Another process created it first: use theirs, so both read the same data.
+            return Keyring.load(path)
+        log.info("created key file %s (keep it: it opens every encrypted record)", path)
+        return ring
+    raise ConfigurationError(
+        "levels PRIVATE, TEAM and SYSTEM are encrypted but no key is configured: pass "
+        "keyring='keys.json' (create it with `dualmem keygen --out keys.json`) or set "
+        "DUALMEM_KEYRING / DUALMEM_KEY"
+    )

@@ -1,0 +1,154 @@
+"""Schema migrations, ordered and idempotent, tracked by ``PRAGMA user_version``."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+from acl.errors import ConfigurationError
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate", "schema_version"]
+
+_V1 = """
+CREATE TABLE IF NOT EXISTS memory (
+    scope       TEXT    NOT NULL,
+    key         TEXT    NOT NULL,
+    level       INTEGER NOT NULL CHECK (level BETWEEN 1 AND 5),
+    owner       TEXT    NOT NULL,
+    envelope    BLOB,               -- NULL: tombstone of a delete, kept for tombstone_ttl
+    sid         INTEGER NOT NULL,   -- stream id as an integer: the upsert guard
+    stream_id   TEXT    NOT NULL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    expires_at  INTEGER,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID
+
+CREATE INDEX IF NOT EXISTS memory_expires ON memory (expires_at) WHERE expires_at IS NOT NULL
+
+CREATE INDEX IF NOT EXISTS memory_tombstones ON memory (updated_at) WHERE envelope IS NULL
+
+CREATE INDEX IF NOT EXISTS memory_updated ON memory (scope, updated_at)
+
+CREATE TABLE IF NOT EXISTS journal (
+    seq          INTEGER PRIMARY KEY,
+    shard        INTEGER NOT NULL,
+    stream_id    TEXT    NOT NULL,
+    sid          INTEGER NOT NULL,
+    op           TEXT    NOT NULL,
+    scope        TEXT    NOT NULL,
+    key          TEXT    NOT NULL,
+    level        INTEGER NOT NULL,
+    actor        TEXT    NOT NULL,
+    ts           INTEGER NOT NULL,
+    committed_at INTEGER NOT NULL,
+    prev_hash    BLOB    NOT NULL,
+    hash         BLOB    NOT NULL,
+    UNIQUE (shard, stream_id)
+)
+
+CREATE INDEX IF NOT EXISTS journal_record ON journal (scope, key, sid)
+
+CREATE INDEX IF NOT EXISTS journal_scope_seq ON journal (scope, seq)
+
+CREATE TABLE IF NOT EXISTS audit_log (
+    id         INTEGER PRIMARY KEY,
+    ts         INTEGER NOT NULL,
+    event      TEXT    NOT NULL,
+    actor      TEXT    NOT NULL,
+    scope      TEXT,
+    key        TEXT,
+    level      INTEGER,
+    risk       TEXT    NOT NULL CHECK (risk IN ('low', 'medium', 'high')),
+    detail     TEXT    NOT NULL DEFAULT '{}',
+    shard      INTEGER,
+    stream_id  TEXT,
+    prev_hash  BLOB    NOT NULL,
+    hash       BLOB    NOT NULL,
+    UNIQUE (shard, stream_id)
+)
+
+CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END
+
+CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END
+
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id          INTEGER PRIMARY KEY,
+    shard       INTEGER NOT NULL,
+    stream_id   TEXT    NOT NULL,
+    fields      TEXT    NOT NULL,   -- JSON {field: base64 value}
+    error       TEXT    NOT NULL,
+    deliveries  INTEGER NOT NULL,
+    failed_at   INTEGER NOT NULL,
+    replayed_at INTEGER,
+    UNIQUE (shard, stream_id)
+)
+
+CREATE TABLE IF NOT EXISTS metrics (
+    ts     INTEGER NOT NULL,
+    source TEXT    NOT NULL,
+    path   TEXT    NOT NULL,
+    count  INTEGER NOT NULL,
+    p50    REAL    NOT NULL,
+    p95    REAL    NOT NULL,
+    p99    REAL    NOT NULL,
+    max    REAL    NOT NULL,
+    PRIMARY KEY (source, ts, path)
+)
+"""
+
+
+def _v1(conn: sqlite3.Connection) -> None:
+    # Statement by statement, not executescript(): executescript commits on its own and
+    # would break the one-transaction-per-migration rule. Triggers hold ';' inside
+    # BEGIN ... END, so statements are separated by blank lines instead.
+    for statement in _V1.strip().split("\n\n"):
+        conn.execute(statement)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The database's ``user_version``."""
+    row = conn.execute("PRAGMA user_version").fetchone()
+    return int(row[0])
+
+
+def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> list[int]:
+    """Apply missing migrations up to ``target``, each in its own transaction.
+
+    Returns the versions applied. A database newer than this code is refused: old code
+    writing into a schema it does not know is how data gets corrupted quietly.
+    """
+    current = schema_version(conn)
+    if current > SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"database schema version {current} is newer than this dualmem supports "
+            f"({SCHEMA_VERSION}); upgrade dualmem to open it"
+        )
+    if target < current:
+        raise ConfigurationError(
+            f"refusing to downgrade the schema from version {current} to {target}"
+        )
+    if current == 0:
+        # auto_vacuum only takes effect before the first table exists; INCREMENTAL lets
+        # `dualmem purge` hand free pages back to the file system without a full VACUUM.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    applied: list[int] = []
+    for version in range(current + 1, target + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have migrated meanwhile; re-check under the write lock.
+            if schema_version(conn) < version:
+                MIGRATIONS[version - 1](conn)
+                conn.execute(f"PRAGMA user_version = {int(version)}")
+                applied.append(version)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return applied

@@ -1,0 +1,88 @@
+"""Redis connections (real or in-process fakeredis) with an explicit retry policy, and
+translation of redis errors into dualmem errors at this one boundary."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import fakeredis
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from dualmem.errors import StoreUnavailable
+from dualmem.settings import Settings
+
+__all__ = ["MemoryServer", "connect", "memory_server", "translate_errors"]
+
+
+@dataclass
+class MemoryServer:
+    """An in-process fakeredis server, shared by every client of one ``memory://name``.
+
+    ``wakeup`` is set after each write: fakeredis returns from ``XREADGROUP ... BLOCK`` at
+    once, so an in-process worker sleeps on this event instead of spinning.
+    """
+
+    server: fakeredis.FakeServer
+    wakeup: threading.Event = field(default_factory=threading.Event)
+
+
+_SERVERS: dict[str, MemoryServer] = {}
+_SERVERS_LOCK = threading.Lock()
+
+
+def memory_server(url: str) -> MemoryServer:
+    """The process-wide fakeredis server for ``memory://[name]`` (created on first use)."""
+    name = url[len("memory://") :].strip("/") or "default"
+    with _SERVERS_LOCK:
+        srv = _SERVERS.get(name)
+        if srv is None:
+            srv = _SERVERS[name] = MemoryServer(fakeredis.FakeServer())
+        return srv
+
+
+def connect(
+    settings: Settings, *, extra_timeout: float = 0.0
+) -> tuple[redis.Redis, threading.Event | None]:
+    """A client for ``settings.redis_url`` and, for ``memory://``, the server's wakeup event.
+
+    Real Redis gets short timeouts and ``redis_retries`` retries with capped exponential
+    backoff, set here explicitly: the client library's defaults would retry for seconds,
+    and a write path must fail fast (``StoreUnavailable``) when Redis is gone.
+    ``extra_timeout`` lengthens the socket timeout for a worker's blocking reads.
+    """
+    if settings.embedded:
+        srv = memory_server(settings.redis_url)
+        return fakeredis.FakeRedis(server=srv.server), srv.wakeup
+    retry = Retry(ExponentialBackoff(cap=0.05, base=0.005), settings.redis_retries)
+    client = redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.socket_timeout + extra_timeout,
+        socket_connect_timeout=settings.connect_timeout,
+        retry=retry,
+        health_check_interval=0,
+        client_name="dualmem",
+    )
+    return client, None
+
+
+@contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Turn redis-py exceptions raised inside the block into ``StoreUnavailable``.
+
+    >>> with translate_errors("ping"):
+    ...     raise redis.ConnectionError("refused")
+    Traceback (most recent call last):
+    ...
+    dualmem.errors.StoreUnavailable: ping: Redis is unavailable: refused
+    """
+    try:
+        yield
+    except redis.ResponseError as exc:
+        raise StoreUnavailable(f"{what}: Redis refused the command: {exc}") from exc
+    except (redis.RedisError, OSError) as exc:
+        raise StoreUnavailable(f"{what}: Redis is unavailable: {exc}") from exc

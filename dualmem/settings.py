@@ -1,0 +1,207 @@
+"""The one place settings come from: arguments, then ``DUALMEM_*`` environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from acl.crypto import DEFAULT_COMPRESS_THRESHOLD, DEFAULT_MAX_VALUE_BYTES
+from acl.errors import ConfigurationError
+
+__all__ = ["ENV_PREFIX", "Settings"]
+
+ENV_PREFIX = "DUALMEM_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every dualmem setting, its default and its environment variable (``DUALMEM_<NAME>``).
+
+    >>> s = Settings.load({"shards": "4"}, environ={"DUALMEM_BATCH_SIZE": "200"})
+    >>> s.shards, s.batch_size, s.redis_url
+    (4, 200, 'memory://')
+    >>> Settings.load({"shards": 0})
+    Traceback (most recent call last):
+    ...
+    acl.errors.ConfigurationError: setting shards must be >= 1 (got 0)
+    """
+
+    #: ``memory://[name]`` for the in-process fakeredis server, or ``redis://host:port/db``.
+    redis_url: str = "memory://"
+    #: SQLite database file (created with its directory when missing).
+    db_path: str = "dualmem.db"
+    #: Key file from ``dualmem keygen``. Embedded default: ``<db_path>.keys`` is created.
+    keyring: str | None = None
+    #: Base64 AES-256 key, an alternative to ``keyring`` (keep it out of shell history).
+    key: str | None = None
+    #: Prefix of every Redis key, so several deployments can share a Redis.
+    namespace: str = "dualmem"
+    #: Number of command streams; a record's shard is a stable hash of (scope, key).
+    shards: int = 1
+    #: Start an in-process worker thread (False: run ``dualmem worker`` processes).
+    worker: bool = True
+    #: Consumer group of the command streams.
+    group: str = "persist"
+    #: Consumer name of this process's worker (default: host-pid-random).
+    consumer: str | None = None
+    #: Largest batch the worker reads and commits in one SQLite transaction.
+    batch_size: int = 500
+    #: How long one XREADGROUP blocks waiting for new commands (real Redis), ms.
+    block_ms: int = 100
+    #: A pending entry idle this long belongs to a dead consumer and is claimed, ms.
+    claim_idle_ms: int = 30_000
+    #: Deliveries after which a failing entry goes to ``dead_letters``.
+    max_deliveries: int = 3
+    #: Commands waiting in one shard's stream beyond which ``put`` raises Backpressure.
+    max_backlog: int = 100_000
+    #: Largest serialized value, bytes.
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    #: Values longer than this (serialized) are lz4-compressed, bytes.
+    compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD
+    #: Expiry of a cache entry written without a ttl, seconds (0: never expires).
+    cache_ttl: int = 3600
+    #: Redis socket read/write timeout, seconds.
+    socket_timeout: float = 0.25
+    #: Redis connect timeout, seconds.
+    connect_timeout: float = 0.25
+    #: Retries of a failed Redis call (exponential backoff, capped at 50 ms).
+    redis_retries: int = 1
+    #: SQLite busy timeout, ms.
+    busy_timeout_ms: int = 5_000
+    #: ``close()`` waits at most this long for the worker to drain, seconds.
+    close_timeout: float = 10.0
+    #: How often the worker snapshots latency metrics into SQLite, seconds.
+    metrics_interval: float = 60.0
+    #: How often the worker purges expired rows, seconds.
+    purge_interval: float = 5.0
+    #: Deleted rows keep a tombstone this long so a late, older command cannot revive them, s.
+    tombstone_ttl: int = 86_400
+
+    @classmethod
+    def load(
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Build settings: explicit ``overrides`` win, then ``DUALMEM_*`` variables, then defaults.
+
+        ``None`` in ``overrides`` means "not given". Unknown names are a ConfigurationError.
+        """
+        env = os.environ if environ is None else environ
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for name, f in known.items():
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = _parse(name, str(f.type).replace(" | None", ""), raw)
+        for name, value in (overrides or {}).items():
+            if name not in known:
+                raise ConfigurationError(
+                    f"unknown setting {name!r}; known settings: {', '.join(sorted(known))}"
+                )
+            if value is not None:
+                if isinstance(value, os.PathLike):
+                    value = os.fspath(value)  # noqa: PLW2901
+                values[name] = _coerce(name, str(known[name].type), value)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def replace(self, **changes: Any) -> Settings:
+        """A validated copy with ``changes`` applied."""
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    @property
+    def embedded(self) -> bool:
+        """True when Redis is the in-process fakeredis server."""
+        return self.redis_url.startswith("memory://")
+
+    @property
+    def default_keyring_path(self) -> Path:
+        """Where the embedded default keeps its key file: beside the database."""
+        return Path(self.db_path + ".keys")
+
+    def validate(self) -> None:
+        """Raise ConfigurationError naming the first bad setting."""
+        for name in (
+            "shards",
+            "batch_size",
+            "max_deliveries",
+            "max_backlog",
+            "max_value_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"setting {name} must be >= 1 (got {getattr(self, name)})")
+        for name in (
+            "block_ms",
+            "claim_idle_ms",
+            "compress_threshold",
+            "cache_ttl",
+            "redis_retries",
+            "busy_timeout_ms",
+            "tombstone_ttl",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"setting {name} must be >= 0 (got {getattr(self, name)})")
+        for name in (
+            "socket_timeout",
+            "connect_timeout",
+            "close_timeout",
+            "metrics_interval",
+            "purge_interval",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigurationError(f"setting {name} must be > 0 (got {getattr(self, name)})")
+        if not (self.redis_url.startswith(("memory://", "redis://", "rediss://", "unix://"))):
+            raise ConfigurationError(
+                f"setting redis_url={self.redis_url!r} must start with memory://, redis://, "
+                "rediss:// or unix://"
+            )
+        if not self.namespace or any(c in self.namespace for c in "{}: \t\n"):
+            raise ConfigurationError(
+                f"setting namespace={self.namespace!r} must be non-empty without '{{}}:' or spaces"
+            )
+        if not self.db_path:
+            raise ConfigurationError("setting db_path must not be empty")
+
+
+def _coerce(name: str, type_name: str, value: Any) -> Any:
+    """Check an explicit argument's type (strings are parsed as the environment would be)."""
+    base = type_name.replace(" | None", "")
+    if isinstance(value, str) and base != "str":
+        return _parse(name, base, value)
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }.get(base, True)
+    if not ok:
+        raise ConfigurationError(f"setting {name} must be a {base}, got {value!r}")
+    return float(value) if base == "float" else value
+
+
+def _parse(name: str, type_name: str, raw: str) -> Any:
+    var = ENV_PREFIX + name.upper()
+    try:
+        if type_name == "bool":
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"{var}={raw!r} is not a valid {type_name}: {exc}") from exc
+    return raw

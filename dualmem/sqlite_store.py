@@ -1,0 +1,519 @@
+"""SQLite implementation of :class:`~dualmem.store.Store`: one file, WAL, one writer."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from acl.levels import Level
+from dualmem.batch import GENESIS, BatchPlan, chain_hash, plan_batch
+from dualmem.errors import StoreUnavailable
+from dualmem.migrations import migrate
+from dualmem.store import (
+    ApplyResult,
+    AuditRow,
+    Change,
+    DeadLetter,
+    Store,
+    StoredRow,
+    StreamEntry,
+)
+
+__all__ = ["SQLiteStore", "prefix_upper_bound"]
+
+Row = tuple[Any, ...]
+
+_MEMORY_UPSERT = """
+INSERT INTO memory (scope, key, level, owner, envelope, sid, stream_id, created_at,
+                    updated_at, expires_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (scope, key) DO UPDATE SET
+    level = excluded.level,
+    owner = excluded.owner,
+    envelope = excluded.envelope,
+    sid = excluded.sid,
+    stream_id = excluded.stream_id,
+    created_at = CASE WHEN memory.envelope IS NULL THEN excluded.created_at
+                      ELSE memory.created_at END,
+    updated_at = excluded.updated_at,
+    expires_at = excluded.expires_at
+WHERE excluded.sid > memory.sid
+"""
+_JOURNAL_INSERT = """
+INSERT INTO journal (seq, shard, stream_id, sid, op, scope, key, level, actor, ts,
+                     committed_at, prev_hash, hash)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_AUDIT_INSERT = """
+INSERT INTO audit_log (id, ts, event, actor, scope, key, level, risk, detail, shard,
+                       stream_id, prev_hash, hash)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_ROW_COLUMNS = "scope, key, level, owner, envelope, created_at, updated_at, expires_at, stream_id"
+_CHANGE_COLUMNS = "seq, shard, stream_id, op, scope, key, level, actor, ts, committed_at"
+_LIVE = "envelope IS NOT NULL AND (expires_at IS NULL OR expires_at > ?)"
+
+# Errors that belong to one entry's content (a constraint, a bad value): retried entry by
+# entry so the rest of the batch commits. Anything else (locked, I/O, full disk) fails
+# the whole batch, which the worker retries unchanged.
+_ENTRY_ERRORS = (
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    sqlite3.ProgrammingError,
+    sqlite3.InterfaceError,
+    OverflowError,
+)
+
+
+def prefix_upper_bound(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with ``prefix``.
+
+    SQLite compares TEXT by its UTF-8 bytes, which orders like code points, so
+    ``prefix <= key < bound`` is an index range with no LIKE/GLOB metacharacters to escape.
+    ``None`` means no upper bound.
+
+    >>> prefix_upper_bound("consensus/")
+    'consensus0'
+    >>> prefix_upper_bound("") is None
+    True
+    """
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        nxt = last + 1
+        if 0xD800 <= nxt <= 0xDFFF:
+            nxt = 0xE000
+        if nxt <= 0x10FFFF:
+            return "".join(chars) + chr(nxt)
+    return None
+
+
+def _row(r: Row) -> StoredRow:
+    return StoredRow(r[0], r[1], Level(r[2]), r[3], r[4], r[5], r[6], r[7], r[8])
+
+
+def _change(r: Row) -> Change:
+    return Change(r[0], r[1], r[2], r[3], r[4], r[5], Level(r[6]), r[7], r[8], r[9])
+
+
+class SQLiteStore(Store):
+    """The store in one SQLite file (WAL, ``synchronous=NORMAL``, ``BEGIN IMMEDIATE``).
+
+    Each thread gets its own connection; the worker's is the only one that writes.
+
+    >>> import tempfile, os
+    >>> store = SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db"))
+    >>> store.last_seq(), store.get("swarm:s", "k", now_ms=0)
+    (0, None)
+    >>> store.close()
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        busy_timeout_ms: int = 5_000,
+        synchronous: str = "NORMAL",
+    ) -> None:
+        self.path = Path(path)
+        self.busy_timeout_ms = busy_timeout_ms
+        self.synchronous = synchronous
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = self._conn()
+            # WAL is a property of the file: set once, every later connection sees it.
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreUnavailable(f"{self.path}: could not enable WAL (got {mode!r})")
+            migrate(conn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open database {self.path}: {exc}") from exc
+
+    # -- connections -------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise StoreUnavailable(f"store {self.path} is closed")
+        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so the write
+        # lock is taken up front and a busy database waits (busy_timeout) instead of
+        # failing half-way through a transaction.
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, cached_statements=256
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        self._local.conn = conn
+        with self._lock:
+            self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot begin a write on {self.path}: {exc}") from exc
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreUnavailable(f"write to {self.path} failed: {exc}") from exc
+            raise
+
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"read from {self.path} failed: {exc}") from exc
+
+    # -- writes (worker only) ----------------------------------------------------------
+
+    def apply(self, entries: Sequence[StreamEntry]) -> ApplyResult:
+        """See :meth:`Store.apply`."""
+        now_ms = int(time.time() * 1000)
+        result = ApplyResult()
+        with self._write() as conn:
+            already = self._already(conn, entries)
+            jtail, atail = self._tail_of(conn, "journal"), self._tail_of(conn, "audit")
+            plan = plan_batch(
+                entries, already=already, journal_tail=jtail, audit_tail=atail, now_ms=now_ms
+            )
+            try:
+                conn.execute("SAVEPOINT batch")
+                self._write_plan(conn, plan)
+                conn.execute("RELEASE batch")
+                plans = [plan]
+            except _ENTRY_ERRORS:
+                conn.execute("ROLLBACK TO batch")
+                conn.execute("RELEASE batch")
+                plans = self._apply_each(conn, plan, now_ms)
+        for p in plans:
+            result.done.extend(p.applied)
+            result.done.extend(p.duplicates)
+            result.failed.extend(p.failed)
+            result.notifications.extend(p.notifications)
+            result.ts_us.extend(p.ts_us)
+            result.applied += len(p.applied)
+            result.duplicates += len(p.duplicates)
+        return result
+
+    def _apply_each(
+        self, conn: sqlite3.Connection, plan: BatchPlan, now_ms: int
+    ) -> list[BatchPlan]:
+        # Slow path, only after the batch as a whole hit a per-entry error: each entry in
+        # its own savepoint, so one poison entry fails alone.
+        out = [BatchPlan(duplicates=plan.duplicates, failed=plan.failed)]
+        jtail, atail = self._tail_of(conn, "journal"), self._tail_of(conn, "audit")
+        for entry in plan.applied:
+            one = plan_batch(
+                [entry], already=set(), journal_tail=jtail, audit_tail=atail, now_ms=now_ms
+            )
+            conn.execute("SAVEPOINT entry")
+            try:
+                self._write_plan(conn, one)
+            except _ENTRY_ERRORS as exc:
+                conn.execute("ROLLBACK TO entry")
+                conn.execute("RELEASE entry")
+                out.append(BatchPlan(failed=[(entry, f"{type(exc).__name__}: {exc}")]))
+                continue
+            conn.execute("RELEASE entry")
+            jtail, atail = one.journal_tail, one.audit_tail
+            out.append(one)
+        return out
+
+    @staticmethod
+    def _tail_of(conn: sqlite3.Connection, chain: str) -> tuple[int, bytes]:
+        """``(last id, last hash)`` of the journal or audit chain, read under the write lock."""
+        sql = {
+            "journal": "SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1",
+            "audit": "SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1",
+        }[chain]
+        row = conn.execute(sql).fetchone()
+        return (0, GENESIS) if row is None else (int(row[0]), bytes(row[1]))
+
+    @staticmethod
+    def _already(conn: sqlite3.Connection, entries: Sequence[StreamEntry]) -> set[tuple[int, str]]:
+        by_shard: dict[int, list[str]] = {}
+        for e in entries:
+            by_shard.setdefault(e.shard, []).append(e.stream_id)
+        found: set[tuple[int, str]] = set()
+        for shard, ids in by_shard.items():
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for table in ("journal", "audit_log"):
+                    rows = conn.execute(
+                        f"SELECT stream_id FROM {table} WHERE shard = ? AND stream_id IN ({marks})",
+                        (shard, *chunk),
+                    )
+                    found.update((shard, str(r[0])) for r in rows)
+        return found
+
+    @staticmethod
+    def _write_plan(conn: sqlite3.Connection, plan: BatchPlan) -> None:
+        if plan.journal:
+            conn.executemany(_JOURNAL_INSERT, plan.journal)
+        if plan.memory:
+            # executemany keeps the rows' order, so several commands on one key in a
+            # batch end with the newest; the sid guard handles redelivered older ones.
+            conn.executemany(_MEMORY_UPSERT, plan.memory)
+        if plan.audit:
+            conn.executemany(_AUDIT_INSERT, plan.audit)
+
+    def append_audit(
+        self,
+        conn: sqlite3.Connection,
+        events: Sequence[tuple[int, str, str, str | None, str | None, int | None, str, str]],
+    ) -> None:
+        """Append worker-originated audit rows ``(ts, event, actor, scope, key, level, risk,
+        detail)`` inside the caller's write transaction, extending the hash chain."""
+        aid, ahash = self._tail_of(conn, "audit")
+        rows = []
+        for ts, event, actor, scope, key, level, risk, detail in events:
+            aid += 1
+            row = (aid, ts, event, actor, scope, key, level, risk, detail, None, None)
+            prev, ahash = ahash, chain_hash(ahash, row)
+            rows.append((*row, prev, ahash))
+        conn.executemany(_AUDIT_INSERT, rows)
+
+    def dead_letter(self, items: Sequence[tuple[StreamEntry, str, int]]) -> None:
+        """See :meth:`Store.dead_letter`."""
+        if not items:
+            return
+        now_ms = int(time.time() * 1000)
+        with self._write() as conn:
+            conn.executemany(
+                """INSERT INTO dead_letters (shard, stream_id, fields, error, deliveries, failed_at)
+                   VALUES (?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (shard, stream_id) DO UPDATE SET
+                       error = excluded.error, deliveries = excluded.deliveries,
+                       failed_at = excluded.failed_at, replayed_at = NULL""",
+                [
+                    (e.shard, e.stream_id, _fields_to_json(e.fields), err, n, now_ms)
+                    for e, err, n in items
+                ],
+            )
+            self.append_audit(
+                conn,
+                [
+                    (
+                        now_ms,
+                        "dead_letter",
+                        "worker",
+                        None,
+                        None,
+                        None,
+                        "medium",
+                        json.dumps(
+                            {
+                                "shard": e.shard,
+                                "stream_id": e.stream_id,
+                                "error": err,
+                                "deliveries": n,
+                            },
+                            sort_keys=True,
+                        ),
+                    )
+                    for e, err, n in items
+                ],
+            )
+
+    def mark_replayed(self, ids: Sequence[int]) -> None:
+        """See :meth:`Store.mark_replayed`."""
+        now_ms = int(time.time() * 1000)
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE dead_letters SET replayed_at = ? WHERE id = ?", [(now_ms, i) for i in ids]
+            )
+
+    def purge(self, now_ms: int, tombstones_before_ms: int, limit: int = 10_000) -> int:
+        """See :meth:`Store.purge`."""
+        with self._write() as conn:
+            expired = conn.execute(
+                """DELETE FROM memory WHERE (scope, key) IN (
+                       SELECT scope, key FROM memory WHERE expires_at <= ? LIMIT ?)""",
+                (now_ms, limit),
+            ).rowcount
+            tombs = conn.execute(
+                """DELETE FROM memory WHERE (scope, key) IN (
+                       SELECT scope, key FROM memory WHERE envelope IS NULL AND updated_at < ?
+                       LIMIT ?)""",
+                (tombstones_before_ms, limit),
+            ).rowcount
+        return int(expired) + int(tombs)
+
+    def record_metrics(
+        self, ts_ms: int, source: str, snapshot: Mapping[str, Mapping[str, float]]
+    ) -> None:
+        """See :meth:`Store.record_metrics`."""
+        rows = [
+            (ts_ms, source, path, int(s["count"]), s["p50"], s["p95"], s["p99"], s["max"])
+            for path, s in snapshot.items()
+        ]
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO metrics (ts, source, path, count, p50, p95, p99, max) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    # -- reads -------------------------------------------------------------------------
+
+    def status(self, shard: int, stream_id: str) -> str | None:
+        """See :meth:`Store.status`."""
+        rows = self._read(
+            """SELECT 'committed' FROM journal WHERE shard = ? AND stream_id = ?
+               UNION ALL SELECT 'committed' FROM audit_log WHERE shard = ? AND stream_id = ?
+               UNION ALL SELECT 'dead' FROM dead_letters
+                   WHERE shard = ? AND stream_id = ? AND replayed_at IS NULL""",
+            (shard, stream_id) * 3,
+        )
+        return str(rows[0][0]) if rows else None
+
+    def get(self, scope: str, key: str, now_ms: int) -> StoredRow | None:
+        """See :meth:`Store.get`."""
+        rows = self._read(
+            f"SELECT {_ROW_COLUMNS} FROM memory WHERE scope = ? AND key = ? AND {_LIVE}",
+            (scope, key, now_ms),
+        )
+        return _row(rows[0]) if rows else None
+
+    def query(
+        self,
+        scopes: Sequence[str],
+        *,
+        now_ms: int,
+        prefix: str = "",
+        since: int | None = None,
+        until: int | None = None,
+        limit: int = 100,
+    ) -> list[StoredRow]:
+        """See :meth:`Store.query`."""
+        if not scopes:
+            return []
+        where = [f"scope IN ({','.join('?' * len(scopes))})", _LIVE]
+        params: list[object] = [*scopes, now_ms]
+        if prefix:
+            where.append("key >= ?")
+            params.append(prefix)
+            upper = prefix_upper_bound(prefix)
+            if upper is not None:
+                where.append("key < ?")
+                params.append(upper)
+        if since is not None:
+            where.append("updated_at >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("updated_at < ?")
+            params.append(until)
+        params.append(limit)
+        sql = (
+            f"SELECT {_ROW_COLUMNS} FROM memory WHERE {' AND '.join(where)} "
+            "ORDER BY scope, key LIMIT ?"
+        )
+        return [_row(r) for r in self._read(sql, params)]
+
+    def history(self, scope: str, key: str, limit: int | None = None) -> list[Change]:
+        """See :meth:`Store.history`."""
+        rows = self._read(
+            f"SELECT {_CHANGE_COLUMNS} FROM journal WHERE scope = ? AND key = ? "
+            "ORDER BY sid LIMIT ?",
+            (scope, key, -1 if limit is None else limit),
+        )
+        return [_change(r) for r in rows]
+
+    def changes(self, scopes: Sequence[str], since: int, limit: int | None = None) -> list[Change]:
+        """See :meth:`Store.changes`."""
+        if not scopes:
+            return []
+        rows = self._read(
+            f"SELECT {_CHANGE_COLUMNS} FROM journal "
+            f"WHERE seq > ? AND scope IN ({','.join('?' * len(scopes))}) ORDER BY seq LIMIT ?",
+            (since, *scopes, -1 if limit is None else limit),
+        )
+        return [_change(r) for r in rows]
+
+    def last_seq(self) -> int:
+        """See :meth:`Store.last_seq`."""
+        rows = self._read("SELECT COALESCE(MAX(seq), 0) FROM journal")
+        return int(rows[0][0])
+
+    def audit_log(self, since_id: int = 0, limit: int | None = None) -> list[AuditRow]:
+        """See :meth:`Store.audit_log`."""
+        rows = self._read(
+            "SELECT id, ts, event, actor, scope, key, level, risk, detail FROM audit_log "
+            "WHERE id > ? ORDER BY id LIMIT ?",
+            (since_id, -1 if limit is None else limit),
+        )
+        return [AuditRow(*r) for r in rows]
+
+    def dead_letters(self, *, include_replayed: bool = False) -> list[DeadLetter]:
+        """See :meth:`Store.dead_letters`."""
+        cond = "" if include_replayed else "WHERE replayed_at IS NULL"
+        rows = self._read(
+            "SELECT id, shard, stream_id, fields, error, deliveries, failed_at, replayed_at "
+            f"FROM dead_letters {cond} ORDER BY id"
+        )
+        return [
+            DeadLetter(r[0], r[1], r[2], _fields_from_json(r[3]), r[4], r[5], r[6], r[7])
+            for r in rows
+        ]
+
+    def latest_metrics(self) -> dict[str, dict[str, dict[str, float]]]:
+        """See :meth:`Store.latest_metrics`."""
+        rows = self._read(
+            """SELECT m.source, m.path, m.count, m.p50, m.p95, m.p99, m.max, m.ts FROM metrics m
+               JOIN (SELECT source, MAX(ts) AS ts FROM metrics GROUP BY source) last
+                 ON last.source = m.source AND last.ts = m.ts ORDER BY m.source, m.path"""
+        )
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for source, path, count, p50, p95, p99, mx, ts in rows:
+            out.setdefault(source, {})[path] = {
+                "count": count,
+                "p50": p50,
+                "p95": p95,
+                "p99": p99,
+                "max": mx,
+                "ts": ts,
+            }
+        return out
+
+    def close(self) -> None:
+        """See :meth:`Store.close`."""
+        self._closed = True
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+
+def _fields_to_json(fields: Mapping[bytes, bytes]) -> str:
+    return json.dumps(
+        {base64.b64encode(k).decode(): base64.b64encode(v).decode() for k, v in fields.items()},
+        sort_keys=True,
+    )
+
+
+def _fields_from_json(text: str) -> dict[bytes, bytes]:
+    return {base64.b64decode(k): base64.b64decode(v) for k, v in json.loads(text).items()}

@@ -1,0 +1,227 @@
+"""The query-side store contract, documented once; ``SQLiteStore`` is its first implementation."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from acl.levels import Level
+
+__all__ = [
+    "ApplyResult",
+    "AuditRow",
+    "Change",
+    "DeadLetter",
+    "Notification",
+    "Store",
+    "StoredRow",
+    "StreamEntry",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    """One entry read from a command stream, as the worker hands it to the store."""
+
+    shard: int
+    stream_id: str
+    fields: Mapping[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRow:
+    """A current record as stored: the value is still an envelope (decrypted by the reader)."""
+
+    scope: str
+    key: str
+    level: Level
+    owner: str
+    envelope: bytes
+    created_at: int
+    updated_at: int
+    expires_at: int | None
+    stream_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One journal entry: what happened to which record, never the value."""
+
+    seq: int
+    shard: int
+    stream_id: str
+    op: str
+    scope: str
+    key: str
+    level: Level
+    actor: str
+    ts: int
+    committed_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """What the worker publishes after commit: enough to react, never the value."""
+
+    seq: int
+    scope: str
+    key: str
+    level: int
+    op: str
+
+    def to_json(self) -> bytes:
+        """The pub/sub message body."""
+        return json.dumps(
+            {
+                "seq": self.seq,
+                "scope": self.scope,
+                "key": self.key,
+                "level": self.level,
+                "op": self.op,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Notification:
+        """Parse a pub/sub message body."""
+        d = json.loads(data)
+        return cls(int(d["seq"]), str(d["scope"]), str(d["key"]), int(d["level"]), str(d["op"]))
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One row of the append-only, hash-chained audit log."""
+
+    id: int
+    ts: int
+    event: str
+    actor: str
+    scope: str | None
+    key: str | None
+    level: int | None
+    risk: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A command that failed ``max_deliveries`` times, kept with its error for replay."""
+
+    id: int
+    shard: int
+    stream_id: str
+    fields: dict[bytes, bytes]
+    error: str
+    deliveries: int
+    failed_at: int
+    replayed_at: int | None
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """What one :meth:`Store.apply` call did.
+
+    ``done`` are entries now safe to acknowledge (newly applied or already applied
+    before); ``failed`` are entries whose own content failed, with the error, left for a
+    redelivery; ``notifications`` go out after commit; ``lags_us`` hold writer-clock
+    timestamps (microseconds) of newly applied commands.
+    """
+
+    done: list[StreamEntry] = field(default_factory=list)
+    failed: list[tuple[StreamEntry, str]] = field(default_factory=list)
+    notifications: list[Notification] = field(default_factory=list)
+    ts_us: list[int] = field(default_factory=list)
+    applied: int = 0
+    duplicates: int = 0
+
+
+class Store(ABC):
+    """The persistent, queryable side of dualmem.
+
+    Contract for every implementation:
+
+    * Only the worker writes, through :meth:`apply`, :meth:`dead_letter`,
+      :meth:`purge` and :meth:`record_metrics`; each call is one transaction.
+    * :meth:`apply` is idempotent by ``(shard, stream_id)``: an entry applied twice changes
+      nothing the second time, and a record never goes back to an older stream id.
+    * One bad entry never fails the others: it is reported in ``ApplyResult.failed``.
+      Infrastructure failures (disk, locks) raise ``StoreUnavailable`` and commit nothing.
+    * Reads never return tombstones or rows whose ``expires_at`` has passed, and take
+      scopes already authorized by ``acl`` (the store filters by them in its query).
+    * Times are integer epoch milliseconds.
+    """
+
+    @abstractmethod
+    def apply(self, entries: Sequence[StreamEntry]) -> ApplyResult:
+        """Apply a batch of stream entries in one transaction (see the class contract)."""
+
+    @abstractmethod
+    def dead_letter(self, items: Sequence[tuple[StreamEntry, str, int]]) -> None:
+        """Record ``(entry, error, deliveries)`` in dead letters, with an audit row each."""
+
+    @abstractmethod
+    def status(self, shard: int, stream_id: str) -> str | None:
+        """``"committed"``, ``"dead"`` (dead-lettered, with no replay since) or ``None``."""
+
+    @abstractmethod
+    def get(self, scope: str, key: str, now_ms: int) -> StoredRow | None:
+        """The live row at ``(scope, key)``, or ``None``."""
+
+    @abstractmethod
+    def query(
+        self,
+        scopes: Sequence[str],
+        *,
+        now_ms: int,
+        prefix: str = "",
+        since: int | None = None,
+        until: int | None = None,
+        limit: int = 100,
+    ) -> list[StoredRow]:
+        """Live rows in ``scopes`` whose key starts with ``prefix`` and ``since <= updated_at
+        < until``, ordered by scope then key, at most ``limit``."""
+
+    @abstractmethod
+    def history(self, scope: str, key: str, limit: int | None = None) -> list[Change]:
+        """Journal entries of one record in stream order (oldest first)."""
+
+    @abstractmethod
+    def changes(self, scopes: Sequence[str], since: int, limit: int | None = None) -> list[Change]:
+        """Journal entries with ``seq > since`` in ``scopes``, ordered by ``seq``."""
+
+    @abstractmethod
+    def last_seq(self) -> int:
+        """The highest journal ``seq`` (0 when empty)."""
+
+    @abstractmethod
+    def audit_log(self, since_id: int = 0, limit: int | None = None) -> list[AuditRow]:
+        """Audit rows with ``id > since_id`` in order."""
+
+    @abstractmethod
+    def dead_letters(self, *, include_replayed: bool = False) -> list[DeadLetter]:
+        """Dead-lettered commands, oldest first."""
+
+    @abstractmethod
+    def mark_replayed(self, ids: Sequence[int]) -> None:
+        """Note that these dead letters were sent to the stream again."""
+
+    @abstractmethod
+    def purge(self, now_ms: int, tombstones_before_ms: int, limit: int = 10_000) -> int:
+        """Delete expired rows and old tombstones; returns how many rows went."""
+
+    @abstractmethod
+    def record_metrics(
+        self, ts_ms: int, source: str, snapshot: Mapping[str, Mapping[str, float]]
+    ) -> None:
+        """Store a latency snapshot (one row per path)."""
+
+    @abstractmethod
+    def latest_metrics(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``{source: {path: summary}}`` from each source's newest snapshot."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections; the store is unusable afterwards."""

@@ -1,0 +1,414 @@
+"""The worker: reads command streams in batches, commits them to the store, acks, publishes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import redis
+
+from dualmem.errors import DualMemError, StoreUnavailable
+from dualmem.layout import Layout
+from dualmem.metrics import Metrics
+from dualmem.redis_backend import translate_errors
+from dualmem.settings import Settings
+from dualmem.store import ApplyResult, Store, StreamEntry
+
+__all__ = ["Worker", "WorkerStats", "default_consumer_name", "next_stream_id"]
+
+log = logging.getLogger("dualmem.worker")
+
+_TRIM_INTERVAL = 0.5
+_IDLE_WAIT = 0.05
+_MAX_BACKOFF = 1.0
+
+
+def default_consumer_name() -> str:
+    """``host-pid-random``: unique per process, readable in ``XINFO CONSUMERS``."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def next_stream_id(stream_id: str) -> str:
+    """The smallest stream id after ``stream_id``.
+
+    >>> next_stream_id("1700000000000-5")
+    '1700000000000-6'
+    """
+    ms, _, seq = stream_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+@dataclass
+class WorkerStats:
+    """Counters of one worker since it started."""
+
+    batches: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    claimed: int = 0
+    dead_lettered: int = 0
+    failures: int = 0
+
+
+class Worker:
+    """Persists the command streams of one namespace into a :class:`Store`.
+
+    Loop (``step``): claim entries of dead consumers (idle > ``claim_idle_ms``) or re-read
+    this consumer's own failed entries, else ``XREADGROUP COUNT batch_size BLOCK block_ms``
+    -> ``store.apply`` (one transaction) -> one pipeline with ``XACK`` and a ``PUBLISH``
+    per change -> now and then trim each stream below its oldest unacknowledged entry.
+
+    Ordering argument: the ack follows the commit, so a crash in between redelivers
+    entries that are already committed; ``apply`` recognises them by stream id and
+    changes nothing. Trimming never passes the oldest pending or undelivered entry, so
+    the stream always holds every command not yet committed.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        store: Store,
+        settings: Settings,
+        *,
+        metrics: Metrics | None = None,
+        wakeup: threading.Event | None = None,
+        on_commit: Callable[[], None] | None = None,
+        shards: Sequence[int] | None = None,
+    ) -> None:
+        self.redis = client
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.layout = Layout(settings.namespace, settings.shards)
+        self.group = settings.group
+        self.consumer = settings.consumer or default_consumer_name()
+        self.shards = list(range(settings.shards) if shards is None else shards)
+        self.streams = {self.layout.stream(s): s for s in self.shards}
+        self.stats = WorkerStats()
+        self._wakeup = wakeup
+        self._on_commit = on_commit
+        self._retry_own = False
+        now = time.monotonic()
+        self._next_claim = now  # claim at start: a restart picks up a dead consumer's work
+        self._next_trim = now + _TRIM_INTERVAL
+        self._next_purge = now + settings.purge_interval
+        self._next_metrics = now + settings.metrics_interval
+        self._stopping = threading.Event()
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def ensure_groups(self) -> None:
+        """Create the consumer group on every stream (idempotent, from id 0)."""
+        ensure_groups(self.redis, self.streams, self.group)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, *, drain_timeout: float | None = None) -> int:
+        """Work until ``stop`` is set, then drain for up to ``drain_timeout`` seconds.
+
+        Returns how many commands were still pending when it gave up (0 when drained).
+        Redis or SQLite outages are retried with backoff; they never end the loop.
+        """
+        self._stopping = stop
+        backoff = 0.0
+        while not stop.is_set():
+            try:
+                self.step(block=True)
+                backoff = 0.0
+            except DualMemError as exc:
+                # Whatever was read and not acked is in this consumer's pending list.
+                self._retry_own = True
+                backoff = min(_MAX_BACKOFF, backoff * 2 or 0.01)
+                log.warning("worker %s: %s; retrying in %.2fs", self.consumer, exc, backoff)
+                stop.wait(backoff)
+        if drain_timeout is None:
+            return 0
+        self._stopping = threading.Event()
+        try:
+            return self.drain(drain_timeout)
+        except DualMemError as exc:
+            log.warning("worker %s: drain failed: %s", self.consumer, exc)
+            return -1
+
+    def step(self, *, block: bool = False) -> int:
+        """One iteration; returns the number of entries read."""
+        entries = self._read(block)
+        if entries:
+            self._process(entries)
+        elif block and self._wakeup is not None:
+            # fakeredis: wait for a put to signal, then clear before the next read, so a
+            # signal that arrives in between is never lost.
+            self._wakeup.wait(_IDLE_WAIT)
+            self._wakeup.clear()
+        self._housekeeping()
+        return len(entries)
+
+    def drain(self, timeout: float) -> int:
+        """Process until the streams hold nothing unacknowledged, for at most ``timeout`` s.
+
+        Returns the number of commands still pending or undelivered (0: fully drained).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            n = self.step(block=False)
+            if n == 0:
+                left = self.backlog()
+                if left == 0 or time.monotonic() >= deadline:
+                    self._trim()
+                    return left
+                time.sleep(0.005)
+            elif time.monotonic() >= deadline:
+                return self.backlog()
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _read(self, block: bool) -> list[StreamEntry]:
+        now = time.monotonic()
+        if now >= self._next_claim:
+            self._next_claim = now + max(self.settings.claim_idle_ms / 2000, 0.05)
+            claimed = self._claim()
+            if claimed:
+                return claimed
+        if self._retry_own:
+            own = self._xreadgroup("0", block=False)
+            if own:
+                return own
+            self._retry_own = False
+        use_block = block and self._wakeup is None and self.settings.block_ms > 0
+        return self._xreadgroup(">", block=use_block)
+
+    def _xreadgroup(self, start: str, *, block: bool) -> list[StreamEntry]:
+        with translate_errors("worker read"):
+            resp = self.redis.xreadgroup(
+                self.group,
+                self.consumer,
+                dict.fromkeys(self.streams, start),
+                count=self.settings.batch_size,
+                block=self.settings.block_ms if block else None,
+            )
+        return self._entries(resp)
+
+    def _entries(self, resp: object) -> list[StreamEntry]:
+        out: list[StreamEntry] = []
+        gone: list[tuple[bytes, bytes]] = []
+        for name, items in resp or []:  # type: ignore[attr-defined]
+            shard = self.streams[name] if name in self.streams else self.layout.shard_of_stream(name)
+            for sid, fields in items:
+                if fields is None:
+                    # Trimmed or deleted while pending: nothing left to apply.
+                    gone.append((name, sid))
+                    continue
+                out.append(StreamEntry(shard, sid.decode(), fields))
+        if gone:
+            with translate_errors("worker ack"):
+                for name, sid in gone:
+                    self.redis.xack(name, self.group, sid)
+        return out
+
+    def _claim(self) -> list[StreamEntry]:
+        out: list[StreamEntry] = []
+        with translate_errors("worker claim"):
+            for name in self.streams:
+                start = "0-0"
+                while len(out) < self.settings.batch_size:
+                    resp = self.redis.xautoclaim(
+                        name,
+                        self.group,
+                        self.consumer,
+                        self.settings.claim_idle_ms,
+                        start_id=start,
+                        count=self.settings.batch_size - len(out),
+                    )
+                    start = resp[0].decode() if isinstance(resp[0], bytes) else str(resp[0])
+                    out.extend(self._entries([(name, resp[1])]))
+                    if start == "0-0":
+                        break
+            self._forget_idle_consumers()
+        if out:
+            self.stats.claimed += len(out)
+            log.info("worker %s claimed %d entries of dead consumers", self.consumer, len(out))
+        return out
+
+    def _forget_idle_consumers(self) -> None:
+        # Every restart adds a consumer name; drop those with nothing pending that have
+        # been silent far longer than the claim time, so XINFO stays readable.
+        limit = max(self.settings.claim_idle_ms * 4, 60_000)
+        for name in self.streams:
+            for c in self.redis.xinfo_consumers(name, self.group):
+                cname = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+                if cname != self.consumer and c["pending"] == 0 and c["idle"] > limit:
+                    self.redis.xgroup_delconsumer(name, self.group, cname)
+
+    # -- processing --------------------------------------------------------------------
+
+    def _process(self, entries: list[StreamEntry]) -> None:
+        t0 = time.perf_counter_ns()
+        result = self._apply_with_retry(entries)
+        if result is None:
+            return
+        elapsed = time.perf_counter_ns() - t0
+        self.stats.batches += 1
+        self.stats.applied += result.applied
+        self.stats.duplicates += result.duplicates
+        if result.applied:
+            self.metrics.record("persist", elapsed // result.applied, result.applied)
+            now_us = time.time_ns() // 1000
+            lag = self.metrics.histograms["lag"]
+            for ts in result.ts_us:
+                lag.record(max(0, now_us - ts) * 1000)
+        dead = self._failures(result)
+        to_ack = list(result.done) + [e for e, _, _ in dead]
+        try:
+            with translate_errors("worker ack"):
+                pipe = self.redis.pipeline(transaction=False)
+                by_stream: dict[int, list[str]] = {}
+                for e in to_ack:
+                    by_stream.setdefault(e.shard, []).append(e.stream_id)
+                for shard, ids in by_stream.items():
+                    pipe.xack(self.layout.stream(shard), self.group, *ids)
+                for note in result.notifications:
+                    pipe.publish(self.layout.channel(note.scope), note.to_json())
+                pipe.execute()
+        except StoreUnavailable as exc:
+            # Committed but not acked: the entries come back and are recognised as
+            # duplicates, so this costs a re-read, never a double apply.
+            log.warning("worker %s: ack failed after commit: %s", self.consumer, exc)
+            self._retry_own = True
+        if self._on_commit is not None:
+            self._on_commit()
+
+    def _apply_with_retry(self, entries: list[StreamEntry]) -> ApplyResult | None:
+        backoff = 0.01
+        while True:
+            try:
+                return self.store.apply(entries)
+            except StoreUnavailable as exc:
+                # The database is locked, full or gone: nothing was committed. Retry the
+                # same batch (no redelivery, so delivery counts stay honest) until stopped.
+                log.warning("worker %s: commit failed: %s; retrying", self.consumer, exc)
+                if self._stopping.wait(backoff):
+                    self._retry_own = True
+                    return None
+                backoff = min(_MAX_BACKOFF, backoff * 2)
+
+    def _failures(self, result: ApplyResult) -> list[tuple[StreamEntry, str, int]]:
+        if not result.failed:
+            return []
+        self.stats.failures += len(result.failed)
+        dead: list[tuple[StreamEntry, str, int]] = []
+        for entry, error in result.failed:
+            deliveries = self._deliveries(entry)
+            if deliveries >= self.settings.max_deliveries:
+                dead.append((entry, error, deliveries))
+                log.error(
+                    "worker %s: entry %s/%s failed %d times, dead-lettered: %s",
+                    self.consumer, entry.shard, entry.stream_id, deliveries, error,
+                )
+            else:
+                self._retry_own = True
+                log.warning(
+                    "worker %s: entry %s/%s failed (delivery %d of %d): %s",
+                    self.consumer, entry.shard, entry.stream_id, deliveries,
+                    self.settings.max_deliveries, error,
+                )
+        if dead:
+            self.store.dead_letter(dead)
+            self.stats.dead_lettered += len(dead)
+        return dead
+
+    def _deliveries(self, entry: StreamEntry) -> int:
+        with translate_errors("worker pending"):
+            rows = self.redis.xpending_range(
+                self.layout.stream(entry.shard), self.group, entry.stream_id, entry.stream_id, 1
+            )
+        if not rows:
+            return self.settings.max_deliveries
+        return int(rows[0]["times_delivered"])
+
+    # -- housekeeping ------------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_trim:
+            self._next_trim = now + _TRIM_INTERVAL
+            self._trim()
+        if now >= self._next_purge:
+            self._next_purge = now + self.settings.purge_interval
+            wall = int(time.time() * 1000)
+            self.store.purge(wall, wall - self.settings.tombstone_ttl * 1000)
+        if now >= self._next_metrics:
+            self._next_metrics = now + self.settings.metrics_interval
+            self.snapshot_metrics()
+
+    def snapshot_metrics(self) -> None:
+        """Write this process's latency histograms into the store's ``metrics`` table."""
+        self.store.record_metrics(int(time.time() * 1000), self.consumer, self.metrics.snapshot())
+
+    def _trim(self) -> None:
+        with translate_errors("worker trim"):
+            for name in self.streams:
+                floor = safe_trim_id(self.redis, name)
+                if floor is not None:
+                    self.redis.xtrim(name, minid=floor)
+
+    def backlog(self) -> int:
+        """Commands in this worker's streams not yet acknowledged (pending + undelivered)."""
+        total = 0
+        with translate_errors("worker backlog"):
+            for name in self.streams:
+                total += stream_backlog(self.redis, name, self.group)
+        return total
+
+
+def ensure_groups(client: redis.Redis, streams: object, group: str) -> None:
+    """Create ``group`` at id 0 on each stream (creating the stream), ignoring existing ones."""
+    with translate_errors("create consumer group"):
+        for name in streams:  # type: ignore[attr-defined]
+            try:
+                client.xgroup_create(name, group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+
+def _text(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def safe_trim_id(client: redis.Redis, stream: bytes) -> str | None:
+    """The highest id below which every entry is acknowledged by every group.
+
+    ``min`` over groups of (oldest pending id, or the id after the last delivered one).
+    ``None`` when the stream has no group (then nothing may be trimmed).
+    """
+    floors: list[tuple[int, int]] = []
+    for g in client.xinfo_groups(stream):
+        if int(g["pending"]) > 0:
+            summary = client.xpending(stream, g["name"])
+            floor = _text(summary["min"])
+        else:
+            floor = next_stream_id(_text(g["last-delivered-id"]))
+        ms, _, seq = floor.partition("-")
+        floors.append((int(ms), int(seq or 0)))
+    if not floors:
+        return None
+    ms, seq = min(floors)
+    return f"{ms}-{seq}"
+
+
+def stream_backlog(client: redis.Redis, stream: bytes, group: str) -> int:
+    """Pending plus undelivered entries of ``group`` on ``stream``."""
+    for g in client.xinfo_groups(stream):
+        if _text(g["name"]) != group:
+            continue
+        pending = int(g["pending"])
+        start = next_stream_id(_text(g["last-delivered-id"]))
+        undelivered = len(client.xrange(stream, min=start, max="+", count=10_000))
+        return pending + undelivered
+    return int(client.xlen(stream))
