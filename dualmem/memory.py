@@ -24,7 +24,7 @@ from dualmem.commands import (
 from dualmem.errors import Backpressure, DualMemError, NotPersisted
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics, prometheus_text
-from dualmem.redis_backend import connect, translate_errors
+from dualmem.redis_backend import connect, text, translate_errors
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import Change, Store, StoredRow
@@ -228,8 +228,14 @@ class DualMemory:
         own error). Returns its receipt, or ``None`` if Redis could not take it."""
         shard = self.layout.shard_of(scope or "", key or "")
         fields = audit_fields(
-            event, actor=actor, ts_us=time.time_ns() // 1000, risk=risk, scope=scope, key=key,
-            level=level, detail=detail,
+            event,
+            actor=actor,
+            ts_us=time.time_ns() // 1000,
+            risk=risk,
+            scope=scope,
+            key=key,
+            level=level,
+            detail=detail,
         )
         try:
             with translate_errors("audit"):
@@ -239,7 +245,7 @@ class DualMemory:
             return None
         if self._wakeup is not None:
             self._wakeup.set()
-        return Receipt(shard, sid.decode(), scope or "", key or "", "audit")
+        return Receipt(shard, text(sid), scope or "", key or "", "audit")
 
     def audit(
         self,
@@ -259,7 +265,12 @@ class DualMemory:
         if not isinstance(principal, Principal):
             raise ValidationError("principal must be an acl.Principal")
         receipt = self._audit(
-            event, actor=principal.agent_id, risk=risk, scope=scope, key=key, level=level,
+            event,
+            actor=principal.agent_id,
+            risk=risk,
+            scope=scope,
+            key=key,
+            level=level,
             detail=detail,
         )
         if receipt is None:
@@ -351,7 +362,7 @@ class DualMemory:
         self._backlog[shard] = int(length)
         if self._wakeup is not None:
             self._wakeup.set()
-        return str(sid.decode())
+        return text(sid)
 
     # -- read-your-writes --------------------------------------------------------------
 
@@ -391,8 +402,13 @@ class DualMemory:
             return self.codec.open(row_envelope, scope=scope, key=key, level=level)
         except TamperedRecord as exc:
             self._audit(
-                "tampered_record", actor=actor, risk="high", scope=scope, key=key,
-                level=int(level), detail={"error": str(exc)},
+                "tampered_record",
+                actor=actor,
+                risk="high",
+                scope=scope,
+                key=key,
+                level=int(level),
+                detail={"error": str(exc)},
             )
             raise
 
@@ -447,8 +463,15 @@ class DualMemory:
     def _record(self, row: StoredRow, actor: str) -> Record:
         value = self._open(row.envelope, row.scope, row.key, row.level, actor)
         return Record(
-            row.scope, row.key, row.level, row.owner, value, row.created_at, row.updated_at,
-            row.expires_at, row.stream_id,
+            row.scope,
+            row.key,
+            row.level,
+            row.owner,
+            value,
+            row.created_at,
+            row.updated_at,
+            row.expires_at,
+            row.stream_id,
         )
 
     def _scopes(
@@ -487,12 +510,20 @@ class DualMemory:
         self._check_open()
         if not isinstance(prefix, str):
             raise ValidationError("prefix must be a str")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= _MAX_QUERY_LIMIT:
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 0 < limit <= _MAX_QUERY_LIMIT
+        ):
             raise ValidationError(f"limit must be an int in 1..{_MAX_QUERY_LIMIT}")
         scopes = self._scopes(principal, level, scope)
         t0 = time.perf_counter_ns()
         rows = self.store.query(
-            scopes, now_ms=int(time.time() * 1000), prefix=prefix, since=since, until=until,
+            scopes,
+            now_ms=int(time.time() * 1000),
+            prefix=prefix,
+            since=since,
+            until=until,
             limit=limit,
         )
         out = [self._record(r, principal.agent_id) for r in rows]

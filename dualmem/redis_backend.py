@@ -16,7 +16,14 @@ from redis.retry import Retry
 from dualmem.errors import StoreUnavailable
 from dualmem.settings import Settings
 
-__all__ = ["MemoryServer", "connect", "memory_server", "translate_errors"]
+__all__ = [
+    "MemoryServer",
+    "connect",
+    "drop_memory_server",
+    "memory_server",
+    "text",
+    "translate_errors",
+]
 
 
 @dataclass
@@ -35,14 +42,32 @@ _SERVERS: dict[str, MemoryServer] = {}
 _SERVERS_LOCK = threading.Lock()
 
 
+def _server_name(url: str) -> str:
+    return url[len("memory://") :].strip("/") or "default"
+
+
 def memory_server(url: str) -> MemoryServer:
     """The process-wide fakeredis server for ``memory://[name]`` (created on first use)."""
-    name = url[len("memory://") :].strip("/") or "default"
+    name = _server_name(url)
     with _SERVERS_LOCK:
         srv = _SERVERS.get(name)
         if srv is None:
             srv = _SERVERS[name] = MemoryServer(fakeredis.FakeServer())
         return srv
+
+
+def drop_memory_server(url: str) -> None:
+    """Forget the in-process server of ``memory://[name]`` and everything it held.
+
+    The next client of that URL starts empty, as after a process restart.
+    """
+    with _SERVERS_LOCK:
+        _SERVERS.pop(_server_name(url), None)
+
+
+def text(value: object) -> str:
+    """A Redis reply (bytes or str) as str."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def connect(

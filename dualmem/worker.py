@@ -16,7 +16,7 @@ import redis
 from dualmem.errors import DualMemError, StoreUnavailable
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics
-from dualmem.redis_backend import translate_errors
+from dualmem.redis_backend import text, translate_errors
 from dualmem.settings import Settings
 from dualmem.store import ApplyResult, Store, StreamEntry
 
@@ -198,7 +198,9 @@ class Worker:
         out: list[StreamEntry] = []
         gone: list[tuple[bytes, bytes]] = []
         for name, items in resp or []:  # type: ignore[attr-defined]
-            shard = self.streams[name] if name in self.streams else self.layout.shard_of_stream(name)
+            shard = self.streams.get(name)
+            if shard is None:
+                shard = self.layout.shard_of_stream(name)
             for sid, fields in items:
                 if fields is None:
                     # Trimmed or deleted while pending: nothing left to apply.
@@ -225,7 +227,7 @@ class Worker:
                         start_id=start,
                         count=self.settings.batch_size - len(out),
                     )
-                    start = resp[0].decode() if isinstance(resp[0], bytes) else str(resp[0])
+                    start = text(resp[0])
                     out.extend(self._entries([(name, resp[1])]))
                     if start == "0-0":
                         break
@@ -241,7 +243,7 @@ class Worker:
         limit = max(self.settings.claim_idle_ms * 4, 60_000)
         for name in self.streams:
             for c in self.redis.xinfo_consumers(name, self.group):
-                cname = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+                cname = text(c["name"])
                 if cname != self.consumer and c["pending"] == 0 and c["idle"] > limit:
                     self.redis.xgroup_delconsumer(name, self.group, cname)
 
@@ -308,14 +310,22 @@ class Worker:
                 dead.append((entry, error, deliveries))
                 log.error(
                     "worker %s: entry %s/%s failed %d times, dead-lettered: %s",
-                    self.consumer, entry.shard, entry.stream_id, deliveries, error,
+                    self.consumer,
+                    entry.shard,
+                    entry.stream_id,
+                    deliveries,
+                    error,
                 )
             else:
                 self._retry_own = True
                 log.warning(
                     "worker %s: entry %s/%s failed (delivery %d of %d): %s",
-                    self.consumer, entry.shard, entry.stream_id, deliveries,
-                    self.settings.max_deliveries, error,
+                    self.consumer,
+                    entry.shard,
+                    entry.stream_id,
+                    deliveries,
+                    self.settings.max_deliveries,
+                    error,
                 )
         if dead:
             self.store.dead_letter(dead)
@@ -377,10 +387,6 @@ def ensure_groups(client: redis.Redis, streams: object, group: str) -> None:
                     raise
 
 
-def _text(v: object) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def safe_trim_id(client: redis.Redis, stream: bytes) -> str | None:
     """The highest id below which every entry is acknowledged by every group.
 
@@ -391,11 +397,11 @@ def safe_trim_id(client: redis.Redis, stream: bytes) -> str | None:
     for g in client.xinfo_groups(stream):
         if int(g["pending"]) > 0:
             summary = client.xpending(stream, g["name"])
-            floor = _text(summary["min"])
+            floor = text(summary["min"])
         else:
-            floor = next_stream_id(_text(g["last-delivered-id"]))
-        ms, _, seq = floor.partition("-")
-        floors.append((int(ms), int(seq or 0)))
+            floor = next_stream_id(text(g["last-delivered-id"]))
+        ms_text, _, seq_text = floor.partition("-")
+        floors.append((int(ms_text), int(seq_text or 0)))
     if not floors:
         return None
     ms, seq = min(floors)
@@ -405,10 +411,10 @@ def safe_trim_id(client: redis.Redis, stream: bytes) -> str | None:
 def stream_backlog(client: redis.Redis, stream: bytes, group: str) -> int:
     """Pending plus undelivered entries of ``group`` on ``stream``."""
     for g in client.xinfo_groups(stream):
-        if _text(g["name"]) != group:
+        if text(g["name"]) != group:
             continue
         pending = int(g["pending"])
-        start = next_stream_id(_text(g["last-delivered-id"]))
-        undelivered = len(client.xrange(stream, min=start, max="+", count=10_000))
+        start = next_stream_id(text(g["last-delivered-id"]))
+        undelivered = len(client.xrange(stream, min=start, max="+", count=10_000) or [])
         return pending + undelivered
     return int(client.xlen(stream))

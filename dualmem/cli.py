@@ -1,0 +1,231 @@
+"""The ``dualmem`` command: worker, stats, keygen, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from acl.crypto import Keyring
+from dualmem.errors import DualMemError
+from dualmem.settings import Settings
+
+__all__ = ["main"]
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides: dict[str, Any] = {
+        "redis_url": getattr(args, "redis_url", None),
+        "db_path": getattr(args, "db", None),
+        "namespace": getattr(args, "namespace", None),
+        "shards": getattr(args, "shards", None),
+    }
+    overrides.update(extra)
+    return Settings.load(overrides)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", help="redis://host:port/db or memory:// (DUALMEM_REDIS_URL)")
+    p.add_argument("--db", help="SQLite database file (DUALMEM_DB_PATH)")
+    p.add_argument("--namespace", help="Redis key prefix (DUALMEM_NAMESPACE)")
+    p.add_argument("--shards", type=int, help="number of command streams (DUALMEM_SHARDS)")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a persistence worker until SIGTERM/SIGINT, then drain and exit."""
+    from dualmem.redis_backend import connect
+    from dualmem.sqlite_store import SQLiteStore
+    from dualmem.worker import Worker
+
+    extra: dict[str, Any] = {}
+    for name in ("batch_size", "claim_idle_ms", "max_deliveries", "consumer", "block_ms"):
+        if getattr(args, name, None) is not None:
+            extra[name] = getattr(args, name)
+    settings = _settings(args, **extra)
+    if settings.embedded:
+        print(
+            "dualmem worker: memory:// lives inside one process; a separate worker needs a "
+            "real Redis (--redis-url redis://...)",
+            file=sys.stderr,
+        )
+        return 2
+    store = SQLiteStore(settings.db_path, busy_timeout_ms=settings.busy_timeout_ms)
+    client, _ = connect(settings, extra_timeout=settings.block_ms / 1000)
+    worker = Worker(client, store, settings)
+    worker.ensure_groups()
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logging.getLogger("dualmem.worker").info("signal %d: draining", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(
+        f"dualmem worker {worker.consumer}: {settings.redis_url} -> {settings.db_path} "
+        f"({settings.shards} shard(s), group {settings.group})",
+        flush=True,
+    )
+    left = worker.run(stop, drain_timeout=settings.close_timeout)
+    worker.snapshot_metrics()
+    s = worker.stats
+    print(
+        f"dualmem worker {worker.consumer} stopped: {s.applied} applied, {s.duplicates} "
+        f"duplicates, {s.claimed} claimed, {s.dead_lettered} dead-lettered, {left} left pending",
+        flush=True,
+    )
+    store.close()
+    client.close()
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Print latency percentiles per path, backlog, dead letters and database size."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dualmem.redis_backend import connect, translate_errors
+    from dualmem.sqlite_store import SQLiteStore
+    from dualmem.worker import stream_backlog
+
+    settings = _settings(args)
+    if not Path(settings.db_path).exists():
+        print(f"dualmem stats: no database at {settings.db_path}", file=sys.stderr)
+        return 2
+    store = SQLiteStore(settings.db_path, busy_timeout_ms=settings.busy_timeout_ms)
+    try:
+        snapshots = store.latest_metrics()
+        dead = len(store.dead_letters())
+        last_seq = store.last_seq()
+    finally:
+        store.close()
+    size = sum(
+        p.stat().st_size
+        for p in (Path(settings.db_path), Path(settings.db_path + "-wal"))
+        if p.exists()
+    )
+    backlog: int | str = "n/a (memory:// is per process)"
+    if not settings.embedded:
+        from dualmem.layout import Layout
+
+        try:
+            client, _ = connect(settings)
+            with translate_errors("stats"):
+                backlog = sum(
+                    stream_backlog(client, s, settings.group)
+                    for s in Layout(settings.namespace, settings.shards).streams()
+                )
+            client.close()
+        except DualMemError as exc:
+            backlog = f"unavailable ({exc})"
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "metrics": snapshots,
+                    "backlog": backlog,
+                    "dead_letters": dead,
+                    "journal_seq": last_seq,
+                    "db_bytes": size,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    console = Console()
+    table = Table(title=f"dualmem latency (ms) - {settings.db_path}")
+    for col in ("source", "path", "count", "p50", "p95", "p99", "max"):
+        table.add_column(col, justify="right" if col not in ("source", "path") else "left")
+    for source, paths in snapshots.items():
+        for path, s in paths.items():
+            table.add_row(
+                source,
+                path,
+                str(int(s["count"])),
+                *(f"{s[k]:.3f}" for k in ("p50", "p95", "p99", "max")),
+            )
+    if not snapshots:
+        table.caption = "no snapshots yet: a worker writes one every metrics_interval and at exit"
+    console.print(table)
+    console.print(
+        f"backlog: {backlog}   dead letters: {dead}   journal seq: {last_seq}   "
+        f"database: {size / 1e6:.2f} MB"
+    )
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Write a new key file (mode 0600)."""
+    ring = Keyring.generate()
+    ring.save(args.out, overwrite=args.force)
+    print(
+        f"wrote {args.out} (key id {ring.active_id}, mode 0600): back it up; "
+        "without it encrypted records cannot be read"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo (see ``dualmem.demo``)."""
+    from dualmem.demo import run_demo
+
+    return run_demo(redis_url=args.redis_url, db_path=args.db, keyring=args.keyring)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dualmem`` command."""
+    parser = argparse.ArgumentParser(prog="dualmem", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("worker", help="persist command streams to SQLite until stopped")
+    _add_common(p)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--claim-idle-ms", type=int)
+    p.add_argument("--max-deliveries", type=int)
+    p.add_argument("--block-ms", type=int)
+    p.add_argument("--consumer", help="consumer name (default host-pid-random)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("stats", help="latency percentiles, backlog, dead letters, size")
+    _add_common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("keygen", help="create a key file for the encrypted levels")
+    p.add_argument("--out", required=True, help="path of the new key file")
+    p.add_argument("--force", action="store_true", help="replace an existing file (dangerous)")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("demo", help="a put/sync/get round trip with per-path latency")
+    p.add_argument("--redis-url", default=None, help="default: memory:// (embedded)")
+    p.add_argument("--db", default=None, help="default: ./dualmem-demo.db")
+    p.add_argument("--keyring", default=None, help="key file (needed with a real Redis)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dualmem`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or args.command == "worker" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except DualMemError as exc:
+        print(f"dualmem {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

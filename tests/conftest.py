@@ -1,0 +1,223 @@
+"""Fixtures: a real redis-server on a free loopback port, and every storage test run on
+both fakeredis and that server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from acl import Keyring, Principal
+from dualmem import DualMemory
+from dualmem.redis_backend import drop_memory_server
+
+REDIS_SERVER = shutil.which("redis-server")
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server process on 127.0.0.1, with its own directory; stopped by the test."""
+
+    def __init__(self, workdir: Path, *, appendonly: bool = True) -> None:
+        self.workdir = workdir
+        self.appendonly = appendonly
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def start(self) -> None:
+        assert REDIS_SERVER is not None
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [
+            REDIS_SERVER,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--protected-mode", "yes",
+            "--dir", str(self.workdir),
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "everysec",
+            "--logfile", "redis.log",
+            "--daemonize", "no",
+        ]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if self.client().ping():
+                    return
+            except redis.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = (self.workdir / "redis.log")
+                raise RuntimeError(
+                    f"redis-server did not start on port {self.port}: "
+                    + (log.read_text()[-2000:] if log.exists() else "no log")
+                )
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Clean shutdown (SHUTDOWN flushes the AOF)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            self.client().shutdown(nosave=False)
+        except redis.ConnectionError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL: no flush, like a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def _require_redis_server() -> None:
+    if REDIS_SERVER is None:
+        msg = "redis-server is not installed (apt-get install redis-server)"
+        if IN_CI:
+            pytest.fail(f"{msg}: CI must test against a real Redis", pytrace=False)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session (tests flush it before use)."""
+    _require_redis_server()
+    srv = RedisServer(tmp_path_factory.mktemp("redis"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def own_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server for one test, free to stop, kill and restart."""
+    _require_redis_server()
+    srv = RedisServer(tmp_path / "redis")
+    srv.start()
+    yield srv
+    srv.stop()
+    srv.kill()
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The backend name; tests that take ``redis_url`` run once on each."""
+    return str(request.param)
+
+
+@pytest.fixture
+def redis_url(backend: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """``memory://<unique>`` (fakeredis) or the real server's URL, empty at start."""
+    if backend == "fakeredis":
+        url = f"memory://test-{uuid.uuid4().hex}"
+        yield url
+        drop_memory_server(url)
+    else:
+        srv: RedisServer = request.getfixturevalue("redis_server")
+        srv.client().flushall()
+        yield srv.url
+
+
+@pytest.fixture
+def raw_redis(redis_url: str) -> redis.Redis:
+    """A plain client on the same Redis as ``redis_url`` (to inspect or tamper)."""
+    if redis_url.startswith("memory://"):
+        import fakeredis
+
+        from dualmem.redis_backend import memory_server
+
+        return fakeredis.FakeRedis(server=memory_server(redis_url).server)
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def keyfile(tmp_path: Path) -> Path:
+    path = tmp_path / "keys.json"
+    Keyring.generate().save(path)
+    return path
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "mem.db"
+
+
+@pytest.fixture
+def make_mem(
+    redis_url: str, db_path: Path, keyfile: Path
+) -> Iterator[Callable[..., DualMemory]]:
+    """Factory of DualMemory instances on this test's Redis and database; all are closed."""
+    made: list[DualMemory] = []
+
+    def make(**kwargs: Any) -> DualMemory:
+        kwargs.setdefault("redis_url", redis_url)
+        kwargs.setdefault("db_path", str(db_path))
+        kwargs.setdefault("keyring", str(keyfile))
+        mem = DualMemory(**kwargs)
+        made.append(mem)
+        return mem
+
+    yield make
+    for mem in made:
+        mem.close(timeout=2)
+
+
+@pytest.fixture
+def mem(make_mem: Callable[..., DualMemory]) -> DualMemory:
+    return make_mem()
+
+
+@pytest.fixture
+def coder() -> Principal:
+    return Principal(agent_id="coder-1", team="backend", swarm="phase-1-auth", project="shop")
+
+
+@pytest.fixture
+def other() -> Principal:
+    return Principal(agent_id="coder-2", team="frontend", swarm="phase-2-ui", project="shop")
+
+
+@pytest.fixture
+def system() -> Principal:
+    return Principal(agent_id="orchestrator", system=True)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(0.01)

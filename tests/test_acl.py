@@ -1,0 +1,270 @@
+"""acl: levels, principals, scope decisions and envelopes, without any storage."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from acl import (
+    AccessDenied,
+    Codec,
+    ConfigurationError,
+    Keyring,
+    Level,
+    MissingKey,
+    Principal,
+    TamperedRecord,
+    ValidationError,
+    as_level,
+    envelope_key_id,
+    level_of_scope,
+    readable_scopes,
+    resolve_scope,
+)
+
+CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
+
+
+def test_levels_are_fixed_numbers() -> None:
+    assert [int(lv) for lv in Level] == [1, 2, 3, 4, 5]
+    assert {lv for lv in Level if lv.encrypted} == {Level.PRIVATE, Level.TEAM, Level.SYSTEM}
+
+
+@pytest.mark.parametrize("bad", [0, 6, -1, "ADMIN", None, True, 2.0])
+def test_unknown_levels_are_validation_errors(bad: object) -> None:
+    with pytest.raises(ValidationError):
+        as_level(bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"agent_id": ""},
+        {"agent_id": "   "},
+        {"agent_id": "a", "team": ""},
+        {"agent_id": "a\x00b"},
+        {"agent_id": "a" * 129},
+        {"agent_id": 7},
+        {"agent_id": "a", "system": "yes"},
+    ],
+)
+def test_principal_rejects_empty_or_bad_ids(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        Principal(**kwargs)  # type: ignore[arg-type]
+
+
+def test_scope_is_derived_from_the_principal() -> None:
+    assert resolve_scope(CODER, Level.PRIVATE, action="write") == (Level.PRIVATE, "agent:coder-1")
+    assert resolve_scope(CODER, 2, action="read")[1] == "team:backend"
+    assert resolve_scope(CODER, "swarm", action="read")[1] == "swarm:s1"
+    assert resolve_scope(CODER, 4, action="read", scope="project:shop")[1] == "project:shop"
+
+
+@pytest.mark.parametrize(
+    ("level", "scope"),
+    [
+        (Level.PRIVATE, "agent:coder-2"),
+        (Level.TEAM, "team:frontend"),
+        (Level.SWARM, "swarm:s2"),
+        (Level.PROJECT, "project:other"),
+        (Level.PRIVATE, "team:backend"),
+    ],
+)
+def test_naming_another_scope_is_denied(level: Level, scope: str) -> None:
+    with pytest.raises(AccessDenied) as info:
+        resolve_scope(CODER, level, action="read", scope=scope, key="k")
+    assert info.value.agent_id == "coder-1"
+    assert info.value.scope == scope
+    assert info.value.action == "read"
+
+
+def test_system_level_needs_a_system_principal() -> None:
+    with pytest.raises(AccessDenied):
+        resolve_scope(CODER, Level.SYSTEM, action="write")
+    sysp = Principal(agent_id="orch", system=True)
+    assert resolve_scope(sysp, Level.SYSTEM, action="write") == (Level.SYSTEM, "system")
+
+
+def test_missing_membership_is_denied_not_defaulted() -> None:
+    loner = Principal(agent_id="solo")
+    for level in (Level.TEAM, Level.SWARM, Level.PROJECT, Level.SYSTEM):
+        with pytest.raises(AccessDenied):
+            resolve_scope(loner, level, action="read")
+    assert readable_scopes(loner) == {Level.PRIVATE: "agent:solo"}
+    assert readable_scopes(CODER, [Level.TEAM, 3]) == {
+        Level.TEAM: "team:backend",
+        Level.SWARM: "swarm:s1",
+    }
+
+
+def test_level_of_scope() -> None:
+    assert level_of_scope("agent:x") is Level.PRIVATE
+    assert level_of_scope("system") is Level.SYSTEM
+    for bad in ("agent:", "nobody:x", "", "systems"):
+        with pytest.raises(ValueError):
+            level_of_scope(bad)
+
+
+# -- envelopes -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def codec() -> Codec:
+    return Codec(Keyring.generate(), compress_threshold=64)
+
+
+@pytest.mark.parametrize("level", list(Level))
+@pytest.mark.parametrize("value", [None, 0, "text", {"a": [1, 2.5, "é"]}, ["x" * 5000]])
+def test_round_trip_every_level(codec: Codec, level: Level, value: object) -> None:
+    env = codec.seal(value, scope="s:x", key="k", level=level)
+    assert codec.open(env, scope="s:x", key="k", level=level) == value
+    assert (envelope_key_id(env) is not None) == level.encrypted
+
+
+def test_encrypted_levels_hide_the_plaintext(codec: Codec) -> None:
+    secret = "the-launch-code-0451"
+    for level in Level:
+        env = codec.seal({"v": secret}, scope="s:x", key="k", level=level)
+        assert (secret.encode() in env) is (not level.encrypted)
+
+
+def test_compression_happens_before_encryption(codec: Codec) -> None:
+    big = {"v": "abc" * 10_000}
+    env = codec.seal(big, scope="s:x", key="k", level=Level.PRIVATE)
+    assert len(env) < 2_000  # compressed first: ciphertext of random-looking data would not shrink
+    assert env[1] & 0x01  # compressed flag
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"scope": "agent:y", "key": "k", "level": Level.PRIVATE},
+        {"scope": "agent:x", "key": "k2", "level": Level.PRIVATE},
+        {"scope": "agent:x", "key": "k", "level": Level.TEAM},
+        {"scope": "agent:x", "key": "k", "level": Level.SYSTEM},
+    ],
+)
+def test_envelope_moved_elsewhere_fails(codec: Codec, where: dict[str, object]) -> None:
+    env = codec.seal({"v": 1}, scope="agent:x", key="k", level=Level.PRIVATE)
+    with pytest.raises(TamperedRecord):
+        codec.open(env, **where)  # type: ignore[arg-type]
+
+
+def test_every_flipped_bit_is_detected(codec: Codec) -> None:
+    env = codec.seal({"v": "x" * 100}, scope="agent:x", key="k", level=Level.PRIVATE)
+    for i in range(len(env) * 8):
+        bad = bytearray(env)
+        bad[i // 8] ^= 1 << (i % 8)
+        with pytest.raises((TamperedRecord, MissingKey)):
+            codec.open(bytes(bad), scope="agent:x", key="k", level=Level.PRIVATE)
+
+
+def test_plaintext_planted_at_an_encrypted_level_is_rejected(codec: Codec) -> None:
+    plain = codec.seal({"v": 1}, scope="agent:x", key="k", level=Level.SWARM)
+    with pytest.raises(TamperedRecord):
+        codec.open(plain, scope="agent:x", key="k", level=Level.PRIVATE)
+
+
+@pytest.mark.parametrize("junk", [b"", b"\x01", b"\x09\x00{}", b"\x01\x80{}", b"\x01\x02\x05ab"])
+def test_malformed_envelopes(codec: Codec, junk: bytes) -> None:
+    with pytest.raises(TamperedRecord):
+        codec.open(junk, scope="agent:x", key="k", level=Level.PRIVATE)
+
+
+def test_unknown_key_id_is_missing_key(codec: Codec) -> None:
+    env = codec.seal(1, scope="agent:x", key="k", level=Level.PRIVATE)
+    with pytest.raises(MissingKey):
+        Codec(Keyring.generate()).open(env, scope="agent:x", key="k", level=Level.PRIVATE)
+
+
+def test_no_keyring_never_means_plaintext() -> None:
+    codec = Codec(None)
+    with pytest.raises(ConfigurationError):
+        codec.seal(1, scope="agent:x", key="k", level=Level.PRIVATE)
+    assert codec.open(
+        codec.seal(1, scope="swarm:x", key="k", level=Level.SWARM),
+        scope="swarm:x",
+        key="k",
+        level=Level.SWARM,
+    ) == 1
+
+
+@pytest.mark.parametrize("value", [{1, 2}, object(), float("nan"), b"bytes", {"a": float("inf")}])
+def test_non_json_values_are_validation_errors(codec: Codec, value: object) -> None:
+    with pytest.raises(ValidationError):
+        codec.seal(value, scope="swarm:x", key="k", level=Level.SWARM)
+
+
+def test_deep_json_is_a_validation_error(codec: Codec) -> None:
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ValidationError):
+        codec.seal(deep, scope="swarm:x", key="k", level=Level.SWARM)
+
+
+def test_value_size_limit() -> None:
+    codec = Codec(Keyring.generate(), max_value_bytes=100)
+    codec.seal("x" * 90, scope="swarm:x", key="k", level=Level.SWARM)
+    with pytest.raises(ValidationError, match="limit"):
+        codec.seal("x" * 200, scope="swarm:x", key="k", level=Level.SWARM)
+
+
+def test_rotation_keeps_old_envelopes_readable(codec: Codec) -> None:
+    assert codec.keyring is not None
+    old = codec.seal({"v": 1}, scope="agent:x", key="k", level=Level.PRIVATE)
+    rotated = Codec(codec.keyring.with_new_key())
+    assert rotated.open(old, scope="agent:x", key="k", level=Level.PRIVATE) == {"v": 1}
+    resealed = rotated.reseal(old, scope="agent:x", key="k", level=Level.PRIVATE)
+    assert resealed is not None
+    assert envelope_key_id(resealed) == rotated.keyring.active_id  # type: ignore[union-attr]
+    assert rotated.reseal(resealed, scope="agent:x", key="k", level=Level.PRIVATE) is None
+    assert rotated.open(resealed, scope="agent:x", key="k", level=Level.PRIVATE) == {"v": 1}
+
+
+# -- key files ---------------------------------------------------------------------------
+
+
+def test_key_file_is_private_and_reloads(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "keys.json")
+    ring = Keyring.generate()
+    ring.save(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    again = Keyring.load(path)
+    assert again.active_id == ring.active_id
+    env = Codec(ring).seal(1, scope="agent:a", key="k", level=Level.PRIVATE)
+    assert Codec(again).open(env, scope="agent:a", key="k", level=Level.PRIVATE) == 1
+
+
+def test_key_file_is_never_overwritten_silently(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "keys.json")
+    Keyring.generate().save(path)
+    with pytest.raises(ConfigurationError, match="already exists"):
+        Keyring.generate().save(path)
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "keys.json")
+    Keyring.generate().save(path)
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigurationError, match="chmod 600"):
+        Keyring.load(path)
+
+
+@pytest.mark.parametrize("text", ["", "{}", '{"format": "dualmem-keyring"}', "not json"])
+def test_corrupt_key_files(text: str) -> None:
+    with pytest.raises(ConfigurationError):
+        Keyring.from_json(text)
+
+
+def test_secret_from_environment_has_a_stable_id() -> None:
+    import base64
+
+    secret = base64.b64encode(b"k" * 32).decode()
+    assert Keyring.from_secret(secret).active_id == Keyring.from_secret(secret).active_id
+    with pytest.raises(ConfigurationError):
+        Keyring.from_secret("not base64!!")
+    with pytest.raises(ConfigurationError):
+        Keyring.from_secret(base64.b64encode(b"short").decode())

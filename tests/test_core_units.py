@@ -1,0 +1,216 @@
+"""The I/O-free core: settings, key checks, stream entries, batch planning, histograms."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from acl import ConfigurationError, Level, ValidationError
+from dualmem.batch import GENESIS, chain_hash, plan_batch
+from dualmem.commands import (
+    MAX_KEY_BYTES,
+    MalformedCommand,
+    audit_fields,
+    check_key,
+    decode_command,
+    delete_fields,
+    put_fields,
+    sid_of,
+    ttl_to_ms,
+)
+from dualmem.layout import Layout
+from dualmem.metrics import Histogram, Metrics, prometheus_text
+from dualmem.settings import Settings
+from dualmem.store import StreamEntry
+
+
+def raw(fields: dict[bytes, bytes | str | int]) -> dict[bytes, bytes]:
+    """Fields as Redis returns them (every value bytes)."""
+    return {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+
+
+# -- settings -----------------------------------------------------------------------------
+
+
+def test_arguments_beat_environment_beat_defaults() -> None:
+    env = {"DUALMEM_SHARDS": "3", "DUALMEM_BATCH_SIZE": "50", "DUALMEM_WORKER": "false"}
+    s = Settings.load({"shards": 2}, environ=env)
+    assert (s.shards, s.batch_size, s.worker) == (2, 50, False)
+    assert Settings.load(environ={}).redis_url == "memory://"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "match"),
+    [
+        ({"nonsense": 1}, {}, "unknown setting"),
+        ({}, {"DUALMEM_SHARDS": "many"}, "DUALMEM_SHARDS"),
+        ({"batch_size": 0}, {}, "batch_size"),
+        ({"redis_url": "http://x"}, {}, "redis_url"),
+        ({"namespace": "a{b}"}, {}, "namespace"),
+        ({"socket_timeout": 0}, {}, "socket_timeout"),
+        ({"shards": True}, {}, "shards"),
+        ({}, {"DUALMEM_WORKER": "maybe"}, "DUALMEM_WORKER"),
+    ],
+)
+def test_bad_settings_name_the_setting(
+    overrides: dict[str, object], env: dict[str, str], match: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        Settings.load(overrides, environ=env)
+
+
+# -- keys, ttl, entries --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key", ["", "a\x00b", "x" * (MAX_KEY_BYTES + 1), "é" * 300, "\ud800", 5, None, b"k"]
+)
+def test_bad_keys(key: object) -> None:
+    with pytest.raises(ValidationError):
+        check_key(key)
+
+
+@pytest.mark.parametrize("key", ["a", "x" * MAX_KEY_BYTES, "%_*?[]'\";--", "emoji/🚀", " lead"])
+def test_good_keys(key: str) -> None:
+    assert check_key(key) == key
+
+
+@pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf"), "10", True, 10**12])
+def test_bad_ttls(ttl: object) -> None:
+    with pytest.raises(ValidationError):
+        ttl_to_ms(ttl)
+
+
+def test_put_entry_round_trip() -> None:
+    f = raw(put_fields("team:t", "k", Level.TEAM, "a", 123_456, b"\x01\x02env", 999))
+    cmd = decode_command(f)
+    assert (cmd.op, cmd.scope, cmd.key, cmd.level, cmd.actor) == ("put", "team:t", "k", 2, "a")
+    assert (cmd.ts_us, cmd.envelope, cmd.expires_at, cmd.ts_ms) == (123_456, b"\x01\x02env", 999, 123)
+    d = decode_command(raw(delete_fields("team:t", "k", Level.TEAM, "a", 1)))
+    assert d.op == "del" and d.envelope is None
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda f: f.pop(b"op"),
+        lambda f: f.update({b"op": b"drop"}),
+        lambda f: f.update({b"l": b"9"}),
+        lambda f: f.update({b"l": b"1"}),  # scope team:t is not PRIVATE
+        lambda f: f.update({b"s": b"nowhere"}),
+        lambda f: f.update({b"k": b""}),
+        lambda f: f.update({b"k": b"\xff\xfe"}),
+        lambda f: f.update({b"t": b"yesterday"}),
+        lambda f: f.pop(b"e"),
+        lambda f: f.update({b"x": b"soon"}),
+    ],
+)
+def test_malformed_entries_say_why(mutate: object) -> None:
+    f = raw(put_fields("team:t", "k", Level.TEAM, "a", 1, b"env", None))
+    mutate(f)  # type: ignore[operator]
+    with pytest.raises(MalformedCommand):
+        decode_command(f)
+
+
+def test_stream_ids_sort_as_integers() -> None:
+    ids = ["1-0", "1-1", "2-0", "1700000000000-0", "1700000000000-4194303"]
+    assert sorted(ids, key=sid_of) == ids
+    for bad in ("x-1", "1-y", "1-4194304"):
+        with pytest.raises(MalformedCommand):
+            sid_of(bad)
+
+
+def test_layout_keeps_one_hash_tag_per_shard() -> None:
+    lay = Layout("ns", shards=8)
+    shards = {lay.shard_of("agent:a", f"k{i}") for i in range(200)}
+    assert shards == set(range(8))
+    s = lay.shard_of("agent:a", "k1")
+    tag = lay.stream(s).split(b"}")[0]
+    assert lay.cache_key(s, "agent:a", "k1").startswith(tag + b"}")
+    assert lay.shard_of_stream(lay.stream(5)) == 5
+
+
+# -- batch planning -------------------------------------------------------------------------
+
+
+def entry(i: int, key: str = "k", op: str = "put", shard: int = 0) -> StreamEntry:
+    if op == "put":
+        f = put_fields("swarm:s", key, Level.SWARM, "a", i * 1000, b"\x01\x00" + str(i).encode(), None)
+    elif op == "del":
+        f = delete_fields("swarm:s", key, Level.SWARM, "a", i * 1000)
+    else:
+        f = audit_fields("access_denied", actor="a", ts_us=i * 1000, risk="high", scope="agent:x")
+    return StreamEntry(shard, f"{1000 + i}-0", raw(f))
+
+
+def test_plan_builds_rows_and_chains_hashes() -> None:
+    entries = [entry(1), entry(2, op="del"), entry(3, op="audit")]
+    plan = plan_batch(entries, already=set(), journal_tail=(0, GENESIS), audit_tail=(0, GENESIS),
+                      now_ms=5)
+    assert [r[0] for r in plan.journal] == [1, 2]
+    assert plan.journal[0][-2] == GENESIS and plan.journal[1][-2] == plan.journal[0][-1]
+    assert plan.journal[1][-1] == chain_hash(plan.journal[0][-1], plan.journal[1][:-2])
+    assert plan.memory[1][4] is None  # the delete is a tombstone
+    assert len(plan.audit) == 1 and plan.audit[0][0] == 1
+    assert [n.op for n in plan.notifications] == ["put", "del"]
+    assert plan.journal_tail == (2, plan.journal[1][-1])
+
+
+def test_plan_skips_committed_and_repeated_entries() -> None:
+    e1, e2 = entry(1), entry(2)
+    plan = plan_batch([e1, e2, e2], already={(0, e1.stream_id)}, journal_tail=(7, b"h" * 32),
+                      audit_tail=(0, GENESIS), now_ms=0)
+    assert plan.duplicates == [e1, e2]
+    assert plan.applied == [e2]
+    assert plan.journal[0][0] == 8
+
+
+def test_plan_isolates_malformed_entries() -> None:
+    bad = StreamEntry(0, "5-0", {b"op": b"put"})
+    worse = StreamEntry(0, "not-an-id", raw(put_fields("swarm:s", "k", Level.SWARM, "a", 1, b"e", None)))
+    plan = plan_batch([entry(1), bad, worse, entry(2)], already=set(), journal_tail=(0, GENESIS),
+                      audit_tail=(0, GENESIS), now_ms=0)
+    assert [e for e, _ in plan.failed] == [bad, worse]
+    assert all("malformed" in why for _, why in plan.failed)
+    assert len(plan.applied) == 2
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+def test_histogram_quantiles_match_exact_values() -> None:
+    rng = random.Random(7)
+    samples = [int(rng.lognormvariate(11, 1.2)) for _ in range(50_000)]
+    h = Histogram()
+    for v in samples:
+        h.record(v)
+    samples.sort()
+    for q in (0.5, 0.95, 0.99):
+        exact = samples[int(q * len(samples)) - 1]
+        assert abs(h.quantile(q) - exact) / exact < 0.02, q
+    assert h.max == samples[-1]
+    assert h.count == len(samples)
+
+
+def test_histogram_memory_is_fixed() -> None:
+    h = Histogram()
+    size = len(h._counts)
+    for v in range(0, 10**12, 10**7):
+        h.record(v)
+    h.record(10**15)  # beyond the top bucket: clamped, not grown
+    assert len(h._counts) == size
+    assert h.summary()["max"] == 10**15 / 1e6
+
+
+def test_metrics_snapshot_and_prometheus() -> None:
+    m = Metrics()
+    m.record("redis_write", 150_000)
+    m.record("persist", 20_000, n=10)
+    snap = m.snapshot()
+    assert set(snap) == {"redis_write", "encode", "persist", "lag", "read"}
+    assert snap["persist"]["count"] == 10
+    text = prometheus_text(snap, {"backlog": 3})
+    assert 'dualmem_latency_seconds{path="redis_write",quantile="0.95"}' in text
+    assert 'dualmem_latency_seconds_count{path="persist"} 10' in text
+    assert "dualmem_backlog 3.0" in text

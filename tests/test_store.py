@@ -1,0 +1,204 @@
+"""SQLiteStore on real SQLite files: idempotent apply, ordering, expiry, schema versions."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from acl import ConfigurationError, Level
+from dualmem.batch import GENESIS, chain_hash
+from dualmem.commands import audit_fields, delete_fields, put_fields
+from dualmem.migrations import SCHEMA_VERSION, migrate
+from dualmem.sqlite_store import SQLiteStore, prefix_upper_bound
+from dualmem.store import StreamEntry
+
+
+def raw(fields: dict[bytes, bytes | str | int]) -> dict[bytes, bytes]:
+    return {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+
+
+def put(ms: int, key: str = "k", value: bytes = b"v", scope: str = "swarm:s",
+        expires_at: int | None = None) -> StreamEntry:
+    f = put_fields(scope, key, Level.SWARM if scope.startswith("swarm") else Level.PRIVATE,
+                   "a", ms * 1000, b"\x01\x00" + value, expires_at)
+    return StreamEntry(0, f"{ms}-0", raw(f))
+
+
+def delete(ms: int, key: str = "k") -> StreamEntry:
+    return StreamEntry(0, f"{ms}-0", raw(delete_fields("swarm:s", key, Level.SWARM, "a", ms * 1000)))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteStore:
+    s = SQLiteStore(tmp_path / "m.db")
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def value_of(store: SQLiteStore, key: str = "k", now: int = 0) -> bytes | None:
+    row = store.get("swarm:s", key, now)
+    return None if row is None else row.envelope[2:]
+
+
+def journal_count(store: SQLiteStore) -> int:
+    return len(store.changes(["swarm:s", "agent:a"], 0))
+
+
+def test_apply_is_idempotent(store: SQLiteStore) -> None:
+    batch = [put(1, value=b"a"), put(2, key="k2", value=b"b")]
+    first = store.apply(batch)
+    assert (first.applied, first.duplicates) == (2, 0)
+    again = store.apply(batch)
+    assert (again.applied, again.duplicates) == (0, 2)
+    assert again.notifications == []
+    assert journal_count(store) == 2
+    assert value_of(store) == b"a"
+
+
+def test_older_command_never_overwrites_newer(store: SQLiteStore) -> None:
+    store.apply([put(2, value=b"new")])
+    store.apply([put(1, value=b"old")])  # redelivered late (claimed from a dead consumer)
+    assert value_of(store) == b"new"
+    assert [c.stream_id for c in store.history("swarm:s", "k")] == ["1-0", "2-0"]
+
+
+def test_tombstone_stops_a_late_put_from_reviving_a_delete(store: SQLiteStore) -> None:
+    store.apply([put(1), delete(3)])
+    store.apply([put(2, value=b"zombie")])
+    assert value_of(store) is None
+    store.apply([put(4, value=b"back")])
+    assert value_of(store) == b"back"
+
+
+def test_several_commands_on_one_key_in_one_batch_end_with_the_newest(store: SQLiteStore) -> None:
+    store.apply([put(1, value=b"a"), put(2, value=b"b"), delete(3), put(4, value=b"d")])
+    assert value_of(store) == b"d"
+    row = store.get("swarm:s", "k", 0)
+    assert row is not None and row.created_at == 4  # re-created after the delete
+
+
+def test_expired_rows_are_invisible_then_purged(store: SQLiteStore) -> None:
+    store.apply([put(1, key="short", expires_at=1_000), put(2, key="long")])
+    assert value_of(store, "short", now=999) == b"v"
+    assert value_of(store, "short", now=1_000) is None
+    assert [r.key for r in store.query(["swarm:s"], now_ms=1_000)] == ["long"]
+    assert store.purge(now_ms=1_000, tombstones_before_ms=0) == 1
+
+
+def test_tombstones_are_purged_after_their_ttl(store: SQLiteStore) -> None:
+    store.apply([put(1), delete(2)])
+    assert store.purge(now_ms=10, tombstones_before_ms=2) == 0
+    assert store.purge(now_ms=10, tombstones_before_ms=3) == 1
+
+
+@pytest.mark.parametrize("prefix", ["a%", "a_", "a*", "a[", "a'", "é", "a\U0010ffff", "\uffff"])
+def test_prefix_query_treats_metacharacters_literally(store: SQLiteStore, prefix: str) -> None:
+    keys = [prefix + "1", prefix + "2", prefix, "a", "ab", "b", prefix[:-1] + "zz"]
+    store.apply([put(i + 1, key=k) for i, k in enumerate(dict.fromkeys(keys))])
+    got = [r.key for r in store.query(["swarm:s"], now_ms=0, prefix=prefix)]
+    assert got == sorted(k for k in dict.fromkeys(keys) if k.startswith(prefix))
+
+
+def test_prefix_upper_bound() -> None:
+    assert prefix_upper_bound("ab") == "ac"
+    assert prefix_upper_bound("a\U0010ffff") == "b"
+    assert prefix_upper_bound("\ud7ff") == "\ue000"
+    assert prefix_upper_bound("\U0010ffff") is None
+
+
+def test_query_filters_by_scope_time_and_limit(store: SQLiteStore) -> None:
+    store.apply([put(i, key=f"k{i}") for i in range(1, 11)])
+    store.apply([put(20, key="mine", scope="agent:a")])
+    assert len(store.query(["swarm:s"], now_ms=0)) == 10
+    assert [r.key for r in store.query(["agent:a"], now_ms=0)] == ["mine"]
+    assert [r.key for r in store.query(["swarm:s"], now_ms=0, since=3, until=5)] == ["k3", "k4"]
+    assert len(store.query(["swarm:s"], now_ms=0, limit=3)) == 3
+    assert store.query([], now_ms=0) == []
+
+
+def test_one_failing_entry_does_not_fail_the_batch(store: SQLiteStore, tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "m.db") as conn:
+        conn.execute(
+            "CREATE TRIGGER poison BEFORE INSERT ON memory WHEN NEW.key = 'poison' "
+            "BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
+        )
+    result = store.apply([put(1, key="a"), put(2, key="poison"), put(3, key="b")])
+    assert result.applied == 2
+    assert [(e.stream_id, "poisoned" in why) for e, why in result.failed] == [("2-0", True)]
+    assert {e.stream_id for e in result.done} == {"1-0", "3-0"}
+    assert [c.key for c in store.changes(["swarm:s"], 0)] == ["a", "b"]
+    assert store.status(0, "2-0") is None
+
+
+def test_journal_hash_chain_spans_batches(store: SQLiteStore, tmp_path: Path) -> None:
+    store.apply([put(1), put(2)])
+    store.apply([put(3)])
+    with sqlite3.connect(tmp_path / "m.db") as conn:
+        rows = conn.execute(
+            "SELECT seq, shard, stream_id, sid, op, scope, key, level, actor, ts, committed_at, "
+            "prev_hash, hash FROM journal ORDER BY seq"
+        ).fetchall()
+    prev = GENESIS
+    for row in rows:
+        assert row[-2] == prev
+        assert row[-1] == chain_hash(prev, row[:-2])
+        prev = row[-1]
+
+
+def test_audit_log_is_append_only(store: SQLiteStore, tmp_path: Path) -> None:
+    f = audit_fields("access_denied", actor="x", ts_us=1, risk="high", scope="agent:y")
+    store.apply([StreamEntry(0, "9-0", raw(f))])
+    assert [a.event for a in store.audit_log()] == ["access_denied"]
+    with sqlite3.connect(tmp_path / "m.db") as conn:
+        for sql in ("UPDATE audit_log SET actor = 'nobody'", "DELETE FROM audit_log"):
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                conn.execute(sql)
+
+
+def test_dead_letters_and_status(store: SQLiteStore) -> None:
+    e = StreamEntry(0, "5-0", {b"op": b"junk", b"\xff": b"\x00\x01"})
+    store.dead_letter([(e, "malformed", 3)])
+    assert store.status(0, "5-0") == "dead"
+    (dl,) = store.dead_letters()
+    assert (dl.fields, dl.error, dl.deliveries) == (e.fields, "malformed", 3)
+    assert store.audit_log()[-1].event == "dead_letter"
+    store.mark_replayed([dl.id])
+    assert store.dead_letters() == []
+    assert store.status(0, "5-0") is None
+
+
+def test_metrics_snapshots(store: SQLiteStore) -> None:
+    snap = {"read": {"count": 3, "p50": 1.0, "p95": 2.0, "p99": 3.0, "max": 4.0}}
+    store.record_metrics(1, "w1", snap)
+    store.record_metrics(2, "w1", {"read": {**snap["read"], "count": 5}})
+    assert store.latest_metrics()["w1"]["read"]["count"] == 5
+
+
+def test_schema_is_versioned_and_migrations_are_idempotent(tmp_path: Path) -> None:
+    path = tmp_path / "v.db"
+    SQLiteStore(path).close()
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert migrate(conn) == []
+    conn.close()
+
+
+def test_newer_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    SQLiteStore(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(ConfigurationError, match="newer than this dualmem supports"):
+        SQLiteStore(path)
+
+
+def test_downgrade_is_refused(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "d.db", isolation_level=None)
+    migrate(conn)
+    with pytest.raises(ConfigurationError, match="downgrade"):
+        migrate(conn, target=0)
+    conn.close()
