@@ -365,7 +365,7 @@ class Worker:
             for name in self.streams:
                 floor = safe_trim_id(self.redis, name)
                 if floor is not None:
-                    self.redis.xtrim(name, minid=floor)
+                    self.redis.xtrim(name, minid=floor, approximate=False)
 
     def backlog(self) -> int:
         """Commands in this worker's streams not yet acknowledged (pending + undelivered)."""

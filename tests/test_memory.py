@@ -1,0 +1,554 @@
+"""DualMemory end to end, each test on fakeredis AND a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from acl import Keyring, Level, Principal
+from dualmem import (
+    AccessDenied,
+    Backpressure,
+    ConfigurationError,
+    DualMemory,
+    NotPersisted,
+    Receipt,
+    StoreUnavailable,
+    TamperedRecord,
+    ValidationError,
+)
+from dualmem.sqlite_store import SQLiteStore
+from dualmem.worker import Worker
+
+from .conftest import wait_until
+
+MakeMem = Callable[..., DualMemory]
+
+
+def test_issue_api_round_trip(make_mem: MakeMem, coder: Principal) -> None:
+    mem = make_mem()
+    r = mem.put("confidence/auth/1", {"confidence": 0.85}, level=Level.PRIVATE,
+                principal=coder, ttl=86400)
+    assert isinstance(r, Receipt) and r.scope == "agent:coder-1"
+    mem.sync(r, timeout=5)
+    assert mem.get("confidence/auth/1", level=Level.PRIVATE, principal=coder) == {"confidence": 0.85}
+    for i in range(3):
+        mem.put(f"consensus/{i}", {"score": 0.9 + i / 100}, level=Level.SWARM, principal=coder)
+    last = mem.put("other/x", 1, level=Level.SWARM, principal=coder)
+    mem.sync(last)
+    recs = mem.query(principal=coder, level=Level.SWARM, prefix="consensus/", limit=100)
+    assert [x.key for x in recs] == ["consensus/0", "consensus/1", "consensus/2"]
+    assert recs[0].value == {"score": 0.9} and recs[0].owner == "coder-1"
+    hist = mem.history("confidence/auth/1", level=Level.PRIVATE, principal=coder)
+    assert [h.op for h in hist] == ["put"]
+    changes = mem.changes(since=0, principal=coder)
+    assert [c.seq for c in changes] == sorted(c.seq for c in changes) and len(changes) == 5
+    d = mem.delete("confidence/auth/1", level=Level.PRIVATE, principal=coder)
+    mem.sync(d)
+    assert mem.get("confidence/auth/1", level=Level.PRIVATE, principal=coder) is None
+    assert mem.get("confidence/auth/1", level=Level.PRIVATE, principal=coder, default=7) == 7
+    m = mem.metrics()
+    assert set(m) == {"redis_write", "encode", "persist", "lag", "read"}
+    for path in m:
+        assert m[path]["count"] > 0, path
+        assert 0 < m[path]["p50"] <= m[path]["p95"] <= m[path]["p99"] <= m[path]["max"]
+
+
+def test_put_is_one_round_trip_and_touches_no_sqlite(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch,
+    backend: str,
+) -> None:
+    mem = make_mem(worker=False)
+    mem.put("warm", 1, level=Level.SWARM, principal=coder)  # connection established
+    cls = mem._redis.connection_pool.connection_class
+    sends: list[int] = []
+    original = cls.send_packed_command
+
+    def counting(self: object, command: object, check_health: bool = True) -> None:
+        sends.append(1)
+        original(self, command, check_health)  # type: ignore[arg-type]
+
+    def no_sqlite(*_: object) -> None:
+        raise AssertionError("the write path opened SQLite")
+
+    monkeypatch.setattr(cls, "send_packed_command", counting)
+    monkeypatch.setattr(SQLiteStore, "_conn", no_sqlite)
+    monkeypatch.setattr(SQLiteStore, "_write", no_sqlite)
+    if backend == "redis":
+        raw_redis.config_resetstat()
+    for level in Level:
+        sends.clear()
+        p = Principal(agent_id="a", team="t", swarm="s", project="p", system=True)
+        mem.put(f"k{int(level)}", {"v": "x" * 600}, level=level, principal=p, ttl=60)
+        assert len(sends) == 1, f"level {level.name}: {len(sends)} round trips"
+    sends.clear()
+    mem.delete("k1", level=Level.PRIVATE, principal=p)
+    assert len(sends) == 1
+    if backend == "redis":
+        stats = raw_redis.info("commandstats")
+        calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
+        for cmd in ("multi", "exec", "xadd", "xlen"):
+            assert calls[cmd] == 6, (cmd, calls)
+        assert calls["set"] == 5 and calls["del"] == 1
+
+
+def _all_redis_bytes(client: redis.Redis) -> bytes:
+    chunks: list[bytes] = []
+    for key in client.scan_iter(count=1000):
+        chunks.append(key)
+        kind = client.type(key)
+        if kind == b"string":
+            chunks.append(client.get(key) or b"")
+        elif kind == b"stream":
+            for sid, fields in client.xrange(key):
+                chunks.append(sid)
+                for k, v in fields.items():
+                    chunks += [k, v]
+    return b"\x00".join(chunks)
+
+
+def _file_bytes(*paths: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in paths if p.exists())
+
+
+def test_encrypted_levels_never_appear_in_plaintext(
+    make_mem: MakeMem, raw_redis: redis.Redis, db_path: Path, backend: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    mem = make_mem(worker=False)
+    p = Principal(agent_id="a", team="t", swarm="s", project="p", system=True)
+    for level in Level:
+        mem.put(f"k/{level.name}", {"needle": f"PLAINTEXT-{level.name}-0451"}, level=level,
+                principal=p)
+    redis_bytes = _all_redis_bytes(raw_redis)
+    if backend == "redis":
+        srv = request.getfixturevalue("redis_server")
+        raw_redis.execute_command("BGREWRITEAOF")
+        time.sleep(0.3)
+        redis_bytes += b"".join(f.read_bytes() for f in srv.workdir.rglob("*") if f.is_file())
+    worker = make_mem(worker=True)
+    last = worker.put("flush", 1, level=Level.SWARM, principal=p)
+    worker.sync(last)
+    worker.close()
+    db_bytes = _file_bytes(db_path, Path(str(db_path) + "-wal"))
+    for level in Level:
+        needle = f"PLAINTEXT-{level.name}-0451".encode()
+        # The positive control (levels 3 and 4) shows the search would find a leak.
+        assert (needle in redis_bytes) is (not level.encrypted), level
+        assert (needle in db_bytes) is (not level.encrypted), level
+
+
+def _swap_envelope(db_path: Path, src: tuple[str, str], dst: tuple[str, str]) -> None:
+    with sqlite3.connect(db_path) as conn:
+        env = conn.execute("SELECT envelope FROM memory WHERE scope=? AND key=?", src).fetchone()[0]
+        n = conn.execute("UPDATE memory SET envelope=? WHERE scope=? AND key=?", (env, *dst)).rowcount
+        assert n == 1
+    conn.close()
+
+
+def test_ciphertext_moved_in_sqlite_is_detected_and_audited(
+    mem: DualMemory, coder: Principal, system: Principal, db_path: Path
+) -> None:
+    p = Principal(agent_id="coder-1", team="backend", system=True)
+    for scope_level, key in ((Level.PRIVATE, "a"), (Level.PRIVATE, "b"), (Level.TEAM, "a"),
+                             (Level.SYSTEM, "a")):
+        last = mem.put(key, {"who": f"{scope_level.name}/{key}"}, level=scope_level, principal=p)
+    mem.sync(last)
+    _swap_envelope(db_path, ("agent:coder-1", "a"), ("agent:coder-1", "b"))  # another key
+    _swap_envelope(db_path, ("agent:coder-1", "a"), ("team:backend", "a"))  # another scope/level
+    _swap_envelope(db_path, ("agent:coder-1", "a"), ("system", "a"))  # another level
+    for level, key in ((Level.PRIVATE, "b"), (Level.TEAM, "a"), (Level.SYSTEM, "a")):
+        with pytest.raises(TamperedRecord):
+            mem.get(key, level=level, principal=p)
+    assert mem.get("a", level=Level.PRIVATE, principal=p) == {"who": "PRIVATE/a"}
+    with pytest.raises(TamperedRecord):
+        mem.query(principal=p, level=Level.PRIVATE)
+    # A flipped bit in place.
+    with sqlite3.connect(db_path) as conn:
+        where = "WHERE scope='agent:coder-1' AND key='a'"
+        env = bytearray(conn.execute(f"SELECT envelope FROM memory {where}").fetchone()[0])
+        env[len(env) // 2] ^= 0x10
+        conn.execute(f"UPDATE memory SET envelope = ? {where}", (bytes(env),))
+    conn.close()
+    with pytest.raises(TamperedRecord):
+        mem.get("a", level=Level.PRIVATE, principal=p)
+    def tamper_events() -> list[object]:
+        return [a for a in mem.store.audit_log() if a.event == "tampered_record"]
+
+    events = wait_until(lambda: len(tamper_events()) >= 5 and tamper_events(), what="audit rows")
+    assert all(a.risk == "high" for a in events)  # type: ignore[attr-defined]
+
+
+def test_ciphertext_moved_in_redis_cache_is_detected(
+    mem: DualMemory, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    mem.put("a", {"v": "A"}, level=Level.PRIVATE, principal=coder)
+    mem.put("b", {"v": "B"}, level=Level.PRIVATE, principal=coder)
+    lay = mem.layout
+    env_a = raw_redis.get(lay.cache_key(0, "agent:coder-1", "a"))
+    assert mem.get("b", level=Level.PRIVATE, principal=coder, fresh=True) == {"v": "B"}
+    raw_redis.set(lay.cache_key(0, "agent:coder-1", "b"), env_a)
+    with pytest.raises(TamperedRecord):
+        mem.get("b", level=Level.PRIVATE, principal=coder, fresh=True)
+
+
+def test_other_agents_scope_is_denied_and_audited(
+    mem: DualMemory, coder: Principal, other: Principal
+) -> None:
+    r = mem.put("secret", {"v": 1}, level=Level.PRIVATE, principal=other)
+    mem.sync(r)
+    attempts = [
+        lambda: mem.get("secret", level=Level.PRIVATE, principal=coder, scope="agent:coder-2"),
+        lambda: mem.put("secret", 2, level=Level.PRIVATE, principal=coder, scope="agent:coder-2"),
+        lambda: mem.get("x", level=Level.SYSTEM, principal=coder),
+        lambda: mem.put("x", 1, level=Level.SYSTEM, principal=coder),
+        lambda: mem.query(principal=coder, scope="team:frontend"),
+        lambda: mem.query(principal=coder, level=Level.SYSTEM),
+        lambda: mem.history("secret", level=Level.PRIVATE, principal=coder, scope="agent:coder-2"),
+        lambda: mem.delete("secret", level=Level.PRIVATE, principal=coder, scope="agent:coder-2"),
+    ]
+    receipts = []
+    for attempt in attempts:
+        with pytest.raises(AccessDenied) as info:
+            attempt()
+        receipts.append(info.value.audit_receipt)  # type: ignore[attr-defined]
+    for receipt in receipts:
+        mem.sync(receipt)
+    denials = [a for a in mem.store.audit_log() if a.event == "access_denied"]
+    assert len(denials) == len(attempts)
+    assert {a.actor for a in denials} == {"coder-1"}
+    assert all(a.risk == "high" for a in denials)
+    assert "agent:coder-2" in {a.scope for a in denials}
+    # The owner still reads it, and the other agent's query never shows it.
+    assert mem.get("secret", level=Level.PRIVATE, principal=other) == {"v": 1}
+    assert all(r.scope != "agent:coder-2" for r in mem.query(principal=coder))
+    assert all(c.scope != "agent:coder-2" for c in mem.changes(0, principal=coder))
+
+
+BAD_PUTS = [
+    ({"key": ""}, "empty"),
+    ({"key": "k" * 513}, "limit"),
+    ({"key": "a\x00b"}, "NUL"),
+    ({"value": {1, 2}}, "JSON"),
+    ({"value": float("nan")}, "JSON"),
+    ({"value": "x" * 3000}, "limit"),
+    ({"level": 9}, "unknown level"),
+    ({"level": "ADMIN"}, "unknown level"),
+    ({"ttl": -5}, "ttl"),
+    ({"principal": "coder-1"}, "Principal"),
+]
+
+
+@pytest.mark.parametrize(("change", "match"), BAD_PUTS)
+def test_bad_input_is_rejected_and_nothing_is_stored(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, change: dict[str, object],
+    match: str,
+) -> None:
+    mem = make_mem(worker=False, max_value_bytes=2048)
+    args: dict[str, object] = {"key": "k", "value": 1, "level": Level.SWARM, "principal": coder}
+    args.update(change)
+    key, value = args.pop("key"), args.pop("value")
+    with pytest.raises(ValidationError, match=match):
+        mem.put(key, value, **args)  # type: ignore[arg-type]
+    assert raw_redis.xlen(mem.layout.stream(0)) == 0
+    assert list(raw_redis.scan_iter(match="*:c:*")) == []
+
+
+def test_principal_with_empty_id_cannot_be_built() -> None:
+    with pytest.raises(ValidationError):
+        Principal(agent_id="")
+
+
+def test_backpressure_bounds_the_backlog(make_mem: MakeMem, coder: Principal,
+                                         raw_redis: redis.Redis) -> None:
+    writer = make_mem(worker=False, max_backlog=5)
+    receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(5)]
+    with pytest.raises(Backpressure) as info:
+        writer.put("k5", 5, level=Level.SWARM, principal=coder)
+    assert (info.value.backlog, info.value.bound) == (5, 5)
+    assert raw_redis.xlen(writer.layout.stream(0)) == 5
+    drain = make_mem(worker=True)
+    for r in receipts:
+        drain.sync(r)
+    wait_until(lambda: raw_redis.xlen(writer.layout.stream(0)) == 0, what="trim after drain")
+    writer.sync(writer.put("k5", 5, level=Level.SWARM, principal=coder))
+
+
+def test_restart_finishes_pending_writes(make_mem: MakeMem, coder: Principal) -> None:
+    first = make_mem(worker=False)
+    receipts = [first.put(f"k{i}", {"i": i}, level=Level.PRIVATE, principal=coder)
+                for i in range(300)]
+    first.close()
+    second = make_mem(worker=True)
+    for r in receipts:
+        second.sync(r, timeout=10)
+    got = second.query(principal=coder, level=Level.PRIVATE, limit=1000)
+    assert sorted(r.value["i"] for r in got) == list(range(300))
+
+
+def test_dead_consumers_entries_are_claimed(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    writer = make_mem(worker=False)
+    receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(50)]
+    stream = writer.layout.stream(0)
+    # A consumer reads everything and dies before acking.
+    taken = raw_redis.xreadgroup("persist", "dead-consumer", {stream: ">"}, count=100)
+    assert len(taken[0][1]) == 50
+    rescuer = make_mem(worker=True, claim_idle_ms=200)
+    for r in receipts:
+        rescuer.sync(r, timeout=10)
+    assert raw_redis.xpending(stream, "persist")["pending"] == 0
+    assert len(rescuer.changes(0, principal=coder)) == 50
+
+
+def test_replayed_entries_change_nothing(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, db_path: Path
+) -> None:
+    writer = make_mem(worker=False)
+    for i in range(20):
+        writer.put(f"k{i % 5}", i, level=Level.SWARM, principal=coder)
+    from dualmem.store import StreamEntry
+
+    stream = writer.layout.stream(0)
+    entries = [StreamEntry(0, sid.decode(), f) for sid, f in raw_redis.xrange(stream)]
+    # The crash between COMMIT and XACK: the batch is committed, the entries stay pending.
+    first = writer.store.apply(entries)
+    assert first.applied == 20
+    before = _dump(db_path)
+    worker = make_mem(worker=True)
+    wait_until(lambda: worker.backlog() == {0: 0}, what="redelivery acked")
+    assert _dump(db_path) == before
+    assert writer.store.apply(entries).duplicates == 20
+
+
+def _dump(db_path: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    with sqlite3.connect(db_path) as conn:
+        mem_rows = conn.execute("SELECT * FROM memory ORDER BY scope, key").fetchall()
+        journal = conn.execute("SELECT * FROM journal ORDER BY seq").fetchall()
+    conn.close()
+    return mem_rows, journal
+
+
+def test_poison_entries_go_to_dead_letters_and_the_rest_flows(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, db_path: Path
+) -> None:
+    writer = make_mem(worker=False)
+    stream = writer.layout.stream(0)
+    good1 = writer.put("good1", 1, level=Level.SWARM, principal=coder)
+    bad_id = raw_redis.xadd(stream, {b"op": b"put", b"s": b"swarm:phase-1-auth", b"k": b"x"})
+    poison = writer.put("poison", 2, level=Level.SWARM, principal=coder)
+    good2 = writer.put("good2", 3, level=Level.SWARM, principal=coder)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "CREATE TRIGGER poison BEFORE INSERT ON memory WHEN NEW.key = 'poison' "
+            "BEGIN SELECT RAISE(ABORT, 'poisoned by test'); END"
+        )
+    conn.close()
+    worker = make_mem(worker=True, max_deliveries=3, claim_idle_ms=50)
+    worker.sync(good1)
+    worker.sync(good2)
+    wait_until(lambda: len(worker.store.dead_letters()) == 2, what="two dead letters")
+    dead = {d.stream_id: d for d in worker.store.dead_letters()}
+    assert "malformed" in dead[bad_id.decode()].error
+    assert "poisoned by test" in dead[poison.stream_id].error
+    assert all(d.deliveries >= 3 for d in dead.values())
+    with pytest.raises(NotPersisted, match="dead-lettered"):
+        worker.sync(poison, timeout=1)
+    wait_until(lambda: raw_redis.xpending(stream, "persist")["pending"] == 0, what="acked")
+
+
+def test_trimming_never_removes_a_pending_entry(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    writer = make_mem(worker=False)
+    stream = writer.layout.stream(0)
+    for i in range(10):
+        writer.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+    held = [sid for sid, _ in raw_redis.xreadgroup("persist", "slow", {stream: ">"}, count=4)[0][1]]
+    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    assert w.step() == 6  # the other six, committed and acked
+    w._trim()
+    ids = [sid for sid, _ in raw_redis.xrange(stream)]
+    assert ids[:4] == held and len(ids) == 10  # nothing below the oldest pending entry goes
+    raw_redis.xack(stream, "persist", held[0], held[1])
+    w._trim()
+    assert [sid for sid, _ in raw_redis.xrange(stream)][:2] == held[2:]
+    assert raw_redis.xlen(stream) == 8
+    raw_redis.xack(stream, "persist", *held[2:])
+    for i in range(3):
+        writer.put(f"late{i}", i, level=Level.SWARM, principal=coder)
+    w._trim()
+    assert raw_redis.xlen(stream) == 3  # acked entries gone, undelivered ones kept
+    assert w.step() == 3
+    w._trim()
+    assert raw_redis.xlen(stream) == 0
+
+
+def test_notifications_carry_no_value(
+    mem: DualMemory, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    pubsub = raw_redis.pubsub()
+    pubsub.subscribe(mem.layout.channel("agent:coder-1"))
+    wait_until(lambda: pubsub.get_message(timeout=0.1), what="subscribe confirmation")
+    r = mem.put("k", {"secret": "NEEDLE-77"}, level=Level.PRIVATE, principal=coder)
+    mem.sync(r)
+    msg = wait_until(lambda: pubsub.get_message(timeout=0.1), what="notification")
+    body = json.loads(msg["data"])
+    assert set(body) == {"seq", "scope", "key", "level", "op"}
+    assert body["key"] == "k" and body["op"] == "put" and body["level"] == 1
+    assert b"NEEDLE" not in msg["data"]
+    pubsub.close()
+
+
+def test_expired_records_are_invisible(mem: DualMemory, coder: Principal) -> None:
+    mem.sync(mem.put("short", 1, level=Level.SWARM, principal=coder, ttl=0.3))
+    mem.sync(mem.put("long", 2, level=Level.SWARM, principal=coder, ttl=60))
+    assert mem.get("short", level=Level.SWARM, principal=coder) == 1
+    time.sleep(0.35)
+    assert mem.get("short", level=Level.SWARM, principal=coder) is None
+    assert mem.get("short", level=Level.SWARM, principal=coder, fresh=True) is None
+    assert [r.key for r in mem.query(principal=coder, level=Level.SWARM)] == ["long"]
+
+
+def test_sync_times_out_without_a_worker(make_mem: MakeMem, coder: Principal) -> None:
+    mem = make_mem(worker=False)
+    r = mem.put("k", 1, level=Level.SWARM, principal=coder)
+    t0 = time.monotonic()
+    with pytest.raises(NotPersisted, match="not committed"):
+        mem.sync(r, timeout=0.2)
+    assert time.monotonic() - t0 < 1
+    assert mem.get("k", level=Level.SWARM, principal=coder, fresh=True) == 1
+
+
+def test_redis_down_fails_fast_and_reads_keep_working(
+    make_mem: MakeMem, coder: Principal, backend: str, request: pytest.FixtureRequest,
+    keyfile: Path, tmp_path: Path,
+) -> None:
+    if backend == "redis":
+        srv = request.getfixturevalue("own_redis_server")
+        mem = make_mem(redis_url=srv.url)
+        mem.sync(mem.put("k", 1, level=Level.SWARM, principal=coder))
+        srv.kill()
+    else:
+        mem = make_mem()
+        mem.sync(mem.put("k", 1, level=Level.SWARM, principal=coder))
+        from dualmem.redis_backend import memory_server
+
+        memory_server(mem.settings.redis_url).server.connected = False
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        mem.put("k2", 2, level=Level.SWARM, principal=coder)
+    assert time.monotonic() - t0 < 1.0
+    assert mem.get("k", level=Level.SWARM, principal=coder) == 1
+    with pytest.raises(StoreUnavailable):
+        mem.get("k", level=Level.SWARM, principal=coder, fresh=True)
+
+
+def test_redis_unreachable_at_start_is_store_unavailable(db_path: Path, keyfile: Path) -> None:
+    from .conftest import free_port
+
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        DualMemory(redis_url=f"redis://127.0.0.1:{free_port()}/0", db_path=str(db_path),
+                   keyring=str(keyfile))
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_real_redis_without_a_key_is_a_configuration_error(db_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="dualmem keygen"):
+        DualMemory(redis_url="redis://127.0.0.1:1/0", db_path=str(db_path))
+
+
+def test_embedded_default_keeps_its_key_across_restarts(
+    tmp_path: Path, coder: Principal
+) -> None:
+    import os
+    import stat
+
+    from dualmem.redis_backend import drop_memory_server
+
+    db = tmp_path / "embedded.db"
+    url = "memory://restart-test"
+    with DualMemory(redis_url=url, db_path=str(db)) as mem:
+        mem.sync(mem.put("k", {"v": "kept"}, level=Level.PRIVATE, principal=coder))
+    keyfile = Path(str(db) + ".keys")
+    assert stat.S_IMODE(os.stat(keyfile).st_mode) == 0o600
+    drop_memory_server(url)  # as if the process had ended
+    with DualMemory(redis_url=url, db_path=str(db)) as mem:
+        assert mem.get("k", level=Level.PRIVATE, principal=coder) == {"v": "kept"}
+    drop_memory_server(url)
+    keyfile.unlink()
+    with DualMemory(redis_url=url, db_path=str(db)) as mem, pytest.raises(Exception) as info:
+        mem.get("k", level=Level.PRIVATE, principal=coder)
+    assert type(info.value).__name__ == "MissingKey"  # a new key never reads old data
+    drop_memory_server(url)
+
+
+def test_key_from_environment(tmp_path: Path, coder: Principal,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+
+    from dualmem.redis_backend import drop_memory_server
+
+    monkeypatch.setenv("DUALMEM_KEY", base64.b64encode(b"s" * 32).decode())
+    url = "memory://env-key"
+    with DualMemory(redis_url=url, db_path=str(tmp_path / "e.db")) as mem:
+        mem.sync(mem.put("k", 1, level=Level.TEAM, principal=coder))
+        assert not Path(str(tmp_path / "e.db") + ".keys").exists()
+        ring = mem.codec.keyring
+        assert ring is not None and ring.active_id.startswith("e")
+    drop_memory_server(url)
+
+
+def test_close_drains_and_reports(make_mem: MakeMem, coder: Principal) -> None:
+    mem = make_mem()
+    receipts = [mem.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(200)]
+    report = mem.close()
+    assert report.drained and report.pending == 0
+    check = make_mem(worker=False)
+    for r in receipts:
+        assert check.store.status(r.shard, r.stream_id) == "committed"
+    with pytest.raises(Exception, match="closed"):
+        mem.put("k", 1, level=Level.SWARM, principal=coder)
+
+
+def test_close_without_worker_reports_pending(make_mem: MakeMem, coder: Principal) -> None:
+    mem = make_mem(worker=False)
+    mem.put("k", 1, level=Level.SWARM, principal=coder)
+    assert mem.backlog() == {0: 1}
+
+
+def test_shards_keep_keys_in_order(make_mem: MakeMem, coder: Principal,
+                                   raw_redis: redis.Redis) -> None:
+    mem = make_mem(shards=4)
+    receipts = {}
+    for i in range(200):
+        receipts[f"k{i % 20}"] = mem.put(f"k{i % 20}", i, level=Level.SWARM, principal=coder)
+    for r in receipts.values():
+        mem.sync(r)
+    assert {r.shard for r in receipts.values()} == {0, 1, 2, 3}
+    for i in range(20):
+        assert mem.get(f"k{i}", level=Level.SWARM, principal=coder) == 180 + i
+    assert all(raw_redis.exists(mem.layout.stream(s)) for s in range(4))
+
+
+def test_prometheus_exposition(mem: DualMemory, coder: Principal) -> None:
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=coder))
+    text = mem.prometheus()
+    assert 'dualmem_latency_seconds_count{path="redis_write"} 1' in text
+    assert "dualmem_redis_up 1.0" in text
+    assert "dualmem_backlog 0\n" in text
+
+
+def test_keyring_object_can_be_passed(tmp_path: Path, redis_url: str, coder: Principal) -> None:
+    ring = Keyring.generate()
+    with DualMemory(redis_url=redis_url, db_path=str(tmp_path / "k.db"), keyring=ring) as mem:
+        mem.sync(mem.put("k", 1, level=Level.SYSTEM, principal=Principal("s", system=True)))
+        assert mem.codec.keyring is ring
