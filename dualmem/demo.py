@@ -42,11 +42,13 @@ def run_demo(
         )
         t0 = time.perf_counter()
         for i in range(2000):
-            level = Level((i % 4) + 1)
+            # Even iterations: an agent's private confidence (encrypted); odd: the swarm's
+            # shared consensus (plaintext level, compressed when large).
+            private = i % 2 == 0
             mem.put(
-                f"confidence/auth/{i % 50}",
-                {"confidence": round(0.5 + (i % 50) / 100, 2), "iteration": i},
-                level=level,
+                f"{'confidence' if private else 'consensus'}/auth/{i % 50}",
+                {"score": round(0.5 + (i % 50) / 100, 2), "iteration": i},
+                level=Level.PRIVATE if private else Level.SWARM,
                 principal=coder,
                 ttl=86_400,
             )
@@ -60,10 +62,10 @@ def run_demo(
             f"wrote 2,002 records in {elapsed * 1000:.0f} ms "
             f"({2002 / elapsed:,.0f}/s), all persisted to SQLite"
         )
-        got = mem.get("confidence/auth/7", level=Level.PRIVATE, principal=coder)
-        console.print(f"get confidence/auth/7 (PRIVATE, encrypted) -> {got}")
-        swarm = mem.query(principal=coder, level=Level.SWARM, prefix="confidence/", limit=100)
-        console.print(f"query SWARM prefix 'confidence/' -> {len(swarm)} records")
+        got = mem.get("confidence/auth/8", level=Level.PRIVATE, principal=coder)
+        console.print(f"get confidence/auth/8 (PRIVATE, encrypted at rest) -> {got}")
+        swarm = mem.query(principal=coder, level=Level.SWARM, prefix="consensus/", limit=100)
+        console.print(f"query SWARM prefix 'consensus/' -> {len(swarm)} records")
         console.print(
             "decision readable by coder-1? ",
             "no (AccessDenied)" if _denied(mem, coder) else "yes",

@@ -3,6 +3,7 @@ both fakeredis and that server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -52,15 +53,24 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [
             REDIS_SERVER,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--protected-mode", "yes",
-            "--dir", str(self.workdir),
-            "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec",
-            "--logfile", "redis.log",
-            "--daemonize", "no",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "yes",
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--logfile",
+            "redis.log",
+            "--daemonize",
+            "no",
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -71,7 +81,7 @@ class RedisServer:
             except redis.ConnectionError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = (self.workdir / "redis.log")
+                log = self.workdir / "redis.log"
                 raise RuntimeError(
                     f"redis-server did not start on port {self.port}: "
                     + (log.read_text()[-2000:] if log.exists() else "no log")
@@ -82,10 +92,8 @@ class RedisServer:
         """Clean shutdown (SHUTDOWN flushes the AOF)."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        try:
+        with contextlib.suppress(redis.ConnectionError):
             self.client().shutdown(nosave=False)
-        except redis.ConnectionError:
-            pass
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -172,9 +180,7 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_mem(
-    redis_url: str, db_path: Path, keyfile: Path
-) -> Iterator[Callable[..., DualMemory]]:
+def make_mem(redis_url: str, db_path: Path, keyfile: Path) -> Iterator[Callable[..., DualMemory]]:
     """Factory of DualMemory instances on this test's Redis and database; all are closed."""
     made: list[DualMemory] = []
 

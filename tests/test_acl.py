@@ -183,12 +183,15 @@ def test_no_keyring_never_means_plaintext() -> None:
     codec = Codec(None)
     with pytest.raises(ConfigurationError):
         codec.seal(1, scope="agent:x", key="k", level=Level.PRIVATE)
-    assert codec.open(
-        codec.seal(1, scope="swarm:x", key="k", level=Level.SWARM),
-        scope="swarm:x",
-        key="k",
-        level=Level.SWARM,
-    ) == 1
+    assert (
+        codec.open(
+            codec.seal(1, scope="swarm:x", key="k", level=Level.SWARM),
+            scope="swarm:x",
+            key="k",
+            level=Level.SWARM,
+        )
+        == 1
+    )
 
 
 @pytest.mark.parametrize("value", [{1, 2}, object(), float("nan"), b"bytes", {"a": float("inf")}])

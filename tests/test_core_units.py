@@ -86,7 +86,12 @@ def test_put_entry_round_trip() -> None:
     f = raw(put_fields("team:t", "k", Level.TEAM, "a", 123_456, b"\x01\x02env", 999))
     cmd = decode_command(f)
     assert (cmd.op, cmd.scope, cmd.key, cmd.level, cmd.actor) == ("put", "team:t", "k", 2, "a")
-    assert (cmd.ts_us, cmd.envelope, cmd.expires_at, cmd.ts_ms) == (123_456, b"\x01\x02env", 999, 123)
+    assert (cmd.ts_us, cmd.envelope, cmd.expires_at, cmd.ts_ms) == (
+        123_456,
+        b"\x01\x02env",
+        999,
+        123,
+    )
     d = decode_command(raw(delete_fields("team:t", "k", Level.TEAM, "a", 1)))
     assert d.op == "del" and d.envelope is None
 
@@ -136,7 +141,9 @@ def test_layout_keeps_one_hash_tag_per_shard() -> None:
 
 def entry(i: int, key: str = "k", op: str = "put", shard: int = 0) -> StreamEntry:
     if op == "put":
-        f = put_fields("swarm:s", key, Level.SWARM, "a", i * 1000, b"\x01\x00" + str(i).encode(), None)
+        f = put_fields(
+            "swarm:s", key, Level.SWARM, "a", i * 1000, b"\x01\x00" + str(i).encode(), None
+        )
     elif op == "del":
         f = delete_fields("swarm:s", key, Level.SWARM, "a", i * 1000)
     else:
@@ -146,8 +153,9 @@ def entry(i: int, key: str = "k", op: str = "put", shard: int = 0) -> StreamEntr
 
 def test_plan_builds_rows_and_chains_hashes() -> None:
     entries = [entry(1), entry(2, op="del"), entry(3, op="audit")]
-    plan = plan_batch(entries, already=set(), journal_tail=(0, GENESIS), audit_tail=(0, GENESIS),
-                      now_ms=5)
+    plan = plan_batch(
+        entries, already=set(), journal_tail=(0, GENESIS), audit_tail=(0, GENESIS), now_ms=5
+    )
     assert [r[0] for r in plan.journal] == [1, 2]
     assert plan.journal[0][-2] == GENESIS and plan.journal[1][-2] == plan.journal[0][-1]
     assert plan.journal[1][-1] == chain_hash(plan.journal[0][-1], plan.journal[1][:-2])
@@ -159,8 +167,13 @@ def test_plan_builds_rows_and_chains_hashes() -> None:
 
 def test_plan_skips_committed_and_repeated_entries() -> None:
     e1, e2 = entry(1), entry(2)
-    plan = plan_batch([e1, e2, e2], already={(0, e1.stream_id)}, journal_tail=(7, b"h" * 32),
-                      audit_tail=(0, GENESIS), now_ms=0)
+    plan = plan_batch(
+        [e1, e2, e2],
+        already={(0, e1.stream_id)},
+        journal_tail=(7, b"h" * 32),
+        audit_tail=(0, GENESIS),
+        now_ms=0,
+    )
     assert plan.duplicates == [e1, e2]
     assert plan.applied == [e2]
     assert plan.journal[0][0] == 8
@@ -168,9 +181,16 @@ def test_plan_skips_committed_and_repeated_entries() -> None:
 
 def test_plan_isolates_malformed_entries() -> None:
     bad = StreamEntry(0, "5-0", {b"op": b"put"})
-    worse = StreamEntry(0, "not-an-id", raw(put_fields("swarm:s", "k", Level.SWARM, "a", 1, b"e", None)))
-    plan = plan_batch([entry(1), bad, worse, entry(2)], already=set(), journal_tail=(0, GENESIS),
-                      audit_tail=(0, GENESIS), now_ms=0)
+    worse = StreamEntry(
+        0, "not-an-id", raw(put_fields("swarm:s", "k", Level.SWARM, "a", 1, b"e", None))
+    )
+    plan = plan_batch(
+        [entry(1), bad, worse, entry(2)],
+        already=set(),
+        journal_tail=(0, GENESIS),
+        audit_tail=(0, GENESIS),
+        now_ms=0,
+    )
     assert [e for e, _ in plan.failed] == [bad, worse]
     assert all("malformed" in why for _, why in plan.failed)
     assert len(plan.applied) == 2

@@ -33,11 +33,14 @@ MakeMem = Callable[..., DualMemory]
 
 def test_issue_api_round_trip(make_mem: MakeMem, coder: Principal) -> None:
     mem = make_mem()
-    r = mem.put("confidence/auth/1", {"confidence": 0.85}, level=Level.PRIVATE,
-                principal=coder, ttl=86400)
+    r = mem.put(
+        "confidence/auth/1", {"confidence": 0.85}, level=Level.PRIVATE, principal=coder, ttl=86400
+    )
     assert isinstance(r, Receipt) and r.scope == "agent:coder-1"
     mem.sync(r, timeout=5)
-    assert mem.get("confidence/auth/1", level=Level.PRIVATE, principal=coder) == {"confidence": 0.85}
+    assert mem.get("confidence/auth/1", level=Level.PRIVATE, principal=coder) == {
+        "confidence": 0.85
+    }
     for i in range(3):
         mem.put(f"consensus/{i}", {"score": 0.9 + i / 100}, level=Level.SWARM, principal=coder)
     last = mem.put("other/x", 1, level=Level.SWARM, principal=coder)
@@ -61,7 +64,10 @@ def test_issue_api_round_trip(make_mem: MakeMem, coder: Principal) -> None:
 
 
 def test_put_is_one_round_trip_and_touches_no_sqlite(
-    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch,
+    make_mem: MakeMem,
+    coder: Principal,
+    raw_redis: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
     backend: str,
 ) -> None:
     mem = make_mem(worker=False)
@@ -118,14 +124,18 @@ def _file_bytes(*paths: Path) -> bytes:
 
 
 def test_encrypted_levels_never_appear_in_plaintext(
-    make_mem: MakeMem, raw_redis: redis.Redis, db_path: Path, backend: str,
+    make_mem: MakeMem,
+    raw_redis: redis.Redis,
+    db_path: Path,
+    backend: str,
     request: pytest.FixtureRequest,
 ) -> None:
     mem = make_mem(worker=False)
     p = Principal(agent_id="a", team="t", swarm="s", project="p", system=True)
     for level in Level:
-        mem.put(f"k/{level.name}", {"needle": f"PLAINTEXT-{level.name}-0451"}, level=level,
-                principal=p)
+        mem.put(
+            f"k/{level.name}", {"needle": f"PLAINTEXT-{level.name}-0451"}, level=level, principal=p
+        )
     redis_bytes = _all_redis_bytes(raw_redis)
     if backend == "redis":
         srv = request.getfixturevalue("redis_server")
@@ -147,7 +157,9 @@ def test_encrypted_levels_never_appear_in_plaintext(
 def _swap_envelope(db_path: Path, src: tuple[str, str], dst: tuple[str, str]) -> None:
     with sqlite3.connect(db_path) as conn:
         env = conn.execute("SELECT envelope FROM memory WHERE scope=? AND key=?", src).fetchone()[0]
-        n = conn.execute("UPDATE memory SET envelope=? WHERE scope=? AND key=?", (env, *dst)).rowcount
+        n = conn.execute(
+            "UPDATE memory SET envelope=? WHERE scope=? AND key=?", (env, *dst)
+        ).rowcount
         assert n == 1
     conn.close()
 
@@ -156,8 +168,12 @@ def test_ciphertext_moved_in_sqlite_is_detected_and_audited(
     mem: DualMemory, coder: Principal, system: Principal, db_path: Path
 ) -> None:
     p = Principal(agent_id="coder-1", team="backend", system=True)
-    for scope_level, key in ((Level.PRIVATE, "a"), (Level.PRIVATE, "b"), (Level.TEAM, "a"),
-                             (Level.SYSTEM, "a")):
+    for scope_level, key in (
+        (Level.PRIVATE, "a"),
+        (Level.PRIVATE, "b"),
+        (Level.TEAM, "a"),
+        (Level.SYSTEM, "a"),
+    ):
         last = mem.put(key, {"who": f"{scope_level.name}/{key}"}, level=scope_level, principal=p)
     mem.sync(last)
     _swap_envelope(db_path, ("agent:coder-1", "a"), ("agent:coder-1", "b"))  # another key
@@ -178,6 +194,7 @@ def test_ciphertext_moved_in_sqlite_is_detected_and_audited(
     conn.close()
     with pytest.raises(TamperedRecord):
         mem.get("a", level=Level.PRIVATE, principal=p)
+
     def tamper_events() -> list[object]:
         return [a for a in mem.store.audit_log() if a.event == "tampered_record"]
 
@@ -247,7 +264,10 @@ BAD_PUTS = [
 
 @pytest.mark.parametrize(("change", "match"), BAD_PUTS)
 def test_bad_input_is_rejected_and_nothing_is_stored(
-    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, change: dict[str, object],
+    make_mem: MakeMem,
+    coder: Principal,
+    raw_redis: redis.Redis,
+    change: dict[str, object],
     match: str,
 ) -> None:
     mem = make_mem(worker=False, max_value_bytes=2048)
@@ -265,8 +285,9 @@ def test_principal_with_empty_id_cannot_be_built() -> None:
         Principal(agent_id="")
 
 
-def test_backpressure_bounds_the_backlog(make_mem: MakeMem, coder: Principal,
-                                         raw_redis: redis.Redis) -> None:
+def test_backpressure_bounds_the_backlog(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
     writer = make_mem(worker=False, max_backlog=5)
     receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(5)]
     with pytest.raises(Backpressure) as info:
@@ -282,8 +303,9 @@ def test_backpressure_bounds_the_backlog(make_mem: MakeMem, coder: Principal,
 
 def test_restart_finishes_pending_writes(make_mem: MakeMem, coder: Principal) -> None:
     first = make_mem(worker=False)
-    receipts = [first.put(f"k{i}", {"i": i}, level=Level.PRIVATE, principal=coder)
-                for i in range(300)]
+    receipts = [
+        first.put(f"k{i}", {"i": i}, level=Level.PRIVATE, principal=coder) for i in range(300)
+    ]
     first.close()
     second = make_mem(worker=True)
     for r in receipts:
@@ -428,8 +450,12 @@ def test_sync_times_out_without_a_worker(make_mem: MakeMem, coder: Principal) ->
 
 
 def test_redis_down_fails_fast_and_reads_keep_working(
-    make_mem: MakeMem, coder: Principal, backend: str, request: pytest.FixtureRequest,
-    keyfile: Path, tmp_path: Path,
+    make_mem: MakeMem,
+    coder: Principal,
+    backend: str,
+    request: pytest.FixtureRequest,
+    keyfile: Path,
+    tmp_path: Path,
 ) -> None:
     if backend == "redis":
         srv = request.getfixturevalue("own_redis_server")
@@ -456,8 +482,11 @@ def test_redis_unreachable_at_start_is_store_unavailable(db_path: Path, keyfile:
 
     t0 = time.monotonic()
     with pytest.raises(StoreUnavailable):
-        DualMemory(redis_url=f"redis://127.0.0.1:{free_port()}/0", db_path=str(db_path),
-                   keyring=str(keyfile))
+        DualMemory(
+            redis_url=f"redis://127.0.0.1:{free_port()}/0",
+            db_path=str(db_path),
+            keyring=str(keyfile),
+        )
     assert time.monotonic() - t0 < 1.0
 
 
@@ -466,9 +495,7 @@ def test_real_redis_without_a_key_is_a_configuration_error(db_path: Path) -> Non
         DualMemory(redis_url="redis://127.0.0.1:1/0", db_path=str(db_path))
 
 
-def test_embedded_default_keeps_its_key_across_restarts(
-    tmp_path: Path, coder: Principal
-) -> None:
+def test_embedded_default_keeps_its_key_across_restarts(tmp_path: Path, coder: Principal) -> None:
     import os
     import stat
 
@@ -491,8 +518,9 @@ def test_embedded_default_keeps_its_key_across_restarts(
     drop_memory_server(url)
 
 
-def test_key_from_environment(tmp_path: Path, coder: Principal,
-                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_from_environment(
+    tmp_path: Path, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import base64
 
     from dualmem.redis_backend import drop_memory_server
@@ -525,8 +553,9 @@ def test_close_without_worker_reports_pending(make_mem: MakeMem, coder: Principa
     assert mem.backlog() == {0: 1}
 
 
-def test_shards_keep_keys_in_order(make_mem: MakeMem, coder: Principal,
-                                   raw_redis: redis.Redis) -> None:
+def test_shards_keep_keys_in_order(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
     mem = make_mem(shards=4)
     receipts = {}
     for i in range(200):

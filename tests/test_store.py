@@ -19,15 +19,29 @@ def raw(fields: dict[bytes, bytes | str | int]) -> dict[bytes, bytes]:
     return {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
 
 
-def put(ms: int, key: str = "k", value: bytes = b"v", scope: str = "swarm:s",
-        expires_at: int | None = None) -> StreamEntry:
-    f = put_fields(scope, key, Level.SWARM if scope.startswith("swarm") else Level.PRIVATE,
-                   "a", ms * 1000, b"\x01\x00" + value, expires_at)
+def put(
+    ms: int,
+    key: str = "k",
+    value: bytes = b"v",
+    scope: str = "swarm:s",
+    expires_at: int | None = None,
+) -> StreamEntry:
+    f = put_fields(
+        scope,
+        key,
+        Level.SWARM if scope.startswith("swarm") else Level.PRIVATE,
+        "a",
+        ms * 1000,
+        b"\x01\x00" + value,
+        expires_at,
+    )
     return StreamEntry(0, f"{ms}-0", raw(f))
 
 
 def delete(ms: int, key: str = "k") -> StreamEntry:
-    return StreamEntry(0, f"{ms}-0", raw(delete_fields("swarm:s", key, Level.SWARM, "a", ms * 1000)))
+    return StreamEntry(
+        0, f"{ms}-0", raw(delete_fields("swarm:s", key, Level.SWARM, "a", ms * 1000))
+    )
 
 
 @pytest.fixture
