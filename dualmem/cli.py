@@ -1,8 +1,10 @@
-"""The ``dualmem`` command: worker, stats, keygen, demo."""
+"""The ``dualmem`` command: core commands here (worker, stats, keygen, demo); other areas
+register theirs through ``COMMAND_MODULES``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import signal
@@ -16,10 +18,15 @@ from acl.crypto import Keyring
 from dualmem.errors import DualMemError
 from dualmem.settings import Settings
 
-__all__ = ["main"]
+__all__ = ["COMMAND_MODULES", "add_common_arguments", "build_parser", "main", "settings_from_args"]
+
+#: Modules with a ``register_commands(subparsers)`` function, each adding its subcommands.
+#: Every command handler takes the parsed ``argparse.Namespace`` and returns an exit code.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
-def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
+    """Settings from the common options (see :func:`add_common_arguments`), then env."""
     overrides: dict[str, Any] = {
         "redis_url": getattr(args, "redis_url", None),
         "db_path": getattr(args, "db", None),
@@ -30,7 +37,8 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings.load(overrides)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """``--redis-url``, ``--db``, ``--namespace``, ``--shards`` (each falls back to env)."""
     p.add_argument("--redis-url", help="redis://host:port/db or memory:// (DUALMEM_REDIS_URL)")
     p.add_argument("--db", help="SQLite database file (DUALMEM_DB_PATH)")
     p.add_argument("--namespace", help="Redis key prefix (DUALMEM_NAMESPACE)")
@@ -47,7 +55,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     for name in ("batch_size", "claim_idle_ms", "max_deliveries", "consumer", "block_ms"):
         if getattr(args, name, None) is not None:
             extra[name] = getattr(args, name)
-    settings = _settings(args, **extra)
+    settings = settings_from_args(args, **extra)
     if settings.embedded:
         print(
             "dualmem worker: memory:// lives inside one process; a separate worker needs a "
@@ -94,7 +102,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from dualmem.sqlite_store import SQLiteStore
     from dualmem.worker import stream_backlog
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     if not Path(settings.db_path).exists():
         print(f"dualmem stats: no database at {settings.db_path}", file=sys.stderr)
         return 2
@@ -185,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("worker", help="persist command streams to SQLite until stopped")
-    _add_common(p)
+    add_common_arguments(p)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--claim-idle-ms", type=int)
     p.add_argument("--max-deliveries", type=int)
@@ -194,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("stats", help="latency percentiles, backlog, dead letters, size")
-    _add_common(p)
+    add_common_arguments(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_stats)
 
@@ -208,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default=None, help="default: ./dualmem-demo.db")
     p.add_argument("--keyring", default=None, help="key file (needed with a real Redis)")
     p.set_defaults(func=cmd_demo)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register_commands(sub)
     return parser
 
 
