@@ -40,24 +40,14 @@ def resolve_scope(
     lvl = as_level(level)
     own = principal.scope(lvl)
     if own is None:
-        raise AccessDenied(
-            f"{principal.agent_id} may not {action} level {lvl.name}: {_WHY_NONE[lvl]}",
-            agent_id=principal.agent_id,
-            action=action,
-            level=int(lvl),
-            scope=scope,
-            key=key,
-        )
-    if scope is not None and scope != own:
-        raise AccessDenied(
-            f"{principal.agent_id} may not {action} scope {scope!r} at level {lvl.name}",
-            agent_id=principal.agent_id,
-            action=action,
-            level=int(lvl),
-            scope=scope,
-            key=key,
-        )
-    return lvl, own
+        why = f"{principal.agent_id} may not {action} level {lvl.name}: {_WHY_NONE[lvl]}"
+    elif scope is not None and scope != own:
+        why = f"{principal.agent_id} may not {action} scope {scope!r} at level {lvl.name}"
+    else:
+        return lvl, own
+    raise AccessDenied(
+        why, agent_id=principal.agent_id, action=action, level=int(lvl), scope=scope, key=key
+    )
 
 
 def readable_scopes(principal: Principal, levels: object = None) -> dict[Level, str]:
