@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from dualmem.commands import OP_AUDIT, OP_DELETE, MalformedCommand, decode_command, sid_of
+from dualmem.projection import Statement, plan_projection
 from dualmem.store import Notification, StreamEntry
 
 __all__ = ["GENESIS", "RISKS", "BatchPlan", "chain_hash", "plan_batch"]
@@ -41,6 +42,8 @@ class BatchPlan:
     duplicates: list[StreamEntry] = field(default_factory=list)
     failed: list[tuple[StreamEntry, str]] = field(default_factory=list)
     ts_us: list[int] = field(default_factory=list)
+    #: Projection statements (see ``dualmem.projection``), run after the rows above.
+    projections: list[Statement] = field(default_factory=list)
     journal_tail: tuple[int, bytes] = (0, GENESIS)
     audit_tail: tuple[int, bytes] = (0, GENESIS)
 
@@ -76,6 +79,9 @@ def plan_batch(
             sid = sid_of(entry.stream_id)
             if cmd.op == OP_AUDIT and cmd.risk not in RISKS:
                 raise MalformedCommand(f"audit risk must be one of {RISKS}, got {cmd.risk!r}")
+            # Planned before anything is added, so a record that cannot be projected
+            # fails alone, like any other malformed entry.
+            projected = plan_projection(cmd, sid, aid + 1)
         except MalformedCommand as exc:
             plan.failed.append((entry, f"malformed command: {exc}"))
             continue
@@ -101,6 +107,7 @@ def plan_batch(
             prev_a = ahash
             ahash = chain_hash(ahash, row)
             plan.audit.append((*row, prev_a, ahash))
+            plan.projections.extend(projected)
             continue
         seq += 1
         jrow = (
@@ -136,6 +143,7 @@ def plan_batch(
             )
         )
         plan.notifications.append(Notification(seq, cmd.scope, cmd.key, int(cmd.level), cmd.op))
+        plan.projections.extend(projected)
         plan.ts_us.append(cmd.ts_us)
     plan.journal_tail = (seq, jhash)
     plan.audit_tail = (aid, ahash)

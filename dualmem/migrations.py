@@ -108,7 +108,107 @@ def _v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+_V2 = """
+CREATE TABLE IF NOT EXISTS missions (
+    scope        TEXT    NOT NULL,
+    mission_id   TEXT    NOT NULL,
+    level        INTEGER NOT NULL CHECK (level BETWEEN 1 AND 5),
+    phase        TEXT    NOT NULL,
+    status       TEXT    NOT NULL
+                 CHECK (status IN ('pending', 'in_progress', 'completed', 'failed')),
+    metadata     TEXT    NOT NULL DEFAULT '{}' CHECK (json_valid(metadata)),
+    started_at   INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL,
+    completed_at INTEGER,
+    actor        TEXT    NOT NULL,
+    sid          INTEGER NOT NULL,  -- 0: placeholder for children that arrived first
+    PRIMARY KEY (scope, mission_id)
+)
+
+CREATE INDEX IF NOT EXISTS missions_status ON missions (scope, status, started_at, mission_id)
+
+CREATE INDEX IF NOT EXISTS missions_started ON missions (scope, started_at, mission_id)
+
+CREATE TABLE IF NOT EXISTS tool_calls (
+    scope        TEXT    NOT NULL,
+    call_id      TEXT    NOT NULL,
+    mission_id   TEXT    NOT NULL,
+    tool_name    TEXT    NOT NULL,
+    args         TEXT    NOT NULL CHECK (json_valid(args)),
+    result       TEXT    NOT NULL CHECK (json_valid(result)),
+    duration_ms  REAL    NOT NULL CHECK (duration_ms >= 0),
+    success      INTEGER NOT NULL CHECK (success IN (0, 1)),
+    error        TEXT,
+    called_at    INTEGER NOT NULL,
+    actor        TEXT    NOT NULL,
+    sid          INTEGER NOT NULL,
+    PRIMARY KEY (scope, call_id),
+    FOREIGN KEY (scope, mission_id) REFERENCES missions (scope, mission_id) ON DELETE CASCADE
+)
+
+CREATE INDEX IF NOT EXISTS tool_calls_mission ON tool_calls (scope, mission_id, called_at, call_id)
+
+CREATE INDEX IF NOT EXISTS tool_calls_success
+    ON tool_calls (scope, mission_id, success, called_at, call_id)
+
+CREATE TABLE IF NOT EXISTS decisions (
+    scope         TEXT    NOT NULL,
+    decision_id   TEXT    NOT NULL,
+    mission_id    TEXT    NOT NULL,
+    decision_type TEXT    NOT NULL,
+    rationale     TEXT    NOT NULL,
+    agent_name    TEXT    NOT NULL,
+    decided_at    INTEGER NOT NULL,
+    actor         TEXT    NOT NULL,
+    sid           INTEGER NOT NULL,
+    PRIMARY KEY (scope, decision_id),
+    FOREIGN KEY (scope, mission_id) REFERENCES missions (scope, mission_id) ON DELETE CASCADE
+)
+
+CREATE INDEX IF NOT EXISTS decisions_mission
+    ON decisions (scope, mission_id, decided_at, decision_id)
+
+CREATE TABLE IF NOT EXISTS playbook_runs (
+    scope         TEXT    NOT NULL,
+    run_id        TEXT    NOT NULL,
+    mission_id    TEXT    NOT NULL,
+    playbook_name TEXT    NOT NULL,
+    phase         TEXT    NOT NULL,
+    started_at    INTEGER NOT NULL,
+    completed_at  INTEGER,
+    success       INTEGER NOT NULL CHECK (success IN (0, 1)),
+    actor         TEXT    NOT NULL,
+    sid           INTEGER NOT NULL,
+    PRIMARY KEY (scope, run_id),
+    FOREIGN KEY (scope, mission_id) REFERENCES missions (scope, mission_id) ON DELETE CASCADE
+)
+
+CREATE INDEX IF NOT EXISTS playbook_runs_mission
+    ON playbook_runs (scope, mission_id, started_at, run_id)
+
+CREATE TABLE IF NOT EXISTS sync_events (
+    id        INTEGER PRIMARY KEY,
+    audit_id  INTEGER NOT NULL UNIQUE REFERENCES audit_log (id),
+    ts        INTEGER NOT NULL,
+    kind      TEXT    NOT NULL,
+    scope     TEXT    NOT NULL,
+    key       TEXT    NOT NULL,
+    detail    TEXT    NOT NULL DEFAULT '{}' CHECK (json_valid(detail))
+)
+
+CREATE INDEX IF NOT EXISTS sync_events_record ON sync_events (scope, key, id)
+
+ALTER TABLE metrics ADD COLUMN sum REAL NOT NULL DEFAULT 0
+"""
+
+
+def _v2(conn: sqlite3.Connection) -> None:
+    """Mission log (missions, tool_calls, decisions, playbook_runs), sync_events, metrics.sum."""
+    for statement in _V2.strip().split("\n\n"):
+        conn.execute(statement)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -17,6 +17,16 @@ from acl.levels import Level
 from dualmem.batch import GENESIS, BatchPlan, chain_hash, plan_batch
 from dualmem.errors import StoreUnavailable
 from dualmem.migrations import migrate
+from dualmem.projection import (
+    Decision,
+    Mission,
+    PlaybookRun,
+    ToolCall,
+    row_to_decision,
+    row_to_mission,
+    row_to_playbook_run,
+    row_to_tool_call,
+)
 from dualmem.store import (
     ApplyResult,
     AuditRow,
@@ -62,6 +72,9 @@ _MAX_PARAMS = 4000
 _ROW_COLUMNS = "scope, key, level, owner, envelope, created_at, updated_at, expires_at, stream_id"
 _CHANGE_COLUMNS = "seq, shard, stream_id, op, scope, key, level, actor, ts, committed_at"
 _LIVE = "envelope IS NOT NULL AND (expires_at IS NULL OR expires_at > ?)"
+_MISSION_COLUMNS = (
+    "scope, mission_id, level, phase, status, metadata, started_at, updated_at, completed_at, actor"
+)
 
 # Errors that belong to one entry's content (a constraint, a bad value): retried entry by
 # entry so the rest of the batch commits. Anything else (locked, I/O, full disk) fails
@@ -135,6 +148,10 @@ class SQLiteStore(Store):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = self._conn()
+            # auto_vacuum must be chosen before the file's first page is written, and
+            # switching to WAL writes it: so this comes first (a no-op on existing files).
+            # INCREMENTAL lets `dualmem purge` hand free pages back without a full VACUUM.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             # WAL is a property of the file: set once, every later connection sees it.
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -282,6 +299,8 @@ class SQLiteStore(Store):
         # key in a batch end with the newest.
         _insert_rows(conn, _MEMORY_INSERT, plan.memory, _MEMORY_UPSERT)
         _insert_rows(conn, _AUDIT_INSERT, plan.audit)
+        for sql, params in plan.projections:
+            conn.execute(sql, params)
 
     def append_audit(
         self,
@@ -370,13 +389,24 @@ class SQLiteStore(Store):
     ) -> None:
         """See :meth:`Store.record_metrics`."""
         rows = [
-            (ts_ms, source, path, int(s["count"]), s["p50"], s["p95"], s["p99"], s["max"])
+            (
+                ts_ms,
+                source,
+                path,
+                int(s["count"]),
+                s["p50"],
+                s["p95"],
+                s["p99"],
+                s["max"],
+                s.get("sum", 0.0),
+            )
             for path, s in snapshot.items()
         ]
         with self._write() as conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO metrics (ts, source, path, count, p50, p95, p99, max) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO metrics "
+                "(ts, source, path, count, p50, p95, p99, max, sum) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
@@ -485,12 +515,13 @@ class SQLiteStore(Store):
     def latest_metrics(self) -> dict[str, dict[str, dict[str, float]]]:
         """See :meth:`Store.latest_metrics`."""
         rows = self._read(
-            """SELECT m.source, m.path, m.count, m.p50, m.p95, m.p99, m.max, m.ts FROM metrics m
+            """SELECT m.source, m.path, m.count, m.p50, m.p95, m.p99, m.max, m.ts, m.sum
+               FROM metrics m
                JOIN (SELECT source, MAX(ts) AS ts FROM metrics GROUP BY source) last
                  ON last.source = m.source AND last.ts = m.ts ORDER BY m.source, m.path"""
         )
         out: dict[str, dict[str, dict[str, float]]] = {}
-        for source, path, count, p50, p95, p99, mx, ts in rows:
+        for source, path, count, p50, p95, p99, mx, ts, total in rows:
             out.setdefault(source, {})[path] = {
                 "count": count,
                 "p50": p50,
@@ -498,8 +529,76 @@ class SQLiteStore(Store):
                 "p99": p99,
                 "max": mx,
                 "ts": ts,
+                "sum": total,
             }
         return out
+
+    def mission(self, scope: str, mission_id: str) -> Mission | None:
+        """See :meth:`Store.mission`."""
+        rows = self._read(
+            f"SELECT {_MISSION_COLUMNS} FROM missions "
+            "WHERE scope = ? AND mission_id = ? AND sid > 0",
+            (scope, mission_id),
+        )
+        return row_to_mission(rows[0]) if rows else None
+
+    def missions(self, scope: str, *, status: str | None = None) -> list[Mission]:
+        """See :meth:`Store.missions`."""
+        where = "scope = ? AND sid > 0"
+        params: list[object] = [scope]
+        if status is not None:
+            where += " AND status = ?"
+            params.append(status)
+        rows = self._read(
+            f"SELECT {_MISSION_COLUMNS} FROM missions WHERE {where} "
+            "ORDER BY started_at, mission_id",
+            params,
+        )
+        return [row_to_mission(r) for r in rows]
+
+    def tool_calls(
+        self,
+        scope: str,
+        mission_id: str,
+        *,
+        since: int | None = None,
+        success: bool | None = None,
+    ) -> list[ToolCall]:
+        """See :meth:`Store.tool_calls`."""
+        where = "scope = ? AND mission_id = ?"
+        params: list[object] = [scope, mission_id]
+        if success is not None:
+            where += " AND success = ?"
+            params.append(int(success))
+        if since is not None:
+            where += " AND called_at >= ?"
+            params.append(since)
+        rows = self._read(
+            "SELECT scope, call_id, mission_id, tool_name, args, result, duration_ms, success, "
+            f"error, called_at, actor FROM tool_calls WHERE {where} ORDER BY called_at, call_id",
+            params,
+        )
+        return [row_to_tool_call(r) for r in rows]
+
+    def decisions(self, scope: str, mission_id: str) -> list[Decision]:
+        """See :meth:`Store.decisions`."""
+        rows = self._read(
+            "SELECT scope, decision_id, mission_id, decision_type, rationale, agent_name, "
+            "decided_at, actor FROM decisions WHERE scope = ? AND mission_id = ? "
+            "ORDER BY decided_at, decision_id",
+            (scope, mission_id),
+        )
+        return [row_to_decision(r) for r in rows]
+
+    def playbook_runs(self, scope: str, mission_id: str) -> list[PlaybookRun]:
+        """See :meth:`Store.playbook_runs`."""
+        rows = self._read(
+            "SELECT scope, run_id, mission_id, playbook_name, phase, started_at, completed_at, "
+            "success, actor FROM playbook_runs WHERE scope = ? AND mission_id = ? "
+            "ORDER BY started_at, run_id",
+            (scope, mission_id),
+        )
+        return [row_to_playbook_run(r) for r in rows]
 
     def close(self) -> None:
         """See :meth:`Store.close`."""

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from acl.levels import Level
+from dualmem.projection import Decision, Mission, PlaybookRun, ToolCall
 
 __all__ = [
     "ApplyResult",
@@ -152,6 +153,10 @@ class Store(ABC):
     * Reads never return tombstones or rows whose ``expires_at`` has passed, and take
       scopes already authorized by ``acl`` (the store filters by them in its query).
     * Times are integer epoch milliseconds.
+    * :meth:`apply` also maintains the projections of reserved records, in the same
+      transaction as the rows they come from (see ``dualmem.projection``): ``_dm/`` records
+      at the plaintext levels become rows of the mission tables, ``mirror.*`` audit events
+      rows of ``sync_events``. Encrypted records are never projected.
     """
 
     @abstractmethod
@@ -221,6 +226,34 @@ class Store(ABC):
     @abstractmethod
     def latest_metrics(self) -> dict[str, dict[str, dict[str, float]]]:
         """``{source: {path: summary}}`` from each source's newest snapshot."""
+
+    @abstractmethod
+    def mission(self, scope: str, mission_id: str) -> Mission | None:
+        """The projected mission ``mission_id`` in ``scope`` (placeholders excluded)."""
+
+    @abstractmethod
+    def missions(self, scope: str, *, status: str | None = None) -> list[Mission]:
+        """Projected missions of ``scope`` (with ``status`` if given), oldest start first."""
+
+    @abstractmethod
+    def tool_calls(
+        self,
+        scope: str,
+        mission_id: str,
+        *,
+        since: int | None = None,
+        success: bool | None = None,
+    ) -> list[ToolCall]:
+        """Tool calls of a mission with ``called_at >= since`` and the given outcome,
+        in call order."""
+
+    @abstractmethod
+    def decisions(self, scope: str, mission_id: str) -> list[Decision]:
+        """Decisions of a mission in the order they were taken."""
+
+    @abstractmethod
+    def playbook_runs(self, scope: str, mission_id: str) -> list[PlaybookRun]:
+        """Playbook runs of a mission by start time."""
 
     @abstractmethod
     def close(self) -> None:

@@ -1,0 +1,343 @@
+"""The mission log: writes through the put path, projection by the worker, reads from SQLite,
+on fakeredis and a real redis-server; plus the projection on SQLiteStore alone."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from acl import AccessDenied, Codec, Level, Principal, ValidationError
+from dualmem import DualMemory, NotPersisted
+from dualmem.commands import Receipt, delete_fields, put_fields
+from dualmem.missions import MissionLog
+from dualmem.projection import child_key, mission_key
+from dualmem.sqlite_store import SQLiteStore
+from dualmem.store import StreamEntry
+
+LEAD = Principal(agent_id="lead", team="backend", swarm="s1", project="shop")
+RIVAL = Principal(agent_id="rival", team="other", project="rival-shop")
+
+
+def sync_all(mem: DualMemory, receipts: list[Receipt]) -> None:
+    for r in receipts:
+        mem.sync(r, timeout=10)
+
+
+def raw_db(db_path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(db_path)
+
+
+def test_a_mission_round_trip_through_the_put_path(mem: DualMemory, db_path: Path) -> None:
+    log = MissionLog(mem, LEAD)
+    rs = [log.start_mission("auth-7", "design", {"owner": "backend", "n": 1})]
+    rs.append(log.record_tool_call("auth-7", "grep", {"q": "login"}, {"hits": 3}, 12.5, True))
+    time.sleep(0.002)
+    cut = time.time_ns() // 1_000_000
+    time.sleep(0.002)
+    rs.append(log.record_tool_call("auth-7", "pytest", ["-q"], None, 900, False, "2 failed"))
+    rs.append(log.record_decision("auth-7", "approach", "tokens beat sessions", "architect"))
+    rs.append(log.record_playbook_run("auth-7", "deploy", "staging", cut - 50, cut, True))
+    rs.append(log.update_mission("auth-7", phase="build", status="in_progress"))
+    sync_all(mem, rs)
+
+    m = log.get_mission("auth-7")
+    assert m is not None
+    assert (m.status, m.phase, m.metadata, m.scope) == (
+        "in_progress",
+        "build",
+        {"owner": "backend", "n": 1},
+        "project:shop",
+    )
+    assert m.completed_at is None and m.updated_at >= m.started_at
+    calls = log.tool_calls("auth-7")
+    assert [c.tool_name for c in calls] == ["grep", "pytest"]
+    assert calls[0].args == {"q": "login"} and calls[0].result == {"hits": 3}
+    assert calls[1].error == "2 failed" and calls[1].success is False
+    assert [c.tool_name for c in log.tool_calls("auth-7", success=False)] == ["pytest"]
+    assert [c.tool_name for c in log.tool_calls("auth-7", since=cut)] == ["pytest"]
+    assert [d.rationale for d in log.decisions("auth-7")] == ["tokens beat sessions"]
+    runs = log.playbook_runs("auth-7")
+    assert [(r.playbook_name, r.completed_at - r.started_at) for r in runs] == [("deploy", 50)]
+
+    sync_all(mem, [log.update_mission("auth-7", status="completed")])
+    done = log.get_mission("auth-7")
+    assert done is not None and done.status == "completed" and done.completed_at is not None
+    assert [m.mission_id for m in log.list_missions(status="completed")] == ["auth-7"]
+    assert log.list_missions(status="in_progress") == []
+
+    # Stored as the issue asks: integer epoch ms, valid JSON columns, one row per record.
+    with raw_db(db_path) as conn:
+        row = conn.execute(
+            "SELECT typeof(called_at), json_valid(args), json_valid(result) FROM tool_calls"
+        ).fetchall()
+        assert row == [("integer", 1, 1)] * 2
+        assert conn.execute(
+            "SELECT typeof(started_at), typeof(completed_at) FROM missions"
+        ).fetchone() == ("integer", "integer")
+        assert conn.execute(
+            "SELECT json_extract(metadata, '$.owner') FROM missions"
+        ).fetchone() == ("backend",)
+
+
+def test_illegal_transitions_and_unknown_missions_are_rejected_before_any_write(
+    mem: DualMemory,
+) -> None:
+    log = MissionLog(mem, LEAD)
+    sync_all(mem, [log.start_mission("m1", "plan", status="pending")])
+    before = mem.backlog()
+    with pytest.raises(ValidationError, match="from pending to completed"):
+        log.update_mission("m1", status="completed")
+    with pytest.raises(ValidationError, match="status must be one of"):
+        log.update_mission("m1", status="done")
+    with pytest.raises(ValidationError, match="already exists"):
+        log.start_mission("m1", "plan")
+    with pytest.raises(ValidationError, match="unknown mission"):
+        log.record_tool_call("nope", "grep", {}, {}, 1, True)
+    with pytest.raises(ValidationError, match="unknown mission"):
+        log.update_mission("nope", status="failed")
+    with pytest.raises(ValidationError, match="must not contain '/'"):
+        log.start_mission("a/b", "plan")
+    with pytest.raises(ValidationError, match="duration_ms"):
+        log.record_tool_call("m1", "grep", {}, {}, -1, True)
+    with pytest.raises(ValidationError, match="before started_at"):
+        log.record_playbook_run("m1", "deploy", "x", 100, 50, True)
+    with pytest.raises(ValidationError, match="JSON"):
+        log.record_tool_call("m1", "grep", {"f": object()}, {}, 1, True)
+    assert mem.backlog() == before  # nothing reached the stream
+
+    # The check sees the newest state even before the worker commits it (Redis cache).
+    log.update_mission("m1", status="in_progress")
+    log.update_mission("m1", status="failed")
+    with pytest.raises(ValidationError, match="from failed to in_progress"):
+        log.update_mission("m1", status="in_progress")
+
+
+def test_delete_cascades_to_the_mission_tables(mem: DualMemory, db_path: Path) -> None:
+    log = MissionLog(mem, LEAD)
+    rs = [log.start_mission("m1", "p"), log.start_mission("m2", "p")]
+    for mid in ("m1", "m2"):
+        rs.append(log.record_tool_call(mid, "t", {}, {}, 1, True))
+        rs.append(log.record_decision(mid, "d", "r", "a"))
+        rs.append(log.record_playbook_run(mid, "pb", "x", 1, 2, True))
+    sync_all(mem, rs)
+    sync_all(mem, log.delete_mission("m1"))
+    assert log.get_mission("m1") is None and log.tool_calls("m1") == []
+    with raw_db(db_path) as conn:
+        for table in ("missions", "tool_calls", "decisions", "playbook_runs"):
+            assert conn.execute(f"SELECT DISTINCT mission_id FROM {table}").fetchall() == [("m2",)]
+        fks = {
+            r[2]: r[-2]
+            for t in ("tool_calls", "decisions", "playbook_runs")
+            for r in conn.execute(f"PRAGMA foreign_key_list({t})")
+        }
+        assert fks == {"missions": "CASCADE"}
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    # The records themselves are gone too, not only their projection.
+    assert mem.query(principal=LEAD, level=Level.PROJECT, prefix="_dm/tool_call/m1/") == []
+
+
+def test_reads_use_the_indexes(mem: DualMemory) -> None:
+    store = mem.store
+    assert isinstance(store, SQLiteStore)
+    conn = store._conn()
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)  # the statements as run, parameters expanded
+    try:
+        store.missions("project:shop", status="pending")
+        store.missions("project:shop")
+        store.mission("project:shop", "m")
+        store.tool_calls("project:shop", "m", since=5, success=True)
+        store.tool_calls("project:shop", "m")
+        store.decisions("project:shop", "m")
+        store.playbook_runs("project:shop", "m")
+    finally:
+        conn.set_trace_callback(None)
+    assert len(seen) == 7
+    for sql in seen:
+        plan = " ".join(str(r[-1]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
+        assert "USING INDEX" in plan or "USING PRIMARY KEY" in plan, (sql, plan)
+        assert "SCAN" not in plan and "TEMP B-TREE" not in plan, (sql, plan)
+
+
+def test_encrypted_levels_are_never_projected_and_still_readable(
+    mem: DualMemory, db_path: Path
+) -> None:
+    log = MissionLog(mem, LEAD, level=Level.TEAM)
+    secret = "sk-live-4f7a9c1e-never-in-plaintext"
+    rs = [log.start_mission("t1", "design", {"token": secret})]
+    rs.append(log.record_tool_call("t1", "vault", {"key": secret}, {"ok": True}, 3, True))
+    rs.append(log.record_tool_call("t1", "vault", {"key": "x"}, None, 3, False))
+    rs.append(log.record_decision("t1", "rotate", secret, "security"))
+    sync_all(mem, rs)
+    sync_all(mem, [log.update_mission("t1", status="completed")])
+    mission = log.get_mission("t1")
+    assert (
+        mission is not None
+        and mission.metadata == {"token": secret}
+        and mission.status == "completed"
+    )
+    assert [m.mission_id for m in log.list_missions(status="completed")] == ["t1"]
+    assert [c.args for c in log.tool_calls("t1", success=True)] == [{"key": secret}]
+    assert [d.rationale for d in log.decisions("t1")] == [secret]
+    # A PROJECT-level mission log does not see the TEAM one.
+    assert MissionLog(mem, LEAD).get_mission("t1") is None
+    with raw_db(db_path) as conn:
+        for table in ("missions", "tool_calls", "decisions", "playbook_runs"):
+            assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    raw = b"".join(
+        p.read_bytes() for p in db_path.parent.iterdir() if p.name.startswith(db_path.name)
+    )
+    assert secret.encode() not in raw
+
+
+def test_a_private_tool_call_in_a_project_mission(mem: DualMemory) -> None:
+    log = MissionLog(mem, LEAD)
+    rs = [log.start_mission("m", "p")]
+    rs.append(
+        log.record_tool_call(
+            "m", "login", {"password": "hunter2"}, {}, 1, True, level=Level.PRIVATE
+        )
+    )
+    rs.append(log.record_tool_call("m", "grep", {}, {}, 1, True))
+    sync_all(mem, rs)
+    assert [c.tool_name for c in log.tool_calls("m")] == ["grep"]
+    private = log.tool_calls("m", level=Level.PRIVATE)
+    assert [(c.tool_name, c.args, c.scope) for c in private] == [
+        ("login", {"password": "hunter2"}, "agent:lead")
+    ]
+
+
+def test_access_is_scoped_and_denials_are_audited(mem: DualMemory) -> None:
+    sync_all(mem, [MissionLog(mem, LEAD).start_mission("m", "p")])
+    assert MissionLog(mem, RIVAL).get_mission("m") is None  # another project's scope
+    loner = Principal(agent_id="loner")
+    with pytest.raises(AccessDenied):
+        MissionLog(mem, loner).list_missions()
+    with pytest.raises(AccessDenied):
+        MissionLog(mem, loner).start_mission("m", "p")
+
+
+def test_a_malformed_reserved_record_is_dead_lettered_and_the_rest_flows(
+    make_mem: Callable[..., DualMemory],
+) -> None:
+    mem = make_mem(max_deliveries=1, claim_idle_ms=50)
+    bad = mem.put(
+        mission_key("m9"),
+        {"mission_id": "m9", "status": "bogus"},
+        level=Level.PROJECT,
+        principal=LEAD,
+    )
+    good = MissionLog(mem, LEAD).start_mission("m1", "p")
+    mem.sync(good, timeout=10)
+    with pytest.raises(NotPersisted, match="dead-lettered"):
+        mem.sync(bad, timeout=10)
+    dead = mem.store.dead_letters()
+    assert len(dead) == 1 and "not a valid mission record" in dead[0].error
+    assert "status must be one of" in dead[0].error
+
+
+# -- the projection on SQLiteStore alone (no Redis) ------------------------------------------
+
+CODEC = Codec(None)
+
+
+def put_entry(ms: int, key: str, value: object, scope: str = "project:shop") -> StreamEntry:
+    env = CODEC.seal(value, scope=scope, key=key, level=Level.PROJECT)
+    f = put_fields(scope, key, Level.PROJECT, "lead", ms * 1000, env, None)
+    return StreamEntry(
+        0, f"{ms}-0", {k: v if isinstance(v, bytes) else str(v).encode() for k, v in f.items()}
+    )
+
+
+def del_entry(ms: int, key: str, scope: str = "project:shop") -> StreamEntry:
+    f = delete_fields(scope, key, Level.PROJECT, "lead", ms * 1000)
+    return StreamEntry(
+        0, f"{ms}-0", {k: v if isinstance(v, bytes) else str(v).encode() for k, v in f.items()}
+    )
+
+
+def mission_value(mid: str, status: str, ts: int) -> dict[str, object]:
+    return {
+        "mission_id": mid,
+        "phase": "p",
+        "status": status,
+        "metadata": {},
+        "started_at": ts,
+        "updated_at": ts,
+        "completed_at": None,
+    }
+
+
+def call_value(mid: str, cid: str, ts: int) -> dict[str, object]:
+    return {
+        "mission_id": mid,
+        "call_id": cid,
+        "tool_name": "t",
+        "args": {},
+        "result": None,
+        "duration_ms": 1.0,
+        "success": True,
+        "error": None,
+        "called_at": ts,
+    }
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteStore:
+    s = SQLiteStore(tmp_path / "p.db")
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def test_a_child_before_its_mission_keeps_the_foreign_key(store: SQLiteStore) -> None:
+    store.apply([put_entry(10, child_key("tool_call", "m", "c1"), call_value("m", "c1", 10))])
+    assert store.mission("project:shop", "m") is None  # placeholder, hidden from reads
+    assert [c.call_id for c in store.tool_calls("project:shop", "m")] == ["c1"]
+    store.apply([put_entry(5, mission_key("m"), mission_value("m", "in_progress", 5))])
+    m = store.mission("project:shop", "m")
+    assert m is not None and m.status == "in_progress"
+
+
+def test_projection_is_idempotent_and_never_goes_back(store: SQLiteStore) -> None:
+    newer = put_entry(20, mission_key("m"), mission_value("m", "completed", 20))
+    older = put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))
+    store.apply([newer])
+    store.apply([older, newer])  # late older command, and a redelivery
+    m = store.mission("project:shop", "m")
+    assert m is not None and m.status == "completed"
+
+
+def test_a_late_child_cannot_revive_a_deleted_mission(store: SQLiteStore) -> None:
+    store.apply([put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))])
+    store.apply([del_entry(20, mission_key("m"))])
+    store.apply(
+        [
+            put_entry(
+                15,
+                child_key("decision", "m", "d1"),
+                {
+                    "mission_id": "m",
+                    "decision_id": "d1",
+                    "decision_type": "x",
+                    "rationale": "",
+                    "agent_name": "a",
+                    "decided_at": 15,
+                },
+            )
+        ]
+    )
+    assert store.mission("project:shop", "m") is None
+    assert store.decisions("project:shop", "m") == []
+
+
+def test_a_record_whose_ids_do_not_match_its_key_fails_alone(store: SQLiteStore) -> None:
+    good = put_entry(10, mission_key("m"), mission_value("m", "pending", 10))
+    bad = put_entry(11, child_key("tool_call", "m", "c1"), call_value("m", "other", 11))
+    result = store.apply([good, bad])
+    assert result.applied == 1 and [e.stream_id for e, _ in result.failed] == ["11-0"]
+    assert "call_id in the value does not match the key" in result.failed[0][1]
