@@ -1,0 +1,243 @@
+"""Result files in, ``REPORT.md`` out: the targets table, per-suite tables, method notes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bench.stats import Target, fmt, us
+
+__all__ = ["load_results", "render_report", "targets_table", "write_report"]
+
+BACKENDS = ("redis", "fakeredis")
+_BACKEND_TITLE = {"redis": "real redis-server", "fakeredis": "embedded fakeredis"}
+
+
+def load_results(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{suite: document}`` for every ``<suite>.json`` in ``directory``, in suite order."""
+    from bench.suites import SUITES
+
+    out: dict[str, dict[str, Any]] = {}
+    for name in SUITES:
+        path = directory / f"{name}.json"
+        if path.exists():
+            out[name] = json.loads(path.read_text(encoding="utf-8"))
+    return out
+
+
+def _targets(docs: Mapping[str, Mapping[str, Any]]) -> list[Target]:
+    out: list[Target] = []
+    for doc in docs.values():
+        for backend in BACKENDS:
+            result = doc.get("backends", {}).get(backend)
+            if result:
+                out.extend(Target.from_json(t) for t in result.get("targets", []))
+    return out
+
+
+def targets_table(docs: Mapping[str, Mapping[str, Any]]) -> str:
+    """The markdown table of every target: dualmem, baseline, measured, target, met."""
+    lines = [
+        "| suite | backend | measure | dualmem | baseline | measured | target | result |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in _targets(docs):
+        sign = "≤" if t.op == "<=" else "≥"
+        lines.append(
+            f"| {t.suite} | {t.backend} | {t.what} | {t.dualmem or '—'} | {t.baseline or '—'} "
+            f"| {fmt(t.value)}{t.unit} | {sign} {fmt(t.limit)}{t.unit} "
+            f"| {'met' if t.met else '**missed**'} |"
+        )
+    return "\n".join(lines)
+
+
+def _pcts(s: Mapping[str, float]) -> str:
+    return f"{us(s['p50'])} | {us(s['p95'])} | {us(s['p99'])}"
+
+
+def _write(result: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "| level | put p50 | put p95 | put p99 | raw p50 | raw p95 | raw p99 | p95 ratio "
+        "| `redis_write` p95 | `encode` p95 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['level']} {r['level_name']} | {_pcts(r['dualmem_put'])} "
+            f"| {_pcts(r['raw_multi'])} | {fmt(r['p95_ratio'])} "
+            f"| {us(r['redis_write']['p95'])} | {us(r['encode']['p95'])} |"
+        )
+    return lines
+
+
+def _persist(result: Mapping[str, Any]) -> list[str]:
+    lines = [
+        f"Backlog {result['backlog']:,} commands, batch size {result['batch_size']}.",
+        "",
+        "| round | worker drain | raw executemany | ratio | drain seconds | batches |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(result["rounds"]):
+        lines.append(
+            f"| {i + 1} | {r['dualmem_rate']:,.0f}/s | {r['raw_rate']:,.0f}/s "
+            f"| {fmt(r['dualmem_rate'] / r['raw_rate'])} | {r['seconds']:.2f} | {r['batches']} |"
+        )
+    lines.append(
+        f"| **median** | **{result['dualmem_rate']:,.0f}/s** | **{result['raw_rate']:,.0f}/s** "
+        f"| **{fmt(result['ratio'])}** | | |"
+    )
+    return lines
+
+
+def _read(result: Mapping[str, Any]) -> list[str]:
+    lines = [
+        f"{result['records_per_level']:,} records per level.",
+        "",
+        "| level | dualmem get p50 / p95 / p99 | SQLite SELECT + json.loads | SQLite row only "
+        "| diskcache get | ÷ SQLite | ÷ row only | ÷ diskcache |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        cells = [
+            " / ".join(us(r[name][p]) for p in ("p50", "p95", "p99"))
+            for name in ("dualmem_get", "sqlite_select_json", "sqlite_select_row", "diskcache_get")
+        ]
+        lines.append(
+            f"| {r['level']} {r['level_name']} | {' | '.join(cells)} "
+            f"| {fmt(r['p95_vs_sqlite'])} | {fmt(r['p95_vs_sqlite_row'])} "
+            f"| {fmt(r['p95_vs_diskcache'])} |"
+        )
+    lines.append("")
+    lines.append("Ratios are of p95s; p50 / p95 / p99 per contender.")
+    return lines
+
+
+def _lag(result: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "| offered | senders | achieved | lag p50 | lag p95 | lag p99 | lag max "
+        "| send start delay p95 | not visible |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rates"]:
+        lag = r["lag"]
+        lines.append(
+            f"| {r['offered_rate']:,}/s | {r['senders']} | {r['achieved_send_rate']:,.0f}/s "
+            f"| {us(lag['p50'])} | {us(lag['p95'])} | {us(lag['p99'])} | {us(lag['max'])} "
+            f"| {us(r['send_start_delay']['p95'])} | {r['not_visible']} |"
+        )
+    return lines
+
+
+def _peers(result: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "| contender | put p50 | put p95 | put p99 | get p50 | get p95 | get p99 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, put in result["put"].items():
+        get = result["get"][name]
+        lines.append(f"| {name} | {_pcts(put)} | {_pcts(get)} |")
+    return lines
+
+
+def _scale(result: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "| stored records | put p50 | put p95 | put p99 | raw MULTI p95 | put p95 ratio "
+        "| persist rate |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['records']:,} | {_pcts(r['put'])} | {us(r['raw_multi']['p95'])} "
+            f"| {fmt(r['put_p95_ratio'])} | {r['persist_rate']:,.0f}/s |"
+        )
+    lines.append("")
+    lines.append(
+        "Flatness of the put p95 ratio (put ÷ raw at the same moment): "
+        f"{fmt(result['put_p95_ratio_flatness'])}."
+    )
+    return lines
+
+
+_DETAIL = {
+    "write": ("Write path", _write),
+    "persist": ("Persist", _persist),
+    "read": ("Read path", _read),
+    "lag": ("Lag (write → queryable)", _lag),
+    "peers": ("Peers", _peers),
+    "scale": ("Scale", _scale),
+}
+
+_PLOTS = {
+    "write": ("write_cdf.png", "Put latency CDF per level beside the raw MULTI baseline"),
+    "lag": ("lag_vs_rate.png", "Lag percentiles against offered rate"),
+}
+
+
+def _machine(docs: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    runs: dict[str, Mapping[str, Any]] = {}
+    for doc in docs.values():
+        run = doc["run"]
+        runs.setdefault(run["id"], run)
+    lines = []
+    for run in runs.values():
+        m = run["machine"]
+        pk = m["packages"]
+        lines += [
+            f"- command: `{run['command']}` (sizes `{run['sizes']['name']}`, seed {run['seed']}, "
+            f"started {m['started_utc']}, {run.get('seconds', 0):.0f} s)",
+            f"- {m['cpu_count']} CPUs ({m['cpu_model']}), {m['platform']}, "
+            f"load average at start {m['load_average_at_start']}",
+            f"- {m['python']}, SQLite {m['sqlite']}, redis-server {m['redis_server']}, "
+            f"redis-py {pk.get('redis')} ({m['redis_py_parser']} parser), fakeredis "
+            f"{pk.get('fakeredis')}, diskcache {pk.get('diskcache')}, "
+            f"langgraph-checkpoint-sqlite {pk.get('langgraph-checkpoint-sqlite')}",
+        ]
+    return lines
+
+
+def render_report(docs: Mapping[str, Mapping[str, Any]], plots: Mapping[str, str]) -> str:
+    """The text of ``REPORT.md`` for the result documents (``plots``: suite -> file name)."""
+    targets = _targets(docs)
+    met = sum(t.met for t in targets)
+    out = [
+        "# dualmem benchmark report",
+        "",
+        "Generated by `python -m bench` from the JSON files beside this one; do not edit by "
+        "hand. Every ratio compares dualmem with a baseline measured in the same run, on the "
+        "same machine, interleaved operation by operation (see each suite's method), because "
+        "absolute times on a shared machine mean little.",
+        "",
+        *_machine(docs),
+        "",
+        f"## Targets ({met} of {len(targets)} met)",
+        "",
+        targets_table(docs),
+    ]
+    for suite, doc in docs.items():
+        title, detail = _DETAIL[suite]
+        out += ["", f"## {title}", ""]
+        first = next(iter(doc["backends"].values()))
+        out += [first["method"], ""]
+        for backend in BACKENDS:
+            result = doc["backends"].get(backend)
+            if not result:
+                continue
+            out += [f"### {_BACKEND_TITLE[backend]}", "", *detail(result), ""]
+        if suite in plots:
+            out += [f"![{_PLOTS[suite][1]}]({plots[suite]})", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_report(directory: Path, *, plots: bool = True) -> Path:
+    """Render ``REPORT.md`` (and the PNG plots, when matplotlib is there) in ``directory``."""
+    docs = load_results(directory)
+    made: dict[str, str] = {}
+    if plots:
+        from bench.plots import make_plots
+
+        made = make_plots(docs, directory)
+    path = directory / "REPORT.md"
+    path.write_text(render_report(docs, made), encoding="utf-8")
+    return path

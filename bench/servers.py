@@ -1,0 +1,193 @@
+"""Processes the benchmarks start and always stop: a redis-server on 127.0.0.1, and
+``dualmem worker`` processes."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+__all__ = ["BenchRedis", "WorkerProcess", "free_port"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class BenchRedis:
+    """A redis-server with AOF ``everysec`` (the configuration the README recommends),
+    listening on a free 127.0.0.1 port, keeping its files in ``workdir``.
+
+    Use it as a context manager: the server is shut down on exit, whatever happened.
+    """
+
+    def __init__(self, workdir: Path, binary: str | None = None) -> None:
+        found = binary or shutil.which("redis-server")
+        if found is None:
+            raise RuntimeError(
+                "redis-server is not installed (apt-get install redis-server), "
+                "or run with --backend fakeredis"
+            )
+        self.binary = found
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        """A plain redis-py client with default settings (what a raw baseline uses)."""
+        return redis.Redis(host="127.0.0.1", port=self.port)
+
+    def start(self) -> BenchRedis:
+        """Start the server and wait until it answers PING."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "yes",
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--logfile",
+            "redis.log",
+            "--daemonize",
+            "no",
+        ]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if self.client().ping():
+                    return self
+            except redis.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                log = self.workdir / "redis.log"
+                raise RuntimeError(
+                    f"redis-server did not start on port {self.port}: "
+                    + (log.read_text()[-2000:] if log.exists() else "no log")
+                )
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """SHUTDOWN (flushes the AOF), then make sure the process is gone."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(redis.RedisError):
+            self.client().shutdown(nosave=True)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def __enter__(self) -> BenchRedis:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class WorkerProcess:
+    """``python -m dualmem worker`` on a real Redis: persistence outside the writer's process,
+    as the README recommends when a writer's latency matters."""
+
+    def __init__(self, redis_url: str, db_path: Path, *extra: str) -> None:
+        self.args = [
+            sys.executable,
+            "-m",
+            "dualmem",
+            "worker",
+            "--redis-url",
+            redis_url,
+            "--db",
+            str(db_path),
+            *extra,
+        ]
+        # Output goes to a file, not a pipe: nobody reads a pipe during the run, and a
+        # full pipe would stall the worker and with it the numbers.
+        self.log_path = db_path.with_name(db_path.name + f".worker-{free_port()}.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def output(self) -> str:
+        """Everything the worker printed so far."""
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def start(self, timeout: float = 30) -> WorkerProcess:
+        """Start the worker and wait for its start-up line."""
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while "dualmem worker" not in self.output:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"dualmem worker did not start: {self.output}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 120) -> str:
+        """SIGTERM (the worker drains, then exits); returns everything it printed."""
+        if self.proc is None:
+            return self.output
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"dualmem worker exited with {self.proc.returncode}: {self.output}")
+        return self.output
+
+    def kill(self) -> None:
+        """SIGKILL, for clean-up after an error."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            self.kill()
+            return
+        self.stop()

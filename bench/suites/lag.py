@@ -1,0 +1,278 @@
+"""Lag: time from a write's intended send time until SQLite readers can see it, at
+open-loop offered rates."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import sqlite3
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from bench.harness import LEVELS, PRINCIPAL, Backend, Bench, make_values
+from bench.openloop import Send, run_open_loop, schedule, senders_for
+from bench.servers import WorkerProcess
+from bench.stats import Target, summarize, us
+from dualmem import DualMemory
+
+__all__ = ["Observer", "run"]
+
+TARGETS_MS = {2000: 5.0, 10_000: 20.0}
+POLL_S = 0.0005
+_START_DELAY_NS = 300_000_000
+
+METHOD = (
+    "Every write has an intended send time fixed in advance (open loop: a constant offered "
+    "rate, split round-robin over several sender processes on real Redis so that no "
+    "sender is offered more than `per_sender_rate`; threads in the one process on "
+    "fakeredis). Lag is measured from that intended time, so a sender that falls behind "
+    "adds its queueing to the lag instead of hiding it (no coordinated omission). A write "
+    "counts as queryable when an observer polling the journal table of the SQLite file "
+    "(a separate read connection, every 0.5 ms) first sees it, so figures include up to "
+    "one poll interval. Real Redis: writers run with `worker=False` and one `dualmem "
+    "worker` process persists; fakeredis: the embedded default (writers and the worker "
+    "thread in one process). The first `lag_warmup_s` of each rate are sent but not "
+    "counted."
+)
+
+
+class Observer:
+    """Polls the journal for keys under ``prefix`` and notes when each first appears."""
+
+    def __init__(self, db: Path, prefix: str) -> None:
+        self.db = db
+        self.prefix = prefix
+        self.seen: dict[int, int] = {}
+        self._conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
+        self._conn.execute("PRAGMA busy_timeout = 5000")
+        row = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM journal").fetchone()
+        self._seq = int(row[0])
+        self._stop = threading.Event()
+
+    def poll(self) -> int:
+        """One poll; returns how many new keys of ours became visible."""
+        rows = self._conn.execute(
+            "SELECT seq, key FROM journal WHERE seq > ? ORDER BY seq", (self._seq,)
+        ).fetchall()
+        now = time.monotonic_ns()
+        found = 0
+        for seq, key in rows:
+            self._seq = seq
+            if key.startswith(self.prefix):
+                index = int(key[len(self.prefix) :])
+                if index not in self.seen:
+                    self.seen[index] = now
+                    found += 1
+        return found
+
+    def follow(self, expected: int, deadline_ns: int) -> None:
+        """Poll until ``expected`` keys were seen, ``stop()`` or the deadline."""
+        while len(self.seen) < expected and not self._stop.is_set():
+            if time.monotonic_ns() > deadline_ns:
+                return
+            self.poll()
+            time.sleep(POLL_S)
+
+    def stop(self) -> None:
+        """Make ``follow`` return."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Close the read connection."""
+        self._conn.close()
+
+
+def _sender(
+    mem: DualMemory, rate: int, seconds: float, start_ns: int, senders: int, k: int, seed: str
+) -> list[Send]:
+    import random
+
+    values = make_values(random.Random(seed), 16)
+    prefix = f"bench/lag/{rate}/"
+    nlev = len(LEVELS)
+
+    def send(i: int) -> None:
+        mem.put(f"{prefix}{i}", values[i % 16], level=LEVELS[i % nlev], principal=PRINCIPAL)
+
+    plan = schedule(rate, seconds, start_ns, senders=senders, sender=k)
+    return run_open_loop(plan, send)
+
+
+def _sender_process(
+    conn: Connection, url: str, db: str, keyfile: str, rate: int, seconds: float, senders: int,
+    k: int, seed: str,
+) -> None:  # fmt: skip
+    """Entry point of one sender process: connect, say ready, wait for the start time."""
+    mem = DualMemory(redis_url=url, db_path=db, keyring=keyfile, worker=False)
+    try:
+        conn.send("ready")
+        start_ns = conn.recv()
+        conn.send(_sender(mem, rate, seconds, start_ns, senders, k, seed))
+    finally:
+        mem.close()
+        conn.close()
+
+
+def _run_rate_processes(
+    ctx: Bench, backend: Backend, db: Path, rate: int, observer: Observer
+) -> list[Send]:
+    sizes = ctx.sizes
+    senders = senders_for(rate, sizes.per_sender_rate)
+    mp = multiprocessing.get_context("spawn")
+    pipes: list[Connection] = []
+    procs = []
+    for k in range(senders):
+        parent, child = mp.Pipe()
+        p = mp.Process(
+            target=_sender_process,
+            args=(
+                child,
+                backend.url,
+                str(db),
+                str(ctx.keyfile),
+                rate,
+                sizes.lag_seconds,
+                senders,
+                k,
+                f"{ctx.seed}:lag:{k}",
+            ),
+            daemon=True,
+        )
+        p.start()
+        pipes.append(parent)
+        procs.append(p)
+    try:
+        for pipe in pipes:
+            if not pipe.poll(60) or pipe.recv() != "ready":
+                raise RuntimeError("a lag sender process did not start")
+        start_ns = time.monotonic_ns() + _START_DELAY_NS
+        for pipe in pipes:
+            pipe.send(start_ns)
+        expected = int(rate * sizes.lag_seconds)
+        observer.follow(expected, start_ns + int((sizes.lag_seconds + 60) * 1e9))
+        sends: list[Send] = []
+        for pipe in pipes:
+            if not pipe.poll(120):
+                raise RuntimeError("a lag sender process did not report")
+            sends.extend(pipe.recv())
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    return sends
+
+
+def _run_rate_threads(ctx: Bench, mem: DualMemory, rate: int, observer: Observer) -> list[Send]:
+    sizes = ctx.sizes
+    senders = senders_for(rate, sizes.per_sender_rate)
+    start_ns = time.monotonic_ns() + _START_DELAY_NS
+    results: list[list[Send]] = [[] for _ in range(senders)]
+    errors: list[BaseException] = []
+
+    def body(k: int) -> None:
+        try:
+            results[k] = _sender(
+                mem, rate, sizes.lag_seconds, start_ns, senders, k, f"{ctx.seed}:lag:{k}"
+            )
+        except BaseException as exc:  # reported below, not lost in a thread
+            errors.append(exc)
+            observer.stop()
+
+    threads = [threading.Thread(target=body, args=(k,)) for k in range(senders)]
+    for t in threads:
+        t.start()
+    expected = int(rate * sizes.lag_seconds)
+    observer.follow(expected, start_ns + int((sizes.lag_seconds + 60) * 1e9))
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return [s for r in results for s in r]
+
+
+def _analyse(rate: int, sends: list[Send], seen: dict[int, int], ctx: Bench) -> dict[str, Any]:
+    if not sends:
+        raise RuntimeError(f"no sends at {rate}/s")
+    start = min(due for _, due, _, _ in sends)
+    warm_end = start + int(ctx.sizes.lag_warmup_s * 1e9)
+    counted = [s for s in sends if s[1] >= warm_end]
+    lags = [seen[i] - due for i, due, _, _ in counted if i in seen]
+    missing = sum(1 for i, _, _, _ in counted if i not in seen)
+    late = [started - due for _, due, started, _ in counted]
+    last_end = max(end for _, _, _, end in sends)
+    return {
+        "offered_rate": rate,
+        "senders": senders_for(rate, ctx.sizes.per_sender_rate),
+        "writes": len(sends),
+        "counted": len(counted),
+        "not_visible": missing,
+        "achieved_send_rate": len(sends) / max((last_end - start) / 1e9, 1e-9),
+        "lag": summarize(lags),
+        "send_start_delay": summarize(late),
+        "send_latency": summarize(end - started for _, _, started, end in counted),
+    }
+
+
+def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
+    """Each offered rate for ``lag_seconds``; lag percentiles per rate."""
+    sizes = ctx.sizes
+    db = ctx.path(f"lag-{backend.name}.db")
+    advance = ctx.progress.task(f"lag [{backend.name}]", len(sizes.lag_rates))
+    results: list[dict[str, Any]] = []
+    if backend.external_worker:
+        # The database must exist (schema included) before the observer opens it.
+        DualMemory(
+            redis_url=backend.url, db_path=str(db), keyring=str(ctx.keyfile), worker=False
+        ).close()
+        with WorkerProcess(backend.url, db):
+            for rate in sizes.lag_rates:
+                observer = Observer(db, f"bench/lag/{rate}/")
+                try:
+                    sends = _run_rate_processes(ctx, backend, db, rate, observer)
+                    results.append(_analyse(rate, sends, observer.seen, ctx))
+                finally:
+                    observer.close()
+                advance(1)
+    else:
+        mem = ctx.memory(backend, db)
+        try:
+            for rate in sizes.lag_rates:
+                observer = Observer(db, f"bench/lag/{rate}/")
+                try:
+                    sends = _run_rate_threads(ctx, mem, rate, observer)
+                    results.append(_analyse(rate, sends, observer.seen, ctx))
+                finally:
+                    observer.close()
+                advance(1)
+        finally:
+            mem.close(timeout=120)
+    targets = []
+    for row in results:
+        limit = TARGETS_MS.get(row["offered_rate"])
+        if limit is None:
+            continue
+        p95_ms = row["lag"]["p95"] / 1000
+        if row["not_visible"]:
+            p95_ms = math.nan  # writes that never became visible cannot meet a lag target
+        targets.append(
+            Target.check(
+                "lag",
+                backend.name,
+                f"lag p95 at {row['offered_rate']} writes/s",
+                p95_ms,
+                "<=",
+                limit,
+                " ms",
+                dualmem=f"p50 {us(row['lag']['p50'])}, p99 {us(row['lag']['p99'])}",
+            )
+        )
+    return {
+        "method": METHOD,
+        "rates": results,
+        "poll_interval_ms": POLL_S * 1000,
+        "targets": [t.to_json() for t in targets],
+    }

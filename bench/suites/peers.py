@@ -1,0 +1,115 @@
+"""Peers: dualmem ``put``/``get`` beside LangGraph's ``SqliteStore`` and diskcache."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from acl import Level
+from bench.harness import PRINCIPAL, Backend, Bench, interleaved, make_values
+from bench.stats import Target, ratio, summarize, us
+
+__all__ = ["run"]
+
+TARGET_SPEEDUP = 4.0
+NAMESPACE = ("bench", "peers")
+
+METHOD = (
+    "Each round performs one operation per contender in random order, on the same key "
+    "(cycling over the key space, so puts overwrite) and the same 500-byte JSON document. "
+    "LangGraph `SqliteStore` (langgraph-checkpoint-sqlite) gets the same pragmas as "
+    "dualmem's SQLite (WAL, synchronous=NORMAL) and diskcache its defaults (WAL, NORMAL). "
+    "A dualmem put returns once the command is in Redis (persisted by the worker later, "
+    "see the lag suite); SqliteStore and diskcache return after their SQLite commit. "
+    "Gets run after the worker has persisted every put."
+)
+
+
+def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
+    """Time interleaved puts, then interleaved gets, of dualmem and its peers."""
+    import diskcache  # type: ignore[import-untyped]
+    from langgraph.store.sqlite import SqliteStore  # type: ignore[import-untyped]
+
+    sizes = ctx.sizes
+    rng = ctx.rng(f"peers:{backend.name}")
+    values = make_values(rng, 64)
+    keys = [f"bench/peers/{i}" for i in range(sizes.key_space)]
+    nk = len(keys)
+    advance = ctx.progress.task(f"peers [{backend.name}]", 2 * (sizes.warmup + sizes.peers_ops))
+    conn = sqlite3.connect(
+        ctx.path(f"peers-langgraph-{backend.name}.db"),
+        check_same_thread=False,
+        isolation_level=None,
+    )
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    store = SqliteStore(conn)
+    store.setup()
+    cache = diskcache.Cache(str(ctx.path(f"peers-diskcache-{backend.name}")))
+    put_s: dict[str, list[int]] = {}
+    get_s: dict[str, list[int]] = {}
+    try:
+        with ctx.writer(backend, ctx.path(f"peers-{backend.name}.db")) as mem:
+            last: dict[Level, Any] = {}
+
+            def dm_put(level: Level) -> Any:
+                def op(i: int) -> None:
+                    last[level] = mem.put(
+                        keys[i % nk], values[i % 64], level=level, principal=PRINCIPAL
+                    )
+
+                return op
+
+            def dm_get(level: Level) -> Any:
+                return lambda i: mem.get(keys[i % nk], level=level, principal=PRINCIPAL)
+
+            puts = {
+                "dualmem L3 SWARM": dm_put(Level.SWARM),
+                "dualmem L1 PRIVATE": dm_put(Level.PRIVATE),
+                "langgraph SqliteStore": lambda i: store.put(
+                    NAMESPACE, keys[i % nk], values[i % 64]
+                ),
+                "diskcache": lambda i: cache.set(keys[i % nk], values[i % 64]),
+            }
+            gets = {
+                "dualmem L3 SWARM": dm_get(Level.SWARM),
+                "dualmem L1 PRIVATE": dm_get(Level.PRIVATE),
+                "langgraph SqliteStore": lambda i: store.get(NAMESPACE, keys[i % nk]).value,
+                "diskcache": lambda i: cache.get(keys[i % nk]),
+            }
+            interleaved(puts, sizes.warmup, rng, advance=advance)
+            put_s = interleaved(puts, sizes.peers_ops, rng, advance=advance)
+            for receipt in last.values():
+                mem.sync(receipt, timeout=600)
+            answers = {name: op(0) for name, op in gets.items()}
+            if len({json.dumps(v, sort_keys=True) for v in answers.values()}) != 1:
+                raise RuntimeError(f"contenders disagree on the value: {answers}")
+            interleaved(gets, sizes.warmup, rng, advance=advance)
+            get_s = interleaved(gets, sizes.peers_ops, rng, advance=advance)
+    finally:
+        cache.close()
+        conn.close()
+    put_sum = {k: summarize(v) for k, v in put_s.items()}
+    get_sum = {k: summarize(v) for k, v in get_s.items()}
+    lg = put_sum["langgraph SqliteStore"]["p95"]
+    targets = [
+        Target.check(
+            "peers",
+            backend.name,
+            f"SqliteStore put p95 / {name} put p95",
+            ratio(lg, put_sum[name]["p95"]),
+            ">=",
+            TARGET_SPEEDUP,
+            "x",
+            dualmem=us(put_sum[name]["p95"]),
+            baseline=us(lg),
+        )
+        for name in ("dualmem L3 SWARM", "dualmem L1 PRIVATE")
+    ]
+    return {
+        "method": METHOD,
+        "put": put_sum,
+        "get": get_sum,
+        "targets": [t.to_json() for t in targets],
+    }

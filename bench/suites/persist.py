@@ -1,0 +1,184 @@
+"""Persist: one worker draining a backlog, against raw ``executemany`` of the same rows."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.harness import LEVELS, PRINCIPAL, Backend, Bench, make_values
+from bench.stats import Target, median, ratio
+from dualmem import DualMemory, Worker
+from dualmem.layout import Layout
+from dualmem.migrations import migrate
+from dualmem.redis_backend import connect
+from dualmem.sqlite_store import SQLiteStore
+
+__all__ = ["drain_rate", "fill_backlog", "raw_executemany_rate", "run"]
+
+TARGET_RATE = 50_000
+TARGET_RATIO = 0.8
+
+METHOD = (
+    "A writer (`worker=False`) fills the command stream with puts spread over the five "
+    "levels; then one `dualmem.Worker` in the benchmark process drains it into a fresh "
+    "database (`Worker.drain`: XREADGROUP batches of `batch_size`, decode, hash chains, one "
+    "SQLite transaction per batch, XACK and a PUBLISH per change, trimming). The baseline "
+    "reads back the journal and memory rows that drain wrote, and inserts the same rows in "
+    "the same order into a fresh database with the same schema and pragmas (WAL, "
+    "synchronous=NORMAL), `executemany` per table, one transaction per batch of the same "
+    "size: the SQLite floor with no Redis, decoding or hashing. The backlog is refilled "
+    "with the same entries between rounds; rates are medians over rounds."
+)
+
+
+def fill_backlog(mem: DualMemory, n: int, prefix: str, ctx: Bench, advance: Any = None) -> None:
+    """``n`` puts with unique keys, levels round-robin, through the real write path."""
+    values = make_values(ctx.rng(f"fill:{prefix}"), 64)
+    for i in range(n):
+        mem.put(
+            f"{prefix}/{i:08d}", values[i % 64], level=LEVELS[i % len(LEVELS)], principal=PRINCIPAL
+        )
+        if advance is not None and i % 1000 == 999:
+            advance(1000)
+    if advance is not None and n % 1000:
+        advance(n % 1000)
+
+
+def drain_rate(mem: DualMemory, db: Path, expected: int) -> tuple[float, dict[str, Any]]:
+    """Drain the stream with one in-process ``Worker`` into ``db``; records per second."""
+    settings = mem.settings
+    store = SQLiteStore(db, busy_timeout_ms=settings.busy_timeout_ms)
+    client, _ = connect(settings, extra_timeout=settings.block_ms / 1000)
+    worker = Worker(client, store, settings)
+    try:
+        t0 = time.perf_counter()
+        left = worker.drain(timeout=3600)
+        elapsed = time.perf_counter() - t0
+    finally:
+        store.close()
+        client.close()
+    if left or worker.stats.applied != expected:
+        raise RuntimeError(
+            f"drain left {left} pending and applied {worker.stats.applied} of {expected}"
+        )
+    return expected / elapsed, {"seconds": elapsed, "batches": worker.stats.batches}
+
+
+def raw_executemany_rate(db: Path, raw_db: Path, batch: int) -> float:
+    """Insert the rows the worker wrote to ``db`` into a fresh ``raw_db``, ``executemany``
+    per table and batch; rows per second."""
+    src = sqlite3.connect(db)
+    try:
+        journal = src.execute("SELECT * FROM journal ORDER BY seq").fetchall()
+        memory = src.execute(
+            "SELECT m.* FROM journal j JOIN memory m ON m.scope = j.scope AND m.key = j.key "
+            "ORDER BY j.seq"
+        ).fetchall()
+    finally:
+        src.close()
+    conn = sqlite3.connect(raw_db, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        migrate(conn)
+        jsql = f"INSERT INTO journal VALUES ({','.join('?' * len(journal[0]))})"
+        msql = f"INSERT INTO memory VALUES ({','.join('?' * len(memory[0]))})"
+        t0 = time.perf_counter()
+        for start in range(0, len(journal), batch):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(jsql, journal[start : start + batch])
+            conn.executemany(msql, memory[start : start + batch])
+            conn.execute("COMMIT")
+        elapsed = time.perf_counter() - t0
+    finally:
+        conn.close()
+    return len(journal) / elapsed
+
+
+def _capture(client: redis.Redis, stream: bytes) -> list[dict[bytes, bytes]]:
+    out: list[dict[bytes, bytes]] = []
+    start = "-"
+    while True:
+        chunk = client.xrange(stream, min=start, max="+", count=10_000)
+        if not chunk:
+            return out
+        out.extend(fields for _, fields in chunk)  # type: ignore[misc]
+        last = str(chunk[-1][0], "ascii")  # type: ignore[arg-type]
+        ms, _, seq = last.partition("-")
+        start = f"{ms}-{int(seq) + 1}"
+
+
+def _refill(client: redis.Redis, stream: bytes, entries: list[dict[bytes, bytes]]) -> None:
+    for start in range(0, len(entries), 1000):
+        pipe = client.pipeline(transaction=False)
+        for fields in entries[start : start + 1000]:
+            pipe.xadd(stream, fields)  # type: ignore[arg-type]
+        pipe.execute()
+
+
+def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
+    """Drain the backlog ``persist_rounds`` times, each beside the raw executemany."""
+    sizes = ctx.sizes
+    n = sizes.persist_backlog
+    advance = ctx.progress.task(f"persist [{backend.name}]", n + n * sizes.persist_rounds)
+    mem = ctx.memory(
+        backend, ctx.path(f"persist-writer-{backend.name}.db"), worker=False, max_backlog=n + 1
+    )
+    rounds: list[dict[str, Any]] = []
+    try:
+        fill_backlog(mem, n, "bench/persist", ctx, advance)
+        stream = Layout(mem.settings.namespace, 1).stream(0)
+        raw = backend.raw_client()
+        entries = _capture(raw, stream)
+        for r in range(sizes.persist_rounds):
+            if r:
+                _refill(raw, stream, entries)
+            db = ctx.path(f"persist-{backend.name}-{r}.db")
+            rate, info = drain_rate(mem, db, n)
+            raw_rate = raw_executemany_rate(
+                db, ctx.path(f"persist-raw-{backend.name}-{r}.db"), mem.settings.batch_size
+            )
+            rounds.append({"dualmem_rate": rate, "raw_rate": raw_rate, **info})
+            advance(n)
+    finally:
+        mem.close()
+    rate = median(x["dualmem_rate"] for x in rounds)
+    raw_rate = median(x["raw_rate"] for x in rounds)
+    rel = ratio(rate, raw_rate)
+    targets = [
+        Target.check(
+            "persist",
+            backend.name,
+            "records/s, one worker draining the backlog",
+            rate,
+            ">=",
+            TARGET_RATE,
+            "/s",
+            dualmem=f"{rate:,.0f}/s",
+            baseline=f"{raw_rate:,.0f}/s",
+        ),
+        Target.check(
+            "persist",
+            backend.name,
+            "drain rate / raw executemany rate",
+            rel,
+            ">=",
+            TARGET_RATIO,
+            dualmem=f"{rate:,.0f}/s",
+            baseline=f"{raw_rate:,.0f}/s",
+        ),
+    ]
+    return {
+        "method": METHOD,
+        "backlog": n,
+        "batch_size": mem.settings.batch_size,
+        "rounds": rounds,
+        "dualmem_rate": rate,
+        "raw_rate": raw_rate,
+        "ratio": rel,
+        "targets": [t.to_json() for t in targets],
+    }

@@ -1,0 +1,128 @@
+"""The benchmark harness cannot rot: its pure parts, and every suite at a tiny size on both
+backends (what it measures is never asserted: speed is proven by bench/results, not here)."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import harness, machine, openloop, stats
+from bench.cli import main
+from bench.report import render_report
+from bench.suites import SUITES
+
+from .conftest import _require_redis_server
+
+pytest.importorskip("matplotlib", reason="the bench extra is not installed")
+pytest.importorskip("diskcache", reason="the bench extra is not installed")
+pytest.importorskip("langgraph.store.sqlite", reason="the bench extra is not installed")
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["bench.stats", "bench.openloop", "bench.harness", "bench.report", "bench.plots"],
+)
+def test_doctests(module: str) -> None:
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+
+
+def test_open_loop_charges_lateness_to_the_system() -> None:
+    now = [0]
+
+    def clock() -> int:
+        return now[0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += int(seconds * 1e9)
+
+    def send(i: int) -> None:
+        now[0] += 3_000_000 if i == 0 else 100_000  # the first send stalls for 3 ms
+
+    sends = openloop.run_open_loop(
+        openloop.schedule(1000, 0.005, 0), send, clock=clock, sleep=sleep
+    )
+    delays = [started - due for _, due, started, _ in sends]
+    # The stall delays the next sends (measured from their intended times) instead of
+    # quietly moving the schedule, and the sender catches up once it can.
+    assert delays == [0, 2_000_000, 1_100_000, 200_000, 0]
+
+
+def test_schedule_splits_one_rate_over_senders_without_gaps() -> None:
+    parts = [openloop.schedule(2000, 0.01, 5, senders=3, sender=k) for k in range(3)]
+    merged = sorted(t for part in parts for t in part)
+    assert merged == openloop.schedule(2000, 0.01, 5)
+
+
+def test_targets_and_flatness() -> None:
+    assert stats.Target.check("s", "b", "x", 1.2, "<=", 1.2).met
+    assert not stats.Target.check("s", "b", "x", float("nan"), ">=", 1).met
+    assert not stats.Target.check("s", "b", "x", 0.5, ">=", 1).met
+    t = stats.Target.check("s", "b", "x", float("nan"), "<=", 1)
+    back = stats.Target.from_json(json.loads(json.dumps({**t.to_json(), "value": None})))
+    assert not back.met and stats.fmt(back.value) == "n/a"
+    assert stats.flatness([1.0, 0.0]) != stats.flatness([1.0, 0.0])  # nan: never flat
+
+
+def test_values_are_seeded_and_exactly_500_bytes() -> None:
+    a = harness.make_values(harness.random.Random("1:x"), 5)
+    b = harness.make_values(harness.random.Random("1:x"), 5)
+    assert a == b
+    assert {len(harness.json_bytes(v)) for v in a} == {harness.VALUE_BYTES}
+
+
+def test_machine_description_names_the_versions() -> None:
+    m = machine.describe_machine()
+    assert m["cpu_count"] and m["python"] and m["sqlite"]
+    assert set(m["packages"]) >= {"redis", "fakeredis", "diskcache"}
+
+
+def test_dualmem_cli_builds_without_importing_the_bench_extra() -> None:
+    code = (
+        "import sys, dualmem.cli as c; c.build_parser(); "
+        "heavy = {'matplotlib', 'diskcache', 'langgraph'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _run_tiny(tmp_path: Path, backend: str) -> dict[str, dict[str, object]]:
+    out = tmp_path / "results"
+    assert main(["--sizes", "tiny", "--backend", backend, "--no-progress", "--out", str(out)]) == 0
+    docs = {}
+    for suite in SUITES:
+        text = (out / f"{suite}.json").read_text()
+        docs[suite] = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+        result = docs[suite]["backends"][backend]
+        assert result["method"]
+        for t in result["targets"]:
+            assert {"value", "limit", "met"} <= set(t)
+    report = (out / "REPORT.md").read_text()
+    assert "## Targets" in report and "| write |" in report
+    assert (out / "write_cdf.png").stat().st_size > 0
+    assert (out / "lag_vs_rate.png").stat().st_size > 0
+    return docs
+
+
+@pytest.mark.slow
+def test_every_suite_runs_at_a_tiny_size_on_fakeredis(tmp_path: Path) -> None:
+    docs = _run_tiny(tmp_path, "fakeredis")
+    lag = docs["lag"]["backends"]["fakeredis"]["rates"]  # type: ignore[index]
+    assert all(r["not_visible"] == 0 for r in lag)  # every write became queryable
+    rendered = render_report(docs, {})
+    assert rendered.count("### embedded fakeredis") == len(SUITES)
+
+
+@pytest.mark.slow
+@pytest.mark.real_redis
+def test_every_suite_runs_at_a_tiny_size_on_a_real_redis(tmp_path: Path) -> None:
+    _require_redis_server()
+    docs = _run_tiny(tmp_path, "redis")
+    persist = docs["persist"]["backends"]["redis"]  # type: ignore[index]
+    assert persist["rounds"][0]["batches"] >= 1
