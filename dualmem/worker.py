@@ -107,6 +107,19 @@ class Worker:
         """Create the consumer group on every stream (idempotent, from id 0)."""
         ensure_groups(self.redis, self.streams, self.group)
 
+    def _recreate_groups(self) -> None:
+        # Redis came back without the consumer group (restarted with no persistence, or
+        # its data lost). Writers' XADDs recreate the stream but not the group, so without
+        # this every later put would be acknowledged and never persisted. From id 0: what
+        # was written meanwhile is delivered; anything already committed is a duplicate.
+        try:
+            self.ensure_groups()
+            log.warning(
+                "worker %s: consumer group %s was missing; recreated", self.consumer, self.group
+            )
+        except DualMemError as exc:
+            log.warning("worker %s: could not recreate the consumer group: %s", self.consumer, exc)
+
     # -- the loop ----------------------------------------------------------------------
 
     def run(self, stop: threading.Event, *, drain_timeout: float | None = None) -> int:
@@ -126,6 +139,8 @@ class Worker:
                 self._retry_own = True
                 backoff = min(_MAX_BACKOFF, backoff * 2 or 0.01)
                 log.warning("worker %s: %s; retrying in %.2fs", self.consumer, exc, backoff)
+                if "NOGROUP" in str(exc):
+                    self._recreate_groups()
                 stop.wait(backoff)
         if drain_timeout is None:
             return 0
