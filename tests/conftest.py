@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from acl import Keyring, Principal
 from dualmem import DualMemory
@@ -92,8 +94,13 @@ class RedisServer:
         """Clean shutdown (SHUTDOWN flushes the AOF)."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        # No retries: the connection closing is SHUTDOWN's answer, and the client's default
+        # retry policy would spend seconds retrying it.
+        once = redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=5, retry=Retry(NoBackoff(), 0)
+        )
         with contextlib.suppress(redis.ConnectionError):
-            self.client().shutdown(nosave=False)
+            once.shutdown(nosave=False)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
