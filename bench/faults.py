@@ -1,0 +1,519 @@
+"""The fault and attack suite (issue 6) as one command: ``python -m bench.faults [--quick]``.
+
+Each scenario kills, restarts or attacks the real thing (redis-server and worker
+processes on 127.0.0.1) and returns :class:`~bench.faultkit.Figures`; ``problems`` lists
+every property that did not hold. ``tests/test_faults.py`` and ``tests/test_attacks.py``
+run the same functions at their quick sizes and fail on any problem; this module runs
+them at full size and writes ``bench/results/FAULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import random
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from acl import Level
+from bench.faultkit import (
+    ROOT,
+    WRITER,
+    FaultEnv,
+    Figures,
+    PendingMonitor,
+    RedisProcess,
+    TrackedWriter,
+    WorkerProc,
+    check_persisted,
+    spawn_role,
+    wait_drained,
+    wait_for,
+    workers_stopped,
+)
+from dualmem import StoreUnavailable
+
+__all__ = ["FAULTS", "FULL", "QUICK", "Size", "main", "run_all"]
+
+RESULTS = ROOT / "bench" / "results" / "FAULTS.md"
+
+
+def _record_check(fig: Figures, check: Any) -> None:
+    fig.acked = check.acked
+    fig.persisted = check.persisted
+    fig.lost = len(check.lost)
+    fig.duplicated = check.duplicated
+    fig.require(
+        not check.lost, f"{len(check.lost)} acknowledged puts missing, e.g. {check.lost[:3]}"
+    )
+    fig.require(check.duplicated == 0, f"{check.duplicated} stream ids applied twice")
+    fig.require(
+        not check.stale, f"{len(check.stale)} keys without their last value: {check.stale[:3]}"
+    )
+    fig.require(check.integrity == "ok", f"integrity_check: {check.integrity}")
+
+
+# -- 1. worker SIGKILL ---------------------------------------------------------------------
+
+
+def worker_sigkill(env: FaultEnv, *, puts: int, kills: int, seed: int = 1) -> Figures:
+    """Kill the worker with SIGKILL at random points while a writer sends ``puts``."""
+    rnd = random.Random(seed)
+    fig = Figures("1. worker SIGKILL while writing", f"{puts:,} puts, {kills} kills")
+    t0 = time.monotonic()
+    mem = env.memory()
+    monitor = PendingMonitor(env.server.client(), mem.layout.stream(0)).start()
+    procs: list[WorkerProc] = []
+    with workers_stopped(procs):
+        procs.append(WorkerProc(env, "w0").start())
+        # Spread the puts over the kills, so every kill lands while the writer is busy.
+        writer = TrackedWriter(mem, keys=max(50, puts // 40)).start(puts, rate=puts / (kills * 0.4))
+        for n in range(1, kills + 1):
+            w = procs[-1]
+            wait_for(lambda w=w: "dualmem worker" in w.text(), 30, "worker start")  # type: ignore[misc]
+            time.sleep(rnd.uniform(0.0, 0.25))  # a random point in its work
+            w.kill()
+            monitor.died(w.consumer)
+            procs.append(WorkerProc(env, f"w{n}").start())
+        writer.join()
+        drain = wait_drained(mem, 300)
+        counters = procs[-1].stop()
+    recoveries = monitor.stop()
+    check = check_persisted(env.db, writer.acks, mem)
+    mem.close()
+    fig.sent = writer.sent
+    _record_check(fig, check)
+    fig.recover_s = max(recoveries) if recoveries else None
+    fig.require(len(recoveries) == kills, f"only {len(recoveries)} of {kills} kills recovered")
+    fig.extra = {
+        "median_recover_s": statistics.median(recoveries) if recoveries else None,
+        "kills_with_entries_in_flight": sum(1 for n in monitor.left_pending.values() if n),
+        "entries_in_flight_at_kills": sum(monitor.left_pending.values()),
+        "drain_after_last_put_s": round(drain, 3),
+        "last_worker": counters,
+    }
+    fig.notes.append(
+        "recovery = time from a SIGKILL until the dead consumer's pending entries were "
+        "claimed and committed by its successor (claim_idle_ms=300)"
+    )
+    fig.seconds = time.monotonic() - t0
+    return fig
+
+
+# -- 2. crash between COMMIT and XACK ------------------------------------------------------
+
+
+def _dump(db: Path) -> tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]:
+    conn = sqlite3.connect(db)
+    try:
+        journal = set(conn.execute("SELECT * FROM journal").fetchall())
+        memory = set(conn.execute("SELECT * FROM memory").fetchall())
+    finally:
+        conn.close()
+    return journal, memory
+
+
+def commit_then_crash(env: FaultEnv, *, rounds: int, batch: int = 50, seed: int = 2) -> Figures:
+    """A worker dies (SIGKILL) right after COMMIT, before XACK; redelivery applies nothing."""
+    rnd = random.Random(seed)
+    fig = Figures("2. crash between COMMIT and XACK", f"{rounds} crashes, batches of {batch}")
+    t0 = time.monotonic()
+    mem = env.memory()
+    writer = TrackedWriter(mem, keys=10**9)  # one key per put: every row is its own witness
+    committed_then_crashed = 0
+    for r in range(rounds):
+        after = rnd.randint(1, 3)
+        writer.run(batch * 3 + rnd.randint(1, batch))
+        log = env.workdir / f"crash-{r}.log"
+        child = spawn_role(
+            "crash-after-commit",
+            *("--redis-url", env.server.url, "--db", str(env.db), "--consumer", f"crash{r}"),
+            *("--batch-size", str(batch), "--after", str(after)),
+            log=log,
+        )
+        try:
+            child.wait(60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            fig.problems.append(f"round {r}: the crashing worker never reached its commit")
+            continue
+        fig.require(child.returncode == -signal.SIGKILL, f"round {r}: exit {child.returncode}")
+        for line in log.read_text().splitlines():
+            if line.startswith("COMMITTED "):
+                committed_then_crashed += int(line.split()[1])
+    before_journal, before_memory = _dump(env.db)
+    w = WorkerProc(env, "rescuer").start()
+    with workers_stopped([w]):
+        recover = wait_drained(mem, 120)
+        counters = w.stop()
+    after_journal, after_memory = _dump(env.db)
+    check = check_persisted(env.db, writer.acks, mem)
+    mem.close()
+    fig.sent = writer.sent
+    _record_check(fig, check)
+    fig.recover_s = recover
+    changed = len(before_journal - after_journal) + len(before_memory - after_memory)
+    fig.require(changed == 0, f"{changed} committed rows changed on redelivery")
+    redelivered = counters.get("duplicates", 0)
+    fig.require(
+        redelivered == committed_then_crashed,
+        f"{committed_then_crashed} entries committed before the crash, but the rescuer "
+        f"recognised {redelivered} as already applied",
+    )
+    dead = _count(env.db, "SELECT COUNT(*) FROM dead_letters")
+    fig.require(dead == 0, f"{dead} entries dead-lettered")
+    fig.extra = {
+        "committed_then_crashed": committed_then_crashed,
+        "redelivered_and_skipped": redelivered,
+        "rows_changed_by_redelivery": changed,
+    }
+    fig.seconds = time.monotonic() - t0
+    return fig
+
+
+def _count(db: Path, sql: str, params: tuple[Any, ...] = ()) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute(sql, params).fetchone()[0])
+    finally:
+        conn.close()
+
+
+# -- 3. redis-server restarted -------------------------------------------------------------
+
+
+def redis_restart(env: FaultEnv, *, puts: int, seconds: float = 6.0) -> Figures:
+    """SHUTDOWN and, separately, SIGKILL redis-server (AOF everysec) during writes."""
+    fig = Figures("3. redis-server SHUTDOWN and SIGKILL", f"{puts:,} puts over {seconds:.0f} s")
+    t0 = time.monotonic()
+    mem = env.memory()
+    w = WorkerProc(env, "w0").start()
+    with workers_stopped([w]):
+        writer = TrackedWriter(mem, keys=200).start(puts, rate=puts / seconds)
+        time.sleep(seconds / 4)
+        t_shutdown = time.monotonic()
+        env.server.stop()
+        time.sleep(0.3)
+        env.server.start()
+        t_up1 = time.monotonic()
+        time.sleep(seconds / 4)
+        t_kill = time.monotonic()
+        env.server.kill()
+        time.sleep(0.3)
+        env.server.start()
+        t_up2 = time.monotonic()
+        writer.join()
+        drain = wait_drained(mem, 120)
+        counters = w.stop()
+    check = check_persisted(env.db, writer.acks, mem)
+    mem.close()
+    fig.sent = writer.sent
+    fig.acked = check.acked
+    fig.persisted = check.persisted
+    fig.lost = len(check.lost)
+    fig.duplicated = check.duplicated
+    before_shutdown = [a for a in check.lost if a.at <= t_shutdown]
+    outside_window = [a for a in check.lost if a.at <= t_kill - 1.0 or t_up2 < a.at]
+    fig.require(not before_shutdown, f"{len(before_shutdown)} puts acked before SHUTDOWN lost")
+    fig.require(not outside_window, f"{len(outside_window)} lost puts outside the 1 s fsync window")
+    fig.require(check.duplicated == 0, f"{check.duplicated} stream ids applied twice")
+    fig.require(check.integrity == "ok", f"integrity_check: {check.integrity}")
+    window = max((t_kill - a.at for a in check.lost), default=0.0)
+
+    def first_ack_after(t: float) -> float | None:
+        later = [a.at for a in writer.acks if a.at > t]
+        return min(later) - t if later else None
+
+    r1, r2 = first_ack_after(t_up1), first_ack_after(t_up2)
+    fig.recover_s = max(x for x in (r1, r2) if x is not None) if (r1 or r2) else None
+    fig.extra = {
+        "lost_after_sigkill": len(check.lost),
+        "loss_window_s": round(window, 3),
+        "refused_while_down": dict(writer.errors),
+        "first_put_after_restart_s": [r1, r2],
+        "drain_s": round(drain, 3),
+        "worker": counters,
+        "timeline_s": {
+            "shutdown": round(t_shutdown - t0, 3),
+            "up_again": round(t_up1 - t0, 3),
+            "sigkill": round(t_kill - t0, 3),
+            "up_after_sigkill": round(t_up2 - t0, 3),
+            "last_ack": round(max(a.at for a in writer.acks) - t0, 3),
+        },
+    }
+    fig.notes.append(
+        "redis-server SIGKILL loses only what it had not yet written to the AOF file; "
+        "with appendfsync everysec that is at most the last second (about 2 s if the disk "
+        "stalls); an OS crash can also lose the unsynced page cache"
+    )
+    fig.seconds = time.monotonic() - t0
+    return fig
+
+
+# -- 4. Redis unreachable ------------------------------------------------------------------
+
+
+def redis_unreachable(env: FaultEnv, *, probes: int = 20) -> Figures:
+    """Redis down (refused), frozen (SIGSTOP: timeouts) and back empty: fail fast, keep
+    reading, resume writing with no manual step."""
+    fig = Figures("4. Redis unreachable", f"{probes} puts per outage, 3 outages")
+    t0 = time.monotonic()
+    mem = env.memory(worker=True)
+    p = WRITER
+    levels = (Level.PRIVATE, Level.SWARM)
+    base = [mem.put(f"base{i}", {"i": i}, level=levels[i % 2], principal=p) for i in range(20)]
+    for r in base:
+        mem.sync(r, timeout=10)
+    fail_times: list[float] = []
+    reads_ok = 0
+    read_errors = 0
+    recover: dict[str, float] = {}
+    persist: dict[str, float] = {}
+    phantom_keys: list[str] = []
+
+    def outage(name: str) -> None:
+        nonlocal reads_ok, read_errors
+        for j in range(probes):
+            key = f"probe-{name}-{j}"
+            phantom_keys.append(key)
+            t = time.monotonic()
+            try:
+                mem.put(key, {"j": j}, level=1, principal=p)
+                fig.problems.append(f"{name}: put succeeded while Redis was unreachable")
+            except StoreUnavailable:
+                fail_times.append(time.monotonic() - t)
+            try:
+                got = mem.get(f"base{j % 20}", level=levels[j % 2], principal=p)
+                reads_ok += got == {"i": j % 20}
+                read_errors += got != {"i": j % 20}
+            except Exception as exc:
+                read_errors += 1
+                fig.problems.append(f"{name}: read failed: {exc!r}")
+
+    def comeback(name: str) -> None:
+        t = time.monotonic()
+        while True:
+            try:
+                r = mem.put(f"after-{name}", {"ok": True}, level=1, principal=p)
+                break
+            except StoreUnavailable:
+                if time.monotonic() - t > 30:
+                    fig.problems.append(f"{name}: writes did not resume within 30 s")
+                    return
+                time.sleep(0.01)
+        recover[name] = time.monotonic() - t
+        try:
+            mem.sync(r, timeout=30)
+            persist[name] = time.monotonic() - t
+        except Exception as exc:
+            fig.problems.append(f"{name}: a put after the outage was not persisted: {exc}")
+
+    # (a) down: connection refused
+    env.server.kill()
+    outage("down")
+    env.server.start()
+    comeback("down")
+    # (b) frozen: the process is there but answers nothing (timeouts, not refusals)
+    assert env.server.proc is not None
+    env.server.proc.send_signal(signal.SIGSTOP)
+    try:
+        outage("frozen")
+    finally:
+        env.server.proc.send_signal(signal.SIGCONT)
+    comeback("frozen")
+    # (c) back but empty (its data directory lost): groups must come back by themselves
+    env.server.kill()
+    workdir = getattr(env.server, "workdir", None)
+    if workdir is not None:
+        for f in Path(workdir).rglob("appendonly*"):
+            if f.is_file():
+                f.unlink()
+    env.server.start()
+    outage_empty_t = time.monotonic()
+    comeback("empty")
+    try:
+        wait_drained(mem, 30)
+    except TimeoutError as exc:
+        fig.problems.append(f"after the outages: {exc}")
+    phantoms = _count(
+        env.db,
+        "SELECT COUNT(*) FROM journal WHERE key LIKE 'probe-%'",
+    )
+    mem.close()
+    fig.sent = probes * 2 + len(recover) + sum(1 for p_ in fig.problems if "resume" in p_)
+    fig.acked = len(recover)
+    fig.persisted = len(persist)
+    fig.recover_s = max(recover.values()) if recover else None
+    worst = max(fail_times) if fail_times else None
+    fig.require(worst is not None and worst < 1.0, f"slowest StoreUnavailable took {worst} s")
+    fig.require(
+        len(fail_times) == probes * 2, f"{len(fail_times)} of {probes * 2} puts failed fast"
+    )
+    fig.require(read_errors == 0, f"{read_errors} reads failed or were wrong during outages")
+    fig.extra = {
+        "slowest_failure_s": round(worst or 0, 3),
+        "median_failure_s": round(statistics.median(fail_times), 4) if fail_times else None,
+        "reads_ok_during_outages": reads_ok,
+        "first_put_after_outage_s": {k: round(v, 3) for k, v in recover.items()},
+        "persisted_after_outage_s": {k: round(v, 3) for k, v in persist.items()},
+        "failed_puts_applied_later": phantoms,
+        "empty_restart_at": round(outage_empty_t - t0, 3),
+    }
+    fig.notes.append(
+        "a put that times out (frozen Redis) raised StoreUnavailable but its command may "
+        "still reach Redis and be persisted ('failed_puts_applied_later'): a timeout is "
+        "ambiguous, a refusal is not"
+    )
+    fig.seconds = time.monotonic() - t0
+    return fig
+
+
+# -- registry and report -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Size:
+    """The parameters of one run of every scenario."""
+
+    sigkill_puts: int
+    sigkill_kills: int
+    crash_rounds: int
+    restart_puts: int
+    restart_seconds: float
+    unreachable_probes: int
+
+
+QUICK = Size(
+    sigkill_puts=2_000,
+    sigkill_kills=4,
+    crash_rounds=3,
+    restart_puts=2_000,
+    restart_seconds=3.0,
+    unreachable_probes=4,
+)
+FULL = Size(
+    sigkill_puts=20_000,
+    sigkill_kills=20,
+    crash_rounds=20,
+    restart_puts=20_000,
+    restart_seconds=10.0,
+    unreachable_probes=20,
+)
+
+Scenario = Callable[[FaultEnv, Size], Figures]
+
+FAULTS: dict[str, Scenario] = {
+    "worker_sigkill": lambda env, s: worker_sigkill(
+        env, puts=s.sigkill_puts, kills=s.sigkill_kills
+    ),
+    "commit_then_crash": lambda env, s: commit_then_crash(env, rounds=s.crash_rounds),
+    "redis_restart": lambda env, s: redis_restart(
+        env, puts=s.restart_puts, seconds=s.restart_seconds
+    ),
+    "redis_unreachable": lambda env, s: redis_unreachable(env, probes=s.unreachable_probes),
+}
+
+
+@contextlib.contextmanager
+def fresh_env(root: Path, name: str) -> Iterator[FaultEnv]:
+    """A new redis-server and directory for one scenario."""
+    workdir = root / name
+    server = RedisProcess(workdir / "redis")
+    server.start()
+    try:
+        yield FaultEnv(server, workdir)
+    finally:
+        server.stop()
+        server.kill()
+
+
+def run_all(size: Size, only: list[str] | None = None) -> list[Figures]:
+    """Run every scenario (or ``only`` those) at ``size``; each in its own world."""
+    out: list[Figures] = []
+    with tempfile.TemporaryDirectory(prefix="dualmem-faults-") as tmp:
+        for name, scenario in FAULTS.items():
+            if only and name not in only:
+                continue
+            print(f">> {name}", file=sys.stderr, flush=True)
+            with fresh_env(Path(tmp), name) as env:
+                fig = scenario(env, size)
+            print(f"   {json.dumps(fig.to_json(), default=str)}", file=sys.stderr, flush=True)
+            out.append(fig)
+    return out
+
+
+def _cell(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def render(figures: list[Figures], size_name: str, seconds: float) -> str:
+    """The markdown report."""
+    lines = [
+        "# dualmem fault and attack suite (issue 6)",
+        "",
+        f"Generated by `python -m bench.faults{' --quick' if size_name == 'quick' else ''}` "
+        f"({size_name} size) in {seconds:.0f} s on {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}, redis-server and worker processes on 127.0.0.1.",
+        "The same scenario functions run at their quick sizes in `tests/test_faults.py` and "
+        "`tests/test_attacks.py`, which fail on any problem listed below.",
+        "",
+        "| scenario | size | sent | acked | persisted | lost | duplicated | denials | "
+        "recover (s) | problems |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        cells = [f.sent, f.acked, f.persisted, f.lost, f.duplicated, f.denials, f.recover_s]
+        lines.append(
+            f"| {f.scenario} | {f.size} | "
+            + " | ".join(_cell(c) for c in cells)
+            + f" | {len(f.problems) or 'none'} |"
+        )
+    lines.append("")
+    for f in figures:
+        lines += [f"## {f.scenario}", ""]
+        for k, v in f.extra.items():
+            lines.append(f"- {k}: `{json.dumps(v, default=str)}`")
+        for n in f.notes:
+            lines.append(f"- note: {n}")
+        for p in f.problems:
+            lines.append(f"- **PROBLEM**: {p}")
+        lines.append(f"- ran in {f.seconds:.1f} s")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the suite and write the report; exit 1 if any property did not hold."""
+    p = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="the CI sizes")
+    p.add_argument("--only", nargs="*", help="run only these scenarios")
+    p.add_argument("--out", type=Path, default=RESULTS, help="report path")
+    args = p.parse_args(argv)
+    t0 = time.monotonic()
+    figures = run_all(QUICK if args.quick else FULL, args.only)
+    text = render(figures, "quick" if args.quick else "full", time.monotonic() - t0)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    return 1 if any(f.problems for f in figures) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
