@@ -18,6 +18,7 @@ from dualmem.memory import CloseReport, DualMemory, Record
 from dualmem.metrics import Metrics
 from dualmem.settings import Settings
 from dualmem.store import Change, Store
+from dualmem.subscriber import Subscriber
 from dualmem.worker import Worker
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "Settings",
     "Store",
     "StoreUnavailable",
+    "Subscriber",
     "TamperedRecord",
     "ValidationError",
     "Worker",

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from acl.crypto import Codec, Keyring
 from acl.errors import AccessDenied, ConfigurationError, TamperedRecord, ValidationError
 from acl.levels import Level, as_level
@@ -559,6 +561,19 @@ class DualMemory:
         if isinstance(since, bool) or not isinstance(since, int) or since < 0:
             raise ValidationError("since must be a journal seq (int >= 0)")
         return self.store.changes(self._scopes(principal, level, None), since, limit)
+
+    def pubsub(self) -> redis.client.PubSub:
+        """A new pub/sub connection on this memory's Redis; the caller closes it.
+
+        The worker publishes one notification per committed change (seq, scope, key,
+        level, op; never the value) on ``layout.channel(scope)``. ``dualmem.Subscriber``
+        builds on this; redis errors on the returned object are the caller's to translate.
+        """
+        self._check_open()
+        ps: redis.client.PubSub = self._redis.pubsub(  # type: ignore[no-untyped-call]
+            ignore_subscribe_messages=False
+        )
+        return ps
 
     # -- observability -----------------------------------------------------------------
 

@@ -1,0 +1,151 @@
+"""Input checks and small shared pieces of the coordination helpers; pure except ReceiptLog."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from acl.errors import ValidationError
+from dualmem.commands import Receipt
+
+if TYPE_CHECKING:
+    from dualmem.memory import DualMemory
+
+__all__ = [
+    "MAX_ITERATION",
+    "ReceiptLog",
+    "check_ident",
+    "check_iteration",
+    "check_json_object",
+    "check_score",
+    "check_strings",
+    "check_text",
+    "check_threshold",
+    "clock_us",
+]
+
+MAX_ITERATION = 999_999  # keys hold iterations zero-padded to 6 digits, so they sort
+_MAX_IDENT = 128
+_MAX_TEXT = 64 * 1024
+
+
+def check_score(name: str, value: object) -> float:
+    """A score in [0, 1] as a float; anything else is a ``ValidationError``.
+
+    >>> check_score("confidence", 0.85)
+    0.85
+    >>> check_score("confidence", 1.2)
+    Traceback (most recent call last):
+    ...
+    acl.errors.ValidationError: confidence must be within [0, 1], got 1.2
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
+    score = float(value)
+    if not math.isfinite(score) or not 0.0 <= score <= 1.0:
+        raise ValidationError(f"{name} must be within [0, 1], got {value!r}")
+    return score
+
+
+def check_threshold(name: str, value: object) -> float:
+    """A gate threshold: a score in [0, 1]."""
+    return check_score(name, value)
+
+
+def check_ident(name: str, value: object) -> str:
+    """An identifier that becomes part of a key: non-empty, at most 128 characters,
+    no ``/`` (it separates key segments) and no control characters.
+
+    >>> check_ident("phase", "auth")
+    'auth'
+    >>> check_ident("phase", "a/b")
+    Traceback (most recent call last):
+    ...
+    acl.errors.ValidationError: phase must not contain '/' (it separates key segments)
+    """
+    if not isinstance(value, str):
+        raise ValidationError(f"{name} must be a str, got {type(value).__name__}")
+    if not value.strip():
+        raise ValidationError(f"{name} must not be empty")
+    if len(value) > _MAX_IDENT:
+        raise ValidationError(f"{name} is longer than {_MAX_IDENT} characters")
+    if "/" in value:
+        raise ValidationError(f"{name} must not contain '/' (it separates key segments)")
+    if any(ch < " " or ch == "\x7f" for ch in value):
+        raise ValidationError(f"{name} must not contain control characters")
+    return value
+
+
+def check_iteration(value: object) -> int:
+    """An iteration number, 0..999999 (stored zero-padded so keys sort numerically)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"iteration must be an int, got {type(value).__name__}")
+    if not 0 <= value <= MAX_ITERATION:
+        raise ValidationError(f"iteration must be within 0..{MAX_ITERATION}, got {value}")
+    return value
+
+
+def check_text(name: str, value: object, *, allow_empty: bool = True) -> str:
+    """Free text (reasoning, a reason): a str of at most 64 KiB characters."""
+    if not isinstance(value, str):
+        raise ValidationError(f"{name} must be a str, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise ValidationError(f"{name} must not be empty")
+    if len(value) > _MAX_TEXT:
+        raise ValidationError(f"{name} is longer than {_MAX_TEXT} characters")
+    return value
+
+
+def check_strings(name: str, value: object) -> tuple[str, ...]:
+    """A sequence of strings (not a single str, which would iterate by character)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValidationError(f"{name} must be a list of strings, got {type(value).__name__}")
+    items = tuple(value)
+    for item in items:
+        if not isinstance(item, str):
+            raise ValidationError(f"{name} must hold strings only, got {type(item).__name__}")
+    return items
+
+
+def check_json_object(name: str, value: object) -> dict[str, Any]:
+    """``None`` or a mapping with string keys, returned as a dict (JSON-checked on put)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValidationError(f"{name} must be a mapping with str keys")
+    return dict(value)
+
+
+def clock_us() -> int:
+    """Wall-clock time in epoch microseconds."""
+    return time.time_ns() // 1000
+
+
+class ReceiptLog:
+    """The newest receipt per shard of what one helper wrote, so ``sync`` can wait for all.
+
+    Within a shard the worker commits in stream order, so waiting for the newest receipt
+    of each shard covers the older ones.
+    """
+
+    def __init__(self, mem: DualMemory) -> None:
+        self._mem = mem
+        self._lock = threading.Lock()
+        self._newest: dict[int, Receipt] = {}
+
+    def add(self, receipt: Receipt) -> Receipt:
+        """Remember ``receipt`` and return it."""
+        with self._lock:
+            self._newest[receipt.shard] = receipt
+        return receipt
+
+    def sync(self, timeout: float) -> None:
+        """Wait until everything written so far is committed (``NotPersisted`` on timeout)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            receipts = list(self._newest.values())
+        for r in receipts:
+            self._mem.sync(r, timeout=max(0.0, deadline - time.monotonic()))

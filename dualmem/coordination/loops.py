@@ -1,0 +1,422 @@
+"""CFN loop memory: Loop 3 confidence (private), Loop 2 consensus (swarm), Loop 4 decisions
+(system), and the gates between them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from acl.errors import TamperedRecord, ValidationError
+from acl.levels import Level
+from acl.principal import Principal
+from dualmem.commands import Receipt
+from dualmem.coordination._validation import (
+    ReceiptLog,
+    check_ident,
+    check_iteration,
+    check_json_object,
+    check_score,
+    check_strings,
+    check_text,
+    check_threshold,
+    clock_us,
+)
+from dualmem.memory import DualMemory, Record
+
+__all__ = [
+    "DEFAULT_CONFIDENCE_THRESHOLD",
+    "DEFAULT_CONSENSUS_THRESHOLD",
+    "Decision",
+    "Loop2Consensus",
+    "Loop3Confidence",
+    "Loop4Decision",
+    "LoopMemory",
+]
+
+DEFAULT_CONFIDENCE_THRESHOLD = 0.75
+DEFAULT_CONSENSUS_THRESHOLD = 0.90
+_QUERY_LIMIT = 10_000
+
+
+class Decision(StrEnum):
+    """The product owner's Loop 4 verdict."""
+
+    PROCEED = "PROCEED"
+    DEFER = "DEFER"
+    ESCALATE = "ESCALATE"
+
+    @classmethod
+    def parse(cls, value: object) -> Decision:
+        """A ``Decision`` from itself or its name (any case); else ``ValidationError``.
+
+        >>> Decision.parse("proceed")
+        <Decision.PROCEED: 'PROCEED'>
+        """
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str) and value.strip().upper() in cls.__members__:
+            return cls[value.strip().upper()]
+        raise ValidationError(f"decision must be one of PROCEED, DEFER, ESCALATE, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Loop3Confidence:
+    """One agent's self-assessed confidence for a phase iteration (stored PRIVATE)."""
+
+    agent_id: str
+    phase: str
+    iteration: int
+    confidence: float
+    reasoning: str
+    blockers: tuple[str, ...]
+    metadata: dict[str, Any]
+    recorded_at: int  #: epoch microseconds
+    gate_passed: bool  #: confidence >= the LoopMemory's confidence threshold
+
+
+@dataclass(frozen=True, slots=True)
+class Loop2Consensus:
+    """The validators' consensus for a phase iteration (stored SWARM)."""
+
+    swarm: str
+    phase: str
+    iteration: int
+    score: float
+    validation_results: Any
+    recommendations: tuple[str, ...]
+    recorded_by: str
+    recorded_at: int  #: epoch microseconds
+    gate_passed: bool  #: score >= the LoopMemory's consensus threshold
+
+
+@dataclass(frozen=True, slots=True)
+class Loop4Decision:
+    """The product owner's decision for a phase iteration (stored SYSTEM, encrypted)."""
+
+    project: str
+    swarm: str
+    phase: str
+    iteration: int
+    decision: Decision
+    reasoning: str
+    deferred_issues: tuple[str, ...]
+    next_actions: tuple[str, ...]
+    decided_by: str
+    decided_at: int  #: epoch microseconds
+
+
+class LoopMemory:
+    """Loop 3 / 2 / 4 records of one swarm in one project, written through ``DualMemory.put``.
+
+    * Loop 3 confidence is PRIVATE (``agent:<id>``, encrypted): only that agent reads it.
+    * Loop 2 consensus is SWARM (``swarm:<swarm>``): principals of the swarm read it.
+    * Loop 4 decisions are SYSTEM (encrypted): only system principals read or write them.
+
+    Keys are ``cfn/<project>/<swarm>/loop<n>/<phase>/<iteration, 6 digits>``. Every write
+    returns the put's :class:`~dualmem.Receipt`; ``sync()`` waits for all of them.
+    Gates: ``confidence_gate_passed`` (every confidence >= ``confidence_threshold``,
+    default 0.75) and ``consensus_gate_passed`` (score >= ``consensus_threshold``, 0.90).
+
+    >>> import tempfile, os
+    >>> from acl import Principal
+    >>> from dualmem import DualMemory
+    >>> coder = Principal(agent_id="coder-1", swarm="auth", project="shop")
+    >>> po = Principal(agent_id="po", system=True)
+    >>> db = os.path.join(tempfile.mkdtemp(), "mem.db")
+    >>> with DualMemory(redis_url="memory://doctest-loops", db_path=db) as mem:
+    ...     loops = LoopMemory(mem, swarm="auth", project="shop")
+    ...     _ = loops.store_loop3_confidence(coder, "impl", 1, 0.82, "tests pass")
+    ...     _ = loops.store_loop2_consensus(coder, "impl", 1, 0.93, {"tests": "ok"}, [])
+    ...     _ = loops.store_loop4_decision(po, "impl", 1, "PROCEED", "gates passed")
+    ...     loops.sync()
+    ...     mine = loops.get_loop3_confidence(coder, "impl", 1)
+    ...     latest = loops.get_loop2_consensus(coder, "impl")
+    ...     [d.decision for d in loops.list_loop4_decisions(po)]
+    ...     (mine.confidence, mine.gate_passed, latest.score, latest.gate_passed)
+    [<Decision.PROCEED: 'PROCEED'>]
+    (0.82, True, 0.93, True)
+    """
+
+    def __init__(
+        self,
+        mem: DualMemory,
+        *,
+        swarm: str,
+        project: str,
+        confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
+        consensus_threshold: float = DEFAULT_CONSENSUS_THRESHOLD,
+    ) -> None:
+        if not isinstance(mem, DualMemory):
+            raise ValidationError("LoopMemory needs a DualMemory")
+        self.mem = mem
+        self.swarm = check_ident("swarm", swarm)
+        self.project = check_ident("project", project)
+        self.confidence_threshold = check_threshold("confidence_threshold", confidence_threshold)
+        self.consensus_threshold = check_threshold("consensus_threshold", consensus_threshold)
+        self._receipts = ReceiptLog(mem)
+        self._last_us = 0
+
+    def _now_us(self) -> int:
+        # Strictly increasing per LoopMemory, so decisions listed "in chronological order"
+        # keep the order they were stored in even within one clock tick.
+        self._last_us = max(clock_us(), self._last_us + 1)
+        return self._last_us
+
+    def __repr__(self) -> str:
+        return (
+            f"LoopMemory(swarm={self.swarm!r}, project={self.project!r}, "
+            f"confidence_threshold={self.confidence_threshold}, "
+            f"consensus_threshold={self.consensus_threshold})"
+        )
+
+    # -- keys ----------------------------------------------------------------------------
+
+    @property
+    def swarm_scope(self) -> str:
+        """The scope Loop 2 records live in."""
+        return f"swarm:{self.swarm}"
+
+    def _prefix(self, loop: int, phase: str | None = None) -> str:
+        base = f"cfn/{self.project}/{self.swarm}/loop{loop}/"
+        return base if phase is None else f"{base}{phase}/"
+
+    def _key(self, loop: int, phase: str, iteration: int) -> str:
+        return f"{self._prefix(loop, phase)}{iteration:06d}"
+
+    # -- gates ---------------------------------------------------------------------------
+
+    def confidence_gate_passed(self, confidences: float | Iterable[float]) -> bool:
+        """Whether every confidence reaches ``confidence_threshold`` (an empty set fails).
+
+        >>> import tempfile, os
+        >>> from dualmem import DualMemory
+        >>> db = os.path.join(tempfile.mkdtemp(), "g.db")
+        >>> with DualMemory(redis_url="memory://doctest-gate", db_path=db) as mem:
+        ...     gate = LoopMemory(mem, swarm="s", project="p", confidence_threshold=0.8)
+        ...     gate.confidence_gate_passed([0.81, 0.9]), gate.confidence_gate_passed(0.79)
+        (True, False)
+        """
+        if isinstance(confidences, Iterable) and not isinstance(confidences, (str, bytes)):
+            values: list[object] = list(confidences)
+        else:
+            values = [confidences]
+        scores = [check_score("confidence", v) for v in values]
+        return bool(scores) and all(s >= self.confidence_threshold for s in scores)
+
+    def consensus_gate_passed(self, score: float) -> bool:
+        """Whether a Loop 2 consensus score reaches ``consensus_threshold``."""
+        return check_score("score", score) >= self.consensus_threshold
+
+    # -- Loop 3 --------------------------------------------------------------------------
+
+    def store_loop3_confidence(
+        self,
+        principal: Principal,
+        phase: str,
+        iteration: int,
+        confidence: float,
+        reasoning: str,
+        blockers: Sequence[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+        ttl: float | None = None,
+    ) -> Receipt:
+        """Store the principal's own confidence for ``phase``/``iteration`` (PRIVATE).
+
+        ``confidence`` outside [0, 1] is a ``ValidationError`` and nothing is written.
+        """
+        value = {
+            "agent_id": principal.agent_id if isinstance(principal, Principal) else None,
+            "phase": check_ident("phase", phase),
+            "iteration": check_iteration(iteration),
+            "confidence": check_score("confidence", confidence),
+            "reasoning": check_text("reasoning", reasoning),
+            "blockers": list(check_strings("blockers", blockers)),
+            "metadata": check_json_object("metadata", metadata),
+            "recorded_at": self._now_us(),
+        }
+        key = self._key(3, phase, iteration)
+        return self._receipts.add(
+            self.mem.put(key, value, level=Level.PRIVATE, principal=principal, ttl=ttl)
+        )
+
+    def get_loop3_confidence(
+        self,
+        principal: Principal,
+        phase: str,
+        iteration: int,
+        *,
+        agent_id: str | None = None,
+        fresh: bool = False,
+    ) -> Loop3Confidence | None:
+        """The principal's own Loop 3 entry, or ``None``.
+
+        ``agent_id`` names whose entry to read; any agent other than the principal itself
+        raises ``AccessDenied`` (and is audited): Loop 3 entries are private.
+        ``fresh=True`` answers from the Redis cache (read-your-writes before the commit).
+        """
+        key = self._key(3, check_ident("phase", phase), check_iteration(iteration))
+        scope = None if agent_id is None else f"agent:{agent_id}"
+        value = self.mem.get(
+            key, level=Level.PRIVATE, principal=principal, scope=scope, fresh=fresh
+        )
+        return None if value is None else self._loop3(value, key)
+
+    def _loop3(self, v: Any, key: str) -> Loop3Confidence:
+        try:
+            confidence = float(v["confidence"])
+            return Loop3Confidence(
+                agent_id=str(v["agent_id"]),
+                phase=str(v["phase"]),
+                iteration=int(v["iteration"]),
+                confidence=confidence,
+                reasoning=str(v["reasoning"]),
+                blockers=tuple(v["blockers"]),
+                metadata=dict(v["metadata"]),
+                recorded_at=int(v["recorded_at"]),
+                gate_passed=confidence >= self.confidence_threshold,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TamperedRecord(f"{key} does not hold a Loop 3 record: {exc!r}") from exc
+
+    # -- Loop 2 --------------------------------------------------------------------------
+
+    def store_loop2_consensus(
+        self,
+        principal: Principal,
+        phase: str,
+        iteration: int,
+        score: float,
+        validation_results: Any,
+        recommendations: Sequence[str],
+    ) -> Receipt:
+        """Store the swarm's consensus for ``phase``/``iteration`` (SWARM, this swarm only).
+
+        A principal of another swarm gets ``AccessDenied``; ``score`` outside [0, 1] is a
+        ``ValidationError``. ``validation_results`` is any JSON value.
+        """
+        value = {
+            "swarm": self.swarm,
+            "phase": check_ident("phase", phase),
+            "iteration": check_iteration(iteration),
+            "score": check_score("score", score),
+            "validation_results": validation_results,
+            "recommendations": list(check_strings("recommendations", recommendations)),
+            "recorded_by": principal.agent_id if isinstance(principal, Principal) else None,
+            "recorded_at": self._now_us(),
+        }
+        key = self._key(2, phase, iteration)
+        return self._receipts.add(
+            self.mem.put(key, value, level=Level.SWARM, principal=principal, scope=self.swarm_scope)
+        )
+
+    def get_loop2_consensus(
+        self, principal: Principal, phase: str, iteration: int | None = None
+    ) -> Loop2Consensus | None:
+        """The consensus of ``iteration``, or of the highest iteration when ``None``."""
+        check_ident("phase", phase)
+        if iteration is not None:
+            key = self._key(2, phase, check_iteration(iteration))
+            value = self.mem.get(
+                key, level=Level.SWARM, principal=principal, scope=self.swarm_scope
+            )
+            return None if value is None else self._loop2(value, key)
+        records = self.mem.query(
+            principal=principal,
+            scope=self.swarm_scope,
+            prefix=self._prefix(2, phase),
+            limit=_QUERY_LIMIT,
+        )
+        if not records:
+            return None
+        last = records[-1]  # keys end in the zero-padded iteration: the last is the newest
+        return self._loop2(last.value, last.key)
+
+    def _loop2(self, v: Any, key: str) -> Loop2Consensus:
+        try:
+            score = float(v["score"])
+            return Loop2Consensus(
+                swarm=str(v["swarm"]),
+                phase=str(v["phase"]),
+                iteration=int(v["iteration"]),
+                score=score,
+                validation_results=v["validation_results"],
+                recommendations=tuple(v["recommendations"]),
+                recorded_by=str(v["recorded_by"]),
+                recorded_at=int(v["recorded_at"]),
+                gate_passed=score >= self.consensus_threshold,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TamperedRecord(f"{key} does not hold a Loop 2 record: {exc!r}") from exc
+
+    # -- Loop 4 --------------------------------------------------------------------------
+
+    def store_loop4_decision(
+        self,
+        principal: Principal,
+        phase: str,
+        iteration: int,
+        decision: Decision | str,
+        reasoning: str,
+        deferred_issues: Sequence[str] = (),
+        next_actions: Sequence[str] = (),
+    ) -> Receipt:
+        """Store the product owner's decision (SYSTEM: system principals only, encrypted).
+
+        ``decision`` is PROCEED, DEFER or ESCALATE (a :class:`Decision` or its name).
+        """
+        value = {
+            "project": self.project,
+            "swarm": self.swarm,
+            "phase": check_ident("phase", phase),
+            "iteration": check_iteration(iteration),
+            "decision": Decision.parse(decision).value,
+            "reasoning": check_text("reasoning", reasoning),
+            "deferred_issues": list(check_strings("deferred_issues", deferred_issues)),
+            "next_actions": list(check_strings("next_actions", next_actions)),
+            "decided_by": principal.agent_id if isinstance(principal, Principal) else None,
+            "decided_at": self._now_us(),
+        }
+        key = self._key(4, phase, iteration)
+        return self._receipts.add(self.mem.put(key, value, level=Level.SYSTEM, principal=principal))
+
+    def list_loop4_decisions(
+        self, principal: Principal, phase: str | None = None
+    ) -> list[Loop4Decision]:
+        """Decisions of this swarm (of one ``phase`` if given), oldest first.
+
+        A non-system principal gets ``AccessDenied`` (audited).
+        """
+        prefix = self._prefix(4, None if phase is None else check_ident("phase", phase))
+        records = self.mem.query(
+            principal=principal, level=Level.SYSTEM, prefix=prefix, limit=_QUERY_LIMIT
+        )
+        decisions = [self._loop4(r) for r in records]
+        decisions.sort(key=lambda d: (d.decided_at, d.phase, d.iteration))
+        return decisions
+
+    @staticmethod
+    def _loop4(r: Record) -> Loop4Decision:
+        v = r.value
+        try:
+            return Loop4Decision(
+                project=str(v["project"]),
+                swarm=str(v["swarm"]),
+                phase=str(v["phase"]),
+                iteration=int(v["iteration"]),
+                decision=Decision.parse(v["decision"]),
+                reasoning=str(v["reasoning"]),
+                deferred_issues=tuple(v["deferred_issues"]),
+                next_actions=tuple(v["next_actions"]),
+                decided_by=str(v["decided_by"]),
+                decided_at=int(v["decided_at"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TamperedRecord(f"{r.key} does not hold a Loop 4 record: {exc!r}") from exc
+
+    # -- read-your-writes ----------------------------------------------------------------
+
+    def sync(self, timeout: float = 5.0) -> None:
+        """Wait until everything this LoopMemory wrote is committed to SQLite."""
+        self._receipts.sync(timeout)

@@ -1,0 +1,610 @@
+"""Blocking signals: a coordinator sends a signed signal, targets answer with HMAC-SHA256
+signed ACKs, the coordinator waits with bounded retries; every step leaves an audit row."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from acl.errors import AccessDenied, ConfigurationError, TamperedRecord, ValidationError
+from acl.levels import Level, as_level
+from acl.principal import Principal
+from dualmem.coordination._validation import ReceiptLog, check_ident, clock_us
+from dualmem.memory import DualMemory, Record
+
+__all__ = ["Ack", "AckResult", "BlockingCoordinator", "Signal"]
+
+_SIGNALS = "coord/signals/"
+_ACKS = "coord/acks/"
+_MIN_SECRET_BYTES = 16
+_KDF_LABEL = b"dualmem/coordination/hmac-sha256/v1"
+_QUERY_LIMIT = 10_000
+
+
+def _canonical(doc: dict[str, Any]) -> bytes:
+    """The exact bytes a MAC covers: sorted keys, no spaces, UTF-8."""
+    return json.dumps(
+        doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    kid: str
+    key: bytes
+
+
+def _derive(secret: bytes | str) -> _Key:
+    raw = secret.encode("utf-8") if isinstance(secret, str) else secret
+    if not isinstance(raw, bytes) or len(raw) < _MIN_SECRET_BYTES:
+        raise ConfigurationError(
+            f"the signal secret must be at least {_MIN_SECRET_BYTES} bytes "
+            "(use secrets.token_bytes(32) and share it with every participant)"
+        )
+    # A derived key, never the caller's secret itself: the same secret used elsewhere
+    # (for example as an API token) cannot be turned into an ACK forgery oracle here.
+    key = hmac.new(raw, _KDF_LABEL, hashlib.sha256).digest()
+    kid = hashlib.sha256(b"kid" + key).hexdigest()[:12]
+    return _Key(kid, key)
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A signal as stored at ``coord/signals/<id>``; ``mac`` signs every other field."""
+
+    id: str
+    type: str
+    sender: str
+    targets: tuple[str, ...]
+    payload: Any
+    sent_at: int  #: epoch microseconds
+    attempt: int  #: 1 for the first send, +1 per retry
+    kid: str
+    mac: str
+
+    def body(self) -> dict[str, Any]:
+        """The fields that stay the same across retries (what an ACK is bound to)."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "sender": self.sender,
+            "targets": list(self.targets),
+            "payload": self.payload,
+            "sent_at": self.sent_at,
+        }
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of :meth:`body`: an ACK names it, so it acknowledges exactly this signal."""
+        return hashlib.sha256(b"dualmem-signal-body\x00" + _canonical(self.body())).hexdigest()
+
+    def signed_part(self) -> bytes:
+        """The bytes ``mac`` covers."""
+        return b"signal\x00" + _canonical({**self.body(), "attempt": self.attempt, "kid": self.kid})
+
+    def to_value(self) -> dict[str, Any]:
+        """The stored JSON value."""
+        return {**self.body(), "attempt": self.attempt, "kid": self.kid, "mac": self.mac}
+
+    @classmethod
+    def from_value(cls, v: Any) -> Signal:
+        """Parse a stored value; ``TamperedRecord`` if it is not a signal."""
+        try:
+            return cls(
+                id=str(v["id"]),
+                type=str(v["type"]),
+                sender=str(v["sender"]),
+                targets=tuple(str(t) for t in v["targets"]),
+                payload=v["payload"],
+                sent_at=int(v["sent_at"]),
+                attempt=int(v["attempt"]),
+                kid=str(v["kid"]),
+                mac=str(v["mac"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TamperedRecord(f"not a signal record: {exc!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A target's acknowledgement, stored at ``coord/acks/<signal id>/<target>``."""
+
+    signal_id: str
+    target: str
+    digest: str  #: the acknowledged signal's :attr:`Signal.digest`
+    acked_at: int  #: epoch microseconds
+    kid: str
+    mac: str
+
+    def signed_part(self) -> bytes:
+        """The bytes ``mac`` covers."""
+        return b"ack\x00" + _canonical(
+            {
+                "signal_id": self.signal_id,
+                "target": self.target,
+                "digest": self.digest,
+                "acked_at": self.acked_at,
+                "kid": self.kid,
+            }
+        )
+
+    def to_value(self) -> dict[str, Any]:
+        """The stored JSON value."""
+        return {
+            "signal_id": self.signal_id,
+            "target": self.target,
+            "digest": self.digest,
+            "acked_at": self.acked_at,
+            "kid": self.kid,
+            "mac": self.mac,
+        }
+
+    @classmethod
+    def from_value(cls, v: Any) -> Ack:
+        """Parse a stored value; ``TamperedRecord`` if it is not an ACK."""
+        try:
+            return cls(
+                signal_id=str(v["signal_id"]),
+                target=str(v["target"]),
+                digest=str(v["digest"]),
+                acked_at=int(v["acked_at"]),
+                kid=str(v["kid"]),
+                mac=str(v["mac"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TamperedRecord(f"not an ACK record: {exc!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class AckResult:
+    """What :meth:`BlockingCoordinator.wait_for_acks` saw before it returned.
+
+    ``acked``: targets with a valid ACK; ``missing``: targets without one (``rejected``
+    maps those whose ACK record failed verification to the reason); ``retries``: how many
+    times the signal was re-sent.
+    """
+
+    signal_id: str
+    acked: tuple[str, ...]
+    missing: tuple[str, ...]
+    rejected: dict[str, str]
+    retries: int
+
+    @property
+    def complete(self) -> bool:
+        """Every target acknowledged."""
+        return not self.missing
+
+
+class BlockingCoordinator:
+    """Signals with acknowledgements, for one participant (``coordinator_id``).
+
+    ``coordinator_id`` is the participant's :class:`~acl.Principal`: its ``agent_id`` is
+    the id in signals and ACKs, and it authorizes the writes. Signals and ACKs live at
+    ``level`` (default SWARM, so sender and targets must share a swarm) and expire after
+    ``signal_ttl`` seconds. ``secret`` (at least 16 bytes) is shared by all participants;
+    a key derived from it signs signals and ACKs with HMAC-SHA256; ``previous_secrets``
+    still verify (for rotating the secret). The secret is never stored.
+
+    An ACK counts only if its MAC verifies, it names this signal's id and digest and the
+    target, and the record was written by the target's own principal. Anything else is
+    rejected and audited as high risk. ACKing twice is a no-op. ``wait_for_acks`` re-sends
+    the signal at most ``max_retries`` times within its timeout.
+
+    >>> import tempfile, os
+    >>> from acl import Principal
+    >>> from dualmem import DualMemory
+    >>> boss = Principal(agent_id="coordinator", swarm="auth")
+    >>> coder = Principal(agent_id="coder-1", swarm="auth")
+    >>> secret = b"0123456789abcdef0123456789abcdef"
+    >>> db = os.path.join(tempfile.mkdtemp(), "mem.db")
+    >>> with DualMemory(redis_url="memory://doctest-signals", db_path=db) as mem:
+    ...     sender = BlockingCoordinator(mem, boss, secret)
+    ...     signal = sender.send_signal(["coder-1"], "pause", {"reason": "review"})
+    ...     _ = BlockingCoordinator(mem, coder, secret).acknowledge_signal(signal)
+    ...     result = sender.wait_for_acks(signal, timeout=5)
+    ...     result.acked, result.missing, result.complete
+    (('coder-1',), (), True)
+    """
+
+    def __init__(
+        self,
+        mem: DualMemory,
+        coordinator_id: Principal,
+        secret: bytes | str,
+        *,
+        level: Level | int = Level.SWARM,
+        max_retries: int = 3,
+        signal_ttl: float | None = 86_400.0,
+        previous_secrets: Sequence[bytes | str] = (),
+    ) -> None:
+        if not isinstance(mem, DualMemory):
+            raise ValidationError("BlockingCoordinator needs a DualMemory")
+        if not isinstance(coordinator_id, Principal):
+            raise ValidationError(
+                "coordinator_id must be the participant's acl.Principal (its agent_id is "
+                f"the id in signals and ACKs), got {type(coordinator_id).__name__}"
+            )
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValidationError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        self.mem = mem
+        self.principal = coordinator_id
+        self.id = check_ident("coordinator_id", coordinator_id.agent_id)
+        self.level = as_level(level)
+        scope = coordinator_id.scope(self.level)
+        if scope is None:
+            raise AccessDenied(
+                f"{self.id} has no scope at level {self.level.name} for signals",
+                agent_id=self.id,
+                action="write",
+                level=int(self.level),
+                scope=None,
+            )
+        self.scope = scope
+        self.max_retries = max_retries
+        self.signal_ttl = signal_ttl
+        self._signer = _derive(secret)
+        self._verifiers = {k.kid: k for k in (self._signer, *map(_derive, previous_secrets))}
+        self._receipts = ReceiptLog(mem)
+        self._rejected_seen: set[tuple[str, str]] = set()
+
+    # -- signing -------------------------------------------------------------------------
+
+    def _mac(self, part: bytes) -> str:
+        return hmac.new(self._signer.key, part, hashlib.sha256).hexdigest()
+
+    def _mac_ok(self, kid: str, mac: str, part: bytes) -> bool:
+        key = self._verifiers.get(kid)
+        if key is None:
+            return False
+        expected = hmac.new(key.key, part, hashlib.sha256).hexdigest()
+        return hmac.compare_digest(expected, mac)
+
+    def _sign_signal(self, s: Signal, attempt: int) -> Signal:
+        unsigned = Signal(
+            s.id, s.type, s.sender, s.targets, s.payload, s.sent_at, attempt, self._signer.kid, ""
+        )
+        return Signal(
+            s.id,
+            s.type,
+            s.sender,
+            s.targets,
+            s.payload,
+            s.sent_at,
+            attempt,
+            self._signer.kid,
+            self._mac(unsigned.signed_part()),
+        )
+
+    def signal_problem(self, signal: Signal) -> str | None:
+        """Why ``signal`` is not authentic, or ``None`` when its MAC verifies."""
+        if signal.kid not in self._verifiers:
+            return f"signed with unknown key id {signal.kid!r}"
+        if not self._mac_ok(signal.kid, signal.mac, signal.signed_part()):
+            return "MAC does not verify (forged or altered)"
+        return None
+
+    def ack_problem(self, signal: Signal, target: str, ack: Ack, writer: str | None) -> str | None:
+        """Why ``ack`` does not acknowledge ``signal`` for ``target``, or ``None`` if it does.
+
+        ``writer`` is the agent that wrote the ACK record (``None``: unknown, not checked).
+        """
+        if ack.kid not in self._verifiers:
+            return f"signed with unknown key id {ack.kid!r}"
+        if not self._mac_ok(ack.kid, ack.mac, ack.signed_part()):
+            return "MAC does not verify (forged or altered)"
+        if ack.signal_id != signal.id or ack.digest != signal.digest:
+            return "acknowledges another signal (replayed)"
+        if ack.target != target:
+            return f"names target {ack.target!r}, not {target!r}"
+        if writer is not None and writer != target:
+            return f"written by {writer!r}, not by the target {target!r}"
+        return None
+
+    # -- keys and audit ------------------------------------------------------------------
+
+    @staticmethod
+    def _signal_key(signal_id: str) -> str:
+        return f"{_SIGNALS}{signal_id}"
+
+    @staticmethod
+    def _ack_key(signal_id: str, target: str) -> str:
+        return f"{_ACKS}{signal_id}/{target}"
+
+    def _audit(self, event: str, risk: str, key: str, **detail: Any) -> None:
+        self._receipts.add(
+            self.mem.audit(
+                event,
+                principal=self.principal,
+                risk=risk,
+                scope=self.scope,
+                key=key,
+                level=int(self.level),
+                detail=detail,
+            )
+        )
+
+    def _put(self, key: str, value: dict[str, Any]) -> None:
+        self._receipts.add(
+            self.mem.put(
+                key,
+                value,
+                level=self.level,
+                principal=self.principal,
+                ttl=self.signal_ttl,
+            )
+        )
+
+    # -- sending -------------------------------------------------------------------------
+
+    def send_signal(self, targets: Iterable[str], type: str, payload: Any = None) -> Signal:
+        """Store a signed signal for ``targets`` (agent ids) and audit the send (low risk).
+
+        Targets see it through a :class:`~dualmem.Subscriber` on the signal's scope or
+        through :meth:`pending_signals`. ``payload`` is any JSON value.
+        """
+        if isinstance(targets, str):
+            raise ValidationError("targets must be a list of agent ids, not one string")
+        wanted = tuple(dict.fromkeys(check_ident("target", t) for t in targets))
+        if not wanted:
+            raise ValidationError("a signal needs at least one target")
+        check_ident("type", type)
+        try:
+            _canonical({"payload": payload})
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f"payload is not JSON-serializable: {exc}") from exc
+        sid = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(6)}"
+        draft = Signal(sid, type, self.id, wanted, payload, clock_us(), 1, self._signer.kid, "")
+        signal = self._sign_signal(draft, 1)
+        self._put(self._signal_key(sid), signal.to_value())
+        self._audit(
+            "signal_sent", "low", self._signal_key(sid), signal=sid, type=type, targets=list(wanted)
+        )
+        return signal
+
+    def get_signal(self, signal_id: str) -> Signal | None:
+        """The stored signal (latest attempt), from the Redis cache when present."""
+        value = self.mem.get(
+            self._signal_key(check_ident("signal_id", signal_id)),
+            level=self.level,
+            principal=self.principal,
+            fresh=True,
+        )
+        return None if value is None else Signal.from_value(value)
+
+    def pending_signals(self) -> list[Signal]:
+        """Authentic signals addressed to this participant that it has not ACKed yet,
+        oldest first (from SQLite). Forged ones are skipped and audited (high risk)."""
+        records = self.mem.query(
+            principal=self.principal, level=self.level, prefix=_SIGNALS, limit=_QUERY_LIMIT
+        )
+        out: list[Signal] = []
+        for r in records:
+            signal = Signal.from_value(r.value)
+            if self.id not in signal.targets:
+                continue
+            problem = self.signal_problem(signal)
+            if problem is not None:
+                self._reject_once("signal_rejected", r, problem, signal=signal.id)
+                continue
+            if self._own_valid_ack(signal) is None:
+                out.append(signal)
+        out.sort(key=lambda s: (s.sent_at, s.id))
+        return out
+
+    def _newest(self, signal: Signal) -> Signal:
+        """The stored attempt of ``signal`` if it is newer and authentic, else ``signal``."""
+        stored = self.get_signal(signal.id)
+        if (
+            stored is not None
+            and stored.digest == signal.digest
+            and stored.attempt > signal.attempt
+            and self.signal_problem(stored) is None
+        ):
+            return stored
+        return signal
+
+    def _resolve(self, signal: Signal | str) -> Signal:
+        if isinstance(signal, str):
+            found = self.get_signal(signal)
+            if found is None:
+                raise ValidationError(f"no signal {signal!r} (expired, or never sent)")
+            return found
+        if not isinstance(signal, Signal):
+            raise ValidationError(f"expected a Signal or a signal id, got {type(signal).__name__}")
+        return signal
+
+    # -- acknowledging -------------------------------------------------------------------
+
+    def _valid_ack_value(self, signal: Signal, value: Any) -> Ack | None:
+        try:
+            ack = Ack.from_value(value)
+        except TamperedRecord:
+            return None
+        return ack if self.ack_problem(signal, self.id, ack, None) is None else None
+
+    def _own_valid_ack(self, signal: Signal) -> Ack | None:
+        """This participant's valid ACK of ``signal`` if one is stored (idempotency)."""
+        key = self._ack_key(signal.id, self.id)
+        record = self.mem.get_record(key, level=self.level, principal=self.principal)
+        committed = None if record is None else self._valid_ack_value(signal, record.value)
+        if committed is not None and record is not None and record.owner == self.id:
+            return committed
+        # Not committed yet (read-your-writes through the Redis cache), or the committed
+        # record is someone else's copy: only a cache entry that differs from that copy
+        # can be our own pending ACK.
+        value = self.mem.get(key, level=self.level, principal=self.principal, fresh=True)
+        cached = None if value is None else self._valid_ack_value(signal, value)
+        if cached is None or (record is not None and cached == committed):
+            return None
+        return cached
+
+    def acknowledge_signal(self, signal: Signal | str) -> Ack:
+        """ACK ``signal`` as this participant: an HMAC-SHA256-signed record, audited (low).
+
+        Idempotent: if a valid ACK of this signal by this participant exists, it is
+        returned and nothing is written. A signal whose MAC does not verify raises
+        ``TamperedRecord`` (audited high risk); one not addressed to this participant
+        raises ``ValidationError``.
+        """
+        signal = self._resolve(signal)
+        problem = self.signal_problem(signal)
+        if problem is not None:
+            self._audit(
+                "signal_rejected",
+                "high",
+                self._signal_key(signal.id),
+                signal=signal.id,
+                reason=problem,
+            )
+            raise TamperedRecord(f"signal {signal.id} is not authentic: {problem}")
+        if self.id not in signal.targets:
+            raise ValidationError(f"signal {signal.id} is not addressed to {self.id}")
+        existing = self._own_valid_ack(signal)
+        if existing is not None:
+            return existing
+        draft = Ack(signal.id, self.id, signal.digest, clock_us(), self._signer.kid, "")
+        ack = Ack(
+            draft.signal_id,
+            draft.target,
+            draft.digest,
+            draft.acked_at,
+            draft.kid,
+            self._mac(draft.signed_part()),
+        )
+        key = self._ack_key(signal.id, self.id)
+        self._put(key, ack.to_value())
+        self._audit("signal_ack", "low", key, signal=signal.id, type=signal.type)
+        return ack
+
+    # -- waiting -------------------------------------------------------------------------
+
+    def _reject_once(self, event: str, record: Record, reason: str, **detail: Any) -> None:
+        # A bad record stays where it is while we poll: audit it once, not once per poll.
+        mark = (record.key, record.stream_id)
+        if mark in self._rejected_seen:
+            return
+        self._rejected_seen.add(mark)
+        self._audit(event, "high", record.key, reason=reason, **detail)
+
+    def _check_ack(self, signal: Signal, target: str) -> tuple[bool, str | None]:
+        """``(valid, rejection reason)`` for the target's ACK record as committed."""
+        record = self.mem.get_record(
+            self._ack_key(signal.id, target), level=self.level, principal=self.principal
+        )
+        if record is None:
+            return False, None
+        try:
+            ack = Ack.from_value(record.value)
+        except TamperedRecord as exc:
+            reason: str | None = str(exc)
+        else:
+            reason = self.ack_problem(signal, target, ack, record.owner)
+        if reason is None:
+            return True, None
+        self._reject_once("signal_ack_rejected", record, reason, signal=signal.id, target=target)
+        return False, reason
+
+    def wait_for_acks(
+        self, signal: Signal | str, timeout: float, *, poll_interval: float = 0.02
+    ) -> AckResult:
+        """Wait up to ``timeout`` seconds for every target's ACK, re-sending the signal
+        ``max_retries`` times (evenly spread over the timeout) while some are missing.
+
+        While any target is missing it re-sends exactly ``max_retries`` times before it
+        gives up (a starved process catches up on missed re-sends before returning).
+
+        ACKs are read as committed to SQLite, so the writer of each is known. Audit rows:
+        ``signal_retry`` (medium) per re-send, ``signal_ack_rejected`` (high) per bad ACK
+        record, then ``signal_complete`` (low) or ``signal_timeout`` (medium).
+        """
+        signal = self._resolve(signal)
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout)
+            or timeout < 0
+        ):
+            raise ValidationError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        if self.signal_problem(signal) is not None:
+            raise TamperedRecord(f"signal {signal.id} is not authentic; refusing to wait for it")
+        start = time.monotonic()
+        deadline = start + timeout
+        slots = self.max_retries + 1
+        retry_at = [start + timeout * (i + 1) / slots for i in range(self.max_retries)]
+        pending = list(signal.targets)
+        acked: list[str] = []
+        rejected: dict[str, str] = {}
+        retries = 0
+        current = self._newest(signal)
+        delay = min(poll_interval, 0.005)
+        while True:
+            for target in list(pending):
+                ok, reason = self._check_ack(signal, target)
+                if ok:
+                    pending.remove(target)
+                    acked.append(target)
+                    rejected.pop(target, None)
+                elif reason is not None:
+                    rejected[target] = reason
+            if not pending:
+                break
+            now = time.monotonic()
+            if retries < self.max_retries and now >= retry_at[retries]:
+                # A process starved past several retry times still makes every re-send
+                # (one per check), so a silent target always costs exactly max_retries.
+                retries += 1
+                current = self._sign_signal(current, current.attempt + 1)
+                self._put(self._signal_key(signal.id), current.to_value())
+                self._audit(
+                    "signal_retry",
+                    "medium",
+                    self._signal_key(signal.id),
+                    signal=signal.id,
+                    attempt=current.attempt,
+                    missing=list(pending),
+                )
+                continue
+            if now >= deadline:
+                break
+            wake = deadline if retries >= self.max_retries else min(deadline, retry_at[retries])
+            time.sleep(max(0.0, min(delay, wake - now)))
+            delay = min(delay * 2, poll_interval)
+        result = AckResult(
+            signal.id,
+            tuple(t for t in signal.targets if t in acked),
+            tuple(pending),
+            {t: r for t, r in rejected.items() if t in pending},
+            retries,
+        )
+        if result.complete:
+            self._audit(
+                "signal_complete",
+                "low",
+                self._signal_key(signal.id),
+                signal=signal.id,
+                retries=retries,
+            )
+        else:
+            self._audit(
+                "signal_timeout",
+                "medium",
+                self._signal_key(signal.id),
+                signal=signal.id,
+                missing=list(result.missing),
+                rejected=result.rejected,
+                retries=retries,
+                timeout_s=timeout,
+            )
+        return result
+
+    def sync(self, timeout: float = 5.0) -> None:
+        """Wait until every signal, ACK and audit row this participant wrote is committed."""
+        self._receipts.sync(timeout)

@@ -1,0 +1,422 @@
+"""``Subscriber``: every change a principal may read, exactly once and in seq order: catch-up
+from the journal, then live through pub/sub, resumable from a saved position."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import redis
+
+from acl.errors import AccessDenied, ValidationError
+from acl.levels import Level
+from acl.policy import readable_scopes
+from acl.principal import Principal
+from dualmem.commands import check_key
+from dualmem.errors import DualMemError, StoreUnavailable
+from dualmem.memory import DualMemory
+from dualmem.store import Change, Notification
+
+__all__ = ["POSITION_PREFIX", "Subscriber"]
+
+log = logging.getLogger("dualmem.subscriber")
+
+#: Key prefix (in the principal's PRIVATE scope) of saved positions. Changes to these keys
+#: are a subscriber's own bookkeeping: no Subscriber delivers them (a subscriber that saw
+#: its own saves would save again for each, forever).
+POSITION_PREFIX = "_subscriber/"
+
+_SLICE = 0.1  # longest single wait, so close() from another thread takes effect quickly
+_SUBSCRIBE_TIMEOUT = 5.0
+_MAX_BACKOFF = 2.0
+_DRAIN_MAX = 1000
+
+
+class Subscriber:
+    """Iterate the changes ``principal`` may read, each exactly once, in journal order.
+
+    ``since`` is a journal seq to start after (``0``: from the beginning), or a name: the
+    position saved under that name (``_subscriber/<name>`` in the principal's PRIVATE
+    scope, written through ``DualMemory.put``) is loaded, and kept up to date as changes
+    are consumed, so a restarted consumer resumes with no gap and no duplicate. A new
+    name starts from the beginning. ``level`` restricts the feed to one level.
+
+    How it stays exact: it subscribes to the pub/sub channel of each scope it may read
+    *first*, then reads the journal (so nothing committed in between is missed), then
+    follows notifications. A notification is only a wake-up: the changes themselves are
+    always read from the journal with ``seq >`` the last one seen and the principal's own
+    scopes in the SQL, so a notification that duplicates the catch-up, arrives out of
+    order, is forged, or names a scope the principal may not read delivers nothing extra.
+    A lost notification (a dropped connection, a worker that died between commit and
+    publish) costs latency, never a change: the journal is re-read every
+    ``recheck_interval`` seconds and whenever a later notification arrives. Without Redis
+    it keeps delivering from SQLite by those re-reads, and re-subscribes with backoff.
+
+    When is a change consumed? When you ask for the next one (``poll``, ``next``), call
+    :meth:`commit`, or leave a ``with`` block without an exception. The position is saved
+    every ``commit_every`` consumed changes (default 1: each one). A process killed while
+    handling a change gets that change again after the restart; nothing consumed before
+    it comes back. Position saves travel the put path: on a real Redis they are durable
+    at once (the cache entry and the stream), on ``memory://`` once the worker committed.
+    For exactly-once side effects of your own, store ``change.seq`` with them in one
+    transaction and restart with ``since=<that seq>``.
+
+    One live Subscriber per name at a time. Not thread-safe, except :meth:`close`.
+
+    >>> import tempfile, os
+    >>> from acl import Level, Principal
+    >>> from dualmem import DualMemory
+    >>> agent = Principal(agent_id="a", swarm="s")
+    >>> db = os.path.join(tempfile.mkdtemp(), "mem.db")
+    >>> with DualMemory(redis_url="memory://doctest-subscriber", db_path=db) as mem:
+    ...     mem.sync(mem.put("before", 1, level=Level.SWARM, principal=agent))
+    ...     with Subscriber(mem, agent, since="doc") as sub:
+    ...         first = sub.poll(timeout=5)      # catch-up from the journal
+    ...         _ = mem.put("after", 2, level=Level.SWARM, principal=agent)
+    ...         second = sub.poll(timeout=5)     # live, woken by pub/sub
+    ...     resumed = Subscriber(mem, agent, since="doc")
+    ...     [(c.seq, c.key) for c in (first, second)], resumed.position
+    ...     resumed.close()
+    ([(1, 'before'), (2, 'after')], 2)
+    """
+
+    def __init__(
+        self,
+        mem: DualMemory,
+        principal: Principal,
+        since: int | str = 0,
+        *,
+        level: Level | int | None = None,
+        commit_every: int = 1,
+        batch_size: int = 500,
+        recheck_interval: float = 1.0,
+    ) -> None:
+        if not isinstance(mem, DualMemory):
+            raise ValidationError("Subscriber needs a DualMemory")
+        if not isinstance(principal, Principal):
+            raise ValidationError("principal must be an acl.Principal")
+        for name, value, low in (("commit_every", commit_every, 1), ("batch_size", batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValidationError(f"{name} must be an int >= {low}, got {value!r}")
+        if isinstance(recheck_interval, bool) or not isinstance(recheck_interval, (int, float)):
+            raise ValidationError("recheck_interval must be a number of seconds")
+        if not recheck_interval > 0:
+            raise ValidationError(f"recheck_interval must be > 0, got {recheck_interval}")
+        self._mem = mem
+        self.principal = principal
+        self.level = level
+        self.commit_every = commit_every
+        self.batch_size = batch_size
+        self.recheck_interval = float(recheck_interval)
+        self._own_scope = f"agent:{principal.agent_id}"
+        scopes = readable_scopes(principal, None if level is None else level)
+        if level is not None and not scopes:
+            # Let DualMemory raise (and audit) the denial, as for any other read.
+            mem.changes(0, principal=principal, level=level, limit=1)
+            raise AccessDenied(  # pragma: no cover - changes() above always raises here
+                f"{principal.agent_id} may not read level {level}",
+                agent_id=principal.agent_id,
+                action="read",
+                level=int(level),
+                scope=None,
+            )
+        self.scopes = tuple(scopes.values())
+        self._channels = [mem.layout.channel(s) for s in self.scopes]
+
+        self.name, self._position_key, start = self._start(since)
+        self._scanned = start  # highest journal seq examined (delivered or skipped)
+        self._delivered = start  # highest seq handed to the caller
+        self._position = start  # highest seq consumed: what a restart resumes after
+        self._saved = start  # highest position written through the put path
+        self._in_flight = False
+        self._unsaved = 0
+        self._buffer: deque[Change] = deque()
+        self._needs_scan = True  # the first poll catches up from the journal
+        self._next_recheck = 0.0
+        self._pubsub: redis.client.PubSub | None = None
+        self._next_connect = 0.0
+        self._backoff = 0.0
+        self._closing = threading.Event()
+        self._poll_lock = threading.Lock()
+        self._closed = False
+        # Subscribe before the first journal read: whatever commits after that read is
+        # published after we listen. Fail early if Redis is unreachable at start.
+        self._connect()
+
+    def _start(self, since: object) -> tuple[str | None, str, int]:
+        """``(name, position key, seq to start after)`` from the ``since`` argument."""
+        if isinstance(since, str):
+            if not since.strip():
+                raise ValidationError("a subscriber name must not be empty")
+            key = check_key(POSITION_PREFIX + since)
+            return since, key, self.saved_position(self._mem, self.principal, since) or 0
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            raise ValidationError(
+                f"since must be a journal seq (int >= 0) or a name, got {since!r}"
+            )
+        return None, "", since
+
+    # -- positions -----------------------------------------------------------------------
+
+    @staticmethod
+    def saved_position(mem: DualMemory, principal: Principal, name: str) -> int | None:
+        """The position saved under ``name`` for ``principal``, or ``None`` if none is.
+
+        Read from the Redis cache entry when there is one (newest), else from SQLite.
+        """
+        key = check_key(POSITION_PREFIX + name)
+        try:
+            value = mem.get(key, level=Level.PRIVATE, principal=principal, fresh=True)
+        except StoreUnavailable:
+            value = mem.get(key, level=Level.PRIVATE, principal=principal)
+        if value is None:
+            return None
+        seq = value.get("seq") if isinstance(value, dict) else None
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise ValidationError(f"saved position {name!r} is not a journal seq: {value!r}")
+        return seq
+
+    @property
+    def position(self) -> int:
+        """Seq of the last consumed change: a restart with this name resumes after it."""
+        return self._position
+
+    @property
+    def last_delivered(self) -> int:
+        """Seq of the last change handed out (consumed or still being handled)."""
+        return self._delivered
+
+    def commit(self) -> None:
+        """Mark the change last handed out as consumed and save the position now.
+
+        Raises ``StoreUnavailable`` or ``Backpressure`` if the save cannot be written.
+        """
+        self._consume_in_flight(save=False)
+        self._save()
+
+    def _consume_in_flight(self, *, save: bool) -> None:
+        if not self._in_flight:
+            return
+        self._in_flight = False
+        self._position = self._delivered
+        self._unsaved += 1
+        if save and self._unsaved >= self.commit_every:
+            try:
+                self._save()
+            except DualMemError as exc:
+                # Not fatal for delivery: the position is saved with a later change. Until
+                # then a restart would only see changes again, never miss one.
+                log.warning("subscriber %s: could not save its position: %s", self.name, exc)
+
+    def _save(self) -> None:
+        if self.name is None or self._position <= self._saved:
+            return
+        self._mem.put(
+            self._position_key,
+            {"seq": self._position, "saved_at_us": time.time_ns() // 1000},
+            level=Level.PRIVATE,
+            principal=self.principal,
+        )
+        self._saved = self._position
+        self._unsaved = 0
+
+    # -- pub/sub -------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        ps = self._mem.pubsub()
+        try:
+            ps.subscribe(*self._channels)
+            confirmed: set[bytes] = set()
+            deadline = time.monotonic() + _SUBSCRIBE_TIMEOUT
+            while len(confirmed) < len(self._channels):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StoreUnavailable("subscribe: Redis did not confirm the subscription")
+                msg = ps.get_message(timeout=min(remaining, _SLICE))
+                if msg is None:
+                    continue
+                if msg["type"] == "subscribe":
+                    confirmed.add(bytes(msg["channel"]))
+                elif msg["type"] == "message":
+                    self._on_notification(msg["data"])
+        except (redis.RedisError, OSError) as exc:
+            _close_quietly(ps)
+            raise StoreUnavailable(f"subscribe: Redis is unavailable: {exc}") from exc
+        except BaseException:
+            _close_quietly(ps)
+            raise
+        self._pubsub = ps
+        self._backoff = 0.0
+        # Anything published while we were not listening is in the journal.
+        self._needs_scan = True
+
+    def _drop_pubsub(self, why: object) -> None:
+        if self._pubsub is not None:
+            _close_quietly(self._pubsub)
+            self._pubsub = None
+        self._backoff = min(_MAX_BACKOFF, self._backoff * 2 or 0.05)
+        self._next_connect = time.monotonic() + self._backoff
+        log.warning(
+            "subscriber %s: pub/sub lost (%s); following the journal, re-subscribing in %.2fs",
+            self.name,
+            why,
+            self._backoff,
+        )
+
+    def _on_notification(self, data: Any) -> None:
+        try:
+            note = Notification.from_json(data)
+        except (ValueError, KeyError, TypeError):
+            return  # not ours or garbage: it cannot deliver anything, so ignore it
+        if note.seq <= self._scanned:
+            return  # already read from the journal (the catch-up overlap, or a repeat)
+        if note.scope == self._own_scope and note.key.startswith(POSITION_PREFIX):
+            return  # a subscriber's own position save: nothing to deliver
+        self._needs_scan = True
+
+    def _wait(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for notifications (or just wait, without pub/sub)."""
+        if self._pubsub is None:
+            self._closing.wait(seconds)
+            return
+        try:
+            msg = self._pubsub.get_message(timeout=seconds)
+            drained = 0
+            while msg is not None:
+                if msg["type"] == "message":
+                    self._on_notification(msg["data"])
+                drained += 1
+                if drained >= _DRAIN_MAX:
+                    break
+                msg = self._pubsub.get_message(timeout=0)
+        except (redis.RedisError, OSError, ValueError) as exc:
+            self._drop_pubsub(exc)
+
+    # -- the journal ---------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        rows = self._mem.changes(
+            self._scanned, principal=self.principal, level=self.level, limit=self.batch_size
+        )
+        for change in rows:
+            self._scanned = change.seq
+            if change.scope == self._own_scope and change.key.startswith(POSITION_PREFIX):
+                continue
+            self._buffer.append(change)
+        self._needs_scan = len(rows) >= self.batch_size
+        self._next_recheck = time.monotonic() + self.recheck_interval
+
+    def backlog(self, limit: int = 10_000) -> int:
+        """How many changes the journal holds for this subscriber beyond the last one
+        handed out (at most ``limit`` are counted)."""
+        rows = self._mem.changes(
+            self._delivered, principal=self.principal, level=self.level, limit=limit
+        )
+        return sum(
+            1
+            for c in rows
+            if not (c.scope == self._own_scope and c.key.startswith(POSITION_PREFIX))
+        )
+
+    # -- consuming -----------------------------------------------------------------------
+
+    def poll(self, timeout: float | None = None) -> Change | None:
+        """The next change, waiting up to ``timeout`` seconds (``None``: until one comes
+        or the subscriber is closed). Returns ``None`` on timeout or when closed.
+
+        Calling it consumes the change returned before (see the class notes).
+        """
+        if timeout is not None and not timeout >= 0:
+            raise ValidationError(f"timeout must be >= 0 or None, got {timeout!r}")
+        with self._poll_lock:
+            if self._closed:
+                return None
+            self._consume_in_flight(save=True)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._closing.is_set():
+                if self._buffer:
+                    change = self._buffer.popleft()
+                    self._delivered = change.seq
+                    self._in_flight = True
+                    return change
+                now = time.monotonic()
+                if self._needs_scan or now >= self._next_recheck:
+                    self._scan()
+                    if self._buffer:
+                        continue
+                if self._pubsub is None and now >= self._next_connect:
+                    try:
+                        self._connect()
+                    except StoreUnavailable as exc:
+                        self._drop_pubsub(exc)
+                    continue
+                remaining = None if deadline is None else deadline - now
+                if remaining is not None and remaining <= 0:
+                    return None
+                wait = min(_SLICE, max(0.0, self._next_recheck - now))
+                if remaining is not None:
+                    wait = min(wait, remaining)
+                self._wait(wait)
+            return None
+
+    def __iter__(self) -> Subscriber:
+        return self
+
+    def __next__(self) -> Change:
+        change = self.poll(timeout=None)
+        if change is None:
+            raise StopIteration
+        return change
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    def close(self, *, commit: bool = True) -> None:
+        """Stop: a ``poll`` waiting in another thread returns ``None``, iteration ends.
+
+        With ``commit`` (the default) the change last handed out counts as consumed and
+        the position is saved; ``commit=False`` leaves it to be delivered again.
+        """
+        self._closing.set()
+        with self._poll_lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if commit:
+                    self._consume_in_flight(save=False)
+                    try:
+                        self._save()
+                    except DualMemError as exc:
+                        log.warning(
+                            "subscriber %s: position %d not saved at close: %s",
+                            self.name,
+                            self._position,
+                            exc,
+                        )
+            finally:
+                if self._pubsub is not None:
+                    _close_quietly(self._pubsub)
+                    self._pubsub = None
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.close(commit=exc_type is None)
+
+    def __repr__(self) -> str:
+        where = f"name={self.name!r}" if self.name else "unnamed"
+        return (
+            f"Subscriber({self.principal.agent_id}, {where}, position={self._position}, "
+            f"scopes={list(self.scopes)})"
+        )
+
+
+def _close_quietly(ps: redis.client.PubSub) -> None:
+    try:
+        ps.close()
+    except (redis.RedisError, OSError) as exc:  # pragma: no cover - best effort
+        log.debug("closing pub/sub: %s", exc)

@@ -1,0 +1,510 @@
+"""Coordination helpers end to end (LoopMemory, AgentLifecycle, BlockingCoordinator), each
+test on fakeredis AND a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from acl import Level, Principal
+from dualmem import AccessDenied, DualMemory, TamperedRecord, ValidationError
+from dualmem.coordination import (
+    AgentLifecycle,
+    AgentStatus,
+    BlockingCoordinator,
+    Decision,
+    LoopMemory,
+    Signal,
+)
+from dualmem.errors import ConfigurationError
+from dualmem.store import AuditRow
+from dualmem.worker import Worker
+
+MakeMem = Callable[..., DualMemory]
+
+SWARM = "phase-1-auth"  # the swarm of the ``coder`` fixture
+BOSS = Principal(agent_id="coordinator", swarm=SWARM, project="shop")
+PEER = Principal(agent_id="coder-3", swarm=SWARM, project="shop")
+SILENT = Principal(agent_id="silent-1", swarm=SWARM, project="shop")
+ROGUE = Principal(agent_id="rogue", swarm=SWARM, project="shop")
+
+
+def audit(mem: DualMemory, event: str) -> list[AuditRow]:
+    return [r for r in mem.store.audit_log() if r.event == event]
+
+
+def raw_sqlite_envelopes(db_path: Path, key_like: str) -> list[bytes]:
+    with sqlite3.connect(db_path) as conn:
+        rows = conn.execute("SELECT envelope FROM memory WHERE key LIKE ?", (key_like,)).fetchall()
+    conn.close()
+    return [bytes(r[0]) for r in rows]
+
+
+def raw_redis_values(raw: redis.Redis) -> bytes:
+    out = []
+    for key in raw.scan_iter(count=1000):
+        kind = raw.type(key)
+        if kind == b"string":
+            out.append(raw.get(key) or b"")
+        elif kind == b"stream":
+            for _, fields in raw.xrange(key):
+                out.extend(fields.values())
+    return b"\n".join(out)
+
+
+class FakeClock:
+    """Epoch seconds that move only when the test says so."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- LoopMemory ----------------------------------------------------------------------------
+
+
+def test_loop3_entry_is_private_to_its_agent(
+    make_mem: MakeMem,
+    coder: Principal,
+    other: Principal,
+    raw_redis: redis.Redis,
+    db_path: Path,
+) -> None:
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    loops.store_loop3_confidence(
+        coder,
+        "auth",
+        1,
+        0.85,
+        "NEEDLE-loop3-reasoning",
+        blockers=["flaky test"],
+        metadata={"files": 3},
+        ttl=3600,
+    )
+    fresh = loops.get_loop3_confidence(coder, "auth", 1, fresh=True)  # before the commit
+    loops.sync()
+    mine = loops.get_loop3_confidence(coder, "auth", 1)
+    assert mine is not None and mine == fresh
+    assert (mine.agent_id, mine.confidence, mine.gate_passed) == ("coder-1", 0.85, True)
+    assert mine.blockers == ("flaky test",) and mine.metadata == {"files": 3}
+    # Another agent reading "its own" entry of that iteration finds nothing of coder-1's ...
+    assert loops.get_loop3_confidence(other, "auth", 1) is None
+    # ... and naming coder-1's entry is denied and audited.
+    with pytest.raises(AccessDenied) as denied:
+        loops.get_loop3_confidence(other, "auth", 1, agent_id="coder-1")
+    mem.sync(denied.value.audit_receipt)  # type: ignore[attr-defined]
+    (row,) = audit(mem, "access_denied")
+    assert row.actor == "coder-2" and row.risk == "high"
+    # PRIVATE is encrypted: the reasoning is in neither Redis nor SQLite as plaintext.
+    assert b"NEEDLE" not in raw_redis_values(raw_redis)
+    (envelope,) = raw_sqlite_envelopes(db_path, "cfn/%/loop3/%")
+    assert b"NEEDLE" not in envelope
+
+
+def test_loop2_consensus_is_shared_by_the_swarm_and_latest_wins(
+    make_mem: MakeMem, coder: Principal, other: Principal
+) -> None:
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    for iteration, score in ((1, 0.8), (3, 0.95), (2, 0.9)):
+        loops.store_loop2_consensus(
+            coder, "auth", iteration, score, {"tests": "green", "i": iteration}, ["ship it"]
+        )
+    loops.store_loop2_consensus(coder, "ui", 7, 0.5, None, [])
+    loops.sync()
+    latest = loops.get_loop2_consensus(BOSS, "auth")  # any principal of the swarm reads it
+    assert latest is not None
+    assert (latest.iteration, latest.score, latest.recorded_by) == (3, 0.95, "coder-1")
+    assert latest.validation_results == {"tests": "green", "i": 3} and latest.gate_passed
+    second = loops.get_loop2_consensus(BOSS, "auth", 2)
+    assert second is not None and second.score == 0.9 and second.gate_passed  # 0.90 passes
+    first = loops.get_loop2_consensus(BOSS, "auth", 1)
+    assert first is not None and not first.gate_passed
+    assert loops.get_loop2_consensus(BOSS, "auth", 9) is None
+    assert loops.get_loop2_consensus(BOSS, "nothing-yet") is None
+    # A principal of another swarm can neither read nor write this swarm's consensus.
+    with pytest.raises(AccessDenied):
+        loops.get_loop2_consensus(other, "auth")
+    with pytest.raises(AccessDenied):
+        loops.store_loop2_consensus(other, "auth", 4, 0.99, {}, [])
+
+
+def test_loop4_decisions_are_system_only_encrypted_and_chronological(
+    make_mem: MakeMem, coder: Principal, system: Principal, db_path: Path
+) -> None:
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    # Stored in an order that differs from key order: listing must follow time, not keys.
+    loops.store_loop4_decision(system, "impl", 2, "PROCEED", "NEEDLE-decision", (), ["deploy"])
+    loops.store_loop4_decision(system, "design", 1, Decision.DEFER, "wait", ["perf"], [])
+    loops.store_loop4_decision(system, "impl", 1, "escalate", "conflict", [], ["ask PO"])
+    loops.sync()
+    listed = loops.list_loop4_decisions(system)
+    assert [(d.phase, d.iteration, d.decision) for d in listed] == [
+        ("impl", 2, Decision.PROCEED),
+        ("design", 1, Decision.DEFER),
+        ("impl", 1, Decision.ESCALATE),
+    ]
+    assert listed[0].next_actions == ("deploy",) and listed[1].deferred_issues == ("perf",)
+    assert [d.iteration for d in loops.list_loop4_decisions(system, "impl")] == [2, 1]
+    # Another swarm's LoopMemory lists none of these.
+    assert LoopMemory(mem, swarm="other", project="shop").list_loop4_decisions(system) == []
+    with pytest.raises(AccessDenied):
+        loops.list_loop4_decisions(coder)
+    with pytest.raises(AccessDenied):
+        loops.store_loop4_decision(coder, "impl", 3, "PROCEED", "I decide")
+    with pytest.raises(ValidationError, match="PROCEED, DEFER, ESCALATE"):
+        loops.store_loop4_decision(system, "impl", 3, "MAYBE", "?")
+    envelopes = raw_sqlite_envelopes(db_path, "cfn/%/loop4/%")
+    assert len(envelopes) == 3 and not any(b"NEEDLE" in e for e in envelopes)
+
+
+@pytest.mark.parametrize("bad", [-0.01, 1.0001, math.nan, math.inf, True, "0.9", None])
+def test_scores_outside_the_unit_interval_are_rejected_and_nothing_is_stored(
+    make_mem: MakeMem, coder: Principal, bad: object
+) -> None:
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    life = AgentLifecycle(mem, coder)
+    life.register_spawn("coder-1", "Coder", "coder", [], Level.PRIVATE)
+    life.sync()
+    before = mem.changes(0, principal=coder)
+    with pytest.raises(ValidationError):
+        loops.store_loop3_confidence(coder, "auth", 1, bad, "r")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        loops.store_loop2_consensus(coder, "auth", 1, bad, {}, [])  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        life.update_confidence("coder-1", bad, "r", "auth", 1)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        loops.confidence_gate_passed(bad)  # type: ignore[arg-type]
+    sentinel = mem.put("sentinel", 1, level=Level.SWARM, principal=coder)
+    mem.sync(sentinel)
+    after = mem.changes(before[-1].seq, principal=coder)
+    assert [c.key for c in after] == ["sentinel"]
+
+
+def test_gate_thresholds_are_configurable(make_mem: MakeMem, coder: Principal) -> None:
+    mem = make_mem()
+    default = LoopMemory(mem, swarm=SWARM, project="shop")
+    assert (default.confidence_threshold, default.consensus_threshold) == (0.75, 0.90)
+    assert default.confidence_gate_passed(0.75) and not default.confidence_gate_passed(0.7499)
+    assert default.confidence_gate_passed([0.8, 0.9, 0.75])
+    assert not default.confidence_gate_passed([0.8, 0.74])
+    assert not default.confidence_gate_passed([])  # nobody reported: the gate is not passed
+    assert default.consensus_gate_passed(0.9) and not default.consensus_gate_passed(0.8999)
+    lenient = LoopMemory(
+        mem, swarm=SWARM, project="shop", confidence_threshold=0.5, consensus_threshold=0.6
+    )
+    assert lenient.confidence_gate_passed(0.5) and lenient.consensus_gate_passed(0.6)
+    lenient.store_loop3_confidence(coder, "auth", 1, 0.55, "ok")
+    lenient.sync()
+    as_lenient = lenient.get_loop3_confidence(coder, "auth", 1)
+    as_default = default.get_loop3_confidence(coder, "auth", 1)
+    assert as_lenient is not None and as_lenient.gate_passed
+    assert as_default is not None and not as_default.gate_passed
+    for bad in (1.5, -0.1, math.nan):
+        with pytest.raises(ValidationError):
+            LoopMemory(mem, swarm=SWARM, project="shop", confidence_threshold=bad)
+    with pytest.raises(ValidationError, match="'/'"):
+        LoopMemory(mem, swarm="a/b", project="shop")
+    with pytest.raises(ValidationError, match="'/'"):
+        default.store_loop3_confidence(coder, "auth/x", 1, 0.8, "r")
+
+
+# -- AgentLifecycle ------------------------------------------------------------------------
+
+
+def test_agent_lifecycle_records_each_step_and_refuses_updates_after_termination(
+    make_mem: MakeMem,
+) -> None:
+    mem = make_mem()
+    clock = FakeClock()
+    life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30, clock=clock)
+    life.register_spawn("coder-1", "Coder one", "coder", ["python", "sql"], Level.PRIVATE)
+    life.register_spawn("coder-2", "Coder two", "coder", ["go"], "team")
+    clock.now += 1
+    life.update_confidence("coder-1", 0.82, "tests pass", "auth", 1)
+    life.heartbeat("coder-2")
+    clock.now += 1
+    life.register_termination("coder-1", "phase complete")
+    life.sync()
+    one = life.agent("coder-1")
+    assert one is not None and one.status is AgentStatus.TERMINATED
+    assert (one.confidence, one.phase, one.iteration) == (0.82, "auth", 1)
+    assert one.capabilities == ("python", "sql") and one.level is Level.PRIVATE
+    assert one.end_reason == "phase complete"
+    two = life.agent("coder-2")
+    assert two is not None and two.status is AgentStatus.ACTIVE and two.level is Level.TEAM
+    assert [e.event for e in life.history("coder-1")] == ["spawn", "confidence", "terminate"]
+    assert [e.event for e in life.history("coder-1", limit=1)] == ["terminate"]
+    (conf,) = life.history("coder-1", event_types=["confidence"])
+    assert conf.detail == {
+        "confidence": 0.82,
+        "reasoning": "tests pass",
+        "phase": "auth",
+        "iteration": 1,
+    }
+    assert [e.event for e in life.history("coder-2")] == ["spawn"]  # heartbeats stay out
+    assert [a.agent_id for a in life.list_agents()] == ["coder-1", "coder-2"]
+    assert [a.agent_id for a in life.list_agents(status="terminated")] == ["coder-1"]
+    assert [a.agent_id for a in life.list_agents(AgentStatus.ACTIVE)] == ["coder-2"]
+    with pytest.raises(ValidationError):
+        life.list_agents(status="sleeping")
+    # A terminated agent cannot be updated; nothing is written by the attempts.
+    before = mem.changes(0, principal=BOSS)
+    for attempt in (
+        lambda: life.update_confidence("coder-1", 0.9, "late", "auth", 2),
+        lambda: life.heartbeat("coder-1"),
+        lambda: life.register_termination("coder-1", "again"),
+        lambda: life.heartbeat("nobody"),
+        lambda: life.register_spawn("coder-2", "dup", "coder", [], Level.PRIVATE),
+    ):
+        with pytest.raises(ValidationError):
+            attempt()
+    sentinel = mem.put("sentinel", 1, level=Level.SWARM, principal=BOSS)
+    mem.sync(sentinel)
+    assert [c.key for c in mem.changes(before[-1].seq, principal=BOSS)] == ["sentinel"]
+    # A terminated agent may be spawned again: a new life, the old history kept.
+    life.register_spawn("coder-1", "Coder one", "coder", ["python"], Level.PRIVATE)
+    life.sync()
+    again = life.agent("coder-1")
+    assert again is not None and again.status is AgentStatus.SPAWNED
+    assert [e.event for e in life.history("coder-1")][-2:] == ["terminate", "spawn"]
+
+
+def test_missed_heartbeats_mark_an_agent_dead(make_mem: MakeMem, raw_redis: redis.Redis) -> None:
+    mem = make_mem(worker=False)  # persistence by hand, to control what SQLite has seen
+    worker = Worker(raw_redis, mem.store, mem.settings.replace(consumer="test"))
+
+    def persist() -> None:
+        while worker.step():
+            pass
+
+    clock = FakeClock()
+    life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30, record_heartbeats=True, clock=clock)
+    for agent in ("alive", "hung", "late"):
+        life.register_spawn(agent, agent, "coder", [], Level.SWARM)
+    persist()
+    clock.now += 20
+    life.heartbeat("alive")
+    persist()
+    clock.now += 20  # t=40: hung and late last heard of at t=0
+    life.heartbeat("late")  # in Redis only: SQLite still says t=0
+    dead = life.stale_agents()
+    assert [a.agent_id for a in dead] == ["hung"]
+    persist()
+    hung = life.agent("hung")
+    assert hung is not None and hung.status is AgentStatus.DEAD
+    assert hung.end_reason == "no heartbeat for 40.0s"
+    assert [e.event for e in life.history("hung")] == ["spawn", "dead"]
+    assert [e.event for e in life.history("late", event_types=["heartbeat"])] == ["heartbeat"]
+    (row,) = audit(mem, "agent_dead")
+    assert row.risk == "medium" and json.loads(row.detail)["agent_id"] == "hung"
+    assert life.stale_agents() == []  # already marked: not again
+    clock.now += 15  # t=55: alive last beat at 20, late at 40
+    assert [a.agent_id for a in life.stale_agents()] == ["alive"]
+    with pytest.raises(ValidationError, match="dead"):
+        life.heartbeat("hung")
+    persist()
+    assert [a.agent_id for a in life.list_agents(status="dead")] == ["alive", "hung"]
+
+
+# -- BlockingCoordinator -------------------------------------------------------------------
+
+
+@pytest.fixture
+def secret() -> bytes:
+    return secrets.token_bytes(32)
+
+
+def test_every_target_acks_once_and_a_second_ack_is_a_no_op(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret)
+    signal = boss.send_signal(["coder-1", "coder-3"], "pause", {"reason": "review", "n": 1.5})
+    one = BlockingCoordinator(mem, coder, secret)
+    three = BlockingCoordinator(mem, PEER, secret)
+    # Targets discover the signal themselves.
+    boss.sync()
+    assert [s.id for s in one.pending_signals()] == [signal.id]
+    first = one.acknowledge_signal(signal)
+    second = one.acknowledge_signal(signal.id)  # by id, and again: a no-op
+    assert second == first
+    three.acknowledge_signal(signal)
+    result = boss.wait_for_acks(signal, timeout=10)
+    assert result.complete and result.acked == ("coder-1", "coder-3") and result.retries == 0
+    assert one.pending_signals() == []
+    for c in (one, three, boss):
+        c.sync()
+    ack_key = f"coord/acks/{signal.id}/coder-1"
+    assert [h.op for h in mem.history(ack_key, level=Level.SWARM, principal=coder)] == ["put"]
+    assert [r.actor for r in audit(mem, "signal_ack")] == ["coder-1", "coder-3"]
+    assert all(r.risk == "low" for r in audit(mem, "signal_ack"))
+    assert len(audit(mem, "signal_sent")) == 1 and len(audit(mem, "signal_complete")) == 1
+    # Only targets may ACK.
+    with pytest.raises(ValidationError, match="not addressed"):
+        BlockingCoordinator(mem, ROGUE, secret).acknowledge_signal(signal)
+
+
+def test_wait_for_acks_times_out_for_a_silent_target(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret, max_retries=2)
+    signal = boss.send_signal(["coder-1", "silent-1"], "checkpoint", None)
+    BlockingCoordinator(mem, coder, secret).acknowledge_signal(signal)
+    result = boss.wait_for_acks(signal, timeout=0.6)
+    assert not result.complete
+    assert result.acked == ("coder-1",) and result.missing == ("silent-1",)
+    assert result.rejected == {} and result.retries == 2
+    boss.sync()
+    stored = boss.get_signal(signal.id)
+    assert stored is not None and stored.attempt == 3  # sent once, re-sent twice
+    assert boss.signal_problem(stored) is None  # every re-send is signed again
+    retries = audit(mem, "signal_retry")
+    assert [json.loads(r.detail)["attempt"] for r in retries] == [2, 3]
+    assert all(r.risk == "medium" and json.loads(r.detail)["missing"] for r in retries)
+    (timeout,) = audit(mem, "signal_timeout")
+    assert timeout.risk == "medium" and json.loads(timeout.detail)["missing"] == ["silent-1"]
+    # The silent target still sees the re-sent signal as pending; acking late completes it.
+    silent = BlockingCoordinator(mem, SILENT, secret)
+    assert [s.attempt for s in silent.pending_signals()] == [3]
+    silent.acknowledge_signal(silent.pending_signals()[0])
+    assert boss.wait_for_acks(signal, timeout=10).complete
+
+
+def test_a_forged_altered_or_replayed_ack_is_rejected_and_audited_high(
+    make_mem: MakeMem, coder: Principal, secret: bytes, db_path: Path
+) -> None:
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret, max_retries=0)
+    signal = boss.send_signal(["coder-1", "coder-3", "silent-1", "rogue"], "stop", {"x": 1})
+    other_signal = boss.send_signal(["silent-1"], "stop", {"x": 2})
+    one = BlockingCoordinator(mem, coder, secret)
+    one.acknowledge_signal(signal)  # the one genuine ACK
+    key = f"coord/acks/{signal.id}/%s"
+
+    # 1. Forged: coder-3's principal writes an ACK without knowing the secret (right
+    #    format and key id, made-up MAC).
+    genuine = one.acknowledge_signal(signal)
+    forged = {**genuine.to_value(), "target": "coder-3", "mac": "00" * 32}
+    mem.put(key % "coder-3", forged, level=Level.SWARM, principal=PEER)
+    # 2. Replayed: silent-1's valid ACK of another signal, copied onto this one.
+    silent = BlockingCoordinator(mem, SILENT, secret)
+    replayed = silent.acknowledge_signal(other_signal).to_value()
+    mem.put(key % "silent-1", replayed, level=Level.SWARM, principal=SILENT)
+    # 3. Altered: rogue's valid ACK, then edited in the SQLite file (SWARM is plaintext).
+    rogue = BlockingCoordinator(mem, ROGUE, secret)
+    rogue.acknowledge_signal(signal)
+    for c in (boss, one, silent, rogue):
+        c.sync()
+    mem.sync(mem.put("sentinel", 1, level=Level.SWARM, principal=BOSS))
+    with sqlite3.connect(db_path) as conn:
+        (env,) = conn.execute(
+            "SELECT envelope FROM memory WHERE key = ?", (key % "rogue",)
+        ).fetchone()
+        altered = bytes(env).replace(b'"acked_at":1', b'"acked_at":2')
+        assert altered != bytes(env)
+        conn.execute("UPDATE memory SET envelope = ? WHERE key = ?", (altered, key % "rogue"))
+    conn.close()
+
+    result = boss.wait_for_acks(signal, timeout=0.3)
+    assert result.acked == ("coder-1",) and not result.complete
+    assert set(result.missing) == {"coder-3", "silent-1", "rogue"}
+    assert result.rejected == {
+        "coder-3": "MAC does not verify (forged or altered)",
+        "silent-1": "acknowledges another signal (replayed)",
+        "rogue": "MAC does not verify (forged or altered)",
+    }
+    boss.sync()
+    rejected = audit(mem, "signal_ack_rejected")
+    # Once per bad record, although the wait looked at each of them many times.
+    assert sorted(json.loads(r.detail)["target"] for r in rejected) == [
+        "coder-3",
+        "rogue",
+        "silent-1",
+    ]
+    assert all(r.risk == "high" and r.actor == "coordinator" for r in rejected)
+
+    # 4. Valid MAC, wrong writer: coder-3 acks genuinely, then coder-1 (who holds the
+    #    secret) overwrites it with a verbatim copy. The copy is refused for its writer.
+    three = BlockingCoordinator(mem, PEER, secret)
+    real = three.acknowledge_signal(signal)
+    mem.sync(mem.put(key % "coder-3", real.to_value(), level=Level.SWARM, principal=coder))
+    again = boss.wait_for_acks(signal, timeout=0.2)
+    assert again.rejected["coder-3"] == "written by 'coder-1', not by the target 'coder-3'"
+    # coder-3 is not fooled into thinking it already acked: it writes its ACK again.
+    three.acknowledge_signal(signal)
+    three.sync()  # committed, so a short wait sees it; the other two stay missing
+    assert boss.wait_for_acks(signal, timeout=0.2).acked == ("coder-1", "coder-3")
+
+
+def test_a_forged_signal_is_refused_by_its_target(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret)
+    signal = boss.send_signal(["coder-1"], "pause", {"why": "review"})
+    changed = Signal(**{**signal.to_value(), "targets": ("coder-1",), "payload": {"why": "rm -rf"}})
+    target = BlockingCoordinator(mem, coder, secret)
+    with pytest.raises(TamperedRecord, match="not authentic"):
+        target.acknowledge_signal(changed)
+    # Planted in the store by a swarm member without the secret: skipped, audited once.
+    fake = BlockingCoordinator(mem, ROGUE, secrets.token_bytes(32))
+    planted = fake.send_signal(["coder-1"], "pause", None)
+    fake.sync()
+    boss.sync()
+    assert [s.id for s in target.pending_signals()] == [signal.id]
+    assert [s.id for s in target.pending_signals()] == [signal.id]
+    target.sync()
+    rejected = audit(mem, "signal_rejected")
+    assert [json.loads(r.detail)["signal"] for r in rejected] == [signal.id, planted.id]
+    assert all(r.risk == "high" for r in rejected)
+
+
+def test_previous_secret_still_verifies_after_rotation(make_mem: MakeMem, coder: Principal) -> None:
+    mem = make_mem()
+    old, new = secrets.token_bytes(32), secrets.token_bytes(32)
+    signal = BlockingCoordinator(mem, BOSS, old).send_signal(["coder-1"], "pause")
+    rotated_target = BlockingCoordinator(mem, coder, new, previous_secrets=[old])
+    rotated_target.acknowledge_signal(signal)
+    assert (
+        BlockingCoordinator(mem, BOSS, new, previous_secrets=[old])
+        .wait_for_acks(signal, timeout=10)
+        .complete
+    )
+    assert (
+        not BlockingCoordinator(mem, BOSS, old, max_retries=0)
+        .wait_for_acks(signal, timeout=0.2)
+        .complete
+    )  # the old key alone cannot verify an ACK signed with the new one
+
+
+def test_coordinator_configuration_is_checked(make_mem: MakeMem, system: Principal) -> None:
+    mem = make_mem()
+    with pytest.raises(ConfigurationError, match="16 bytes"):
+        BlockingCoordinator(mem, BOSS, b"short")
+    with pytest.raises(ValidationError, match="Principal"):
+        BlockingCoordinator(mem, "coordinator", b"x" * 32)  # type: ignore[arg-type]
+    with pytest.raises(AccessDenied):
+        BlockingCoordinator(mem, system, b"x" * 32)  # no swarm: no scope for SWARM signals
+    boss = BlockingCoordinator(mem, BOSS, b"x" * 32)
+    with pytest.raises(ValidationError):
+        boss.send_signal("coder-1", "pause")
+    with pytest.raises(ValidationError):
+        boss.send_signal([], "pause")
+    with pytest.raises(ValidationError):
+        boss.send_signal(["coder-1"], "pause", {"bad": {1, 2}})
+    with pytest.raises(ValidationError):
+        boss.wait_for_acks("no-such-signal", timeout=1)

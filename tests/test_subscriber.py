@@ -1,0 +1,337 @@
+"""Subscriber: catch-up then live, exactly once and in order, resumable, never beyond the
+principal's scopes; each test on fakeredis AND a real redis-server unless it says so."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from acl import Level, Principal
+from dualmem import AccessDenied, DualMemory, Subscriber, ValidationError
+from dualmem.store import Change, Notification, StreamEntry
+from dualmem.subscriber import POSITION_PREFIX
+from dualmem.worker import Worker
+
+from .conftest import RedisServer, wait_until
+
+MakeMem = Callable[..., DualMemory]
+
+
+def feed(mem: DualMemory, who: Principal) -> list[int]:
+    """Every seq ``who`` may read, from the journal, without subscribers' bookkeeping."""
+    return [c.seq for c in mem.changes(0, principal=who) if not c.key.startswith(POSITION_PREFIX)]
+
+
+def consume_until(sub: Subscriber, key: str, *, limit: int = 100_000) -> list[Change]:
+    """Poll until the change at ``key`` arrives (included); fail if the feed stalls."""
+    got: list[Change] = []
+    for _ in range(limit):
+        change = sub.poll(timeout=15)
+        assert change is not None, f"feed stalled after {len(got)} changes, waiting for {key}"
+        got.append(change)
+        if change.key == key:
+            return got
+    pytest.fail(f"{key} never arrived")
+
+
+def write_mixed(mem: DualMemory, me: Principal, stranger: Principal, n: int, *, tag: str) -> None:
+    """``n`` changes ``me`` may read (puts and deletes at three levels), with changes
+    ``me`` may not read in between; the last one is ``<tag>/done``."""
+    for i in range(n - 1):
+        level = (Level.SWARM, Level.PRIVATE, Level.PROJECT)[i % 3]
+        if i % 7 == 6:
+            mem.delete(
+                f"{tag}/{i - 3}",
+                level=(Level.SWARM, Level.PRIVATE, Level.PROJECT)[(i - 3) % 3],
+                principal=me,
+            )
+        else:
+            mem.put(f"{tag}/{i}", {"i": i}, level=level, principal=me)
+        if i % 5 == 0:
+            mem.put(f"{tag}/noise/{i}", i, level=Level.PRIVATE, principal=stranger)
+    mem.put(f"{tag}/done", True, level=Level.SWARM, principal=me)
+
+
+def test_catch_up_then_live_each_change_once_and_in_order(
+    make_mem: MakeMem, coder: Principal, other: Principal
+) -> None:
+    mem = make_mem()
+    write_mixed(mem, coder, other, 60, tag="early")
+    mem.sync(mem.put("early/synced", 1, level=Level.SWARM, principal=coder))
+    with Subscriber(mem, coder, since=0) as sub:
+        producer = threading.Thread(
+            target=write_mixed, args=(mem, coder, other, 300), kwargs={"tag": "late"}
+        )
+        producer.start()  # written while the subscriber catches up: the race it must win
+        got = consume_until(sub, "late/done")
+        producer.join()
+    assert [c.seq for c in got] == feed(mem, coder)
+    assert len(got) == 60 + 1 + 300
+    assert {c.scope for c in got} == {"agent:coder-1", "swarm:phase-1-auth", "project:shop"}
+    assert any(c.op == "del" for c in got)
+
+
+def test_never_delivers_what_the_principal_may_not_read(
+    make_mem: MakeMem,
+    coder: Principal,
+    other: Principal,
+    system: Principal,
+    raw_redis: redis.Redis,
+) -> None:
+    mem = make_mem()
+    sub = Subscriber(mem, other, since=0)  # other: team frontend, swarm phase-2-ui, project shop
+    assert set(sub.scopes) == {"agent:coder-2", "team:frontend", "swarm:phase-2-ui", "project:shop"}
+    for level in (Level.PRIVATE, Level.TEAM, Level.SWARM, Level.PROJECT):
+        mem.put(f"coder/{level.name}", 1, level=level, principal=coder)
+    mem.put("decision", "PROCEED", level=Level.SYSTEM, principal=system)
+    last = mem.put("theirs", 2, level=Level.SWARM, principal=coder)
+    mem.sync(last)
+    # Forged notifications on channels other listens to, naming scopes it may not read,
+    # and plain garbage: none of it may turn into a delivery.
+    forged = Notification(10_000, "agent:coder-1", "coder/PRIVATE", 1, "put")
+    raw_redis.publish(mem.layout.channel("project:shop"), forged.to_json())
+    raw_redis.publish(mem.layout.channel("agent:coder-2"), b"\xff not json")
+    mem.put("mine", 3, level=Level.PRIVATE, principal=other)
+    got = consume_until(sub, "mine")
+    sub.close()
+    assert [(c.scope, c.key) for c in got] == [
+        ("project:shop", "coder/PROJECT"),
+        ("agent:coder-2", "mine"),
+    ]
+    # The system principal sees SYSTEM; coder may not even ask for it (denied, audited).
+    with Subscriber(mem, system, since=0) as sys_sub:
+        assert [c.key for c in consume_until(sys_sub, "decision")] == ["decision"]
+    with pytest.raises(AccessDenied) as denied:
+        Subscriber(mem, coder, since=0, level=Level.SYSTEM)
+    mem.sync(denied.value.audit_receipt)  # type: ignore[attr-defined]
+    assert [r.actor for r in mem.store.audit_log() if r.event == "access_denied"] == ["coder-1"]
+
+
+def test_a_subscriber_killed_mid_stream_resumes_with_no_gap_and_no_duplicate(
+    make_mem: MakeMem, coder: Principal, other: Principal
+) -> None:
+    mem = make_mem()
+    producer = threading.Thread(
+        target=write_mixed, args=(mem, coder, other, 1000), kwargs={"tag": "run"}
+    )
+    first = Subscriber(mem, coder, since="indexer")
+    producer.start()
+    handled = [first.poll(timeout=15) for _ in range(400)]
+    assert all(c is not None for c in handled)
+    in_flight = first.poll(timeout=15)  # handed out; the consumer dies while handling it
+    assert in_flight is not None
+    # Killed: no close(), no commit; the producer keeps writing while nobody listens.
+    resumed_at = Subscriber.saved_position(mem, coder, "indexer")
+    second = Subscriber(mem, coder, since="indexer")
+    assert second.position == resumed_at == handled[-1].seq  # type: ignore[union-attr]
+    rest = consume_until(second, "run/done")
+    second.close()
+    producer.join()
+    first.close(commit=False)  # release its connection; it saves nothing
+    expected = feed(mem, coder)
+    assert len(expected) == 1000
+    delivered = [c.seq for c in handled if c is not None] + [c.seq for c in rest]
+    assert delivered == expected  # no gap, no duplicate, in order
+    assert rest[0].seq == in_flight.seq  # the change it died on comes again
+    # A third start finds nothing left, and the positions never showed up as changes.
+    third = Subscriber(mem, coder, since="indexer")
+    assert third.position == expected[-1] and third.poll(timeout=0) is None
+    third.close()
+    assert not any(c.key.startswith(POSITION_PREFIX) for c in handled + rest if c)
+
+
+_CHILD = r"""
+import sys
+from acl import Principal
+from dualmem import DualMemory, Subscriber
+
+url, db, keys, out, name = sys.argv[1:6]
+me = Principal(agent_id="coder-1", team="backend", swarm="phase-1-auth", project="shop")
+mem = DualMemory(redis_url=url, db_path=db, keyring=keys, worker=False)
+sub = Subscriber(mem, me, since=name)
+print("subscribed", flush=True)
+with open(out, "a", buffering=1) as fh:
+    for change in sub:
+        fh.write(f"{change.seq}\n")  # "handling" the change
+        if change.key == "run/done":
+            break
+sub.close()
+mem.close()
+"""
+
+
+@pytest.mark.real_redis
+def test_a_subscriber_process_killed_with_sigkill_resumes_exactly(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    keyfile: Path,
+    coder: Principal,
+    other: Principal,
+) -> None:
+    redis_server.client().flushall()
+    db = tmp_path / "sub.db"
+    mem = DualMemory(redis_url=redis_server.url, db_path=str(db), keyring=str(keyfile))
+
+    def child(out: Path) -> subprocess.Popen[str]:
+        args = [redis_server.url, str(db), str(keyfile), str(out), "indexer"]
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, *args], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "subscribed"
+        return proc
+
+    def lines(path: Path) -> list[int]:
+        return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+    out1, out2 = tmp_path / "first.txt", tmp_path / "second.txt"
+    first = child(out1)
+    producer = threading.Thread(
+        target=write_mixed, args=(mem, coder, other, 1000), kwargs={"tag": "run"}
+    )
+    producer.start()
+    try:
+        wait_until(lambda: len(lines(out1)) >= 300, timeout=60, what="300 changes handled")
+        first.send_signal(signal.SIGKILL)  # wherever it is: between changes, or mid-way
+        first.wait(10)
+    finally:
+        producer.join()
+    mem.sync(mem.put("barrier", 0, level=Level.SWARM, principal=other))
+    saved = Subscriber.saved_position(mem, coder, "indexer")
+    second = child(out2)
+    assert second.wait(60) == 0
+    expected = feed(mem, coder)
+    mem.close()
+    assert len(expected) == 1000
+    before, after = lines(out1), lines(out2)
+    assert saved is not None and before == expected[: len(before)]  # no gap before the kill
+    consumed = expected.index(saved) + 1
+    # Resumed right after the saved position: together nothing is missing or doubled ...
+    assert expected[:consumed] + after == expected
+    # ... and the only change handled twice is one the process was killed while handling.
+    assert len(before) - consumed in (0, 1)
+
+
+def test_a_lost_notification_costs_latency_not_a_change(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    mem = make_mem(worker=False)
+    stream = mem.layout.stream(0)
+    worker = Worker(raw_redis, mem.store, mem.settings.replace(consumer="w"))
+
+    def commit_without_publishing(keys: list[str]) -> None:
+        # A worker that died between COMMIT and PUBLISH: the batch is in SQLite, and the
+        # redelivery is recognised as a duplicate, so no notification is ever sent.
+        for k in keys:
+            mem.put(k, 1, level=Level.SWARM, principal=coder)
+        entries = [StreamEntry(0, sid.decode(), f) for sid, f in raw_redis.xrange(stream)]
+        assert mem.store.apply(entries).applied == len(keys)
+        while worker.step():
+            pass
+
+    # Periodic re-check: nothing else happens, the journal is re-read anyway.
+    sub = Subscriber(mem, coder, since=0, recheck_interval=0.05)
+    assert sub.poll(timeout=0) is None  # caught up (empty)
+    commit_without_publishing(["a", "b", "c"])
+    assert [c.key for c in consume_until(sub, "c")] == ["a", "b", "c"]
+    sub.close()
+    # No periodic re-check: the next notification's seq jumps past the lost ones, which
+    # sends the subscriber back to the journal.
+    sub = Subscriber(mem, coder, since=sub.position, recheck_interval=3600)
+    assert sub.poll(timeout=0) is None
+    commit_without_publishing(["d", "e"])
+    mem.put("f", 1, level=Level.SWARM, principal=coder)
+    while worker.step():
+        pass
+    assert [c.key for c in consume_until(sub, "f")] == ["d", "e", "f"]
+    sub.close()
+
+
+@pytest.mark.real_redis
+def test_resubscribes_after_its_connection_is_killed(
+    redis_server: RedisServer, tmp_path: Path, keyfile: Path, coder: Principal
+) -> None:
+    redis_server.client().flushall()
+    mem = DualMemory(
+        redis_url=redis_server.url, db_path=str(tmp_path / "k.db"), keyring=str(keyfile)
+    )
+    sub = Subscriber(mem, coder, since=0)
+    mem.put("before", 1, level=Level.SWARM, principal=coder)
+    assert [c.key for c in consume_until(sub, "before")] == ["before"]
+    killed = redis_server.client().client_kill_filter(_type="pubsub")
+    assert killed >= 1
+    for i in range(20):
+        mem.put(f"during/{i}", i, level=Level.SWARM, principal=coder)
+    got = consume_until(sub, "during/19")
+    assert [c.key for c in got] == [f"during/{i}" for i in range(20)]
+    mem.put("after", 1, level=Level.SWARM, principal=coder)
+    assert [c.key for c in consume_until(sub, "after")] == ["after"]
+    sub.close()
+    mem.close()
+
+
+def test_positions_are_saved_through_the_put_path_as_private_bookkeeping(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    mem = make_mem()
+    for i in range(25):
+        mem.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+    watcher = Subscriber(mem, coder, since="watcher", commit_every=10)
+    got = consume_until(watcher, "k24")
+    assert Subscriber.saved_position(mem, coder, "watcher") == got[19].seq  # every 10th
+    watcher.commit()
+    assert Subscriber.saved_position(mem, coder, "watcher") == got[24].seq
+    watcher.close()
+    mem.sync(mem.put("barrier", 0, level=Level.SWARM, principal=coder))  # saves committed
+    # Saved as the principal's own PRIVATE record, through put (journal, encrypted).
+    key = POSITION_PREFIX + "watcher"
+    saves = mem.history(key, level=Level.PRIVATE, principal=coder)
+    assert [h.op for h in saves] == ["put", "put", "put"]  # positions 10, 20, 25
+    assert saves[0].scope == "agent:coder-1" and saves[0].level is Level.PRIVATE
+    # Another subscriber of the same principal sees the 25 changes, not the saves.
+    with Subscriber(mem, coder, since="auditor") as auditor:
+        assert [c.key for c in consume_until(auditor, "k24")] == [f"k{i}" for i in range(25)]
+    # A named subscriber started afresh reads history; an int since skips what it names.
+    assert Subscriber.saved_position(mem, coder, "new") is None
+    with Subscriber(mem, coder, since=got[9].seq) as late:
+        change = late.poll(timeout=15)
+        assert change is not None and change.key == "k10"
+
+
+def test_close_from_another_thread_ends_iteration(make_mem: MakeMem, coder: Principal) -> None:
+    mem = make_mem()
+    sub = Subscriber(mem, coder, since="loop")
+    seen: list[str] = []
+    done = threading.Event()
+
+    def run() -> None:
+        seen.extend(c.key for c in sub)  # blocks until close()
+        done.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    mem.put("one", 1, level=Level.SWARM, principal=coder)
+    wait_until(lambda: seen == ["one"], what="the change to arrive")
+    sub.close()
+    thread.join(15)
+    assert done.is_set() and not thread.is_alive()
+    assert sub.poll(timeout=0) is None  # closed stays closed
+    # The change was consumed (the loop asked for the next one): a restart skips it.
+    assert Subscriber.saved_position(mem, coder, "loop") == feed(mem, coder)[-1]
+
+
+@pytest.mark.parametrize("since", [-1, True, 1.5, "", None])
+def test_bad_arguments_are_rejected(make_mem: MakeMem, coder: Principal, since: object) -> None:
+    mem = make_mem()
+    with pytest.raises(ValidationError):
+        Subscriber(mem, coder, since=since)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        Subscriber(mem, coder, commit_every=0)
+    with pytest.raises(ValidationError):
+        Subscriber(mem, "coder-1")  # type: ignore[arg-type]
