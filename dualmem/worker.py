@@ -410,11 +410,10 @@ def safe_trim_id(client: redis.Redis, stream: bytes) -> str | None:
     """
     floors: list[tuple[int, int]] = []
     for g in client.xinfo_groups(stream):
-        if int(g["pending"]) > 0:
-            summary = client.xpending(stream, g["name"])
-            floor = text(summary["min"])
-        else:
-            floor = next_stream_id(text(g["last-delivered-id"]))
+        oldest = client.xpending(stream, g["name"])["min"] if int(g["pending"]) > 0 else None
+        # Nothing pending, or another worker acked it all between XINFO and XPENDING (min
+        # is then None): everything up to the last delivered id is acknowledged.
+        floor = next_stream_id(text(g["last-delivered-id"])) if oldest is None else text(oldest)
         ms_text, _, seq_text = floor.partition("-")
         floors.append((int(ms_text), int(seq_text or 0)))
     if not floors:
