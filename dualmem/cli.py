@@ -22,7 +22,7 @@ __all__ = ["COMMAND_MODULES", "add_common_arguments", "build_parser", "main", "s
 
 #: Modules with a ``register_commands(subparsers)`` function, each adding its subcommands.
 #: Every command handler takes the parsed ``argparse.Namespace`` and returns an exit code.
-COMMAND_MODULES: tuple[str, ...] = ("bench.cli",)
+COMMAND_MODULES: tuple[str, ...] = ("bench.cli", "dualmem.ops.cli")
 
 
 def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -94,7 +94,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    """Print latency percentiles per path, backlog, dead letters and database size."""
+    """Print latency percentiles per path, backlog (pending + undelivered), dead letters
+    and database size (file, WAL, free pages)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -113,22 +114,24 @@ def cmd_stats(args: argparse.Namespace) -> int:
         last_seq = store.last_seq()
     finally:
         store.close()
-    size = sum(
-        p.stat().st_size
-        for p in (Path(settings.db_path), Path(settings.db_path + "-wal"))
-        if p.exists()
-    )
+    from dualmem.ops.database import database_size, open_database
+
+    with open_database(settings.db_path) as conn:
+        sizes = database_size(conn, settings.db_path)
+    size = sizes.total_bytes
     backlog: int | str = "n/a (memory:// is per process)"
+    pending: int | str = "n/a"
     if not settings.embedded:
         from dualmem.layout import Layout
 
         try:
             client, _ = connect(settings)
             with translate_errors("stats"):
-                backlog = sum(
-                    stream_backlog(client, s, settings.group)
-                    for s in Layout(settings.namespace, settings.shards).streams()
-                )
+                streams = Layout(settings.namespace, settings.shards).streams()
+                backlog = sum(stream_backlog(client, s, settings.group) for s in streams)
+                # Delivered to a worker but not acknowledged: in a batch being committed,
+                # or left by a dead worker until it is claimed.
+                pending = sum(int(client.xpending(s, settings.group)["pending"]) for s in streams)
             client.close()
         except DualMemError as exc:
             backlog = f"unavailable ({exc})"
@@ -138,9 +141,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 {
                     "metrics": snapshots,
                     "backlog": backlog,
+                    "pending": pending,
                     "dead_letters": dead,
                     "journal_seq": last_seq,
                     "db_bytes": size,
+                    "db_wal_bytes": sizes.wal_bytes,
+                    "db_free_bytes": sizes.free_bytes,
                 },
                 indent=2,
             )
@@ -162,8 +168,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
         table.caption = "no snapshots yet: a worker writes one every metrics_interval and at exit"
     console.print(table)
     console.print(
-        f"backlog: {backlog}   dead letters: {dead}   journal seq: {last_seq}   "
-        f"database: {size / 1e6:.2f} MB"
+        f"backlog: {backlog} (pending: {pending})   dead letters: {dead}   "
+        f"journal seq: {last_seq}   database: {size / 1e6:.2f} MB "
+        f"(WAL {sizes.wal_bytes / 1e6:.2f} MB, free {sizes.free_bytes / 1e6:.2f} MB)"
     )
     return 0
 
@@ -211,10 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing file (dangerous)")
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("demo", help="a put/sync/get round trip with per-path latency")
+    p = sub.add_parser(
+        "demo", help="a complete CFN loop with a live Subscriber feed and per-path latency"
+    )
     p.add_argument("--redis-url", default=None, help="default: memory:// (embedded)")
-    p.add_argument("--db", default=None, help="default: ./dualmem-demo.db")
-    p.add_argument("--keyring", default=None, help="key file (needed with a real Redis)")
+    p.add_argument("--db", default=None, help="default: ./dualmem.db")
+    p.add_argument(
+        "--keyring", default=None, help="key file (default: <db>.keys, created on first use)"
+    )
     p.set_defaults(func=cmd_demo)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register_commands(sub)

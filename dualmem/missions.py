@@ -204,13 +204,18 @@ class MissionLog:
         late child cannot bring it back); returns every receipt, the mission's first."""
         mission = self._existing(mission_id)
         lvl = self.level
+        # Listed before anything is deleted: at the plaintext levels the list comes from
+        # the projection, which the mission's delete empties (ON DELETE CASCADE).
+        children = [
+            child_key(kind, mission.mission_id, _record_id(rec))
+            for kind in KINDS[1:]
+            for rec in self._children(kind, mission.mission_id, lvl)
+        ]
         receipts = [
             self.mem.delete(mission_key(mission.mission_id), level=lvl, principal=self.principal)
         ]
-        for kind in KINDS[1:]:
-            for rec in self._children(kind, mission.mission_id, lvl):
-                key = child_key(kind, mission.mission_id, _record_id(rec))
-                receipts.append(self.mem.delete(key, level=lvl, principal=self.principal))
+        for key in children:
+            receipts.append(self.mem.delete(key, level=lvl, principal=self.principal))
         return receipts
 
     def record_tool_call(

@@ -1,0 +1,693 @@
+"""The operations commands of ``dualmem``: verify, migrate, export, import, mirror, backup,
+purge, dlq, doctor, metrics (registered through ``dualmem.cli.COMMAND_MODULES``).
+
+Exit codes: 0 all good; 1 something was found wrong (a failed check, a strict import with
+bad lines, commands not confirmed); 2 the command could not run (bad options, a missing
+file, a database from a newer dualmem); 3 an import that skipped bad lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from acl.crypto import Codec
+from acl.errors import ConfigurationError, DualMemError
+from acl.levels import Level, as_level
+from acl.principal import Principal
+from dualmem.cli import add_common_arguments, settings_from_args
+from dualmem.ops.database import ProgressFn
+from dualmem.settings import Settings
+
+__all__ = ["register_commands"]
+
+_EXIT_FOUND = 1
+_EXIT_SKIPPED_LINES = 3
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+@contextmanager
+def _progress(console: Any) -> Iterator[ProgressFn]:
+    """A rich progress bar per task; drawn only on a terminal (logs and pipes stay clean)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def update(description: str, done: int, total: int | None) -> None:
+        if description not in tasks:
+            tasks[description] = bar.add_task(description, total=total)
+        bar.update(tasks[description], completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+def _table(title: str, columns: Sequence[str]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
+
+
+_STYLE = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]", "skip": "skip"}
+
+
+def _ms(ts: int | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _levels(values: Sequence[str] | None) -> list[Level] | None:
+    return [as_level(int(v) if v.isdigit() else v) for v in values] if values else None
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    extra: dict[str, Any] = {}
+    if getattr(args, "keyring", None):
+        extra["keyring"] = args.keyring
+    return settings_from_args(args, **extra)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+# -- verify -------------------------------------------------------------------------------
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Integrity, foreign keys, schema version, hash chains, projections, Redis parity,
+    and a mirror directory's parity; exit 1 with a report when anything is off."""
+    from dualmem.layout import Layout
+    from dualmem.ops.database import open_database
+    from dualmem.ops.mirror import check_mirror
+    from dualmem.ops.runtime import redis_client
+    from dualmem.ops.verify import Check, check_redis_parity, verify_database
+
+    settings = _settings(args)
+    console = _console()
+    now_ms = int(time.time() * 1000)
+    with open_database(settings.db_path) as conn, _progress(console) as progress:
+        checks = verify_database(conn, progress)
+        if not args.no_redis:
+            try:
+                client = redis_client(settings)
+                try:
+                    layout = Layout(settings.namespace, settings.shards)
+                    checks.append(check_redis_parity(conn, client, layout, now_ms, progress))
+                finally:
+                    client.close()
+            except DualMemError as exc:
+                failed = Check("redis <-> sqlite parity")
+                failed.problem(str(exc))
+                failed.summary, failed.fix = "could not check", "check --redis-url"
+                checks.append(failed)
+        if args.mirror:
+            checks.append(check_mirror(conn, args.mirror, now_ms))
+    ok = all(c.ok for c in checks)
+    if args.json:
+        print(json.dumps({"ok": ok, "checks": [c.to_dict() for c in checks]}, indent=2))
+        return 0 if ok else _EXIT_FOUND
+    table = _table(f"dualmem verify - {settings.db_path}", ("check", "result", "detail"))
+    for c in checks:
+        table.add_row(c.name, _STYLE[c.status], c.summary)
+    console.print(table)
+    for c in checks:
+        if c.ok:
+            continue
+        console.print(f"[red]{c.name}[/]: {c.problem_count} problem(s)")
+        for p in c.problems:
+            console.print(f"  - {p}", markup=False)
+        if c.problem_count > len(c.problems):
+            console.print(f"  ... and {c.problem_count - len(c.problems)} more")
+        if c.fix:
+            console.print(f"  fix: {c.fix}", markup=False)
+    console.print("[green]all checks passed[/]" if ok else "[red]verify found problems[/]")
+    return 0 if ok else _EXIT_FOUND
+
+
+# -- migrate ------------------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Upgrade the schema (backup first; never downgrades)."""
+    from dualmem.ops.maintenance import migrate_database
+
+    settings = _settings(args)
+    console = _console()
+    with _progress(console) as progress:
+        plan = migrate_database(
+            settings.db_path,
+            args.to,
+            dry_run=args.dry_run,
+            backup_to=args.backup,
+            progress=progress,
+        )
+    if not plan.steps:
+        console.print(f"{plan.path} is at schema {plan.current}: nothing to do")
+        return 0
+    table = _table(
+        f"{'would migrate' if args.dry_run else 'migrated'} {plan.path}: "
+        f"schema {plan.current} -> {plan.target}",
+        ("version", "migration", "state"),
+    )
+    for version, description in plan.steps:
+        state = "applied" if version in plan.applied else "planned"
+        table.add_row(str(version), description, state)
+    console.print(table)
+    if plan.backup is not None:
+        b = plan.backup
+        console.print(
+            f"backup: {b.dest} ({b.bytes / 1e6:.2f} MB, schema {b.schema_version}, verified)",
+            markup=False,
+        )
+    if args.dry_run:
+        console.print("dry run: nothing was changed")
+    return 0
+
+
+# -- export / import ----------------------------------------------------------------------
+
+
+def _principal(args: argparse.Namespace) -> Principal | None:
+    if not args.decrypt:
+        return None
+    if not args.as_agent:
+        raise ConfigurationError("--decrypt needs --as AGENT_ID (and its --team/--swarm/...)")
+    return Principal(
+        agent_id=args.as_agent,
+        team=args.team,
+        swarm=args.swarm,
+        project=args.project,
+        system=args.system,
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write live records to a JSON Lines file (encrypted levels sealed unless --decrypt)."""
+    from dualmem.ops.database import check_not_newer, open_database
+    from dualmem.ops.runtime import AuditEvent, Runtime, load_keyring
+    from dualmem.ops.transfer import export_records
+
+    settings = _settings(args)
+    console = _console()
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ConfigurationError(f"{out} already exists; choose another name or --force")
+    principal = _principal(args)
+    keyring = load_keyring(settings)
+    if principal is not None and keyring is None:
+        raise ConfigurationError("--decrypt needs the key file: --keyring or DUALMEM_KEYRING")
+    codec = Codec(keyring, max_value_bytes=settings.max_value_bytes)
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.partial")
+    try:
+        with (
+            open_database(settings.db_path) as conn,
+            _progress(console) as progress,
+            open(tmp, "w", encoding="utf-8", newline="\n") as fh,
+        ):
+            check_not_newer(conn, settings.db_path)
+            result = export_records(
+                conn,
+                fh,
+                now_ms=int(time.time() * 1000),
+                codec=codec,
+                levels=_levels(args.level),
+                prefix=args.prefix or "",
+                decrypt_as=principal,
+                progress=progress,
+            )
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if principal is not None and result.decrypted:
+        digest = hashlib.sha256(out.read_bytes()).hexdigest()
+        detail = {"file": str(out), "decrypted": result.decrypted, "sha256": digest}
+        with Runtime(settings, keyring=keyring) as rt:
+            rt.wait(
+                rt.send([], audits=[AuditEvent("export_decrypted", principal.agent_id, detail)]), 10
+            )
+    console.print(
+        f"exported {result.records} records to {out} ({result.sealed} sealed, "
+        f"{result.decrypted} decrypted"
+        + (f", {result.denied} not readable by {principal.agent_id}" if principal else "")
+        + ")",
+        markup=False,
+    )
+    for e in result.errors:
+        console.print(f"  left out {e}", markup=False)
+    return _EXIT_FOUND if result.errors else 0
+
+
+def _read_lines(path: Path) -> Iterator[str]:
+    """Lines of ``path``; a line that is not UTF-8 becomes one that fails JSON parsing
+    with a message naming the problem, so it is reported by its number like any other."""
+    with open(path, "rb") as fh:
+        for raw in fh:
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield f"\x00 not UTF-8 ({exc.reason} at byte {exc.start})"
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Import a JSON Lines file through the stream (idempotent; --dry-run; --strict)."""
+    import sqlite3
+
+    from dualmem.migrations import migrate
+    from dualmem.ops.database import check_current, open_database
+    from dualmem.ops.runtime import AuditEvent, Runtime, load_keyring
+    from dualmem.ops.transfer import plan_import
+
+    settings = _settings(args)
+    console = _console()
+    path = Path(args.file)
+    if not path.is_file():
+        raise ConfigurationError(f"no such file: {path}")
+    keyring = load_keyring(settings)
+    codec = Codec(
+        keyring,
+        compress_threshold=settings.compress_threshold,
+        max_value_bytes=settings.max_value_bytes,
+    )
+    now_ms = int(time.time() * 1000)
+    db_exists = Path(settings.db_path).exists()
+    with _progress(console) as progress:
+        if db_exists:
+            with open_database(settings.db_path) as conn:
+                check_current(conn, settings.db_path)
+                plan = plan_import(_read_lines(path), conn, codec, now_ms=now_ms, progress=progress)
+        else:
+            empty = sqlite3.connect(":memory:", isolation_level=None)
+            migrate(empty)
+            plan = plan_import(_read_lines(path), empty, codec, now_ms=now_ms, progress=progress)
+            empty.close()
+    for lineno, error in plan.errors:
+        console.print(f"{path}:{lineno}: {error}", markup=False, style="red")
+    table = _table(f"import {path}", ("new", "changed", "unchanged", "expired", "bad lines"))
+    table.add_row(
+        str(len(plan.new)),
+        str(len(plan.changed)),
+        str(plan.unchanged),
+        str(plan.expired),
+        str(len(plan.errors)),
+    )
+    console.print(table)
+    if plan.errors and args.strict:
+        console.print(f"--strict: {len(plan.errors)} bad line(s), nothing was imported")
+        return _EXIT_FOUND
+    if args.dry_run:
+        for item in plan.writes[:20]:
+            state = "new" if item in plan.new else "changed"
+            console.print(
+                f"  would write ({state}) {item.write.scope}/{item.write.key}", markup=False
+            )
+        if len(plan.writes) > 20:
+            console.print(f"  ... and {len(plan.writes) - 20} more")
+        console.print("dry run: nothing was written")
+        return _EXIT_SKIPPED_LINES if plan.errors else 0
+    if plan.writes:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        detail = {
+            "file": str(path),
+            "sha256": digest,
+            "new": len(plan.new),
+            "changed": len(plan.changed),
+            "bad_lines": [n for n, _ in plan.errors],
+        }
+        with Runtime(settings, keyring=keyring) as rt, _progress(console) as progress:
+            receipts = rt.send(
+                [i.write for i in plan.writes],
+                audits=[AuditEvent("import", "dualmem-import", detail)],
+            )
+            done = rt.wait(receipts, args.wait, progress)
+        console.print(
+            f"imported {done.committed} record(s)"
+            + (f"; {done.pending} still pending, a worker will commit them" if done.pending else "")
+            + (f"; {done.dead} dead-lettered (dualmem dlq list)" if done.dead else "")
+        )
+        if done.pending or done.dead:
+            return _EXIT_FOUND
+    else:
+        console.print("nothing to import: every record is already there")
+    return _EXIT_SKIPPED_LINES if plan.errors else 0
+
+
+# -- mirror -------------------------------------------------------------------------------
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    """Keep a directory of JSON files in sync with the change feed (resumable)."""
+    from dualmem.ops.mirror import Mirror
+    from dualmem.ops.runtime import Runtime
+
+    settings = _settings(args)
+    console = _console()
+    stop = threading.Event() if args.once else _stop_on_signals()
+    with Runtime(settings) as rt:
+        mirror = Mirror(rt, args.dir, levels=_levels(args.level))
+        with _progress(console) as progress:
+            while True:
+                report = mirror.cycle(int(time.time() * 1000), progress)
+                _print_cycle(console, report, args.dir, quiet=not args.once)
+                if report.receipts and (args.once or stop.is_set()):
+                    # Let the imported edits commit, then write them back: on exit the
+                    # directory matches SQLite.
+                    rt.wait(report.receipts, args.wait)
+                    _print_cycle(console, mirror.cycle(int(time.time() * 1000), progress), args.dir)
+                if args.once or stop.wait(args.interval):
+                    break
+    return 0
+
+
+def _print_cycle(console: Any, report: Any, directory: str, *, quiet: bool = False) -> None:
+    busy = report.written or report.removed or report.imported or report.events
+    if quiet and not busy:
+        return
+    for line in report.events:
+        console.print(f"  {line}", markup=False)
+    console.print(
+        f"mirror {directory}: seq {report.seq}, {report.written} written, {report.removed} "
+        f"removed, {report.imported} imported, {report.conflicts} conflicts, "
+        f"{report.rejected} rejected, {report.restored} restored",
+        markup=False,
+    )
+
+
+# -- backup / purge -----------------------------------------------------------------------
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Copy the database with the online backup API and verify the copy."""
+    from dualmem.ops.backup import backup_database
+
+    settings = _settings(args)
+    console = _console()
+    with _progress(console) as progress:
+        r = backup_database(settings.db_path, args.dest, overwrite=args.force, progress=progress)
+    table = _table(f"backup {settings.db_path} -> {r.dest}", ("item", "value"))
+    table.add_row("size", f"{r.bytes / 1e6:.2f} MB ({r.pages} pages)")
+    table.add_row("schema version", str(r.schema_version))
+    for name, n in r.rows.items():
+        table.add_row(f"rows in {name}", str(n))
+    for c in r.checks:
+        table.add_row(c.name, f"{_STYLE[c.status]} {c.summary}")
+    table.add_row("time", f"{r.seconds:.2f} s")
+    console.print(table)
+    return 0 if r.ok else _EXIT_FOUND
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Delete expired rows and old tombstones, then return free pages to the file system."""
+    from dualmem.ops.maintenance import purge_database
+
+    settings = _settings(args)
+    console = _console()
+    now = int(time.time() * 1000)
+    ttl = settings.tombstone_ttl if args.tombstone_ttl is None else args.tombstone_ttl
+    with _progress(console) as progress:
+        r = purge_database(
+            settings.db_path,
+            now_ms=now,
+            tombstones_before_ms=now - ttl * 1000,
+            full_vacuum=args.vacuum,
+            progress=progress,
+        )
+    console.print(
+        f"purged {r.rows} expired row(s) and tombstone(s); freed {r.freed_pages} page(s) "
+        f"({r.freed_pages * r.page_size / 1e6:.2f} MB); file {r.bytes_before / 1e6:.2f} MB -> "
+        f"{r.bytes_after / 1e6:.2f} MB; auto_vacuum {r.auto_vacuum}"
+        + (" (converted by VACUUM)" if r.vacuumed else ""),
+        markup=False,
+    )
+    if r.auto_vacuum != "INCREMENTAL":
+        console.print(
+            "note: this database was created without auto_vacuum=INCREMENTAL, so free pages "
+            f"are reused but not given back; run `dualmem purge --db {settings.db_path} "
+            "--vacuum` once (a full VACUUM: it blocks writers while it runs)",
+            markup=False,
+        )
+    return 0
+
+
+# -- dlq ----------------------------------------------------------------------------------
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    """List dead letters, or replay them into the stream."""
+    from dualmem.ops.dlq import describe, replay
+    from dualmem.ops.runtime import Runtime
+
+    settings = _settings(args)
+    console = _console()
+    if args.action == "list":
+        from dualmem.ops.database import check_current, open_database
+        from dualmem.sqlite_store import SQLiteStore
+
+        with open_database(settings.db_path) as conn:
+            check_current(conn, settings.db_path)
+        store = SQLiteStore(settings.db_path)
+        try:
+            views = [describe(d) for d in store.dead_letters(include_replayed=args.all)]
+        finally:
+            store.close()
+        if args.json:
+            print(json.dumps([_view(v) for v in views], indent=2))
+            return 0
+        table = _table(
+            f"dead letters - {settings.db_path}",
+            ("id", "shard/stream id", "op", "scope/key", "tries", "failed at", "replayed", "error"),
+        )
+        for v in views:
+            table.add_row(
+                str(v.id),
+                f"{v.shard}/{v.stream_id}",
+                v.op,
+                f"{v.scope}/{v.key}",
+                str(v.deliveries),
+                _ms(v.failed_at),
+                _ms(v.replayed_at),
+                v.error,
+            )
+        if not views:
+            table.caption = "no dead letters"
+        console.print(table)
+        return 0
+    ids = None if args.all or not args.ids else [int(i) for i in args.ids]
+    if ids is None and not args.all:
+        raise ConfigurationError("name the dead letters to replay (ids) or pass --all")
+    with Runtime(settings) as rt:
+        result = replay(rt, ids)
+        if not result.ids:
+            console.print("nothing to replay")
+            return 0
+        done = rt.wait(result.receipts, args.wait)
+    console.print(
+        f"replayed {len(result.ids)} dead letter(s) ({', '.join(map(str, result.ids))}): "
+        f"{done.committed} committed, {done.dead} dead-lettered again, {done.pending} pending"
+    )
+    return 0 if not done.dead and not done.pending else _EXIT_FOUND
+
+
+def _view(v: Any) -> dict[str, Any]:
+    return {name: getattr(v, name) for name in v.__slots__}
+
+
+# -- doctor / metrics ---------------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check Redis persistence, key file, database and versions; say how to fix each."""
+    from dualmem.ops.doctor import run_doctor
+
+    settings = _settings(args)
+    findings = run_doctor(settings)
+    if args.json:
+        print(json.dumps([_view(f) for f in findings], indent=2))
+    else:
+        console = _console()
+        table = _table("dualmem doctor", ("check", "status", "detail", "fix"))
+        for f in findings:
+            table.add_row(f.check, _STYLE[f.status], f.detail, f.fix)
+        console.print(table)
+    return _EXIT_FOUND if any(f.status == "fail" for f in findings) else 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """Print the Prometheus exposition, or serve it on 127.0.0.1:PORT until stopped."""
+    from dualmem.ops.exporter import Exporter, start_server
+
+    settings = _settings(args)
+    exporter = Exporter(settings)
+    try:
+        if args.serve is None:
+            sys.stdout.write(exporter.render())
+            return 0
+        stop = _stop_on_signals()
+        server, thread = start_server(args.serve, exporter.render)
+        host, port = server.server_address[:2]
+        print(f"serving http://{host!s}:{port}/metrics (Ctrl-C stops)", flush=True)
+        stop.wait()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+        return 0
+    finally:
+        exporter.close()
+
+
+# -- registration -------------------------------------------------------------------------
+
+
+def _keyring_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keyring", help="key file (DUALMEM_KEYRING); needed for encrypted levels")
+
+
+def register_commands(sub: Any) -> None:
+    """Add the operations subcommands to the ``dualmem`` parser."""
+    _register_checks(sub)
+    _register_transfer(sub)
+    _register_maintenance(sub)
+
+
+def _register_checks(sub: Any) -> None:
+    p = sub.add_parser("verify", help="integrity, hash chains, schema, Redis/mirror parity")
+    add_common_arguments(p)
+    p.add_argument("--mirror", metavar="DIR", help="also check a mirror directory")
+    p.add_argument("--no-redis", action="store_true", help="skip the Redis parity check")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("migrate", help="upgrade the schema (backs up first, never downgrades)")
+    add_common_arguments(p)
+    p.add_argument("--to", type=int, help="target schema version (default: this dualmem's)")
+    p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    p.add_argument("--backup", help="backup file (default <db>.v<N>-<time>.bak)")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("doctor", help="check persistence, keys, database; say how to fix")
+    add_common_arguments(p)
+    _keyring_option(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("metrics", help="Prometheus exposition (--serve PORT on 127.0.0.1)")
+    add_common_arguments(p)
+    p.add_argument("--serve", type=int, metavar="PORT", help="serve http://127.0.0.1:PORT/metrics")
+    p.set_defaults(func=cmd_metrics)
+
+
+def _register_transfer(sub: Any) -> None:
+    p = sub.add_parser("export", help="write records to a JSON Lines file")
+    add_common_arguments(p)
+    _keyring_option(p)
+    p.add_argument("--out", required=True, help="the .jsonl file to write")
+    p.add_argument("--level", action="append", help="only this level (repeatable: 1-5 or name)")
+    p.add_argument("--prefix", help="only keys starting with this")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument("--decrypt", action="store_true", help="write readable encrypted values")
+    p.add_argument("--as", dest="as_agent", metavar="AGENT_ID", help="principal for --decrypt")
+    p.add_argument("--team")
+    p.add_argument("--swarm")
+    p.add_argument("--project")
+    p.add_argument("--system", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "import",
+        help="import a JSON Lines file (idempotent)",
+        epilog="exit 0: imported; 1: --strict and bad lines (nothing written) or commits not "
+        "confirmed; 3: imported, bad lines skipped",
+    )
+    add_common_arguments(p)
+    _keyring_option(p)
+    p.add_argument("file", help="the .jsonl file to read")
+    p.add_argument("--dry-run", action="store_true", help="report what would change")
+    p.add_argument("--strict", action="store_true", help="any bad line: import nothing")
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for commits")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("mirror", help="keep one JSON file per record in sync with the feed")
+    add_common_arguments(p)
+    _keyring_option(p)
+    p.add_argument("--dir", required=True, help="the mirror directory")
+    p.add_argument("--once", action="store_true", help="one cycle, then exit")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between cycles")
+    p.add_argument("--level", action="append", help="only this level (repeatable)")
+    p.add_argument("--wait", type=float, default=10.0, help="seconds to wait for imports")
+    p.set_defaults(func=cmd_mirror)
+
+
+def _register_maintenance(sub: Any) -> None:
+    p = sub.add_parser("backup", help="online backup to DEST, verified")
+    add_common_arguments(p)
+    p.add_argument("dest", help="the backup file to create")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("purge", help="delete expired rows, then give free pages back")
+    add_common_arguments(p)
+    p.add_argument("--tombstone-ttl", type=int, help="seconds tombstones are kept")
+    p.add_argument("--vacuum", action="store_true", help="full VACUUM to enable auto_vacuum")
+    p.set_defaults(func=cmd_purge)
+
+    p = sub.add_parser("dlq", help="list or replay dead-lettered commands")
+    dlq = p.add_subparsers(dest="action", required=True)
+    q = dlq.add_parser("list", help="dead letters, oldest first")
+    add_common_arguments(q)
+    q.add_argument("--all", action="store_true", help="include replayed ones")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_dlq)
+    q = dlq.add_parser("replay", help="send dead letters back to the stream")
+    add_common_arguments(q)
+    _keyring_option(q)
+    q.add_argument("ids", nargs="*", help="dead letter ids (see dlq list)")
+    q.add_argument("--all", action="store_true", help="every dead letter not yet replayed")
+    q.add_argument("--wait", type=float, default=10.0, help="seconds to wait for commits")
+    q.set_defaults(func=cmd_dlq)

@@ -1,0 +1,125 @@
+"""Opening a dualmem database file for maintenance: without migrating it, read-only by default."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from acl.errors import ConfigurationError
+from dualmem.errors import StoreUnavailable
+from dualmem.migrations import SCHEMA_VERSION, schema_version
+
+__all__ = [
+    "DatabaseSize",
+    "ProgressFn",
+    "check_current",
+    "check_not_newer",
+    "database_size",
+    "open_database",
+]
+
+#: ``progress(description, done, total)``: how long-running operations report progress
+#: (``total`` is ``None`` when unknown). The CLI draws it as a rich progress bar.
+ProgressFn = Callable[[str, int, int | None], None]
+
+
+def _no_progress(_description: str, _done: int, _total: int | None) -> None:
+    return None
+
+
+NO_PROGRESS: ProgressFn = _no_progress
+
+
+@contextmanager
+def open_database(path: str | Path, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+    """A connection to an existing database file that never migrates it.
+
+    Read-only (``query_only``) unless ``write``. ``ConfigurationError`` when the file is
+    missing or is not a SQLite database; ``StoreUnavailable`` when it cannot be read.
+    Unlike ``SQLiteStore``, opening here changes nothing, so ``verify``, ``export`` and
+    ``backup`` can look at a database of any version, and ``migrate`` can decide.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigurationError(f"no database at {p} (check --db or DUALMEM_DB_PATH)")
+    try:
+        conn = sqlite3.connect(p, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"cannot open {p}: {exc}") from exc
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if not write:
+            conn.execute("PRAGMA query_only = ON")
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise ConfigurationError(f"{p} is not a dualmem database: {exc}") from exc
+        yield conn
+    finally:
+        conn.close()
+
+
+def check_not_newer(conn: sqlite3.Connection, path: str | Path) -> int:
+    """The file's schema version; ``ConfigurationError`` if this dualmem is too old for it."""
+    version = schema_version(conn)
+    if version > SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"{path} has schema version {version}, newer than this dualmem supports "
+            f"({SCHEMA_VERSION}): upgrade dualmem to work on it"
+        )
+    return version
+
+
+def check_current(conn: sqlite3.Connection, path: str | Path) -> int:
+    """Like :func:`check_not_newer`, and an older schema is refused too (migrate first)."""
+    version = check_not_newer(conn, path)
+    if version < SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"{path} has schema version {version}; this dualmem uses {SCHEMA_VERSION}: "
+            f"run `dualmem migrate --db {path}` first"
+        )
+    return version
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSize:
+    """Where a database's bytes are: the main file, its WAL, and free pages inside."""
+
+    file_bytes: int
+    wal_bytes: int
+    page_size: int
+    page_count: int
+    freelist_pages: int
+    auto_vacuum: int
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes of free pages (reusable; returned to the file system by ``purge``)."""
+        return self.freelist_pages * self.page_size
+
+    @property
+    def total_bytes(self) -> int:
+        """File plus WAL."""
+        return self.file_bytes + self.wal_bytes
+
+
+def database_size(conn: sqlite3.Connection, path: str | Path) -> DatabaseSize:
+    """Sizes of the file at ``path`` (its connection ``conn``)."""
+    p = Path(path)
+    wal = Path(str(p) + "-wal")
+
+    def pragma(name: str) -> int:
+        return int(conn.execute(f"PRAGMA {name}").fetchone()[0])
+
+    return DatabaseSize(
+        p.stat().st_size,
+        wal.stat().st_size if wal.exists() else 0,
+        pragma("page_size"),
+        pragma("page_count"),
+        pragma("freelist_count"),
+        pragma("auto_vacuum"),
+    )

@@ -1,0 +1,167 @@
+"""``dualmem migrate`` and ``dualmem purge``: schema upgrades with a backup first, and
+giving expired rows and free pages back."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from acl.errors import ConfigurationError
+from dualmem.migrations import MIGRATIONS, SCHEMA_VERSION, migrate, schema_version
+from dualmem.ops.backup import BackupResult, backup_database
+from dualmem.ops.database import (
+    NO_PROGRESS,
+    ProgressFn,
+    check_current,
+    database_size,
+    open_database,
+)
+from dualmem.sqlite_store import SQLiteStore
+
+__all__ = ["MigrationPlan", "PurgeResult", "migrate_database", "plan_migration", "purge_database"]
+
+_AUTO_VACUUM = {0: "NONE", 1: "FULL", 2: "INCREMENTAL"}
+
+
+@dataclass
+class MigrationPlan:
+    """What ``migrate`` does (or did): ``steps`` are ``(version, description)``."""
+
+    path: Path
+    current: int
+    target: int
+    steps: list[tuple[int, str]]
+    backup: BackupResult | None = None
+    applied: list[int] = field(default_factory=list)
+
+
+def plan_migration(path: str | Path, target: int | None = None) -> MigrationPlan:
+    """The migrations that would take ``path`` to ``target`` (default: this code's version).
+
+    Refuses (``ConfigurationError``) a database newer than this code, a target this code
+    does not know, and any downgrade: migrations only go forward.
+    """
+    goal = SCHEMA_VERSION if target is None else target
+    with open_database(path) as conn:
+        current = schema_version(conn)
+    if current > SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"{path} has schema version {current}, newer than this dualmem ({SCHEMA_VERSION}): "
+            "upgrade dualmem instead"
+        )
+    if not 1 <= goal <= SCHEMA_VERSION:
+        raise ConfigurationError(f"--to must be between 1 and {SCHEMA_VERSION}, got {goal}")
+    if goal < current:
+        raise ConfigurationError(
+            f"refusing to downgrade {path} from schema {current} to {goal}: migrations only "
+            "go forward (restore a backup taken before the upgrade instead)"
+        )
+    steps = [
+        (v, (MIGRATIONS[v - 1].__doc__ or MIGRATIONS[v - 1].__name__).strip().splitlines()[0])
+        for v in range(current + 1, goal + 1)
+    ]
+    return MigrationPlan(Path(path), current, goal, steps)
+
+
+def migrate_database(
+    path: str | Path,
+    target: int | None = None,
+    *,
+    dry_run: bool = False,
+    backup_to: str | Path | None = None,
+    progress: ProgressFn = NO_PROGRESS,
+) -> MigrationPlan:
+    """Back the database up, then apply the planned migrations (each in one transaction).
+
+    Idempotent: a database already at ``target`` is left alone, with no backup. The backup
+    goes to ``backup_to`` or ``<db>.v<current>-<UTC time>.bak`` beside the database and is
+    verified before the first migration runs. This writes to the database outside the
+    worker on purpose: it is an offline operation (stop the workers first: a worker of the
+    older version would go on writing without the new schema's projections), and the same
+    migrations run anyway whenever a newer dualmem opens the file.
+    """
+    plan = plan_migration(path, target)
+    if dry_run or not plan.steps:
+        return plan
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = Path(backup_to) if backup_to else Path(f"{path}.v{plan.current}-{stamp}.bak")
+    plan.backup = backup_database(path, dest, progress=progress)
+    with open_database(path, write=True) as conn:
+        plan.applied = migrate(conn, plan.target)
+    return plan
+
+
+@dataclass
+class PurgeResult:
+    """What ``purge`` removed and gave back."""
+
+    rows: int
+    freed_pages: int
+    page_size: int
+    auto_vacuum: str
+    vacuumed: bool
+    bytes_before: int
+    bytes_after: int
+
+
+def purge_database(
+    path: str | Path,
+    *,
+    now_ms: int,
+    tombstones_before_ms: int,
+    full_vacuum: bool = False,
+    progress: ProgressFn = NO_PROGRESS,
+) -> PurgeResult:
+    """Delete expired rows and old tombstones, then hand free pages back to the file system.
+
+    The rows go through ``Store.purge``, the very transaction the worker runs on its own
+    schedule; it deletes only rows that reads already treat as absent, and takes the write
+    lock like any writer, so running it beside a worker cannot lose or reorder an update.
+    ``PRAGMA incremental_vacuum`` then returns free pages (no logical change at all).
+
+    A database created before ``auto_vacuum=INCREMENTAL`` was set keeps its free pages
+    for reuse but cannot shrink; ``full_vacuum`` converts it with one ``VACUUM``, which
+    rewrites the whole file and blocks writers while it runs (an offline operation).
+    """
+    with open_database(path) as conn:
+        check_current(conn, path)
+        before = database_size(conn, path)
+    store = SQLiteStore(path)
+    removed = 0
+    try:
+        while True:
+            n = store.purge(now_ms, tombstones_before_ms, limit=10_000)
+            removed += n
+            progress("purge", removed, None)
+            if n == 0:
+                break
+    finally:
+        store.close()
+    vacuumed = False
+    with open_database(path, write=True) as conn:
+        free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+        mode = int(conn.execute("PRAGMA auto_vacuum").fetchone()[0])
+        if full_vacuum and mode != 2:
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("VACUUM")
+            vacuumed = True
+        elif mode == 2:
+            conn.execute("PRAGMA incremental_vacuum")
+        after = database_size(conn, path)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    freed = free - after.freelist_pages if (mode == 2 or vacuumed) else 0
+    return PurgeResult(
+        removed,
+        max(freed, 0),
+        after.page_size,
+        _AUTO_VACUUM.get(after.auto_vacuum, str(after.auto_vacuum)),
+        vacuumed,
+        before.total_bytes,
+        Path(path).stat().st_size + _wal(path),
+    )
+
+
+def _wal(path: str | Path) -> int:
+    wal = Path(f"{path}-wal")
+    return wal.stat().st_size if wal.exists() else 0

@@ -1,0 +1,494 @@
+"""``dualmem mirror``: one JSON file per record, kept in sync with the change feed.
+
+Layout: ``DIR/<scope>/<key>.json`` (both percent-encoded, so any key is one safe file
+name; very long names become ``~<sha256>.json``, the file holds the real key) and
+``DIR/.dualmem-mirror.json``, the mirror's state: the journal ``seq`` it has applied and,
+per file, the hash and stream id it last wrote. The state is saved after every cycle, so
+a stopped mirror resumes from its position.
+
+Each cycle first looks for files edited by hand (their hash differs from the state):
+
+* the record did not change in SQLite since the file was written: the edit is imported
+  (through the stream, like any put; actor ``mirror``);
+* it did change: **SQLite wins**, the file is rewritten from SQLite;
+* the file is not valid (bad JSON, another scope/key/level, a value that does not seal):
+  it is rejected and rewritten from SQLite (a new, untracked file is left alone);
+* a tracked file that was deleted is restored (records are deleted through the API).
+
+Each import, conflict, rejection and restore is an audit event ``mirror.<kind>`` that the
+worker also records in ``sync_events`` (see ``dualmem.projection``); for plaintext levels
+the discarded file content is kept in the event's detail. Then the cycle applies the
+journal changes since its position to the files. Encrypted records are mirrored sealed
+(``envelope``, base64), never in the clear.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from acl.crypto import Codec
+from acl.errors import ConfigurationError, DualMemError
+from acl.levels import ENCRYPTED_LEVELS, Level
+from acl.policy import level_of_scope
+from dualmem.ops.database import NO_PROGRESS, ProgressFn
+from dualmem.ops.runtime import AuditEvent, Runtime, Write
+from dualmem.ops.transfer import LineError, line_envelope, line_identity
+from dualmem.ops.verify import Check
+
+__all__ = [
+    "ACTOR",
+    "STATE_FILE",
+    "CycleReport",
+    "Mirror",
+    "MirrorState",
+    "check_mirror",
+    "record_path",
+    "render_record",
+]
+
+STATE_FILE = ".dualmem-mirror.json"
+ACTOR = "mirror"
+_STATE_FORMAT = "dualmem-mirror"
+_MAX_NAME = 200
+_COLUMNS = "scope, key, level, owner, envelope, updated_at, expires_at, stream_id"
+_LIVE = "envelope IS NOT NULL AND (expires_at IS NULL OR expires_at > ?)"
+_ROW_SQL = f"SELECT {_COLUMNS} FROM memory WHERE scope = ? AND key = ? AND {_LIVE}"
+
+Row = tuple[str, str, int, str, bytes, int, int | None, str]
+
+
+def record_path(directory: Path, scope: str, key: str) -> Path:
+    """Where the mirror keeps the record ``(scope, key)``.
+
+    >>> record_path(Path("m"), "project:shop", "spec/login").as_posix()
+    'm/project:shop/spec%2Flogin.json'
+    """
+    name = quote(key, safe="") + ".json"
+    if len(name.encode()) > _MAX_NAME:
+        name = "~" + hashlib.sha256(key.encode()).hexdigest() + ".json"
+    return directory / quote(scope, safe=":") / name
+
+
+def render_record(row: Row, codec: Codec) -> bytes:
+    """The file content of a row: its value in the clear, or sealed for encrypted levels."""
+    scope, key, level_no, owner, envelope, updated_at, expires_at, stream_id = row
+    level = Level(level_no)
+    doc: dict[str, Any] = {
+        "scope": scope,
+        "key": key,
+        "level": int(level),
+        "owner": owner,
+        "updated_at": updated_at,
+        "expires_at": expires_at,
+        "stream_id": stream_id,
+    }
+    if level in ENCRYPTED_LEVELS:
+        doc["envelope"] = base64.b64encode(bytes(envelope)).decode("ascii")
+    else:
+        doc["value"] = codec.open(bytes(envelope), scope=scope, key=key, level=level)
+    return (json.dumps(doc, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class MirrorState:
+    """What the mirror has applied: journal position and one entry per file it wrote."""
+
+    seq: int = 0
+    levels: list[int] = field(default_factory=list)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, directory: Path) -> MirrorState | None:
+        """The saved state, ``None`` for a directory that is not (yet) a mirror."""
+        path = directory / STATE_FILE
+        if not path.exists():
+            return None
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if doc.get("format") != _STATE_FORMAT:
+                raise ValueError(f"format is not {_STATE_FORMAT!r}")
+            return cls(
+                int(doc["seq"]),
+                list(doc["levels"]),
+                dict(doc["files"]),
+                dict(doc.get("rejected", {})),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigurationError(f"{path} is not a dualmem mirror state: {exc}") from exc
+
+    def save(self, directory: Path) -> None:
+        """Write the state atomically (temp file, fsync, rename)."""
+        doc = {
+            "format": _STATE_FORMAT,
+            "version": 1,
+            "seq": self.seq,
+            "levels": self.levels,
+            "files": self.files,
+            "rejected": self.rejected,
+        }
+        _atomic_write(directory / STATE_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _files(directory: Path) -> Iterator[Path]:
+    for scope_dir in sorted(p for p in directory.iterdir() if p.is_dir()):
+        for f in sorted(scope_dir.iterdir()):
+            if f.is_file() and f.suffix == ".json" and not f.name.startswith("."):
+                yield f
+
+
+@dataclass
+class CycleReport:
+    """What one mirror cycle did."""
+
+    seq: int = 0
+    written: int = 0
+    removed: int = 0
+    imported: int = 0
+    conflicts: int = 0
+    rejected: int = 0
+    restored: int = 0
+    events: list[str] = field(default_factory=list)
+    receipts: list[Any] = field(default_factory=list)
+
+
+class Mirror:
+    """Keeps ``directory`` in sync with the database of ``runtime``."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        directory: str | Path,
+        *,
+        levels: Collection[Level] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.codec = runtime.codec
+        self.dir = Path(directory)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ConfigurationError(f"{self.dir} exists and is not a directory")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        wanted = sorted(int(lv) for lv in (levels or Level))
+        state = MirrorState.load(self.dir)
+        if state is not None and levels and state.levels != wanted:
+            raise ConfigurationError(
+                f"{self.dir} mirrors levels {state.levels}, not {wanted}: use the same "
+                "--level options or another directory"
+            )
+        self.state = state or MirrorState(levels=wanted)
+        self.fresh = state is None
+
+    # -- one cycle ------------------------------------------------------------------
+
+    def cycle(self, now_ms: int, progress: ProgressFn = NO_PROGRESS) -> CycleReport:
+        """Import hand edits, apply journal changes, drop expired files, save the state."""
+        report = CycleReport()
+        writes: list[Write] = []
+        events: list[AuditEvent] = []
+        path = self.runtime.settings.db_path
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            conn.execute("BEGIN")  # one read snapshot for the whole cycle
+            head = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM journal").fetchone()[0])
+            changed = self._changed(conn, head)
+            self._scan_edits(conn, now_ms, changed, writes, events, report)
+            targets = self._all_live(conn, now_ms) if self.fresh else changed
+            for i, (scope, key) in enumerate(sorted(targets), start=1):
+                self._refresh(conn, scope, key, now_ms, report)
+                if i % 500 == 0:
+                    progress("mirror", i, len(targets))
+            self._expire(conn, now_ms, report)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        if writes or events:
+            report.receipts = self.runtime.send(writes, audits=events)
+        self.state.seq = report.seq = head
+        self.state.save(self.dir)
+        self.fresh = False
+        return report
+
+    def _changed(self, conn: sqlite3.Connection, head: int) -> set[tuple[str, str]]:
+        if self.fresh:
+            return set()
+        marks = ",".join("?" * len(self.state.levels))
+        rows = conn.execute(
+            f"SELECT DISTINCT scope, key FROM journal WHERE seq > ? AND seq <= ? "
+            f"AND level IN ({marks})",
+            (self.state.seq, head, *self.state.levels),
+        )
+        return {(str(s), str(k)) for s, k in rows}
+
+    def _all_live(self, conn: sqlite3.Connection, now_ms: int) -> set[tuple[str, str]]:
+        marks = ",".join("?" * len(self.state.levels))
+        rows = conn.execute(
+            f"SELECT scope, key FROM memory WHERE envelope IS NOT NULL AND level IN ({marks}) "
+            "AND (expires_at IS NULL OR expires_at > ?)",
+            (*self.state.levels, now_ms),
+        )
+        return {(str(s), str(k)) for s, k in rows}
+
+    def _row(self, conn: sqlite3.Connection, scope: str, key: str, now_ms: int) -> Row | None:
+        r = conn.execute(_ROW_SQL, (scope, key, now_ms)).fetchone()
+        return None if r is None or r[2] not in self.state.levels else r
+
+    def _refresh(
+        self, conn: sqlite3.Connection, scope: str, key: str, now_ms: int, report: CycleReport
+    ) -> None:
+        """Make the file of ``(scope, key)`` match SQLite (write it, or remove it)."""
+        path = record_path(self.dir, scope, key)
+        rel = path.relative_to(self.dir).as_posix()
+        row = self._row(conn, scope, key, now_ms)
+        if row is None:
+            if path.exists():
+                path.unlink()
+                report.removed += 1
+            self.state.files.pop(rel, None)
+            return
+        data = render_record(row, self.codec)
+        entry = self.state.files.get(rel)
+        if entry is None or entry.get("sha256") != _sha(data) or not path.exists():
+            _atomic_write(path, data)
+            report.written += 1
+        self.state.files[rel] = {
+            "scope": scope,
+            "key": key,
+            "sha256": _sha(data),
+            "stream_id": row[7],
+            "expires_at": row[6],
+        }
+        self.state.rejected.pop(rel, None)
+
+    def _expire(self, conn: sqlite3.Connection, now_ms: int, report: CycleReport) -> None:
+        for entry in list(self.state.files.values()):
+            if entry.get("expires_at") is not None and entry["expires_at"] <= now_ms:
+                self._refresh(conn, entry["scope"], entry["key"], now_ms, report)
+
+    # -- hand edits -----------------------------------------------------------------
+
+    def _scan_edits(
+        self,
+        conn: sqlite3.Connection,
+        now_ms: int,
+        changed: set[tuple[str, str]],
+        writes: list[Write],
+        events: list[AuditEvent],
+        report: CycleReport,
+    ) -> None:
+        present: set[str] = set()
+        for path in _files(self.dir):
+            rel = path.relative_to(self.dir).as_posix()
+            present.add(rel)
+            data = path.read_bytes()
+            digest = _sha(data)
+            entry = self.state.files.get(rel)
+            if entry is not None and entry.get("sha256") == digest:
+                continue
+            if entry is None and self.state.rejected.get(rel) == digest:
+                continue
+            self._edited(conn, now_ms, path, rel, data, entry, changed, writes, events, report)
+        for rel, entry in list(self.state.files.items()):
+            if rel not in present:
+                # Deleted by hand: records are deleted through the API, so put it back.
+                self._refresh(conn, entry["scope"], entry["key"], now_ms, report)
+                if rel in self.state.files:
+                    report.restored += 1
+                    events.append(
+                        self._event("restored", entry["scope"], entry["key"], None, {"path": rel})
+                    )
+
+    def _edited(
+        self,
+        conn: sqlite3.Connection,
+        now_ms: int,
+        path: Path,
+        rel: str,
+        data: bytes,
+        entry: dict[str, Any] | None,
+        changed: set[tuple[str, str]],
+        writes: list[Write],
+        events: list[AuditEvent],
+        report: CycleReport,
+    ) -> None:
+        digest = _sha(data)
+        try:
+            scope, key, level, envelope, payload, expires = self._parse(data, rel)
+        except LineError as exc:
+            report.rejected += 1
+            sc = entry["scope"] if entry else ""
+            k = entry["key"] if entry else ""
+            why = {"path": rel, "sha256": digest, "error": str(exc)}
+            lvl = level_of_scope(sc) if sc else None
+            events.append(self._event("rejected", sc, k, lvl, why, data))
+            report.events.append(f"rejected {rel}: {exc}")
+            if entry is None:
+                self.state.rejected[rel] = digest  # not ours: leave it, report it once
+            else:
+                self._refresh(conn, sc, k, now_ms, report)  # SQLite wins
+            return
+        row = self._row(conn, scope, key, now_ms)
+        same = row is not None and row[6] == expires and self._same(row, envelope, payload)
+        detail: dict[str, Any] = {"path": rel, "sha256": digest}
+        if same:
+            self._refresh(conn, scope, key, now_ms, report)  # adopt (formatting only)
+            return
+        moved = (
+            entry is None
+            or row is None
+            or row[7] != entry.get("stream_id")
+            or (scope, key) in changed
+        )
+        if row is not None and moved:
+            report.conflicts += 1
+            detail["sqlite_stream_id"] = row[7]
+            events.append(self._event("conflict", scope, key, level, detail, data))
+            report.events.append(f"conflict {rel}: SQLite changed too; SQLite wins")
+            self._refresh(conn, scope, key, now_ms, report)
+            return
+        if row is None and entry is not None:
+            # Deleted (or expired) in SQLite since the file was written: SQLite wins.
+            report.conflicts += 1
+            events.append(self._event("conflict", scope, key, level, detail, data))
+            report.events.append(f"conflict {rel}: the record was deleted; SQLite wins")
+            self._refresh(conn, scope, key, now_ms, report)
+            return
+        writes.append(Write(scope, key, level, ACTOR, envelope, expires))
+        events.append(self._event("imported", scope, key, level, detail))
+        report.imported += 1
+        report.events.append(f"imported {rel}")
+        self.state.files[rel] = {
+            "scope": scope,
+            "key": key,
+            "sha256": digest,
+            "stream_id": entry.get("stream_id") if entry else None,
+            "expires_at": expires,
+        }
+        self.state.rejected.pop(rel, None)
+
+    def _parse(self, data: bytes, rel: str) -> tuple[str, str, Level, bytes, bytes, int | None]:
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise LineError(f"not valid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise LineError("expected a JSON object")
+        scope, key, level = line_identity(obj)
+        if record_path(self.dir, scope, key).relative_to(self.dir).as_posix() != rel:
+            raise LineError(f"scope/key {scope}/{key} do not belong at {rel}")
+        if int(level) not in self.state.levels:
+            raise LineError(f"level {level.name} is not mirrored here")
+        if ("value" in obj) == ("envelope" in obj):
+            raise LineError("a file needs exactly one of 'value' and 'envelope'")
+        expires = obj.get("expires_at")
+        if expires is not None and (isinstance(expires, bool) or not isinstance(expires, int)):
+            raise LineError("expires_at must be epoch milliseconds or null")
+        envelope, payload = line_envelope(obj, self.codec, scope, key, level)
+        return scope, key, level, envelope, payload, expires
+
+    def _same(self, row: Row, envelope: bytes, payload: bytes) -> bool:
+        if bytes(row[4]) == envelope:
+            return True
+        try:
+            current = self.codec.open_bytes(
+                bytes(row[4]), scope=row[0], key=row[1], level=Level(row[2])
+            )
+        except DualMemError:
+            return False
+        return current == payload
+
+    @staticmethod
+    def _event(
+        kind: str,
+        scope: str,
+        key: str,
+        level: Level | None,
+        detail: dict[str, Any],
+        discarded: bytes | None = None,
+    ) -> AuditEvent:
+        if discarded is not None and level is not None and level not in ENCRYPTED_LEVELS:
+            # What lost is kept for plaintext levels only: an encrypted record's file
+            # may hold a value someone meant to seal, and the audit log is not sealed.
+            detail = {**detail, "discarded": discarded.decode("utf-8", "replace")}
+        return AuditEvent(
+            f"mirror.{kind}",
+            ACTOR,
+            detail,
+            scope=scope or None,
+            key=key or None,
+            level=int(level) if level is not None else None,
+            risk="low" if kind == "imported" else "medium",
+        )
+
+
+def check_mirror(conn: sqlite3.Connection, directory: str | Path, now_ms: int) -> Check:
+    """Parity of a mirror directory with the database: every live record of the mirrored
+    levels has its file with the current content, and there is no other file."""
+    d = Path(directory)
+    c = Check(f"mirror {d}")
+    state = MirrorState.load(d) if d.is_dir() else None
+    if state is None:
+        c.problem(f"{d} is not a dualmem mirror (no {STATE_FILE})")
+        c.fix = f"run `dualmem mirror --dir {d}`"
+        return c
+    codec = Codec(None)
+    marks = ",".join("?" * len(state.levels))
+    expected: dict[str, bytes | None] = {}
+    for row in conn.execute(
+        f"SELECT {_COLUMNS} FROM memory WHERE {_LIVE} AND level IN ({marks})",
+        (now_ms, *state.levels),
+    ):
+        rel = record_path(d, row[0], row[1]).relative_to(d).as_posix()
+        try:
+            expected[rel] = render_record(row, codec)
+        except DualMemError as exc:
+            c.problem(f"{rel}: the SQLite row does not open: {exc}")
+            expected[rel] = None
+    found = {p.relative_to(d).as_posix(): p for p in _files(d)}
+    stale = edited = 0
+    for rel, data in expected.items():
+        path = found.get(rel)
+        if path is None:
+            c.problem(f"{rel}: missing")
+            continue
+        content = path.read_bytes()
+        if data is not None and content != data:
+            if state.files.get(rel, {}).get("sha256") == _sha(content):
+                stale += 1
+                c.problem(f"{rel}: behind SQLite (the mirror has not applied the newest change)")
+            else:
+                edited += 1
+                c.problem(f"{rel}: differs from SQLite (edited by hand, not imported yet)")
+    for rel in sorted(found.keys() - expected.keys()):
+        c.problem(f"{rel}: no live record in SQLite")
+    c.summary = f"{len(expected)} files match (journal seq {state.seq})"
+    if not c.ok:
+        c.summary = (
+            f"{c.problem_count} of {len(expected)} records out of sync "
+            f"({stale} behind, {edited} edited)"
+        )
+        c.fix = f"run `dualmem mirror --dir {d} --once`"
+    return c

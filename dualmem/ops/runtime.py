@@ -1,0 +1,260 @@
+"""The I/O shell of the operator commands that write: commands go through the stream.
+
+``DESIGN.md``: the worker is the only SQLite writer. Operator commands keep that rule by
+writing the way ``put`` does (``SET`` cache, ``XADD`` command) and letting a worker commit;
+they run one in-process worker so they can wait for their own commits even when no
+``dualmem worker`` process is running (and because ``memory://`` lives in one process).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from acl.crypto import Codec, Keyring
+from acl.levels import Level
+from dualmem.commands import Receipt, audit_fields, delete_fields, put_fields
+from dualmem.errors import Backpressure
+from dualmem.layout import Layout
+from dualmem.ops.database import NO_PROGRESS, ProgressFn
+from dualmem.redis_backend import connect, text, translate_errors
+from dualmem.settings import Settings
+from dualmem.sqlite_store import SQLiteStore
+from dualmem.worker import Worker, ensure_groups
+
+__all__ = ["AuditEvent", "Runtime", "WaitResult", "Write", "load_keyring", "redis_client"]
+
+
+def load_keyring(settings: Settings) -> Keyring | None:
+    """The configured keyring, or ``None`` when no key is configured (never creates one).
+
+    A key file that others can read, or that does not exist, is a ``ConfigurationError``.
+    """
+    if settings.keyring:
+        return Keyring.load(settings.keyring)
+    if settings.key:
+        return Keyring.from_secret(settings.key)
+    if settings.embedded and settings.default_keyring_path.exists():
+        return Keyring.load(settings.default_keyring_path)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One command an operator tool sends: a put (``envelope`` set) or a delete."""
+
+    scope: str
+    key: str
+    level: Level
+    actor: str
+    envelope: bytes | None
+    expires_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """An audit event sent with the commands (``mirror.*`` ones also become sync events)."""
+
+    event: str
+    actor: str
+    detail: Mapping[str, Any]
+    scope: str | None = None
+    key: str | None = None
+    level: int | None = None
+    risk: str = "medium"
+
+
+@dataclass(frozen=True, slots=True)
+class WaitResult:
+    """How many of the waited-for commands were committed, dead-lettered, still pending."""
+
+    committed: int
+    dead: int
+    pending: int
+
+
+class Runtime:
+    """Store, Redis client, layout, codec and (optionally) an in-process worker.
+
+    Use as a context manager; ``close()`` lets the worker drain what is pending.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        keyring: Keyring | None = None,
+        worker: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.layout = Layout(settings.namespace, settings.shards)
+        self.codec = Codec(
+            keyring if keyring is not None else load_keyring(settings),
+            compress_threshold=settings.compress_threshold,
+            max_value_bytes=settings.max_value_bytes,
+        )
+        self.store = SQLiteStore(settings.db_path, busy_timeout_ms=settings.busy_timeout_ms)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._left = 0
+        try:
+            self.client, self._wakeup = connect(settings)
+            ensure_groups(self.client, self.layout.streams(), settings.group)
+            if worker:
+                self._start_worker()
+        except BaseException:
+            self.store.close()
+            raise
+
+    def _start_worker(self) -> None:
+        client, _ = connect(self.settings, extra_timeout=self.settings.block_ms / 1000)
+        w = Worker(client, self.store, self.settings, wakeup=self._wakeup)
+
+        def run() -> None:
+            self._left = w.run(self._stop, drain_timeout=self.settings.close_timeout)
+            client.close()
+
+        self._thread = threading.Thread(target=run, name="dualmem-ops-worker", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> int:
+        """Stop the worker after it drained (bounded by ``close_timeout``); returns what is
+        still pending."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(self.settings.close_timeout + self.settings.block_ms / 1000 + 5)
+            self._thread = None
+        self.store.close()
+        self.client.close()
+        return self._left
+
+    # -- writing ----------------------------------------------------------------------
+
+    def send(
+        self,
+        writes: Sequence[Write],
+        *,
+        audits: Sequence[AuditEvent] = (),
+        raw: Sequence[tuple[int, Mapping[bytes, bytes]]] = (),
+    ) -> list[Receipt]:
+        """Send every command in ONE ``MULTI``/``EXEC``: all of them reach the stream or none.
+
+        ``audits`` are recorded with them, in the same transaction. ``raw`` are stream
+        entries ``(shard, fields)`` sent as they are (dead-letter replay). Raises
+        ``Backpressure`` before writing anything when the streams cannot take them all.
+        """
+        now_us = time.time_ns() // 1000
+        per_shard: dict[int, int] = {}
+        planned: list[tuple[int, Write]] = []
+        for w in writes:
+            shard = self.layout.shard_of(w.scope, w.key)
+            per_shard[shard] = per_shard.get(shard, 0) + 1
+            planned.append((shard, w))
+        for shard, _ in raw:
+            per_shard[shard] = per_shard.get(shard, 0) + 1
+        self._check_room(per_shard)
+        pipe = self.client.pipeline(transaction=True)
+        for shard, w in planned:
+            cache_key = self.layout.cache_key(shard, w.scope, w.key)
+            if w.envelope is None:
+                pipe.delete(cache_key)
+                fields = delete_fields(w.scope, w.key, w.level, w.actor, now_us)
+            else:
+                pipe.set(cache_key, w.envelope, px=self._px(w.expires_at, now_us))
+                fields = put_fields(
+                    w.scope, w.key, w.level, w.actor, now_us, w.envelope, w.expires_at
+                )
+            pipe.xadd(self.layout.stream(shard), fields)  # type: ignore[arg-type]
+        for shard, entry in raw:
+            pipe.xadd(self.layout.stream(shard), dict(entry))  # type: ignore[arg-type]
+        for a in audits:
+            fields = audit_fields(
+                a.event,
+                actor=a.actor,
+                ts_us=now_us,
+                risk=a.risk,
+                scope=a.scope,
+                key=a.key,
+                level=a.level,
+                detail=a.detail,
+            )
+            shard = self.layout.shard_of(a.scope or "", a.key or "")
+            pipe.xadd(self.layout.stream(shard), fields)  # type: ignore[arg-type]
+        with translate_errors("send commands"):
+            replies = pipe.execute()
+        if self._wakeup is not None:
+            self._wakeup.set()
+        receipts = [
+            Receipt(shard, text(replies[2 * i + 1]), w.scope, w.key, "put" if w.envelope else "del")
+            for i, (shard, w) in enumerate(planned)
+        ]
+        base = 2 * len(planned)
+        receipts += [
+            Receipt(shard, text(replies[base + i]), "", "", "raw")
+            for i, (shard, _) in enumerate(raw)
+        ]
+        return receipts
+
+    def _px(self, expires_at: int | None, now_us: int) -> int | None:
+        if expires_at is not None:
+            return max(1, expires_at - now_us // 1000)
+        return self.settings.cache_ttl * 1000 or None
+
+    def _check_room(self, per_shard: Mapping[int, int]) -> None:
+        with translate_errors("backlog check"):
+            for shard, n in per_shard.items():
+                stream = self.layout.stream(shard)
+                length = int(self.client.xlen(stream))
+                if length + n > self.settings.max_backlog:
+                    raise Backpressure(
+                        f"{stream.decode()} holds {length} commands and this operation adds "
+                        f"{n}, over max_backlog={self.settings.max_backlog}: split the input "
+                        "or wait for the workers to catch up",
+                        backlog=length,
+                        bound=self.settings.max_backlog,
+                    )
+
+    def wait(
+        self,
+        receipts: Sequence[Receipt],
+        timeout: float,
+        progress: ProgressFn = NO_PROGRESS,
+    ) -> WaitResult:
+        """Wait until every receipt is committed or dead-lettered, at most ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        todo = list(receipts)
+        committed = dead = 0
+        total = len(todo)
+        while todo:
+            still: list[Receipt] = []
+            for r in todo:
+                status = self.store.status(r.shard, r.stream_id)
+                if status == "committed":
+                    committed += 1
+                elif status == "dead":
+                    dead += 1
+                else:
+                    still.append(r)
+            todo = still
+            progress("commit", total - len(todo), total)
+            if not todo or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        return WaitResult(committed, dead, len(todo))
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A client for read-only use (verify, stats, doctor)."""
+    client, _ = connect(settings)
+    return client

@@ -1,0 +1,368 @@
+"""``dualmem verify``: integrity, schema version, hash chains, projections, Redis parity."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import redis
+
+from acl.policy import level_of_scope
+from dualmem.batch import GENESIS, chain_hash
+from dualmem.commands import MalformedCommand, decode_command
+from dualmem.layout import Layout
+from dualmem.migrations import SCHEMA_VERSION, schema_version
+from dualmem.ops.database import NO_PROGRESS, ProgressFn
+from dualmem.projection import RESERVED_PREFIX, parse_key
+from dualmem.redis_backend import translate_errors
+from dualmem.worker import next_stream_id, safe_trim_id
+
+__all__ = [
+    "MAX_PROBLEMS",
+    "Check",
+    "check_chain",
+    "check_foreign_keys",
+    "check_integrity",
+    "check_projections",
+    "check_redis_parity",
+    "check_schema",
+    "split_cache_key",
+    "verify_database",
+]
+
+#: Problems listed per check; the count says how many there were in all.
+MAX_PROBLEMS = 20
+_CHUNK = 5_000
+
+
+@dataclass
+class Check:
+    """The outcome of one check: ``status`` is ``ok``, ``fail`` or ``skip``."""
+
+    name: str
+    status: str = "ok"
+    summary: str = ""
+    problems: list[str] = field(default_factory=list)
+    problem_count: int = 0
+    fix: str = ""
+
+    def problem(self, text: str) -> None:
+        """Count a problem (and keep its text if fewer than ``MAX_PROBLEMS`` are kept)."""
+        self.status = "fail"
+        self.problem_count += 1
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(text)
+
+    @property
+    def ok(self) -> bool:
+        """True unless the check failed."""
+        return self.status != "fail"
+
+    def to_dict(self) -> dict[str, object]:
+        """For ``--json``."""
+        return {
+            "name": self.name,
+            "status": self.status,
+            "summary": self.summary,
+            "problems": self.problems,
+            "problem_count": self.problem_count,
+            "fix": self.fix,
+        }
+
+
+def check_integrity(conn: sqlite3.Connection) -> Check:
+    """``PRAGMA integrity_check``."""
+    c = Check("integrity_check")
+    rows = [str(r[0]) for r in conn.execute("PRAGMA integrity_check")]
+    if rows != ["ok"]:
+        for r in rows:
+            c.problem(r)
+        c.fix = "restore the newest backup (`dualmem backup` writes verified copies)"
+    c.summary = "ok" if c.ok else f"{c.problem_count} problem(s)"
+    return c
+
+
+def check_foreign_keys(conn: sqlite3.Connection) -> Check:
+    """``PRAGMA foreign_key_check``: every child row has its parent."""
+    c = Check("foreign_key_check")
+    for table, rowid, parent, _fkid in conn.execute("PRAGMA foreign_key_check"):
+        c.problem(f"{table} row {rowid} has no parent in {parent}")
+    c.summary = "ok" if c.ok else f"{c.problem_count} orphan row(s)"
+    return c
+
+
+def check_schema(conn: sqlite3.Connection) -> Check:
+    """The file's ``user_version`` against the code's ``SCHEMA_VERSION``."""
+    c = Check("schema version")
+    version = schema_version(conn)
+    c.summary = f"{version} (this dualmem: {SCHEMA_VERSION})"
+    if version > SCHEMA_VERSION:
+        c.problem(f"schema {version} is newer than this dualmem ({SCHEMA_VERSION})")
+        c.fix = "upgrade dualmem"
+    elif version < SCHEMA_VERSION:
+        c.problem(f"schema {version} is older than this dualmem ({SCHEMA_VERSION})")
+        c.fix = "run `dualmem migrate` (it backs up first)"
+    return c
+
+
+_CHAINS = {
+    "journal": (
+        "SELECT seq, shard, stream_id, sid, op, scope, key, level, actor, ts, committed_at, "
+        "prev_hash, hash FROM journal WHERE seq > ? ORDER BY seq LIMIT ?",
+        "seq",
+    ),
+    "audit_log": (
+        "SELECT id, ts, event, actor, scope, key, level, risk, detail, shard, stream_id, "
+        "prev_hash, hash FROM audit_log WHERE id > ? ORDER BY id LIMIT ?",
+        "id",
+    ),
+}
+
+
+def _rows(conn: sqlite3.Connection, sql: str) -> Iterator[tuple[object, ...]]:
+    """Rows in id order, page by page (keyset), so a long chain is never all in memory."""
+    last = 0
+    while True:
+        page = conn.execute(sql, (last, _CHUNK)).fetchall()
+        if not page:
+            return
+        yield from page
+        last = int(page[-1][0])
+
+
+def check_chain(conn: sqlite3.Connection, table: str, progress: ProgressFn = NO_PROGRESS) -> Check:
+    """Recompute the hash chain of ``journal`` or ``audit_log`` with ``chain_hash``.
+
+    Each row's ``prev_hash`` must be the previous row's ``hash`` (``GENESIS`` before the
+    first) and its ``hash`` must be ``chain_hash(prev_hash, values)``: editing, deleting or
+    inserting any row shows up here.
+    """
+    sql, id_name = _CHAINS[table]
+    c = Check(f"{table} hash chain")
+    total = int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    prev = GENESIS
+    n = 0
+    for row in _rows(conn, sql):
+        values = row[:-2]
+        prev_hash, digest = cast(bytes, row[-2]), cast(bytes, row[-1])
+        if prev_hash != prev:
+            c.problem(f"{id_name} {row[0]}: prev_hash does not match the previous row's hash")
+        if chain_hash(prev_hash, values) != digest:
+            c.problem(f"{id_name} {row[0]}: hash does not match the row's contents")
+        prev = digest
+        n += 1
+        if n % _CHUNK == 0:
+            progress(f"{table} chain", n, total)
+    progress(f"{table} chain", n, total)
+    c.summary = f"{n} rows ok" if c.ok else f"{c.problem_count} broken link(s) in {n} rows"
+    if not c.ok:
+        c.fix = "rows were edited outside dualmem: restore a backup and investigate"
+    return c
+
+
+_PROJECTED = {
+    "mission": ("missions", "mission_id"),
+    "tool_call": ("tool_calls", "call_id"),
+    "decision": ("decisions", "decision_id"),
+    "playbook_run": ("playbook_runs", "run_id"),
+}
+
+
+def _projected_rows(conn: sqlite3.Connection) -> dict[tuple[str, str, str], int]:
+    """``{(kind, scope, id): sid}`` of every real (not placeholder) projected row."""
+    out: dict[tuple[str, str, str], int] = {}
+    for kind, (table, id_col) in _PROJECTED.items():
+        for scope, ident, sid in conn.execute(
+            f"SELECT scope, {id_col}, sid FROM {table} WHERE sid > 0"
+        ):
+            out[(kind, scope, ident)] = int(sid)
+    return out
+
+
+def _reserved_records(
+    conn: sqlite3.Connection,
+) -> tuple[dict[tuple[str, str, str], tuple[str, int]], set[tuple[str, str]]]:
+    """``{(kind, scope, id): (mission_id, sid)}`` of live ``_dm/`` records at the plaintext
+    levels, and the ``(scope, mission_id)`` of deleted missions."""
+    upper = RESERVED_PREFIX[:-1] + chr(ord(RESERVED_PREFIX[-1]) + 1)
+    live: dict[tuple[str, str, str], tuple[str, int]] = {}
+    deleted: set[tuple[str, str]] = set()
+    for scope, key, sid, is_tomb in conn.execute(
+        "SELECT scope, key, sid, envelope IS NULL FROM memory "
+        "WHERE key >= ? AND key < ? AND level IN (3, 4)",
+        (RESERVED_PREFIX, upper),
+    ):
+        parsed = parse_key(key)
+        if parsed is None:
+            continue
+        kind, mission_id, record_id = parsed
+        if not is_tomb:
+            live[(kind, scope, record_id or mission_id)] = (mission_id, int(sid))
+        elif kind == "mission":
+            deleted.add((scope, mission_id))
+    return live, deleted
+
+
+def check_projections(conn: sqlite3.Connection) -> Check:
+    """Every ``_dm/`` record at a plaintext level has its projected row with the same
+    stream id, and every projected row has its record (see ``dualmem.projection``)."""
+    c = Check("mission projection")
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+    if "missions" not in tables:
+        c.status, c.summary = "skip", "no mission tables (schema before 2)"
+        return c
+    projected = _projected_rows(conn)
+    live, deleted = _reserved_records(conn)
+    for (kind, scope, name), (mission_id, sid) in live.items():
+        if kind != "mission" and (scope, mission_id) in deleted:
+            continue  # a late record of a deleted mission is, by design, not projected
+        got = projected.get((kind, scope, name))
+        if got is None:
+            c.problem(f"{scope} {kind} {name}: record has no projected row")
+        elif got != sid:
+            c.problem(f"{scope} {kind} {name}: projected from another version of the record")
+    for kind, scope, name in sorted(projected.keys() - live.keys()):
+        c.problem(f"{scope} {kind} {name}: projected row without its record")
+    c.summary = f"{len(projected)} rows ok" if c.ok else f"{c.problem_count} mismatch(es)"
+    if not c.ok:
+        c.fix = (
+            "a worker older than schema 2 wrote records (stop old workers); the records in "
+            "`memory` are authoritative"
+        )
+    return c
+
+
+def verify_database(conn: sqlite3.Connection, progress: ProgressFn = NO_PROGRESS) -> list[Check]:
+    """Every check that needs only the database file."""
+    checks = [check_integrity(conn), check_foreign_keys(conn), check_schema(conn)]
+    if schema_version(conn) > SCHEMA_VERSION:
+        # Tables of a newer schema may have other columns: judging them would mislead.
+        return checks
+    checks.append(check_chain(conn, "journal", progress))
+    checks.append(check_chain(conn, "audit_log", progress))
+    checks.append(check_projections(conn))
+    return checks
+
+
+def split_cache_key(layout: Layout, name: bytes) -> list[tuple[int, str, str]]:
+    """Every ``(shard, scope, key)`` a cache key name can stand for.
+
+    A scope may itself contain ``:`` (``agent:<id>`` with a ``:`` in the id), so a name can
+    be ambiguous; the caller looks each candidate up.
+
+    >>> split_cache_key(Layout("ns"), b"dm:{ns:0}:c:agent:a:b:k")
+    [(0, 'agent:a', 'b:k'), (0, 'agent:a:b', 'k')]
+    """
+    text = name.decode("utf-8", "replace")
+    head, sep, rest = text.partition("}:c:")
+    if not sep:
+        return []
+    shard = int(head.rsplit(":", 1)[1])
+    out: list[tuple[int, str, str]] = []
+    if rest.startswith("system:") and len(rest) > 7:
+        out.append((shard, "system", rest[7:]))
+    kind, colon, tail = rest.partition(":")
+    if kind in ("agent", "team", "swarm", "project") and colon:
+        for i, ch in enumerate(tail):
+            if ch == ":" and 0 < i < len(tail) - 1:
+                out.append((shard, f"{kind}:{tail[:i]}", tail[i + 1 :]))
+    return [(s, sc, k) for s, sc, k in out if layout.cache_key(s, sc, k) == name]
+
+
+def _in_flight(client: redis.Redis, streams: Sequence[bytes]) -> set[tuple[str, str]]:
+    """``(scope, key)`` of every command a worker may not have committed yet: from the
+    oldest entry some group has not acknowledged (``safe_trim_id``) to the end."""
+    out: set[tuple[str, str]] = set()
+    for stream in streams:
+        start = safe_trim_id(client, stream) or "-"
+        while True:
+            page = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                client.xrange(stream, min=start, max="+", count=_CHUNK) or [],
+            )
+            for _sid, fields in page:
+                try:
+                    cmd = decode_command(fields)
+                except MalformedCommand:
+                    continue
+                out.add((cmd.scope, cmd.key))
+            if len(page) < _CHUNK:
+                break
+            start = next_stream_id(page[-1][0].decode())
+    return out
+
+
+def check_redis_parity(
+    conn: sqlite3.Connection,
+    client: redis.Redis,
+    layout: Layout,
+    now_ms: int,
+    progress: ProgressFn = NO_PROGRESS,
+) -> Check:
+    """Every live cache entry in Redis has its SQLite row holding the same envelope.
+
+    Records with a command still in a stream are in flight (the worker has not committed
+    them yet) and are counted, not judged; so are entries whose row has just expired (the
+    cache and the row expire a few milliseconds apart).
+    """
+    c = Check("redis <-> sqlite parity")
+    streams = layout.streams()
+    with translate_errors("verify parity"):
+        inflight = _in_flight(client, streams)
+        checked = skipped = 0
+        for shard in range(layout.shards):
+            for name in client.scan_iter(match=layout.cache_pattern(shard), count=1000):
+                candidates = split_cache_key(layout, bytes(name))
+                if not candidates:
+                    c.problem(f"{name!r}: not a cache key of this namespace")
+                    continue
+                if any((sc, k) in inflight for _, sc, k in candidates):
+                    skipped += 1
+                    continue
+                cached = client.get(name)
+                if cached is None:
+                    continue  # expired between SCAN and GET
+                checked += 1
+                _judge(conn, c, candidates, bytes(cached), now_ms)  # type: ignore[arg-type]
+                if checked % 1000 == 0:
+                    progress("redis parity", checked, None)
+    progress("redis parity", checked, checked)
+    c.summary = f"{checked} cache entries match, {skipped} in flight"
+    if not c.ok:
+        c.summary = f"{c.problem_count} of {checked} cache entries differ; {skipped} in flight"
+        c.fix = (
+            "a write bypassed the stream or a row was edited: `dualmem dlq list`, then "
+            "rewrite the record through the API (the stream re-syncs both sides)"
+        )
+    return c
+
+
+def _judge(
+    conn: sqlite3.Connection,
+    c: Check,
+    candidates: Iterable[tuple[int, str, str]],
+    cached: bytes,
+    now_ms: int,
+) -> None:
+    for _, scope, key in candidates:
+        try:
+            level_of_scope(scope)
+        except ValueError:
+            continue
+        row = conn.execute(
+            "SELECT envelope, expires_at FROM memory WHERE scope = ? AND key = ?", (scope, key)
+        ).fetchone()
+        if row is None:
+            continue
+        envelope, expires_at = row
+        if envelope is None:
+            c.problem(f"{scope}/{key}: deleted in SQLite but still cached in Redis")
+        elif expires_at is not None and expires_at <= now_ms:
+            pass  # expiring: the cache entry follows within its own ttl
+        elif bytes(envelope) != cached:
+            c.problem(f"{scope}/{key}: the cached envelope differs from the SQLite row")
+        return
+    scope, key = next(iter(candidates))[1:]
+    c.problem(f"{scope}/{key}: cached in Redis but no row in SQLite")
