@@ -333,25 +333,29 @@ class PendingMonitor:
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
-            with self._lock:
-                waiting = [c for c in self.deaths if c not in self.recovered]
-            if not waiting:
-                continue
-            try:
-                infos = self.client.xinfo_consumers(self.stream, self.group)
-            except redis.RedisError:
-                continue
-            pending = {i["name"].decode(): int(i["pending"]) for i in infos}
-            now = time.monotonic()
-            with self._lock:
-                for c in waiting:
-                    if pending.get(c, 0) == 0:
-                        self.recovered[c] = now - self.deaths[c]
+            self._poll()
+
+    def _poll(self) -> None:
+        with self._lock:
+            waiting = [c for c in self.deaths if c not in self.recovered]
+        if not waiting:
+            return
+        try:
+            infos = self.client.xinfo_consumers(self.stream, self.group)
+        except redis.RedisError:
+            return
+        pending = {i["name"].decode(): int(i["pending"]) for i in infos}
+        now = time.monotonic()
+        with self._lock:
+            for c in waiting:
+                if pending.get(c, 0) == 0:
+                    self.recovered[c] = now - self.deaths[c]
 
     def stop(self) -> list[float]:
-        """Stop polling; the recovery times measured (seconds)."""
+        """Stop polling (after a last look); the recovery times measured (seconds)."""
         self._stop.set()
         self._thread.join(5)
+        self._poll()
         return sorted(self.recovered.values())
 
 

@@ -37,6 +37,7 @@ from bench.faultkit import (
     TrackedWriter,
     WorkerProc,
     check_persisted,
+    integrity,
     spawn_role,
     wait_drained,
     wait_for,
@@ -194,25 +195,47 @@ def _count(db: Path, sql: str, params: tuple[Any, ...] = ()) -> int:
 
 
 def redis_restart(env: FaultEnv, *, puts: int, seconds: float = 6.0) -> Figures:
-    """SHUTDOWN and, separately, SIGKILL redis-server (AOF everysec) during writes."""
+    """SHUTDOWN and, separately, SIGKILL redis-server (AOF everysec) during writes.
+
+    The worker is frozen (SIGSTOP) for a while before each restart, so Redis holds a
+    backlog of acknowledged puts that exist nowhere else when it goes down: those are
+    what the restart must not lose.
+    """
     fig = Figures("3. redis-server SHUTDOWN and SIGKILL", f"{puts:,} puts over {seconds:.0f} s")
     t0 = time.monotonic()
     mem = env.memory()
     w = WorkerProc(env, "w0").start()
+    pause = min(1.5, seconds / 6)
+    at_stake: list[int] = []
+
+    def freeze_worker() -> None:
+        assert w.proc is not None
+        w.proc.send_signal(signal.SIGSTOP)
+        time.sleep(pause)
+        at_stake.append(sum(mem.backlog().values()))
+
+    def thaw_worker() -> None:
+        assert w.proc is not None
+        w.proc.send_signal(signal.SIGCONT)
+
     with workers_stopped([w]):
         writer = TrackedWriter(mem, keys=200).start(puts, rate=puts / seconds)
         time.sleep(seconds / 4)
+        freeze_worker()
         t_shutdown = time.monotonic()
         env.server.stop()
         time.sleep(0.3)
         env.server.start()
         t_up1 = time.monotonic()
+        thaw_worker()
         time.sleep(seconds / 4)
+        freeze_worker()
         t_kill = time.monotonic()
         env.server.kill()
         time.sleep(0.3)
         env.server.start()
         t_up2 = time.monotonic()
+        thaw_worker()
         writer.join()
         drain = wait_drained(mem, 120)
         counters = w.stop()
@@ -238,6 +261,7 @@ def redis_restart(env: FaultEnv, *, puts: int, seconds: float = 6.0) -> Figures:
     r1, r2 = first_ack_after(t_up1), first_ack_after(t_up2)
     fig.recover_s = max(x for x in (r1, r2) if x is not None) if (r1 or r2) else None
     fig.extra = {
+        "uncommitted_acked_puts_at_shutdown_and_sigkill": at_stake,
         "lost_after_sigkill": len(check.lost),
         "loss_window_s": round(window, 3),
         "refused_while_down": dict(writer.errors),
@@ -379,6 +403,236 @@ def redis_unreachable(env: FaultEnv, *, probes: int = 20) -> Figures:
     return fig
 
 
+# -- 6. backlog bound ------------------------------------------------------------------------
+
+
+def _used_memory(client: Any) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def backpressure(env: FaultEnv, *, bound: int, hammer_s: float, puts: int) -> Figures:
+    """Past ``max_backlog`` puts raise Backpressure and Redis memory stops growing; a stuck
+    consumer's pending entries survive every trim until they are claimed and committed."""
+    fig = Figures("6. backlog bound, trimming", f"max_backlog={bound:,}, {puts:,} more puts")
+    t0 = time.monotonic()
+    mem = env.memory(max_backlog=bound)
+    client = env.server.client()
+    stream = mem.layout.stream(0)
+    writer = TrackedWriter(mem, keys=200)
+    # (a) no worker: fill up to the bound, then keep pushing.
+    i = 0
+    while writer.put_one(i) is not None:
+        i += 1
+        if i > bound * 2:
+            fig.problems.append(f"{i} puts accepted with max_backlog={bound}")
+            break
+    xlen_at_bound = int(client.xlen(stream))
+    mem_at_bound = _used_memory(client)
+    refused = 0
+    peak_mem = mem_at_bound
+    deadline = time.monotonic() + hammer_s
+    while time.monotonic() < deadline:
+        if writer.put_one(i) is not None:
+            fig.problems.append("a put was accepted past the bound")
+            i += 1
+        else:
+            refused += 1
+        if refused % 200 == 0:
+            peak_mem = max(peak_mem, _used_memory(client))
+    xlen_after = int(client.xlen(stream))
+    fig.require(xlen_at_bound == bound, f"XLEN {xlen_at_bound} at the bound {bound}")
+    fig.require(xlen_after == xlen_at_bound, f"XLEN grew to {xlen_after} while refusing")
+    growth = peak_mem - mem_at_bound
+    fig.require(growth < 256 * 1024, f"used_memory grew {growth} bytes while refusing")
+    # (b) a consumer takes the oldest entries and hangs; workers trim around it.
+    held = [
+        sid.decode()
+        for sid, _ in client.xreadgroup("persist", "stuck", {stream: ">"}, count=20)[0][1]
+    ]
+    w = WorkerProc(env, "w0", claim_idle_ms=3000).start()
+    checks = 0
+    missing: set[str] = set()
+    max_xlen = xlen_after
+    with workers_stopped([w]):
+        writer.start(puts)
+        while True:
+            pending = client.xpending_range(stream, "persist", "-", "+", 100, "stuck")
+            if not pending:
+                break
+            for sid in held:
+                if not client.xrange(stream, sid, sid):
+                    missing.add(sid)
+            checks += 1
+            max_xlen = max(max_xlen, int(client.xlen(stream)))
+            if time.monotonic() - t0 > 120:
+                fig.problems.append("the stuck consumer's entries were never claimed")
+                break
+            time.sleep(0.05)
+        writer.join()
+        drain = wait_drained(mem, 120)
+        counters = w.stop()
+    check = check_persisted(env.db, writer.acks, mem)
+    mem.close()
+    fig.require(not missing, f"{len(missing)} pending entries trimmed away: {sorted(missing)}")
+    fig.require(max_xlen <= bound + 1, f"stream reached {max_xlen} entries (bound {bound})")
+    fig.sent = writer.sent
+    _record_check(fig, check)
+    fig.recover_s = drain
+    fig.extra = {
+        "refused_at_bound": refused,
+        "xlen_at_bound": xlen_at_bound,
+        "used_memory_growth_while_refusing_bytes": growth,
+        "backpressure_total": writer.errors.get("Backpressure", 0),
+        "held_entries": len(held),
+        "held_entries_checked_present": checks,
+        "max_xlen": max_xlen,
+        "worker": counters,
+    }
+    fig.notes.append(
+        "a stuck consumer's pending entries block trimming, so the stream fills to the bound "
+        "and writers get Backpressure until the entries are claimed (claim_idle_ms=3000)"
+    )
+    fig.seconds = time.monotonic() - t0
+    return fig
+
+
+# -- 7. killed inside a SQLite write transaction --------------------------------------------
+
+
+def kill_in_transaction(env: FaultEnv, *, rounds: int, batch: int = 400) -> Figures:
+    """SIGKILL a worker while its batch transaction is open (uncommitted pages already in
+    the WAL): the file stays consistent and no part of the batch is ever visible."""
+    fig = Figures("7. SIGKILL inside a SQLite transaction", f"{rounds} kills, batches of {batch}")
+    t0 = time.monotonic()
+    mem = env.memory()
+    writer = TrackedWriter(mem, keys=10**9)
+    wal = Path(str(env.db) + "-wal")
+    visible_partial = 0
+    wal_sizes: list[int] = []
+    for r in range(rounds):
+        first = len(writer.acks)
+        writer.run(batch)
+        ids = [(a.shard, a.stream_id) for a in writer.acks[first:]]
+        marker = writer.acks[first + (2 * batch) // 3].key
+        log = env.workdir / f"stall-{r}.log"
+        child = spawn_role(
+            "stall-in-txn",
+            *("--redis-url", env.server.url, "--db", str(env.db), "--consumer", f"stall{r}"),
+            *("--batch-size", str(batch), "--marker", marker),
+            log=log,
+        )
+        try:
+            wait_for(lambda log=log: "IN-TRANSACTION" in log.read_text(), 60, "the stall")  # type: ignore[misc]
+            # While the transaction is open, another connection sees none of it.
+            visible_partial += _visible(env.db, ids)
+            wal_sizes.append(wal.stat().st_size if wal.exists() else 0)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+        fig.require(integrity(env.db) == "ok", f"round {r}: integrity_check failed")
+        visible_partial += _visible(env.db, ids)
+    w = WorkerProc(env, "rescuer").start()
+    with workers_stopped([w]):
+        recover = wait_drained(mem, 120)
+        counters = w.stop()
+    check = check_persisted(env.db, writer.acks, mem)
+    mem.close()
+    fig.require(visible_partial == 0, f"{visible_partial} rows of killed batches were visible")
+    fig.sent = writer.sent
+    _record_check(fig, check)
+    fig.recover_s = recover
+    fig.extra = {
+        "rows_of_killed_batches_visible": visible_partial,
+        "wal_bytes_at_kill": wal_sizes,
+        "integrity_check": check.integrity,
+        "rescuer": counters,
+    }
+    fig.notes.append(
+        "the stalled worker's connection keeps an 8-page cache, so its uncommitted pages "
+        "spill into the WAL before the kill; recovery must ignore those frames"
+    )
+    fig.seconds = time.monotonic() - t0
+    return fig
+
+
+def _visible(db: Path, ids: list[tuple[int, str]]) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        n = 0
+        for shard, sid in ids:
+            n += conn.execute(
+                "SELECT COUNT(*) FROM journal WHERE shard = ? AND stream_id = ?", (shard, sid)
+            ).fetchone()[0]
+            n += conn.execute("SELECT COUNT(*) FROM memory WHERE stream_id = ?", (sid,)).fetchone()[
+                0
+            ]
+        return n
+    finally:
+        conn.close()
+
+
+# -- 8. two workers and readers --------------------------------------------------------------
+
+
+def workers_and_readers(
+    env: FaultEnv, *, seconds: float, rate: int = 1500, readers: int = 2
+) -> Figures:
+    """Two workers in one consumer group and reader processes, for ``seconds``."""
+    fig = Figures(
+        "8. two workers + readers", f"{seconds:.0f} s, {rate:,} puts/s, {readers} reader processes"
+    )
+    t0 = time.monotonic()
+    mem = env.memory()
+    keys = 1000
+    workers = [WorkerProc(env, name, batch_size=200).start() for name in ("a", "b")]
+    logs = [env.workdir / f"reader-{n}.log" for n in range(readers)]
+    procs = [
+        spawn_role(
+            "reader",
+            *("--redis-url", env.server.url, "--db", str(env.db), "--keyring", str(env.keyfile)),
+            *("--keys", str(keys), "--seconds", str(seconds)),
+            log=log,
+        )
+        for log in logs
+    ]
+    with workers_stopped(workers):
+        writer = TrackedWriter(mem, keys=keys).start(int(rate * seconds), rate=rate)
+        writer.join()
+        for p in procs:
+            p.wait(seconds + 60)
+        drain = wait_drained(mem, 120)
+        counters = [w.stop() for w in workers]
+    check = check_persisted(env.db, writer.acks, mem)
+    mem.close()
+    results = []
+    for log in logs:
+        lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
+        results.append(json.loads(lines[-1]) if lines else {"missing": True})
+    fig.require(all("missing" not in r for r in results), f"a reader did not report: {results}")
+    errors = sum(sum(r.get("errors", {}).values()) for r in results)
+    regressions = sum(r.get("regressions", 0) for r in results)
+    locked = sum(w.text().count("locked") for w in workers)
+    fig.require(errors == 0, f"readers saw errors: {[r.get('errors') for r in results]}")
+    fig.require(regressions == 0, f"{regressions} reads went back to an older value")
+    fig.require(locked == 0, f"'database is locked' {locked} times in the worker logs")
+    applied = [c.get("applied", 0) for c in counters]
+    fig.require(all(a > 0 for a in applied), f"a worker applied nothing: {applied}")
+    fig.sent = writer.sent
+    _record_check(fig, check)
+    fig.recover_s = drain
+    fig.extra = {
+        "reads": sum(r.get("reads", 0) for r in results),
+        "queries": sum(r.get("queries", 0) for r in results),
+        "reader_errors": errors,
+        "regressions": regressions,
+        "locked_in_worker_logs": locked,
+        "applied_per_worker": applied,
+        "duplicates_recognised": sum(c.get("duplicates", 0) for c in counters),
+    }
+    fig.seconds = time.monotonic() - t0
+    return fig
+
+
 # -- registry and report -------------------------------------------------------------------
 
 
@@ -392,6 +646,10 @@ class Size:
     restart_puts: int
     restart_seconds: float
     unreachable_probes: int
+    backlog_bound: int
+    backlog_puts: int
+    txn_kills: int
+    concurrent_seconds: float
 
 
 QUICK = Size(
@@ -401,6 +659,10 @@ QUICK = Size(
     restart_puts=2_000,
     restart_seconds=3.0,
     unreachable_probes=4,
+    backlog_bound=500,
+    backlog_puts=2_000,
+    txn_kills=2,
+    concurrent_seconds=4.0,
 )
 FULL = Size(
     sigkill_puts=20_000,
@@ -409,6 +671,10 @@ FULL = Size(
     restart_puts=20_000,
     restart_seconds=10.0,
     unreachable_probes=20,
+    backlog_bound=5_000,
+    backlog_puts=20_000,
+    txn_kills=10,
+    concurrent_seconds=60.0,
 )
 
 Scenario = Callable[[FaultEnv, Size], Figures]
@@ -422,6 +688,11 @@ FAULTS: dict[str, Scenario] = {
         env, puts=s.restart_puts, seconds=s.restart_seconds
     ),
     "redis_unreachable": lambda env, s: redis_unreachable(env, probes=s.unreachable_probes),
+    "backpressure": lambda env, s: backpressure(
+        env, bound=s.backlog_bound, hammer_s=1.0, puts=s.backlog_puts
+    ),
+    "kill_in_transaction": lambda env, s: kill_in_transaction(env, rounds=s.txn_kills),
+    "workers_and_readers": lambda env, s: workers_and_readers(env, seconds=s.concurrent_seconds),
 }
 
 

@@ -8,11 +8,14 @@ that did not hold is listed in ``problems`` and fails the test.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 from bench import faults
 from bench.faultkit import FaultEnv, Figures
+from dualmem.worker import next_stream_id, safe_trim_id
 
 from .conftest import RedisServer
 
@@ -61,6 +64,8 @@ def test_3_redis_restarts_lose_no_acknowledged_put(env: FaultEnv) -> None:
     assert fig.extra["loss_window_s"] <= 1.0
     assert fig.acked == Q.restart_puts
     assert sum(fig.extra["refused_while_down"].values()) > 0  # the outages were real
+    # Acknowledged puts that existed only in Redis when it went down (the worker frozen).
+    assert all(n > 0 for n in fig.extra["uncommitted_acked_puts_at_shutdown_and_sigkill"])
 
 
 def test_4_redis_unreachable_fails_fast_reads_work_writes_resume(env: FaultEnv) -> None:
@@ -70,3 +75,53 @@ def test_4_redis_unreachable_fails_fast_reads_work_writes_resume(env: FaultEnv) 
     assert fig.extra["reads_ok_during_outages"] == 2 * Q.unreachable_probes
     # Down, frozen and back empty: each time a put went through and was persisted.
     assert set(fig.extra["persisted_after_outage_s"]) == {"down", "frozen", "empty"}
+
+
+def test_6_backlog_bound_refuses_keeps_memory_flat_and_never_trims_pending(
+    env: FaultEnv,
+) -> None:
+    fig = faults.backpressure(env, bound=Q.backlog_bound, hammer_s=0.5, puts=Q.backlog_puts)
+    assert_nothing_lost(fig, Q.backlog_bound + Q.backlog_puts)
+    assert fig.extra["xlen_at_bound"] == Q.backlog_bound
+    assert fig.extra["refused_at_bound"] > 0
+    assert fig.extra["used_memory_growth_while_refusing_bytes"] < 256 * 1024
+    assert fig.extra["max_xlen"] <= Q.backlog_bound + 1
+    # The stuck consumer's entries were looked for after several trims, and were there.
+    assert fig.extra["held_entries_checked_present"] >= 10
+    assert fig.extra["worker"]["claimed"] >= fig.extra["held_entries"]
+
+
+def test_7_kill_inside_a_sqlite_transaction_leaves_no_partial_batch(env: FaultEnv) -> None:
+    fig = faults.kill_in_transaction(env, rounds=Q.txn_kills)
+    assert_nothing_lost(fig)
+    assert fig.extra["rows_of_killed_batches_visible"] == 0
+    assert fig.extra["integrity_check"] == "ok"
+
+
+def test_8_two_workers_and_readers_no_lock_errors_no_loss(env: FaultEnv) -> None:
+    fig = faults.workers_and_readers(env, seconds=Q.concurrent_seconds)
+    assert_nothing_lost(fig)
+    assert fig.extra["reader_errors"] == 0 and fig.extra["locked_in_worker_logs"] == 0
+    assert fig.extra["reads"] > 0 and fig.extra["regressions"] == 0
+    assert all(n > 0 for n in fig.extra["applied_per_worker"])
+
+
+def test_trim_survives_the_other_worker_acking_between_xinfo_and_xpending(
+    redis_server: RedisServer,
+) -> None:
+    # Found by scenario 8: XINFO said "pending", the other worker acked everything before
+    # XPENDING, whose min was then None, and the trimming worker process died on it.
+    redis_server.client().flushall()
+    stream = b"dm:{race:0}:cmd"
+    plain = redis_server.client()
+    plain.xgroup_create(stream, "persist", id="0", mkstream=True)
+    ids = [plain.xadd(stream, {b"n": str(i).encode()}) for i in range(3)]
+    plain.xreadgroup("persist", "other", {stream: ">"}, count=10)
+
+    class OtherWorkerAcksFirst(redis.Redis):
+        def xpending(self, name: Any, groupname: Any) -> Any:
+            plain.xack(stream, "persist", *ids)
+            return super().xpending(name, groupname)
+
+    racing = OtherWorkerAcksFirst(host="127.0.0.1", port=redis_server.port)
+    assert safe_trim_id(racing, stream) == next_stream_id(ids[-1].decode())
