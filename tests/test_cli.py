@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import stat
@@ -146,25 +147,79 @@ def test_stats_without_a_database(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "no database" in capsys.readouterr().err
 
 
-def test_demo_runs_and_survives_a_restart(tmp_path: Path) -> None:
+def run_demo(cwd: Path, *args: str) -> str:
+    """``dualmem demo`` in ``cwd`` with no DUALMEM_* settings; its output, whitespace-folded
+    (rich wraps long lines)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUALMEM_")}
-    runs = [
-        subprocess.run(
-            [sys.executable, "-m", "dualmem", "demo"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        for _ in range(2)
-    ]
-    for r in runs:
-        assert r.returncode == 0, r.stderr
-        assert "p95" in r.stdout and "redis_write" in r.stdout
-    assert "found 1 earlier run" in runs[1].stdout
-    assert (tmp_path / "dualmem.db").exists() and (tmp_path / "dualmem.db.keys").exists()
+    r = subprocess.run(
+        [sys.executable, "-m", "dualmem", "demo", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return " ".join(r.stdout.split())
+
+
+def check_demo_runs(first: str, second: str) -> None:
+    """What one complete CFN loop must show, and what a second run must find."""
+    for out in (first, second):
+        for seen in (
+            "Spawn three agents",
+            "gate (every confidence >= 0.75): not passed",
+            "gate (every confidence >= 0.75): passed",
+            "coder-2 reads coder-1's entry → AccessDenied",
+            "Loop 2 consensus auth",
+            "validator-1 lists decisions → AccessDenied",
+            "acked coder-1, coder-2; missing coder-3 after 2 re-sends",
+            "ACK for coder-3 rejected: MAC does not verify",
+            "the second ACK was a no-op",
+            "coder-3: no heartbeat for",
+            "marked dead",
+            "1,500 encrypted Loop 3 writes",
+        ):
+            assert seen in out, seen
+        # The Subscriber feed printed changes live, and the latency table has every path.
+        assert re.search(r"live #\d+ put Loop 2 consensus auth #\d+ swarm by validator-1", out)
+        for path in ("redis_write", "encode", "persist", "lag", "read", "feed"):
+            cell = r" [│|] (\S+)"  # rich draws ASCII bars when the output is not UTF-8
+            row = re.search(rf"[│|] {path} [│|][^│|]*[│|] ([\d,]+){cell * 4} [│|]", out)
+            assert row is not None, path
+            count, *quantiles = row.groups()
+            p50, p95, p99, top = map(float, quantiles)
+            assert int(count.replace(",", "")) > 0 and p50 <= p95 <= p99 <= top, row.group(0)
+        assert "p50" in out and "p95" in out and "p99" in out
+    assert "First run" in first and "Found the state" not in first
+    # The second run reads the first run's state back from SQLite ...
+    assert "Found the state of 1 earlier run" in second
+    assert "decision auth #2: PROCEED by product-owner" in second
+    assert "agents: coder-1 terminated, coder-2 terminated, coder-3 dead" in second
+    # ... and its Subscriber resumes exactly where the first one saved its position,
+    # catching up on the terminations written after it stopped.
+    saved = re.search(r"saved its position at seq (\d+)", first)
+    assert saved is not None
+    assert f"'demo-observer', after seq {saved.group(1)}" in second
+    assert re.search(r"caught up #\d+ put coder-1 event: terminate", second)
+    assert "decision auth #4" in second  # the loop went on with the next iterations
+
+
+def test_demo_runs_and_survives_a_restart(tmp_path: Path) -> None:
+    check_demo_runs(run_demo(tmp_path), run_demo(tmp_path))
+    for name in ("dualmem.db", "dualmem.db.keys", "dualmem.db.signal-secret"):
+        assert (tmp_path / name).exists(), name
+
+
+def test_demo_against_a_real_redis(redis_server: RedisServer, tmp_path: Path) -> None:
+    redis_server.client().flushall()
+    first = run_demo(tmp_path, "--redis-url", redis_server.url)
+    assert "(real Redis)" in first and "key file dualmem.db.keys (created" in first
+    check_demo_runs(first, run_demo(tmp_path, "--redis-url", redis_server.url))
+    # Its own namespace: nothing of the demo under the default one.
+    keys = redis_server.client().keys("*")
+    assert keys and all(k.startswith(b"dm:{dualmem-demo:") for k in keys)
 
 
 def test_python_m_dualmem_help() -> None:

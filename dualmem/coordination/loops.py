@@ -182,8 +182,19 @@ class LoopMemory:
         base = f"cfn/{self.project}/{self.swarm}/loop{loop}/"
         return base if phase is None else f"{base}{phase}/"
 
-    def _key(self, loop: int, phase: str, iteration: int) -> str:
-        return f"{self._prefix(loop, phase)}{iteration:06d}"
+    def key(self, loop: int, phase: str, iteration: int) -> str:
+        """The record key of a Loop ``loop`` (2, 3 or 4) entry.
+
+        >>> import tempfile, os
+        >>> from dualmem import DualMemory
+        >>> db = os.path.join(tempfile.mkdtemp(), "k.db")
+        >>> with DualMemory(redis_url="memory://doctest-loop-key", db_path=db) as mem:
+        ...     LoopMemory(mem, swarm="auth", project="shop").key(3, "impl", 7)
+        'cfn/shop/auth/loop3/impl/000007'
+        """
+        if loop not in (2, 3, 4):
+            raise ValidationError(f"loop must be 2, 3 or 4, got {loop!r}")
+        return f"{self._prefix(loop, check_ident('phase', phase))}{check_iteration(iteration):06d}"
 
     # -- gates ---------------------------------------------------------------------------
 
@@ -236,7 +247,7 @@ class LoopMemory:
             "metadata": check_json_object("metadata", metadata),
             "recorded_at": self._now_us(),
         }
-        key = self._key(3, phase, iteration)
+        key = self.key(3, phase, iteration)
         return self._receipts.add(
             self.mem.put(key, value, level=Level.PRIVATE, principal=principal, ttl=ttl)
         )
@@ -256,7 +267,7 @@ class LoopMemory:
         raises ``AccessDenied`` (and is audited): Loop 3 entries are private.
         ``fresh=True`` answers from the Redis cache (read-your-writes before the commit).
         """
-        key = self._key(3, check_ident("phase", phase), check_iteration(iteration))
+        key = self.key(3, check_ident("phase", phase), check_iteration(iteration))
         scope = None if agent_id is None else f"agent:{agent_id}"
         value = self.mem.get(
             key, level=Level.PRIVATE, principal=principal, scope=scope, fresh=fresh
@@ -306,7 +317,7 @@ class LoopMemory:
             "recorded_by": principal.agent_id if isinstance(principal, Principal) else None,
             "recorded_at": self._now_us(),
         }
-        key = self._key(2, phase, iteration)
+        key = self.key(2, phase, iteration)
         return self._receipts.add(
             self.mem.put(key, value, level=Level.SWARM, principal=principal, scope=self.swarm_scope)
         )
@@ -317,7 +328,7 @@ class LoopMemory:
         """The consensus of ``iteration``, or of the highest iteration when ``None``."""
         check_ident("phase", phase)
         if iteration is not None:
-            key = self._key(2, phase, check_iteration(iteration))
+            key = self.key(2, phase, check_iteration(iteration))
             value = self.mem.get(
                 key, level=Level.SWARM, principal=principal, scope=self.swarm_scope
             )
@@ -378,7 +389,7 @@ class LoopMemory:
             "decided_by": principal.agent_id if isinstance(principal, Principal) else None,
             "decided_at": self._now_us(),
         }
-        key = self._key(4, phase, iteration)
+        key = self.key(4, phase, iteration)
         return self._receipts.add(self.mem.put(key, value, level=Level.SYSTEM, principal=principal))
 
     def list_loop4_decisions(
