@@ -162,11 +162,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
             continue
         console.print(f"[red]{c.name}[/]: {c.problem_count} problem(s)")
         for p in c.problems:
-            console.print(f"  - {p}", markup=False)
+            console.print(f"  - {p}", markup=False, soft_wrap=True)
         if c.problem_count > len(c.problems):
             console.print(f"  ... and {c.problem_count - len(c.problems)} more")
         if c.fix:
-            console.print(f"  fix: {c.fix}", markup=False)
+            console.print(f"  fix: {c.fix}", markup=False, soft_wrap=True)
     console.print("[green]all checks passed[/]" if ok else "[red]verify found problems[/]")
     return 0 if ok else _EXIT_FOUND
 
@@ -189,13 +189,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             progress=progress,
         )
     if not plan.steps:
-        console.print(f"{plan.path} is at schema {plan.current}: nothing to do")
+        console.print(f"{plan.path} is at schema {plan.current}: nothing to do", soft_wrap=True)
         return 0
-    table = _table(
+    console.print(
         f"{'would migrate' if args.dry_run else 'migrated'} {plan.path}: "
         f"schema {plan.current} -> {plan.target}",
-        ("version", "migration", "state"),
+        markup=False,
+        soft_wrap=True,
     )
+    table = _table("migrations", ("version", "migration", "state"))
     for version, description in plan.steps:
         state = "applied" if version in plan.applied else "planned"
         table.add_row(str(version), description, state)
@@ -205,6 +207,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         console.print(
             f"backup: {b.dest} ({b.bytes / 1e6:.2f} MB, schema {b.schema_version}, verified)",
             markup=False,
+            soft_wrap=True,
         )
     if args.dry_run:
         console.print("dry run: nothing was changed")
@@ -279,9 +282,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         + (f", {result.denied} not readable by {principal.agent_id}" if principal else "")
         + ")",
         markup=False,
+        soft_wrap=True,
     )
     for e in result.errors:
-        console.print(f"  left out {e}", markup=False)
+        console.print(f"  left out {e}", markup=False, soft_wrap=True)
     return _EXIT_FOUND if result.errors else 0
 
 
@@ -329,7 +333,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             plan = plan_import(_read_lines(path), empty, codec, now_ms=now_ms, progress=progress)
             empty.close()
     for lineno, error in plan.errors:
-        console.print(f"{path}:{lineno}: {error}", markup=False, style="red")
+        console.print(f"{path}:{lineno}: {error}", markup=False, style="red", soft_wrap=True)
     table = _table(f"import {path}", ("new", "changed", "unchanged", "expired", "bad lines"))
     table.add_row(
         str(len(plan.new)),
@@ -370,7 +374,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         console.print(
             f"imported {done.committed} record(s)"
             + (f"; {done.pending} still pending, a worker will commit them" if done.pending else "")
-            + (f"; {done.dead} dead-lettered (dualmem dlq list)" if done.dead else "")
+            + (f"; {done.dead} dead-lettered (dualmem dlq list)" if done.dead else ""),
+            soft_wrap=True,
         )
         if done.pending or done.dead:
             return _EXIT_FOUND
@@ -411,12 +416,13 @@ def _print_cycle(console: Any, report: Any, directory: str, *, quiet: bool = Fal
     if quiet and not busy:
         return
     for line in report.events:
-        console.print(f"  {line}", markup=False)
+        console.print(f"  {line}", markup=False, soft_wrap=True)
     console.print(
         f"mirror {directory}: seq {report.seq}, {report.written} written, {report.removed} "
         f"removed, {report.imported} imported, {report.conflicts} conflicts, "
         f"{report.rejected} rejected, {report.restored} restored",
         markup=False,
+        soft_wrap=True,
     )
 
 
@@ -465,6 +471,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         f"{r.bytes_after / 1e6:.2f} MB; auto_vacuum {r.auto_vacuum}"
         + (" (converted by VACUUM)" if r.vacuumed else ""),
         markup=False,
+        soft_wrap=True,
     )
     if r.auto_vacuum != "INCREMENTAL":
         console.print(
@@ -472,6 +479,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
             f"are reused but not given back; run `dualmem purge --db {settings.db_path} "
             "--vacuum` once (a full VACUUM: it blocks writers while it runs)",
             markup=False,
+            soft_wrap=True,
         )
     return 0
 
@@ -530,7 +538,8 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         done = rt.wait(result.receipts, args.wait)
     console.print(
         f"replayed {len(result.ids)} dead letter(s) ({', '.join(map(str, result.ids))}): "
-        f"{done.committed} committed, {done.dead} dead-lettered again, {done.pending} pending"
+        f"{done.committed} committed, {done.dead} dead-lettered again, {done.pending} pending",
+        soft_wrap=True,
     )
     return 0 if not done.dead and not done.pending else _EXIT_FOUND
 

@@ -52,7 +52,10 @@ DEFAULT_OWNER = "import"
 
 
 def _dumps(obj: object) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    # U+2028/U+2029 are legal raw inside JSON strings, but str.splitlines() and many
+    # line-oriented tools break lines there; escaped, a line stays one line.
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 @dataclass

@@ -1,0 +1,132 @@
+"""``dualmem migrate`` on a database FILE written by the core's first schema
+(tests/data/schema_v1.db, see make_schema_v1.py): dry run, backup first, data intact and
+readable afterwards, idempotent, no downgrades, newer databases refused."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from acl import Keyring, Level, Principal
+from dualmem import DualMemory
+from dualmem.cli import main
+from dualmem.migrations import SCHEMA_VERSION
+from dualmem.missions import MissionLog
+
+from .data.make_schema_v1 import FIXTURE_KEY_ID, FIXTURE_SECRET
+
+FIXTURE = Path(__file__).parent / "data" / "schema_v1.db"
+CODER = Principal(agent_id="coder-1", team="backend", swarm="phase-1-auth", project="shop")
+SYSTEM = Principal(agent_id="orchestrator", system=True)
+
+
+@pytest.fixture
+def v1(tmp_path: Path) -> Path:
+    db = tmp_path / "old.db"
+    shutil.copyfile(FIXTURE, db)
+    return db
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def user_version(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def tables(db: Path) -> set[str]:
+    with sqlite3.connect(db) as conn:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
+
+
+def test_the_fixture_really_is_the_first_schema() -> None:
+    assert user_version(FIXTURE) == 1
+    assert "missions" not in tables(FIXTURE)
+    assert FIXTURE.stat().st_size < 100_000
+
+
+def test_dry_run_changes_nothing(v1: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = v1.read_bytes()
+    code, out, _ = run(capsys, "migrate", "--db", str(v1), "--dry-run")
+    assert code == 0
+    assert "would migrate" in out and "schema 1 -> 2" in out and "Mission log" in out
+    assert "dry run: nothing was changed" in out
+    assert v1.read_bytes() == before
+    assert list(v1.parent.glob("*.bak")) == []
+
+
+def test_migrating_the_first_schema_keeps_every_record(
+    v1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "migrate", "--db", str(v1))
+    assert code == 0, out
+    assert "migrated" in out and "applied" in out
+    assert user_version(v1) == SCHEMA_VERSION
+    assert {"missions", "tool_calls", "decisions", "playbook_runs", "sync_events"} <= tables(v1)
+    # The backup came first, holds the old schema, and was verified.
+    (backup,) = v1.parent.glob("old.db.v1-*.bak")
+    assert user_version(backup) == 1 and "verified" in out
+    # Every record of the old file opens with its old key: envelopes came through untouched.
+    ring = Keyring.from_secret(FIXTURE_SECRET, key_id=FIXTURE_KEY_ID)
+    with DualMemory(redis_url="memory://migrated", db_path=str(v1), keyring=ring) as mem:
+        get = mem.get
+        assert get("confidence/auth/1", level=Level.PRIVATE, principal=CODER) == {
+            "confidence": 0.85
+        }
+        assert get("plan/auth", level=Level.TEAM, principal=CODER)["steps"] == ["login", "tokens"]
+        assert get("spec/login", level=Level.PROJECT, principal=CODER) == {
+            "text": "é ünïcode ✓",
+            "n": 2,
+        }
+        assert get("config/limits", level=Level.SYSTEM, principal=SYSTEM) == {"max_agents": 12}
+        assert get("scratch/tmp", level=Level.SWARM, principal=CODER) is None  # deleted
+        assert len(mem.history("spec/login", level=Level.PROJECT, principal=CODER)) == 2
+        # The new tables work on the migrated file.
+        log = MissionLog(mem, CODER)
+        mem.sync(log.start_mission("after-upgrade", "p"), timeout=10)
+        assert log.get_mission("after-upgrade") is not None
+    code, out, _ = run(capsys, "verify", "--db", str(v1), "--no-redis")
+    assert code == 0, out
+
+
+def test_migrate_is_idempotent(v1: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "migrate", "--db", str(v1))[0] == 0
+    after = v1.read_bytes()
+    code, out, _ = run(capsys, "migrate", "--db", str(v1))
+    assert code == 0 and "nothing to do" in out
+    assert v1.read_bytes() == after
+    assert len(list(v1.parent.glob("*.bak"))) == 1  # no second backup
+
+
+def test_downgrades_unknown_targets_and_newer_databases_are_refused(
+    v1: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(capsys, "migrate", "--db", str(v1))[0] == 0
+    code, _, err = run(capsys, "migrate", "--db", str(v1), "--to", "1")
+    assert code == 2 and "refusing to downgrade" in err
+    code, _, err = run(capsys, "migrate", "--db", str(v1), "--to", "7")
+    assert code == 2 and "--to must be between 1 and" in err
+    with sqlite3.connect(v1) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    code, _, err = run(capsys, "migrate", "--db", str(v1))
+    assert code == 2 and "newer than this dualmem" in err
+    assert user_version(v1) == 99
+
+
+def test_migrating_to_an_explicit_version_and_a_missing_file(
+    v1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "migrate", "--db", str(v1), "--to", "1")
+    assert code == 0 and "nothing to do" in out
+    dest = tmp_path / "before-upgrade.db"
+    code, out, _ = run(capsys, "migrate", "--db", str(v1), "--to", "2", "--backup", str(dest))
+    assert code == 0 and user_version(dest) == 1 and user_version(v1) == 2
+    code, _, err = run(capsys, "migrate", "--db", str(tmp_path / "missing.db"))
+    assert code == 2 and "no database at" in err

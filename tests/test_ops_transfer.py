@@ -1,0 +1,343 @@
+"""``dualmem export`` / ``dualmem import``: byte-identical round trips, idempotence, dry
+runs, bad lines (skipped or --strict), encrypted levels sealed unless --decrypt; on
+fakeredis and a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from acl import Codec, Keyring, Level, Principal
+from dualmem import DualMemory
+from dualmem.cli import main
+
+CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
+OTHER = Principal(agent_id="coder-2", team="frontend", swarm="s2", project="shop")
+SYSTEM = Principal(agent_id="orchestrator", system=True)
+SECRET = "sk-4f7a9c1e-private-never-in-files"
+VALUES: list[object] = [
+    {"text": 'é ünïcode ✓ \u2028 "quotes" \\ back', "n": -0.0},
+    {"floats": [0.1, 1e-300, 1e16, 12345678901234567890, -7]},
+    [None, True, False, [], {}],
+    "x" * 5000,  # compressed (lz4) on the way in
+    {"nested": {"deep": [{"a": [1, 2, {"b": None}]}]}},
+]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fill(mem: DualMemory) -> None:
+    rs = []
+    for i, value in enumerate(VALUES):
+        for lvl in Level:
+            who = SYSTEM if lvl is Level.SYSTEM else CODER
+            rs.append(mem.put(f"v/{i}", value, level=lvl, principal=who))
+    rs.append(mem.put("secret", {"token": SECRET}, level=Level.PRIVATE, principal=CODER))
+    rs.append(mem.put("secret", {"token": SECRET + "-2"}, level=Level.PRIVATE, principal=OTHER))
+    rs.append(mem.put("secret", {"token": SECRET + "-team"}, level=Level.TEAM, principal=CODER))
+    rs.append(mem.put("ttl", "soon", level=Level.SWARM, principal=CODER, ttl=3600))
+    for r in rs:
+        mem.sync(r, timeout=10)
+
+
+def rows(db: Path) -> dict[tuple[str, str], tuple[int, str, bytes, int | None]]:
+    with sqlite3.connect(db) as conn:
+        return {
+            (s, k): (lv, o, bytes(e), x)
+            for s, k, lv, o, e, x in conn.execute(
+                "SELECT scope, key, level, owner, envelope, expires_at FROM memory "
+                "WHERE envelope IS NOT NULL"
+            )
+        }
+
+
+def journal_len(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("SELECT count(*) FROM journal").fetchone()[0])
+
+
+def without_times(path: Path) -> list[dict[str, object]]:
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        d = json.loads(line)
+        d.pop("created_at")
+        d.pop("updated_at")
+        out.append(d)
+    return out
+
+
+@pytest.fixture
+def src(redis_url: str, db_path: Path, keyfile: Path) -> list[str]:
+    return ["--redis-url", redis_url, "--db", str(db_path), "--keyring", str(keyfile)]
+
+
+@pytest.fixture
+def dst(redis_url: str, tmp_path: Path, keyfile: Path) -> list[str]:
+    # Same Redis, another namespace and database: a second deployment.
+    db = tmp_path / "copy" / "copy.db"
+    return [
+        "--redis-url",
+        redis_url,
+        "--db",
+        str(db),
+        "--namespace",
+        "copy",
+        "--keyring",
+        str(keyfile),
+    ]
+
+
+def test_export_then_import_round_trips_byte_identical_values(
+    mem: DualMemory,
+    src: list[str],
+    dst: list[str],
+    db_path: Path,
+    tmp_path: Path,
+    keyfile: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fill(mem)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert run(capsys, "export", *src, "--out", str(a))[0] == 0
+    code, out, _ = run(capsys, "import", *dst, str(a))
+    assert code == 0, out
+    assert "imported 29 record(s)" in out
+    assert run(capsys, "export", *dst, "--out", str(b))[0] == 0
+    # The files agree line for line except the write times (an import is a new write).
+    assert without_times(a) == without_times(b)
+    before, after = rows(db_path), rows(Path(dst[3]))
+    assert before.keys() == after.keys()
+    codec = Codec(Keyring.load(keyfile))
+    for (scope, key), (level, owner, envelope, expires) in before.items():
+        level2, owner2, envelope2, expires2 = after[(scope, key)]
+        assert (level2, owner2, expires2) == (level, owner, expires)
+        lvl = Level(level)
+        plain = codec.open_bytes(envelope, scope=scope, key=key, level=lvl)
+        assert codec.open_bytes(envelope2, scope=scope, key=key, level=lvl) == plain
+        if lvl.encrypted:
+            assert envelope2 == envelope  # sealed bytes copied as they are
+
+
+def test_importing_twice_adds_nothing_and_dry_run_writes_nothing(
+    mem: DualMemory,
+    src: list[str],
+    dst: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fill(mem)
+    a = tmp_path / "a.jsonl"
+    run(capsys, "export", *src, "--out", str(a))
+    run(capsys, "import", *dst, str(a))
+    target = Path(dst[3])
+    n = journal_len(target)
+    code, out, _ = run(capsys, "import", *dst, str(a))
+    assert code == 0 and "nothing to import" in out
+    assert journal_len(target) == n
+    # Re-import into the source itself: everything is already there.
+    code, out, _ = run(capsys, "import", *src, str(a))
+    assert code == 0 and "nothing to import" in out
+    # One changed value and one new record: the dry run says so and writes nothing.
+    lines = a.read_text(encoding="utf-8").splitlines()
+    i = next(n for n, line in enumerate(lines) if '"value":' in line)
+    changed = json.loads(lines[i])
+    changed["value"] = {"changed": True}
+    lines[i] = json.dumps(changed)
+    extra = {"scope": "swarm:s1", "key": "new", "level": 3, "value": 1}
+    a.write_text("\n".join([*lines, json.dumps(extra)]) + "\n")
+    code, out, _ = run(capsys, "import", *dst, str(a), "--dry-run")
+    assert code == 0
+    assert "│ 1   │ 1       │ 28        │" in out
+    assert "would write (changed)" in out and "would write (new) swarm:s1/new" in out
+    assert journal_len(target) == n
+
+
+def test_bad_lines_are_reported_by_number_and_skipped_or_fail_the_import(
+    mem: DualMemory,
+    src: list[str],
+    tmp_path: Path,
+    db_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mem.sync(mem.put("seed", 1, level=Level.SWARM, principal=CODER))
+    f = tmp_path / "in.jsonl"
+    good = [{"scope": "swarm:s1", "key": f"g{i}", "level": 3, "value": i} for i in range(3)]
+    lines = [
+        json.dumps(good[0]),
+        '{"scope": "swarm:s1", "key": "broken", "level": 3, "value": ',  # cut off
+        json.dumps(good[1]),
+        json.dumps({"scope": "swarm:s1", "key": "x", "level": 4, "value": 1}),
+        json.dumps({"scope": "swarm:s1", "key": "y", "level": 3}),
+        json.dumps({"scope": "agent:a", "key": "z", "level": 1, "envelope": "AQI="}),
+        json.dumps(good[0]),
+        json.dumps(good[2]),
+    ]
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    n = journal_len(db_path)
+    code, out, _ = run(capsys, "import", *src, str(f), "--strict")
+    assert code == 1 and "--strict: 5 bad line(s), nothing was imported" in out
+    assert journal_len(db_path) == n  # never half-applied
+    code, out, _ = run(capsys, "import", *src, str(f))
+    assert code == 3
+    assert f"{f}:2: not valid JSON" in out
+    assert f"{f}:4: scope 'swarm:s1' is not at level PROJECT" in out
+    assert f"{f}:5: a line needs exactly one of 'value' and 'envelope'" in out
+    assert f"{f}:6: envelope for agent:a/z" in out
+    assert f"{f}:7: duplicate of line 1" in out
+    assert journal_len(db_path) == n + 3
+    assert mem.get("g2", level=Level.SWARM, principal=CODER) == 2
+
+
+def test_encrypted_levels_stay_sealed_unless_decrypted_by_an_allowed_principal(
+    mem: DualMemory,
+    src: list[str],
+    dst: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fill(mem)
+    sealed, clear = tmp_path / "sealed.jsonl", tmp_path / "clear.jsonl"
+    run(capsys, "export", *src, "--out", str(sealed))
+    assert SECRET not in sealed.read_text(encoding="utf-8")
+    code, out, _ = run(
+        capsys,
+        "export",
+        *src,
+        "--out",
+        str(clear),
+        "--decrypt",
+        "--as",
+        "coder-1",
+        "--team",
+        "backend",
+    )
+    assert code == 0, out
+    text = clear.read_text(encoding="utf-8")
+    assert f'"{SECRET}"' in text and f'"{SECRET}-team"' in text  # coder-1 may read these
+    assert f'"{SECRET}-2"' not in text  # coder-2's private record stays sealed
+    assert "not readable by coder-1" in out
+    # The decryption is on the audit trail.
+    events = [a.event for a in mem.store.audit_log()]
+    assert "export_decrypted" in events
+    # Importing the clear file seals the values again.
+    code, out, _ = run(capsys, "import", *dst, str(clear))
+    assert code == 0, out
+    target = Path(dst[3])
+    with sqlite3.connect(target) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    raw = b"".join(p.read_bytes() for p in target.parent.iterdir())
+    assert SECRET.encode() not in raw
+
+
+def test_bad_input_files_and_keys(
+    mem: DualMemory,
+    src: list[str],
+    tmp_path: Path,
+    keyfile: Path,
+    redis_url: str,
+    db_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fill(mem)
+    code, _, err = run(capsys, "import", *src, str(tmp_path / "missing.jsonl"))
+    assert code == 2 and "no such file" in err
+    out = tmp_path / "x.jsonl"
+    assert run(capsys, "export", *src, "--out", str(out))[0] == 0
+    code, _, err = run(capsys, "export", *src, "--out", str(out))
+    assert code == 2 and "already exists" in err
+    # A key file other users can read is refused, naming the fix.
+    loose = tmp_path / "loose.json"
+    shutil.copyfile(keyfile, loose)
+    os.chmod(loose, 0o644)
+    code, _, err = run(
+        capsys,
+        "import",
+        "--redis-url",
+        redis_url,
+        "--db",
+        str(db_path),
+        "--keyring",
+        str(loose),
+        str(out),
+    )
+    assert code == 2 and f"chmod 600 {loose}" in err
+    # --decrypt without any key configured.
+    nokey = ["--redis-url", redis_url, "--db", str(db_path)]
+    code, _, err = run(
+        capsys, "export", *nokey, "--out", str(tmp_path / "y.jsonl"), "--decrypt", "--as", "coder-1"
+    )
+    assert code == 2 and "--decrypt needs the key file" in err
+
+
+def test_import_refuses_a_database_of_another_schema(
+    tmp_path: Path, keyfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = tmp_path / "old.db"
+    shutil.copyfile(Path(__file__).parent / "data" / "schema_v1.db", old)
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"scope": "swarm:s", "key": "k", "level": 3, "value": 1}) + "\n")
+    code, _, err = run(capsys, "import", "--db", str(old), "--redis-url", "memory://old", str(f))
+    assert code == 2 and "run `dualmem migrate" in err
+
+
+def test_export_selects_by_level_and_prefix(
+    mem: DualMemory, src: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(mem)
+    out = tmp_path / "sel.jsonl"
+    code, _, _ = run(
+        capsys,
+        "export",
+        *src,
+        "--out",
+        str(out),
+        "--level",
+        "swarm",
+        "--level",
+        "4",
+        "--prefix",
+        "v/",
+    )
+    assert code == 0
+    got = [(d["level"], d["key"]) for d in map(json.loads, out.read_text().splitlines())]
+    assert sorted(got) == sorted((lv, f"v/{i}") for i in range(len(VALUES)) for lv in (3, 4))
+
+
+def test_import_creates_a_missing_database(
+    mem: DualMemory,
+    src: list[str],
+    tmp_path: Path,
+    keyfile: Path,
+    make_mem: Callable[..., DualMemory],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fill(mem)
+    a = tmp_path / "a.jsonl"
+    run(capsys, "export", *src, "--out", str(a))
+    fresh = tmp_path / "fresh" / "new.db"
+    args = [
+        "--redis-url",
+        src[1],
+        "--db",
+        str(fresh),
+        "--namespace",
+        "fresh",
+        "--keyring",
+        str(keyfile),
+    ]
+    code, out, _ = run(capsys, "import", *args, str(a), "--dry-run")
+    assert code == 0 and "│ 29  │ 0       │ 0         │" in out and not fresh.exists()
+    code, out, _ = run(capsys, "import", *args, str(a))
+    assert code == 0 and fresh.exists()
+    reader = make_mem(db_path=str(fresh), namespace="fresh")
+    assert reader.get("secret", level=Level.PRIVATE, principal=CODER) == {"token": SECRET}

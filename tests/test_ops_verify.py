@@ -1,0 +1,174 @@
+"""``dualmem verify``: every check passes on a healthy database and fails, with a readable
+report and exit 1, on each kind of damage; on fakeredis and a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import redis
+
+from acl import Level, Principal
+from dualmem import DualMemory
+from dualmem.cli import main
+from dualmem.missions import MissionLog
+
+CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fill(mem: DualMemory) -> None:
+    rs = [
+        mem.put(f"k{i}", {"i": i}, level=lvl, principal=CODER)
+        for i in range(5)
+        for lvl in (Level.PRIVATE, Level.TEAM, Level.SWARM, Level.PROJECT)
+    ]
+    rs.append(mem.delete("k4", level=Level.SWARM, principal=CODER))
+    rs.append(mem.audit("deploy", principal=CODER, risk="medium", detail={"v": 1}))
+    log = MissionLog(mem, CODER)
+    rs.append(log.start_mission("m1", "p"))
+    rs.append(log.record_tool_call("m1", "grep", {}, {}, 1, True))
+    for r in rs:
+        mem.sync(r, timeout=10)
+
+
+@pytest.fixture
+def args(redis_url: str, db_path: Path) -> list[str]:
+    return ["--redis-url", redis_url, "--db", str(db_path)]
+
+
+def report(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, dict[str, dict]]:
+    code, out, _ = run(capsys, "verify", *args, "--json")
+    return code, {c["name"]: c for c in json.loads(out)["checks"]}
+
+
+def test_a_healthy_database_passes_every_check(
+    mem: DualMemory, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(mem)
+    code, out, _ = run(capsys, "verify", *args)
+    assert code == 0, out
+    assert "all checks passed" in out
+    code, checks = report(capsys, args)
+    assert code == 0
+    assert checks["journal hash chain"]["summary"] == "23 rows ok"
+    assert checks["audit_log hash chain"]["summary"] == "1 rows ok"
+    assert checks["mission projection"]["summary"] == "2 rows ok"
+    # 21 live records (2 of them the mission log), each cached by its put; none in flight.
+    parity = checks["redis <-> sqlite parity"]["summary"]
+    assert parity == "21 cache entries match, 0 in flight"
+
+
+def test_an_edited_journal_row_breaks_the_chain(
+    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(mem)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE journal SET actor = 'mallory' WHERE seq = 7")
+    code, out, _ = run(capsys, "verify", *args)
+    assert code == 1
+    assert "seq 7: hash does not match the row's contents" in out
+    assert "verify found problems" in out
+
+
+def test_a_deleted_journal_row_breaks_the_link(
+    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(mem)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DELETE FROM journal WHERE seq = 3")
+    code, checks = report(capsys, args)
+    assert code == 1
+    assert checks["journal hash chain"]["problems"] == [
+        "seq 4: prev_hash does not match the previous row's hash"
+    ]
+
+
+def test_an_audit_row_edited_behind_the_triggers_is_detected(
+    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(mem)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DROP TRIGGER audit_log_no_update")
+        conn.execute("UPDATE audit_log SET risk = 'low'")
+    code, checks = report(capsys, args)
+    assert code == 1
+    assert checks["audit_log hash chain"]["problem_count"] == 1
+    assert "hash does not match" in checks["audit_log hash chain"]["problems"][0]
+
+
+def test_orphans_and_lost_projections_are_reported(
+    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(mem)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("PRAGMA foreign_keys = OFF")
+        conn.execute("DELETE FROM missions")  # no cascade with foreign keys off
+    code, checks = report(capsys, args)
+    assert code == 1
+    assert checks["foreign_key_check"]["problems"] == ["tool_calls row 1 has no parent in missions"]
+    assert checks["mission projection"]["problems"] == [
+        "project:shop mission m1: record has no projected row"
+    ]
+
+
+def test_redis_and_sqlite_disagreeing_is_reported(
+    mem: DualMemory,
+    args: list[str],
+    raw_redis: redis.Redis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fill(mem)
+    lay = mem.layout
+    raw_redis.set(lay.cache_key(0, "swarm:s1", "k1"), b"\x01\x00{}")  # not what SQLite holds
+    raw_redis.set(lay.cache_key(0, "swarm:s1", "ghost"), b"\x01\x00{}")  # no row at all
+    raw_redis.set(lay.cache_key(0, "swarm:s1", "k4"), b"\x01\x00{}")  # deleted in SQLite
+    code, checks = report(capsys, args)
+    assert code == 1
+    assert sorted(checks["redis <-> sqlite parity"]["problems"]) == [
+        "swarm:s1/ghost: cached in Redis but no row in SQLite",
+        "swarm:s1/k1: the cached envelope differs from the SQLite row",
+        "swarm:s1/k4: deleted in SQLite but still cached in Redis",
+    ]
+
+
+def test_commands_not_yet_committed_are_in_flight_not_errors(
+    make_mem: object, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    writer = make_mem(worker=False)  # type: ignore[operator]
+    for i in range(3):
+        writer.put(f"p{i}", i, level=Level.SWARM, principal=CODER)
+    code, checks = report(capsys, args)
+    assert code == 0, checks
+    assert checks["redis <-> sqlite parity"]["summary"] == "0 cache entries match, 3 in flight"
+
+
+def test_a_database_from_a_newer_dualmem_fails_the_schema_check(
+    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(mem)
+    mem.close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    code, out, _ = run(capsys, "verify", *args, "--no-redis")
+    assert code == 1
+    assert "schema 99 is newer than this dualmem (2)" in out
+    assert "fix: upgrade dualmem" in out
+
+
+def test_missing_and_foreign_files_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "verify", "--db", str(tmp_path / "nope.db"), "--no-redis")
+    assert code == 2 and "no database at" in err
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database at all" * 100)
+    code, _, err = run(capsys, "verify", "--db", str(junk), "--no-redis")
+    assert code == 2 and "is not a dualmem database" in err
