@@ -6,7 +6,14 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from dualmem.commands import OP_AUDIT, OP_DELETE, MalformedCommand, decode_command, sid_of
+from dualmem.commands import (
+    OP_AUDIT,
+    OP_DELETE,
+    OP_RESEAL,
+    MalformedCommand,
+    decode_command,
+    sid_of,
+)
 from dualmem.projection import Statement, plan_projection
 from dualmem.store import Notification, StreamEntry
 
@@ -44,8 +51,23 @@ class BatchPlan:
     ts_us: list[int] = field(default_factory=list)
     #: Projection statements (see ``dualmem.projection``), run after the rows above.
     projections: list[Statement] = field(default_factory=list)
+    #: Key-rotation re-encryptions ``(envelope, scope, key, level, guard sid)``: each
+    #: replaces a row's envelope only if the row is still at the guard's stream id.
+    reseal: list[tuple[object, ...]] = field(default_factory=list)
     journal_tail: tuple[int, bytes] = (0, GENESIS)
     audit_tail: tuple[int, bytes] = (0, GENESIS)
+
+
+def _order_sid(stream_id: str, origin: str | None) -> int:
+    """The id that orders a command: its own, or a replayed command's original one, so a
+    replay (``dualmem dlq replay``) never overwrites what was written after it failed."""
+    sid = sid_of(stream_id)
+    if origin is None:
+        return sid
+    first = sid_of(origin)
+    if first > sid:
+        raise MalformedCommand(f"origin {origin} is after the entry itself")
+    return first
 
 
 def plan_batch(
@@ -76,7 +98,7 @@ def plan_batch(
             continue
         try:
             cmd = decode_command(entry.fields)
-            sid = sid_of(entry.stream_id)
+            sid = _order_sid(entry.stream_id, cmd.origin)
             if cmd.op == OP_AUDIT and cmd.risk not in RISKS:
                 raise MalformedCommand(f"audit risk must be one of {RISKS}, got {cmd.risk!r}")
             # Planned before anything is added, so a record that cannot be projected
@@ -88,6 +110,12 @@ def plan_batch(
         seen.add(ident)
         plan.applied.append(entry)
         ts = cmd.ts_ms
+        if cmd.op == OP_RESEAL:
+            # Not a change of value: no journal row, no notification (see reseal_fields).
+            plan.reseal.append(
+                (cmd.envelope, cmd.scope, cmd.key, int(cmd.level), sid_of(cmd.guard or ""))
+            )
+            continue
         if cmd.op == OP_AUDIT:
             aid += 1
             level = int(cmd.level) if cmd.scope else None

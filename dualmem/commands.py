@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from acl.errors import ValidationError
-from acl.levels import Level
+from acl.levels import ENCRYPTED_LEVELS, Level
 from acl.policy import level_of_scope
 
 __all__ = [
@@ -23,6 +23,8 @@ __all__ = [
     "decode_command",
     "delete_fields",
     "put_fields",
+    "replay_fields",
+    "reseal_fields",
     "sid_of",
     "ttl_to_ms",
 ]
@@ -32,6 +34,7 @@ MAX_TTL_SECONDS = 10 * 365 * 86_400
 OP_PUT = "put"
 OP_DELETE = "del"
 OP_AUDIT = "audit"
+OP_RESEAL = "reseal"
 _SEQ_BITS = 22  # stream-id sequence numbers per millisecond; 4 million is far beyond Redis
 
 
@@ -68,6 +71,10 @@ class Command:
     event: str | None = None
     risk: str | None = None
     detail: str | None = None
+    #: reseal only: the stream id of the row it re-encrypts (applied only if still current)
+    guard: str | None = None
+    #: a replayed command's original stream id: it orders the command, not its new id
+    origin: str | None = None
 
     @property
     def ts_ms(self) -> int:
@@ -174,6 +181,42 @@ def audit_fields(
     }
 
 
+def reseal_fields(
+    scope: str, key: str, level: Level, actor: str, ts_us: int, envelope: bytes, guard: str
+) -> dict[bytes, bytes | str | int]:
+    """Stream entry of a key rotation's re-encryption of one row (``dualmem.rotation``).
+
+    The worker replaces the row's envelope only while the row is still the one written by
+    stream id ``guard``: a newer put or delete committed meanwhile always wins, and the
+    row keeps its stream id, times and owner (the value did not change, only its key).
+    """
+    return {
+        b"op": OP_RESEAL,
+        b"s": scope,
+        b"k": key,
+        b"l": int(level),
+        b"a": actor,
+        b"t": ts_us,
+        b"e": envelope,
+        b"g": guard,
+    }
+
+
+def replay_fields(fields: Mapping[bytes, bytes], stream_id: str) -> dict[bytes, bytes]:
+    """A failed entry's fields, ready to go back to the stream under a new id.
+
+    They carry the id the command first had (``o``; kept from an earlier replay), and the
+    worker orders the command by it: a replayed put never overwrites a newer put or delete
+    committed after it first failed.
+
+    >>> replay_fields({b"op": b"put"}, "5-0")
+    {b'op': b'put', b'o': b'5-0'}
+    """
+    out = dict(fields)
+    out.setdefault(b"o", stream_id.encode())
+    return out
+
+
 def _text(fields: Mapping[bytes, bytes], name: bytes) -> str:
     try:
         return fields[name].decode("utf-8")
@@ -215,7 +258,7 @@ def decode_command(fields: Mapping[bytes, bytes]) -> Command:
             risk=_text(fields, b"r"),
             detail=_text(fields, b"d"),
         )
-    if op not in (OP_PUT, OP_DELETE):
+    if op not in (OP_PUT, OP_DELETE, OP_RESEAL):
         raise MalformedCommand(f"unknown op {op!r}")
     scope = _text(fields, b"s")
     key = _text(fields, b"k")
@@ -227,11 +270,19 @@ def decode_command(fields: Mapping[bytes, bytes]) -> Command:
         raise MalformedCommand(str(exc)) from exc
     if scope_level is not level:
         raise MalformedCommand(f"scope {scope!r} does not belong to level {level.name}")
+    origin = _stream_id(fields, b"o") if b"o" in fields else None
     if op == OP_DELETE:
-        return Command(op=op, scope=scope, key=key, level=level, actor=actor, ts_us=ts_us)
+        return Command(
+            op=op, scope=scope, key=key, level=level, actor=actor, ts_us=ts_us, origin=origin
+        )
     envelope = fields.get(b"e")
     if not envelope:
-        raise MalformedCommand("put without an envelope")
+        raise MalformedCommand(f"{op} without an envelope")
+    if op == OP_RESEAL:
+        if level not in ENCRYPTED_LEVELS:
+            raise MalformedCommand(f"reseal at level {level.name}, which is not encrypted")
+        guard = _stream_id(fields, b"g")
+        return Command(op, scope, key, level, actor, ts_us, envelope=envelope, guard=guard)
     expires_at = _int(fields, b"x") if b"x" in fields else None
     return Command(
         op=op,
@@ -242,7 +293,14 @@ def decode_command(fields: Mapping[bytes, bytes]) -> Command:
         ts_us=ts_us,
         envelope=envelope,
         expires_at=expires_at,
+        origin=origin,
     )
+
+
+def _stream_id(fields: Mapping[bytes, bytes], name: bytes) -> str:
+    text = _text(fields, name)
+    sid_of(text)  # raises MalformedCommand if it is not a stream id
+    return text
 
 
 def sid_of(stream_id: str) -> int:

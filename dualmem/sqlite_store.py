@@ -60,6 +60,12 @@ ON CONFLICT (scope, key) DO UPDATE SET
     expires_at = excluded.expires_at
 WHERE excluded.sid > memory.sid
 """
+# Key rotation: a new envelope for the same value, only while the row is still the one
+# the rotation read (a newer put or a delete moved ``sid`` on, and then it wins).
+_RESEAL = (
+    "UPDATE memory SET envelope = ? WHERE scope = ? AND key = ? AND level = ? AND sid = ? "
+    "AND envelope IS NOT NULL"
+)
 _JOURNAL_INSERT = (
     "INSERT INTO journal (seq, shard, stream_id, sid, op, scope, key, level, actor, ts, "
     "committed_at, prev_hash, hash) VALUES "
@@ -301,6 +307,9 @@ class SQLiteStore(Store):
         _insert_rows(conn, _AUDIT_INSERT, plan.audit)
         for sql, params in plan.projections:
             conn.execute(sql, params)
+        if plan.reseal:
+            # After the upserts: a put in the same batch has moved the row past the guard.
+            conn.executemany(_RESEAL, plan.reseal)
 
     def append_audit(
         self,

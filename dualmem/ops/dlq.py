@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from acl.errors import ValidationError
-from dualmem.commands import MalformedCommand, Receipt, decode_command
+from dualmem.commands import MalformedCommand, Receipt, decode_command, replay_fields
 from dualmem.ops.runtime import AuditEvent, Runtime
 from dualmem.store import DeadLetter
 
@@ -89,7 +89,7 @@ def replay(
     detail = {"ids": [d.id for d in chosen], "stream_ids": [d.stream_id for d in chosen]}
     receipts = runtime.send(
         [],
-        raw=[(d.shard, d.fields) for d in chosen],
+        raw=[(d.shard, replay_fields(d.fields, d.stream_id)) for d in chosen],
         audits=[AuditEvent("dlq_replay", actor, detail)],
     )
     runtime.store.mark_replayed([d.id for d in chosen])
