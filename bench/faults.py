@@ -403,6 +403,122 @@ def redis_unreachable(env: FaultEnv, *, probes: int = 20) -> Figures:
     return fig
 
 
+# -- 5. poison entries and the dead-letter queue --------------------------------------------
+
+
+def _cli(env: FaultEnv, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dualmem",
+            *args,
+            "--redis-url",
+            env.server.url,
+            "--db",
+            str(env.db),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=env.workdir,
+    )
+
+
+def poison_entries(env: FaultEnv, *, puts: int, max_deliveries: int = 3) -> Figures:
+    """Undecodable entries and one whose SQL fails go to ``dead_letters`` after
+    ``max_deliveries`` tries with their error while the rest flows; ``dualmem dlq`` lists
+    them and replays the one that can now succeed."""
+    fig = Figures("5. poison entries, dlq", f"{puts:,} puts, 3 poison entries")
+    t0 = time.monotonic()
+    mem = env.memory()
+    stream = mem.layout.stream(0)
+    conn = sqlite3.connect(env.db)
+    conn.execute(
+        "CREATE TRIGGER fault_poison BEFORE INSERT ON memory "
+        "WHEN instr(NEW.envelope, CAST('POISON' AS BLOB)) > 0 "
+        "BEGIN SELECT RAISE(ABORT, 'poisoned by the fault suite'); END"
+    )
+    conn.commit()
+    conn.close()
+    client = env.server.client()
+    w = WorkerProc(env, "w0", extra=("--max-deliveries", str(max_deliveries))).start()
+    with workers_stopped([w]):
+        writer = TrackedWriter(mem, keys=200).start(puts, rate=puts / 3)
+        time.sleep(1.0)
+        t_inject = time.monotonic()
+        bad_ids = [
+            client.xadd(stream, {b"op": b"put", b"s": b"swarm:faults", b"k": b"no-envelope"}),
+            client.xadd(stream, {b"\xff\xfe": b"\x00\x01", b"op": b"\xff"}),
+        ]
+        poison = mem.put("poisoned", {"v": "POISON"}, level=Level.SWARM, principal=WRITER)
+        newer = mem.put("poisoned", {"v": "newer"}, level=Level.SWARM, principal=WRITER)
+        try:
+            wait_for(lambda: _count(env.db, "SELECT COUNT(*) FROM dead_letters") >= 3, 60, "dlq")
+        except TimeoutError as exc:
+            fig.problems.append(str(exc))
+        isolated = time.monotonic() - t_inject
+        writer.join()
+        drain = wait_drained(mem, 120)
+        listed = _cli(env, "dlq", "list", "--json")
+        fig.require(listed.returncode == 0, f"dlq list failed: {listed.stderr[-500:]}")
+        views = json.loads(listed.stdout) if listed.returncode == 0 else []
+        by_sid = {v["stream_id"]: v for v in views}
+        want = {s.decode() for s in bad_ids} | {poison.stream_id}
+        fig.require(set(by_sid) == want, f"dlq list shows {sorted(by_sid)}, expected {want}")
+        for v in views:
+            fig.require(v["deliveries"] >= max_deliveries, f"dead after {v['deliveries']} tries")
+            fig.require(bool(v["error"]), f"dead letter {v['id']} has no error")
+        sql_error = by_sid.get(poison.stream_id, {}).get("error", "")
+        fig.require("poisoned by the fault suite" in sql_error, f"SQL error kept: {sql_error!r}")
+        # The cause is fixed; replay the SQL one. A newer put to its key was committed
+        # meanwhile, so the replay must not bring back the older value.
+        conn = sqlite3.connect(env.db)
+        conn.execute("DROP TRIGGER fault_poison")
+        conn.commit()
+        conn.close()
+        poison_id = by_sid.get(poison.stream_id, {}).get("id")
+        replayed = _cli(
+            env, "dlq", "replay", str(poison_id), "--keyring", str(env.keyfile), "--wait", "30"
+        )
+        fig.require(replayed.returncode == 0, f"dlq replay failed: {replayed.stderr[-500:]}")
+        wait_drained(mem, 60)
+        after = _cli(env, "dlq", "list", "--json")
+        left = json.loads(after.stdout) if after.returncode == 0 else []
+        counters = w.stop()
+    check = check_persisted(env.db, writer.acks, mem)
+    mem.sync(newer, timeout=10)
+    final = mem.get("poisoned", level=Level.SWARM, principal=WRITER)
+    history = mem.history("poisoned", level=Level.SWARM, principal=WRITER)
+    mem.close()
+    fig.require(
+        poison.stream_id not in {v["stream_id"] for v in left}, "replayed letter still listed"
+    )
+    fig.require(
+        any(h.stream_id not in (poison.stream_id, newer.stream_id) for h in history),
+        "the replayed put was not committed",
+    )
+    fig.require(
+        final == {"v": "newer"},
+        f"the replay of an older put overwrote the newer value: {final!r}",
+    )
+    fig.sent = writer.sent + 4
+    _record_check(fig, check)
+    fig.recover_s = isolated
+    fig.extra = {
+        "dead_letters": len(views),
+        "errors": sorted({v["error"][:80] for v in views}),
+        "time_to_dead_letter_s": round(isolated, 3),
+        "drain_s": round(drain, 3),
+        "value_after_replay": final,
+        "worker": counters,
+    }
+    fig.notes.append("recover = from injecting the poison until all three were dead-lettered")
+    fig.seconds = time.monotonic() - t0
+    return fig
+
+
 # -- 6. backlog bound ------------------------------------------------------------------------
 
 
@@ -646,6 +762,7 @@ class Size:
     restart_puts: int
     restart_seconds: float
     unreachable_probes: int
+    poison_puts: int
     backlog_bound: int
     backlog_puts: int
     txn_kills: int
@@ -659,6 +776,7 @@ QUICK = Size(
     restart_puts=2_000,
     restart_seconds=3.0,
     unreachable_probes=4,
+    poison_puts=1_000,
     backlog_bound=500,
     backlog_puts=2_000,
     txn_kills=2,
@@ -671,6 +789,7 @@ FULL = Size(
     restart_puts=20_000,
     restart_seconds=10.0,
     unreachable_probes=20,
+    poison_puts=10_000,
     backlog_bound=5_000,
     backlog_puts=20_000,
     txn_kills=10,
@@ -688,6 +807,7 @@ FAULTS: dict[str, Scenario] = {
         env, puts=s.restart_puts, seconds=s.restart_seconds
     ),
     "redis_unreachable": lambda env, s: redis_unreachable(env, probes=s.unreachable_probes),
+    "poison_entries": lambda env, s: poison_entries(env, puts=s.poison_puts),
     "backpressure": lambda env, s: backpressure(
         env, bound=s.backlog_bound, hammer_s=1.0, puts=s.backlog_puts
     ),

@@ -13,8 +13,12 @@ from typing import Any
 import pytest
 import redis
 
+from acl import Level
 from bench import faults
 from bench.faultkit import FaultEnv, Figures
+from dualmem.commands import put_fields, replay_fields
+from dualmem.sqlite_store import SQLiteStore
+from dualmem.store import StreamEntry
 from dualmem.worker import next_stream_id, safe_trim_id
 
 from .conftest import RedisServer
@@ -75,6 +79,41 @@ def test_4_redis_unreachable_fails_fast_reads_work_writes_resume(env: FaultEnv) 
     assert fig.extra["reads_ok_during_outages"] == 2 * Q.unreachable_probes
     # Down, frozen and back empty: each time a put went through and was persisted.
     assert set(fig.extra["persisted_after_outage_s"]) == {"down", "frozen", "empty"}
+
+
+def test_5_poison_entries_are_dead_lettered_and_replayed_without_going_back_in_time(
+    env: FaultEnv,
+) -> None:
+    fig = faults.poison_entries(env, puts=Q.poison_puts)
+    assert_nothing_lost(fig, Q.poison_puts)
+    assert fig.extra["dead_letters"] == 3
+    assert any("poisoned by the fault suite" in e for e in fig.extra["errors"])
+    assert sum("malformed" in e for e in fig.extra["errors"]) == 2
+    assert fig.extra["worker"]["dead-lettered"] == 3
+    # The replayed put is older than the put that followed it: the newer value stays.
+    assert fig.extra["value_after_replay"] == {"v": "newer"}
+
+
+def test_replayed_command_takes_its_original_place(tmp_path: Path) -> None:
+    def put(sid: str, value: bytes, origin: str | None = None) -> StreamEntry:
+        fields = put_fields("swarm:s", "k", Level.SWARM, "a", 1, b"\x01\x00" + value, None)
+        raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+        return StreamEntry(0, sid, replay_fields(raw, origin) if origin else raw)
+
+    store = SQLiteStore(tmp_path / "m.db")
+    try:
+        store.apply([put("2-0", b"newer")])
+        assert store.apply([put("3-0", b"older", origin="1-0")]).applied == 1
+        row = store.get("swarm:s", "k", 0)
+        assert row is not None and row.envelope.endswith(b"newer")
+        assert [c.stream_id for c in store.history("swarm:s", "k")] == ["3-0", "2-0"]
+        store.apply([put("4-0", b"newest", origin="3-0")])  # replayed, yet newer than 2-0
+        row = store.get("swarm:s", "k", 0)
+        assert row is not None and row.envelope.endswith(b"newest")
+        failed = store.apply([put("5-0", b"x", origin="9-0")]).failed  # origin in the future
+        assert len(failed) == 1 and "origin" in failed[0][1]
+    finally:
+        store.close()
 
 
 def test_6_backlog_bound_refuses_keeps_memory_flat_and_never_trims_pending(
