@@ -152,7 +152,22 @@ class Subscriber:
             if not since.strip():
                 raise ValidationError("a subscriber name must not be empty")
             key = check_key(POSITION_PREFIX + since)
-            return since, key, self.saved_position(self._mem, self.principal, since) or 0
+            saved = self.saved_position(self._mem, self.principal, since) or 0
+            last = self._mem.store.last_seq()
+            if saved > last:
+                # Only delivered (so committed) changes are ever saved: a position past the
+                # journal's end means the database was replaced or restored from a backup.
+                # New changes get seqs from ``last`` on; skipping them would lose them.
+                log.warning(
+                    "subscriber %s: saved position %d is past the journal's end (%d): the "
+                    "database was replaced or restored; resuming after %d",
+                    since,
+                    saved,
+                    last,
+                    last,
+                )
+                saved = last
+            return since, key, saved
         if isinstance(since, bool) or not isinstance(since, int) or since < 0:
             raise ValidationError(
                 f"since must be a journal seq (int >= 0) or a name, got {since!r}"

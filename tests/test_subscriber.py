@@ -304,6 +304,26 @@ def test_positions_are_saved_through_the_put_path_as_private_bookkeeping(
         assert change is not None and change.key == "k10"
 
 
+def test_a_position_past_the_journal_end_does_not_skip_a_new_databases_changes(
+    make_mem: MakeMem, coder: Principal, tmp_path: Path
+) -> None:
+    old = make_mem()
+    for i in range(5):
+        old.put(f"old{i}", i, level=Level.SWARM, principal=coder)
+    with Subscriber(old, coder, since="mirror") as sub:
+        consume_until(sub, "old4")
+    old.close()
+    # The database is replaced (restored from an older backup, say) while Redis still
+    # holds the cache entry of the saved position.
+    new = make_mem(db_path=str(tmp_path / "restored.db"))
+    assert Subscriber.saved_position(new, coder, "mirror") == 5
+    for i in range(2):
+        new.put(f"new{i}", i, level=Level.SWARM, principal=coder)
+    with Subscriber(new, coder, since="mirror") as sub:
+        assert sub.position == 0
+        assert [c.key for c in consume_until(sub, "new1")] == ["new0", "new1"]
+
+
 def test_close_from_another_thread_ends_iteration(make_mem: MakeMem, coder: Principal) -> None:
     mem = make_mem()
     sub = Subscriber(mem, coder, since="loop")
