@@ -4,6 +4,7 @@ fakeredis and a real redis-server."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -12,10 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from acl import Codec, Keyring, Level, Principal
 from dualmem import DualMemory
 from dualmem.cli import main
+from dualmem.migrations import migrate
+from dualmem.ops.transfer import export_records, parse_line
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 OTHER = Principal(agent_id="coder-2", team="frontend", swarm="s2", project="shop")
@@ -341,3 +346,38 @@ def test_import_creates_a_missing_database(
     assert code == 0 and fresh.exists()
     reader = make_mem(db_path=str(fresh), namespace="fresh")
     assert reader.get("secret", level=Level.PRIVATE, principal=CODER) == {"token": SECRET}
+
+
+# -- the line format alone (no Redis, no SQLite) --------------------------------------------
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=json_values)
+def test_a_plaintext_value_survives_the_line_format_byte_for_byte(value: object) -> None:
+    codec = Codec(None, compress_threshold=64)
+    envelope = codec.seal(value, scope="swarm:s", key="k", level=Level.SWARM)
+    buf = io.StringIO()
+    with sqlite3.connect(":memory:") as conn:
+        migrate(conn)
+        conn.execute(
+            "INSERT INTO memory VALUES ('swarm:s', 'k', 3, 'o', ?, 1, '0-1', 1, 1, NULL)",
+            (envelope,),
+        )
+        export_records(conn, buf, now_ms=2, codec=codec)
+    (line,) = buf.getvalue().splitlines()
+    item = parse_line(line, 1, codec, now_ms=2)
+    assert item is not None
+    assert item.write.envelope == envelope  # same JSON bytes, same compression decision
+    assert item.payload == codec.open_bytes(envelope, scope="swarm:s", key="k", level=Level.SWARM)

@@ -608,6 +608,7 @@ def register_commands(sub: Any) -> None:
 def _register_checks(sub: Any) -> None:
     p = sub.add_parser("verify", help="integrity, hash chains, schema, Redis/mirror parity")
     add_common_arguments(p)
+    _keyring_option(p)
     p.add_argument("--mirror", metavar="DIR", help="also check a mirror directory")
     p.add_argument("--no-redis", action="store_true", help="skip the Redis parity check")
     p.add_argument("--json", action="store_true", help="machine-readable report")
@@ -615,6 +616,7 @@ def _register_checks(sub: Any) -> None:
 
     p = sub.add_parser("migrate", help="upgrade the schema (backs up first, never downgrades)")
     add_common_arguments(p)
+    _keyring_option(p)
     p.add_argument("--to", type=int, help="target schema version (default: this dualmem's)")
     p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     p.add_argument("--backup", help="backup file (default <db>.v<N>-<time>.bak)")
@@ -628,6 +630,7 @@ def _register_checks(sub: Any) -> None:
 
     p = sub.add_parser("metrics", help="Prometheus exposition (--serve PORT on 127.0.0.1)")
     add_common_arguments(p)
+    _keyring_option(p)
     p.add_argument("--serve", type=int, metavar="PORT", help="serve http://127.0.0.1:PORT/metrics")
     p.set_defaults(func=cmd_metrics)
 
@@ -676,12 +679,14 @@ def _register_transfer(sub: Any) -> None:
 def _register_maintenance(sub: Any) -> None:
     p = sub.add_parser("backup", help="online backup to DEST, verified")
     add_common_arguments(p)
+    _keyring_option(p)
     p.add_argument("dest", help="the backup file to create")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("purge", help="delete expired rows, then give free pages back")
     add_common_arguments(p)
+    _keyring_option(p)
     p.add_argument("--tombstone-ttl", type=int, help="seconds tombstones are kept")
     p.add_argument("--vacuum", action="store_true", help="full VACUUM to enable auto_vacuum")
     p.set_defaults(func=cmd_purge)
@@ -690,6 +695,7 @@ def _register_maintenance(sub: Any) -> None:
     dlq = p.add_subparsers(dest="action", required=True)
     q = dlq.add_parser("list", help="dead letters, oldest first")
     add_common_arguments(q)
+    _keyring_option(q)
     q.add_argument("--all", action="store_true", help="include replayed ones")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_dlq)

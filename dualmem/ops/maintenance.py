@@ -3,6 +3,7 @@ giving expired rows and free pages back."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from dualmem.sqlite_store import SQLiteStore
 __all__ = ["MigrationPlan", "PurgeResult", "migrate_database", "plan_migration", "purge_database"]
 
 _AUTO_VACUUM = {0: "NONE", 1: "FULL", 2: "INCREMENTAL"}
+_VACUUM_BATCH = 2_000
 
 
 @dataclass
@@ -147,7 +149,7 @@ def purge_database(
             conn.execute("VACUUM")
             vacuumed = True
         elif mode == 2:
-            conn.execute("PRAGMA incremental_vacuum")
+            _incremental_vacuum(conn, free, progress)
         after = database_size(conn, path)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     freed = free - after.freelist_pages if (mode == 2 or vacuumed) else 0
@@ -160,6 +162,32 @@ def purge_database(
         before.total_bytes,
         Path(path).stat().st_size + _wal(path),
     )
+
+
+def _incremental_vacuum(conn: sqlite3.Connection, free: int, progress: ProgressFn) -> None:
+    """Give every free page back to the file system.
+
+    Each step of ``PRAGMA incremental_vacuum`` frees one page, and Python's sqlite3 steps
+    a statement without result columns only once, so it runs once per page. Batches of
+    ``_VACUUM_BATCH`` pages per transaction keep the write lock short for the worker.
+    """
+    done = 0
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for _ in range(_VACUUM_BATCH):
+                if int(conn.execute("PRAGMA freelist_count").fetchone()[0]) == 0:
+                    break
+                conn.execute("PRAGMA incremental_vacuum")
+                done += 1
+            left = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        progress("vacuum", done, free)
+        if left == 0:
+            return
 
 
 def _wal(path: str | Path) -> int:

@@ -270,8 +270,7 @@ class Mirror:
             self.state.files.pop(rel, None)
             return
         data = render_record(row, self.codec)
-        entry = self.state.files.get(rel)
-        if entry is None or entry.get("sha256") != _sha(data) or not path.exists():
+        if not path.is_file() or path.read_bytes() != data:
             _atomic_write(path, data)
             report.written += 1
         self.state.files[rel] = {

@@ -49,13 +49,17 @@ __all__ = [
 FIELDS = ("scope", "key", "level", "owner", "created_at", "updated_at", "expires_at")
 _ALLOWED = {*FIELDS, "value", "envelope"}
 DEFAULT_OWNER = "import"
+_LINE_BREAKS = ("\x85", "\u2028", "\u2029")
 
 
 def _dumps(obj: object) -> str:
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    # U+2028/U+2029 are legal raw inside JSON strings, but str.splitlines() and many
-    # line-oriented tools break lines there; escaped, a line stays one line.
-    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    # U+0085, U+2028 and U+2029 are legal raw inside JSON strings, but str.splitlines()
+    # and other line-oriented tools break lines there; escaped, a line stays one line.
+    # (json.dumps escapes the other line breaks: they are control characters.)
+    for ch in _LINE_BREAKS:
+        text = text.replace(ch, f"\\u{ord(ch):04x}")
+    return text
 
 
 @dataclass

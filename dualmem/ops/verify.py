@@ -249,26 +249,14 @@ def verify_database(conn: sqlite3.Connection, progress: ProgressFn = NO_PROGRESS
 def split_cache_key(layout: Layout, name: bytes) -> list[tuple[int, str, str]]:
     """Every ``(shard, scope, key)`` a cache key name can stand for.
 
-    A scope may itself contain ``:`` (``agent:<id>`` with a ``:`` in the id), so a name can
-    be ambiguous; the caller looks each candidate up.
+    Since cache keys escape ``:`` inside a scope's name (see ``Layout.cache_key``), a name
+    stands for at most one record.
 
-    >>> split_cache_key(Layout("ns"), b"dm:{ns:0}:c:agent:a:b:k")
-    [(0, 'agent:a', 'b:k'), (0, 'agent:a:b', 'k')]
+    >>> split_cache_key(Layout("ns"), b"dm:{ns:0}:c:agent:a%3Ab:k")
+    [(0, 'agent:a:b', 'k')]
     """
-    text = name.decode("utf-8", "replace")
-    head, sep, rest = text.partition("}:c:")
-    if not sep:
-        return []
-    shard = int(head.rsplit(":", 1)[1])
-    out: list[tuple[int, str, str]] = []
-    if rest.startswith("system:") and len(rest) > 7:
-        out.append((shard, "system", rest[7:]))
-    kind, colon, tail = rest.partition(":")
-    if kind in ("agent", "team", "swarm", "project") and colon:
-        for i, ch in enumerate(tail):
-            if ch == ":" and 0 < i < len(tail) - 1:
-                out.append((shard, f"{kind}:{tail[:i]}", tail[i + 1 :]))
-    return [(s, sc, k) for s, sc, k in out if layout.cache_key(s, sc, k) == name]
+    found = layout.split_cache_key(name)
+    return [] if found is None else [found]
 
 
 def _in_flight(client: redis.Redis, streams: Sequence[bytes]) -> set[tuple[str, str]]:

@@ -1,0 +1,444 @@
+"""``dualmem backup``, ``purge``, ``dlq``, ``doctor``, ``metrics`` and ``stats``, with bad
+input for each; storage tests on fakeredis and a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from acl import Level, Principal
+from dualmem import DualMemory, NotPersisted
+from dualmem.cli import main
+from dualmem.commands import put_fields
+from dualmem.ops.exporter import Exporter, start_server
+from dualmem.settings import Settings
+from dualmem.store import StreamEntry
+
+from .conftest import RedisServer, free_port, wait_until
+
+CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
+FIXTURE = Path(__file__).parent / "data" / "schema_v1.db"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def args(redis_url: str, db_path: Path, keyfile: Path) -> list[str]:
+    return ["--redis-url", redis_url, "--db", str(db_path), "--keyring", str(keyfile)]
+
+
+def count(db: Path, table: str, where: str = "1") -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchone()[0])
+
+
+# -- backup -------------------------------------------------------------------------------
+
+
+def test_backup_while_the_worker_writes_is_a_verified_snapshot(
+    mem: DualMemory,
+    args: list[str],
+    db_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for r in [mem.put(f"pre{i}", "x" * 300, level=Level.TEAM, principal=CODER) for i in range(300)]:
+        mem.sync(r, timeout=10)
+    stop = threading.Event()
+
+    def write() -> None:
+        i = 0
+        while not stop.is_set():
+            mem.put(f"during{i}", {"i": i}, level=Level.SWARM, principal=CODER)
+            i += 1
+            time.sleep(0.001)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        dest = tmp_path / "backups" / "copy.db"
+        dest.parent.mkdir()
+        code, out, _ = run(capsys, "backup", *args, str(dest))
+    finally:
+        stop.set()
+        writer.join()
+    assert code == 0, out
+    assert "journal hash chain" in out and "schema version" in out
+    assert not Path(f"{dest}-wal").exists()  # one self-contained file
+    with sqlite3.connect(dest) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    assert count(dest, "memory") >= 300
+    assert [p.name for p in dest.parent.iterdir()] == ["copy.db"]  # no partial files left
+    code, out, _ = run(capsys, "verify", "--db", str(dest), "--no-redis")
+    assert code == 0, out
+
+
+def test_backup_refuses_bad_destinations_and_a_damaged_source(
+    mem: DualMemory,
+    args: list[str],
+    db_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=CODER))
+    taken = tmp_path / "taken.db"
+    taken.write_text("keep me")
+    code, _, err = run(capsys, "backup", *args, str(taken))
+    assert code == 2 and "already exists" in err and taken.read_text() == "keep me"
+    code, _, err = run(capsys, "backup", *args, str(tmp_path / "no" / "such" / "dir.db"))
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(capsys, "backup", "--db", str(tmp_path / "none.db"), str(tmp_path / "b.db"))
+    assert code == 2 and "no database at" in err
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE journal SET key = 'forged'")
+    code, _, err = run(capsys, "backup", *args, str(tmp_path / "b.db"))
+    assert code == 2 and "failed verification" in err
+    assert not (tmp_path / "b.db").exists()
+
+
+# -- purge --------------------------------------------------------------------------------
+
+
+def test_purge_deletes_expired_rows_and_shrinks_the_file(
+    make_mem: Callable[..., DualMemory],
+    args: list[str],
+    db_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mem = make_mem(purge_interval=3600)  # the worker's own purge stays out of the way
+    big = os.urandom(8000).hex()
+    rs = [mem.put(f"t{i}", big, level=Level.SWARM, principal=CODER, ttl=0.2) for i in range(100)]
+    rs.append(mem.put("kept", 1, level=Level.SWARM, principal=CODER))
+    for r in rs:
+        mem.sync(r, timeout=10)
+    time.sleep(0.3)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = db_path.stat().st_size
+    code, out, _ = run(capsys, "purge", *args)
+    assert code == 0, out
+    assert "purged 100 expired row(s)" in out and "auto_vacuum INCREMENTAL" in out
+    assert count(db_path, "memory") == 1
+    assert db_path.stat().st_size < before / 2
+    assert mem.get("kept", level=Level.SWARM, principal=CODER) == 1
+
+
+def test_purge_on_an_old_file_converts_it_with_vacuum(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "old.db"
+    shutil.copyfile(FIXTURE, db)
+    code, _, err = run(capsys, "purge", "--db", str(db))
+    assert code == 2 and "run `dualmem migrate" in err  # purge never migrates silently
+    assert run(capsys, "migrate", "--db", str(db))[0] == 0
+    code, out, _ = run(capsys, "purge", "--db", str(db))
+    assert code == 0 and "auto_vacuum NONE" in out and "--vacuum" in out
+    code, out, _ = run(capsys, "purge", "--db", str(db), "--vacuum")
+    assert code == 0 and "auto_vacuum INCREMENTAL (converted by VACUUM)" in out
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)
+
+
+# -- dlq ----------------------------------------------------------------------------------
+
+
+def test_a_poison_entry_replayed_is_dead_again(
+    make_mem: Callable[..., DualMemory],
+    args: list[str],
+    raw_redis: redis.Redis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mem = make_mem(max_deliveries=1)
+    sid = raw_redis.xadd(
+        mem.layout.stream(0), {"op": "put", "s": "swarm:s1", "k": "p", "l": 3, "a": "x", "t": 1}
+    )
+    wait_until(mem.store.dead_letters, what="the dead letter")
+    code, out, _ = run(capsys, "dlq", "list", *args, "--json")
+    (dead,) = json.loads(out)
+    assert dead["stream_id"] == sid.decode() and dead["op"] == "put" and dead["key"] == "p"
+    assert "put without an envelope" in dead["error"]
+    code, out, _ = run(capsys, "dlq", "replay", *args, str(dead["id"]))
+    assert code == 1 and "1 dead-lettered again" in out
+    code, out, _ = run(capsys, "dlq", "list", *args, "--all", "--json")
+    assert [d["replayed_at"] is not None for d in json.loads(out)] == [True, False]
+
+
+def test_a_dead_letter_of_a_passing_failure_replays_and_commits(
+    mem: DualMemory, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = mem.codec.seal({"v": 1}, scope="agent:coder-1", key="late", level=Level.PRIVATE)
+    fields = put_fields(
+        "agent:coder-1", "late", Level.PRIVATE, "coder-1", time.time_ns() // 1000, env, None
+    )
+    raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+    # What the worker records when a batch keeps failing (say the disk was full).
+    mem.store.dead_letter([(StreamEntry(0, "1-1", raw), "disk I/O error", 3)])
+    code, out, _ = run(capsys, "dlq", "list", *args, "--json")
+    (dead,) = json.loads(out)
+    assert (dead["error"], dead["scope"], dead["key"]) == (
+        "disk I/O error",
+        "agent:coder-1",
+        "late",
+    )
+    code, out, _ = run(capsys, "dlq", "replay", *args, "--all")
+    assert code == 0 and "1 committed" in out
+    assert mem.get("late", level=Level.PRIVATE, principal=CODER) == {"v": 1}
+    code, out, _ = run(capsys, "dlq", "list", *args)
+    assert "no dead letters" in out
+    assert "dlq_replay" in [a.event for a in mem.store.audit_log()]
+    code, out, _ = run(capsys, "dlq", "replay", *args, "--all")
+    assert code == 0 and "nothing to replay" in out
+
+
+def test_dlq_bad_input(
+    mem: DualMemory, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "dlq", "replay", *args, "99")
+    assert code == 2 and "no dead letter with id 99" in err
+    code, _, err = run(capsys, "dlq", "replay", *args)
+    assert code == 2 and "--all" in err
+
+
+def test_sync_reports_a_dead_letter_and_stats_count_it(
+    make_mem: Callable[..., DualMemory], args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    mem = make_mem(max_deliveries=1)
+    bad = mem.put("_dm/mission/x", {"status": "?"}, level=Level.PROJECT, principal=CODER)
+    with pytest.raises(NotPersisted):
+        mem.sync(bad, timeout=10)
+    code, out, _ = run(capsys, "stats", *args[:4], "--json")
+    stats = json.loads(out)
+    assert code == 0 and stats["dead_letters"] == 1
+    assert {"pending", "db_free_bytes", "db_wal_bytes"} <= stats.keys()
+
+
+# -- stats --------------------------------------------------------------------------------
+
+
+def test_stats_separates_pending_from_undelivered(
+    redis_server: RedisServer, tmp_path: Path, keyfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    redis_server.client().flushall()
+    db = tmp_path / "s.db"
+    writer = DualMemory(
+        redis_url=redis_server.url, db_path=str(db), keyring=str(keyfile), worker=False
+    )
+    try:
+        for i in range(7):
+            writer.put(f"k{i}", i, level=Level.SWARM, principal=CODER)
+        client = redis_server.client()
+        # A consumer that read 3 and died before acknowledging: pending, not lost.
+        client.xreadgroup("persist", "dead-one", {writer.layout.stream(0): ">"}, count=3)
+        code, out, _ = run(
+            capsys, "stats", "--redis-url", redis_server.url, "--db", str(db), "--json"
+        )
+        stats = json.loads(out)
+        assert code == 0 and (stats["backlog"], stats["pending"]) == (7, 3)
+        code, out, _ = run(capsys, "stats", "--redis-url", redis_server.url, "--db", str(db))
+        assert "backlog: 7 (pending: 3)" in out
+    finally:
+        writer.close(timeout=0.1)
+
+
+# -- doctor -------------------------------------------------------------------------------
+
+
+def doctor(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, dict]]:
+    code, out, _ = run(capsys, "doctor", *argv, "--json")
+    return code, {f["check"]: f for f in json.loads(out)}
+
+
+def test_doctor_on_a_healthy_setup(
+    redis_server: RedisServer, tmp_path: Path, keyfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "d.db"
+    DualMemory(
+        redis_url=redis_server.url, db_path=str(db), keyring=str(keyfile), worker=False
+    ).close()
+    db.chmod(0o600)
+    code, found = doctor(
+        capsys, "--redis-url", redis_server.url, "--db", str(db), "--keyring", str(keyfile)
+    )
+    assert code == 0, found
+    assert {f["status"] for f in found.values()} == {"ok"}
+    assert found["redis persistence"]["detail"] == "appendonly yes, appendfsync everysec"
+    assert found["key file"]["detail"].startswith(f"{keyfile} (mode 600")
+    code, out, _ = run(
+        capsys,
+        "doctor",
+        "--redis-url",
+        redis_server.url,
+        "--db",
+        str(db),
+        "--keyring",
+        str(keyfile),
+    )
+    assert code == 0 and "dualmem doctor" in out
+
+
+def test_doctor_finds_each_problem_and_says_how_to_fix_it(
+    tmp_path: Path, keyfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    srv = RedisServer(tmp_path / "noaof", appendonly=False)
+    srv.start()
+    try:
+        srv.client().config_set("maxmemory-policy", "allkeys-lru")
+        db = tmp_path / "old.db"
+        shutil.copyfile(FIXTURE, db)
+        db.chmod(0o644)
+        keyfile.chmod(0o644)
+        code, found = doctor(
+            capsys, "--redis-url", srv.url, "--db", str(db), "--keyring", str(keyfile)
+        )
+    finally:
+        srv.stop()
+    assert code == 1
+    assert found["redis persistence"]["status"] == "warn"
+    assert "CONFIG SET appendonly yes" in found["redis persistence"]["fix"]
+    assert found["redis eviction"]["status"] == "fail"
+    assert "maxmemory-policy noeviction" in found["redis eviction"]["fix"]
+    assert (
+        found["key file"]["status"] == "fail" and found["key file"]["fix"] == f"chmod 600 {keyfile}"
+    )
+    assert found["schema"]["status"] == "warn" and "dualmem migrate" in found["schema"]["fix"]
+    assert found["auto_vacuum"]["status"] == "warn" and "--vacuum" in found["auto_vacuum"]["fix"]
+    assert found["database permissions"]["fix"].startswith(f"chmod 600 {db}")
+
+
+def test_doctor_without_redis_or_key_and_with_a_newer_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "new.db"
+    shutil.copyfile(FIXTURE, db)
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    code, found = doctor(capsys, "--redis-url", url, "--db", str(db))
+    assert code == 1
+    assert found["redis"]["status"] == "fail" and "start Redis" in found["redis"]["fix"]
+    assert found["key"]["status"] == "fail" and "dualmem keygen" in found["key"]["fix"]
+    assert found["schema"]["status"] == "fail" and found["schema"]["fix"] == "upgrade dualmem"
+    code, found = doctor(capsys, "--redis-url", "memory://doc", "--db", str(tmp_path / "x.db"))
+    assert found["redis persistence"]["status"] == "warn"
+    assert found["database"]["status"] == "ok"  # created on first use
+
+
+# -- metrics ------------------------------------------------------------------------------
+
+_SAMPLE = re.compile(r'^dualmem_[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+-]+$')
+
+
+def check_exposition(text: str) -> None:
+    for line in text.splitlines():
+        assert line.startswith("#") or _SAMPLE.match(line), line
+
+
+def test_metrics_prints_an_exposition_with_one_series_per_worker(
+    make_mem: Callable[..., DualMemory],
+    args: list[str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mem = make_mem()
+    for r in [mem.put(f"k{i}", i, level=Level.SWARM, principal=CODER) for i in range(20)]:
+        mem.sync(r)
+    mem.close()  # the worker snapshots its histograms on the way out
+    code, out, _ = run(capsys, "metrics", *args)
+    assert code == 0
+    check_exposition(out)
+    assert re.search(r'dualmem_latency_seconds_count\{source="[^"]+",path="persist"\} 20', out)
+    assert "dualmem_dead_letters 0" in out and "dualmem_journal_seq 20" in out
+    assert out.count("# TYPE dualmem_latency_seconds summary") == 1
+
+
+def test_metrics_server_serves_on_loopback_and_stops(
+    mem: DualMemory, redis_url: str, db_path: Path
+) -> None:
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=CODER))
+    exporter = Exporter(Settings.load({"redis_url": redis_url, "db_path": str(db_path)}))
+    server, thread = start_server(0, exporter.render)
+    try:
+        host, port = server.server_address[:2]
+        assert host == "127.0.0.1"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            body = resp.read().decode()
+        check_exposition(body)
+        assert "dualmem_journal_seq 1" in body
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
+        assert err.value.code == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+        exporter.close()
+    assert not thread.is_alive()
+
+
+def test_metrics_serve_command_runs_until_sigterm(
+    redis_server: RedisServer, tmp_path: Path, keyfile: Path
+) -> None:
+    redis_server.client().flushall()
+    db = tmp_path / "m.db"
+    with DualMemory(redis_url=redis_server.url, db_path=str(db), keyring=str(keyfile)) as mem:
+        mem.sync(mem.put("k", 1, level=Level.SWARM, principal=CODER))
+        mem.put("pending", 2, level=Level.SWARM, principal=CODER)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dualmem",
+            "metrics",
+            "--serve",
+            str(port),
+            "--redis-url",
+            redis_server.url,
+            "--db",
+            str(db),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert f"serving http://127.0.0.1:{port}/metrics" in proc.stdout.readline()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            body = resp.read().decode()
+        check_exposition(body)
+        assert "dualmem_redis_up 1" in body and "dualmem_backlog 0" in body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    assert proc.returncode == 0
+
+
+def test_metrics_refuses_a_database_of_another_schema(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "old.db"
+    shutil.copyfile(FIXTURE, db)
+    code, _, err = run(capsys, "metrics", "--db", str(db))
+    assert code == 2 and "run `dualmem migrate" in err
+    code, _, err = run(capsys, "metrics", "--db", str(tmp_path / "none.db"))
+    assert code == 2 and "no database at" in err

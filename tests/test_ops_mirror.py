@@ -1,0 +1,212 @@
+"""``dualmem mirror``: files follow the change feed and resume from their position; files
+edited by hand are imported, SQLite wins conflicts, every conflict is in sync_events;
+``verify --mirror`` reports parity. On fakeredis and a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from acl import Level, Principal
+from dualmem import DualMemory
+from dualmem.cli import main
+from dualmem.ops.mirror import STATE_FILE, record_path
+
+CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
+SECRET = "mirror-secret-6c1b-never-in-files"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def args(redis_url: str, db_path: Path, keyfile: Path) -> list[str]:
+    return ["--redis-url", redis_url, "--db", str(db_path), "--keyring", str(keyfile)]
+
+
+@pytest.fixture
+def mdir(tmp_path: Path) -> Path:
+    return tmp_path / "mirror"
+
+
+def put(mem: DualMemory, key: str, value: object, level: Level = Level.SWARM) -> None:
+    mem.sync(mem.put(key, value, level=level, principal=CODER), timeout=10)
+
+
+def once(capsys: pytest.CaptureFixture[str], args: list[str], mdir: Path) -> str:
+    code, out, err = run(capsys, "mirror", *args, "--dir", str(mdir), "--once")
+    assert code == 0, out + err
+    return out
+
+
+def file_of(mdir: Path, key: str, scope: str = "swarm:s1") -> Path:
+    return record_path(mdir, scope, key)
+
+
+def doc(path: Path) -> dict[str, object]:
+    return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+def sync_events(db: Path) -> list[tuple[str, str, dict[str, object]]]:
+    with sqlite3.connect(db) as conn:
+        return [
+            (kind, key, json.loads(detail))
+            for kind, key, detail in conn.execute(
+                "SELECT kind, key, detail FROM sync_events ORDER BY id"
+            )
+        ]
+
+
+def verify_mirror(capsys: pytest.CaptureFixture[str], args: list[str], mdir: Path) -> dict:
+    code, out, _ = run(capsys, "verify", *args, "--mirror", str(mdir), "--json")
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    return {"code": code, **checks[f"mirror {mdir}"]}
+
+
+def test_files_follow_the_change_feed_and_resume(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put(mem, "a", {"n": 1})
+    put(mem, "b/c:d", "slashes and colons")
+    put(mem, "spec", {"text": "é ✓"}, Level.PROJECT)
+    out = once(capsys, args, mdir)
+    assert "3 written" in out
+    assert doc(file_of(mdir, "a"))["value"] == {"n": 1}
+    assert file_of(mdir, "b/c:d").name == "b%2Fc%3Ad.json"
+    assert doc(file_of(mdir, "spec", "project:shop"))["value"] == {"text": "é ✓"}
+    assert verify_mirror(capsys, args, mdir)["status"] == "ok"
+    # Later changes: an update, a delete, a new record. The next run starts where the
+    # last one stopped (its saved journal position) and applies only those.
+    put(mem, "a", {"n": 2})
+    mem.sync(mem.delete("b/c:d", level=Level.SWARM, principal=CODER))
+    put(mem, "new", [1, 2])
+    assert verify_mirror(capsys, args, mdir)["status"] == "fail"  # behind until it runs
+    out = once(capsys, args, mdir)
+    assert "2 written, 1 removed" in out
+    assert doc(file_of(mdir, "a"))["value"] == {"n": 2}
+    assert not file_of(mdir, "b/c:d").exists()
+    state = json.loads((mdir / STATE_FILE).read_text())
+    assert state["seq"] == mem.store.last_seq()
+    assert verify_mirror(capsys, args, mdir)["status"] == "ok"
+    assert once(capsys, args, mdir).startswith("mirror")  # nothing new: nothing written
+    assert sync_events(db_path) == []
+
+
+def test_a_file_edited_by_hand_is_imported(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put(mem, "plan", {"steps": 1})
+    once(capsys, args, mdir)
+    f = file_of(mdir, "plan")
+    d = doc(f)
+    d["value"] = {"steps": 2, "edited": "by hand"}
+    f.write_text(json.dumps(d), encoding="utf-8")  # compact: formatting differs too
+    assert "differs from SQLite (edited by hand" in " ".join(
+        verify_mirror(capsys, args, mdir)["problems"]
+    )
+    out = once(capsys, args, mdir)
+    assert "imported" in out
+    assert mem.get("plan", level=Level.SWARM, principal=CODER) == {"steps": 2, "edited": "by hand"}
+    assert doc(f)["owner"] == "mirror"  # written back from SQLite after the commit
+    assert [(k, key) for k, key, _ in sync_events(db_path)] == [("imported", "plan")]
+    assert verify_mirror(capsys, args, mdir)["status"] == "ok"
+
+
+def test_sqlite_wins_a_conflict_and_the_conflict_is_recorded(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put(mem, "k", "v1")
+    once(capsys, args, mdir)
+    f = file_of(mdir, "k")
+    put(mem, "k", "v2 from an agent")  # SQLite changes...
+    d = doc(f)
+    d["value"] = "v2 from a human"  # ...and so does the file
+    f.write_text(json.dumps(d, indent=2), encoding="utf-8")
+    out = once(capsys, args, mdir)
+    assert "conflict" in out and "SQLite wins" in out
+    assert mem.get("k", level=Level.SWARM, principal=CODER) == "v2 from an agent"
+    assert doc(f)["value"] == "v2 from an agent"
+    ((kind, key, detail),) = sync_events(db_path)
+    assert (kind, key) == ("conflict", "k")
+    assert "v2 from a human" in str(detail["discarded"])  # what lost is kept
+    assert detail["path"] == "swarm:s1/k.json"
+    audit = [a.event for a in mem.store.audit_log()]
+    assert "mirror.conflict" in audit
+    assert verify_mirror(capsys, args, mdir)["status"] == "ok"
+
+
+def test_broken_deleted_and_stray_files(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put(mem, "x", 1)
+    put(mem, "y", 2)
+    once(capsys, args, mdir)
+    fx, fy = file_of(mdir, "x"), file_of(mdir, "y")
+    fx.write_text('{"scope": "swarm:s1", "key": "x", "level": 3, "value": ', encoding="utf-8")
+    fy.unlink()
+    stray = mdir / "swarm:s1" / "stray.json"
+    stray.write_text("not json at all", encoding="utf-8")
+    out = once(capsys, args, mdir)
+    assert "rejected swarm:s1/x.json: not valid JSON" in out
+    assert "rejected swarm:s1/stray.json" in out
+    assert doc(fx)["value"] == 1 and doc(fy)["value"] == 2  # SQLite restored both
+    assert stray.read_text() == "not json at all"  # not ours: left alone
+    kinds = sorted((k, key) for k, key, _ in sync_events(db_path))
+    assert kinds == [("rejected", ""), ("rejected", "x"), ("restored", "y")]
+    once(capsys, args, mdir)
+    assert len(sync_events(db_path)) == 3  # the stray file is reported once
+    v = verify_mirror(capsys, args, mdir)
+    assert v["code"] == 1 and v["problems"] == ["swarm:s1/stray.json: no live record in SQLite"]
+
+
+def test_a_new_file_becomes_a_record_and_files_in_the_wrong_place_do_not(
+    mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put(mem, "seed", 0)
+    once(capsys, args, mdir)
+    new = file_of(mdir, "from-a-file")
+    new.write_text(json.dumps({"scope": "swarm:s1", "key": "from-a-file", "level": 3, "value": 7}))
+    misplaced = mdir / "swarm:s1" / "elsewhere.json"
+    misplaced.write_text(json.dumps({"scope": "swarm:s1", "key": "other", "level": 3, "value": 8}))
+    out = once(capsys, args, mdir)
+    assert "imported swarm:s1/from-a-file.json" in out
+    assert "do not belong at swarm:s1/elsewhere.json" in out
+    assert mem.get("from-a-file", level=Level.SWARM, principal=CODER) == 7
+    assert mem.get("other", level=Level.SWARM, principal=CODER) is None
+
+
+def test_encrypted_records_are_mirrored_sealed(
+    mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put(mem, "token", {"t": SECRET}, Level.PRIVATE)
+    once(capsys, args, mdir)
+    f = file_of(mdir, "token", "agent:coder-1")
+    assert "envelope" in doc(f) and SECRET not in f.read_text()
+    # A hand edit may give a new value in the clear: it is sealed on the way in.
+    d = doc(f)
+    del d["envelope"]
+    d["value"] = {"t": SECRET + "-rotated"}
+    f.write_text(json.dumps(d))
+    once(capsys, args, mdir)
+    assert mem.get("token", level=Level.PRIVATE, principal=CODER) == {"t": SECRET + "-rotated"}
+    assert SECRET not in f.read_text()  # written back sealed
+
+
+def test_a_mirror_keeps_its_levels(
+    mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put(mem, "s", 1)
+    put(mem, "p", 2, Level.PROJECT)
+    run(capsys, "mirror", *args, "--dir", str(mdir), "--once", "--level", "project")
+    assert not file_of(mdir, "s").exists() and file_of(mdir, "p", "project:shop").exists()
+    code, _, err = run(capsys, "mirror", *args, "--dir", str(mdir), "--once", "--level", "swarm")
+    assert code == 2 and "mirrors levels [4]" in err
+    not_a_dir = mdir / STATE_FILE
+    code, _, err = run(capsys, "mirror", *args, "--dir", str(not_a_dir), "--once")
+    assert code == 2 and "is not a directory" in err
