@@ -16,6 +16,7 @@ from dualmem.errors import (
 )
 from dualmem.memory import CloseReport, DualMemory, Record
 from dualmem.metrics import Metrics
+from dualmem.missions import MissionLog
 from dualmem.settings import Settings
 from dualmem.store import Change, Store
 from dualmem.subscriber import Subscriber
@@ -32,6 +33,7 @@ __all__ = [
     "Level",
     "Metrics",
     "MissingKey",
+    "MissionLog",
     "NotPersisted",
     "Principal",
     "Receipt",
