@@ -48,8 +48,49 @@ class Layout:
         return int(inner.rsplit(":", 1)[1])
 
     def cache_key(self, shard: int, scope: str, key: str) -> bytes:
-        """The cache entry holding a record's current envelope."""
+        """The cache entry holding a record's current envelope.
+
+        The name part of the scope has ``%`` and ``:`` escaped, so the scope ends at the
+        first ``:`` after it and no two records share an entry: unescaped, swarm ``x:y``
+        key ``z`` and swarm ``x`` key ``y:z`` were both ``c:swarm:x:y:z``, and a member of
+        swarm ``x`` read the other swarm's value with ``get(..., fresh=True)``.
+
+        >>> Layout("ns").cache_key(0, "swarm:x:y", "z")
+        b'dm:{ns:0}:c:swarm:x%3Ay:z'
+        """
+        kind, sep, name = scope.partition(":")
+        if sep:
+            scope = f"{kind}:{name.replace('%', '%25').replace(':', '%3A')}"
         return f"{self._tag(shard)}:c:{scope}:{key}".encode()
+
+    def split_cache_key(self, name: bytes) -> tuple[int, str, str] | None:
+        """Inverse of :meth:`cache_key`: ``(shard, scope, key)``, or ``None`` if ``name``
+        is not one of this namespace's cache keys.
+
+        >>> lay = Layout("ns")
+        >>> lay.split_cache_key(lay.cache_key(0, "agent:a:b", "k:1"))
+        (0, 'agent:a:b', 'k:1')
+        """
+        try:
+            text = name.decode("utf-8")
+            tag, sep, rest = text.partition("}:c:")
+            prefix = f"dm:{{{self.namespace}:"
+            if not sep or not tag.startswith(prefix):
+                return None
+            shard = int(tag[len(prefix) :])
+        except (UnicodeDecodeError, ValueError):
+            return None
+        kind, _, tail = rest.partition(":")
+        if kind == "system":
+            scope, key = "system", tail
+        else:
+            encoded, sep, key = tail.partition(":")
+            if kind not in ("agent", "team", "swarm", "project") or not sep or not encoded:
+                return None
+            scope = f"{kind}:{encoded.replace('%3A', ':').replace('%25', '%')}"
+        if not key or self.cache_key(shard, scope, key) != name:
+            return None
+        return shard, scope, key
 
     def cache_pattern(self, shard: int) -> bytes:
         """SCAN pattern matching every cache key of ``shard``."""
