@@ -30,8 +30,8 @@ __all__ = ["run_demo"]
 SWARM, PROJECT, PHASE = "phase-1-auth", "shop", "auth"
 FEED_NAME = "demo-observer"
 DEMO_NAMESPACE = "dualmem-demo"
-HEARTBEAT_TIMEOUT = 1.0  # seconds; short so the demo shows a dead agent within a run
-ACK_TIMEOUT = 1.5
+HEARTBEAT_TIMEOUT = 1.5  # seconds; short so the demo shows a dead agent within a run
+ACK_TIMEOUT = 2.0  # longer than HEARTBEAT_TIMEOUT: the hung agent is stale by the end
 LOAD_ITERATIONS = 500  # per agent, in the load section
 
 CODERS = tuple(
@@ -577,8 +577,10 @@ class _Demo:
             "(the rest are agents' private entries and its own saved positions)"
         )
         # Written after the observer stopped: the next run's Subscriber catches them up.
-        for p in CODERS[:2]:
-            self.life.register_termination(p.agent_id, "phase complete")
+        for p in CODERS:
+            info = self.life.agent(p.agent_id)
+            if info is not None and not info.status.final:
+                self.life.register_termination(p.agent_id, "phase complete")
         self.sync_all()
         report = self.mem.close()
         state = "drained" if report.drained else f"{report.pending} commands pending"

@@ -62,7 +62,9 @@ class Subscriber:
     it comes back. Position saves travel the put path: on a real Redis they are durable
     at once (the cache entry and the stream), on ``memory://`` once the worker committed.
     For exactly-once side effects of your own, store ``change.seq`` with them in one
-    transaction and restart with ``since=<that seq>``.
+    transaction and restart with ``since=<that seq>``. A saved position past the journal's
+    end (the database was replaced or restored from a backup) starts over from the
+    beginning of the new journal, with a warning: repeats are possible there, gaps are not.
 
     One live Subscriber per name at a time. Not thread-safe, except :meth:`close`.
 
@@ -156,17 +158,17 @@ class Subscriber:
             last = self._mem.store.last_seq()
             if saved > last:
                 # Only delivered (so committed) changes are ever saved: a position past the
-                # journal's end means the database was replaced or restored from a backup.
-                # New changes get seqs from ``last`` on; skipping them would lose them.
+                # journal's end means the database was replaced or restored from a backup,
+                # a different history. Resuming at its end would skip whatever it already
+                # holds; starting it over can only repeat changes, never miss one.
                 log.warning(
                     "subscriber %s: saved position %d is past the journal's end (%d): the "
-                    "database was replaced or restored; resuming after %d",
+                    "database was replaced or restored; starting over from its beginning",
                     since,
                     saved,
                     last,
-                    last,
                 )
-                saved = last
+                saved = 0
             return since, key, saved
         if isinstance(since, bool) or not isinstance(since, int) or since < 0:
             raise ValidationError(

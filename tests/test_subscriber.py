@@ -317,11 +317,12 @@ def test_a_position_past_the_journal_end_does_not_skip_a_new_databases_changes(
     # holds the cache entry of the saved position.
     new = make_mem(db_path=str(tmp_path / "restored.db"))
     assert Subscriber.saved_position(new, coder, "mirror") == 5
-    for i in range(2):
-        new.put(f"new{i}", i, level=Level.SWARM, principal=coder)
+    new.put("new0", 0, level=Level.SWARM, principal=coder)
+    new.sync(new.put("new1", 1, level=Level.SWARM, principal=coder))  # before it starts
     with Subscriber(new, coder, since="mirror") as sub:
-        assert sub.position == 0
-        assert [c.key for c in consume_until(sub, "new1")] == ["new0", "new1"]
+        assert sub.position == 0  # a different history: from its beginning
+        new.put("new2", 2, level=Level.SWARM, principal=coder)
+        assert [c.key for c in consume_until(sub, "new2")] == ["new0", "new1", "new2"]
 
 
 def test_close_from_another_thread_ends_iteration(make_mem: MakeMem, coder: Principal) -> None:
