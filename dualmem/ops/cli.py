@@ -437,13 +437,14 @@ def cmd_backup(args: argparse.Namespace) -> int:
     console = _console()
     with _progress(console) as progress:
         r = backup_database(settings.db_path, args.dest, overwrite=args.force, progress=progress)
-    table = _table(f"backup {settings.db_path} -> {r.dest}", ("item", "value"))
+    console.print(f"backup {settings.db_path} -> {r.dest} (verified)", soft_wrap=True)
+    table = _table("", ("item", "value"))
     table.add_row("size", f"{r.bytes / 1e6:.2f} MB ({r.pages} pages)")
     table.add_row("schema version", str(r.schema_version))
     for name, n in r.rows.items():
         table.add_row(f"rows in {name}", str(n))
     for c in r.checks:
-        table.add_row(c.name, f"{_STYLE[c.status]} {c.summary}")
+        table.add_row(c.name, c.summary if c.ok else f"[red]FAIL[/] {c.summary}")
     table.add_row("time", f"{r.seconds:.2f} s")
     console.print(table)
     return 0 if r.ok else _EXIT_FOUND

@@ -212,7 +212,8 @@ def line_envelope(
 def parse_line(text: str, lineno: int, codec: Codec, now_ms: int) -> ImportItem | None:
     """Check one line; ``None`` if its record has expired, ``LineError`` if it is bad."""
     try:
-        obj = json.loads(text)
+        # Without its line ending, an error's position is within this line.
+        obj = json.loads(text.rstrip("\r\n"))
     except ValueError as exc:
         raise LineError(f"not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
