@@ -112,9 +112,7 @@ def plan_batch(
         ts = cmd.ts_ms
         if cmd.op == OP_RESEAL:
             # Not a change of value: no journal row, no notification (see reseal_fields).
-            plan.reseal.append(
-                (cmd.envelope, cmd.scope, cmd.key, int(cmd.level), sid_of(cmd.guard or ""))
-            )
+            plan.reseal.append((cmd.envelope, cmd.scope, cmd.key, int(cmd.level), cmd.guard))
             continue
         if cmd.op == OP_AUDIT:
             aid += 1

@@ -22,7 +22,7 @@ __all__ = ["COMMAND_MODULES", "add_common_arguments", "build_parser", "main", "s
 
 #: Modules with a ``register_commands(subparsers)`` function, each adding its subcommands.
 #: Every command handler takes the parsed ``argparse.Namespace`` and returns an exit code.
-COMMAND_MODULES: tuple[str, ...] = ("bench.cli", "dualmem.ops.cli")
+COMMAND_MODULES: tuple[str, ...] = ("bench.cli", "dualmem.ops.cli", "dualmem.rotation")
 
 
 def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:

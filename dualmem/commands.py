@@ -71,8 +71,8 @@ class Command:
     event: str | None = None
     risk: str | None = None
     detail: str | None = None
-    #: reseal only: the stream id of the row it re-encrypts (applied only if still current)
-    guard: str | None = None
+    #: reseal only: the sid of the row it re-encrypts (applied only while still current)
+    guard: int | None = None
     #: a replayed command's original stream id: it orders the command, not its new id
     origin: str | None = None
 
@@ -182,13 +182,14 @@ def audit_fields(
 
 
 def reseal_fields(
-    scope: str, key: str, level: Level, actor: str, ts_us: int, envelope: bytes, guard: str
+    scope: str, key: str, level: Level, actor: str, ts_us: int, envelope: bytes, guard: int
 ) -> dict[bytes, bytes | str | int]:
     """Stream entry of a key rotation's re-encryption of one row (``dualmem.rotation``).
 
-    The worker replaces the row's envelope only while the row is still the one written by
-    stream id ``guard``: a newer put or delete committed meanwhile always wins, and the
-    row keeps its stream id, times and owner (the value did not change, only its key).
+    The worker replaces the row's envelope only while the row's ``sid`` is still
+    ``guard`` (the value the rotation read): a newer put or delete committed meanwhile
+    always wins, and the row keeps its stream id, times and owner (the value did not
+    change, only the key that seals it).
     """
     return {
         b"op": OP_RESEAL,
@@ -281,7 +282,9 @@ def decode_command(fields: Mapping[bytes, bytes]) -> Command:
     if op == OP_RESEAL:
         if level not in ENCRYPTED_LEVELS:
             raise MalformedCommand(f"reseal at level {level.name}, which is not encrypted")
-        guard = _stream_id(fields, b"g")
+        guard = _int(fields, b"g")
+        if not 0 <= guard < 1 << 63:
+            raise MalformedCommand(f"reseal guard out of range: {guard}")
         return Command(op, scope, key, level, actor, ts_us, envelope=envelope, guard=guard)
     expires_at = _int(fields, b"x") if b"x" in fields else None
     return Command(

@@ -6,12 +6,19 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
 
 from acl.crypto import Codec, Keyring
-from acl.errors import AccessDenied, ConfigurationError, TamperedRecord, ValidationError
+from acl.errors import (
+    AccessDenied,
+    ConfigurationError,
+    MissingKey,
+    TamperedRecord,
+    ValidationError,
+)
 from acl.levels import Level, as_level
 from acl.policy import level_of_scope, readable_scopes, resolve_scope
 from acl.principal import Principal
@@ -27,6 +34,7 @@ from dualmem.errors import Backpressure, DualMemError, NotPersisted
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics, prometheus_text
 from dualmem.redis_backend import connect, text, translate_errors
+from dualmem.rotation import KeyfileWatcher
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import Change, Store, StoredRow
@@ -111,6 +119,13 @@ class DualMemory:
             given_ring or _load_keyring(settings),
             compress_threshold=settings.compress_threshold,
             max_value_bytes=settings.max_value_bytes,
+        )
+        # A key file is watched, so a key rotation reaches this process (dualmem.rotation).
+        keyfile = None if given_ring else _keyring_path(settings)
+        self._keyfile = (
+            None
+            if keyfile is None
+            else KeyfileWatcher(keyfile, self.codec, settings.keyring_reload_interval)
         )
         self._streams = self.layout.streams()
         self._backlog = [0] * settings.shards
@@ -306,6 +321,8 @@ class DualMemory:
         lvl, sc = self._authorize(principal, level, "write", scope, key)
         ttl_ms = ttl_to_ms(ttl)
         t0 = time.perf_counter_ns()
+        if self._keyfile is not None:
+            self._keyfile.check()
         envelope = self.codec.seal(value, scope=sc, key=key, level=lvl)
         t1 = time.perf_counter_ns()
         now_us = time.time_ns() // 1000
@@ -401,7 +418,13 @@ class DualMemory:
 
     def _open(self, row_envelope: bytes, scope: str, key: str, level: Level, actor: str) -> Any:
         try:
-            return self.codec.open(row_envelope, scope=scope, key=key, level=level)
+            try:
+                return self.codec.open(row_envelope, scope=scope, key=key, level=level)
+            except MissingKey:
+                # Re-sealed by a key rotation under a key this process has not loaded yet.
+                if self._keyfile is None or not self._keyfile.reload():
+                    raise
+                return self.codec.open(row_envelope, scope=scope, key=key, level=level)
         except TamperedRecord as exc:
             self._audit(
                 "tampered_record",
@@ -600,6 +623,15 @@ class DualMemory:
         else:
             gauges["redis_up"] = 1.0
         return prometheus_text(self.metrics(), gauges)
+
+
+def _keyring_path(settings: Settings) -> Path | None:
+    """The key file the keyring came from, if it came from one."""
+    if settings.keyring:
+        return Path(settings.keyring)
+    if settings.key:
+        return None
+    return settings.default_keyring_path if settings.embedded else None
 
 
 def _load_keyring(settings: Settings) -> Keyring:

@@ -80,6 +80,8 @@ class Settings:
     purge_interval: float = 5.0
     #: Deleted rows keep a tombstone this long so a late, older command cannot revive them, s.
     tombstone_ttl: int = 86_400
+    #: How often a process checks its key file for a new active key (``rotate-keys``), s.
+    keyring_reload_interval: float = 1.0
 
     @classmethod
     def load(
@@ -156,6 +158,7 @@ class Settings:
             "close_timeout",
             "metrics_interval",
             "purge_interval",
+            "keyring_reload_interval",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"setting {name} must be > 0 (got {getattr(self, name)})")

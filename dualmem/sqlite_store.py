@@ -32,6 +32,7 @@ from dualmem.store import (
     AuditRow,
     Change,
     DeadLetter,
+    SealedRow,
     Store,
     StoredRow,
     StreamEntry,
@@ -521,6 +522,31 @@ class SQLiteStore(Store):
             for r in rows
         ]
 
+    def sealed_rows(
+        self,
+        levels: Sequence[int],
+        *,
+        skip_key_field: bytes = b"",
+        after: tuple[str, str] | None = None,
+        limit: int = 500,
+    ) -> list[SealedRow]:
+        """See :meth:`Store.sealed_rows`."""
+        where, params = _sealed_where(levels, skip_key_field)
+        if after is not None:
+            where += " AND (scope, key) > (?, ?)"
+            params.extend(after)
+        rows = self._read(
+            f"SELECT scope, key, level, envelope, sid FROM memory WHERE {where} "
+            "ORDER BY scope, key LIMIT ?",
+            [*params, limit],
+        )
+        return [SealedRow(r[0], r[1], Level(r[2]), bytes(r[3]), int(r[4])) for r in rows]
+
+    def count_sealed_rows(self, levels: Sequence[int], *, skip_key_field: bytes = b"") -> int:
+        """See :meth:`Store.count_sealed_rows`."""
+        where, params = _sealed_where(levels, skip_key_field)
+        return int(self._read(f"SELECT COUNT(*) FROM memory WHERE {where}", params)[0][0])
+
     def latest_metrics(self) -> dict[str, dict[str, dict[str, float]]]:
         """See :meth:`Store.latest_metrics`."""
         rows = self._read(
@@ -638,6 +664,16 @@ def _insert_rows(
         chunk = rows[start : start + per]
         sql = head + ",".join([group] * len(chunk)) + tail
         conn.execute(sql, [v for row in chunk for v in row])
+
+
+def _sealed_where(levels: Sequence[int], skip_key_field: bytes) -> tuple[str, list[object]]:
+    where = f"envelope IS NOT NULL AND level IN ({','.join('?' * len(levels))})"
+    params: list[object] = [int(lv) for lv in levels]
+    if skip_key_field:
+        # substr() on a BLOB counts bytes; byte 3 (1-based) is the key id's length byte.
+        where += " AND substr(envelope, 3, ?) IS NOT ?"
+        params += [len(skip_key_field), skip_key_field]
+    return where, params
 
 
 def _fields_to_json(fields: Mapping[bytes, bytes]) -> str:

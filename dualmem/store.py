@@ -16,6 +16,7 @@ __all__ = [
     "Change",
     "DeadLetter",
     "Notification",
+    "SealedRow",
     "Store",
     "StoredRow",
     "StreamEntry",
@@ -121,6 +122,18 @@ class DeadLetter:
     replayed_at: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class SealedRow:
+    """A row as key rotation reads it: its place, its envelope and the sid that orders it
+    (the guard of a reseal command)."""
+
+    scope: str
+    key: str
+    level: Level
+    envelope: bytes
+    sid: int
+
+
 @dataclass(slots=True)
 class ApplyResult:
     """What one :meth:`Store.apply` call did.
@@ -208,6 +221,27 @@ class Store(ABC):
     @abstractmethod
     def dead_letters(self, *, include_replayed: bool = False) -> list[DeadLetter]:
         """Dead-lettered commands, oldest first."""
+
+    @abstractmethod
+    def sealed_rows(
+        self,
+        levels: Sequence[int],
+        *,
+        skip_key_field: bytes = b"",
+        after: tuple[str, str] | None = None,
+        limit: int = 500,
+    ) -> list[SealedRow]:
+        """Rows at ``levels`` that hold an envelope (expired ones too, tombstones not),
+        ordered by ``(scope, key)`` and starting after ``after``, at most ``limit``.
+
+        Envelopes whose key-id field (bytes 2.. of ``acl.crypto``'s layout: a length byte,
+        then the id) starts with ``skip_key_field`` are left out: key rotation asks for
+        the rows not yet sealed with the active key.
+        """
+
+    @abstractmethod
+    def count_sealed_rows(self, levels: Sequence[int], *, skip_key_field: bytes = b"") -> int:
+        """How many rows :meth:`sealed_rows` would return in all."""
 
     @abstractmethod
     def mark_replayed(self, ids: Sequence[int]) -> None:

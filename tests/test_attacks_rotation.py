@@ -7,14 +7,27 @@ concurrent newer put or delete always wins, and replaying it changes nothing.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 
-from acl import Level
-from dualmem.commands import delete_fields, put_fields, reseal_fields
+from acl import Codec, Keyring, Level, Principal, envelope_key_id
+from bench import attacks
+from bench.faultkit import FaultEnv
+from dualmem import DualMemory
+from dualmem.cli import main
+from dualmem.commands import delete_fields, put_fields, reseal_fields, sid_of
+from dualmem.rotation import KeyfileWatcher, add_active_key, drop_keys, rotate_keys
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
+
+from .conftest import RedisServer
+
+MakeMem = Callable[..., DualMemory]
 
 SCOPE = "agent:a"
 
@@ -28,7 +41,7 @@ def put(sid: str, envelope: bytes, key: str = "k") -> StreamEntry:
 
 
 def reseal(sid: str, envelope: bytes, guard: str, key: str = "k") -> StreamEntry:
-    f = reseal_fields(SCOPE, key, Level.PRIVATE, "rotation", 2, envelope, guard)
+    f = reseal_fields(SCOPE, key, Level.PRIVATE, "rotation", 2, envelope, sid_of(guard))
     return StreamEntry(0, sid, _raw(f))
 
 
@@ -87,7 +100,8 @@ def test_a_reseal_never_revives_a_deleted_row(store: SQLiteStore) -> None:
     ("change", "why"),
     [
         ({b"l": b"3", b"s": b"swarm:s"}, "not encrypted"),
-        ({b"g": b"yesterday"}, "stream id"),
+        ({b"g": b"yesterday"}, "not an integer"),
+        ({b"g": b"-1"}, "out of range"),
         ({b"e": b""}, "without an envelope"),
     ],
 )
@@ -100,3 +114,130 @@ def test_malformed_reseals_fail_alone(
     result = store.apply([entry, put("3-0", b"v2", key="other")])
     assert len(result.failed) == 1 and why in result.failed[0][1]
     assert envelope_of(store) == b"v1" and envelope_of(store, "other") == b"v2"
+
+
+# -- nonces ----------------------------------------------------------------------------------
+
+
+def test_nonces_never_repeat_under_one_key() -> None:
+    fig = attacks.nonces(250_000)  # the report runs 1,000,000
+    assert fig.problems == [] and fig.extra["repeated"] == 0
+    assert fig.extra["distinct_nonces"] == 250_000
+
+
+# -- processes learn the new key -------------------------------------------------------------
+
+
+def test_a_running_process_learns_a_rotated_key(tmp_path: Path) -> None:
+    keyfile = tmp_path / "keys.json"
+    Keyring.generate().save(keyfile)
+    codec = Codec(Keyring.load(keyfile))
+    watcher = KeyfileWatcher(keyfile, codec, interval=3600)
+    old = codec.keyring.active_id if codec.keyring else ""
+    watcher.check()  # within the interval: not even a stat
+    new = add_active_key(keyfile).active_id
+    watcher.check()
+    assert codec.keyring is not None and codec.keyring.active_id == old
+    assert watcher.reload() and codec.keyring.active_id == new  # what a MissingKey triggers
+    assert not watcher.reload()  # unchanged file: nothing to do
+    assert old in codec.keyring.ids  # old records still open
+    keyfile.write_text("not a key file")
+    keyfile.chmod(0o600)
+    assert not watcher.reload() and codec.keyring.active_id == new  # a broken file is ignored
+
+
+# -- the library, on both backends -----------------------------------------------------------
+
+
+def test_rotation_reseals_everything_and_never_overwrites_a_newer_put(
+    make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis
+) -> None:
+    writer = make_mem(keyring_reload_interval=0.05)  # reads its key file like any process
+    p = Principal(agent_id="a", team="t", swarm="s", project="p", system=True)
+    levels = (Level.PRIVATE, Level.TEAM, Level.SYSTEM, Level.SWARM)
+    last = {}
+    for i in range(300):
+        lvl = levels[i % 4]
+        last[(f"k{i}", lvl)] = writer.put(f"k{i}", {"v": i, "gen": 0}, level=lvl, principal=p)
+    writer.sync(list(last.values())[-1], timeout=10)
+    old = writer.codec.keyring.active_id  # type: ignore[union-attr]
+    early = make_mem(worker=False, keyring_reload_interval=3600)  # loaded before the rotation
+    new = add_active_key(keyfile).active_id
+    rotator = make_mem()  # loads the new key file
+    stop = threading.Event()
+    newer: dict[tuple[str, Level], dict[str, int]] = {}
+    receipts = []
+
+    def keep_writing() -> None:
+        n = 0
+        while not stop.is_set():
+            i = n % 150  # keys 150.. keep their first value (and cache entry)
+            lvl = levels[i % 4]
+            value = {"v": i, "gen": 1 + n // 150}
+            receipts.append(writer.put(f"k{i}", value, level=lvl, principal=p))
+            newer[(f"k{i}", lvl)] = value
+            n += 1
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=keep_writing)
+    t.start()
+    try:
+        report = rotate_keys(rotator, batch_size=50, timeout=60)
+    finally:
+        stop.set()
+        t.join()
+    assert report.resealed_rows > 0
+    writer.sync(receipts[-1], timeout=10)
+    # The writer is quiet now: one more run finds what it wrote under the old key before
+    # it reloaded, and then nothing is left.
+    report = rotate_keys(rotator, batch_size=50, timeout=60)
+    assert report.done and report.retired == (old,), report
+    assert rotator.store.count_sealed_rows([1, 2, 5], skip_key_field=_field(new)) == 0
+    cached = [raw_redis.get(n) for n in raw_redis.scan_iter(match=b"dm:*:c:*")]
+    assert cached and all(envelope_key_id(bytes(v)) in (new, None) for v in cached if v)
+    drop_keys(keyfile, report.retired)
+    reader = make_mem(keyring=Keyring.load(keyfile))  # has never seen the old key
+    for key, lvl in last:
+        expected = newer.get((key, lvl), {"v": int(key[1:]), "gen": 0})
+        assert reader.get(key, level=lvl, principal=p) == expected, key
+        assert reader.get(key, level=lvl, principal=p, fresh=True) == expected, key
+    # A process that loaded the key file before the rotation meets the new key id and
+    # reloads the file (its reload interval has not come round yet).
+    assert early.get("k0", level=Level.PRIVATE, principal=p) == newer.get(
+        ("k0", Level.PRIVATE), {"v": 0, "gen": 0}
+    )
+    assert early.codec.keyring is not None and early.codec.keyring.active_id == new
+    audit = [a for a in reader.store.audit_log() if a.event == "key_rotation"]
+    assert len(audit) == 2 and all(a.actor == "dualmem-rotate-keys" for a in audit)
+
+
+def _field(key_id: str) -> bytes:
+    return bytes((len(key_id),)) + key_id.encode()
+
+
+# -- the command, with real processes --------------------------------------------------------
+
+
+@pytest.mark.real_redis
+@pytest.mark.slow
+def test_rotate_keys_online_killed_and_resumed(
+    own_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fig = attacks.key_rotation(FaultEnv(own_redis_server, tmp_path / "world"), records=600)
+    assert fig.problems == [], "\n".join(fig.problems)
+    assert fig.lost == 0 and fig.duplicated == 0
+    assert fig.extra["left_under_old_key_after"] == 0
+    assert fig.extra["cache_entries_under_old_key_after"] == 0
+    assert fig.extra["old_key_dropped"] and fig.extra["keys_lost_newest_value"] == 0
+    assert fig.extra["left_under_old_key_when_killed"] > 0  # the kill was mid-way
+
+
+def test_rotate_keys_refuses_memory_url_and_needs_a_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DUALMEM_KEYRING", raising=False)
+    db = str(tmp_path / "m.db")
+    assert main(["rotate-keys", "--redis-url", "memory://", "--db", db]) == 2
+    assert "memory://" in capsys.readouterr().err
+    assert main(["rotate-keys", "--redis-url", "redis://127.0.0.1:1/0", "--db", db]) == 2
+    assert "--keyring" in capsys.readouterr().err
