@@ -5,6 +5,7 @@ edited by hand are imported, SQLite wins conflicts, every conflict is in sync_ev
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -210,3 +211,16 @@ def test_a_mirror_keeps_its_levels(
     not_a_dir = mdir / STATE_FILE
     code, _, err = run(capsys, "mirror", *args, "--dir", str(not_a_dir), "--once")
     assert code == 2 and "is not a directory" in err
+
+
+def test_a_same_size_edit_right_after_a_write_is_still_seen(
+    mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put(mem, "n", 1)
+    once(capsys, args, mdir)
+    f = file_of(mdir, "n")
+    stat = f.stat()
+    f.write_text(f.read_text().replace('"value": 1', '"value": 2'))
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime
+    assert "imported" in once(capsys, args, mdir)
+    assert mem.get("n", level=Level.SWARM, principal=CODER) == 2

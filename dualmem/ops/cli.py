@@ -233,7 +233,7 @@ def _principal(args: argparse.Namespace) -> Principal | None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write live records to a JSON Lines file (encrypted levels sealed unless --decrypt)."""
-    from dualmem.ops.database import check_not_newer, open_database
+    from dualmem.ops.database import check_current, check_not_newer, open_database
     from dualmem.ops.runtime import AuditEvent, Runtime, load_keyring
     from dualmem.ops.transfer import export_records
 
@@ -254,7 +254,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             _progress(console) as progress,
             open(tmp, "w", encoding="utf-8", newline="\n") as fh,
         ):
-            check_not_newer(conn, settings.db_path)
+            # Decrypting leaves an audit event, written by a worker on this file: it must
+            # be current (exporting alone reads any version this code understands).
+            (check_current if principal else check_not_newer)(conn, settings.db_path)
             result = export_records(
                 conn,
                 fh,

@@ -255,7 +255,7 @@ def check_database(settings: Settings) -> list[Finding]:
         ]
     out: list[Finding] = []
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
         try:
             mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0])
             version = schema_version(conn)

@@ -30,6 +30,7 @@ import json
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,8 @@ class MirrorState:
     levels: list[int] = field(default_factory=list)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    #: When the state was last saved (ns): files stamped well before it are "settled".
+    saved_ns: int = 0
 
     @classmethod
     def load(cls, directory: Path) -> MirrorState | None:
@@ -127,6 +130,7 @@ class MirrorState:
                 list(doc["levels"]),
                 dict(doc["files"]),
                 dict(doc.get("rejected", {})),
+                int(doc.get("saved_ns", 0)),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigurationError(f"{path} is not a dualmem mirror state: {exc}") from exc
@@ -140,6 +144,7 @@ class MirrorState:
             "levels": self.levels,
             "files": self.files,
             "rejected": self.rejected,
+            "saved_ns": time.time_ns(),
         }
         _atomic_write(directory / STATE_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
 
@@ -152,6 +157,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+_STAMP = ("mtime_ns", "size")
+_RACY_NS = 1_000_000_000
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    """What a file's stat says about its content: unchanged stamp, unchanged file."""
+    st = path.stat()
+    return {"mtime_ns": st.st_mtime_ns, "size": st.st_size}
 
 
 def _files(directory: Path) -> Iterator[Path]:
@@ -210,7 +225,7 @@ class Mirror:
         writes: list[Write] = []
         events: list[AuditEvent] = []
         path = self.runtime.settings.db_path
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
         try:
             conn.execute("BEGIN")  # one read snapshot for the whole cycle
             head = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM journal").fetchone()[0])
@@ -279,6 +294,7 @@ class Mirror:
             "sha256": _sha(data),
             "stream_id": row[7],
             "expires_at": row[6],
+            **_stamp(path),
         }
         self.state.rejected.pop(rel, None)
 
@@ -302,10 +318,13 @@ class Mirror:
         for path in _files(self.dir):
             rel = path.relative_to(self.dir).as_posix()
             present.add(rel)
+            entry = self.state.files.get(rel)
+            if entry is not None and self._settled(path, entry):
+                continue  # untouched since the mirror wrote it: no need to read it
             data = path.read_bytes()
             digest = _sha(data)
-            entry = self.state.files.get(rel)
             if entry is not None and entry.get("sha256") == digest:
+                entry.update(_stamp(path))
                 continue
             if entry is None and self.state.rejected.get(rel) == digest:
                 continue
@@ -385,6 +404,7 @@ class Mirror:
             "sha256": digest,
             "stream_id": entry.get("stream_id") if entry else None,
             "expires_at": expires,
+            **_stamp(path),
         }
         self.state.rejected.pop(rel, None)
 
@@ -418,6 +438,19 @@ class Mirror:
         except DualMemError:
             return False
         return current == payload
+
+    def _settled(self, path: Path, entry: dict[str, Any]) -> bool:
+        """True when the file's stat is what the mirror recorded, and that stamp is older
+        than the last state save by more than the clock's granularity.
+
+        File times tick coarsely (milliseconds), so an edit in the same tick as the
+        mirror's own write could keep the stamp; like git's "racily clean" entries,
+        recent stamps are checked by content instead.
+        """
+        stamp = _stamp(path)
+        if stamp != {k: entry.get(k) for k in _STAMP}:
+            return False
+        return stamp["mtime_ns"] < self.state.saved_ns - _RACY_NS
 
     @staticmethod
     def _event(
