@@ -31,7 +31,7 @@ from typing import Any
 from acl.crypto import Codec
 from acl.errors import DualMemError
 from acl.levels import Level
-from dualmem.commands import OP_AUDIT, OP_DELETE, Command, MalformedCommand
+from dualmem.commands import OP_AUDIT, OP_DELETE, OP_PUT, Command, MalformedCommand
 
 __all__ = [
     "KINDS",
@@ -471,6 +471,8 @@ def plan_projection(cmd: Command, sid: int, audit_id: int | None = None) -> list
             return []
         kind = str(cmd.event)[len(SYNC_EVENT_PREFIX) :]
         return [(_SYNC_EVENT, (audit_id, cmd.ts_ms, kind, cmd.scope, cmd.key, cmd.detail))]
+    if cmd.op not in (OP_PUT, OP_DELETE):
+        return []  # a reseal (key rotation) changes no value, and is never at these levels
     parsed = parse_key(cmd.key)
     if parsed is None or cmd.level not in _PLAINTEXT_LEVELS:
         return []

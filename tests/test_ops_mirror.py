@@ -4,17 +4,20 @@ edited by hand are imported, SQLite wins conflicts, every conflict is in sync_ev
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from acl import Level, Principal
+from acl import Keyring, Level, Principal, envelope_key_id
 from dualmem import DualMemory
 from dualmem.cli import main
 from dualmem.ops.mirror import STATE_FILE, record_path
+from dualmem.rotation import rotate_keys
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 SECRET = "mirror-secret-6c1b-never-in-files"
@@ -224,3 +227,24 @@ def test_a_same_size_edit_right_after_a_write_is_still_seen(
     os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime
     assert "imported" in once(capsys, args, mdir)
     assert mem.get("n", level=Level.SWARM, principal=CODER) == 2
+
+
+def test_sealed_files_follow_a_key_rotation(
+    make_mem: Callable[..., DualMemory],
+    keyfile: Path,
+    args: list[str],
+    mdir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    put(make_mem(), "token", {"t": SECRET}, Level.PRIVATE)
+    once(capsys, args, mdir)
+    f = file_of(mdir, "token", "agent:coder-1")
+    before = envelope_key_id(base64.b64decode(str(doc(f)["envelope"])))
+    ring = Keyring.load(keyfile).with_new_key()
+    ring.save(keyfile, overwrite=True)
+    # A rotation re-seals rows in place: no journal entry, only its audit event.
+    assert rotate_keys(make_mem(), timeout=30).done
+    assert "1 written" in once(capsys, args, mdir)
+    after = envelope_key_id(base64.b64decode(str(doc(f)["envelope"])))
+    assert before != after == ring.active_id
+    assert verify_mirror(capsys, args, mdir)["status"] == "ok"

@@ -114,6 +114,8 @@ class MirrorState:
     rejected: dict[str, str] = field(default_factory=dict)
     #: When the state was last saved (ns): files stamped well before it are "settled".
     saved_ns: int = 0
+    #: The newest audit row seen (a key rotation re-seals rows without a journal entry).
+    audit_id: int = 0
 
     @classmethod
     def load(cls, directory: Path) -> MirrorState | None:
@@ -131,6 +133,7 @@ class MirrorState:
                 dict(doc["files"]),
                 dict(doc.get("rejected", {})),
                 int(doc.get("saved_ns", 0)),
+                int(doc.get("audit_id", 0)),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigurationError(f"{path} is not a dualmem mirror state: {exc}") from exc
@@ -145,6 +148,7 @@ class MirrorState:
             "files": self.files,
             "rejected": self.rejected,
             "saved_ns": time.time_ns(),
+            "audit_id": self.audit_id,
         }
         _atomic_write(directory / STATE_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
 
@@ -229,9 +233,14 @@ class Mirror:
         try:
             conn.execute("BEGIN")  # one read snapshot for the whole cycle
             head = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM journal").fetchone()[0])
+            audit_head = int(
+                conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit_log").fetchone()[0]
+            )
             changed = self._changed(conn, head)
             self._scan_edits(conn, now_ms, changed, writes, events, report)
-            targets = self._all_live(conn, now_ms) if self.fresh else changed
+            targets = changed
+            if self.fresh or self._rotated(conn, audit_head):
+                targets = self._all_live(conn, now_ms)
             for i, (scope, key) in enumerate(sorted(targets), start=1):
                 self._refresh(conn, scope, key, now_ms, report)
                 if i % 500 == 0:
@@ -243,6 +252,7 @@ class Mirror:
         if writes or events:
             report.receipts = self.runtime.send(writes, audits=events)
         self.state.seq = report.seq = head
+        self.state.audit_id = audit_head
         self.state.save(self.dir)
         self.fresh = False
         return report
@@ -257,6 +267,15 @@ class Mirror:
             (self.state.seq, head, *self.state.levels),
         )
         return {(str(s), str(k)) for s, k in rows}
+
+    def _rotated(self, conn: sqlite3.Connection, audit_head: int) -> bool:
+        """Whether a key rotation ran since the last cycle: it re-seals rows in place,
+        with no journal entry, so the sealed files must be compared again."""
+        row = conn.execute(
+            "SELECT 1 FROM audit_log WHERE id > ? AND id <= ? AND event = 'key_rotation' LIMIT 1",
+            (self.state.audit_id, audit_head),
+        ).fetchone()
+        return row is not None
 
     def _all_live(self, conn: sqlite3.Connection, now_ms: int) -> set[tuple[str, str]]:
         marks = ",".join("?" * len(self.state.levels))
