@@ -59,17 +59,42 @@ def _pcts(s: Mapping[str, float]) -> str:
 
 def _write(result: Mapping[str, Any]) -> list[str]:
     lines = [
-        "| level | put p50 | put p95 | put p99 | raw p50 | raw p95 | raw p99 | p95 ratio "
-        "| `redis_write` p95 | `encode` p95 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| level | put p50 / p95 / p99 | raw MULTI p50 / p95 / p99 | p95 ratio "
+        "| same commands, dualmem's client: p95 | ratio to it | `redis_write` p95 "
+        "| `encode` p95 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        same = r.get("raw_same_commands")
         lines.append(
-            f"| {r['level']} {r['level_name']} | {_pcts(r['dualmem_put'])} "
-            f"| {_pcts(r['raw_multi'])} | {fmt(r['p95_ratio'])} "
+            f"| {r['level']} {r['level_name']} | {_slash(r['dualmem_put'])} "
+            f"| {_slash(r['raw_multi'])} | {fmt(r['p95_ratio'])} "
+            f"| {us(same['p95']) if same else '—'} "
+            f"| {fmt(r['p95_ratio_same_commands']) if same else '—'} "
             f"| {us(r['redis_write']['p95'])} | {us(r['encode']['p95'])} |"
         )
+    extra = result.get("rows_without_worker")
+    if extra:
+        lines += [
+            "",
+            "Diagnosis, no target: the same rounds with `worker=False` (no worker thread in "
+            "the process during the timed section).",
+            "",
+            "| level | put p50 / p95 / p99 | raw MULTI p50 / p95 / p99 | p95 ratio "
+            "| `encode` p95 |",
+            "|---|---|---|---|---|",
+        ]
+        for r in extra:
+            lines.append(
+                f"| {r['level']} {r['level_name']} | {_slash(r['dualmem_put'])} "
+                f"| {_slash(r['raw_multi'])} | {fmt(r['p95_ratio'])} "
+                f"| {us(r['encode']['p95'])} |"
+            )
     return lines
+
+
+def _slash(s: Mapping[str, float]) -> str:
+    return " / ".join(us(s[p]) for p in ("p50", "p95", "p99"))
 
 
 def _persist(result: Mapping[str, Any]) -> list[str]:
@@ -117,16 +142,28 @@ def _read(result: Mapping[str, Any]) -> list[str]:
 def _lag(result: Mapping[str, Any]) -> list[str]:
     lines = [
         "| offered | senders | achieved | lag p50 | lag p95 | lag p99 | lag max "
-        "| send start delay p95 | not visible |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| send start delay p95 | lag p95 from send start | not visible "
+        "| worker CPU per write |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rates"]:
         lag = r["lag"]
+        cpu = r.get("worker_cpu_us_per_write")
         lines.append(
             f"| {r['offered_rate']:,}/s | {r['senders']} | {r['achieved_send_rate']:,.0f}/s "
             f"| {us(lag['p50'])} | {us(lag['p95'])} | {us(lag['p99'])} | {us(lag['max'])} "
-            f"| {us(r['send_start_delay']['p95'])} | {r['not_visible']} |"
+            f"| {us(r['send_start_delay']['p95'])} | {us(r['lag_from_send_start']['p95'])} "
+            f"| {r['not_visible']} "
+            f"| {us(cpu) if cpu is not None else '—'} |"
         )
+    lines += [
+        "",
+        "Send start delay: how late senders started sends against their schedule (time the "
+        "lag includes before the write reached dualmem: on a busy machine, the load "
+        "generator's own queueing). Lag from send start leaves that out (diagnosis only; "
+        "targets use the lag from the intended time). Worker CPU: user + system time of the "
+        "`dualmem worker` process per write at that rate (real Redis only).",
+    ]
     return lines
 
 
@@ -144,18 +181,20 @@ def _peers(result: Mapping[str, Any]) -> list[str]:
 def _scale(result: Mapping[str, Any]) -> list[str]:
     lines = [
         "| stored records | put p50 | put p95 | put p99 | raw MULTI p95 | put p95 ratio "
-        "| persist rate |",
-        "|---|---|---|---|---|---|---|",
+        "| drain rate | raw executemany | rate ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['records']:,} | {_pcts(r['put'])} | {us(r['raw_multi']['p95'])} "
-            f"| {fmt(r['put_p95_ratio'])} | {r['persist_rate']:,.0f}/s |"
+            f"| {fmt(r['put_p95_ratio'])} | {r['persist_rate']:,.0f}/s "
+            f"| {r['raw_executemany_rate']:,.0f}/s | {fmt(r['persist_rate_ratio'])} |"
         )
     lines.append("")
     lines.append(
-        "Flatness of the put p95 ratio (put ÷ raw at the same moment): "
-        f"{fmt(result['put_p95_ratio_flatness'])}."
+        "Undivided max/min over sizes (machine drift included): put p95 "
+        f"{fmt(result['put_p95_flatness_absolute'])}, drain rate "
+        f"{fmt(result['persist_rate_flatness_absolute'])}."
     )
     return lines
 

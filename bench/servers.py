@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -171,6 +172,17 @@ class WorkerProcess:
         if self.proc.returncode != 0:
             raise RuntimeError(f"dualmem worker exited with {self.proc.returncode}: {self.output}")
         return self.output
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the worker has used so far; ``None`` off Linux."""
+        if self.proc is None:
+            return None
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def kill(self) -> None:
         """SIGKILL, for clean-up after an error."""

@@ -201,6 +201,9 @@ def _analyse(rate: int, sends: list[Send], seen: dict[int, int], ctx: Bench) -> 
     warm_end = start + int(ctx.sizes.lag_warmup_s * 1e9)
     counted = [s for s in sends if s[1] >= warm_end]
     lags = [seen[i] - due for i, due, _, _ in counted if i in seen]
+    # Diagnosis only: from the moment the send actually started, i.e. without the
+    # senders' own queueing. The targets use ``lags`` (from the intended time).
+    after_start = [seen[i] - started for i, _, started, _ in counted if i in seen]
     missing = sum(1 for i, _, _, _ in counted if i not in seen)
     late = [started - due for _, due, started, _ in counted]
     last_end = max(end for _, _, _, end in sends)
@@ -212,6 +215,7 @@ def _analyse(rate: int, sends: list[Send], seen: dict[int, int], ctx: Bench) -> 
         "not_visible": missing,
         "achieved_send_rate": len(sends) / max((last_end - start) / 1e9, 1e-9),
         "lag": summarize(lags),
+        "lag_from_send_start": summarize(after_start),
         "send_start_delay": summarize(late),
         "send_latency": summarize(end - started for _, _, started, end in counted),
     }
@@ -228,12 +232,18 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
         DualMemory(
             redis_url=backend.url, db_path=str(db), keyring=str(ctx.keyfile), worker=False
         ).close()
-        with WorkerProcess(backend.url, db):
+        with WorkerProcess(backend.url, db) as worker:
             for rate in sizes.lag_rates:
                 observer = Observer(db, f"bench/lag/{rate}/")
                 try:
+                    cpu0 = worker.cpu_seconds()
                     sends = _run_rate_processes(ctx, backend, db, rate, observer)
-                    results.append(_analyse(rate, sends, observer.seen, ctx))
+                    cpu1 = worker.cpu_seconds()
+                    row = _analyse(rate, sends, observer.seen, ctx)
+                    if cpu0 is not None and cpu1 is not None:
+                        # From the first intended send until every write was visible.
+                        row["worker_cpu_us_per_write"] = (cpu1 - cpu0) / len(sends) * 1e6
+                    results.append(row)
                 finally:
                     observer.close()
                 advance(1)

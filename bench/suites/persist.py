@@ -17,7 +17,7 @@ from dualmem.migrations import migrate
 from dualmem.redis_backend import connect
 from dualmem.sqlite_store import SQLiteStore
 
-__all__ = ["drain_rate", "fill_backlog", "raw_executemany_rate", "run"]
+__all__ = ["drain_rate", "fill_backlog", "last_seq", "raw_executemany_rate", "run"]
 
 TARGET_RATE = 50_000
 TARGET_RATIO = 0.8
@@ -68,15 +68,27 @@ def drain_rate(mem: DualMemory, db: Path, expected: int) -> tuple[float, dict[st
     return expected / elapsed, {"seconds": elapsed, "batches": worker.stats.batches}
 
 
-def raw_executemany_rate(db: Path, raw_db: Path, batch: int) -> float:
-    """Insert the rows the worker wrote to ``db`` into a fresh ``raw_db``, ``executemany``
-    per table and batch; rows per second."""
+def last_seq(db: Path) -> int:
+    """The highest journal seq in ``db`` (0 when empty)."""
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM journal").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def raw_executemany_rate(db: Path, raw_db: Path, batch: int, after_seq: int = 0) -> float:
+    """Insert the rows the worker wrote to ``db`` (journal seq > ``after_seq``) into a fresh
+    ``raw_db``, ``executemany`` per table and batch; rows per second."""
     src = sqlite3.connect(db)
     try:
-        journal = src.execute("SELECT * FROM journal ORDER BY seq").fetchall()
+        journal = src.execute(
+            "SELECT * FROM journal WHERE seq > ? ORDER BY seq", (after_seq,)
+        ).fetchall()
         memory = src.execute(
             "SELECT m.* FROM journal j JOIN memory m ON m.scope = j.scope AND m.key = j.key "
-            "ORDER BY j.seq"
+            "WHERE j.seq > ? ORDER BY j.seq",
+            (after_seq,),
         ).fetchall()
     finally:
         src.close()
