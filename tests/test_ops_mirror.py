@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -248,3 +249,19 @@ def test_sealed_files_follow_a_key_rotation(
     after = envelope_key_id(base64.b64decode(str(doc(f)["envelope"])))
     assert before != after == ring.active_id
     assert verify_mirror(capsys, args, mdir)["status"] == "ok"
+
+
+def test_operator_commands_never_migrate_behind_your_back(
+    tmp_path: Path, mdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = tmp_path / "old.db"
+    shutil.copyfile(Path(__file__).parent / "data" / "schema_v1.db", old)
+    for argv in (
+        ["mirror", "--dir", str(mdir), "--once"],
+        ["dlq", "replay", "--all"],
+        ["dlq", "list"],
+    ):
+        code, _, err = run(capsys, *argv, "--db", str(old), "--redis-url", "memory://old")
+        assert code == 2 and "run `dualmem migrate" in err, argv
+    with sqlite3.connect(old) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -21,7 +22,7 @@ from acl.levels import Level
 from dualmem.commands import Receipt, audit_fields, delete_fields, put_fields
 from dualmem.errors import Backpressure
 from dualmem.layout import Layout
-from dualmem.ops.database import NO_PROGRESS, ProgressFn
+from dualmem.ops.database import NO_PROGRESS, ProgressFn, check_current, open_database
 from dualmem.redis_backend import connect, text, translate_errors
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
@@ -98,6 +99,11 @@ class Runtime:
             compress_threshold=settings.compress_threshold,
             max_value_bytes=settings.max_value_bytes,
         )
+        if Path(settings.db_path).exists():
+            # SQLiteStore would migrate an older file on open; an operator command
+            # leaves upgrades to `dualmem migrate`, which backs up first.
+            with open_database(settings.db_path) as conn:
+                check_current(conn, settings.db_path)
         self.store = SQLiteStore(settings.db_path, busy_timeout_ms=settings.busy_timeout_ms)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
