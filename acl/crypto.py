@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_COMPRESS_THRESHOLD",
     "DEFAULT_MAX_VALUE_BYTES",
     "ENVELOPE_VERSION",
+    "MAX_JSON_DEPTH",
     "Codec",
     "JsonSerializer",
     "Keyring",
@@ -56,6 +57,7 @@ KEY_BYTES = 32
 TAG_BYTES = 16
 DEFAULT_COMPRESS_THRESHOLD = 512
 DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
+MAX_JSON_DEPTH = 100
 _KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
 _KEYRING_FORMAT = "dualmem-keyring"
 
@@ -63,12 +65,23 @@ _KEYRING_FORMAT = "dualmem-keyring"
 class JsonSerializer:
     """Step 1: a JSON value to compact UTF-8 bytes and back.
 
+    Only values that come back equal are accepted: object keys must be strings (``json``
+    would turn ``{1: "a", "1": "b"}`` into ``{"1": "b"}``), and nesting is limited to
+    ``MAX_JSON_DEPTH`` (deeper values serialize, but parsing them again can exhaust the
+    reader's stack and look like a tampered record).
+
     >>> JsonSerializer().encode({"a": [1, 2.5, None]})
     b'{"a":[1,2.5,null]}'
+    >>> JsonSerializer().encode({1: "a"})
+    Traceback (most recent call last):
+    ...
+    acl.errors.ValidationError: value is not JSON-serializable: object keys must be str, got int
     """
 
     def encode(self, value: object) -> bytes:
         """Serialize ``value``; anything JSON cannot represent exactly is a ValidationError."""
+        if isinstance(value, (dict, list, tuple)):
+            _check_shape(value)
         try:
             text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
             return text.encode("utf-8")
@@ -80,6 +93,28 @@ class JsonSerializer:
     def decode(self, data: bytes) -> Any:
         """Parse bytes produced by :meth:`encode`."""
         return json.loads(data)
+
+
+def _check_shape(value: object) -> None:
+    """String keys only, nesting at most ``MAX_JSON_DEPTH`` (iterative: no recursion)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValidationError(
+                f"value is nested deeper than {MAX_JSON_DEPTH} levels (or refers to itself)"
+            )
+        if isinstance(item, dict):
+            for k, v in item.items():
+                if not isinstance(k, str):
+                    raise ValidationError(
+                        f"value is not JSON-serializable: object keys must be str, "
+                        f"got {type(k).__name__}"
+                    )
+                if isinstance(v, (dict, list, tuple)):
+                    stack.append((v, depth + 1))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list, tuple)))
 
 
 class Lz4Compressor:

@@ -24,6 +24,13 @@ def _check_id(field: str, value: object, *, required: bool) -> None:
         raise ValidationError(f"Principal.{field} is longer than {MAX_ID_CHARS} characters")
     if any(ch < " " for ch in value):
         raise ValidationError(f"Principal.{field} must not contain control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # It becomes part of scopes, Redis keys and stream entries, all UTF-8.
+        raise ValidationError(
+            f"Principal.{field} must be valid Unicode (no lone surrogates)"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,14 +27,26 @@ def chain_hash(prev: bytes, values: Iterable[object]) -> bytes:
     """SHA-256 over the previous hash and a row's values (unit separator between them).
 
     Both the journal and the audit log chain their rows with this, and ``verify``
-    recomputes it: editing any row breaks every hash after it.
+    recomputes it: editing any row breaks every hash after it. A value's own unit and
+    record separators are escaped (with the record separator), so no two rows share an
+    encoding: a key holding ``\\x1f`` cannot let an edit move text between columns.
+    Values without those characters encode as they always did.
 
     >>> chain_hash(GENESIS, [1, "a", None]).hex()[:16]
     'b6518af840b88701'
+    >>> chain_hash(GENESIS, ["a\\x1fb", "c"]) == chain_hash(GENESIS, ["a", "b\\x1fc"])
+    False
     """
     h = hashlib.sha256(prev)
-    h.update("\x1f".join("" if v is None else str(v) for v in values).encode("utf-8"))
+    h.update("\x1f".join(_chain_text(v) for v in values).encode("utf-8"))
     return h.digest()
+
+
+def _chain_text(value: object) -> str:
+    text = "" if value is None else str(value)
+    if "\x1e" in text or "\x1f" in text:
+        text = text.replace("\x1e", "\x1e\x1e").replace("\x1f", "\x1e\x1f")
+    return text
 
 
 @dataclass(slots=True)

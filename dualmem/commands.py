@@ -19,7 +19,9 @@ __all__ = [
     "MalformedCommand",
     "Receipt",
     "audit_fields",
+    "check_int",
     "check_key",
+    "check_text",
     "decode_command",
     "delete_fields",
     "put_fields",
@@ -108,6 +110,50 @@ def check_key(key: object, max_bytes: int = MAX_KEY_BYTES) -> str:
     if size > max_bytes:
         raise ValidationError(f"key is {size} bytes in UTF-8; the limit is {max_bytes}")
     return key
+
+
+def check_text(name: str, value: object, *, optional: bool = False) -> str | None:
+    """Return ``value`` if it is a str that can travel (UTF-8, no NUL), else raise
+    ``ValidationError``; ``None`` passes when ``optional``.
+
+    Scopes, prefixes and event names become Redis keys, stream fields and SQL parameters,
+    so one that cannot be encoded must fail here, as a clear error, not deep inside redis
+    or sqlite3.
+
+    >>> check_text("prefix", "\\ud800")
+    Traceback (most recent call last):
+    ...
+    acl.errors.ValidationError: prefix must be valid Unicode (no lone surrogates)
+    """
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(f"{name} must be a str, got {type(value).__name__}")
+    if "\x00" in value:
+        raise ValidationError(f"{name} must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(f"{name} must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+def check_int(
+    name: str, value: object, *, low: int = -(1 << 63), optional: bool = False
+) -> int | None:
+    """Return ``value`` if it is an int (not a bool) from ``low`` to 2**63-1, the range
+    SQLite stores, else raise ``ValidationError``; ``None`` passes when ``optional``.
+
+    >>> check_int("limit", 2**70, low=0)
+    Traceback (most recent call last):
+    ...
+    acl.errors.ValidationError: limit must be an int from 0 to 9223372036854775807
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 1 << 63:
+        raise ValidationError(f"{name} must be an int from {low} to {(1 << 63) - 1}")
+    return value
 
 
 def ttl_to_ms(ttl: object) -> int | None:

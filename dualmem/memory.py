@@ -25,7 +25,9 @@ from acl.principal import Principal
 from dualmem.commands import (
     Receipt,
     audit_fields,
+    check_int,
     check_key,
+    check_text,
     delete_fields,
     put_fields,
     ttl_to_ms,
@@ -216,6 +218,7 @@ class DualMemory:
     ) -> tuple[Level, str]:
         if not isinstance(principal, Principal):
             raise ValidationError(f"principal must be an acl.Principal, got {type(principal)!r}")
+        check_text("scope", scope, optional=True)
         try:
             return resolve_scope(principal, level, action=action, scope=scope, key=key)
         except AccessDenied as exc:
@@ -281,6 +284,11 @@ class DualMemory:
             raise ValidationError(f"risk must be low, medium or high, got {risk!r}")
         if not isinstance(principal, Principal):
             raise ValidationError("principal must be an acl.Principal")
+        check_text("event", event)
+        check_text("scope", scope, optional=True)
+        check_text("key", key, optional=True)
+        if level is not None:
+            level = int(as_level(level))
         receipt = self._audit(
             event,
             actor=principal.agent_id,
@@ -425,9 +433,10 @@ class DualMemory:
                 if self._keyfile is None or not self._keyfile.reload():
                     raise
                 return self.codec.open(row_envelope, scope=scope, key=key, level=level)
-        except TamperedRecord as exc:
+        except (TamperedRecord, MissingKey) as exc:
+            # An unknown key id is a lost key file or a forged header: audited either way.
             self._audit(
-                "tampered_record",
+                "tampered_record" if isinstance(exc, TamperedRecord) else "missing_key",
                 actor=actor,
                 risk="high",
                 scope=scope,
@@ -504,6 +513,7 @@ class DualMemory:
     ) -> list[str]:
         if not isinstance(principal, Principal):
             raise ValidationError("principal must be an acl.Principal")
+        check_text("scope", scope, optional=True)
         if scope is not None:
             try:
                 scope_level = level_of_scope(scope)
@@ -533,8 +543,9 @@ class DualMemory:
         or scope it has none at raises ``AccessDenied``. Ordered by scope, then key.
         """
         self._check_open()
-        if not isinstance(prefix, str):
-            raise ValidationError("prefix must be a str")
+        check_text("prefix", prefix)
+        check_int("since", since, optional=True)
+        check_int("until", until, optional=True)
         if (
             isinstance(limit, bool)
             or not isinstance(limit, int)
@@ -567,6 +578,7 @@ class DualMemory:
         """Journal entries of one record (puts and deletes, oldest first; no values)."""
         self._check_open()
         check_key(key)
+        check_int("limit", limit, low=0, optional=True)
         _, sc = self._authorize(principal, level, "read", scope, key)
         return self.store.history(sc, key, limit)
 
@@ -581,8 +593,9 @@ class DualMemory:
         """The change feed after ``since`` (a journal seq), restricted to what the
         principal may read, ordered by seq."""
         self._check_open()
-        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+        if isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 1 << 63:
             raise ValidationError("since must be a journal seq (int >= 0)")
+        check_int("limit", limit, low=0, optional=True)
         return self.store.changes(self._scopes(principal, level, None), since, limit)
 
     def pubsub(self) -> redis.client.PubSub:
