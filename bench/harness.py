@@ -91,7 +91,7 @@ FULL = Sizes(
     lag_warmup_s=1.0,
     peers_ops=10_000,
     scale_sizes=(1_000, 100_000, 1_000_000),
-    scale_put_ops=5_000,
+    scale_put_ops=10_000,
     scale_backlog=20_000,
 )
 

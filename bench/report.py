@@ -218,14 +218,17 @@ def _machine(docs: Mapping[str, Mapping[str, Any]]) -> list[str]:
     runs: dict[str, Mapping[str, Any]] = {}
     for doc in docs.values():
         run = doc["run"]
-        runs.setdefault(run["id"], run)
+        # Each suite's file was written when that suite finished: the latest knows the
+        # run's full duration.
+        if run["id"] not in runs or run["seconds"] > runs[run["id"]]["seconds"]:
+            runs[run["id"]] = run
     lines = []
     for run in runs.values():
         m = run["machine"]
         pk = m["packages"]
         lines += [
             f"- command: `{run['command']}` (sizes `{run['sizes']['name']}`, seed {run['seed']}, "
-            f"started {m['started_utc']}, {run.get('seconds', 0):.0f} s)",
+            f"started {m['started_utc']}, suites took {run.get('seconds', 0):.0f} s)",
             f"- {m['cpu_count']} CPUs ({m['cpu_model']}), {m['platform']}, "
             f"load average at start {m['load_average_at_start']}",
             f"- {m['python']}, SQLite {m['sqlite']}, redis-server {m['redis_server']}, "
