@@ -152,6 +152,15 @@ class Worker:
                 if "NOGROUP" in str(exc):
                     self._recreate_groups()
                 stop.wait(backoff)
+            except Exception:
+                # A bug, not an outage (a race once ended a worker process this way). The
+                # worker is the only way commands reach SQLite: log it loudly and go on.
+                self._retry_own = True
+                backoff = min(_MAX_BACKOFF, backoff * 2 or 0.01)
+                log.exception(
+                    "worker %s: unexpected error; retrying in %.2fs", self.consumer, backoff
+                )
+                stop.wait(backoff)
         if drain_timeout is None:
             return 0
         self._stopping = threading.Event()
