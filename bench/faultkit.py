@@ -263,8 +263,14 @@ class WorkerProc:
             self.proc.wait(10)
 
     def stop(self, timeout: float = 60) -> dict[str, int]:
-        """SIGTERM (drain, then exit) and the counters the worker printed when it stopped."""
+        """SIGTERM (drain, then exit) and the counters the worker printed when it stopped.
+
+        Waits for the start-up banner first: it is printed after the signal handlers are
+        installed, and a SIGTERM before that ends the process without its report.
+        """
         if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(TimeoutError):
+                wait_for(lambda: "dualmem worker" in self.text(), 30, "the worker banner")
             self.proc.send_signal(signal.SIGTERM)
         if self.proc is not None:
             self.proc.wait(timeout)

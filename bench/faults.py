@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from acl import Level
+from bench import attacks
 from bench.faultkit import (
     ROOT,
     WRITER,
@@ -43,7 +44,8 @@ from bench.faultkit import (
     wait_for,
     workers_stopped,
 )
-from dualmem import StoreUnavailable
+from dualmem import DualMemory, StoreUnavailable
+from dualmem.redis_backend import text
 
 __all__ = ["FAULTS", "FULL", "QUICK", "Size", "main", "run_all"]
 
@@ -465,7 +467,7 @@ def poison_entries(env: FaultEnv, *, puts: int, max_deliveries: int = 3) -> Figu
         fig.require(listed.returncode == 0, f"dlq list failed: {listed.stderr[-500:]}")
         views = json.loads(listed.stdout) if listed.returncode == 0 else []
         by_sid = {v["stream_id"]: v for v in views}
-        want = {s.decode() for s in bad_ids} | {poison.stream_id}
+        want = {text(s) for s in bad_ids} | {poison.stream_id}
         fig.require(set(by_sid) == want, f"dlq list shows {sorted(by_sid)}, expected {want}")
         for v in views:
             fig.require(v["deliveries"] >= max_deliveries, f"dead after {v['deliveries']} tries")
@@ -561,10 +563,8 @@ def backpressure(env: FaultEnv, *, bound: int, hammer_s: float, puts: int) -> Fi
     growth = peak_mem - mem_at_bound
     fig.require(growth < 256 * 1024, f"used_memory grew {growth} bytes while refusing")
     # (b) a consumer takes the oldest entries and hangs; workers trim around it.
-    held = [
-        sid.decode()
-        for sid, _ in client.xreadgroup("persist", "stuck", {stream: ">"}, count=20)[0][1]
-    ]
+    taken: Any = client.xreadgroup("persist", "stuck", {stream: ">"}, count=20)
+    held = [text(sid) for sid, _ in taken[0][1]]
     w = WorkerProc(env, "w0", claim_idle_ms=3000).start()
     checks = 0
     missing: set[str] = set()
@@ -720,7 +720,7 @@ def workers_and_readers(
         counters = [w.stop() for w in workers]
     check = check_persisted(env.db, writer.acks, mem)
     mem.close()
-    results = []
+    results: list[dict[str, Any]] = []
     for log in logs:
         lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
         results.append(json.loads(lines[-1]) if lines else {"missing": True})
@@ -767,6 +767,11 @@ class Size:
     backlog_puts: int
     txn_kills: int
     concurrent_seconds: float
+    cross_attempts: int
+    tamper_rounds: int
+    nonces: int
+    rotation_records: int
+    fuzz_cases: int
 
 
 QUICK = Size(
@@ -781,6 +786,11 @@ QUICK = Size(
     backlog_puts=2_000,
     txn_kills=2,
     concurrent_seconds=4.0,
+    cross_attempts=400,
+    tamper_rounds=240,
+    nonces=250_000,
+    rotation_records=600,
+    fuzz_cases=800,
 )
 FULL = Size(
     sigkill_puts=20_000,
@@ -794,6 +804,11 @@ FULL = Size(
     backlog_puts=20_000,
     txn_kills=10,
     concurrent_seconds=60.0,
+    cross_attempts=5_000,
+    tamper_rounds=2_000,
+    nonces=1_000_000,
+    rotation_records=5_000,
+    fuzz_cases=5_000,
 )
 
 Scenario = Callable[[FaultEnv, Size], Figures]
@@ -813,7 +828,28 @@ FAULTS: dict[str, Scenario] = {
     ),
     "kill_in_transaction": lambda env, s: kill_in_transaction(env, rounds=s.txn_kills),
     "workers_and_readers": lambda env, s: workers_and_readers(env, seconds=s.concurrent_seconds),
+    "cross_scope_reads": lambda env, s: _with_memory(
+        env, lambda mem: attacks.cross_scope_reads(mem, attempts=s.cross_attempts)
+    ),
+    "tampering": lambda env, s: _with_memory(
+        env,
+        lambda mem: attacks.tampering(mem, env.server.client(), env.db, rounds=s.tamper_rounds),
+    ),
+    "nonces": lambda env, s: attacks.nonces(s.nonces),
+    "key_rotation": lambda env, s: attacks.key_rotation(env, records=s.rotation_records),
+    "audit_log": lambda env, s: _with_memory(
+        env, lambda mem: attacks.audit_log_attacks(mem, env.db, env.workdir)
+    ),
+    "fuzz": lambda env, s: attacks.fuzz(env, cases=s.fuzz_cases),
 }
+
+
+def _with_memory(env: FaultEnv, scenario: Callable[[DualMemory], Figures]) -> Figures:
+    mem = env.memory(worker=True)
+    try:
+        return scenario(mem)
+    finally:
+        mem.close()
 
 
 @contextlib.contextmanager
@@ -876,6 +912,23 @@ def render(figures: list[Figures], size_name: str, seconds: float) -> str:
             + " | ".join(_cell(c) for c in cells)
             + f" | {len(f.problems) or 'none'} |"
         )
+    lost = sum(f.lost or 0 for f in figures)
+    dup = sum(f.duplicated or 0 for f in figures)
+    problems = sum(len(f.problems) for f in figures)
+    lines += [
+        "",
+        f"**In all: {lost} lost, {dup} duplicated, {problems} problems.**",
+        "",
+        "Columns: *sent* = put attempts (or attacks), *acked* = puts that returned a receipt, "
+        "*persisted* = acknowledged puts found in `journal`, *lost* = acknowledged and not "
+        "persisted, *duplicated* = stream ids applied more than once, *denials* = reads "
+        "refused with an audited `AccessDenied` (9) or statements the database refused "
+        "(12). *recover* is per scenario: 1 the slowest time from a SIGKILL until the dead "
+        "worker's pending entries were committed by its successor; 2 and 7 the rescuer's "
+        "drain; 3 and 4 the slowest time from Redis being back to the next acknowledged "
+        "put; 5 the time from injecting the poison to all of it being dead-lettered; 6 and "
+        "8 the drain once the writers stopped.",
+    ]
     lines.append("")
     for f in figures:
         lines += [f"## {f.scenario}", ""]

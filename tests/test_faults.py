@@ -7,19 +7,22 @@ that did not hold is listed in ``problems`` and fails the test.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from acl import Level
+from acl import Level, Principal
 from bench import faults
 from bench.faultkit import FaultEnv, Figures
+from dualmem import DualMemory
 from dualmem.commands import put_fields, replay_fields
 from dualmem.sqlite_store import SQLiteStore
-from dualmem.store import StreamEntry
-from dualmem.worker import next_stream_id, safe_trim_id
+from dualmem.store import ApplyResult, StreamEntry
+from dualmem.worker import Worker, next_stream_id, safe_trim_id
 
 from .conftest import RedisServer
 
@@ -164,3 +167,35 @@ def test_trim_survives_the_other_worker_acking_between_xinfo_and_xpending(
 
     racing = OtherWorkerAcksFirst(host="127.0.0.1", port=redis_server.port)
     assert safe_trim_id(racing, stream) == next_stream_id(ids[-1].decode())
+
+
+def test_an_unexpected_error_does_not_end_the_worker(
+    make_mem: Callable[..., DualMemory], coder: Principal
+) -> None:
+    # Fault injection: the store's first commit raises something that is not a dualmem
+    # error (as the XPENDING race above did); the worker logs it and goes on.
+    writer = make_mem(worker=False)
+    receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(20)]
+    store = SQLiteStore(writer.settings.db_path)
+    real_apply = store.apply
+    failures = []
+
+    def apply_failing_once(entries: Sequence[StreamEntry]) -> ApplyResult:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected bug")
+        return real_apply(entries)
+
+    store.apply = apply_failing_once  # type: ignore[method-assign]
+    worker = Worker(writer._redis, store, writer.settings.replace(consumer="w"))
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    try:
+        for r in receipts:
+            writer.sync(r, timeout=10)
+    finally:
+        stop.set()
+        thread.join(10)
+        store.close()
+    assert failures == [1]
