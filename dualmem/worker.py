@@ -20,7 +20,7 @@ from dualmem.redis_backend import text, translate_errors
 from dualmem.settings import Settings
 from dualmem.store import ApplyResult, Store, StreamEntry
 
-__all__ = ["Worker", "WorkerStats", "default_consumer_name", "next_stream_id"]
+__all__ = ["Worker", "WorkerStats", "default_consumer_name", "forget_consumer", "next_stream_id"]
 
 log = logging.getLogger("dualmem.worker")
 
@@ -276,10 +276,11 @@ class Worker:
         # been silent far longer than the claim time, so XINFO stays readable.
         limit = max(self.settings.claim_idle_ms * 4, 60_000)
         for name in self.streams:
+            floor = safe_trim_id(self.redis, name)  # taken before looking at the consumers
             for c in self.redis.xinfo_consumers(name, self.group):
                 cname = text(c["name"])
                 if cname != self.consumer and c["pending"] == 0 and c["idle"] > limit:
-                    self.redis.xgroup_delconsumer(name, self.group, cname)
+                    forget_consumer(self.redis, name, self.group, cname, floor)
 
     # -- processing --------------------------------------------------------------------
 
@@ -419,6 +420,41 @@ def ensure_groups(client: redis.Redis, streams: object, group: str) -> None:
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+
+
+def forget_consumer(
+    client: redis.Redis, stream: bytes, group: str, consumer: str, floor: str | None
+) -> int:
+    """Delete ``consumer``, seen idle with nothing pending; returns the entries it held.
+
+    ``XGROUP DELCONSUMER`` throws a consumer's pending entries away. If the consumer woke
+    up between the caller's look and the deletion (a paused process, say) and read or
+    claimed entries, they would never be delivered again and trimming would remove them:
+    acknowledged writes lost. So when it held any, the group is set back to just below
+    ``floor`` (``safe_trim_id`` taken before the look: every entry below it was already
+    acknowledged) and delivers everything after it again; what was committed meanwhile
+    is recognised as a duplicate.
+    """
+    held = int(client.xgroup_delconsumer(stream, group, consumer))
+    if held:
+        ms_text, _, seq_text = (floor or "0-0").partition("-")
+        ms, seq = int(ms_text), int(seq_text or 0)
+        if seq:
+            back = f"{ms}-{seq - 1}"
+        elif ms:
+            back = f"{ms - 1}-{(1 << 64) - 1}"
+        else:
+            back = "0"
+        client.xgroup_setid(stream, group, id=back)
+        log.warning(
+            "consumer %s woke up while being forgotten, holding %d entries: group %s "
+            "delivers everything after %s again",
+            consumer,
+            held,
+            group,
+            back,
+        )
+    return held
 
 
 def safe_trim_id(client: redis.Redis, stream: bytes) -> str | None:

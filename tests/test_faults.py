@@ -22,7 +22,7 @@ from dualmem import DualMemory
 from dualmem.commands import put_fields, replay_fields
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import ApplyResult, StreamEntry
-from dualmem.worker import Worker, next_stream_id, safe_trim_id
+from dualmem.worker import Worker, forget_consumer, next_stream_id, safe_trim_id
 
 from .conftest import RedisServer
 
@@ -199,3 +199,25 @@ def test_an_unexpected_error_does_not_end_the_worker(
         thread.join(10)
         store.close()
     assert failures == [1]
+
+
+def test_a_consumer_waking_up_while_it_is_forgotten_loses_nothing(
+    redis_server: RedisServer,
+) -> None:
+    # Found by reading the worker: XGROUP DELCONSUMER throws away what the consumer holds.
+    # A paused worker that wakes between XINFO (idle, nothing pending) and the deletion
+    # and reads entries would lose them for good; they must be delivered again.
+    client = redis_server.client()
+    client.flushall()
+    stream = b"dm:{forget:0}:cmd"
+    client.xgroup_create(stream, "persist", id="0", mkstream=True)
+    ids = [client.xadd(stream, {b"n": str(i).encode()}) for i in range(5)]
+    done = client.xreadgroup("persist", "a", {stream: ">"}, count=2)[0][1]
+    client.xack(stream, "persist", *(sid for sid, _ in done))
+    client.xgroup_createconsumer(stream, "persist", "sleeper")
+    floor = safe_trim_id(client, stream)  # the worker's look: sleeper idle, 0 pending
+    woke = client.xreadgroup("persist", "sleeper", {stream: ">"}, count=2)[0][1]
+    assert [sid for sid, _ in woke] == ids[2:4]
+    assert forget_consumer(client, stream, "persist", "sleeper", floor) == 2
+    again = client.xreadgroup("persist", "w", {stream: ">"}, count=10)[0][1]
+    assert [sid for sid, _ in again] == ids[2:]  # nothing below the floor, nothing lost
