@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -41,6 +42,7 @@ from dualmem.store import (
 __all__ = ["SQLiteStore", "prefix_upper_bound"]
 
 Row = tuple[Any, ...]
+log = logging.getLogger("dualmem.store")
 
 _MEMORY_INSERT = (
     "INSERT INTO memory (scope, key, level, owner, envelope, sid, stream_id, created_at, "
@@ -152,6 +154,7 @@ class SQLiteStore(Store):
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._checkpointer: _Checkpointer | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = self._conn()
@@ -196,6 +199,8 @@ class SQLiteStore(Store):
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
+        if not getattr(self._local, "writer", False):
+            self._become_writer(conn)
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -203,12 +208,26 @@ class SQLiteStore(Store):
         try:
             yield conn
             conn.execute("COMMIT")
+            if self._checkpointer is not None:
+                self._checkpointer.kick()
         except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
                 raise StoreUnavailable(f"write to {self.path} failed: {exc}") from exc
             raise
+
+    def _become_writer(self, conn: sqlite3.Connection) -> None:
+        # A checkpoint copies WAL frames into the database file and fsyncs it; left to
+        # SQLite it runs inside whichever COMMIT crosses wal_autocheckpoint pages, which
+        # puts milliseconds of I/O on the worker's commit path (the lag tail). Writers
+        # here never checkpoint; a background thread does it, PASSIVE, right after commits.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self._local.writer = True
+        with self._lock:
+            if self._checkpointer is None and not self._closed:
+                self._checkpointer = _Checkpointer(self.path)
+                self._checkpointer.start()
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
         try:
@@ -640,9 +659,65 @@ class SQLiteStore(Store):
         self._closed = True
         with self._lock:
             conns, self._conns = self._conns, []
+            checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            checkpointer.stop()
         for conn in conns:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+
+
+class _Checkpointer:
+    """A thread that runs ``PRAGMA wal_checkpoint(PASSIVE)`` shortly after commits.
+
+    PASSIVE never waits for readers or writers, so it cannot stall the worker; frames a
+    reader still needs are simply left for a later round. Commits stay crash-safe either
+    way (WAL, synchronous=NORMAL): checkpointing only moves committed pages.
+    """
+
+    def __init__(self, path: Path, min_interval: float = 0.05, max_interval: float = 1.0) -> None:
+        self.path = path
+        self.min_interval = min_interval
+        self.max_interval = max_interval
+        self._kick = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dualmem-checkpoint", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._thread.start()
+
+    def kick(self) -> None:
+        """A commit happened: checkpoint soon."""
+        self._kick.set()
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it (a checkpoint in progress finishes first)."""
+        self._stopping.set()
+        self._kick.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:  # pragma: no cover - the store opened the file already
+            log.warning("checkpointer cannot open %s: %s", self.path, exc)
+            return
+        try:
+            while not self._stopping.is_set():
+                self._kick.wait(self.max_interval)
+                self._kick.clear()
+                if self._stopping.is_set():
+                    break
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    log.debug("checkpoint of %s skipped: %s", self.path, exc)
+                # Commits during this pause share the next checkpoint.
+                self._stopping.wait(self.min_interval)
+        finally:
+            conn.close()
 
 
 def _insert_rows(

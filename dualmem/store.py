@@ -6,6 +6,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from acl.levels import Level
 from dualmem.projection import Decision, Mission, PlaybookRun, ToolCall
@@ -23,8 +24,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class StreamEntry:
+class StreamEntry(NamedTuple):
     """One entry read from a command stream, as the worker hands it to the store."""
 
     shard: int
@@ -63,9 +63,18 @@ class Change:
     committed_at: int
 
 
-@dataclass(frozen=True, slots=True)
-class Notification:
-    """What the worker publishes after commit: enough to react, never the value."""
+class Notification(NamedTuple):
+    """What the worker publishes after commit: enough to react, never the value.
+
+    The worker sends one pub/sub message per scope and batch, holding that batch's
+    notifications as a JSON array in seq order (one PUBLISH per change cost the worker
+    more than the SQLite commit itself). :meth:`parse_message` reads either form.
+
+    >>> notes = [Notification(7, "swarm:s", "k", 3, "put"), Notification(8, "swarm:s", "j", 3,
+    ...          "del")]
+    >>> Notification.parse_message(Notification.encode_many(notes)) == notes
+    True
+    """
 
     seq: int
     scope: str
@@ -73,24 +82,39 @@ class Notification:
     level: int
     op: str
 
+    def _dict(self) -> dict[str, object]:
+        return {
+            "seq": self.seq,
+            "scope": self.scope,
+            "key": self.key,
+            "level": self.level,
+            "op": self.op,
+        }
+
     def to_json(self) -> bytes:
-        """The pub/sub message body."""
-        return json.dumps(
-            {
-                "seq": self.seq,
-                "scope": self.scope,
-                "key": self.key,
-                "level": self.level,
-                "op": self.op,
-            },
-            separators=(",", ":"),
-        ).encode()
+        """One notification as a JSON object."""
+        return json.dumps(self._dict(), separators=(",", ":")).encode()
+
+    @staticmethod
+    def encode_many(notes: Sequence[Notification]) -> bytes:
+        """A pub/sub message body: the notifications as a JSON array."""
+        return json.dumps([n._dict() for n in notes], separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, data: bytes | str) -> Notification:
-        """Parse a pub/sub message body."""
-        d = json.loads(data)
+    def from_json(cls, data: bytes | str | Mapping[str, object]) -> Notification:
+        """Parse one notification (a JSON object, or its already-parsed dict)."""
+        d: Any = json.loads(data) if isinstance(data, (bytes, str)) else data
         return cls(int(d["seq"]), str(d["scope"]), str(d["key"]), int(d["level"]), str(d["op"]))
+
+    @classmethod
+    def parse_message(cls, data: bytes | str) -> list[Notification]:
+        """Parse a pub/sub message body: a JSON array of notifications or a single one.
+
+        Raises ``ValueError``, ``KeyError`` or ``TypeError`` on anything else.
+        """
+        doc = json.loads(data)
+        items = doc if isinstance(doc, list) else [doc]
+        return [cls.from_json(item) for item in items]
 
 
 @dataclass(frozen=True, slots=True)

@@ -285,14 +285,15 @@ class Subscriber:
 
     def _on_notification(self, data: Any) -> None:
         try:
-            note = Notification.from_json(data)
+            notes = Notification.parse_message(data)
         except (ValueError, KeyError, TypeError):
             return  # not ours or garbage: it cannot deliver anything, so ignore it
-        if note.seq <= self._scanned:
-            return  # already read from the journal (the catch-up overlap, or a repeat)
-        if note.scope == self._own_scope and note.key.startswith(POSITION_PREFIX):
-            return  # a subscriber's own position save: nothing to deliver
-        self._needs_scan = True
+        for note in notes:
+            if note.seq <= self._scanned:
+                continue  # already read from the journal (the catch-up overlap, or a repeat)
+            if note.scope == self._own_scope and note.key.startswith(POSITION_PREFIX):
+                continue  # a subscriber's own position save: nothing to deliver
+            self._needs_scan = True
 
     def _wait(self, seconds: float) -> None:
         """Wait up to ``seconds`` for notifications (or just wait, without pub/sub)."""

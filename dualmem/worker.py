@@ -18,7 +18,7 @@ from dualmem.layout import Layout
 from dualmem.metrics import Metrics
 from dualmem.redis_backend import text, translate_errors
 from dualmem.settings import Settings
-from dualmem.store import ApplyResult, Store, StreamEntry
+from dualmem.store import ApplyResult, Notification, Store, StreamEntry
 
 __all__ = ["Worker", "WorkerStats", "default_consumer_name", "forget_consumer", "next_stream_id"]
 
@@ -296,9 +296,9 @@ class Worker:
         if result.applied:
             self.metrics.record("persist", elapsed // result.applied, result.applied)
             now_us = time.time_ns() // 1000
-            lag = self.metrics.histograms["lag"]
-            for ts in result.ts_us:
-                lag.record(max(0, now_us - ts) * 1000)
+            self.metrics.histograms["lag"].record_many(
+                [max(0, now_us - ts) * 1000 for ts in result.ts_us]
+            )
         dead = self._failures(result)
         to_ack = list(result.done) + [e for e, _, _ in dead]
         try:
@@ -309,8 +309,11 @@ class Worker:
                     by_stream.setdefault(e.shard, []).append(e.stream_id)
                 for shard, ids in by_stream.items():
                     pipe.xack(self.layout.stream(shard), self.group, *ids)
+                by_scope: dict[str, list[Notification]] = {}
                 for note in result.notifications:
-                    pipe.publish(self.layout.channel(note.scope), note.to_json())
+                    by_scope.setdefault(note.scope, []).append(note)
+                for scope, notes in by_scope.items():
+                    pipe.publish(self.layout.channel(scope), Notification.encode_many(notes))
                 pipe.execute()
         except StoreUnavailable as exc:
             # Committed but not acked: the entries come back and are recognised as

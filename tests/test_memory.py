@@ -422,7 +422,7 @@ def test_notifications_carry_no_value(
     r = mem.put("k", {"secret": "NEEDLE-77"}, level=Level.PRIVATE, principal=coder)
     mem.sync(r)
     msg = wait_until(lambda: pubsub.get_message(timeout=0.1), what="notification")
-    body = json.loads(msg["data"])
+    (body,) = json.loads(msg["data"])  # one message per scope and batch, an array
     assert set(body) == {"seq", "scope", "key", "level", "op"}
     assert body["key"] == "k" and body["op"] == "put" and body["level"] == 1
     assert b"NEEDLE" not in msg["data"]
