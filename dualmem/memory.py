@@ -35,7 +35,7 @@ from dualmem.commands import (
 from dualmem.errors import Backpressure, DualMemError, NotPersisted
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics, prometheus_text
-from dualmem.redis_backend import connect, text, translate_errors
+from dualmem.redis_backend import connect, text, transact, translate_errors
 from dualmem.rotation import KeyfileWatcher
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
@@ -377,15 +377,17 @@ class DualMemory:
                     backlog=self._backlog[shard],
                     bound=self.settings.max_backlog,
                 )
-        pipe = self._redis.pipeline(transaction=True)
         if envelope is None:
-            pipe.delete(cache_key)
+            cache: tuple[Any, ...] = (b"DEL", cache_key)
+        elif px is None:
+            cache = (b"SET", cache_key, envelope)
         else:
-            pipe.set(cache_key, envelope, px=px)
-        pipe.xadd(stream, fields)  # type: ignore[arg-type]
-        pipe.xlen(stream)
+            cache = (b"SET", cache_key, envelope, b"PX", px)
+        xadd: list[bytes | str | int] = [b"XADD", stream, b"*"]
+        for name, value in fields.items():
+            xadd += (name, value)
         with translate_errors("write"):
-            _, sid, length = pipe.execute()
+            _, sid, length = transact(self._redis, (cache, tuple(xadd), (b"XLEN", stream)))
         self._backlog[shard] = int(length)
         if self._wakeup is not None:
             self._wakeup.set()

@@ -4,9 +4,10 @@ translation of redis errors into dualmem errors at this one boundary."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import fakeredis
 import redis
@@ -22,6 +23,7 @@ __all__ = [
     "drop_memory_server",
     "memory_server",
     "text",
+    "transact",
     "translate_errors",
 ]
 
@@ -93,6 +95,50 @@ def connect(
         client_name="dualmem",
     )
     return client, None
+
+
+def transact(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """``MULTI; <commands>; EXEC`` as one write and one read on a pooled connection.
+
+    Returns EXEC's raw replies (no response callbacks: ``SET`` gives ``b"OK"``, ``XADD`` the
+    id as bytes). This is the put path's round trip; going around redis-py's ``Pipeline``
+    object saves about 20 µs per call, more than dualmem's own work on a put. Errors are
+    redis-py's; a failed exchange drops the connection (it may hold unread replies) and is
+    retried under the client's explicit retry policy, as a pipeline would be.
+
+    >>> import fakeredis
+    >>> transact(fakeredis.FakeRedis(), [(b"SET", b"k", b"v"), (b"INCR", b"n")])
+    [b'OK', 1]
+    """
+    pool = client.connection_pool
+    conn: Any = pool.get_connection()  # redis-py leaves parts of Connection untyped
+    try:
+        packed = conn.pack_commands([(b"MULTI",), *commands, (b"EXEC",)])
+        result: list[Any] = conn.retry.call_with_retry(
+            lambda: _exchange(conn, packed, len(commands)), lambda _err: conn.disconnect()
+        )
+        return result
+    finally:
+        pool.release(conn)
+
+
+def _exchange(conn: Any, packed: Any, queued: int) -> list[Any]:
+    conn.send_packed_command(packed, check_health=False)
+    try:
+        conn.read_response()  # +OK for MULTI
+        for _ in range(queued):
+            conn.read_response()  # +QUEUED, or the error that makes EXEC abort
+        replies = conn.read_response()
+    except redis.ResponseError:
+        # EXECABORT or a rejected command: replies may be left unread on the socket.
+        conn.disconnect()
+        raise
+    if not isinstance(replies, list):
+        raise redis.ResponseError(f"EXEC returned {replies!r}")
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+    return replies
 
 
 @contextmanager
