@@ -302,20 +302,22 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _already(conn: sqlite3.Connection, entries: Sequence[StreamEntry]) -> set[tuple[int, str]]:
-        by_shard: dict[int, list[str]] = {}
+        # Audit commands are recorded in audit_log, every other change in journal: look
+        # each id up only where it can be.
+        wanted: dict[tuple[str, int], list[str]] = {}
         for e in entries:
-            by_shard.setdefault(e.shard, []).append(e.stream_id)
+            table = "audit_log" if e.fields.get(b"op") == b"audit" else "journal"
+            wanted.setdefault((table, e.shard), []).append(e.stream_id)
         found: set[tuple[int, str]] = set()
-        for shard, ids in by_shard.items():
+        for (table, shard), ids in wanted.items():
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                for table in ("journal", "audit_log"):
-                    rows = conn.execute(
-                        f"SELECT stream_id FROM {table} WHERE shard = ? AND stream_id IN ({marks})",
-                        (shard, *chunk),
-                    )
-                    found.update((shard, str(r[0])) for r in rows)
+                rows = conn.execute(
+                    f"SELECT stream_id FROM {table} WHERE shard = ? AND stream_id IN ({marks})",
+                    (shard, *chunk),
+                )
+                found.update((shard, str(r[0])) for r in rows)
         return found
 
     @staticmethod
