@@ -570,6 +570,8 @@ def test_shards_keep_keys_in_order(
 
 def test_prometheus_exposition(mem: DualMemory, coder: Principal) -> None:
     mem.sync(mem.put("k", 1, level=Level.SWARM, principal=coder))
+    # sync() returns at the commit; the ack follows it, and the backlog counts until then.
+    wait_until(lambda: mem.backlog() == {0: 0}, what="the ack after the commit")
     text = mem.prometheus()
     assert 'dualmem_latency_seconds_count{path="redis_write"} 1' in text
     assert "dualmem_redis_up 1.0" in text
