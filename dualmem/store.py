@@ -32,8 +32,7 @@ class StreamEntry(NamedTuple):
     fields: Mapping[bytes, bytes]
 
 
-@dataclass(frozen=True, slots=True)
-class StoredRow:
+class StoredRow(NamedTuple):
     """A current record as stored: the value is still an envelope (decrypted by the reader)."""
 
     scope: str

@@ -18,6 +18,8 @@ from dualmem.projection import child_key, mission_key
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
 
+from .conftest import wait_until
+
 LEAD = Principal(agent_id="lead", team="backend", swarm="s1", project="shop")
 RIVAL = Principal(agent_id="rival", team="other", project="rival-shop")
 
@@ -88,6 +90,8 @@ def test_illegal_transitions_and_unknown_missions_are_rejected_before_any_write(
 ) -> None:
     log = MissionLog(mem, LEAD)
     sync_all(mem, [log.start_mission("m1", "plan", status="pending")])
+    # sync() returns at the commit and the ack follows it: wait for a settled backlog.
+    wait_until(lambda: mem.backlog() == {0: 0}, what="the ack after the commit")
     before = mem.backlog()
     with pytest.raises(ValidationError, match="from pending to completed"):
         log.update_mission("m1", status="completed")
