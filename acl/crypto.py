@@ -24,6 +24,7 @@ import re
 import secrets
 import stat
 import struct
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -149,6 +150,42 @@ class Lz4Compressor:
         except lz4.block.LZ4BlockError as exc:
             raise TamperedRecord("compressed payload does not decompress") from exc
         return out
+
+
+class _NonceSource:
+    """Random 12-byte GCM nonces, drawn from a per-thread buffer of ``os.urandom`` output.
+
+    ``os.urandom`` is a system call that releases the GIL: in a process with any other busy
+    thread (the embedded worker, an application's own threads) each call could wait out
+    the interpreter's 5 ms switch interval, and a seal made one per put. One call per
+    ``batch`` nonces keeps the same source (the OS CSPRNG, 96 random bits per nonce) without
+    that toll. A forked child must never reuse its parent's buffer (that would repeat
+    nonces under the same key), so a fork invalidates every buffer.
+    """
+
+    def __init__(self, batch: int = 256) -> None:
+        self.batch = batch
+        self._local = threading.local()
+        self._generation = 0
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self._generation += 1
+
+    def __call__(self) -> bytes:
+        local = self._local
+        buf: bytes | None = getattr(local, "buf", None)
+        if buf is None or local.pos >= len(buf) or local.generation != self._generation:
+            buf = local.buf = os.urandom(NONCE_BYTES * self.batch)
+            local.pos = 0
+            local.generation = self._generation
+        pos: int = local.pos
+        local.pos = pos + NONCE_BYTES
+        return buf[pos : pos + NONCE_BYTES]
+
+
+_next_nonce = _NonceSource()
 
 
 def _aad(header: bytes, scope: str, key: str, level: int) -> bytes:
@@ -415,7 +452,7 @@ class Codec:
             )
         kid = ring.active_id.encode("ascii")
         header = bytes((ENVELOPE_VERSION, flags | FLAGENCRYPTED_LEVELS, len(kid))) + kid
-        nonce = os.urandom(NONCE_BYTES)
+        nonce = _next_nonce()
         sealed = ring.aead(ring.active_id).encrypt(nonce, payload, _aad(header, scope, key, level))
         return header + nonce + sealed
 

@@ -63,7 +63,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    store = SQLiteStore(settings.db_path, busy_timeout_ms=settings.busy_timeout_ms)
+    store = SQLiteStore.from_settings(settings)
     client, _ = connect(settings, extra_timeout=settings.block_ms / 1000)
     worker = Worker(client, store, settings)
     worker.ensure_groups()
@@ -107,7 +107,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if not Path(settings.db_path).exists():
         print(f"dualmem stats: no database at {settings.db_path}", file=sys.stderr)
         return 2
-    store = SQLiteStore(settings.db_path, busy_timeout_ms=settings.busy_timeout_ms)
+    store = SQLiteStore.from_settings(settings)
     try:
         snapshots = store.latest_metrics()
         dead = len(store.dead_letters())

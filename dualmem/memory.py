@@ -134,7 +134,7 @@ class DualMemory:
         self._backlog = [0] * settings.shards
         self._closed = False
         self._committed = threading.Condition()
-        self.store: Store = SQLiteStore(settings.db_path, busy_timeout_ms=settings.busy_timeout_ms)
+        self.store: Store = SQLiteStore.from_settings(settings)
         try:
             self._redis, self._wakeup = connect(settings)
             # Groups exist before the first XADD, so no command is ever outside a group.

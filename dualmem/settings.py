@@ -82,6 +82,9 @@ class Settings:
     tombstone_ttl: int = 86_400
     #: How often a process checks its key file for a new active key (``rotate-keys``), s.
     keyring_reload_interval: float = 1.0
+    #: SQLite ``synchronous``: NORMAL (a commit survives a process crash) or FULL (it also
+    #: survives a power loss or OS crash, at an fsync per worker batch).
+    sqlite_synchronous: str = "NORMAL"
 
     @classmethod
     def load(
@@ -170,6 +173,11 @@ class Settings:
         if not self.namespace or any(c in self.namespace for c in "{}: \t\n"):
             raise ConfigurationError(
                 f"setting namespace={self.namespace!r} must be non-empty without '{{}}:' or spaces"
+            )
+        if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
+            raise ConfigurationError(
+                f"setting sqlite_synchronous={self.sqlite_synchronous!r} must be NORMAL, FULL "
+                "or EXTRA"
             )
         if not self.db_path:
             raise ConfigurationError("setting db_path must not be empty")

@@ -271,3 +271,38 @@ def test_secret_from_environment_has_a_stable_id() -> None:
         Keyring.from_secret("not base64!!")
     with pytest.raises(ConfigurationError):
         Keyring.from_secret(base64.b64encode(b"short").decode())
+
+
+def test_nonces_are_fresh_in_every_thread_and_after_fork() -> None:
+    import multiprocessing
+    import threading
+
+    from acl.crypto import _next_nonce
+
+    seen: list[bytes] = []
+    lock = threading.Lock()
+
+    def draw() -> None:
+        mine = [_next_nonce() for _ in range(2000)]
+        with lock:
+            seen.extend(mine)
+
+    threads = [threading.Thread(target=draw) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == len(set(seen)) == 8000
+    assert all(len(n) == 12 for n in seen)
+    # A forked child must not continue its parent's buffer.
+    before = _next_nonce()  # the parent's buffer now has unread nonces
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        child = pool.apply(_nonce_in_child)
+    assert child not in {*seen, before, _next_nonce()}
+
+
+def _nonce_in_child() -> bytes:
+    from acl.crypto import _next_nonce
+
+    return _next_nonce()

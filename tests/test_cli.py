@@ -25,12 +25,19 @@ CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop"
 
 
 def start_worker(url: str, db: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    """A `dualmem worker` process, returned once it has printed its banner: its signal
+    handlers are installed by then, so a SIGTERM drains instead of killing it mid-import."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "dualmem", "worker", "--redis-url", url, "--db", str(db), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("dualmem worker ") and "->" in line:
+            return proc
+    raise AssertionError(f"worker exited before its banner (code {proc.wait(10)})")
 
 
 def stop(proc: subprocess.Popen[str]) -> str:

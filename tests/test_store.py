@@ -216,3 +216,18 @@ def test_downgrade_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="downgrade"):
         migrate(conn, target=0)
     conn.close()
+
+
+@pytest.mark.parametrize(("mode", "number"), [("NORMAL", 1), ("full", 2)])
+def test_synchronous_mode_comes_from_settings(tmp_path: Path, mode: str, number: int) -> None:
+    from dualmem.settings import Settings
+
+    store = SQLiteStore.from_settings(
+        Settings.load({"db_path": str(tmp_path / "s.db"), "sqlite_synchronous": mode})
+    )
+    try:
+        assert store._conn().execute("PRAGMA synchronous").fetchone()[0] == number
+    finally:
+        store.close()
+    with pytest.raises(ConfigurationError, match="sqlite_synchronous"):
+        Settings.load({"sqlite_synchronous": "SOMETIMES"})

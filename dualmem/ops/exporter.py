@@ -34,7 +34,7 @@ class Exporter:
         self.settings = settings
         with open_database(settings.db_path) as conn:
             check_current(conn, settings.db_path)
-        self.store = SQLiteStore(settings.db_path, busy_timeout_ms=settings.busy_timeout_ms)
+        self.store = SQLiteStore.from_settings(settings)
         self.layout = Layout(settings.namespace, settings.shards)
         self._client = None if settings.embedded else connect(settings)[0]
 

@@ -104,7 +104,7 @@ class Runtime:
             # leaves upgrades to `dualmem migrate`, which backs up first.
             with open_database(settings.db_path) as conn:
                 check_current(conn, settings.db_path)
-        self.store = SQLiteStore(settings.db_path, busy_timeout_ms=settings.busy_timeout_ms)
+        self.store = SQLiteStore.from_settings(settings)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._left = 0
