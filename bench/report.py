@@ -77,8 +77,8 @@ def _write(result: Mapping[str, Any]) -> list[str]:
     if extra:
         lines += [
             "",
-            "Diagnosis, no target: the same rounds with `worker=False` (no worker thread in "
-            "the process during the timed section).",
+            "Diagnosis, no target: the same rounds with no worker running during the timed "
+            "section (`worker=False`, and no `dualmem worker` process).",
             "",
             "| level | put p50 / p95 / p99 | raw MULTI p50 / p95 / p99 | p95 ratio "
             "| `encode` p95 |",
