@@ -13,9 +13,7 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,10 +26,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from acl import Keyring, Level, Principal
+from bench.servers import RedisServer, free_port
 from dualmem import Backpressure, DualMemError, DualMemory, StoreUnavailable
 
 __all__ = [
@@ -54,13 +51,6 @@ __all__ = [
 
 ROOT = Path(__file__).resolve().parents[1]
 WRITER = Principal(agent_id="fault-writer", team="ops", swarm="faults", project="dualmem")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.01) -> Any:
@@ -98,68 +88,7 @@ class Server(Protocol):
         """A plain client."""
 
 
-class RedisProcess:
-    """A redis-server on 127.0.0.1 with AOF ``appendfsync everysec`` in its own directory."""
-
-    def __init__(self, workdir: Path, *, appendonly: bool = True) -> None:
-        self.workdir = workdir
-        self.appendonly = appendonly
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        """``redis://127.0.0.1:<port>/0``."""
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        """A plain client with a generous timeout (for inspection, not the code under test)."""
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-
-    def start(self) -> None:
-        """Start the server and wait until it answers PING."""
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [
-            exe,
-            *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir)),
-            *("--save", "", "--appendonly", "yes" if self.appendonly else "no"),
-            *("--appendfsync", "everysec", "--logfile", "redis.log", "--daemonize", "no"),
-        ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(redis.ConnectionError):
-                if self.client().ping():
-                    return
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        """Clean shutdown: SHUTDOWN flushes and fsyncs the AOF."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        # No retries: the connection closing is the expected answer to SHUTDOWN (the
-        # client's default policy would spend seconds retrying it).
-        once = redis.Redis(
-            host="127.0.0.1", port=self.port, socket_timeout=5, retry=Retry(NoBackoff(), 0)
-        )
-        with contextlib.suppress(redis.ConnectionError):
-            once.shutdown(nosave=False)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def kill(self) -> None:
-        """SIGKILL: no flush, like a crash."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+RedisProcess = RedisServer  # the fault scenarios' name for the shared launcher
 
 
 @dataclass

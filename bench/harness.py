@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from acl import Keyring, Level, Principal
-from bench.servers import BenchRedis, WorkerProcess
+from bench.servers import RedisServer, WorkerProcess
 from dualmem import DualMemory
 
 __all__ = [
@@ -168,7 +168,7 @@ class Backend:
 
     name: str
     url: str
-    server: BenchRedis | None = None
+    server: RedisServer | None = None
 
     @property
     def external_worker(self) -> bool:
@@ -201,7 +201,7 @@ def open_backend(name: str, workdir: Path, redis_binary: str | None = None) -> I
     """Start the backend (a redis-server with AOF everysec on a free 127.0.0.1 port, or an
     in-process fakeredis server) and stop it afterwards."""
     if name == "redis":
-        with BenchRedis(workdir / "redis", redis_binary) as server:
+        with RedisServer(workdir / "redis", binary=redis_binary) as server:
             yield Backend("redis", server.url, server)
     elif name == "fakeredis":
         backend = Backend("fakeredis", f"memory://bench-{uuid.uuid4().hex[:12]}")

@@ -15,8 +15,10 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-__all__ = ["BenchRedis", "WorkerProcess", "free_port"]
+__all__ = ["RedisServer", "WorkerProcess", "free_port"]
 
 
 def free_port() -> int:
@@ -26,22 +28,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class BenchRedis:
-    """A redis-server with AOF ``everysec`` (the configuration the README recommends),
-    listening on a free 127.0.0.1 port, keeping its files in ``workdir``.
+class RedisServer:
+    """A redis-server on a free 127.0.0.1 port, keeping its files in ``workdir``, with AOF
+    ``appendfsync everysec`` (the configuration the README recommends) unless told not to.
 
-    Use it as a context manager: the server is shut down on exit, whatever happened.
+    The one launcher used by the benchmarks, the fault suite and the tests. Use it as a
+    context manager, or call :meth:`start` and then :meth:`stop` (clean ``SHUTDOWN``) or
+    :meth:`kill` (SIGKILL, like a crash); :meth:`start` again restarts it on the same port
+    and directory.
     """
 
-    def __init__(self, workdir: Path, binary: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, appendonly: bool = True, binary: str | None = None
+    ) -> None:
         found = binary or shutil.which("redis-server")
         if found is None:
             raise RuntimeError(
                 "redis-server is not installed (apt-get install redis-server), "
-                "or run with --backend fakeredis"
+                "or run the benchmarks with --backend fakeredis"
             )
         self.binary = found
         self.workdir = workdir
+        self.appendonly = appendonly
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -51,43 +59,28 @@ class BenchRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        """A plain redis-py client with default settings (what a raw baseline uses)."""
-        return redis.Redis(host="127.0.0.1", port=self.port)
+        """A plain redis-py client with a generous timeout (what a raw baseline uses, and
+        what tests inspect with; not the code under test)."""
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
-    def start(self) -> BenchRedis:
+    def start(self) -> RedisServer:
         """Start the server and wait until it answers PING."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [
             self.binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--protected-mode",
-            "yes",
-            "--dir",
-            str(self.workdir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--logfile",
-            "redis.log",
-            "--daemonize",
-            "no",
+            *("--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes"),
+            *("--dir", str(self.workdir), "--save", ""),
+            *("--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec"),
+            *("--logfile", "redis.log", "--daemonize", "no"),
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
-            try:
+            with contextlib.suppress(redis.ConnectionError):
                 if self.client().ping():
                     return self
-            except redis.ConnectionError:
-                pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
+                self.kill()
                 log = self.workdir / "redis.log"
                 raise RuntimeError(
                     f"redis-server did not start on port {self.port}: "
@@ -96,18 +89,29 @@ class BenchRedis:
             time.sleep(0.02)
 
     def stop(self) -> None:
-        """SHUTDOWN (flushes the AOF), then make sure the process is gone."""
+        """Clean shutdown: SHUTDOWN flushes and fsyncs the AOF; then the process is gone."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        # No retries: the connection closing is SHUTDOWN's answer, and the client's default
+        # retry policy would spend seconds retrying it.
+        once = redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=5, retry=Retry(NoBackoff(), 0)
+        )
         with contextlib.suppress(redis.RedisError):
-            self.client().shutdown(nosave=True)
+            once.shutdown(nosave=False)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
 
-    def __enter__(self) -> BenchRedis:
+    def kill(self) -> None:
+        """SIGKILL: no flush, like a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(
@@ -117,6 +121,7 @@ class BenchRedis:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+        self.kill()
 
 
 class WorkerProcess:

@@ -3,11 +3,8 @@ both fakeredis and that server."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,102 +13,16 @@ from typing import Any
 
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from acl import Keyring, Principal
+from bench.servers import RedisServer, free_port
 from dualmem import DualMemory
 from dualmem.redis_backend import drop_memory_server
 
+__all__ = ["RedisServer", "free_port", "wait_until"]
+
 REDIS_SERVER = shutil.which("redis-server")
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A redis-server process on 127.0.0.1, with its own directory; stopped by the test."""
-
-    def __init__(self, workdir: Path, *, appendonly: bool = True) -> None:
-        self.workdir = workdir
-        self.appendonly = appendonly
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-
-    def start(self) -> None:
-        assert REDIS_SERVER is not None
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [
-            REDIS_SERVER,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--protected-mode",
-            "yes",
-            "--dir",
-            str(self.workdir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.appendonly else "no",
-            "--appendfsync",
-            "everysec",
-            "--logfile",
-            "redis.log",
-            "--daemonize",
-            "no",
-        ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if self.client().ping():
-                    return
-            except redis.ConnectionError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = self.workdir / "redis.log"
-                raise RuntimeError(
-                    f"redis-server did not start on port {self.port}: "
-                    + (log.read_text()[-2000:] if log.exists() else "no log")
-                )
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        """Clean shutdown (SHUTDOWN flushes the AOF)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        # No retries: the connection closing is SHUTDOWN's answer, and the client's default
-        # retry policy would spend seconds retrying it.
-        once = redis.Redis(
-            host="127.0.0.1", port=self.port, socket_timeout=5, retry=Retry(NoBackoff(), 0)
-        )
-        with contextlib.suppress(redis.ConnectionError):
-            once.shutdown(nosave=False)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def kill(self) -> None:
-        """SIGKILL: no flush, like a crash."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 def _require_redis_server() -> None:
