@@ -948,14 +948,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__)
     p.add_argument("--quick", action="store_true", help="the CI sizes")
     p.add_argument("--only", nargs="*", help="run only these scenarios")
-    p.add_argument("--out", type=Path, default=RESULTS, help="report path")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="report path (default: bench/results/FAULTS.md for a full run of every "
+        "scenario, a temporary file otherwise, so the committed report is only ever "
+        "replaced by a full run)",
+    )
     args = p.parse_args(argv)
+    out: Path = args.out
+    if out is None:
+        if args.quick or args.only:
+            out = Path(tempfile.mkdtemp(prefix="dualmem-faults-")) / "FAULTS.md"
+        else:
+            out = RESULTS
     t0 = time.monotonic()
     figures = run_all(QUICK if args.quick else FULL, args.only)
     text = render(figures, "quick" if args.quick else "full", time.monotonic() - t0)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     print(text)
+    print(f"report: {out}")
     return 1 if any(f.problems for f in figures) else 0
 
 
