@@ -214,9 +214,41 @@ class DualMemory:
 
     # -- access ------------------------------------------------------------------------
 
+    def authorize(
+        self,
+        principal: Principal,
+        level: Level | int,
+        action: str = "read",
+        scope: str | None = None,
+        key: str | None = None,
+    ) -> tuple[Level, str]:
+        """Check that ``principal`` may ``action`` ("read" or "write") at ``level``.
+
+        Returns the level and the scope the operation would use (``scope``, or the
+        principal's own scope at that level). A denial raises ``AccessDenied`` and writes
+        an audit row, exactly as a denied ``get`` or ``put`` does. Layers built on the
+        facade (``dualmem.missions``) use it before reading their own tables.
+
+        >>> import tempfile, os
+        >>> from acl import AccessDenied, Level, Principal
+        >>> db = os.path.join(tempfile.mkdtemp(), "mem.db")
+        >>> coder = Principal(agent_id="coder-1", team="backend")
+        >>> with DualMemory(redis_url="memory://authorize", db_path=db) as mem:
+        ...     print(mem.authorize(coder, Level.TEAM))
+        ...     try:
+        ...         mem.authorize(coder, Level.PRIVATE, scope="agent:coder-2")
+        ...     except AccessDenied:
+        ...         print("denied")
+        (<Level.TEAM: 2>, 'team:backend')
+        denied
+        """
+        return self._authorize(principal, level, action, scope, key)
+
     def _authorize(
         self, principal: object, level: object, action: str, scope: str | None, key: str | None
     ) -> tuple[Level, str]:
+        if action not in ("read", "write"):
+            raise ValidationError(f"action must be 'read' or 'write', got {action!r}")
         if not isinstance(principal, Principal):
             raise ValidationError(f"principal must be an acl.Principal, got {type(principal)!r}")
         check_text("scope", scope, optional=True)

@@ -316,7 +316,7 @@ class MissionLog:
     def _scope(self, level: Level | int | None) -> tuple[Level, str]:
         lvl = self.level if level is None else as_level(level)
         # The facade's check: denials are audited like any other read.
-        return self.mem._authorize(self.principal, lvl, "read", None, None)
+        return self.mem.authorize(self.principal, lvl, "read")
 
     def get_mission(self, mission_id: str, *, level: Level | int | None = None) -> Mission | None:
         """The mission as committed to SQLite, or ``None``."""

@@ -229,6 +229,8 @@ def test_other_agents_scope_is_denied_and_audited(
         lambda: mem.query(principal=coder, level=Level.SYSTEM),
         lambda: mem.history("secret", level=Level.PRIVATE, principal=coder, scope="agent:coder-2"),
         lambda: mem.delete("secret", level=Level.PRIVATE, principal=coder, scope="agent:coder-2"),
+        lambda: mem.authorize(coder, Level.PRIVATE, "read", scope="agent:coder-2"),
+        lambda: mem.authorize(coder, Level.SYSTEM, "write"),
     ]
     receipts = []
     for attempt in attempts:
@@ -583,3 +585,14 @@ def test_keyring_object_can_be_passed(tmp_path: Path, redis_url: str, coder: Pri
     with DualMemory(redis_url=redis_url, db_path=str(tmp_path / "k.db"), keyring=ring) as mem:
         mem.sync(mem.put("k", 1, level=Level.SYSTEM, principal=Principal("s", system=True)))
         assert mem.codec.keyring is ring
+
+
+def test_authorize_returns_the_scope_an_operation_would_use(
+    mem: DualMemory, coder: Principal
+) -> None:
+    assert mem.authorize(coder, Level.PRIVATE) == (Level.PRIVATE, "agent:coder-1")
+    assert mem.authorize(coder, 2, "write") == (Level.TEAM, coder.scope(Level.TEAM))
+    with pytest.raises(ValidationError, match="action"):
+        mem.authorize(coder, Level.TEAM, "delete")
+    with pytest.raises(ValidationError):
+        mem.authorize(coder, 9)
