@@ -18,31 +18,31 @@ from bench.servers import WorkerProcess
 from bench.stats import Target, summarize, us
 from dualmem import DualMemory
 
-__all__ = ["Observer", "run"]
+__all__ = ["Observer", "ObserverProcess", "run"]
 
 TARGETS_MS = {2000: 5.0, 10_000: 20.0}
 POLL_S = 0.0005
 _START_DELAY_NS = 300_000_000
 
 METHOD = (
-    "Every write has an intended send time fixed in advance (open loop: a constant offered "
-    "rate, split round-robin over several sender processes on real Redis so that no "
-    "sender is offered more than `per_sender_rate`; threads in the one process on "
+    "Every write has an intended send time fixed in advance (open loop: a constant "
+    "offered rate, split round-robin over several sender processes on real Redis so that "
+    "no sender is offered more than `per_sender_rate`; threads in the one process on "
     "fakeredis). Lag is measured from that intended time, so a sender that falls behind "
-    "adds its queueing to the lag instead of hiding it (no coordinated omission). A write "
-    "counts as queryable when an observer polling the journal table of the SQLite file "
-    "(a separate read connection, every 0.5 ms) first sees it, so figures include up to "
-    "one poll interval. Real Redis: writers run with `worker=False` and one `dualmem "
-    "worker` process persists; fakeredis: the embedded default (writers and the worker "
-    "thread in one process). The first `lag_warmup_s` of each rate are sent but not "
-    "counted."
+    "adds its queueing to the lag instead of hiding it (no coordinated omission). A write"
+    " counts as queryable when an observer polling the journal table of the SQLite file "
+    "(a separate read connection in a process of its own, so it never takes turns at the "
+    "GIL with what it measures; every 0.5 ms) first sees it, so figures include up to one"
+    " poll interval. Real Redis: writers run with `worker=False` and one `dualmem worker`"
+    " process persists; fakeredis: the embedded default (writers and the worker thread in"
+    " one process). The first `lag_warmup_s` of each rate are sent but not counted."
 )
 
 
 class Observer:
     """Polls the journal for keys under ``prefix`` and notes when each first appears."""
 
-    def __init__(self, db: Path, prefix: str) -> None:
+    def __init__(self, db: Path, prefix: str, stop: Any = None) -> None:
         self.db = db
         self.prefix = prefix
         self.seen: dict[int, int] = {}
@@ -50,7 +50,8 @@ class Observer:
         self._conn.execute("PRAGMA busy_timeout = 5000")
         row = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM journal").fetchone()
         self._seq = int(row[0])
-        self._stop = threading.Event()
+        # Anything with is_set()/set(): a multiprocessing Event when it runs in a child.
+        self._stop = threading.Event() if stop is None else stop
 
     def poll(self) -> int:
         """One poll; returns how many new keys of ours became visible."""
@@ -85,6 +86,66 @@ class Observer:
         self._conn.close()
 
 
+class ObserverProcess:
+    """An :class:`Observer` in a process of its own, with the same ``follow``/``stop``/
+    ``close``/``seen`` surface.
+
+    The observer is the measuring instrument: in the measured process it would take turns
+    at the GIL with the writers and the worker thread (the embedded default), and every
+    turn it waited for would be reported as lag. Its clock is ``time.monotonic_ns``, which
+    is system-wide, so its sightings compare with the senders' intended times.
+    """
+
+    def __init__(self, db: Path, prefix: str) -> None:
+        mp = multiprocessing.get_context("spawn")
+        self._pipe, child = mp.Pipe()
+        self._stop = mp.Event()
+        self._proc = mp.Process(
+            target=_observer_process, args=(child, str(db), prefix, self._stop), daemon=True
+        )
+        self._proc.start()
+        # Ready means it has read the journal's current end: nothing sent later is missed.
+        if not self._pipe.poll(60) or self._pipe.recv() != "ready":
+            self.close()
+            raise RuntimeError("the lag observer process did not start")
+        self.seen: dict[int, int] = {}
+
+    def follow(self, expected: int, deadline_ns: int) -> None:
+        """Poll (in the child) until ``expected`` keys were seen, ``stop()`` or the deadline."""
+        self._pipe.send((expected, deadline_ns))
+        wait_s = max(0.0, (deadline_ns - time.monotonic_ns()) / 1e9) + 30
+        if not self._pipe.poll(wait_s):
+            raise RuntimeError("the lag observer process did not report")
+        self.seen = self._pipe.recv()
+
+    def stop(self) -> None:
+        """Make ``follow`` return with what was seen so far."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Stop the child process."""
+        self._stop.set()
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        self._pipe.close()
+
+
+def _observer_process(conn: Connection, db: str, prefix: str, stop: Any) -> None:
+    observer = Observer(Path(db), prefix, stop)
+    try:
+        conn.send("ready")
+        if not conn.poll(600):
+            return
+        expected, deadline_ns = conn.recv()
+        observer.follow(expected, deadline_ns)
+        conn.send(observer.seen)
+    finally:
+        observer.close()
+        conn.close()
+
+
 def _sender(
     mem: DualMemory, rate: int, seconds: float, start_ns: int, senders: int, k: int, seed: str
 ) -> list[Send]:
@@ -117,7 +178,7 @@ def _sender_process(
 
 
 def _run_rate_processes(
-    ctx: Bench, backend: Backend, db: Path, rate: int, observer: Observer
+    ctx: Bench, backend: Backend, db: Path, rate: int, observer: ObserverProcess
 ) -> list[Send]:
     sizes = ctx.sizes
     senders = senders_for(rate, sizes.per_sender_rate)
@@ -166,7 +227,9 @@ def _run_rate_processes(
     return sends
 
 
-def _run_rate_threads(ctx: Bench, mem: DualMemory, rate: int, observer: Observer) -> list[Send]:
+def _run_rate_threads(
+    ctx: Bench, mem: DualMemory, rate: int, observer: ObserverProcess
+) -> list[Send]:
     sizes = ctx.sizes
     senders = senders_for(rate, sizes.per_sender_rate)
     start_ns = time.monotonic_ns() + _START_DELAY_NS
@@ -234,7 +297,7 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
         ).close()
         with WorkerProcess(backend.url, db) as worker:
             for rate in sizes.lag_rates:
-                observer = Observer(db, f"bench/lag/{rate}/")
+                observer = ObserverProcess(db, f"bench/lag/{rate}/")
                 try:
                     cpu0 = worker.cpu_seconds()
                     sends = _run_rate_processes(ctx, backend, db, rate, observer)
@@ -251,7 +314,7 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
         mem = ctx.memory(backend, db)
         try:
             for rate in sizes.lag_rates:
-                observer = Observer(db, f"bench/lag/{rate}/")
+                observer = ObserverProcess(db, f"bench/lag/{rate}/")
                 try:
                     sends = _run_rate_threads(ctx, mem, rate, observer)
                     results.append(_analyse(rate, sends, observer.seen, ctx))
