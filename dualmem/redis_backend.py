@@ -122,6 +122,47 @@ def transact(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[A
         pool.release(conn)
 
 
+def send_many(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` in one write and read their replies (no ``MULTI``: not atomic).
+
+    The worker's ``XACK`` + ``PUBLISH`` after each commit, without the cost of redis-py's
+    ``Pipeline`` object. Every reply is read before the first error reply is raised, so
+    the connection goes back to the pool in step; a failed exchange drops the connection
+    and is retried under the client's retry policy (both commands are safe to repeat).
+
+    >>> import fakeredis
+    >>> send_many(fakeredis.FakeRedis(), [(b"SET", b"k", b"v"), (b"INCR", b"n")])
+    [b'OK', 1]
+    """
+    pool = client.connection_pool
+    conn: Any = pool.get_connection()
+    try:
+        packed = conn.pack_commands(commands)
+        result: list[Any] = conn.retry.call_with_retry(
+            lambda: _read_replies(conn, packed, len(commands)), lambda _err: conn.disconnect()
+        )
+        return result
+    finally:
+        pool.release(conn)
+
+
+def _read_replies(conn: Any, packed: Any, count: int) -> list[Any]:
+    conn.send_packed_command(packed, check_health=False)
+    replies: list[Any] = []
+    error: redis.ResponseError | None = None
+    for _ in range(count):
+        try:
+            reply = conn.read_response()
+        except redis.ResponseError as exc:  # the reply was consumed; the rest still follow
+            reply = exc
+        if isinstance(reply, redis.ResponseError) and error is None:
+            error = reply
+        replies.append(reply)
+    if error is not None:
+        raise error
+    return replies
+
+
 def _exchange(conn: Any, packed: Any, queued: int) -> list[Any]:
     conn.send_packed_command(packed, check_health=False)
     try:

@@ -10,13 +10,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from dualmem.errors import DualMemError, StoreUnavailable
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics
-from dualmem.redis_backend import text, translate_errors
+from dualmem.redis_backend import send_many, text, translate_errors
 from dualmem.settings import Settings
 from dualmem.store import ApplyResult, Notification, Store, StreamEntry
 
@@ -303,18 +304,22 @@ class Worker:
         to_ack = list(result.done) + [e for e, _, _ in dead]
         try:
             with translate_errors("worker ack"):
-                pipe = self.redis.pipeline(transaction=False)
                 by_stream: dict[int, list[str]] = {}
                 for e in to_ack:
                     by_stream.setdefault(e.shard, []).append(e.stream_id)
-                for shard, ids in by_stream.items():
-                    pipe.xack(self.layout.stream(shard), self.group, *ids)
+                commands: list[tuple[Any, ...]] = [
+                    (b"XACK", self.layout.stream(shard), self.group, *ids)
+                    for shard, ids in by_stream.items()
+                ]
                 by_scope: dict[str, list[Notification]] = {}
                 for note in result.notifications:
                     by_scope.setdefault(note.scope, []).append(note)
-                for scope, notes in by_scope.items():
-                    pipe.publish(self.layout.channel(scope), Notification.encode_many(notes))
-                pipe.execute()
+                commands.extend(
+                    (b"PUBLISH", self.layout.channel(scope), Notification.encode_many(notes))
+                    for scope, notes in by_scope.items()
+                )
+                if commands:
+                    send_many(self.redis, commands)
         except StoreUnavailable as exc:
             # Committed but not acked: the entries come back and are recognised as
             # duplicates, so this costs a re-read, never a double apply.

@@ -596,3 +596,15 @@ def test_authorize_returns_the_scope_an_operation_would_use(
         mem.authorize(coder, Level.TEAM, "delete")
     with pytest.raises(ValidationError):
         mem.authorize(coder, 9)
+
+
+def test_send_many_reads_every_reply_before_raising(raw_redis: redis.Redis) -> None:
+    from dualmem.redis_backend import send_many
+
+    raw_redis.set("text", "not a number")
+    with pytest.raises(redis.ResponseError):
+        send_many(raw_redis, [(b"INCR", b"n"), (b"INCR", b"text"), (b"INCR", b"n")])
+    # The commands after the error ran, and their replies did not stay on the connection:
+    # the next exchange on the pooled connection gets its own replies.
+    assert send_many(raw_redis, [(b"GET", b"n"), (b"PING",)]) == [b"2", b"PONG"]
+    assert raw_redis.get("n") == b"2"
