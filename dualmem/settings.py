@@ -85,6 +85,10 @@ class Settings:
     #: SQLite ``synchronous``: NORMAL (a commit survives a process crash) or FULL (it also
     #: survives a power loss or OS crash, at an fsync per worker batch).
     sqlite_synchronous: str = "NORMAL"
+    #: Page cache of the worker's SQLite write connection, MiB (SQLite's default is 2).
+    #: A batch of new keys touches index pages all over the file; once the database
+    #: outgrows the cache each of them is read back from the OS on every batch.
+    sqlite_cache_mb: int = 64
 
     @classmethod
     def load(
@@ -141,6 +145,7 @@ class Settings:
             "max_deliveries",
             "max_backlog",
             "max_value_bytes",
+            "sqlite_cache_mb",
         ):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"setting {name} must be >= 1 (got {getattr(self, name)})")

@@ -147,10 +147,12 @@ class SQLiteStore(Store):
         *,
         busy_timeout_ms: int = 5_000,
         synchronous: str = "NORMAL",
+        writer_cache_mb: int = 64,
     ) -> None:
         self.path = Path(path)
         self.busy_timeout_ms = busy_timeout_ms
         self.synchronous = synchronous
+        self.writer_cache_mb = writer_cache_mb
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -177,11 +179,13 @@ class SQLiteStore(Store):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SQLiteStore:
-        """The store at ``settings.db_path`` with its busy timeout and ``synchronous`` mode."""
+        """The store at ``settings.db_path`` with its busy timeout, ``synchronous`` mode and
+        write connection's page cache."""
         return cls(
             settings.db_path,
             busy_timeout_ms=settings.busy_timeout_ms,
             synchronous=settings.sqlite_synchronous.upper(),
+            writer_cache_mb=settings.sqlite_cache_mb,
         )
 
     # -- connections -------------------------------------------------------------------
@@ -233,6 +237,9 @@ class SQLiteStore(Store):
         # puts milliseconds of I/O on the worker's commit path (the lag tail). Writers
         # here never checkpoint; a background thread does it, PASSIVE, right after commits.
         conn.execute("PRAGMA wal_autocheckpoint = 0")
+        # Negative: KiB rather than pages. Only the writer gets it (one per process), so
+        # reader threads do not each grow a cache of this size.
+        conn.execute(f"PRAGMA cache_size = {-1024 * int(self.writer_cache_mb)}")
         self._local.writer = True
         with self._lock:
             if self._checkpointer is None and not self._closed:

@@ -11,6 +11,7 @@ from acl import ConfigurationError, Level
 from dualmem.batch import GENESIS, chain_hash
 from dualmem.commands import audit_fields, delete_fields, put_fields
 from dualmem.migrations import SCHEMA_VERSION, migrate
+from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore, prefix_upper_bound
 from dualmem.store import StreamEntry
 
@@ -220,8 +221,6 @@ def test_downgrade_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("mode", "number"), [("NORMAL", 1), ("full", 2)])
 def test_synchronous_mode_comes_from_settings(tmp_path: Path, mode: str, number: int) -> None:
-    from dualmem.settings import Settings
-
     store = SQLiteStore.from_settings(
         Settings.load({"db_path": str(tmp_path / "s.db"), "sqlite_synchronous": mode})
     )
@@ -231,3 +230,15 @@ def test_synchronous_mode_comes_from_settings(tmp_path: Path, mode: str, number:
         store.close()
     with pytest.raises(ConfigurationError, match="sqlite_synchronous"):
         Settings.load({"sqlite_synchronous": "SOMETIMES"})
+
+
+def test_the_write_connection_gets_the_configured_page_cache(tmp_path: Path) -> None:
+    settings = Settings.load({"db_path": str(tmp_path / "c.db"), "sqlite_cache_mb": 16})
+    store = SQLiteStore.from_settings(settings)
+    try:
+        with store._write() as conn:
+            assert conn.execute("PRAGMA cache_size").fetchone()[0] == -16 * 1024
+    finally:
+        store.close()
+    with pytest.raises(ConfigurationError, match="sqlite_cache_mb"):
+        Settings.load({"sqlite_cache_mb": 0})
