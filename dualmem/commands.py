@@ -402,6 +402,15 @@ def _stream_id(fields: Mapping[bytes, bytes], name: bytes) -> str:
     return text
 
 
+def stream_id_of(sid: int) -> str:
+    """Inverse of :func:`sid_of`.
+
+    >>> stream_id_of(sid_of("1700000000000-2"))
+    '1700000000000-2'
+    """
+    return f"{sid >> _SEQ_BITS}-{sid & ((1 << _SEQ_BITS) - 1)}"
+
+
 def sid_of(stream_id: str) -> int:
     """A stream id ``"<ms>-<seq>"`` as one integer that sorts like the id.
 

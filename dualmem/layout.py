@@ -41,6 +41,10 @@ class Layout:
         """Every shard's stream, in shard order."""
         return [self.stream(i) for i in range(self.shards)]
 
+    def stream_shards(self) -> dict[bytes, int]:
+        """Every shard's stream mapped to its shard."""
+        return {self.stream(i): i for i in range(self.shards)}
+
     def shard_of_stream(self, name: bytes) -> int:
         """Inverse of :meth:`stream`."""
         text = name.decode()

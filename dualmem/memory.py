@@ -138,7 +138,7 @@ class DualMemory:
         try:
             self._redis, self._wakeup = connect(settings)
             # Groups exist before the first XADD, so no command is ever outside a group.
-            ensure_groups(self._redis, self._streams, settings.group)
+            ensure_groups(self._redis, self.layout.stream_shards(), settings.group, self.store)
         except BaseException:
             self.store.close()
             raise

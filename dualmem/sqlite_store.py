@@ -539,6 +539,12 @@ class SQLiteStore(Store):
         rows = self._read("SELECT COALESCE(MAX(seq), 0) FROM journal")
         return int(rows[0][0])
 
+    def max_sid(self, shard: int) -> int:
+        """See :meth:`Store.max_sid`. A scan of the journal: the worker asks only when it
+        had to create a consumer group (a new stream, or Redis lost its data)."""
+        rows = self._read("SELECT COALESCE(MAX(sid), 0) FROM journal WHERE shard = ?", (shard,))
+        return int(rows[0][0])
+
     def audit_log(self, since_id: int = 0, limit: int | None = None) -> list[AuditRow]:
         """See :meth:`Store.audit_log`."""
         rows = self._read(

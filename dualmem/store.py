@@ -238,6 +238,11 @@ class Store(ABC):
         """The highest journal ``seq`` (0 when empty)."""
 
     @abstractmethod
+    def max_sid(self, shard: int) -> int:
+        """The highest ordering id (``sid``) committed to the journal from ``shard``'s
+        stream, 0 when none: the floor new stream ids must stay above."""
+
+    @abstractmethod
     def audit_log(self, since_id: int = 0, limit: int | None = None) -> list[AuditRow]:
         """Audit rows with ``id > since_id`` in order."""
 

@@ -8,16 +8,17 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from dualmem.commands import sid_of, stream_id_of
 from dualmem.errors import DualMemError, StoreUnavailable
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics
-from dualmem.redis_backend import send_many, text, translate_errors
+from dualmem.redis_backend import send_many, text, transact, translate_errors
 from dualmem.settings import Settings
 from dualmem.store import ApplyResult, Notification, Store, StreamEntry
 
@@ -114,7 +115,7 @@ class Worker:
 
     def ensure_groups(self) -> None:
         """Create the consumer group on every stream (idempotent, from id 0)."""
-        ensure_groups(self.redis, self.streams, self.group)
+        ensure_groups(self.redis, self.streams, self.group, self.store)
 
     def _recreate_groups(self) -> None:
         # Redis came back without the consumer group (restarted with no persistence, or
@@ -419,15 +420,58 @@ class Worker:
         return total
 
 
-def ensure_groups(client: redis.Redis, streams: object, group: str) -> None:
-    """Create ``group`` at id 0 on each stream (creating the stream), ignoring existing ones."""
+def ensure_groups(
+    client: redis.Redis, streams: Mapping[bytes, int], group: str, store: Store | None = None
+) -> None:
+    """Create ``group`` at id 0 on each stream (``name -> shard``), creating the stream,
+    ignoring existing groups.
+
+    Where the group had to be created and ``store`` is given, the stream's last id is then
+    raised to the newest id committed from that shard (see :func:`raise_last_id`): after
+    Redis lost its data, ids it hands out sort after everything already in SQLite even if
+    its clock is behind the one that wrote those rows.
+    """
     with translate_errors("create consumer group"):
-        for name in streams:  # type: ignore[attr-defined]
+        for name, shard in streams.items():
             try:
                 client.xgroup_create(name, group, id="0", mkstream=True)
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+                continue
+            if store is not None:
+                raise_last_id(client, name, store.max_sid(shard))
+
+
+def raise_last_id(client: redis.Redis, stream: bytes, floor_sid: int) -> bool:
+    """Make ``stream`` hand out ids above ``floor_sid`` (a :func:`sid_of` value); True if
+    it had to.
+
+    Redis gives ``XADD *`` the larger of its clock and the stream's last id (+1), and the
+    upsert guard and the duplicate check rest on those ids. A stream recreated after Redis
+    lost its data starts from its clock alone; if that clock was stepped back, new puts
+    would sort before rows already committed (the record would keep its older value) or
+    reuse a committed id (taken for a redelivery). An entry at the floor id added and
+    deleted in one ``MULTI`` moves the last id up; no reader ever sees it.
+    """
+    if floor_sid <= 0:
+        return False
+    info = client.xinfo_stream(stream)
+    if sid_of(text(info["last-generated-id"])) >= floor_sid:
+        return False
+    marker = stream_id_of(floor_sid)
+    try:
+        transact(client, [(b"XADD", stream, marker, b"op", b"floor"), (b"XDEL", stream, marker)])
+    except redis.ResponseError as exc:
+        if "equal or smaller" not in str(exc):
+            raise
+        return False  # a writer's XADD got there first, with an id above the floor
+    log.warning(
+        "stream %s was behind the newest committed id; its last id is now %s",
+        text(stream),
+        marker,
+    )
+    return True
 
 
 def forget_consumer(

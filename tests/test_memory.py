@@ -23,6 +23,7 @@ from dualmem import (
     TamperedRecord,
     ValidationError,
 )
+from dualmem.commands import sid_of
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.worker import Worker
 
@@ -608,3 +609,49 @@ def test_send_many_reads_every_reply_before_raising(raw_redis: redis.Redis) -> N
     # the next exchange on the pooled connection gets its own replies.
     assert send_many(raw_redis, [(b"GET", b"n"), (b"PING",)]) == [b"2", b"PONG"]
     assert raw_redis.get("n") == b"2"
+
+
+def test_ids_after_redis_lost_its_data_sort_after_committed_ones(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # Rows committed under ids an hour ahead of this clock stand for rows written before
+    # Redis lost its data and its host's clock was stepped back by an hour.
+    writer = make_mem(worker=False)
+    r = writer.put("k", {"v": "old"}, level=Level.SWARM, principal=coder)
+    stream = writer.layout.stream(r.shard)
+    ((_, fields),) = raw_redis.xrange(stream)
+    ahead = f"{int(time.time() * 1000) + 3_600_000}-0"
+    raw_redis.xadd(stream, fields, id=ahead)
+    ahead_receipt = Receipt(r.shard, ahead, r.scope, r.key, r.op)
+    mem = make_mem()
+    mem.sync(ahead_receipt)
+    assert mem.store.max_sid(r.shard) == sid_of(ahead)
+    mem.close()
+    writer.close()
+    raw_redis.flushall()  # the stream, its consumer group and the cache entries are gone
+
+    mem = make_mem()
+    r2 = mem.put("k", {"v": "new"}, level=Level.SWARM, principal=coder)
+    assert sid_of(r2.stream_id) > sid_of(ahead)
+    mem.sync(r2)
+    assert mem.get("k", level=Level.SWARM, principal=coder) == {"v": "new"}
+    # The entry that moved the stream's last id was never delivered or stored.
+    assert [c.stream_id for c in mem.history("k", level=Level.SWARM, principal=coder)] == [
+        r.stream_id,
+        ahead,
+        r2.stream_id,
+    ]
+    assert raw_redis.xlen(stream) <= 1
+
+    # Redis loses its data again while this worker runs: the first put recreates the
+    # stream from the (behind) clock and sorts before the committed rows, the README's
+    # documented window; the worker recreates its group, raises the last id, and every
+    # put after that wins again.
+    raw_redis.flushall()
+    lost = mem.put("k", {"v": "in the window"}, level=Level.SWARM, principal=coder)
+    assert sid_of(lost.stream_id) < sid_of(ahead)
+    mem.sync(lost)
+    r3 = mem.put("k", {"v": "after"}, level=Level.SWARM, principal=coder)
+    assert sid_of(r3.stream_id) > sid_of(ahead)
+    mem.sync(r3)
+    assert mem.get("k", level=Level.SWARM, principal=coder) == {"v": "after"}

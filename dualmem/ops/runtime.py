@@ -110,7 +110,7 @@ class Runtime:
         self._left = 0
         try:
             self.client, self._wakeup = connect(settings)
-            ensure_groups(self.client, self.layout.streams(), settings.group)
+            ensure_groups(self.client, self.layout.stream_shards(), settings.group, self.store)
             if worker:
                 self._start_worker()
         except BaseException:
