@@ -104,6 +104,12 @@ class Layout:
             .replace(b"}", b"\\}")
         )
 
+    def anchor_key(self, chain: str) -> bytes:
+        """Where the worker leaves the newest ``"<id>:<hash hex>"`` of a hash chain
+        (``journal`` or ``audit_log``), so ``dualmem verify`` can tell a chain whose end
+        was cut off from one that merely ends."""
+        return f"dm:{{{self.namespace}:anchor}}:{chain}".encode()
+
     def channel(self, scope: str) -> bytes:
         """Pub/sub channel of change notifications for ``scope``."""
         return f"dm:{self.namespace}:ev:{scope}".encode()

@@ -281,6 +281,10 @@ class SQLiteStore(Store):
             result.ts_us.extend(p.ts_us)
             result.applied += len(p.applied)
             result.duplicates += len(p.duplicates)
+            if p.journal:
+                result.journal_head = p.journal_tail
+            if p.audit:
+                result.audit_head = p.audit_tail
         return result
 
     def _apply_each(

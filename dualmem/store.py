@@ -164,7 +164,8 @@ class ApplyResult:
     ``done`` are entries now safe to acknowledge (newly applied or already applied
     before); ``failed`` are entries whose own content failed, with the error, left for a
     redelivery; ``notifications`` go out after commit; ``lags_us`` hold writer-clock
-    timestamps (microseconds) of newly applied commands.
+    timestamps (microseconds) of newly applied commands; ``*_head`` are the chains' new
+    ends, which the worker anchors in Redis.
     """
 
     done: list[StreamEntry] = field(default_factory=list)
@@ -173,6 +174,9 @@ class ApplyResult:
     ts_us: list[int] = field(default_factory=list)
     applied: int = 0
     duplicates: int = 0
+    #: ``(id, hash)`` of the newest journal / audit row this call committed, if any.
+    journal_head: tuple[int, bytes] | None = None
+    audit_head: tuple[int, bytes] | None = None
 
 
 class Store(ABC):

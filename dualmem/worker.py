@@ -319,6 +319,13 @@ class Worker:
                     (b"PUBLISH", self.layout.channel(scope), Notification.encode_many(notes))
                     for scope, notes in by_scope.items()
                 )
+                for chain, head in (
+                    ("journal", result.journal_head),
+                    ("audit_log", result.audit_head),
+                ):
+                    if head is not None:
+                        anchor = f"{head[0]}:{head[1].hex()}"
+                        commands.append((b"SET", self.layout.anchor_key(chain), anchor))
                 if commands:
                     send_many(self.redis, commands)
         except StoreUnavailable as exc:

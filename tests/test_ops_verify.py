@@ -15,6 +15,8 @@ from dualmem import DualMemory
 from dualmem.cli import main
 from dualmem.missions import MissionLog
 
+from .conftest import wait_until
+
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 
 
@@ -102,6 +104,47 @@ def test_an_audit_row_edited_behind_the_triggers_is_detected(
     assert code == 1
     assert checks["audit_log hash chain"]["problem_count"] == 1
     assert "hash does not match" in checks["audit_log hash chain"]["problems"][0]
+
+
+def test_rows_cut_off_the_end_of_a_chain_are_found_by_the_anchor(
+    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(mem)
+    ends = "journal: ends at or after seq 23; audit_log: ends at or after id 1"
+    # The worker sets the anchors right after the commit that sync() waits for.
+    wait_until(lambda: report(capsys, args)[1]["hash chain anchors"]["summary"] == ends)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DELETE FROM journal WHERE seq > 20")
+        conn.execute("DROP TRIGGER audit_log_no_delete")
+        conn.execute("DELETE FROM audit_log")
+    code, checks = report(capsys, args)
+    assert code == 1
+    # What is left of each chain still recomputes: only the anchors show the cut.
+    assert checks["journal hash chain"]["status"] == "ok"
+    assert checks["audit_log hash chain"]["status"] == "ok"
+    assert checks["hash chain anchors"]["problems"] == [
+        "journal ends at seq 20, before the anchored seq 23: rows were cut off its end",
+        "audit_log ends at id 0, before the anchored id 1: rows were cut off its end",
+    ]
+
+
+def test_an_anchor_moves_on_with_the_next_commit(
+    mem: DualMemory, args: list[str], raw_redis: redis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    r = mem.put("k", {"v": 1}, level=Level.SWARM, principal=CODER)
+    mem.sync(r)
+    key = mem.layout.anchor_key("journal")
+    wait_until(lambda: raw_redis.get(key) is not None)
+    raw_redis.set(key, b"999:00")  # as after restoring an older backup: ahead of the file
+    assert report(capsys, args)[0] == 1
+    mem.sync(mem.put("k", {"v": 2}, level=Level.SWARM, principal=CODER))
+    wait_until(lambda: raw_redis.get(key) != b"999:00")
+    code, checks = report(capsys, args)
+    assert code == 0, checks["hash chain anchors"]
+    raw_redis.set(key, b"not an anchor")
+    code, checks = report(capsys, args)
+    assert code == 1
+    assert "is not '<id>:<hash>'" in checks["hash chain anchors"]["problems"][0]
 
 
 def test_orphans_and_lost_projections_are_reported(

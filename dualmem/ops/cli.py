@@ -127,7 +127,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from dualmem.ops.database import open_database
     from dualmem.ops.mirror import check_mirror
     from dualmem.ops.runtime import redis_client
-    from dualmem.ops.verify import Check, check_redis_parity, verify_database
+    from dualmem.ops.verify import Check, check_anchors, check_redis_parity, verify_database
 
     settings = _settings(args)
     console = _console()
@@ -140,6 +140,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 try:
                     layout = Layout(settings.namespace, settings.shards)
                     checks.append(check_redis_parity(conn, client, layout, now_ms, progress))
+                    checks.append(check_anchors(conn, client, layout))
                 finally:
                     client.close()
             except DualMemError as exc:

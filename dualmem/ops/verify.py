@@ -22,6 +22,7 @@ from dualmem.worker import next_stream_id, safe_trim_id
 __all__ = [
     "MAX_PROBLEMS",
     "Check",
+    "check_anchors",
     "check_chain",
     "check_foreign_keys",
     "check_integrity",
@@ -159,6 +160,51 @@ def check_chain(conn: sqlite3.Connection, table: str, progress: ProgressFn = NO_
     c.summary = f"{n} rows ok" if c.ok else f"{c.problem_count} broken link(s) in {n} rows"
     if not c.ok:
         c.fix = "rows were edited outside dualmem: restore a backup and investigate"
+    return c
+
+
+def check_anchors(conn: sqlite3.Connection, client: redis.Redis, layout: Layout) -> Check:
+    """The end of each hash chain against the anchor the worker leaves in Redis.
+
+    A chain recomputes cleanly after rows are cut off its end; the anchor (the newest
+    ``id:hash`` the worker committed, set after each batch) still names the cut row. The
+    row must exist with that hash. No anchor (nothing committed since Redis lost its
+    data) is reported, not failed; rows after the anchor are the newest batch's.
+    """
+    c = Check("hash chain anchors")
+    notes: list[str] = []
+    with translate_errors("verify anchors"):
+        for table, (_, id_name) in _CHAINS.items():
+            raw = client.get(layout.anchor_key(table))
+            if raw is None:
+                notes.append(f"{table}: no anchor")
+                continue
+            try:
+                id_text, _, hex_hash = bytes(raw).decode().partition(":")  # type: ignore[arg-type]
+                anchored_id, anchored_hash = int(id_text), bytes.fromhex(hex_hash)
+            except ValueError:
+                c.problem(f"{table}: the anchor in Redis is not '<id>:<hash>': {raw!r}")
+                continue
+            row = conn.execute(
+                f"SELECT hash FROM {table} WHERE {id_name} = ?", (anchored_id,)
+            ).fetchone()
+            if row is None:
+                last = conn.execute(f"SELECT MAX({id_name}) FROM {table}").fetchone()[0]
+                c.problem(
+                    f"{table} ends at {id_name} {last or 0}, before the anchored {id_name} "
+                    f"{anchored_id}: rows were cut off its end"
+                )
+            elif bytes(row[0]) != anchored_hash:
+                c.problem(f"{table} {id_name} {anchored_id}: hash differs from the anchor")
+            else:
+                notes.append(f"{table}: ends at or after {id_name} {anchored_id}")
+    c.summary = "; ".join(notes) if c.ok else f"{c.problem_count} chain end(s) do not match"
+    if not c.ok:
+        c.fix = (
+            "rows were removed or replaced outside dualmem: restore a backup and investigate "
+            "(after a deliberate restore of an older backup, the next committed write moves "
+            "the anchor)"
+        )
     return c
 
 
