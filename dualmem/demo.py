@@ -565,11 +565,12 @@ class _Demo:
             )
         self.out.print(table)
         audit = self.mem.store.audit_log(audit_from)
-        high = [r for r in audit if r.risk == "high"]
-        events = sorted({r.event for r in audit})
+        high = sorted({r.event for r in audit if r.risk == "high"})
+        others = sorted({r.event for r in audit if r.risk != "high"} - set(high))
+        n_high = sum(1 for r in audit if r.risk == "high")
         self.say(
-            f"audit log: {len(audit)} rows this run, {len(high)} high risk "
-            f"([dim]{', '.join(events)}[/])"
+            f"audit log: {len(audit)} rows this run; {n_high} high risk "
+            f"([dim]{', '.join(high) or 'none'}[/]), the rest [dim]{', '.join(others)}[/]"
         )
         journal = self.mem.store.last_seq() - journal_from
         self.say(
