@@ -73,6 +73,21 @@ class CloseReport:
     drained: bool
 
 
+def _record_of(row: StoredRow, value: Any) -> Record:
+    """A stored row with its opened ``value``."""
+    return Record(
+        row.scope,
+        row.key,
+        row.level,
+        row.owner,
+        value,
+        row.created_at,
+        row.updated_at,
+        row.expires_at,
+        row.stream_id,
+    )
+
+
 class DualMemory:
     """Dual-layer memory: one Redis round trip per write, SQLite for every read.
 
@@ -518,17 +533,7 @@ class DualMemory:
             return None
         if row is None:
             return Record(sc, key, lvl, "", value, 0, 0, None, "")
-        return Record(
-            row.scope,
-            row.key,
-            row.level,
-            row.owner,
-            value,
-            row.created_at,
-            row.updated_at,
-            row.expires_at,
-            row.stream_id,
-        )
+        return _record_of(row, value)
 
     def _fetch(
         self, key: str, level: Level | int, principal: Principal, scope: str | None, fresh: bool
@@ -559,18 +564,7 @@ class DualMemory:
         return lvl, sc, row, value
 
     def _record(self, row: StoredRow, actor: str) -> Record:
-        value = self._open(row.envelope, row.scope, row.key, row.level, actor)
-        return Record(
-            row.scope,
-            row.key,
-            row.level,
-            row.owner,
-            value,
-            row.created_at,
-            row.updated_at,
-            row.expires_at,
-            row.stream_id,
-        )
+        return _record_of(row, self._open(row.envelope, row.scope, row.key, row.level, actor))
 
     def _scopes(
         self, principal: Principal, level: Level | int | None, scope: str | None
