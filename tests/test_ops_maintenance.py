@@ -23,22 +23,15 @@ import redis
 
 from acl import Level, Principal
 from dualmem import DualMemory, NotPersisted
-from dualmem.cli import main
 from dualmem.commands import put_fields
 from dualmem.ops.exporter import Exporter, start_server
 from dualmem.settings import Settings
 from dualmem.store import StreamEntry
 
-from .conftest import RedisServer, free_port, wait_until
+from .conftest import RedisServer, free_port, run_cli, wait_until
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 FIXTURE = Path(__file__).parent / "data" / "schema_v1.db"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -77,7 +70,7 @@ def test_backup_while_the_worker_writes_is_a_verified_snapshot(
     try:
         dest = tmp_path / "backups" / "copy.db"
         dest.parent.mkdir()
-        code, out, _ = run(capsys, "backup", *args, str(dest))
+        code, out, _ = run_cli(capsys, "backup", *args, str(dest))
     finally:
         stop.set()
         writer.join()
@@ -88,7 +81,7 @@ def test_backup_while_the_worker_writes_is_a_verified_snapshot(
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
     assert count(dest, "memory") >= 300
     assert [p.name for p in dest.parent.iterdir()] == ["copy.db"]  # no partial files left
-    code, out, _ = run(capsys, "verify", "--db", str(dest), "--no-redis")
+    code, out, _ = run_cli(capsys, "verify", "--db", str(dest), "--no-redis")
     assert code == 0, out
 
 
@@ -102,15 +95,17 @@ def test_backup_refuses_bad_destinations_and_a_damaged_source(
     mem.sync(mem.put("k", 1, level=Level.SWARM, principal=CODER))
     taken = tmp_path / "taken.db"
     taken.write_text("keep me")
-    code, _, err = run(capsys, "backup", *args, str(taken))
+    code, _, err = run_cli(capsys, "backup", *args, str(taken))
     assert code == 2 and "already exists" in err and taken.read_text() == "keep me"
-    code, _, err = run(capsys, "backup", *args, str(tmp_path / "no" / "such" / "dir.db"))
+    code, _, err = run_cli(capsys, "backup", *args, str(tmp_path / "no" / "such" / "dir.db"))
     assert code == 2 and "does not exist" in err
-    code, _, err = run(capsys, "backup", "--db", str(tmp_path / "none.db"), str(tmp_path / "b.db"))
+    code, _, err = run_cli(
+        capsys, "backup", "--db", str(tmp_path / "none.db"), str(tmp_path / "b.db")
+    )
     assert code == 2 and "no database at" in err
     with sqlite3.connect(db_path) as conn:
         conn.execute("UPDATE journal SET key = 'forged'")
-    code, _, err = run(capsys, "backup", *args, str(tmp_path / "b.db"))
+    code, _, err = run_cli(capsys, "backup", *args, str(tmp_path / "b.db"))
     assert code == 2 and "failed verification" in err
     assert not (tmp_path / "b.db").exists()
 
@@ -134,7 +129,7 @@ def test_purge_deletes_expired_rows_and_shrinks_the_file(
     with sqlite3.connect(db_path) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     before = db_path.stat().st_size
-    code, out, _ = run(capsys, "purge", *args)
+    code, out, _ = run_cli(capsys, "purge", *args)
     assert code == 0, out
     assert "purged 100 expired row(s)" in out and "auto_vacuum INCREMENTAL" in out
     assert count(db_path, "memory") == 1
@@ -147,12 +142,12 @@ def test_purge_on_an_old_file_converts_it_with_vacuum(
 ) -> None:
     db = tmp_path / "old.db"
     shutil.copyfile(FIXTURE, db)
-    code, _, err = run(capsys, "purge", "--db", str(db))
+    code, _, err = run_cli(capsys, "purge", "--db", str(db))
     assert code == 2 and "run `dualmem migrate" in err  # purge never migrates silently
-    assert run(capsys, "migrate", "--db", str(db))[0] == 0
-    code, out, _ = run(capsys, "purge", "--db", str(db))
+    assert run_cli(capsys, "migrate", "--db", str(db))[0] == 0
+    code, out, _ = run_cli(capsys, "purge", "--db", str(db))
     assert code == 0 and "auto_vacuum NONE" in out and "--vacuum" in out
-    code, out, _ = run(capsys, "purge", "--db", str(db), "--vacuum")
+    code, out, _ = run_cli(capsys, "purge", "--db", str(db), "--vacuum")
     assert code == 0 and "auto_vacuum INCREMENTAL (converted by VACUUM)" in out
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)
@@ -172,13 +167,13 @@ def test_a_poison_entry_replayed_is_dead_again(
         mem.layout.stream(0), {"op": "put", "s": "swarm:s1", "k": "p", "l": 3, "a": "x", "t": 1}
     )
     wait_until(mem.store.dead_letters, what="the dead letter")
-    code, out, _ = run(capsys, "dlq", "list", *args, "--json")
+    code, out, _ = run_cli(capsys, "dlq", "list", *args, "--json")
     (dead,) = json.loads(out)
     assert dead["stream_id"] == sid.decode() and dead["op"] == "put" and dead["key"] == "p"
     assert "put without an envelope" in dead["error"]
-    code, out, _ = run(capsys, "dlq", "replay", *args, str(dead["id"]))
+    code, out, _ = run_cli(capsys, "dlq", "replay", *args, str(dead["id"]))
     assert code == 1 and "1 dead-lettered again" in out
-    code, out, _ = run(capsys, "dlq", "list", *args, "--all", "--json")
+    code, out, _ = run_cli(capsys, "dlq", "list", *args, "--all", "--json")
     assert [d["replayed_at"] is not None for d in json.loads(out)] == [True, False]
 
 
@@ -192,29 +187,29 @@ def test_a_dead_letter_of_a_passing_failure_replays_and_commits(
     raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
     # What the worker records when a batch keeps failing (say the disk was full).
     mem.store.dead_letter([(StreamEntry(0, "1-1", raw), "disk I/O error", 3)])
-    code, out, _ = run(capsys, "dlq", "list", *args, "--json")
+    code, out, _ = run_cli(capsys, "dlq", "list", *args, "--json")
     (dead,) = json.loads(out)
     assert (dead["error"], dead["scope"], dead["key"]) == (
         "disk I/O error",
         "agent:coder-1",
         "late",
     )
-    code, out, _ = run(capsys, "dlq", "replay", *args, "--all")
+    code, out, _ = run_cli(capsys, "dlq", "replay", *args, "--all")
     assert code == 0 and "1 committed" in out
     assert mem.get("late", level=Level.PRIVATE, principal=CODER) == {"v": 1}
-    code, out, _ = run(capsys, "dlq", "list", *args)
+    code, out, _ = run_cli(capsys, "dlq", "list", *args)
     assert "no dead letters" in out
     assert "dlq_replay" in [a.event for a in mem.store.audit_log()]
-    code, out, _ = run(capsys, "dlq", "replay", *args, "--all")
+    code, out, _ = run_cli(capsys, "dlq", "replay", *args, "--all")
     assert code == 0 and "nothing to replay" in out
 
 
 def test_dlq_bad_input(
     mem: DualMemory, args: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run(capsys, "dlq", "replay", *args, "99")
+    code, _, err = run_cli(capsys, "dlq", "replay", *args, "99")
     assert code == 2 and "no dead letter with id 99" in err
-    code, _, err = run(capsys, "dlq", "replay", *args)
+    code, _, err = run_cli(capsys, "dlq", "replay", *args)
     assert code == 2 and "--all" in err
 
 
@@ -225,7 +220,7 @@ def test_sync_reports_a_dead_letter_and_stats_count_it(
     bad = mem.put("_dm/mission/x", {"status": "?"}, level=Level.PROJECT, principal=CODER)
     with pytest.raises(NotPersisted):
         mem.sync(bad, timeout=10)
-    code, out, _ = run(capsys, "stats", *args[:4], "--json")
+    code, out, _ = run_cli(capsys, "stats", *args[:4], "--json")
     stats = json.loads(out)
     assert code == 0 and stats["dead_letters"] == 1
     assert {"pending", "db_free_bytes", "db_wal_bytes"} <= stats.keys()
@@ -248,12 +243,12 @@ def test_stats_separates_pending_from_undelivered(
         client = redis_server.client()
         # A consumer that read 3 and died before acknowledging: pending, not lost.
         client.xreadgroup("persist", "dead-one", {writer.layout.stream(0): ">"}, count=3)
-        code, out, _ = run(
+        code, out, _ = run_cli(
             capsys, "stats", "--redis-url", redis_server.url, "--db", str(db), "--json"
         )
         stats = json.loads(out)
         assert code == 0 and (stats["backlog"], stats["pending"]) == (7, 3)
-        code, out, _ = run(capsys, "stats", "--redis-url", redis_server.url, "--db", str(db))
+        code, out, _ = run_cli(capsys, "stats", "--redis-url", redis_server.url, "--db", str(db))
         assert "backlog: 7 (pending: 3)" in out
     finally:
         writer.close(timeout=0.1)
@@ -263,7 +258,7 @@ def test_stats_separates_pending_from_undelivered(
 
 
 def doctor(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, dict]]:
-    code, out, _ = run(capsys, "doctor", *argv, "--json")
+    code, out, _ = run_cli(capsys, "doctor", *argv, "--json")
     return code, {f["check"]: f for f in json.loads(out)}
 
 
@@ -282,7 +277,7 @@ def test_doctor_on_a_healthy_setup(
     assert {f["status"] for f in found.values()} == {"ok"}
     assert found["redis persistence"]["detail"] == "appendonly yes, appendfsync everysec"
     assert found["key file"]["detail"].startswith(f"{keyfile} (mode 600")
-    code, out, _ = run(
+    code, out, _ = run_cli(
         capsys,
         "doctor",
         "--redis-url",
@@ -361,7 +356,7 @@ def test_metrics_prints_an_exposition_with_one_series_per_worker(
     for r in [mem.put(f"k{i}", i, level=Level.SWARM, principal=CODER) for i in range(20)]:
         mem.sync(r)
     mem.close()  # the worker snapshots its histograms on the way out
-    code, out, _ = run(capsys, "metrics", *args)
+    code, out, _ = run_cli(capsys, "metrics", *args)
     assert code == 0
     check_exposition(out)
     assert re.search(r'dualmem_latency_seconds_count\{source="[^"]+",path="persist"\} 20', out)
@@ -438,7 +433,7 @@ def test_metrics_refuses_a_database_of_another_schema(
 ) -> None:
     db = tmp_path / "old.db"
     shutil.copyfile(FIXTURE, db)
-    code, _, err = run(capsys, "metrics", "--db", str(db))
+    code, _, err = run_cli(capsys, "metrics", "--db", str(db))
     assert code == 2 and "run `dualmem migrate" in err
-    code, _, err = run(capsys, "metrics", "--db", str(tmp_path / "none.db"))
+    code, _, err = run_cli(capsys, "metrics", "--db", str(tmp_path / "none.db"))
     assert code == 2 and "no database at" in err

@@ -12,10 +12,10 @@ import pytest
 
 from acl import Keyring, Level, Principal
 from dualmem import DualMemory
-from dualmem.cli import main
 from dualmem.migrations import SCHEMA_VERSION
 from dualmem.missions import MissionLog
 
+from .conftest import run_cli
 from .data.make_schema_v1 import FIXTURE_KEY_ID, FIXTURE_SECRET
 
 FIXTURE = Path(__file__).parent / "data" / "schema_v1.db"
@@ -28,12 +28,6 @@ def v1(tmp_path: Path) -> Path:
     db = tmp_path / "old.db"
     shutil.copyfile(FIXTURE, db)
     return db
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def user_version(db: Path) -> int:
@@ -54,7 +48,7 @@ def test_the_fixture_really_is_the_first_schema() -> None:
 
 def test_dry_run_changes_nothing(v1: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = v1.read_bytes()
-    code, out, _ = run(capsys, "migrate", "--db", str(v1), "--dry-run")
+    code, out, _ = run_cli(capsys, "migrate", "--db", str(v1), "--dry-run")
     assert code == 0
     assert "would migrate" in out and "schema 1 -> 2" in out and "Mission log" in out
     assert "dry run: nothing was changed" in out
@@ -65,7 +59,7 @@ def test_dry_run_changes_nothing(v1: Path, capsys: pytest.CaptureFixture[str]) -
 def test_migrating_the_first_schema_keeps_every_record(
     v1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, _ = run(capsys, "migrate", "--db", str(v1))
+    code, out, _ = run_cli(capsys, "migrate", "--db", str(v1))
     assert code == 0, out
     assert "migrated" in out and "applied" in out
     assert user_version(v1) == SCHEMA_VERSION
@@ -92,14 +86,14 @@ def test_migrating_the_first_schema_keeps_every_record(
         log = MissionLog(mem, CODER)
         mem.sync(log.start_mission("after-upgrade", "p"), timeout=10)
         assert log.get_mission("after-upgrade") is not None
-    code, out, _ = run(capsys, "verify", "--db", str(v1), "--no-redis")
+    code, out, _ = run_cli(capsys, "verify", "--db", str(v1), "--no-redis")
     assert code == 0, out
 
 
 def test_migrate_is_idempotent(v1: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(capsys, "migrate", "--db", str(v1))[0] == 0
+    assert run_cli(capsys, "migrate", "--db", str(v1))[0] == 0
     after = v1.read_bytes()
-    code, out, _ = run(capsys, "migrate", "--db", str(v1))
+    code, out, _ = run_cli(capsys, "migrate", "--db", str(v1))
     assert code == 0 and "nothing to do" in out
     assert v1.read_bytes() == after
     assert len(list(v1.parent.glob("*.bak"))) == 1  # no second backup
@@ -108,14 +102,14 @@ def test_migrate_is_idempotent(v1: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_downgrades_unknown_targets_and_newer_databases_are_refused(
     v1: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run(capsys, "migrate", "--db", str(v1))[0] == 0
-    code, _, err = run(capsys, "migrate", "--db", str(v1), "--to", "1")
+    assert run_cli(capsys, "migrate", "--db", str(v1))[0] == 0
+    code, _, err = run_cli(capsys, "migrate", "--db", str(v1), "--to", "1")
     assert code == 2 and "refusing to downgrade" in err
-    code, _, err = run(capsys, "migrate", "--db", str(v1), "--to", "7")
+    code, _, err = run_cli(capsys, "migrate", "--db", str(v1), "--to", "7")
     assert code == 2 and "--to must be between 1 and" in err
     with sqlite3.connect(v1) as conn:
         conn.execute("PRAGMA user_version = 99")
-    code, _, err = run(capsys, "migrate", "--db", str(v1))
+    code, _, err = run_cli(capsys, "migrate", "--db", str(v1))
     assert code == 2 and "newer than this dualmem" in err
     assert user_version(v1) == 99
 
@@ -123,10 +117,10 @@ def test_downgrades_unknown_targets_and_newer_databases_are_refused(
 def test_migrating_to_an_explicit_version_and_a_missing_file(
     v1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, _ = run(capsys, "migrate", "--db", str(v1), "--to", "1")
+    code, out, _ = run_cli(capsys, "migrate", "--db", str(v1), "--to", "1")
     assert code == 0 and "nothing to do" in out
     dest = tmp_path / "before-upgrade.db"
-    code, out, _ = run(capsys, "migrate", "--db", str(v1), "--to", "2", "--backup", str(dest))
+    code, out, _ = run_cli(capsys, "migrate", "--db", str(v1), "--to", "2", "--backup", str(dest))
     assert code == 0 and user_version(dest) == 1 and user_version(v1) == 2
-    code, _, err = run(capsys, "migrate", "--db", str(tmp_path / "missing.db"))
+    code, _, err = run_cli(capsys, "migrate", "--db", str(tmp_path / "missing.db"))
     assert code == 2 and "no database at" in err

@@ -16,18 +16,13 @@ import pytest
 
 from acl import Keyring, Level, Principal, envelope_key_id
 from dualmem import DualMemory
-from dualmem.cli import main
 from dualmem.ops.mirror import STATE_FILE, record_path
 from dualmem.rotation import rotate_keys
 
+from .conftest import run_cli
+
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 SECRET = "mirror-secret-6c1b-never-in-files"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -45,7 +40,7 @@ def put(mem: DualMemory, key: str, value: object, level: Level = Level.SWARM) ->
 
 
 def once(capsys: pytest.CaptureFixture[str], args: list[str], mdir: Path) -> str:
-    code, out, err = run(capsys, "mirror", *args, "--dir", str(mdir), "--once")
+    code, out, err = run_cli(capsys, "mirror", *args, "--dir", str(mdir), "--once")
     assert code == 0, out + err
     return out
 
@@ -69,7 +64,7 @@ def sync_events(db: Path) -> list[tuple[str, str, dict[str, object]]]:
 
 
 def verify_mirror(capsys: pytest.CaptureFixture[str], args: list[str], mdir: Path) -> dict:
-    code, out, _ = run(capsys, "verify", *args, "--mirror", str(mdir), "--json")
+    code, out, _ = run_cli(capsys, "verify", *args, "--mirror", str(mdir), "--json")
     checks = {c["name"]: c for c in json.loads(out)["checks"]}
     return {"code": code, **checks[f"mirror {mdir}"]}
 
@@ -208,12 +203,14 @@ def test_a_mirror_keeps_its_levels(
 ) -> None:
     put(mem, "s", 1)
     put(mem, "p", 2, Level.PROJECT)
-    run(capsys, "mirror", *args, "--dir", str(mdir), "--once", "--level", "project")
+    run_cli(capsys, "mirror", *args, "--dir", str(mdir), "--once", "--level", "project")
     assert not file_of(mdir, "s").exists() and file_of(mdir, "p", "project:shop").exists()
-    code, _, err = run(capsys, "mirror", *args, "--dir", str(mdir), "--once", "--level", "swarm")
+    code, _, err = run_cli(
+        capsys, "mirror", *args, "--dir", str(mdir), "--once", "--level", "swarm"
+    )
     assert code == 2 and "mirrors levels [4]" in err
     not_a_dir = mdir / STATE_FILE
-    code, _, err = run(capsys, "mirror", *args, "--dir", str(not_a_dir), "--once")
+    code, _, err = run_cli(capsys, "mirror", *args, "--dir", str(not_a_dir), "--once")
     assert code == 2 and "is not a directory" in err
 
 
@@ -261,7 +258,7 @@ def test_operator_commands_never_migrate_behind_your_back(
         ["dlq", "replay", "--all"],
         ["dlq", "list"],
     ):
-        code, _, err = run(capsys, *argv, "--db", str(old), "--redis-url", "memory://old")
+        code, _, err = run_cli(capsys, *argv, "--db", str(old), "--redis-url", "memory://old")
         assert code == 2 and "run `dualmem migrate" in err, argv
     with sqlite3.connect(old) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (1,)

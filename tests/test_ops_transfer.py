@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 
 from acl import Codec, Keyring, Level, Principal
 from dualmem import DualMemory
-from dualmem.cli import main
 from dualmem.migrations import migrate
 from dualmem.ops.transfer import export_records, parse_line
+
+from .conftest import run_cli
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 OTHER = Principal(agent_id="coder-2", team="frontend", swarm="s2", project="shop")
@@ -33,12 +34,6 @@ VALUES: list[object] = [
     "x" * 5000,  # compressed (lz4) on the way in
     {"nested": {"deep": [{"a": [1, 2, {"b": None}]}]}},
 ]
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def fill(mem: DualMemory) -> None:
@@ -113,11 +108,11 @@ def test_export_then_import_round_trips_byte_identical_values(
 ) -> None:
     fill(mem)
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    assert run(capsys, "export", *src, "--out", str(a))[0] == 0
-    code, out, _ = run(capsys, "import", *dst, str(a))
+    assert run_cli(capsys, "export", *src, "--out", str(a))[0] == 0
+    code, out, _ = run_cli(capsys, "import", *dst, str(a))
     assert code == 0, out
     assert "imported 29 record(s)" in out
-    assert run(capsys, "export", *dst, "--out", str(b))[0] == 0
+    assert run_cli(capsys, "export", *dst, "--out", str(b))[0] == 0
     # The files agree line for line except the write times (an import is a new write).
     assert without_times(a) == without_times(b)
     before, after = rows(db_path), rows(Path(dst[3]))
@@ -142,15 +137,15 @@ def test_importing_twice_adds_nothing_and_dry_run_writes_nothing(
 ) -> None:
     fill(mem)
     a = tmp_path / "a.jsonl"
-    run(capsys, "export", *src, "--out", str(a))
-    run(capsys, "import", *dst, str(a))
+    run_cli(capsys, "export", *src, "--out", str(a))
+    run_cli(capsys, "import", *dst, str(a))
     target = Path(dst[3])
     n = journal_len(target)
-    code, out, _ = run(capsys, "import", *dst, str(a))
+    code, out, _ = run_cli(capsys, "import", *dst, str(a))
     assert code == 0 and "nothing to import" in out
     assert journal_len(target) == n
     # Re-import into the source itself: everything is already there.
-    code, out, _ = run(capsys, "import", *src, str(a))
+    code, out, _ = run_cli(capsys, "import", *src, str(a))
     assert code == 0 and "nothing to import" in out
     # One changed value and one new record: the dry run says so and writes nothing.
     lines = a.read_text(encoding="utf-8").splitlines()
@@ -160,7 +155,7 @@ def test_importing_twice_adds_nothing_and_dry_run_writes_nothing(
     lines[i] = json.dumps(changed)
     extra = {"scope": "swarm:s1", "key": "new", "level": 3, "value": 1}
     a.write_text("\n".join([*lines, json.dumps(extra)]) + "\n")
-    code, out, _ = run(capsys, "import", *dst, str(a), "--dry-run")
+    code, out, _ = run_cli(capsys, "import", *dst, str(a), "--dry-run")
     assert code == 0
     assert "│ 1   │ 1       │ 28        │" in out
     assert "would write (changed)" in out and "would write (new) swarm:s1/new" in out
@@ -189,10 +184,10 @@ def test_bad_lines_are_reported_by_number_and_skipped_or_fail_the_import(
     ]
     f.write_text("\n".join(lines) + "\n", encoding="utf-8")
     n = journal_len(db_path)
-    code, out, _ = run(capsys, "import", *src, str(f), "--strict")
+    code, out, _ = run_cli(capsys, "import", *src, str(f), "--strict")
     assert code == 1 and "--strict: 5 bad line(s), nothing was imported" in out
     assert journal_len(db_path) == n  # never half-applied
-    code, out, _ = run(capsys, "import", *src, str(f))
+    code, out, _ = run_cli(capsys, "import", *src, str(f))
     assert code == 3
     assert f"{f}:2: not valid JSON" in out
     assert f"{f}:4: scope 'swarm:s1' is not at level PROJECT" in out
@@ -212,9 +207,9 @@ def test_encrypted_levels_stay_sealed_unless_decrypted_by_an_allowed_principal(
 ) -> None:
     fill(mem)
     sealed, clear = tmp_path / "sealed.jsonl", tmp_path / "clear.jsonl"
-    run(capsys, "export", *src, "--out", str(sealed))
+    run_cli(capsys, "export", *src, "--out", str(sealed))
     assert SECRET not in sealed.read_text(encoding="utf-8")
-    code, out, _ = run(
+    code, out, _ = run_cli(
         capsys,
         "export",
         *src,
@@ -235,7 +230,7 @@ def test_encrypted_levels_stay_sealed_unless_decrypted_by_an_allowed_principal(
     events = [a.event for a in mem.store.audit_log()]
     assert "export_decrypted" in events
     # Importing the clear file seals the values again.
-    code, out, _ = run(capsys, "import", *dst, str(clear))
+    code, out, _ = run_cli(capsys, "import", *dst, str(clear))
     assert code == 0, out
     target = Path(dst[3])
     with sqlite3.connect(target) as conn:
@@ -254,17 +249,17 @@ def test_bad_input_files_and_keys(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     fill(mem)
-    code, _, err = run(capsys, "import", *src, str(tmp_path / "missing.jsonl"))
+    code, _, err = run_cli(capsys, "import", *src, str(tmp_path / "missing.jsonl"))
     assert code == 2 and "no such file" in err
     out = tmp_path / "x.jsonl"
-    assert run(capsys, "export", *src, "--out", str(out))[0] == 0
-    code, _, err = run(capsys, "export", *src, "--out", str(out))
+    assert run_cli(capsys, "export", *src, "--out", str(out))[0] == 0
+    code, _, err = run_cli(capsys, "export", *src, "--out", str(out))
     assert code == 2 and "already exists" in err
     # A key file other users can read is refused, naming the fix.
     loose = tmp_path / "loose.json"
     shutil.copyfile(keyfile, loose)
     os.chmod(loose, 0o644)
-    code, _, err = run(
+    code, _, err = run_cli(
         capsys,
         "import",
         "--redis-url",
@@ -278,7 +273,7 @@ def test_bad_input_files_and_keys(
     assert code == 2 and f"chmod 600 {loose}" in err
     # --decrypt without any key configured.
     nokey = ["--redis-url", redis_url, "--db", str(db_path)]
-    code, _, err = run(
+    code, _, err = run_cli(
         capsys, "export", *nokey, "--out", str(tmp_path / "y.jsonl"), "--decrypt", "--as", "coder-1"
     )
     assert code == 2 and "--decrypt needs the key file" in err
@@ -291,7 +286,9 @@ def test_import_refuses_a_database_of_another_schema(
     shutil.copyfile(Path(__file__).parent / "data" / "schema_v1.db", old)
     f = tmp_path / "in.jsonl"
     f.write_text(json.dumps({"scope": "swarm:s", "key": "k", "level": 3, "value": 1}) + "\n")
-    code, _, err = run(capsys, "import", "--db", str(old), "--redis-url", "memory://old", str(f))
+    code, _, err = run_cli(
+        capsys, "import", "--db", str(old), "--redis-url", "memory://old", str(f)
+    )
     assert code == 2 and "run `dualmem migrate" in err
 
 
@@ -300,7 +297,7 @@ def test_export_selects_by_level_and_prefix(
 ) -> None:
     fill(mem)
     out = tmp_path / "sel.jsonl"
-    code, _, _ = run(
+    code, _, _ = run_cli(
         capsys,
         "export",
         *src,
@@ -328,7 +325,7 @@ def test_import_creates_a_missing_database(
 ) -> None:
     fill(mem)
     a = tmp_path / "a.jsonl"
-    run(capsys, "export", *src, "--out", str(a))
+    run_cli(capsys, "export", *src, "--out", str(a))
     fresh = tmp_path / "fresh" / "new.db"
     args = [
         "--redis-url",
@@ -340,9 +337,9 @@ def test_import_creates_a_missing_database(
         "--keyring",
         str(keyfile),
     ]
-    code, out, _ = run(capsys, "import", *args, str(a), "--dry-run")
+    code, out, _ = run_cli(capsys, "import", *args, str(a), "--dry-run")
     assert code == 0 and "│ 29  │ 0       │ 0         │" in out and not fresh.exists()
-    code, out, _ = run(capsys, "import", *args, str(a))
+    code, out, _ = run_cli(capsys, "import", *args, str(a))
     assert code == 0 and fresh.exists()
     reader = make_mem(db_path=str(fresh), namespace="fresh")
     assert reader.get("secret", level=Level.PRIVATE, principal=CODER) == {"token": SECRET}

@@ -12,18 +12,11 @@ import redis
 
 from acl import Level, Principal
 from dualmem import DualMemory
-from dualmem.cli import main
 from dualmem.missions import MissionLog
 
-from .conftest import wait_until
+from .conftest import run_cli, wait_until
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def fill(mem: DualMemory) -> None:
@@ -47,7 +40,7 @@ def args(redis_url: str, db_path: Path) -> list[str]:
 
 
 def report(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, dict[str, dict]]:
-    code, out, _ = run(capsys, "verify", *args, "--json")
+    code, out, _ = run_cli(capsys, "verify", *args, "--json")
     return code, {c["name"]: c for c in json.loads(out)["checks"]}
 
 
@@ -55,7 +48,7 @@ def test_a_healthy_database_passes_every_check(
     mem: DualMemory, args: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     fill(mem)
-    code, out, _ = run(capsys, "verify", *args)
+    code, out, _ = run_cli(capsys, "verify", *args)
     assert code == 0, out
     assert "all checks passed" in out
     code, checks = report(capsys, args)
@@ -74,7 +67,7 @@ def test_an_edited_journal_row_breaks_the_chain(
     fill(mem)
     with sqlite3.connect(db_path) as conn:
         conn.execute("UPDATE journal SET actor = 'mallory' WHERE seq = 7")
-    code, out, _ = run(capsys, "verify", *args)
+    code, out, _ = run_cli(capsys, "verify", *args)
     assert code == 1
     assert "seq 7: hash does not match the row's contents" in out
     assert "verify found problems" in out
@@ -200,7 +193,7 @@ def test_a_database_from_a_newer_dualmem_fails_the_schema_check(
     mem.close()
     with sqlite3.connect(db_path) as conn:
         conn.execute("PRAGMA user_version = 99")
-    code, out, _ = run(capsys, "verify", *args, "--no-redis")
+    code, out, _ = run_cli(capsys, "verify", *args, "--no-redis")
     assert code == 1
     assert "schema 99 is newer than this dualmem (2)" in out
     assert "fix: upgrade dualmem" in out
@@ -209,9 +202,9 @@ def test_a_database_from_a_newer_dualmem_fails_the_schema_check(
 def test_missing_and_foreign_files_are_usage_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run(capsys, "verify", "--db", str(tmp_path / "nope.db"), "--no-redis")
+    code, _, err = run_cli(capsys, "verify", "--db", str(tmp_path / "nope.db"), "--no-redis")
     assert code == 2 and "no database at" in err
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"this is not a database at all" * 100)
-    code, _, err = run(capsys, "verify", "--db", str(junk), "--no-redis")
+    code, _, err = run_cli(capsys, "verify", "--db", str(junk), "--no-redis")
     assert code == 2 and "is not a dualmem database" in err
