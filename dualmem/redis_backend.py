@@ -4,7 +4,7 @@ translation of redis errors into dualmem errors at this one boundary."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,16 +110,7 @@ def transact(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[A
     >>> transact(fakeredis.FakeRedis(), [(b"SET", b"k", b"v"), (b"INCR", b"n")])
     [b'OK', 1]
     """
-    pool = client.connection_pool
-    conn: Any = pool.get_connection()  # redis-py leaves parts of Connection untyped
-    try:
-        packed = conn.pack_commands([(b"MULTI",), *commands, (b"EXEC",)])
-        result: list[Any] = conn.retry.call_with_retry(
-            lambda: _exchange(conn, packed, len(commands)), lambda _err: conn.disconnect()
-        )
-        return result
-    finally:
-        pool.release(conn)
+    return _round_trip(client, [(b"MULTI",), *commands, (b"EXEC",)], len(commands), _exchange)
 
 
 def send_many(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -134,12 +125,23 @@ def send_many(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[
     >>> send_many(fakeredis.FakeRedis(), [(b"SET", b"k", b"v"), (b"INCR", b"n")])
     [b'OK', 1]
     """
+    return _round_trip(client, commands, len(commands), _read_replies)
+
+
+def _round_trip(
+    client: redis.Redis,
+    commands: Sequence[tuple[Any, ...]],
+    count: int,
+    exchange: Callable[[Any, Any, int], list[Any]],
+) -> list[Any]:
+    """Pack ``commands`` once and run ``exchange(conn, packed, count)`` on a pooled
+    connection, under the client's retry policy (a failure drops the connection)."""
     pool = client.connection_pool
-    conn: Any = pool.get_connection()
+    conn: Any = pool.get_connection()  # redis-py leaves parts of Connection untyped
     try:
         packed = conn.pack_commands(commands)
         result: list[Any] = conn.retry.call_with_retry(
-            lambda: _read_replies(conn, packed, len(commands)), lambda _err: conn.disconnect()
+            lambda: exchange(conn, packed, count), lambda _err: conn.disconnect()
         )
         return result
     finally:
