@@ -20,8 +20,6 @@ from dualmem.sqlite_store import SQLiteStore
 
 __all__ = ["drain_rate", "fill_backlog", "last_seq", "raw_executemany_rate", "run"]
 
-_CACHE_MB = Settings().sqlite_cache_mb  # what the drained worker's store uses
-
 TARGET_RATE = 50_000
 TARGET_RATIO = 0.8
 
@@ -81,12 +79,11 @@ def last_seq(db: Path) -> int:
         conn.close()
 
 
-def raw_executemany_rate(
-    db: Path, raw_db: Path, batch: int, after_seq: int = 0, cache_mb: int = _CACHE_MB
-) -> float:
+def raw_executemany_rate(db: Path, raw_db: Path, settings: Settings, after_seq: int = 0) -> float:
     """Insert the rows the worker wrote to ``db`` (journal seq > ``after_seq``) into a fresh
-    ``raw_db``, ``executemany`` per table and batch; rows per second. The connection gets
-    the worker's pragmas, page cache included."""
+    ``raw_db``, ``executemany`` per table in batches of the worker's ``batch_size``; rows per
+    second. The connection gets the worker's pragmas, its page cache included."""
+    batch, cache_mb = settings.batch_size, settings.sqlite_cache_mb
     src = sqlite3.connect(db)
     try:
         journal = src.execute(
@@ -160,7 +157,7 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
             db = ctx.path(f"persist-{backend.name}-{r}.db")
             rate, info = drain_rate(mem, db, n)
             raw_rate = raw_executemany_rate(
-                db, ctx.path(f"persist-raw-{backend.name}-{r}.db"), mem.settings.batch_size
+                db, ctx.path(f"persist-raw-{backend.name}-{r}.db"), mem.settings
             )
             rounds.append({"dualmem_rate": rate, "raw_rate": raw_rate, **info})
             advance(n)

@@ -150,7 +150,7 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
             before = last_seq(db)
             rate, info = drain_rate(writer, db, sizes.scale_backlog)
             raw_rate = raw_executemany_rate(
-                db, ctx.path(f"scale-raw-{backend.name}.db"), writer.settings.batch_size, before
+                db, ctx.path(f"scale-raw-{backend.name}.db"), writer.settings, before
             )
         finally:
             writer.close()
