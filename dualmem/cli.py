@@ -7,6 +7,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -16,9 +17,18 @@ from typing import Any
 
 from acl.crypto import Keyring
 from dualmem.errors import DualMemError
-from dualmem.settings import Settings
+from dualmem.settings import WORKER_SCHED, Settings
 
-__all__ = ["COMMAND_MODULES", "add_common_arguments", "build_parser", "main", "settings_from_args"]
+__all__ = [
+    "COMMAND_MODULES",
+    "add_common_arguments",
+    "build_parser",
+    "main",
+    "set_worker_scheduling",
+    "settings_from_args",
+]
+
+log = logging.getLogger("dualmem.worker")
 
 #: Modules with a ``register_commands(subparsers)`` function, each adding its subcommands.
 #: Every command handler takes the parsed ``argparse.Namespace`` and returns an exit code.
@@ -52,7 +62,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from dualmem.worker import Worker
 
     extra: dict[str, Any] = {}
-    for name in ("batch_size", "claim_idle_ms", "max_deliveries", "consumer", "block_ms"):
+    for name in (
+        "batch_size",
+        "claim_idle_ms",
+        "max_deliveries",
+        "consumer",
+        "block_ms",
+        "worker_sched",
+    ):
         if getattr(args, name, None) is not None:
             extra[name] = getattr(args, name)
     settings = settings_from_args(args, **extra)
@@ -63,6 +80,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    # Before any thread starts: threads inherit the policy of the one that creates them.
+    sched = set_worker_scheduling(settings.worker_sched)
     store = SQLiteStore.from_settings(settings)
     client, _ = connect(settings, extra_timeout=settings.block_ms / 1000)
     worker = Worker(client, store, settings)
@@ -77,7 +96,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     print(
         f"dualmem worker {worker.consumer}: {settings.redis_url} -> {settings.db_path} "
-        f"({settings.shards} shard(s), group {settings.group})",
+        f"({settings.shards} shard(s), group {settings.group}, scheduling {sched})",
         flush=True,
     )
     left = worker.run(stop, drain_timeout=settings.close_timeout)
@@ -91,6 +110,30 @@ def cmd_worker(args: argparse.Namespace) -> int:
     store.close()
     client.close()
     return 0
+
+
+def set_worker_scheduling(policy: str) -> str:
+    """Put this process's threads, and those they start later, under ``policy`` (see
+    ``Settings.worker_sched``); returns the policy in effect.
+
+    Where the platform has no SCHED_BATCH, or refuses, it says so in the log and goes on
+    as it is: scheduling is a latency preference, not a correctness setting.
+    """
+    if policy != "batch":
+        return "normal"
+    batch = getattr(os, "SCHED_BATCH", None)
+    if batch is None:
+        log.warning("SCHED_BATCH is not available here; the worker keeps normal scheduling")
+        return "normal"
+    try:
+        # Linux schedules threads, not processes: each one that exists now (an imported
+        # library may have started some), then new threads inherit it from their creator.
+        for tid in sorted(int(t) for t in os.listdir("/proc/self/task")):
+            os.sched_setscheduler(tid, batch, os.sched_param(0))
+    except OSError as exc:
+        log.warning("could not switch the worker to SCHED_BATCH: %s", exc)
+        return "normal"
+    return "batch"
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -206,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-deliveries", type=int)
     p.add_argument("--block-ms", type=int)
     p.add_argument("--consumer", help="consumer name (default host-pid-random)")
+    p.add_argument(
+        "--worker-sched",
+        choices=WORKER_SCHED,
+        help="CPU scheduling of this process (DUALMEM_WORKER_SCHED, default batch)",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("stats", help="latency percentiles, backlog, dead letters, size")

@@ -7,15 +7,19 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import fakeredis
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from dualmem.errors import StoreUnavailable
 from dualmem.settings import Settings
+
+if TYPE_CHECKING:
+    # Imported where an in-process server is made: fakeredis pulls in numpy, whose BLAS
+    # starts threads, and a `dualmem worker` process on a real Redis needs none of it.
+    import fakeredis
 
 __all__ = [
     "MemoryServer",
@@ -54,6 +58,8 @@ def memory_server(url: str) -> MemoryServer:
     with _SERVERS_LOCK:
         srv = _SERVERS.get(name)
         if srv is None:
+            import fakeredis
+
             srv = _SERVERS[name] = MemoryServer(fakeredis.FakeServer())
         return srv
 
@@ -83,6 +89,8 @@ def connect(
     ``extra_timeout`` lengthens the socket timeout for a worker's blocking reads.
     """
     if settings.embedded:
+        import fakeredis
+
         srv = memory_server(settings.redis_url)
         return fakeredis.FakeRedis(server=srv.server), srv.wakeup
     retry = Retry(ExponentialBackoff(cap=0.05, base=0.005), settings.redis_retries)

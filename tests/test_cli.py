@@ -125,6 +125,45 @@ def test_worker_killed_with_sigkill_loses_nothing(
     writer.close()
 
 
+def _policies(pid: int) -> set[int]:
+    """The scheduling policy of every thread of process ``pid``."""
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux-only")
+@pytest.mark.parametrize(
+    ("extra", "policy"),
+    [((), "SCHED_BATCH"), (("--worker-sched", "normal"), "SCHED_OTHER")],
+)
+def test_worker_process_runs_as_a_batch_task_unless_told_otherwise(
+    redis_server: RedisServer, tmp_path: Path, keyfile: Path, extra: tuple[str, ...], policy: str
+) -> None:
+    redis_server.client().flushall()
+    db = tmp_path / "s.db"
+    writer = DualMemory(
+        redis_url=redis_server.url, db_path=str(db), keyring=str(keyfile), worker=False
+    )
+    proc = start_worker(redis_server.url, db, *extra)
+    try:
+        # A commit starts the SQLite checkpointer thread: it must inherit the policy.
+        writer.sync(writer.put("k", {"v": 1}, level=Level.SWARM, principal=CODER), timeout=20)
+        wait_until(lambda: len(os.listdir(f"/proc/{proc.pid}/task")) > 1, timeout=10)
+        assert _policies(proc.pid) == {getattr(os, policy)}
+    finally:
+        stop(proc)
+        writer.close()
+    assert proc.returncode == 0
+
+
+def test_worker_sched_setting_is_validated() -> None:
+    from acl.errors import ConfigurationError
+    from dualmem.settings import Settings
+
+    assert Settings.load({"worker_sched": "normal"}).worker_sched == "normal"
+    with pytest.raises(ConfigurationError, match="worker_sched"):
+        Settings.load({"worker_sched": "idle"})
+
+
 def test_worker_refuses_memory_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["worker", "--redis-url", "memory://", "--db", str(tmp_path / "x.db")]) == 2
     assert "real Redis" in capsys.readouterr().err
