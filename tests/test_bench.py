@@ -126,3 +126,7 @@ def test_every_suite_runs_at_a_tiny_size_on_a_real_redis(tmp_path: Path) -> None
     docs = _run_tiny(tmp_path, "redis")
     persist = docs["persist"]["backends"]["redis"]  # type: ignore[index]
     assert persist["rounds"][0]["batches"] >= 1
+    # The breakdown is measured, not derived from one figure: each stage took time.
+    parts = persist["per_record"]
+    assert all(parts[k] > 0 for k in ("plan_us", "sql_us", "raw_us", "drain_us"))
+    assert parts["budget_us"] == pytest.approx(parts["raw_us"] / 0.8)
