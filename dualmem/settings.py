@@ -59,6 +59,9 @@ class Settings:
     #: Deliveries after which a failing entry goes to ``dead_letters``.
     max_deliveries: int = 3
     #: Commands waiting in one shard's stream beyond which ``put`` raises Backpressure.
+    #: A writer reads the length with one write in 64, and with every write once it is
+    #: within 64 of the bound: alone it stops exactly there, several writers together can
+    #: pass it by fewer than 64 commands each.
     max_backlog: int = 100_000
     #: Largest serialized value, bytes.
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES

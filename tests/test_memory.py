@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
+import dualmem.memory as memory_module
 from acl import Keyring, Level, Principal
 from dualmem import (
     AccessDenied,
@@ -100,9 +102,10 @@ def test_put_is_one_round_trip_and_touches_no_sqlite(
     if backend == "redis":
         stats = raw_redis.info("commandstats")
         calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
-        for cmd in ("multi", "exec", "xadd", "xlen"):
+        for cmd in ("multi", "exec", "xadd"):
             assert calls[cmd] == 6, (cmd, calls)
         assert calls["set"] == 5 and calls["del"] == 1
+        assert "xlen" not in calls  # read one write in 64 (the warm-up's), see below
 
 
 def _all_redis_bytes(client: redis.Redis) -> bytes:
@@ -302,6 +305,47 @@ def test_backpressure_bounds_the_backlog(
         drain.sync(r)
     wait_until(lambda: raw_redis.xlen(writer.layout.stream(0)) == 0, what="trim after drain")
     writer.sync(writer.put("k5", 5, level=Level.SWARM, principal=coder))
+
+
+def test_put_reads_the_backlog_one_write_in_64_and_each_write_near_the_bound(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = make_mem(worker=False, max_backlog=200)
+    sent: list[tuple[bytes, ...]] = []
+    original = memory_module.transact
+
+    def recording(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        sent.append(tuple(c[0] for c in commands))
+        return original(client, commands)
+
+    monkeypatch.setattr(memory_module, "transact", recording)
+    for i in range(199):
+        writer.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+    with_xlen = [i for i, names in enumerate(sent) if b"XLEN" in names]
+    # The first write, every 65th after it, then every write from 136 on (within 64 of 200).
+    assert with_xlen == [0, 65, 130, *range(136, 199)]
+    writer.put("k199", 199, level=Level.SWARM, principal=coder)
+    with pytest.raises(Backpressure):
+        writer.put("k200", 200, level=Level.SWARM, principal=coder)
+
+
+def test_backpressure_with_two_writers_overshoots_by_less_than_64_each(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    a, b = make_mem(worker=False, max_backlog=300), make_mem(worker=False, max_backlog=300)
+    stopped = set()
+    for i in range(1000):
+        for name, w in (("a", a), ("b", b)):
+            if name in stopped:
+                continue
+            try:
+                w.put(f"{name}{i}", i, level=Level.SWARM, principal=coder)
+            except Backpressure:
+                stopped.add(name)
+        if len(stopped) == 2:
+            break
+    assert stopped == {"a", "b"}
+    assert 300 <= raw_redis.xlen(a.layout.stream(0)) < 300 + 2 * 64
 
 
 def test_restart_finishes_pending_writes(make_mem: MakeMem, coder: Principal) -> None:
