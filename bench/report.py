@@ -188,8 +188,16 @@ def _peers(result: Mapping[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for name, put in result["put"].items():
-        get = result["get"][name]
-        lines.append(f"| {name} | {_pcts(put)} | {_pcts(get)} |")
+        get = result["get"].get(name)
+        gets = _pcts(get) if get else "— | — | —"
+        lines.append(f"| {name} | {_pcts(put)} | {gets} |")
+    floor = result.get("floor")
+    if floor:
+        lines += [
+            "",
+            "The most a write through this Redis could show (peer put p95 / raw MULTI put p95, "
+            "same rounds): " + ", ".join(f"{peer} {fmt(x)}x" for peer, x in floor.items()) + ".",
+        ]
     return lines
 
 

@@ -130,3 +130,6 @@ def test_every_suite_runs_at_a_tiny_size_on_a_real_redis(tmp_path: Path) -> None
     parts = persist["per_record"]
     assert all(parts[k] > 0 for k in ("plan_us", "sql_us", "raw_us", "drain_us"))
     assert parts["budget_us"] == pytest.approx(parts["raw_us"] / 0.8)
+    peers = docs["peers"]["backends"]["redis"]  # type: ignore[index]
+    assert peers["put"]["raw MULTI SET+XADD (no dualmem)"]["count"] > 0
+    assert len(peers["floor"]) == 2 and all(x > 0 for x in peers["floor"].values())

@@ -7,8 +7,9 @@ import sqlite3
 from typing import Any
 
 from acl import Level
-from bench.harness import PRINCIPAL, Backend, Bench, interleaved, make_values
+from bench.harness import PRINCIPAL, Backend, Bench, interleaved, json_bytes, make_values
 from bench.stats import Target, ratio, summarize, us
+from bench.suites.write import RAW_STREAM, raw_put
 
 __all__ = ["run"]
 
@@ -16,6 +17,7 @@ TARGET_SPEEDUP = 4.0
 NAMESPACE = ("bench", "peers")
 LG_DEFAULT = "SqliteStore (defaults)"
 LG_WAL = "SqliteStore (WAL, NORMAL)"
+RAW = "raw MULTI SET+XADD (no dualmem)"
 
 METHOD = (
     "Each round performs one operation per contender in random order, on the same key "
@@ -28,7 +30,10 @@ METHOD = (
     "until the worker commits it). diskcache keeps its defaults (WAL, NORMAL). "
     "A dualmem put returns once the command is in Redis (persisted by the worker later, "
     "see the lag suite); SqliteStore and diskcache return after their SQLite commit. "
-    "Gets run after the worker has persisted every put."
+    "Gets run after the worker has persisted every put. A bare redis-py `MULTI; SET; "
+    "XADD; EXEC` of the same bytes on the same Redis (the write suite's baseline) runs in "
+    "the put rounds too: a peer's p95 over its p95 is the most any write through this "
+    "Redis could show against that peer in this run."
 )
 
 
@@ -40,6 +45,8 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
     sizes = ctx.sizes
     rng = ctx.rng(f"peers:{backend.name}")
     values = make_values(rng, 64)
+    payloads = [json_bytes(v) for v in values]
+    raw = backend.raw_client()
     keys = [f"bench/peers/{i}" for i in range(sizes.key_space)]
     nk = len(keys)
     advance = ctx.progress.task(f"peers [{backend.name}]", 2 * (sizes.warmup + sizes.peers_ops))
@@ -87,6 +94,9 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
                 LG_DEFAULT: lambda i: store.put(NAMESPACE, keys[i % nk], values[i % 64]),
                 LG_WAL: lambda i: store_wal.put(NAMESPACE, keys[i % nk], values[i % 64]),
                 "diskcache": lambda i: cache.set(keys[i % nk], values[i % 64]),
+                RAW: lambda i: raw_put(
+                    raw, keys[i % nk], payloads[i % 64], Level.SWARM, xlen=False
+                ),
             }
             gets = {
                 "dualmem L3 SWARM": dm_get(Level.SWARM),
@@ -105,6 +115,7 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
             interleaved(gets, sizes.warmup, rng, advance=advance)
             get_s = interleaved(gets, sizes.peers_ops, rng, advance=advance)
     finally:
+        raw.delete(RAW_STREAM)
         cache.close()
         conn.close()
         conn_wal.close()
@@ -125,9 +136,13 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
         for peer in (LG_DEFAULT, LG_WAL)
         for name in ("dualmem L3 SWARM", "dualmem L1 PRIVATE")
     ]
+    floor = {
+        peer: ratio(put_sum[peer]["p95"], put_sum[RAW]["p95"]) for peer in (LG_DEFAULT, LG_WAL)
+    }
     return {
         "method": METHOD,
         "put": put_sum,
         "get": get_sum,
+        "floor": floor,
         "targets": [t.to_json() for t in targets],
     }

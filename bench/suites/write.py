@@ -15,7 +15,7 @@ from dualmem import DualMemory
 from dualmem.metrics import Metrics
 from dualmem.redis_backend import connect
 
-__all__ = ["CACHE_TTL_MS", "RAW_STREAM", "run"]
+__all__ = ["CACHE_TTL_MS", "RAW_STREAM", "raw_put", "run"]
 
 RAW_STREAM = b"bench:raw:cmd"
 CACHE_TTL_MS = 3_600_000  # dualmem's default cache_ttl, so both SETs carry the same PX
@@ -41,7 +41,8 @@ METHOD = (
 )
 
 
-def _raw_put(client: redis.Redis, key: str, payload: bytes, level: Level, *, xlen: bool) -> None:
+def raw_put(client: redis.Redis, key: str, payload: bytes, level: Level, *, xlen: bool) -> None:
+    """The baseline: redis-py ``MULTI; SET; XADD [; XLEN]; EXEC`` of a put's bytes."""
     scope = PRINCIPAL.scope(level)
     pipe = client.pipeline(transaction=True)
     pipe.set(f"bench:raw:c:{scope}:{key}".encode(), payload, px=CACHE_TTL_MS)
@@ -91,12 +92,12 @@ def _measure(
             "dualmem": lambda i, lv=level: mem.put(
                 keys[i % nkeys], values[i % nvals], level=lv, principal=PRINCIPAL
             ),
-            "raw": lambda i, lv=level: _raw_put(
+            "raw": lambda i, lv=level: raw_put(
                 raw, keys[i % nkeys], payloads[i % nvals], lv, xlen=False
             ),
         }
         if same:
-            ops["raw_same"] = lambda i, lv=level: _raw_put(
+            ops["raw_same"] = lambda i, lv=level: raw_put(
                 twin, keys[i % nkeys], payloads[i % nvals], lv, xlen=i % 65 == 0
             )
         interleaved(ops, sizes.warmup, rng, advance=advance)
