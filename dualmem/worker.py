@@ -33,10 +33,10 @@ _MAX_BACKOFF = 1.0
 # transaction (its WAL pages), one ack pipeline, one read round trip. After a batch this
 # small the loop pauses for _LINGER so the next read takes what arrived meanwhile. At 2k
 # writes/s, measured with the lag suite of bench/ (2 CPUs, two runs each): with no pause
-# a worker process spent about a third more CPU per record than with 1 ms; 1 ms gave a worker process 215 µs of CPU per write and lag p95
-# 3.8-3.9 ms (real Redis), 5.2-6.0 ms (fakeredis); 0.5 ms 254-263 µs and 3.3-3.7 ms,
-# 4.3-4.6 ms: most of the batching for half the wait. When batches are full it never
-# happens.
+# a worker process spent about a third more CPU per record than with 1 ms; 1 ms gave it
+# 215 µs of CPU per write and lag p95 3.8-3.9 ms (real Redis), 5.2-6.0 ms (fakeredis);
+# 0.5 ms gave 254-263 µs and 3.3-3.7 ms, 4.3-4.6 ms: most of the batching for half the
+# wait. When batches are full it never happens.
 _LINGER = 0.0005
 _SMALL_BATCH_FRACTION = 10
 
