@@ -47,11 +47,11 @@ __all__ = ["CloseReport", "DualMemory", "Record"]
 log = logging.getLogger("dualmem")
 
 _MAX_QUERY_LIMIT = 10_000
-# put reads its stream's length (XLEN inside its MULTI) on one write in _XLEN_EVERY per
-# shard, and on every write once its estimate (the last length read plus its own writes
-# since) is within _XLEN_EVERY of max_backlog. XLEN is nearly free on a real Redis but
-# costs the in-process fakeredis about 17 µs of a 130 µs transaction (bench/).
-_XLEN_EVERY = 64
+#: put reads its stream's length (XLEN inside its MULTI) on one write in XLEN_EVERY per
+#: shard, and on every write once its estimate (the last length read plus its own writes
+#: since) is within XLEN_EVERY of max_backlog. XLEN is nearly free on a real Redis but
+#: costs the in-process fakeredis about 17 µs of a 130 µs transaction (bench/).
+XLEN_EVERY = 64
 _ABSENT: Any = object()  # "no record", distinct from a stored JSON null
 
 
@@ -152,7 +152,8 @@ class DualMemory:
         )
         self._streams = self.layout.streams()
         self._backlog = [0] * settings.shards
-        self._unchecked = [_XLEN_EVERY] * settings.shards  # the first write reads XLEN
+        # Writes since the last XLEN, per shard; starting full, the first write reads it.
+        self._unchecked = [XLEN_EVERY - 1] * settings.shards
         self._closed = False
         self._committed = threading.Condition()
         self.store: Store = SQLiteStore.from_settings(settings)
@@ -441,8 +442,8 @@ class DualMemory:
         for name, value in fields.items():
             xadd += (name, value)
         check = (
-            self._unchecked[shard] >= _XLEN_EVERY
-            or self._backlog[shard] + _XLEN_EVERY >= self.settings.max_backlog
+            self._unchecked[shard] >= XLEN_EVERY - 1
+            or self._backlog[shard] + XLEN_EVERY >= self.settings.max_backlog
         )
         commands: tuple[tuple[Any, ...], ...] = (cache, tuple(xadd))
         if check:

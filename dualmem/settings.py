@@ -61,7 +61,8 @@ class Settings:
     #: Commands waiting in one shard's stream beyond which ``put`` raises Backpressure.
     #: A writer reads the length with one write in 64, and with every write once it is
     #: within 64 of the bound: alone it stops exactly there, several writers together can
-    #: pass it by fewer than 64 commands each.
+    #: pass it by at most 64 commands each (63 writes between two reads, and the one that
+    #: reads it).
     max_backlog: int = 100_000
     #: Largest serialized value, bytes.
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES

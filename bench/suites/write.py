@@ -12,6 +12,7 @@ from acl import Level
 from bench.harness import LEVELS, PRINCIPAL, Backend, Bench, interleaved, json_bytes, make_values
 from bench.stats import Target, cdf_points, ratio, summarize, us
 from dualmem import DualMemory
+from dualmem.memory import XLEN_EVERY
 from dualmem.metrics import Metrics
 from dualmem.redis_backend import connect
 
@@ -98,7 +99,7 @@ def _measure(
         }
         if same:
             ops["raw_same"] = lambda i, lv=level: raw_put(
-                twin, keys[i % nkeys], payloads[i % nvals], lv, xlen=i % 65 == 0
+                twin, keys[i % nkeys], payloads[i % nvals], lv, xlen=i % XLEN_EVERY == 0
             )
         interleaved(ops, sizes.warmup, rng, advance=advance)
         mem.metrics_registry.reset()
