@@ -43,6 +43,7 @@ from acl.levels import ENCRYPTED_LEVELS
 from acl.policy import level_of_scope
 from acl.principal import Principal
 from dualmem.commands import reseal_fields
+from dualmem.errors import NotPersisted
 from dualmem.redis_backend import connect, text, translate_errors
 
 if TYPE_CHECKING:
@@ -164,6 +165,10 @@ class RotationReport:
     passes: int = 0
     seconds: float = 0.0
     left: Leftovers = field(default_factory=Leftovers)
+    #: The ``key_rotation`` audit event is committed to SQLite (``dualmem mirror`` and
+    #: ``verify`` learn of the rotation from it). False only if no worker committed it
+    #: in time; it is in the stream and lands when a worker runs.
+    audited: bool = False
 
     @property
     def done(self) -> bool:
@@ -207,7 +212,9 @@ def rotate_keys(
     Online: writers and readers keep working; the re-sealed rows go through the stream, so
     a worker must be running (``mem``'s own, or ``dualmem worker`` processes). Returns
     when nothing is left under an old key, when passes stop making progress, or after
-    ``timeout`` seconds; ``report.done`` says which. Safe to run again at any point.
+    ``timeout`` seconds; ``report.done`` says which. Before returning it waits for its
+    ``key_rotation`` audit event to be committed (``report.audited``). Safe to run again
+    at any point.
     """
     ring = mem.codec.keyring
     if ring is None:
@@ -215,12 +222,11 @@ def rotate_keys(
     client, _ = connect(mem.settings)
     try:
         run = _Rotation(mem, client, ring.active_id, batch_size, progress)
-        report = run.run(
-            time.monotonic() + timeout, tuple(k for k in ring.ids if k != ring.active_id)
-        )
+        deadline = time.monotonic() + timeout
+        report = run.run(deadline, tuple(k for k in ring.ids if k != ring.active_id))
     finally:
         client.close()
-    mem.audit(
+    receipt = mem.audit(
         "key_rotation",
         principal=_ROTATOR,
         risk="medium",
@@ -232,6 +238,13 @@ def rotate_keys(
             "done": report.done,
         },
     )
+    # Return only once the event is in SQLite: a mirror run right after this call must
+    # see the rotation (re-sealed rows have no journal entry; the event is its signal).
+    try:
+        mem.sync(receipt, timeout=max(1.0, deadline - time.monotonic()))
+        report.audited = True
+    except NotPersisted as exc:
+        log.warning("key rotation audit event not committed yet: %s", exc)
     return report
 
 
@@ -560,6 +573,12 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
         f"active key {report.active}: {report.resealed_rows} rows and {report.resealed_cache} "
         f"cache entries re-sealed in {report.passes} pass(es), {report.seconds:.1f} s"
     )
+    if not report.audited:
+        console.print(
+            "[yellow]the key_rotation audit event is not committed yet[/] (it is in the "
+            "stream; a running worker commits it, and `dualmem mirror` re-checks sealed "
+            "files then)"
+        )
     if not report.done:
         console.print(
             f"[bold red]not done[/]: {left.rows} rows ({left.unreadable} unreadable), "

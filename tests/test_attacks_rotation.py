@@ -7,6 +7,7 @@ concurrent newer put or delete always wins, and replaying it changes nothing.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -209,6 +210,34 @@ def test_rotation_reseals_everything_and_never_overwrites_a_newer_put(
     assert early.codec.keyring is not None and early.codec.keyring.active_id == new
     audit = [a for a in reader.store.audit_log() if a.event == "key_rotation"]
     assert len(audit) == 2 and all(a.actor == "dualmem-rotate-keys" for a in audit)
+
+
+def test_rotate_keys_returns_once_its_audit_event_is_in_sqlite(
+    make_mem: MakeMem, keyfile: Path, db_path: Path
+) -> None:
+    """A mirror or verify run right after a rotation must see it: re-sealed rows have no
+    journal entry, so the committed ``key_rotation`` event is the only signal."""
+    mem = make_mem()
+    p = Principal(agent_id="a", team="t", swarm="s", project="p")
+    mem.sync(mem.put("k", {"v": 1}, level=Level.PRIVATE, principal=p), timeout=10)
+    add_active_key(keyfile)
+    rotator = make_mem()
+    report = rotate_keys(rotator, timeout=30)
+    # Read with a fresh connection at once: no waiting, no help from the store's caches.
+    with sqlite3.connect(db_path) as conn:
+        events = conn.execute("SELECT COUNT(*) FROM audit_log WHERE event = 'key_rotation'")
+        assert events.fetchone()[0] == 1
+    assert report.done and report.audited
+    # With no worker to commit it, the call still returns (after at least a second) and
+    # says so; the event waits in the stream for a worker.
+    mem.close()
+    rotator.close()
+    t0 = time.monotonic()
+    report = rotate_keys(make_mem(worker=False), timeout=0.1)
+    assert not report.audited and 1.0 <= time.monotonic() - t0 < 10
+    mem = make_mem()  # a worker: it commits the waiting event
+    mem.sync(mem.put("k2", 2, level=Level.SWARM, principal=p), timeout=10)
+    assert sum(a.event == "key_rotation" for a in mem.store.audit_log()) == 2
 
 
 def _field(key_id: str) -> bytes:
