@@ -4,6 +4,7 @@ register theirs through ``COMMAND_MODULES``."""
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import json
 import logging
@@ -94,6 +95,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if hasattr(signal, "SIGUSR1"):
+        # `kill -USR1 <pid>` prints every thread's stack to stderr: what a stuck worker is
+        # doing, without stopping it.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     print(
         f"dualmem worker {worker.consumer}: {settings.redis_url} -> {settings.db_path} "
         f"({settings.shards} shard(s), group {settings.group}, scheduling {sched})",

@@ -41,9 +41,18 @@ def start_worker(url: str, db: Path, *extra: str) -> subprocess.Popen[str]:
 
 
 def stop(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM, and the worker's output once it has drained and exited. One still running
+    after 30 s is made to print its threads' stacks (SIGUSR1), killed, and reported."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        proc.kill()
+        out, _ = proc.communicate(timeout=10)
+        raise AssertionError(f"worker still running 30 s after SIGTERM:\n{out}") from None
     return out
 
 
@@ -149,6 +158,32 @@ def test_worker_process_runs_as_a_batch_task_unless_told_otherwise(
         writer.sync(writer.put("k", {"v": 1}, level=Level.SWARM, principal=CODER), timeout=20)
         wait_until(lambda: len(os.listdir(f"/proc/{proc.pid}/task")) > 1, timeout=10)
         assert _policies(proc.pid) == {getattr(os, policy)}
+    finally:
+        stop(proc)
+        writer.close()
+    assert proc.returncode == 0
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 here")
+def test_a_worker_prints_its_stacks_on_sigusr1_and_keeps_working(
+    redis_server: RedisServer, tmp_path: Path, keyfile: Path
+) -> None:
+    redis_server.client().flushall()
+    db = tmp_path / "s.db"
+    proc = start_worker(redis_server.url, db)
+    writer = DualMemory(
+        redis_url=redis_server.url, db_path=str(db), keyring=str(keyfile), worker=False
+    )
+    try:
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.stdout is not None
+        dump = []
+        for line in proc.stdout:
+            dump.append(line)
+            if "most recent call first" in line and "Current thread" in "".join(dump):
+                break
+        assert proc.poll() is None  # still running, and still persisting
+        writer.sync(writer.put("k", 1, level=Level.SWARM, principal=CODER), timeout=20)
     finally:
         stop(proc)
         writer.close()
