@@ -158,18 +158,24 @@ def _lag(result: Mapping[str, Any]) -> list[str]:
     lines = [
         "| offered | senders | achieved | lag p50 | lag p95 | lag p99 | lag max "
         "| send start delay p95 | lag p95 from send start | not visible "
-        "| worker CPU per write |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| worker CPU per write | full GCs: count, longest, writes in flight |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rates"]:
         lag = r["lag"]
         cpu = r.get("worker_cpu_us_per_write")
+        gcs = r.get("full_gc")
+        gc_cell = (
+            f"{gcs['count']}, {gcs['max_ms']:.1f} ms, {gcs['writes_in_flight']:,}"
+            if gcs is not None
+            else "—"
+        )
         lines.append(
             f"| {r['offered_rate']:,}/s | {r['senders']} | {r['achieved_send_rate']:,.0f}/s "
             f"| {us(lag['p50'])} | {us(lag['p95'])} | {us(lag['p99'])} | {us(lag['max'])} "
             f"| {us(r['send_start_delay']['p95'])} | {us(r['lag_from_send_start']['p95'])} "
             f"| {r['not_visible']} "
-            f"| {us(cpu) if cpu is not None else '—'} |"
+            f"| {us(cpu) if cpu is not None else '—'} | {gc_cell} |"
         )
     lines += [
         "",
@@ -177,7 +183,11 @@ def _lag(result: Mapping[str, Any]) -> list[str]:
         "lag includes before the write reached dualmem: on a busy machine, the load "
         "generator's own queueing). Lag from send start leaves that out (diagnosis only; "
         "targets use the lag from the intended time). Worker CPU: user + system time of the "
-        "`dualmem worker` process per write at that rate (real Redis only).",
+        "`dualmem worker` process per write at that rate (real Redis only). Full GCs "
+        "(embedded fakeredis only): generation-2 collections of the one process while that "
+        "rate ran; each stops the writers and the worker thread, and its length grows with "
+        "the entries the in-process cache holds. Writes in flight: counted writes whose "
+        "intended send time to first sighting overlaps one.",
     ]
     return lines
 

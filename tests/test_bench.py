@@ -4,6 +4,7 @@ backends (what it measures is never asserted: speed is proven by bench/results, 
 from __future__ import annotations
 
 import doctest
+import gc
 import importlib
 import json
 import subprocess
@@ -26,11 +27,35 @@ pytest.importorskip("langgraph.store.sqlite", reason="the bench extra is not ins
 
 @pytest.mark.parametrize(
     "module",
-    ["bench.stats", "bench.openloop", "bench.harness", "bench.report", "bench.plots"],
+    [
+        "bench.stats",
+        "bench.openloop",
+        "bench.harness",
+        "bench.report",
+        "bench.plots",
+        "bench.suites.lag",
+    ],
 )
 def test_doctests(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+def test_full_collections_are_timed_and_matched_to_the_writes_they_delay() -> None:
+    from bench.suites.lag import FullCollections
+
+    junk = []
+    with FullCollections() as fc:
+        for _ in range(3):
+            junk.append([[] for _ in range(50_000)])  # something for it to walk
+            gc.collect()
+    assert len(fc.pauses) == 3 and all(e > s for s, e in fc.pauses)
+    gc.collect()
+    assert len(fc.pauses) == 3  # not recording once left
+    fc.pauses = [(100, 200), (1_000, 1_500)]
+    # Windows: before both, overlapping the first, inside the second, spanning none.
+    got = fc.report([(0, 100), (150, 400), (1_100, 1_200), (300, 900)])
+    assert got == {"count": 2, "max_ms": 500 / 1e6, "total_ms": 600 / 1e6, "writes_in_flight": 2}
 
 
 def test_open_loop_charges_lateness_to_the_system() -> None:
@@ -115,6 +140,10 @@ def test_every_suite_runs_at_a_tiny_size_on_fakeredis(tmp_path: Path) -> None:
     docs = _run_tiny(tmp_path, "fakeredis")
     lag = docs["lag"]["backends"]["fakeredis"]["rates"]  # type: ignore[index]
     assert all(r["not_visible"] == 0 for r in lag)  # every write became queryable
+    for r in lag:  # one process: its full collections are on record, with their reach
+        gcs = r["full_gc"]
+        assert gcs["count"] >= 0 and gcs["max_ms"] <= gcs["total_ms"] + 1e-9
+        assert 0 <= gcs["writes_in_flight"] <= r["counted"]
     rendered = render_report(docs, {})
     assert rendered.count("### embedded fakeredis") == len(SUITES)
 

@@ -3,6 +3,7 @@ open-loop offered rates."""
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing
 import sqlite3
@@ -18,7 +19,7 @@ from bench.servers import WorkerProcess
 from bench.stats import Target, summarize, us
 from dualmem import DualMemory
 
-__all__ = ["Observer", "ObserverProcess", "run"]
+__all__ = ["FullCollections", "Observer", "ObserverProcess", "run"]
 
 TARGETS_MS = {2000: 5.0, 10_000: 20.0}
 POLL_S = 0.0005
@@ -35,8 +36,61 @@ METHOD = (
     "GIL with what it measures; every 0.5 ms) first sees it, so figures include up to one"
     " poll interval. Real Redis: writers run with `worker=False` and one `dualmem worker`"
     " process persists; fakeredis: the embedded default (writers and the worker thread in"
-    " one process). The first `lag_warmup_s` of each rate are sent but not counted."
+    " one process). The first `lag_warmup_s` of each rate are sent but not counted. In the"
+    " one-process case, full garbage collections during each rate are recorded (`full_gc`):"
+    " count, longest and total pause, and how many counted writes were in flight during one."
 )
+
+
+class FullCollections:
+    """Full (generation 2) garbage collections in this process while it is entered.
+
+    The embedded default keeps its cache inside the interpreter (fakeredis holds one
+    tracked object per cached entry), so a full collection walks every cached entry while
+    it holds the GIL: the writers and the worker thread stop for it. Recorded as
+    ``(start_ns, end_ns)`` on ``time.monotonic_ns``, the clock of the sends and of the
+    observer, so each write's lag window can be checked against them.
+
+    >>> with FullCollections() as fc:
+    ...     _ = gc.collect()
+    >>> len(fc.pauses) >= 1 and fc.pauses[0][1] >= fc.pauses[0][0]
+    True
+    """
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, int]] = []
+        self._start = 0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._start = time.monotonic_ns()
+        elif self._start:
+            self.pauses.append((self._start, time.monotonic_ns()))
+            self._start = 0
+
+    def __enter__(self) -> FullCollections:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def report(self, windows: list[tuple[int, int]]) -> dict[str, Any]:
+        """Count, longest and total pause, and how many of ``windows`` (a write's intended
+        send time to its first sighting) contain part of a pause."""
+        hit = 0
+        for begin, end in windows:
+            if any(s < end and e > begin for s, e in self.pauses):
+                hit += 1
+        lengths = [e - s for s, e in self.pauses]
+        return {
+            "count": len(lengths),
+            "max_ms": max(lengths, default=0) / 1e6,
+            "total_ms": sum(lengths) / 1e6,
+            "writes_in_flight": hit,
+        }
 
 
 class Observer:
@@ -316,8 +370,15 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
             for rate in sizes.lag_rates:
                 observer = ObserverProcess(db, f"bench/lag/{rate}/")
                 try:
-                    sends = _run_rate_threads(ctx, mem, rate, observer)
-                    results.append(_analyse(rate, sends, observer.seen, ctx))
+                    with FullCollections() as collections:
+                        sends = _run_rate_threads(ctx, mem, rate, observer)
+                    row = _analyse(rate, sends, observer.seen, ctx)
+                    warm_end = min(due for _, due, _, _ in sends) + int(sizes.lag_warmup_s * 1e9)
+                    row["full_gc"] = collections.report(
+                        [(due, observer.seen[i]) for i, due, _, _ in sends
+                         if due >= warm_end and i in observer.seen]
+                    )  # fmt: skip
+                    results.append(row)
                 finally:
                     observer.close()
                 advance(1)
