@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from acl.crypto import Keyring
 from dualmem.errors import DualMemError
 from dualmem.settings import WORKER_SCHED, Settings
+from dualmem.shutdown import stop_on_signals
 
 __all__ = [
     "COMMAND_MODULES",
@@ -87,24 +87,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     client, _ = connect(settings, extra_timeout=settings.block_ms / 1000)
     worker = Worker(client, store, settings)
     worker.ensure_groups()
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        logging.getLogger("dualmem.worker").info("signal %d: draining", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     if hasattr(signal, "SIGUSR1"):
         # `kill -USR1 <pid>` prints every thread's stack to stderr: what a stuck worker is
         # doing, without stopping it.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-    print(
-        f"dualmem worker {worker.consumer}: {settings.redis_url} -> {settings.db_path} "
-        f"({settings.shards} shard(s), group {settings.group}, scheduling {sched})",
-        flush=True,
-    )
-    left = worker.run(stop, drain_timeout=settings.close_timeout)
+
+    def on_signal(signum: int) -> None:
+        logging.getLogger("dualmem.worker").info("signal %d: draining", signum)
+
+    with stop_on_signals(on_signal) as stop:
+        print(
+            f"dualmem worker {worker.consumer}: {settings.redis_url} -> {settings.db_path} "
+            f"({settings.shards} shard(s), group {settings.group}, scheduling {sched})",
+            flush=True,
+        )
+        left = worker.run(stop, drain_timeout=settings.close_timeout)
     worker.snapshot_metrics()
     s = worker.stats
     print(

@@ -9,11 +9,11 @@ file, a database from a newer dualmem); 3 an import that skipped bad lines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import secrets
-import signal
 import sys
 import threading
 import time
@@ -30,6 +30,7 @@ from acl.principal import Principal
 from dualmem.cli import add_common_arguments, settings_from_args
 from dualmem.ops.database import ProgressFn
 from dualmem.settings import Settings
+from dualmem.shutdown import stop_on_signals
 
 __all__ = ["register_commands"]
 
@@ -104,17 +105,6 @@ def _settings(args: argparse.Namespace) -> Settings:
     if getattr(args, "keyring", None):
         extra["keyring"] = args.keyring
     return settings_from_args(args, **extra)
-
-
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-
-    def handler(_signum: int, _frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return stop
 
 
 # -- verify -------------------------------------------------------------------------------
@@ -397,8 +387,9 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     console = _console()
-    stop = threading.Event() if args.once else _stop_on_signals()
-    with Runtime(settings) as rt:
+    # --once: nothing to stop. Otherwise SIGTERM/SIGINT end the loop after a last cycle.
+    stopper = contextlib.nullcontext(threading.Event()) if args.once else stop_on_signals()
+    with stopper as stop, Runtime(settings) as rt:
         mirror = Mirror(rt, args.dir, levels=_levels(args.level))
         with _progress(console) as progress:
             while True:
@@ -582,11 +573,11 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         if args.serve is None:
             sys.stdout.write(exporter.render())
             return 0
-        stop = _stop_on_signals()
         server, thread = start_server(args.serve, exporter.render)
         host, port = server.server_address[:2]
-        print(f"serving http://{host!s}:{port}/metrics (Ctrl-C stops)", flush=True)
-        stop.wait()
+        with stop_on_signals() as stop:
+            print(f"serving http://{host!s}:{port}/metrics (Ctrl-C stops)", flush=True)
+            stop.wait()
         server.shutdown()
         server.server_close()
         thread.join(5)
