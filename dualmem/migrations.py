@@ -208,7 +208,54 @@ def _v2(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
+# v3: the memory table becomes a rowid table with a UNIQUE (scope, key) index instead of
+# a WITHOUT ROWID table keyed by (scope, key). Its rows carry a whole envelope (~600 bytes
+# for a 500-byte value), so a WITHOUT ROWID leaf holds about six of them: random keys
+# split leaves constantly, and every commit rewrites those pages in the WAL. Measured on
+# 100k rows with random keys (bare SQL, same journal): 37 -> 30 WAL frames and 535 -> 344
+# us CPU per 5-record commit, 1998 -> 957 frames and 29 -> 16 ms per 500-record commit,
+# primary-key lookups unchanged (7.5 us). SQLite's own advice: WITHOUT ROWID suits rows
+# under about a twentieth of a page.
+_V3 = """
+CREATE TABLE memory_v3 (
+    id          INTEGER PRIMARY KEY,
+    scope       TEXT    NOT NULL,
+    key         TEXT    NOT NULL,
+    level       INTEGER NOT NULL CHECK (level BETWEEN 1 AND 5),
+    owner       TEXT    NOT NULL,
+    envelope    BLOB,               -- NULL: tombstone of a delete, kept for tombstone_ttl
+    sid         INTEGER NOT NULL,   -- stream id as an integer: the upsert guard
+    stream_id   TEXT    NOT NULL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    expires_at  INTEGER,
+    UNIQUE (scope, key)
+)
+
+INSERT INTO memory_v3 (scope, key, level, owner, envelope, sid, stream_id, created_at,
+                       updated_at, expires_at)
+SELECT scope, key, level, owner, envelope, sid, stream_id, created_at, updated_at, expires_at
+FROM memory ORDER BY scope, key
+
+DROP TABLE memory
+
+ALTER TABLE memory_v3 RENAME TO memory
+
+CREATE INDEX memory_expires ON memory (expires_at) WHERE expires_at IS NOT NULL
+
+CREATE INDEX memory_tombstones ON memory (updated_at) WHERE envelope IS NULL
+
+CREATE INDEX memory_updated ON memory (scope, updated_at)
+"""
+
+
+def _v3(conn: sqlite3.Connection) -> None:
+    """The memory table as a rowid table with a UNIQUE (scope, key) index (see above)."""
+    for statement in _V3.strip().split("\n\n"):
+        conn.execute(statement)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -50,20 +50,44 @@ def test_dry_run_changes_nothing(v1: Path, capsys: pytest.CaptureFixture[str]) -
     before = v1.read_bytes()
     code, out, _ = run_cli(capsys, "migrate", "--db", str(v1), "--dry-run")
     assert code == 0
-    assert "would migrate" in out and "schema 1 -> 2" in out and "Mission log" in out
+    assert "would migrate" in out and f"schema 1 -> {SCHEMA_VERSION}" in out
+    assert "Mission log" in out and "rowid table" in out
     assert "dry run: nothing was changed" in out
     assert v1.read_bytes() == before
     assert list(v1.parent.glob("*.bak")) == []
 
 
+MEMORY_COLUMNS = (
+    "scope, key, level, owner, envelope, sid, stream_id, created_at, updated_at, expires_at"
+)
+
+
+def memory_rows(db: Path) -> list[tuple[object, ...]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(f"SELECT {MEMORY_COLUMNS} FROM memory ORDER BY scope, key").fetchall()
+
+
 def test_migrating_the_first_schema_keeps_every_record(
     v1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    rows_before = memory_rows(v1)
+    assert any(r[4] is None for r in rows_before)  # a tombstone comes through too
     code, out, _ = run_cli(capsys, "migrate", "--db", str(v1))
     assert code == 0, out
     assert "migrated" in out and "applied" in out
     assert user_version(v1) == SCHEMA_VERSION
     assert {"missions", "tool_calls", "decisions", "playbook_runs", "sync_events"} <= tables(v1)
+    # v3 rebuilt memory as a rowid table, (scope, key) still unique, every row the same.
+    assert memory_rows(v1) == rows_before
+    with sqlite3.connect(v1) as conn:
+        (sql,) = conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'memory'").fetchone()
+        assert "WITHOUT ROWID" not in sql and "UNIQUE (scope, key)" in sql
+        indexes = {r[1] for r in conn.execute("PRAGMA index_list(memory)")}
+        assert {"memory_expires", "memory_tombstones", "memory_updated"} <= indexes
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute(
+                f"INSERT INTO memory ({MEMORY_COLUMNS}) SELECT {MEMORY_COLUMNS} FROM memory LIMIT 1"
+            )
     # The backup came first, holds the old schema, and was verified.
     (backup,) = v1.parent.glob("old.db.v1-*.bak")
     assert user_version(backup) == 1 and "verified" in out

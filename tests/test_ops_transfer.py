@@ -369,7 +369,9 @@ def test_a_plaintext_value_survives_the_line_format_byte_for_byte(value: object)
     with sqlite3.connect(":memory:") as conn:
         migrate(conn)
         conn.execute(
-            "INSERT INTO memory VALUES ('swarm:s', 'k', 3, 'o', ?, 1, '0-1', 1, 1, NULL)",
+            "INSERT INTO memory (scope, key, level, owner, envelope, sid, stream_id, "
+            "created_at, updated_at, expires_at) "
+            "VALUES ('swarm:s', 'k', 3, 'o', ?, 1, '0-1', 1, 1, NULL)",
             (envelope,),
         )
         export_records(conn, buf, now_ms=2, codec=codec)

@@ -12,6 +12,7 @@ import redis
 
 from acl import Level, Principal
 from dualmem import DualMemory
+from dualmem.migrations import SCHEMA_VERSION
 from dualmem.missions import MissionLog
 
 from .conftest import run_cli, wait_until
@@ -195,7 +196,7 @@ def test_a_database_from_a_newer_dualmem_fails_the_schema_check(
         conn.execute("PRAGMA user_version = 99")
     code, out, _ = run_cli(capsys, "verify", *args, "--no-redis")
     assert code == 1
-    assert "schema 99 is newer than this dualmem (2)" in out
+    assert f"schema 99 is newer than this dualmem ({SCHEMA_VERSION})" in out
     assert "fix: upgrade dualmem" in out
 
 

@@ -29,6 +29,12 @@ __all__ = [
     "stage_costs",
 ]
 
+# The columns the worker writes (the row id is SQLite's to assign, as in the worker's upsert).
+_MEMORY_COLUMNS = (
+    "scope", "key", "level", "owner", "envelope", "sid", "stream_id", "created_at",
+    "updated_at", "expires_at",
+)  # fmt: skip
+
 TARGET_RATE = 50_000
 TARGET_RATIO = 0.8
 
@@ -99,8 +105,8 @@ def raw_executemany_rate(db: Path, raw_db: Path, settings: Settings, after_seq: 
             "SELECT * FROM journal WHERE seq > ? ORDER BY seq", (after_seq,)
         ).fetchall()
         memory = src.execute(
-            "SELECT m.* FROM journal j JOIN memory m ON m.scope = j.scope AND m.key = j.key "
-            "WHERE j.seq > ? ORDER BY j.seq",
+            f"SELECT {', '.join(f'm.{c}' for c in _MEMORY_COLUMNS)} FROM journal j "
+            "JOIN memory m ON m.scope = j.scope AND m.key = j.key WHERE j.seq > ? ORDER BY j.seq",
             (after_seq,),
         ).fetchall()
     finally:
@@ -112,7 +118,10 @@ def raw_executemany_rate(db: Path, raw_db: Path, settings: Settings, after_seq: 
         conn.execute(f"PRAGMA cache_size = {-1024 * cache_mb}")
         migrate(conn)
         jsql = f"INSERT INTO journal VALUES ({','.join('?' * len(journal[0]))})"
-        msql = f"INSERT INTO memory VALUES ({','.join('?' * len(memory[0]))})"
+        msql = (
+            f"INSERT INTO memory ({', '.join(_MEMORY_COLUMNS)}) "
+            f"VALUES ({','.join('?' * len(_MEMORY_COLUMNS))})"
+        )
         t0 = time.perf_counter()
         for start in range(0, len(journal), batch):
             conn.execute("BEGIN IMMEDIATE")
