@@ -93,7 +93,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def on_signal(signum: int) -> None:
-        logging.getLogger("dualmem.worker").info("signal %d: draining", signum)
+        log.info("signal %d: draining", signum)
 
     with stop_on_signals(on_signal) as stop:
         print(

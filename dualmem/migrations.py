@@ -100,12 +100,16 @@ CREATE TABLE IF NOT EXISTS metrics (
 """
 
 
-def _v1(conn: sqlite3.Connection) -> None:
+def _execute_script(conn: sqlite3.Connection, script: str) -> None:
     # Statement by statement, not executescript(): executescript commits on its own and
     # would break the one-transaction-per-migration rule. Triggers hold ';' inside
     # BEGIN ... END, so statements are separated by blank lines instead.
-    for statement in _V1.strip().split("\n\n"):
+    for statement in script.strip().split("\n\n"):
         conn.execute(statement)
+
+
+def _v1(conn: sqlite3.Connection) -> None:
+    _execute_script(conn, _V1)
 
 
 _V2 = """
@@ -204,8 +208,7 @@ ALTER TABLE metrics ADD COLUMN sum REAL NOT NULL DEFAULT 0
 
 def _v2(conn: sqlite3.Connection) -> None:
     """Mission log (missions, tool_calls, decisions, playbook_runs), sync_events, metrics.sum."""
-    for statement in _V2.strip().split("\n\n"):
-        conn.execute(statement)
+    _execute_script(conn, _V2)
 
 
 # v3: the memory table becomes a rowid table with a UNIQUE (scope, key) index instead of
@@ -251,8 +254,7 @@ CREATE INDEX memory_updated ON memory (scope, updated_at)
 
 def _v3(conn: sqlite3.Connection) -> None:
     """The memory table as a rowid table with a UNIQUE (scope, key) index (see above)."""
-    for statement in _V3.strip().split("\n\n"):
-        conn.execute(statement)
+    _execute_script(conn, _V3)
 
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]

@@ -40,15 +40,18 @@ from dualmem.store import (
     StreamEntry,
 )
 
-__all__ = ["SQLiteStore", "prefix_upper_bound"]
+__all__ = ["MEMORY_COLUMNS", "SQLiteStore", "prefix_upper_bound"]
 
 Row = tuple[Any, ...]
 log = logging.getLogger("dualmem.store")
 
-_MEMORY_INSERT = (
-    "INSERT INTO memory (scope, key, level, owner, envelope, sid, stream_id, created_at, "
-    "updated_at, expires_at) VALUES "
-)
+#: The columns of ``memory`` the worker writes, in the order of its rows (the row id is
+#: SQLite's to assign).
+MEMORY_COLUMNS = (
+    "scope", "key", "level", "owner", "envelope", "sid", "stream_id", "created_at",
+    "updated_at", "expires_at",
+)  # fmt: skip
+_MEMORY_INSERT = f"INSERT INTO memory ({', '.join(MEMORY_COLUMNS)}) VALUES "
 # The sid guard makes the upsert idempotent and monotonic: a redelivered or late older
 # command never overwrites a newer value or revives a tombstone.
 _MEMORY_UPSERT = """

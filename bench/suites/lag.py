@@ -311,7 +311,13 @@ def _run_rate_threads(
     return [s for r in results for s in r]
 
 
-def _analyse(rate: int, sends: list[Send], seen: dict[int, int], ctx: Bench) -> dict[str, Any]:
+def _analyse(
+    rate: int,
+    sends: list[Send],
+    seen: dict[int, int],
+    ctx: Bench,
+    collections: FullCollections | None = None,
+) -> dict[str, Any]:
     if not sends:
         raise RuntimeError(f"no sends at {rate}/s")
     start = min(due for _, due, _, _ in sends)
@@ -324,7 +330,7 @@ def _analyse(rate: int, sends: list[Send], seen: dict[int, int], ctx: Bench) -> 
     missing = sum(1 for i, _, _, _ in counted if i not in seen)
     late = [started - due for _, due, started, _ in counted]
     last_end = max(end for _, _, _, end in sends)
-    return {
+    row: dict[str, Any] = {
         "offered_rate": rate,
         "senders": senders_for(rate, ctx.sizes.per_sender_rate),
         "writes": len(sends),
@@ -336,6 +342,11 @@ def _analyse(rate: int, sends: list[Send], seen: dict[int, int], ctx: Bench) -> 
         "send_start_delay": summarize(late),
         "send_latency": summarize(end - started for _, _, started, end in counted),
     }
+    if collections is not None:
+        row["full_gc"] = collections.report(
+            [(due, seen[i]) for i, due, _, _ in counted if i in seen]
+        )
+    return row
 
 
 def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
@@ -372,13 +383,7 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
                 try:
                     with FullCollections() as collections:
                         sends = _run_rate_threads(ctx, mem, rate, observer)
-                    row = _analyse(rate, sends, observer.seen, ctx)
-                    warm_end = min(due for _, due, _, _ in sends) + int(sizes.lag_warmup_s * 1e9)
-                    row["full_gc"] = collections.report(
-                        [(due, observer.seen[i]) for i, due, _, _ in sends
-                         if due >= warm_end and i in observer.seen]
-                    )  # fmt: skip
-                    results.append(row)
+                    results.append(_analyse(rate, sends, observer.seen, ctx, collections))
                 finally:
                     observer.close()
                 advance(1)

@@ -17,7 +17,7 @@ from dualmem.layout import Layout
 from dualmem.migrations import migrate
 from dualmem.redis_backend import connect
 from dualmem.settings import Settings
-from dualmem.sqlite_store import SQLiteStore
+from dualmem.sqlite_store import MEMORY_COLUMNS, SQLiteStore
 from dualmem.store import StreamEntry
 
 __all__ = [
@@ -28,12 +28,6 @@ __all__ = [
     "run",
     "stage_costs",
 ]
-
-# The columns the worker writes (the row id is SQLite's to assign, as in the worker's upsert).
-_MEMORY_COLUMNS = (
-    "scope", "key", "level", "owner", "envelope", "sid", "stream_id", "created_at",
-    "updated_at", "expires_at",
-)  # fmt: skip
 
 TARGET_RATE = 50_000
 TARGET_RATIO = 0.8
@@ -105,7 +99,7 @@ def raw_executemany_rate(db: Path, raw_db: Path, settings: Settings, after_seq: 
             "SELECT * FROM journal WHERE seq > ? ORDER BY seq", (after_seq,)
         ).fetchall()
         memory = src.execute(
-            f"SELECT {', '.join(f'm.{c}' for c in _MEMORY_COLUMNS)} FROM journal j "
+            f"SELECT {', '.join(f'm.{c}' for c in MEMORY_COLUMNS)} FROM journal j "
             "JOIN memory m ON m.scope = j.scope AND m.key = j.key WHERE j.seq > ? ORDER BY j.seq",
             (after_seq,),
         ).fetchall()
@@ -119,8 +113,8 @@ def raw_executemany_rate(db: Path, raw_db: Path, settings: Settings, after_seq: 
         migrate(conn)
         jsql = f"INSERT INTO journal VALUES ({','.join('?' * len(journal[0]))})"
         msql = (
-            f"INSERT INTO memory ({', '.join(_MEMORY_COLUMNS)}) "
-            f"VALUES ({','.join('?' * len(_MEMORY_COLUMNS))})"
+            f"INSERT INTO memory ({', '.join(MEMORY_COLUMNS)}) "
+            f"VALUES ({','.join('?' * len(MEMORY_COLUMNS))})"
         )
         t0 = time.perf_counter()
         for start in range(0, len(journal), batch):
