@@ -75,7 +75,7 @@ class Server(Protocol):
     def url(self) -> str:
         """``redis://127.0.0.1:<port>/0``."""
 
-    def start(self) -> None:
+    def start(self) -> object:
         """Start (or restart, on the same port and directory)."""
 
     def stop(self) -> None:

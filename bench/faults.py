@@ -957,7 +957,7 @@ def main(argv: list[str] | None = None) -> int:
         "replaced by a full run)",
     )
     args = p.parse_args(argv)
-    out: Path = args.out
+    out: Path | None = args.out
     if out is None:
         if args.quick or args.only:
             out = Path(tempfile.mkdtemp(prefix="dualmem-faults-")) / "FAULTS.md"

@@ -89,18 +89,20 @@ def _measure(
     rows: list[dict[str, Any]] = []
     every: dict[str, list[int]] = {}
     for level in LEVELS:
-        ops: dict[str, Callable[[int], object]] = {
-            "dualmem": lambda i, lv=level: mem.put(
-                keys[i % nkeys], values[i % nvals], level=lv, principal=PRINCIPAL
-            ),
-            "raw": lambda i, lv=level: raw_put(
-                raw, keys[i % nkeys], payloads[i % nvals], lv, xlen=False
-            ),
-        }
+
+        def put(i: int, lv: Level = level) -> object:
+            return mem.put(keys[i % nkeys], values[i % nvals], level=lv, principal=PRINCIPAL)
+
+        def raw_multi(i: int, lv: Level = level) -> None:
+            raw_put(raw, keys[i % nkeys], payloads[i % nvals], lv, xlen=False)
+
+        def raw_same(i: int, lv: Level = level) -> None:
+            xlen = i % XLEN_EVERY == 0
+            raw_put(twin, keys[i % nkeys], payloads[i % nvals], lv, xlen=xlen)
+
+        ops: dict[str, Callable[[int], object]] = {"dualmem": put, "raw": raw_multi}
         if same:
-            ops["raw_same"] = lambda i, lv=level: raw_put(
-                twin, keys[i % nkeys], payloads[i % nvals], lv, xlen=i % XLEN_EVERY == 0
-            )
+            ops["raw_same"] = raw_same
         interleaved(ops, sizes.warmup, rng, advance=advance)
         mem.metrics_registry.reset()
         samples = interleaved(ops, sizes.write_ops, rng, advance=advance)
