@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,12 +158,11 @@ def _lag(result: Mapping[str, Any]) -> list[str]:
     lines = [
         "| offered | senders | achieved | lag p50 | lag p95 | lag p99 | lag max "
         "| send start delay p95 | lag p95 from send start | not visible "
-        "| worker CPU per write | full GCs: count, longest, writes in flight |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| full GCs: count, longest, writes in flight |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rates"]:
         lag = r["lag"]
-        cpu = r.get("worker_cpu_us_per_write")
         gcs = r.get("full_gc")
         gc_cell = (
             f"{gcs['count']}, {gcs['max_ms']:.1f} ms, {gcs['writes_in_flight']:,}"
@@ -174,21 +173,48 @@ def _lag(result: Mapping[str, Any]) -> list[str]:
             f"| {r['offered_rate']:,}/s | {r['senders']} | {r['achieved_send_rate']:,.0f}/s "
             f"| {us(lag['p50'])} | {us(lag['p95'])} | {us(lag['p99'])} | {us(lag['max'])} "
             f"| {us(r['send_start_delay']['p95'])} | {us(r['lag_from_send_start']['p95'])} "
-            f"| {r['not_visible']} "
-            f"| {us(cpu) if cpu is not None else '—'} | {gc_cell} |"
+            f"| {r['not_visible']} | {gc_cell} |"
         )
     lines += [
         "",
         "Send start delay: how late senders started sends against their schedule (time the "
         "lag includes before the write reached dualmem: on a busy machine, the load "
         "generator's own queueing). Lag from send start leaves that out (diagnosis only; "
-        "targets use the lag from the intended time). Worker CPU: user + system time of the "
-        "`dualmem worker` process per write at that rate (real Redis only). Full GCs "
-        "(embedded fakeredis only): generation-2 collections of the one process while that "
-        "rate ran; each stops the writers and the worker thread, and its length grows with "
-        "the entries the in-process cache holds. Writes in flight: counted writes whose "
-        "intended send time to first sighting overlaps one.",
+        "targets use the lag from the intended time). Full GCs (embedded fakeredis only): "
+        "generation-2 collections of the one process while that rate ran; each stops the "
+        "writers and the worker thread, and its length grows with the entries the in-process "
+        "cache holds. Writes in flight: counted writes whose intended send time to first "
+        "sighting overlaps one.",
+        "",
+        *_lag_cpu(result["rates"]),
     ]
+    return lines
+
+
+def _lag_cpu(rates: Sequence[Mapping[str, Any]]) -> list[str]:
+    rows = [r for r in rates if "cpu" in r]
+    if not rows:
+        return []
+    names = list(rows[0]["cpu"]["per_write_us"])
+    lines = [
+        "CPU per write sent (user + system time of each process over the rate's window), "
+        "what their sum needs at the offered rate, and how many CPUs the whole machine had "
+        "busy meanwhile:",
+        "",
+        f"| offered | achieved | {' | '.join(names)} | total | CPUs needed at the offered "
+        "rate | machine busy |",
+        "|---|---|" + "---|" * len(names) + "---|---|---|",
+    ]
+    for r in rows:
+        cpu = r["cpu"]
+        busy = cpu["machine_busy_cpus"]
+        busy_cell = "—" if busy is None else f"{busy:.2f} of {cpu['cpus']}"
+        cells = " | ".join(us(cpu["per_write_us"].get(n)) for n in names)
+        lines.append(
+            f"| {r['offered_rate']:,}/s | {r['achieved_send_rate']:,.0f}/s | {cells} "
+            f"| {us(cpu['total_us'])} | {cpu['needed_cpus']:.2f} of {cpu['cpus']} "
+            f"| {busy_cell} |"
+        )
     return lines
 
 

@@ -18,7 +18,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-__all__ = ["RedisServer", "WorkerProcess", "free_port"]
+__all__ = [
+    "RedisServer",
+    "WorkerProcess",
+    "free_port",
+    "machine_cpu_seconds",
+    "process_cpu_seconds",
+]
 
 
 def free_port() -> int:
@@ -26,6 +32,44 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) process ``pid`` has used so far, from ``/proc``; ``None``
+    off Linux or once it is gone.
+
+    >>> process_cpu_seconds(os.getpid()) is None or process_cpu_seconds(os.getpid()) >= 0
+    True
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """``(busy, total)`` CPU seconds of the whole machine since boot, summed over its CPUs
+    (``/proc/stat``; busy is everything but idle and iowait); ``None`` off Linux.
+
+    Two readings a wall-clock interval apart give how many CPUs were busy in between.
+
+    >>> now = machine_cpu_seconds()
+    >>> now is None or 0 <= now[0] <= now[1]
+    True
+    """
+    try:
+        with open("/proc/stat") as f:
+            first = f.readline().split()
+    except OSError:
+        return None
+    if not first or first[0] != "cpu":
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in first[1:9])
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = user + nice + system + irq + softirq + steal
+    return busy / tick, (busy + idle + iowait) / tick
 
 
 class RedisServer:
@@ -57,6 +101,11 @@ class RedisServer:
     def url(self) -> str:
         """``redis://127.0.0.1:<port>/0``."""
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the server has used so far (its AOF rewrite children
+        not included); ``None`` off Linux or when it is not running."""
+        return None if self.proc is None else process_cpu_seconds(self.proc.pid)
 
     def client(self) -> redis.Redis:
         """A plain redis-py client with a generous timeout (what a raw baseline uses, and
@@ -180,14 +229,7 @@ class WorkerProcess:
 
     def cpu_seconds(self) -> float | None:
         """CPU time (user + system) the worker has used so far; ``None`` off Linux."""
-        if self.proc is None:
-            return None
-        try:
-            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        except OSError:
-            return None
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None if self.proc is None else process_cpu_seconds(self.proc.pid)
 
     def kill(self) -> None:
         """SIGKILL, for clean-up after an error."""

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,6 +145,7 @@ def test_every_suite_runs_at_a_tiny_size_on_fakeredis(tmp_path: Path) -> None:
         gcs = r["full_gc"]
         assert gcs["count"] >= 0 and gcs["max_ms"] <= gcs["total_ms"] + 1e-9
         assert 0 <= gcs["writes_in_flight"] <= r["counted"]
+        _check_cpu(r, ["dualmem process", "observer"], self_measured=["dualmem process"])
     rendered = render_report(docs, {})
     assert rendered.count("### embedded fakeredis") == len(SUITES)
 
@@ -162,3 +164,17 @@ def test_every_suite_runs_at_a_tiny_size_on_a_real_redis(tmp_path: Path) -> None
     peers = docs["peers"]["backends"]["redis"]  # type: ignore[index]
     assert peers["put"]["raw MULTI SET+XADD (no dualmem)"]["count"] > 0
     assert len(peers["floor"]) == 2 and all(x > 0 for x in peers["floor"].values())
+    for r in docs["lag"]["backends"]["redis"]["rates"]:  # type: ignore[index]
+        _check_cpu(r, ["worker", "redis-server", "senders", "observer"], self_measured=["senders"])
+
+
+def _check_cpu(row: dict[str, Any], names: list[str], self_measured: list[str]) -> None:
+    """Every process's CPU is on record; those timing themselves (nanosecond clocks) used
+    some, those read from /proc (10 ms ticks) may show none in a tiny run."""
+    cpu = row["cpu"]
+    per = cpu["per_write_us"]
+    assert list(per) == names
+    assert all(per[n] > 0 for n in self_measured) and all(v >= 0 for v in per.values())
+    assert cpu["total_us"] == pytest.approx(sum(per.values()))
+    assert cpu["needed_cpus"] == pytest.approx(cpu["total_us"] * row["offered_rate"] / 1e6)
+    assert 0 <= cpu["machine_busy_cpus"] <= cpu["cpus"] + 1e-6

@@ -6,20 +6,22 @@ from __future__ import annotations
 import gc
 import math
 import multiprocessing
+import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from bench.harness import LEVELS, PRINCIPAL, Backend, Bench, make_values
 from bench.openloop import Send, run_open_loop, schedule, senders_for
-from bench.servers import WorkerProcess
+from bench.servers import WorkerProcess, machine_cpu_seconds
 from bench.stats import Target, summarize, us
 from dualmem import DualMemory
 
-__all__ = ["FullCollections", "Observer", "ObserverProcess", "run"]
+__all__ = ["CpuUse", "FullCollections", "Observer", "ObserverProcess", "run"]
 
 TARGETS_MS = {2000: 5.0, 10_000: 20.0}
 POLL_S = 0.0005
@@ -39,7 +41,69 @@ METHOD = (
     " one process). The first `lag_warmup_s` of each rate are sent but not counted. In the"
     " one-process case, full garbage collections during each rate are recorded (`full_gc`):"
     " count, longest and total pause, and how many counted writes were in flight during one."
+    " CPU: each process's user + system time during a rate, per write sent (the senders and"
+    " the observer count their own; the worker process and redis-server are read from"
+    " `/proc`), and how many of the machine's CPUs were busy over the same window."
 )
+
+
+class CpuUse:
+    """CPU time per write of every process taking part in one rate, and the machine's load.
+
+    ``probes`` read a process's CPU seconds so far (``/proc`` for the worker process and
+    redis-server, ``time.process_time`` for this process); they are read when the block
+    starts and ends. Processes that measure themselves (sender processes, the observer)
+    hand their seconds to :meth:`report`. The window runs from just before the first
+    intended send until every write was visible, so per-write figures leave out start-up.
+
+    >>> with CpuUse({"this process": time.process_time}) as cpu:
+    ...     _ = sum(range(100_000))
+    >>> row = cpu.report(writes=10, offered_rate=1000, reported={"observer": 0.001})
+    >>> list(row["per_write_us"]), row["per_write_us"]["observer"]
+    (['this process', 'observer'], 100.0)
+    >>> row["total_us"] >= 100 and row["needed_cpus"] == row["total_us"] * 1000 / 1e6
+    True
+    """
+
+    def __init__(self, probes: Mapping[str, Callable[[], float | None]]) -> None:
+        self._probes = dict(probes)
+        self._start: dict[str, float | None] = {}
+        self.used: dict[str, float] = {}
+        self._machine: tuple[float, float] | None = None
+        self.machine_busy_cpus: float | None = None
+
+    def __enter__(self) -> CpuUse:
+        self._start = {name: probe() for name, probe in self._probes.items()}
+        self._machine = machine_cpu_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, probe in self._probes.items():
+            before, after = self._start[name], probe()
+            if before is not None and after is not None:
+                self.used[name] = after - before
+        after_m = machine_cpu_seconds()
+        if self._machine is not None and after_m is not None:
+            busy, total = after_m[0] - self._machine[0], after_m[1] - self._machine[1]
+            # total counts every CPU: busy / total is the busy fraction of all of them.
+            cpus = os.cpu_count() or 1
+            self.machine_busy_cpus = busy / total * cpus if total > 0 else None
+
+    def report(
+        self, writes: int, offered_rate: int, reported: Mapping[str, float]
+    ) -> dict[str, Any]:
+        """Per-write microseconds of each process (probed ones first, then ``reported``),
+        their total, the CPUs that total needs at ``offered_rate``, and the machine's load."""
+        seconds = {**self.used, **reported}
+        per_write = {name: sec / max(writes, 1) * 1e6 for name, sec in seconds.items()}
+        total = sum(per_write.values())
+        return {
+            "per_write_us": per_write,
+            "total_us": total,
+            "needed_cpus": total * offered_rate / 1e6,
+            "machine_busy_cpus": self.machine_busy_cpus,
+            "cpus": os.cpu_count(),
+        }
 
 
 class FullCollections:
@@ -163,6 +227,8 @@ class ObserverProcess:
             self.close()
             raise RuntimeError("the lag observer process did not start")
         self.seen: dict[int, int] = {}
+        #: CPU seconds the observer used in its last ``follow``.
+        self.cpu_seconds = 0.0
 
     def follow(self, expected: int, deadline_ns: int) -> None:
         """Poll (in the child) until ``expected`` keys were seen, ``stop()`` or the deadline."""
@@ -170,7 +236,7 @@ class ObserverProcess:
         wait_s = max(0.0, (deadline_ns - time.monotonic_ns()) / 1e9) + 30
         if not self._pipe.poll(wait_s):
             raise RuntimeError("the lag observer process did not report")
-        self.seen = self._pipe.recv()
+        self.seen, self.cpu_seconds = self._pipe.recv()
 
     def stop(self) -> None:
         """Make ``follow`` return with what was seen so far."""
@@ -193,8 +259,9 @@ def _observer_process(conn: Connection, db: str, prefix: str, stop: Any) -> None
         if not conn.poll(600):
             return
         expected, deadline_ns = conn.recv()
+        cpu0 = time.process_time()
         observer.follow(expected, deadline_ns)
-        conn.send(observer.seen)
+        conn.send((observer.seen, time.process_time() - cpu0))
     finally:
         observer.close()
         conn.close()
@@ -225,15 +292,19 @@ def _sender_process(
     try:
         conn.send("ready")
         start_ns = conn.recv()
-        conn.send(_sender(mem, rate, seconds, start_ns, senders, k, seed))
+        cpu0 = time.process_time()
+        sends = _sender(mem, rate, seconds, start_ns, senders, k, seed)
+        conn.send((sends, time.process_time() - cpu0))
     finally:
         mem.close()
         conn.close()
 
 
 def _run_rate_processes(
-    ctx: Bench, backend: Backend, db: Path, rate: int, observer: ObserverProcess
-) -> list[Send]:
+    ctx: Bench, backend: Backend, db: Path, rate: int, observer: ObserverProcess, cpu: CpuUse
+) -> tuple[list[Send], dict[str, float]]:
+    """Sends of every sender process, and the CPU seconds the senders and the observer
+    report; ``cpu`` is entered just before the start time is sent."""
     sizes = ctx.sizes
     senders = senders_for(rate, sizes.per_sender_rate)
     mp = multiprocessing.get_context("spawn")
@@ -263,27 +334,33 @@ def _run_rate_processes(
         for pipe in pipes:
             if not pipe.poll(60) or pipe.recv() != "ready":
                 raise RuntimeError("a lag sender process did not start")
-        start_ns = time.monotonic_ns() + _START_DELAY_NS
-        for pipe in pipes:
-            pipe.send(start_ns)
-        expected = int(rate * sizes.lag_seconds)
-        observer.follow(expected, start_ns + int((sizes.lag_seconds + 60) * 1e9))
         sends: list[Send] = []
-        for pipe in pipes:
-            if not pipe.poll(120):
-                raise RuntimeError("a lag sender process did not report")
-            sends.extend(pipe.recv())
+        sender_cpu = 0.0
+        with cpu:
+            start_ns = time.monotonic_ns() + _START_DELAY_NS
+            for pipe in pipes:
+                pipe.send(start_ns)
+            expected = int(rate * sizes.lag_seconds)
+            observer.follow(expected, start_ns + int((sizes.lag_seconds + 60) * 1e9))
+            for pipe in pipes:
+                if not pipe.poll(120):
+                    raise RuntimeError("a lag sender process did not report")
+                part, seconds = pipe.recv()
+                sends.extend(part)
+                sender_cpu += seconds
     finally:
         for p in procs:
             p.join(30)
             if p.is_alive():
                 p.kill()
-    return sends
+    return sends, {"senders": sender_cpu, "observer": observer.cpu_seconds}
 
 
 def _run_rate_threads(
-    ctx: Bench, mem: DualMemory, rate: int, observer: ObserverProcess
-) -> list[Send]:
+    ctx: Bench, mem: DualMemory, rate: int, observer: ObserverProcess, cpu: CpuUse
+) -> tuple[list[Send], dict[str, float]]:
+    """Sends of every sender thread, and the observer's CPU seconds; ``cpu`` spans the
+    threads' run."""
     sizes = ctx.sizes
     senders = senders_for(rate, sizes.per_sender_rate)
     start_ns = time.monotonic_ns() + _START_DELAY_NS
@@ -300,15 +377,16 @@ def _run_rate_threads(
             observer.stop()
 
     threads = [threading.Thread(target=body, args=(k,)) for k in range(senders)]
-    for t in threads:
-        t.start()
-    expected = int(rate * sizes.lag_seconds)
-    observer.follow(expected, start_ns + int((sizes.lag_seconds + 60) * 1e9))
-    for t in threads:
-        t.join()
+    with cpu:
+        for t in threads:
+            t.start()
+        expected = int(rate * sizes.lag_seconds)
+        observer.follow(expected, start_ns + int((sizes.lag_seconds + 60) * 1e9))
+        for t in threads:
+            t.join()
     if errors:
         raise errors[0]
-    return [s for r in results for s in r]
+    return [s for r in results for s in r], {"observer": observer.cpu_seconds}
 
 
 def _analyse(
@@ -349,6 +427,10 @@ def _analyse(
     return row
 
 
+def _no_cpu() -> float | None:
+    return None
+
+
 def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
     """Each offered rate for ``lag_seconds``; lag percentiles per rate."""
     sizes = ctx.sizes
@@ -356,6 +438,7 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
     advance = ctx.progress.task(f"lag [{backend.name}]", len(sizes.lag_rates))
     results: list[dict[str, Any]] = []
     if backend.external_worker:
+        server_cpu = backend.server.cpu_seconds if backend.server is not None else _no_cpu
         # The database must exist (schema included) before the observer opens it.
         DualMemory(
             redis_url=backend.url, db_path=str(db), keyring=str(ctx.keyfile), worker=False
@@ -364,13 +447,10 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
             for rate in sizes.lag_rates:
                 observer = ObserverProcess(db, f"bench/lag/{rate}/")
                 try:
-                    cpu0 = worker.cpu_seconds()
-                    sends = _run_rate_processes(ctx, backend, db, rate, observer)
-                    cpu1 = worker.cpu_seconds()
+                    cpu = CpuUse({"worker": worker.cpu_seconds, "redis-server": server_cpu})
+                    sends, reported = _run_rate_processes(ctx, backend, db, rate, observer, cpu)
                     row = _analyse(rate, sends, observer.seen, ctx)
-                    if cpu0 is not None and cpu1 is not None:
-                        # From the first intended send until every write was visible.
-                        row["worker_cpu_us_per_write"] = (cpu1 - cpu0) / len(sends) * 1e6
+                    row["cpu"] = cpu.report(len(sends), rate, reported)
                     results.append(row)
                 finally:
                     observer.close()
@@ -381,9 +461,12 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
             for rate in sizes.lag_rates:
                 observer = ObserverProcess(db, f"bench/lag/{rate}/")
                 try:
+                    cpu = CpuUse({"dualmem process": time.process_time})
                     with FullCollections() as collections:
-                        sends = _run_rate_threads(ctx, mem, rate, observer)
-                    results.append(_analyse(rate, sends, observer.seen, ctx, collections))
+                        sends, reported = _run_rate_threads(ctx, mem, rate, observer, cpu)
+                    row = _analyse(rate, sends, observer.seen, ctx, collections)
+                    row["cpu"] = cpu.report(len(sends), rate, reported)
+                    results.append(row)
                 finally:
                     observer.close()
                 advance(1)
