@@ -198,22 +198,23 @@ def _lag_cpu(rates: Sequence[Mapping[str, Any]]) -> list[str]:
     names = list(rows[0]["cpu"]["per_write_us"])
     lines = [
         "CPU per write sent (user + system time of each process over the rate's window), "
-        "what their sum needs at the offered rate, and how many CPUs the whole machine had "
-        "busy meanwhile:",
+        "what their sum needs at the offered rate, and the share of the window in which "
+        "some runnable task waited for a CPU (the kernel's pressure stall information; "
+        "n/a where the kernel has none):",
         "",
         f"| offered | achieved | {' | '.join(names)} | total | CPUs needed at the offered "
-        "rate | machine busy |",
+        "rate | waiting for a CPU |",
         "|---|---|" + "---|" * len(names) + "---|---|---|",
     ]
     for r in rows:
         cpu = r["cpu"]
-        busy = cpu["machine_busy_cpus"]
-        busy_cell = "—" if busy is None else f"{busy:.2f} of {cpu['cpus']}"
+        wait = cpu["cpu_wait_share"]
+        wait_cell = "n/a" if wait is None else f"{wait:.0%} of the time"
         cells = " | ".join(us(cpu["per_write_us"].get(n)) for n in names)
         lines.append(
             f"| {r['offered_rate']:,}/s | {r['achieved_send_rate']:,.0f}/s | {cells} "
             f"| {us(cpu['total_us'])} | {cpu['needed_cpus']:.2f} of {cpu['cpus']} "
-            f"| {busy_cell} |"
+            f"| {wait_cell} |"
         )
     return lines
 

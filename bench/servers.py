@@ -21,8 +21,8 @@ from redis.retry import Retry
 __all__ = [
     "RedisServer",
     "WorkerProcess",
+    "cpu_pressure_us",
     "free_port",
-    "machine_cpu_seconds",
     "process_cpu_seconds",
 ]
 
@@ -49,27 +49,29 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def machine_cpu_seconds() -> tuple[float, float] | None:
-    """``(busy, total)`` CPU seconds of the whole machine since boot, summed over its CPUs
-    (``/proc/stat``; busy is everything but idle and iowait); ``None`` off Linux.
+def cpu_pressure_us() -> int | None:
+    """Microseconds since boot during which at least one runnable task waited for a CPU
+    (the kernel's pressure stall information, ``some`` line of ``/proc/pressure/cpu``);
+    ``None`` where the kernel does not provide it.
 
-    Two readings a wall-clock interval apart give how many CPUs were busy in between.
+    Two readings a wall-clock interval apart give the share of that interval the machine
+    had more runnable work than CPUs. (``/proc/stat``'s busy time is sampled at the
+    scheduler tick, which a tickless kernel skips on idle CPUs: for short bursts of work it
+    reported a fifth of the CPU time the processes themselves accounted for.)
 
-    >>> now = machine_cpu_seconds()
-    >>> now is None or 0 <= now[0] <= now[1]
+    >>> now = cpu_pressure_us()
+    >>> now is None or now >= 0
     True
     """
     try:
-        with open("/proc/stat") as f:
-            first = f.readline().split()
-    except OSError:
+        with open("/proc/pressure/cpu") as f:
+            for line in f:
+                kind, *fields = line.split()
+                if kind == "some":
+                    return int(dict(x.split("=", 1) for x in fields)["total"])
+    except (OSError, KeyError, ValueError):
         return None
-    if not first or first[0] != "cpu":
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in first[1:9])
-    tick = os.sysconf("SC_CLK_TCK")
-    busy = user + nice + system + irq + softirq + steal
-    return busy / tick, (busy + idle + iowait) / tick
+    return None
 
 
 class RedisServer:

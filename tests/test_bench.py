@@ -177,4 +177,5 @@ def _check_cpu(row: dict[str, Any], names: list[str], self_measured: list[str]) 
     assert all(per[n] > 0 for n in self_measured) and all(v >= 0 for v in per.values())
     assert cpu["total_us"] == pytest.approx(sum(per.values()))
     assert cpu["needed_cpus"] == pytest.approx(cpu["total_us"] * row["offered_rate"] / 1e6)
-    assert 0 <= cpu["machine_busy_cpus"] <= cpu["cpus"] + 1e-6
+    wait = cpu["cpu_wait_share"]
+    assert wait is None or 0 <= wait <= 1

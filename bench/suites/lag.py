@@ -17,7 +17,7 @@ from typing import Any
 
 from bench.harness import LEVELS, PRINCIPAL, Backend, Bench, make_values
 from bench.openloop import Send, run_open_loop, schedule, senders_for
-from bench.servers import WorkerProcess, machine_cpu_seconds
+from bench.servers import WorkerProcess, cpu_pressure_us
 from bench.stats import Target, summarize, us
 from dualmem import DualMemory
 
@@ -43,18 +43,22 @@ METHOD = (
     " count, longest and total pause, and how many counted writes were in flight during one."
     " CPU: each process's user + system time during a rate, per write sent (the senders and"
     " the observer count their own; the worker process and redis-server are read from"
-    " `/proc`), and how many of the machine's CPUs were busy over the same window."
+    " `/proc`), and the share of the same window in which some runnable task waited for a"
+    " CPU (the kernel's pressure stall information): how saturated the machine was."
 )
 
 
 class CpuUse:
-    """CPU time per write of every process taking part in one rate, and the machine's load.
+    """CPU time per write of every process taking part in one rate, and how saturated the
+    machine was.
 
     ``probes`` read a process's CPU seconds so far (``/proc`` for the worker process and
     redis-server, ``time.process_time`` for this process); they are read when the block
     starts and ends. Processes that measure themselves (sender processes, the observer)
     hand their seconds to :meth:`report`. The window runs from just before the first
     intended send until every write was visible, so per-write figures leave out start-up.
+    ``cpu_wait_share``: the part of the window in which some runnable task waited for a
+    CPU (``None`` where the kernel has no pressure stall information).
 
     >>> with CpuUse({"this process": time.process_time}) as cpu:
     ...     _ = sum(range(100_000))
@@ -69,31 +73,31 @@ class CpuUse:
         self._probes = dict(probes)
         self._start: dict[str, float | None] = {}
         self.used: dict[str, float] = {}
-        self._machine: tuple[float, float] | None = None
-        self.machine_busy_cpus: float | None = None
+        self._pressure: int | None = None
+        self._t0 = 0
+        self.cpu_wait_share: float | None = None
 
     def __enter__(self) -> CpuUse:
         self._start = {name: probe() for name, probe in self._probes.items()}
-        self._machine = machine_cpu_seconds()
+        self._pressure = cpu_pressure_us()
+        self._t0 = time.monotonic_ns()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        wall_us = (time.monotonic_ns() - self._t0) / 1000
         for name, probe in self._probes.items():
             before, after = self._start[name], probe()
             if before is not None and after is not None:
                 self.used[name] = after - before
-        after_m = machine_cpu_seconds()
-        if self._machine is not None and after_m is not None:
-            busy, total = after_m[0] - self._machine[0], after_m[1] - self._machine[1]
-            # total counts every CPU: busy / total is the busy fraction of all of them.
-            cpus = os.cpu_count() or 1
-            self.machine_busy_cpus = busy / total * cpus if total > 0 else None
+        after_p = cpu_pressure_us()
+        if self._pressure is not None and after_p is not None and wall_us > 0:
+            self.cpu_wait_share = min(1.0, (after_p - self._pressure) / wall_us)
 
     def report(
         self, writes: int, offered_rate: int, reported: Mapping[str, float]
     ) -> dict[str, Any]:
         """Per-write microseconds of each process (probed ones first, then ``reported``),
-        their total, the CPUs that total needs at ``offered_rate``, and the machine's load."""
+        their total, the CPUs that total needs at ``offered_rate``, and the CPU wait share."""
         seconds = {**self.used, **reported}
         per_write = {name: sec / max(writes, 1) * 1e6 for name, sec in seconds.items()}
         total = sum(per_write.values())
@@ -101,8 +105,8 @@ class CpuUse:
             "per_write_us": per_write,
             "total_us": total,
             "needed_cpus": total * offered_rate / 1e6,
-            "machine_busy_cpus": self.machine_busy_cpus,
             "cpus": os.cpu_count(),
+            "cpu_wait_share": self.cpu_wait_share,
         }
 
 
