@@ -40,16 +40,34 @@ CHILD = textwrap.dedent(
 
 
 def _line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+    """The child's next line, or b"" after ``timeout`` seconds without one.
+
+    ``proc.stdout`` must be unbuffered (``bufsize=0``): a buffered reader may pull the
+    next line into its buffer along with this one, and select() on the pipe would then
+    wait for data that already arrived (a "child not ready" failure seen under load).
+    """
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    return proc.stdout.readline() if ready else b""
+    line = b""
+    deadline = time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([proc.stdout], [], [], max(left, 0))
+        if not ready:
+            return b""
+        byte = proc.stdout.read(1)
+        if not byte:  # the child closed its end
+            return line
+        line += byte
+    return line
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_a_signal_during_event_wait_always_stops_the_loop() -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD], stdout=subprocess.PIPE, env=env, bufsize=0
+    )
     rng = random.Random(7)
     try:
         for n in range(ROUNDS):
