@@ -476,7 +476,15 @@ def plan_projection(cmd: Command, sid: int, audit_id: int | None = None) -> list
     parsed = parse_key(cmd.key)
     if parsed is None or cmd.level not in _PLAINTEXT_LEVELS:
         return []
-    return _plan_record(cmd, sid, *parsed)
+    try:
+        return _plan_record(cmd, sid, *parsed)
+    except MalformedCommand:
+        raise
+    except (ValueError, TypeError) as exc:
+        # A value that parsed but cannot be stored (NaN in a JSON field, which the JSON
+        # reader accepts and the columns refuse): this entry fails alone, instead of the
+        # whole batch raising and its shard stalling behind it.
+        raise MalformedCommand(f"{cmd.key}: not a valid {parsed[0]} record: {exc}") from exc
 
 
 def _plan_record(

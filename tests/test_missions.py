@@ -307,6 +307,27 @@ def test_a_child_before_its_mission_keeps_the_foreign_key(store: SQLiteStore) ->
     assert m is not None and m.status == "in_progress"
 
 
+def test_a_record_the_columns_refuse_fails_alone_and_the_batch_commits(
+    store: SQLiteStore,
+) -> None:
+    # NaN: the JSON reader accepts it, the projection's columns (strict JSON) do not. It
+    # used to raise out of apply, so the worker retried that batch forever and its shard
+    # stalled; now the entry fails alone (then is retried and dead-lettered, like any
+    # poison entry) and the rest of the batch commits.
+    bad = put_entry(
+        10, child_key("tool_call", "m", "c1"), {**call_value("m", "c1", 10), "args": "NAN!"}
+    )
+    env = bad.fields[b"e"]
+    assert env.count(b'"NAN!"') == 1  # levels 3 and 4 are plain JSON in the envelope
+    bad.fields[b"e"] = env.replace(b'"NAN!"', b"NaN")
+    good = put_entry(11, child_key("tool_call", "m", "c2"), call_value("m", "c2", 11))
+    result = store.apply([bad, good])
+    assert [e.stream_id for e, _ in result.failed] == ["10-0"]
+    assert "not a valid tool_call record" in result.failed[0][1]
+    assert result.applied == 1 and [e.stream_id for e in result.done] == ["11-0"]
+    assert [c.call_id for c in store.tool_calls("project:shop", "m")] == ["c2"]
+
+
 def test_projection_is_idempotent_and_never_goes_back(store: SQLiteStore) -> None:
     newer = put_entry(20, mission_key("m"), mission_value("m", "completed", 20))
     older = put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))
