@@ -167,7 +167,12 @@ class DualMemory:
         self._worker: Worker | None = None
         self._worker_thread: threading.Thread | None = None
         self._worker_stop = threading.Event()
-        self._worker_left = 0
+        #: What the worker thread's drain left: None until it returns, -1 when unknown.
+        self._worker_left: int | None = None
+        # Commands between the open check and their XADD: close() waits for them before
+        # the drain, so a put that returned a receipt is never left behind a drained close.
+        self._gate = threading.Condition()
+        self._in_flight = 0
         if settings.worker:
             self._start_worker()
 
@@ -186,9 +191,13 @@ class DualMemory:
 
         def run() -> None:
             assert self._worker is not None
-            self._worker_left = self._worker.run(
-                self._worker_stop, drain_timeout=self._drain_timeout
-            )
+            left = -1
+            try:
+                left = self._worker.run(self._worker_stop, drain_timeout=self._drain_timeout)
+            except Exception:  # close() must not read a crash as "drained"
+                log.exception("the dualmem worker thread failed")
+            finally:
+                self._worker_left = left
 
         self._drain_timeout = self.settings.close_timeout
         self._worker_thread = threading.Thread(target=run, name="dualmem-worker", daemon=True)
@@ -205,24 +214,52 @@ class DualMemory:
         The report says how many commands are still pending in Redis; a later worker on
         the same Redis persists them (on ``memory://`` they live only in this process).
         """
-        if self._closed:
-            return CloseReport(0, True)
-        self._closed = True
+        drain_timeout = self.settings.close_timeout if timeout is None else timeout
+        with self._gate:
+            if self._closed:
+                return CloseReport(0, True)
+            self._closed = True
+            # Commands already past the open check finish their round trip first, so the
+            # drain below sees them (each is bounded by the client's socket timeouts).
+            if not self._gate.wait_for(lambda: self._in_flight == 0, drain_timeout + 5):
+                log.warning("close: %d writes still in flight", self._in_flight)
         pending = 0
+        worker_alive = False
         if self._worker_thread is not None and self._worker is not None:
-            self._drain_timeout = self.settings.close_timeout if timeout is None else timeout
+            self._drain_timeout = drain_timeout
             self._worker_stop.set()
-            self._worker_thread.join(self._drain_timeout + self.settings.block_ms / 1000 + 5)
-            pending = self._worker_left
-            try:
-                self._worker.snapshot_metrics()
-            except DualMemError as exc:  # pragma: no cover - best effort at shutdown
-                log.warning("could not snapshot metrics at close: %s", exc)
+            self._worker_thread.join(drain_timeout + self.settings.block_ms / 1000 + 5)
+            worker_alive = self._worker_thread.is_alive()
+            left = self._worker_left
+            if worker_alive or left is None or left < 0:
+                # The drain did not say (it failed, or is still retrying): ask Redis.
+                pending = self._pending_or_unknown()
+            else:
+                pending = left
+            if not worker_alive:
+                try:
+                    self._worker.snapshot_metrics()
+                except DualMemError as exc:  # pragma: no cover - best effort at shutdown
+                    log.warning("could not snapshot metrics at close: %s", exc)
             if pending:
                 log.warning("dualmem closed with %d commands not yet persisted", pending)
-        self.store.close()
+        if worker_alive:
+            # Still inside a commit or a Redis call: closing its store under it could
+            # corrupt nothing (SQLite rolls back) but would turn its retry into a crash.
+            log.error("dualmem worker thread did not stop; its store is left open")
+        else:
+            self.store.close()
         self._redis.close()
-        return CloseReport(pending=max(pending, 0), drained=pending == 0)
+        return CloseReport(pending=pending, drained=pending == 0)
+
+    def _pending_or_unknown(self) -> int:
+        """Commands Redis still holds unpersisted (acks follow commits, so 0 means all
+        committed); 1 when Redis cannot say (unknown is not drained)."""
+        try:
+            return sum(self.backlog().values())
+        except DualMemError as exc:
+            log.warning("close: could not read the backlog: %s", exc)
+            return 1
 
     def __enter__(self) -> DualMemory:
         return self
@@ -412,6 +449,26 @@ class DualMemory:
         return Receipt(shard, sid, sc, key, "del")
 
     def _send(
+        self,
+        shard: int,
+        fields: dict[bytes, bytes | str | int],
+        cache_key: bytes,
+        envelope: bytes | None,
+        px: int | None,
+    ) -> str:
+        with self._gate:
+            if self._closed:
+                raise DualMemError("this DualMemory is closed")
+            self._in_flight += 1
+        try:
+            return self._send_open(shard, fields, cache_key, envelope, px)
+        finally:
+            with self._gate:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._gate.notify_all()
+
+    def _send_open(
         self,
         shard: int,
         fields: dict[bytes, bytes | str | int],

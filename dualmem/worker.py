@@ -112,6 +112,9 @@ class Worker:
         self._next_purge = now + settings.purge_interval
         self._next_metrics = now + settings.metrics_interval
         self._stopping = threading.Event()
+        # Set while drain() runs: a commit that keeps failing (the database locked by
+        # another connection) is retried until then, not forever.
+        self._deadline: float | None = None
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -193,6 +196,13 @@ class Worker:
         Returns the number of commands still pending or undelivered (0: fully drained).
         """
         deadline = time.monotonic() + timeout
+        self._deadline = deadline
+        try:
+            return self._drain_until(deadline)
+        finally:
+            self._deadline = None
+
+    def _drain_until(self, deadline: float) -> int:
         while True:
             n = self.step(block=False)
             if n == 0:
@@ -347,7 +357,12 @@ class Worker:
                 # The database is locked, full or gone: nothing was committed. Retry the
                 # same batch (no redelivery, so delivery counts stay honest) until stopped.
                 log.warning("worker %s: commit failed: %s; retrying", self.consumer, exc)
-                if self._stopping.wait(backoff):
+                wait = backoff
+                if self._deadline is not None:
+                    wait = min(wait, max(0.0, self._deadline - time.monotonic()))
+                if self._stopping.wait(wait) or (
+                    self._deadline is not None and time.monotonic() >= self._deadline
+                ):
                     self._retry_own = True
                     return None
                 backoff = min(_MAX_BACKOFF, backoff * 2)

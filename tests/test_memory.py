@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -592,6 +593,59 @@ def test_close_drains_and_reports(make_mem: MakeMem, coder: Principal) -> None:
         assert check.store.status(r.shard, r.stream_id) == "committed"
     with pytest.raises(Exception, match="closed"):
         mem.put("k", 1, level=Level.SWARM, principal=coder)
+
+
+def test_close_with_the_database_locked_gives_up_at_its_timeout_and_says_so(
+    make_mem: MakeMem, coder: Principal, db_path: Path
+) -> None:
+    mem = make_mem(busy_timeout_ms=50)
+    mem.sync(mem.put("warm", 0, level=Level.SWARM, principal=coder))
+    locker = sqlite3.connect(db_path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # a backup, a shell or a migration holds the write lock
+    try:
+        receipts = [mem.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(5)]
+        t0 = time.monotonic()
+        report = mem.close(timeout=1)
+        elapsed = time.monotonic() - t0
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    # It used to retry the commit past its timeout, then report drained=True with the
+    # five commands still in Redis (a hang bound here, not a speed target).
+    assert not report.drained and report.pending == 5
+    assert elapsed < 30
+    # Nothing is lost: they wait in Redis for the next worker.
+    check = make_mem(claim_idle_ms=100)
+    for r in receipts:
+        check.sync(r, timeout=30)
+
+
+def test_a_put_in_flight_when_close_starts_is_drained_with_the_rest(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mem = make_mem()
+    real = memory_module.transact
+    sending = threading.Event()
+
+    def slow_network(client: Any, commands: Any) -> Any:
+        sending.set()
+        time.sleep(0.3)  # the XADD lands after close() has begun
+        return real(client, commands)
+
+    monkeypatch.setattr(memory_module, "transact", slow_network)
+    got: list[Receipt] = []
+    writer = threading.Thread(
+        target=lambda: got.append(mem.put("late", 1, level=Level.SWARM, principal=coder))
+    )
+    writer.start()
+    assert sending.wait(10)
+    report = mem.close()
+    writer.join(10)
+    # close() waits for writes already past its open check, then drains them too: a put
+    # that returned a receipt is never left behind a close that says it drained.
+    assert report.drained and len(got) == 1
+    check = make_mem(worker=False)
+    assert check.store.status(got[0].shard, got[0].stream_id) == "committed"
 
 
 def test_close_without_worker_reports_pending(make_mem: MakeMem, coder: Principal) -> None:
