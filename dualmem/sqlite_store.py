@@ -426,8 +426,13 @@ class SQLiteStore(Store):
     def purge(self, now_ms: int, tombstones_before_ms: int, limit: int = 10_000) -> int:
         """See :meth:`Store.purge`."""
         with self._write() as conn:
+            # An expired row becomes a tombstone (dated at its expiry), not a gap: with no
+            # row left, the upsert's sid guard would let an older command delivered late
+            # (a dead consumer's claim, a dead-letter replay) bring back an older value.
             expired = conn.execute(
-                """DELETE FROM memory WHERE (scope, key) IN (
+                """UPDATE memory SET envelope = NULL, updated_at = expires_at,
+                       expires_at = NULL
+                   WHERE (scope, key) IN (
                        SELECT scope, key FROM memory WHERE expires_at <= ? LIMIT ?)""",
                 (now_ms, limit),
             ).rowcount

@@ -113,7 +113,7 @@ def test_backup_refuses_bad_destinations_and_a_damaged_source(
 # -- purge --------------------------------------------------------------------------------
 
 
-def test_purge_deletes_expired_rows_and_shrinks_the_file(
+def test_purge_drops_expired_values_and_shrinks_the_file(
     make_mem: Callable[..., DualMemory],
     args: list[str],
     db_path: Path,
@@ -131,8 +131,13 @@ def test_purge_deletes_expired_rows_and_shrinks_the_file(
     before = db_path.stat().st_size
     code, out, _ = run_cli(capsys, "purge", *args)
     assert code == 0, out
-    assert "purged 100 expired row(s)" in out and "auto_vacuum INCREMENTAL" in out
-    assert count(db_path, "memory") == 1
+    assert "purged 100 expired value(s)" in out and "auto_vacuum INCREMENTAL" in out
+    # The expired keys stay as tombstones (no value) until the tombstone TTL.
+    with sqlite3.connect(db_path) as conn:
+        live, tombs = conn.execute(
+            "SELECT COUNT(envelope), COUNT(*) - COUNT(envelope) FROM memory"
+        ).fetchone()
+    assert (live, tombs) == (1, 100)
     assert db_path.stat().st_size < before / 2
     assert mem.get("kept", level=Level.SWARM, principal=CODER) == 1
 

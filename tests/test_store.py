@@ -102,6 +102,20 @@ def test_expired_rows_are_invisible_then_purged(store: SQLiteStore) -> None:
     assert store.purge(now_ms=1_000, tombstones_before_ms=0) == 1
 
 
+def test_an_expired_row_stays_a_tombstone_so_a_late_older_put_cannot_revive_it(
+    store: SQLiteStore,
+) -> None:
+    store.apply([put(5, value=b"new", expires_at=1_000)])
+    assert store.purge(now_ms=1_000, tombstones_before_ms=0) == 1
+    # An older put delivered late (a dead consumer's claim, a dead-letter replay): purge
+    # used to delete the expired row, and then nothing stopped this one.
+    store.apply([put(3, value=b"old")])
+    assert value_of(store, now=1_001) is None
+    # The tombstone goes after its own TTL, counted from the expiry.
+    assert store.purge(now_ms=5_000, tombstones_before_ms=1_000) == 0
+    assert store.purge(now_ms=5_000, tombstones_before_ms=1_001) == 1
+
+
 def test_tombstones_are_purged_after_their_ttl(store: SQLiteStore) -> None:
     store.apply([put(1), delete(2)])
     assert store.purge(now_ms=10, tombstones_before_ms=2) == 0

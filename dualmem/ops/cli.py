@@ -445,7 +445,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    """Delete expired rows and old tombstones, then return free pages to the file system."""
+    """Drop expired values (their rows stay as tombstones) and delete old tombstones, then
+    return free pages to the file system."""
     from dualmem.ops.maintenance import purge_database
 
     settings = _settings(args)
@@ -461,7 +462,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
             progress=progress,
         )
     console.print(
-        f"purged {r.rows} expired row(s) and tombstone(s); freed {r.freed_pages} page(s) "
+        f"purged {r.rows} expired value(s) and old tombstone(s); freed {r.freed_pages} page(s) "
         f"({r.freed_pages * r.page_size / 1e6:.2f} MB); file {r.bytes_before / 1e6:.2f} MB -> "
         f"{r.bytes_after / 1e6:.2f} MB; auto_vacuum {r.auto_vacuum}"
         + (" (converted by VACUUM)" if r.vacuumed else ""),
@@ -679,7 +680,7 @@ def _register_maintenance(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_backup)
 
-    p = sub.add_parser("purge", help="delete expired rows, then give free pages back")
+    p = sub.add_parser("purge", help="drop expired values and old tombstones, give free pages back")
     add_common_arguments(p)
     _keyring_option(p)
     p.add_argument("--tombstone-ttl", type=int, help="seconds tombstones are kept")

@@ -115,7 +115,10 @@ def purge_database(
     full_vacuum: bool = False,
     progress: ProgressFn = NO_PROGRESS,
 ) -> PurgeResult:
-    """Delete expired rows and old tombstones, then hand free pages back to the file system.
+    """Drop expired values and old tombstones, then hand free pages back to the file system.
+
+    An expired row keeps its key as a tombstone until ``tombstones_before_ms`` passes its
+    expiry, like a delete's, so a late older command cannot bring the value back.
 
     The rows go through ``Store.purge``, the very transaction the worker runs on its own
     schedule; it deletes only rows that reads already treat as absent, and takes the write
