@@ -143,6 +143,9 @@ class Subscriber:
         self._backoff = 0.0
         self._closing = threading.Event()
         self._poll_lock = threading.Lock()
+        # The thread inside poll(): a close() from that same thread (a signal handler
+        # running between two of poll's bytecodes) must not wait for poll's lock.
+        self._poll_owner: int | None = None
         self._closed = False
         # Subscribe before the first journal read: whatever commits after that read is
         # published after we listen. Fail early if Redis is unreachable at start.
@@ -286,8 +289,10 @@ class Subscriber:
     def _on_notification(self, data: Any) -> None:
         try:
             notes = Notification.parse_message(data)
-        except (ValueError, KeyError, TypeError):
-            return  # not ours or garbage: it cannot deliver anything, so ignore it
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+            # Not ours, or garbage (anyone who may PUBLISH can send it; an infinite seq
+            # or deep nesting breaks the JSON reader): it cannot deliver anything.
+            return
         for note in notes:
             if note.seq <= self._scanned:
                 continue  # already read from the journal (the catch-up overlap, or a repeat)
@@ -350,35 +355,42 @@ class Subscriber:
         if timeout is not None and not timeout >= 0:
             raise ValidationError(f"timeout must be >= 0 or None, got {timeout!r}")
         with self._poll_lock:
-            if self._closed:
-                return None
-            self._consume_in_flight(save=True)
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not self._closing.is_set():
-                if self._buffer:
-                    change = self._buffer.popleft()
-                    self._delivered = change.seq
-                    self._in_flight = True
-                    return change
-                now = time.monotonic()
-                if self._needs_scan or now >= self._next_recheck:
-                    self._scan()
-                    if self._buffer:
-                        continue
-                if self._pubsub is None and now >= self._next_connect:
-                    try:
-                        self._connect()
-                    except StoreUnavailable as exc:
-                        self._drop_pubsub(exc)
-                    continue
-                remaining = None if deadline is None else deadline - now
-                if remaining is not None and remaining <= 0:
-                    return None
-                wait = min(_SLICE, max(0.0, self._next_recheck - now))
-                if remaining is not None:
-                    wait = min(wait, remaining)
-                self._wait(wait)
+            self._poll_owner = threading.get_ident()
+            try:
+                return self._poll_locked(timeout)
+            finally:
+                self._poll_owner = None
+
+    def _poll_locked(self, timeout: float | None) -> Change | None:
+        if self._closed:
             return None
+        self._consume_in_flight(save=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._closing.is_set():
+            if self._buffer:
+                change = self._buffer.popleft()
+                self._delivered = change.seq
+                self._in_flight = True
+                return change
+            now = time.monotonic()
+            if self._needs_scan or now >= self._next_recheck:
+                self._scan()
+                if self._buffer:
+                    continue
+            if self._pubsub is None and now >= self._next_connect:
+                try:
+                    self._connect()
+                except StoreUnavailable as exc:
+                    self._drop_pubsub(exc)
+                continue
+            remaining = None if deadline is None else deadline - now
+            if remaining is not None and remaining <= 0:
+                return None
+            wait = min(_SLICE, max(0.0, self._next_recheck - now))
+            if remaining is not None:
+                wait = min(wait, remaining)
+            self._wait(wait)
+        return None
 
     def __iter__(self) -> Subscriber:
         return self
@@ -398,6 +410,11 @@ class Subscriber:
         the position is saved; ``commit=False`` leaves it to be delivered again.
         """
         self._closing.set()
+        if self._poll_owner == threading.get_ident():
+            # Called from inside this thread's own poll() (a signal handler): waiting for
+            # poll's lock would never end. poll() returns None at its next check, so
+            # iteration ends; the ``with`` block's exit or a later close() finishes.
+            return
         with self._poll_lock:
             if self._closed:
                 return

@@ -98,6 +98,11 @@ def test_never_delivers_what_the_principal_may_not_read(
     forged = Notification(10_000, "agent:coder-1", "coder/PRIVATE", 1, "put")
     raw_redis.publish(mem.layout.channel("project:shop"), forged.to_json())
     raw_redis.publish(mem.layout.channel("agent:coder-2"), b"\xff not json")
+    # JSON that parses but breaks the reader: an infinite seq (OverflowError), nesting
+    # deeper than the recursion limit (RecursionError). Each used to end the feed.
+    inf = b'{"seq":1e999,"scope":"agent:coder-2","key":"mine","level":1,"op":"put"}'
+    raw_redis.publish(mem.layout.channel("agent:coder-2"), inf)
+    raw_redis.publish(mem.layout.channel("agent:coder-2"), b"[" * 100_000)
     mem.put("mine", 3, level=Level.PRIVATE, principal=other)
     got = consume_until(sub, "mine")
     sub.close()
@@ -345,6 +350,43 @@ def test_close_from_another_thread_ends_iteration(make_mem: MakeMem, coder: Prin
     assert sub.poll(timeout=0) is None  # closed stays closed
     # The change was consumed (the loop asked for the next one): a restart skips it.
     assert Subscriber.saved_position(mem, coder, "loop") == feed(mem, coder)[-1]
+
+
+_SIGNAL_CHILD = """
+import signal, sys
+from acl import Principal
+from dualmem import DualMemory, Subscriber
+
+mem = DualMemory(redis_url=sys.argv[1], db_path=sys.argv[2], keyring=sys.argv[3])
+p = Principal(agent_id="coder-1", team="backend", swarm="s", project="shop")
+with Subscriber(mem, p, since="loop") as sub:
+    # The handler runs in the main thread, inside the poll() the loop is waiting in.
+    signal.signal(signal.SIGALRM, lambda *_: sub.close())
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    for change in sub:
+        pass
+print("ended", flush=True)
+mem.close()
+"""
+
+
+def test_close_from_a_signal_handler_ends_iteration(
+    redis_url: str, db_path: Path, keyfile: Path
+) -> None:
+    # It used to wait forever for poll()'s lock, which its own thread held.
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    args = [redis_url, str(db_path), str(keyfile)]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _SIGNAL_CHILD, *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("close() from a signal handler hung the subscriber")
+    assert done.returncode == 0 and done.stdout.strip() == "ended", done.stderr
 
 
 @pytest.mark.parametrize("since", [-1, True, 1.5, "", None])
