@@ -193,6 +193,43 @@ def test_scores_outside_the_unit_interval_are_rejected_and_nothing_is_stored(
     assert [c.key for c in after] == ["sentinel"]
 
 
+def test_sync_waits_for_every_write_even_when_workers_commit_out_of_order(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    writer = make_mem(worker=False)
+    life = AgentLifecycle(writer, coder)
+    life.register_spawn("coder-1", "Coder", "coder", [], Level.PRIVATE)  # event, then state
+    # A worker takes the first command and dies before committing it; another worker
+    # commits the rest at once and the first only when it claims it (claim_idle_ms).
+    stream = writer.layout.stream(0)
+    taken = raw_redis.xreadgroup(writer.settings.group, "dead-worker", {stream: ">"}, count=1)
+    assert len(taken[0][1]) == 1  # type: ignore[index]
+    make_mem(claim_idle_ms=500)
+    # sync() used to wait for the newest receipt per shard only, and returned with the
+    # spawn event still unpersisted.
+    life.sync(timeout=30)
+    assert [e.event for e in life.history("coder-1")] == ["spawn"]
+
+
+def test_the_receipt_log_drops_committed_receipts_and_keeps_the_rest(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    from dualmem.coordination._validation import ReceiptLog
+
+    mem = make_mem(worker=False)
+    log = ReceiptLog(mem)
+    log._prune_at = 3
+    worker = make_mem()
+    done = [mem.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(2)]
+    for r in done:
+        mem.sync(r)
+        log.add(r)
+    worker.close()  # no worker from here on: the next put stays uncommitted
+    pending = mem.put("later", 1, level=Level.SWARM, principal=coder)
+    log.add(pending)  # the third: prunes the two committed ones, keeps this one
+    assert log._outstanding == [pending]
+
+
 def test_gate_thresholds_are_configurable(make_mem: MakeMem, coder: Principal) -> None:
     mem = make_mem()
     default = LoopMemory(mem, swarm=SWARM, project="shop")

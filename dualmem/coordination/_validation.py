@@ -125,27 +125,47 @@ def clock_us() -> int:
 
 
 class ReceiptLog:
-    """The newest receipt per shard of what one helper wrote, so ``sync`` can wait for all.
+    """The receipts of what one helper wrote and may not be committed yet, so ``sync`` can
+    wait for all of them.
 
-    Within a shard the worker commits in stream order, so waiting for the newest receipt
-    of each shard covers the older ones.
+    Every receipt is kept, not just the newest per shard: a shard's commands are not
+    committed in stream order when several workers share it, or when a dead worker's
+    entries wait to be claimed. Committed receipts are dropped by ``sync`` and, past
+    ``_PRUNE_AT`` outstanding ones, by ``add``, so a writer that never syncs stays bounded
+    by what is actually uncommitted.
     """
+
+    _PRUNE_AT = 4096
 
     def __init__(self, mem: DualMemory) -> None:
         self._mem = mem
         self._lock = threading.Lock()
-        self._newest: dict[int, Receipt] = {}
+        self._outstanding: list[Receipt] = []
+        self._prune_at = self._PRUNE_AT
 
     def add(self, receipt: Receipt) -> Receipt:
         """Remember ``receipt`` and return it."""
         with self._lock:
-            self._newest[receipt.shard] = receipt
+            self._outstanding.append(receipt)
+            if len(self._outstanding) >= self._prune_at:
+                store = self._mem.store
+                self._outstanding = [
+                    r
+                    for r in self._outstanding
+                    if store.status(r.shard, r.stream_id) != "committed"
+                ]
+                # Still many uncommitted (no worker running): check again after as many more.
+                self._prune_at = max(self._PRUNE_AT, 2 * len(self._outstanding))
         return receipt
 
     def sync(self, timeout: float) -> None:
-        """Wait until everything written so far is committed (``NotPersisted`` on timeout)."""
+        """Wait until everything written so far is committed (``NotPersisted`` on timeout,
+        or at once for a dead-lettered command)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            receipts = list(self._newest.values())
+            receipts = list(self._outstanding)
         for r in receipts:
             self._mem.sync(r, timeout=max(0.0, deadline - time.monotonic()))
+        done = set(receipts)
+        with self._lock:
+            self._outstanding = [r for r in self._outstanding if r not in done]
