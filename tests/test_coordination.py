@@ -3,6 +3,7 @@ test on fakeredis AND a real redis-server."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import secrets
@@ -485,6 +486,29 @@ def test_a_forged_altered_or_replayed_ack_is_rejected_and_audited_high(
     three.acknowledge_signal(signal)
     three.sync()  # committed, so a short wait sees it; the other two stay missing
     assert boss.wait_for_acks(signal, timeout=0.2).acked == ("coder-1", "coder-3")
+
+
+def test_a_copy_of_an_ack_in_the_cache_does_not_stop_the_target_from_acking(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    from dualmem.coordination.signals import Ack
+
+    writer = make_mem(worker=False)  # nothing is committed until the worker below starts
+    boss = BlockingCoordinator(writer, BOSS, secret)
+    signal = boss.send_signal(["coder-1"], "pause")
+    # A swarm member holding the secret plants a MAC-valid ACK "by coder-1" before coder-1
+    # acks. The cache does not say who wrote it; acknowledge_signal used to return it as
+    # coder-1's own pending ACK and write nothing, so the coordinator (which checks the
+    # writer) never saw coder-1's ACK.
+    rogue = BlockingCoordinator(writer, ROGUE, secret)
+    draft = Ack(signal.id, "coder-1", signal.digest, 1, rogue._signer.kid, "")
+    copy = dataclasses.replace(draft, mac=rogue._mac(draft.signed_part()))
+    writer.put(f"coord/acks/{signal.id}/coder-1", copy.to_value(), level=3, principal=ROGUE)
+    own = BlockingCoordinator(writer, coder, secret).acknowledge_signal(signal)
+    assert own != copy and own.acked_at > 1
+    make_mem()  # a worker commits both; coder-1's own ACK is the newer write
+    result = boss.wait_for_acks(signal, timeout=10)
+    assert result.acked == ("coder-1",) and not result.rejected
 
 
 def test_a_forged_signal_is_refused_by_its_target(

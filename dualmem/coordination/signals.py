@@ -254,6 +254,8 @@ class BlockingCoordinator:
         self._verifiers = {k.kid: k for k in (self._signer, *map(_derive, previous_secrets))}
         self._receipts = ReceiptLog(mem)
         self._rejected_seen: set[tuple[str, str]] = set()
+        # ACKs this object wrote that may not be committed yet (dropped once they are).
+        self._pending_acks: dict[str, Ack] = {}
 
     # -- signing -------------------------------------------------------------------------
 
@@ -436,15 +438,17 @@ class BlockingCoordinator:
         record = self.mem.get_record(key, level=self.level, principal=self.principal)
         committed = None if record is None else self._valid_ack_value(signal, record.value)
         if committed is not None and record is not None and record.owner == self.id:
+            self._pending_acks.pop(signal.id, None)
             return committed
-        # Not committed yet (read-your-writes through the Redis cache), or the committed
-        # record is someone else's copy: only a cache entry that differs from that copy
-        # can be our own pending ACK.
-        value = self.mem.get(key, level=self.level, principal=self.principal, fresh=True)
-        cached = None if value is None else self._valid_ack_value(signal, value)
-        if cached is None or (record is not None and cached == committed):
+        # Not committed yet, or the committed record is someone else's copy. Only an ACK
+        # this object wrote counts as pending: the Redis cache says nothing about who
+        # wrote an entry, and any participant holding the secret can put a valid-looking
+        # copy there, which would make us return without writing our own. Ours was
+        # overwritten if the committed copy equals it.
+        pending = self._pending_acks.get(signal.id)
+        if pending is None or (record is not None and pending == committed):
             return None
-        return cached
+        return pending
 
     def acknowledge_signal(self, signal: Signal | str) -> Ack:
         """ACK ``signal`` as this participant: an HMAC-SHA256-signed record, audited (low).
@@ -481,6 +485,7 @@ class BlockingCoordinator:
         )
         key = self._ack_key(signal.id, self.id)
         self._put(key, ack.to_value())
+        self._pending_acks[signal.id] = ack
         self._audit("signal_ack", "low", key, signal=signal.id, type=signal.type)
         return ack
 
