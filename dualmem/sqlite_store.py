@@ -551,6 +551,11 @@ class SQLiteStore(Store):
         rows = self._read("SELECT COALESCE(MAX(seq), 0) FROM journal")
         return int(rows[0][0])
 
+    def journal_hash(self, seq: int) -> bytes | None:
+        """See :meth:`Store.journal_hash`."""
+        rows = self._read("SELECT hash FROM journal WHERE seq = ?", (seq,))
+        return bytes(rows[0][0]) if rows else None
+
     def max_sid(self, shard: int) -> int:
         """See :meth:`Store.max_sid`. A scan of the journal: the worker asks only when it
         had to create a consumer group (a new stream, or Redis lost its data)."""

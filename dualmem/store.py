@@ -242,6 +242,11 @@ class Store(ABC):
         """The highest journal ``seq`` (0 when empty)."""
 
     @abstractmethod
+    def journal_hash(self, seq: int) -> bytes | None:
+        """The chain hash of journal row ``seq`` (``None`` when there is none): what
+        identifies that change, so a position saved against another history is noticed."""
+
+    @abstractmethod
     def max_sid(self, shard: int) -> int:
         """The highest ordering id (``sid``) committed to the journal from ``shard``'s
         stream, 0 when none: the floor new stream ids must stay above."""

@@ -157,8 +157,21 @@ class Subscriber:
             if not since.strip():
                 raise ValidationError("a subscriber name must not be empty")
             key = check_key(POSITION_PREFIX + since)
-            saved = self.saved_position(self._mem, self.principal, since) or 0
+            saved_value = _saved_value(self._mem, self.principal, since)
+            saved = _seq_of(since, saved_value) or 0
             last = self._mem.store.last_seq()
+            if saved and saved <= last and not self._same_history(saved, saved_value):
+                # The journal reached the saved seq again with other changes: the database
+                # was restored or rolled back and has grown since. Resuming there would
+                # skip the new history's changes up to it.
+                log.warning(
+                    "subscriber %s: the change at saved position %d is not the one that was "
+                    "consumed (the database was replaced or restored); starting over from "
+                    "its beginning",
+                    since,
+                    saved,
+                )
+                saved = 0
             if saved > last:
                 # Only delivered (so committed) changes are ever saved: a position past the
                 # journal's end means the database was replaced or restored from a backup,
@@ -187,17 +200,16 @@ class Subscriber:
 
         Read from the Redis cache entry when there is one (newest), else from SQLite.
         """
-        key = check_key(POSITION_PREFIX + name)
-        try:
-            value = mem.get(key, level=Level.PRIVATE, principal=principal, fresh=True)
-        except StoreUnavailable:
-            value = mem.get(key, level=Level.PRIVATE, principal=principal)
-        if value is None:
-            return None
-        seq = value.get("seq") if isinstance(value, dict) else None
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
-            raise ValidationError(f"saved position {name!r} is not a journal seq: {value!r}")
-        return seq
+        return _seq_of(name, _saved_value(mem, principal, name))
+
+    def _same_history(self, seq: int, value: Any) -> bool:
+        """Whether journal row ``seq`` is the change the saved position consumed (its
+        chain hash matches); positions saved before hashes were recorded pass."""
+        recorded = value.get("hash") if isinstance(value, dict) else None
+        if not isinstance(recorded, str):
+            return True
+        now = self._mem.store.journal_hash(seq)
+        return now is not None and now.hex() == recorded
 
     @property
     def position(self) -> int:
@@ -234,9 +246,13 @@ class Subscriber:
     def _save(self) -> None:
         if self.name is None or self._position <= self._saved:
             return
+        value: dict[str, Any] = {"seq": self._position, "saved_at_us": time.time_ns() // 1000}
+        chain = self._mem.store.journal_hash(self._position) if self._position else None
+        if chain is not None:
+            value["hash"] = chain.hex()  # which change this was, see _same_history
         self._mem.put(
             self._position_key,
-            {"seq": self._position, "saved_at_us": time.time_ns() // 1000},
+            value,
             level=Level.PRIVATE,
             principal=self.principal,
         )
@@ -448,6 +464,25 @@ class Subscriber:
             f"Subscriber({self.principal.agent_id}, {where}, position={self._position}, "
             f"scopes={list(self.scopes)})"
         )
+
+
+def _saved_value(mem: DualMemory, principal: Principal, name: str) -> Any:
+    """The saved position record of ``name``: the Redis cache entry when there is one
+    (newest), else SQLite's; ``None`` when none was saved."""
+    key = check_key(POSITION_PREFIX + name)
+    try:
+        return mem.get(key, level=Level.PRIVATE, principal=principal, fresh=True)
+    except StoreUnavailable:
+        return mem.get(key, level=Level.PRIVATE, principal=principal)
+
+
+def _seq_of(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    seq = value.get("seq") if isinstance(value, dict) else None
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise ValidationError(f"saved position {name!r} is not a journal seq: {value!r}")
+    return seq
 
 
 def _close_quietly(ps: redis.client.PubSub) -> None:

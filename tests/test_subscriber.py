@@ -330,6 +330,33 @@ def test_a_position_past_the_journal_end_does_not_skip_a_new_databases_changes(
         assert [c.key for c in consume_until(sub, "new2")] == ["new0", "new1", "new2"]
 
 
+def test_a_restored_database_that_grew_past_the_saved_position_is_read_from_its_start(
+    make_mem: MakeMem, coder: Principal, tmp_path: Path
+) -> None:
+    old = make_mem()
+    for i in range(3):
+        old.put(f"old{i}", i, level=Level.SWARM, principal=coder)
+    with Subscriber(old, coder, since="mirror") as sub:
+        consume_until(sub, "old2")
+    saved = Subscriber.saved_position(old, coder, "mirror")
+    assert saved is not None
+    old.close()
+    # Another database (restored from an older backup, say) grows past the saved seq
+    # with different changes before the subscriber comes back: "past the end" no longer
+    # tells, and resuming at the saved seq used to skip the new history up to it.
+    new = make_mem(db_path=str(tmp_path / "restored.db"))
+    last = None
+    for i in range(saved + 2):
+        last = new.put(f"new{i}", i, level=Level.SWARM, principal=coder)
+    assert last is not None
+    new.sync(last)
+    assert new.store.last_seq() > saved
+    with Subscriber(new, coder, since="mirror") as sub:
+        assert sub.position == 0  # the change at the saved seq is not the consumed one
+        keys = [c.key for c in consume_until(sub, f"new{saved + 1}")]
+    assert keys == [f"new{i}" for i in range(saved + 2)]
+
+
 def test_close_from_another_thread_ends_iteration(make_mem: MakeMem, coder: Principal) -> None:
     mem = make_mem()
     sub = Subscriber(mem, coder, since="loop")
