@@ -193,7 +193,10 @@ class DualMemory:
             assert self._worker is not None
             left = -1
             try:
-                left = self._worker.run(self._worker_stop, drain_timeout=self._drain_timeout)
+                # Asked when the drain starts: close(timeout=...) sets it just before.
+                left = self._worker.run(
+                    self._worker_stop, drain_timeout=lambda: self._drain_timeout
+                )
             except Exception:  # close() must not read a crash as "drained"
                 log.exception("the dualmem worker thread failed")
             finally:
@@ -213,6 +216,8 @@ class DualMemory:
 
         The report says how many commands are still pending in Redis; a later worker on
         the same Redis persists them (on ``memory://`` they live only in this process).
+        With ``worker=False`` nothing is drained here and the report is ``(0, True)``:
+        the workers elsewhere own persistence, and :meth:`backlog` says what Redis holds.
         """
         drain_timeout = self.settings.close_timeout if timeout is None else timeout
         with self._gate:

@@ -137,8 +137,14 @@ class Worker:
 
     # -- the loop ----------------------------------------------------------------------
 
-    def run(self, stop: threading.Event, *, drain_timeout: float | None = None) -> int:
-        """Work until ``stop`` is set, then drain for up to ``drain_timeout`` seconds.
+    def run(
+        self,
+        stop: threading.Event,
+        *,
+        drain_timeout: float | Callable[[], float] | None = None,
+    ) -> int:
+        """Work until ``stop`` is set, then drain for up to ``drain_timeout`` seconds (a
+        callable is asked when the drain starts: ``close(timeout=...)`` decides it late).
 
         Returns how many commands were still pending when it gave up (0 when drained).
         Redis or SQLite outages are retried with backoff; they never end the loop.
@@ -172,7 +178,7 @@ class Worker:
             return 0
         self._stopping = threading.Event()
         try:
-            return self.drain(drain_timeout)
+            return self.drain(drain_timeout() if callable(drain_timeout) else drain_timeout)
         except DualMemError as exc:
             log.warning("worker %s: drain failed: %s", self.consumer, exc)
             return -1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -154,3 +155,17 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def no_worker_outlives_its_test() -> Iterator[None]:
+    """Fail a test that leaves an in-process worker thread running after its
+    ``DualMemory`` was closed: such a thread keeps consuming the shared redis-server's
+    stream in later tests (a close(timeout=1) whose drain ran on the 30 s default did)."""
+    before = set(threading.enumerate())
+    yield
+    left = [t for t in threading.enumerate() if t not in before and t.name == "dualmem-worker"]
+    for t in left:
+        t.join(5)
+    alive = [t.name for t in left if t.is_alive()]
+    assert not alive, f"worker threads still running after the test: {alive}"

@@ -614,6 +614,10 @@ def test_close_with_the_database_locked_gives_up_at_its_timeout_and_says_so(
     # five commands still in Redis (a hang bound here, not a speed target).
     assert not report.drained and report.pending == 5
     assert elapsed < 30
+    # The drain honoured close(timeout=1), not the 30 s close_timeout it was started
+    # with: its thread has ended (one that lived on kept reading the stream of a shared
+    # Redis into this test's database, taking later tests' commands).
+    assert mem._worker_thread is not None and not mem._worker_thread.is_alive()
     # Nothing is lost: they wait in Redis for the next worker.
     check = make_mem(claim_idle_ms=100)
     for r in receipts:
