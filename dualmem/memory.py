@@ -466,22 +466,47 @@ class DualMemory:
                 raise DualMemError("this DualMemory is closed")
             self._in_flight += 1
         try:
-            return self._send_open(shard, fields, cache_key, envelope, px)
+            stream = self._streams[shard]
+            self._check_backlog(shard, stream)
+            if envelope is None:
+                cache: tuple[Any, ...] = (b"DEL", cache_key)
+            elif px is None:
+                cache = (b"SET", cache_key, envelope)
+            else:
+                cache = (b"SET", cache_key, envelope, b"PX", px)
+            xadd: list[bytes | str | int] = [b"XADD", stream, b"*"]
+            for name, value in fields.items():
+                xadd += (name, value)
+            check = (
+                self._unchecked[shard] >= XLEN_EVERY - 1
+                or self._backlog[shard] + XLEN_EVERY >= self.settings.max_backlog
+            )
+            commands: tuple[tuple[Any, ...], ...] = (cache, tuple(xadd))
+            if check:
+                commands += ((b"XLEN", stream),)
+            with translate_errors("write"):
+                replies = transact(self._redis, commands)
+            sid = replies[1]
+            if check:
+                self._backlog[shard] = int(replies[2])
+                self._unchecked[shard] = 0
+            else:
+                # Only ever too high for this writer alone: the worker's trimming lowers the
+                # real length. Other writers' commands show at the next XLEN.
+                self._backlog[shard] += 1
+                self._unchecked[shard] += 1
+            if self._wakeup is not None:
+                self._wakeup.set()
+            return text(sid)
         finally:
             with self._gate:
                 self._in_flight -= 1
                 if not self._in_flight:
                     self._gate.notify_all()
 
-    def _send_open(
-        self,
-        shard: int,
-        fields: dict[bytes, bytes | str | int],
-        cache_key: bytes,
-        envelope: bytes | None,
-        px: int | None,
-    ) -> str:
-        stream = self._streams[shard]
+    def _check_backlog(self, shard: int, stream: bytes) -> None:
+        """Raise ``Backpressure`` if ``stream`` is at ``max_backlog``: when its last known
+        length says so, its length is read again before refusing the write."""
         if self._backlog[shard] >= self.settings.max_backlog:
             # Only past the bound do we pay a second round trip, to see whether the worker
             # has caught up since the last write told us the length.
@@ -494,36 +519,6 @@ class DualMemory:
                     backlog=self._backlog[shard],
                     bound=self.settings.max_backlog,
                 )
-        if envelope is None:
-            cache: tuple[Any, ...] = (b"DEL", cache_key)
-        elif px is None:
-            cache = (b"SET", cache_key, envelope)
-        else:
-            cache = (b"SET", cache_key, envelope, b"PX", px)
-        xadd: list[bytes | str | int] = [b"XADD", stream, b"*"]
-        for name, value in fields.items():
-            xadd += (name, value)
-        check = (
-            self._unchecked[shard] >= XLEN_EVERY - 1
-            or self._backlog[shard] + XLEN_EVERY >= self.settings.max_backlog
-        )
-        commands: tuple[tuple[Any, ...], ...] = (cache, tuple(xadd))
-        if check:
-            commands += ((b"XLEN", stream),)
-        with translate_errors("write"):
-            replies = transact(self._redis, commands)
-        sid = replies[1]
-        if check:
-            self._backlog[shard] = int(replies[2])
-            self._unchecked[shard] = 0
-        else:
-            # Only ever too high for this writer alone: the worker's trimming lowers the
-            # real length. Other writers' commands show at the next XLEN.
-            self._backlog[shard] += 1
-            self._unchecked[shard] += 1
-        if self._wakeup is not None:
-            self._wakeup.set()
-        return text(sid)
 
     # -- read-your-writes --------------------------------------------------------------
 

@@ -160,25 +160,14 @@ class Subscriber:
             saved_value = _saved_value(self._mem, self.principal, since)
             saved = _seq_of(since, saved_value) or 0
             last = self._mem.store.last_seq()
-            if saved and saved <= last and not self._same_history(saved, saved_value):
-                # The journal reached the saved seq again with other changes: the database
-                # was restored or rolled back and has grown since. Resuming there would
-                # skip the new history's changes up to it.
+            if saved and (saved > last or not self._same_history(saved, saved_value)):
+                # Only delivered (so committed) changes are ever saved. A position past the
+                # journal's end, or one whose change there is another (its chain hash
+                # differs: the journal grew again after a restore or a rollback), means a
+                # different history. Resuming would skip its changes up to that seq;
+                # starting it over can only repeat changes, never miss one.
                 log.warning(
-                    "subscriber %s: the change at saved position %d is not the one that was "
-                    "consumed (the database was replaced or restored); starting over from "
-                    "its beginning",
-                    since,
-                    saved,
-                )
-                saved = 0
-            if saved > last:
-                # Only delivered (so committed) changes are ever saved: a position past the
-                # journal's end means the database was replaced or restored from a backup,
-                # a different history. Resuming at its end would skip whatever it already
-                # holds; starting it over can only repeat changes, never miss one.
-                log.warning(
-                    "subscriber %s: saved position %d is past the journal's end (%d): the "
+                    "subscriber %s: saved position %d is not in this journal (end %d): the "
                     "database was replaced or restored; starting over from its beginning",
                     since,
                     saved,

@@ -204,21 +204,18 @@ class Worker:
         deadline = time.monotonic() + timeout
         self._deadline = deadline
         try:
-            return self._drain_until(deadline)
+            while True:
+                n = self.step(block=False)
+                if n == 0:
+                    left = self.backlog()
+                    if left == 0 or time.monotonic() >= deadline:
+                        self._trim()
+                        return left
+                    time.sleep(0.005)
+                elif time.monotonic() >= deadline:
+                    return self.backlog()
         finally:
             self._deadline = None
-
-    def _drain_until(self, deadline: float) -> int:
-        while True:
-            n = self.step(block=False)
-            if n == 0:
-                left = self.backlog()
-                if left == 0 or time.monotonic() >= deadline:
-                    self._trim()
-                    return left
-                time.sleep(0.005)
-            elif time.monotonic() >= deadline:
-                return self.backlog()
 
     # -- reading -----------------------------------------------------------------------
 

@@ -431,18 +431,14 @@ def _analyse(
     return row
 
 
-def _no_cpu() -> float | None:
-    return None
-
-
 def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
     """Each offered rate for ``lag_seconds``; lag percentiles per rate."""
     sizes = ctx.sizes
     db = ctx.path(f"lag-{backend.name}.db")
     advance = ctx.progress.task(f"lag [{backend.name}]", len(sizes.lag_rates))
     results: list[dict[str, Any]] = []
-    if backend.external_worker:
-        server_cpu = backend.server.cpu_seconds if backend.server is not None else _no_cpu
+    if backend.server is not None:  # a real Redis: its worker runs as a process
+        server_cpu = backend.server.cpu_seconds
         # The database must exist (schema included) before the observer opens it.
         DualMemory(
             redis_url=backend.url, db_path=str(db), keyring=str(ctx.keyfile), worker=False
