@@ -60,7 +60,7 @@ def _pcts(s: Mapping[str, float]) -> str:
 def _write(result: Mapping[str, Any]) -> list[str]:
     lines = [
         "| level | put p50 / p95 / p99 | raw MULTI p50 / p95 / p99 | p95 ratio "
-        "| same commands, dualmem's client: p95 | ratio to it | `redis_write` p95 "
+        "| same commands, dualmem's transport: p95 | ratio to it | `redis_write` p95 "
         "| `encode` p95 |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -14,9 +14,9 @@ from bench.stats import Target, cdf_points, ratio, summarize, us
 from dualmem import DualMemory
 from dualmem.memory import XLEN_EVERY
 from dualmem.metrics import Metrics
-from dualmem.redis_backend import connect
+from dualmem.redis_backend import connect, transact
 
-__all__ = ["CACHE_TTL_MS", "RAW_STREAM", "raw_put", "run"]
+__all__ = ["CACHE_TTL_MS", "RAW_STREAM", "raw_put", "run", "same_put"]
 
 RAW_STREAM = b"bench:raw:cmd"
 CACHE_TTL_MS = 3_600_000  # dualmem's default cache_ttl, so both SETs carry the same PX
@@ -30,9 +30,12 @@ METHOD = (
     "envelope (AES-256-GCM at levels 1, 2, 5) and, one write in 64, adds the XLEN it "
     "needs for backpressure. A third contender, timed in the same rounds, sends put's "
     "exact commands (XLEN as often) "
-    "through a client configured like dualmem's (socket timeouts, bounded retries): the "
-    "gap between it and put is dualmem's own work (validation, access check, envelope, "
-    "metrics). Real Redis: the writer runs with `worker=False` and one `dualmem worker` "
+    "through dualmem's own transport (`dualmem.redis_backend.transact`, on a client "
+    "configured like dualmem's: socket timeouts, bounded retries): the gap between it and "
+    "put is dualmem's own work (validation, access check, envelope, metrics). On the "
+    "embedded fakeredis that transport hands the in-process server each command as an "
+    "argument list instead of RESP bytes for fakeredis to parse in Python, so there put "
+    "and this contender are both faster than the raw redis-py transaction. Real Redis: the writer runs with `worker=False` and one `dualmem worker` "
     "process persists concurrently (a worker thread would compete with the writer for the "
     "GIL), with its default settings (so as a SCHED_BATCH task, see `worker_sched`). "
     "fakeredis lives in one process, so the targets there are measured on the "
@@ -64,6 +67,23 @@ def raw_put(client: redis.Redis, key: str, payload: bytes, level: Level, *, xlen
     pipe.execute()
 
 
+def same_put(client: redis.Redis, key: str, payload: bytes, level: Level, *, xlen: bool) -> None:
+    """``raw_put``'s commands through dualmem's transport (``transact``), as put sends them."""
+    scope = PRINCIPAL.scope(level)
+    xadd: tuple[Any, ...] = (
+        b"XADD",
+        RAW_STREAM,
+        b"*",
+        *(b"op", "put", b"s", str(scope), b"k", key, b"l", int(level)),
+        *(b"a", PRINCIPAL.agent_id, b"t", time.time_ns() // 1000, b"e", payload),
+    )
+    commands = [(b"SET", f"bench:raw:c:{scope}:{key}".encode(), payload, b"PX", CACHE_TTL_MS)]
+    commands.append(xadd)
+    if xlen:
+        commands.append((b"XLEN", RAW_STREAM))
+    transact(client, commands)
+
+
 def _measure(
     ctx: Bench,
     backend: Backend,
@@ -80,8 +100,9 @@ def _measure(
     keys = [f"bench/write/{i}" for i in range(sizes.key_space)]
     nkeys, nvals = len(keys), len(values)
     raw = backend.raw_client()
-    # The same commands over a client configured exactly like dualmem's (socket timeouts,
-    # bounded retries): what is left between this and put is dualmem's own work.
+    # The same commands through dualmem's transport, on a client configured exactly like
+    # dualmem's (socket timeouts, bounded retries): what is left between this and put is
+    # dualmem's own work.
     twin, _ = connect(mem.settings)
     advance = ctx.progress.task(
         f"write [{backend.name}{label}]", len(LEVELS) * (sizes.warmup + sizes.write_ops)
@@ -98,7 +119,7 @@ def _measure(
 
         def raw_same(i: int, lv: Level = level) -> None:
             xlen = i % XLEN_EVERY == 0
-            raw_put(twin, keys[i % nkeys], payloads[i % nvals], lv, xlen=xlen)
+            same_put(twin, keys[i % nkeys], payloads[i % nvals], lv, xlen=xlen)
 
         ops: dict[str, Callable[[int], object]] = {"dualmem": put, "raw": raw_multi}
         if same:
