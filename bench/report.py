@@ -232,7 +232,7 @@ def _peers(result: Mapping[str, Any]) -> list[str]:
     if floor:
         lines += [
             "",
-            "The most a write through this Redis could show (peer put p95 / raw MULTI put p95, "
+            "A bare redis-py MULTI against each peer (peer put p95 / raw MULTI put p95, "
             "same rounds): " + ", ".join(f"{peer} {fmt(x)}x" for peer, x in floor.items()) + ".",
         ]
     return lines

@@ -35,7 +35,8 @@ METHOD = (
     "put is dualmem's own work (validation, access check, envelope, metrics). On the "
     "embedded fakeredis that transport hands the in-process server each command as an "
     "argument list instead of RESP bytes for fakeredis to parse in Python, so there put "
-    "and this contender are both faster than the raw redis-py transaction. Real Redis: the writer runs with `worker=False` and one `dualmem worker` "
+    "and this contender are both faster than the raw redis-py transaction. Real Redis: the "
+    "writer runs with `worker=False` and one `dualmem worker` "
     "process persists concurrently (a worker thread would compete with the writer for the "
     "GIL), with its default settings (so as a SCHED_BATCH task, see `worker_sched`). "
     "fakeredis lives in one process, so the targets there are measured on the "
@@ -77,8 +78,8 @@ def same_put(client: redis.Redis, key: str, payload: bytes, level: Level, *, xle
         *(b"op", "put", b"s", str(scope), b"k", key, b"l", int(level)),
         *(b"a", PRINCIPAL.agent_id, b"t", time.time_ns() // 1000, b"e", payload),
     )
-    commands = [(b"SET", f"bench:raw:c:{scope}:{key}".encode(), payload, b"PX", CACHE_TTL_MS)]
-    commands.append(xadd)
+    cache_key = f"bench:raw:c:{scope}:{key}".encode()
+    commands: list[tuple[Any, ...]] = [(b"SET", cache_key, payload, b"PX", CACHE_TTL_MS), xadd]
     if xlen:
         commands.append((b"XLEN", RAW_STREAM))
     transact(client, commands)
