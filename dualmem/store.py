@@ -178,6 +178,17 @@ class ApplyResult:
     journal_head: tuple[int, bytes] | None = None
     audit_head: tuple[int, bytes] | None = None
 
+    def merge(self, later: ApplyResult) -> None:
+        """Add the outcome of a later ``apply`` call to this one (its chain heads win)."""
+        self.done.extend(later.done)
+        self.failed.extend(later.failed)
+        self.notifications.extend(later.notifications)
+        self.ts_us.extend(later.ts_us)
+        self.applied += later.applied
+        self.duplicates += later.duplicates
+        self.journal_head = later.journal_head or self.journal_head
+        self.audit_head = later.audit_head or self.audit_head
+
 
 class Store(ABC):
     """The persistent, queryable side of dualmem.

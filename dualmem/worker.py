@@ -106,6 +106,10 @@ class Worker:
         self._wakeup = wakeup
         self._on_commit = on_commit
         self._retry_own = False
+        # Set when a batch failed as a whole with an unexpected error: the next read adds
+        # new entries to this consumer's pending ones, so a lone poison entry can be told
+        # apart from a fault that fails everything (see _apply_alone).
+        self._mix_new = False
         now = time.monotonic()
         self._next_claim = now  # claim at start: a restart picks up a dead consumer's work
         self._next_trim = now + _TRIM_INTERVAL
@@ -220,6 +224,19 @@ class Worker:
     # -- reading -----------------------------------------------------------------------
 
     def _read(self, block: bool) -> list[StreamEntry]:
+        pending = self._read_pending()
+        if not pending:
+            use_block = block and self._wakeup is None and self.settings.block_ms > 0
+            return self._xreadgroup(">", block=use_block)
+        room = self.settings.batch_size - len(pending)
+        if self._mix_new and room > 0:
+            self._mix_new = False
+            pending += self._xreadgroup(">", block=False, count=room)
+        return pending
+
+    def _read_pending(self) -> list[StreamEntry]:
+        """Entries read before: another consumer's, idle past ``claim_idle_ms`` (claimed
+        every half of it), or this consumer's own after a failure."""
         now = time.monotonic()
         if now >= self._next_claim:
             self._next_claim = now + max(self.settings.claim_idle_ms / 2000, 0.05)
@@ -231,16 +248,17 @@ class Worker:
             if own:
                 return own
             self._retry_own = False
-        use_block = block and self._wakeup is None and self.settings.block_ms > 0
-        return self._xreadgroup(">", block=use_block)
+        return []
 
-    def _xreadgroup(self, start: str, *, block: bool) -> list[StreamEntry]:
+    def _xreadgroup(
+        self, start: str, *, block: bool, count: int | None = None
+    ) -> list[StreamEntry]:
         with translate_errors("worker read"):
             resp = self.redis.xreadgroup(
                 self.group,
                 self.consumer,
                 dict.fromkeys(self.streams, start),
-                count=self.settings.batch_size,
+                count=count or self.settings.batch_size,
                 block=self.settings.block_ms if block else None,
             )
         return self._entries(resp)
@@ -369,6 +387,41 @@ class Worker:
                     self._retry_own = True
                     return None
                 backoff = min(_MAX_BACKOFF, backoff * 2)
+            except Exception as exc:  # a bug, not an outage: find out whose
+                return self._apply_alone(entries, exc)
+
+    def _apply_alone(self, entries: list[StreamEntry], error: Exception) -> ApplyResult:
+        """After an unexpected error from a whole batch, apply each entry on its own.
+
+        An entry that fails alone while another entry of the batch commits alone is the
+        entry's fault: it is returned as failed, so it is redelivered and then
+        dead-lettered after ``max_deliveries`` like any failing entry, and the rest of the
+        stream flows. If no entry commits alone, nothing says the entries are at fault (a
+        bug may fail every command): ``error`` is raised, the loop logs it and retries
+        with backoff, and nothing is dead-lettered. The next read then adds new entries
+        to the pending ones, so one poison entry alone cannot hold back the commands
+        behind it.
+        """
+        log.error(
+            "worker %s: a batch of %d failed with an unexpected error; applying each entry alone",
+            self.consumer,
+            len(entries),
+            exc_info=error,
+        )
+        result = ApplyResult()
+        failed: list[tuple[StreamEntry, str]] = []
+        for entry in entries:
+            try:
+                result.merge(self.store.apply([entry]))
+            except StoreUnavailable:
+                raise  # an outage after all: the loop retries (committed ones are duplicates)
+            except Exception as exc:
+                failed.append((entry, f"unexpected {type(exc).__name__}: {exc}"))
+        if not result.done:
+            self._retry_own = self._mix_new = True
+            raise error
+        result.failed.extend(failed)
+        return result
 
     def _failures(self, result: ApplyResult) -> list[tuple[StreamEntry, str, int]]:
         if not result.failed:

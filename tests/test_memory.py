@@ -437,6 +437,62 @@ def test_poison_entries_go_to_dead_letters_and_the_rest_flows(
     wait_until(lambda: raw_redis.xpending(stream, "persist")["pending"] == 0, what="acked")
 
 
+def _trip_on(keys: set[bytes] | None) -> staticmethod[..., None]:
+    """A stand-in for a bug in the store: ``SQLiteStore._write_plan`` raising RuntimeError
+    (not an outage, not a per-entry SQLite error) for a plan holding one of ``keys``, or
+    for every plan when ``keys`` is None. The real write runs otherwise."""
+    real = SQLiteStore._write_plan
+
+    def tripping(conn: sqlite3.Connection, plan: Any) -> None:
+        if keys is None or any(e.fields.get(b"k") in keys for e in plan.applied):
+            raise RuntimeError("a bug planted by the test")
+        real(conn, plan)
+
+    return staticmethod(tripping)
+
+
+def test_an_entry_tripping_an_unexpected_error_is_dead_lettered_and_the_rest_flows(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = make_mem(worker=False)
+    poison = writer.put("poison", 1, level=Level.SWARM, principal=coder)
+    monkeypatch.setattr(SQLiteStore, "_write_plan", _trip_on({b"poison"}))
+    worker = make_mem(worker=True, max_deliveries=3, claim_idle_ms=50)
+    # Alone, the poison cannot be told from a bug that fails everything: it waits.
+    time.sleep(0.5)
+    assert worker.store.dead_letters() == []
+    assert worker.store.status(poison.shard, poison.stream_id) != "committed"
+    # Commands behind it still flow, and beside them it fails alone: dead-lettered.
+    goods = [writer.put(f"good{i}", i, level=Level.SWARM, principal=coder) for i in range(3)]
+    for receipt in goods:
+        worker.sync(receipt, timeout=10)
+    wait_until(lambda: len(worker.store.dead_letters()) == 1, what="the poison dead-lettered")
+    (dead,) = worker.store.dead_letters()
+    assert dead.stream_id == poison.stream_id
+    assert "unexpected RuntimeError: a bug planted by the test" in dead.error
+    with pytest.raises(NotPersisted, match="dead-lettered"):
+        worker.sync(poison, timeout=1)
+    assert worker.get("good2", level=Level.SWARM, principal=coder) == 2
+
+
+def test_a_bug_failing_every_entry_dead_letters_nothing(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = make_mem(worker=False)
+    receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(5)]
+    monkeypatch.setattr(SQLiteStore, "_write_plan", _trip_on(None))
+    worker = make_mem(worker=True, max_deliveries=2, claim_idle_ms=50)
+    receipts.append(writer.put("late", 5, level=Level.SWARM, principal=coder))
+    time.sleep(1.0)  # several retries, far past max_deliveries
+    assert worker.store.dead_letters() == []
+    assert all(worker.store.status(r.shard, r.stream_id) != "committed" for r in receipts)
+    monkeypatch.undo()  # the bug fixed: everything commits, in order
+    for r in receipts:
+        worker.sync(r, timeout=10)
+    assert worker.store.dead_letters() == []
+    assert worker.get("late", level=Level.SWARM, principal=coder) == 5
+
+
 def test_trimming_never_removes_a_pending_entry(
     make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
 ) -> None:
