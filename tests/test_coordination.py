@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import secrets
 import sqlite3
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from dualmem.coordination import (
     LoopMemory,
     Signal,
 )
+from dualmem.coordination._validation import clock_us
 from dualmem.errors import ConfigurationError
 from dualmem.store import AuditRow
 from dualmem.worker import Worker
@@ -532,6 +534,45 @@ def test_a_forged_signal_is_refused_by_its_target(
     rejected = audit(mem, "signal_rejected")
     assert [json.loads(r.detail)["signal"] for r in rejected] == [signal.id, planted.id]
     assert all(r.risk == "high" for r in rejected)
+
+
+def test_a_signal_signed_in_the_senders_name_by_another_member_is_refused(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret)
+    genuine = boss.send_signal(["coder-1"], "pause", {"why": "review"})
+    # A swarm member holding the secret signs a signal in the coordinator's name: the MAC
+    # verifies (everyone holds the key), but dualmem recorded who wrote the record.
+    rogue = BlockingCoordinator(mem, ROGUE, secret)
+    draft = Signal(
+        id="20261126T000000-spoofed0",
+        type="stop",
+        sender=BOSS.agent_id,
+        targets=("coder-1",),
+        payload={"why": "rm -rf"},
+        sent_at=clock_us(),
+        attempt=1,
+        kid=rogue._signer.kid,
+        mac="",
+    )
+    spoof = rogue._sign_signal(draft, 1)
+    assert rogue.signal_problem(spoof) is None  # what a MAC check alone concludes
+    rogue._put(rogue._signal_key(spoof.id), spoof.to_value())
+    for c in (boss, rogue):
+        c.sync()
+    target = BlockingCoordinator(mem, coder, secret)
+    assert [s.id for s in target.pending_signals()] == [genuine.id]
+    expected = f"written by {ROGUE.agent_id!r}, not by its sender {BOSS.agent_id!r}"
+    with pytest.raises(TamperedRecord, match=re.escape(expected)):
+        target.acknowledge_signal(spoof.id)
+    with pytest.raises(TamperedRecord, match="written by"):
+        target.acknowledge_signal(spoof)
+    target.acknowledge_signal(genuine.id)  # the coordinator's own signal still goes through
+    target.sync()
+    reasons = [json.loads(r.detail)["reason"] for r in audit(mem, "signal_rejected")]
+    assert reasons[0] == expected and len(reasons) == 3
+    assert boss.wait_for_acks(genuine, timeout=10).complete
 
 
 def test_previous_secret_still_verifies_after_rotation(make_mem: MakeMem, coder: Principal) -> None:

@@ -285,12 +285,20 @@ class BlockingCoordinator:
             self._mac(unsigned.signed_part()),
         )
 
-    def signal_problem(self, signal: Signal) -> str | None:
-        """Why ``signal`` is not authentic, or ``None`` when its MAC verifies."""
+    def signal_problem(self, signal: Signal, writer: str | None = None) -> str | None:
+        """Why ``signal`` is not authentic, or ``None`` when its MAC verifies.
+
+        ``writer`` is the agent that wrote the signal's record (``None``: unknown, not
+        checked). Every participant holds the secret, so a MAC alone cannot tell the
+        coordinator from a swarm member signing a signal in its name; the record's writer,
+        which dualmem stores with every row, can.
+        """
         if signal.kid not in self._verifiers:
             return f"signed with unknown key id {signal.kid!r}"
         if not self._mac_ok(signal.kid, signal.mac, signal.signed_part()):
             return "MAC does not verify (forged or altered)"
+        if writer is not None and writer != signal.sender:
+            return f"written by {writer!r}, not by its sender {signal.sender!r}"
         return None
 
     def ack_problem(self, signal: Signal, target: str, ack: Ack, writer: str | None) -> str | None:
@@ -383,7 +391,9 @@ class BlockingCoordinator:
 
     def pending_signals(self) -> list[Signal]:
         """Authentic signals addressed to this participant that it has not ACKed yet,
-        oldest first (from SQLite). Forged ones are skipped and audited (high risk)."""
+        oldest first (from SQLite). Forged ones (a MAC that does not verify, or a record
+        written by someone other than the signal's sender) are skipped and audited (high
+        risk)."""
         records = self.mem.query(
             principal=self.principal, level=self.level, prefix=_SIGNALS, limit=_QUERY_LIMIT
         )
@@ -392,7 +402,7 @@ class BlockingCoordinator:
             signal = Signal.from_value(r.value)
             if self.id not in signal.targets:
                 continue
-            problem = self.signal_problem(signal)
+            problem = self.signal_problem(signal, r.owner)
             if problem is not None:
                 self._reject_once("signal_rejected", r, problem, signal=signal.id)
                 continue
@@ -425,6 +435,20 @@ class BlockingCoordinator:
 
     # -- acknowledging -------------------------------------------------------------------
 
+    def _stored_writer(self, signal: Signal) -> str | None:
+        """Who wrote the committed record of ``signal`` when that record is this signal
+        (same body); ``None`` when it is not committed yet or holds another body."""
+        record = self.mem.get_record(
+            self._signal_key(signal.id), level=self.level, principal=self.principal
+        )
+        if record is None:
+            return None
+        try:
+            stored = Signal.from_value(record.value)
+        except TamperedRecord:
+            return None
+        return record.owner if stored.digest == signal.digest else None
+
     def _valid_ack_value(self, signal: Signal, value: Any) -> Ack | None:
         try:
             ack = Ack.from_value(value)
@@ -454,12 +478,13 @@ class BlockingCoordinator:
         """ACK ``signal`` as this participant: an HMAC-SHA256-signed record, audited (low).
 
         Idempotent: if a valid ACK of this signal by this participant exists, it is
-        returned and nothing is written. A signal whose MAC does not verify raises
+        returned and nothing is written. A signal whose MAC does not verify, or whose
+        committed record was written by someone other than its sender, raises
         ``TamperedRecord`` (audited high risk); one not addressed to this participant
         raises ``ValidationError``.
         """
         signal = self._resolve(signal)
-        problem = self.signal_problem(signal)
+        problem = self.signal_problem(signal, self._stored_writer(signal))
         if problem is not None:
             self._audit(
                 "signal_rejected",
