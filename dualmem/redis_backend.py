@@ -25,6 +25,7 @@ __all__ = [
     "MemoryServer",
     "connect",
     "drop_memory_server",
+    "in_process_connection_class",
     "memory_server",
     "text",
     "transact",
@@ -92,7 +93,10 @@ def connect(
         import fakeredis
 
         srv = memory_server(settings.redis_url)
-        return fakeredis.FakeRedis(server=srv.server), srv.wakeup
+        fake = fakeredis.FakeRedis(server=srv.server)
+        pool = fake.connection_pool
+        pool.connection_class = in_process_connection_class(pool.connection_class)
+        return fake, srv.wakeup
     retry = Retry(ExponentialBackoff(cap=0.05, base=0.005), settings.redis_retries)
     client = redis.Redis.from_url(
         settings.redis_url,
@@ -147,13 +151,7 @@ def _round_trip(
     pool = client.connection_pool
     conn: Any = pool.get_connection()  # redis-py leaves parts of Connection untyped
     try:
-        if _in_process(conn):
-            encode = conn.encoder.encode
-            packed: Any = _Direct(
-                [[a if type(a) is bytes else encode(a) for a in command] for command in commands]
-            )
-        else:
-            packed = conn.pack_commands(commands)
+        packed = conn.pack_commands(commands)
         result: list[Any] = conn.retry.call_with_retry(
             lambda: exchange(conn, packed, count), lambda _err: conn.disconnect()
         )
@@ -166,36 +164,64 @@ class _Direct(list[list[bytes]]):
     """Commands for an in-process server, as argument lists instead of RESP bytes."""
 
 
-def _in_process(conn: Any) -> bool:
-    """Whether ``conn`` is a fakeredis connection whose socket takes argument lists.
+def in_process_connection_class(base: type[Any]) -> type[Any]:
+    """A subclass of fakeredis's connection class ``base`` that hands each command to the
+    in-process server as an argument list instead of RESP bytes.
 
-    fakeredis parses the RESP bytes a client sends with a Python generator, line by line:
-    on the embedded default that parse is about 40 % of a put (45 µs of 105 µs for the
-    put's ``MULTI; SET; XADD; EXEC``). Its socket's ``_process_command`` is the method
-    that parser hands each parsed command to, so giving it the arguments directly runs
-    the same command code on the same arguments. If a fakeredis release drops or renames
-    it, commands go the packed way (``tests/test_redis_backend.py`` notices).
+    fakeredis parses the RESP a client sends with a Python generator, line by line: on
+    the embedded default that parse was about 40 % of a put (45 µs of the 105 µs its
+    ``MULTI; SET; XADD; EXEC`` took) and a third of the worker's read. The socket's
+    ``_process_command`` is the method that parser hands each parsed command to, so the
+    same command code runs on the same arguments; replies, errors, transactions and
+    pub/sub are read back as before. With a fakeredis whose socket lacks that method the
+    commands go as RESP bytes (``tests/test_redis_backend.py`` notices).
     """
-    get_socket = getattr(conn, "get_socket", None)  # fakeredis connections only
-    return get_socket is not None and callable(getattr(get_socket(), "_process_command", None))
 
+    class InProcessConnection(base):  # type: ignore[misc]
+        def pack_command(self, *args: Any) -> _Direct:
+            return _Direct([self._arguments(args)])
 
-def _send(conn: Any, packed: Any) -> None:
-    """Send what :func:`_round_trip` packed: RESP bytes, or arguments to an in-process server."""
-    if not isinstance(packed, _Direct):
-        conn.send_packed_command(packed, check_health=False)
-        return
-    sock = conn.get_socket()
-    if not conn._server.connected or getattr(sock, "_killed", False):
-        # What the fake socket's sendall raises for a stopped server or a killed client.
-        conn.disconnect()
-        raise redis.ConnectionError("in-process Redis server is not connected")
-    for args in packed:
-        sock._process_command(args)
+        def pack_commands(self, commands: Sequence[Sequence[Any]]) -> _Direct:
+            return _Direct([self._arguments(args) for args in commands])
+
+        def send_command(self, *args: Any, **kwargs: Any) -> None:
+            self.send_packed_command(
+                self.pack_command(*args), check_health=kwargs.get("check_health", True)
+            )
+
+        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            if not isinstance(command, _Direct):
+                super().send_packed_command(command, check_health)
+                return
+            sock = self.get_socket()
+            process = getattr(sock, "_process_command", None)
+            if process is None:  # a fakeredis without it: RESP bytes, as redis-py sends
+                super().send_packed_command(base.pack_commands(self, command), check_health)
+                return
+            if not self._server.connected or getattr(sock, "_killed", False):
+                # What the fake socket's sendall raises for a stopped server or a
+                # killed client, and what redis-py does then: drop the connection.
+                self.disconnect()
+                raise redis.ConnectionError("in-process Redis server is not connected")
+            for args in command:
+                process(args)
+
+        def _arguments(self, args: Sequence[Any]) -> list[bytes]:
+            # As redis-py packs them: a command name with spaces ("CLIENT SETNAME") is
+            # several arguments; str, int and float are encoded, anything else refused.
+            first = args[0]
+            if isinstance(first, str):
+                args = (*first.encode().split(), *args[1:])
+            elif b" " in first:
+                args = (*first.split(), *args[1:])
+            encode = self.encoder.encode
+            return [a if type(a) is bytes else encode(a) for a in args]
+
+    return InProcessConnection
 
 
 def _read_replies(conn: Any, packed: Any, count: int) -> list[Any]:
-    _send(conn, packed)
+    conn.send_packed_command(packed, check_health=False)
     replies: list[Any] = []
     error: redis.ResponseError | None = None
     for _ in range(count):
@@ -212,7 +238,7 @@ def _read_replies(conn: Any, packed: Any, count: int) -> list[Any]:
 
 
 def _exchange(conn: Any, packed: Any, queued: int) -> list[Any]:
-    _send(conn, packed)
+    conn.send_packed_command(packed, check_health=False)
     try:
         conn.read_response()  # +OK for MULTI
         for _ in range(queued):

@@ -25,7 +25,6 @@ from dualmem import (
     StoreUnavailable,
     TamperedRecord,
     ValidationError,
-    redis_backend,
 )
 from dualmem.commands import sid_of
 from dualmem.sqlite_store import SQLiteStore
@@ -78,19 +77,20 @@ def test_put_is_one_round_trip_and_touches_no_sqlite(
     mem = make_mem(worker=False)
     mem.put("warm", 1, level=Level.SWARM, principal=coder)  # connection established
     # Every exchange with Redis (RESP bytes to a server, or argument lists handed to the
-    # in-process one) leaves through redis_backend._send; real Redis is also counted below
-    # at the server, by its command statistics.
+    # in-process one) is one send_packed_command; real Redis is also counted below at the
+    # server, by its command statistics.
+    cls = mem._redis.connection_pool.connection_class
     sends: list[int] = []
-    original = redis_backend._send
+    original = cls.send_packed_command
 
-    def counting(conn: object, packed: object) -> None:
+    def counting(self: object, command: object, check_health: bool = True) -> None:
         sends.append(1)
-        original(conn, packed)
+        original(self, command, check_health)  # type: ignore[arg-type]
 
     def no_sqlite(*_: object) -> None:
         raise AssertionError("the write path opened SQLite")
 
-    monkeypatch.setattr(redis_backend, "_send", counting)
+    monkeypatch.setattr(cls, "send_packed_command", counting)
     monkeypatch.setattr(SQLiteStore, "_conn", no_sqlite)
     monkeypatch.setattr(SQLiteStore, "_write", no_sqlite)
     if backend == "redis":

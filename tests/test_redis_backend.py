@@ -1,5 +1,5 @@
-"""The Redis transport: the in-process server gets argument lists, with the same replies,
-errors and connection failures as RESP bytes over a socket."""
+"""The Redis transport: the embedded client hands the in-process server argument lists,
+with the same replies, errors and connection failures as RESP bytes over a socket."""
 
 from __future__ import annotations
 
@@ -10,46 +10,59 @@ import fakeredis
 import pytest
 import redis
 
-import dualmem.redis_backend as rb
-from dualmem.redis_backend import send_many, transact
+from dualmem.redis_backend import (
+    connect,
+    drop_memory_server,
+    in_process_connection_class,
+    send_many,
+    transact,
+)
+from dualmem.settings import Settings
+
+
+def _direct_client(server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
+    client = fakeredis.FakeRedis(server=server)
+    pool = client.connection_pool
+    pool.connection_class = in_process_connection_class(pool.connection_class)
+    return client
 
 
 @pytest.fixture
 def fake() -> Iterator[fakeredis.FakeRedis]:
-    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    client = _direct_client(fakeredis.FakeServer())
     yield client
     client.close()
 
 
-def _packed_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rb, "_in_process", lambda _conn: False)
-
-
-def test_the_installed_fakeredis_takes_argument_lists(fake: fakeredis.FakeRedis) -> None:
-    # If a fakeredis release renames the method the in-process path calls, puts still
-    # work (they go packed) but lose the speed the README quotes: this test says so.
-    conn: Any = fake.connection_pool.get_connection()
+def test_the_embedded_client_hands_the_installed_fakeredis_argument_lists() -> None:
+    # If a fakeredis release renames the method the in-process path calls, everything
+    # still works (commands go as RESP bytes) but loses the speed the README quotes.
+    url = "memory://transport-test"
+    client, _ = connect(Settings(redis_url=url))
     try:
-        assert rb._in_process(conn)
+        # The pool's one connection, its socket watched: commands reach _process_command
+        # and nothing is sent as bytes.
+        conn: Any = client.connection_pool.get_connection()
+        sock = conn.get_socket()
+        assert callable(getattr(sock, "_process_command", None))
+        seen: list[list[bytes]] = []
+        real = sock._process_command
+
+        def spy(args: list[bytes]) -> None:
+            seen.append(args)
+            real(args)
+
+        sock._process_command = spy
+        sock.sendall = lambda _data: pytest.fail("RESP bytes were sent")
+        client.connection_pool.release(conn)
+        assert transact(client, [(b"SET", b"k", "välue")]) == [b"OK"]
+        assert client.get("k") == "välue".encode()
+        assert client.execute_command("CLIENT SETNAME", "worker-1") in (True, b"OK")
+        assert seen[:3] == [[b"MULTI"], [b"SET", b"k", "välue".encode()], [b"EXEC"]]
+        assert [b"CLIENT", b"SETNAME", b"worker-1"] in seen
     finally:
-        fake.connection_pool.release(conn)
-    sent: list[object] = []
-    real_send = rb._send
-
-    def spy(conn: object, packed: object) -> None:
-        sent.append(packed)
-        real_send(conn, packed)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rb, "_send", spy)
-        transact(fake, [(b"SET", b"k", b"v")])
-    assert isinstance(sent[0], rb._Direct)
-    assert sent[0] == [[b"MULTI"], [b"SET", b"k", b"v"], [b"EXEC"]]
-
-
-def test_a_real_connection_is_not_in_process() -> None:
-    conn = redis.Connection(host="127.0.0.1", port=1)  # never connected
-    assert not rb._in_process(conn)
+        client.close()
+        drop_memory_server(url)
 
 
 SCRIPT: list[tuple[Any, ...]] = [
@@ -57,6 +70,7 @@ SCRIPT: list[tuple[Any, ...]] = [
     (b"XADD", b"s", b"*", b"op", "put", b"l", 3, b"t", 1_764_000_000_000_000),
     (b"INCRBY", b"n", 5),
     (b"SET", b"k", "välue".encode(), b"PX", 60_000),
+    (b"SET", b"f", 2.5),
 ]
 
 
@@ -66,7 +80,9 @@ def _run(client: fakeredis.FakeRedis) -> dict[str, Any]:
     replies = transact(client, SCRIPT)
     replies[1] = b"<id>" if replies[1].endswith(b"-0") else replies[1]
     out["transact"] = replies
-    out["read_back"] = send_many(client, [(b"GET", b"k"), (b"XLEN", b"s"), (b"GET", b"n")])
+    out["read_back"] = send_many(
+        client, [(b"GET", b"k"), (b"XLEN", b"s"), (b"GET", b"n"), (b"GET", b"f")]
+    )
     with pytest.raises(redis.ResponseError) as exc:
         send_many(client, [(b"INCR", b"n"), (b"INCR", b"text"), (b"INCR", b"n")])
     out["send_many_error"] = str(exc.value)
@@ -75,53 +91,69 @@ def _run(client: fakeredis.FakeRedis) -> dict[str, Any]:
         transact(client, [(b"SET", b"a", 1), (b"INCR", b"text"), (b"SET", b"b", 2)])
     out["exec_error"] = str(exc.value)
     with pytest.raises(redis.ResponseError) as exc:
-        transact(client, [(b"SET", b"c", 1), (b"GET",)])  # wrong arity: EXECABORT
+        transact(client, [(b"SET", b"c", 1), (b"GET",)])  # refused while queueing
     out["abort"] = str(exc.value)
     out["after_abort"] = send_many(client, [(b"MGET", b"a", b"b", b"c"), (b"PING",)])
+    # redis-py's own paths: commands with response callbacks, a pipeline, a stream group.
+    out["client"] = [client.incr("n"), client.get("k"), client.exists("a", "b", "c")]
+    with pytest.raises(redis.DataError):
+        client.set("bad", None)  # type: ignore[arg-type]
+    pipe = client.pipeline(transaction=True)
+    pipe.set("p", 1).incr("p").get("p")
+    out["pipeline"] = pipe.execute()
+    client.xgroup_create("s", "g", id="0")
+    read = client.xreadgroup("g", "c", {"s": ">"}, count=10)
+    out["xreadgroup"] = [(name, [fields for _, fields in items]) for name, items in read]
     return out
 
 
-def test_argument_lists_and_resp_bytes_give_the_same_results(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    direct = _run(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
-    _packed_only(monkeypatch)
+def test_argument_lists_and_resp_bytes_give_the_same_results() -> None:
+    direct = _run(_direct_client(fakeredis.FakeServer()))
     packed = _run(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
     assert direct == packed
-    assert direct["transact"] == [b"OK", b"<id>", 5, b"OK"]
-    assert direct["read_back"] == ["välue".encode(), 1, b"5"]
+    assert direct["transact"] == [b"OK", b"<id>", 5, b"OK", b"OK"]
+    assert direct["read_back"] == ["välue".encode(), 1, b"5", b"2.5"]
     assert direct["after_error"] == [b"7", b"PONG"]
-    assert "wrong number of arguments" in direct["abort"]
     assert "not an integer" in direct["exec_error"]
+    assert "wrong number of arguments" in direct["abort"]
     # A command failing inside EXEC leaves the others applied (Redis semantics); a command
     # refused while queueing discards the whole transaction.
     assert direct["after_abort"] == [[b"1", b"2", None], b"PONG"]
+    assert direct["pipeline"] == [True, 2, b"2"]
+
+
+def test_pub_sub_goes_through_the_in_process_path(fake: fakeredis.FakeRedis) -> None:
+    sub = fake.pubsub()
+    sub.subscribe("ch")
+    assert sub.get_message(timeout=1)["type"] == "subscribe"
+    assert fake.publish("ch", "hello") == 1
+    assert sub.get_message(timeout=1)["data"] == b"hello"
+    sub.close()
 
 
 def test_a_stopped_server_is_a_connection_error_then_recovers(fake: fakeredis.FakeRedis) -> None:
+    server = fake.connection_pool.connection_kwargs["server"]
     assert transact(fake, [(b"SET", b"k", b"1")]) == [b"OK"]
-    fake.connection_pool.connection_kwargs["server"].connected = False
+    server.connected = False
     with pytest.raises(redis.ConnectionError):
         transact(fake, [(b"SET", b"k", b"2")])
     with pytest.raises(redis.ConnectionError):
-        send_many(fake, [(b"PING",)])
-    fake.connection_pool.connection_kwargs["server"].connected = True
+        fake.get("k")
+    server.connected = True
     assert transact(fake, [(b"SET", b"k", b"3")]) == [b"OK"]
     assert fake.get("k") == b"3"
 
 
 @pytest.mark.parametrize("path", ["direct", "packed"])
-def test_a_killed_client_fails_once_then_reconnects(
-    path: str, monkeypatch: pytest.MonkeyPatch, fake: fakeredis.FakeRedis
-) -> None:
-    if path == "packed":
-        _packed_only(monkeypatch)
-    assert send_many(fake, [(b"CLIENT", b"SETNAME", b"victim")]) == [b"OK"]
-    other = fakeredis.FakeRedis(server=fake.connection_pool.connection_kwargs["server"])
+def test_a_killed_client_fails_once_then_reconnects(path: str) -> None:
+    server = fakeredis.FakeServer()
+    client = _direct_client(server) if path == "direct" else fakeredis.FakeRedis(server=server)
+    assert send_many(client, [(b"CLIENT", b"SETNAME", b"victim")]) == [b"OK"]
+    other = fakeredis.FakeRedis(server=server)
     assert other.client_kill_filter(_type="normal", skipme=True) == 1
     # The pooled connection was killed under it; the embedded client has no retries, so
     # the exchange fails (dropping that connection) and nothing ran; the next one connects.
     with pytest.raises(redis.ConnectionError):
-        transact(fake, [(b"INCR", b"counter")])
-    assert fake.get("counter") is None
-    assert transact(fake, [(b"INCR", b"counter")]) == [1]
+        transact(client, [(b"INCR", b"counter")])
+    assert client.get("counter") is None
+    assert transact(client, [(b"INCR", b"counter")]) == [1]
