@@ -355,8 +355,12 @@ class DualMemory:
             detail=detail,
         )
         try:
-            with translate_errors("audit"):
-                sid = self._redis.xadd(self._streams[shard], fields)  # type: ignore[arg-type]
+            self._enter_gate()  # like a put: a close() that began meanwhile drains it too
+            try:
+                with translate_errors("audit"):
+                    sid = self._redis.xadd(self._streams[shard], fields)  # type: ignore[arg-type]
+            finally:
+                self._leave_gate()
         except DualMemError as exc:
             log.error("audit event %s by %s could not be recorded: %s", event, actor, exc)
             return None
@@ -461,10 +465,7 @@ class DualMemory:
         envelope: bytes | None,
         px: int | None,
     ) -> str:
-        with self._gate:
-            if self._closed:
-                raise DualMemError("this DualMemory is closed")
-            self._in_flight += 1
+        self._enter_gate()
         try:
             stream = self._streams[shard]
             self._check_backlog(shard, stream)
@@ -499,10 +500,21 @@ class DualMemory:
                 self._wakeup.set()
             return text(sid)
         finally:
-            with self._gate:
-                self._in_flight -= 1
-                if not self._in_flight:
-                    self._gate.notify_all()
+            self._leave_gate()
+
+    def _enter_gate(self) -> None:
+        """Count a command about to reach Redis; ``close()`` waits for those in flight, so
+        its drain sees them. Raises if closed."""
+        with self._gate:
+            if self._closed:
+                raise DualMemError("this DualMemory is closed")
+            self._in_flight += 1
+
+    def _leave_gate(self) -> None:
+        with self._gate:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._gate.notify_all()
 
     def _check_backlog(self, shard: int, stream: bytes) -> None:
         """Raise ``Backpressure`` if ``stream`` is at ``max_backlog``: when its last known

@@ -711,6 +711,33 @@ def test_a_put_in_flight_when_close_starts_is_drained_with_the_rest(
     assert check.store.status(got[0].shard, got[0].stream_id) == "committed"
 
 
+def test_an_audit_event_in_flight_when_close_starts_is_drained_with_the_rest(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mem = make_mem()
+    real = mem._redis.xadd
+    sending = threading.Event()
+
+    def slow_network(*args: Any, **kwargs: Any) -> Any:
+        sending.set()
+        time.sleep(0.3)  # the XADD lands after close() has begun
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mem._redis, "xadd", slow_network)
+    got: list[Receipt] = []
+    writer = threading.Thread(
+        target=lambda: got.append(mem.audit("deploy", principal=coder, risk="high"))
+    )
+    writer.start()
+    assert sending.wait(10)
+    report = mem.close()
+    writer.join(10)
+    # An audit row is a command like a put: acknowledged means persisted by this close.
+    assert report.drained and len(got) == 1
+    check = make_mem(worker=False)
+    assert check.store.status(got[0].shard, got[0].stream_id) == "committed"
+
+
 def test_close_without_worker_reports_pending(make_mem: MakeMem, coder: Principal) -> None:
     mem = make_mem(worker=False)
     mem.put("k", 1, level=Level.SWARM, principal=coder)
