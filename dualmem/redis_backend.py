@@ -215,7 +215,9 @@ def in_process_connection_class(base: type[Any]) -> type[Any]:
             elif b" " in first:
                 args = (*first.split(), *args[1:])
             encode = self.encoder.encode
-            return [a if type(a) is bytes else encode(a) for a in args]
+            # bytearray and memoryview come back from encode() as they are; the server's
+            # command code expects bytes, which the RESP parser would have made of them.
+            return [a if type(a) is bytes else bytes(encode(a)) for a in args]
 
     return InProcessConnection
 

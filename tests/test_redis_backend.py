@@ -71,6 +71,7 @@ SCRIPT: list[tuple[Any, ...]] = [
     (b"INCRBY", b"n", 5),
     (b"SET", b"k", "välue".encode(), b"PX", 60_000),
     (b"SET", b"f", 2.5),
+    (b"SET", bytearray(b"ba"), memoryview(b"mv")),
 ]
 
 
@@ -81,7 +82,7 @@ def _run(client: fakeredis.FakeRedis) -> dict[str, Any]:
     replies[1] = b"<id>" if replies[1].endswith(b"-0") else replies[1]
     out["transact"] = replies
     out["read_back"] = send_many(
-        client, [(b"GET", b"k"), (b"XLEN", b"s"), (b"GET", b"n"), (b"GET", b"f")]
+        client, [(b"GET", b"k"), (b"XLEN", b"s"), (b"GET", b"n"), (b"GET", b"f"), (b"GET", b"ba")]
     )
     with pytest.raises(redis.ResponseError) as exc:
         send_many(client, [(b"INCR", b"n"), (b"INCR", b"text"), (b"INCR", b"n")])
@@ -111,8 +112,8 @@ def test_argument_lists_and_resp_bytes_give_the_same_results() -> None:
     direct = _run(_direct_client(fakeredis.FakeServer()))
     packed = _run(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
     assert direct == packed
-    assert direct["transact"] == [b"OK", b"<id>", 5, b"OK", b"OK"]
-    assert direct["read_back"] == ["välue".encode(), 1, b"5", b"2.5"]
+    assert direct["transact"] == [b"OK", b"<id>", 5, b"OK", b"OK", b"OK"]
+    assert direct["read_back"] == ["välue".encode(), 1, b"5", b"2.5", b"mv"]
     assert direct["after_error"] == [b"7", b"PONG"]
     assert "not an integer" in direct["exec_error"]
     assert "wrong number of arguments" in direct["abort"]
