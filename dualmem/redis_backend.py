@@ -203,8 +203,14 @@ def in_process_connection_class(base: type[Any]) -> type[Any]:
                 # killed client, and what redis-py does then: drop the connection.
                 self.disconnect()
                 raise redis.ConnectionError("in-process Redis server is not connected")
-            for args in command:
-                process(args)
+            try:
+                for args in command:
+                    process(args)
+            except BaseException:
+                # As redis-py does when a send fails: the replies of the commands already
+                # run (or an open MULTI) must not stay on a connection the pool reuses.
+                self.disconnect()
+                raise
 
         def _arguments(self, args: Sequence[Any]) -> list[bytes]:
             # As redis-py packs them: a command name with spaces ("CLIENT SETNAME") is

@@ -158,3 +158,22 @@ def test_a_killed_client_fails_once_then_reconnects(path: str) -> None:
         transact(client, [(b"INCR", b"counter")])
     assert client.get("counter") is None
     assert transact(client, [(b"INCR", b"counter")]) == [1]
+
+
+@pytest.mark.parametrize("path", ["direct", "packed"])
+def test_a_command_that_crashes_the_server_code_leaves_no_replies_behind(path: str) -> None:
+    # fakeredis raises a Python exception (not a Redis error reply) for a group name that
+    # is not UTF-8. The commands before it ran and queued replies (or opened a MULTI); the
+    # connection must be dropped, not returned to the pool with them.
+    server = fakeredis.FakeServer()
+    client = _direct_client(server) if path == "direct" else fakeredis.FakeRedis(server=server)
+    client.xadd("s", {"f": "v"}, id="1-0")
+    client.xgroup_create("s", "g", id="0")
+    client.set("a", "A")
+    with pytest.raises(UnicodeDecodeError):
+        send_many(client, [(b"SET", b"x", b"1"), (b"XPENDING", b"s", b"\xff")])
+    assert client.get("a") == b"A"
+    with pytest.raises(UnicodeDecodeError):
+        transact(client, [(b"SET", b"y", b"1"), (b"XPENDING", b"s", b"\xff")])
+    assert client.get("a") == b"A"
+    assert transact(client, [(b"SET", b"z", b"1")]) == [b"OK"]
