@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from acl import Level, Principal
-from dualmem import AccessDenied, DualMemory, TamperedRecord, ValidationError
+from dualmem import AccessDenied, DualMemory, NotPersisted, TamperedRecord, ValidationError
 from dualmem.coordination import (
     AgentLifecycle,
     AgentStatus,
@@ -495,9 +495,11 @@ def test_a_copy_of_an_ack_in_the_cache_does_not_stop_the_target_from_acking(
 ) -> None:
     from dualmem.coordination.signals import Ack
 
-    writer = make_mem(worker=False)  # nothing is committed until the worker below starts
+    writer = make_mem(worker=False)  # a worker runs only when this test says so
     boss = BlockingCoordinator(writer, BOSS, secret)
     signal = boss.send_signal(["coder-1"], "pause")
+    # The signal is committed (a target acks only a committed signal); what follows is not.
+    Worker(writer._redis, writer.store, writer.settings.replace(consumer="w")).step()
     # A swarm member holding the secret plants a MAC-valid ACK "by coder-1" before coder-1
     # acks. The cache does not say who wrote it; acknowledge_signal used to return it as
     # coder-1's own pending ACK and write nothing, so the coordinator (which checks the
@@ -568,11 +570,30 @@ def test_a_signal_signed_in_the_senders_name_by_another_member_is_refused(
         target.acknowledge_signal(spoof.id)
     with pytest.raises(TamperedRecord, match="written by"):
         target.acknowledge_signal(spoof)
+    # The same spoof, put where a writer check that trusted anything else would miss it:
+    # under another signal's key (its id names the coordinator's signal)...
+    elsewhere = dataclasses.replace(spoof, id="20261126T000000-elsewhere")
+    rogue._put(rogue._signal_key(elsewhere.id), spoof.to_value())
+    # ... reusing the genuine signal's id with another payload (signed, never stored) ...
+    twin = rogue._sign_signal(dataclasses.replace(genuine, payload={"why": "rm -rf"}), 1)
+    rogue.sync()
+    with pytest.raises(ValidationError, match="no signal"):
+        target.acknowledge_signal(elsewhere.id)  # the record there is not that signal
+    with pytest.raises(TamperedRecord, match="does not match the signal as stored"):
+        target.acknowledge_signal(twin)
     target.acknowledge_signal(genuine.id)  # the coordinator's own signal still goes through
     target.sync()
     reasons = [json.loads(r.detail)["reason"] for r in audit(mem, "signal_rejected")]
-    assert reasons[0] == expected and len(reasons) == 3
+    # pending_signals (once), both acknowledge_signal calls, then the twin.
+    assert reasons == [expected] * 3 + ["does not match the signal as stored (altered)"]
     assert boss.wait_for_acks(genuine, timeout=10).complete
+    # ... and not committed yet: only a committed record says who wrote it.
+    mem.close()  # its worker stops; nothing commits what follows
+    unsynced = make_mem(worker=False)
+    late = rogue._sign_signal(dataclasses.replace(spoof, id="20261126T000000-uncommitted"), 1)
+    BlockingCoordinator(unsynced, ROGUE, secret)._put(rogue._signal_key(late.id), late.to_value())
+    with pytest.raises(NotPersisted, match="not committed"):
+        BlockingCoordinator(unsynced, coder, secret).acknowledge_signal(late.id, timeout=0.2)
 
 
 def test_previous_secret_still_verifies_after_rotation(make_mem: MakeMem, coder: Principal) -> None:

@@ -17,6 +17,7 @@ from acl.errors import AccessDenied, ConfigurationError, TamperedRecord, Validat
 from acl.levels import Level, as_level
 from acl.principal import Principal
 from dualmem.coordination._validation import ReceiptLog, check_ident, clock_us
+from dualmem.errors import NotPersisted
 from dualmem.memory import DualMemory, Record
 
 __all__ = ["Ack", "AckResult", "BlockingCoordinator", "Signal"]
@@ -387,7 +388,10 @@ class BlockingCoordinator:
             principal=self.principal,
             fresh=True,
         )
-        return None if value is None else Signal.from_value(value)
+        if value is None:
+            return None
+        found = Signal.from_value(value)
+        return found if found.id == signal_id else None  # a record naming another signal
 
     def pending_signals(self) -> list[Signal]:
         """Authentic signals addressed to this participant that it has not ACKed yet,
@@ -402,7 +406,7 @@ class BlockingCoordinator:
             signal = Signal.from_value(r.value)
             if self.id not in signal.targets:
                 continue
-            problem = self.signal_problem(signal, r.owner)
+            problem = self._record_problem(signal, r)
             if problem is not None:
                 self._reject_once("signal_rejected", r, problem, signal=signal.id)
                 continue
@@ -435,19 +439,41 @@ class BlockingCoordinator:
 
     # -- acknowledging -------------------------------------------------------------------
 
-    def _stored_writer(self, signal: Signal) -> str | None:
-        """Who wrote the committed record of ``signal`` when that record is this signal
-        (same body); ``None`` when it is not committed yet or holds another body."""
-        record = self.mem.get_record(
-            self._signal_key(signal.id), level=self.level, principal=self.principal
-        )
-        if record is None:
-            return None
+    def _record_problem(self, signal: Signal, record: Record) -> str | None:
+        """Why the stored ``record`` holding ``signal`` is not an authentic signal: its key
+        must name the signal's id, its MAC verify, and its writer be the sender."""
+        if record.key != self._signal_key(signal.id):
+            return f"stored under {record.key!r} but names signal {signal.id!r}"
+        return self.signal_problem(signal, record.owner)
+
+    def _stored_problem(self, signal: Signal, record: Record) -> str | None:
+        """Why ``signal`` is not the authentic signal committed in ``record``."""
         try:
             stored = Signal.from_value(record.value)
-        except TamperedRecord:
-            return None
-        return record.owner if stored.digest == signal.digest else None
+        except TamperedRecord as exc:
+            return str(exc)
+        if stored.digest != signal.digest:
+            return "does not match the signal as stored (altered)"
+        return self._record_problem(stored, record)
+
+    def _committed_signal(self, signal_id: str, timeout: float) -> Record:
+        """The committed record of ``signal_id``, waiting up to ``timeout`` seconds for
+        the worker to commit it (only a committed record says who wrote it)."""
+        key = self._signal_key(signal_id)
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            record = self.mem.get_record(key, level=self.level, principal=self.principal)
+            if record is not None:
+                return record
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NotPersisted(
+                    f"signal {signal_id} is not committed after {timeout}s, so who wrote it "
+                    "cannot be checked yet (is a worker running?)"
+                )
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
 
     def _valid_ack_value(self, signal: Signal, value: Any) -> Ack | None:
         try:
@@ -474,17 +500,19 @@ class BlockingCoordinator:
             return None
         return pending
 
-    def acknowledge_signal(self, signal: Signal | str) -> Ack:
+    def acknowledge_signal(self, signal: Signal | str, *, timeout: float = 5.0) -> Ack:
         """ACK ``signal`` as this participant: an HMAC-SHA256-signed record, audited (low).
 
-        Idempotent: if a valid ACK of this signal by this participant exists, it is
-        returned and nothing is written. A signal whose MAC does not verify, or whose
-        committed record was written by someone other than its sender, raises
-        ``TamperedRecord`` (audited high risk); one not addressed to this participant
-        raises ``ValidationError``.
+        Only the signal as committed counts: this waits up to ``timeout`` seconds for its
+        record to be committed (``NotPersisted`` after that), and the signal must be that
+        record's body, its MAC must verify and the record must have been written by the
+        sender it names; otherwise ``TamperedRecord`` (audited high risk). Idempotent: if
+        a valid ACK of this signal by this participant exists, it is returned and nothing
+        is written. A signal not addressed to this participant raises ``ValidationError``.
         """
         signal = self._resolve(signal)
-        problem = self.signal_problem(signal, self._stored_writer(signal))
+        record = self._committed_signal(signal.id, timeout)
+        problem = self._stored_problem(signal, record)
         if problem is not None:
             self._audit(
                 "signal_rejected",
