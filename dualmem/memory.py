@@ -354,16 +354,19 @@ class DualMemory:
             level=level,
             detail=detail,
         )
+        # Like a put, a close() that began meanwhile waits for it and drains it; unlike a
+        # put, an audit event (a denial seen by a reader racing close()) is still sent
+        # once closed: a worker elsewhere persists it.
+        counted = self._enter_gate(refuse_closed=False)
         try:
-            self._enter_gate()  # like a put: a close() that began meanwhile drains it too
-            try:
-                with translate_errors("audit"):
-                    sid = self._redis.xadd(self._streams[shard], fields)  # type: ignore[arg-type]
-            finally:
-                self._leave_gate()
+            with translate_errors("audit"):
+                sid = self._redis.xadd(self._streams[shard], fields)  # type: ignore[arg-type]
         except DualMemError as exc:
             log.error("audit event %s by %s could not be recorded: %s", event, actor, exc)
             return None
+        finally:
+            if counted:
+                self._leave_gate()
         if self._wakeup is not None:
             self._wakeup.set()
         return Receipt(shard, text(sid), scope or "", key or "", "audit")
@@ -502,13 +505,17 @@ class DualMemory:
         finally:
             self._leave_gate()
 
-    def _enter_gate(self) -> None:
+    def _enter_gate(self, *, refuse_closed: bool = True) -> bool:
         """Count a command about to reach Redis; ``close()`` waits for those in flight, so
-        its drain sees them. Raises if closed."""
+        its drain sees them. Once closed: raise, or (``refuse_closed=False``) return
+        False without counting it."""
         with self._gate:
             if self._closed:
-                raise DualMemError("this DualMemory is closed")
+                if refuse_closed:
+                    raise DualMemError("this DualMemory is closed")
+                return False
             self._in_flight += 1
+            return True
 
     def _leave_gate(self) -> None:
         with self._gate:

@@ -393,8 +393,8 @@ class Worker:
     def _apply_alone(self, entries: list[StreamEntry], error: Exception) -> ApplyResult:
         """After an unexpected error from a whole batch, apply each entry on its own.
 
-        An entry that fails alone while another entry of the batch commits alone is the
-        entry's fault: it is returned as failed, so it is redelivered and then
+        An entry that fails alone while another entry of the batch is newly committed alone
+        is the entry's fault: it is returned as failed, so it is redelivered and then
         dead-lettered after ``max_deliveries`` like any failing entry, and the rest of the
         stream flows. If no entry commits alone, nothing says the entries are at fault (a
         bug may fail every command): ``error`` is raised, the loop logs it and retries
@@ -417,7 +417,9 @@ class Worker:
                 raise  # an outage after all: the loop retries (committed ones are duplicates)
             except Exception as exc:
                 failed.append((entry, f"unexpected {type(exc).__name__}: {exc}"))
-        if not result.done:
+        if not result.applied:
+            # Nothing newly committed alone (entries committed before, now duplicates,
+            # prove nothing about the code that failed): not the entries' fault.
             self._retry_own = self._mix_new = True
             raise error
         result.failed.extend(failed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -440,11 +441,12 @@ def test_poison_entries_go_to_dead_letters_and_the_rest_flows(
 def _trip_on(keys: set[bytes] | None) -> staticmethod[..., None]:
     """A stand-in for a bug in the store: ``SQLiteStore._write_plan`` raising RuntimeError
     (not an outage, not a per-entry SQLite error) for a plan holding one of ``keys``, or
-    for every plan when ``keys`` is None. The real write runs otherwise."""
+    for every plan with anything new to write when ``keys`` is None. The real write runs
+    otherwise."""
     real = SQLiteStore._write_plan
 
     def tripping(conn: sqlite3.Connection, plan: Any) -> None:
-        if keys is None or any(e.fields.get(b"k") in keys for e in plan.applied):
+        if plan.applied and (keys is None or any(e.fields.get(b"k") in keys for e in plan.applied)):
             raise RuntimeError("a bug planted by the test")
         real(conn, plan)
 
@@ -491,6 +493,33 @@ def test_a_bug_failing_every_entry_dead_letters_nothing(
         worker.sync(r, timeout=10)
     assert worker.store.dead_letters() == []
     assert worker.get("late", level=Level.SWARM, principal=coder) == 5
+
+
+def test_a_bug_failing_every_new_write_dead_letters_nothing_beside_a_duplicate(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = make_mem(worker=False, max_deliveries=2, claim_idle_ms=50)
+    receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(4)]
+    # A worker committed k0 and died before its XACK: k0 comes back as a duplicate.
+    dead = Worker(writer._redis, writer.store, writer.settings.replace(consumer="dead"))
+    dead.ensure_groups()
+    stream = writer.layout.stream(0)
+    resp = writer._redis.xreadgroup(writer.settings.group, "dead", {stream: ">"}, count=1)
+    writer.store.apply(dead._entries(resp))
+    monkeypatch.setattr(SQLiteStore, "_write_plan", _trip_on(None))
+    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w._next_claim = time.monotonic() + 3600  # first its own reads: k1..k3 fail, retried
+    for _ in range(3):
+        with contextlib.suppress(RuntimeError):
+            w.step()
+    time.sleep(0.1)  # past claim_idle_ms: one claim returns k0 (dead's) with k1..k3
+    w._next_claim = 0
+    with contextlib.suppress(RuntimeError):
+        w.step()
+    # k0 "committing" alone is no evidence that the others are at fault.
+    assert writer.store.dead_letters() == []
+    status = [writer.store.status(r.shard, r.stream_id) for r in receipts]
+    assert status[0] == "committed" and "committed" not in status[1:]
 
 
 def test_trimming_never_removes_a_pending_entry(
@@ -736,6 +765,19 @@ def test_an_audit_event_in_flight_when_close_starts_is_drained_with_the_rest(
     assert report.drained and len(got) == 1
     check = make_mem(worker=False)
     assert check.store.status(got[0].shard, got[0].stream_id) == "committed"
+
+
+def test_an_audit_event_racing_close_still_reaches_redis(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # A reader that passed the open check before close() and is then denied: its
+    # access_denied row is not dropped for arriving late; a worker on this Redis keeps it.
+    mem = make_mem()
+    mem.close()
+    receipt = mem._audit("access_denied", actor=coder.agent_id, risk="high", key="k")
+    assert receipt is not None
+    later = make_mem()
+    later.sync(receipt, timeout=10)
 
 
 def test_close_without_worker_reports_pending(make_mem: MakeMem, coder: Principal) -> None:
