@@ -725,16 +725,24 @@ def test_a_put_in_flight_when_close_starts_is_drained_with_the_rest(
         return real(client, commands)
 
     monkeypatch.setattr(memory_module, "transact", slow_network)
-    got: list[Receipt] = []
-    writer = threading.Thread(
-        target=lambda: got.append(mem.put("late", 1, level=Level.SWARM, principal=coder))
+    # close() waits for writes already past its open check, then drains them too: a put
+    # that returned a receipt is never left behind a close that says it drained.
+    _close_while_sending(
+        make_mem, mem, sending, lambda: mem.put("late", 1, level=Level.SWARM, principal=coder)
     )
+
+
+def _close_while_sending(
+    make_mem: MakeMem, mem: DualMemory, sending: threading.Event, send: Callable[[], Receipt]
+) -> None:
+    """Run ``send`` in a thread, close ``mem`` once ``sending`` says its command is on the
+    way, and check that the close drained it: committed, and reported as drained."""
+    got: list[Receipt] = []
+    writer = threading.Thread(target=lambda: got.append(send()))
     writer.start()
     assert sending.wait(10)
     report = mem.close()
     writer.join(10)
-    # close() waits for writes already past its open check, then drains them too: a put
-    # that returned a receipt is never left behind a close that says it drained.
     assert report.drained and len(got) == 1
     check = make_mem(worker=False)
     assert check.store.status(got[0].shard, got[0].stream_id) == "committed"
@@ -753,18 +761,10 @@ def test_an_audit_event_in_flight_when_close_starts_is_drained_with_the_rest(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mem._redis, "xadd", slow_network)
-    got: list[Receipt] = []
-    writer = threading.Thread(
-        target=lambda: got.append(mem.audit("deploy", principal=coder, risk="high"))
-    )
-    writer.start()
-    assert sending.wait(10)
-    report = mem.close()
-    writer.join(10)
     # An audit row is a command like a put: acknowledged means persisted by this close.
-    assert report.drained and len(got) == 1
-    check = make_mem(worker=False)
-    assert check.store.status(got[0].shard, got[0].stream_id) == "committed"
+    _close_while_sending(
+        make_mem, mem, sending, lambda: mem.audit("deploy", principal=coder, risk="high")
+    )
 
 
 def test_an_audit_event_racing_close_still_reaches_redis(

@@ -12,7 +12,7 @@ from acl.crypto import Codec, Keyring
 from bench.harness import LEVELS, PRINCIPAL, Backend, Bench, interleaved, json_bytes, make_values
 from bench.stats import Target, flatness, ratio, summarize, us
 from bench.suites.persist import drain_rate, fill_backlog, last_seq, raw_executemany_rate
-from bench.suites.write import CACHE_TTL_MS, RAW_STREAM
+from bench.suites.write import RAW_STREAM, raw_put
 from dualmem.commands import put_fields
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
@@ -117,30 +117,10 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
             def put(i: int) -> None:
                 mem.put(keys[i % nk], values[i % 64], level=LEVELS[i % nl], principal=PRINCIPAL)
 
-            def raw_put(i: int, raw: Any = raw) -> None:
-                level = LEVELS[i % nl]
-                scope = PRINCIPAL.scope(level)
-                pipe = raw.pipeline(transaction=True)
-                pipe.set(
-                    f"bench:raw:c:{scope}:{keys[i % nk]}".encode(),
-                    payloads[i % 64],
-                    px=CACHE_TTL_MS,
-                )
-                pipe.xadd(
-                    RAW_STREAM,
-                    {
-                        b"op": "put",
-                        b"s": str(scope),
-                        b"k": keys[i % nk],
-                        b"l": int(level),
-                        b"a": PRINCIPAL.agent_id,
-                        b"t": time.time_ns() // 1000,
-                        b"e": payloads[i % 64],
-                    },
-                )
-                pipe.execute()
+            def raw_multi(i: int, client: Any = raw) -> None:
+                raw_put(client, keys[i % nk], payloads[i % 64], LEVELS[i % nl], xlen=False)
 
-            ops = {"dualmem": put, "raw": raw_put}
+            ops = {"dualmem": put, "raw": raw_multi}
             interleaved(ops, sizes.warmup, rng, advance=advance)
             samples = interleaved(ops, sizes.scale_put_ops, rng, advance=advance)
         raw.delete(RAW_STREAM)

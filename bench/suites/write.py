@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -12,6 +12,7 @@ from acl import Level
 from bench.harness import LEVELS, PRINCIPAL, Backend, Bench, interleaved, json_bytes, make_values
 from bench.stats import Target, cdf_points, ratio, summarize, us
 from dualmem import DualMemory
+from dualmem.commands import put_fields
 from dualmem.memory import XLEN_EVERY
 from dualmem.metrics import Metrics
 from dualmem.redis_backend import connect, transact
@@ -46,23 +47,20 @@ METHOD = (
 )
 
 
+def _raw_put_parts(key: str, payload: bytes, level: Level) -> tuple[bytes, dict[Any, Any]]:
+    """The cache key and stream fields of a put of ``payload`` at ``key``, as put has them."""
+    scope = str(PRINCIPAL.scope(level))
+    ts_us = time.time_ns() // 1000
+    fields = put_fields(scope, key, level, PRINCIPAL.agent_id, ts_us, payload, None)
+    return f"bench:raw:c:{scope}:{key}".encode(), cast(dict[Any, Any], fields)
+
+
 def raw_put(client: redis.Redis, key: str, payload: bytes, level: Level, *, xlen: bool) -> None:
     """The baseline: redis-py ``MULTI; SET; XADD [; XLEN]; EXEC`` of a put's bytes."""
-    scope = PRINCIPAL.scope(level)
+    cache_key, fields = _raw_put_parts(key, payload, level)
     pipe = client.pipeline(transaction=True)
-    pipe.set(f"bench:raw:c:{scope}:{key}".encode(), payload, px=CACHE_TTL_MS)
-    pipe.xadd(
-        RAW_STREAM,
-        {
-            b"op": "put",
-            b"s": str(scope),
-            b"k": key,
-            b"l": int(level),
-            b"a": PRINCIPAL.agent_id,
-            b"t": time.time_ns() // 1000,
-            b"e": payload,
-        },
-    )
+    pipe.set(cache_key, payload, px=CACHE_TTL_MS)
+    pipe.xadd(RAW_STREAM, fields)
     if xlen:
         pipe.xlen(RAW_STREAM)
     pipe.execute()
@@ -70,15 +68,8 @@ def raw_put(client: redis.Redis, key: str, payload: bytes, level: Level, *, xlen
 
 def same_put(client: redis.Redis, key: str, payload: bytes, level: Level, *, xlen: bool) -> None:
     """``raw_put``'s commands through dualmem's transport (``transact``), as put sends them."""
-    scope = PRINCIPAL.scope(level)
-    xadd: tuple[Any, ...] = (
-        b"XADD",
-        RAW_STREAM,
-        b"*",
-        *(b"op", "put", b"s", str(scope), b"k", key, b"l", int(level)),
-        *(b"a", PRINCIPAL.agent_id, b"t", time.time_ns() // 1000, b"e", payload),
-    )
-    cache_key = f"bench:raw:c:{scope}:{key}".encode()
+    cache_key, fields = _raw_put_parts(key, payload, level)
+    xadd = (b"XADD", RAW_STREAM, b"*", *(part for item in fields.items() for part in item))
     commands: list[tuple[Any, ...]] = [(b"SET", cache_key, payload, b"PX", CACHE_TTL_MS), xadd]
     if xlen:
         commands.append((b"XLEN", RAW_STREAM))
