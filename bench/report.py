@@ -117,16 +117,17 @@ def _persist(result: Mapping[str, Any]) -> list[str]:
     if b:
         lines += [
             "",
-            "Where a drained record's time goes (microseconds a record; planning and apply "
-            "timed again on the same backlog outside the worker's loop, Redis is the rest of "
-            "the drain's time):",
+            "Where a drained record's time goes (microseconds a record; planning, apply and "
+            "the worker's read timed again on the same backlog outside the worker's loop; "
+            "the rest is the drain's remaining time):",
             "",
             "| drain, all of it | SQL: lookups, inserts, commit | planning: decode, hash "
-            "chains, rows | Redis: XREADGROUP and parsing, acks, notifications "
-            "| raw executemany | allowed at 0.8 of raw |",
-            "|---|---|---|---|---|---|",
+            "chains, rows | read: XREADGROUP and parsing | the rest: XACK and PUBLISH, "
+            "notifications, metrics | raw executemany | allowed at 0.8 of raw |",
+            "|---|---|---|---|---|---|---|",
             f"| {b['drain_us']:.1f} | {b['sql_us']:.1f} | {b['plan_us']:.1f} "
-            f"| {b['redis_us']:.1f} | {b['raw_us']:.1f} | {b['budget_us']:.1f} |",
+            f"| {b['read_us']:.1f} | {b['rest_us']:.1f} | {b['raw_us']:.1f} "
+            f"| {b['budget_us']:.1f} |",
         ]
     return lines
 

@@ -159,7 +159,8 @@ def test_every_suite_runs_at_a_tiny_size_on_a_real_redis(tmp_path: Path) -> None
     assert persist["rounds"][0]["batches"] >= 1
     # The breakdown is measured, not derived from one figure: each stage took time.
     parts = persist["per_record"]
-    assert all(parts[k] > 0 for k in ("plan_us", "sql_us", "raw_us", "drain_us"))
+    assert all(parts[k] > 0 for k in ("plan_us", "sql_us", "raw_us", "drain_us", "read_us"))
+    assert parts["read_us"] + parts["rest_us"] == pytest.approx(parts["redis_us"])
     assert parts["budget_us"] == pytest.approx(parts["raw_us"] / 0.8)
     peers = docs["peers"]["backends"]["redis"]  # type: ignore[index]
     assert peers["put"]["raw MULTI SET+XADD (no dualmem)"]["count"] > 0

@@ -25,6 +25,7 @@ __all__ = [
     "fill_backlog",
     "last_seq",
     "raw_executemany_rate",
+    "read_cost",
     "run",
     "stage_costs",
 ]
@@ -156,6 +157,40 @@ def stage_costs(entries: list[StreamEntry], settings: Settings, db: Path) -> dic
     return {"plan_us": plan_s / n * 1e6, "apply_us": apply_s / n * 1e6}
 
 
+def read_cost(
+    client: redis.Redis,
+    stream: bytes,
+    entries: list[tuple[str, dict[bytes, bytes]]],
+    settings: Settings,
+    db: Path,
+) -> float:
+    """Microseconds a record of the worker's read alone: ``entries`` appended to ``stream``
+    again, then read in batches of ``batch_size`` by the worker's own read
+    (``XREADGROUP`` and parsing into stream entries) under a scratch consumer group,
+    with nothing applied or acknowledged. The group and the entries are removed after."""
+    _refill(client, stream, entries)
+    group = "bench-read"
+    client.xgroup_create(stream, group, id="0")
+    read_settings = settings.replace(db_path=str(db), group=group, consumer=group)
+    store = SQLiteStore.from_settings(read_settings)
+    worker_client, _ = connect(read_settings)
+    worker = Worker(worker_client, store, read_settings)
+    try:
+        n = 0
+        t0 = time.perf_counter()
+        while batch := worker._xreadgroup(">", block=False):  # the worker's read path
+            n += len(batch)
+        elapsed = time.perf_counter() - t0
+    finally:
+        store.close()
+        worker_client.close()
+        client.xgroup_destroy(stream, group)
+        client.xtrim(stream, maxlen=0)
+    if n != len(entries):
+        raise RuntimeError(f"read {n} of {len(entries)} entries back")
+    return elapsed / n * 1e6
+
+
 def _capture(client: redis.Redis, stream: bytes) -> list[tuple[str, dict[bytes, bytes]]]:
     out: list[tuple[str, dict[bytes, bytes]]] = []
     start = "-"
@@ -208,6 +243,9 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
             mem.settings,
             ctx.path(f"persist-stages-{backend.name}.db"),
         )
+        read_us = read_cost(
+            raw, stream, entries, mem.settings, ctx.path(f"persist-read-{backend.name}.db")
+        )
     finally:
         mem.close()
     rate = median(x["dualmem_rate"] for x in rounds)
@@ -220,6 +258,8 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
         "plan_us": stages["plan_us"],
         "sql_us": stages["apply_us"] - stages["plan_us"],
         "redis_us": drain_us - stages["apply_us"],
+        "read_us": read_us,
+        "rest_us": drain_us - stages["apply_us"] - read_us,
         "budget_us": raw_us / TARGET_RATIO,
     }
     targets = [
