@@ -18,6 +18,7 @@ import redis
 from acl import Level, Principal
 from dualmem import AccessDenied, DualMemory, NotPersisted, TamperedRecord, ValidationError
 from dualmem.coordination import (
+    Ack,
     AgentLifecycle,
     AgentStatus,
     BlockingCoordinator,
@@ -594,6 +595,73 @@ def test_a_signal_signed_in_the_senders_name_by_another_member_is_refused(
     BlockingCoordinator(unsynced, ROGUE, secret)._put(rogue._signal_key(late.id), late.to_value())
     with pytest.raises(NotPersisted, match="not committed"):
         BlockingCoordinator(unsynced, coder, secret).acknowledge_signal(late.id, timeout=0.2)
+
+
+def test_a_wait_by_id_trusts_only_the_committed_signal_its_waiter_sent(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret, max_retries=0)
+    signal = boss.send_signal(["coder-1"], "pause", {"why": "review"})  # coder-1 stays silent
+    boss.sync()
+    # A swarm member holding the secret overwrites the signal with a copy in the
+    # coordinator's name whose only target is itself, and acks that copy. A wait by id
+    # used to read the copy from the cache and report every target acked.
+    rogue = BlockingCoordinator(mem, ROGUE, secret)
+    forged = rogue._sign_signal(dataclasses.replace(signal, targets=("rogue",)), 1)
+    rogue._put(rogue._signal_key(signal.id), forged.to_value())
+    draft = dataclasses.replace(
+        Ack(signal.id, "rogue", forged.digest, clock_us(), rogue._signer.kid, ""), mac=""
+    )
+    ack = dataclasses.replace(draft, mac=rogue._mac(draft.signed_part()))
+    rogue._put(rogue._ack_key(signal.id, "rogue"), ack.to_value())
+    rogue.sync()
+    expected = f"written by {ROGUE.agent_id!r}, not by its sender {BOSS.agent_id!r}"
+    with pytest.raises(TamperedRecord, match=re.escape(expected)):
+        boss.wait_for_acks(signal.id, timeout=1)
+    with pytest.raises(TamperedRecord, match="does not match the signal as stored"):
+        boss.wait_for_acks(signal, timeout=1)  # the genuine object: its record was replaced
+    boss.sync()
+    assert [json.loads(r.detail)["reason"] for r in audit(mem, "signal_rejected")] == [
+        expected,
+        "does not match the signal as stored (altered)",
+    ]
+    # Only the sender waits: anyone else's re-sends would be signals in its name.
+    mine = boss.send_signal(["coder-1"], "resume")
+    with pytest.raises(ValidationError, match="only its sender waits"):
+        BlockingCoordinator(mem, coder, secret).wait_for_acks(mine, timeout=0.1)
+    # The genuine path still works, by object and by id.
+    BlockingCoordinator(mem, coder, secret).acknowledge_signal(mine.id)
+    assert boss.wait_for_acks(mine.id, timeout=10).acked == ("coder-1",)
+    assert boss.wait_for_acks(mine, timeout=10).complete
+
+
+def test_junk_under_the_signal_and_agent_prefixes_is_skipped_and_audited_once(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret)
+    genuine = boss.send_signal(["coder-1"], "pause")
+    lifecycle = AgentLifecycle(mem, BOSS)
+    lifecycle.register_spawn("coder-1", "Coder one", "coder", ["python"], Level.SWARM)
+    # Any member of the swarm can put anything under these prefixes, no secret needed.
+    for key in ("coord/signals/zzz", "lifecycle/agents/zzz", "lifecycle/events/coder-1/zzz"):
+        mem.sync(mem.put(key, {"hello": 1}, level=Level.SWARM, principal=ROGUE))
+    boss.sync()
+    lifecycle.sync()
+    target = BlockingCoordinator(mem, coder, secret)
+    for _ in range(2):  # polled twice, audited once
+        assert [s.id for s in target.pending_signals()] == [genuine.id]
+        assert [a.agent_id for a in lifecycle.list_agents()] == ["coder-1"]
+        assert [e.event for e in lifecycle.history("coder-1")] == ["spawn"]
+        assert lifecycle.stale_agents() == []
+    target.sync()
+    lifecycle.sync()
+    (signal_row,) = audit(mem, "signal_rejected")
+    assert signal_row.risk == "high" and "not a signal record" in signal_row.detail
+    rows = audit(mem, "agent_record_rejected")
+    assert sorted(r.key for r in rows) == ["lifecycle/agents/zzz", "lifecycle/events/coder-1/zzz"]
+    assert all(r.risk == "high" for r in rows)
 
 
 def test_previous_secret_still_verifies_after_rotation(make_mem: MakeMem, coder: Principal) -> None:

@@ -24,7 +24,7 @@ from dualmem.coordination._validation import (
     check_strings,
     check_text,
 )
-from dualmem.memory import DualMemory
+from dualmem.memory import DualMemory, Record
 
 __all__ = ["AgentEvent", "AgentInfo", "AgentLifecycle", "AgentStatus"]
 
@@ -178,6 +178,7 @@ class AgentLifecycle:
         self._lock = threading.RLock()
         self._last_us = 0
         self._receipts = ReceiptLog(mem)
+        self._rejected_seen: set[tuple[str, str]] = set()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -376,8 +377,31 @@ class AgentLifecycle:
         records = self.mem.query(
             principal=self.principal, level=self.level, prefix=_AGENTS, limit=_QUERY_LIMIT
         )
-        agents = [AgentInfo.from_value(r.value) for r in records]
+        agents = []
+        for r in records:
+            try:
+                agents.append(AgentInfo.from_value(r.value))
+            except TamperedRecord as exc:
+                self._reject_once(r, str(exc))
         return [a for a in agents if wanted is None or a.status is wanted]
+
+    def _reject_once(self, record: Record, reason: str) -> None:
+        # Any member of the scope can put junk under the registry's prefixes: it is skipped
+        # (it must not hide the other agents, or switch off stale_agents) and audited high
+        # once per record version, not once per poll.
+        mark = (record.key, record.stream_id)
+        if mark in self._rejected_seen:
+            return
+        self._rejected_seen.add(mark)
+        self._receipts.add(
+            self.mem.audit(
+                "agent_record_rejected",
+                principal=self.principal,
+                risk="high",
+                key=record.key,
+                detail={"reason": reason},
+            )
+        )
 
     def history(
         self,
@@ -405,7 +429,8 @@ class AgentLifecycle:
                     str(v["agent_id"]), str(v["event"]), int(v["at"]), dict(v["detail"])
                 )
             except (KeyError, TypeError, ValueError) as exc:
-                raise TamperedRecord(f"{r.key} is not an agent event: {exc!r}") from exc
+                self._reject_once(r, f"not an agent event: {exc!r}")
+                continue
             if kinds is None or ev.event in kinds:
                 events.append(ev)
         if limit is not None:

@@ -403,7 +403,12 @@ class BlockingCoordinator:
         )
         out: list[Signal] = []
         for r in records:
-            signal = Signal.from_value(r.value)
+            try:
+                signal = Signal.from_value(r.value)
+            except TamperedRecord as exc:
+                # Anyone in the swarm can put junk under the prefix: skip it, not the feed.
+                self._reject_once("signal_rejected", r, str(exc))
+                continue
             if self.id not in signal.targets:
                 continue
             problem = self._record_problem(signal, r)
@@ -475,6 +480,22 @@ class BlockingCoordinator:
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.05)
 
+    def _check_committed(self, signal: Signal, timeout: float) -> None:
+        """Raise ``TamperedRecord`` (audited, high risk) unless ``signal`` is the body of its
+        committed record, written by its sender; ``NotPersisted`` if that record is not
+        committed within ``timeout`` seconds."""
+        record = self._committed_signal(signal.id, timeout)
+        problem = self._stored_problem(signal, record)
+        if problem is not None:
+            self._audit(
+                "signal_rejected",
+                "high",
+                self._signal_key(signal.id),
+                signal=signal.id,
+                reason=problem,
+            )
+            raise TamperedRecord(f"signal {signal.id} is not authentic: {problem}")
+
     def _valid_ack_value(self, signal: Signal, value: Any) -> Ack | None:
         try:
             ack = Ack.from_value(value)
@@ -511,17 +532,7 @@ class BlockingCoordinator:
         is written. A signal not addressed to this participant raises ``ValidationError``.
         """
         signal = self._resolve(signal)
-        record = self._committed_signal(signal.id, timeout)
-        problem = self._stored_problem(signal, record)
-        if problem is not None:
-            self._audit(
-                "signal_rejected",
-                "high",
-                self._signal_key(signal.id),
-                signal=signal.id,
-                reason=problem,
-            )
-            raise TamperedRecord(f"signal {signal.id} is not authentic: {problem}")
+        self._check_committed(signal, timeout)
         if self.id not in signal.targets:
             raise ValidationError(f"signal {signal.id} is not addressed to {self.id}")
         existing = self._own_valid_ack(signal)
@@ -579,6 +590,13 @@ class BlockingCoordinator:
         While any target is missing it re-sends exactly ``max_retries`` times before it
         gives up (a starved process catches up on missed re-sends before returning).
 
+        Only the sender waits (``ValidationError`` otherwise), and only for its signal as
+        committed: the targets come from the committed record, which must have been
+        written by this participant (a swarm member holding the secret could otherwise put
+        a copy with other targets in the cache, and a wait by id would believe it). The
+        wait for that commit counts against ``timeout``; ``NotPersisted`` if it never
+        comes (no target can have acked a signal that is not committed).
+
         ACKs are read as committed to SQLite, so the writer of each is known. Audit rows:
         ``signal_retry`` (medium) per re-send, ``signal_ack_rejected`` (high) per bad ACK
         record, then ``signal_complete`` (low) or ``signal_timeout`` (medium).
@@ -591,9 +609,15 @@ class BlockingCoordinator:
             or timeout < 0
         ):
             raise ValidationError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        if signal.sender != self.id:
+            raise ValidationError(
+                f"signal {signal.id} was sent by {signal.sender!r}: only its sender waits "
+                f"for its ACKs, not {self.id!r}"
+            )
         if self.signal_problem(signal) is not None:
             raise TamperedRecord(f"signal {signal.id} is not authentic; refusing to wait for it")
         start = time.monotonic()
+        self._check_committed(signal, timeout)
         deadline = start + timeout
         slots = self.max_retries + 1
         retry_at = [start + timeout * (i + 1) / slots for i in range(self.max_retries)]
