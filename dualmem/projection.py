@@ -343,10 +343,19 @@ _TABLES = {
     "decision": ("decisions", "decision_id"),
     "playbook_run": ("playbook_runs", "run_id"),
 }
-_MISSION_UPSERT = """
+# Every projected row is written only while its record's `memory` row is the one this
+# command wrote (same sid, not a tombstone). The statements run after the batch's memory
+# upserts, whose sid guard already decided: a late, older put of a record that was
+# deleted (a claimed or replayed entry) changes neither. A delete removes the projected
+# row, so without this a late put found no row to compare its sid with and revived it.
+_CURRENT = (
+    "EXISTS (SELECT 1 FROM memory WHERE scope = ? AND key = ? AND sid = ? AND envelope IS NOT NULL)"
+)
+_MISSION_UPSERT = f"""
 INSERT INTO missions (scope, mission_id, level, phase, status, metadata, started_at,
                       updated_at, completed_at, actor, sid)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
+WHERE {_CURRENT}
 ON CONFLICT (scope, mission_id) DO UPDATE SET
     level = excluded.level, phase = excluded.phase, status = excluded.status,
     metadata = excluded.metadata, started_at = excluded.started_at,
@@ -366,11 +375,12 @@ WHERE NOT EXISTS (SELECT 1 FROM memory WHERE scope = ? AND key = ? AND envelope 
 ON CONFLICT (scope, mission_id) DO NOTHING
 """
 _CHILD_UPSERT = {
-    "tool_call": """
+    "tool_call": f"""
 INSERT INTO tool_calls (scope, call_id, mission_id, tool_name, args, result, duration_ms,
                         success, error, called_at, actor, sid)
 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
 WHERE EXISTS (SELECT 1 FROM missions WHERE scope = ? AND mission_id = ?)
+  AND {_CURRENT}
 ON CONFLICT (scope, call_id) DO UPDATE SET
     mission_id = excluded.mission_id, tool_name = excluded.tool_name, args = excluded.args,
     result = excluded.result, duration_ms = excluded.duration_ms, success = excluded.success,
@@ -378,22 +388,24 @@ ON CONFLICT (scope, call_id) DO UPDATE SET
     sid = excluded.sid
 WHERE excluded.sid > tool_calls.sid
 """,
-    "decision": """
+    "decision": f"""
 INSERT INTO decisions (scope, decision_id, mission_id, decision_type, rationale, agent_name,
                        decided_at, actor, sid)
 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?
 WHERE EXISTS (SELECT 1 FROM missions WHERE scope = ? AND mission_id = ?)
+  AND {_CURRENT}
 ON CONFLICT (scope, decision_id) DO UPDATE SET
     mission_id = excluded.mission_id, decision_type = excluded.decision_type,
     rationale = excluded.rationale, agent_name = excluded.agent_name,
     decided_at = excluded.decided_at, actor = excluded.actor, sid = excluded.sid
 WHERE excluded.sid > decisions.sid
 """,
-    "playbook_run": """
+    "playbook_run": f"""
 INSERT INTO playbook_runs (scope, run_id, mission_id, playbook_name, phase, started_at,
                            completed_at, success, actor, sid)
 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
 WHERE EXISTS (SELECT 1 FROM missions WHERE scope = ? AND mission_id = ?)
+  AND {_CURRENT}
 ON CONFLICT (scope, run_id) DO UPDATE SET
     mission_id = excluded.mission_id, playbook_name = excluded.playbook_name,
     phase = excluded.phase, started_at = excluded.started_at,
@@ -522,6 +534,9 @@ def _plan_record(
             rec.completed_at,
             rec.actor,
             sid,
+            cmd.scope,
+            cmd.key,
+            sid,
         )
         return [(_MISSION_UPSERT, params)]
     when = _record_time(rec)
@@ -537,7 +552,10 @@ def _plan_record(
     )
     return [
         (_PLACEHOLDER, placeholder),
-        (_CHILD_UPSERT[kind], (*_child_params(rec, sid), cmd.scope, mission_id)),
+        (
+            _CHILD_UPSERT[kind],
+            (*_child_params(rec, sid), cmd.scope, mission_id, cmd.scope, cmd.key, sid),
+        ),
     ]
 
 

@@ -14,6 +14,7 @@ from acl import AccessDenied, Codec, Level, Principal, ValidationError
 from dualmem import DualMemory, NotPersisted
 from dualmem.commands import Receipt, delete_fields, put_fields
 from dualmem.missions import MissionLog
+from dualmem.ops.verify import check_projections
 from dualmem.projection import child_key, mission_key
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
@@ -358,6 +359,37 @@ def test_a_late_child_cannot_revive_a_deleted_mission(store: SQLiteStore) -> Non
     )
     assert store.mission("project:shop", "m") is None
     assert store.decisions("project:shop", "m") == []
+
+
+def test_a_late_older_put_cannot_revive_a_deleted_mission_or_tool_call(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    # A dead consumer's entries are claimed after the deletes committed (or replayed from
+    # the dead-letter table): memory keeps its tombstones, and the projection must agree.
+    store.apply([put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))])
+    store.apply([put_entry(11, child_key("tool_call", "m", "c1"), call_value("m", "c1", 11))])
+    store.apply([del_entry(30, child_key("tool_call", "m", "c1")), del_entry(31, mission_key("m"))])
+    store.apply(
+        [
+            put_entry(20, mission_key("m"), mission_value("m", "completed", 20)),
+            put_entry(21, child_key("tool_call", "m", "c1"), call_value("m", "c1", 21)),
+        ]
+    )
+    assert store.get("project:shop", mission_key("m"), 0) is None
+    assert store.mission("project:shop", "m") is None
+    assert store.missions("project:shop") == []
+    assert store.tool_calls("project:shop", "m") == []
+    # A tool call deleted alone, its mission alive: the late put does not revive it either,
+    # and a newer put of it still projects.
+    store.apply([put_entry(40, mission_key("m2"), mission_value("m2", "in_progress", 40))])
+    store.apply([del_entry(50, child_key("tool_call", "m2", "c2"))])
+    store.apply([put_entry(45, child_key("tool_call", "m2", "c2"), call_value("m2", "c2", 45))])
+    assert store.tool_calls("project:shop", "m2") == []
+    store.apply([put_entry(60, child_key("tool_call", "m2", "c2"), call_value("m2", "c2", 60))])
+    assert [c.call_id for c in store.tool_calls("project:shop", "m2")] == ["c2"]
+    with sqlite3.connect(store.path) as conn:
+        assert check_projections(conn).status == "ok"
+    conn.close()
 
 
 def test_a_record_whose_ids_do_not_match_its_key_fails_alone(store: SQLiteStore) -> None:
