@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from acl.errors import AccessDenied
+from acl.errors import AccessDenied, TamperedRecord
 from acl.levels import Level, as_level
 from acl.principal import Principal
 
-__all__ = ["level_of_scope", "readable_scopes", "resolve_scope"]
+__all__ = ["level_of_scope", "readable_scopes", "resolve_scope", "stored_level"]
 
 _WHY_NONE = {
     Level.TEAM: "it belongs to no team",
@@ -93,3 +93,27 @@ def level_of_scope(scope: str) -> Level:
             if prefix == name:
                 return lvl
     raise ValueError(f"not a dualmem scope: {scope!r}")
+
+
+def stored_level(scope: str, level: int) -> Level:
+    """The level to open a stored row of ``scope`` with: its scope's level.
+
+    The row's own level column must agree; ``TamperedRecord`` if it does not (edited: a
+    plaintext level on an encrypted scope would let a planted plaintext value be read).
+
+    >>> stored_level("agent:alice", 1)
+    <Level.PRIVATE: 1>
+    >>> stored_level("agent:alice", 3)
+    Traceback (most recent call last):
+    ...
+    acl.errors.TamperedRecord: agent:alice: stored at level 3, but its scope is at level 1 (edited)
+    """
+    try:
+        expected = level_of_scope(scope)
+    except ValueError as exc:
+        raise TamperedRecord(f"stored under {scope!r}: {exc}") from None
+    if level != int(expected):
+        raise TamperedRecord(
+            f"{scope}: stored at level {level}, but its scope is at level {int(expected)} (edited)"
+        )
+    return expected

@@ -20,7 +20,7 @@ from acl.errors import (
     ValidationError,
 )
 from acl.levels import Level, as_level
-from acl.policy import level_of_scope, readable_scopes, resolve_scope
+from acl.policy import level_of_scope, readable_scopes, resolve_scope, stored_level
 from acl.principal import Principal
 from dualmem.commands import (
     Receipt,
@@ -662,7 +662,23 @@ class DualMemory:
         return lvl, sc, row, value
 
     def _record(self, row: StoredRow, actor: str) -> Record:
-        return _record_of(row, self._open(row.envelope, row.scope, row.key, row.level, actor))
+        # The scope's level, never the row's level column alone: a row whose column was
+        # edited to a plaintext level would otherwise open a planted plaintext value in an
+        # encrypted scope (Codec.open refuses it when asked with the scope's level).
+        try:
+            level = stored_level(row.scope, int(row.level))
+        except TamperedRecord as exc:
+            self._audit(
+                "tampered_record",
+                actor=actor,
+                risk="high",
+                scope=row.scope,
+                key=row.key,
+                level=int(row.level),
+                detail={"error": str(exc)},
+            )
+            raise
+        return _record_of(row, self._open(row.envelope, row.scope, row.key, level, actor))
 
     def _scopes(
         self, principal: Principal, level: Level | int | None, scope: str | None

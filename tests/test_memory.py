@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import sqlite3
 import threading
@@ -28,6 +29,8 @@ from dualmem import (
     ValidationError,
 )
 from dualmem.commands import sid_of
+from dualmem.ops.mirror import render_record
+from dualmem.ops.transfer import export_records
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.worker import Worker
 
@@ -209,6 +212,65 @@ def test_ciphertext_moved_in_sqlite_is_detected_and_audited(
 
     events = wait_until(lambda: len(tamper_events()) >= 5 and tamper_events(), what="audit rows")
     assert all(a.risk == "high" for a in events)  # type: ignore[attr-defined]
+
+
+def test_plaintext_planted_in_an_encrypted_scope_with_a_plaintext_level_is_refused(
+    mem: DualMemory, coder: Principal, db_path: Path, tmp_path: Path
+) -> None:
+    # A swarm member's plaintext envelope copied over the coder's PRIVATE row, with the
+    # row's level column set to SWARM: get() always opened with the scope's level, query()
+    # and export opened with the row's column and returned the planted value.
+    mallory = Principal(agent_id="mallory", swarm=coder.swarm)
+    mem.sync(mem.put("creds", {"token": "real"}, level=Level.PRIVATE, principal=coder))
+    mem.sync(mem.put("creds", {"token": "forged"}, level=Level.SWARM, principal=mallory))
+    with sqlite3.connect(db_path) as conn:
+        (env,) = conn.execute(
+            "SELECT envelope FROM memory WHERE scope = ? AND key = 'creds'",
+            (f"swarm:{coder.swarm}",),
+        ).fetchone()
+        conn.execute(
+            "UPDATE memory SET envelope = ?, level = 3 WHERE scope = 'agent:coder-1'", (env,)
+        )
+    conn.close()
+    with pytest.raises(TamperedRecord):
+        mem.get("creds", level=Level.PRIVATE, principal=coder)
+    with pytest.raises(TamperedRecord, match="stored at level 3, but its scope is at level 1"):
+        mem.query(principal=coder, level=Level.PRIVATE)
+    with pytest.raises(TamperedRecord):
+        mem.query(principal=coder)
+    out = io.StringIO()
+    with sqlite3.connect(db_path) as conn:
+        result = export_records(
+            conn,
+            out,
+            now_ms=int(time.time() * 1000),
+            codec=mem.codec,
+            decrypt_as=coder,
+        )
+    conn.close()
+    exported = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(d["scope"], d["value"]) for d in exported] == [
+        (f"swarm:{coder.swarm}", {"token": "forged"})  # mallory's own record, nothing else
+    ]
+    assert [e.split(": ", 1)[0] for e in result.errors] == ["agent:coder-1/creds"]
+    # The mirror renders a row with the same rule (a file in the clear would be the leak).
+    with sqlite3.connect(db_path) as conn:
+        row = conn.execute(
+            "SELECT scope, key, level, owner, envelope, updated_at, expires_at, stream_id "
+            "FROM memory WHERE scope = 'agent:coder-1'"
+        ).fetchone()
+    conn.close()
+    with pytest.raises(TamperedRecord, match="stored at level 3"):
+        render_record(row, mem.codec)
+    rows = wait_until(
+        lambda: [
+            a
+            for a in mem.store.audit_log()
+            if a.event == "tampered_record" and "its scope is at level 1" in a.detail
+        ],
+        what="audit rows",
+    )
+    assert all(a.risk == "high" and a.scope == "agent:coder-1" for a in rows)
 
 
 def test_ciphertext_moved_in_redis_cache_is_detected(

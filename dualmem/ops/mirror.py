@@ -40,7 +40,7 @@ from urllib.parse import quote
 from acl.crypto import Codec
 from acl.errors import ConfigurationError, DualMemError
 from acl.levels import ENCRYPTED_LEVELS, Level
-from acl.policy import level_of_scope
+from acl.policy import level_of_scope, stored_level
 from dualmem.ops.database import NO_PROGRESS, ProgressFn
 from dualmem.ops.runtime import AuditEvent, Runtime, Write
 from dualmem.ops.transfer import LineError, line_envelope, line_identity
@@ -83,7 +83,7 @@ def record_path(directory: Path, scope: str, key: str) -> Path:
 def render_record(row: Row, codec: Codec) -> bytes:
     """The file content of a row: its value in the clear, or sealed for encrypted levels."""
     scope, key, level_no, owner, envelope, updated_at, expires_at, stream_id = row
-    level = Level(level_no)
+    level = stored_level(scope, level_no)  # TamperedRecord if the level column was edited
     doc: dict[str, Any] = {
         "scope": scope,
         "key": key,
@@ -303,7 +303,13 @@ class Mirror:
                 report.removed += 1
             self.state.files.pop(rel, None)
             return
-        data = render_record(row, self.codec)
+        try:
+            data = render_record(row, self.codec)
+        except DualMemError as exc:
+            # An edited row: its file is left as it is (never replaced by what the row
+            # says), and `dualmem mirror --check` reports the row.
+            report.events.append(f"{rel}: not mirrored: {exc}")
+            return
         if not path.is_file() or path.read_bytes() != data:
             _atomic_write(path, data)
             report.written += 1

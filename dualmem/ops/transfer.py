@@ -26,7 +26,7 @@ from typing import IO, Any
 from acl.crypto import Codec
 from acl.errors import AccessDenied, DualMemError, ValidationError
 from acl.levels import ENCRYPTED_LEVELS, Level, as_level
-from acl.policy import level_of_scope, resolve_scope
+from acl.policy import level_of_scope, resolve_scope, stored_level
 from acl.principal import Principal
 from dualmem.commands import check_key
 from dualmem.ops.database import NO_PROGRESS, ProgressFn
@@ -112,11 +112,11 @@ def export_records(
     result = ExportResult()
     while rows := cursor.fetchmany(1000):
         for scope, key, level_no, owner, envelope, created, updated, expires in rows:
-            level = Level(level_no)
             line: dict[str, Any] = dict(
-                zip(FIELDS, (scope, key, int(level), owner, created, updated, expires), strict=True)
+                zip(FIELDS, (scope, key, level_no, owner, created, updated, expires), strict=True)
             )
             try:
+                level = stored_level(scope, level_no)
                 if level in ENCRYPTED_LEVELS and not _may_read(decrypt_as, level, scope):
                     line["envelope"] = base64.b64encode(bytes(envelope)).decode("ascii")
                     result.sealed += 1
