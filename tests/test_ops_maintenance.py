@@ -56,11 +56,18 @@ def test_backup_while_the_worker_writes_is_a_verified_snapshot(
 ) -> None:
     for r in [mem.put(f"pre{i}", "x" * 300, level=Level.TEAM, principal=CODER) for i in range(300)]:
         mem.sync(r, timeout=10)
+    # Thousands of pages: a backup copied in steps restarted from page 1 at every commit
+    # of the worker in between, and never finished while puts kept coming.
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("CREATE TABLE test_padding (b BLOB)")
+        conn.executemany("INSERT INTO test_padding VALUES (zeroblob(65536))", [()] * 300)
+    conn.close()
     stop = threading.Event()
+    deadline = time.monotonic() + 30
 
     def write() -> None:
         i = 0
-        while not stop.is_set():
+        while not stop.is_set() and time.monotonic() < deadline:
             mem.put(f"during{i}", {"i": i}, level=Level.SWARM, principal=CODER)
             i += 1
             time.sleep(0.001)
@@ -71,9 +78,11 @@ def test_backup_while_the_worker_writes_is_a_verified_snapshot(
         dest = tmp_path / "backups" / "copy.db"
         dest.parent.mkdir()
         code, out, _ = run_cli(capsys, "backup", *args, str(dest))
+        finished_while_writing = writer.is_alive()
     finally:
         stop.set()
         writer.join()
+    assert finished_while_writing
     assert code == 0, out
     assert "journal hash chain" in out and "schema version" in out
     assert not Path(f"{dest}-wal").exists()  # one self-contained file

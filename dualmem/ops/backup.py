@@ -17,7 +17,6 @@ from dualmem.ops.verify import Check, check_chain, check_foreign_keys, check_int
 
 __all__ = ["BackupResult", "backup_database"]
 
-_PAGES_PER_STEP = 256
 _COUNTED = ("memory", "journal", "audit_log", "dead_letters", "missions", "tool_calls")
 
 
@@ -48,8 +47,8 @@ def backup_database(
 ) -> BackupResult:
     """Copy the live database ``src`` to ``dest`` and verify the copy.
 
-    The online backup API copies pages while the worker keeps writing (SQLite restarts the
-    copy when the source changes under it), so the result is one consistent snapshot. The
+    The online backup API copies every page in one step, under one read transaction, while
+    the worker keeps writing (WAL), so the result is one consistent snapshot. The
     copy is written beside ``dest`` under a temporary name, switched out of WAL mode (one
     self-contained file), checked (``integrity_check``, ``foreign_key_check``, both hash
     chains), fsynced, and only then renamed to ``dest``: a file at ``dest`` is always a
@@ -76,7 +75,11 @@ def backup_database(
                 def step(_status: int, remaining: int, total: int) -> None:
                     progress("backup", total - remaining, total)
 
-                source.backup(out, pages=_PAGES_PER_STEP, progress=step)
+                # One step: the copy reads one snapshot under one read transaction (WAL:
+                # the worker keeps committing meanwhile). Copied in several steps, every
+                # commit in between restarted it from page 1, so under a steady stream of
+                # puts a large database never finished backing up.
+                source.backup(out, pages=-1, progress=step)
                 out.execute("PRAGMA journal_mode = DELETE")
                 result = _verify_copy(out, target)
             finally:
