@@ -31,6 +31,8 @@ from dualmem.errors import ConfigurationError
 from dualmem.store import AuditRow
 from dualmem.worker import Worker
 
+from .conftest import wait_until
+
 MakeMem = Callable[..., DualMemory]
 
 SWARM = "phase-1-auth"  # the swarm of the ``coder`` fixture
@@ -143,6 +145,25 @@ def test_loop2_consensus_is_shared_by_the_swarm_and_latest_wins(
         loops.store_loop2_consensus(other, "auth", 4, 0.99, {}, [])
 
 
+def test_latest_consensus_is_found_past_one_page_of_iterations(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A query returns at most one page of keys (10,000), in ascending order: iteration
+    # 10,000 used to lose to 9,999, the last key of the first page. The same search with
+    # a page of 5 keys and 12 iterations.
+    from dualmem.coordination import loops as loops_module
+
+    monkeypatch.setattr(loops_module, "_QUERY_LIMIT", 5)
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    for iteration in range(12):
+        loops.store_loop2_consensus(coder, "auth", iteration, iteration / 20, {}, [])
+    loops.store_loop2_consensus(coder, "ui", 99, 0.1, {}, [])  # another phase
+    loops.sync()
+    latest = loops.get_loop2_consensus(BOSS, "auth")
+    assert latest is not None and (latest.iteration, latest.score) == (11, 0.55)
+
+
 def test_loop4_decisions_are_system_only_encrypted_and_chronological(
     make_mem: MakeMem, coder: Principal, system: Principal, db_path: Path
 ) -> None:
@@ -173,7 +194,20 @@ def test_loop4_decisions_are_system_only_encrypted_and_chronological(
     assert len(envelopes) == 3 and not any(b"NEEDLE" in e for e in envelopes)
 
 
-@pytest.mark.parametrize("bad", [-0.01, 1.0001, math.nan, math.inf, True, "0.9", None])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        -0.01,
+        1.0001,
+        math.nan,
+        math.inf,
+        True,
+        "0.9",
+        None,
+        pytest.param(10**400, id="int-too-large-for-a-float"),
+        pytest.param(-(10**400), id="negative-int-too-large-for-a-float"),
+    ],
+)
 def test_scores_outside_the_unit_interval_are_rejected_and_nothing_is_stored(
     make_mem: MakeMem, coder: Principal, bad: object
 ) -> None:
@@ -690,6 +724,14 @@ def test_coordinator_configuration_is_checked(make_mem: MakeMem, system: Princip
         BlockingCoordinator(mem, "coordinator", b"x" * 32)  # type: ignore[arg-type]
     with pytest.raises(AccessDenied):
         BlockingCoordinator(mem, system, b"x" * 32)  # no swarm: no scope for SWARM signals
+    with pytest.raises(AccessDenied):
+        BlockingCoordinator(mem, BOSS, b"x" * 32, level=Level.SYSTEM)  # not a system principal
+    mem.sync(mem.put("sentinel", 1, level=Level.SWARM, principal=BOSS))
+    denied = wait_until(
+        lambda: len(audit(mem, "access_denied")) >= 2 and audit(mem, "access_denied"),
+        what="audit rows",
+    )
+    assert sorted(r.actor for r in denied) == [BOSS.agent_id, system.agent_id]
     boss = BlockingCoordinator(mem, BOSS, b"x" * 32)
     with pytest.raises(ValidationError):
         boss.send_signal("coder-1", "pause")

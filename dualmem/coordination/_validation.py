@@ -44,7 +44,10 @@ def check_score(name: str, value: object) -> float:
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValidationError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
-    score = float(value)
+    try:
+        score = float(value)
+    except OverflowError:  # an int too large for a float: out of range like any other
+        raise ValidationError(f"{name} must be within [0, 1], got {value!r}") from None
     if not math.isfinite(score) or not 0.0 <= score <= 1.0:
         raise ValidationError(f"{name} must be within [0, 1], got {value!r}")
     return score

@@ -333,16 +333,24 @@ class LoopMemory:
                 key, level=Level.SWARM, principal=principal, scope=self.swarm_scope
             )
             return None if value is None else self._loop2(value, key)
+        last = self._last_under(principal, self._prefix(2, phase))
+        return None if last is None else self._loop2(last.value, last.key)
+
+    def _last_under(self, principal: Principal, prefix: str) -> Record | None:
+        """The record with the highest key under ``prefix`` (keys end in the zero-padded
+        iteration, so the highest is the newest). A query returns keys in ascending order,
+        at most ``_QUERY_LIMIT`` of them: past that, narrow the prefix by the next digit,
+        highest first, so iteration 10,000 is found past 0..9,999."""
         records = self.mem.query(
-            principal=principal,
-            scope=self.swarm_scope,
-            prefix=self._prefix(2, phase),
-            limit=_QUERY_LIMIT,
+            principal=principal, scope=self.swarm_scope, prefix=prefix, limit=_QUERY_LIMIT
         )
-        if not records:
-            return None
-        last = records[-1]  # keys end in the zero-padded iteration: the last is the newest
-        return self._loop2(last.value, last.key)
+        if len(records) < _QUERY_LIMIT:
+            return records[-1] if records else None
+        for digit in "9876543210":
+            found = self._last_under(principal, prefix + digit)
+            if found is not None:
+                return found
+        return records[-1]
 
     def _loop2(self, v: Any, key: str) -> Loop2Consensus:
         try:

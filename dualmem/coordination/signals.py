@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from acl.errors import AccessDenied, ConfigurationError, TamperedRecord, ValidationError
+from acl.errors import ConfigurationError, TamperedRecord, ValidationError
 from acl.levels import Level, as_level
 from acl.principal import Principal
 from dualmem.coordination._validation import ReceiptLog, check_ident, clock_us
@@ -239,16 +239,9 @@ class BlockingCoordinator:
         self.principal = coordinator_id
         self.id = check_ident("coordinator_id", coordinator_id.agent_id)
         self.level = as_level(level)
-        scope = coordinator_id.scope(self.level)
-        if scope is None:
-            raise AccessDenied(
-                f"{self.id} has no scope at level {self.level.name} for signals",
-                agent_id=self.id,
-                action="write",
-                level=int(self.level),
-                scope=None,
-            )
-        self.scope = scope
+        # Through the facade, so a denial (no scope at the level, SYSTEM for a non-system
+        # principal) is audited like any other.
+        _, self.scope = mem.authorize(coordinator_id, self.level, "write")
         self.max_retries = max_retries
         self.signal_ttl = signal_ttl
         self._signer = _derive(secret)
