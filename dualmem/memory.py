@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -144,7 +143,7 @@ class DualMemory:
             max_value_bytes=settings.max_value_bytes,
         )
         # A key file is watched, so a key rotation reaches this process (dualmem.rotation).
-        keyfile = None if given_ring else _keyring_path(settings)
+        keyfile = None if given_ring else settings.keyring_file
         self._keyfile = (
             None
             if keyfile is None
@@ -808,15 +807,6 @@ class DualMemory:
         else:
             gauges["redis_up"] = 1.0
         return prometheus_text(self.metrics(), gauges)
-
-
-def _keyring_path(settings: Settings) -> Path | None:
-    """The key file the keyring came from, if it came from one."""
-    if settings.keyring:
-        return Path(settings.keyring)
-    if settings.key:
-        return None
-    return settings.default_keyring_path if settings.embedded else None
 
 
 def _load_keyring(settings: Settings) -> Keyring:

@@ -149,6 +149,15 @@ class Settings:
         """Where the embedded default keeps its key file: beside the database."""
         return Path(self.db_path + ".keys")
 
+    @property
+    def keyring_file(self) -> Path | None:
+        """The key file the keyring is loaded from, if it comes from one (not ``key``)."""
+        if self.keyring:
+            return Path(self.keyring)
+        if self.key:
+            return None
+        return self.default_keyring_path if self.embedded else None
+
     def validate(self) -> None:
         """Raise ConfigurationError naming the first bad setting."""
         for name in (

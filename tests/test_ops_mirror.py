@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import pytest
 
 from acl import Keyring, Level, Principal, envelope_key_id
 from dualmem import DualMemory
-from dualmem.ops.mirror import STATE_FILE, record_path
+from dualmem.ops.mirror import STATE_FILE, Mirror, record_path
+from dualmem.ops.runtime import Runtime
 from dualmem.rotation import rotate_keys
+from dualmem.settings import Settings
 
 from .conftest import run_cli
 
@@ -246,6 +249,52 @@ def test_sealed_files_follow_a_key_rotation(
     after = envelope_key_id(base64.b64decode(str(doc(f)["envelope"])))
     assert before != after == ring.active_id
     assert verify_mirror(capsys, args, mdir)["status"] == "ok"
+
+
+def test_a_running_mirror_seals_edits_with_the_key_a_rotation_made_active(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    # A long-running `dualmem mirror` loaded the key file once: after rotate-keys
+    # --drop-retired it went on sealing imported edits with the dropped key, and those
+    # records could no longer be opened by anyone (MissingKey).
+    mem = make_mem()
+    put(mem, "note", {"v": 1}, Level.TEAM)
+    settings = Settings.load(
+        {
+            "redis_url": redis_url,
+            "db_path": str(db_path),
+            "keyring": str(keyfile),
+            "keyring_reload_interval": 0.05,
+        }
+    )
+    with Runtime(settings, worker=False) as rt:
+        mirror = Mirror(rt, mdir)
+        mirror.cycle(int(time.time() * 1000))
+        f = file_of(mdir, "note", "team:backend")
+        old = Keyring.load(keyfile)
+        # The end state of a rotation with --drop-retired: only the new key is left.
+        rotated = old.with_new_key()
+        rotated.without_key(old.active_id).save(keyfile, overwrite=True)
+        time.sleep(0.1)  # past keyring_reload_interval
+        edited = doc(f)
+        edited.pop("envelope")
+        edited["value"] = {"v": 2}
+        f.write_text(json.dumps(edited), encoding="utf-8")
+        report = mirror.cycle(int(time.time() * 1000))
+        assert report.imported == 1
+        rt.wait(report.receipts, 10)
+    with sqlite3.connect(db_path) as conn:
+        (env,) = conn.execute(
+            "SELECT envelope FROM memory WHERE scope = 'team:backend' AND key = 'note'"
+        ).fetchone()
+    conn.close()
+    assert envelope_key_id(bytes(env)) == rotated.active_id
+    reader = make_mem()
+    assert reader.get("note", level=Level.TEAM, principal=CODER) == {"v": 2}
 
 
 def test_operator_commands_never_migrate_behind_your_back(

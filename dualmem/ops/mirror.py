@@ -225,6 +225,8 @@ class Mirror:
 
     def cycle(self, now_ms: int, progress: ProgressFn = NO_PROGRESS) -> CycleReport:
         """Import hand edits, apply journal changes, drop expired files, save the state."""
+        # Edits are sealed with the active key: learn a rotation's new key first.
+        self.runtime.refresh_keys()
         report = CycleReport()
         writes: list[Write] = []
         events: list[AuditEvent] = []

@@ -24,6 +24,7 @@ from dualmem.errors import Backpressure
 from dualmem.layout import Layout
 from dualmem.ops.database import NO_PROGRESS, ProgressFn, check_current, open_database
 from dualmem.redis_backend import connect, text, translate_errors
+from dualmem.rotation import KeyfileWatcher
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.worker import Worker, ensure_groups
@@ -99,6 +100,14 @@ class Runtime:
             compress_threshold=settings.compress_threshold,
             max_value_bytes=settings.max_value_bytes,
         )
+        # A key file is watched, as by DualMemory: a long-running tool (the mirror) must
+        # seal with the key rotate-keys made active, never with one it is about to drop.
+        keyfile = None if keyring is not None else settings.keyring_file
+        self._keyfile = (
+            None
+            if keyfile is None or not keyfile.exists()
+            else KeyfileWatcher(keyfile, self.codec, settings.keyring_reload_interval)
+        )
         if Path(settings.db_path).exists():
             # SQLiteStore would migrate an older file on open; an operator command
             # leaves upgrades to `dualmem migrate`, which backs up first.
@@ -116,6 +125,16 @@ class Runtime:
         except BaseException:
             self.store.close()
             raise
+
+    def refresh_keys(self, *, now: bool = False) -> bool:
+        """Reload the key file if it changed (at most every ``keyring_reload_interval``
+        seconds, or ``now``); whether the keyring was replaced. Call before sealing."""
+        if self._keyfile is None:
+            return False
+        if now:
+            return self._keyfile.reload()
+        self._keyfile.check()
+        return False
 
     def _start_worker(self) -> None:
         client, _ = connect(self.settings, extra_timeout=self.settings.block_ms / 1000)
