@@ -126,15 +126,11 @@ class Runtime:
             self.store.close()
             raise
 
-    def refresh_keys(self, *, now: bool = False) -> bool:
-        """Reload the key file if it changed (at most every ``keyring_reload_interval``
-        seconds, or ``now``); whether the keyring was replaced. Call before sealing."""
-        if self._keyfile is None:
-            return False
-        if now:
-            return self._keyfile.reload()
-        self._keyfile.check()
-        return False
+    def refresh_keys(self) -> None:
+        """Reload the key file if it changed (looked at most every
+        ``keyring_reload_interval`` seconds). Call before sealing."""
+        if self._keyfile is not None:
+            self._keyfile.check()
 
     def _start_worker(self) -> None:
         client, _ = connect(self.settings, extra_timeout=self.settings.block_ms / 1000)
