@@ -698,6 +698,27 @@ def test_junk_under_the_signal_and_agent_prefixes_is_skipped_and_audited_once(
     assert all(r.risk == "high" for r in rows)
 
 
+def test_a_team_signals_type_and_targets_stay_sealed_in_audit_rows(
+    make_mem: MakeMem, db_path: Path, raw_redis: redis.Redis, secret: bytes
+) -> None:
+    # At an encrypted level the signal's value is sealed; its audit rows (plaintext, in
+    # the stream and in SQLite) used to repeat its type and targets.
+    mem = make_mem()
+    lead = Principal(agent_id="lead", team="backend")
+    boss = BlockingCoordinator(mem, lead, secret, level=Level.TEAM, max_retries=1)
+    signal = boss.send_signal(["NEEDLE-target"], "NEEDLE-type", {"why": "NEEDLE-payload"})
+    result = boss.wait_for_acks(signal, timeout=0.3)
+    assert result.missing == ("NEEDLE-target",)  # the caller still gets the names
+    assert b"NEEDLE" not in raw_redis_values(raw_redis)
+    boss.sync()
+    mem.close()
+    assert b"NEEDLE" not in b"".join(p.read_bytes() for p in db_path.parent.glob("*.db*"))
+    reopened = make_mem()
+    details = {r.event: json.loads(r.detail) for r in reopened.store.audit_log()}
+    assert details["signal_sent"] == {"signal": signal.id, "targets_count": 1}
+    assert details["signal_timeout"]["missing_count"] == 1
+
+
 def test_previous_secret_still_verifies_after_rotation(make_mem: MakeMem, coder: Principal) -> None:
     mem = make_mem()
     old, new = secrets.token_bytes(32), secrets.token_bytes(32)

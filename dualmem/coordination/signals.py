@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from acl.errors import ConfigurationError, TamperedRecord, ValidationError
-from acl.levels import Level, as_level
+from acl.levels import ENCRYPTED_LEVELS, Level, as_level
 from acl.principal import Principal
 from dualmem.coordination._validation import ReceiptLog, check_ident, clock_us
 from dualmem.errors import NotPersisted
@@ -27,6 +27,9 @@ _ACKS = "coord/acks/"
 _MIN_SECRET_BYTES = 16
 _KDF_LABEL = b"dualmem/coordination/hmac-sha256/v1"
 _QUERY_LIMIT = 10_000
+#: Audit detail taken from a signal's value, left out at encrypted levels (see _audit). Who
+#: acked or was refused is not among them: ACK keys name their target in the clear anyway.
+_SEALED_DETAIL = ("type", "targets", "missing")
 
 
 def _canonical(doc: dict[str, Any]) -> bytes:
@@ -323,6 +326,14 @@ class BlockingCoordinator:
         return f"{_ACKS}{signal_id}/{target}"
 
     def _audit(self, event: str, risk: str, key: str, **detail: Any) -> None:
+        if self.level in ENCRYPTED_LEVELS:
+            # The audit log is plaintext; a signal's type and targets are part of its
+            # sealed value at this level, so only their number is recorded.
+            for name in _SEALED_DETAIL:
+                if name in detail:
+                    value = detail.pop(name)
+                    if isinstance(value, (list, tuple, dict)):
+                        detail[f"{name}_count"] = len(value)
         self._receipts.add(
             self.mem.audit(
                 event,
