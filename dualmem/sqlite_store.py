@@ -436,13 +436,37 @@ class SQLiteStore(Store):
                        SELECT scope, key FROM memory WHERE expires_at <= ? LIMIT ?)""",
                 (now_ms, limit),
             ).rowcount
+            # A tombstone stays while a dead letter of its key waits for a replay: the
+            # replayed (older) command would find no row to lose against and revive it.
+            conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS held_keys "
+                "(scope TEXT, key TEXT, PRIMARY KEY (scope, key)) WITHOUT ROWID"
+            )
+            conn.execute("DELETE FROM temp.held_keys")
+            conn.executemany(
+                "INSERT OR IGNORE INTO temp.held_keys VALUES (?, ?)", self._held_keys(conn)
+            )
             tombs = conn.execute(
                 """DELETE FROM memory WHERE (scope, key) IN (
-                       SELECT scope, key FROM memory WHERE envelope IS NULL AND updated_at < ?
+                       SELECT scope, key FROM memory m WHERE envelope IS NULL AND updated_at < ?
+                       AND NOT EXISTS (SELECT 1 FROM temp.held_keys h
+                                       WHERE h.scope = m.scope AND h.key = m.key)
                        LIMIT ?)""",
                 (tombstones_before_ms, limit),
             ).rowcount
         return int(expired) + int(tombs)
+
+    @staticmethod
+    def _held_keys(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+        """``(scope, key)`` of every dead letter not replayed yet."""
+        out = []
+        for (text,) in conn.execute("SELECT fields FROM dead_letters WHERE replayed_at IS NULL"):
+            try:
+                fields = _fields_from_json(text)
+                out.append((fields[b"s"].decode(), fields[b"k"].decode()))
+            except (KeyError, ValueError):  # no scope/key (an audit event): holds nothing
+                continue
+        return out
 
     def record_metrics(
         self, ts_ms: int, source: str, snapshot: Mapping[str, Mapping[str, float]]

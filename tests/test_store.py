@@ -122,6 +122,23 @@ def test_tombstones_are_purged_after_their_ttl(store: SQLiteStore) -> None:
     assert store.purge(now_ms=10, tombstones_before_ms=3) == 1
 
 
+def test_a_tombstone_outlives_its_ttl_while_a_dead_letter_of_its_key_waits(
+    store: SQLiteStore,
+) -> None:
+    # A put that failed and was dead-lettered, then a newer put and a delete: replaying
+    # the letter after purge dropped the tombstone used to bring the failed value back.
+    failed = put(1, value=b"old, failed")
+    store.dead_letter([(failed, "poisoned", 3)])
+    store.apply([put(2, value=b"newer"), delete(3), put(4, key="other"), delete(5, key="other")])
+    assert store.purge(now_ms=10, tombstones_before_ms=6) == 1  # only the other key's
+    store.apply([failed])  # the replay (the worker orders it by its original id)
+    assert value_of(store) is None
+    # Once the letter is replayed, its key's tombstone goes like any other.
+    store.mark_replayed([d.id for d in store.dead_letters()])
+    assert store.purge(now_ms=10, tombstones_before_ms=6) == 1
+    assert value_of(store) is None
+
+
 @pytest.mark.parametrize("prefix", ["a%", "a_", "a*", "a[", "a'", "é", "a\U0010ffff", "\uffff"])
 def test_prefix_query_treats_metacharacters_literally(store: SQLiteStore, prefix: str) -> None:
     keys = [prefix + "1", prefix + "2", prefix, "a", "ab", "b", prefix[:-1] + "zz"]
