@@ -14,6 +14,7 @@ from acl.levels import ENCRYPTED_LEVELS, Level
 from acl.policy import level_of_scope
 
 __all__ = [
+    "CACHE_TOMBSTONE",
     "MAX_KEY_BYTES",
     "MAX_TTL_SECONDS",
     "Command",
@@ -33,6 +34,11 @@ __all__ = [
 ]
 
 MAX_KEY_BYTES = 512
+#: What a delete leaves in the record's cache entry until it expires (``cache_ttl``): a
+#: fresh read (``get(..., fresh=True)``) sees the record deleted at once, instead of
+#: falling back to SQLite's copy that the worker has not deleted yet. No envelope starts
+#: with a zero byte.
+CACHE_TOMBSTONE = b"\x00deleted"
 MAX_TTL_SECONDS = 10 * 365 * 86_400
 OP_PUT = "put"
 OP_DELETE = "del"

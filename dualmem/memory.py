@@ -22,6 +22,7 @@ from acl.levels import Level, as_level
 from acl.policy import level_of_scope, readable_scopes, resolve_scope, stored_level
 from acl.principal import Principal
 from dualmem.commands import (
+    CACHE_TOMBSTONE,
     Receipt,
     audit_fields,
     check_int,
@@ -456,7 +457,9 @@ class DualMemory:
         lvl, sc = self._authorize(principal, level, "write", scope, key)
         shard = self.layout.shard_of(sc, key)
         fields = delete_fields(sc, key, lvl, principal.agent_id, time.time_ns() // 1000)
-        sid = self._send(shard, fields, self.layout.cache_key(shard, sc, key), None, None)
+        px = self.settings.cache_ttl * 1000 or None
+        cache_key = self.layout.cache_key(shard, sc, key)
+        sid = self._send(shard, fields, cache_key, CACHE_TOMBSTONE, px)
         return Receipt(shard, sid, sc, key, "del")
 
     def _send(
@@ -464,19 +467,16 @@ class DualMemory:
         shard: int,
         fields: dict[bytes, bytes | str | int],
         cache_key: bytes,
-        envelope: bytes | None,
+        cached: bytes,
         px: int | None,
     ) -> str:
         self._enter_gate()
         try:
             stream = self._streams[shard]
             self._check_backlog(shard, stream)
-            if envelope is None:
-                cache: tuple[Any, ...] = (b"DEL", cache_key)
-            elif px is None:
-                cache = (b"SET", cache_key, envelope)
-            else:
-                cache = (b"SET", cache_key, envelope, b"PX", px)
+            cache: tuple[Any, ...] = (b"SET", cache_key, cached)
+            if px is not None:
+                cache += (b"PX", px)
             xadd: list[bytes | str | int] = [b"XADD", stream, b"*"]
             for name, value in fields.items():
                 xadd += (name, value)
@@ -651,7 +651,9 @@ class DualMemory:
             shard = self.layout.shard_of(sc, key)
             with translate_errors("cache read"):
                 cached = self._redis.get(self.layout.cache_key(shard, sc, key))
-        if cached is not None:
+        if cached == CACHE_TOMBSTONE:
+            pass  # deleted, maybe not committed yet: SQLite's copy is older
+        elif cached is not None:
             value = self._open(bytes(cached), sc, key, lvl, principal.agent_id)  # type: ignore[arg-type]
         else:
             row = self.store.get(sc, key, int(time.time() * 1000))

@@ -34,7 +34,7 @@ from dualmem.ops.transfer import export_records
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.worker import Worker
 
-from .conftest import wait_until
+from .conftest import run_cli, wait_until
 
 MakeMem = Callable[..., DualMemory]
 
@@ -112,7 +112,7 @@ def test_put_is_one_round_trip_and_touches_no_sqlite(
         calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
         for cmd in ("multi", "exec", "xadd"):
             assert calls[cmd] == 6, (cmd, calls)
-        assert calls["set"] == 5 and calls["del"] == 1
+        assert calls["set"] == 6  # the delete leaves its mark (CACHE_TOMBSTONE)
         assert "xlen" not in calls  # read one write in 64 (the warm-up's), see below
 
 
@@ -645,6 +645,41 @@ def test_sync_times_out_without_a_worker(make_mem: MakeMem, coder: Principal) ->
         mem.sync(r, timeout=0.2)
     assert time.monotonic() - t0 < 1
     assert mem.get("k", level=Level.SWARM, principal=coder, fresh=True) == 1
+
+
+def test_a_fresh_read_sees_a_delete_before_the_worker_commits_it(
+    make_mem: MakeMem, coder: Principal, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mem = make_mem(worker=False)
+    worker = Worker(mem._redis, mem.store, mem.settings.replace(consumer="w"))
+    mem.put("k", {"v": 1}, level=Level.PRIVATE, principal=coder)
+    worker.step()
+    r = mem.delete("k", level=Level.PRIVATE, principal=coder)
+    # Not committed: SQLite still has the value, but a fresh read answers for the delete
+    # (the delete used to drop the cache entry, and the read fell back to SQLite).
+    assert mem.get("k", level=Level.PRIVATE, principal=coder) == {"v": 1}
+    assert mem.get("k", level=Level.PRIVATE, principal=coder, fresh=True) is None
+    assert mem.get_record("k", level=Level.PRIVATE, principal=coder, fresh=True) is None
+    worker.step()
+    mem.sync(r)
+    assert mem.get("k", level=Level.PRIVATE, principal=coder, fresh=True) is None
+    # verify: a delete's mark agrees with the committed tombstone.
+    _, out, _ = run_cli(
+        capsys,
+        "verify",
+        "--redis-url",
+        mem.settings.redis_url,
+        "--db",
+        mem.settings.db_path,
+        "--keyring",
+        str(mem.settings.keyring),
+        "--json",
+    )
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert checks["redis <-> sqlite parity"]["status"] == "ok", checks
+    # A new put replaces the mark.
+    mem.put("k", {"v": 2}, level=Level.PRIVATE, principal=coder)
+    assert mem.get("k", level=Level.PRIVATE, principal=coder, fresh=True) == {"v": 2}
 
 
 def test_redis_down_fails_fast_and_reads_keep_working(

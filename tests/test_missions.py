@@ -119,6 +119,13 @@ def test_illegal_transitions_and_unknown_missions_are_rejected_before_any_write(
     log.update_mission("m1", status="failed")
     with pytest.raises(ValidationError, match="from failed to in_progress"):
         log.update_mission("m1", status="in_progress")
+    # A delete too: an update right after it used to read SQLite's copy, succeed, and
+    # (a newer stream id than the delete) bring the mission back once committed.
+    log.delete_mission("m1")
+    with pytest.raises(ValidationError, match="unknown mission"):
+        log.update_mission("m1", status="completed")
+    with pytest.raises(ValidationError, match="unknown mission"):
+        log.record_tool_call("m1", "grep", {}, {}, 1, True)
 
 
 def test_delete_cascades_to_the_mission_tables(mem: DualMemory, db_path: Path) -> None:

@@ -19,7 +19,7 @@ import redis
 
 from acl.crypto import Codec, Keyring
 from acl.levels import Level
-from dualmem.commands import Receipt, audit_fields, delete_fields, put_fields
+from dualmem.commands import CACHE_TOMBSTONE, Receipt, audit_fields, delete_fields, put_fields
 from dualmem.errors import Backpressure
 from dualmem.layout import Layout
 from dualmem.ops.database import NO_PROGRESS, ProgressFn, check_current, open_database
@@ -189,7 +189,7 @@ class Runtime:
         for shard, w in planned:
             cache_key = self.layout.cache_key(shard, w.scope, w.key)
             if w.envelope is None:
-                pipe.delete(cache_key)
+                pipe.set(cache_key, CACHE_TOMBSTONE, px=self._px(None, now_us))
                 fields = delete_fields(w.scope, w.key, w.level, w.actor, now_us)
             else:
                 pipe.set(cache_key, w.envelope, px=self._px(w.expires_at, now_us))

@@ -11,7 +11,7 @@ import redis
 
 from acl.policy import level_of_scope
 from dualmem.batch import GENESIS, chain_hash
-from dualmem.commands import MalformedCommand, decode_command
+from dualmem.commands import CACHE_TOMBSTONE, MalformedCommand, decode_command
 from dualmem.layout import Layout
 from dualmem.migrations import SCHEMA_VERSION, schema_version
 from dualmem.ops.database import NO_PROGRESS, ProgressFn
@@ -391,12 +391,18 @@ def _judge(
         if row is None:
             continue
         envelope, expires_at = row
-        if envelope is None:
+        if cached == CACHE_TOMBSTONE:
+            # A delete's mark: a committed delete (a tombstone, or no row) agrees with it.
+            if envelope is not None:
+                c.problem(f"{scope}/{key}: deleted in Redis but live in SQLite (a lost delete)")
+        elif envelope is None:
             c.problem(f"{scope}/{key}: deleted in SQLite but still cached in Redis")
         elif expires_at is not None and expires_at <= now_ms:
             pass  # expiring: the cache entry follows within its own ttl
         elif bytes(envelope) != cached:
             c.problem(f"{scope}/{key}: the cached envelope differs from the SQLite row")
         return
+    if cached == CACHE_TOMBSTONE:
+        return  # deleted, and no row left (purged, or never committed)
     scope, key = next(iter(candidates))[1:]
     c.problem(f"{scope}/{key}: cached in Redis but no row in SQLite")
