@@ -107,8 +107,10 @@ class Layout:
     def anchor_key(self, chain: str) -> bytes:
         """Where the worker leaves the newest ``"<id>:<hash hex>"`` of a hash chain
         (``journal`` or ``audit_log``), so ``dualmem verify`` can tell a chain whose end
-        was cut off from one that merely ends."""
-        return f"dm:{{{self.namespace}:anchor}}:{chain}".encode()
+        was cut off from one that merely ends. A sorted set scored by the id that keeps
+        only its highest member: with several workers, one that sends its anchor late
+        cannot move it back."""
+        return f"dm:{{{self.namespace}:anchor}}:{chain}:top".encode()
 
     def channel(self, scope: str) -> bytes:
         """Pub/sub channel of change notifications for ``scope``."""

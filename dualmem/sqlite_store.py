@@ -577,7 +577,15 @@ class SQLiteStore(Store):
 
     def journal_hash(self, seq: int) -> bytes | None:
         """See :meth:`Store.journal_hash`."""
-        rows = self._read("SELECT hash FROM journal WHERE seq = ?", (seq,))
+        return self.chain_hash("journal", seq)
+
+    def chain_hash(self, chain: str, row_id: int) -> bytes | None:
+        """See :meth:`Store.chain_hash`."""
+        sql = {
+            "journal": "SELECT hash FROM journal WHERE seq = ?",
+            "audit_log": "SELECT hash FROM audit_log WHERE id = ?",
+        }[chain]
+        rows = self._read(sql, (row_id,))
         return bytes(rows[0][0]) if rows else None
 
     def max_sid(self, shard: int) -> int:

@@ -253,6 +253,11 @@ class Store(ABC):
         """The highest journal ``seq`` (0 when empty)."""
 
     @abstractmethod
+    def chain_hash(self, chain: str, row_id: int) -> bytes | None:
+        """The hash of row ``row_id`` of the ``journal`` or ``audit_log`` chain (``None``
+        when there is none)."""
+
+    @abstractmethod
     def journal_hash(self, seq: int) -> bytes | None:
         """The chain hash of journal row ``seq`` (``None`` when there is none): what
         identifies that change, so a position saved against another history is noticed."""

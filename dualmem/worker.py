@@ -352,15 +352,23 @@ class Worker:
                     (b"PUBLISH", self.layout.channel(scope), Notification.encode_many(notes))
                     for scope, notes in by_scope.items()
                 )
+                anchors: list[tuple[str, tuple[int, bytes], int]] = []
                 for chain, head in (
                     ("journal", result.journal_head),
                     ("audit_log", result.audit_head),
                 ):
                     if head is not None:
-                        anchor = f"{head[0]}:{head[1].hex()}"
-                        commands.append((b"SET", self.layout.anchor_key(chain), anchor))
+                        key = self.layout.anchor_key(chain)
+                        commands += [
+                            (b"ZADD", key, head[0], f"{head[0]}:{head[1].hex()}"),
+                            (b"ZREMRANGEBYRANK", key, 0, -2),  # keep the highest
+                            (b"ZRANGE", key, -1, -1),
+                        ]
+                        anchors.append((chain, head, len(commands) - 1))
                 if commands:
-                    send_many(self.redis, commands)
+                    replies = send_many(self.redis, commands)
+                    for chain, head, i in anchors:
+                        self._check_anchor(chain, head, replies[i])
         except StoreUnavailable as exc:
             # Committed but not acked: the entries come back and are recognised as
             # duplicates, so this costs a re-read, never a double apply.
@@ -368,6 +376,28 @@ class Worker:
             self._retry_own = True
         if self._on_commit is not None:
             self._on_commit()
+
+    def _check_anchor(self, chain: str, head: tuple[int, bytes], top: Any) -> None:
+        """After this batch's anchor went in: an anchor above ``head`` is another worker's
+        newer commit, unless no such row exists here (Redis kept the anchor of a database
+        since restored from an older backup): then this batch's head replaces it."""
+        try:
+            top_id, _, top_hash = bytes(top[0]).decode().partition(":")
+            anchored, anchored_hash = int(top_id), bytes.fromhex(top_hash)
+        except (IndexError, TypeError, ValueError, UnicodeDecodeError):
+            anchored, anchored_hash = head[0] + 1, b""  # not an anchor: replace it
+        if anchored <= head[0] or self.store.chain_hash(chain, anchored) == anchored_hash:
+            return
+        log.warning(
+            "worker %s: the %s anchor names id %d, which this database does not hold "
+            "(restored from an older backup?): moved to %d",
+            self.consumer,
+            chain,
+            anchored,
+            head[0],
+        )
+        key = self.layout.anchor_key(chain)
+        transact(self.redis, [(b"DEL", key), (b"ZADD", key, head[0], f"{head[0]}:{head[1].hex()}")])
 
     def _apply_with_retry(self, entries: list[StreamEntry]) -> ApplyResult | None:
         backoff = 0.01

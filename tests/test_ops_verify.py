@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -14,6 +16,8 @@ from acl import Level, Principal
 from dualmem import DualMemory
 from dualmem.migrations import SCHEMA_VERSION
 from dualmem.missions import MissionLog
+from dualmem.redis_backend import connect
+from dualmem.worker import Worker
 
 from .conftest import run_cli, wait_until
 
@@ -129,17 +133,79 @@ def test_an_anchor_moves_on_with_the_next_commit(
     r = mem.put("k", {"v": 1}, level=Level.SWARM, principal=CODER)
     mem.sync(r)
     key = mem.layout.anchor_key("journal")
-    wait_until(lambda: raw_redis.get(key) is not None)
-    raw_redis.set(key, b"999:00")  # as after restoring an older backup: ahead of the file
+    wait_until(lambda: raw_redis.zrange(key, -1, -1))
+    raw_redis.zadd(key, {b"999:00": 999})  # as after restoring an older backup: ahead
     assert report(capsys, args)[0] == 1
     mem.sync(mem.put("k", {"v": 2}, level=Level.SWARM, principal=CODER))
-    wait_until(lambda: raw_redis.get(key) != b"999:00")
+    wait_until(lambda: raw_redis.zrange(key, -1, -1) != [b"999:00"])
     code, checks = report(capsys, args)
     assert code == 0, checks["hash chain anchors"]
-    raw_redis.set(key, b"not an anchor")
+    raw_redis.zadd(key, {b"not an anchor": 10**6})
     code, checks = report(capsys, args)
     assert code == 1
     assert "is not '<id>:<hash>'" in checks["hash chain anchors"]["problems"][0]
+
+
+def test_a_worker_that_acks_late_cannot_move_the_anchor_back(
+    mem: DualMemory,
+    args: list[str],
+    db_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two workers share the group: w1 commits seq 1 and is descheduled before its ack
+    # pipeline; w2 commits seq 2..3 and anchors 3; then w1 anchored 1 (a plain SET), and
+    # rows cut off after seq 1 went unnoticed.
+    import dualmem.worker as worker_module
+
+    mem.close()
+    writer = DualMemory(
+        redis_url=mem.settings.redis_url,
+        db_path=str(db_path),
+        keyring=mem.settings.keyring,
+        worker=False,
+    )
+    c1, _ = connect(writer.settings)
+    c2, _ = connect(writer.settings)
+    w1 = Worker(c1, writer.store, writer.settings.replace(consumer="w1"))
+    w2 = Worker(c2, writer.store, writer.settings.replace(consumer="w2"))
+    real = worker_module.send_many
+    committed, go = threading.Event(), threading.Event()
+
+    def send_many(client: redis.Redis, commands: Any) -> list[Any]:
+        if client is c1:  # w1, between its commit and its ack pipeline
+            committed.set()
+            go.wait(10)
+        return real(client, commands)
+
+    monkeypatch.setattr(worker_module, "send_many", send_many)
+    try:
+        start = writer.store.last_seq()
+        writer.put("a", 1, level=Level.SWARM, principal=CODER)
+        slow = threading.Thread(target=w1.step)
+        slow.start()
+        assert committed.wait(10)
+        writer.put("b", 2, level=Level.SWARM, principal=CODER)
+        writer.put("c", 3, level=Level.SWARM, principal=CODER)
+        w2.step()
+        go.set()
+        slow.join()
+        anchored = writer._redis.zrange(writer.layout.anchor_key("journal"), -1, -1)
+        assert anchored[0].split(b":")[0] == str(start + 3).encode()
+    finally:
+        go.set()
+        c1.close()
+        c2.close()
+        writer.close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DELETE FROM journal WHERE seq > ?", (start + 1,))
+    conn.close()
+    code, checks = report(capsys, args)
+    assert code == 1
+    assert checks["hash chain anchors"]["problems"] == [
+        f"journal ends at seq {start + 1}, before the anchored seq {start + 3}: "
+        "rows were cut off its end"
+    ]
 
 
 def test_orphans_and_lost_projections_are_reported(

@@ -175,10 +175,11 @@ def check_anchors(conn: sqlite3.Connection, client: redis.Redis, layout: Layout)
     notes: list[str] = []
     with translate_errors("verify anchors"):
         for table, (_, id_name) in _CHAINS.items():
-            raw = client.get(layout.anchor_key(table))
-            if raw is None:
+            top = client.zrange(layout.anchor_key(table), -1, -1)
+            if not top:
                 notes.append(f"{table}: no anchor")
                 continue
+            raw = top[0]
             try:
                 id_text, _, hex_hash = bytes(raw).decode().partition(":")  # type: ignore[arg-type]
                 anchored_id, anchored_hash = int(id_text), bytes.fromhex(hex_hash)
