@@ -436,15 +436,17 @@ class SQLiteStore(Store):
                        SELECT scope, key FROM memory WHERE expires_at <= ? LIMIT ?)""",
                 (now_ms, limit),
             ).rowcount
-            # A tombstone stays while a dead letter of its key waits for a replay: the
-            # replayed (older) command would find no row to lose against and revive it.
+            # A tombstone stays while a dead letter of its key waits for a replay (and for
+            # a tombstone TTL after one): the replayed, older command would find no row
+            # to lose against and revive it.
             conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS held_keys "
                 "(scope TEXT, key TEXT, PRIMARY KEY (scope, key)) WITHOUT ROWID"
             )
             conn.execute("DELETE FROM temp.held_keys")
             conn.executemany(
-                "INSERT OR IGNORE INTO temp.held_keys VALUES (?, ?)", self._held_keys(conn)
+                "INSERT OR IGNORE INTO temp.held_keys VALUES (?, ?)",
+                self._held_keys(conn, tombstones_before_ms),
             )
             tombs = conn.execute(
                 """DELETE FROM memory WHERE (scope, key) IN (
@@ -457,10 +459,15 @@ class SQLiteStore(Store):
         return int(expired) + int(tombs)
 
     @staticmethod
-    def _held_keys(conn: sqlite3.Connection) -> list[tuple[str, str]]:
-        """``(scope, key)`` of every dead letter not replayed yet."""
+    def _held_keys(conn: sqlite3.Connection, since_ms: int) -> list[tuple[str, str]]:
+        """``(scope, key)`` of every dead letter not replayed, or replayed at ``since_ms``
+        or later: a replay is marked when it is sent, and its command may still be in
+        the stream (a tombstone's own TTL later, it has long been committed)."""
         out = []
-        for (text,) in conn.execute("SELECT fields FROM dead_letters WHERE replayed_at IS NULL"):
+        for (text,) in conn.execute(
+            "SELECT fields FROM dead_letters WHERE replayed_at IS NULL OR replayed_at >= ?",
+            (since_ms,),
+        ):
             try:
                 fields = _fields_from_json(text)
                 out.append((fields[b"s"].decode(), fields[b"k"].decode()))

@@ -379,17 +379,23 @@ class Worker:
 
     def _check_anchor(self, chain: str, head: tuple[int, bytes], top: Any) -> None:
         """After this batch's anchor went in: an anchor above ``head`` is another worker's
-        newer commit, unless no such row exists here (Redis kept the anchor of a database
-        since restored from an older backup): then this batch's head replaces it."""
+        newer commit, unless the database does not hold it (Redis kept the anchor of a
+        database since restored from an older backup): then this batch's head replaces
+        it."""
         try:
             top_id, _, top_hash = bytes(top[0]).decode().partition(":")
             anchored, anchored_hash = int(top_id), bytes.fromhex(top_hash)
         except (IndexError, TypeError, ValueError, UnicodeDecodeError):
             anchored, anchored_hash = head[0] + 1, b""  # not an anchor: replace it
-        if anchored <= head[0] or self.store.chain_hash(chain, anchored) == anchored_hash:
+        if anchored < head[0] or (anchored, anchored_hash) == head:
+            return
+        # Above this head, or at the same id with another hash (a restored database wrote
+        # that id again, and the sorted set kept the stale member of the tie): the
+        # database decides.
+        if self.store.chain_hash(chain, anchored) == anchored_hash:
             return
         log.warning(
-            "worker %s: the %s anchor names id %d, which this database does not hold "
+            "worker %s: the %s anchor names id %d with a hash this database does not hold "
             "(restored from an older backup?): moved to %d",
             self.consumer,
             chain,

@@ -678,9 +678,22 @@ def test_junk_under_the_signal_and_agent_prefixes_is_skipped_and_audited_once(
     genuine = boss.send_signal(["coder-1"], "pause")
     lifecycle = AgentLifecycle(mem, BOSS)
     lifecycle.register_spawn("coder-1", "Coder one", "coder", ["python"], Level.SWARM)
-    # Any member of the swarm can put anything under these prefixes, no secret needed.
-    for key in ("coord/signals/zzz", "lifecycle/agents/zzz", "lifecycle/events/coder-1/zzz"):
-        mem.sync(mem.put(key, {"hello": 1}, level=Level.SWARM, principal=ROGUE))
+    # Any member of the swarm can put anything under these prefixes, no secret needed:
+    # records that are not JSON objects of the right shape, a signal whose MAC is not
+    # ASCII (compare_digest raised TypeError on it), an agent whose confidence overflows a
+    # float, and an agent record stored under another agent's key, whose own key holds junk.
+    good = mem.get("lifecycle/agents/coder-1", level=Level.SWARM, principal=BOSS, fresh=True)
+    planted = {
+        "coord/signals/zzz": {"hello": 1},
+        "coord/signals/x1": {**genuine.to_value(), "id": "x1", "mac": "\u00e9"},
+        "lifecycle/agents/zzz": {"hello": 1},
+        "lifecycle/agents/huge": {**good, "agent_id": "huge", "confidence": 10**400},
+        "lifecycle/agents/A": {**good, "agent_id": "B", "last_heartbeat": 1},
+        "lifecycle/agents/B": {"hello": 1},
+        "lifecycle/events/coder-1/zzz": {"hello": 1},
+    }
+    for key, value in planted.items():
+        mem.sync(mem.put(key, value, level=Level.SWARM, principal=ROGUE))
     boss.sync()
     lifecycle.sync()
     target = BlockingCoordinator(mem, coder, secret)
@@ -691,10 +704,17 @@ def test_junk_under_the_signal_and_agent_prefixes_is_skipped_and_audited_once(
         assert lifecycle.stale_agents() == []
     target.sync()
     lifecycle.sync()
-    (signal_row,) = audit(mem, "signal_rejected")
-    assert signal_row.risk == "high" and "not a signal record" in signal_row.detail
+    rows = audit(mem, "signal_rejected")
+    assert sorted(r.key for r in rows) == ["coord/signals/x1", "coord/signals/zzz"]
+    assert all(r.risk == "high" for r in rows)
     rows = audit(mem, "agent_record_rejected")
-    assert sorted(r.key for r in rows) == ["lifecycle/agents/zzz", "lifecycle/events/coder-1/zzz"]
+    assert sorted(r.key for r in rows) == [
+        "lifecycle/agents/A",
+        "lifecycle/agents/B",
+        "lifecycle/agents/huge",
+        "lifecycle/agents/zzz",
+        "lifecycle/events/coder-1/zzz",
+    ]
     assert all(r.risk == "high" for r in rows)
 
 

@@ -140,6 +140,15 @@ def test_an_anchor_moves_on_with_the_next_commit(
     wait_until(lambda: raw_redis.zrange(key, -1, -1) != [b"999:00"])
     code, checks = report(capsys, args)
     assert code == 0, checks["hash chain anchors"]
+    # Restored again, and the next commit lands on the very id the stale anchor names (a
+    # tie in the sorted set, which keeps the member that sorts last): still replaced.
+    next_seq = mem.store.last_seq() + 1
+    stale = f"{next_seq}:{'ff' * 32}".encode()
+    raw_redis.zadd(key, {stale: next_seq})
+    mem.sync(mem.put("k", {"v": 3}, level=Level.SWARM, principal=CODER))
+    wait_until(lambda: raw_redis.zrange(key, -1, -1) != [stale])
+    code, checks = report(capsys, args)
+    assert code == 0, checks["hash chain anchors"]
     raw_redis.zadd(key, {b"not an anchor": 10**6})
     code, checks = report(capsys, args)
     assert code == 1

@@ -102,7 +102,7 @@ class AgentInfo:
                 ended_at=v["ended_at"],
                 end_reason=v["end_reason"],
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise TamperedRecord(f"not an agent lifecycle record: {exc!r}") from exc
 
 
@@ -335,7 +335,10 @@ class AgentLifecycle:
                     continue
                 if int(self._clock() * 1_000_000) - candidate.last_heartbeat <= limit_us:
                     continue
-                info = self._current(candidate.agent_id)
+                try:
+                    info = self._current(candidate.agent_id)
+                except TamperedRecord:
+                    continue  # the cache holds junk for it; the committed record is fine
                 now = self._now_us()
                 if info is None or info.status.final or now - info.last_heartbeat <= limit_us:
                     continue
@@ -380,9 +383,14 @@ class AgentLifecycle:
         agents = []
         for r in records:
             try:
-                agents.append(AgentInfo.from_value(r.value))
+                info = AgentInfo.from_value(r.value)
             except TamperedRecord as exc:
                 self._reject_once(r, str(exc))
+                continue
+            if r.key != f"{_AGENTS}{info.agent_id}":
+                self._reject_once(r, f"names agent {info.agent_id!r}, stored under {r.key!r}")
+                continue
+            agents.append(info)
         return [a for a in agents if wanted is None or a.status is wanted]
 
     def _reject_once(self, record: Record, reason: str) -> None:
@@ -428,7 +436,7 @@ class AgentLifecycle:
                 ev = AgentEvent(
                     str(v["agent_id"]), str(v["event"]), int(v["at"]), dict(v["detail"])
                 )
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
                 self._reject_once(r, f"not an agent event: {exc!r}")
                 continue
             if kinds is None or ev.event in kinds:

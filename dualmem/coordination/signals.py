@@ -112,7 +112,7 @@ class Signal:
                 kid=str(v["kid"]),
                 mac=str(v["mac"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise TamperedRecord(f"not a signal record: {exc!r}") from exc
 
 
@@ -162,7 +162,7 @@ class Ack:
                 kid=str(v["kid"]),
                 mac=str(v["mac"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise TamperedRecord(f"not an ACK record: {exc!r}") from exc
 
 
@@ -264,7 +264,9 @@ class BlockingCoordinator:
         if key is None:
             return False
         expected = hmac.new(key.key, part, hashlib.sha256).hexdigest()
-        return hmac.compare_digest(expected, mac)
+        # Bytes: compare_digest refuses a str that is not ASCII (a planted "mac": "é"
+        # would raise instead of failing to verify).
+        return hmac.compare_digest(expected.encode(), str(mac).encode("utf-8", "replace"))
 
     def _sign_signal(self, s: Signal, attempt: int) -> Signal:
         unsigned = Signal(
