@@ -4,6 +4,7 @@ fakeredis and a real redis-server."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from acl import Codec, Keyring, Level, Principal
 from dualmem import DualMemory
 from dualmem.migrations import migrate
-from dualmem.ops.transfer import export_records, parse_line
+from dualmem.ops.transfer import LineError, export_records, parse_line
 
 from .conftest import run_cli
 
@@ -196,6 +197,60 @@ def test_bad_lines_are_reported_by_number_and_skipped_or_fail_the_import(
     assert f"{f}:7: duplicate of line 1" in out
     assert journal_len(db_path) == n + 3
     assert mem.get("g2", level=Level.SWARM, principal=CODER) == 2
+
+
+def test_lines_the_worker_or_redis_would_refuse_are_bad_lines_before_anything_is_sent(
+    mem: DualMemory,
+    src: list[str],
+    tmp_path: Path,
+    db_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Each of these used to pass the checks and then fail later: Redis refused the cache
+    # entry's PX inside the transaction (lines before it were already in), the worker
+    # dead-lettered the record, or it went in and broke every read of its scope.
+    mem.sync(mem.put("seed", 1, level=Level.SWARM, principal=CODER))
+    codec = Codec(None, max_value_bytes=64)
+    plain = Codec(None)
+    bad_json = plain.seal_bytes(b'{"a":', scope="swarm:s1", key="j", level=Level.SWARM)
+    big = plain.seal({"v": "x" * 2000}, scope="swarm:s1", key="big", level=Level.SWARM)
+    mission = {"scope": "project:shop", "key": "_dm/mission/m1", "level": 4}
+    lines = [
+        {"scope": "swarm:s1", "key": "far", "level": 3, "value": 1, "expires_at": 2**62},
+        {"scope": "swarm:s1", "key": "j", "level": 3, "envelope": _b64(bad_json)},
+        {"scope": "swarm:s1", "key": "big", "level": 3, "envelope": _b64(big)},
+        {"scope": "swarm:s1", "key": "o", "level": 3, "value": 1, "owner": "\ud800"},
+        {"scope": "swarm:\ud800", "key": "s", "level": 3, "value": 1},
+        {**mission, "value": {"status": "nonsense"}},
+        {"scope": "swarm:s1", "key": "fine", "level": 3, "value": 1},
+    ]
+    now = 1_700_000_000_000
+    errors = []
+    for i, line in enumerate(lines, 1):
+        try:
+            parse_line(json.dumps(line), i, codec if line["key"] == "big" else plain, now)
+        except LineError as exc:
+            errors.append((i, str(exc)))
+    assert [i for i, _ in errors] == [1, 2, 3, 4, 5, 6]
+    assert "more than" in errors[0][1] and "malformed JSON" in errors[1][1]
+    assert "limit" in errors[2][1] and "surrogates" in errors[3][1]
+    assert "surrogates" in errors[4][1] and "not a valid mission record" in errors[5][1]
+    # Through the command: --strict sends nothing; without it only the good line goes.
+    f = tmp_path / "in.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in lines if x["key"] != "big") + "\n")
+    n = journal_len(db_path)
+    code, out, _ = run_cli(capsys, "import", *src, str(f), "--strict")
+    assert code == 1 and "--strict: 5 bad line(s), nothing was imported" in out
+    assert journal_len(db_path) == n
+    code, out, _ = run_cli(capsys, "import", *src, str(f))
+    assert code == 3
+    mem.sync(mem.put("sentinel", 1, level=Level.SWARM, principal=CODER))
+    assert journal_len(db_path) == n + 2  # "fine", and the sentinel
+    assert mem.store.dead_letters() == []
+
+
+def _b64(envelope: bytes) -> str:
+    return base64.b64encode(envelope).decode("ascii")
 
 
 def test_encrypted_levels_stay_sealed_unless_decrypted_by_an_allowed_principal(

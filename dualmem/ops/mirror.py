@@ -43,7 +43,13 @@ from acl.levels import ENCRYPTED_LEVELS, Level
 from acl.policy import level_of_scope, stored_level
 from dualmem.ops.database import NO_PROGRESS, ProgressFn
 from dualmem.ops.runtime import AuditEvent, Runtime, Write
-from dualmem.ops.transfer import LineError, line_envelope, line_identity
+from dualmem.ops.transfer import (
+    LineError,
+    check_projectable,
+    line_envelope,
+    line_expiry,
+    line_identity,
+)
 from dualmem.ops.verify import Check
 
 __all__ = [
@@ -449,10 +455,9 @@ class Mirror:
             raise LineError(f"level {level.name} is not mirrored here")
         if ("value" in obj) == ("envelope" in obj):
             raise LineError("a file needs exactly one of 'value' and 'envelope'")
-        expires = obj.get("expires_at")
-        if expires is not None and (isinstance(expires, bool) or not isinstance(expires, int)):
-            raise LineError("expires_at must be epoch milliseconds or null")
+        expires = line_expiry(obj, int(time.time() * 1000))
         envelope, payload = line_envelope(obj, self.codec, scope, key, level)
+        check_projectable(scope, key, level, ACTOR, envelope, expires)
         return scope, key, level, envelope, payload, expires
 
     def _same(self, row: Row, envelope: bytes, payload: bytes) -> bool:

@@ -28,9 +28,17 @@ from acl.errors import AccessDenied, DualMemError, ValidationError
 from acl.levels import ENCRYPTED_LEVELS, Level, as_level
 from acl.policy import level_of_scope, resolve_scope, stored_level
 from acl.principal import Principal
-from dualmem.commands import check_key
+from dualmem.commands import (
+    MAX_TTL_SECONDS,
+    OP_PUT,
+    Command,
+    MalformedCommand,
+    check_key,
+    check_text,
+)
 from dualmem.ops.database import NO_PROGRESS, ProgressFn
 from dualmem.ops.runtime import Write
+from dualmem.projection import plan_projection
 from dualmem.sqlite_store import prefix_upper_bound
 
 __all__ = [
@@ -39,8 +47,10 @@ __all__ = [
     "ImportItem",
     "ImportPlan",
     "LineError",
+    "check_projectable",
     "export_records",
     "line_envelope",
+    "line_expiry",
     "line_identity",
     "parse_line",
     "plan_import",
@@ -179,6 +189,7 @@ def line_identity(obj: dict[str, Any]) -> tuple[str, str, Level]:
     if not isinstance(scope, str):
         raise LineError("scope must be a string")
     try:
+        check_text("scope", scope)
         check_key(key)
         level = as_level(obj.get("level"))
         scope_level = level_of_scope(scope)
@@ -204,7 +215,16 @@ def line_envelope(
             envelope = base64.b64decode(obj["envelope"], validate=True)
         except (binascii.Error, ValueError) as exc:
             raise LineError(f"envelope is not base64: {exc}") from None
-        return envelope, codec.open_bytes(envelope, scope=scope, key=key, level=level)
+        payload = codec.open_bytes(envelope, scope=scope, key=key, level=level)
+        # What put would refuse is refused here too: a payload that is not the JSON a
+        # seal makes (every reader of its scope would meet a TamperedRecord), or too big.
+        if len(payload) > codec.max_value_bytes:
+            raise LineError(
+                f"value is {len(payload)} bytes serialized; the limit is "
+                f"{codec.max_value_bytes} (setting max_value_bytes)"
+            )
+        codec.open(envelope, scope=scope, key=key, level=level)
+        return envelope, payload
     except DualMemError as exc:
         raise LineError(str(exc)) from None
 
@@ -225,15 +245,45 @@ def parse_line(text: str, lineno: int, codec: Codec, now_ms: int) -> ImportItem 
     owner = obj.get("owner", DEFAULT_OWNER)
     if not isinstance(owner, str) or not owner:
         raise LineError("owner must be a non-empty string")
-    expires = obj.get("expires_at")
-    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, int)):
-        raise LineError("expires_at must be epoch milliseconds or null")
+    try:
+        check_text("owner", owner)
+    except ValidationError as exc:
+        raise LineError(str(exc)) from None
+    expires = line_expiry(obj, now_ms)
     if ("value" in obj) == ("envelope" in obj):
         raise LineError("a line needs exactly one of 'value' and 'envelope'")
     if expires is not None and expires <= now_ms:
         return None
     envelope, payload = line_envelope(obj, codec, scope, key, level)
+    check_projectable(scope, key, level, owner, envelope, expires)
     return ImportItem(lineno, Write(scope, key, level, owner, envelope, expires), payload)
+
+
+def line_expiry(obj: dict[str, Any], now_ms: int) -> int | None:
+    """A line's ``expires_at`` (epoch ms or ``None``), checked; else ``LineError``."""
+    expires = obj.get("expires_at")
+    if expires is None:
+        return None
+    if isinstance(expires, bool) or not isinstance(expires, int):
+        raise LineError("expires_at must be epoch milliseconds or null")
+    if expires > now_ms + MAX_TTL_SECONDS * 1000:
+        # The bound put's ttl has: beyond it Redis refuses the cache entry's PX inside the
+        # transaction (after the lines before it went in), and SQLite's integers overflow.
+        raise LineError(f"expires_at is more than {MAX_TTL_SECONDS} s from now")
+    return expires
+
+
+def check_projectable(
+    scope: str, key: str, level: Level, owner: str, envelope: bytes, expires: int | None
+) -> None:
+    """``LineError`` if the worker would refuse this record when projecting it (a mission
+    log record under ``_dm/`` that does not fit its kind), so ``--strict`` and
+    ``--dry-run`` catch it before anything is sent."""
+    command = Command(OP_PUT, scope, key, level, owner, 0, envelope, expires)
+    try:
+        plan_projection(command, 1)
+    except MalformedCommand as exc:
+        raise LineError(str(exc)) from None
 
 
 def plan_import(
