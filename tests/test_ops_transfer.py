@@ -277,6 +277,7 @@ def test_encrypted_levels_stay_sealed_unless_decrypted_by_an_allowed_principal(
         "backend",
     )
     assert code == 0, out
+    assert clear.stat().st_mode & 0o777 == 0o600  # it holds plaintext: its owner's only
     text = clear.read_text(encoding="utf-8")
     assert f'"{SECRET}"' in text and f'"{SECRET}-team"' in text  # coder-1 may read these
     assert f'"{SECRET}-2"' not in text  # coder-2's private record stays sealed
@@ -292,6 +293,41 @@ def test_encrypted_levels_stay_sealed_unless_decrypted_by_an_allowed_principal(
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     raw = b"".join(p.read_bytes() for p in target.parent.iterdir())
     assert SECRET.encode() not in raw
+
+
+def test_a_decrypting_export_that_cannot_be_audited_leaves_no_file(
+    mem: DualMemory,
+    db_path: Path,
+    keyfile: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Redis unreachable: the export_decrypted audit event cannot be written. The file of
+    # plaintext used to be written (mode 0644) before the audit was even tried.
+    fill(mem)
+    clear = tmp_path / "clear.jsonl"
+    down = ["--redis-url", "redis://127.0.0.1:1/0", "--db", str(db_path), "--keyring", str(keyfile)]
+    code, out, _ = run_cli(
+        capsys, "export", *down, "--out", str(clear), "--decrypt", "--as", "coder-1"
+    )
+    assert code == 2, out
+    assert list(tmp_path.glob("*clear.jsonl*")) == []
+
+
+def test_an_output_never_replaces_the_database(
+    mem: DualMemory,
+    src: list[str],
+    db_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fill(mem)
+    before = rows(db_path)
+    for dest in (str(db_path), f"{db_path}-wal", f"{db_path.parent}/./{db_path.name}"):
+        code, _, err = run_cli(capsys, "export", *src, "--out", dest, "--force")
+        assert code == 2 and "is the database" in err, err
+        code, _, err = run_cli(capsys, "backup", *src, dest, "--force")
+        assert code == 2 and "is the database" in err, err
+    assert rows(db_path) == before
 
 
 def test_bad_input_files_and_keys(

@@ -12,7 +12,7 @@ from pathlib import Path
 from acl.errors import ConfigurationError
 from dualmem.errors import StoreUnavailable
 from dualmem.migrations import schema_version
-from dualmem.ops.database import NO_PROGRESS, ProgressFn, open_database
+from dualmem.ops.database import NO_PROGRESS, ProgressFn, open_database, refuse_database_path
 from dualmem.ops.verify import Check, check_chain, check_foreign_keys, check_integrity
 
 __all__ = ["BackupResult", "backup_database"]
@@ -56,6 +56,7 @@ def backup_database(
     so it needs no help from the worker.
     """
     target = Path(dest)
+    refuse_database_path(target, src)
     if target.exists() and not overwrite:
         raise ConfigurationError(f"{target} already exists; choose another name or --force")
     if not target.parent.is_dir():

@@ -224,15 +224,23 @@ def _principal(args: argparse.Namespace) -> Principal | None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write live records to a JSON Lines file (encrypted levels sealed unless --decrypt)."""
-    from dualmem.ops.database import check_current, check_not_newer, open_database
+    from dualmem.ops.database import (
+        check_current,
+        check_not_newer,
+        open_database,
+        refuse_database_path,
+    )
     from dualmem.ops.runtime import AuditEvent, Runtime, load_keyring
     from dualmem.ops.transfer import export_records
 
     settings = _settings(args)
     console = _console()
     out = Path(args.out)
+    refuse_database_path(out, settings.db_path)
     if out.exists() and not args.force:
         raise ConfigurationError(f"{out} already exists; choose another name or --force")
+    if not out.parent.is_dir():
+        raise ConfigurationError(f"directory {out.parent} does not exist")
     principal = _principal(args)
     keyring = load_keyring(settings)
     if principal is not None and keyring is None:
@@ -240,11 +248,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     codec = Codec(keyring, max_value_bytes=settings.max_value_bytes)
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.partial")
     try:
-        with (
-            open_database(settings.db_path) as conn,
-            _progress(console) as progress,
-            open(tmp, "w", encoding="utf-8", newline="\n") as fh,
-        ):
+        with contextlib.ExitStack() as stack:
+            # Decrypting is audited before the file appears: connect first (Redis down:
+            # nothing is written), and a plaintext file that cannot be audited is removed.
+            rt = stack.enter_context(Runtime(settings, keyring=keyring)) if principal else None
+            conn = stack.enter_context(open_database(settings.db_path))
+            progress = stack.enter_context(_progress(console))
+            # Only its owner can read the file: it may hold decrypted values.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fh = stack.enter_context(open(fd, "w", encoding="utf-8", newline="\n"))
             # Decrypting leaves an audit event, written by a worker on this file: it must
             # be current (exporting alone reads any version this code understands).
             (check_current if principal else check_not_newer)(conn, settings.db_path)
@@ -258,17 +270,16 @@ def cmd_export(args: argparse.Namespace) -> int:
                 decrypt_as=principal,
                 progress=progress,
             )
-        os.replace(tmp, out)
+            fh.close()
+            if rt is not None and principal is not None and result.decrypted:
+                digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+                detail = {"file": str(out), "decrypted": result.decrypted, "sha256": digest}
+                event = AuditEvent("export_decrypted", principal.agent_id, detail)
+                rt.wait(rt.send([], audits=[event]), 10)
+            os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
-    if principal is not None and result.decrypted:
-        digest = hashlib.sha256(out.read_bytes()).hexdigest()
-        detail = {"file": str(out), "decrypted": result.decrypted, "sha256": digest}
-        with Runtime(settings, keyring=keyring) as rt:
-            rt.wait(
-                rt.send([], audits=[AuditEvent("export_decrypted", principal.agent_id, detail)]), 10
-            )
     console.print(
         f"exported {result.records} records to {out} ({result.sealed} sealed, "
         f"{result.decrypted} decrypted"

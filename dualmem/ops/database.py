@@ -19,6 +19,7 @@ __all__ = [
     "check_not_newer",
     "database_size",
     "open_database",
+    "refuse_database_path",
 ]
 
 #: ``progress(description, done, total)``: how long-running operations report progress
@@ -123,3 +124,19 @@ def database_size(conn: sqlite3.Connection, path: str | Path) -> DatabaseSize:
         pragma("freelist_count"),
         pragma("auto_vacuum"),
     )
+
+
+def refuse_database_path(dest: str | Path, db_path: str | Path) -> None:
+    """``ConfigurationError`` if writing ``dest`` would replace the database ``db_path``
+    or one of its WAL files (``--force`` must never let an output clobber the source).
+
+    >>> refuse_database_path("copy.db", "mem.db")
+    >>> refuse_database_path("./mem.db-wal", "mem.db")
+    Traceback (most recent call last):
+    ...
+    acl.errors.ConfigurationError: mem.db-wal is the database mem.db or one of its files
+    """
+    target = Path(dest).resolve()
+    db = Path(db_path).resolve()
+    if target in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal")):
+        raise ConfigurationError(f"{Path(dest).name} is the database {db_path} or one of its files")
