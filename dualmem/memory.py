@@ -35,6 +35,7 @@ from dualmem.commands import (
 from dualmem.errors import Backpressure, DualMemError, NotPersisted
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics, prometheus_text
+from dualmem.projection import projected
 from dualmem.redis_backend import connect, text, transact, translate_errors
 from dualmem.rotation import KeyfileWatcher
 from dualmem.settings import Settings
@@ -432,6 +433,8 @@ class DualMemory:
         check_key(key)
         lvl, sc = self._authorize(principal, level, "write", scope, key)
         ttl_ms = ttl_to_ms(ttl)
+        if ttl_ms is not None and projected(key, lvl):
+            raise ValidationError(f"{key}: mission log records cannot expire (no ttl)")
         t0 = time.perf_counter_ns()
         if self._keyfile is not None:
             self._keyfile.check()

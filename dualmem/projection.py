@@ -52,6 +52,7 @@ __all__ = [
     "parse_key",
     "parse_record",
     "plan_projection",
+    "projected",
     "row_to_decision",
     "row_to_mission",
     "row_to_playbook_run",
@@ -202,6 +203,15 @@ def parse_key(key: str) -> tuple[str, str, str | None] | None:
     if parts[0] in KINDS[1:] and len(parts) == 3:
         return parts[0], parts[1], parts[2]
     return None
+
+
+def projected(key: str, level: Level) -> bool:
+    """Whether a record at ``key`` and ``level`` is projected into the mission tables.
+
+    >>> projected("_dm/mission/m1", Level.PROJECT), projected("_dm/mission/m1", Level.TEAM)
+    (True, False)
+    """
+    return level in _PLAINTEXT_LEVELS and parse_key(key) is not None
 
 
 def to_json(value: Any) -> str:
@@ -488,6 +498,10 @@ def plan_projection(cmd: Command, sid: int, audit_id: int | None = None) -> list
     parsed = parse_key(cmd.key)
     if parsed is None or cmd.level not in _PLAINTEXT_LEVELS:
         return []
+    if cmd.op == OP_PUT and cmd.expires_at is not None:
+        # Expiry turns the memory row into a tombstone without a command, so nothing
+        # would remove the projected row: the mission tables would disagree with it.
+        raise MalformedCommand(f"{cmd.key}: mission log records cannot expire (no ttl)")
     try:
         return _plan_record(cmd, sid, *parsed)
     except MalformedCommand:

@@ -399,6 +399,29 @@ def test_a_late_older_put_cannot_revive_a_deleted_mission_or_tool_call(
     conn.close()
 
 
+def test_mission_log_records_cannot_expire(mem: DualMemory, store: SQLiteStore) -> None:
+    # Expiry makes the memory row a tombstone with no command, so nothing would remove
+    # the projected row: after a purge, verify failed on a healthy database.
+    with pytest.raises(ValidationError, match="cannot expire"):
+        mem.put(mission_key("m"), mission_value("m", "pending", 1), level=4, principal=LEAD, ttl=60)
+    mem.put("_dm/not-projected", 1, level=4, principal=LEAD, ttl=60)  # other keys may
+    mem.put(mission_key("m"), {"secret": 1}, level=2, principal=LEAD, ttl=60)  # not projected
+    # A command that gets past put (another writer) fails alone in the worker.
+    env = CODEC.seal(
+        mission_value("m", "pending", 1),
+        scope="project:shop",
+        key=mission_key("m"),
+        level=Level.PROJECT,
+    )
+    f = put_fields("project:shop", mission_key("m"), Level.PROJECT, "lead", 1000, env, 10**13)
+    entry = StreamEntry(
+        0, "1-0", {k: v if isinstance(v, bytes) else str(v).encode() for k, v in f.items()}
+    )
+    result = store.apply([entry])
+    assert "cannot expire" in result.failed[0][1]
+    assert store.mission("project:shop", "m") is None
+
+
 def test_a_record_whose_ids_do_not_match_its_key_fails_alone(store: SQLiteStore) -> None:
     good = put_entry(10, mission_key("m"), mission_value("m", "pending", 10))
     bad = put_entry(11, child_key("tool_call", "m", "c1"), call_value("m", "other", 11))
