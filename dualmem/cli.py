@@ -152,6 +152,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if not Path(settings.db_path).exists():
         print(f"dualmem stats: no database at {settings.db_path}", file=sys.stderr)
         return 2
+    from dualmem.ops.database import check_current, database_size, open_database
+
+    with open_database(settings.db_path) as conn:
+        # Opening the store would migrate an older file on the spot, with no backup;
+        # upgrades go through `dualmem migrate`.
+        check_current(conn, settings.db_path)
     store = SQLiteStore.from_settings(settings)
     try:
         snapshots = store.latest_metrics()
@@ -159,8 +165,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
         last_seq = store.last_seq()
     finally:
         store.close()
-    from dualmem.ops.database import database_size, open_database
-
     with open_database(settings.db_path) as conn:
         sizes = database_size(conn, settings.db_path)
     size = sizes.total_bytes
@@ -293,6 +297,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except DualMemError as exc:
         print(f"dualmem {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, OverflowError) as exc:
+        # What the environment or the input refused (a missing directory, a port in use
+        # or out of range, a malformed URL, text that is not UTF-8): a message, not a
+        # traceback (--verbose logs the traceback too).
+        if args.verbose:
+            logging.getLogger("dualmem.cli").exception("dualmem %s failed", args.command)
+        print(f"dualmem {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

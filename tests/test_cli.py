@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import stat
@@ -226,6 +227,46 @@ def test_stats_shows_the_workers_snapshot(
 def test_stats_without_a_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["stats", "--db", str(tmp_path / "none.db")]) == 2
     assert "no database" in capsys.readouterr().err
+
+
+def test_stats_never_migrates_an_older_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "old.db"
+    shutil.copy(Path(__file__).parent / "data" / "schema_v1.db", db)
+    assert main(["stats", "--db", str(db)]) == 2
+    assert "dualmem migrate" in capsys.readouterr().err
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1  # untouched
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["metrics", "--serve", "99999"], "port must be 0-65535"),
+        (["purge", "--tombstone-ttl", "-5"], "must be >= 0"),
+        (["export", "--out", "{tmp}/x.jsonl", "--prefix", "\udcff"], "surrogates not allowed"),
+        (["export", "--out", "/nonexistent-dir/x.jsonl"], "does not exist"),
+    ],
+)
+def test_bad_command_input_is_a_message_and_exit_2_not_a_traceback(
+    tmp_path: Path,
+    keyfile: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    db = tmp_path / "m.db"
+    with DualMemory(redis_url="memory://cli-bad-input", db_path=str(db), keyring=str(keyfile)):
+        pass
+    common = ["--db", str(db), "--redis-url", "memory://cli-bad-input", "--keyring", str(keyfile)]
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv] + common)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as exc:  # argparse: a usage error, exit 2
+        main(["dlq", "replay", "abc", *common])
+    assert exc.value.code == 2
 
 
 def run_demo(cwd: Path, *args: str) -> str:

@@ -464,6 +464,10 @@ def cmd_purge(args: argparse.Namespace) -> int:
     console = _console()
     now = int(time.time() * 1000)
     ttl = settings.tombstone_ttl if args.tombstone_ttl is None else args.tombstone_ttl
+    if ttl < 0:
+        # Negative would date the cut-off in the future and drop tombstones that still
+        # guard against late, older commands.
+        raise ConfigurationError(f"--tombstone-ttl must be >= 0 seconds, got {ttl}")
     with _progress(console) as progress:
         r = purge_database(
             settings.db_path,
@@ -534,7 +538,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             table.caption = "no dead letters"
         console.print(table)
         return 0
-    ids = None if args.all or not args.ids else [int(i) for i in args.ids]
+    ids = None if args.all or not args.ids else list(args.ids)
     if ids is None and not args.all:
         raise ConfigurationError("name the dead letters to replay (ids) or pass --all")
     with Runtime(settings) as rt:
@@ -709,7 +713,7 @@ def _register_maintenance(sub: Any) -> None:
     q = dlq.add_parser("replay", help="send dead letters back to the stream")
     add_common_arguments(q)
     _keyring_option(q)
-    q.add_argument("ids", nargs="*", help="dead letter ids (see dlq list)")
+    q.add_argument("ids", nargs="*", type=int, help="dead letter ids (see dlq list)")
     q.add_argument("--all", action="store_true", help="every dead letter not yet replayed")
     q.add_argument("--wait", type=float, default=10.0, help="seconds to wait for commits")
     q.set_defaults(func=cmd_dlq)
