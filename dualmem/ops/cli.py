@@ -383,6 +383,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         )
         if done.pending or done.dead:
             return _EXIT_FOUND
+    elif plan.errors:
+        console.print("nothing to import: every other line is already there or expired")
     else:
         console.print("nothing to import: every record is already there")
     return _EXIT_SKIPPED_LINES if plan.errors else 0
