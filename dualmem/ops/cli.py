@@ -384,7 +384,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         if done.pending or done.dead:
             return _EXIT_FOUND
     elif plan.errors:
-        console.print("nothing to import: every other line is already there or expired")
+        console.print("nothing to import: besides the bad lines, nothing new or changed")
     else:
         console.print("nothing to import: every record is already there")
     return _EXIT_SKIPPED_LINES if plan.errors else 0
