@@ -427,7 +427,8 @@ class DualMemory:
         1, 2, 5) happen first; then ``MULTI; SET cache; XADD command; XLEN; EXEC``. The
         worker persists the command to SQLite; ``sync(receipt)`` waits for that.
         Raises ``ValidationError``, ``AccessDenied``, ``Backpressure`` or ``StoreUnavailable``;
-        on any of them nothing was written.
+        on any of them nothing was written, except a ``StoreUnavailable`` that says the
+        transaction "may or may not have run" (sent, and no reply before the timeout).
         """
         self._check_open()
         check_key(key)

@@ -4,6 +4,7 @@ translation of redis errors into dualmem errors at this one boundary."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MemoryServer",
+    "OutcomeUnknown",
     "connect",
     "drop_memory_server",
     "in_process_connection_class",
@@ -103,10 +105,23 @@ def connect(
         socket_timeout=settings.socket_timeout + extra_timeout,
         socket_connect_timeout=settings.connect_timeout,
         retry=retry,
-        health_check_interval=0,
+        health_check_interval=0,  # transact checks an idle connection itself
         client_name="dualmem",
     )
     return client, None
+
+
+#: A pooled connection idle this long is PINGed before a transaction goes out on it: once
+#: sent, a transaction is never sent again (see transact), so a connection Redis closed
+#: while it sat in the pool (a restart) must be found before, when a retry is still safe.
+_IDLE_PING_S = 1.0
+_PING = b"*1\r\n$4\r\nPING\r\n"
+
+
+class OutcomeUnknown(redis.RedisError):
+    """A transaction was sent and no reply came (a timeout, a dropped connection): it may
+    or may not have run, so it is not sent again (not a ConnectionError: the client's
+    retry policy retries those)."""
 
 
 def transact(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -115,8 +130,11 @@ def transact(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[A
     Returns EXEC's raw replies (no response callbacks: ``SET`` gives ``b"OK"``, ``XADD`` the
     id as bytes). This is the put path's round trip; going around redis-py's ``Pipeline``
     object saves about 20 µs per call, more than dualmem's own work on a put. Errors are
-    redis-py's; a failed exchange drops the connection (it may hold unread replies) and is
-    retried under the client's explicit retry policy, as a pipeline would be.
+    redis-py's; a failed exchange drops the connection (it may hold unread replies). It is
+    retried under the client's retry policy only if it failed before the whole transaction
+    was handed to the socket (EXEC is its last command, so Redis ran none of it); once
+    sent, a timeout or a dropped connection raises ``OutcomeUnknown`` instead: sending it
+    again could run it twice (two stream entries for one put that returns one receipt).
 
     >>> import fakeredis
     >>> transact(fakeredis.FakeRedis(), [(b"SET", b"k", b"v"), (b"INCR", b"n")])
@@ -156,6 +174,12 @@ def _round_trip(
             lambda: exchange(conn, packed, count), lambda _err: conn.disconnect()
         )
         return result
+    except BaseException:
+        # Whatever went wrong (an interrupt between two replies included), replies may be
+        # left unread: the next caller of this pooled connection would read them as its
+        # own. A fresh connection is cheap; a desynchronised one lies from then on.
+        conn.disconnect()
+        raise
     finally:
         pool.release(conn)
 
@@ -246,6 +270,17 @@ def _read_replies(conn: Any, packed: Any, count: int) -> list[Any]:
 
 
 def _exchange(conn: Any, packed: Any, queued: int) -> list[Any]:
+    # Everything up to the send is safe to retry: an idle connection's PING, connecting,
+    # and the send itself (if it fails, EXEC did not reach Redis whole, so none of it ran).
+    now = time.monotonic()
+    if (
+        not isinstance(packed, _Direct)
+        and getattr(conn, "_sock", None) is not None
+        and now - getattr(conn, "_dualmem_used", 0.0) > _IDLE_PING_S
+    ):
+        conn.send_packed_command([_PING], check_health=False)
+        if conn.read_response() not in (b"PONG", "PONG"):
+            raise redis.ConnectionError("bad reply to PING")
     conn.send_packed_command(packed, check_health=False)
     try:
         conn.read_response()  # +OK for MULTI
@@ -256,6 +291,12 @@ def _exchange(conn: Any, packed: Any, queued: int) -> list[Any]:
         # EXECABORT or a rejected command: replies may be left unread on the socket.
         conn.disconnect()
         raise
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        conn.disconnect()
+        raise OutcomeUnknown(
+            f"no reply after the transaction was sent, so it may or may not have run: {exc}"
+        ) from exc
+    conn._dualmem_used = time.monotonic()
     if not isinstance(replies, list):
         raise redis.ResponseError(f"EXEC returned {replies!r}")
     for reply in replies:

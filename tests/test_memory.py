@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import signal
 import sqlite3
 import threading
 import time
@@ -34,7 +36,7 @@ from dualmem.ops.transfer import export_records
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.worker import Worker
 
-from .conftest import run_cli, wait_until
+from .conftest import RedisServer, run_cli, wait_until
 
 MakeMem = Callable[..., DualMemory]
 
@@ -936,6 +938,70 @@ def test_send_many_reads_every_reply_before_raising(raw_redis: redis.Redis) -> N
     # the next exchange on the pooled connection gets its own replies.
     assert send_many(raw_redis, [(b"GET", b"n"), (b"PING",)]) == [b"2", b"PONG"]
     assert raw_redis.get("n") == b"2"
+
+
+def test_a_put_whose_reply_times_out_is_never_sent_twice(
+    own_redis_server: RedisServer, tmp_path: Path, keyfile: Path, coder: Principal
+) -> None:
+    # Redis stalls past socket_timeout (SIGSTOP here; a fork or a slow command in
+    # practice). The transaction was sent; it used to be sent again on a new connection
+    # and the put returned one receipt for two stream entries once Redis woke up.
+    srv = own_redis_server
+    mem = DualMemory(
+        redis_url=srv.url, db_path=str(tmp_path / "m.db"), keyring=str(keyfile), worker=False
+    )
+    try:
+        mem.put("warm", 1, level=Level.SWARM, principal=coder)
+        raw = srv.client()
+        stream = mem.layout.stream(0)
+        before = raw.xlen(stream)
+        assert srv.proc is not None
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUnavailable, match="may or may not have run"):
+                mem.put("k", {"v": 1}, level=Level.SWARM, principal=coder)
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        wait_until(lambda: raw.xlen(stream) > before, what="the buffered transaction")
+        time.sleep(0.3)  # a second copy, if one was sent, would be in by now
+        assert raw.xlen(stream) == before + 1
+        r = mem.put("after", 2, level=Level.SWARM, principal=coder)  # the client recovers
+        ((_, fields),) = raw.xrange(stream, min=r.stream_id, max=r.stream_id)
+        assert fields[b"k"] == b"after"
+    finally:
+        mem.close()
+
+
+def test_an_interrupt_between_two_replies_leaves_no_reply_behind(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # Ctrl-C (or a SIGALRM timeout) after MULTI's reply was read: the pooled connection
+    # went back with EXEC's reply unread, and every later put read the reply of the put
+    # before it (a receipt naming another command's entry, or a false error).
+    mem = make_mem(worker=False)
+    mem.put("warm", 1, level=Level.SWARM, principal=coder)
+    pool = mem._redis.connection_pool
+    conn = pool.get_connection()
+    pool.release(conn)
+    real = conn.read_response
+    calls = [0]
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        reply = real(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 1:
+            conn.read_response = real  # type: ignore[method-assign]
+            raise KeyboardInterrupt
+        return reply
+
+    conn.read_response = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        mem.put("interrupted", 0, level=Level.SWARM, principal=coder)
+    stream = mem.layout.stream(0)
+    for i in range(3):
+        r = mem.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+        ((_, fields),) = raw_redis.xrange(stream, min=r.stream_id, max=r.stream_id)
+        assert fields[b"k"] == f"k{i}".encode()
 
 
 def test_ids_after_redis_lost_its_data_sort_after_committed_ones(
