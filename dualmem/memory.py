@@ -173,6 +173,9 @@ class DualMemory:
         # Commands between the open check and their XADD: close() waits for them before
         # the drain, so a put that returned a receipt is never left behind a drained close.
         self._gate = threading.Condition()
+        # The first close() does the work; any other waits for it and gets its report.
+        self._close_done = threading.Event()
+        self._close_report: CloseReport | None = None
         self._in_flight = 0
         if settings.worker:
             self._start_worker()
@@ -219,12 +222,25 @@ class DualMemory:
         the same Redis persists them (on ``memory://`` they live only in this process).
         With ``worker=False`` nothing is drained here and the report is ``(0, True)``:
         the workers elsewhere own persistence, and :meth:`backlog` says what Redis holds.
+        Closing again returns the first close's report, after waiting for it to finish.
         """
         drain_timeout = self.settings.close_timeout if timeout is None else timeout
         with self._gate:
-            if self._closed:
-                return CloseReport(0, True)
+            already = self._closed
             self._closed = True
+        if already:
+            # Another close() (an atexit hook, a second thread) may still be draining:
+            # its report is the answer, not "drained" because nothing is left to do here.
+            self._close_done.wait(drain_timeout + self.settings.block_ms / 1000 + 10)
+            return self._close_report or CloseReport(pending=1, drained=False)
+        try:
+            self._close_report = self._close_first(drain_timeout)
+        finally:
+            self._close_done.set()
+        return self._close_report
+
+    def _close_first(self, drain_timeout: float) -> CloseReport:
+        with self._gate:
             # Commands already past the open check finish their round trip first, so the
             # drain below sees them (each is bounded by the client's socket timeouts).
             if not self._gate.wait_for(lambda: self._in_flight == 0, drain_timeout + 5):
@@ -552,6 +568,13 @@ class DualMemory:
         """
         if not isinstance(receipt, Receipt):
             raise ValidationError("sync() takes the Receipt returned by put/delete")
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 0 <= timeout <= threading.TIMEOUT_MAX
+        ):
+            # NaN compares false with everything: the wait never timed out.
+            raise ValidationError(f"timeout must be finite seconds >= 0, got {timeout!r}")
         deadline = time.monotonic() + timeout
         delay = 0.0005
         while True:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from redis.connection import parse_url
+
 from acl.crypto import DEFAULT_COMPRESS_THRESHOLD, DEFAULT_MAX_VALUE_BYTES
 from acl.errors import ConfigurationError
+from dualmem.commands import MAX_TTL_SECONDS
 
 __all__ = ["ENV_PREFIX", "WORKER_SCHED", "Settings"]
 
@@ -160,6 +164,10 @@ class Settings:
 
     def validate(self) -> None:
         """Raise ConfigurationError naming the first bad setting."""
+        self._validate_numbers()
+        self._validate_text()
+
+    def _validate_numbers(self) -> None:
         for name in (
             "shards",
             "batch_size",
@@ -189,13 +197,31 @@ class Settings:
             "purge_interval",
             "keyring_reload_interval",
         ):
-            if not getattr(self, name) > 0:
-                raise ConfigurationError(f"setting {name} must be > 0 (got {getattr(self, name)})")
+            value = getattr(self, name)
+            # Finite and within what threading and sockets accept (inf or 1e400 passed
+            # here and then raised OverflowError from close() or the first connect).
+            if not 0 < value <= threading.TIMEOUT_MAX:
+                raise ConfigurationError(
+                    f"setting {name} must be > 0 and finite seconds (got {value})"
+                )
+        if self.cache_ttl > MAX_TTL_SECONDS:
+            # Beyond it Redis refuses the cache entry's PX inside the put's transaction,
+            # after the XADD beside it has run: an error for a write that happened.
+            raise ConfigurationError(
+                f"setting cache_ttl must be <= {MAX_TTL_SECONDS} seconds (got {self.cache_ttl})"
+            )
+
+    def _validate_text(self) -> None:
         if not (self.redis_url.startswith(("memory://", "redis://", "rediss://", "unix://"))):
             raise ConfigurationError(
                 f"setting redis_url={self.redis_url!r} must start with memory://, redis://, "
                 "rediss:// or unix://"
             )
+        if not self.embedded:
+            try:
+                parse_url(self.redis_url)  # type: ignore[no-untyped-call]
+            except ValueError as exc:
+                raise ConfigurationError(f"setting redis_url={self.redis_url!r}: {exc}") from None
         if not self.namespace or any(c in self.namespace for c in "{}: \t\n"):
             raise ConfigurationError(
                 f"setting namespace={self.namespace!r} must be non-empty without '{{}}:' or spaces"

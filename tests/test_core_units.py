@@ -51,6 +51,12 @@ def test_arguments_beat_environment_beat_defaults() -> None:
         ({"socket_timeout": 0}, {}, "socket_timeout"),
         ({"shards": True}, {}, "shards"),
         ({}, {"DUALMEM_WORKER": "maybe"}, "DUALMEM_WORKER"),
+        # Passed validation, then failed (or half-wrote) later:
+        ({"close_timeout": float("inf")}, {}, "close_timeout"),  # OverflowError in close()
+        ({}, {"DUALMEM_SOCKET_TIMEOUT": "1e400"}, "socket_timeout"),  # at the first connect
+        ({"cache_ttl": 10**16}, {}, "cache_ttl"),  # PX refused inside EXEC, XADD ran
+        ({"redis_url": "redis://h:notaport/0"}, {}, "redis_url"),  # bare ValueError
+        ({"redis_url": "redis://h:99999/0"}, {}, "redis_url"),
     ],
 )
 def test_bad_settings_name_the_setting(

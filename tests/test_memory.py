@@ -805,10 +805,45 @@ def test_close_with_the_database_locked_gives_up_at_its_timeout_and_says_so(
     # with: its thread has ended (one that lived on kept reading the stream of a shared
     # Redis into this test's database, taking later tests' commands).
     assert mem._worker_thread is not None and not mem._worker_thread.is_alive()
+    # Closing again (an atexit hook, another thread) gets the same answer, not "drained".
+    assert mem.close() == report
     # Nothing is lost: they wait in Redis for the next worker.
     check = make_mem(claim_idle_ms=100)
     for r in receipts:
         check.sync(r, timeout=30)
+
+
+def test_a_second_close_waits_for_the_first_and_reports_what_it_found(
+    make_mem: MakeMem, coder: Principal, db_path: Path
+) -> None:
+    mem = make_mem(busy_timeout_ms=50)
+    mem.sync(mem.put("warm", 0, level=Level.SWARM, principal=coder))
+    locker = sqlite3.connect(db_path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    reports: list[object] = []
+    try:
+        for i in range(5):
+            mem.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+        first = threading.Thread(target=lambda: reports.append(mem.close(timeout=1)))
+        first.start()
+        wait_until(lambda: mem._closed, what="the first close to start")
+        # It used to return CloseReport(0, True) at once while the first still drained.
+        second = mem.close(timeout=1)
+        first.join(30)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert reports == [second] and not second.drained and second.pending == 5
+
+
+def test_sync_refuses_a_timeout_that_is_not_a_finite_number(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    mem = make_mem(worker=False)
+    r = mem.put("k", 1, level=Level.SWARM, principal=coder)
+    for bad in (float("nan"), float("inf"), -1, "5", True):
+        with pytest.raises(ValidationError, match="timeout"):
+            mem.sync(r, timeout=bad)  # type: ignore[arg-type]
 
 
 def test_a_put_in_flight_when_close_starts_is_drained_with_the_rest(
