@@ -281,6 +281,10 @@ def test_encrypted_levels_stay_sealed_unless_decrypted_by_an_allowed_principal(
     text = clear.read_text(encoding="utf-8")
     assert f'"{SECRET}"' in text and f'"{SECRET}-team"' in text  # coder-1 may read these
     assert f'"{SECRET}-2"' not in text  # coder-2's private record stays sealed
+    # A principal without --decrypt would be ignored (the file sealed where the user
+    # asked to read it): refused instead.
+    code, _, err = run_cli(capsys, "export", *src, "--out", str(clear), "--force", "--as", "x")
+    assert code == 2 and "need --decrypt" in err
     assert "not readable by coder-1" in out
     # The decryption is on the audit trail.
     events = [a.event for a in mem.store.audit_log()]

@@ -210,6 +210,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def _principal(args: argparse.Namespace) -> Principal | None:
     if not args.decrypt:
+        given = [args.as_agent, args.team, args.swarm, args.project, args.system]
+        if any(given):
+            # Without --decrypt they would be ignored, and the file would stay sealed
+            # where the user asked to read it.
+            raise ConfigurationError("--as, --team, --swarm, --project, --system need --decrypt")
         return None
     if not args.as_agent:
         raise ConfigurationError("--decrypt needs --as AGENT_ID (and its --team/--swarm/...)")
