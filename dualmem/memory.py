@@ -38,7 +38,7 @@ from dualmem.metrics import Metrics, prometheus_text
 from dualmem.projection import projected
 from dualmem.redis_backend import connect, text, transact, translate_errors
 from dualmem.rotation import KeyfileWatcher
-from dualmem.settings import Settings
+from dualmem.settings import MAX_WAIT_SECONDS, Settings
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import Change, Store, StoredRow
 from dualmem.worker import Worker, ensure_groups, stream_backlog
@@ -176,6 +176,8 @@ class DualMemory:
         # The first close() does the work; any other waits for it and gets its report.
         self._close_done = threading.Event()
         self._close_report: CloseReport | None = None
+        self._closer = 0  # the thread running the first close()
+        self._close_wait = 0.0
         self._in_flight = 0
         if settings.worker:
             self._start_worker()
@@ -225,19 +227,48 @@ class DualMemory:
         Closing again returns the first close's report, after waiting for it to finish.
         """
         drain_timeout = self.settings.close_timeout if timeout is None else timeout
+        if (
+            isinstance(drain_timeout, bool)
+            or not isinstance(drain_timeout, (int, float))
+            or not 0 <= drain_timeout <= MAX_WAIT_SECONDS
+        ):
+            raise ValidationError(
+                f"timeout must be seconds in [0, {MAX_WAIT_SECONDS:,}], got {drain_timeout!r}"
+            )
         with self._gate:
             already = self._closed
             self._closed = True
+            if not already:
+                self._closer = threading.get_ident()
+                self._close_wait = drain_timeout + self.settings.block_ms / 1000 + 10
         if already:
             # Another close() (an atexit hook, a second thread) may still be draining:
             # its report is the answer, not "drained" because nothing is left to do here.
-            self._close_done.wait(drain_timeout + self.settings.block_ms / 1000 + 10)
+            # The same thread (a signal handler that interrupted the first close) cannot
+            # wait for itself: it gets "not known to be drained" at once.
+            if self._closer != threading.get_ident():
+                self._close_done.wait(self._close_wait)
             return self._close_report or CloseReport(pending=1, drained=False)
         try:
             self._close_report = self._close_first(drain_timeout)
+        except BaseException:
+            self._release_after_failed_close()
+            raise
         finally:
             self._close_done.set()
         return self._close_report
+
+    def _release_after_failed_close(self) -> None:
+        # The store and the client are released even when the close itself failed; the
+        # store stays open only under a worker thread that is still running.
+        thread = self._worker_thread
+        for release in (() if thread is not None and thread.is_alive() else (self.store.close,)) + (
+            self._redis.close,
+        ):
+            try:
+                release()
+            except Exception:  # pragma: no cover - best effort after the first error
+                log.exception("close: releasing a resource failed")
 
     def _close_first(self, drain_timeout: float) -> CloseReport:
         with self._gate:
@@ -571,7 +602,7 @@ class DualMemory:
         if (
             isinstance(timeout, bool)
             or not isinstance(timeout, (int, float))
-            or not 0 <= timeout <= threading.TIMEOUT_MAX
+            or not 0 <= timeout <= MAX_WAIT_SECONDS
         ):
             # NaN compares false with everything: the wait never timed out.
             raise ValidationError(f"timeout must be finite seconds >= 0, got {timeout!r}")

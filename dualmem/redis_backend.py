@@ -287,8 +287,10 @@ def _exchange(conn: Any, packed: Any, queued: int) -> list[Any]:
         for _ in range(queued):
             conn.read_response()  # +QUEUED, or the error that makes EXEC abort
         replies = conn.read_response()
-    except redis.ResponseError:
-        # EXECABORT or a rejected command: replies may be left unread on the socket.
+    except (redis.ResponseError, redis.BusyLoadingError):
+        # EXECABORT or a rejected command (-LOADING while Redis loads its data: a
+        # ConnectionError to redis-py, so retried): EXEC ran nothing. Replies may be left
+        # unread on the socket.
         conn.disconnect()
         raise
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:

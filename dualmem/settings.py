@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -19,6 +18,9 @@ from dualmem.commands import MAX_TTL_SECONDS
 __all__ = ["ENV_PREFIX", "WORKER_SCHED", "Settings"]
 
 ENV_PREFIX = "DUALMEM_"
+#: The longest timeout or interval a setting (or ``close(timeout=...)``) may ask for: 11.6
+#: days, far below what threading and sockets accept, with room for what waits add to it.
+MAX_WAIT_SECONDS = 1_000_000
 #: Values of ``Settings.worker_sched``.
 WORKER_SCHED = ("batch", "normal")
 
@@ -198,11 +200,12 @@ class Settings:
             "keyring_reload_interval",
         ):
             value = getattr(self, name)
-            # Finite and within what threading and sockets accept (inf or 1e400 passed
-            # here and then raised OverflowError from close() or the first connect).
-            if not 0 < value <= threading.TIMEOUT_MAX:
+            # Finite, with room for what waits add to it (inf or 1e400 passed here and then
+            # raised OverflowError from close() or the first connect).
+            if not 0 < value <= MAX_WAIT_SECONDS:
                 raise ConfigurationError(
-                    f"setting {name} must be > 0 and finite seconds (got {value})"
+                    f"setting {name} must be > 0 and at most {MAX_WAIT_SECONDS:,} seconds "
+                    f"(got {value})"
                 )
         if self.cache_ttl > MAX_TTL_SECONDS:
             # Beyond it Redis refuses the cache entry's PX inside the put's transaction,

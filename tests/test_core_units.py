@@ -53,6 +53,7 @@ def test_arguments_beat_environment_beat_defaults() -> None:
         ({}, {"DUALMEM_WORKER": "maybe"}, "DUALMEM_WORKER"),
         # Passed validation, then failed (or half-wrote) later:
         ({"close_timeout": float("inf")}, {}, "close_timeout"),  # OverflowError in close()
+        ({"close_timeout": 10**9}, {}, "close_timeout"),  # no room for what waits add
         ({}, {"DUALMEM_SOCKET_TIMEOUT": "1e400"}, "socket_timeout"),  # at the first connect
         ({"cache_ttl": 10**16}, {}, "cache_ttl"),  # PX refused inside EXEC, XADD ran
         ({"redis_url": "redis://h:notaport/0"}, {}, "redis_url"),  # bare ValueError

@@ -31,8 +31,11 @@ from dualmem import (
     ValidationError,
 )
 from dualmem.commands import sid_of
+from dualmem.memory import CloseReport
 from dualmem.ops.mirror import render_record
+from dualmem.ops.runtime import Runtime, Write
 from dualmem.ops.transfer import export_records
+from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.worker import Worker
 
@@ -1005,6 +1008,88 @@ def test_a_put_whose_reply_times_out_is_never_sent_twice(
         assert fields[b"k"] == b"after"
     finally:
         mem.close()
+
+
+def test_an_operator_send_whose_reply_times_out_is_never_sent_twice(
+    own_redis_server: RedisServer, tmp_path: Path, keyfile: Path
+) -> None:
+    # import, dlq replay and the mirror send through Runtime.send, which used redis-py's
+    # Pipeline: its retry sent MULTI..EXEC again after a reply timeout.
+    srv = own_redis_server
+    settings = Settings.load(
+        {"redis_url": srv.url, "db_path": str(tmp_path / "m.db"), "keyring": str(keyfile)}
+    )
+    with Runtime(settings, worker=False) as rt:
+        write = Write("swarm:s", "k", Level.SWARM, "op", b"\x01\x00{}")
+        rt.send([write])
+        raw = srv.client()
+        stream = rt.layout.stream(0)
+        before = raw.xlen(stream)
+        assert srv.proc is not None
+        pid = srv.proc.pid
+        check_room = rt._check_room
+
+        def stall_after_the_room_check(per_shard: Any) -> None:
+            check_room(per_shard)
+            os.kill(pid, signal.SIGSTOP)  # Redis stalls just as the transaction goes out
+
+        rt._check_room = stall_after_the_room_check  # type: ignore[method-assign]
+        try:
+            with pytest.raises(StoreUnavailable, match="may or may not have run"):
+                rt.send([write])
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: raw.xlen(stream) > before, what="the buffered transaction")
+        time.sleep(0.3)
+        assert raw.xlen(stream) == before + 1
+
+
+def test_a_busy_loading_redis_is_a_refusal_that_is_retried_not_an_unknown_outcome() -> None:
+    # -LOADING (Redis loading its data after a restart) aborts EXEC: nothing ran, so it is
+    # retried like a refused connection, not reported as "may or may not have run".
+    from dualmem.redis_backend import _exchange
+
+    class Loading:
+        disconnected = False
+
+        def send_packed_command(self, *_: object, **__: object) -> None:
+            pass
+
+        def read_response(self) -> object:
+            raise redis.BusyLoadingError("Redis is loading the dataset in memory")
+
+        def disconnect(self) -> None:
+            self.disconnected = True
+
+    conn = Loading()
+    with pytest.raises(redis.BusyLoadingError):
+        _exchange(conn, [b"packed"], 2)
+    assert conn.disconnected
+
+
+def test_close_from_a_signal_handler_during_close_returns_at_once(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A handler that runs close() on the thread already inside close() cannot wait for
+    # that first close (it is suspended under the handler): it waited its whole timeout.
+    mem = make_mem()
+    mem.put("k", 1, level=Level.SWARM, principal=coder)
+    inner: list[object] = []
+    first = mem._close_first
+
+    def interrupted(timeout: float) -> CloseReport:
+        t0 = time.monotonic()
+        inner.append(mem.close())
+        inner.append(time.monotonic() - t0)
+        return first(timeout)
+
+    monkeypatch.setattr(mem, "_close_first", interrupted)
+    report = mem.close()
+    assert inner[0] == CloseReport(pending=1, drained=False) and inner[1] < 1
+    assert report.drained and mem.close() == report
+    for bad in (float("inf"), float("nan"), -1):
+        with pytest.raises(ValidationError, match="timeout"):
+            make_mem().close(timeout=bad)
 
 
 def test_an_interrupt_between_two_replies_leaves_no_reply_behind(

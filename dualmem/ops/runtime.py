@@ -23,7 +23,7 @@ from dualmem.commands import CACHE_TOMBSTONE, Receipt, audit_fields, delete_fiel
 from dualmem.errors import Backpressure
 from dualmem.layout import Layout
 from dualmem.ops.database import NO_PROGRESS, ProgressFn, check_current, open_database
-from dualmem.redis_backend import connect, text, translate_errors
+from dualmem.redis_backend import connect, text, transact, translate_errors
 from dualmem.rotation import KeyfileWatcher
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
@@ -185,20 +185,23 @@ class Runtime:
         for shard, _ in raw:
             per_shard[shard] = per_shard.get(shard, 0) + 1
         self._check_room(per_shard)
-        pipe = self.client.pipeline(transaction=True)
+        # One MULTI/EXEC through dualmem's transport, like put: never sent twice (a reply
+        # timeout raises "may or may not have run" instead of sending it again).
+        commands: list[tuple[Any, ...]] = []
         for shard, w in planned:
             cache_key = self.layout.cache_key(shard, w.scope, w.key)
             if w.envelope is None:
-                pipe.set(cache_key, CACHE_TOMBSTONE, px=self._px(None, now_us))
+                cache_value, px = CACHE_TOMBSTONE, self._px(None, now_us)
                 fields = delete_fields(w.scope, w.key, w.level, w.actor, now_us)
             else:
-                pipe.set(cache_key, w.envelope, px=self._px(w.expires_at, now_us))
+                cache_value, px = w.envelope, self._px(w.expires_at, now_us)
                 fields = put_fields(
                     w.scope, w.key, w.level, w.actor, now_us, w.envelope, w.expires_at
                 )
-            pipe.xadd(self.layout.stream(shard), fields)  # type: ignore[arg-type]
+            commands.append((b"SET", cache_key, cache_value) + (() if px is None else (b"PX", px)))
+            commands.append(_xadd(self.layout.stream(shard), fields))
         for shard, entry in raw:
-            pipe.xadd(self.layout.stream(shard), dict(entry))  # type: ignore[arg-type]
+            commands.append(_xadd(self.layout.stream(shard), entry))
         for a in audits:
             fields = audit_fields(
                 a.event,
@@ -211,9 +214,9 @@ class Runtime:
                 detail=a.detail,
             )
             shard = self.layout.shard_of(a.scope or "", a.key or "")
-            pipe.xadd(self.layout.stream(shard), fields)  # type: ignore[arg-type]
+            commands.append(_xadd(self.layout.stream(shard), fields))
         with translate_errors("send commands"):
-            replies = pipe.execute()
+            replies = transact(self.client, commands)
         if self._wakeup is not None:
             self._wakeup.set()
         receipts = [
@@ -279,3 +282,11 @@ def redis_client(settings: Settings) -> redis.Redis:
     """A client for read-only use (verify, stats, doctor)."""
     client, _ = connect(settings)
     return client
+
+
+def _xadd(stream: bytes, fields: Mapping[bytes, Any]) -> tuple[Any, ...]:
+    """``XADD stream * field value ...`` as one command tuple for ``transact``."""
+    out: list[Any] = [b"XADD", stream, b"*"]
+    for name, value in fields.items():
+        out += (name, value)
+    return tuple(out)
