@@ -37,7 +37,7 @@ from dualmem.layout import Layout
 from dualmem.metrics import Metrics, prometheus_text
 from dualmem.projection import projected
 from dualmem.redis_backend import connect, text, transact, translate_errors
-from dualmem.rotation import KeyfileWatcher
+from dualmem.rotation import KeyfileWatcher, keyfile_signature
 from dualmem.settings import MAX_WAIT_SECONDS, Settings
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import Change, Store, StoredRow
@@ -139,17 +139,19 @@ class DualMemory:
         self.settings = settings
         self.layout = Layout(settings.namespace, settings.shards)
         self.metrics_registry = Metrics()
+        # A key file is watched, so a key rotation reaches this process (dualmem.rotation);
+        # its signature is taken before it is read (see KeyfileWatcher).
+        keyfile = None if given_ring else settings.keyring_file
+        seen = None if keyfile is None else keyfile_signature(keyfile)
         self.codec = Codec(
             given_ring or _load_keyring(settings),
             compress_threshold=settings.compress_threshold,
             max_value_bytes=settings.max_value_bytes,
         )
-        # A key file is watched, so a key rotation reaches this process (dualmem.rotation).
-        keyfile = None if given_ring else settings.keyring_file
         self._keyfile = (
             None
             if keyfile is None
-            else KeyfileWatcher(keyfile, self.codec, settings.keyring_reload_interval)
+            else KeyfileWatcher(keyfile, self.codec, settings.keyring_reload_interval, seen=seen)
         )
         self._streams = self.layout.streams()
         self._backlog = [0] * settings.shards

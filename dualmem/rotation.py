@@ -27,10 +27,13 @@ How it works (``dualmem rotate-keys``):
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +59,7 @@ __all__ = [
     "RotationReport",
     "add_active_key",
     "drop_keys",
+    "keyfile_signature",
     "register_commands",
     "rotate_keys",
 ]
@@ -79,20 +83,26 @@ class KeyfileWatcher:
     An unreadable file keeps the keyring in use and logs why.
     """
 
-    def __init__(self, path: str | Path, codec: Codec, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        codec: Codec,
+        interval: float = 1.0,
+        *,
+        seen: tuple[int, int, int] | None = None,
+    ) -> None:
+        """``seen``: the file's :func:`keyfile_signature` taken *before* the codec's
+        keyring was read from it. Taken after, a rotation saving the file in between
+        would look already loaded, and this process would never learn the new key."""
         self.path = Path(path)
         self.codec = codec
         self.interval = interval
-        self._seen = self._signature()
+        self._seen = seen
         self._next = time.monotonic() + interval
         self._lock = threading.Lock()
 
     def _signature(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
+        return keyfile_signature(self.path)
 
     def check(self) -> None:
         """Reload the key file if it changed and the last look is ``interval`` s old."""
@@ -117,23 +127,49 @@ class KeyfileWatcher:
         return True
 
 
+def keyfile_signature(path: str | Path) -> tuple[int, int, int] | None:
+    """``(mtime_ns, size, inode)`` of a key file, ``None`` if it cannot be read: what
+    :class:`KeyfileWatcher` compares to notice a new file."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+@contextmanager
+def _editing(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock beside the key file for a load-modify-save: two rotations
+    (or a rotation and a drop) editing it at once would each save what it loaded, and the
+    later save would silently drop the other's key."""
+    lock = Path(path).with_name(f".{Path(path).name}.lock")
+    fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def add_active_key(path: str | Path) -> Keyring:
     """Add a fresh key to the key file at ``path`` and make it active; returns the ring.
 
     The old keys stay: they open every record not yet re-sealed.
     """
-    ring = Keyring.load(path).with_new_key()
-    ring.save(path, overwrite=True)
+    with _editing(path):
+        ring = Keyring.load(path).with_new_key()
+        ring.save(path, overwrite=True)
     return ring
 
 
 def drop_keys(path: str | Path, key_ids: Sequence[str]) -> Keyring:
     """Remove ``key_ids`` (never the active key) from the key file; returns the ring."""
-    ring = Keyring.load(path)
-    for kid in key_ids:
-        if kid in ring.ids:
-            ring = ring.without_key(kid)
-    ring.save(path, overwrite=True)
+    with _editing(path):
+        ring = Keyring.load(path)
+        for kid in key_ids:
+            if kid in ring.ids and kid != ring.active_id:
+                ring = ring.without_key(kid)
+        ring.save(path, overwrite=True)
     return ring
 
 

@@ -7,6 +7,7 @@ concurrent newer put or delete always wins, and replaying it changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -145,6 +146,65 @@ def test_a_running_process_learns_a_rotated_key(tmp_path: Path) -> None:
     keyfile.write_text("not a key file")
     keyfile.chmod(0o600)
     assert not watcher.reload() and codec.keyring.active_id == new  # a broken file is ignored
+
+
+def test_a_process_started_during_a_rotation_still_learns_the_new_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The key file is saved by a rotation between the process reading it and its watcher
+    # looking at it: the watcher took the new file's signature for what was loaded, and
+    # the process sealed with the old key (and could not open new records) for good.
+    import dualmem.memory as memory_module
+
+    keyfile = tmp_path / "keys.json"
+    Keyring.generate().save(keyfile)
+    load = memory_module._load_keyring
+    rotated: list[str] = []
+
+    def load_then_rotate(settings: object) -> Keyring:
+        ring = load(settings)  # type: ignore[arg-type]
+        rotated.append(add_active_key(keyfile).active_id)
+        return ring
+
+    monkeypatch.setattr(memory_module, "_load_keyring", load_then_rotate)
+    mem = DualMemory(
+        redis_url="memory://rotation-race", db_path=str(tmp_path / "m.db"), keyring=str(keyfile)
+    )
+    try:
+        assert mem._keyfile is not None and mem._keyfile.reload()
+        assert mem.codec.keyring is not None and mem.codec.keyring.active_id == rotated[0]
+    finally:
+        mem.close()
+
+
+def test_two_edits_of_the_key_file_at_once_lose_no_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two rotate-keys (or a rotation and a drop) each loaded the file, changed it and
+    # saved it: the later save silently dropped the key the other had just added.
+    keyfile = tmp_path / "keys.json"
+    Keyring.generate().save(keyfile)
+    barrier = threading.Barrier(2)
+    load = Keyring.load
+
+    def load_and_wait(path: object) -> Keyring:
+        ring = load(path)  # type: ignore[arg-type]
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=0.5)  # without a lock both have loaded the same file here
+        return ring
+
+    monkeypatch.setattr(Keyring, "load", staticmethod(load_and_wait))
+    added: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: added.append(add_active_key(keyfile).active_id))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    monkeypatch.undo()
+    assert len(added) == 2 and set(added) <= set(Keyring.load(keyfile).ids)
 
 
 # -- the library, on both backends -----------------------------------------------------------

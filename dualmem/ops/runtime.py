@@ -24,7 +24,7 @@ from dualmem.errors import Backpressure
 from dualmem.layout import Layout
 from dualmem.ops.database import NO_PROGRESS, ProgressFn, check_current, open_database
 from dualmem.redis_backend import connect, text, transact, translate_errors
-from dualmem.rotation import KeyfileWatcher
+from dualmem.rotation import KeyfileWatcher, keyfile_signature
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.worker import Worker, ensure_groups
@@ -95,18 +95,19 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.layout = Layout(settings.namespace, settings.shards)
+        # A key file is watched, as by DualMemory: a long-running tool (the mirror) must
+        # seal with the key rotate-keys made active, never with one it is about to drop.
+        keyfile = None if keyring is not None else settings.keyring_file
+        seen = None if keyfile is None else keyfile_signature(keyfile)
         self.codec = Codec(
             keyring if keyring is not None else load_keyring(settings),
             compress_threshold=settings.compress_threshold,
             max_value_bytes=settings.max_value_bytes,
         )
-        # A key file is watched, as by DualMemory: a long-running tool (the mirror) must
-        # seal with the key rotate-keys made active, never with one it is about to drop.
-        keyfile = None if keyring is not None else settings.keyring_file
         self._keyfile = (
             None
             if keyfile is None or not keyfile.exists()
-            else KeyfileWatcher(keyfile, self.codec, settings.keyring_reload_interval)
+            else KeyfileWatcher(keyfile, self.codec, settings.keyring_reload_interval, seen=seen)
         )
         if Path(settings.db_path).exists():
             # SQLiteStore would migrate an older file on open; an operator command
