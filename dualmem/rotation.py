@@ -544,7 +544,10 @@ def register_commands(subparsers: Any) -> None:
     p.add_argument(
         "--grace",
         type=float,
-        help="seconds to let running processes load the new key (2 x keyring_reload_interval)",
+        help=(
+            "seconds to let running processes load the new key (default 2 x "
+            "keyring_reload_interval); must exceed every running process's interval"
+        ),
     )
     p.add_argument(
         "--no-worker",
