@@ -31,6 +31,7 @@ __all__ = [
     "reseal_fields",
     "sid_of",
     "ttl_to_ms",
+    "xadd_command",
 ]
 
 MAX_KEY_BYTES = 512
@@ -431,3 +432,15 @@ def sid_of(stream_id: str) -> int:
     if seq >= 1 << _SEQ_BITS or ms < 0 or seq < 0:
         raise MalformedCommand(f"stream id out of range: {stream_id!r}")
     return (ms << _SEQ_BITS) | seq
+
+
+def xadd_command(stream: bytes, fields: Mapping[bytes, Any]) -> tuple[Any, ...]:
+    """``XADD stream * field value ...`` as one command tuple for ``transact``.
+
+    >>> xadd_command(b"s", {b"op": b"put", b"t": 1})
+    (b'XADD', b's', b'*', b'op', b'put', b't', 1)
+    """
+    out: list[Any] = [b"XADD", stream, b"*"]
+    for name, value in fields.items():
+        out += (name, value)
+    return tuple(out)

@@ -31,6 +31,7 @@ from dualmem.commands import (
     delete_fields,
     put_fields,
     ttl_to_ms,
+    xadd_command,
 )
 from dualmem.errors import Backpressure, DualMemError, NotPersisted
 from dualmem.layout import Layout
@@ -229,14 +230,7 @@ class DualMemory:
         Closing again returns the first close's report, after waiting for it to finish.
         """
         drain_timeout = self.settings.close_timeout if timeout is None else timeout
-        if (
-            isinstance(drain_timeout, bool)
-            or not isinstance(drain_timeout, (int, float))
-            or not 0 <= drain_timeout <= MAX_WAIT_SECONDS
-        ):
-            raise ValidationError(
-                f"timeout must be seconds in [0, {MAX_WAIT_SECONDS:,}], got {drain_timeout!r}"
-            )
+        _check_wait(drain_timeout)
         with self._gate:
             already = self._closed
             self._closed = True
@@ -530,14 +524,11 @@ class DualMemory:
             cache: tuple[Any, ...] = (b"SET", cache_key, cached)
             if px is not None:
                 cache += (b"PX", px)
-            xadd: list[bytes | str | int] = [b"XADD", stream, b"*"]
-            for name, value in fields.items():
-                xadd += (name, value)
             check = (
                 self._unchecked[shard] >= XLEN_EVERY - 1
                 or self._backlog[shard] + XLEN_EVERY >= self.settings.max_backlog
             )
-            commands: tuple[tuple[Any, ...], ...] = (cache, tuple(xadd))
+            commands: tuple[tuple[Any, ...], ...] = (cache, xadd_command(stream, fields))
             if check:
                 commands += ((b"XLEN", stream),)
             with translate_errors("write"):
@@ -601,13 +592,7 @@ class DualMemory:
         """
         if not isinstance(receipt, Receipt):
             raise ValidationError("sync() takes the Receipt returned by put/delete")
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or not 0 <= timeout <= MAX_WAIT_SECONDS
-        ):
-            # NaN compares false with everything: the wait never timed out.
-            raise ValidationError(f"timeout must be finite seconds >= 0, got {timeout!r}")
+        _check_wait(timeout)
         deadline = time.monotonic() + timeout
         delay = 0.0005
         while True:
@@ -869,6 +854,19 @@ class DualMemory:
         else:
             gauges["redis_up"] = 1.0
         return prometheus_text(self.metrics(), gauges)
+
+
+def _check_wait(timeout: object) -> None:
+    """``ValidationError`` unless ``timeout`` is seconds in ``[0, MAX_WAIT_SECONDS]`` (NaN
+    compares false with everything: a wait on it never timed out; inf overflowed)."""
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 <= timeout <= MAX_WAIT_SECONDS
+    ):
+        raise ValidationError(
+            f"timeout must be seconds in [0, {MAX_WAIT_SECONDS:,}], got {timeout!r}"
+        )
 
 
 def _load_keyring(settings: Settings) -> Keyring:

@@ -272,11 +272,11 @@ def _read_replies(conn: Any, packed: Any, count: int) -> list[Any]:
 def _exchange(conn: Any, packed: Any, queued: int) -> list[Any]:
     # Everything up to the send is safe to retry: an idle connection's PING, connecting,
     # and the send itself (if it fails, EXEC did not reach Redis whole, so none of it ran).
-    now = time.monotonic()
+    direct = isinstance(packed, _Direct)  # in-process: no socket to go stale
     if (
-        not isinstance(packed, _Direct)
+        not direct
         and getattr(conn, "_sock", None) is not None
-        and now - getattr(conn, "_dualmem_used", 0.0) > _IDLE_PING_S
+        and time.monotonic() - getattr(conn, "_dualmem_used", 0.0) > _IDLE_PING_S
     ):
         conn.send_packed_command([_PING], check_health=False)
         if conn.read_response() not in (b"PONG", "PONG"):
@@ -298,7 +298,8 @@ def _exchange(conn: Any, packed: Any, queued: int) -> list[Any]:
         raise OutcomeUnknown(
             f"no reply after the transaction was sent, so it may or may not have run: {exc}"
         ) from exc
-    conn._dualmem_used = time.monotonic()
+    if not direct:
+        conn._dualmem_used = time.monotonic()
     if not isinstance(replies, list):
         raise redis.ResponseError(f"EXEC returned {replies!r}")
     for reply in replies:

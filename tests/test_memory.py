@@ -10,7 +10,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -785,21 +785,28 @@ def test_close_drains_and_reports(make_mem: MakeMem, coder: Principal) -> None:
         mem.put("k", 1, level=Level.SWARM, principal=coder)
 
 
+@contextlib.contextmanager
+def write_locked(db_path: Path) -> Iterator[None]:
+    """Hold the database's write lock, as a backup, a shell or a migration would."""
+    locker = sqlite3.connect(db_path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+
 def test_close_with_the_database_locked_gives_up_at_its_timeout_and_says_so(
     make_mem: MakeMem, coder: Principal, db_path: Path
 ) -> None:
     mem = make_mem(busy_timeout_ms=50)
     mem.sync(mem.put("warm", 0, level=Level.SWARM, principal=coder))
-    locker = sqlite3.connect(db_path, isolation_level=None)
-    locker.execute("BEGIN IMMEDIATE")  # a backup, a shell or a migration holds the write lock
-    try:
+    with write_locked(db_path):
         receipts = [mem.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(5)]
         t0 = time.monotonic()
         report = mem.close(timeout=1)
         elapsed = time.monotonic() - t0
-    finally:
-        locker.execute("ROLLBACK")
-        locker.close()
     # It used to retry the commit past its timeout, then report drained=True with the
     # five commands still in Redis (a hang bound here, not a speed target).
     assert not report.drained and report.pending == 5
@@ -821,10 +828,8 @@ def test_a_second_close_waits_for_the_first_and_reports_what_it_found(
 ) -> None:
     mem = make_mem(busy_timeout_ms=50)
     mem.sync(mem.put("warm", 0, level=Level.SWARM, principal=coder))
-    locker = sqlite3.connect(db_path, isolation_level=None)
-    locker.execute("BEGIN IMMEDIATE")
     reports: list[object] = []
-    try:
+    with write_locked(db_path):
         for i in range(5):
             mem.put(f"k{i}", i, level=Level.SWARM, principal=coder)
         first = threading.Thread(target=lambda: reports.append(mem.close(timeout=1)))
@@ -833,9 +838,6 @@ def test_a_second_close_waits_for_the_first_and_reports_what_it_found(
         # It used to return CloseReport(0, True) at once while the first still drained.
         second = mem.close(timeout=1)
         first.join(30)
-    finally:
-        locker.execute("ROLLBACK")
-        locker.close()
     assert reports == [second] and not second.drained and second.pending == 5
 
 

@@ -19,7 +19,14 @@ import redis
 
 from acl.crypto import Codec, Keyring
 from acl.levels import Level
-from dualmem.commands import CACHE_TOMBSTONE, Receipt, audit_fields, delete_fields, put_fields
+from dualmem.commands import (
+    CACHE_TOMBSTONE,
+    Receipt,
+    audit_fields,
+    delete_fields,
+    put_fields,
+    xadd_command,
+)
 from dualmem.errors import Backpressure
 from dualmem.layout import Layout
 from dualmem.ops.database import NO_PROGRESS, ProgressFn, check_current, open_database
@@ -200,9 +207,9 @@ class Runtime:
                     w.scope, w.key, w.level, w.actor, now_us, w.envelope, w.expires_at
                 )
             commands.append((b"SET", cache_key, cache_value) + (() if px is None else (b"PX", px)))
-            commands.append(_xadd(self.layout.stream(shard), fields))
+            commands.append(xadd_command(self.layout.stream(shard), fields))
         for shard, entry in raw:
-            commands.append(_xadd(self.layout.stream(shard), entry))
+            commands.append(xadd_command(self.layout.stream(shard), entry))
         for a in audits:
             fields = audit_fields(
                 a.event,
@@ -215,7 +222,7 @@ class Runtime:
                 detail=a.detail,
             )
             shard = self.layout.shard_of(a.scope or "", a.key or "")
-            commands.append(_xadd(self.layout.stream(shard), fields))
+            commands.append(xadd_command(self.layout.stream(shard), fields))
         with translate_errors("send commands"):
             replies = transact(self.client, commands)
         if self._wakeup is not None:
@@ -283,11 +290,3 @@ def redis_client(settings: Settings) -> redis.Redis:
     """A client for read-only use (verify, stats, doctor)."""
     client, _ = connect(settings)
     return client
-
-
-def _xadd(stream: bytes, fields: Mapping[bytes, Any]) -> tuple[Any, ...]:
-    """``XADD stream * field value ...`` as one command tuple for ``transact``."""
-    out: list[Any] = [b"XADD", stream, b"*"]
-    for name, value in fields.items():
-        out += (name, value)
-    return tuple(out)
