@@ -34,6 +34,7 @@ from dualmem.commands import (
     xadd_command,
 )
 from dualmem.errors import Backpressure, DualMemError, NotPersisted
+from dualmem.keyuse import KeyLease, landing_slack
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics, prometheus_text
 from dualmem.projection import projected
@@ -165,6 +166,9 @@ class DualMemory:
             self._redis, self._wakeup = connect(settings)
             # Groups exist before the first XADD, so no command is ever outside a group.
             ensure_groups(self._redis, self.layout.stream_shards(), settings.group, self.store)
+            # A process that follows a key file holds a lease on the keys it seals with,
+            # taken before its first seal: a key drop waits for it (dualmem.keyuse).
+            self._lease = None if self._keyfile is None else self._take_lease()
         except BaseException:
             self.store.close()
             raise
@@ -214,6 +218,17 @@ class DualMemory:
         self._drain_timeout = self.settings.close_timeout
         self._worker_thread = threading.Thread(target=run, name="dualmem-worker", daemon=True)
         self._worker_thread.start()
+
+    def _take_lease(self) -> KeyLease:
+        lease = KeyLease(
+            self._redis,
+            self.settings.namespace,
+            self.codec,
+            self.settings.keyring_reload_interval,
+            landing_slack(self.settings),
+        )
+        lease.renew()
+        return lease
 
     def _notify_committed(self) -> None:
         with self._committed:
@@ -298,6 +313,8 @@ class DualMemory:
             log.error("dualmem worker thread did not stop; its store is left open")
         else:
             self.store.close()
+        if self._lease is not None:
+            self._lease.release()
         self._redis.close()
         return CloseReport(pending=pending, drained=pending == 0)
 
@@ -531,6 +548,8 @@ class DualMemory:
             commands: tuple[tuple[Any, ...], ...] = (cache, xadd_command(stream, fields))
             if check:
                 commands += ((b"XLEN", stream),)
+            if self._lease is not None:
+                commands += self._lease.commands()  # after XLEN: replies[2] stays its
             with translate_errors("write"):
                 replies = transact(self._redis, commands)
             sid = replies[1]

@@ -21,7 +21,10 @@ How it works (``dualmem rotate-keys``):
 5. The pass repeats until the database, the cache and the not-yet-persisted stream hold
    nothing under an old key (puts of a process that had not reloaded yet are caught by
    a later pass). Then the old keys are retired: ``--drop-retired`` removes them from the
-   key file (refused while an unreplayed dead letter still needs one).
+   key file (refused while an unreplayed dead letter still needs one). It first waits
+   until no running process may still seal with an old key: each holds a lease in Redis
+   naming the keys it seals with (:mod:`dualmem.keyuse`); then one more pass catches what
+   they sealed with an old key before moving on.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from acl.policy import level_of_scope
 from acl.principal import Principal
 from dualmem.commands import reseal_fields
 from dualmem.errors import NotPersisted
+from dualmem.keyuse import wait_for_key_users
 from dualmem.redis_backend import connect, text, translate_errors
 
 if TYPE_CHECKING:
@@ -545,8 +549,9 @@ def register_commands(subparsers: Any) -> None:
         "--grace",
         type=float,
         help=(
-            "seconds to let running processes load the new key (default 2 x "
-            "keyring_reload_interval); must exceed every running process's interval"
+            "seconds to let running processes load the new key before re-sealing "
+            "(default 2 x keyring_reload_interval); --drop-retired also waits for their "
+            "key leases, up to --timeout"
         ),
     )
     p.add_argument(
@@ -566,7 +571,6 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
     """``dualmem rotate-keys``: exit 0 when done, 1 when something is left (run again with
     ``--resume``)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from dualmem.cli import settings_from_args
     from dualmem.memory import DualMemory
@@ -595,18 +599,38 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
         time.sleep(grace)
     mem = DualMemory(settings=settings)
     try:
-        columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn())
-        with Progress(*columns, TimeElapsedColumn(), console=console) as bar:
-            task = bar.add_task("re-sealing", total=None)
-
-            def tick(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
-            report = rotate_keys(
-                mem, batch_size=args.batch_size, timeout=args.timeout, progress=tick
-            )
+        report = _rotate_with_progress(mem, args, console)
+        _print_report(console, report)
+        if not report.done:
+            return 1
+        if report.retired and args.drop_retired:
+            return _drop_retired(mem, args, console, path, report)
     finally:
         mem.close()
+    if report.retired:
+        console.print(
+            f"retired (no record uses them): {', '.join(report.retired)}; "
+            "--drop-retired removes them from the key file"
+        )
+    return 0
+
+
+def _rotate_with_progress(
+    mem: DualMemory, args: argparse.Namespace, console: Any
+) -> RotationReport:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("re-sealing", total=None)
+
+        def tick(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return rotate_keys(mem, batch_size=args.batch_size, timeout=args.timeout, progress=tick)
+
+
+def _print_report(console: Any, report: RotationReport) -> None:
     left = report.left
     console.print(
         f"active key {report.active}: {report.resealed_rows} rows and {report.resealed_cache} "
@@ -624,18 +648,44 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
             f"{left.cache} cache entries and {left.stream} queued puts still use "
             f"{', '.join(sorted(left.key_ids)) or 'old keys'}; run again with --resume"
         )
-        return 1
-    if left.dead_letters:
+    elif left.dead_letters:
         console.print(
             f"{left.dead_letters} dead letter(s) still hold envelopes under "
             f"{', '.join(sorted(left.key_ids))}: those keys stay in the key file"
         )
-    if args.drop_retired and report.retired:
-        drop_keys(path, report.retired)
-        console.print(f"dropped retired key(s) {', '.join(report.retired)} from {path}")
-    elif report.retired:
+
+
+def _drop_retired(
+    mem: DualMemory,
+    args: argparse.Namespace,
+    console: Any,
+    path: Path,
+    report: RotationReport,
+) -> int:
+    """Drop the retired keys once no running process may still seal with one of them
+    (their key leases, :mod:`dualmem.keyuse`), after one more pass over the data: what a
+    process sealed with an old key before its lease moved on has landed by then."""
+    console.print("waiting for running processes to seal only with the active key")
+    client, _ = connect(mem.settings)
+    try:
+        blocking = wait_for_key_users(client, mem.settings.namespace, report.active, args.timeout)
+    finally:
+        client.close()
+    if blocking:
+        for user in blocking:
+            console.print(f"  process {user.token} may still seal with {', '.join(user.ids)}")
         console.print(
-            f"retired (no record uses them): {', '.join(report.retired)}; "
-            "--drop-retired removes them from the key file"
+            "[bold red]not dropped[/]: those processes have not loaded the active key (an "
+            "unreadable key file, or a stopped process); run again with --resume "
+            "--drop-retired once they have"
         )
+        return 1
+    again = _rotate_with_progress(mem, args, console)
+    retired = tuple(k for k in report.retired if k in again.retired)
+    if not again.done or not retired:
+        _print_report(console, again)
+        console.print("[bold red]not dropped[/]: run again with --resume --drop-retired")
+        return 1
+    drop_keys(path, retired)
+    console.print(f"dropped retired key(s) {', '.join(retired)} from {path}")
     return 0

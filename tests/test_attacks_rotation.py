@@ -23,11 +23,12 @@ from bench.faultkit import FaultEnv
 from dualmem import DualMemory
 from dualmem.cli import main
 from dualmem.commands import delete_fields, put_fields, reseal_fields, sid_of
+from dualmem.keyuse import KeyLease, key_users, wait_for_key_users
 from dualmem.rotation import KeyfileWatcher, add_active_key, drop_keys, rotate_keys
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
 
-from .conftest import RedisServer
+from .conftest import RedisServer, run_cli, wait_until
 
 MakeMem = Callable[..., DualMemory]
 
@@ -302,6 +303,84 @@ def test_rotate_keys_returns_once_its_audit_event_is_in_sqlite(
 
 def _field(key_id: str) -> bytes:
     return bytes((len(key_id),)) + key_id.encode()
+
+
+# -- key leases: a drop waits for every process still sealing with an old key --------------
+
+
+def _users(raw_redis: redis.Redis) -> dict[str, tuple[str, ...]]:
+    return {u.token: u.ids for u in key_users(raw_redis, "dualmem")}
+
+
+def test_a_process_leases_the_keys_it_may_seal_with(
+    make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis
+) -> None:
+    p = Principal(agent_id="a")
+    mem = make_mem(worker=False, keyring_reload_interval=0.05)
+    assert mem._lease is not None
+    old = mem.codec.keyring.active_id  # type: ignore[union-attr]
+    # Taken at start, before the first seal.
+    assert _users(raw_redis) == {mem._lease.token: (old,)}
+    new = add_active_key(keyfile).active_id
+    time.sleep(0.06)
+    mem.put("k", 1, level=Level.PRIVATE, principal=p)  # reloads, seals with the new key
+    # The old key stays named while a put sealed with it may still be on its way.
+    assert _users(raw_redis) == {mem._lease.token: (new, old)}
+    mem._lease.slack = 0.05
+    time.sleep(0.06)
+    mem.put("k", 2, level=Level.PRIVATE, principal=p)
+    assert _users(raw_redis) == {mem._lease.token: (new,)}
+    mem.close()
+    assert _users(raw_redis) == {}
+
+
+def test_the_lease_of_a_process_that_died_expires(redis_url: str, raw_redis: redis.Redis) -> None:
+    ring = Keyring.generate()
+    lease = KeyLease(raw_redis, "dualmem", Codec(ring), interval=0.05, slack=0.05)
+    lease.renew()  # then the process is killed: nothing deletes it
+    assert _users(raw_redis) == {lease.token: (ring.active_id,)}
+    wait_until(lambda: not _users(raw_redis), timeout=5, what="the lease to expire")
+    assert raw_redis.smembers(b"dm:{dualmem:keyuse}") == set()  # its token left the index
+    assert wait_for_key_users(raw_redis, "dualmem", ring.active_id, timeout=0) == []
+
+
+@pytest.mark.real_redis
+def test_drop_retired_waits_for_a_writer_that_still_seals_with_the_old_key(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    keyfile: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A writer reloads its key file every 10 s; the rotation waited its own grace, found
+    # nothing left under the old key and dropped it. The writer went on sealing with the
+    # dropped key, and nobody could open those records again.
+    redis_server.client().flushall()
+    db = str(tmp_path / "m.db")
+    p = Principal(agent_id="a")
+    writer = DualMemory(
+        redis_url=redis_server.url, db_path=db, keyring=str(keyfile), keyring_reload_interval=10
+    )
+    try:
+        old = writer.codec.keyring.active_id  # type: ignore[union-attr]
+        writer.sync(writer.put("before", 1, level=Level.PRIVATE, principal=p), timeout=10)
+        args = ["rotate-keys", "--redis-url", redis_server.url, "--db", db]
+        args += ["--keyring", str(keyfile), "--grace", "0.1", "--drop-retired"]
+        code, out, _ = run_cli(capsys, *args, "--timeout", "2")
+        assert code == 1 and "not dropped" in out and writer._lease.token in out  # type: ignore[union-attr]
+        assert old in Keyring.load(keyfile).ids
+        late = writer.put("late", 2, level=Level.PRIVATE, principal=p)  # still the old key
+        writer.sync(late, timeout=10)
+    finally:
+        writer.close()  # gone: its lease with it
+    code, out, _ = run_cli(capsys, *args[:-1], "--resume", "--drop-retired", "--timeout", "30")
+    assert code == 0 and f"dropped retired key(s) {old}" in out, out
+    assert Keyring.load(keyfile).ids == (Keyring.load(keyfile).active_id,)
+    reader = DualMemory(redis_url=redis_server.url, db_path=db, keyring=str(keyfile))
+    try:
+        assert reader.get("before", level=Level.PRIVATE, principal=p) == 1
+        assert reader.get("late", level=Level.PRIVATE, principal=p) == 2
+    finally:
+        reader.close()
 
 
 # -- the command, with real processes --------------------------------------------------------

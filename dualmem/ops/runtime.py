@@ -28,6 +28,7 @@ from dualmem.commands import (
     xadd_command,
 )
 from dualmem.errors import Backpressure
+from dualmem.keyuse import KeyLease, landing_slack
 from dualmem.layout import Layout
 from dualmem.ops.database import NO_PROGRESS, ProgressFn, check_current, open_database
 from dualmem.redis_backend import connect, text, transact, translate_errors
@@ -128,6 +129,17 @@ class Runtime:
         try:
             self.client, self._wakeup = connect(settings)
             ensure_groups(self.client, self.layout.stream_shards(), settings.group, self.store)
+            # A lease on the keys it seals with, as DualMemory holds (dualmem.keyuse).
+            self._lease: KeyLease | None = None
+            if self._keyfile is not None:
+                self._lease = KeyLease(
+                    self.client,
+                    settings.namespace,
+                    self.codec,
+                    settings.keyring_reload_interval,
+                    landing_slack(settings),
+                )
+                self._lease.renew()
             if worker:
                 self._start_worker()
         except BaseException:
@@ -136,9 +148,12 @@ class Runtime:
 
     def refresh_keys(self) -> None:
         """Reload the key file if it changed (looked at most every
-        ``keyring_reload_interval`` seconds). Call before sealing."""
+        ``keyring_reload_interval`` seconds) and renew this process's key lease (one round
+        trip). Call before sealing: the lease then covers the seals until :meth:`send`."""
         if self._keyfile is not None:
             self._keyfile.check()
+        if self._lease is not None:
+            self._lease.renew()
 
     def _start_worker(self) -> None:
         client, _ = connect(self.settings, extra_timeout=self.settings.block_ms / 1000)
@@ -165,6 +180,8 @@ class Runtime:
             self._thread.join(self.settings.close_timeout + self.settings.block_ms / 1000 + 5)
             self._thread = None
         self.store.close()
+        if self._lease is not None:
+            self._lease.release()
         self.client.close()
         return self._left
 
@@ -223,6 +240,8 @@ class Runtime:
             )
             shard = self.layout.shard_of(a.scope or "", a.key or "")
             commands.append(xadd_command(self.layout.stream(shard), fields))
+        if self._lease is not None:
+            commands += self._lease.commands()  # last: the replies above keep their places
         with translate_errors("send commands"):
             replies = transact(self.client, commands)
         if self._wakeup is not None:

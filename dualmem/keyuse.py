@@ -1,0 +1,192 @@
+"""Which keys running processes may still seal with: leases in Redis that a key drop waits on.
+
+``rotate-keys --drop-retired`` removes old keys from the key file once nothing in the
+database, the cache or the stream uses them. A process that has not reloaded the key file
+yet would still seal new records with an old key, and once that key is dropped nobody can
+open them. So every process that watches a key file holds a *lease* in Redis naming the
+key ids it may seal with:
+
+* ``dm:{<namespace>:keyuse}:<token>`` holds the ids (JSON), with a Redis-side expiry of
+  ``keyring_reload_interval + slack + 1`` seconds; ``dm:{<namespace>:keyuse}`` is the set
+  of tokens (``host:pid:random``), so the drop finds them without a SCAN.
+* The lease is taken when the process starts and renewed inside the transaction of a
+  write once ``keyring_reload_interval`` has passed since the last renewal: no extra
+  round trip on the write path. So while a process seals with a key, its lease is alive
+  for at least ``slack`` more seconds: longer than a write takes to reach Redis.
+* The ids are the active key and every key that was active less than ``slack`` seconds
+  ago (a write sealed just before the process reloaded is still on its way).
+* The drop waits until no live lease names anything but the active key, re-checks the
+  data once more (anything sealed with an old key has landed by then), and only then
+  edits the key file. A process that cannot reload (an unreadable key file) keeps naming
+  the old key, and the drop refuses.
+
+A process killed with SIGKILL leaves its lease to expire; a closed one deletes it.
+What is left: a write frozen between its seal and its arrival in Redis for longer than
+``slack`` (a stopped process), or a process that started sealing before the new key was
+saved and sends its first write more than the rotation's ``--grace`` later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from acl.crypto import Codec
+from dualmem.redis_backend import text, transact, translate_errors
+from dualmem.settings import Settings
+
+__all__ = ["KeyLease", "KeyUser", "key_users", "landing_slack", "wait_for_key_users"]
+
+
+def landing_slack(settings: Settings) -> float:
+    """Seconds a write may take from its seal to its arrival in Redis, with margin: every
+    connect and socket timeout of every attempt, doubled, plus a second.
+
+    >>> landing_slack(Settings())
+    3.0
+    """
+    attempts = settings.redis_retries + 1
+    return 1.0 + 2 * attempts * (settings.connect_timeout + settings.socket_timeout)
+
+
+def _index(namespace: str) -> bytes:
+    return f"dm:{{{namespace}:keyuse}}".encode()
+
+
+def _entry(namespace: str, token: str) -> bytes:
+    return f"dm:{{{namespace}:keyuse}}:{token}".encode()
+
+
+class KeyLease:
+    """This process's lease on the key ids it may seal with (see the module doc).
+
+    ``commands()`` returns the renewal to add to a write's transaction when one is due
+    (else ``()``); ``renew()`` sends it on its own (at start, or from a tool that seals
+    before it writes). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str,
+        codec: Codec,
+        interval: float,
+        slack: float,
+    ) -> None:
+        self.client = client
+        self.codec = codec
+        self.interval = interval
+        self.slack = slack
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._index = _index(namespace)
+        self._key = _entry(namespace, self.token)
+        self._ttl_ms = int((interval + slack + 1.0) * 1000)
+        self._lock = threading.Lock()
+        self._active: str | None = None
+        self._recent: dict[str, float] = {}  # key id -> when it stopped being active
+        self._due = 0.0  # monotonic time of the next renewal
+
+    def ids(self) -> list[str]:
+        """The key ids this process may seal with now: the active one first."""
+        with self._lock:
+            return self._ids(time.monotonic())
+
+    def _ids(self, now: float) -> list[str]:
+        ring = self.codec.keyring
+        active = "" if ring is None else ring.active_id
+        if self._active is not None and active != self._active:
+            self._recent[self._active] = now
+        self._active = active
+        for kid, since in list(self._recent.items()):
+            if now - since >= self.slack or kid == active:
+                del self._recent[kid]
+        return [active, *sorted(self._recent)]
+
+    def commands(self) -> tuple[tuple[Any, ...], ...]:
+        """The renewal to send in the caller's transaction, if one is due, else ``()``.
+        Call after the keyring was reloaded (if at all) and after sealing."""
+        now = time.monotonic()
+        if now < self._due:
+            return ()
+        with self._lock:
+            self._due = now + self.interval
+            ids = self._ids(now)
+        return (
+            (b"SADD", self._index, self.token.encode()),
+            (b"SET", self._key, json.dumps(ids).encode(), b"PX", self._ttl_ms),
+        )
+
+    def renew(self) -> None:
+        """Send a renewal now (one round trip)."""
+        self._due = 0.0
+        with translate_errors("key lease"):
+            transact(self.client, self.commands())
+
+    def release(self) -> None:
+        """Delete the lease (the process stops writing). Best effort: it expires anyway."""
+        with contextlib.suppress(redis.RedisError):
+            transact(self.client, [(b"DEL", self._key), (b"SREM", self._index, self.token)])
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUser:
+    """A live lease: a process (``host:pid:random``) and the key ids it may seal with."""
+
+    token: str
+    ids: tuple[str, ...]
+
+
+def key_users(client: redis.Redis, namespace: str) -> list[KeyUser]:
+    """Every live lease of ``namespace``; tokens whose lease expired leave the index.
+
+    >>> import fakeredis
+    >>> key_users(fakeredis.FakeRedis(), "dualmem")
+    []
+    """
+    index = _index(namespace)
+    tokens = sorted(text(t) for t in client.smembers(index))
+    if not tokens:
+        return []
+    values = client.mget([_entry(namespace, t) for t in tokens])
+    users: list[KeyUser] = []
+    gone: list[str] = []
+    for token, raw in zip(tokens, values, strict=True):
+        if raw is None:
+            gone.append(token)
+            continue
+        try:
+            ids = json.loads(raw)
+        except ValueError:
+            ids = [repr(raw)]  # not ours to read: treat it as naming an unknown key
+        users.append(KeyUser(token, tuple(str(i) for i in ids)))
+    if gone:
+        client.srem(index, *gone)
+    return users
+
+
+def wait_for_key_users(
+    client: redis.Redis,
+    namespace: str,
+    active: str,
+    timeout: float,
+    poll: float = 0.25,
+) -> list[KeyUser]:
+    """Wait until no live lease names a key other than ``active``; return the leases that
+    still do after ``timeout`` seconds (empty: safe to drop every other key)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with translate_errors("key leases"):
+            blocking = [u for u in key_users(client, namespace) if set(u.ids) - {active}]
+        remaining = deadline - time.monotonic()
+        if not blocking or remaining <= 0:
+            return blocking
+        time.sleep(min(poll, remaining))
