@@ -14,7 +14,10 @@ key ids it may seal with:
   round trip on the write path. So while a process seals with a key, its lease is alive
   for at least ``slack`` more seconds: longer than a write takes to reach Redis.
 * The ids are the active key and every key that was active less than ``slack`` seconds
-  ago (a write sealed just before the process reloaded is still on its way).
+  ago (a write sealed just before the process reloaded is still on its way). One-shot
+  tools that send envelopes sealed under any key (``dualmem import``, which copies sealed
+  lines as they are, and ``dlq replay``) name every key of their keyring until they are
+  done; ``dualmem mirror`` renews its lease before each cycle seals.
 * The drop waits until no live lease names anything but the active key, re-checks the
   data once more (anything sealed with an old key has landed by then), and only then
   edits the key file. A process that cannot reload (an unreadable key file) keeps naming
@@ -81,8 +84,15 @@ class KeyLease:
         codec: Codec,
         interval: float,
         slack: float,
+        *,
+        all_keys: bool = False,
     ) -> None:
+        """``all_keys``: name every key of the keyring, not only the active one (a
+        one-shot tool that sends envelopes sealed under any of them: ``dualmem import``
+        copies sealed lines, ``dlq replay`` re-sends old commands). A drop then waits
+        until the tool is done."""
         self.client = client
+        self.all_keys = all_keys
         self.codec = codec
         self.interval = interval
         self.slack = slack
@@ -109,7 +119,10 @@ class KeyLease:
         for kid, since in list(self._recent.items()):
             if now - since >= self.slack or kid == active:
                 del self._recent[kid]
-        return [active, *sorted(self._recent)]
+        others = set(self._recent)
+        if self.all_keys and ring is not None:
+            others.update(k for k in ring.ids if k != active)
+        return [active, *sorted(others)]
 
     def commands(self) -> tuple[tuple[Any, ...], ...]:
         """The renewal to send in the caller's transaction, if one is due, else ``()``.
@@ -124,6 +137,14 @@ class KeyLease:
             (b"SADD", self._index, self.token.encode()),
             (b"SET", self._key, json.dumps(ids).encode(), b"PX", self._ttl_ms),
         )
+
+    def check(self) -> None:
+        """Renew if a renewal is due (a round trip then): for a tool that seals for a
+        while before it sends."""
+        renewal = self.commands()
+        if renewal:
+            with translate_errors("key lease"):
+                transact(self.client, renewal)
 
     def renew(self) -> None:
         """Send a renewal now (one round trip)."""

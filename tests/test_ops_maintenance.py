@@ -218,6 +218,40 @@ def test_a_dead_letter_of_a_passing_failure_replays_and_commits(
     assert code == 0 and "nothing to replay" in out
 
 
+def test_a_replay_names_every_key_in_its_lease_until_it_has_sent(
+    make_mem: Callable[..., DualMemory],
+    args: list[str],
+    keyfile: Path,
+    raw_redis: redis.Redis,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A dead letter holds an envelope under whichever key sealed it: while it is re-sent,
+    # a rotation must not drop that key (dualmem.keyuse).
+    from dualmem.keyuse import key_users
+    from dualmem.ops import dlq
+    from dualmem.rotation import add_active_key
+
+    mem = make_mem(keyring_reload_interval=3600)  # its own lease keeps naming the old key
+    old = mem.codec.keyring.active_id  # type: ignore[union-attr]
+    env = mem.codec.seal({"v": 1}, scope="agent:coder-1", key="late", level=Level.PRIVATE)
+    fields = put_fields("agent:coder-1", "late", Level.PRIVATE, "coder-1", 1, env, None)
+    raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+    mem.store.dead_letter([(StreamEntry(0, "1-1", raw), "disk I/O error", 3)])
+    new = add_active_key(keyfile).active_id
+    seen: list[tuple[str, ...]] = []
+    replay = dlq.replay
+
+    def watched(*a: object, **kw: object) -> object:
+        seen.extend(u.ids for u in key_users(raw_redis, "dualmem"))
+        return replay(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dlq, "replay", watched)
+    code, out, _ = run_cli(capsys, "dlq", "replay", *args, "--all")
+    assert code == 0 and "1 committed" in out
+    assert sorted(seen) == sorted([(old,), (new, old)])
+
+
 def test_dlq_bad_input(
     mem: DualMemory, args: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -475,3 +476,38 @@ def test_a_plaintext_value_survives_the_line_format_byte_for_byte(value: object)
     assert item is not None
     assert item.write.envelope == envelope  # same JSON bytes, same compression decision
     assert item.payload == codec.open_bytes(envelope, scope="swarm:s", key="k", level=Level.SWARM)
+
+
+def test_an_import_names_every_key_it_may_send_under_until_it_has_sent(
+    mem: DualMemory,
+    src: list[str],
+    dst: list[str],
+    tmp_path: Path,
+    keyfile: Path,
+    raw_redis: redis.Redis,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Sealed lines are copied as they are, under whichever key sealed them: while an
+    # import runs, a rotation must not drop any key of its keyring (dualmem.keyuse).
+    from dualmem.keyuse import key_users
+    from dualmem.ops import transfer
+    from dualmem.rotation import add_active_key
+
+    fill(mem)
+    a = tmp_path / "a.jsonl"
+    assert run_cli(capsys, "export", *src, "--out", str(a))[0] == 0
+    old = Keyring.load(keyfile).active_id
+    new = add_active_key(keyfile).active_id
+    seen: list[list[tuple[str, ...]]] = []
+    plan = transfer.plan_import
+
+    def watched(*args: object, **kwargs: object) -> object:
+        seen.append([u.ids for u in key_users(raw_redis, "copy")])
+        return plan(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transfer, "plan_import", watched)
+    code, out, _ = run_cli(capsys, "import", *dst, str(a))
+    assert code == 0, out
+    assert seen == [[(new, old)]]
+    assert key_users(raw_redis, "copy") == []  # released once sent

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from acl.crypto import Codec
 from acl.errors import ConfigurationError, DualMemError
@@ -31,6 +31,10 @@ from dualmem.cli import add_common_arguments, settings_from_args
 from dualmem.ops.database import ProgressFn
 from dualmem.settings import Settings
 from dualmem.shutdown import stop_on_signals
+
+if TYPE_CHECKING:
+    from dualmem.ops.runtime import Runtime
+    from dualmem.ops.transfer import ImportPlan
 
 __all__ = ["register_commands"]
 
@@ -311,88 +315,114 @@ def _read_lines(path: Path) -> Iterator[str]:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Import a JSON Lines file through the stream (idempotent; --dry-run; --strict)."""
-    import sqlite3
-
-    from dualmem.migrations import migrate
-    from dualmem.ops.database import check_current, open_database
     from dualmem.ops.runtime import AuditEvent, Runtime, load_keyring
-    from dualmem.ops.transfer import plan_import
 
     settings = _settings(args)
     console = _console()
     path = Path(args.file)
     if not path.is_file():
         raise ConfigurationError(f"no such file: {path}")
-    keyring = load_keyring(settings)
-    codec = Codec(
-        keyring,
-        compress_threshold=settings.compress_threshold,
-        max_value_bytes=settings.max_value_bytes,
-    )
+    with contextlib.ExitStack() as stack:
+        if args.dry_run:
+            rt = None
+            codec = Codec(
+                load_keyring(settings),
+                compress_threshold=settings.compress_threshold,
+                max_value_bytes=settings.max_value_bytes,
+            )
+        else:
+            # Connected before the first seal: its key lease names every key it may send
+            # under (sealed lines are copied as they are), so no rotation drops one of
+            # them until this import has landed (dualmem.keyuse).
+            rt = stack.enter_context(Runtime(settings, lease_all_keys=True))
+            codec = rt.codec
+        plan = _plan_import(path, settings, codec, console, rt)
+        for lineno, error in plan.errors:
+            console.print(f"{path}:{lineno}: {error}", markup=False, style="red", soft_wrap=True)
+        table = _table(f"import {path}", ("new", "changed", "unchanged", "expired", "bad lines"))
+        table.add_row(
+            str(len(plan.new)),
+            str(len(plan.changed)),
+            str(plan.unchanged),
+            str(plan.expired),
+            str(len(plan.errors)),
+        )
+        console.print(table)
+        if plan.errors and args.strict:
+            console.print(f"--strict: {len(plan.errors)} bad line(s), nothing was imported")
+            return _EXIT_FOUND
+        if rt is None:
+            for item in plan.writes[:20]:
+                state = "new" if item in plan.new else "changed"
+                console.print(
+                    f"  would write ({state}) {item.write.scope}/{item.write.key}", markup=False
+                )
+            if len(plan.writes) > 20:
+                console.print(f"  ... and {len(plan.writes) - 20} more")
+            console.print("dry run: nothing was written")
+            return _EXIT_SKIPPED_LINES if plan.errors else 0
+        if plan.writes:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            detail = {
+                "file": str(path),
+                "sha256": digest,
+                "new": len(plan.new),
+                "changed": len(plan.changed),
+                "bad_lines": [n for n, _ in plan.errors],
+            }
+            with _progress(console) as progress:
+                receipts = rt.send(
+                    [i.write for i in plan.writes],
+                    audits=[AuditEvent("import", "dualmem-import", detail)],
+                )
+                done = rt.wait(receipts, args.wait, progress)
+            console.print(
+                f"imported {done.committed} record(s)"
+                + (
+                    f"; {done.pending} still pending, a worker will commit them"
+                    if done.pending
+                    else ""
+                )
+                + (f"; {done.dead} dead-lettered (dualmem dlq list)" if done.dead else ""),
+                soft_wrap=True,
+            )
+            if done.pending or done.dead:
+                return _EXIT_FOUND
+        elif plan.errors:
+            console.print("nothing to import: besides the bad lines, nothing new or changed")
+        else:
+            console.print("nothing to import: every record is already there")
+    return _EXIT_SKIPPED_LINES if plan.errors else 0
+
+
+def _plan_import(
+    path: Path, settings: Settings, codec: Codec, console: Any, rt: Runtime | None
+) -> ImportPlan:
+    """Check every line of ``path`` against the database (or an empty one)."""
+    import sqlite3
+
+    from dualmem.migrations import migrate
+    from dualmem.ops.database import check_current, open_database
+    from dualmem.ops.transfer import plan_import
+
     now_ms = int(time.time() * 1000)
-    db_exists = Path(settings.db_path).exists()
-    with _progress(console) as progress:
-        if db_exists:
+    with _progress(console) as bar:
+
+        def progress(stage: str, done: int, total: int | None) -> None:
+            if rt is not None:
+                rt.keep_lease()  # sealing for a while: keep the lease's keys named
+            bar(stage, done, total)
+
+        if Path(settings.db_path).exists():
             with open_database(settings.db_path) as conn:
                 check_current(conn, settings.db_path)
-                plan = plan_import(_read_lines(path), conn, codec, now_ms=now_ms, progress=progress)
-        else:
-            empty = sqlite3.connect(":memory:", isolation_level=None)
+                return plan_import(_read_lines(path), conn, codec, now_ms=now_ms, progress=progress)
+        empty = sqlite3.connect(":memory:", isolation_level=None)
+        try:
             migrate(empty)
-            plan = plan_import(_read_lines(path), empty, codec, now_ms=now_ms, progress=progress)
+            return plan_import(_read_lines(path), empty, codec, now_ms=now_ms, progress=progress)
+        finally:
             empty.close()
-    for lineno, error in plan.errors:
-        console.print(f"{path}:{lineno}: {error}", markup=False, style="red", soft_wrap=True)
-    table = _table(f"import {path}", ("new", "changed", "unchanged", "expired", "bad lines"))
-    table.add_row(
-        str(len(plan.new)),
-        str(len(plan.changed)),
-        str(plan.unchanged),
-        str(plan.expired),
-        str(len(plan.errors)),
-    )
-    console.print(table)
-    if plan.errors and args.strict:
-        console.print(f"--strict: {len(plan.errors)} bad line(s), nothing was imported")
-        return _EXIT_FOUND
-    if args.dry_run:
-        for item in plan.writes[:20]:
-            state = "new" if item in plan.new else "changed"
-            console.print(
-                f"  would write ({state}) {item.write.scope}/{item.write.key}", markup=False
-            )
-        if len(plan.writes) > 20:
-            console.print(f"  ... and {len(plan.writes) - 20} more")
-        console.print("dry run: nothing was written")
-        return _EXIT_SKIPPED_LINES if plan.errors else 0
-    if plan.writes:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        detail = {
-            "file": str(path),
-            "sha256": digest,
-            "new": len(plan.new),
-            "changed": len(plan.changed),
-            "bad_lines": [n for n, _ in plan.errors],
-        }
-        with Runtime(settings, keyring=keyring) as rt, _progress(console) as progress:
-            receipts = rt.send(
-                [i.write for i in plan.writes],
-                audits=[AuditEvent("import", "dualmem-import", detail)],
-            )
-            done = rt.wait(receipts, args.wait, progress)
-        console.print(
-            f"imported {done.committed} record(s)"
-            + (f"; {done.pending} still pending, a worker will commit them" if done.pending else "")
-            + (f"; {done.dead} dead-lettered (dualmem dlq list)" if done.dead else ""),
-            soft_wrap=True,
-        )
-        if done.pending or done.dead:
-            return _EXIT_FOUND
-    elif plan.errors:
-        console.print("nothing to import: besides the bad lines, nothing new or changed")
-    else:
-        console.print("nothing to import: every record is already there")
-    return _EXIT_SKIPPED_LINES if plan.errors else 0
 
 
 # -- mirror -------------------------------------------------------------------------------
@@ -548,7 +578,9 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     ids = None if args.all or not args.ids else list(args.ids)
     if ids is None and not args.all:
         raise ConfigurationError("name the dead letters to replay (ids) or pass --all")
-    with Runtime(settings) as rt:
+    # Dead letters hold envelopes under any key: the lease names them all while they are
+    # re-sent, so a rotation cannot drop one in between (dualmem.keyuse).
+    with Runtime(settings, lease_all_keys=True) as rt:
         result = replay(rt, ids)
         if not result.ids:
             console.print("nothing to replay")

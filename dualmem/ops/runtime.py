@@ -100,7 +100,10 @@ class Runtime:
         *,
         keyring: Keyring | None = None,
         worker: bool = True,
+        lease_all_keys: bool = False,
     ) -> None:
+        """``lease_all_keys``: this tool's key lease names every key of the keyring (see
+        :class:`dualmem.keyuse.KeyLease`), so no key is dropped while it runs."""
         self.settings = settings
         self.layout = Layout(settings.namespace, settings.shards)
         # A key file is watched, as by DualMemory: a long-running tool (the mirror) must
@@ -138,6 +141,7 @@ class Runtime:
                     self.codec,
                     settings.keyring_reload_interval,
                     landing_slack(settings),
+                    all_keys=lease_all_keys,
                 )
                 self._lease.renew()
             if worker:
@@ -154,6 +158,12 @@ class Runtime:
             self._keyfile.check()
         if self._lease is not None:
             self._lease.renew()
+
+    def keep_lease(self) -> None:
+        """Renew the key lease if a renewal is due: call it now and then while sealing
+        for longer than ``keyring_reload_interval`` before :meth:`send`."""
+        if self._lease is not None:
+            self._lease.check()
 
     def _start_worker(self) -> None:
         client, _ = connect(self.settings, extra_timeout=self.settings.block_ms / 1000)
