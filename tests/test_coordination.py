@@ -739,6 +739,52 @@ def test_a_team_signals_type_and_targets_stay_sealed_in_audit_rows(
     assert details["signal_timeout"]["missing_count"] == 1
 
 
+def test_rejection_reasons_at_an_encrypted_level_quote_nothing_from_the_sealed_record(
+    make_mem: MakeMem, db_path: Path, raw_redis: redis.Redis, secret: bytes
+) -> None:
+    # A record that does not parse, or fails a check, is audited with the reason; the
+    # reason quoted the decrypted value ("invalid literal for int(): 'NEEDLE'", "names
+    # target 'NEEDLE'") into the plaintext audit log, in the stream and in SQLite.
+    mem = make_mem()
+    lead = Principal(agent_id="lead", team="backend")
+    member = Principal(agent_id="member", team="backend")
+    rogue = Principal(agent_id="rogue", team="backend")
+    boss = BlockingCoordinator(mem, lead, secret, level=Level.TEAM, max_retries=0)
+    signal = boss.send_signal(["member"], "pause")
+    forger = BlockingCoordinator(mem, rogue, secret, level=Level.TEAM)
+    draft = Ack(signal.id, "NEEDLE-target", signal.digest, clock_us(), forger._signer.kid, "")
+    ack = dataclasses.replace(draft, mac=forger._mac(draft.signed_part()))
+    lifecycle = AgentLifecycle(mem, lead, level=Level.TEAM)
+    lifecycle.register_spawn("member", "Member", "coder", ["python"], Level.TEAM)
+    good = mem.get("lifecycle/agents/member", level=Level.TEAM, principal=lead, fresh=True)
+    planted = {
+        "coord/signals/s1": {**signal.to_value(), "id": "s1", "sent_at": "NEEDLE-1"},
+        "coord/signals/s2": {**signal.to_value(), "id": "s2", "kid": "NEEDLE-2"},
+        f"coord/acks/{signal.id}/member": ack.to_value(),
+        "lifecycle/agents/a1": {**good, "agent_id": "a1", "status": "NEEDLE-3"},
+        "lifecycle/agents/a2": {**good, "agent_id": "NEEDLE-4"},
+        "lifecycle/events/member/e1": {"agent_id": "member", "event": "x", "at": "NEEDLE-5"},
+    }
+    for key, value in planted.items():
+        mem.sync(mem.put(key, value, level=Level.TEAM, principal=rogue))
+    target = BlockingCoordinator(mem, member, secret, level=Level.TEAM)
+    assert [s.id for s in target.pending_signals()] == [signal.id]
+    assert [a.agent_id for a in lifecycle.list_agents()] == ["member"]
+    assert [e.event for e in lifecycle.history("member")] == ["spawn"]
+    result = boss.wait_for_acks(signal, timeout=0.2)
+    assert "NEEDLE-target" in result.rejected["member"]  # the caller still gets it
+    for c in (boss, target, lifecycle):
+        c.sync()
+    rows = [
+        r for r in mem.store.audit_log() if "rejected" in r.event or r.event == "signal_timeout"
+    ]
+    assert len(rows) == 7, rows
+    assert not [r.detail for r in rows if "NEEDLE" in r.detail]
+    assert b"NEEDLE" not in raw_redis_values(raw_redis)
+    mem.close()
+    assert b"NEEDLE" not in b"".join(p.read_bytes() for p in db_path.parent.glob("*.db*"))
+
+
 def test_previous_secret_still_verifies_after_rotation(make_mem: MakeMem, coder: Principal) -> None:
     mem = make_mem()
     old, new = secrets.token_bytes(32), secrets.token_bytes(32)

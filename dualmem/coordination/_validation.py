@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from acl.errors import ValidationError
+from acl.errors import TamperedRecord, ValidationError
 from dualmem.commands import Receipt
 
 if TYPE_CHECKING:
@@ -25,6 +26,8 @@ __all__ = [
     "check_text",
     "check_threshold",
     "clock_us",
+    "not_a_record",
+    "without_values",
 ]
 
 MAX_ITERATION = 999_999  # keys hold iterations zero-padded to 6 digits, so they sort
@@ -172,3 +175,33 @@ class ReceiptLog:
         done = set(receipts)
         with self._lock:
             self._outstanding = [r for r in self._outstanding if r not in done]
+
+
+# A Python repr of a string: what every rejection reason quotes its values with.
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+
+
+def without_values(reason: str) -> str:
+    """``reason`` with every quoted value (a string repr) replaced by ``…``: what goes to
+    the plaintext audit log when the record it is about is sealed (levels 1, 2, 5).
+    Rejection reasons quote every value taken from a record with ``!r``.
+
+    >>> without_values(f"names target {'x'!r}, not {'y' + chr(39) + 's'!r}")
+    'names target …, not …'
+    """
+    return _QUOTED.sub("…", reason)
+
+
+def not_a_record(kind: str, exc: Exception) -> TamperedRecord:
+    """The error for a value that does not parse as ``kind``, naming no value from it
+    (an exception's text can quote one: ``invalid literal for int(): 'secret'``).
+
+    >>> str(not_a_record("a signal record", KeyError("id")))
+    "not a signal record: no field 'id'"
+    >>> str(not_a_record("a signal record", ValueError("invalid literal: 'secret'")))
+    'not a signal record: a field of the wrong type or value (ValueError)'
+    """
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
+        # The missing name is one of ours (v["name"] in the parser), never the value's.
+        return TamperedRecord(f"not {kind}: no field {exc.args[0]!r}")
+    return TamperedRecord(f"not {kind}: a field of the wrong type or value ({type(exc).__name__})")

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from acl.errors import TamperedRecord, ValidationError
-from acl.levels import Level, as_level
+from acl.levels import ENCRYPTED_LEVELS, Level, as_level
 from acl.principal import Principal
 from dualmem.commands import Receipt
 from dualmem.coordination._validation import (
@@ -23,6 +23,8 @@ from dualmem.coordination._validation import (
     check_score,
     check_strings,
     check_text,
+    not_a_record,
+    without_values,
 )
 from dualmem.memory import DualMemory, Record
 
@@ -103,7 +105,7 @@ class AgentInfo:
                 end_reason=v["end_reason"],
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise TamperedRecord(f"not an agent lifecycle record: {exc!r}") from exc
+            raise not_a_record("an agent lifecycle record", exc) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,6 +403,9 @@ class AgentLifecycle:
         if mark in self._rejected_seen:
             return
         self._rejected_seen.add(mark)
+        if self.level in ENCRYPTED_LEVELS:
+            # The audit log is plaintext; the reason quotes what the sealed record holds.
+            reason = without_values(reason)
         self._receipts.add(
             self.mem.audit(
                 "agent_record_rejected",
@@ -437,7 +442,7 @@ class AgentLifecycle:
                     str(v["agent_id"]), str(v["event"]), int(v["at"]), dict(v["detail"])
                 )
             except (KeyError, TypeError, ValueError, OverflowError) as exc:
-                self._reject_once(r, f"not an agent event: {exc!r}")
+                self._reject_once(r, str(not_a_record("an agent event", exc)))
                 continue
             if kinds is None or ev.event in kinds:
                 events.append(ev)

@@ -16,7 +16,13 @@ from typing import Any
 from acl.errors import ConfigurationError, TamperedRecord, ValidationError
 from acl.levels import ENCRYPTED_LEVELS, Level, as_level
 from acl.principal import Principal
-from dualmem.coordination._validation import ReceiptLog, check_ident, clock_us
+from dualmem.coordination._validation import (
+    ReceiptLog,
+    check_ident,
+    clock_us,
+    not_a_record,
+    without_values,
+)
 from dualmem.errors import NotPersisted
 from dualmem.memory import DualMemory, Record
 
@@ -29,7 +35,7 @@ _KDF_LABEL = b"dualmem/coordination/hmac-sha256/v1"
 _QUERY_LIMIT = 10_000
 #: Audit detail taken from a signal's value, left out at encrypted levels (see _audit). Who
 #: acked or was refused is not among them: ACK keys name their target in the clear anyway.
-_SEALED_DETAIL = ("type", "targets", "missing")
+_SEALED_DETAIL = ("type", "targets", "missing", "rejected")
 
 
 def _canonical(doc: dict[str, Any]) -> bytes:
@@ -113,7 +119,7 @@ class Signal:
                 mac=str(v["mac"]),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise TamperedRecord(f"not a signal record: {exc!r}") from exc
+            raise not_a_record("a signal record", exc) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +169,7 @@ class Ack:
                 mac=str(v["mac"]),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise TamperedRecord(f"not an ACK record: {exc!r}") from exc
+            raise not_a_record("an ACK record", exc) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +342,9 @@ class BlockingCoordinator:
                     value = detail.pop(name)
                     if isinstance(value, (list, tuple, dict)):
                         detail[f"{name}_count"] = len(value)
+            # A rejection reason quotes what the record holds (a key id, a target).
+            if "reason" in detail:
+                detail["reason"] = without_values(str(detail["reason"]))
         self._receipts.add(
             self.mem.audit(
                 event,
