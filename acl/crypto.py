@@ -26,7 +26,7 @@ import stat
 import struct
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -199,7 +199,7 @@ def _aad(header: bytes, scope: str, key: str, level: int) -> bytes:
 @dataclass(frozen=True, slots=True)
 class _Key:
     key_id: str
-    secret: bytes
+    secret: bytes = field(repr=False)  # never in a log line or a traceback
     created_at: str
 
 

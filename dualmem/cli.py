@@ -97,7 +97,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     with stop_on_signals(on_signal) as stop:
         print(
-            f"dualmem worker {worker.consumer}: {settings.redis_url} -> {settings.db_path} "
+            f"dualmem worker {worker.consumer}: {settings.shown_url} -> {settings.db_path} "
             f"({settings.shards} shard(s), group {settings.group}, scheduling {sched})",
             flush=True,
         )

@@ -299,7 +299,7 @@ class _Demo:
         s = self.mem.settings
         where = "embedded fakeredis + worker thread" if s.embedded else "real Redis"
         self.out.print(
-            f"[bold]dualmem demo[/]: a CFN loop on {s.redis_url} ({where}), database {s.db_path}"
+            f"[bold]dualmem demo[/]: a CFN loop on {s.shown_url} ({where}), database {s.db_path}"
         )
         if self.key_note:
             self.say(f"[dim]{self.key_note}[/]")

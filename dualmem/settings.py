@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ class Settings:
     #: Key file from ``dualmem keygen``. Embedded default: ``<db_path>.keys`` is created.
     keyring: str | None = None
     #: Base64 AES-256 key, an alternative to ``keyring`` (keep it out of shell history).
-    key: str | None = None
+    key: str | None = field(default=None, repr=False)
     #: Prefix of every Redis key, so several deployments can share a Redis.
     namespace: str = "dualmem"
     #: Number of command streams; a record's shard is a stable hash of (scope, key).
@@ -163,6 +163,22 @@ class Settings:
         if self.key:
             return None
         return self.default_keyring_path if self.embedded else None
+
+    @property
+    def shown_url(self) -> str:
+        """``redis_url`` fit to print or log: a password in it is replaced by ``***``.
+
+        >>> Settings(redis_url="redis://:s3cret@db:6379/0").shown_url
+        'redis://:***@db:6379/0'
+        >>> Settings(redis_url="rediss://app:s3cret@db/1").shown_url
+        'rediss://app:***@db/1'
+        """
+        scheme, sep, rest = self.redis_url.partition("://")
+        auth, at, host = rest.rpartition("@")
+        if not sep or not at:
+            return self.redis_url
+        user, colon, _password = auth.partition(":")
+        return f"{scheme}://{user}{colon and ':***'}@{host}" if colon else self.redis_url
 
     def validate(self) -> None:
         """Raise ConfigurationError naming the first bad setting."""

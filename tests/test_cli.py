@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from acl import Level, Principal
+from acl import Keyring, Level, Principal
 from dualmem import DualMemory
 from dualmem.cli import main
 
@@ -360,3 +361,45 @@ def test_python_m_dualmem_help() -> None:
 def test_wait_until_helper_fails_loudly() -> None:
     with pytest.raises(pytest.fail.Exception):
         wait_until(lambda: False, timeout=0.05, what="nothing")
+
+
+@pytest.mark.real_redis
+def test_a_redis_password_is_never_printed(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `dualmem worker` printed its redis_url in its banner and `dualmem doctor` in its
+    # table, password and all.
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", "probe", "on", ">S3cretPw", "~*", "&*", "+@all")
+    try:
+        url = f"redis://probe:S3cretPw@127.0.0.1:{redis_server.port}/0"
+        db = tmp_path / "m.db"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dualmem", "worker", "--redis-url", url, "--db", str(db)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        out = banner + stop(proc)
+        assert "S3cretPw" not in out and f"probe:***@127.0.0.1:{redis_server.port}" in banner
+        main(["doctor", "--redis-url", url, "--db", str(db)])
+        printed = capsys.readouterr()
+        assert "S3cretPw" not in printed.out + printed.err
+        assert "probe:***@" in printed.out
+    finally:
+        admin.execute_command("ACL", "DELUSER", "probe")
+
+
+def test_secrets_stay_out_of_reprs() -> None:
+    from dualmem.coordination.signals import _derive
+    from dualmem.settings import Settings
+
+    ring = Keyring.generate()
+    secret = ring._keys[ring.active_id].secret
+    key = base64.b64encode(secret).decode()
+    assert key not in repr(Settings(key=key))
+    assert repr(secret) not in repr(ring._keys) and str(list(secret)) not in repr(ring._keys)
+    signer = _derive(b"x" * 32)
+    assert repr(signer.key) not in repr(signer)

@@ -10,7 +10,7 @@ import math
 import secrets
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from acl.errors import ConfigurationError, TamperedRecord, ValidationError
@@ -48,7 +48,7 @@ def _canonical(doc: dict[str, Any]) -> bytes:
 @dataclass(frozen=True, slots=True)
 class _Key:
     kid: str
-    key: bytes
+    key: bytes = field(repr=False)  # never in a log line or a traceback
 
 
 def _derive(secret: bytes | str) -> _Key:

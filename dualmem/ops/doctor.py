@@ -85,7 +85,7 @@ def check_redis(settings: Settings) -> list[Finding]:
             Finding(
                 "redis persistence",
                 "warn",
-                f"{settings.redis_url} is the embedded in-process server: commands the worker "
+                f"{settings.shown_url} is the embedded in-process server: commands the worker "
                 "has not committed yet are lost if the process dies",
                 "for anything that matters run a real Redis with AOF and pass "
                 "--redis-url redis://host:6379/0",
@@ -117,7 +117,7 @@ def check_redis(settings: Settings) -> list[Finding]:
                 )
             )
         else:
-            out.append(Finding("redis version", "ok", f"Redis {version} at {settings.redis_url}"))
+            out.append(Finding("redis version", "ok", f"Redis {version} at {settings.shown_url}"))
         out.extend(_redis_config(client))
     finally:
         client.close()
