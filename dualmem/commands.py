@@ -17,6 +17,7 @@ __all__ = [
     "CACHE_TOMBSTONE",
     "MAX_KEY_BYTES",
     "MAX_TTL_SECONDS",
+    "SEQ_BITS",
     "Command",
     "MalformedCommand",
     "Receipt",
@@ -45,7 +46,7 @@ OP_PUT = "put"
 OP_DELETE = "del"
 OP_AUDIT = "audit"
 OP_RESEAL = "reseal"
-_SEQ_BITS = 22  # stream-id sequence numbers per millisecond; 4 million is far beyond Redis
+SEQ_BITS = 22  # stream-id sequence numbers per millisecond; 4 million is far beyond Redis
 
 
 class MalformedCommand(ValueError):
@@ -415,7 +416,7 @@ def stream_id_of(sid: int) -> str:
     >>> stream_id_of(sid_of("1700000000000-2"))
     '1700000000000-2'
     """
-    return f"{sid >> _SEQ_BITS}-{sid & ((1 << _SEQ_BITS) - 1)}"
+    return f"{sid >> SEQ_BITS}-{sid & ((1 << SEQ_BITS) - 1)}"
 
 
 def sid_of(stream_id: str) -> int:
@@ -429,9 +430,9 @@ def sid_of(stream_id: str) -> int:
         ms, seq = int(ms_text), int(seq_text or 0)
     except ValueError:
         raise MalformedCommand(f"not a stream id: {stream_id!r}") from None
-    if seq >= 1 << _SEQ_BITS or ms < 0 or seq < 0:
+    if seq >= 1 << SEQ_BITS or ms < 0 or seq < 0:
         raise MalformedCommand(f"stream id out of range: {stream_id!r}")
-    return (ms << _SEQ_BITS) | seq
+    return (ms << SEQ_BITS) | seq
 
 
 def xadd_command(stream: bytes, fields: Mapping[bytes, Any]) -> tuple[Any, ...]:

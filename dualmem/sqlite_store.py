@@ -16,6 +16,7 @@ from typing import Any
 
 from acl.levels import Level
 from dualmem.batch import GENESIS, BatchPlan, chain_hash, plan_batch
+from dualmem.commands import SEQ_BITS, MalformedCommand, sid_of
 from dualmem.errors import StoreUnavailable
 from dualmem.migrations import migrate
 from dualmem.projection import (
@@ -504,15 +505,31 @@ class SQLiteStore(Store):
     # -- reads -------------------------------------------------------------------------
 
     def status(self, shard: int, stream_id: str) -> str | None:
-        """See :meth:`Store.status`."""
+        """See :meth:`Store.status`. A dead letter replayed since is committed under a
+        new stream id, ordered by its original one (``sid``): found by that."""
         rows = self._read(
-            """SELECT 'committed' FROM journal WHERE shard = ? AND stream_id = ?
-               UNION ALL SELECT 'committed' FROM audit_log WHERE shard = ? AND stream_id = ?
-               UNION ALL SELECT 'dead' FROM dead_letters
-                   WHERE shard = ? AND stream_id = ? AND replayed_at IS NULL""",
+            """SELECT 'committed', NULL FROM journal WHERE shard = ? AND stream_id = ?
+               UNION ALL SELECT 'committed', NULL FROM audit_log WHERE shard = ? AND stream_id = ?
+               UNION ALL SELECT iif(replayed_at IS NULL, 'dead', 'replayed'), fields
+                   FROM dead_letters WHERE shard = ? AND stream_id = ?""",
             (shard, stream_id) * 3,
         )
-        return str(rows[0][0]) if rows else None
+        states = {str(r[0]): r[1] for r in rows}
+        if "committed" in states or "dead" in states:
+            return "committed" if "committed" in states else "dead"
+        if "replayed" not in states:
+            return None
+        try:
+            fields = _fields_from_json(states["replayed"])
+            scope, key = fields[b"s"].decode(), fields[b"k"].decode()
+            sid = sid_of(stream_id)
+        except (ValueError, KeyError, TypeError, MalformedCommand):
+            return None  # an audit event or junk: no journal row to find it by
+        found = self._read(
+            "SELECT 1 FROM journal WHERE scope = ? AND key = ? AND sid = ? AND shard = ?",
+            (scope, key, sid, shard),
+        )
+        return "committed" if found else None
 
     def get(self, scope: str, key: str, now_ms: int) -> StoredRow | None:
         """See :meth:`Store.get`."""
@@ -596,10 +613,24 @@ class SQLiteStore(Store):
         return bytes(rows[0][0]) if rows else None
 
     def max_sid(self, shard: int) -> int:
-        """See :meth:`Store.max_sid`. A scan of the journal: the worker asks only when it
-        had to create a consumer group (a new stream, or Redis lost its data)."""
-        rows = self._read("SELECT COALESCE(MAX(sid), 0) FROM journal WHERE shard = ?", (shard,))
-        return int(rows[0][0])
+        """See :meth:`Store.max_sid`. A scan of the tables that record stream ids: the
+        worker asks only when it had to create a consumer group (a new stream, or Redis
+        lost its data). The ids themselves, not the ``sid`` column: a replayed command is
+        ordered by its original id but took a newer one, and audit events and dead
+        letters have ids too; a new command given any of them would be taken for it."""
+        own = (
+            f"(CAST(substr(stream_id, 1, instr(stream_id, '-') - 1) AS INTEGER) << {SEQ_BITS})"
+            " + CAST(substr(stream_id, instr(stream_id, '-') + 1) AS INTEGER)"
+        )
+        rows = self._read(
+            f"""SELECT MAX(m) FROM (
+                   SELECT MAX(sid) AS m FROM journal WHERE shard = ?
+                   UNION ALL SELECT MAX({own}) FROM journal WHERE shard = ?
+                   UNION ALL SELECT MAX({own}) FROM audit_log WHERE shard = ?
+                   UNION ALL SELECT MAX({own}) FROM dead_letters WHERE shard = ?)""",
+            (shard,) * 4,
+        )
+        return int(rows[0][0] or 0)
 
     def audit_log(self, since_id: int = 0, limit: int | None = None) -> list[AuditRow]:
         """See :meth:`Store.audit_log`."""

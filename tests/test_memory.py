@@ -1170,3 +1170,72 @@ def test_ids_after_redis_lost_its_data_sort_after_committed_ones(
     assert sid_of(r3.stream_id) > sid_of(ahead)
     mem.sync(r3)
     assert mem.get("k", level=Level.SWARM, principal=coder) == {"v": "after"}
+
+
+@pytest.mark.parametrize("kind", ["replay", "audit", "dead letter"])
+def test_ids_after_redis_lost_its_data_sort_after_every_committed_id(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, kind: str
+) -> None:
+    # The floor was MAX(journal.sid): a replayed command is ordered by its original id but
+    # took a newer one, and audit events and dead letters have ids outside the journal.
+    # A new command given one of those ids was taken for it: acked, never written, and
+    # sync() said committed.
+    writer = make_mem(worker=False)
+    r = writer.put("k", {"v": "old"}, level=Level.SWARM, principal=coder)
+    a = writer.audit("before", principal=coder)
+    stream = writer.layout.stream(r.shard)
+    (put_fields_, audit_fields_) = (dict(f) for _, f in raw_redis.xrange(stream))
+    ahead = f"{int(time.time() * 1000) + 3_600_000}-0"
+    fields = {
+        "replay": {**put_fields_, b"o": r.stream_id.encode()},
+        "audit": audit_fields_,
+        "dead letter": {**put_fields_, b"l": b"9"},  # refused by the worker
+    }[kind]
+    raw_redis.xadd(stream, fields, id=ahead)
+    mem = make_mem(max_deliveries=1)
+    status = "dead" if kind == "dead letter" else "committed"
+    wait_until(lambda: mem.store.status(a.shard, ahead) == status, what=f"{ahead} {status}")
+    assert mem.store.max_sid(r.shard) == sid_of(ahead)
+    mem.close()
+    writer.close()
+    raw_redis.flushall()
+
+    mem = make_mem()
+    after = [
+        mem.put("n", 1, level=Level.SWARM, principal=coder),
+        mem.audit("after", principal=coder),
+    ]
+    assert all(sid_of(x.stream_id) > sid_of(ahead) for x in after)
+    for x in after:
+        mem.sync(x)
+    assert mem.get("n", level=Level.SWARM, principal=coder) == 1
+    assert [e.event for e in mem.store.audit_log()].count("after") == 1
+
+
+def test_sync_of_a_dead_lettered_put_succeeds_once_its_replay_is_committed(
+    make_mem: MakeMem, coder: Principal, db_path: Path
+) -> None:
+    # The replay commits under a new stream id; sync() on the original receipt timed out
+    # ("is a worker running?") although its command was committed.
+    from dualmem.ops import dlq
+
+    mem = make_mem(max_deliveries=1)
+    mem.sync(mem.put("warm", 0, level=Level.SWARM, principal=coder))
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "CREATE TRIGGER poison BEFORE INSERT ON memory WHEN NEW.key = 'p' "
+            "BEGIN SELECT RAISE(ABORT, 'transient'); END"
+        )
+    conn.close()
+    r = mem.put("p", 1, level=Level.SWARM, principal=coder)
+    wait_until(mem.store.dead_letters, what="the dead letter")
+    with pytest.raises(NotPersisted, match="dead-lettered"):
+        mem.sync(r, timeout=1)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DROP TRIGGER poison")
+    conn.close()
+    with Runtime(mem.settings, worker=False) as rt:
+        (new,) = dlq.replay(rt, None).receipts
+    mem.sync(new, timeout=10)
+    mem.sync(r, timeout=2)
+    assert mem.get("p", level=Level.SWARM, principal=coder) == 1
