@@ -3,6 +3,7 @@ translation of redis errors into dualmem errors at this one boundary."""
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ __all__ = [
     "drop_memory_server",
     "in_process_connection_class",
     "memory_server",
+    "retries_of",
     "text",
     "transact",
     "translate_errors",
@@ -99,7 +101,7 @@ def connect(
         pool = fake.connection_pool
         pool.connection_class = in_process_connection_class(pool.connection_class)
         return fake, srv.wakeup
-    retry = Retry(ExponentialBackoff(cap=0.05, base=0.005), settings.redis_retries)
+    retry = _CountingRetry(ExponentialBackoff(cap=0.05, base=0.005), settings.redis_retries)
     client = redis.Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.socket_timeout + extra_timeout,
@@ -109,6 +111,40 @@ def connect(
         client_name="dualmem",
     )
     return client, None
+
+
+class _CountingRetry(Retry):
+    """redis-py's retry policy, counting the failures it retried (see :func:`retries_of`).
+
+    Every connection of a pool gets a deep copy of the policy; the copies share one
+    counter, so the count is the client's."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.retried = [0]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _CountingRetry:
+        return copy.copy(self)  # the backoff is stateless; the counter is shared
+
+    def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        def noted(*failure: Any) -> Any:
+            self.retried[0] += 1
+            return fail(*failure)
+
+        return super().call_with_retry(do, noted, *args, **kwargs)
+
+
+def retries_of(client: redis.Redis) -> int:
+    """How many failed calls ``client`` has retried so far (0 for a client not made by
+    :func:`connect`). A read whose reply was lost and that redis-py then sent again
+    leaves what the first one read pending: the worker notices by this count.
+
+    >>> import fakeredis
+    >>> retries_of(fakeredis.FakeRedis())
+    0
+    """
+    retry = client.connection_pool.connection_kwargs.get("retry")
+    return retry.retried[0] if isinstance(retry, _CountingRetry) else 0
 
 
 #: A pooled connection idle this long is PINGed before a transaction goes out on it: once

@@ -18,7 +18,7 @@ from dualmem.commands import sid_of, stream_id_of
 from dualmem.errors import DualMemError, StoreUnavailable
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics
-from dualmem.redis_backend import send_many, text, transact, translate_errors
+from dualmem.redis_backend import retries_of, send_many, text, transact, translate_errors
 from dualmem.settings import Settings
 from dualmem.store import ApplyResult, Notification, Store, StreamEntry
 
@@ -207,6 +207,7 @@ class Worker:
         """
         deadline = time.monotonic() + timeout
         self._deadline = deadline
+        self._retry_own = True  # anything this consumer read and never acked goes too
         try:
             while True:
                 n = self.step(block=False)
@@ -253,6 +254,7 @@ class Worker:
     def _xreadgroup(
         self, start: str, *, block: bool, count: int | None = None
     ) -> list[StreamEntry]:
+        retried = retries_of(self.redis)
         with translate_errors("worker read"):
             resp = self.redis.xreadgroup(
                 self.group,
@@ -261,7 +263,15 @@ class Worker:
                 count=count or self.settings.batch_size,
                 block=self.settings.block_ms if block else None,
             )
+        self._note_retries(retried)
         return self._entries(resp)
+
+    def _note_retries(self, before: int) -> None:
+        # A read redis-py sent again after a failure may have run the first time, its
+        # reply lost: what it read then sits in this consumer's pending list, and no one
+        # claims it for claim_idle_ms. Read the pending list next.
+        if retries_of(self.redis) != before:
+            self._retry_own = True
 
     def _entries(self, resp: object) -> list[StreamEntry]:
         out: list[StreamEntry] = []
@@ -284,6 +294,9 @@ class Worker:
 
     def _claim(self) -> list[StreamEntry]:
         out: list[StreamEntry] = []
+        # Once a claim interval, look at this consumer's own pending list too, whatever
+        # left entries there unnoticed.
+        self._retry_own = True
         with translate_errors("worker claim"):
             for name in self.streams:
                 start = "0-0"

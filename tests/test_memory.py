@@ -1239,3 +1239,40 @@ def test_sync_of_a_dead_lettered_put_succeeds_once_its_replay_is_committed(
     mem.sync(new, timeout=10)
     mem.sync(r, timeout=2)
     assert mem.get("p", level=Level.SWARM, principal=coder) == 1
+
+
+@pytest.mark.real_redis
+def test_entries_whose_read_reply_was_lost_are_applied_without_waiting_for_a_claim(
+    own_redis_server: RedisServer,
+    db_path: Path,
+    keyfile: Path,
+    coder: Principal,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Redis ran an XREADGROUP, its reply was lost, and redis-py sent the read again: what
+    # the first one read sat in the worker's own pending list until claim_idle_ms passed
+    # (sync() timed out, close() reported it pending, a later put committed first).
+    mem = DualMemory(redis_url=own_redis_server.url, db_path=str(db_path), keyring=str(keyfile))
+    armed = [True]
+    real = redis.Redis.parse_response
+
+    def lossy(self: redis.Redis, conn: Any, command_name: str, **options: Any) -> Any:
+        reply = real(self, conn, command_name, **options)
+        if armed[0] and command_name == "XREADGROUP" and reply:
+            armed[0] = False
+            raise redis.ConnectionError("connection reset by peer")  # Redis ran it
+        return reply
+
+    try:
+        mem.sync(mem.put("warm", 0, level=Level.SWARM, principal=coder))
+        monkeypatch.setattr(redis.Redis, "parse_response", lossy)
+        r1 = mem.put("k", "v1", level=Level.SWARM, principal=coder)
+        wait_until(lambda: not armed[0], what="the lost reply")
+        r2 = mem.put("k", "v2", level=Level.SWARM, principal=coder)
+        mem.sync(r1, timeout=5)
+        mem.sync(r2, timeout=5)
+        history = mem.history("k", level=Level.SWARM, principal=coder)
+        assert [c.stream_id for c in history] == [r1.stream_id, r2.stream_id]
+    finally:
+        report = mem.close(timeout=5)
+    assert report.drained, report
