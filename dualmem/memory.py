@@ -490,9 +490,30 @@ class DualMemory:
         on any of them nothing was written, except a ``StoreUnavailable`` that says the
         transaction "may or may not have run" (sent, and no reply before the timeout).
         """
+        return self._write(key, value, lvl_arg=level, principal=principal, ttl=ttl, scope=scope)
+
+    def _put_pinned(
+        self, key: str, value: Any, *, level: Level | int, principal: Principal
+    ) -> Receipt:
+        """``put`` whose cache entry never expires (``cache_ttl`` aside): for a small record
+        read with ``fresh=True`` that must stay right while its command waits in the
+        stream longer than ``cache_ttl`` (a subscriber's saved position, a worker outage)."""
+        return self._write(key, value, lvl_arg=level, principal=principal, pinned=True)
+
+    def _write(
+        self,
+        key: str,
+        value: Any,
+        *,
+        lvl_arg: Level | int,
+        principal: Principal,
+        ttl: float | None = None,
+        scope: str | None = None,
+        pinned: bool = False,
+    ) -> Receipt:
         self._check_open()
         check_key(key)
-        lvl, sc = self._authorize(principal, level, "write", scope, key)
+        lvl, sc = self._authorize(principal, lvl_arg, "write", scope, key)
         ttl_ms = ttl_to_ms(ttl)
         if ttl_ms is not None and projected(key, lvl):
             raise ValidationError(f"{key}: mission log records cannot expire (no ttl)")
@@ -506,6 +527,8 @@ class DualMemory:
         shard = self.layout.shard_of(sc, key)
         fields = put_fields(sc, key, lvl, principal.agent_id, now_us, envelope, expires_at)
         px = ttl_ms if ttl_ms is not None else (self.settings.cache_ttl * 1000 or None)
+        if pinned:
+            px = None  # no PX: the entry stays until the key is written again
         sid = self._send(shard, fields, self.layout.cache_key(shard, sc, key), envelope, px)
         t2 = time.perf_counter_ns()
         self.metrics_registry.record("encode", t1 - t0)

@@ -239,7 +239,9 @@ class Subscriber:
         chain = self._mem.store.journal_hash(self._position) if self._position else None
         if chain is not None:
             value["hash"] = chain.hex()  # which change this was, see _same_history
-        self._mem.put(
+        # A restart reads the position from the cache entry first (newest): it must not
+        # expire while the save waits in the stream (a worker outage past cache_ttl).
+        self._mem._put_pinned(
             self._position_key,
             value,
             level=Level.PRIVATE,

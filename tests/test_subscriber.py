@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -425,3 +426,25 @@ def test_bad_arguments_are_rejected(make_mem: MakeMem, coder: Principal, since: 
         Subscriber(mem, coder, commit_every=0)
     with pytest.raises(ValidationError):
         Subscriber(mem, "coder-1")  # type: ignore[arg-type]
+
+
+def test_a_saved_position_outlives_cache_ttl_while_its_save_waits_in_the_stream(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # The save's cache entry expired after cache_ttl while the worker was down: a restart
+    # read SQLite's older position and delivered consumed changes again.
+    writer = make_mem()
+    for r in [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(3)]:
+        writer.sync(r)
+    writer.close()  # no worker from here on: the saves below wait in the stream
+    mem = make_mem(worker=False, cache_ttl=1)
+    with Subscriber(mem, coder, since="feed") as sub:
+        assert [sub.poll(timeout=5).key for _ in range(3)] == ["k0", "k1", "k2"]  # type: ignore[union-attr]
+    saved = [n for n in raw_redis.scan_iter(match=b"dm:*:c:*_subscriber*")]
+    assert saved and all(raw_redis.pttl(n) == -1 for n in saved)  # no expiry
+    time.sleep(1.2)  # past cache_ttl
+    again = Subscriber(mem, coder, since="feed")
+    try:
+        assert again.position == 3
+    finally:
+        again.close(commit=False)
