@@ -164,6 +164,37 @@ def test_latest_consensus_is_found_past_one_page_of_iterations(
     assert latest is not None and (latest.iteration, latest.score) == (11, 0.55)
 
 
+def test_loop_records_name_their_writer_not_what_their_value_claims(
+    make_mem: MakeMem, system: Principal
+) -> None:
+    # Any member of the swarm could store a consensus that names the coordinator as its
+    # recorder (and any system principal a decision in another's name): the value was
+    # believed, not the writer dualmem records with every row.
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    forged = {
+        "swarm": SWARM, "phase": "impl", "iteration": 1, "score": 0.99,
+        "validation_results": {}, "recommendations": [],
+        "recorded_by": BOSS.agent_id, "recorded_at": 1,
+    }  # fmt: skip
+    key = loops.key(2, "impl", 1)
+    mem.put(key, forged, level=Level.SWARM, principal=ROGUE, scope=f"swarm:{SWARM}")
+    impostor = Principal(agent_id="impostor", system=True)
+    loops.store_loop4_decision(impostor, "impl", 1, "PROCEED", "ship")
+    mem.sync(mem.put(loops.key(4, "impl", 2), {
+        "project": "shop", "swarm": SWARM, "phase": "impl", "iteration": 2,
+        "decision": "PROCEED", "reasoning": "r", "deferred_issues": [], "next_actions": [],
+        "decided_by": system.agent_id, "decided_at": 2,
+    }, level=Level.SYSTEM, principal=impostor))  # fmt: skip
+    loops.sync()
+    for got in (
+        loops.get_loop2_consensus(BOSS, "impl"),
+        loops.get_loop2_consensus(BOSS, "impl", 1),
+    ):
+        assert got is not None and got.recorded_by == ROGUE.agent_id
+    assert [d.decided_by for d in loops.list_loop4_decisions(system)] == ["impostor"] * 2
+
+
 def test_loop4_decisions_are_system_only_encrypted_and_chronological(
     make_mem: MakeMem, coder: Principal, system: Principal, db_path: Path
 ) -> None:

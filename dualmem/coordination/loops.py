@@ -86,7 +86,7 @@ class Loop2Consensus:
     score: float
     validation_results: Any
     recommendations: tuple[str, ...]
-    recorded_by: str
+    recorded_by: str  #: the agent that wrote the record (as stored, not as claimed)
     recorded_at: int  #: epoch microseconds
     gate_passed: bool  #: score >= the LoopMemory's consensus threshold
 
@@ -103,7 +103,7 @@ class Loop4Decision:
     reasoning: str
     deferred_issues: tuple[str, ...]
     next_actions: tuple[str, ...]
-    decided_by: str
+    decided_by: str  #: the agent that wrote the record (as stored, not as claimed)
     decided_at: int  #: epoch microseconds
 
 
@@ -329,12 +329,12 @@ class LoopMemory:
         check_ident("phase", phase)
         if iteration is not None:
             key = self.key(2, phase, check_iteration(iteration))
-            value = self.mem.get(
+            record = self.mem.get_record(
                 key, level=Level.SWARM, principal=principal, scope=self.swarm_scope
             )
-            return None if value is None else self._loop2(value, key)
-        last = self._last_under(principal, self._prefix(2, phase))
-        return None if last is None else self._loop2(last.value, last.key)
+        else:
+            record = self._last_under(principal, self._prefix(2, phase))
+        return None if record is None else self._loop2(record)
 
     def _last_under(self, principal: Principal, prefix: str) -> Record | None:
         """The record with the highest key under ``prefix`` (keys end in the zero-padded
@@ -352,7 +352,8 @@ class LoopMemory:
                 return found
         return records[-1]
 
-    def _loop2(self, v: Any, key: str) -> Loop2Consensus:
+    def _loop2(self, r: Record) -> Loop2Consensus:
+        v, key = r.value, r.key
         try:
             score = float(v["score"])
             return Loop2Consensus(
@@ -362,7 +363,9 @@ class LoopMemory:
                 score=score,
                 validation_results=v["validation_results"],
                 recommendations=tuple(v["recommendations"]),
-                recorded_by=str(v["recorded_by"]),
+                # Who wrote the record, as dualmem stored it: any member of the swarm
+                # can put a value that names the coordinator.
+                recorded_by=r.owner,
                 recorded_at=int(v["recorded_at"]),
                 gate_passed=score >= self.consensus_threshold,
             )
@@ -428,7 +431,7 @@ class LoopMemory:
                 reasoning=str(v["reasoning"]),
                 deferred_issues=tuple(v["deferred_issues"]),
                 next_actions=tuple(v["next_actions"]),
-                decided_by=str(v["decided_by"]),
+                decided_by=r.owner,  # the record's writer, not what its value claims
                 decided_at=int(v["decided_at"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
