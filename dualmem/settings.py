@@ -223,6 +223,14 @@ class Settings:
                     f"setting {name} must be > 0 and at most {MAX_WAIT_SECONDS:,} seconds "
                     f"(got {value})"
                 )
+        for name in ("block_ms", "claim_idle_ms", "busy_timeout_ms"):
+            value = getattr(self, name)
+            # The same bound in milliseconds: beyond it XREADGROUP's BLOCK, XAUTOCLAIM's
+            # min-idle-time or a time_t overflowed and the worker failed or spun.
+            if value > MAX_WAIT_SECONDS * 1000:
+                raise ConfigurationError(
+                    f"setting {name} must be at most {MAX_WAIT_SECONDS * 1000:,} ms (got {value})"
+                )
         if self.cache_ttl > MAX_TTL_SECONDS:
             # Beyond it Redis refuses the cache entry's PX inside the put's transaction,
             # after the XADD beside it has run: an error for a write that happened.

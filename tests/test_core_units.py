@@ -58,6 +58,9 @@ def test_arguments_beat_environment_beat_defaults() -> None:
         ({"cache_ttl": 10**16}, {}, "cache_ttl"),  # PX refused inside EXEC, XADD ran
         ({"redis_url": "redis://h:notaport/0"}, {}, "redis_url"),  # bare ValueError
         ({"redis_url": "redis://h:99999/0"}, {}, "redis_url"),
+        ({"block_ms": 10**13}, {}, "block_ms"),  # the worker thread failed, close() raised
+        ({"claim_idle_ms": 10**20}, {}, "claim_idle_ms"),  # XAUTOCLAIM refused, forever
+        ({}, {"DUALMEM_BUSY_TIMEOUT_MS": str(10**13)}, "busy_timeout_ms"),
     ],
 )
 def test_bad_settings_name_the_setting(
