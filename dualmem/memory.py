@@ -240,8 +240,9 @@ class DualMemory:
 
         The report says how many commands are still pending in Redis; a later worker on
         the same Redis persists them (on ``memory://`` they live only in this process).
-        With ``worker=False`` nothing is drained here and the report is ``(0, True)``:
-        the workers elsewhere own persistence, and :meth:`backlog` says what Redis holds.
+        With ``worker=False`` nothing is drained here: the report says what Redis still
+        holds unpersisted (by this writer or any other, see :meth:`backlog`), which the
+        workers elsewhere own; on ``memory://`` that is lost when the process exits.
         Closing again returns the first close's report, after waiting for it to finish.
         """
         drain_timeout = self.settings.close_timeout if timeout is None else timeout
@@ -289,7 +290,10 @@ class DualMemory:
                 log.warning("close: %d writes still in flight", self._in_flight)
         pending = 0
         worker_alive = False
-        if self._worker_thread is not None and self._worker is not None:
+        if self._worker_thread is None:
+            # No worker here: "drained" only if Redis holds nothing unpersisted.
+            pending = self._pending_or_unknown()
+        elif self._worker is not None:
             self._drain_timeout = drain_timeout
             self._worker_stop.set()
             self._worker_thread.join(drain_timeout + self.settings.block_ms / 1000 + 5)

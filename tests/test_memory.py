@@ -920,9 +920,16 @@ def test_an_audit_event_racing_close_still_reaches_redis(
 
 
 def test_close_without_worker_reports_pending(make_mem: MakeMem, coder: Principal) -> None:
+    # close() said (0, drained) with the put still in Redis: on memory:// it was lost at
+    # exit with nothing reported.
     mem = make_mem(worker=False)
     mem.put("k", 1, level=Level.SWARM, principal=coder)
     assert mem.backlog() == {0: 1}
+    assert mem.close() == CloseReport(pending=1, drained=False)
+    persisted = make_mem()  # a worker
+    persisted.sync(persisted.put("j", 2, level=Level.SWARM, principal=coder))
+    wait_until(lambda: persisted.backlog() == {0: 0}, what="the acks")  # they follow commits
+    assert make_mem(worker=False).close() == CloseReport(pending=0, drained=True)
 
 
 def test_shards_keep_keys_in_order(
