@@ -52,6 +52,7 @@ from dualmem.commands import reseal_fields
 from dualmem.errors import NotPersisted
 from dualmem.keyuse import wait_for_key_users
 from dualmem.redis_backend import connect, text, translate_errors
+from dualmem.settings import MAX_WAIT_SECONDS, Settings
 
 if TYPE_CHECKING:
     from dualmem.memory import DualMemory
@@ -587,6 +588,7 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
         )
     console = Console()
     path = Path(settings.keyring)
+    _preflight(args, settings)
     if not args.resume:
         before = Keyring.load(path)
         ring = add_active_key(path)
@@ -613,6 +615,30 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
             "--drop-retired removes them from the key file"
         )
     return 0
+
+
+def _preflight(args: argparse.Namespace, settings: Settings) -> None:
+    """Refuse what would stop the rotation before the key file is changed: bad numbers,
+    a Redis that does not answer, a database this dualmem cannot open."""
+    from dualmem.ops.database import check_not_newer, open_database
+
+    for name in ("grace", "timeout"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= MAX_WAIT_SECONDS:
+            raise ConfigurationError(
+                f"--{name} must be between 0 and {MAX_WAIT_SECONDS:,} seconds (got {value})"
+            )
+    if args.batch_size < 1:
+        raise ConfigurationError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    client, _ = connect(settings)
+    try:
+        with translate_errors("rotate-keys"):
+            client.ping()
+    finally:
+        client.close()
+    if Path(settings.db_path).exists():
+        with open_database(settings.db_path) as conn:
+            check_not_newer(conn, settings.db_path)
 
 
 def _rotate_with_progress(

@@ -409,3 +409,30 @@ def test_rotate_keys_refuses_memory_url_and_needs_a_key_file(
     assert "memory://" in capsys.readouterr().err
     assert main(["rotate-keys", "--redis-url", "redis://127.0.0.1:1/0", "--db", db]) == 2
     assert "--keyring" in capsys.readouterr().err
+
+
+@pytest.mark.real_redis
+def test_a_rotation_that_cannot_run_leaves_the_key_file_alone(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    keyfile: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Each of these used to add a new active key to the file, then fail (exit 2).
+    before = keyfile.read_bytes()
+    db = tmp_path / "m.db"
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    base = ["rotate-keys", "--keyring", str(keyfile), "--no-worker"]
+    cases = [
+        (["--redis-url", redis_server.url, "--db", str(db), "--grace", "nan"], "--grace"),
+        (["--redis-url", redis_server.url, "--db", str(db), "--timeout", "inf"], "--timeout"),
+        (["--redis-url", "redis://127.0.0.1:1/0", "--db", str(db)], "unavailable"),
+        (["--redis-url", redis_server.url, "--db", str(newer)], "newer"),
+    ]
+    for extra, why in cases:
+        code, _, err = run_cli(capsys, *base, *extra)
+        assert code == 2 and why in err, (extra, err)
+        assert keyfile.read_bytes() == before, extra
