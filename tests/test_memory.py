@@ -35,6 +35,7 @@ from dualmem.memory import CloseReport
 from dualmem.ops.mirror import render_record
 from dualmem.ops.runtime import Runtime, Write
 from dualmem.ops.transfer import export_records
+from dualmem.redis_backend import transact
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.worker import Worker
@@ -1053,27 +1054,46 @@ def test_an_operator_send_whose_reply_times_out_is_never_sent_twice(
         assert raw.xlen(stream) == before + 1
 
 
-def test_a_busy_loading_redis_is_a_refusal_that_is_retried_not_an_unknown_outcome() -> None:
-    # -LOADING (Redis loading its data after a restart) aborts EXEC: nothing ran, so it is
-    # retried like a refused connection, not reported as "may or may not have run".
-    from dualmem.redis_backend import _exchange
+@pytest.mark.real_redis
+def test_a_busy_loading_redis_is_a_refusal_that_is_retried_not_an_unknown_outcome(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # -LOADING (Redis loading its data after a restart) refuses the transaction: nothing
+    # ran, so it is sent again under the retry policy, not reported as "may or may not
+    # have run" (a Redis that is loading is hard to produce on demand: the connection
+    # plays one, and the retry goes to the real server).
+    from dualmem.redis_backend import connect
 
-    class Loading:
-        disconnected = False
+    redis_server.client().flushall()
+    client, _ = connect(Settings.load({"redis_url": redis_server.url}))
+    transact(client, [(b"SET", b"warm", b"1")])  # its connection was used just now: no PING
+    conn_class = redis.connection.Connection
+    real_send, real_read = conn_class.send_packed_command, conn_class.read_response
+    loading = [True]
+    sent: list[bytes] = []
 
-        def send_packed_command(self, *_: object, **__: object) -> None:
-            pass
+    def send(self: Any, command: Any, check_health: bool = True) -> None:
+        data = b"".join(command) if isinstance(command, list) else bytes(command)
+        if b"INCR" in data:
+            sent.append(data)
+        if not loading[0]:
+            real_send(self, command, check_health)
 
-        def read_response(self) -> object:
+    def read(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if loading[0]:
+            loading[0] = False
             raise redis.BusyLoadingError("Redis is loading the dataset in memory")
+        return real_read(self, *args, **kwargs)
 
-        def disconnect(self) -> None:
-            self.disconnected = True
-
-    conn = Loading()
-    with pytest.raises(redis.BusyLoadingError):
-        _exchange(conn, [b"packed"], 2)
-    assert conn.disconnected
+    monkeypatch.setattr(conn_class, "send_packed_command", send)
+    monkeypatch.setattr(conn_class, "read_response", read)
+    try:
+        assert transact(client, [(b"INCR", b"n")]) == [1]
+    finally:
+        monkeypatch.undo()
+        client.close()
+    assert len(sent) == 2  # refused, then sent again
+    assert redis_server.client().get(b"n") == b"1"
 
 
 def test_close_from_a_signal_handler_during_close_returns_at_once(
