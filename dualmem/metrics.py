@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping
 
-__all__ = ["PATHS", "Histogram", "Metrics", "prometheus_text"]
+__all__ = ["GAUGE_HELP", "PATHS", "Histogram", "Metrics", "prometheus_text"]
 
 PATHS = ("redis_write", "encode", "persist", "lag", "read")
 
@@ -151,13 +151,24 @@ class Metrics:
             h.reset()
 
 
+#: What each gauge of the exposition means (its ``# HELP`` line).
+GAUGE_HELP = {
+    "backlog": "Commands in Redis not yet persisted to SQLite (pending and undelivered)",
+    "pending": "Commands delivered to a worker and not yet acknowledged",
+    "dead_letters": "Dead-lettered commands not replayed",
+    "db_bytes": "Size of the SQLite database and its WAL file, bytes",
+    "journal_seq": "Seq of the newest journal row",
+    "redis_up": "1 if Redis answered this scrape, else 0",
+}
+
+
 def prometheus_text(
     snapshot: Mapping[str, Mapping[str, float]], gauges: Mapping[str, float] | None = None
 ) -> str:
     """Prometheus text exposition (format 0.0.4) of a metrics snapshot.
 
     >>> print(prometheus_text({"read": Histogram().summary()}).splitlines()[2])
-    dualmem_latency_seconds{path="read",quantile="0.5"} 0
+    dualmem_latency_seconds{path="read",quantile="0.5"} NaN
     """
     lines = [
         "# HELP dualmem_latency_seconds Latency per dualmem path.",
@@ -165,12 +176,13 @@ def prometheus_text(
     ]
     for path, s in snapshot.items():
         for q, name in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99")):
-            lines.append(
-                f'dualmem_latency_seconds{{path="{path}",quantile="{q}"}} {_num(s[name] / 1e3)}'
-            )
+            # No sample: NaN, as client libraries export it (0 would read as no latency).
+            value = _num(s[name] / 1e3) if s["count"] else "NaN"
+            lines.append(f'dualmem_latency_seconds{{path="{path}",quantile="{q}"}} {value}')
         lines.append(f'dualmem_latency_seconds_sum{{path="{path}"}} {_num(s["sum"] / 1e3)}')
         lines.append(f'dualmem_latency_seconds_count{{path="{path}"}} {int(s["count"])}')
     for name, value in (gauges or {}).items():
+        lines.append(f"# HELP dualmem_{name} {GAUGE_HELP.get(name, name.replace('_', ' '))}.")
         lines.append(f"# TYPE dualmem_{name} gauge")
         lines.append(f"dualmem_{name} {_num(value)}")
     return "\n".join(lines) + "\n"

@@ -244,3 +244,7 @@ def test_metrics_snapshot_and_prometheus() -> None:
     assert 'dualmem_latency_seconds{path="redis_write",quantile="0.95"}' in text
     assert 'dualmem_latency_seconds_count{path="persist"} 10' in text
     assert "dualmem_backlog 3.0" in text
+    assert "# HELP dualmem_backlog Commands in Redis not yet persisted" in text
+    # A path with no sample exports NaN quantiles, not a latency of 0.
+    assert 'dualmem_latency_seconds{path="lag",quantile="0.95"} NaN' in text
+    assert 'dualmem_latency_seconds_count{path="lag"} 0' in text

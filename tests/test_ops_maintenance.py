@@ -387,12 +387,19 @@ def test_doctor_without_redis_or_key_and_with_a_newer_database(
 
 # -- metrics ------------------------------------------------------------------------------
 
-_SAMPLE = re.compile(r'^dualmem_[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+-]+$')
+_SAMPLE = re.compile(
+    r'^dualmem_[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? (-?[0-9.e+-]+|NaN)$'
+)
 
 
 def check_exposition(text: str) -> None:
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for line in lines:
         assert line.startswith("#") or _SAMPLE.match(line), line
+    # Every family has one HELP and one TYPE line (the gauges had TYPE only).
+    families = {line.split()[2] for line in lines if line.startswith("# TYPE ")}
+    helped = [line.split()[2] for line in lines if line.startswith("# HELP ")]
+    assert sorted(helped) == sorted(families), (helped, families)
 
 
 def test_metrics_prints_an_exposition_with_one_series_per_worker(
