@@ -177,8 +177,8 @@ def prometheus_text(
     for path, s in snapshot.items():
         for q, name in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99")):
             # No sample: NaN, as client libraries export it (0 would read as no latency).
-            value = _num(s[name] / 1e3) if s["count"] else "NaN"
-            lines.append(f'dualmem_latency_seconds{{path="{path}",quantile="{q}"}} {value}')
+            shown = _num(s[name] / 1e3) if s["count"] else "NaN"
+            lines.append(f'dualmem_latency_seconds{{path="{path}",quantile="{q}"}} {shown}')
         lines.append(f'dualmem_latency_seconds_sum{{path="{path}"}} {_num(s["sum"] / 1e3)}')
         lines.append(f'dualmem_latency_seconds_count{{path="{path}"}} {int(s["count"])}')
     for name, value in (gauges or {}).items():
