@@ -51,8 +51,12 @@ def next_stream_id(stream_id: str) -> str:
 
     >>> next_stream_id("1700000000000-5")
     '1700000000000-6'
+    >>> next_stream_id("1700000000000-18446744073709551615")  # where forget_consumer sets it
+    '1700000000001-0'
     """
     ms, _, seq = stream_id.partition("-")
+    if int(seq or 0) >= (1 << 64) - 1:  # the last sequence number of that millisecond
+        return f"{int(ms) + 1}-0"
     return f"{ms}-{int(seq or 0) + 1}"
 
 

@@ -22,7 +22,13 @@ from dualmem import DualMemory
 from dualmem.commands import put_fields, replay_fields
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import ApplyResult, StreamEntry
-from dualmem.worker import Worker, forget_consumer, next_stream_id, safe_trim_id
+from dualmem.worker import (
+    Worker,
+    forget_consumer,
+    next_stream_id,
+    safe_trim_id,
+    stream_backlog,
+)
 
 from .conftest import RedisServer
 
@@ -221,3 +227,26 @@ def test_a_consumer_waking_up_while_it_is_forgotten_loses_nothing(
     assert forget_consumer(client, stream, "persist", "sleeper", floor) == 2
     again = client.xreadgroup("persist", "w", {stream: ">"}, count=10)[0][1]
     assert [sid for sid, _ in again] == ids[2:]  # nothing below the floor, nothing lost
+
+
+def test_a_group_set_back_to_the_end_of_a_millisecond_still_reports_its_backlog(
+    redis_server: RedisServer,
+) -> None:
+    # forget_consumer sets a group back to "<ms - 1>-18446744073709551615" when its floor
+    # has sequence 0; the id after that was computed as "<ms - 1>-18446744073709551616",
+    # which Redis refuses, so the backlog, trimming and verify failed until a delivery.
+    client = redis_server.client()
+    client.flushall()
+    stream = b"dm:{forget:0}:cmd"
+    client.xgroup_create(stream, "persist", id="0", mkstream=True)
+    ids = [client.xadd(stream, {b"n": b"x"}, id=f"{100 + i}-0") for i in range(5)]
+    client.xreadgroup("persist", "a", {stream: ">"}, count=1)  # 100-0 stays pending
+    client.xgroup_createconsumer(stream, "persist", "sleeper")
+    floor = safe_trim_id(client, stream)
+    assert floor == "100-0"
+    client.xreadgroup("persist", "sleeper", {stream: ">"}, count=2)
+    assert forget_consumer(client, stream, "persist", "sleeper", floor) == 2
+    assert client.xinfo_groups(stream)[0]["last-delivered-id"] == b"99-18446744073709551615"
+    assert next_stream_id("99-18446744073709551615") == "100-0"
+    assert stream_backlog(client, stream, "persist") == 1 + len(ids)  # 100-0 twice: pending
+    assert safe_trim_id(client, stream) == "100-0"
