@@ -568,12 +568,16 @@ def ensure_groups(
     """
     with translate_errors("create consumer group"):
         for name, shard in streams.items():
+            retried = retries_of(client)
             try:
                 client.xgroup_create(name, group, id="0", mkstream=True)
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-                continue
+                if retries_of(client) == retried:
+                    continue
+                # The group may be our own first attempt's, whose reply was lost: raise
+                # the last id as if we had created it (a no-op when it is high enough).
             if store is not None:
                 raise_last_id(client, name, store.max_sid(shard))
 

@@ -8,6 +8,7 @@ that did not hold is listed in ``problems`` and fails the test.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -250,3 +251,45 @@ def test_a_group_set_back_to_the_end_of_a_millisecond_still_reports_its_backlog(
     assert next_stream_id("99-18446744073709551615") == "100-0"
     assert stream_backlog(client, stream, "persist") == 1 + len(ids)  # 100-0 twice: pending
     assert safe_trim_id(client, stream) == "100-0"
+
+
+@pytest.mark.real_redis
+def test_a_group_created_by_a_call_whose_reply_was_lost_still_gets_its_floor(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # XGROUP CREATE ran, its reply was lost, and redis-py's retry got BUSYGROUP: the group
+    # was taken for someone else's and the stream's last id was never raised above what
+    # SQLite holds (see raise_last_id).
+    from dualmem.commands import sid_of
+    from dualmem.redis_backend import connect
+    from dualmem.settings import Settings
+    from dualmem.worker import ensure_groups
+
+    redis_server.client().flushall()
+    ahead = f"{int(time.time() * 1000) + 3_600_000}-0"
+    fields = put_fields("swarm:s", "k", Level.SWARM, "a", 1, b"\x01\x00{}", None)
+    raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+    store = SQLiteStore(tmp_path / "m.db")
+    store.apply([StreamEntry(0, ahead, raw)])
+    client, _ = connect(Settings.load({"redis_url": redis_server.url}))
+    real = redis.Redis.parse_response
+    lost = [True]
+
+    def lossy(self: redis.Redis, conn: Any, command_name: str, **options: Any) -> Any:
+        reply = real(self, conn, command_name, **options)
+        if lost[0] and command_name == "XGROUP CREATE":
+            lost[0] = False
+            raise redis.ConnectionError("connection reset by peer")  # Redis ran it
+        return reply
+
+    monkeypatch.setattr(redis.Redis, "parse_response", lossy)
+    stream = b"dm:{lost:0}:cmd"
+    try:
+        ensure_groups(client, {stream: 0}, "persist", store)
+    finally:
+        monkeypatch.undo()
+        client.close()
+        store.close()
+    assert not lost[0]
+    last = redis_server.client().xinfo_stream(stream)["last-generated-id"].decode()
+    assert sid_of(last) >= sid_of(ahead)
