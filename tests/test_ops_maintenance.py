@@ -313,6 +313,7 @@ def doctor(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[st
 def test_doctor_on_a_healthy_setup(
     redis_server: RedisServer, tmp_path: Path, keyfile: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    redis_server.client().flushall()
     db = tmp_path / "d.db"
     DualMemory(
         redis_url=redis_server.url, db_path=str(db), keyring=str(keyfile), worker=False
@@ -336,6 +337,42 @@ def test_doctor_on_a_healthy_setup(
         str(keyfile),
     )
     assert code == 0 and "dualmem doctor" in out
+
+
+def test_doctor_warns_when_stream_ids_run_ahead_of_redis_clock(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    keyfile: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Ahead of the clock, every XADD keeps the stream's last millisecond and counts its
+    # sequence up; dualmem's ordering id holds 22 bits of it, and past that every
+    # command is dead-lettered. The doctor says so before it happens.
+    client = redis_server.client()
+    client.flushall()
+    db = tmp_path / "d.db"
+    args = ("--redis-url", redis_server.url, "--db", str(db), "--keyring", str(keyfile))
+    mem = DualMemory(redis_url=redis_server.url, db_path=str(db), keyring=str(keyfile))
+    try:
+        mem.sync(mem.put("k", 1, level=Level.SWARM, principal=CODER))
+        _, found = doctor(capsys, *args)
+        assert found["stream ids"]["status"] == "ok"
+        stream = mem.layout.stream(0)
+        ahead = int(time.time() * 1000) + 7_200_000
+        client.xadd(stream, {b"op": b"floor"}, id=f"{ahead}-0")
+        _, found = doctor(capsys, *args)
+        assert found["stream ids"]["status"] == "warn", found["stream ids"]
+        assert "ahead of Redis's clock" in found["stream ids"]["detail"]
+        client.xadd(stream, {b"op": b"floor"}, id=f"{ahead}-3000000")
+        code, found = doctor(capsys, *args)
+        assert code == 1 and found["stream ids"]["status"] == "fail"
+        assert "3,000,000 of 4,194,303" in found["stream ids"]["detail"]
+        # The worker that read that entry said so in its log too.
+        wait_until(lambda: "share one millisecond" in caplog.text, what="the warning")
+    finally:
+        mem.close(timeout=2)
+        client.flushall()
 
 
 def test_doctor_finds_each_problem_and_says_how_to_fix_it(

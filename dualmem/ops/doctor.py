@@ -14,6 +14,8 @@ import redis
 
 from acl.crypto import Keyring
 from acl.errors import ConfigurationError, DualMemError
+from dualmem.commands import SEQ_BITS
+from dualmem.layout import Layout
 from dualmem.migrations import SCHEMA_VERSION, schema_version
 from dualmem.redis_backend import connect, text, translate_errors
 from dualmem.settings import Settings
@@ -25,6 +27,7 @@ __all__ = [
     "check_database",
     "check_keys",
     "check_redis",
+    "check_stream_ids",
     "check_versions",
     "run_doctor",
 ]
@@ -119,9 +122,68 @@ def check_redis(settings: Settings) -> list[Finding]:
         else:
             out.append(Finding("redis version", "ok", f"Redis {version} at {settings.shown_url}"))
         out.extend(_redis_config(client))
+        out.extend(check_stream_ids(client, settings))
     finally:
         client.close()
     return out
+
+
+#: Warn when a stream's ids run this far ahead of Redis's clock, ms.
+_AHEAD_WARN_MS = 60_000
+
+
+def check_stream_ids(client: redis.Redis, settings: Settings) -> list[Finding]:
+    """Stream ids against Redis's clock and the room dualmem's ordering id has for them.
+
+    dualmem orders commands by ``ms << 22 | seq`` of their stream ids (``sid_of``). While
+    a stream's last id is ahead of Redis's clock (a clock stepped back, a restored Redis,
+    the floor set after Redis lost its data), every XADD keeps that millisecond and counts
+    ``seq`` up: past 4,194,303 commands in it, each is dead-lettered as out of range.
+    """
+    try:
+        with translate_errors("doctor stream ids"):
+            now_s, now_us = client.time()
+            now_ms = int(now_s) * 1000 + int(now_us) // 1000
+            worst: tuple[int, int, bytes] | None = None
+            for stream in Layout(settings.namespace, settings.shards).streams():
+                if not client.exists(stream):
+                    continue
+                last = text(client.xinfo_stream(stream)["last-generated-id"])
+                ms_text, _, seq_text = last.partition("-")
+                ms, seq = int(ms_text), int(seq_text or 0)
+                if worst is None or (ms - now_ms, seq) > (worst[0], worst[1]):
+                    worst = (ms - now_ms, seq, stream)
+    except DualMemError as exc:
+        return [Finding("stream ids", "warn", f"cannot read the streams ({exc})")]
+    if worst is None:
+        return [Finding("stream ids", "ok", "no command stream yet")]
+    ahead_ms, seq, stream = worst
+    room = (1 << SEQ_BITS) - 1
+    if seq >= room // 2:
+        return [
+            Finding(
+                "stream ids",
+                "fail",
+                f"{stream.decode()}: sequence {seq:,} of {room:,} in one millisecond; past "
+                "it every command is dead-lettered (stream id out of range)",
+                "find why Redis's clock is behind the stream (NTP step back, a restored "
+                "VM); it resolves once the clock passes the stream's last id. Commands "
+                "dead-lettered meanwhile keep ids dualmem cannot order, so a replay fails "
+                "again: write those values anew (`dualmem dlq list` names them)",
+            )
+        ]
+    if ahead_ms > _AHEAD_WARN_MS:
+        return [
+            Finding(
+                "stream ids",
+                "warn",
+                f"{stream.decode()}: last id {ahead_ms / 1000:,.0f} s ahead of Redis's clock; "
+                f"new commands share one millisecond (sequence {seq:,} of {room:,})",
+                "check the Redis host's clock (NTP); a restored Redis resolves itself once "
+                "its clock passes the stream's last id",
+            )
+        ]
+    return [Finding("stream ids", "ok", f"within {max(ahead_ms, 0) / 1000:.0f} s of Redis's clock")]
 
 
 def _redis_config(client: redis.Redis) -> list[Finding]:
