@@ -12,12 +12,13 @@ from dualmem.commands import (
     OP_RESEAL,
     MalformedCommand,
     decode_command,
+    sid_hash_text,
     sid_of,
 )
 from dualmem.projection import Statement, plan_projection
 from dualmem.store import Notification, StreamEntry
 
-__all__ = ["GENESIS", "RISKS", "BatchPlan", "chain_hash", "plan_batch"]
+__all__ = ["GENESIS", "RISKS", "BatchPlan", "chain_hash", "journal_hash_values", "plan_batch"]
 
 GENESIS = b"\x00" * 32
 RISKS = ("low", "medium", "high")
@@ -43,6 +44,18 @@ def chain_hash(prev: bytes, values: Iterable[object]) -> bytes:
         # Rare: a value holds a separator; escape each value (see _chain_text).
         text = "\x1f".join([_chain_text(v) for v in values])
     return hashlib.sha256(prev + text.encode("utf-8")).digest()
+
+
+def journal_hash_values(row: Sequence[object]) -> tuple[object, ...]:
+    """A journal row's columns ``(seq, shard, stream_id, sid, op, ..., committed_at)`` as
+    :func:`chain_hash` takes them: the sid in the form ``sid_hash_text`` gives it (its
+    schema-3 integer while it fits, so chains written before schema 4 still verify).
+
+    >>> from dualmem.commands import sid_of
+    >>> journal_hash_values((1, 0, "1-2", sid_of("1-2"), "put"))
+    (1, 0, '1-2', '4194306', 'put')
+    """
+    return (*row[:3], sid_hash_text(row[3]), *row[4:])
 
 
 def _chain_text(value: object) -> str:
@@ -73,7 +86,7 @@ class BatchPlan:
     audit_tail: tuple[int, bytes] = (0, GENESIS)
 
 
-def _order_sid(stream_id: str, origin: str | None) -> int:
+def _order_sid(stream_id: str, origin: str | None) -> bytes:
     """The id that orders a command: its own, or a replayed command's original one, so a
     replay (``dualmem dlq replay``) never overwrites what was written after it failed."""
     sid = sid_of(stream_id)
@@ -165,7 +178,7 @@ def plan_batch(
             now_ms,
         )
         prev = jhash
-        jhash = chain_hash(jhash, jrow)
+        jhash = chain_hash(jhash, journal_hash_values(jrow))
         plan.journal.append((*jrow, prev, jhash))
         envelope = None if cmd.op == OP_DELETE else cmd.envelope
         expires = None if cmd.op == OP_DELETE else cmd.expires_at

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,6 +19,7 @@ __all__ = [
     "MAX_KEY_BYTES",
     "MAX_TTL_SECONDS",
     "SEQ_BITS",
+    "SID_BYTES",
     "Command",
     "MalformedCommand",
     "Receipt",
@@ -27,9 +29,11 @@ __all__ = [
     "check_text",
     "decode_command",
     "delete_fields",
+    "legacy_sid",
     "put_fields",
     "replay_fields",
     "reseal_fields",
+    "sid_hash_text",
     "sid_of",
     "ttl_to_ms",
     "xadd_command",
@@ -46,7 +50,14 @@ OP_PUT = "put"
 OP_DELETE = "del"
 OP_AUDIT = "audit"
 OP_RESEAL = "reseal"
-SEQ_BITS = 22  # stream-id sequence numbers per millisecond; 4 million is far beyond Redis
+#: Sequence bits of the schema-3 ordering id (``ms << 22 | seq`` in one integer). Rows and
+#: commands written then still carry it: chain hashes of journal rows use it while an id
+#: fits (so old chains verify), and old reseal guards are read in it.
+SEQ_BITS = 22
+_SID = struct.Struct(">QQ")
+#: Length of an ordering id (``sid``): a stream id ``ms-seq`` as two big-endian 64-bit
+#: numbers, so SQLite compares them as BLOBs (memcmp) in stream-id order.
+SID_BYTES = _SID.size
 
 
 class MalformedCommand(ValueError):
@@ -82,7 +93,7 @@ class Command(NamedTuple):
     risk: str | None = None
     detail: str | None = None
     #: reseal only: the sid of the row it re-encrypts (applied only while still current)
-    guard: int | None = None
+    guard: bytes | None = None
     #: a replayed command's original stream id: it orders the command, not its new id
     origin: str | None = None
 
@@ -236,7 +247,7 @@ def audit_fields(
 
 
 def reseal_fields(
-    scope: str, key: str, level: Level, actor: str, ts_us: int, envelope: bytes, guard: int
+    scope: str, key: str, level: Level, actor: str, ts_us: int, envelope: bytes, guard: bytes
 ) -> dict[bytes, bytes | str | int]:
     """Stream entry of a key rotation's re-encryption of one row (``dualmem.rotation``).
 
@@ -253,7 +264,7 @@ def reseal_fields(
         b"a": actor,
         b"t": ts_us,
         b"e": envelope,
-        b"g": guard,
+        b"g": stream_id_of(guard),  # the row's sid, as the stream id it stands for
     }
 
 
@@ -386,10 +397,7 @@ def decode_command(fields: Mapping[bytes, bytes]) -> Command:
     if op == OP_RESEAL:
         if level not in ENCRYPTED_LEVELS:
             raise MalformedCommand(f"reseal at level {level.name}, which is not encrypted")
-        guard = _int(fields, b"g")
-        if not 0 <= guard < 1 << 63:
-            raise MalformedCommand(f"reseal guard out of range: {guard}")
-        return Command(op, scope, key, level, actor, ts_us, envelope=envelope, guard=guard)
+        return Command(op, scope, key, level, actor, ts_us, envelope=envelope, guard=_guard(fields))
     expires_at = _int(fields, b"x") if b"x" in fields else None
     return Command(
         op=op,
@@ -410,29 +418,68 @@ def _stream_id(fields: Mapping[bytes, bytes], name: bytes) -> str:
     return text
 
 
-def stream_id_of(sid: int) -> str:
+def stream_id_of(sid: bytes) -> str:
     """Inverse of :func:`sid_of`.
 
     >>> stream_id_of(sid_of("1700000000000-2"))
     '1700000000000-2'
     """
-    return f"{sid >> SEQ_BITS}-{sid & ((1 << SEQ_BITS) - 1)}"
+    ms, seq = _SID.unpack(sid)
+    return f"{ms}-{seq}"
 
 
-def sid_of(stream_id: str) -> int:
-    """A stream id ``"<ms>-<seq>"`` as one integer that sorts like the id.
+def sid_of(stream_id: str) -> bytes:
+    """The ordering id of a stream id ``"<ms>-<seq>"``: 16 bytes that sort like the id
+    (as Python bytes and as SQLite BLOBs), for every id Redis can hand out.
 
     >>> sid_of("1700000000000-2") > sid_of("1700000000000-1") > sid_of("1699999999999-9")
+    True
+    >>> sid_of("1700000000000-4194304") > sid_of("1700000000000-4194303")  # no 22-bit cap
     True
     """
     ms_text, _, seq_text = stream_id.partition("-")
     try:
         ms, seq = int(ms_text), int(seq_text or 0)
-    except ValueError:
+        return _SID.pack(ms, seq)
+    except (ValueError, struct.error):
         raise MalformedCommand(f"not a stream id: {stream_id!r}") from None
-    if seq >= 1 << SEQ_BITS or ms < 0 or seq < 0:
-        raise MalformedCommand(f"stream id out of range: {stream_id!r}")
-    return (ms << SEQ_BITS) | seq
+
+
+def sid_hash_text(sid: object) -> str:
+    """How a journal row's sid enters its chain hash: the schema-3 integer while the id
+    fits in it, so chains written before stay valid, else ``ms-seq``.
+
+    >>> sid_hash_text(sid_of("1-2")), sid_hash_text(sid_of("1-4194304"))
+    ('4194306', '1-4194304')
+    >>> sid_hash_text(4194306)  # a schema-3 value (or one edited back to an integer)
+    '4194306'
+    """
+    if not isinstance(sid, (bytes, bytearray, memoryview)) or len(sid) != SID_BYTES:
+        return str(sid)
+    ms, seq = _SID.unpack(sid)
+    if seq < 1 << SEQ_BITS and ms < 1 << (63 - SEQ_BITS):
+        return str((ms << SEQ_BITS) | seq)
+    return f"{ms}-{seq}"
+
+
+def legacy_sid(value: int) -> bytes:
+    """The ordering id of a schema-3 integer sid (``ms << 22 | seq``).
+
+    >>> stream_id_of(legacy_sid((1700000000000 << 22) | 7))
+    '1700000000000-7'
+    """
+    return _SID.pack(value >> SEQ_BITS, value & ((1 << SEQ_BITS) - 1))
+
+
+def _guard(fields: Mapping[bytes, bytes]) -> bytes:
+    """A reseal's guard: a stream id, or (a command sent before schema 4) its integer."""
+    text = _text(fields, b"g")
+    if text.partition("-")[0] not in ("", text):  # "<ms>-<seq>", not "-1" or "42"
+        return sid_of(text)
+    value = _int(fields, b"g")
+    if not 0 <= value < 1 << 63:
+        raise MalformedCommand(f"reseal guard out of range: {value}")
+    return legacy_sid(value)
 
 
 def xadd_command(stream: bytes, fields: Mapping[bytes, Any]) -> tuple[Any, ...]:

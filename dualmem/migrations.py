@@ -257,7 +257,30 @@ def _v3(conn: sqlite3.Connection) -> None:
     _execute_script(conn, _V3)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
+# v4: ordering ids (``sid`` columns) become 16-byte BLOBs, a stream id's ms and seq as two
+# big-endian 64-bit numbers (``dualmem.commands.sid_of``), instead of ``ms << 22 | seq`` in
+# one integer: that packing refused every command past 4,194,303 in one millisecond (Redis
+# counts seq up while its clock is behind the stream) and ran out in September 2039. The
+# columns keep their INTEGER affinity, which stores a BLOB as it is; SQLite compares BLOBs
+# with memcmp, so the guards (``excluded.sid > memory.sid``) keep their meaning, and the
+# projection's placeholder rows keep the integer 0, below every BLOB. Journal rows keep
+# their chain hashes: a sid is hashed in its old integer form while it fits
+# (``sid_hash_text``). Every sid is rewritten once, in one transaction.
+_SID_TABLES = ("memory", "journal", "missions", "tool_calls", "decisions", "playbook_runs")
+
+
+def _v4(conn: sqlite3.Connection) -> None:
+    """Ordering ids as 16-byte BLOBs (see above)."""
+    from dualmem.commands import legacy_sid
+
+    conn.create_function("dm_legacy_sid", 1, legacy_sid, deterministic=True)
+    for table in _SID_TABLES:
+        conn.execute(
+            f"UPDATE {table} SET sid = dm_legacy_sid(sid) WHERE typeof(sid) = 'integer' AND sid > 0"
+        )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

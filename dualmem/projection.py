@@ -429,7 +429,7 @@ _SYNC_EVENT = (
 )
 
 
-def _child_params(rec: MissionRecord, sid: int) -> tuple[object, ...]:
+def _child_params(rec: MissionRecord, sid: bytes) -> tuple[object, ...]:
     if isinstance(rec, ToolCall):
         return (
             rec.scope,
@@ -481,7 +481,7 @@ def _record_time(rec: MissionRecord) -> int:
     return rec.started_at
 
 
-def plan_projection(cmd: Command, sid: int, audit_id: int | None = None) -> list[Statement]:
+def plan_projection(cmd: Command, sid: bytes, audit_id: int | None = None) -> list[Statement]:
     """The statements that project ``cmd`` (stream id ``sid``); ``[]`` for most commands.
 
     ``audit_id`` is the id the command's audit row gets (audit commands only). A reserved
@@ -514,7 +514,7 @@ def plan_projection(cmd: Command, sid: int, audit_id: int | None = None) -> list
 
 
 def _plan_record(
-    cmd: Command, sid: int, kind: str, mission_id: str, record_id: str | None
+    cmd: Command, sid: bytes, kind: str, mission_id: str, record_id: str | None
 ) -> list[Statement]:
     try:
         check_id("mission_id", mission_id)

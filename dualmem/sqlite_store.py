@@ -16,7 +16,7 @@ from typing import Any
 
 from acl.levels import Level
 from dualmem.batch import GENESIS, BatchPlan, chain_hash, plan_batch
-from dualmem.commands import SEQ_BITS, MalformedCommand, sid_of
+from dualmem.commands import MalformedCommand, sid_of
 from dualmem.errors import StoreUnavailable
 from dualmem.migrations import migrate
 from dualmem.projection import (
@@ -612,25 +612,28 @@ class SQLiteStore(Store):
         rows = self._read(sql, (row_id,))
         return bytes(rows[0][0]) if rows else None
 
-    def max_sid(self, shard: int) -> int:
+    def max_sid(self, shard: int) -> bytes:
         """See :meth:`Store.max_sid`. A scan of the tables that record stream ids: the
         worker asks only when it had to create a consumer group (a new stream, or Redis
-        lost its data). The ids themselves, not the ``sid`` column: a replayed command is
-        ordered by its original id but took a newer one, and audit events and dead
-        letters have ids too; a new command given any of them would be taken for it."""
-        own = (
-            f"(CAST(substr(stream_id, 1, instr(stream_id, '-') - 1) AS INTEGER) << {SEQ_BITS})"
-            " + CAST(substr(stream_id, instr(stream_id, '-') + 1) AS INTEGER)"
-        )
-        rows = self._read(
-            f"""SELECT MAX(m) FROM (
-                   SELECT MAX(sid) AS m FROM journal WHERE shard = ?
-                   UNION ALL SELECT MAX({own}) FROM journal WHERE shard = ?
-                   UNION ALL SELECT MAX({own}) FROM audit_log WHERE shard = ?
-                   UNION ALL SELECT MAX({own}) FROM dead_letters WHERE shard = ?)""",
-            (shard,) * 4,
-        )
-        return int(rows[0][0] or 0)
+        lost its data). The ids themselves, not only the ``sid`` column: a replayed
+        command is ordered by its original id but took a newer one, and audit events and
+        dead letters have ids too; a new command given any of them would be taken for it."""
+        ms = "CAST(substr(stream_id, 1, instr(stream_id, '-') - 1) AS INTEGER)"
+        seq = "CAST(substr(stream_id, instr(stream_id, '-') + 1) AS INTEGER)"
+        found: list[bytes] = []
+        for table in ("journal", "audit_log", "dead_letters"):
+            rows = self._read(
+                f"SELECT stream_id FROM {table} WHERE shard = ? "
+                f"ORDER BY {ms} DESC, {seq} DESC LIMIT 1",
+                (shard,),
+            )
+            for (stream_id,) in rows:
+                with contextlib.suppress(MalformedCommand):
+                    found.append(sid_of(str(stream_id)))
+        rows = self._read("SELECT MAX(sid) FROM journal WHERE shard = ?", (shard,))
+        if rows and isinstance(rows[0][0], bytes):
+            found.append(rows[0][0])
+        return max(found, default=b"")
 
     def audit_log(self, since_id: int = 0, limit: int | None = None) -> list[AuditRow]:
         """See :meth:`Store.audit_log`."""
@@ -671,7 +674,7 @@ class SQLiteStore(Store):
             "ORDER BY scope, key LIMIT ?",
             [*params, limit],
         )
-        return [SealedRow(r[0], r[1], Level(r[2]), bytes(r[3]), int(r[4])) for r in rows]
+        return [SealedRow(r[0], r[1], Level(r[2]), bytes(r[3]), bytes(r[4])) for r in rows]
 
     def count_sealed_rows(self, levels: Sequence[int], *, skip_key_field: bytes = b"") -> int:
         """See :meth:`Store.count_sealed_rows`."""

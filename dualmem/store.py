@@ -154,7 +154,7 @@ class SealedRow:
     key: str
     level: Level
     envelope: bytes
-    sid: int
+    sid: bytes
 
 
 @dataclass(slots=True)
@@ -263,9 +263,10 @@ class Store(ABC):
         identifies that change, so a position saved against another history is noticed."""
 
     @abstractmethod
-    def max_sid(self, shard: int) -> int:
-        """The highest ordering id (``sid``) committed to the journal from ``shard``'s
-        stream, 0 when none: the floor new stream ids must stay above."""
+    def max_sid(self, shard: int) -> bytes:
+        """The highest ordering id (``sid``, see ``commands.sid_of``) of any stream id
+        recorded from ``shard``'s stream, ``b""`` when none: the floor new stream ids must
+        stay above."""
 
     @abstractmethod
     def audit_log(self, since_id: int = 0, limit: int | None = None) -> list[AuditRow]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from dualmem.commands import SEQ_BITS, sid_of, stream_id_of
+from dualmem.commands import sid_of, stream_id_of
 from dualmem.errors import DualMemError, StoreUnavailable
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics
@@ -44,10 +44,6 @@ _SMALL_BATCH_FRACTION = 10
 def default_consumer_name() -> str:
     """``host-pid-random``: unique per process, readable in ``XINFO CONSUMERS``."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
-
-
-#: A stream id's sequence number from which the worker warns (half of dualmem's room).
-_SEQ_WARN = 1 << (SEQ_BITS - 1)
 
 
 def next_stream_id(stream_id: str) -> str:
@@ -124,7 +120,6 @@ class Worker:
         self._next_purge = now + settings.purge_interval
         self._next_metrics = now + settings.metrics_interval
         self._stopping = threading.Event()
-        self._next_seq_warning = 0.0
         # Set while drain() runs: a commit that keeps failing (the database locked by
         # another connection) is retried until then, not forever.
         self._deadline: float | None = None
@@ -230,25 +225,6 @@ class Worker:
                     return self.backlog()
         finally:
             self._deadline = None
-
-    def _watch_sequence(self, stream_id: str) -> None:
-        """Warn (once a minute) while stream ids pile up in one millisecond: Redis's clock
-        is behind the stream, and past 2**22 commands in it each is dead-lettered (see
-        ``dualmem doctor``, check "stream ids")."""
-        seq = stream_id.partition("-")[2]
-        if len(seq) < 7 or int(seq) < _SEQ_WARN:  # below 1,000,000: nothing to parse
-            return
-        now = time.monotonic()
-        if now >= self._next_seq_warning:
-            self._next_seq_warning = now + 60
-            log.warning(
-                "worker %s: stream id %s: %s commands share one millisecond (Redis's clock "
-                "is behind the stream); past %d each is dead-lettered, see `dualmem doctor`",
-                self.consumer,
-                stream_id,
-                seq,
-                (1 << SEQ_BITS) - 1,
-            )
 
     # -- reading -----------------------------------------------------------------------
 
@@ -362,7 +338,6 @@ class Worker:
 
     def _process(self, entries: list[StreamEntry]) -> None:
         t0 = time.perf_counter_ns()
-        self._watch_sequence(entries[-1].stream_id)
         result = self._apply_with_retry(entries)
         if result is None:
             return
@@ -607,7 +582,7 @@ def ensure_groups(
                 raise_last_id(client, name, store.max_sid(shard))
 
 
-def raise_last_id(client: redis.Redis, stream: bytes, floor_sid: int) -> bool:
+def raise_last_id(client: redis.Redis, stream: bytes, floor_sid: bytes) -> bool:
     """Make ``stream`` hand out ids above ``floor_sid`` (a :func:`sid_of` value); True if
     it had to.
 
@@ -618,7 +593,7 @@ def raise_last_id(client: redis.Redis, stream: bytes, floor_sid: int) -> bool:
     reuse a committed id (taken for a redelivery). An entry at the floor id added and
     deleted in one ``MULTI`` moves the last id up; no reader ever sees it.
     """
-    if floor_sid <= 0:
+    if floor_sid <= sid_of("0-0"):  # nothing committed (b""), or nothing to raise above
         return False
     info = client.xinfo_stream(stream)
     if sid_of(text(info["last-generated-id"])) >= floor_sid:

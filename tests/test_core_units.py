@@ -7,7 +7,7 @@ import random
 import pytest
 
 from acl import ConfigurationError, Level, ValidationError
-from dualmem.batch import GENESIS, chain_hash, plan_batch
+from dualmem.batch import GENESIS, chain_hash, journal_hash_values, plan_batch
 from dualmem.commands import (
     MAX_KEY_BYTES,
     MalformedCommand,
@@ -17,6 +17,7 @@ from dualmem.commands import (
     delete_fields,
     put_fields,
     sid_of,
+    stream_id_of,
     ttl_to_ms,
 )
 from dualmem.layout import Layout
@@ -128,10 +129,24 @@ def test_malformed_entries_say_why(mutate: object) -> None:
         decode_command(f)
 
 
-def test_stream_ids_sort_as_integers() -> None:
-    ids = ["1-0", "1-1", "2-0", "1700000000000-0", "1700000000000-4194303"]
-    assert sorted(ids, key=sid_of) == ids
-    for bad in ("x-1", "1-y", "1-4194304"):
+def test_stream_ids_sort_as_their_ordering_ids() -> None:
+    # Every id Redis can hand out, past the 22 bits of sequence (and the 41 bits of
+    # milliseconds) the schema-3 integer held: those were refused and dead-lettered.
+    ids = [
+        "1-0",
+        "1-1",
+        "2-0",
+        "1700000000000-0",
+        "1700000000000-4194303",
+        "1700000000000-4194304",
+        "1700000000000-18446744073709551615",
+        "1700000000001-0",
+        f"{1 << 41}-0",
+        f"{(1 << 64) - 1}-{(1 << 64) - 1}",
+    ]
+    assert sorted(reversed(ids), key=sid_of) == ids
+    assert all(stream_id_of(sid_of(i)) == i for i in ids)
+    for bad in ("x-1", "1-y", "-1-0", f"{1 << 64}-0", f"1-{1 << 64}"):
         with pytest.raises(MalformedCommand):
             sid_of(bad)
 
@@ -168,7 +183,9 @@ def test_plan_builds_rows_and_chains_hashes() -> None:
     )
     assert [r[0] for r in plan.journal] == [1, 2]
     assert plan.journal[0][-2] == GENESIS and plan.journal[1][-2] == plan.journal[0][-1]
-    assert plan.journal[1][-1] == chain_hash(plan.journal[0][-1], plan.journal[1][:-2])
+    assert plan.journal[1][-1] == chain_hash(
+        plan.journal[0][-1], journal_hash_values(plan.journal[1][:-2])
+    )
     assert plan.memory[1][4] is None  # the delete is a tombstone
     assert len(plan.audit) == 1 and plan.audit[0][0] == 1
     assert [n.op for n in plan.notifications] == ["put", "del"]

@@ -12,6 +12,7 @@ import pytest
 
 from acl import Keyring, Level, Principal
 from dualmem import DualMemory
+from dualmem.commands import legacy_sid, stream_id_of
 from dualmem.migrations import SCHEMA_VERSION
 from dualmem.missions import MissionLog
 
@@ -77,8 +78,10 @@ def test_migrating_the_first_schema_keeps_every_record(
     assert "migrated" in out and "applied" in out
     assert user_version(v1) == SCHEMA_VERSION
     assert {"missions", "tool_calls", "decisions", "playbook_runs", "sync_events"} <= tables(v1)
-    # v3 rebuilt memory as a rowid table, (scope, key) still unique, every row the same.
-    assert memory_rows(v1) == rows_before
+    # v3 rebuilt memory as a rowid table, (scope, key) still unique, every row the same;
+    # v4 turned each integer sid into the 16-byte ordering id of the same stream id.
+    assert memory_rows(v1) == [(*r[:5], legacy_sid(r[5]), *r[6:]) for r in rows_before]
+    assert all(stream_id_of(r[5]) == r[6] for r in memory_rows(v1))
     with sqlite3.connect(v1) as conn:
         (sql,) = conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'memory'").fetchone()
         assert "WITHOUT ROWID" not in sql and "UNIQUE (scope, key)" in sql

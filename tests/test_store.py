@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from acl import ConfigurationError, Level
-from dualmem.batch import GENESIS, chain_hash
-from dualmem.commands import audit_fields, delete_fields, put_fields
+from dualmem.batch import GENESIS, chain_hash, journal_hash_values
+from dualmem.commands import audit_fields, delete_fields, put_fields, reseal_fields, sid_of
 from dualmem.migrations import SCHEMA_VERSION, migrate
+from dualmem.ops.verify import verify_database
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore, prefix_upper_bound
 from dualmem.store import StreamEntry
@@ -193,7 +194,7 @@ def test_journal_hash_chain_spans_batches(store: SQLiteStore, tmp_path: Path) ->
     prev = GENESIS
     for row in rows:
         assert row[-2] == prev
-        assert row[-1] == chain_hash(prev, row[:-2])
+        assert row[-1] == chain_hash(prev, journal_hash_values(row[:-2]))
         prev = row[-1]
 
 
@@ -277,3 +278,47 @@ def test_the_write_connection_gets_the_configured_page_cache(tmp_path: Path) -> 
         store.close()
     with pytest.raises(ConfigurationError, match="sqlite_cache_mb"):
         Settings.load({"sqlite_cache_mb": 0})
+
+
+def _at(stream_id: str, value: bytes, key: str = "k") -> StreamEntry:
+    entry = put(1, key, value)
+    return StreamEntry(0, stream_id, entry.fields)
+
+
+def test_ids_past_the_old_integer_packing_are_applied_in_order(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    # The ordering id was ms << 22 | seq in one integer: a stream id past 4,194,303 in one
+    # millisecond (Redis counts seq up while its clock is behind the stream) was refused
+    # as out of range and dead-lettered, and so was every id after September 2039.
+    ms = 1_700_000_000_000
+    for stream_id, value in [
+        (f"{ms}-4194303", b"a"),
+        (f"{ms}-4194304", b"b"),
+        (f"{ms}-18446744073709551615", b"c"),
+        (f"{ms + 1}-0", b"d"),
+        (f"{1 << 41}-0", b"e"),  # September 2039
+        (f"{(1 << 41) + 1}-5000000", b"f"),
+    ]:
+        result = store.apply([_at(stream_id, value)])
+        assert result.failed == [] and value_of(store) == value, stream_id
+    # Late, older commands still lose, also against ids past the old packing.
+    store.apply([_at(f"{ms}-9000000", b"late"), _at(f"{1 << 41}-1", b"late", key="j")])
+    assert value_of(store) == b"f" and value_of(store, "j") == b"late"
+    assert store.max_sid(0) == sid_of(f"{(1 << 41) + 1}-5000000")
+    with sqlite3.connect(tmp_path / "m.db") as conn:
+        assert all(c.ok for c in verify_database(conn)), [c for c in verify_database(conn)]
+    conn.close()
+
+
+def test_a_reseal_sent_before_schema_4_still_applies(store: SQLiteStore) -> None:
+    # A reseal command in the stream (or a dead letter) across the upgrade carries its
+    # guard as the old integer.
+    fields = reseal_fields("agent:a", "k", Level.PRIVATE, "rot", 6, b"\x01\x00new", sid_of("5-0"))
+    assert raw(fields)[b"g"] == b"5-0"  # what is sent now
+    legacy = {**raw(fields), b"g": str(5 << 22).encode()}  # what was sent before
+    store.apply([put(5, value=b"old-key", scope="agent:a")])
+    result = store.apply([StreamEntry(0, "6-0", legacy)])
+    assert result.failed == []
+    row = store.get("agent:a", "k", 0)
+    assert row is not None and row.envelope == b"\x01\x00new"

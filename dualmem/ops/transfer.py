@@ -35,6 +35,7 @@ from dualmem.commands import (
     MalformedCommand,
     check_key,
     check_text,
+    sid_of,
 )
 from dualmem.ops.database import NO_PROGRESS, ProgressFn
 from dualmem.ops.runtime import Write
@@ -281,7 +282,7 @@ def check_projectable(
     ``--dry-run`` catch it before anything is sent."""
     command = Command(OP_PUT, scope, key, level, owner, 0, envelope, expires)
     try:
-        plan_projection(command, 1)
+        plan_projection(command, sid_of("0-1"))
     except MalformedCommand as exc:
         raise LineError(str(exc)) from None
 

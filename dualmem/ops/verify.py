@@ -10,7 +10,7 @@ from typing import cast
 import redis
 
 from acl.policy import level_of_scope
-from dualmem.batch import GENESIS, chain_hash
+from dualmem.batch import GENESIS, chain_hash, journal_hash_values
 from dualmem.commands import CACHE_TOMBSTONE, MalformedCommand, decode_command
 from dualmem.layout import Layout
 from dualmem.migrations import SCHEMA_VERSION, schema_version
@@ -147,6 +147,8 @@ def check_chain(conn: sqlite3.Connection, table: str, progress: ProgressFn = NO_
     n = 0
     for row in _rows(conn, sql):
         values = row[:-2]
+        if table == "journal":
+            values = journal_hash_values(values)
         prev_hash, digest = cast(bytes, row[-2]), cast(bytes, row[-1])
         if prev_hash != prev:
             c.problem(f"{id_name} {row[0]}: prev_hash does not match the previous row's hash")
@@ -217,24 +219,24 @@ _PROJECTED = {
 }
 
 
-def _projected_rows(conn: sqlite3.Connection) -> dict[tuple[str, str, str], int]:
+def _projected_rows(conn: sqlite3.Connection) -> dict[tuple[str, str, str], object]:
     """``{(kind, scope, id): sid}`` of every real (not placeholder) projected row."""
-    out: dict[tuple[str, str, str], int] = {}
+    out: dict[tuple[str, str, str], object] = {}
     for kind, (table, id_col) in _PROJECTED.items():
         for scope, ident, sid in conn.execute(
             f"SELECT scope, {id_col}, sid FROM {table} WHERE sid > 0"
         ):
-            out[(kind, scope, ident)] = int(sid)
+            out[(kind, scope, ident)] = sid
     return out
 
 
 def _reserved_records(
     conn: sqlite3.Connection,
-) -> tuple[dict[tuple[str, str, str], tuple[str, int]], set[tuple[str, str]]]:
+) -> tuple[dict[tuple[str, str, str], tuple[str, object]], set[tuple[str, str]]]:
     """``{(kind, scope, id): (mission_id, sid)}`` of live ``_dm/`` records at the plaintext
     levels, and the ``(scope, mission_id)`` of deleted missions."""
     upper = RESERVED_PREFIX[:-1] + chr(ord(RESERVED_PREFIX[-1]) + 1)
-    live: dict[tuple[str, str, str], tuple[str, int]] = {}
+    live: dict[tuple[str, str, str], tuple[str, object]] = {}
     deleted: set[tuple[str, str]] = set()
     for scope, key, sid, is_tomb in conn.execute(
         "SELECT scope, key, sid, envelope IS NULL FROM memory "
@@ -246,7 +248,7 @@ def _reserved_records(
             continue
         kind, mission_id, record_id = parsed
         if not is_tomb:
-            live[(kind, scope, record_id or mission_id)] = (mission_id, int(sid))
+            live[(kind, scope, record_id or mission_id)] = (mission_id, sid)
         elif kind == "mission":
             deleted.add((scope, mission_id))
     return live, deleted
