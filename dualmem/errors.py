@@ -16,6 +16,7 @@ __all__ = [
     "Backpressure",
     "ConfigurationError",
     "DualMemError",
+    "KeyDropped",
     "MissingKey",
     "NotPersisted",
     "StoreUnavailable",
@@ -42,3 +43,9 @@ class StoreUnavailable(DualMemError):
 
 class NotPersisted(DualMemError):
     """``sync`` timed out (or the command was dead-lettered) before the worker committed it."""
+
+
+class KeyDropped(ConfigurationError):
+    """An operator tool (import, mirror, dlq replay) did not send records sealed under a
+    key that ``rotate-keys --drop-retired`` is removing, or has removed, from the key file:
+    they would be unreadable. Nothing was sent; seal them again with the active key."""

@@ -47,7 +47,17 @@ from acl.crypto import Codec
 from dualmem.redis_backend import text, transact, translate_errors
 from dualmem.settings import Settings
 
-__all__ = ["KeyLease", "KeyUser", "key_users", "landing_slack", "wait_for_key_users"]
+__all__ = [
+    "KeyLease",
+    "KeyUser",
+    "clear_dropping",
+    "dropping_key",
+    "dropping_refusal",
+    "key_users",
+    "landing_slack",
+    "mark_dropping",
+    "wait_for_key_users",
+]
 
 
 def landing_slack(settings: Settings) -> float:
@@ -73,8 +83,11 @@ class KeyLease:
     """This process's lease on the key ids it may seal with (see the module doc).
 
     ``commands()`` returns the renewal to add to a write's transaction when one is due
-    (else ``()``); ``renew()`` sends it on its own (at start, or from a tool that seals
-    before it writes). Thread-safe.
+    (else ``()``), and ``confirm(sent_at)`` records it once that transaction succeeded: a
+    renewal that failed is due again at the next write. ``lapsed()`` says the lease may
+    have expired (no renewal got through for a while): the writer then reloads its key
+    file before it seals, since a drop may have gone ahead meanwhile. ``renew()`` sends a
+    renewal on its own. Thread-safe.
     """
 
     def __init__(
@@ -103,7 +116,9 @@ class KeyLease:
         self._lock = threading.Lock()
         self._active: str | None = None
         self._recent: dict[str, float] = {}  # key id -> when it stopped being active
-        self._due = 0.0  # monotonic time of the next renewal
+        # Monotonic time the last renewal that got through was sent: its entry lives
+        # until at least that plus the TTL.
+        self._renewed_at = -float("inf")
 
     def ids(self) -> list[str]:
         """The key ids this process may seal with now: the active one first."""
@@ -124,38 +139,96 @@ class KeyLease:
             others.update(k for k in ring.ids if k != active)
         return [active, *sorted(others)]
 
-    def commands(self) -> tuple[tuple[Any, ...], ...]:
-        """The renewal to send in the caller's transaction, if one is due, else ``()``.
-        Call after the keyring was reloaded (if at all) and after sealing."""
+    def lapsed(self) -> bool:
+        """Whether the lease may no longer cover a seal made now until it reaches Redis
+        (``slack`` later): no renewal got through for ``interval`` and a second."""
+        return time.monotonic() >= self._renewed_at + self.interval + 1.0
+
+    def commands(self, *, force: bool = False) -> tuple[tuple[Any, ...], ...]:
+        """The renewal to send in the caller's transaction, if one is due (``interval``
+        after the last one that got through) or ``force``, else ``()``. Call after the
+        keyring was reloaded (if at all) and after sealing; pass the time it is sent to
+        :meth:`confirm` once the transaction succeeded."""
         now = time.monotonic()
-        if now < self._due:
+        if not force and now < self._renewed_at + self.interval:
             return ()
         with self._lock:
-            self._due = now + self.interval
             ids = self._ids(now)
         return (
             (b"SADD", self._index, self.token.encode()),
             (b"SET", self._key, json.dumps(ids).encode(), b"PX", self._ttl_ms),
         )
 
+    def confirm(self, sent_at: float) -> None:
+        """A transaction carrying a renewal, sent at monotonic time ``sent_at``, succeeded."""
+        with self._lock:
+            self._renewed_at = max(self._renewed_at, sent_at)
+
     def check(self) -> None:
         """Renew if a renewal is due (a round trip then): for a tool that seals for a
         while before it sends."""
-        renewal = self.commands()
-        if renewal:
-            with translate_errors("key lease"):
-                transact(self.client, renewal)
+        self._send(self.commands())
 
     def renew(self) -> None:
         """Send a renewal now (one round trip)."""
-        self._due = 0.0
+        self._send(self.commands(force=True))
+
+    def _send(self, renewal: tuple[tuple[Any, ...], ...]) -> None:
+        if not renewal:
+            return
+        sent_at = time.monotonic()
         with translate_errors("key lease"):
-            transact(self.client, self.commands())
+            transact(self.client, renewal)
+        self.confirm(sent_at)
 
     def release(self) -> None:
         """Delete the lease (the process stops writing). Best effort: it expires anyway."""
         with contextlib.suppress(redis.RedisError):
             transact(self.client, [(b"DEL", self._key), (b"SREM", self._index, self.token)])
+
+
+def _dropping(namespace: str) -> bytes:
+    return f"dm:{{{namespace}:keyuse}}:dropping".encode()
+
+
+def mark_dropping(client: redis.Redis, namespace: str, ids: list[str], ttl: float) -> None:
+    """Say in Redis that ``ids`` are about to leave the key file, for ``ttl`` seconds
+    at most (:func:`clear_dropping` ends it): an operator tool sending envelopes sealed
+    under one of them refuses (see :func:`dropping_refusal`)."""
+    with translate_errors("key drop"):
+        client.set(_dropping(namespace), json.dumps(sorted(ids)), px=max(1, int(ttl * 1000)))
+
+
+def clear_dropping(client: redis.Redis, namespace: str) -> None:
+    """End :func:`mark_dropping` (best effort: the mark expires anyway)."""
+    with contextlib.suppress(redis.RedisError):
+        client.delete(_dropping(namespace))
+
+
+def dropping_key(namespace: str) -> bytes:
+    """The Redis key :func:`mark_dropping` sets (what a guarded send WATCHes)."""
+    return _dropping(namespace)
+
+
+def dropping_refusal(raw: object, ids: set[str]) -> str | None:
+    """Why envelopes under ``ids`` must not be sent while the drop mark reads ``raw``
+    (its value, ``None`` when there is none), or ``None`` when they may.
+
+    >>> dropping_refusal(b'["k1"]', {"k1", "k2"})
+    'key k1 is being dropped from the key file'
+    >>> dropping_refusal(None, {"k1"}) is None
+    True
+    """
+    if raw is None:
+        return None
+    try:
+        marked = json.loads(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        marked = None
+    if not isinstance(marked, list):
+        return "a key is being dropped from the key file"
+    hit = sorted(ids & {str(m) for m in marked})
+    return f"key {', '.join(hit)} is being dropped from the key file" if hit else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +260,8 @@ def key_users(client: redis.Redis, namespace: str) -> list[KeyUser]:
         try:
             ids = json.loads(raw)
         except ValueError:
+            ids = None
+        if not isinstance(ids, list):
             ids = [repr(raw)]  # not ours to read: treat it as naming an unknown key
         users.append(KeyUser(token, tuple(str(i) for i in ids)))
     if gone:

@@ -523,7 +523,12 @@ class DualMemory:
             raise ValidationError(f"{key}: mission log records cannot expire (no ttl)")
         t0 = time.perf_counter_ns()
         if self._keyfile is not None:
-            self._keyfile.check()
+            if self._lease is not None and self._lease.lapsed():
+                # No renewal got through for a while: a drop may have removed the key
+                # this process seals with. Look at the key file now, not at the interval.
+                self._keyfile.reload()
+            else:
+                self._keyfile.check()
         envelope = self.codec.seal(value, scope=sc, key=key, level=lvl)
         t1 = time.perf_counter_ns()
         now_us = time.time_ns() // 1000
@@ -575,10 +580,13 @@ class DualMemory:
             commands: tuple[tuple[Any, ...], ...] = (cache, xadd_command(stream, fields))
             if check:
                 commands += ((b"XLEN", stream),)
-            if self._lease is not None:
-                commands += self._lease.commands()  # after XLEN: replies[2] stays its
+            renewal = () if self._lease is None else self._lease.commands()
+            commands += renewal  # after XLEN: replies[2] stays its
+            sent_at = time.monotonic()
             with translate_errors("write"):
                 replies = transact(self._redis, commands)
+            if renewal and self._lease is not None:
+                self._lease.confirm(sent_at)
             sid = replies[1]
             if check:
                 self._backlog[shard] = int(replies[2])

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MemoryServer",
     "OutcomeUnknown",
+    "WatchedKeyChanged",
     "connect",
     "drop_memory_server",
     "in_process_connection_class",
@@ -33,6 +34,7 @@ __all__ = [
     "retries_of",
     "text",
     "transact",
+    "transact_watching",
     "translate_errors",
 ]
 
@@ -179,6 +181,49 @@ def transact(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[A
     return _round_trip(client, [(b"MULTI",), *commands, (b"EXEC",)], len(commands), _exchange)
 
 
+class WatchedKeyChanged(redis.WatchError):
+    """``EXEC`` ran nothing: the watched key changed after ``WATCH`` (safe to try again)."""
+
+
+def transact_watching(
+    client: redis.Redis,
+    watched: bytes,
+    decide: Callable[[Any], None],
+    commands: Sequence[tuple[Any, ...]],
+) -> list[Any]:
+    """``WATCH watched; GET watched``, then ``decide(value)`` (raise to send nothing),
+    then ``MULTI; <commands>; EXEC`` on the same connection: the transaction runs only if
+    ``watched`` did not change in between, else ``WatchedKeyChanged`` (nothing ran).
+
+    As :func:`transact`: the transaction is never sent twice (a missing reply is
+    ``OutcomeUnknown``); the ``WATCH``/``GET`` exchange, which changes nothing, is retried.
+
+    >>> import fakeredis
+    >>> r = fakeredis.FakeRedis()
+    >>> transact_watching(r, b"mark", lambda v: None, [(b"INCR", b"n")])
+    [1]
+    """
+    pool = client.connection_pool
+    conn: Any = pool.get_connection()
+    try:
+        watch = conn.pack_commands([(b"WATCH", watched), (b"GET", watched)])
+        _, value = conn.retry.call_with_retry(
+            lambda: _read_replies(conn, watch, 2), lambda _err: conn.disconnect()
+        )
+        decide(value)
+        packed = conn.pack_commands([(b"MULTI",), *commands, (b"EXEC",)])
+        replies = _exchange(conn, packed, len(commands), aborted_ok=True)
+        if replies is None:
+            raise WatchedKeyChanged(f"{watched!r} changed after WATCH: nothing ran")
+        result: list[Any] = replies
+        return result
+    except BaseException:
+        conn.disconnect()  # WATCH state, unread replies: never hand this on
+        raise
+    finally:
+        pool.release(conn)
+
+
 def send_many(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
     """Send ``commands`` in one write and read their replies (no ``MULTI``: not atomic).
 
@@ -305,7 +350,7 @@ def _read_replies(conn: Any, packed: Any, count: int) -> list[Any]:
     return replies
 
 
-def _exchange(conn: Any, packed: Any, queued: int) -> list[Any]:
+def _exchange(conn: Any, packed: Any, queued: int, *, aborted_ok: bool = False) -> Any:
     # Everything up to the send is safe to retry: an idle connection's PING, connecting,
     # and the send itself (if it fails, EXEC did not reach Redis whole, so none of it ran).
     direct = isinstance(packed, _Direct)  # in-process: no socket to go stale
@@ -336,6 +381,8 @@ def _exchange(conn: Any, packed: Any, queued: int) -> list[Any]:
         ) from exc
     if not direct:
         conn._dualmem_used = time.monotonic()
+    if replies is None and aborted_ok:
+        return None  # a WATCHed key changed: EXEC ran nothing
     if not isinstance(replies, list):
         raise redis.ResponseError(f"EXEC returned {replies!r}")
     for reply in replies:

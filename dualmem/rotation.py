@@ -50,7 +50,7 @@ from acl.policy import level_of_scope
 from acl.principal import Principal
 from dualmem.commands import reseal_fields
 from dualmem.errors import NotPersisted
-from dualmem.keyuse import wait_for_key_users
+from dualmem.keyuse import clear_dropping, mark_dropping, wait_for_key_users
 from dualmem.redis_backend import connect, text, translate_errors
 from dualmem.settings import MAX_WAIT_SECONDS, Settings
 
@@ -690,28 +690,38 @@ def _drop_retired(
 ) -> int:
     """Drop the retired keys once no running process may still seal with one of them
     (their key leases, :mod:`dualmem.keyuse`), after one more pass over the data: what a
-    process sealed with an old key before its lease moved on has landed by then."""
+    process sealed with an old key before its lease moved on has landed by then.
+
+    Operator tools send envelopes sealed long before (an import copies sealed lines, a
+    replay re-sends old commands): the keys are marked as being dropped before that last
+    pass, and such a send refuses while the mark names a key of its envelopes (it
+    WATCHes the mark, see ``Runtime.send``); after the drop the key file refuses it."""
     console.print("waiting for running processes to seal only with the active key")
+    namespace = mem.settings.namespace
     client, _ = connect(mem.settings)
     try:
-        blocking = wait_for_key_users(client, mem.settings.namespace, report.active, args.timeout)
+        blocking = wait_for_key_users(client, namespace, report.active, args.timeout)
+        if blocking:
+            for user in blocking:
+                console.print(f"  process {user.token} may still seal with {', '.join(user.ids)}")
+            console.print(
+                "[bold red]not dropped[/]: those processes have not loaded the active key (an "
+                "unreadable key file, or a stopped process); run again with --resume "
+                "--drop-retired once they have"
+            )
+            return 1
+        mark_dropping(client, namespace, list(report.retired), args.timeout + 60)
+        try:
+            again = _rotate_with_progress(mem, args, console)
+            retired = tuple(k for k in report.retired if k in again.retired)
+            if not again.done or not retired:
+                _print_report(console, again)
+                console.print("[bold red]not dropped[/]: run again with --resume --drop-retired")
+                return 1
+            drop_keys(path, retired)
+        finally:
+            clear_dropping(client, namespace)
     finally:
         client.close()
-    if blocking:
-        for user in blocking:
-            console.print(f"  process {user.token} may still seal with {', '.join(user.ids)}")
-        console.print(
-            "[bold red]not dropped[/]: those processes have not loaded the active key (an "
-            "unreadable key file, or a stopped process); run again with --resume "
-            "--drop-retired once they have"
-        )
-        return 1
-    again = _rotate_with_progress(mem, args, console)
-    retired = tuple(k for k in report.retired if k in again.retired)
-    if not again.done or not retired:
-        _print_report(console, again)
-        console.print("[bold red]not dropped[/]: run again with --resume --drop-retired")
-        return 1
-    drop_keys(path, retired)
     console.print(f"dropped retired key(s) {', '.join(retired)} from {path}")
     return 0

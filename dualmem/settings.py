@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -166,19 +167,23 @@ class Settings:
 
     @property
     def shown_url(self) -> str:
-        """``redis_url`` fit to print or log: a password in it is replaced by ``***``.
+        """``redis_url`` fit to print or log: a password in it (before the host, or as a
+        ``password`` query parameter) is replaced by ``***``.
 
         >>> Settings(redis_url="redis://:s3cret@db:6379/0").shown_url
         'redis://:***@db:6379/0'
         >>> Settings(redis_url="rediss://app:s3cret@db/1").shown_url
         'rediss://app:***@db/1'
+        >>> Settings(redis_url="unix:///run/redis.sock?db=0&password=s3cret").shown_url
+        'unix:///run/redis.sock?db=0&password=***'
         """
-        scheme, sep, rest = self.redis_url.partition("://")
-        auth, at, host = rest.rpartition("@")
-        if not sep or not at:
-            return self.redis_url
-        user, colon, _password = auth.partition(":")
-        return f"{scheme}://{user}{colon and ':***'}@{host}" if colon else self.redis_url
+        return _redacted_url(self.redis_url)
+
+    def __repr__(self) -> str:
+        """Every field but ``key``, with ``redis_url`` as :attr:`shown_url` shows it."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+        shown["redis_url"] = self.shown_url
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def validate(self) -> None:
         """Raise ConfigurationError naming the first bad setting."""
@@ -265,6 +270,19 @@ class Settings:
                 f"setting worker_sched={self.worker_sched!r} must be one of "
                 f"{', '.join(WORKER_SCHED)}"
             )
+
+
+def _redacted_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    shown = url
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+        shown = shown.replace(f"//{parts.netloc}", f"//{netloc}", 1)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if any(name == "password" for name, _ in query):
+        masked = [(n, "***" if n == "password" else v) for n, v in query]
+        shown = shown.replace(f"?{parts.query}", f"?{urllib.parse.urlencode(masked, safe='*')}", 1)
+    return shown
 
 
 def _coerce(name: str, type_name: str, value: Any) -> Any:

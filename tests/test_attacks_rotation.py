@@ -20,7 +20,7 @@ import redis
 from acl import Codec, Keyring, Level, Principal, envelope_key_id
 from bench import attacks
 from bench.faultkit import FaultEnv
-from dualmem import DualMemory
+from dualmem import DualMemory, StoreUnavailable
 from dualmem.cli import main
 from dualmem.commands import delete_fields, put_fields, reseal_fields, sid_of
 from dualmem.keyuse import KeyLease, key_users, wait_for_key_users
@@ -383,6 +383,105 @@ def test_drop_retired_waits_for_a_writer_that_still_seals_with_the_old_key(
         reader.close()
 
 
+def test_an_operator_send_never_lands_under_a_key_being_dropped(
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    raw_redis: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An import (or the mirror, or a replay) seals long before it sends: it could land
+    # after the drop's last look at the data, under a key the drop then removed.
+    from dualmem.errors import KeyDropped
+    from dualmem.keyuse import clear_dropping, mark_dropping
+    from dualmem.ops import runtime as runtime_module
+    from dualmem.ops.runtime import Runtime, Write
+    from dualmem.settings import Settings
+
+    settings = Settings.load(
+        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
+    )
+    rt = Runtime(settings, worker=False)
+    try:
+        old = rt.codec.keyring.active_id  # type: ignore[union-attr]
+        env = rt.codec.seal({"v": 1}, scope=SCOPE, key="imp", level=Level.PRIVATE)
+        write = Write(SCOPE, "imp", Level.PRIVATE, "a", env)
+        stream = rt.layout.stream(rt.layout.shard_of(SCOPE, "imp"))
+        new = add_active_key(keyfile).active_id
+        # The drop has marked the old key: the send refuses, nothing reaches Redis.
+        mark_dropping(raw_redis, "dualmem", [old], ttl=60)
+        with pytest.raises(KeyDropped, match=old):
+            rt.send([write])
+        assert raw_redis.xlen(stream) == 0
+        # A drop that starts between the send's WATCH and its EXEC aborts the EXEC; the
+        # send looks again and refuses.
+        clear_dropping(raw_redis, "dualmem")
+        refusal = runtime_module.dropping_refusal
+        calls: list[object] = []
+
+        def racing(mark: object, ids: set[str]) -> str | None:
+            calls.append(mark)
+            if len(calls) == 1:
+                mark_dropping(raw_redis, "dualmem", [old], ttl=60)  # after WATCH, before EXEC
+            return refusal(mark, ids)
+
+        monkeypatch.setattr(runtime_module, "dropping_refusal", racing)
+        with pytest.raises(KeyDropped, match=old):
+            rt.send([write])
+        assert len(calls) == 2 and raw_redis.xlen(stream) == 0
+        monkeypatch.undo()
+        # Once dropped, the key file refuses it (the mark is gone by then).
+        clear_dropping(raw_redis, "dualmem")
+        drop_keys(keyfile, [old])
+        with pytest.raises(KeyDropped, match="no longer in the key file"):
+            rt.send([write])
+        assert raw_redis.xlen(stream) == 0
+        # Sealed under the active key, it goes through.
+        fresh = rt.codec.seal({"v": 2}, scope=SCOPE, key="imp", level=Level.PRIVATE)
+        assert envelope_key_id(fresh) == new
+        (receipt,) = rt.send([Write(SCOPE, "imp", Level.PRIVATE, "a", fresh)])
+        assert raw_redis.xlen(stream) == 1 and receipt.stream_id
+    finally:
+        rt.close()
+
+
+def test_a_writer_whose_lease_lapsed_reloads_its_key_file_before_it_seals(
+    make_mem: MakeMem, keyfile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A renewal that failed with its write was not due again for a whole interval: the
+    # lease expired, a drop went ahead, and the writer went on sealing with the dropped
+    # key until its key file watcher came round.
+    import dualmem.memory as memory_module
+
+    p = Principal(agent_id="a")
+    writer = make_mem(
+        worker=False,
+        keyring_reload_interval=2.0,
+        connect_timeout=0.05,
+        socket_timeout=0.05,
+        redis_retries=0,
+    )
+    assert writer._lease is not None
+    t0 = time.monotonic()  # its lease was taken at start, good for 2 + 1.2 + 1 s
+    time.sleep(2.05)  # a renewal is due
+    real = memory_module.transact
+
+    def failing(*args: object, **kwargs: object) -> object:
+        raise redis.ConnectionError("Redis restarting")
+
+    monkeypatch.setattr(memory_module, "transact", failing)
+    with pytest.raises(StoreUnavailable):
+        writer.put("a", 1, level=Level.PRIVATE, principal=p)
+    monkeypatch.setattr(memory_module, "transact", real)
+    new = add_active_key(keyfile).active_id  # a rotation starts; the watcher looked just now
+    time.sleep(max(0.0, t0 + 3.1 - time.monotonic()))  # no renewal for interval + 1 s
+    writer.put("b", 2, level=Level.PRIVATE, principal=p)
+    cached = writer.get("b", level=Level.PRIVATE, principal=p, fresh=True)
+    assert cached == 2
+    assert writer.codec.keyring is not None and writer.codec.keyring.active_id == new
+    assert not writer._lease.lapsed()  # renewed with that write
+
+
 # -- the command, with real processes --------------------------------------------------------
 
 
@@ -436,3 +535,14 @@ def test_a_rotation_that_cannot_run_leaves_the_key_file_alone(
         code, _, err = run_cli(capsys, *base, *extra)
         assert code == 2 and why in err, (extra, err)
         assert keyfile.read_bytes() == before, extra
+
+
+@pytest.mark.parametrize("junk", [b"5", b"null", b"true", b"{not json", b'{"a": 1}'])
+def test_a_lease_holding_junk_blocks_a_drop_and_breaks_nothing(
+    redis_url: str, raw_redis: redis.Redis, junk: bytes
+) -> None:
+    # Valid JSON that is not a list made the drop's lease check raise TypeError.
+    raw_redis.sadd(b"dm:{dualmem:keyuse}", b"h:1:x")
+    raw_redis.set(b"dm:{dualmem:keyuse}:h:1:x", junk)
+    (user,) = wait_for_key_users(raw_redis, "dualmem", "kactive", timeout=0)
+    assert user.token == "h:1:x" and user.ids != ("kactive",)

@@ -400,6 +400,15 @@ def test_secrets_stay_out_of_reprs() -> None:
     secret = ring._keys[ring.active_id].secret
     key = base64.b64encode(secret).decode()
     assert key not in repr(Settings(key=key))
+    # A password in the URL, before the host or as a query parameter (redis-py reads both;
+    # the second is how a unix:// URL carries one), is masked in output and in the repr.
+    for url in (
+        "redis://app:S3cretPw@db:6379/0",
+        "redis://db:6379/0?password=S3cretPw",
+        "unix:///run/redis.sock?db=0&password=S3cretPw",
+    ):
+        shown = Settings(redis_url=url)
+        assert "S3cretPw" not in shown.shown_url + repr(shown) and "***" in shown.shown_url
     assert repr(secret) not in repr(ring._keys) and str(list(secret)) not in repr(ring._keys)
     signer = _derive(b"x" * 32)
     assert repr(signer.key) not in repr(signer)

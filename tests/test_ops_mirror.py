@@ -12,14 +12,16 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 from acl import Keyring, Level, Principal, envelope_key_id
 from dualmem import DualMemory
 from dualmem.ops.mirror import STATE_FILE, Mirror, record_path
 from dualmem.ops.runtime import Runtime
-from dualmem.rotation import rotate_keys
+from dualmem.rotation import add_active_key, drop_keys, rotate_keys
 from dualmem.settings import Settings
 
 from .conftest import run_cli
@@ -294,6 +296,54 @@ def test_a_running_mirror_seals_edits_with_the_key_a_rotation_made_active(
     conn.close()
     assert envelope_key_id(bytes(env)) == rotated.active_id
     reader = make_mem()
+    assert reader.get("note", level=Level.TEAM, principal=CODER) == {"v": 2}
+
+
+def test_edits_sealed_under_a_key_being_dropped_wait_for_the_next_cycle(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+    raw_redis: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A cycle seals hand edits, then sends them; a drop of that key in between left them
+    # committed under a key no longer in the key file. Now the send refuses and the next
+    # cycle seals the same edits again with the active key.
+    from dualmem.keyuse import clear_dropping, mark_dropping
+
+    mem = make_mem()
+    put(mem, "note", {"v": 1}, Level.TEAM)
+    settings = Settings.load(
+        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
+    )
+    with Runtime(settings, worker=False) as rt:
+        mirror = Mirror(rt, mdir)
+        mirror.cycle(int(time.time() * 1000))
+        f = file_of(mdir, "note", "team:backend")
+        edited = doc(f)
+        edited.pop("envelope")
+        edited["value"] = {"v": 2}
+        f.write_text(json.dumps(edited), encoding="utf-8")
+        old = rt.codec.keyring.active_id  # type: ignore[union-attr]
+        real_scan = Mirror._scan_edits
+
+        def then_a_rotation(self: Mirror, *args: Any) -> None:
+            real_scan(self, *args)  # sealed with the old key
+            add_active_key(keyfile)
+            mark_dropping(raw_redis, "dualmem", [old], ttl=60)
+
+        monkeypatch.setattr(Mirror, "_scan_edits", then_a_rotation)
+        report = mirror.cycle(int(time.time() * 1000))
+        monkeypatch.undo()
+        assert report.receipts == [] and any("not sent" in e for e in report.events)
+        drop_keys(keyfile, [old])
+        clear_dropping(raw_redis, "dualmem")
+        report = mirror.cycle(int(time.time() * 1000))
+        assert report.imported == 1
+        rt.wait(report.receipts, 10)
+    reader = make_mem(keyring=Keyring.load(keyfile))  # has never seen the old key
     assert reader.get("note", level=Level.TEAM, principal=CODER) == {"v": 2}
 
 

@@ -41,6 +41,7 @@ from acl.crypto import Codec
 from acl.errors import ConfigurationError, DualMemError
 from acl.levels import ENCRYPTED_LEVELS, Level
 from acl.policy import level_of_scope, stored_level
+from dualmem.errors import KeyDropped
 from dualmem.ops.database import NO_PROGRESS, ProgressFn
 from dualmem.ops.runtime import AuditEvent, Runtime, Write
 from dualmem.ops.transfer import (
@@ -258,7 +259,15 @@ class Mirror:
         finally:
             conn.close()
         if writes or events:
-            report.receipts = self.runtime.send(writes, audits=events)
+            try:
+                report.receipts = self.runtime.send(writes, audits=events)
+            except KeyDropped as exc:
+                # Sealed under a key a rotation is dropping: nothing was sent. Forget what
+                # this cycle learnt, so the next one reads the same edits and seals them
+                # with the key file's active key.
+                self.state = MirrorState.load(self.dir) or MirrorState(levels=self.state.levels)
+                report.events.append(f"edits not sent ({exc}); the next cycle seals them again")
+                return report
         self.state.seq = report.seq = head
         self.state.audit_id = audit_head
         self.state.save(self.dir)

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from acl.crypto import Codec, Keyring
+from acl.crypto import Codec, Keyring, envelope_key_id
 from acl.levels import Level
 from dualmem.commands import (
     CACHE_TOMBSTONE,
@@ -27,11 +27,18 @@ from dualmem.commands import (
     put_fields,
     xadd_command,
 )
-from dualmem.errors import Backpressure
-from dualmem.keyuse import KeyLease, landing_slack
+from dualmem.errors import Backpressure, KeyDropped, StoreUnavailable
+from dualmem.keyuse import KeyLease, dropping_key, dropping_refusal, landing_slack
 from dualmem.layout import Layout
 from dualmem.ops.database import NO_PROGRESS, ProgressFn, check_current, open_database
-from dualmem.redis_backend import connect, text, transact, translate_errors
+from dualmem.redis_backend import (
+    WatchedKeyChanged,
+    connect,
+    text,
+    transact,
+    transact_watching,
+    translate_errors,
+)
 from dualmem.rotation import KeyfileWatcher, keyfile_signature
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
@@ -250,10 +257,13 @@ class Runtime:
             )
             shard = self.layout.shard_of(a.scope or "", a.key or "")
             commands.append(xadd_command(self.layout.stream(shard), fields))
-        if self._lease is not None:
-            commands += self._lease.commands()  # last: the replies above keep their places
+        renewal = () if self._lease is None else self._lease.commands()
+        commands += renewal  # last: the replies above keep their places
+        sent_at = time.monotonic()
         with translate_errors("send commands"):
-            replies = transact(self.client, commands)
+            replies = self._transact(commands, self._sealed_under(writes, raw))
+        if renewal and self._lease is not None:
+            self._lease.confirm(sent_at)
         if self._wakeup is not None:
             self._wakeup.set()
         receipts = [
@@ -266,6 +276,49 @@ class Runtime:
             for i, (shard, _) in enumerate(raw)
         ]
         return receipts
+
+    @staticmethod
+    def _sealed_under(
+        writes: Sequence[Write], raw: Sequence[tuple[int, Mapping[bytes, bytes]]]
+    ) -> set[str]:
+        """Key ids of the envelopes about to be sent."""
+        envelopes = [w.envelope for w in writes] + [fields.get(b"e") for _, fields in raw]
+        return {k for e in envelopes if e and (k := envelope_key_id(bytes(e))) is not None}
+
+    def _transact(self, commands: list[tuple[Any, ...]], key_ids: set[str]) -> list[Any]:
+        """One MULTI/EXEC; with envelopes sealed under ``key_ids``, only while no key drop
+        is under way for one of them and the key file still holds them all.
+
+        A drop (``rotate-keys --drop-retired``) marks the keys it is about to remove
+        before its last look at the data, and this send WATCHes that mark: a send that
+        got through before the mark is seen by that look, one after it is refused, and
+        one racing it finds EXEC aborted and looks again. Once the drop is done the key
+        file no longer holds the key: reloaded here, after the WATCH, that refuses too.
+        """
+        if not key_ids:
+            return transact(self.client, commands)
+
+        def decide(mark: object) -> None:
+            if self._keyfile is not None:
+                # Now, after the WATCH: a drop done since is in the file; and a tool that
+                # is refused seals again with the active key.
+                self._keyfile.reload()
+            why = dropping_refusal(mark, key_ids)
+            ring = self.codec.keyring
+            gone = sorted(key_ids - set(() if ring is None else ring.ids))
+            if why is None and gone and self._keyfile is not None:
+                why = f"key {', '.join(gone)} is no longer in the key file"
+            if why is not None:
+                raise KeyDropped(f"{why}: nothing was sent (seal those records again)")
+
+        for _ in range(5):
+            try:
+                return transact_watching(
+                    self.client, dropping_key(self.settings.namespace), decide, commands
+                )
+            except WatchedKeyChanged:
+                continue  # a drop started meanwhile: look at its mark again
+        raise StoreUnavailable("the key drop mark kept changing: nothing was sent")
 
     def _px(self, expires_at: int | None, now_us: int) -> int | None:
         if expires_at is not None:
