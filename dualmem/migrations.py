@@ -270,7 +270,7 @@ _SID_TABLES = ("memory", "journal", "missions", "tool_calls", "decisions", "play
 
 
 def _v4(conn: sqlite3.Connection) -> None:
-    """Ordering ids as 16-byte BLOBs (see above)."""
+    """Ordering ids as 16-byte BLOBs (see above); dead letters remember their replay."""
     from dualmem.commands import legacy_sid
 
     conn.create_function("dm_legacy_sid", 1, legacy_sid, deterministic=True)
@@ -278,6 +278,9 @@ def _v4(conn: sqlite3.Connection) -> None:
         conn.execute(
             f"UPDATE {table} SET sid = dm_legacy_sid(sid) WHERE typeof(sid) = 'integer' AND sid > 0"
         )
+    # The stream id a dead letter was replayed under, so sync() on the original receipt
+    # follows it (an audit event's replay has no journal row to be found by).
+    conn.execute("ALTER TABLE dead_letters ADD COLUMN replayed_as TEXT")
 
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4]

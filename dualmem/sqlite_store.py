@@ -385,7 +385,8 @@ class SQLiteStore(Store):
                    VALUES (?, ?, ?, ?, ?, ?)
                    ON CONFLICT (shard, stream_id) DO UPDATE SET
                        error = excluded.error, deliveries = excluded.deliveries,
-                       failed_at = excluded.failed_at, replayed_at = NULL""",
+                       failed_at = excluded.failed_at, replayed_at = NULL,
+                       replayed_as = NULL""",
                 [
                     (e.shard, e.stream_id, _fields_to_json(e.fields), err, n, now_ms)
                     for e, err, n in items
@@ -416,12 +417,14 @@ class SQLiteStore(Store):
                 ],
             )
 
-    def mark_replayed(self, ids: Sequence[int]) -> None:
+    def mark_replayed(self, ids: Sequence[int], new_ids: Sequence[str] | None = None) -> None:
         """See :meth:`Store.mark_replayed`."""
         now_ms = int(time.time() * 1000)
+        replayed_as: Sequence[str | None] = [None] * len(ids) if new_ids is None else new_ids
         with self._write() as conn:
             conn.executemany(
-                "UPDATE dead_letters SET replayed_at = ? WHERE id = ?", [(now_ms, i) for i in ids]
+                "UPDATE dead_letters SET replayed_at = ?, replayed_as = ? WHERE id = ?",
+                [(now_ms, new, i) for i, new in zip(ids, replayed_as, strict=True)],
             )
 
     def purge(self, now_ms: int, tombstones_before_ms: int, limit: int = 10_000) -> int:
@@ -505,23 +508,33 @@ class SQLiteStore(Store):
     # -- reads -------------------------------------------------------------------------
 
     def status(self, shard: int, stream_id: str) -> str | None:
-        """See :meth:`Store.status`. A dead letter replayed since is committed under a
-        new stream id, ordered by its original one (``sid``): found by that."""
-        rows = self._read(
-            """SELECT 'committed', NULL FROM journal WHERE shard = ? AND stream_id = ?
-               UNION ALL SELECT 'committed', NULL FROM audit_log WHERE shard = ? AND stream_id = ?
-               UNION ALL SELECT iif(replayed_at IS NULL, 'dead', 'replayed'), fields
-                   FROM dead_letters WHERE shard = ? AND stream_id = ?""",
-            (shard, stream_id) * 3,
-        )
-        states = {str(r[0]): r[1] for r in rows}
-        if "committed" in states or "dead" in states:
-            return "committed" if "committed" in states else "dead"
-        if "replayed" not in states:
-            return None
+        """See :meth:`Store.status`. A dead letter replayed since is followed to its
+        replay (``replayed_as``, same shard); one replayed before that column existed is
+        found by its original sid, which the replay keeps (puts and deletes)."""
+        for _ in range(16):  # a replay dead-lettered and replayed again, and so on
+            rows = self._read(
+                """SELECT 'committed', NULL, NULL FROM journal WHERE shard = ? AND stream_id = ?
+                   UNION ALL SELECT 'committed', NULL, NULL FROM audit_log
+                       WHERE shard = ? AND stream_id = ?
+                   UNION ALL SELECT iif(replayed_at IS NULL, 'dead', 'replayed'), fields,
+                       replayed_as FROM dead_letters WHERE shard = ? AND stream_id = ?""",
+                (shard, stream_id) * 3,
+            )
+            states = {str(r[0]): (r[1], r[2]) for r in rows}
+            if "committed" in states or "dead" in states:
+                return "committed" if "committed" in states else "dead"
+            if "replayed" not in states:
+                return None
+            fields, replayed_as = states["replayed"]
+            if replayed_as is None:
+                return self._replayed_before_schema_4(shard, stream_id, fields)
+            stream_id = str(replayed_as)
+        return None
+
+    def _replayed_before_schema_4(self, shard: int, stream_id: str, fields: str) -> str | None:
         try:
-            fields = _fields_from_json(states["replayed"])
-            scope, key = fields[b"s"].decode(), fields[b"k"].decode()
+            decoded = _fields_from_json(fields)
+            scope, key = decoded[b"s"].decode(), decoded[b"k"].decode()
             sid = sid_of(stream_id)
         except (ValueError, KeyError, TypeError, MalformedCommand):
             return None  # an audit event or junk: no journal row to find it by

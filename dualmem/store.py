@@ -298,8 +298,9 @@ class Store(ABC):
         """How many rows :meth:`sealed_rows` would return in all."""
 
     @abstractmethod
-    def mark_replayed(self, ids: Sequence[int]) -> None:
-        """Note that these dead letters were sent to the stream again."""
+    def mark_replayed(self, ids: Sequence[int], new_ids: Sequence[str] | None = None) -> None:
+        """Note that these dead letters were sent to the stream again (under ``new_ids``,
+        one stream id each, which :meth:`status` follows)."""
 
     @abstractmethod
     def purge(self, now_ms: int, tombstones_before_ms: int, limit: int = 10_000) -> int:

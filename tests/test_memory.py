@@ -1303,3 +1303,29 @@ def test_entries_whose_read_reply_was_lost_are_applied_without_waiting_for_a_cla
     finally:
         report = mem.close(timeout=5)
     assert report.drained, report
+
+
+def test_sync_of_a_dead_lettered_audit_event_succeeds_once_its_replay_is_committed(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # An audit event's replay has no journal row to be found by: sync() on the original
+    # receipt timed out although the event was committed. The dead letter now records the
+    # id it was replayed under.
+    from dualmem.ops import dlq
+    from dualmem.store import StreamEntry
+
+    mem = make_mem(worker=False)
+    receipt = mem.audit("app_event", principal=coder, detail={"a": 1})
+    stream = mem.layout.stream(receipt.shard)
+    ((sid, fields),) = raw_redis.xrange(stream)
+    entry = StreamEntry(receipt.shard, sid.decode(), dict(fields))
+    mem.store.dead_letter([(entry, "disk I/O error", 3)])
+    raw_redis.xgroup_destroy(stream, mem.settings.group)  # as if delivered and acked
+    raw_redis.xgroup_create(stream, mem.settings.group, id="$")
+    with pytest.raises(NotPersisted, match="dead-lettered"):
+        mem.sync(receipt, timeout=0)
+    with Runtime(mem.settings) as rt:
+        (replayed,) = dlq.replay(rt, None).receipts
+        assert rt.wait([replayed], 10).committed == 1
+    mem.sync(receipt, timeout=2)
+    assert [e.event for e in mem.store.audit_log()].count("app_event") == 1

@@ -92,5 +92,7 @@ def replay(
         raw=[(d.shard, replay_fields(d.fields, d.stream_id)) for d in chosen],
         audits=[AuditEvent("dlq_replay", actor, detail)],
     )
-    runtime.store.mark_replayed([d.id for d in chosen])
+    runtime.store.mark_replayed(
+        [d.id for d in chosen], [r.stream_id for r in receipts[: len(chosen)]]
+    )
     return ReplayResult([d.id for d in chosen], receipts[: len(chosen)])
