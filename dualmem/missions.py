@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from acl.errors import ValidationError
+from acl.errors import TamperedRecord, ValidationError
 from acl.levels import ENCRYPTED_LEVELS, Level, as_level
 from acl.principal import Principal
 from dualmem.commands import Receipt
@@ -130,11 +130,7 @@ class MissionLog:
         if record is None:
             return None
         scope = self.principal.scope(self.level) or ""
-        rec = parse_record(
-            "mission", mission_id, None, scope, self.level, record.owner, record.value
-        )
-        assert isinstance(rec, Mission)
-        return rec
+        return _mission(mission_id, scope, self.level, record.owner, record.value)
 
     def _existing(self, mission_id: str) -> Mission:
         check = _checked(mission_id)
@@ -326,9 +322,7 @@ class MissionLog:
             r = self.mem.get_record(mission_key(mid), level=lvl, principal=self.principal)
             if r is None:
                 return None
-            rec = parse_record("mission", mid, None, r.scope, r.level, r.owner, r.value)
-            assert isinstance(rec, Mission)
-            return rec
+            return _mission(mid, r.scope, r.level, r.owner, r.value)
         return self.mem.store.mission(scope, mid)
 
     def list_missions(
@@ -425,6 +419,19 @@ class MissionLog:
             if isinstance(rec, cls):
                 out.append(rec)
         return out
+
+
+def _mission(mission_id: str, scope: str, level: Level, owner: str, value: Any) -> Mission:
+    """The mission record's value as a :class:`Mission`; ``TamperedRecord`` if it is not
+    one (any member of the scope can put anything under the mission log's keys)."""
+    try:
+        rec = parse_record("mission", mission_id, None, scope, level, owner, value)
+    except ValueError as exc:
+        raise TamperedRecord(
+            f"mission {mission_id!r} does not hold a mission record: {exc}"
+        ) from None
+    assert isinstance(rec, Mission)
+    return rec
 
 
 def _checked(mission_id: object) -> str:

@@ -669,12 +669,32 @@ def safe_trim_id(client: redis.Redis, stream: bytes) -> str | None:
 
 
 def stream_backlog(client: redis.Redis, stream: bytes, group: str) -> int:
-    """Pending plus undelivered entries of ``group`` on ``stream``."""
-    for g in client.xinfo_groups(stream):
+    """Pending plus undelivered entries of ``group`` on ``stream`` (0 when the stream does
+    not exist yet).
+
+    Undelivered is the group's ``lag`` (Redis 7); where Redis cannot tell it (it says
+    nil after some deletions) or does not report it, the entries after the last delivered
+    id are counted, page by page.
+    """
+    try:
+        groups = client.xinfo_groups(stream)
+    except redis.ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            return 0  # nothing written yet, or Redis restarted empty
+        raise
+    for g in groups:
         if text(g["name"]) != group:
             continue
         pending = int(g["pending"])
+        lag = g.get("lag")
+        if lag is not None:
+            return pending + int(lag)
         start = next_stream_id(text(g["last-delivered-id"]))
-        undelivered = len(client.xrange(stream, min=start, max="+", count=10_000) or [])
-        return pending + undelivered
+        undelivered = 0
+        while True:
+            page = client.xrange(stream, min=start, max="+", count=10_000) or []
+            undelivered += len(page)
+            if len(page) < 10_000:
+                return pending + undelivered
+            start = next_stream_id(text(page[-1][0]))
     return int(client.xlen(stream))

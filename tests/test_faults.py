@@ -293,3 +293,21 @@ def test_a_group_created_by_a_call_whose_reply_was_lost_still_gets_its_floor(
     assert not lost[0]
     last = redis_server.client().xinfo_stream(stream)["last-generated-id"].decode()
     assert sid_of(last) >= sid_of(ahead)
+
+
+def test_the_backlog_counts_past_ten_thousand_and_is_zero_before_the_first_write(
+    redis_server: RedisServer,
+) -> None:
+    # It stopped at 10,000 (one XRANGE page), so a backlog alert above that never fired;
+    # and a stream not created yet read as "Redis unavailable".
+    client = redis_server.client()
+    client.flushall()
+    stream = b"dm:{backlog:0}:cmd"
+    assert stream_backlog(client, stream, "persist") == 0
+    client.xgroup_create(stream, "persist", id="0", mkstream=True)
+    pipe = client.pipeline(transaction=False)
+    for _ in range(10_050):
+        pipe.xadd(stream, {b"n": b"x"})
+    pipe.execute()
+    client.xreadgroup("persist", "a", {stream: ">"}, count=50)  # 50 pending
+    assert stream_backlog(client, stream, "persist") == 10_050

@@ -428,3 +428,24 @@ def test_a_record_whose_ids_do_not_match_its_key_fails_alone(store: SQLiteStore)
     result = store.apply([good, bad])
     assert result.applied == 1 and [e.stream_id for e, _ in result.failed] == ["11-0"]
     assert "call_id in the value does not match the key" in result.failed[0][1]
+
+
+@pytest.mark.parametrize("level", [Level.TEAM, Level.PROJECT])
+def test_a_junk_mission_record_is_a_tampered_record_not_a_value_error(
+    make_mem: Callable[..., DualMemory], level: Level
+) -> None:
+    # Any member of the scope can put anything under the mission log's keys: get_mission
+    # and start_mission let the parser's ValueError out, which is not a DualMemError.
+    from dualmem import DualMemError, TamperedRecord
+
+    mem = make_mem()
+    receipt = mem.put(mission_key("x"), {"secret": 1}, level=level, principal=LEAD)
+    if level is Level.TEAM:
+        mem.sync(receipt, timeout=10)
+    # At PROJECT the worker's projection refuses it (dead-lettered); its cache entry stays.
+    log = MissionLog(mem, LEAD, level=level)
+    with pytest.raises(TamperedRecord, match="does not hold a mission record"):
+        log.start_mission("x", "p")  # reads the record as it is now (fresh)
+    if level is Level.TEAM:  # at PROJECT the projection refused it: no row, no mission
+        with pytest.raises(DualMemError):
+            log.get_mission("x")

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -90,6 +91,8 @@ def test_backup_while_the_worker_writes_is_a_verified_snapshot(
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
     assert count(dest, "memory") >= 300
     assert [p.name for p in dest.parent.iterdir()] == ["copy.db"]  # no partial files left
+    # Only its owner can read it, whatever the umask (it was 0644 under umask 022).
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
     code, out, _ = run_cli(capsys, "verify", "--db", str(dest), "--no-redis")
     assert code == 0, out
 

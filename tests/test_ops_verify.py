@@ -79,6 +79,45 @@ def test_an_edited_journal_row_breaks_the_chain(
     assert "verify found problems" in out
 
 
+def test_a_row_planted_below_the_first_id_is_found(
+    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The chain walk started after id 0: a journal row at seq 0 (served by history) and
+    # an audit row at id -1 were never looked at.
+    fill(mem)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "INSERT INTO journal (seq, shard, stream_id, sid, op, scope, key, level, actor, "
+            "ts, committed_at, prev_hash, hash) VALUES (0, 0, '5-0', x'00', 'del', "
+            "'project:shop', 'k1', 4, 'mallory', 5, 5, x'00', x'00')"
+        )
+        conn.execute("DROP TRIGGER audit_log_no_update")
+        conn.execute(
+            "INSERT INTO audit_log (id, ts, event, actor, risk, prev_hash, hash) "
+            "VALUES (-1, 1, 'x', 'mallory', 'low', x'00', x'00')"
+        )
+    conn.close()
+    code, checks = report(capsys, args)
+    assert code == 1
+    assert (
+        "seq 0: ids start at 1 (a row put there by hand)"
+        in checks["journal hash chain"]["problems"]
+    )
+    assert (
+        "id -1: ids start at 1 (a row put there by hand)"
+        in checks["audit_log hash chain"]["problems"]
+    )
+
+
+def test_a_file_that_is_not_a_dualmem_database_is_a_finding_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    code, out, _ = run_cli(capsys, "verify", "--db", str(empty), "--no-redis")
+    assert code == 1 and "no dualmem schema" in out
+
+
 def test_a_deleted_journal_row_breaks_the_link(
     mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

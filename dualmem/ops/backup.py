@@ -68,8 +68,11 @@ def backup_database(
     try:
         with open_database(src) as source:
             try:
+                # Only its owner can read it, whatever the umask: levels 3 and 4 are
+                # plaintext, and so are every key name and the audit log.
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 out = sqlite3.connect(tmp, isolation_level=None)
-            except sqlite3.Error as exc:
+            except (OSError, sqlite3.Error) as exc:
                 raise StoreUnavailable(f"cannot create {tmp}: {exc}") from exc
             try:
 

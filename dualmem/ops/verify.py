@@ -102,6 +102,9 @@ def check_schema(conn: sqlite3.Connection) -> Check:
     if version > SCHEMA_VERSION:
         c.problem(f"schema {version} is newer than this dualmem ({SCHEMA_VERSION})")
         c.fix = "upgrade dualmem"
+    elif version == 0:
+        c.problem("no dualmem schema: an empty file, or another program's database")
+        c.fix = "check --db / DUALMEM_DB_PATH"
     elif version < SCHEMA_VERSION:
         c.problem(f"schema {version} is older than this dualmem ({SCHEMA_VERSION})")
         c.fix = "run `dualmem migrate` (it backs up first)"
@@ -123,8 +126,9 @@ _CHAINS = {
 
 
 def _rows(conn: sqlite3.Connection, sql: str) -> Iterator[tuple[object, ...]]:
-    """Rows in id order, page by page (keyset), so a long chain is never all in memory."""
-    last = 0
+    """Rows in id order, page by page (keyset), so a long chain is never all in memory.
+    From the smallest id SQLite can hold: a row planted at id 0 or below is walked too."""
+    last = -(1 << 63)
     while True:
         page = conn.execute(sql, (last, _CHUNK)).fetchall()
         if not page:
@@ -146,6 +150,8 @@ def check_chain(conn: sqlite3.Connection, table: str, progress: ProgressFn = NO_
     prev = GENESIS
     n = 0
     for row in _rows(conn, sql):
+        if cast(int, row[0]) < 1:
+            c.problem(f"{id_name} {row[0]}: ids start at 1 (a row put there by hand)")
         values = row[:-2]
         if table == "journal":
             values = journal_hash_values(values)
@@ -286,8 +292,9 @@ def check_projections(conn: sqlite3.Connection) -> Check:
 def verify_database(conn: sqlite3.Connection, progress: ProgressFn = NO_PROGRESS) -> list[Check]:
     """Every check that needs only the database file."""
     checks = [check_integrity(conn), check_foreign_keys(conn), check_schema(conn)]
-    if schema_version(conn) > SCHEMA_VERSION:
-        # Tables of a newer schema may have other columns: judging them would mislead.
+    if not 1 <= schema_version(conn) <= SCHEMA_VERSION:
+        # Tables of a newer schema may have other columns: judging them would mislead;
+        # version 0 is an empty file or not a dualmem database at all.
         return checks
     checks.append(check_chain(conn, "journal", progress))
     checks.append(check_chain(conn, "audit_log", progress))
