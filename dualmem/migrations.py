@@ -270,7 +270,8 @@ _SID_TABLES = ("memory", "journal", "missions", "tool_calls", "decisions", "play
 
 
 def _v4(conn: sqlite3.Connection) -> None:
-    """Ordering ids as 16-byte BLOBs (see above); dead letters remember their replay."""
+    """Ordering ids as 16-byte BLOBs (see above); dead letters remember their replay;
+    mission deletes are kept for good."""
     from dualmem.commands import legacy_sid
 
     conn.create_function("dm_legacy_sid", 1, legacy_sid, deterministic=True)
@@ -281,6 +282,23 @@ def _v4(conn: sqlite3.Connection) -> None:
     # The stream id a dead letter was replayed under, so sync() on the original receipt
     # follows it (an audit event's replay has no journal row to be found by).
     conn.execute("ALTER TABLE dead_letters ADD COLUMN replayed_as TEXT")
+    # The newest delete of each mission, kept for good: the projection refuses anything
+    # of that mission older than it (see dualmem.projection). Until now the record's
+    # tombstone in `memory` said so, and purge removed it after tombstone_ttl.
+    conn.execute(
+        """CREATE TABLE mission_deletes (
+               scope      TEXT NOT NULL,
+               mission_id TEXT NOT NULL,
+               sid        BLOB NOT NULL,
+               PRIMARY KEY (scope, mission_id)
+           )"""
+    )
+    conn.execute(
+        """INSERT INTO mission_deletes (scope, mission_id, sid)
+           SELECT scope, substr(key, 13), sid FROM memory
+           WHERE envelope IS NULL AND key LIKE '\\_dm/mission/%' ESCAPE '\\'
+             AND level IN (3, 4)"""
+    )
 
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4]

@@ -361,11 +361,20 @@ _TABLES = {
 _CURRENT = (
     "EXISTS (SELECT 1 FROM memory WHERE scope = ? AND key = ? AND sid = ? AND envelope IS NOT NULL)"
 )
+# A mission's deletes leave a mark that purge never removes (``mission_deletes``, the
+# newest delete's sid): every projected write of that mission, its own or a child's,
+# older than the mark is refused. The record's tombstone in ``memory`` did that job until
+# purge removed it after ``tombstone_ttl``: then a replayed or claimed older child came
+# back. A child newer than the delete (written after it, or a mission id used again) is
+# projected like any other.
+_NOT_DELETED = (
+    "NOT EXISTS (SELECT 1 FROM mission_deletes WHERE scope = ? AND mission_id = ? AND sid > ?)"
+)
 _MISSION_UPSERT = f"""
 INSERT INTO missions (scope, mission_id, level, phase, status, metadata, started_at,
                       updated_at, completed_at, actor, sid)
 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
-WHERE {_CURRENT}
+WHERE {_CURRENT} AND {_NOT_DELETED}
 ON CONFLICT (scope, mission_id) DO UPDATE SET
     level = excluded.level, phase = excluded.phase, status = excluded.status,
     metadata = excluded.metadata, started_at = excluded.started_at,
@@ -375,14 +384,37 @@ WHERE excluded.sid > missions.sid
 """
 # A child can reach the worker before its mission (they may sit in different shards, or
 # be read by different workers): a placeholder row (sid 0, never shown by reads) keeps
-# the foreign key, and the mission's own record replaces it. A mission that was deleted
-# (its tombstone is in `memory`) gets no placeholder, so a late child cannot revive it.
-_PLACEHOLDER = """
+# the foreign key, and the mission's own record replaces it. A child older than the
+# mission's last delete gets no placeholder, so a late child cannot revive it.
+_PLACEHOLDER = f"""
 INSERT INTO missions (scope, mission_id, level, phase, status, metadata, started_at,
                       updated_at, completed_at, actor, sid)
-SELECT ?, ?, ?, '', 'pending', '{}', ?, ?, NULL, ?, 0
-WHERE NOT EXISTS (SELECT 1 FROM memory WHERE scope = ? AND key = ? AND envelope IS NULL)
+SELECT ?, ?, ?, '', 'pending', '{{}}', ?, ?, NULL, ?, 0
+WHERE {_NOT_DELETED}
 ON CONFLICT (scope, mission_id) DO NOTHING
+"""
+_MARK_DELETED = """
+INSERT INTO mission_deletes (scope, mission_id, sid) VALUES (?, ?, ?)
+ON CONFLICT (scope, mission_id) DO UPDATE SET sid = excluded.sid
+WHERE excluded.sid > mission_deletes.sid
+"""
+# A mission's delete removes its children older than the delete; one newer than it (a
+# late mission delete applied after a child written later) keeps its row, under a
+# placeholder mission when the mission itself goes.
+_DELETE_CHILDREN = [
+    f"DELETE FROM {table} WHERE scope = ? AND mission_id = ? AND sid < ?"
+    for table in ("tool_calls", "decisions", "playbook_runs")
+]
+_MISSION_TO_PLACEHOLDER = """
+UPDATE missions SET phase = '', status = 'pending', metadata = '{}', completed_at = NULL,
+    sid = 0
+WHERE scope = ? AND mission_id = ? AND sid < ?
+"""
+_DROP_EMPTY_PLACEHOLDER = """
+DELETE FROM missions WHERE scope = ? AND mission_id = ? AND sid = 0
+  AND NOT EXISTS (SELECT 1 FROM tool_calls WHERE scope = ? AND mission_id = ?)
+  AND NOT EXISTS (SELECT 1 FROM decisions WHERE scope = ? AND mission_id = ?)
+  AND NOT EXISTS (SELECT 1 FROM playbook_runs WHERE scope = ? AND mission_id = ?)
 """
 _CHILD_UPSERT = {
     "tool_call": f"""
@@ -390,7 +422,7 @@ INSERT INTO tool_calls (scope, call_id, mission_id, tool_name, args, result, dur
                         success, error, called_at, actor, sid)
 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
 WHERE EXISTS (SELECT 1 FROM missions WHERE scope = ? AND mission_id = ?)
-  AND {_CURRENT}
+  AND {_CURRENT} AND {_NOT_DELETED}
 ON CONFLICT (scope, call_id) DO UPDATE SET
     mission_id = excluded.mission_id, tool_name = excluded.tool_name, args = excluded.args,
     result = excluded.result, duration_ms = excluded.duration_ms, success = excluded.success,
@@ -403,7 +435,7 @@ INSERT INTO decisions (scope, decision_id, mission_id, decision_type, rationale,
                        decided_at, actor, sid)
 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?
 WHERE EXISTS (SELECT 1 FROM missions WHERE scope = ? AND mission_id = ?)
-  AND {_CURRENT}
+  AND {_CURRENT} AND {_NOT_DELETED}
 ON CONFLICT (scope, decision_id) DO UPDATE SET
     mission_id = excluded.mission_id, decision_type = excluded.decision_type,
     rationale = excluded.rationale, agent_name = excluded.agent_name,
@@ -415,7 +447,7 @@ INSERT INTO playbook_runs (scope, run_id, mission_id, playbook_name, phase, star
                            completed_at, success, actor, sid)
 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
 WHERE EXISTS (SELECT 1 FROM missions WHERE scope = ? AND mission_id = ?)
-  AND {_CURRENT}
+  AND {_CURRENT} AND {_NOT_DELETED}
 ON CONFLICT (scope, run_id) DO UPDATE SET
     mission_id = excluded.mission_id, playbook_name = excluded.playbook_name,
     phase = excluded.phase, started_at = excluded.started_at,
@@ -524,8 +556,13 @@ def _plan_record(
         raise MalformedCommand(f"{cmd.key}: {exc}") from exc
     if cmd.op == OP_DELETE:
         if kind == "mission":
-            sql = "DELETE FROM missions WHERE scope = ? AND mission_id = ? AND sid < ?"
-            return [(sql, (cmd.scope, mission_id, sid))]
+            ident = (cmd.scope, mission_id)
+            return [
+                (_MARK_DELETED, (*ident, sid)),
+                *((sql, (*ident, sid)) for sql in _DELETE_CHILDREN),
+                (_MISSION_TO_PLACEHOLDER, (*ident, sid)),
+                (_DROP_EMPTY_PLACEHOLDER, ident * 4),
+            ]
         table, id_col = _TABLES[kind]
         sql = f"DELETE FROM {table} WHERE scope = ? AND {id_col} = ? AND sid < ?"
         return [(sql, (cmd.scope, record_id, sid))]
@@ -551,24 +588,27 @@ def _plan_record(
             cmd.scope,
             cmd.key,
             sid,
+            cmd.scope,
+            mission_id,
+            sid,
         )
         return [(_MISSION_UPSERT, params)]
     when = _record_time(rec)
-    placeholder = (
-        cmd.scope,
-        mission_id,
-        int(cmd.level),
-        when,
-        when,
-        cmd.actor,
-        cmd.scope,
-        mission_key(mission_id),
-    )
+    placeholder = (cmd.scope, mission_id, int(cmd.level), when, when, cmd.actor)
+    not_deleted = (cmd.scope, mission_id, sid)
     return [
-        (_PLACEHOLDER, placeholder),
+        (_PLACEHOLDER, (*placeholder, *not_deleted)),
         (
             _CHILD_UPSERT[kind],
-            (*_child_params(rec, sid), cmd.scope, mission_id, cmd.scope, cmd.key, sid),
+            (
+                *_child_params(rec, sid),
+                cmd.scope,
+                mission_id,
+                cmd.scope,
+                cmd.key,
+                sid,
+                *not_deleted,
+            ),
         ),
     ]
 

@@ -449,3 +449,59 @@ def test_a_junk_mission_record_is_a_tampered_record_not_a_value_error(
     if level is Level.TEAM:  # at PROJECT the projection refused it: no row, no mission
         with pytest.raises(DualMemError):
             log.get_mission("x")
+
+
+def _projection_ok(store: SQLiteStore) -> bool:
+    with sqlite3.connect(store.path) as conn:
+        check = check_projections(conn)
+    conn.close()
+    return check.status == "ok"
+
+
+def test_a_child_written_after_a_delete_is_projected_when_the_mission_comes_back(
+    store: SQLiteStore,
+) -> None:
+    # A tool call recorded while another process deleted its mission, then the mission
+    # id used again: the call is live in memory but was never projected (the delete's
+    # tombstone refused it), so log.tool_calls hid it and verify failed.
+    tc = child_key("tool_call", "m", "c1")
+    store.apply([put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))])
+    store.apply([del_entry(20, mission_key("m"))])
+    store.apply([put_entry(21, tc, call_value("m", "c1", 21))])
+    store.apply([put_entry(30, mission_key("m"), mission_value("m", "pending", 30))])
+    assert store.get("project:shop", tc, 0) is not None
+    assert [c.call_id for c in store.tool_calls("project:shop", "m")] == ["c1"]
+    assert _projection_ok(store)
+
+
+def test_a_mission_delete_applied_late_keeps_its_newer_children(store: SQLiteStore) -> None:
+    # Workers apply out of order: the call (21) lands before the mission's delete (20);
+    # the delete's cascade took the newer call's row with it.
+    tc = child_key("tool_call", "m", "c1")
+    store.apply([put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))])
+    store.apply([put_entry(21, tc, call_value("m", "c1", 21))])
+    store.apply([del_entry(20, mission_key("m"))])
+    assert [c.call_id for c in store.tool_calls("project:shop", "m")] == ["c1"]
+    assert store.mission("project:shop", "m") is None
+    assert _projection_ok(store)
+
+
+def test_a_mission_delete_outlives_its_purged_tombstone(store: SQLiteStore) -> None:
+    # The tombstone in memory was the only mark of the delete: once purge removed it,
+    # verify failed on a healthy database, and a replayed older child came back.
+    from dualmem.commands import replay_fields
+
+    tc = child_key("tool_call", "m", "c1")
+    late = put_entry(15, tc, call_value("m", "c1", 15))
+    store.apply([put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))])
+    store.dead_letter([(late, "OperationalError: disk I/O error", 3)])
+    store.apply([del_entry(20, mission_key("m"))])
+    store.apply([put_entry(21, child_key("tool_call", "m", "c2"), call_value("m", "c2", 21))])
+    store.mark_replayed([d.id for d in store.dead_letters()])  # let purge take the tombstone
+    assert store.purge(now_ms=10**13, tombstones_before_ms=10**13) > 0
+    assert store.get("project:shop", mission_key("m"), 0) is None
+    assert _projection_ok(store)
+    store.apply([StreamEntry(0, "100-0", replay_fields(late.fields, late.stream_id))])
+    assert [c.call_id for c in store.tool_calls("project:shop", "m")] == ["c2"]
+    assert store.mission("project:shop", "m") is None
+    assert _projection_ok(store)

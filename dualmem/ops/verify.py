@@ -238,12 +238,15 @@ def _projected_rows(conn: sqlite3.Connection) -> dict[tuple[str, str, str], obje
 
 def _reserved_records(
     conn: sqlite3.Connection,
-) -> tuple[dict[tuple[str, str, str], tuple[str, object]], set[tuple[str, str]]]:
+) -> tuple[dict[tuple[str, str, str], tuple[str, object]], dict[tuple[str, str], bytes]]:
     """``{(kind, scope, id): (mission_id, sid)}`` of live ``_dm/`` records at the plaintext
-    levels, and the ``(scope, mission_id)`` of deleted missions."""
+    levels, and the sid of each mission's newest delete (``mission_deletes``)."""
     upper = RESERVED_PREFIX[:-1] + chr(ord(RESERVED_PREFIX[-1]) + 1)
     live: dict[tuple[str, str, str], tuple[str, object]] = {}
-    deleted: set[tuple[str, str]] = set()
+    deleted = {
+        (str(scope), str(mid)): bytes(sid)
+        for scope, mid, sid in conn.execute("SELECT scope, mission_id, sid FROM mission_deletes")
+    }
     for scope, key, sid, is_tomb in conn.execute(
         "SELECT scope, key, sid, envelope IS NULL FROM memory "
         "WHERE key >= ? AND key < ? AND level IN (3, 4)",
@@ -255,8 +258,6 @@ def _reserved_records(
         kind, mission_id, record_id = parsed
         if not is_tomb:
             live[(kind, scope, record_id or mission_id)] = (mission_id, sid)
-        elif kind == "mission":
-            deleted.add((scope, mission_id))
     return live, deleted
 
 
@@ -268,11 +269,15 @@ def check_projections(conn: sqlite3.Connection) -> Check:
     if "missions" not in tables:
         c.status, c.summary = "skip", "no mission tables (schema before 2)"
         return c
+    if "mission_deletes" not in tables:
+        c.status, c.summary = "skip", "schema before 4: run `dualmem migrate` first"
+        return c
     projected = _projected_rows(conn)
     live, deleted = _reserved_records(conn)
     for (kind, scope, name), (mission_id, sid) in live.items():
-        if kind != "mission" and (scope, mission_id) in deleted:
-            continue  # a late record of a deleted mission is, by design, not projected
+        gone = deleted.get((scope, mission_id))
+        if gone is not None and isinstance(sid, bytes) and sid < gone:
+            continue  # older than its mission's delete: by design, not projected
         got = projected.get((kind, scope, name))
         if got is None:
             c.problem(f"{scope} {kind} {name}: record has no projected row")
