@@ -505,3 +505,24 @@ def test_a_mission_delete_outlives_its_purged_tombstone(store: SQLiteStore) -> N
     assert [c.call_id for c in store.tool_calls("project:shop", "m")] == ["c2"]
     assert store.mission("project:shop", "m") is None
     assert _projection_ok(store)
+
+
+def test_verify_finds_a_projected_row_edited_by_hand(store: SQLiteStore) -> None:
+    # Verify compared sids only: a mission marked completed and a failed tool call marked
+    # successful in the tables (what MissionLog reads) passed as "2 rows ok".
+    tc = child_key("tool_call", "m", "c1")
+    store.apply([put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))])
+    store.apply([put_entry(11, tc, call_value("m", "c1", 11))])
+    assert _projection_ok(store)
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("UPDATE missions SET status = 'completed', completed_at = 99")
+        conn.execute("UPDATE tool_calls SET tool_name = 'rm -rf'")
+    conn.close()
+    with sqlite3.connect(store.path) as conn:
+        check = check_projections(conn)
+    conn.close()
+    assert check.status == "fail"
+    assert sorted(check.problems) == [
+        "project:shop mission m: projected row differs from its record",
+        "project:shop tool_call c1: projected row differs from its record",
+    ]

@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import redis
 
+from acl.crypto import Codec
+from acl.errors import DualMemError
+from acl.levels import Level
 from acl.policy import level_of_scope
 from dualmem.batch import GENESIS, chain_hash, journal_hash_values
 from dualmem.commands import CACHE_TOMBSTONE, MalformedCommand, decode_command
 from dualmem.layout import Layout
 from dualmem.migrations import SCHEMA_VERSION, schema_version
 from dualmem.ops.database import NO_PROGRESS, ProgressFn
-from dualmem.projection import RESERVED_PREFIX, parse_key
+from dualmem.projection import (
+    RESERVED_PREFIX,
+    MissionRecord,
+    parse_key,
+    parse_record,
+    row_to_decision,
+    row_to_mission,
+    row_to_playbook_run,
+    row_to_tool_call,
+)
 from dualmem.redis_backend import translate_errors
 from dualmem.worker import next_stream_id, safe_trim_id
 
@@ -223,6 +235,28 @@ _PROJECTED = {
     "decision": ("decisions", "decision_id"),
     "playbook_run": ("playbook_runs", "run_id"),
 }
+# The columns the store reads each kind with, and how it turns them into objects.
+_CONTENT: dict[str, tuple[str, Callable[[Sequence[Any]], MissionRecord]]] = {
+    "mission": (
+        "scope, mission_id, level, phase, status, metadata, started_at, updated_at, "
+        "completed_at, actor",
+        row_to_mission,
+    ),
+    "tool_call": (
+        "scope, call_id, mission_id, tool_name, args, result, duration_ms, success, error, "
+        "called_at, actor",
+        row_to_tool_call,
+    ),
+    "decision": (
+        "scope, decision_id, mission_id, decision_type, rationale, agent_name, decided_at, actor",
+        row_to_decision,
+    ),
+    "playbook_run": (
+        "scope, run_id, mission_id, playbook_name, phase, started_at, completed_at, success, actor",
+        row_to_playbook_run,
+    ),
+}
+_PLAIN = Codec(None)
 
 
 def _projected_rows(conn: sqlite3.Connection) -> dict[tuple[str, str, str], object]:
@@ -236,29 +270,57 @@ def _projected_rows(conn: sqlite3.Connection) -> dict[tuple[str, str, str], obje
     return out
 
 
-def _reserved_records(
-    conn: sqlite3.Connection,
-) -> tuple[dict[tuple[str, str, str], tuple[str, object]], dict[tuple[str, str], bytes]]:
-    """``{(kind, scope, id): (mission_id, sid)}`` of live ``_dm/`` records at the plaintext
-    levels, and the sid of each mission's newest delete (``mission_deletes``)."""
+_Live = dict[tuple[str, str, str], tuple[str, object, str, int, str, bytes]]
+
+
+def _reserved_records(conn: sqlite3.Connection) -> tuple[_Live, dict[tuple[str, str], bytes]]:
+    """``{(kind, scope, id): (mission_id, sid, key, level, owner, envelope)}`` of live
+    ``_dm/`` records at the plaintext levels, and the sid of each mission's newest delete
+    (``mission_deletes``)."""
     upper = RESERVED_PREFIX[:-1] + chr(ord(RESERVED_PREFIX[-1]) + 1)
-    live: dict[tuple[str, str, str], tuple[str, object]] = {}
+    live: _Live = {}
     deleted = {
         (str(scope), str(mid)): bytes(sid)
         for scope, mid, sid in conn.execute("SELECT scope, mission_id, sid FROM mission_deletes")
     }
-    for scope, key, sid, is_tomb in conn.execute(
-        "SELECT scope, key, sid, envelope IS NULL FROM memory "
-        "WHERE key >= ? AND key < ? AND level IN (3, 4)",
+    for scope, key, sid, level, owner, envelope in conn.execute(
+        "SELECT scope, key, sid, level, owner, envelope FROM memory "
+        "WHERE key >= ? AND key < ? AND level IN (3, 4) AND envelope IS NOT NULL",
         (RESERVED_PREFIX, upper),
     ):
         parsed = parse_key(key)
         if parsed is None:
             continue
         kind, mission_id, record_id = parsed
-        if not is_tomb:
-            live[(kind, scope, record_id or mission_id)] = (mission_id, sid)
+        live[(kind, scope, record_id or mission_id)] = (
+            mission_id,
+            sid,
+            key,
+            level,
+            owner,
+            bytes(envelope),
+        )
     return live, deleted
+
+
+def _content_differs(
+    conn: sqlite3.Connection, kind: str, scope: str, name: str, record: tuple[Any, ...]
+) -> bool:
+    """Whether the projected row of a record says something else than the record."""
+    mission_id, _sid, key, level, owner, envelope = record
+    table, id_col = _PROJECTED[kind]
+    columns, to_object = _CONTENT[kind]
+    row = conn.execute(
+        f"SELECT {columns} FROM {table} WHERE scope = ? AND {id_col} = ?", (scope, name)
+    ).fetchone()
+    try:
+        value = _PLAIN.open(envelope, scope=scope, key=key, level=Level(level))
+        expected = parse_record(
+            kind, mission_id, None if kind == "mission" else name, scope, Level(level), owner, value
+        )
+        return row is None or to_object(row) != expected
+    except (DualMemError, ValueError):
+        return True
 
 
 def check_projections(conn: sqlite3.Connection) -> Check:
@@ -274,7 +336,8 @@ def check_projections(conn: sqlite3.Connection) -> Check:
         return c
     projected = _projected_rows(conn)
     live, deleted = _reserved_records(conn)
-    for (kind, scope, name), (mission_id, sid) in live.items():
+    for (kind, scope, name), record in live.items():
+        mission_id, sid = record[0], record[1]
         gone = deleted.get((scope, mission_id))
         if gone is not None and isinstance(sid, bytes) and sid < gone:
             continue  # older than its mission's delete: by design, not projected
@@ -283,13 +346,15 @@ def check_projections(conn: sqlite3.Connection) -> Check:
             c.problem(f"{scope} {kind} {name}: record has no projected row")
         elif got != sid:
             c.problem(f"{scope} {kind} {name}: projected from another version of the record")
+        elif _content_differs(conn, kind, scope, name, record):
+            c.problem(f"{scope} {kind} {name}: projected row differs from its record")
     for kind, scope, name in sorted(projected.keys() - live.keys()):
         c.problem(f"{scope} {kind} {name}: projected row without its record")
     c.summary = f"{len(projected)} rows ok" if c.ok else f"{c.problem_count} mismatch(es)"
     if not c.ok:
         c.fix = (
-            "a worker older than schema 2 wrote records (stop old workers); the records in "
-            "`memory` are authoritative"
+            "the mission tables were edited outside dualmem, or a worker older than schema 2 "
+            "wrote records (stop old workers); the records in `memory` are authoritative"
         )
     return c
 
