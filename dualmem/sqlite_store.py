@@ -460,7 +460,16 @@ class SQLiteStore(Store):
                        LIMIT ?)""",
                 (tombstones_before_ms, limit),
             ).rowcount
-        return int(expired) + int(tombs)
+            # A dead letter replayed a tombstone TTL ago has done its work (its replay is
+            # in the journal, or dead-lettered again under its own id) and no longer
+            # holds a tombstone; it still held the command's envelope (plaintext at
+            # levels 3 and 4) for good.
+            letters = conn.execute(
+                """DELETE FROM dead_letters WHERE id IN (
+                       SELECT id FROM dead_letters WHERE replayed_at < ? LIMIT ?)""",
+                (tombstones_before_ms, limit),
+            ).rowcount
+        return int(expired) + int(tombs) + int(letters)
 
     @staticmethod
     def _held_keys(conn: sqlite3.Connection, since_ms: int) -> list[tuple[str, str]]:

@@ -305,8 +305,9 @@ class Store(ABC):
     @abstractmethod
     def purge(self, now_ms: int, tombstones_before_ms: int, limit: int = 10_000) -> int:
         """Turn expired rows into tombstones dated at their expiry (so a late older
-        command cannot bring a value back) and delete tombstones last changed before
-        ``tombstones_before_ms``; returns how many rows changed or went."""
+        command cannot bring a value back), delete tombstones last changed before
+        ``tombstones_before_ms`` (unless a dead letter of their key still needs them),
+        and dead letters replayed before it; returns how many rows changed or went."""
 
     @abstractmethod
     def record_metrics(
