@@ -299,6 +299,30 @@ def _v4(conn: sqlite3.Connection) -> None:
            WHERE envelope IS NULL AND key LIKE '\\_dm/mission/%' ESCAPE '\\'
              AND level IN (3, 4)"""
     )
+    _project_existing(conn)
+
+
+def _project_existing(conn: sqlite3.Connection) -> None:
+    """Project every live mission-log record that is not yet: a file from schema 1 held
+    such records (written by hand: v1 had no MissionLog) and v2 created the tables empty.
+    Projected ones are left as they are (the statements only ever move a row forward)."""
+    from acl.levels import Level
+    from dualmem.commands import OP_PUT, Command, MalformedCommand
+    from dualmem.projection import plan_projection
+
+    rows = conn.execute(
+        """SELECT scope, key, level, owner, envelope, sid, expires_at FROM memory
+           WHERE key LIKE '\\_dm/%' ESCAPE '\\' AND level IN (3, 4)
+             AND envelope IS NOT NULL"""
+    ).fetchall()
+    for scope, key, level, owner, envelope, sid, expires_at in rows:
+        cmd = Command(OP_PUT, scope, key, Level(level), owner, 0, bytes(envelope), expires_at)
+        try:
+            statements = plan_projection(cmd, bytes(sid))
+        except MalformedCommand:
+            continue  # not a record of its kind: verify names it, as it did before
+        for sql, params in statements:
+            conn.execute(sql, params)
 
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4]

@@ -151,3 +151,37 @@ def test_migrating_to_an_explicit_version_and_a_missing_file(
     assert code == 0 and user_version(dest) == 1 and user_version(v1) == 2
     code, _, err = run_cli(capsys, "migrate", "--db", str(tmp_path / "missing.db"))
     assert code == 2 and "no database at" in err
+
+
+def test_mission_log_records_of_a_first_schema_file_are_projected_by_the_migration(
+    v1: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Schema 2 created the mission tables empty: a `_dm/` record written before (by hand,
+    # as v1 had no MissionLog) stayed unprojected, and verify failed after the upgrade.
+    from acl import Codec
+
+    value = {
+        "mission_id": "legacy",
+        "phase": "p",
+        "status": "in_progress",
+        "metadata": {},
+        "started_at": 5,
+        "updated_at": 5,
+        "completed_at": None,
+    }
+    key = "_dm/mission/legacy"
+    env = Codec(None).seal(value, scope="project:shop", key=key, level=Level.PROJECT)
+    with sqlite3.connect(v1) as conn:
+        conn.execute(
+            f"INSERT INTO memory ({MEMORY_COLUMNS}) VALUES (?, ?, 4, 'lead', ?, ?, ?, 5, 5, NULL)",
+            ("project:shop", key, env, (5 << 22) | 1, "5-1"),
+        )
+    conn.close()
+    assert run_cli(capsys, "migrate", "--db", str(v1))[0] == 0
+    with sqlite3.connect(v1) as conn:
+        assert conn.execute("SELECT mission_id, status FROM missions").fetchall() == [
+            ("legacy", "in_progress")
+        ]
+    conn.close()
+    code, out, _ = run_cli(capsys, "verify", "--db", str(v1), "--no-redis")
+    assert code == 0, out
