@@ -487,8 +487,25 @@ class _Rotation:
         return kid if kid is not None and kid != self.active else None
 
     def _leftovers(self, unreadable: set[tuple[str, str]]) -> Leftovers:
+        """What is still under an old key: the streams first, then SQLite, the cache and
+        the dead letters. In that order nothing slips between two looks: a command that
+        leaves the stream before it is read was committed (or dead-lettered) first, so
+        the later looks see it; counted the other way round, a put the worker committed
+        between the SQLite count and the stream read was in neither (its cache entry
+        already re-sealed by this pass), and a drop removed the key its row needs."""
         left = Leftovers(unreadable=len(unreadable))
         store = self.mem.store
+        for shard in range(self.layout.shards):
+            stream = self.layout.stream(shard)
+            floor = self._acked_through(stream)
+            start = "-" if floor is None else f"{floor[0]}-{floor[1]}"
+            with translate_errors("rotation: read stream"):
+                entries = self.client.xrange(stream, min=start, max="+")
+            for _, fields in entries or []:
+                kid = self._old(_bytes((fields or {}).get(b"e")))
+                if kid is not None:
+                    left.stream += 1
+                    left.key_ids.add(kid)
         left.rows = store.count_sealed_rows(_LEVELS, skip_key_field=self.field)
         after: tuple[str, str] | None = None
         while left.rows:
@@ -504,17 +521,6 @@ class _Rotation:
                 kid = self._old(_bytes(value))
                 if kid is not None:
                     left.cache += 1
-                    left.key_ids.add(kid)
-        for shard in range(self.layout.shards):
-            stream = self.layout.stream(shard)
-            floor = self._acked_through(stream)
-            start = "-" if floor is None else f"{floor[0]}-{floor[1]}"
-            with translate_errors("rotation: read stream"):
-                entries = self.client.xrange(stream, min=start, max="+")
-            for _, fields in entries or []:
-                kid = self._old(_bytes((fields or {}).get(b"e")))
-                if kid is not None:
-                    left.stream += 1
                     left.key_ids.add(kid)
         for dead in store.dead_letters():
             kid = self._old(dead.fields.get(b"e"))

@@ -11,7 +11,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -546,3 +546,36 @@ def test_a_lease_holding_junk_blocks_a_drop_and_breaks_nothing(
     raw_redis.set(b"dm:{dualmem:keyuse}:h:1:x", junk)
     (user,) = wait_for_key_users(raw_redis, "dualmem", "kactive", timeout=0)
     assert user.token == "h:1:x" and user.ids != ("kactive",)
+
+
+def test_the_last_look_never_misses_a_put_the_worker_commits_meanwhile(
+    make_mem: MakeMem, keyfile: Path, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The leftovers check counted SQLite first and read the stream last: a put sealed
+    # with the old key, committed by a worker in between (its cache entry already
+    # re-sealed by this pass), was in neither, and --drop-retired removed its key.
+    from dualmem.rotation import _Rotation
+
+    p = Principal(agent_id="a")
+    writer = make_mem(worker=False)  # the workers run elsewhere, and lag
+    old = writer.codec.keyring.active_id  # type: ignore[union-attr]
+    receipt = writer.put("k", {"v": 1}, level=Level.PRIVATE, principal=p)
+    add_active_key(keyfile)
+    rotator = make_mem(worker=False)
+    real = _Rotation._cache_names
+    calls = [0]
+
+    def cache_names(self: _Rotation) -> Iterator[list[bytes]]:
+        calls[0] += 1
+        if calls[0] == 2:  # the leftovers' cache scan
+            make_mem().sync(receipt, timeout=10)  # a worker catches up right now
+        yield from real(self)
+
+    monkeypatch.setattr(_Rotation, "_cache_names", cache_names)
+    report = rotate_keys(rotator, timeout=5)
+    with sqlite3.connect(db_path) as conn:
+        (env,) = conn.execute("SELECT envelope FROM memory WHERE key = 'k'").fetchone()
+    conn.close()
+    # Either the rotation went on and re-sealed it, or it says the old key is still used.
+    still_old = envelope_key_id(bytes(env)) == old
+    assert not (still_old and report.done and old in report.retired), report
