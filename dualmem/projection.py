@@ -36,6 +36,7 @@ from dualmem.commands import OP_AUDIT, OP_DELETE, OP_PUT, Command, MalformedComm
 __all__ = [
     "KINDS",
     "MAX_ID_CHARS",
+    "PLAINTEXT",
     "RESERVED_PREFIX",
     "STATUSES",
     "SYNC_EVENT_PREFIX",
@@ -79,7 +80,9 @@ Statement = tuple[str, tuple[object, ...]]
 
 # Plaintext envelopes only; the bound protects against a forged size header, and is far
 # above any max_value_bytes a writer may have used.
-_PLAIN = Codec(None, max_value_bytes=1 << 28)
+#: The codec that opens plaintext-level envelopes (any size a setting allows).
+PLAINTEXT = Codec(None, max_value_bytes=1 << 28)
+_PLAIN = PLAINTEXT
 _PLAINTEXT_LEVELS = (Level.SWARM, Level.PROJECT)
 
 

@@ -526,3 +526,88 @@ def test_verify_finds_a_projected_row_edited_by_hand(store: SQLiteStore) -> None
         "project:shop mission m: projected row differs from its record",
         "project:shop tool_call c1: projected row differs from its record",
     ]
+
+
+def test_verify_finds_hand_edits_its_walks_used_to_skip(store: SQLiteStore) -> None:
+    # A tool call planted with sid 0 (children were read with "sid > 0", reads serve it),
+    # a journal row at the smallest seq (the walk started after it), and a journal sid
+    # set back to its old integer form (it hashes the same and sorts first in history).
+    from dualmem.ops.verify import check_chain, check_sids
+
+    store.apply([put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))])
+    store.apply([put_entry(11, child_key("tool_call", "m", "c1"), call_value("m", "c1", 11))])
+    store.apply([put_entry(12, "k", {"v": 1}), put_entry(20, "k", {"v": 2})])
+    with sqlite3.connect(store.path) as conn:
+        conn.execute(
+            "INSERT INTO tool_calls (scope, call_id, mission_id, tool_name, args, result, "
+            "duration_ms, success, error, called_at, actor, sid) VALUES ('project:shop', "
+            "'evil', 'm', 'rm -rf', '{}', 'null', 1.0, 1, NULL, 12, 'lead', 0)"
+        )
+        conn.execute(
+            "INSERT INTO journal (seq, shard, stream_id, sid, op, scope, key, level, actor, ts,"
+            " committed_at, prev_hash, hash) VALUES (?, 0, '5-0', x'00', 'del', "
+            "'project:shop', 'k', 4, 'mallory', 5, 5, x'00', x'00')",
+            (-(1 << 63),),
+        )
+        conn.execute("UPDATE journal SET sid = ? WHERE stream_id = '20-0'", (20 << 22,))
+    conn.close()
+    assert "evil" in [c.call_id for c in store.tool_calls("project:shop", "m")]
+    assert not _projection_ok(store)
+    with sqlite3.connect(store.path) as conn:
+        chain, sids = check_chain(conn, "journal"), check_sids(conn)
+    conn.close()
+    assert "1 row(s) of 5 were not reached by the walk" in chain.problems
+    assert sids.problems == [
+        "journal: 2 row(s) whose sid is not a 16-byte ordering id",
+        "tool_calls: 1 row(s) whose sid is not a 16-byte ordering id",
+    ]
+
+
+def test_verify_passes_a_large_tool_call(
+    make_mem: Callable[..., DualMemory], db_path: Path
+) -> None:
+    # Verify opened records with the default 1 MiB bound; the worker's projection allows
+    # any size the max_value_bytes setting does.
+    mem = make_mem(max_value_bytes=8 * 1024 * 1024)
+    log = MissionLog(mem, LEAD)
+    sync_all(
+        mem,
+        [
+            log.start_mission("m1", "p"),
+            log.record_tool_call("m1", "dump", {}, "x" * (2 * 1024 * 1024), 1.0, True),
+        ],
+    )
+    assert len(log.tool_calls("m1")) == 1
+    with raw_db(db_path) as conn:
+        check = check_projections(conn)
+    assert check.status == "ok", check.problems
+
+
+def test_migrating_to_schema_4_projects_a_child_written_after_its_missions_delete(
+    tmp_path: Path,
+) -> None:
+    # Schema 3 hid a tool call written after its mission's delete; schema 4 projects
+    # it, and so must the migration, or verify fails on a healthy upgraded database.
+    from dualmem.migrations import migrate
+
+    path = tmp_path / "v3.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, 3)
+    tc = child_key("tool_call", "m", "c1")
+    env = CODEC.seal(call_value("m", "c1", 21), scope="project:shop", key=tc, level=Level.PROJECT)
+    for key, e, sid, stream_id in [
+        (mission_key("m"), None, 20 << 22, "20-0"),
+        (tc, env, 21 << 22, "21-0"),
+    ]:
+        conn.execute(
+            "INSERT INTO memory (scope, key, level, owner, envelope, sid, stream_id, created_at,"
+            " updated_at) VALUES ('project:shop', ?, 4, 'lead', ?, ?, ?, 1, 1)",
+            (key, e, sid, stream_id),
+        )
+    conn.close()
+    migrated = SQLiteStore(path)
+    try:
+        assert [c.call_id for c in migrated.tool_calls("project:shop", "m")] == ["c1"]
+        assert _projection_ok(migrated)
+    finally:
+        migrated.close()

@@ -9,7 +9,6 @@ from typing import Any, cast
 
 import redis
 
-from acl.crypto import Codec
 from acl.errors import DualMemError
 from acl.levels import Level
 from acl.policy import level_of_scope
@@ -19,6 +18,7 @@ from dualmem.layout import Layout
 from dualmem.migrations import SCHEMA_VERSION, schema_version
 from dualmem.ops.database import NO_PROGRESS, ProgressFn
 from dualmem.projection import (
+    PLAINTEXT,
     RESERVED_PREFIX,
     MissionRecord,
     parse_key,
@@ -177,6 +177,8 @@ def check_chain(conn: sqlite3.Connection, table: str, progress: ProgressFn = NO_
         if n % _CHUNK == 0:
             progress(f"{table} chain", n, total)
     progress(f"{table} chain", n, total)
+    if n != total:  # a row the keyset walk cannot reach (one planted at the smallest id)
+        c.problem(f"{total - n} row(s) of {total} were not reached by the walk")
     c.summary = f"{n} rows ok" if c.ok else f"{c.problem_count} broken link(s) in {n} rows"
     if not c.ok:
         c.fix = "rows were edited outside dualmem: restore a backup and investigate"
@@ -256,18 +258,44 @@ _CONTENT: dict[str, tuple[str, Callable[[Sequence[Any]], MissionRecord]]] = {
         row_to_playbook_run,
     ),
 }
-_PLAIN = Codec(None)
+# The projection's own codec: the same bound on a value's size (a large tool call).
+_PLAIN = PLAINTEXT
 
 
 def _projected_rows(conn: sqlite3.Connection) -> dict[tuple[str, str, str], object]:
-    """``{(kind, scope, id): sid}`` of every real (not placeholder) projected row."""
+    """``{(kind, scope, id): sid}`` of every projected row but the missions' placeholders
+    (sid 0): a child row is read whatever its sid, so one planted with sid 0 shows."""
     out: dict[tuple[str, str, str], object] = {}
     for kind, (table, id_col) in _PROJECTED.items():
-        for scope, ident, sid in conn.execute(
-            f"SELECT scope, {id_col}, sid FROM {table} WHERE sid > 0"
-        ):
+        where = "WHERE sid > 0" if kind == "mission" else ""
+        for scope, ident, sid in conn.execute(f"SELECT scope, {id_col}, sid FROM {table} {where}"):
             out[(kind, scope, ident)] = sid
     return out
+
+
+def check_sids(conn: sqlite3.Connection) -> Check:
+    """Every ordering id (``sid``) is 16 bytes (schema 4), but the missions' placeholders:
+    a sid edited into another form still hashes the same in its chain (its old integer
+    form is hashed on purpose) but sorts apart from every other (``history`` order)."""
+    c = Check("ordering ids")
+    bad = "NOT (typeof(sid) = 'blob' AND length(sid) = 16)"
+    counted = 0
+    for table, extra in (
+        ("memory", ""),
+        ("journal", ""),
+        ("missions", " AND NOT (typeof(sid) = 'integer' AND sid = 0)"),
+        ("tool_calls", ""),
+        ("decisions", ""),
+        ("playbook_runs", ""),
+    ):
+        n = int(conn.execute(f"SELECT count(*) FROM {table} WHERE {bad}{extra}").fetchone()[0])
+        counted += int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        if n:
+            c.problem(f"{table}: {n} row(s) whose sid is not a 16-byte ordering id")
+    c.summary = f"{counted} rows ok" if c.ok else f"{c.problem_count} table(s) with bad sids"
+    if not c.ok:
+        c.fix = "rows were edited outside dualmem: restore a backup and investigate"
+    return c
 
 
 _Live = dict[tuple[str, str, str], tuple[str, object, str, int, str, bytes]]
@@ -368,6 +396,8 @@ def verify_database(conn: sqlite3.Connection, progress: ProgressFn = NO_PROGRESS
         return checks
     checks.append(check_chain(conn, "journal", progress))
     checks.append(check_chain(conn, "audit_log", progress))
+    if schema_version(conn) >= 4:
+        checks.append(check_sids(conn))
     checks.append(check_projections(conn))
     return checks
 
