@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import urllib.parse
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -246,14 +246,14 @@ class Settings:
     def _validate_text(self) -> None:
         if not (self.redis_url.startswith(("memory://", "redis://", "rediss://", "unix://"))):
             raise ConfigurationError(
-                f"setting redis_url={self.redis_url!r} must start with memory://, redis://, "
+                f"setting redis_url={self.shown_url!r} must start with memory://, redis://, "
                 "rediss:// or unix://"
             )
         if not self.embedded:
             try:
                 parse_url(self.redis_url)  # type: ignore[no-untyped-call]
             except ValueError as exc:
-                raise ConfigurationError(f"setting redis_url={self.redis_url!r}: {exc}") from None
+                raise ConfigurationError(f"setting redis_url={self.shown_url!r}: {exc}") from None
         if not self.namespace or any(c in self.namespace for c in "{}: \t\n"):
             raise ConfigurationError(
                 f"setting namespace={self.namespace!r} must be non-empty without '{{}}:' or spaces"
@@ -272,17 +272,19 @@ class Settings:
             )
 
 
+_USERINFO_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^@/?#]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+
+
 def _redacted_url(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    shown = url
-    if parts.password is not None:
-        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
-        shown = shown.replace(f"//{parts.netloc}", f"//{netloc}", 1)
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    if any(name == "password" for name, _ in query):
-        masked = [(n, "***" if n == "password" else v) for n, v in query]
-        shown = shown.replace(f"?{parts.query}", f"?{urllib.parse.urlencode(masked, safe='*')}", 1)
-    return shown
+    """``url`` with its password masked, whether before the host or as ``?password=``;
+    never raises, even on a URL too broken to parse (it goes into error messages).
+
+    >>> _redacted_url("redis://app:s3cret@[::1/0"), _redacted_url("nonsense")
+    ('redis://app:***@[::1/0', 'nonsense')
+    """
+    shown = _USERINFO_PASSWORD.sub(r"\1***@", url, count=1)
+    return _QUERY_PASSWORD.sub(r"\1***", shown)
 
 
 def _coerce(name: str, type_name: str, value: Any) -> Any:

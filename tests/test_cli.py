@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from acl import Keyring, Level, Principal
+from acl import ConfigurationError, Keyring, Level, Principal
 from dualmem import DualMemory
 from dualmem.cli import main
 
@@ -409,6 +409,16 @@ def test_secrets_stay_out_of_reprs() -> None:
     ):
         shown = Settings(redis_url=url)
         assert "S3cretPw" not in shown.shown_url + repr(shown) and "***" in shown.shown_url
+    # ... and in the error for a bad URL, whose repr must not raise either.
+    for url in (
+        "redis://app:S3cretPw@db:abc/0",
+        "redis://app:S3cretPw@[::1/0",
+        "redis://db:6379/0?password=S3cretPw&db=x",
+        "http://app:S3cretPw@db/0",
+    ):
+        with pytest.raises(ConfigurationError) as err:
+            Settings.load({"redis_url": url})
+        assert "S3cretPw" not in str(err.value) + repr(Settings(redis_url=url))
     assert repr(secret) not in repr(ring._keys) and str(list(secret)) not in repr(ring._keys)
     signer = _derive(b"x" * 32)
     assert repr(signer.key) not in repr(signer)
