@@ -315,6 +315,7 @@ def test_edits_sealed_under_a_key_being_dropped_wait_for_the_next_cycle(
 
     mem = make_mem()
     put(mem, "note", {"v": 1}, Level.TEAM)
+    put(mem, "plain", {"v": 1})
     settings = Settings.load(
         {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
     )
@@ -322,6 +323,13 @@ def test_edits_sealed_under_a_key_being_dropped_wait_for_the_next_cycle(
         mirror = Mirror(rt, mdir)
         mirror.cycle(int(time.time() * 1000))
         f = file_of(mdir, "note", "team:backend")
+        # A conflict in the same cycle: its file goes back to SQLite's value, and its
+        # event (which holds the discarded hand edit) must survive the refusal.
+        plain = file_of(mdir, "plain")
+        conflicting = doc(plain)
+        conflicting["value"] = {"v": "by hand"}
+        plain.write_text(json.dumps(conflicting), encoding="utf-8")
+        put(mem, "plain", {"v": 2})
         edited = doc(f)
         edited.pop("envelope")
         edited["value"] = {"v": 2}
@@ -337,7 +345,9 @@ def test_edits_sealed_under_a_key_being_dropped_wait_for_the_next_cycle(
         monkeypatch.setattr(Mirror, "_scan_edits", then_a_rotation)
         report = mirror.cycle(int(time.time() * 1000))
         monkeypatch.undo()
-        assert report.receipts == [] and any("not sent" in e for e in report.events)
+        assert any("not sent" in e for e in report.events) and report.conflicts == 1
+        rt.wait(report.receipts, 10)
+        assert [(k, key) for k, key, _ in sync_events(db_path)] == [("conflict", "plain")]
         drop_keys(keyfile, [old])
         clear_dropping(raw_redis, "dualmem")
         report = mirror.cycle(int(time.time() * 1000))

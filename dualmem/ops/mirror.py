@@ -237,6 +237,8 @@ class Mirror:
         report = CycleReport()
         writes: list[Write] = []
         events: list[AuditEvent] = []
+        # Each import's file, its state entry before, and its event: undone if refused.
+        self._imports: list[tuple[str, dict[str, Any] | None, AuditEvent]] = []
         path = self.runtime.settings.db_path
         conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
         try:
@@ -262,12 +264,20 @@ class Mirror:
             try:
                 report.receipts = self.runtime.send(writes, audits=events)
             except KeyDropped as exc:
-                # Sealed under a key a rotation is dropping: nothing was sent. Forget what
-                # this cycle learnt, so the next one reads the same edits and seals them
-                # with the key file's active key.
-                self.state = MirrorState.load(self.dir) or MirrorState(levels=self.state.levels)
+                # Sealed under a key a rotation is dropping: nothing was sent. The imports
+                # are undone (the next cycle reads the same edits again and seals them
+                # with the key file's active key); everything else this cycle did to the
+                # files (conflicts, rejections, restores) stands, with its events.
+                refused = {id(event) for _, _, event in self._imports}
+                for rel, before, _ in reversed(self._imports):
+                    if before is None:
+                        self.state.files.pop(rel, None)
+                    else:
+                        self.state.files[rel] = before
+                report.imported = 0
                 report.events.append(f"edits not sent ({exc}); the next cycle seals them again")
-                return report
+                kept = [e for e in events if id(e) not in refused]
+                report.receipts = self.runtime.send([], audits=kept) if kept else []
         self.state.seq = report.seq = head
         self.state.audit_id = audit_head
         self.state.save(self.dir)
@@ -437,7 +447,9 @@ class Mirror:
             self._refresh(conn, scope, key, now_ms, report)
             return
         writes.append(Write(scope, key, level, ACTOR, envelope, expires))
-        events.append(self._event("imported", scope, key, level, detail))
+        imported = self._event("imported", scope, key, level, detail)
+        events.append(imported)
+        self._imports.append((rel, self.state.files.get(rel), imported))
         report.imported += 1
         report.events.append(f"imported {rel}")
         self.state.files[rel] = {
