@@ -525,8 +525,14 @@ class DualMemory:
         if self._keyfile is not None:
             if self._lease is not None and self._lease.lapsed():
                 # No renewal got through for a while: a drop may have removed the key
-                # this process seals with. Look at the key file now, not at the interval.
+                # this process seals with. Look at the key file now, not at the interval;
+                # one that cannot be read cannot say the key is still there.
                 self._keyfile.reload()
+                if self._keyfile.failed:
+                    raise ConfigurationError(
+                        f"key file {self._keyfile.path} cannot be read, and this process's "
+                        "key lease lapsed: not sealing with a key a rotation may have dropped"
+                    )
             else:
                 self._keyfile.check()
         envelope = self.codec.seal(value, scope=sc, key=key, level=lvl)

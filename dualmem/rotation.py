@@ -105,6 +105,8 @@ class KeyfileWatcher:
         self._seen = seen
         self._next = time.monotonic() + interval
         self._lock = threading.Lock()
+        #: The last look found the file unreadable (the keyring in use was kept).
+        self.failed = False
 
     def _signature(self) -> tuple[int, int, int] | None:
         return keyfile_signature(self.path)
@@ -119,12 +121,14 @@ class KeyfileWatcher:
         with self._lock:
             self._next = time.monotonic() + self.interval
             sig = self._signature()
+            self.failed = sig is None
             if sig is None or sig == self._seen:
                 return False
             try:
                 ring = Keyring.load(self.path)
             except ConfigurationError as exc:
                 log.warning("key file %s not reloaded: %s", self.path, exc)
+                self.failed = True
                 return False
             self.codec.keyring = ring
             self._seen = sig

@@ -579,3 +579,23 @@ def test_the_last_look_never_misses_a_put_the_worker_commits_meanwhile(
     # Either the rotation went on and re-sealed it, or it says the old key is still used.
     still_old = envelope_key_id(bytes(env)) == old
     assert not (still_old and report.done and old in report.retired), report
+
+
+def test_a_writer_whose_lease_lapsed_does_not_seal_when_its_key_file_cannot_be_read(
+    make_mem: MakeMem, keyfile: Path
+) -> None:
+    # Its lease expired, so no drop waits for it; a key file it cannot read cannot tell
+    # it whether its key is still there, and it went on sealing with that key.
+    from dualmem.errors import ConfigurationError
+
+    p = Principal(agent_id="a")
+    writer = make_mem(worker=False, keyring_reload_interval=0.05)
+    writer.put("a", 1, level=Level.PRIVATE, principal=p)
+    good = keyfile.read_bytes()
+    time.sleep(1.2)  # no write for interval + 1 s: the lease may have lapsed
+    keyfile.write_text("not a key file")
+    with pytest.raises(ConfigurationError, match="cannot be read"):
+        writer.put("b", 2, level=Level.PRIVATE, principal=p)
+    keyfile.write_bytes(good)
+    writer.put("b", 2, level=Level.PRIVATE, principal=p)
+    assert writer.get("b", level=Level.PRIVATE, principal=p, fresh=True) == 2

@@ -303,6 +303,11 @@ class Runtime:
                 # Now, after the WATCH: a drop done since is in the file; and a tool that
                 # is refused seals again with the active key.
                 self._keyfile.reload()
+                if self._keyfile.failed:
+                    raise KeyDropped(
+                        f"key file {self._keyfile.path} cannot be read, so it cannot say the "
+                        "keys of these records are still in it: nothing was sent"
+                    )
             why = dropping_refusal(mark, key_ids)
             ring = self.codec.keyring
             gone = sorted(key_ids - set(() if ring is None else ring.ids))
