@@ -18,7 +18,7 @@ from acl.errors import (
     TamperedRecord,
     ValidationError,
 )
-from acl.levels import Level, as_level
+from acl.levels import ENCRYPTED_LEVELS, Level, as_level
 from acl.policy import level_of_scope, readable_scopes, resolve_scope, stored_level
 from acl.principal import Principal
 from dualmem.commands import (
@@ -528,7 +528,7 @@ class DualMemory:
                 # this process seals with. Look at the key file now, not at the interval;
                 # one that cannot be read cannot say the key is still there.
                 self._keyfile.reload()
-                if self._keyfile.failed:
+                if self._keyfile.failed and lvl in ENCRYPTED_LEVELS:
                     raise ConfigurationError(
                         f"key file {self._keyfile.path} cannot be read, and this process's "
                         "key lease lapsed: not sealing with a key a rotation may have dropped"

@@ -314,8 +314,8 @@ def _project_existing(conn: sqlite3.Connection) -> None:
         """SELECT scope, key, level, owner, envelope, sid, expires_at FROM memory
            WHERE key LIKE '\\_dm/%' ESCAPE '\\' AND level IN (3, 4)
              AND envelope IS NOT NULL"""
-    ).fetchall()
-    for scope, key, level, owner, envelope, sid, expires_at in rows:
+    )
+    for scope, key, level, owner, envelope, sid, expires_at in rows:  # row by row
         cmd = Command(OP_PUT, scope, key, Level(level), owner, 0, bytes(envelope), expires_at)
         try:
             statements = plan_projection(cmd, bytes(sid))

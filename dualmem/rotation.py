@@ -99,7 +99,8 @@ class KeyfileWatcher:
         """``seen``: the file's :func:`keyfile_signature` taken *before* the codec's
         keyring was read from it. Taken after, a rotation saving the file in between
         would look already loaded, and this process would never learn the new key."""
-        self.path = Path(path)
+        # Absolute: a process that changes directory still finds its key file.
+        self.path = Path(path).absolute()
         self.codec = codec
         self.interval = interval
         self._seen = seen

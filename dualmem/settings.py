@@ -272,7 +272,9 @@ class Settings:
             )
 
 
-_USERINFO_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^@/?#]*@")
+# Up to the last "@" before the path's query or fragment, as urllib splits userinfo (a
+# password may hold "@" or "/" unescaped, and redis-py accepts it).
+_USERINFO_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^?#]*@")
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
 
 

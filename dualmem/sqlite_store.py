@@ -460,14 +460,16 @@ class SQLiteStore(Store):
                        LIMIT ?)""",
                 (tombstones_before_ms, limit),
             ).rowcount
-            # A dead letter replayed a tombstone TTL ago has done its work (its replay is
-            # in the journal, or dead-lettered again under its own id) and no longer
-            # holds a tombstone; it still held the command's envelope (plaintext at
-            # levels 3 and 4) for good.
+            # A dead letter replayed a tombstone TTL ago has done its work and no longer
+            # holds a tombstone, but it held the command's envelope (plaintext at levels
+            # 3 and 4) for good. The envelope goes; the row stays, since sync() on the
+            # original receipt follows it to its replay (replayed_as).
             letters = conn.execute(
-                """DELETE FROM dead_letters WHERE id IN (
-                       SELECT id FROM dead_letters WHERE replayed_at < ? LIMIT ?)""",
-                (tombstones_before_ms, limit),
+                """UPDATE dead_letters SET fields = json_remove(fields, '$.' || ?)
+                   WHERE id IN (SELECT id FROM dead_letters
+                                WHERE replayed_at < ? AND json_type(fields, '$.' || ?) IS NOT NULL
+                                LIMIT ?)""",
+                (_ENVELOPE_FIELD, tombstones_before_ms, _ENVELOPE_FIELD, limit),
             ).rowcount
         return int(expired) + int(tombs) + int(letters)
 
@@ -887,6 +889,10 @@ def _sealed_where(levels: Sequence[int], skip_key_field: bytes) -> tuple[str, li
         where += " AND substr(envelope, 3, ?) IS NOT ?"
         params += [len(skip_key_field), skip_key_field]
     return where, params
+
+
+#: The JSON path member of a dead letter's envelope field (names are base64 too).
+_ENVELOPE_FIELD = '"' + base64.b64encode(b"e").decode() + '"'
 
 
 def _fields_to_json(fields: Mapping[bytes, bytes]) -> str:

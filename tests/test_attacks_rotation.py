@@ -599,3 +599,28 @@ def test_a_writer_whose_lease_lapsed_does_not_seal_when_its_key_file_cannot_be_r
     keyfile.write_bytes(good)
     writer.put("b", 2, level=Level.PRIVATE, principal=p)
     assert writer.get("b", level=Level.PRIVATE, principal=p, fresh=True) == 2
+
+
+def test_a_writer_keeps_writing_after_it_changes_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The key file watcher kept a relative path: after os.chdir its stat failed, and once
+    # the lease lapsed every put was refused as if the key file could not be read.
+    import uuid
+
+    from dualmem.redis_backend import drop_memory_server
+
+    p = Principal(agent_id="a")
+    monkeypatch.chdir(tmp_path)
+    url = f"memory://chdir-{uuid.uuid4().hex}"
+    mem = DualMemory(url, keyring_reload_interval=0.2)  # dualmem.db and its key file, relative
+    try:
+        mem.sync(mem.put("a", 1, level=Level.PRIVATE, principal=p), timeout=10)
+        (tmp_path / "elsewhere").mkdir()
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        time.sleep(1.5)  # idle: the key lease lapses
+        mem.sync(mem.put("b", 2, level=Level.PRIVATE, principal=p), timeout=10)
+        assert mem.get("b", level=Level.PRIVATE, principal=p) == 2
+    finally:
+        mem.close()
+        drop_memory_server(url)

@@ -324,3 +324,36 @@ def test_missing_and_foreign_files_are_usage_errors(
     junk.write_bytes(b"this is not a database at all" * 100)
     code, _, err = run_cli(capsys, "verify", "--db", str(junk), "--no-redis")
     assert code == 2 and "is not a dualmem database" in err
+
+
+def test_verify_reads_one_snapshot_while_the_worker_commits(mem: DualMemory, db_path: Path) -> None:
+    # The chain check counted rows, then walked them page by page, each read seeing the
+    # newest commit: a row committed in between was "not reached by the walk".
+    from dualmem.ops.database import open_database
+    from dualmem.ops.verify import verify_database
+
+    fill(mem)
+
+    class Live:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        @property
+        def in_transaction(self) -> bool:
+            return self.conn.in_transaction
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            cur = self.conn.execute(sql, *args)
+            if sql.startswith("SELECT count(*) FROM journal"):
+                rows = cur.fetchall()
+                mem.sync(mem.put("during", 1, level=Level.SWARM, principal=CODER), timeout=10)
+                return _Rows(rows)
+            return cur
+
+    class _Rows(list[Any]):
+        def fetchone(self) -> Any:
+            return self[0]
+
+    with open_database(db_path) as conn:
+        checks = verify_database(Live(conn))  # type: ignore[arg-type]
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]

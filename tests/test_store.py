@@ -141,11 +141,29 @@ def test_a_tombstone_outlives_its_ttl_while_a_dead_letter_of_its_key_waits(
     assert replayed_at is not None
     assert store.purge(now_ms=10, tombstones_before_ms=replayed_at) == 0
     assert len(store.dead_letters(include_replayed=True)) == 1  # a letter waiting stays
-    # The tombstone goes, and so does the letter replayed that long ago: it held the
-    # command's envelope (plaintext at levels 3 and 4) for good.
+    # The tombstone goes, and so does the envelope of the letter replayed that long ago
+    # (plaintext at levels 3 and 4, kept for good before); the row stays, since sync()
+    # on the original receipt follows it to its replay.
     assert store.purge(now_ms=10, tombstones_before_ms=replayed_at + 1) == 2
     assert value_of(store) is None
-    assert store.dead_letters(include_replayed=True) == []
+    (letter,) = store.dead_letters(include_replayed=True)
+    assert b"e" not in letter.fields and letter.fields[b"k"] == b"k"
+    assert store.purge(now_ms=10, tombstones_before_ms=replayed_at + 1) == 0
+
+
+def test_purge_keeps_a_replayed_letter_that_sync_follows(store: SQLiteStore) -> None:
+    # Deleting the replayed letter broke the chain sync() follows: a receipt whose
+    # replay was dead-lettered again said "not committed (is a worker running?)".
+    first = put(1, value=b"poison")
+    store.dead_letter([(first, "poisoned", 3)])
+    (letter,) = store.dead_letters()
+    store.mark_replayed([letter.id], ["7-0"])
+    store.dead_letter([(StreamEntry(0, "7-0", first.fields), "poisoned", 3)])
+    assert store.status(0, "1-0") == "dead"
+    replayed_at = store.dead_letters(include_replayed=True)[0].replayed_at
+    assert replayed_at is not None
+    store.purge(now_ms=10, tombstones_before_ms=replayed_at + 1)
+    assert store.status(0, "1-0") == "dead"
 
 
 @pytest.mark.parametrize("prefix", ["a%", "a_", "a*", "a[", "a'", "é", "a\U0010ffff", "\uffff"])

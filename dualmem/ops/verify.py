@@ -388,7 +388,18 @@ def check_projections(conn: sqlite3.Connection) -> Check:
 
 
 def verify_database(conn: sqlite3.Connection, progress: ProgressFn = NO_PROGRESS) -> list[Check]:
-    """Every check that needs only the database file."""
+    """Every check that needs only the database file, on one snapshot of it (a read
+    transaction): workers may go on committing meanwhile."""
+    if conn.in_transaction:
+        return _verify_database(conn, progress)
+    conn.execute("BEGIN")
+    try:
+        return _verify_database(conn, progress)
+    finally:
+        conn.execute("COMMIT")
+
+
+def _verify_database(conn: sqlite3.Connection, progress: ProgressFn) -> list[Check]:
     checks = [check_integrity(conn), check_foreign_keys(conn), check_schema(conn)]
     if not 1 <= schema_version(conn) <= SCHEMA_VERSION:
         # Tables of a newer schema may have other columns: judging them would mislead;
