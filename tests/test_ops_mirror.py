@@ -371,3 +371,43 @@ def test_operator_commands_never_migrate_behind_your_back(
         assert code == 2 and "run `dualmem migrate" in err, argv
     with sqlite3.connect(old) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+
+
+def test_a_refused_import_keeps_its_hand_edit_when_the_cycle_refreshes_every_file(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+    raw_redis: redis.Redis,
+) -> None:
+    # After a key rotation a cycle rewrites every file from SQLite: the file just edited
+    # by hand was rewritten too, before its import was sent; the send was refused, and
+    # the edit was gone with no event.
+    from dualmem.keyuse import clear_dropping, mark_dropping
+
+    mem = make_mem()
+    put(mem, "note", {"v": 1}, Level.TEAM)
+    settings = Settings.load(
+        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
+    )
+    with Runtime(settings, worker=False) as rt:
+        mirror = Mirror(rt, mdir)
+        mirror.cycle(int(time.time() * 1000))
+        ops = Principal(agent_id="ops", system=True)
+        mem.sync(mem.audit("key_rotation", principal=ops, detail={"done": True}), timeout=10)
+        f = file_of(mdir, "note", "team:backend")
+        edited = doc(f)
+        edited.pop("envelope")
+        edited["value"] = {"v": "by hand"}
+        f.write_text(json.dumps(edited), encoding="utf-8")
+        active = rt.codec.keyring.active_id  # type: ignore[union-attr]
+        mark_dropping(raw_redis, "dualmem", [active], ttl=60)
+        report = mirror.cycle(int(time.time() * 1000))
+        assert any("not sent" in e for e in report.events)
+        assert doc(f)["value"] == {"v": "by hand"}  # still there
+        clear_dropping(raw_redis, "dualmem")
+        report = mirror.cycle(int(time.time() * 1000))
+        assert report.imported == 1
+        rt.wait(report.receipts, 10)
+    assert mem.get("note", level=Level.TEAM, principal=CODER) == {"v": "by hand"}

@@ -252,6 +252,10 @@ class Mirror:
             targets = changed
             if self.fresh or self._rotated(conn, audit_head):
                 targets = self._all_live(conn, now_ms)
+            # A file imported in this cycle keeps its hand edit until the import commits
+            # (a later cycle writes it back from SQLite): refreshed now, a refused send
+            # (KeyDropped) would leave the edit overwritten and lost.
+            targets = targets - {(w.scope, w.key) for w in writes}
             for i, (scope, key) in enumerate(sorted(targets), start=1):
                 self._refresh(conn, scope, key, now_ms, report)
                 if i % 500 == 0:
