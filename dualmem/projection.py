@@ -34,12 +34,16 @@ from acl.levels import Level
 from dualmem.commands import OP_AUDIT, OP_DELETE, OP_PUT, Command, MalformedCommand
 
 __all__ = [
+    "DECISION_COLUMNS",
     "KINDS",
     "MAX_ID_CHARS",
+    "MISSION_COLUMNS",
     "PLAINTEXT",
+    "PLAYBOOK_RUN_COLUMNS",
     "RESERVED_PREFIX",
     "STATUSES",
     "SYNC_EVENT_PREFIX",
+    "TOOL_CALL_COLUMNS",
     "TRANSITIONS",
     "Decision",
     "Mission",
@@ -617,6 +621,22 @@ def _plan_record(
 
 
 # -- rows back to objects (used by the store's reads) --------------------------------------
+
+
+#: The columns each ``row_to_*`` below reads, in its order (the store's reads, verify).
+MISSION_COLUMNS = (
+    "scope, mission_id, level, phase, status, metadata, started_at, updated_at, completed_at, actor"
+)
+TOOL_CALL_COLUMNS = (
+    "scope, call_id, mission_id, tool_name, args, result, duration_ms, success, error, "
+    "called_at, actor"
+)
+DECISION_COLUMNS = (
+    "scope, decision_id, mission_id, decision_type, rationale, agent_name, decided_at, actor"
+)
+PLAYBOOK_RUN_COLUMNS = (
+    "scope, run_id, mission_id, playbook_name, phase, started_at, completed_at, success, actor"
+)
 
 
 def row_to_mission(r: Sequence[Any]) -> Mission:

@@ -20,6 +20,10 @@ from dualmem.commands import MalformedCommand, sid_of
 from dualmem.errors import StoreUnavailable
 from dualmem.migrations import migrate
 from dualmem.projection import (
+    DECISION_COLUMNS,
+    MISSION_COLUMNS,
+    PLAYBOOK_RUN_COLUMNS,
+    TOOL_CALL_COLUMNS,
     Decision,
     Mission,
     PlaybookRun,
@@ -86,9 +90,6 @@ _MAX_PARAMS = 4000
 _ROW_COLUMNS = "scope, key, level, owner, envelope, created_at, updated_at, expires_at, stream_id"
 _CHANGE_COLUMNS = "seq, shard, stream_id, op, scope, key, level, actor, ts, committed_at"
 _LIVE = "envelope IS NOT NULL AND (expires_at IS NULL OR expires_at > ?)"
-_MISSION_COLUMNS = (
-    "scope, mission_id, level, phase, status, metadata, started_at, updated_at, completed_at, actor"
-)
 
 # Errors that belong to one entry's content (a constraint, a bad value): retried entry by
 # entry so the rest of the batch commits. Anything else (locked, I/O, full disk) fails
@@ -729,7 +730,7 @@ class SQLiteStore(Store):
     def mission(self, scope: str, mission_id: str) -> Mission | None:
         """See :meth:`Store.mission`."""
         rows = self._read(
-            f"SELECT {_MISSION_COLUMNS} FROM missions "
+            f"SELECT {MISSION_COLUMNS} FROM missions "
             "WHERE scope = ? AND mission_id = ? AND sid > 0",
             (scope, mission_id),
         )
@@ -743,8 +744,7 @@ class SQLiteStore(Store):
             where += " AND status = ?"
             params.append(status)
         rows = self._read(
-            f"SELECT {_MISSION_COLUMNS} FROM missions WHERE {where} "
-            "ORDER BY started_at, mission_id",
+            f"SELECT {MISSION_COLUMNS} FROM missions WHERE {where} ORDER BY started_at, mission_id",
             params,
         )
         return [row_to_mission(r) for r in rows]
@@ -767,8 +767,7 @@ class SQLiteStore(Store):
             where += " AND called_at >= ?"
             params.append(since)
         rows = self._read(
-            "SELECT scope, call_id, mission_id, tool_name, args, result, duration_ms, success, "
-            f"error, called_at, actor FROM tool_calls WHERE {where} ORDER BY called_at, call_id",
+            f"SELECT {TOOL_CALL_COLUMNS} FROM tool_calls WHERE {where} ORDER BY called_at, call_id",
             params,
         )
         return [row_to_tool_call(r) for r in rows]
@@ -776,8 +775,7 @@ class SQLiteStore(Store):
     def decisions(self, scope: str, mission_id: str) -> list[Decision]:
         """See :meth:`Store.decisions`."""
         rows = self._read(
-            "SELECT scope, decision_id, mission_id, decision_type, rationale, agent_name, "
-            "decided_at, actor FROM decisions WHERE scope = ? AND mission_id = ? "
+            f"SELECT {DECISION_COLUMNS} FROM decisions WHERE scope = ? AND mission_id = ? "
             "ORDER BY decided_at, decision_id",
             (scope, mission_id),
         )
@@ -786,9 +784,8 @@ class SQLiteStore(Store):
     def playbook_runs(self, scope: str, mission_id: str) -> list[PlaybookRun]:
         """See :meth:`Store.playbook_runs`."""
         rows = self._read(
-            "SELECT scope, run_id, mission_id, playbook_name, phase, started_at, completed_at, "
-            "success, actor FROM playbook_runs WHERE scope = ? AND mission_id = ? "
-            "ORDER BY started_at, run_id",
+            f"SELECT {PLAYBOOK_RUN_COLUMNS} FROM playbook_runs WHERE scope = ? AND "
+            "mission_id = ? ORDER BY started_at, run_id",
             (scope, mission_id),
         )
         return [row_to_playbook_run(r) for r in rows]

@@ -18,8 +18,12 @@ from dualmem.layout import Layout
 from dualmem.migrations import SCHEMA_VERSION, schema_version
 from dualmem.ops.database import NO_PROGRESS, ProgressFn
 from dualmem.projection import (
+    DECISION_COLUMNS,
+    MISSION_COLUMNS,
     PLAINTEXT,
+    PLAYBOOK_RUN_COLUMNS,
     RESERVED_PREFIX,
+    TOOL_CALL_COLUMNS,
     MissionRecord,
     parse_key,
     parse_record,
@@ -239,24 +243,10 @@ _PROJECTED = {
 }
 # The columns the store reads each kind with, and how it turns them into objects.
 _CONTENT: dict[str, tuple[str, Callable[[Sequence[Any]], MissionRecord]]] = {
-    "mission": (
-        "scope, mission_id, level, phase, status, metadata, started_at, updated_at, "
-        "completed_at, actor",
-        row_to_mission,
-    ),
-    "tool_call": (
-        "scope, call_id, mission_id, tool_name, args, result, duration_ms, success, error, "
-        "called_at, actor",
-        row_to_tool_call,
-    ),
-    "decision": (
-        "scope, decision_id, mission_id, decision_type, rationale, agent_name, decided_at, actor",
-        row_to_decision,
-    ),
-    "playbook_run": (
-        "scope, run_id, mission_id, playbook_name, phase, started_at, completed_at, success, actor",
-        row_to_playbook_run,
-    ),
+    "mission": (MISSION_COLUMNS, row_to_mission),
+    "tool_call": (TOOL_CALL_COLUMNS, row_to_tool_call),
+    "decision": (DECISION_COLUMNS, row_to_decision),
+    "playbook_run": (PLAYBOOK_RUN_COLUMNS, row_to_playbook_run),
 }
 # The projection's own codec: the same bound on a value's size (a large tool call).
 _PLAIN = PLAINTEXT
