@@ -38,14 +38,17 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
 from acl.crypto import Codec
 from dualmem.redis_backend import text, transact, translate_errors
 from dualmem.settings import Settings
+
+_R = TypeVar("_R")
 
 __all__ = [
     "KeyLease",
@@ -56,6 +59,7 @@ __all__ = [
     "key_users",
     "landing_slack",
     "mark_dropping",
+    "send_carrying",
     "wait_for_key_users",
 ]
 
@@ -119,6 +123,21 @@ class KeyLease:
         # Monotonic time the last renewal that got through was sent: its entry lives
         # until at least that plus the TTL.
         self._renewed_at = -float("inf")
+
+    @classmethod
+    def take(cls, client: redis.Redis, settings: Settings, codec: Codec, **kw: bool) -> KeyLease:
+        """A lease on ``codec``'s keys with ``settings``' interval and slack, renewed now
+        (before the first seal); ``kw``: ``all_keys``."""
+        lease = cls(
+            client,
+            settings.namespace,
+            codec,
+            settings.keyring_reload_interval,
+            landing_slack(settings),
+            **kw,
+        )
+        lease.renew()
+        return lease
 
     def ids(self) -> list[str]:
         """The key ids this process may seal with now: the active one first."""
@@ -229,6 +248,26 @@ def dropping_refusal(raw: object, ids: set[str]) -> str | None:
         return "a key is being dropped from the key file"
     hit = sorted(ids & {str(m) for m in marked})
     return f"key {', '.join(hit)} is being dropped from the key file" if hit else None
+
+
+def send_carrying(
+    lease: KeyLease | None,
+    commands: Sequence[tuple[Any, ...]],
+    send: Callable[[list[tuple[Any, ...]]], _R],
+) -> _R:
+    """``send(commands)`` with ``lease``'s renewal appended when one is due (last, so the
+    replies to ``commands`` keep their places), confirmed once ``send`` returned: a
+    renewal whose transaction failed is due again at the next write.
+
+    >>> send_carrying(None, [(b"PING",)], list)
+    [(b'PING',)]
+    """
+    renewal = () if lease is None else lease.commands()
+    sent_at = time.monotonic()
+    result = send([*commands, *renewal])
+    if renewal and lease is not None:
+        lease.confirm(sent_at)
+    return result
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import redis
@@ -34,7 +35,7 @@ from dualmem.commands import (
     xadd_command,
 )
 from dualmem.errors import Backpressure, DualMemError, NotPersisted
-from dualmem.keyuse import KeyLease, landing_slack
+from dualmem.keyuse import KeyLease, send_carrying
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics, prometheus_text
 from dualmem.projection import projected
@@ -168,7 +169,9 @@ class DualMemory:
             ensure_groups(self._redis, self.layout.stream_shards(), settings.group, self.store)
             # A process that follows a key file holds a lease on the keys it seals with,
             # taken before its first seal: a key drop waits for it (dualmem.keyuse).
-            self._lease = None if self._keyfile is None else self._take_lease()
+            self._lease = (
+                None if self._keyfile is None else KeyLease.take(self._redis, settings, self.codec)
+            )
         except BaseException:
             self.store.close()
             raise
@@ -218,17 +221,6 @@ class DualMemory:
         self._drain_timeout = self.settings.close_timeout
         self._worker_thread = threading.Thread(target=run, name="dualmem-worker", daemon=True)
         self._worker_thread.start()
-
-    def _take_lease(self) -> KeyLease:
-        lease = KeyLease(
-            self._redis,
-            self.settings.namespace,
-            self.codec,
-            self.settings.keyring_reload_interval,
-            landing_slack(self.settings),
-        )
-        lease.renew()
-        return lease
 
     def _notify_committed(self) -> None:
         with self._committed:
@@ -586,13 +578,8 @@ class DualMemory:
             commands: tuple[tuple[Any, ...], ...] = (cache, xadd_command(stream, fields))
             if check:
                 commands += ((b"XLEN", stream),)
-            renewal = () if self._lease is None else self._lease.commands()
-            commands += renewal  # after XLEN: replies[2] stays its
-            sent_at = time.monotonic()
             with translate_errors("write"):
-                replies = transact(self._redis, commands)
-            if renewal and self._lease is not None:
-                self._lease.confirm(sent_at)
+                replies = send_carrying(self._lease, commands, partial(transact, self._redis))
             sid = replies[1]
             if check:
                 self._backlog[shard] = int(replies[2])

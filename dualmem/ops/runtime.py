@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from dualmem.commands import (
     xadd_command,
 )
 from dualmem.errors import Backpressure, KeyDropped, StoreUnavailable
-from dualmem.keyuse import KeyLease, dropping_key, dropping_refusal, landing_slack
+from dualmem.keyuse import KeyLease, dropping_key, dropping_refusal, send_carrying
 from dualmem.layout import Layout
 from dualmem.ops.database import NO_PROGRESS, ProgressFn, check_current, open_database
 from dualmem.redis_backend import (
@@ -142,15 +143,9 @@ class Runtime:
             # A lease on the keys it seals with, as DualMemory holds (dualmem.keyuse).
             self._lease: KeyLease | None = None
             if self._keyfile is not None:
-                self._lease = KeyLease(
-                    self.client,
-                    settings.namespace,
-                    self.codec,
-                    settings.keyring_reload_interval,
-                    landing_slack(settings),
-                    all_keys=lease_all_keys,
+                self._lease = KeyLease.take(
+                    self.client, settings, self.codec, all_keys=lease_all_keys
                 )
-                self._lease.renew()
             if worker:
                 self._start_worker()
         except BaseException:
@@ -257,13 +252,9 @@ class Runtime:
             )
             shard = self.layout.shard_of(a.scope or "", a.key or "")
             commands.append(xadd_command(self.layout.stream(shard), fields))
-        renewal = () if self._lease is None else self._lease.commands()
-        commands += renewal  # last: the replies above keep their places
-        sent_at = time.monotonic()
+        key_ids = self._sealed_under(writes, raw)
         with translate_errors("send commands"):
-            replies = self._transact(commands, self._sealed_under(writes, raw))
-        if renewal and self._lease is not None:
-            self._lease.confirm(sent_at)
+            replies = send_carrying(self._lease, commands, partial(self._transact, key_ids=key_ids))
         if self._wakeup is not None:
             self._wakeup.set()
         receipts = [
