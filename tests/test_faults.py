@@ -208,16 +208,22 @@ def test_an_unexpected_error_does_not_end_the_worker(
     assert failures == [1]
 
 
+def _empty_group(redis_server: RedisServer) -> tuple[redis.Redis, bytes]:
+    """A flushed server and a new stream with an empty ``persist`` group on it."""
+    client = redis_server.client()
+    client.flushall()
+    stream = b"dm:{forget:0}:cmd"
+    client.xgroup_create(stream, "persist", id="0", mkstream=True)
+    return client, stream
+
+
 def test_a_consumer_waking_up_while_it_is_forgotten_loses_nothing(
     redis_server: RedisServer,
 ) -> None:
     # Found by reading the worker: XGROUP DELCONSUMER throws away what the consumer holds.
     # A paused worker that wakes between XINFO (idle, nothing pending) and the deletion
     # and reads entries would lose them for good; they must be delivered again.
-    client = redis_server.client()
-    client.flushall()
-    stream = b"dm:{forget:0}:cmd"
-    client.xgroup_create(stream, "persist", id="0", mkstream=True)
+    client, stream = _empty_group(redis_server)
     ids = [client.xadd(stream, {b"n": str(i).encode()}) for i in range(5)]
     done = client.xreadgroup("persist", "a", {stream: ">"}, count=2)[0][1]
     client.xack(stream, "persist", *(sid for sid, _ in done))
@@ -236,10 +242,7 @@ def test_a_group_set_back_to_the_end_of_a_millisecond_still_reports_its_backlog(
     # forget_consumer sets a group back to "<ms - 1>-18446744073709551615" when its floor
     # has sequence 0; the id after that was computed as "<ms - 1>-18446744073709551616",
     # which Redis refuses, so the backlog, trimming and verify failed until a delivery.
-    client = redis_server.client()
-    client.flushall()
-    stream = b"dm:{forget:0}:cmd"
-    client.xgroup_create(stream, "persist", id="0", mkstream=True)
+    client, stream = _empty_group(redis_server)
     ids = [client.xadd(stream, {b"n": b"x"}, id=f"{100 + i}-0") for i in range(5)]
     client.xreadgroup("persist", "a", {stream: ">"}, count=1)  # 100-0 stays pending
     client.xgroup_createconsumer(stream, "persist", "sleeper")

@@ -54,6 +54,15 @@ def file_of(mdir: Path, key: str, scope: str = "swarm:s1") -> Path:
     return record_path(mdir, scope, key)
 
 
+def write_value(path: Path, value: object) -> None:
+    """Edit a mirrored file by hand: a plaintext value instead of what is there (for a
+    sealed record, its envelope)."""
+    edited = doc(path)
+    edited.pop("envelope", None)
+    edited["value"] = value
+    path.write_text(json.dumps(edited), encoding="utf-8")
+
+
 def doc(path: Path) -> dict[str, object]:
     return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
 
@@ -282,10 +291,7 @@ def test_a_running_mirror_seals_edits_with_the_key_a_rotation_made_active(
         rotated = old.with_new_key()
         rotated.without_key(old.active_id).save(keyfile, overwrite=True)
         time.sleep(0.1)  # past keyring_reload_interval
-        edited = doc(f)
-        edited.pop("envelope")
-        edited["value"] = {"v": 2}
-        f.write_text(json.dumps(edited), encoding="utf-8")
+        write_value(f, {"v": 2})
         report = mirror.cycle(int(time.time() * 1000))
         assert report.imported == 1
         rt.wait(report.receipts, 10)
@@ -326,14 +332,9 @@ def test_edits_sealed_under_a_key_being_dropped_wait_for_the_next_cycle(
         # A conflict in the same cycle: its file goes back to SQLite's value, and its
         # event (which holds the discarded hand edit) must survive the refusal.
         plain = file_of(mdir, "plain")
-        conflicting = doc(plain)
-        conflicting["value"] = {"v": "by hand"}
-        plain.write_text(json.dumps(conflicting), encoding="utf-8")
+        write_value(plain, {"v": "by hand"})
         put(mem, "plain", {"v": 2})
-        edited = doc(f)
-        edited.pop("envelope")
-        edited["value"] = {"v": 2}
-        f.write_text(json.dumps(edited), encoding="utf-8")
+        write_value(f, {"v": 2})
         old = rt.codec.keyring.active_id  # type: ignore[union-attr]
         real_scan = Mirror._scan_edits
 
@@ -397,10 +398,7 @@ def test_a_refused_import_keeps_its_hand_edit_when_the_cycle_refreshes_every_fil
         ops = Principal(agent_id="ops", system=True)
         mem.sync(mem.audit("key_rotation", principal=ops, detail={"done": True}), timeout=10)
         f = file_of(mdir, "note", "team:backend")
-        edited = doc(f)
-        edited.pop("envelope")
-        edited["value"] = {"v": "by hand"}
-        f.write_text(json.dumps(edited), encoding="utf-8")
+        write_value(f, {"v": "by hand"})
         active = rt.codec.keyring.active_id  # type: ignore[union-attr]
         mark_dropping(raw_redis, "dualmem", [active], ttl=60)
         report = mirror.cycle(int(time.time() * 1000))
