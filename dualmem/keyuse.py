@@ -139,12 +139,8 @@ class KeyLease:
         lease.renew()
         return lease
 
-    def ids(self) -> list[str]:
-        """The key ids this process may seal with now: the active one first."""
-        with self._lock:
-            return self._ids(time.monotonic())
-
     def _ids(self, now: float) -> list[str]:
+        """The key ids this process may seal with now, the active one first (under the lock)."""
         ring = self.codec.keyring
         active = "" if ring is None else ring.active_id
         if self._active is not None and active != self._active:

@@ -86,7 +86,6 @@ Statement = tuple[str, tuple[object, ...]]
 # above any max_value_bytes a writer may have used.
 #: The codec that opens plaintext-level envelopes (any size a setting allows).
 PLAINTEXT = Codec(None, max_value_bytes=1 << 28)
-_PLAIN = PLAINTEXT
 _PLAINTEXT_LEVELS = (Level.SWARM, Level.PROJECT)
 
 
@@ -575,7 +574,7 @@ def _plan_record(
         return [(sql, (cmd.scope, record_id, sid))]
     assert cmd.envelope is not None
     try:
-        value = _PLAIN.open(cmd.envelope, scope=cmd.scope, key=cmd.key, level=cmd.level)
+        value = PLAINTEXT.open(cmd.envelope, scope=cmd.scope, key=cmd.key, level=cmd.level)
         rec = parse_record(kind, mission_id, record_id, cmd.scope, cmd.level, cmd.actor, value)
     except (DualMemError, ValueError) as exc:
         raise MalformedCommand(f"{cmd.key}: not a valid {kind} record: {exc}") from exc

@@ -248,8 +248,6 @@ _CONTENT: dict[str, tuple[str, Callable[[Sequence[Any]], MissionRecord]]] = {
     "decision": (DECISION_COLUMNS, row_to_decision),
     "playbook_run": (PLAYBOOK_RUN_COLUMNS, row_to_playbook_run),
 }
-# The projection's own codec: the same bound on a value's size (a large tool call).
-_PLAIN = PLAINTEXT
 
 
 def _projected_rows(conn: sqlite3.Connection) -> dict[tuple[str, str, str], object]:
@@ -332,7 +330,8 @@ def _content_differs(
         f"SELECT {columns} FROM {table} WHERE scope = ? AND {id_col} = ?", (scope, name)
     ).fetchone()
     try:
-        value = _PLAIN.open(envelope, scope=scope, key=key, level=Level(level))
+        # The projection's own codec: the same bound on a value's size (a large tool call).
+        value = PLAINTEXT.open(envelope, scope=scope, key=key, level=Level(level))
         expected = parse_record(
             kind, mission_id, None if kind == "mission" else name, scope, Level(level), owner, value
         )
