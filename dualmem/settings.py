@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -17,6 +19,8 @@ from acl.errors import ConfigurationError
 from dualmem.commands import MAX_TTL_SECONDS
 
 __all__ = ["ENV_PREFIX", "WORKER_SCHED", "Settings"]
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "DUALMEM_"
 #: The longest timeout or interval a setting (or ``close(timeout=...)``) may ask for: 11.6
@@ -119,9 +123,13 @@ class Settings:
         """Build settings: explicit ``overrides`` win, then ``DUALMEM_*`` variables, then defaults.
 
         ``None`` in ``overrides`` means "not given". Unknown names are a ConfigurationError.
+        A ``DUALMEM_*`` variable that names no setting (a typo) is logged as a warning,
+        with the setting it most resembles, once per process; it is not an error, since the
+        environment is shared with other programs.
         """
         env = os.environ if environ is None else environ
         known = {f.name: f for f in fields(cls)}
+        _warn_unknown(env, known)
         values: dict[str, Any] = {}
         for name, f in known.items():
             raw = env.get(ENV_PREFIX + name.upper())
@@ -303,6 +311,20 @@ def _coerce(name: str, type_name: str, value: Any) -> Any:
     if not ok:
         raise ConfigurationError(f"setting {name} must be a {base}, got {value!r}")
     return float(value) if base == "float" else value
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_unknown(env: Mapping[str, str], known: Mapping[str, object]) -> None:
+    names = sorted(name.upper() for name in known)
+    for var in env:
+        rest = var[len(ENV_PREFIX) :]
+        if var.startswith(ENV_PREFIX) and rest not in names and var not in _WARNED:
+            _WARNED.add(var)
+            close = difflib.get_close_matches(rest, names, n=1)
+            hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+            log.warning("ignoring %s: dualmem has no such setting%s", var, hint)
 
 
 def _parse(name: str, type_name: str, raw: str) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import random
 
 import pytest
@@ -39,6 +41,22 @@ def test_arguments_beat_environment_beat_defaults() -> None:
     s = Settings.load({"shards": 2}, environ=env)
     assert (s.shards, s.batch_size, s.worker) == (2, 50, False)
     assert Settings.load(environ={}).redis_url == "memory://"
+
+
+def test_a_misspelled_environment_variable_is_named_in_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = {"DUALMEM_BATCHSIZE": "50", "DUALMEM_SHARDS": "2", "DUALMEM_ZZZ_QX": "1"}
+    with caplog.at_level(logging.WARNING, logger="dualmem.settings"):
+        s = Settings.load(environ=env)
+        Settings.load(environ=env)  # once per process, not once per load
+    assert (s.batch_size, s.shards) == (Settings().batch_size, 2)
+    warned = [r.getMessage() for r in caplog.records if r.name == "dualmem.settings"]
+    assert warned == [
+        "ignoring DUALMEM_BATCHSIZE: dualmem has no such setting (did you mean "
+        "DUALMEM_BATCH_SIZE?)",
+        "ignoring DUALMEM_ZZZ_QX: dualmem has no such setting",
+    ]
 
 
 @pytest.mark.parametrize(
