@@ -19,6 +19,7 @@ __all__ = [
     "KeyDropped",
     "MissingKey",
     "NotPersisted",
+    "RotationBusy",
     "StoreUnavailable",
     "TamperedRecord",
     "ValidationError",
@@ -49,3 +50,9 @@ class KeyDropped(ConfigurationError):
     """An operator tool (import, mirror, dlq replay) did not send records sealed under a
     key that ``rotate-keys --drop-retired`` is removing, or has removed, from the key file:
     they would be unreadable. Nothing was sent; seal them again with the active key."""
+
+
+class RotationBusy(DualMemError):
+    """Another key rotation holds the namespace's rotation lock (see
+    :mod:`dualmem.rotation_lock`), or this rotation lost it. Nothing was changed by the
+    refused step; run the rotation again (``--resume``) once the other one has ended."""

@@ -52,6 +52,7 @@ from dualmem.commands import reseal_fields
 from dualmem.errors import NotPersisted
 from dualmem.keyuse import clear_dropping, mark_dropping, wait_for_key_users
 from dualmem.redis_backend import connect, text, translate_errors
+from dualmem.rotation_lock import RotationLock
 from dualmem.settings import MAX_WAIT_SECONDS, Settings
 
 if TYPE_CHECKING:
@@ -252,6 +253,7 @@ def rotate_keys(
     batch_size: int = 500,
     timeout: float = 600.0,
     progress: ProgressFn | None = None,
+    lock: RotationLock | None = None,
 ) -> RotationReport:
     """Re-seal everything ``mem`` can reach under its keyring's active key (see module doc).
 
@@ -261,16 +263,26 @@ def rotate_keys(
     ``timeout`` seconds; ``report.done`` says which. Before returning it waits for its
     ``key_rotation`` audit event to be committed (``report.audited``). Safe to run again
     at any point.
+
+    One rotation per namespace runs at a time: this takes the namespace's rotation lock
+    (waiting up to ``timeout`` for another rotation to end) unless the caller passes the
+    ``lock`` it holds. Raises :class:`~dualmem.errors.RotationBusy` when the lock stays
+    taken, or when this rotation loses it (nothing more is sent then).
     """
     ring = mem.codec.keyring
     if ring is None:
         raise ConfigurationError("key rotation needs a keyring (a key file)")
     client, _ = connect(mem.settings)
+    own = None
     try:
-        run = _Rotation(mem, client, ring.active_id, batch_size, progress)
         deadline = time.monotonic() + timeout
+        if lock is None:
+            lock = own = RotationLock(client, mem.settings.namespace).acquire(timeout)
+        run = _Rotation(mem, client, ring.active_id, batch_size, progress, lock)
         report = run.run(deadline, tuple(k for k in ring.ids if k != ring.active_id))
     finally:
+        if own is not None:
+            own.release()
         client.close()
     receipt = mem.audit(
         "key_rotation",
@@ -302,9 +314,11 @@ class _Rotation:
         active: str,
         batch_size: int,
         progress: ProgressFn | None,
+        lock: RotationLock,
     ) -> None:
         self.mem = mem
         self.client = client
+        self.lock = lock
         self.active = active
         self.field = _key_field(active)
         self.batch_size = batch_size
@@ -382,6 +396,7 @@ class _Rotation:
             shards.append(shard)
         if not shards:
             return 0
+        self.lock.check()
         with translate_errors("rotation: send reseals"):
             ids = pipe.execute()
         for shard, sid in zip(shards, ids, strict=True):
@@ -471,6 +486,7 @@ class _Rotation:
             return None
 
     def _compare_and_set(self, name: bytes, old: bytes, new: bytes) -> bool:
+        self.lock.check()
         with translate_errors("rotation: write cache"), self.client.pipeline() as pipe:
             try:
                 pipe.watch(name)  # type: ignore[no-untyped-call]
@@ -585,7 +601,6 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from dualmem.cli import settings_from_args
-    from dualmem.memory import DualMemory
 
     settings = settings_from_args(args, keyring=args.keyring, worker=not args.no_worker)
     if settings.embedded:
@@ -600,6 +615,30 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
     console = Console()
     path = Path(settings.keyring)
     _preflight(args, settings)
+    client, _ = connect(settings)
+    try:
+        lock = RotationLock(client, settings.namespace).acquire(
+            args.timeout,
+            on_wait=lambda who: console.print(f"waiting for the key rotation of {who} to end"),
+        )
+        try:
+            return _rotate_locked(args, settings, console, path, lock)
+        finally:
+            lock.release()
+    finally:
+        client.close()
+
+
+def _rotate_locked(
+    args: argparse.Namespace,
+    settings: Settings,
+    console: Any,
+    path: Path,
+    lock: RotationLock,
+) -> int:
+    """The rotation itself, once this process holds the rotation lock."""
+    from dualmem.memory import DualMemory
+
     if not args.resume:
         before = Keyring.load(path)
         ring = add_active_key(path)
@@ -612,12 +651,12 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
         time.sleep(grace)
     mem = DualMemory(settings=settings)
     try:
-        report = _rotate_with_progress(mem, args, console)
+        report = _rotate_with_progress(mem, args, console, lock)
         _print_report(console, report)
         if not report.done:
             return 1
         if report.retired and args.drop_retired:
-            return _drop_retired(mem, args, console, path, report)
+            return _drop_retired(mem, args, console, path, report, lock)
     finally:
         mem.close()
     if report.retired:
@@ -653,7 +692,7 @@ def _preflight(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _rotate_with_progress(
-    mem: DualMemory, args: argparse.Namespace, console: Any
+    mem: DualMemory, args: argparse.Namespace, console: Any, lock: RotationLock
 ) -> RotationReport:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -664,7 +703,9 @@ def _rotate_with_progress(
         def tick(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        return rotate_keys(mem, batch_size=args.batch_size, timeout=args.timeout, progress=tick)
+        return rotate_keys(
+            mem, batch_size=args.batch_size, timeout=args.timeout, progress=tick, lock=lock
+        )
 
 
 def _print_report(console: Any, report: RotationReport) -> None:
@@ -698,6 +739,7 @@ def _drop_retired(
     console: Any,
     path: Path,
     report: RotationReport,
+    lock: RotationLock,
 ) -> int:
     """Drop the retired keys once no running process may still seal with one of them
     (their key leases, :mod:`dualmem.keyuse`), after one more pass over the data: what a
@@ -721,14 +763,16 @@ def _drop_retired(
                 "--drop-retired once they have"
             )
             return 1
+        lock.check()
         mark_dropping(client, namespace, list(report.retired), args.timeout + 60)
         try:
-            again = _rotate_with_progress(mem, args, console)
+            again = _rotate_with_progress(mem, args, console, lock)
             retired = tuple(k for k in report.retired if k in again.retired)
             if not again.done or not retired:
                 _print_report(console, again)
                 console.print("[bold red]not dropped[/]: run again with --resume --drop-retired")
                 return 1
+            lock.check()
             drop_keys(path, retired)
         finally:
             clear_dropping(client, namespace)

@@ -8,6 +8,9 @@ concurrent newer put or delete always wins, and replaying it changes nothing.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -20,11 +23,12 @@ import redis
 from acl import Codec, Keyring, Level, Principal, envelope_key_id
 from bench import attacks
 from bench.faultkit import FaultEnv
-from dualmem import DualMemory, StoreUnavailable
+from dualmem import DualMemory, RotationBusy, StoreUnavailable
 from dualmem.cli import main
 from dualmem.commands import delete_fields, put_fields, reseal_fields, sid_of
 from dualmem.keyuse import KeyLease, key_users, wait_for_key_users
 from dualmem.rotation import KeyfileWatcher, add_active_key, drop_keys, rotate_keys
+from dualmem.rotation_lock import RotationLock
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
 
@@ -624,3 +628,110 @@ def test_a_writer_keeps_writing_after_it_changes_directory(
     finally:
         mem.close()
         drop_memory_server(url)
+
+
+# -- one rotation at a time ------------------------------------------------------------------
+
+
+def _stream_length(raw_redis: redis.Redis) -> int:
+    return sum(int(raw_redis.xlen(s)) for s in raw_redis.scan_iter(match=b"dm:*:s:*"))
+
+
+def test_a_second_rotation_waits_for_the_first_and_sends_nothing(
+    make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis
+) -> None:
+    # Two rotations at once each re-sealed the other's rows back under their own key.
+    mem = make_mem()
+    p = Principal(agent_id="a")
+    mem.sync(mem.put("k", {"v": 1}, level=Level.PRIVATE, principal=p), timeout=10)
+    add_active_key(keyfile)
+    rotator = make_mem(worker=False)
+    first = RotationLock(raw_redis, rotator.settings.namespace).acquire(timeout=0)
+    try:
+        before = _stream_length(raw_redis)
+        t0 = time.monotonic()
+        with pytest.raises(RotationBusy, match=f"process {os.getpid()} on"):
+            rotate_keys(rotator, timeout=0.5)
+        assert time.monotonic() - t0 >= 0.5  # it waited for the other one to end
+        assert _stream_length(raw_redis) == before  # and re-sealed nothing
+    finally:
+        first.release()
+    report = rotate_keys(rotator, timeout=30)  # the lock is free again
+    assert report.resealed_rows == 1 and report.done
+
+
+def test_a_rotation_that_lost_its_lock_stops_before_it_sends(
+    make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis
+) -> None:
+    mem = make_mem()
+    p = Principal(agent_id="a")
+    mem.sync(mem.put("k", {"v": 1}, level=Level.PRIVATE, principal=p), timeout=10)
+    add_active_key(keyfile)
+    rotator = make_mem(worker=False)
+    namespace = rotator.settings.namespace
+    # Taken over by another process (this one was frozen past the lock's expiry): the
+    # heartbeat sees a value that is not its own.
+    lock = RotationLock(raw_redis, namespace, ttl=0.4).acquire(timeout=0)
+    raw_redis.set(b"dm:{%s:keyuse}:rotation" % namespace.encode(), b"someone else")
+    before = _stream_length(raw_redis)
+    wait_until(lambda: lock._lost is not None, 5)
+    with pytest.raises(RotationBusy, match="lost its lock"):
+        rotate_keys(rotator, timeout=5, lock=lock)
+    assert _stream_length(raw_redis) == before
+    lock.release()
+    assert raw_redis.get(b"dm:{%s:keyuse}:rotation" % namespace.encode()) == b"someone else"
+    # Not renewed for longer than its ttl (a frozen process, Redis unreachable): the same.
+    raw_redis.delete(b"dm:{%s:keyuse}:rotation" % namespace.encode())
+    stale = RotationLock(raw_redis, namespace, ttl=0.3).acquire(timeout=0)
+    stale._stop.set()  # no more renewals
+    time.sleep(0.4)
+    with pytest.raises(RotationBusy, match="not renewed"):
+        rotate_keys(rotator, timeout=5, lock=stale)
+    assert _stream_length(raw_redis) == before
+    stale.release()
+
+
+def test_the_lock_of_a_rotation_killed_on_this_host_is_taken_over_at_once(
+    raw_redis: redis.Redis,
+) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process now
+    value = json.dumps({"host": socket.gethostname(), "pid": dead.pid, "token": "x", "since": 0})
+    raw_redis.set(b"dm:{ns:keyuse}:rotation", value, px=60_000)
+    t0 = time.monotonic()
+    lock = RotationLock(raw_redis, "ns").acquire(timeout=30)
+    assert time.monotonic() - t0 < 5
+    assert raw_redis.get(b"dm:{ns:keyuse}:rotation") == lock.value
+    lock.release()
+    # A live holder (this very process, seen from another lock) is waited for instead.
+    alive = json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "token": "y"})
+    raw_redis.set(b"dm:{ns:keyuse}:rotation", alive, px=60_000)
+    with pytest.raises(RotationBusy, match=f"process {os.getppid()} on"):
+        RotationLock(raw_redis, "ns").acquire(timeout=0.3)
+    assert raw_redis.get(b"dm:{ns:keyuse}:rotation") == alive.encode()
+
+
+@pytest.mark.real_redis
+def test_rotate_keys_waits_for_a_running_rotation_before_it_adds_a_key(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    keyfile: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    before = keyfile.read_bytes()
+    held = RotationLock(redis_server.client(), "dualmem").acquire(timeout=0)
+    try:
+        code, out, err = run_cli(
+            capsys,
+            *("rotate-keys", "--keyring", str(keyfile), "--no-worker", "--timeout", "0.5"),
+            *("--redis-url", redis_server.url, "--db", str(tmp_path / "m.db")),
+        )
+    finally:
+        held.release()
+    assert code == 2, (out, err)
+    assert "waiting for the key rotation of process" in out
+    assert "another key rotation is running" in err
+    assert keyfile.read_bytes() == before  # no key added while the other one ran
