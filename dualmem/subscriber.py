@@ -42,7 +42,9 @@ class Subscriber:
     position saved under that name (``_subscriber/<name>`` in the principal's PRIVATE
     scope, written through ``DualMemory.put``) is loaded, and kept up to date as changes
     are consumed, so a restarted consumer resumes with no gap and no duplicate. A new
-    name starts from the beginning. ``level`` restricts the feed to one level.
+    name starts from the beginning. ``level`` restricts the feed to one level; a name is
+    tied to the level it was saved with (its position skipped the other levels' changes),
+    and opening it with another ``level`` raises ``ValidationError``.
 
     How it stays exact: it subscribes to the pub/sub channel of each scope it may read
     *first*, then reads the journal (so nothing committed in between is missed), then
@@ -159,6 +161,7 @@ class Subscriber:
             key = check_key(POSITION_PREFIX + since)
             saved_value = _saved_value(self._mem, self.principal, since)
             saved = _seq_of(since, saved_value) or 0
+            self._check_same_filter(since, saved_value)
             last = self._mem.store.last_seq()
             if saved and (saved > last or not self._same_history(saved, saved_value)):
                 # Only delivered (so committed) changes are ever saved. A position past the
@@ -180,6 +183,20 @@ class Subscriber:
                 f"since must be a journal seq (int >= 0) or a name, got {since!r}"
             )
         return None, "", since
+
+    def _check_same_filter(self, name: str, value: Any) -> None:
+        """A position saved with another level filter skipped changes this subscriber
+        would deliver: resuming it would miss them. Positions saved before the level was
+        recorded pass."""
+        if not isinstance(value, dict) or "level" not in value:
+            return
+        mine = None if self.level is None else int(self.level)
+        if value["level"] != mine:
+            raise ValidationError(
+                f"subscriber {name!r} was saved with level={value['level']!r}, not "
+                f"level={mine!r}: its position skipped changes this one would deliver. "
+                "Open it with the same level, or use another name"
+            )
 
     # -- positions -----------------------------------------------------------------------
 
@@ -235,7 +252,12 @@ class Subscriber:
     def _save(self) -> None:
         if self.name is None or self._position <= self._saved:
             return
-        value: dict[str, Any] = {"seq": self._position, "saved_at_us": time.time_ns() // 1000}
+        value: dict[str, Any] = {
+            "seq": self._position,
+            "saved_at_us": time.time_ns() // 1000,
+            # The filter the position was consumed under (see _check_same_filter).
+            "level": None if self.level is None else int(self.level),
+        }
         chain = self._mem.store.journal_hash(self._position) if self._position else None
         if chain is not None:
             value["hash"] = chain.hex()  # which change this was, see _same_history

@@ -153,6 +153,26 @@ def test_a_subscriber_killed_mid_stream_resumes_with_no_gap_and_no_duplicate(
     assert not any(c.key.startswith(POSITION_PREFIX) for c in handled + rest if c)
 
 
+def test_a_name_saved_under_a_level_filter_is_not_resumed_without_it(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # The filtered subscriber's position passed the PRIVATE change it never delivered; the
+    # same name reopened without the filter resumed after it, and missed it for good.
+    mem = make_mem()
+    mem.put("secret", 1, level=Level.PRIVATE, principal=coder)
+    mem.sync(mem.put("shared", 2, level=Level.SWARM, principal=coder), timeout=10)
+    with Subscriber(mem, coder, since="watch", level=Level.SWARM) as sub:
+        assert [c.key for c in consume_until(sub, "shared")] == ["shared"]
+    with pytest.raises(ValidationError, match="saved with level=3, not level=None"):
+        Subscriber(mem, coder, since="watch")
+    with pytest.raises(ValidationError, match="saved with level=3, not level=1"):
+        Subscriber(mem, coder, since="watch", level=Level.PRIVATE)
+    with Subscriber(mem, coder, since="watch", level=Level.SWARM) as again:
+        assert again.position == feed(mem, coder)[-1]  # the same filter resumes
+    with Subscriber(mem, coder, since="everything") as everything:  # another name: all
+        assert [c.key for c in consume_until(everything, "shared")] == ["secret", "shared"]
+
+
 _CHILD = r"""
 import sys
 from acl import Principal
