@@ -146,7 +146,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     from dualmem.redis_backend import connect, translate_errors
     from dualmem.sqlite_store import SQLiteStore
-    from dualmem.worker import stream_backlog
+    from dualmem.worker import stream_backlog, stream_pending
 
     settings = settings_from_args(args)
     if not Path(settings.db_path).exists():
@@ -180,7 +180,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 backlog = sum(stream_backlog(client, s, settings.group) for s in streams)
                 # Delivered to a worker but not acknowledged: in a batch being committed,
                 # or left by a dead worker until it is claimed.
-                pending = sum(int(client.xpending(s, settings.group)["pending"]) for s in streams)
+                pending = sum(stream_pending(client, s, settings.group) for s in streams)
             client.close()
         except DualMemError as exc:
             backlog = f"unavailable ({exc})"

@@ -655,7 +655,7 @@ def safe_trim_id(client: redis.Redis, stream: bytes) -> str | None:
     ``None`` when the stream has no group (then nothing may be trimmed).
     """
     floors: list[tuple[int, int]] = []
-    for g in client.xinfo_groups(stream):
+    for g in _groups(client, stream):
         oldest = client.xpending(stream, g["name"])["min"] if int(g["pending"]) > 0 else None
         # Nothing pending, or another worker acked it all between XINFO and XPENDING (min
         # is then None): everything up to the last delivered id is acknowledged.
@@ -676,13 +676,7 @@ def stream_backlog(client: redis.Redis, stream: bytes, group: str) -> int:
     nil after some deletions) or does not report it, the entries after the last delivered
     id are counted, page by page.
     """
-    try:
-        groups = client.xinfo_groups(stream)
-    except redis.ResponseError as exc:
-        if "no such key" in str(exc).lower():
-            return 0  # nothing written yet, or Redis restarted empty
-        raise
-    for g in groups:
+    for g in _groups(client, stream):
         if text(g["name"]) != group:
             continue
         pending = int(g["pending"])
@@ -698,3 +692,23 @@ def stream_backlog(client: redis.Redis, stream: bytes, group: str) -> int:
                 return pending + undelivered
             start = next_stream_id(text(page[-1][0]))
     return int(client.xlen(stream))
+
+
+def stream_pending(client: redis.Redis, stream: bytes, group: str) -> int:
+    """Entries of ``stream`` delivered to a consumer of ``group`` and not acknowledged
+    (0 when the stream or the group does not exist yet)."""
+    for g in _groups(client, stream):
+        if text(g["name"]) == group:
+            return int(g["pending"])
+    return 0
+
+
+def _groups(client: redis.Redis, stream: bytes) -> list[dict[str, Any]]:
+    """``XINFO GROUPS``, empty when the stream does not exist (nothing written yet, or
+    Redis restarted empty)."""
+    try:
+        return list(client.xinfo_groups(stream))
+    except redis.ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            return []
+        raise

@@ -357,3 +357,25 @@ def test_verify_reads_one_snapshot_while_the_worker_commits(mem: DualMemory, db_
     with open_database(db_path) as conn:
         checks = verify_database(Live(conn))  # type: ignore[arg-type]
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+
+
+@pytest.mark.real_redis
+def test_a_redis_with_no_stream_yet_is_healthy_for_verify_stats_and_metrics(
+    redis_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A fresh Redis, or one restarted empty: XINFO and XPENDING on a missing stream fail
+    # with "no such key" / NOGROUP. verify failed its parity check (exit 1), stats said
+    # the backlog was unavailable and metrics said dualmem_redis_up 0.
+    db = tmp_path / "m.db"
+    with DualMemory(redis_url="memory://no-stream-yet", db_path=str(db)) as mem:
+        mem.sync(mem.put("k", 1, level=Level.PROJECT, principal=CODER), timeout=10)
+    redis_server.client().flushall()
+    args = ["--redis-url", redis_server.url, "--db", str(db)]
+    code, out, _ = run_cli(capsys, "verify", *args)
+    assert code == 0 and "all checks passed" in out, out
+    code, out, _ = run_cli(capsys, "stats", *args, "--json")
+    stats = json.loads(out)
+    assert code == 0 and (stats["backlog"], stats["pending"]) == (0, 0), stats
+    code, out, _ = run_cli(capsys, "metrics", *args)
+    assert code == 0 and "dualmem_redis_up 1" in out, out
+    assert "dualmem_backlog 0" in out

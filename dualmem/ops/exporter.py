@@ -15,7 +15,7 @@ from dualmem.ops.database import check_current, open_database
 from dualmem.redis_backend import connect, translate_errors
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
-from dualmem.worker import stream_backlog
+from dualmem.worker import stream_backlog, stream_pending
 
 __all__ = ["CONTENT_TYPE", "Exporter", "start_server"]
 
@@ -60,8 +60,7 @@ class Exporter:
                 backlog = pending = 0
                 for stream in self.layout.streams():
                     backlog += stream_backlog(self._client, stream, self.settings.group)
-                    summary = self._client.xpending(stream, self.settings.group)
-                    pending += int(summary["pending"])
+                    pending += stream_pending(self._client, stream, self.settings.group)
         except DualMemError:
             out["redis_up"] = 0.0
         else:
