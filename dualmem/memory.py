@@ -42,7 +42,7 @@ from dualmem.projection import projected
 from dualmem.redis_backend import connect, text, transact, translate_errors
 from dualmem.rotation import KeyfileWatcher, keyfile_signature
 from dualmem.settings import MAX_WAIT_SECONDS, Settings
-from dualmem.sqlite_store import SQLiteStore
+from dualmem.sqlite_store import SQLiteStore, holds_sealed_rows
 from dualmem.store import Change, Store, StoredRow
 from dualmem.worker import Worker, ensure_groups, stream_backlog
 
@@ -925,6 +925,15 @@ def _load_keyring(settings: Settings) -> Keyring:
         path = settings.default_keyring_path
         if path.exists():
             return Keyring.load(path)
+        if holds_sealed_rows(settings.db_path):
+            # A database copied or moved without its key file: a new key would open none
+            # of its records, and records sealed under it would be stranded once the old
+            # file came back.
+            raise ConfigurationError(
+                f"{settings.db_path} holds encrypted records but its key file {path} is "
+                "missing: put the key file back (or pass keyring= / key=); a new key "
+                "would open none of them"
+            )
         ring = Keyring.generate()
         try:
             ring.save(path)

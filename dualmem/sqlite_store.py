@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from acl.levels import Level
+from acl.levels import ENCRYPTED_LEVELS, Level
 from dualmem.batch import GENESIS, BatchPlan, chain_hash, plan_batch
 from dualmem.commands import MalformedCommand, sid_of
 from dualmem.errors import StoreUnavailable
@@ -855,6 +855,32 @@ class _Checkpointer:
                 self._stopping.wait(self.interval)
         finally:
             conn.close()
+
+
+def holds_sealed_rows(path: str | Path) -> bool:
+    """Whether the database at ``path`` holds a live record at an encrypted level (read
+    only; ``False`` for no file, an empty one, or one with no dualmem tables).
+
+    >>> holds_sealed_rows("/nonexistent/dualmem.db")
+    False
+    """
+    p = Path(path)
+    if not p.is_file() or p.stat().st_size == 0:
+        return False
+    levels = ",".join(str(int(lv)) for lv in ENCRYPTED_LEVELS)
+    try:
+        conn = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return False
+    try:
+        row = conn.execute(
+            f"SELECT 1 FROM memory WHERE level IN ({levels}) AND envelope IS NOT NULL LIMIT 1"
+        ).fetchone()
+    except sqlite3.Error:
+        return False  # no memory table: not a dualmem database (yet)
+    finally:
+        conn.close()
+    return row is not None
 
 
 def _insert_rows(

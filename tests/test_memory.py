@@ -750,10 +750,28 @@ def test_embedded_default_keeps_its_key_across_restarts(tmp_path: Path, coder: P
     with DualMemory(redis_url=url, db_path=str(db)) as mem:
         assert mem.get("k", level=Level.PRIVATE, principal=coder) == {"v": "kept"}
     drop_memory_server(url)
+    # The key file lost (or the database copied without it): a new key would open none of
+    # its records, and records sealed under it would be stranded once the file came back.
+    # It used to make one silently.
+    saved = keyfile.read_bytes()
     keyfile.unlink()
-    with DualMemory(redis_url=url, db_path=str(db)) as mem, pytest.raises(Exception) as info:
-        mem.get("k", level=Level.PRIVATE, principal=coder)
-    assert type(info.value).__name__ == "MissingKey"  # a new key never reads old data
+    with pytest.raises(ConfigurationError, match="holds encrypted records but its key file"):
+        DualMemory(redis_url=url, db_path=str(db))
+    assert not keyfile.exists()
+    keyfile.write_bytes(saved)
+    os.chmod(keyfile, 0o600)
+    with DualMemory(redis_url=url, db_path=str(db)) as mem:
+        assert mem.get("k", level=Level.PRIVATE, principal=coder) == {"v": "kept"}
+    drop_memory_server(url)
+    # A database holding plaintext levels only gets a key file on first use, as a new one.
+    plain = tmp_path / "plain.db"
+    with DualMemory(redis_url=url, db_path=str(plain)) as mem:
+        mem.sync(mem.put("k", 1, level=Level.SWARM, principal=coder))
+    drop_memory_server(url)
+    Path(str(plain) + ".keys").unlink()
+    with DualMemory(redis_url=url, db_path=str(plain)) as mem:
+        assert mem.get("k", level=Level.SWARM, principal=coder) == 1
+    assert Path(str(plain) + ".keys").exists()
     drop_memory_server(url)
 
 
