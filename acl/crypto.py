@@ -322,7 +322,7 @@ class Keyring:
                 for item in doc["keys"]
             ]
             active = str(doc["active"])
-        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
             raise ConfigurationError(f"{source}: unreadable key file: {exc}") from exc
         return cls(keys, active)
 
@@ -342,12 +342,20 @@ class Keyring:
             raise ConfigurationError(
                 f"key file {p} does not exist: create it with `dualmem keygen --out {p}`"
             ) from None
+        except OSError as exc:
+            raise ConfigurationError(f"key file {p} cannot be read: {exc}") from exc
         if os.name == "posix" and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             mode = stat.S_IMODE(st.st_mode)
             raise ConfigurationError(
                 f"key file {p} is accessible by other users (mode {mode:o}): run chmod 600 {p}"
             )
-        return cls.from_json(p.read_text(encoding="utf-8"), source=str(p))
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigurationError(f"{p}: unreadable key file: not UTF-8 text") from exc
+        except OSError as exc:  # a directory, no permission, an I/O error
+            raise ConfigurationError(f"key file {p} cannot be read: {exc}") from exc
+        return cls.from_json(text, source=str(p))
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         """Write the key file with mode 0600, atomically (temp file + rename).

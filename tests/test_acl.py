@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -260,6 +261,23 @@ def test_key_file_readable_by_others_is_refused(tmp_path: os.PathLike[str]) -> N
 def test_corrupt_key_files(text: str) -> None:
     with pytest.raises(ConfigurationError):
         Keyring.from_json(text)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b"[" * 100_000, None])
+def test_a_key_file_that_cannot_be_read_is_a_configuration_error(
+    tmp_path: Path, content: bytes | None
+) -> None:
+    # Raw UnicodeDecodeError, RecursionError and IsADirectoryError escaped: a running
+    # process's key file watcher (which catches ConfigurationError) then failed every
+    # write, and `dualmem doctor` died on the file it exists to report.
+    path = tmp_path / "keys.json"
+    if content is None:
+        path.mkdir(mode=0o700)
+    else:
+        path.write_bytes(content)
+        path.chmod(0o600)
+    with pytest.raises(ConfigurationError, match=str(path)):
+        Keyring.load(path)
 
 
 def test_secret_from_environment_has_a_stable_id() -> None:

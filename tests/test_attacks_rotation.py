@@ -735,3 +735,19 @@ def test_rotate_keys_waits_for_a_running_rotation_before_it_adds_a_key(
     assert "waiting for the key rotation of process" in out
     assert "another key rotation is running" in err
     assert keyfile.read_bytes() == before  # no key added while the other one ran
+
+
+def test_a_running_process_keeps_its_keys_when_its_key_file_turns_to_junk(
+    make_mem: MakeMem, keyfile: Path
+) -> None:
+    # A key file rewritten with bytes that are not UTF-8: the watcher let the raw
+    # UnicodeDecodeError out of every write and of reads that reload on a missing key.
+    p = Principal(agent_id="a")
+    mem = make_mem(keyring_reload_interval=0.05)
+    mem.sync(mem.put("k", {"v": 1}, level=Level.PRIVATE, principal=p), timeout=10)
+    keyfile.write_bytes(b"\xff\xfe" + b"\x00junk" * 10)
+    time.sleep(0.1)
+    mem.sync(mem.put("k2", {"v": 2}, level=Level.PRIVATE, principal=p), timeout=10)
+    assert mem.get("k", level=Level.PRIVATE, principal=p) == {"v": 1}
+    assert mem.get("k2", level=Level.PRIVATE, principal=p) == {"v": 2}
+    assert mem._keyfile is not None and mem._keyfile.failed
