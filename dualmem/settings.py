@@ -302,6 +302,12 @@ def _coerce(name: str, type_name: str, value: Any) -> Any:
     base = type_name.replace(" | None", "")
     if isinstance(value, str) and base != "str":
         return _parse(name, base, value)
+    if name == "key" and isinstance(value, bytes):
+        # base64.b64encode() gives bytes: the natural way to pass a key.
+        try:
+            return value.decode("ascii")
+        except UnicodeDecodeError:
+            raise ConfigurationError("setting key must be base64 text") from None
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -309,11 +315,15 @@ def _coerce(name: str, type_name: str, value: Any) -> Any:
         "str": isinstance(value, str),
     }.get(base, True)
     if not ok:
-        raise ConfigurationError(f"setting {name} must be a {base}, got {value!r}")
+        # A secret (the key, a password in the URL) is never quoted back.
+        shown = type(value).__name__ if name in _SECRET_SETTINGS else repr(value)
+        raise ConfigurationError(f"setting {name} must be a {base}, got {shown}")
     return float(value) if base == "float" else value
 
 
 _WARNED: set[str] = set()
+#: Settings whose values may hold a secret: error messages name their type only.
+_SECRET_SETTINGS = frozenset({"key", "redis_url"})
 
 
 def _warn_unknown(env: Mapping[str, str], known: Mapping[str, object]) -> None:

@@ -388,6 +388,11 @@ def test_a_redis_password_is_never_printed(
         printed = capsys.readouterr()
         assert "S3cretPw" not in printed.out + printed.err
         assert "probe:***@" in printed.out
+        demo = tmp_path / "demo.db"
+        assert main(["demo", "--redis-url", url, "--db", str(demo)]) == 0
+        printed = capsys.readouterr()
+        assert "S3cretPw" not in printed.out + printed.err
+        assert "probe:***@" in printed.out
     finally:
         admin.execute_command("ACL", "DELUSER", "probe")
 
@@ -423,5 +428,12 @@ def test_secrets_stay_out_of_reprs() -> None:
             Settings.load({"redis_url": url})
         assert "S3cretPw" not in str(err.value) + repr(Settings(redis_url=url))
     assert repr(secret) not in repr(ring._keys) and str(list(secret)) not in repr(ring._keys)
+    # A key or URL of the wrong type was quoted back in full; a key given as the bytes
+    # base64.b64encode() returns is taken as its text.
+    for name, value in (("key", [key]), ("redis_url", b"redis://:S3cretPw@db/0")):
+        with pytest.raises(ConfigurationError) as err:
+            Settings.load({name: value})
+        assert key not in str(err.value) and "S3cretPw" not in str(err.value)
+    assert Settings.load({"key": key.encode()}).key == key
     signer = _derive(b"x" * 32)
     assert repr(signer.key) not in repr(signer)
