@@ -364,6 +364,15 @@ class _Demo:
 
     def spawn(self, feed: _Feed) -> None:
         self.step("Spawn three agents in swarm " + SWARM)
+        # A run interrupted (Ctrl-C, a closed pipe) after its spawn left its agents alive,
+        # and spawning an alive agent is refused: end their lives first.
+        left = [a for a in (self.life.agent(p.agent_id) for p in CODERS) if a is not None]
+        left = [a for a in left if not a.status.final]
+        for a in left:
+            self.life.register_termination(a.agent_id, "left alive by an interrupted demo run")
+        if left:
+            names = ", ".join(f"{a.agent_id} ({a.status.value})" for a in left)
+            self.say(f"an interrupted earlier run left {names} alive: terminated them first")
         for p in CODERS:
             self.life.register_spawn(
                 p.agent_id, f"Coder {p.agent_id[-1]}", "coder", ["python", "sql"], Level.PRIVATE

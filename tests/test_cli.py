@@ -437,3 +437,31 @@ def test_secrets_stay_out_of_reprs() -> None:
     assert Settings.load({"key": key.encode()}).key == key
     signer = _derive(b"x" * 32)
     assert repr(signer.key) not in repr(signer)
+
+
+def test_a_demo_interrupted_after_its_spawn_does_not_stop_the_next_run(tmp_path: Path) -> None:
+    # Every later run exited 2 with "agent 'coder-1' is already active" until the
+    # database was deleted.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALMEM_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dualmem", "demo"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    seen = ""
+    for line in proc.stdout:
+        seen += line
+        if "registers coder-1..3" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    seen += proc.stdout.read()
+    proc.wait(60)
+    assert "registers coder-1..3" in seen and "Loop 2 consensus" not in seen, seen
+    out = run_demo(tmp_path)
+    assert "an interrupted earlier run left coder-1 (" in out, out
+    assert "gate (every confidence >= 0.75): passed" in out
