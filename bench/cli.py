@@ -7,14 +7,17 @@ whether or not the ``bench`` extra (matplotlib, diskcache, LangGraph) is install
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -91,6 +94,26 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (``timeout``, a cancelled CI job, a supervisor) raises SystemExit(143)
+    while the suites run, so every server and worker process they started is stopped and
+    the scratch directory removed, as on Ctrl-C; by default Python died at once and left
+    them running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run the chosen suites on the chosen backends; write JSON, plots and REPORT.md."""
     from bench.harness import PRESETS, Bench, Progress, open_backend
@@ -121,7 +144,7 @@ def run_bench(args: argparse.Namespace) -> int:
     }
     scratch = Path(tempfile.mkdtemp(prefix="dualmem-bench-scratch-"))
     try:
-        with Progress(enabled=not args.no_progress) as progress:
+        with _terminate_as_exit(), Progress(enabled=not args.no_progress) as progress:
             ctx = Bench(sizes, args.seed, scratch, progress, args.redis_server)
             for name in backends:
                 with open_backend(name, scratch, args.redis_server) as backend:

@@ -126,18 +126,23 @@ class RedisServer:
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(redis.ConnectionError):
-                if self.client().ping():
-                    return self
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                log = self.workdir / "redis.log"
-                raise RuntimeError(
-                    f"redis-server did not start on port {self.port}: "
-                    + (log.read_text()[-2000:] if log.exists() else "no log")
-                )
-            time.sleep(0.02)
+        try:
+            while True:
+                with contextlib.suppress(redis.ConnectionError):
+                    if self.client().ping():
+                        return self
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    log = self.workdir / "redis.log"
+                    raise RuntimeError(
+                        f"redis-server did not start on port {self.port}: "
+                        + (log.read_text()[-2000:] if log.exists() else "no log")
+                    )
+                time.sleep(0.02)
+        except BaseException:
+            # Whatever ends the wait (a timeout, Ctrl-C): __exit__ will not run for a
+            # start() that raised, so the server is stopped here.
+            self.kill()
+            raise
 
     def stop(self) -> None:
         """Clean shutdown: SHUTDOWN flushes and fsyncs the AOF; then the process is gone."""
@@ -208,11 +213,14 @@ class WorkerProcess:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while "dualmem worker" not in self.output:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"dualmem worker did not start: {self.output}")
-            time.sleep(0.02)
+        try:
+            while "dualmem worker" not in self.output:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"dualmem worker did not start: {self.output}")
+                time.sleep(0.02)
+        except BaseException:
+            self.kill()  # see RedisServer.start
+            raise
         return self
 
     def stop(self, timeout: float = 120) -> str:

@@ -180,3 +180,126 @@ def _check_cpu(row: dict[str, Any], names: list[str], self_measured: list[str]) 
     assert cpu["needed_cpus"] == pytest.approx(cpu["total_us"] * row["offered_rate"] / 1e6)
     wait = cpu["cpu_wait_share"]
     assert wait is None or 0 <= wait <= 1
+
+
+_PRAGMAS = (
+    "auto_vacuum",
+    "journal_mode",
+    "synchronous",
+    "foreign_keys",
+    "wal_autocheckpoint",
+    "cache_size",
+)
+
+
+def test_the_persist_baseline_gets_the_worker_connections_pragmas(tmp_path: Path) -> None:
+    # It kept SQLite's default wal_autocheckpoint (a checkpoint inside a COMMIT every
+    # 1000 pages), which the worker turns off: the baseline ran ~25 % slower and the
+    # drain/raw ratio looked that much better than it was.
+    from bench.suites.persist import raw_connection
+    from dualmem.settings import Settings
+    from dualmem.sqlite_store import SQLiteStore
+
+    settings = Settings(db_path=str(tmp_path / "w.db"))
+    store = SQLiteStore.from_settings(settings)
+    try:
+        with store._write() as conn:  # the worker's write connection
+            worker = {p: conn.execute(f"PRAGMA {p}").fetchone()[0] for p in _PRAGMAS}
+    finally:
+        store.close()
+    raw = raw_connection(tmp_path / "raw.db", settings)
+    try:
+        baseline = {p: raw.execute(f"PRAGMA {p}").fetchone()[0] for p in _PRAGMAS}
+    finally:
+        raw.close()
+    assert baseline == worker and worker["wal_autocheckpoint"] == 0
+
+
+def _children(pid: int) -> dict[int, str]:
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out[int(d.name)] = cmd
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.real_redis
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_bench_stopped_with_sigterm_stops_every_process_it_started(tmp_path: Path) -> None:
+    # SIGTERM (timeout, a cancelled CI job) killed Python at once: its redis-server and
+    # `dualmem worker` kept running, and the scratch directory stayed.
+    import os
+    import signal
+    import time
+
+    _require_redis_server()
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--sizes", "tiny", "--suite", "write"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # only the pid signalled below gets the signal
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    kids: dict[int, str] = {}
+    deadline = time.monotonic() + 60
+    while not any("dualmem worker" in c for c in kids.values()):
+        assert bench.poll() is None and time.monotonic() < deadline, "no worker started"
+        kids.update(_children(bench.pid))
+        time.sleep(0.05)
+    assert any("redis-server" in c for c in kids.values()), kids
+    bench.send_signal(signal.SIGTERM)
+    try:
+        assert bench.wait(60) == 143
+        left = {pid: cmd for pid, cmd in kids.items() if _running(pid)}
+        assert left == {}, left
+        assert not list(tmp_path.glob("dualmem-bench-scratch-*"))
+    finally:
+        for pid in kids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.real_redis
+def test_a_worker_start_interrupted_while_it_waits_stops_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # start() killed the worker only on its own timeout; anything else raised while it
+    # waited for the start-up line (Ctrl-C) left it running, since __exit__ never ran.
+    import time
+
+    from bench import servers
+
+    _require_redis_server()
+    real_sleep = time.sleep
+    with servers.RedisServer(tmp_path / "redis") as server:
+        worker = servers.WorkerProcess(server.url, tmp_path / "w.db")
+
+        calls = []
+
+        def interrupted(seconds: float) -> None:  # Ctrl-C during start()'s first wait
+            calls.append(seconds)
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+            real_sleep(seconds)
+
+        monkeypatch.setattr(servers.time, "sleep", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            worker.start()
+        monkeypatch.setattr(servers.time, "sleep", real_sleep)
+        assert worker.proc is not None and worker.proc.poll() is not None
