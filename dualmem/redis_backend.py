@@ -298,7 +298,8 @@ def in_process_connection_class(base: type[Any]) -> type[Any]:
             if not isinstance(command, _Direct):
                 super().send_packed_command(command, check_health)
                 return
-            sock = self.get_socket()
+            get_socket = getattr(self, "get_socket", None)
+            sock = self._sock if get_socket is None else get_socket()
             process = getattr(sock, "_process_command", None)
             if process is None:  # a fakeredis without it: RESP bytes, as redis-py sends
                 super().send_packed_command(base.pack_commands(self, command), check_health)
