@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -165,6 +166,7 @@ class SQLiteStore(Store):
         self._checkpointer: _Checkpointer | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(self.path)
             conn = self._conn()
             # auto_vacuum must be chosen before the file's first page is written, and
             # switching to WAL writes it: so this comes first (a no-op on existing files).
@@ -855,6 +857,17 @@ class _Checkpointer:
                 self._stopping.wait(self.interval)
         finally:
             conn.close()
+
+
+def _create_private(path: Path) -> None:
+    """Create a new database file with mode 0600 (an empty file is an empty database):
+    levels 3 and 4 are plaintext in it, and SQLite gives its -wal and -shm files the
+    database file's mode. An existing file keeps its mode."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return  # there already, or not creatable: sqlite3 opens it or says why
+    os.close(fd)
 
 
 def holds_sealed_rows(path: str | Path) -> bool:

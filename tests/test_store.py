@@ -344,3 +344,24 @@ def test_a_reseal_sent_before_schema_4_still_applies(store: SQLiteStore) -> None
     assert result.failed == []
     row = store.get("agent:a", "k", 0)
     assert row is not None and row.envelope == b"\x01\x00new"
+
+
+def test_a_new_database_and_its_wal_are_private(tmp_path: Path) -> None:
+    # Created with the umask (0644 here): any user could read levels 3 and 4, and
+    # `dualmem doctor` warned about the demo's own database.
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        store = SQLiteStore(tmp_path / "new.db")
+        store.apply([put(1)])
+        for name in ("new.db", "new.db-wal", "new.db-shm"):
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+        store.close()
+        existing = tmp_path / "existing.db"
+        existing.touch(mode=0o640)
+        SQLiteStore(existing).close()
+        assert stat.S_IMODE(existing.stat().st_mode) == 0o640  # an existing file is kept
+    finally:
+        os.umask(old)
