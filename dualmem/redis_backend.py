@@ -269,6 +269,17 @@ class _Direct(list[list[bytes]]):
     """Commands for an in-process server, as argument lists instead of RESP bytes."""
 
 
+def in_process(client: redis.Redis) -> bool:
+    """Whether ``client`` talks to an in-process fakeredis server (``memory://``).
+
+    >>> import fakeredis
+    >>> in_process(fakeredis.FakeRedis()), in_process(redis.Redis())
+    (True, False)
+    """
+    cls = client.connection_pool.connection_class
+    return any(k.__module__.startswith("fakeredis") for k in cls.__mro__)
+
+
 def in_process_connection_class(base: type[Any]) -> type[Any]:
     """A subclass of fakeredis's connection class ``base`` that hands each command to the
     in-process server as an argument list instead of RESP bytes.

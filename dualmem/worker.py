@@ -18,7 +18,14 @@ from dualmem.commands import sid_of, stream_id_of
 from dualmem.errors import DualMemError, StoreUnavailable
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics
-from dualmem.redis_backend import retries_of, send_many, text, transact, translate_errors
+from dualmem.redis_backend import (
+    in_process,
+    retries_of,
+    send_many,
+    text,
+    transact,
+    translate_errors,
+)
 from dualmem.settings import Settings
 from dualmem.store import ApplyResult, Notification, Store, StreamEntry
 
@@ -605,7 +612,10 @@ def raise_last_id(client: redis.Redis, stream: bytes, floor_sid: bytes) -> bool:
         if "equal or smaller" not in str(exc):
             raise
         return False  # a writer's XADD got there first, with an id above the floor
-    log.warning(
+    # Routine for memory:// (its stream lives in the process: every restart makes a new
+    # one); on a real Redis it means the stream lost its history or the clock went back.
+    log.log(
+        logging.INFO if in_process(client) else logging.WARNING,
         "stream %s was behind the newest committed id; its last id is now %s",
         text(stream),
         marker,
