@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -450,6 +452,7 @@ class DualMemory:
         check_text("key", key, optional=True)
         if level is not None:
             level = int(as_level(level))
+        _check_detail(detail)
         receipt = self._audit(
             event,
             actor=principal.agent_id,
@@ -901,6 +904,19 @@ class DualMemory:
         else:
             gauges["redis_up"] = 1.0
         return prometheus_text(self.metrics(), gauges)
+
+
+def _check_detail(detail: object) -> None:
+    """``ValidationError`` unless an audit event's ``detail`` is a mapping with string keys
+    that encodes as JSON (values that are not JSON become their ``str``)."""
+    if detail is None:
+        return
+    if not isinstance(detail, Mapping) or not all(isinstance(k, str) for k in detail):
+        raise ValidationError("detail must be a dict with str keys")
+    try:
+        json.dumps(dict(detail), sort_keys=True, default=str)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValidationError(f"detail cannot be encoded as JSON: {exc}") from None
 
 
 def _check_wait(timeout: object) -> None:

@@ -1358,3 +1358,17 @@ def test_sync_of_a_dead_lettered_audit_event_succeeds_once_its_replay_is_committ
         assert rt.wait([replayed], 10).committed == 1
     mem.sync(receipt, timeout=2)
     assert [e.event for e in mem.store.audit_log()].count("app_event") == 1
+
+
+@pytest.mark.parametrize("detail", ["text", [1, 2], {1: "a", "b": 2}, {"self": None}])
+def test_an_audit_detail_that_is_not_a_json_object_is_a_validation_error(
+    make_mem: MakeMem, coder: Principal, detail: Any
+) -> None:
+    # A plain ValueError or TypeError escaped from json.dumps, where every other bad
+    # input is a ValidationError.
+    mem = make_mem(worker=False)
+    if detail == {"self": None}:
+        detail["self"] = detail  # a cycle
+    with pytest.raises(ValidationError, match="detail"):
+        mem.audit("deploy", principal=coder, detail=detail)
+    mem.audit("deploy", principal=coder, detail={"ok": [1, 2], "when": time})  # str()'d
