@@ -555,7 +555,7 @@ class _Demo:
         for col in ("path", "measures", "count", "p50", "p95", "p99", "max"):
             table.add_column(col, justify="left" if col in ("path", "measures") else "right")
         measures = {
-            "redis_write": "put: MULTI SET XADD XLEN EXEC",
+            "redis_write": "put: MULTI SET XADD EXEC",
             "encode": "JSON, lz4, AES-256-GCM",
             "persist": "worker commit, per record",
             "lag": "put to SQLite commit",

@@ -483,7 +483,8 @@ class DualMemory:
         """Write ``value`` (any JSON value) at ``key``; returns after ONE Redis round trip.
 
         Validation, the access check and the envelope (JSON -> lz4 -> AES-GCM for levels
-        1, 2, 5) happen first; then ``MULTI; SET cache; XADD command; XLEN; EXEC``. The
+        1, 2, 5) happen first; then ``MULTI; SET cache; XADD command; EXEC`` (with an
+        ``XLEN`` for the backlog bound one write in ``XLEN_EVERY``, 64). The
         worker persists the command to SQLite; ``sync(receipt)`` waits for that.
         Raises ``ValidationError``, ``AccessDenied``, ``Backpressure`` or ``StoreUnavailable``;
         on any of them nothing was written, except a ``StoreUnavailable`` that says the
