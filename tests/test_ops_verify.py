@@ -118,6 +118,46 @@ def test_a_file_that_is_not_a_dualmem_database_is_a_finding_not_a_crash(
     assert code == 1 and "no dualmem schema" in out
 
 
+def damage_table(db: Path, table: str) -> None:
+    """Overwrite the header of ``table``'s root b-tree page: SQLite then raises
+    ``DatabaseError: database disk image is malformed`` when it reads that table."""
+    with sqlite3.connect(db) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = conn.execute(
+            "SELECT rootpage FROM sqlite_schema WHERE name = ?", (table,)
+        ).fetchone()
+    conn.close()
+    data = bytearray(db.read_bytes())
+    offset = (root - 1) * page_size
+    for i in range(offset + 8, offset + 60):
+        data[i] ^= 0xFF
+    db.write_bytes(bytes(data))
+
+
+def test_a_damaged_page_fails_its_checks_and_the_others_still_run(
+    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A SQLite error in one check (the journal chain cannot be read) ended verify with a
+    # traceback, twice over (the read transaction's COMMIT raised again), and no report.
+    fill(mem)
+    mem.close()
+    damage_table(db_path, "journal")
+    code, checks = report(capsys, [*args, "--no-redis"])
+    assert code == 1
+    assert checks["integrity_check"]["status"] == "fail"
+    chain = checks["journal hash chain"]
+    assert chain["status"] == "fail"
+    assert chain["problems"] == [
+        "SQLite could not read the database: database disk image is malformed"
+    ]
+    assert "restore the newest backup" in chain["fix"]
+    # The checks after it ran: the audit chain is not damaged.
+    assert checks["audit_log hash chain"]["status"] == "ok"
+    assert "mission projection" in checks
+    code, out, err = run_cli(capsys, "verify", *args, "--no-redis")
+    assert code == 1 and "verify found problems" in out and "Traceback" not in err
+
+
 def test_a_deleted_journal_row_breaks_the_link(
     mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

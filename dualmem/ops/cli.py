@@ -121,7 +121,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from dualmem.ops.database import open_database
     from dualmem.ops.mirror import check_mirror
     from dualmem.ops.runtime import redis_client
-    from dualmem.ops.verify import Check, check_anchors, check_redis_parity, verify_database
+    from dualmem.ops.verify import (
+        Check,
+        check_anchors,
+        check_redis_parity,
+        guarded,
+        verify_database,
+    )
 
     settings = _settings(args)
     console = _console()
@@ -133,8 +139,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 client = redis_client(settings)
                 try:
                     layout = Layout(settings.namespace, settings.shards)
-                    checks.append(check_redis_parity(conn, client, layout, now_ms, progress))
-                    checks.append(check_anchors(conn, client, layout))
+                    checks.append(
+                        guarded(
+                            "redis <-> sqlite parity",
+                            lambda: check_redis_parity(conn, client, layout, now_ms, progress),
+                        )
+                    )
+                    checks.append(
+                        guarded("hash chain anchors", lambda: check_anchors(conn, client, layout))
+                    )
                 finally:
                     client.close()
             except DualMemError as exc:
@@ -143,7 +156,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 failed.summary, failed.fix = "could not check", "check --redis-url"
                 checks.append(failed)
         if args.mirror:
-            checks.append(check_mirror(conn, args.mirror, now_ms))
+            checks.append(
+                guarded(f"mirror {args.mirror}", lambda: check_mirror(conn, args.mirror, now_ms))
+            )
     ok = all(c.ok for c in checks)
     if args.json:
         print(json.dumps({"ok": ok, "checks": [c.to_dict() for c in checks]}, indent=2))

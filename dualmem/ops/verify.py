@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ __all__ = [
     "check_projections",
     "check_redis_parity",
     "check_schema",
+    "guarded",
     "split_cache_key",
     "verify_database",
 ]
@@ -89,6 +92,26 @@ class Check:
         }
 
 
+_DAMAGED_FIX = "restore the newest backup (`dualmem backup` writes verified copies)"
+
+
+def guarded(name: str, run: Callable[[], Check]) -> Check:
+    """``run()``; if SQLite cannot read what the check needs (a damaged file raises
+    ``sqlite3.DatabaseError``), a failed check ``name`` that says so, instead of an error
+    that would end ``verify`` before its report."""
+    try:
+        return run()
+    except sqlite3.DatabaseError as exc:
+        c = Check(name)
+        c.problem(f"SQLite could not read the database: {exc}")
+        c.summary, c.fix = f"could not check: {exc}", _DAMAGED_FIX
+        return c
+
+
+def _not_run(name: str, why: str) -> Check:
+    return Check(name, status="skip", summary=f"not run: {why}")
+
+
 def check_integrity(conn: sqlite3.Connection) -> Check:
     """``PRAGMA integrity_check``."""
     c = Check("integrity_check")
@@ -96,7 +119,7 @@ def check_integrity(conn: sqlite3.Connection) -> Check:
     if rows != ["ok"]:
         for r in rows:
             c.problem(r)
-        c.fix = "restore the newest backup (`dualmem backup` writes verified copies)"
+        c.fix = _DAMAGED_FIX
     c.summary = "ok" if c.ok else f"{c.problem_count} problem(s)"
     return c
 
@@ -378,27 +401,58 @@ def check_projections(conn: sqlite3.Connection) -> Check:
 
 def verify_database(conn: sqlite3.Connection, progress: ProgressFn = NO_PROGRESS) -> list[Check]:
     """Every check that needs only the database file, on one snapshot of it (a read
-    transaction): workers may go on committing meanwhile."""
+    transaction): workers may go on committing meanwhile.
+
+    A check SQLite cannot complete (a damaged page: ``sqlite3.DatabaseError``) fails with
+    the error; the others still run, or are listed as not run when what they depend on
+    (the schema version) cannot be read.
+    """
     if conn.in_transaction:
         return _verify_database(conn, progress)
-    conn.execute("BEGIN")
+    conn.execute("BEGIN")  # deferred: reads nothing yet
     try:
         return _verify_database(conn, progress)
     finally:
+        _end_read(conn)
+
+
+def _end_read(conn: sqlite3.Connection) -> None:
+    """End the read transaction; on a damaged file SQLite may have ended it already, or
+    refuse to: nothing was written, so a failure here changes nothing."""
+    if not conn.in_transaction:
+        return
+    try:
         conn.execute("COMMIT")
+    except sqlite3.DatabaseError:
+        with contextlib.suppress(sqlite3.DatabaseError):
+            conn.execute("ROLLBACK")
+
+
+_CHAIN_NAMES = [f"{table} hash chain" for table in _CHAINS]
 
 
 def _verify_database(conn: sqlite3.Connection, progress: ProgressFn) -> list[Check]:
-    checks = [check_integrity(conn), check_foreign_keys(conn), check_schema(conn)]
-    if not 1 <= schema_version(conn) <= SCHEMA_VERSION:
+    checks = [
+        guarded("integrity_check", lambda: check_integrity(conn)),
+        guarded("foreign_key_check", lambda: check_foreign_keys(conn)),
+        guarded("schema version", lambda: check_schema(conn)),
+    ]
+    later = [*_CHAIN_NAMES, "ordering ids", "mission projection"]
+    try:
+        version = schema_version(conn)
+    except sqlite3.DatabaseError as exc:
+        return checks + [
+            _not_run(name, f"the schema version cannot be read ({exc})") for name in later
+        ]
+    if not 1 <= version <= SCHEMA_VERSION:
         # Tables of a newer schema may have other columns: judging them would mislead;
         # version 0 is an empty file or not a dualmem database at all.
         return checks
-    checks.append(check_chain(conn, "journal", progress))
-    checks.append(check_chain(conn, "audit_log", progress))
-    if schema_version(conn) >= 4:
-        checks.append(check_sids(conn))
-    checks.append(check_projections(conn))
+    for table, name in zip(_CHAINS, _CHAIN_NAMES, strict=True):
+        checks.append(guarded(name, functools.partial(check_chain, conn, table, progress)))
+    if version >= 4:
+        checks.append(guarded("ordering ids", lambda: check_sids(conn)))
+    checks.append(guarded("mission projection", lambda: check_projections(conn)))
     return checks
 
 
