@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -298,10 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DualMemError as exc:
         print(f"dualmem {args.command}: {exc}", file=sys.stderr)
         return 2
-    except (OSError, ValueError, OverflowError) as exc:
+    except (OSError, ValueError, OverflowError, sqlite3.Error) as exc:
         # What the environment or the input refused (a missing directory, a port in use
-        # or out of range, a malformed URL, text that is not UTF-8): a message, not a
-        # traceback (--verbose logs the traceback too).
+        # or out of range, a malformed URL, text that is not UTF-8, a database file SQLite
+        # cannot read or write): a message, not a traceback (--verbose logs it too).
         if args.verbose:
             logging.getLogger("dualmem.cli").exception("dualmem %s failed", args.command)
         print(f"dualmem {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)

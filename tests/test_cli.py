@@ -270,6 +270,23 @@ def test_bad_command_input_is_a_message_and_exit_2_not_a_traceback(
     assert exc.value.code == 2
 
 
+def test_a_sqlite_error_is_a_message_and_exit_2_not_a_traceback(
+    tmp_path: Path, keyfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .test_ops_verify import damage_table
+
+    db = tmp_path / "m.db"
+    url = "memory://cli-sqlite-error"
+    with DualMemory(redis_url=url, db_path=str(db), keyring=str(keyfile)) as mem:
+        mem.sync(mem.put("k", 1, level=Level.PROJECT, principal=CODER))
+    damage_table(db, "memory")
+    common = ["--db", str(db), "--redis-url", url, "--keyring", str(keyfile)]
+    code = main(["export", "--out", str(tmp_path / "x.jsonl"), *common])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == "dualmem export: DatabaseError: database disk image is malformed\n"
+
+
 def run_demo(cwd: Path, *args: str) -> str:
     """``dualmem demo`` in ``cwd`` with no DUALMEM_* settings; its output, whitespace-folded
     (rich wraps long lines)."""
