@@ -388,6 +388,38 @@ def test_import_refuses_a_database_of_another_schema(
     assert code == 2 and "run `dualmem migrate" in err
 
 
+@pytest.mark.parametrize("kind", ["another program's", "empty"])
+def test_a_file_that_is_not_a_dualmem_database_is_refused(
+    tmp_path: Path, keyfile: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    # Schema version 0: export read on and crashed on `no such table: memory`; import
+    # and stats told the operator to migrate another program's database.
+    db = tmp_path / "other.db"
+    if kind == "empty":
+        db.touch()
+    else:
+        with sqlite3.connect(db) as conn:
+            conn.execute("CREATE TABLE t (x)")
+        conn.close()
+    before = db.read_bytes()
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"scope": "swarm:s", "key": "k", "level": 3, "value": 1}) + "\n")
+    common = ["--db", str(db), "--redis-url", "memory://other"]
+    keys = ["--keyring", str(keyfile)]
+    for argv in (
+        ["export", "--out", str(tmp_path / "out.jsonl"), *keys],
+        ["import", "--dry-run", str(f), *keys],
+        ["import", str(f), *keys],
+        ["backup", str(tmp_path / "copy.db"), *keys],
+        ["stats"],
+    ):
+        code, _, err = run_cli(capsys, *argv, *common)
+        assert code == 2, (argv, err)
+        assert err.startswith(f"dualmem {argv[0]}: {db} is not a dualmem database"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "keys.json", "other.db"]
+    assert db.read_bytes() == before
+
+
 def test_export_selects_by_level_and_prefix(
     mem: DualMemory, src: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

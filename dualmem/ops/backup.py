@@ -12,7 +12,13 @@ from pathlib import Path
 from acl.errors import ConfigurationError
 from dualmem.errors import StoreUnavailable
 from dualmem.migrations import schema_version
-from dualmem.ops.database import NO_PROGRESS, ProgressFn, open_database, refuse_database_path
+from dualmem.ops.database import (
+    NO_PROGRESS,
+    ProgressFn,
+    check_dualmem,
+    open_database,
+    refuse_database_path,
+)
 from dualmem.ops.verify import Check, check_chain, check_foreign_keys, check_integrity
 
 __all__ = ["BackupResult", "backup_database"]
@@ -67,6 +73,7 @@ def backup_database(
     started = time.monotonic()
     try:
         with open_database(src) as source:
+            check_dualmem(source, src)  # any version, newer too: only a copy is written
             try:
                 # Only its owner can read it, whatever the umask: levels 3 and 4 are
                 # plaintext, and so are every key name and the audit log.

@@ -16,6 +16,7 @@ __all__ = [
     "DatabaseSize",
     "ProgressFn",
     "check_current",
+    "check_dualmem",
     "check_not_newer",
     "database_size",
     "open_database",
@@ -64,9 +65,25 @@ def open_database(path: str | Path, *, write: bool = False) -> Iterator[sqlite3.
         conn.close()
 
 
-def check_not_newer(conn: sqlite3.Connection, path: str | Path) -> int:
-    """The file's schema version; ``ConfigurationError`` if this dualmem is too old for it."""
+def check_dualmem(conn: sqlite3.Connection, path: str | Path) -> int:
+    """The file's schema version; ``ConfigurationError`` if it has none (0).
+
+    dualmem sets the version with its first tables, so 0 is an empty file or another
+    program's database: nothing to read, and nothing ``dualmem migrate`` should write into.
+    """
     version = schema_version(conn)
+    if version == 0:
+        raise ConfigurationError(
+            f"{path} is not a dualmem database (schema version 0: an empty file or another "
+            "program's database; check --db or DUALMEM_DB_PATH)"
+        )
+    return version
+
+
+def check_not_newer(conn: sqlite3.Connection, path: str | Path) -> int:
+    """The file's schema version; ``ConfigurationError`` if this dualmem is too old for it
+    or it is not a dualmem database (:func:`check_dualmem`)."""
+    version = check_dualmem(conn, path)
     if version > SCHEMA_VERSION:
         raise ConfigurationError(
             f"{path} has schema version {version}, newer than this dualmem supports "
