@@ -132,6 +132,59 @@ def test_a_file_edited_by_hand_is_imported(
     assert verify_mirror(capsys, args, mdir)["status"] == "ok"
 
 
+def test_a_key_with_a_leading_dot_is_not_a_hidden_file(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was `.env.json`: a hidden name the mirror's own scan skips, so every cycle
+    # "restored" it (an audit event each time), its edits were never imported, and
+    # verify --mirror called it missing.
+    put(mem, ".env", {"v": 1})
+    put(mem, "..", "dots")
+    once(capsys, args, mdir)
+    f = file_of(mdir, ".env")
+    assert f.name == "%2Eenv.json" and doc(f)["key"] == ".env"
+    assert file_of(mdir, "..").name == "%2E..json"
+    assert not any(p.name.startswith(".") for p in f.parent.iterdir())
+    assert "0 written, 0 removed, 0 imported, 0 conflicts, 0 rejected, 0 restored" in once(
+        capsys, args, mdir
+    )
+    assert verify_mirror(capsys, args, mdir)["status"] == "ok"
+    write_value(f, {"v": 2})
+    assert "1 imported" in once(capsys, args, mdir)
+    assert mem.get(".env", level=Level.SWARM, principal=CODER) == {"v": 2}
+    assert [(k, key) for k, key, _ in sync_events(db_path)] == [("imported", ".env")]
+    assert verify_mirror(capsys, args, mdir)["status"] == "ok"
+
+
+def test_a_mirror_written_with_hidden_names_moves_them_once(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A mirror an older dualmem wrote: `.env.json` in the files and in the state.
+    put(mem, ".env", {"v": 1})
+    put(mem, ".edited", {"v": 1})
+    once(capsys, args, mdir)
+    state = json.loads((mdir / STATE_FILE).read_text())
+    for key in (".env", ".edited"):
+        new = file_of(mdir, key)
+        old = new.with_name(key + ".json")
+        new.rename(old)
+        rel = new.relative_to(mdir).as_posix()
+        state["files"][old.relative_to(mdir).as_posix()] = state["files"].pop(rel)
+    (mdir / STATE_FILE).write_text(json.dumps(state))
+    hidden_edit = file_of(mdir, ".edited").with_name(".edited.json")
+    hidden_edit.write_text("an edit the old mirror never saw", encoding="utf-8")
+    out = once(capsys, args, mdir)
+    assert "2 written" in out and "0 restored" in out
+    assert doc(file_of(mdir, ".env"))["value"] == {"v": 1}
+    assert not file_of(mdir, ".env").with_name(".env.json").exists()
+    assert hidden_edit.read_text(encoding="utf-8") == "an edit the old mirror never saw"
+    assert "0 written, 0 removed, 0 imported, 0 conflicts, 0 rejected, 0 restored" in once(
+        capsys, args, mdir
+    )
+    assert sync_events(db_path) == []
+    assert verify_mirror(capsys, args, mdir)["status"] == "ok"
+
+
 def test_sqlite_wins_a_conflict_and_the_conflict_is_recorded(
     mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,7 +1,8 @@
 """``dualmem mirror``: one JSON file per record, kept in sync with the change feed.
 
 Layout: ``DIR/<scope>/<key>.json`` (both percent-encoded, so any key is one safe file
-name; very long names become ``~<sha256>.json``, the file holds the real key) and
+name; a leading ``.`` too, as ``%2E``, so no record file is a hidden name; very long names
+become ``~<sha256>.json``, the file holds the real key) and
 ``DIR/.dualmem-mirror.json``, the mirror's state: the journal ``seq`` it has applied and,
 per file, the hash and stream id it last wrote. The state is saved after every cycle, so
 a stopped mirror resumes from its position.
@@ -80,8 +81,16 @@ def record_path(directory: Path, scope: str, key: str) -> Path:
 
     >>> record_path(Path("m"), "project:shop", "spec/login").as_posix()
     'm/project:shop/spec%2Flogin.json'
+
+    A leading ``.`` is escaped too (``quote`` keeps it): a hidden name would be skipped
+    by the mirror's own scan (``_files``) like its temporary files.
+
+    >>> record_path(Path("m"), "project:shop", ".env").as_posix()
+    'm/project:shop/%2Eenv.json'
     """
     name = quote(key, safe="") + ".json"
+    if name.startswith("."):
+        name = "%2E" + name[1:]
     if len(name.encode()) > _MAX_NAME:
         name = "~" + hashlib.sha256(key.encode()).hexdigest() + ".json"
     return directory / quote(scope, safe=":") / name
@@ -386,7 +395,9 @@ class Mirror:
                 continue
             self._edited(conn, now_ms, path, rel, data, entry, changed, writes, events, report)
         for rel, entry in list(self.state.files.items()):
-            if rel not in present:
+            if rel not in present and rel != self._rel(entry["scope"], entry["key"]):
+                self._rename(conn, rel, entry, now_ms, report)
+            elif rel not in present:
                 # Deleted by hand: records are deleted through the API, so put it back.
                 self._refresh(conn, entry["scope"], entry["key"], now_ms, report)
                 if rel in self.state.files:
@@ -394,6 +405,29 @@ class Mirror:
                     events.append(
                         self._event("restored", entry["scope"], entry["key"], None, {"path": rel})
                     )
+
+    def _rel(self, scope: str, key: str) -> str:
+        return record_path(self.dir, scope, key).relative_to(self.dir).as_posix()
+
+    def _rename(
+        self,
+        conn: sqlite3.Connection,
+        rel: str,
+        entry: dict[str, Any],
+        now_ms: int,
+        report: CycleReport,
+    ) -> None:
+        """A file an older dualmem named otherwise (a key's leading ``.`` unescaped: a
+        hidden name the scan skips) gets its current name. The old file goes if it is
+        what the mirror wrote; a hand edit in it (never seen: hidden) is left there."""
+        self.state.files.pop(rel)
+        old = self.dir / rel
+        if old.is_file():
+            if _sha(old.read_bytes()) == entry.get("sha256"):
+                old.unlink()
+            else:
+                report.events.append(f"{rel}: edited, left as it is; the record has a new name")
+        self._refresh(conn, entry["scope"], entry["key"], now_ms, report)
 
     def _edited(
         self,
@@ -474,7 +508,7 @@ class Mirror:
         if not isinstance(obj, dict):
             raise LineError("expected a JSON object")
         scope, key, level = line_identity(obj)
-        if record_path(self.dir, scope, key).relative_to(self.dir).as_posix() != rel:
+        if self._rel(scope, key) != rel:
             raise LineError(f"scope/key {scope}/{key} do not belong at {rel}")
         if int(level) not in self.state.levels:
             raise LineError(f"level {level.name} is not mirrored here")
