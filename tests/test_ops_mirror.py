@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -183,6 +184,27 @@ def test_a_mirror_written_with_hidden_names_moves_them_once(
     )
     assert sync_events(db_path) == []
     assert verify_mirror(capsys, args, mdir)["status"] == "ok"
+
+
+def test_only_its_owner_can_read_a_mirror(
+    mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Files were created with the umask (0644): levels 3 and 4 readable by anyone.
+    put(mem, "plan", {"steps": 1})
+    put(mem, "spec", "text", Level.PROJECT)
+    old = os.umask(0o022)
+    try:
+        once(capsys, args, mdir)
+        write_value(file_of(mdir, "plan"), {"steps": 2})
+        put(mem, "spec", "newer", Level.PROJECT)
+        once(capsys, args, mdir)  # an import written back, an update applied
+    finally:
+        os.umask(old)
+    files = [mdir / STATE_FILE, file_of(mdir, "plan"), file_of(mdir, "spec", "project:shop")]
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    for d in (mdir, file_of(mdir, "plan").parent, file_of(mdir, "spec", "project:shop").parent):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
 
 
 def test_sqlite_wins_a_conflict_and_the_conflict_is_recorded(

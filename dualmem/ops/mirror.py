@@ -5,7 +5,8 @@ name; a leading ``.`` too, as ``%2E``, so no record file is a hidden name; very 
 become ``~<sha256>.json``, the file holds the real key) and
 ``DIR/.dualmem-mirror.json``, the mirror's state: the journal ``seq`` it has applied and,
 per file, the hash and stream id it last wrote. The state is saved after every cycle, so
-a stopped mirror resumes from its position.
+a stopped mirror resumes from its position. Files are written 0600 and the directories it
+creates are 0700 (levels 3 and 4 are in the clear).
 
 Each cycle first looks for files edited by hand (their hash differs from the state):
 
@@ -170,9 +171,12 @@ class MirrorState:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Only its owner can read a mirror, whatever the umask (as `backup` and `export`):
+    # levels 3 and 4 are in the clear, and every key name is.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as fh:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -226,7 +230,7 @@ class Mirror:
         self.dir = Path(directory)
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigurationError(f"{self.dir} exists and is not a directory")
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         wanted = sorted(int(lv) for lv in (levels or Level))
         state = MirrorState.load(self.dir)
         if state is not None and levels and state.levels != wanted:
