@@ -207,6 +207,20 @@ def test_only_its_owner_can_read_a_mirror(
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
 
 
+@pytest.mark.parametrize("interval", ["0", "-1", "nan", "inf", "1e300"])
+def test_an_interval_that_is_not_a_positive_duration_is_refused(
+    args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str], interval: str
+) -> None:
+    # 0, -1 and nan were accepted and the mirror looped without pause.
+    code, _, err = run_cli(capsys, "mirror", *args, "--dir", str(mdir), f"--interval={interval}")
+    assert code == 2, err
+    assert (
+        f"--interval must be more than 0 and at most 1,000,000 seconds (got {float(interval)})"
+        in err
+    )
+    assert not mdir.exists()
+
+
 def test_sqlite_wins_a_conflict_and_the_conflict_is_recorded(
     mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

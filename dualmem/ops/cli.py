@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import secrets
 import sys
@@ -447,7 +448,14 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     """Keep a directory of JSON files in sync with the change feed (resumable)."""
     from dualmem.ops.mirror import Mirror
     from dualmem.ops.runtime import Runtime
+    from dualmem.settings import MAX_WAIT_SECONDS
 
+    if not (math.isfinite(args.interval) and 0 < args.interval <= MAX_WAIT_SECONDS):
+        # 0, a negative number or nan made the loop spin without pause.
+        raise ConfigurationError(
+            f"--interval must be more than 0 and at most {MAX_WAIT_SECONDS:,} seconds "
+            f"(got {args.interval})"
+        )
     settings = _settings(args)
     console = _console()
     # --once: nothing to stop. Otherwise SIGTERM/SIGINT end the loop after a last cycle.
