@@ -221,6 +221,25 @@ def test_a_dead_letter_of_a_passing_failure_replays_and_commits(
     assert code == 0 and "nothing to replay" in out
 
 
+def test_a_dead_letter_named_twice_is_replayed_once(
+    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `dlq replay 1 1` sent dead letter 1 twice: two stream entries, two commits.
+    env = mem.codec.seal({"v": 1}, scope="agent:coder-1", key="late", level=Level.PRIVATE)
+    fields = put_fields("agent:coder-1", "late", Level.PRIVATE, "coder-1", 1, env, None)
+    raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+    mem.store.dead_letter([(StreamEntry(0, "1-1", raw), "disk I/O error", 3)])
+    mem.store.dead_letter([(StreamEntry(0, "1-2", raw), "disk I/O error", 3)])
+    first, second = (d.id for d in mem.store.dead_letters())
+    code, out, _ = run_cli(
+        capsys, "dlq", "replay", *args, str(second), str(first), str(second), str(first)
+    )
+    assert code == 0 and "2 committed" in out, out
+    assert count(db_path, "journal", "key = 'late'") == 2
+    (event,) = [a for a in mem.store.audit_log() if a.event == "dlq_replay"]
+    assert json.loads(event.detail)["ids"] == [second, first]
+
+
 def test_a_replay_names_every_key_in_its_lease_until_it_has_sent(
     make_mem: Callable[..., DualMemory],
     args: list[str],

@@ -67,7 +67,7 @@ def replay(
 ) -> ReplayResult:
     """XADD the stored fields of dead letters ``ids`` (``None``: all not yet replayed) back
     into their shard's stream, with a ``dlq_replay`` audit event, in one transaction; then
-    mark them replayed.
+    mark them replayed. An id named more than once is sent once.
 
     Marking is a direct write of ``dead_letters.replayed_at``, outside the worker: an
     operational flag of rows the worker never touches again (it only writes a dead letter
@@ -83,7 +83,7 @@ def replay(
         missing = sorted(set(ids) - by_id.keys())
         if missing:
             raise ValidationError(f"no dead letter with id {', '.join(map(str, missing))}")
-        chosen = [by_id[i] for i in ids]
+        chosen = [by_id[i] for i in dict.fromkeys(ids)]  # an id named twice goes once
     if not chosen:
         return ReplayResult([], [])
     detail = {"ids": [d.id for d in chosen], "stream_ids": [d.stream_id for d in chosen]}
