@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from acl.crypto import Keyring
-from dualmem.errors import DualMemError
+from dualmem.errors import ConfigurationError, DualMemError
 from dualmem.settings import WORKER_SCHED, Settings
 from dualmem.shutdown import stop_on_signals
 
@@ -226,7 +226,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    """Write a new key file (mode 0600)."""
+    """Write a new key file (mode 0600) in an existing directory."""
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        # As export and backup: a typo in the path is not a reason to create directories.
+        raise ConfigurationError(f"directory {out.parent} does not exist")
     ring = Keyring.generate()
     ring.save(args.out, overwrite=args.force)
     print(

@@ -62,6 +62,11 @@ def test_keygen_writes_a_private_key_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "k" / "keys.json"
+    # A missing directory is refused, as export and backup do (it was created silently).
+    assert main(["keygen", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"dualmem keygen: directory {out.parent} does not exist\n"
+    assert not out.parent.exists()
+    out.parent.mkdir()
     assert main(["keygen", "--out", str(out)]) == 0
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert json.loads(out.read_text())["format"] == "dualmem-keyring"
