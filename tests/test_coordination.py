@@ -581,6 +581,42 @@ def test_a_copy_of_an_ack_in_the_cache_does_not_stop_the_target_from_acking(
     assert result.acked == ("coder-1",) and not result.rejected
 
 
+@pytest.mark.parametrize("planted", ["re-signed", "junk"])
+def test_an_ack_overwritten_after_it_was_written_is_written_again(
+    make_mem: MakeMem, coder: Principal, secret: bytes, planted: str
+) -> None:
+    # coder-1's ACK, then a swarm member's record at its key: a copy re-signed with
+    # another acked_at (it holds the secret), or junk. The same object acking again used
+    # to compare the committed value with its own pending ACK, see them differ, take its
+    # ACK as "not committed yet" for good and write nothing: the target stayed missing.
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret, max_retries=0)
+    signal = boss.send_signal(["coder-1"], "pause")
+    boss.sync()
+    one = BlockingCoordinator(mem, coder, secret)
+    mine = one.acknowledge_signal(signal)
+    one.sync()
+    rogue = BlockingCoordinator(mem, ROGUE, secret)
+    draft = Ack(signal.id, "coder-1", signal.digest, mine.acked_at + 1, rogue._signer.kid, "")
+    value = (
+        dataclasses.replace(draft, mac=rogue._mac(draft.signed_part())).to_value()
+        if planted == "re-signed"
+        else {"hello": 1}
+    )
+    ack_key = f"coord/acks/{signal.id}/coder-1"
+    mem.sync(mem.put(ack_key, value, level=Level.SWARM, principal=ROGUE))
+    assert boss.wait_for_acks(signal, timeout=0.1).missing == ("coder-1",)
+    assert [s.id for s in one.pending_signals()] == [signal.id]  # not hidden any more
+    again = one.acknowledge_signal(signal)
+    assert again != mine
+    one.sync()
+    assert boss.wait_for_acks(signal, timeout=5).acked == ("coder-1",)
+    assert one.acknowledge_signal(signal) == again  # and then a no-op again
+    one.sync()
+    ops = [h.op for h in mem.history(ack_key, level=Level.SWARM, principal=coder)]
+    assert ops == ["put", "put", "put"]
+
+
 def test_a_forged_signal_is_refused_by_its_target(
     make_mem: MakeMem, coder: Principal, secret: bytes
 ) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from acl.errors import ConfigurationError, TamperedRecord, ValidationError
 from acl.levels import ENCRYPTED_LEVELS, Level, as_level
 from acl.principal import Principal
+from dualmem.commands import Receipt
 from dualmem.coordination._validation import (
     ReceiptLog,
     check_ident,
@@ -257,8 +258,9 @@ class BlockingCoordinator:
         self._verifiers = {k.kid: k for k in (self._signer, *map(_derive, previous_secrets))}
         self._receipts = ReceiptLog(mem)
         self._rejected_seen: set[tuple[str, str]] = set()
-        # ACKs this object wrote that may not be committed yet (dropped once they are).
-        self._pending_acks: dict[str, Ack] = {}
+        # ACKs this object wrote that may not be committed yet, with the receipt of their
+        # put (dropped once the put is committed).
+        self._pending_acks: dict[str, tuple[Ack, Receipt]] = {}
 
     # -- signing -------------------------------------------------------------------------
 
@@ -357,8 +359,8 @@ class BlockingCoordinator:
             )
         )
 
-    def _put(self, key: str, value: dict[str, Any]) -> None:
-        self._receipts.add(
+    def _put(self, key: str, value: dict[str, Any]) -> Receipt:
+        return self._receipts.add(
             self.mem.put(
                 key,
                 value,
@@ -521,6 +523,12 @@ class BlockingCoordinator:
     def _own_valid_ack(self, signal: Signal) -> Ack | None:
         """This participant's valid ACK of ``signal`` if one is stored (idempotency)."""
         key = self._ack_key(signal.id, self.id)
+        pending = self._pending_acks.get(signal.id)
+        # Whether our own put is committed, asked before the record is read: once it is,
+        # the record read next is ours or a later write of the key.
+        ours_done = pending is not None and (
+            self.mem.store.status(pending[1].shard, pending[1].stream_id) is not None
+        )
         record = self.mem.get_record(key, level=self.level, principal=self.principal)
         committed = None if record is None else self._valid_ack_value(signal, record.value)
         if committed is not None and record is not None and record.owner == self.id:
@@ -529,12 +537,18 @@ class BlockingCoordinator:
         # Not committed yet, or the committed record is someone else's copy. Only an ACK
         # this object wrote counts as pending: the Redis cache says nothing about who
         # wrote an entry, and any participant holding the secret can put a valid-looking
-        # copy there, which would make us return without writing our own. Ours was
-        # overwritten if the committed copy equals it.
-        pending = self._pending_acks.get(signal.id)
-        if pending is None or (record is not None and pending == committed):
+        # copy there, which would make us return without writing our own. Ours counts
+        # while its put is still in the stream; once that put is committed (or
+        # dead-lettered) and the record is not ours, it was overwritten (a verbatim or
+        # re-signed copy, junk, a delete): it no longer stands, so we ACK again. Telling
+        # the two apart by the put's stream id, not by comparing values, is what catches
+        # a copy that differs from ours.
+        if pending is None:
             return None
-        return pending
+        if ours_done:
+            self._pending_acks.pop(signal.id, None)
+            return None
+        return pending[0]
 
     def acknowledge_signal(self, signal: Signal | str, *, timeout: float = 5.0) -> Ack:
         """ACK ``signal`` as this participant: an HMAC-SHA256-signed record, audited (low).
@@ -563,8 +577,7 @@ class BlockingCoordinator:
             self._mac(draft.signed_part()),
         )
         key = self._ack_key(signal.id, self.id)
-        self._put(key, ack.to_value())
-        self._pending_acks[signal.id] = ack
+        self._pending_acks[signal.id] = (ack, self._put(key, ack.to_value()))
         self._audit("signal_ack", "low", key, signal=signal.id, type=signal.type)
         return ack
 
