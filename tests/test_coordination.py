@@ -737,6 +737,32 @@ def test_a_wait_by_id_trusts_only_the_committed_signal_its_waiter_sent(
     assert boss.wait_for_acks(mine, timeout=10).complete
 
 
+def test_pending_signals_sees_every_signal_past_one_page(
+    make_mem: MakeMem, coder: Principal, secret: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A query returns one page (10,000 records) in key order, and signal keys start with
+    # their send time: past one page of live signals (ACKed ones and other agents' count;
+    # they live a day) new signals were never seen. The same with a page of 4 records.
+    from dualmem.coordination import signals as signals_module
+
+    monkeypatch.setattr(signals_module, "_QUERY_LIMIT", 4)
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret)
+    for_peer = [boss.send_signal(["coder-3"], "tick").id for _ in range(13)]
+    for_coder = boss.send_signal(["coder-1"], "pause").id
+    # junk under the prefix, inside and after the signal ids' key range
+    for key in ("coord/signals/1", "coord/signals/zzz"):
+        mem.put(key, {"hello": 1}, level=Level.SWARM, principal=ROGUE)
+    mem.sync(mem.put("coord/signals/~", 1, level=Level.SWARM, principal=ROGUE))
+    boss.sync()
+    peer = BlockingCoordinator(mem, PEER, secret)
+    assert sorted(s.id for s in peer.pending_signals()) == sorted(for_peer)
+    assert [s.id for s in BlockingCoordinator(mem, coder, secret).pending_signals()] == [for_coder]
+    peer.acknowledge_signal(for_peer[-1])
+    peer.sync()
+    assert sorted(s.id for s in peer.pending_signals()) == sorted(for_peer[:-1])
+
+
 def test_junk_under_the_signal_and_agent_prefixes_is_skipped_and_audited_once(
     make_mem: MakeMem, coder: Principal, secret: bytes
 ) -> None:

@@ -22,6 +22,7 @@ from dualmem.coordination._validation import (
     check_ident,
     clock_us,
     not_a_record,
+    scan_all,
     without_values,
 )
 from dualmem.errors import NotPersisted
@@ -33,7 +34,9 @@ _SIGNALS = "coord/signals/"
 _ACKS = "coord/acks/"
 _MIN_SECRET_BYTES = 16
 _KDF_LABEL = b"dualmem/coordination/hmac-sha256/v1"
-_QUERY_LIMIT = 10_000
+_QUERY_LIMIT = 10_000  #: one page of a query; pending_signals reads page after page
+#: The characters of a signal id (see send_signal): pending_signals pages by them.
+_SIGNAL_ID_CHARS = "0123456789T-abcdef"
 #: Audit detail taken from a signal's value, left out at encrypted levels (see _audit). Who
 #: acked or was refused is not among them: ACK keys name their target in the clear anyway.
 _SEALED_DETAIL = ("type", "targets", "missing", "rejected")
@@ -414,10 +417,19 @@ class BlockingCoordinator:
         """Authentic signals addressed to this participant that it has not ACKed yet,
         oldest first (from SQLite). Forged ones (a MAC that does not verify, or a record
         written by someone other than the signal's sender) are skipped and audited (high
-        risk)."""
-        records = self.mem.query(
-            principal=self.principal, level=self.level, prefix=_SIGNALS, limit=_QUERY_LIMIT
-        )
+        risk).
+
+        Every live signal of the scope is read, page after page (10,000 records a page),
+        so none is cut off however many there are. Past the first page, a record whose key
+        is not shaped like a signal id may be skipped without an audit row.
+        """
+
+        def fetch(prefix: str) -> list[Record]:
+            return self.mem.query(
+                principal=self.principal, level=self.level, prefix=prefix, limit=_QUERY_LIMIT
+            )
+
+        records = scan_all(fetch, _SIGNALS, _SIGNAL_ID_CHARS, _QUERY_LIMIT)
         out: list[Signal] = []
         for r in records:
             try:
