@@ -9,6 +9,7 @@ import math
 import re
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -386,6 +387,37 @@ def test_agent_lifecycle_records_each_step_and_refuses_updates_after_termination
     again = life.agent("coder-1")
     assert again is not None and again.status is AgentStatus.SPAWNED
     assert [e.event for e in life.history("coder-1")][-2:] == ["terminate", "spawn"]
+
+
+def test_lifecycle_state_outlives_cache_ttl_while_the_worker_is_behind(
+    make_mem: MakeMem,
+) -> None:
+    # Updates read the state with fresh=True. Its cache entry used to expire after
+    # cache_ttl; with the worker further behind than that, the read fell back to an older
+    # committed state: a terminated agent's heartbeat wrote "active" over "terminated",
+    # and a second spawn of a living agent was let through.
+    mem = make_mem(worker=False, cache_ttl=1)
+    life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30)
+    worker = Worker(mem._redis, mem.store, mem.settings.replace(consumer="w"))
+    life.register_spawn("ended", "Ended", "coder", [], Level.PRIVATE)
+    life.register_spawn("again", "Again", "coder", [], Level.PRIVATE)
+    life.register_termination("again", "done")
+    while worker.step():
+        pass
+    life.register_termination("ended", "done")  # not committed from here on ...
+    life.register_spawn("again", "Again", "coder", [], Level.PRIVATE)
+    time.sleep(1.3)  # ... for longer than cache_ttl
+    with pytest.raises(ValidationError, match="terminated"):
+        life.heartbeat("ended")
+    with pytest.raises(ValidationError, match="already spawned"):
+        life.register_spawn("again", "Again", "coder", [], Level.PRIVATE)
+    make_mem()  # the worker is back
+    life.sync(timeout=10)
+    ended, again = life.agent("ended"), life.agent("again")
+    assert ended is not None and ended.status is AgentStatus.TERMINATED
+    assert again is not None and again.status is AgentStatus.SPAWNED
+    assert [e.event for e in life.history("ended")] == ["spawn", "terminate"]
+    assert [e.event for e in life.history("again")] == ["spawn", "terminate", "spawn"]
 
 
 def test_missed_heartbeats_mark_an_agent_dead(make_mem: MakeMem, raw_redis: redis.Redis) -> None:

@@ -131,7 +131,10 @@ class AgentLifecycle:
     it is spawned again. ``clock`` (epoch seconds) is injectable for tests.
 
     Updates read the agent's state from the Redis cache (``fresh``) and write it back:
-    one writer per agent at a time (a lock serialises this object's own threads).
+    one writer per agent at a time (a lock serialises this object's own threads). The
+    state's cache entry does not expire (it is replaced by the key's next write), so a
+    worker that falls behind by more than ``cache_ttl`` cannot make an update or a spawn
+    see an older state than the last one written.
 
     >>> import tempfile, os
     >>> from acl import Level, Principal
@@ -219,7 +222,20 @@ class AgentLifecycle:
         return info
 
     def _save(self, info: AgentInfo) -> Receipt:
-        return self._put(f"{_AGENTS}{info.agent_id}", info.to_value())
+        # Pinned: the state is read back with fresh=True (the cache entry first), so the
+        # entry must not expire while its command waits in the stream longer than
+        # cache_ttl (a worker outage), or a read would fall back to an older committed
+        # state: a terminated agent's heartbeat would write "active" over "terminated".
+        # The next write of the key replaces the entry (a delete's tombstone too, which
+        # then expires as usual); a key rotation re-seals it in place.
+        return self._receipts.add(
+            self.mem._put_pinned(
+                f"{_AGENTS}{info.agent_id}",
+                info.to_value(),
+                level=self.level,
+                principal=self.principal,
+            )
+        )
 
     # -- commands ------------------------------------------------------------------------
 
