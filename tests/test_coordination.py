@@ -389,6 +389,28 @@ def test_agent_lifecycle_records_each_step_and_refuses_updates_after_termination
     assert [e.event for e in life.history("coder-1")][-2:] == ["terminate", "spawn"]
 
 
+def test_history_keeps_the_newest_events_past_one_page(
+    make_mem: MakeMem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # history read one page of events (10,000, the oldest), so limit= and event_types=
+    # answered from the oldest ones past that. The same with a page of 4 records.
+    from dualmem.coordination import lifecycle as lifecycle_module
+
+    monkeypatch.setattr(lifecycle_module, "_QUERY_LIMIT", 4)
+    mem = make_mem()
+    life = AgentLifecycle(mem, BOSS, record_heartbeats=True, heartbeat_timeout=30)
+    life.register_spawn("coder-1", "Coder", "coder", [], Level.PRIVATE)
+    for _ in range(13):
+        life.heartbeat("coder-1")
+    life.register_termination("coder-1", "done")
+    life.sync()
+    assert [e.event for e in life.history("coder-1", limit=1)] == ["terminate"]
+    assert [e.event for e in life.history("coder-1", event_types=["terminate"])] == ["terminate"]
+    everything = life.history("coder-1")
+    assert [e.event for e in everything] == ["spawn"] + ["heartbeat"] * 13 + ["terminate"]
+    assert [e.at for e in everything] == sorted(e.at for e in everything)
+
+
 def test_lifecycle_state_outlives_cache_ttl_while_the_worker_is_behind(
     make_mem: MakeMem,
 ) -> None:
