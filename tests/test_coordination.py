@@ -165,6 +165,44 @@ def test_latest_consensus_is_found_past_one_page_of_iterations(
     assert latest is not None and (latest.iteration, latest.score) == (11, 0.55)
 
 
+def test_junk_under_a_phase_does_not_hide_or_replace_the_latest_consensus(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The latest consensus was the record with the highest key under the phase: one junk
+    # record there (any swarm member can put one) made get_loop2_consensus raise
+    # TamperedRecord for everyone, and a well-formed value at a key that is not an
+    # iteration was returned as the newest. Checked with one page, and with pages of 3.
+    from dualmem.coordination import loops as loops_module
+
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    for iteration in (1, 2):
+        loops.store_loop2_consensus(BOSS, "impl", iteration, 0.9 + iteration / 100, {}, [])
+    prefix = f"cfn/shop/{SWARM}/loop2/impl/"
+    valid = mem.get(prefix + "000002", level=Level.SWARM, principal=BOSS, fresh=True)
+    planted = {
+        "notes": "hello",  # junk at a key that is not an iteration
+        "zzz": {**valid, "iteration": 7, "score": 0.1},  # well-formed, not an iteration key
+        "0000031": {**valid, "iteration": 31},  # one digit too many
+        "000003": {"hello": 1},  # an iteration key holding junk
+    }
+    for tail, value in planted.items():
+        mem.put(prefix + tail, value, level=Level.SWARM, principal=ROGUE)
+    loops.sync()
+    mem.sync(mem.put("sentinel", 1, level=Level.SWARM, principal=BOSS))
+    for page in (loops_module._QUERY_LIMIT, 3):
+        monkeypatch.setattr(loops_module, "_QUERY_LIMIT", page)
+        for _ in range(2):  # read twice, audited once
+            latest = loops.get_loop2_consensus(coder, "impl")
+            assert latest is not None and (latest.iteration, latest.score) == (2, 0.92)
+    assert loops.get_loop2_consensus(coder, "other") is None
+    mem.sync(mem.put("sentinel", 2, level=Level.SWARM, principal=BOSS))
+    loops.sync()
+    rows = audit(mem, "loop_record_rejected")
+    assert sorted(r.key for r in rows) == sorted(prefix + t for t in planted)
+    assert all(r.risk == "high" and r.actor == "coder-1" for r in rows)
+
+
 def test_loop_records_name_their_writer_not_what_their_value_claims(
     make_mem: MakeMem, system: Principal
 ) -> None:

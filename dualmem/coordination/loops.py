@@ -13,6 +13,7 @@ from acl.levels import Level
 from acl.principal import Principal
 from dualmem.commands import Receipt
 from dualmem.coordination._validation import (
+    MAX_ITERATION,
     ReceiptLog,
     check_ident,
     check_iteration,
@@ -38,6 +39,7 @@ __all__ = [
 DEFAULT_CONFIDENCE_THRESHOLD = 0.75
 DEFAULT_CONSENSUS_THRESHOLD = 0.90
 _QUERY_LIMIT = 10_000
+_ITERATION_DIGITS = len(str(MAX_ITERATION))  # iteration keys end in this many digits
 
 
 class Decision(StrEnum):
@@ -157,6 +159,7 @@ class LoopMemory:
         self.consensus_threshold = check_threshold("consensus_threshold", consensus_threshold)
         self._receipts = ReceiptLog(mem)
         self._last_us = 0
+        self._rejected_seen: set[tuple[str, str]] = set()
 
     def _now_us(self) -> int:
         # Strictly increasing per LoopMemory, so decisions listed "in chronological order"
@@ -325,32 +328,67 @@ class LoopMemory:
     def get_loop2_consensus(
         self, principal: Principal, phase: str, iteration: int | None = None
     ) -> Loop2Consensus | None:
-        """The consensus of ``iteration``, or of the highest iteration when ``None``."""
+        """The consensus of ``iteration``, or of the highest iteration when ``None``.
+
+        Without ``iteration``, only iteration keys count: another key under the phase's
+        prefix, or a record there that is not a Loop 2 record, is skipped (the next lower
+        iteration answers) and audited once as ``loop_record_rejected`` (high risk).
+        """
         check_ident("phase", phase)
-        if iteration is not None:
-            key = self.key(2, phase, check_iteration(iteration))
-            record = self.mem.get_record(
-                key, level=Level.SWARM, principal=principal, scope=self.swarm_scope
-            )
-        else:
-            record = self._last_under(principal, self._prefix(2, phase))
+        if iteration is None:
+            prefix = self._prefix(2, phase)
+            return self._latest_loop2(principal, prefix, prefix)
+        key = self.key(2, phase, check_iteration(iteration))
+        record = self.mem.get_record(
+            key, level=Level.SWARM, principal=principal, scope=self.swarm_scope
+        )
         return None if record is None else self._loop2(record)
 
-    def _last_under(self, principal: Principal, prefix: str) -> Record | None:
-        """The record with the highest key under ``prefix`` (keys end in the zero-padded
-        iteration, so the highest is the newest). A query returns keys in ascending order,
-        at most ``_QUERY_LIMIT`` of them: past that, narrow the prefix by the next digit,
-        highest first, so iteration 10,000 is found past 0..9,999."""
+    def _latest_loop2(self, principal: Principal, base: str, prefix: str) -> Loop2Consensus | None:
+        """The Loop 2 record with the highest iteration key under ``base`` (a phase's
+        prefix), searching the keys under ``prefix``. Only iteration keys count (``base``
+        and 6 digits, zero-padded, so the highest is the newest); any other key under the
+        prefix, and a record that is not a Loop 2 record, is skipped and audited (high risk)
+        once: any member of the swarm can put one there. A query returns keys in ascending
+        order, at most ``_QUERY_LIMIT`` of them: past that, narrow the prefix by the next
+        digit, highest first, so iteration 10,000 is found past 0..9,999."""
         records = self.mem.query(
             principal=principal, scope=self.swarm_scope, prefix=prefix, limit=_QUERY_LIMIT
         )
-        if len(records) < _QUERY_LIMIT:
-            return records[-1] if records else None
-        for digit in "9876543210":
-            found = self._last_under(principal, prefix + digit)
-            if found is not None:
-                return found
-        return records[-1]
+        if len(records) >= _QUERY_LIMIT and len(prefix) < len(base) + _ITERATION_DIGITS:
+            for digit in "9876543210":
+                found = self._latest_loop2(principal, base, prefix + digit)
+                if found is not None:
+                    return found
+            return None
+        for r in reversed(records):
+            tail = r.key[len(base) :]
+            if len(tail) != _ITERATION_DIGITS or not (tail.isascii() and tail.isdigit()):
+                self._reject_once(principal, r, "not an iteration key")
+                continue
+            try:
+                return self._loop2(r)
+            except TamperedRecord as exc:
+                self._reject_once(principal, r, str(exc))
+        return None
+
+    def _reject_once(self, principal: Principal, record: Record, reason: str) -> None:
+        # A bad record stays where it is while callers poll: audit it once per version.
+        mark = (record.key, record.stream_id)
+        if mark in self._rejected_seen:
+            return
+        self._rejected_seen.add(mark)
+        self._receipts.add(
+            self.mem.audit(
+                "loop_record_rejected",
+                principal=principal,
+                risk="high",
+                scope=self.swarm_scope,
+                key=record.key,
+                level=int(Level.SWARM),
+                detail={"reason": reason},
+            )
+        )
 
     def _loop2(self, r: Record) -> Loop2Consensus:
         v, key = r.value, r.key
