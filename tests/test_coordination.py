@@ -988,6 +988,44 @@ def test_previous_secret_still_verifies_after_rotation(make_mem: MakeMem, coder:
     )  # the old key alone cannot verify an ACK signed with the new one
 
 
+def test_ids_whose_keys_would_not_fit_are_refused_before_anything_is_written(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    # Idents are limited to 128 characters, keys to 512 UTF-8 bytes: a target of 120
+    # emoji (480 bytes) makes an ACK key of 520. send_signal accepted it, and
+    # wait_for_acks raised ValidationError mid-wait. Lone surrogates passed check_ident,
+    # then raised UnicodeEncodeError.
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret, max_retries=0)
+    wide = "\U0001f600" * 120
+    Principal(agent_id=wide, swarm=SWARM)  # a legal agent id
+    with pytest.raises(ValidationError, match=r"target is too long: .* 520 bytes"):
+        boss.send_signal(["coder-1", wide], "pause")
+    for targets, kind in ((["\ud800"], "pause"), (["coder-1"], "pa\udfffuse")):
+        with pytest.raises(ValidationError, match="lone surrogates"):
+            boss.send_signal(targets, kind)
+    with pytest.raises(ValidationError, match="lone surrogates"):
+        boss.get_signal("\ud800")
+    # A target of 100 emoji fits, and its ACK is found.
+    fits = "\U0001f600" * 100
+    signal = boss.send_signal([fits], "pause")
+    boss.sync()
+    BlockingCoordinator(mem, Principal(agent_id=fits, swarm=SWARM), secret).acknowledge_signal(
+        signal
+    )
+    assert boss.wait_for_acks(signal, timeout=5).acked == (fits,)
+    life = AgentLifecycle(mem, BOSS)
+    with pytest.raises(ValidationError, match="agent_id is too long"):
+        life.register_spawn("\U0001f600" * 117, "Wide", "coder", [], Level.PRIVATE)
+    with pytest.raises(ValidationError, match="lone surrogates"):
+        life.register_spawn("a\ud800", "Bad", "coder", [], Level.PRIVATE)
+    boss.sync()
+    life.sync()
+    mem.sync(mem.put("sentinel", 1, level=Level.SWARM, principal=BOSS))
+    assert len(audit(mem, "signal_sent")) == 1  # only the one that fits
+    assert mem.query(principal=BOSS, level=Level.SWARM, prefix="lifecycle/") == []
+
+
 def test_coordinator_configuration_is_checked(make_mem: MakeMem, system: Principal) -> None:
     mem = make_mem()
     with pytest.raises(ConfigurationError, match="16 bytes"):

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from acl.errors import TamperedRecord, ValidationError
-from dualmem.commands import Receipt
+from dualmem.commands import MAX_KEY_BYTES, Receipt
 
 if TYPE_CHECKING:
     from dualmem.memory import DualMemory, Record
@@ -22,6 +22,7 @@ __all__ = [
     "check_ident",
     "check_iteration",
     "check_json_object",
+    "check_key_fits",
     "check_score",
     "check_strings",
     "check_text",
@@ -84,7 +85,31 @@ def check_ident(name: str, value: object) -> str:
         raise ValidationError(f"{name} must not contain '/' (it separates key segments)")
     if any(ch < " " or ch == "\x7f" for ch in value):
         raise ValidationError(f"{name} must not contain control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(f"{name} must be valid Unicode (no lone surrogates)") from None
     return value
+
+
+def check_key_fits(name: str, value: str, key: str) -> str:
+    """``key`` (built from ``value``, the ``name`` argument) if it fits a record key's
+    limit of 512 UTF-8 bytes; else a ``ValidationError`` naming the argument, raised
+    before anything is written rather than when the key is first used.
+
+    >>> check_key_fits("target", "\u00e9" * 300, "acks/" + "\u00e9" * 300)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    acl.errors.ValidationError: target is too long: the key it makes is 605 bytes in UTF-8, ...
+    """
+    size = len(key.encode("utf-8"))
+    if size > MAX_KEY_BYTES:
+        room = MAX_KEY_BYTES - (size - len(value.encode("utf-8")))
+        raise ValidationError(
+            f"{name} is too long: the key it makes is {size} bytes in UTF-8, keys are "
+            f"limited to {MAX_KEY_BYTES} (at most {room} bytes for {name})"
+        )
+    return key
 
 
 def check_iteration(value: object) -> int:

@@ -20,6 +20,7 @@ from dualmem.coordination._validation import (
     ReceiptLog,
     check_ident,
     check_iteration,
+    check_key_fits,
     check_score,
     check_strings,
     check_text,
@@ -256,6 +257,8 @@ class AgentLifecycle:
         that is alive is a ``ValidationError``.
         """
         check_ident("agent_id", agent_id)
+        # Its longest key, an event's, must fit: checked before anything is written.
+        check_key_fits("agent_id", agent_id, f"{_EVENTS}{agent_id}/{0:020d}-{0:06x}")
         check_text("name", name, allow_empty=False)
         check_ident("type", type)
         caps = check_strings("capabilities", capabilities)

@@ -20,6 +20,7 @@ from dualmem.commands import Receipt
 from dualmem.coordination._validation import (
     ReceiptLog,
     check_ident,
+    check_key_fits,
     clock_us,
     not_a_record,
     scan_all,
@@ -37,6 +38,7 @@ _KDF_LABEL = b"dualmem/coordination/hmac-sha256/v1"
 _QUERY_LIMIT = 10_000  #: one page of a query; pending_signals reads page after page
 #: The characters of a signal id (see send_signal): pending_signals pages by them.
 _SIGNAL_ID_CHARS = "0123456789T-abcdef"
+_SIGNAL_ID_SHAPE = "00000000T000000-000000000000"  # as long as every id send_signal makes
 #: Audit detail taken from a signal's value, left out at encrypted levels (see _audit). Who
 #: acked or was refused is not among them: ACK keys name their target in the clear anyway.
 _SEALED_DETAIL = ("type", "targets", "missing", "rejected")
@@ -338,6 +340,12 @@ class BlockingCoordinator:
     def _ack_key(signal_id: str, target: str) -> str:
         return f"{_ACKS}{signal_id}/{target}"
 
+    def _check_ack_keys(self, signal_id: str, targets: Iterable[str]) -> None:
+        """``ValidationError`` unless every target's ACK key fits a key's 512 UTF-8 bytes
+        (else that target's ACK could never be stored, nor looked for)."""
+        for target in targets:
+            check_key_fits("target", target, self._ack_key(signal_id, target))
+
     def _audit(self, event: str, risk: str, key: str, **detail: Any) -> None:
         if self.level in ENCRYPTED_LEVELS:
             # The audit log is plaintext; a signal's type and targets are part of its
@@ -386,6 +394,7 @@ class BlockingCoordinator:
         wanted = tuple(dict.fromkeys(check_ident("target", t) for t in targets))
         if not wanted:
             raise ValidationError("a signal needs at least one target")
+        self._check_ack_keys(_SIGNAL_ID_SHAPE, wanted)
         check_ident("type", type)
         try:
             _canonical({"payload": payload})
@@ -402,8 +411,9 @@ class BlockingCoordinator:
 
     def get_signal(self, signal_id: str) -> Signal | None:
         """The stored signal (latest attempt), from the Redis cache when present."""
+        check_ident("signal_id", signal_id)
         value = self.mem.get(
-            self._signal_key(check_ident("signal_id", signal_id)),
+            check_key_fits("signal_id", signal_id, self._signal_key(signal_id)),
             level=self.level,
             principal=self.principal,
             fresh=True,
@@ -573,6 +583,7 @@ class BlockingCoordinator:
         is written. A signal not addressed to this participant raises ``ValidationError``.
         """
         signal = self._resolve(signal)
+        check_key_fits("agent_id", self.id, self._ack_key(signal.id, self.id))
         self._check_committed(signal, timeout)
         if self.id not in signal.targets:
             raise ValidationError(f"signal {signal.id} is not addressed to {self.id}")
@@ -656,6 +667,7 @@ class BlockingCoordinator:
             )
         if self.signal_problem(signal) is not None:
             raise TamperedRecord(f"signal {signal.id} is not authentic; refusing to wait for it")
+        self._check_ack_keys(signal.id, signal.targets)  # before any re-send, not mid-wait
         start = time.monotonic()
         self._check_committed(signal, timeout)
         deadline = start + timeout
