@@ -1026,6 +1026,29 @@ def test_ids_whose_keys_would_not_fit_are_refused_before_anything_is_written(
     assert mem.query(principal=BOSS, level=Level.SWARM, prefix="lifecycle/") == []
 
 
+def test_timeouts_and_retries_are_checked_before_anything_is_done(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    # acknowledge_signal(timeout=nan) waited forever for the signal's commit and
+    # timeout="1" raised a raw TypeError; max_retries had no upper bound, and
+    # wait_for_acks built a list of that many re-send times.
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret)
+    signal = boss.send_signal(["coder-1"], "pause")
+    target = BlockingCoordinator(mem, coder, secret)
+    for bad in (math.nan, math.inf, -1, "1", True, 10**400):
+        with pytest.raises(ValidationError, match="timeout must be a number of seconds"):
+            target.acknowledge_signal(signal, timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="timeout must be a number of seconds"):
+            boss.wait_for_acks(signal, timeout=bad)  # type: ignore[arg-type]
+    for retries in (-1, 101, 10**12):
+        with pytest.raises(ValidationError, match=r"max_retries must be an int in 0\.\.100"):
+            BlockingCoordinator(mem, BOSS, secret, max_retries=retries)
+    BlockingCoordinator(mem, BOSS, secret, max_retries=100)
+    target.acknowledge_signal(signal, timeout=5)
+    assert boss.wait_for_acks(signal, timeout=5).complete
+
+
 def test_coordinator_configuration_is_checked(make_mem: MakeMem, system: Principal) -> None:
     mem = make_mem()
     with pytest.raises(ConfigurationError, match="16 bytes"):

@@ -24,6 +24,7 @@ __all__ = [
     "check_json_object",
     "check_key_fits",
     "check_score",
+    "check_seconds",
     "check_strings",
     "check_text",
     "check_threshold",
@@ -57,6 +58,26 @@ def check_score(name: str, value: object) -> float:
     if not math.isfinite(score) or not 0.0 <= score <= 1.0:
         raise ValidationError(f"{name} must be within [0, 1], got {value!r}")
     return score
+
+
+def check_seconds(name: str, value: object) -> float:
+    """A duration: a finite number of seconds >= 0 (not a bool, not a str).
+
+    >>> check_seconds("timeout", float("nan"))
+    Traceback (most recent call last):
+    ...
+    acl.errors.ValidationError: timeout must be a number of seconds >= 0, got nan
+    """
+    bad = ValidationError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        raise bad from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise bad
+    return seconds
 
 
 def check_threshold(name: str, value: object) -> float:

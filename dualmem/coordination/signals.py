@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import secrets
 import time
 from collections.abc import Iterable, Sequence
@@ -21,6 +20,7 @@ from dualmem.coordination._validation import (
     ReceiptLog,
     check_ident,
     check_key_fits,
+    check_seconds,
     clock_us,
     not_a_record,
     scan_all,
@@ -34,6 +34,7 @@ __all__ = ["Ack", "AckResult", "BlockingCoordinator", "Signal"]
 _SIGNALS = "coord/signals/"
 _ACKS = "coord/acks/"
 _MIN_SECRET_BYTES = 16
+_MAX_RETRIES = 100  # wait_for_acks plans (and may catch up on) that many re-sends
 _KDF_LABEL = b"dualmem/coordination/hmac-sha256/v1"
 _QUERY_LIMIT = 10_000  #: one page of a query; pending_signals reads page after page
 #: The characters of a signal id (see send_signal): pending_signals pages by them.
@@ -212,7 +213,7 @@ class BlockingCoordinator:
     An ACK counts only if its MAC verifies, it names this signal's id and digest and the
     target, and the record was written by the target's own principal. Anything else is
     rejected and audited as high risk. ACKing twice is a no-op. ``wait_for_acks`` re-sends
-    the signal at most ``max_retries`` times within its timeout.
+    the signal at most ``max_retries`` (0..100) times within its timeout.
 
     >>> import tempfile, os
     >>> from acl import Principal
@@ -248,8 +249,14 @@ class BlockingCoordinator:
                 "coordinator_id must be the participant's acl.Principal (its agent_id is "
                 f"the id in signals and ACKs), got {type(coordinator_id).__name__}"
             )
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ValidationError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        if (
+            isinstance(max_retries, bool)
+            or not isinstance(max_retries, int)
+            or not 0 <= max_retries <= _MAX_RETRIES
+        ):
+            raise ValidationError(
+                f"max_retries must be an int in 0..{_MAX_RETRIES}, got {max_retries!r}"
+            )
         self.mem = mem
         self.principal = coordinator_id
         self.id = check_ident("coordinator_id", coordinator_id.agent_id)
@@ -582,6 +589,7 @@ class BlockingCoordinator:
         a valid ACK of this signal by this participant exists, it is returned and nothing
         is written. A signal not addressed to this participant raises ``ValidationError``.
         """
+        timeout = check_seconds("timeout", timeout)
         signal = self._resolve(signal)
         check_key_fits("agent_id", self.id, self._ack_key(signal.id, self.id))
         self._check_committed(signal, timeout)
@@ -653,13 +661,7 @@ class BlockingCoordinator:
         record, then ``signal_complete`` (low) or ``signal_timeout`` (medium).
         """
         signal = self._resolve(signal)
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or not math.isfinite(timeout)
-            or timeout < 0
-        ):
-            raise ValidationError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        timeout = check_seconds("timeout", timeout)
         if signal.sender != self.id:
             raise ValidationError(
                 f"signal {signal.id} was sent by {signal.sender!r}: only its sender waits "
