@@ -555,6 +555,35 @@ def test_every_target_acks_once_and_a_second_ack_is_a_no_op(
         BlockingCoordinator(mem, ROGUE, secret).acknowledge_signal(signal)
 
 
+def test_a_second_ack_by_another_object_is_a_no_op_once_the_first_is_committed(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    # What "ACKing twice is a no-op" means across objects (a restarted target): before
+    # the first ACK is committed a new object cannot tell it from a planted copy in the
+    # cache, so it writes its own (both count); once committed, it writes nothing.
+    mem = make_mem(worker=False)
+    boss = BlockingCoordinator(mem, BOSS, secret)
+    signal = boss.send_signal(["coder-1"], "pause")
+    worker = Worker(mem._redis, mem.store, mem.settings.replace(consumer="w"))
+    while worker.step():
+        pass
+    first = BlockingCoordinator(mem, coder, secret).acknowledge_signal(signal)
+    second = BlockingCoordinator(mem, coder, secret).acknowledge_signal(signal)
+    assert second != first  # written again: the first was not committed
+    while worker.step():
+        pass
+    assert BlockingCoordinator(mem, coder, secret).acknowledge_signal(signal) == second
+    while worker.step():
+        pass
+    ack_key = f"coord/acks/{signal.id}/coder-1"
+    assert [h.op for h in mem.history(ack_key, level=Level.SWARM, principal=coder)] == [
+        "put",
+        "put",
+    ]
+    assert len(audit(mem, "signal_ack")) == 2
+    assert boss.wait_for_acks(signal, timeout=1).acked == ("coder-1",)
+
+
 def test_wait_for_acks_times_out_for_a_silent_target(
     make_mem: MakeMem, coder: Principal, secret: bytes
 ) -> None:

@@ -212,7 +212,9 @@ class BlockingCoordinator:
 
     An ACK counts only if its MAC verifies, it names this signal's id and digest and the
     target, and the record was written by the target's own principal. Anything else is
-    rejected and audited as high risk. ACKing twice is a no-op. ``wait_for_acks`` re-sends
+    rejected and audited as high risk. ACKing twice is a no-op once the first ACK is
+    committed, or within one object before that (see :meth:`acknowledge_signal`).
+    ``wait_for_acks`` re-sends
     the signal at most ``max_retries`` (0..100) times within its timeout.
 
     >>> import tempfile, os
@@ -585,9 +587,17 @@ class BlockingCoordinator:
         Only the signal as committed counts: this waits up to ``timeout`` seconds for its
         record to be committed (``NotPersisted`` after that), and the signal must be that
         record's body, its MAC must verify and the record must have been written by the
-        sender it names; otherwise ``TamperedRecord`` (audited high risk). Idempotent: if
-        a valid ACK of this signal by this participant exists, it is returned and nothing
-        is written. A signal not addressed to this participant raises ``ValidationError``.
+        sender it names; otherwise ``TamperedRecord`` (audited high risk). A signal not
+        addressed to this participant raises ``ValidationError``.
+
+        Idempotent, precisely: nothing is written and the existing ACK is returned when a
+        valid ACK of this signal written by this participant is committed, or when this
+        same object wrote one whose put is not committed yet. Another object for the same
+        agent (a restarted process) that acks before the first ACK is committed writes a
+        second one (a second put and a second ``signal_ack`` audit row; either ACK counts).
+        It cannot skip the write on the strength of the Redis cache: the cache does not
+        say who wrote an entry, and any participant holding the secret can put a valid
+        looking copy there, which would leave the target's own ACK unwritten.
         """
         timeout = check_seconds("timeout", timeout)
         signal = self._resolve(signal)
