@@ -249,7 +249,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dualmem`` command."""
-    parser = argparse.ArgumentParser(prog="dualmem", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="dualmem",
+        description=(
+            "dualmem: Redis-first writes, SQLite-backed reads, five access levels. "
+            "`dualmem demo` shows it on the embedded default; `dualmem COMMAND --help` "
+            "describes each command. Exit codes: 0 all good, 1 something is wrong (a failed "
+            "check), 2 the command cannot run, 3 an import skipped bad lines."
+        ),
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -378,6 +378,8 @@ def test_python_m_dualmem_help() -> None:
     assert r.returncode == 0
     for cmd in ("worker", "stats", "keygen", "demo"):
         assert cmd in r.stdout
+    assert "COMMAND_MODULES" not in r.stdout  # the module's docstring, meant for developers
+    assert "Exit codes" in r.stdout
 
 
 def test_wait_until_helper_fails_loudly() -> None:
