@@ -333,6 +333,16 @@ def test_an_output_never_replaces_the_database(
         code, _, err = run_cli(capsys, "backup", *src, dest, "--force")
         assert code == 2 and "is the database" in err, err
     assert rows(db_path) == before
+    # Nor the key that opens it: --force used to replace the key file with an export.
+    keys = [a for i, a in enumerate(src) if i and src[i - 1] == "--keyring"]
+    for dest in (*keys, f"{db_path}.keys"):
+        before_key = Path(dest).read_bytes() if Path(dest).exists() else None
+        code, _, err = run_cli(capsys, "export", *src, "--out", dest, "--force")
+        assert code == 2 and "is the key file" in err, err
+        code, _, err = run_cli(capsys, "backup", *src, dest, "--force")
+        assert code == 2 and "is the key file" in err, err
+        after_key = Path(dest).read_bytes() if Path(dest).exists() else None
+        assert after_key == before_key
 
 
 def test_bad_input_files_and_keys(

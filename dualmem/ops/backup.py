@@ -50,6 +50,7 @@ def backup_database(
     *,
     overwrite: bool = False,
     progress: ProgressFn = NO_PROGRESS,
+    keyring: str | Path | None = None,
 ) -> BackupResult:
     """Copy the live database ``src`` to ``dest`` and verify the copy.
 
@@ -62,7 +63,7 @@ def backup_database(
     so it needs no help from the worker.
     """
     target = Path(dest)
-    refuse_database_path(target, src)
+    refuse_database_path(target, src, keyring)
     if target.exists() and not overwrite:
         raise ConfigurationError(f"{target} already exists; choose another name or --force")
     if not target.parent.is_dir():

@@ -261,7 +261,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings = _settings(args)
     console = _console()
     out = Path(args.out)
-    refuse_database_path(out, settings.db_path)
+    refuse_database_path(out, settings.db_path, settings.keyring_file)
     if out.exists() and not args.force:
         raise ConfigurationError(f"{out} already exists; choose another name or --force")
     if not out.parent.is_dir():
@@ -501,7 +501,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
     settings = _settings(args)
     console = _console()
     with _progress(console) as progress:
-        r = backup_database(settings.db_path, args.dest, overwrite=args.force, progress=progress)
+        r = backup_database(
+            settings.db_path,
+            args.dest,
+            overwrite=args.force,
+            progress=progress,
+            keyring=settings.keyring_file,
+        )
     console.print(f"backup {settings.db_path} -> {r.dest} (verified)", soft_wrap=True)
     table = _table("", ("item", "value"))
     table.add_row("size", f"{r.bytes / 1e6:.2f} MB ({r.pages} pages)")

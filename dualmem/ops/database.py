@@ -143,17 +143,28 @@ def database_size(conn: sqlite3.Connection, path: str | Path) -> DatabaseSize:
     )
 
 
-def refuse_database_path(dest: str | Path, db_path: str | Path) -> None:
-    """``ConfigurationError`` if writing ``dest`` would replace the database ``db_path``
-    or one of its WAL files (``--force`` must never let an output clobber the source).
+def refuse_database_path(
+    dest: str | Path, db_path: str | Path, keyring: str | Path | None = None
+) -> None:
+    """``ConfigurationError`` if writing ``dest`` would replace the database ``db_path``,
+    one of its WAL files, its embedded key file (``<db>.keys``) or the key file
+    ``keyring`` (``--force`` must never let an output clobber the source or the key that
+    opens it).
 
     >>> refuse_database_path("copy.db", "mem.db")
     >>> refuse_database_path("./mem.db-wal", "mem.db")
     Traceback (most recent call last):
     ...
     acl.errors.ConfigurationError: mem.db-wal is the database mem.db or one of its files
+    >>> refuse_database_path("keys.json", "mem.db", keyring="./keys.json")
+    Traceback (most recent call last):
+    ...
+    acl.errors.ConfigurationError: keys.json is the key file ./keys.json
     """
     target = Path(dest).resolve()
     db = Path(db_path).resolve()
     if target in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal")):
         raise ConfigurationError(f"{Path(dest).name} is the database {db_path} or one of its files")
+    for key in (Path(f"{db}.keys"), keyring):
+        if key is not None and target == Path(key).resolve():
+            raise ConfigurationError(f"{Path(dest).name} is the key file {key}")
