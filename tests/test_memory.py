@@ -1372,3 +1372,18 @@ def test_an_audit_detail_that_is_not_a_json_object_is_a_validation_error(
     with pytest.raises(ValidationError, match="detail"):
         mem.audit("deploy", principal=coder, detail=detail)
     mem.audit("deploy", principal=coder, detail={"ok": [1, 2], "when": time})  # str()'d
+
+
+def test_an_operator_audit_event_can_be_waited_for_like_a_write(make_mem: MakeMem) -> None:
+    # `export --decrypt` waited on rt.send([], audits=[...]), which returned no receipt for
+    # the event: the wait waited for nothing.
+    from dualmem.ops.runtime import AuditEvent
+
+    mem = make_mem(worker=False)
+    event = AuditEvent("export_decrypted", "coder-1", {"file": "x.jsonl"})
+    with Runtime(mem.settings) as rt:
+        assert rt.send([], audits=[event]) == []  # writes and raw entries only, as before
+        (receipt,) = rt.send([], audits=[event], audit_receipts=True)
+        assert rt.wait([receipt], 10).committed == 1
+    assert mem.store.status(receipt.shard, receipt.stream_id) == "committed"
+    assert receipt.op == "audit"

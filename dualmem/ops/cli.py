@@ -272,6 +272,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigurationError("--decrypt needs the key file: --keyring or DUALMEM_KEYRING")
     codec = Codec(keyring, max_value_bytes=settings.max_value_bytes)
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.partial")
+    audited = None
     try:
         with contextlib.ExitStack() as stack:
             # Decrypting is audited before the file appears: connect first (Redis down:
@@ -300,7 +301,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                 digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
                 detail = {"file": str(out), "decrypted": result.decrypted, "sha256": digest}
                 event = AuditEvent("export_decrypted", principal.agent_id, detail)
-                rt.wait(rt.send([], audits=[event]), 10)
+                # In the stream (Redis's log) before the file appears; committed, or the
+                # command says that it is still pending, before it returns.
+                audited = rt.wait(rt.send([], audits=[event], audit_receipts=True), 10)
             os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -313,6 +316,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         markup=False,
         soft_wrap=True,
     )
+    if audited is not None and audited.pending:
+        console.print(
+            "the export_decrypted audit event is in the command stream, not committed yet: "
+            "a worker commits it",
+            soft_wrap=True,
+        )
     for e in result.errors:
         console.print(f"  left out {e}", markup=False, soft_wrap=True)
     return _EXIT_FOUND if result.errors else 0

@@ -205,12 +205,15 @@ class Runtime:
         *,
         audits: Sequence[AuditEvent] = (),
         raw: Sequence[tuple[int, Mapping[bytes, bytes]]] = (),
+        audit_receipts: bool = False,
     ) -> list[Receipt]:
         """Send every command in ONE ``MULTI``/``EXEC``: all of them reach the stream or none.
 
         ``audits`` are recorded with them, in the same transaction. ``raw`` are stream
-        entries ``(shard, fields)`` sent as they are (dead-letter replay). Raises
-        ``Backpressure`` before writing anything when the streams cannot take them all.
+        entries ``(shard, fields)`` sent as they are (dead-letter replay). Returns the
+        receipts of ``writes`` and ``raw``, then (``audit_receipts``) those of ``audits``,
+        for :meth:`wait`. Raises ``Backpressure`` before writing anything when the streams
+        cannot take them all.
         """
         now_us = time.time_ns() // 1000
         per_shard: dict[int, int] = {}
@@ -239,6 +242,7 @@ class Runtime:
             commands.append(xadd_command(self.layout.stream(shard), fields))
         for shard, entry in raw:
             commands.append(xadd_command(self.layout.stream(shard), entry))
+        audit_shards: list[int] = []
         for a in audits:
             fields = audit_fields(
                 a.event,
@@ -251,6 +255,7 @@ class Runtime:
                 detail=a.detail,
             )
             shard = self.layout.shard_of(a.scope or "", a.key or "")
+            audit_shards.append(shard)
             commands.append(xadd_command(self.layout.stream(shard), fields))
         key_ids = self._sealed_under(writes, raw)
         with translate_errors("send commands"):
@@ -266,6 +271,12 @@ class Runtime:
             Receipt(shard, text(replies[base + i]), "", "", "raw")
             for i, (shard, _) in enumerate(raw)
         ]
+        if audit_receipts:
+            base += len(raw)
+            receipts += [
+                Receipt(shard, text(replies[base + i]), a.scope or "", a.key or "", "audit")
+                for i, (shard, a) in enumerate(zip(audit_shards, audits, strict=True))
+            ]
         return receipts
 
     @staticmethod
