@@ -438,6 +438,10 @@ def test_doctor_without_redis_or_key_and_with_a_newer_database(
     code, found = doctor(capsys, "--redis-url", "memory://doc", "--db", str(tmp_path / "x.db"))
     assert found["redis persistence"]["status"] == "warn"
     assert found["database"]["status"] == "ok"  # created on first use
+    # A directory given as the database said "disk I/O error: restore the newest backup".
+    code, found = doctor(capsys, "--redis-url", "memory://doc", "--db", str(tmp_path))
+    assert code == 1 and found["database"]["status"] == "fail"
+    assert "not a file" in found["database"]["detail"] and "--db" in found["database"]["fix"]
 
 
 # -- metrics ------------------------------------------------------------------------------

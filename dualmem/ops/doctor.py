@@ -300,6 +300,15 @@ def check_database(settings: Settings) -> list[Finding]:
                 "" if ok else f"make {parent} exist and writable",
             )
         ]
+    if not db.is_file():
+        return [
+            Finding(
+                "database",
+                "fail",
+                f"{db} is not a file (a directory?)",
+                "point --db / DUALMEM_DB_PATH at the database file",
+            )
+        ]
     out: list[Finding] = []
     try:
         conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
