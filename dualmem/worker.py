@@ -492,6 +492,19 @@ class Worker:
         dead: list[tuple[StreamEntry, str, int]] = []
         for entry, error in result.failed:
             deliveries = self._deliveries(entry)
+            if deliveries is None:
+                # No longer pending. Another worker claimed it and settled it since: it is
+                # committed or dead-lettered there, not ours to dead-letter again. Else
+                # Redis lost it (restarted empty): the dead letter is its only copy.
+                if self.store.status(entry.shard, entry.stream_id) in ("committed", "dead"):
+                    log.info(
+                        "worker %s: entry %s/%s failed here; another worker settled it",
+                        self.consumer,
+                        entry.shard,
+                        entry.stream_id,
+                    )
+                    continue
+                deliveries = self.settings.max_deliveries
             if deliveries >= self.settings.max_deliveries:
                 dead.append((entry, error, deliveries))
                 log.error(
@@ -518,13 +531,14 @@ class Worker:
             self.stats.dead_lettered += len(dead)
         return dead
 
-    def _deliveries(self, entry: StreamEntry) -> int:
+    def _deliveries(self, entry: StreamEntry) -> int | None:
+        """How often ``entry`` was delivered; ``None`` when it is no longer pending."""
         with translate_errors("worker pending"):
             rows = self.redis.xpending_range(
                 self.layout.stream(entry.shard), self.group, entry.stream_id, entry.stream_id, 1
             )
         if not rows:
-            return self.settings.max_deliveries
+            return None
         return int(rows[0]["times_delivered"])
 
     # -- housekeeping ------------------------------------------------------------------

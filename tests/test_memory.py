@@ -1387,3 +1387,40 @@ def test_an_operator_audit_event_can_be_waited_for_like_a_write(make_mem: MakeMe
         assert rt.wait([receipt], 10).committed == 1
     assert mem.store.status(receipt.shard, receipt.stream_id) == "committed"
     assert receipt.op == "audit"
+
+
+def test_a_failed_entry_another_worker_settled_is_not_dead_lettered_again(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An entry that failed here but was no longer pending when the worker looked (another
+    # worker claimed it and committed it meanwhile) was dead-lettered at once: its
+    # delivery count was taken to be max_deliveries.
+    from dualmem.redis_backend import connect
+
+    writer = make_mem(worker=False)
+    settled = writer.put("settled", 1, level=Level.SWARM, principal=coder)
+    failing = writer.put("failing", 2, level=Level.SWARM, principal=coder)
+    stream = writer.layout.stream(0)
+    store = writer.store
+    real_apply = store.apply
+
+    def apply(entries: Any) -> Any:
+        result = real_apply(entries)
+        for e in list(result.done):
+            if e.stream_id in (settled.stream_id, failing.stream_id):
+                result.done.remove(e)
+                result.failed.append((e, "failed here"))
+            if e.stream_id == settled.stream_id:  # committed elsewhere, and acked there
+                raw_redis.xack(stream, writer.settings.group, e.stream_id)
+        return result
+
+    monkeypatch.setattr(store, "apply", apply)
+    client, _ = connect(writer.settings)
+    worker = Worker(client, store, writer.settings)
+    worker.ensure_groups()
+    assert worker.step() == 2
+    client.close()
+    assert store.dead_letters() == []  # one settled elsewhere, one left for its retry
+    assert [r["message_id"] for r in raw_redis.xpending_range(stream, "persist", "-", "+", 9)] == [
+        failing.stream_id.encode()
+    ]
