@@ -805,14 +805,23 @@ class DualMemory:
         until: int | None = None,
         limit: int = 100,
         scope: str | None = None,
+        after: tuple[str, str] | None = None,
     ) -> list[Record]:
         """Records the principal may read, by key prefix, level and ``updated_at`` range.
 
         ``level=None`` searches every level the principal has a scope at; naming a level
-        or scope it has none at raises ``AccessDenied``. Ordered by scope, then key.
+        or scope it has none at raises ``AccessDenied``. Ordered by scope, then key, at
+        most ``limit`` (up to 10,000). For the next page pass ``after=(r.scope, r.key)`` of
+        the last record: only records sorting after it are returned
+        (:meth:`query_all` does that until the end).
         """
         self._check_open()
         check_text("prefix", prefix)
+        if after is not None:
+            if not (isinstance(after, tuple) and len(after) == 2):
+                raise ValidationError("after must be a (scope, key) tuple")
+            check_text("after scope", after[0])
+            check_text("after key", after[1])
         check_int("since", since, optional=True)
         check_int("until", until, optional=True)
         if (
@@ -830,10 +839,54 @@ class DualMemory:
             since=since,
             until=until,
             limit=limit,
+            after=after,
         )
         out = [self._record(r, principal.agent_id) for r in rows]
         self.metrics_registry.record("read", time.perf_counter_ns() - t0)
         return out
+
+    def query_all(
+        self,
+        *,
+        principal: Principal,
+        level: Level | int | None = None,
+        prefix: str = "",
+        since: int | None = None,
+        until: int | None = None,
+        scope: str | None = None,
+        page: int = _MAX_QUERY_LIMIT,
+    ) -> list[Record]:
+        """Every record :meth:`query` would find, however many: page after page of
+        ``page`` records, each starting after the last one of the page before.
+
+        >>> import tempfile, os
+        >>> from acl import Level, Principal
+        >>> agent = Principal(agent_id="a", swarm="s")
+        >>> db = os.path.join(tempfile.mkdtemp(), "mem.db")
+        >>> with DualMemory(redis_url="memory://doctest-query-all", db_path=db) as mem:
+        ...     for i in range(5):
+        ...         _ = mem.put(f"k{i}", i, level=Level.SWARM, principal=agent)
+        ...     mem.sync(_)
+        ...     [r.key for r in mem.query_all(principal=agent, prefix="k", page=2)]
+        ['k0', 'k1', 'k2', 'k3', 'k4']
+        """
+        out: list[Record] = []
+        after: tuple[str, str] | None = None
+        while True:
+            rows = self.query(
+                principal=principal,
+                level=level,
+                prefix=prefix,
+                since=since,
+                until=until,
+                limit=page,
+                scope=scope,
+                after=after,
+            )
+            out.extend(rows)
+            if len(rows) < page:
+                return out
+            after = (rows[-1].scope, rows[-1].key)
 
     def history(
         self,

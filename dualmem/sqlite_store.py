@@ -575,12 +575,17 @@ class SQLiteStore(Store):
         since: int | None = None,
         until: int | None = None,
         limit: int = 100,
+        after: tuple[str, str] | None = None,
     ) -> list[StoredRow]:
         """See :meth:`Store.query`."""
         if not scopes:
             return []
         where = [f"scope IN ({','.join('?' * len(scopes))})", _LIVE]
         params: list[object] = [*scopes, now_ms]
+        if after is not None:
+            # Row values compare column by column, as ORDER BY scope, key sorts.
+            where.append("(scope, key) > (?, ?)")
+            params += [after[0], after[1]]
         if prefix:
             where.append("key >= ?")
             params.append(prefix)

@@ -236,9 +236,11 @@ class Store(ABC):
         since: int | None = None,
         until: int | None = None,
         limit: int = 100,
+        after: tuple[str, str] | None = None,
     ) -> list[StoredRow]:
         """Live rows in ``scopes`` whose key starts with ``prefix`` and ``since <= updated_at
-        < until``, ordered by scope then key, at most ``limit``."""
+        < until``, ordered by scope then key, at most ``limit``; with ``after`` only rows
+        whose ``(scope, key)`` sorts after it (the next page)."""
 
     @abstractmethod
     def history(self, scope: str, key: str, limit: int | None = None) -> list[Change]:

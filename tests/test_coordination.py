@@ -1103,3 +1103,28 @@ def test_coordinator_configuration_is_checked(make_mem: MakeMem, system: Princip
         boss.send_signal(["coder-1"], "pause", {"bad": {1, 2}})
     with pytest.raises(ValidationError):
         boss.wait_for_acks("no-such-signal", timeout=1)
+
+
+def test_agents_and_decisions_are_listed_past_one_page(
+    make_mem: MakeMem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # list_agents (so stale_agents) and list_loop4_decisions read one query page, 10,000
+    # records: past that, agents and decisions were left out. The same with pages of 3.
+    from dualmem.coordination import lifecycle as lifecycle_module
+    from dualmem.coordination import loops as loops_module
+
+    monkeypatch.setattr(lifecycle_module, "_QUERY_LIMIT", 3)
+    monkeypatch.setattr(loops_module, "_QUERY_LIMIT", 3)
+    mem = make_mem()
+    life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30)
+    ids = [f"coder-{i}" for i in range(8)] + ["zz:odd id"]  # any legal id, any character
+    for agent_id in ids:
+        life.register_spawn(agent_id, "Coder", "coder", [], Level.PRIVATE)
+    life.sync()
+    assert [a.agent_id for a in life.list_agents()] == sorted(ids)
+    loops = LoopMemory(mem, project="shop", swarm=SWARM)
+    owner = Principal(agent_id="product-owner", system=True)
+    for i in range(1, 8):
+        loops.store_loop4_decision(owner, "auth", i, "PROCEED", "ok")
+    loops.sync(10)
+    assert [d.iteration for d in loops.list_loop4_decisions(owner, "auth")] == list(range(1, 8))

@@ -1424,3 +1424,30 @@ def test_a_failed_entry_another_worker_settled_is_not_dead_lettered_again(
     assert [r["message_id"] for r in raw_redis.xpending_range(stream, "persist", "-", "+", 9)] == [
         failing.stream_id.encode()
     ]
+
+
+def test_query_pages_with_after_and_query_all_reads_every_page(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    mem = make_mem()
+    keys = ["a", "a\u00e9", "b/1", "b/2", "b/~", "c", "\U0001f600"]
+    receipts = [mem.put(k, k, level=lvl, principal=coder) for k in keys for lvl in (3, 4)]
+    mem.sync(receipts[-1], timeout=10)
+    expected = [(r.scope, r.key) for r in mem.query(principal=coder, limit=100)]
+    assert len(expected) == 2 * len(keys) and expected == sorted(expected)
+    pages, after = [], None
+    while True:
+        page = mem.query(principal=coder, limit=3, after=after)
+        pages.append(page)
+        if len(page) < 3:
+            break
+        after = (page[-1].scope, page[-1].key)
+    assert [(r.scope, r.key) for p in pages for r in p] == expected
+    assert [(r.scope, r.key) for r in mem.query_all(principal=coder, page=2)] == expected
+    assert [r.key for r in mem.query_all(principal=coder, level=3, prefix="b/", page=2)] == [
+        "b/1",
+        "b/2",
+        "b/~",
+    ]
+    with pytest.raises(ValidationError, match="after"):
+        mem.query(principal=coder, after="b/1")  # type: ignore[arg-type]

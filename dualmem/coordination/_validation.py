@@ -1,5 +1,4 @@
-"""Input checks and small shared pieces of the coordination helpers; pure except ReceiptLog
-(and what the callback given to ``scan_all`` does)."""
+"""Input checks and small shared pieces of the coordination helpers; pure except ReceiptLog."""
 
 from __future__ import annotations
 
@@ -7,14 +6,14 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from acl.errors import TamperedRecord, ValidationError
 from dualmem.commands import MAX_KEY_BYTES, Receipt
 
 if TYPE_CHECKING:
-    from dualmem.memory import DualMemory, Record
+    from dualmem.memory import DualMemory
 
 __all__ = [
     "MAX_ITERATION",
@@ -30,7 +29,6 @@ __all__ = [
     "check_threshold",
     "clock_us",
     "not_a_record",
-    "scan_all",
     "without_values",
 ]
 
@@ -253,46 +251,3 @@ def not_a_record(kind: str, exc: Exception) -> TamperedRecord:
         # The missing name is one of ours (v["name"] in the parser), never the value's.
         return TamperedRecord(f"not {kind}: no field {exc.args[0]!r}")
     return TamperedRecord(f"not {kind}: a field of the wrong type or value ({type(exc).__name__})")
-
-
-def scan_all(
-    fetch: Callable[[str], Sequence[Record]], prefix: str, alphabet: str, page: int
-) -> list[Record]:
-    """Every record under ``prefix`` whose key continues in ``alphabet``, in key order,
-    however many there are: keyset pagination for a query that has a page limit but no
-    "after this key". ``fetch(p)`` returns the first ``page`` records (at most) whose key
-    starts with ``p``, in ascending key order (``DualMemory.query`` with ``limit=page``).
-
-    After a full page ending at key ``last``, the keys after it are those that extend
-    ``last`` and those that first differ from it at some position ``i`` by a greater
-    character: a finite set of prefixes when the characters come from ``alphabet``. A
-    key using other characters is returned only when it falls within a page; the keys
-    this is used for are built from ``alphabet``, so such a key is junk anyway.
-
-    >>> from collections import namedtuple
-    >>> R = namedtuple("R", "key")
-    >>> keys = sorted(f"k/{n:03d}" for n in range(25)) + ["k/x"]
-    >>> fetch = lambda p: [R(k) for k in keys if k.startswith(p)][:4]
-    >>> [r.key for r in scan_all(fetch, "k/", "0123456789", 4)] == keys[:25]
-    True
-    """
-    if page < 2:
-        raise ValueError("page must be at least 2")  # a page of 1 could not move past a key
-    chars = sorted(set(alphabet))
-    out: list[Record] = []
-
-    def under(p: str, after: str | None) -> None:
-        rows = fetch(p)
-        out.extend(rows if after is None else [r for r in rows if r.key > after])
-        if len(rows) < page:
-            return
-        # A full page's last key is longer than p (p itself, if a key, comes first).
-        last = rows[-1].key
-        under(last, last)  # keys that extend it
-        for i in range(len(last) - 1, len(p) - 1, -1):
-            for c in chars:
-                if c > last[i]:
-                    under(last[:i] + c, None)
-
-    under(prefix, None)
-    return out

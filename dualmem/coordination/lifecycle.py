@@ -25,7 +25,6 @@ from dualmem.coordination._validation import (
     check_strings,
     check_text,
     not_a_record,
-    scan_all,
     without_values,
 )
 from dualmem.memory import DualMemory, Record
@@ -34,7 +33,6 @@ __all__ = ["AgentEvent", "AgentInfo", "AgentLifecycle", "AgentStatus"]
 
 _QUERY_LIMIT = 10_000  #: one page of a query; history reads page after page
 #: The characters after an agent's event prefix: ``<at:020d>-<6 hex digits>``.
-_EVENT_KEY_CHARS = "0123456789-abcdef"
 _AGENTS = "lifecycle/agents/"
 _EVENTS = "lifecycle/events/"
 
@@ -399,10 +397,11 @@ class AgentLifecycle:
         return self._current(check_ident("agent_id", agent_id))
 
     def list_agents(self, status: AgentStatus | str | None = None) -> list[AgentInfo]:
-        """Agents as committed to SQLite, by id; only those with ``status`` if given."""
+        """Agents as committed to SQLite, by id; only those with ``status`` if given
+        (all of them, page after page)."""
         wanted = None if status is None else _status(status)
-        records = self.mem.query(
-            principal=self.principal, level=self.level, prefix=_AGENTS, limit=_QUERY_LIMIT
+        records = self.mem.query_all(
+            principal=self.principal, level=self.level, prefix=_AGENTS, page=_QUERY_LIMIT
         )
         agents = []
         for r in records:
@@ -447,21 +446,20 @@ class AgentLifecycle:
         """The agent's events, oldest first; ``limit`` keeps the newest ``limit`` of them,
         ``event_types`` only those kinds.
 
-        All of the agent's events are read, page after page (10,000 records a page), so
-        the newest are found however many there are. Past the first page, a record whose
-        key is not shaped like an event key may be skipped without an audit row.
+        All of the agent's events are read, page after page (10,000 records a page,
+        ``DualMemory.query_all``), so the newest are found however many there are.
         """
         check_ident("agent_id", agent_id)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
             raise ValidationError("limit must be an int or None")
         kinds = None if event_types is None else set(check_strings("event_types", event_types))
 
-        def fetch(prefix: str) -> list[Record]:
-            return self.mem.query(
-                principal=self.principal, level=self.level, prefix=prefix, limit=_QUERY_LIMIT
-            )
-
-        records = scan_all(fetch, f"{_EVENTS}{agent_id}/", _EVENT_KEY_CHARS, _QUERY_LIMIT)
+        records = self.mem.query_all(
+            principal=self.principal,
+            level=self.level,
+            prefix=f"{_EVENTS}{agent_id}/",
+            page=_QUERY_LIMIT,
+        )
         events = []
         for r in records:
             v = r.value

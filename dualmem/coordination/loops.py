@@ -449,8 +449,8 @@ class LoopMemory:
         A non-system principal gets ``AccessDenied`` (audited).
         """
         prefix = self._prefix(4, None if phase is None else check_ident("phase", phase))
-        records = self.mem.query(
-            principal=principal, level=Level.SYSTEM, prefix=prefix, limit=_QUERY_LIMIT
+        records = self.mem.query_all(
+            principal=principal, level=Level.SYSTEM, prefix=prefix, page=_QUERY_LIMIT
         )
         decisions = [self._loop4(r) for r in records]
         decisions.sort(key=lambda d: (d.decided_at, d.phase, d.iteration))

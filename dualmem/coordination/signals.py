@@ -23,7 +23,6 @@ from dualmem.coordination._validation import (
     check_seconds,
     clock_us,
     not_a_record,
-    scan_all,
     without_values,
 )
 from dualmem.errors import NotPersisted
@@ -38,7 +37,6 @@ _MAX_RETRIES = 100  # wait_for_acks plans (and may catch up on) that many re-sen
 _KDF_LABEL = b"dualmem/coordination/hmac-sha256/v1"
 _QUERY_LIMIT = 10_000  #: one page of a query; pending_signals reads page after page
 #: The characters of a signal id (see send_signal): pending_signals pages by them.
-_SIGNAL_ID_CHARS = "0123456789T-abcdef"
 _SIGNAL_ID_SHAPE = "00000000T000000-000000000000"  # as long as every id send_signal makes
 #: Audit detail taken from a signal's value, left out at encrypted levels (see _audit). Who
 #: acked or was refused is not among them: ACK keys name their target in the clear anyway.
@@ -438,17 +436,12 @@ class BlockingCoordinator:
         written by someone other than the signal's sender) are skipped and audited (high
         risk).
 
-        Every live signal of the scope is read, page after page (10,000 records a page),
-        so none is cut off however many there are. Past the first page, a record whose key
-        is not shaped like a signal id may be skipped without an audit row.
+        Every live signal of the scope is read, page after page (10,000 records a page,
+        ``DualMemory.query_all``), so none is cut off however many there are.
         """
-
-        def fetch(prefix: str) -> list[Record]:
-            return self.mem.query(
-                principal=self.principal, level=self.level, prefix=prefix, limit=_QUERY_LIMIT
-            )
-
-        records = scan_all(fetch, _SIGNALS, _SIGNAL_ID_CHARS, _QUERY_LIMIT)
+        records = self.mem.query_all(
+            principal=self.principal, level=self.level, prefix=_SIGNALS, page=_QUERY_LIMIT
+        )
         out: list[Signal] = []
         for r in records:
             try:
