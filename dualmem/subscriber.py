@@ -12,7 +12,7 @@ from typing import Any
 import redis
 
 from acl.errors import AccessDenied, ValidationError
-from acl.levels import Level
+from acl.levels import Level, as_level
 from acl.policy import readable_scopes
 from acl.principal import Principal
 from dualmem.commands import check_key
@@ -127,6 +127,9 @@ class Subscriber:
                 level=int(level),
                 scope=None,
             )
+        # A level given by name or number is the Level it names (readable_scopes accepted
+        # "swarm"; saving the position then failed on int("swarm")).
+        self.level = None if level is None else as_level(level)
         self.scopes = tuple(scopes.values())
         self._channels = [mem.layout.channel(s) for s in self.scopes]
 

@@ -169,6 +169,12 @@ def test_a_name_saved_under_a_level_filter_is_not_resumed_without_it(
         Subscriber(mem, coder, since="watch", level=Level.PRIVATE)
     with Subscriber(mem, coder, since="watch", level=Level.SWARM) as again:
         assert again.position == feed(mem, coder)[-1]  # the same filter resumes
+    with Subscriber(mem, coder, since="watch", level="swarm") as named:  # by its name too
+        assert named.level is Level.SWARM and named.position == feed(mem, coder)[-1]
+    mem.sync(mem.put("shared2", 3, level=Level.SWARM, principal=coder), timeout=10)
+    with Subscriber(mem, coder, since="by-name", level="swarm") as by_name:
+        assert [c.key for c in consume_until(by_name, "shared2")] == ["shared", "shared2"]
+    assert Subscriber.saved_position(mem, coder, "by-name") is not None  # saved, no crash
     with Subscriber(mem, coder, since="everything") as everything:  # another name: all
         assert [c.key for c in consume_until(everything, "shared")] == ["secret", "shared"]
 
