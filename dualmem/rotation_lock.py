@@ -10,16 +10,19 @@ dropped the retired ones:
   It expires ``ttl`` seconds after its last renewal; a heartbeat thread renews it every
   quarter of that, only while the value is still its own (compare-and-set).
 * A rotation that finds the lock held waits for it (``timeout``), saying who holds it. A
-  holder that was killed on this host (its pid is gone) is taken over at once, so
-  ``rotate-keys --resume`` right after a SIGKILL does not wait for the expiry; elsewhere
-  the expiry frees it.
+  holder that was killed in this process namespace (same boot, same pid namespace, and
+  its pid is gone) is taken over at once, so ``rotate-keys --resume`` right after a
+  SIGKILL does not wait for the expiry; any other holder (another host, or a container
+  sharing this host name) is waited for until the expiry frees it.
 * Before each batch of re-sealed records is sent, and before the key file is edited, the
-  holder checks that its lock is still its own and was renewed less than ``ttl`` ago
-  (:meth:`RotationLock.check`); if not (it was stopped for longer than ``ttl``, or Redis
-  lost the lock), it stops with :class:`~dualmem.errors.RotationBusy` and sends nothing.
+  holder checks in Redis that the lock still holds its value, and that it renewed it less
+  than ``ttl`` ago (:meth:`RotationLock.check`); if not (taken over, lost by Redis, or
+  this process was stopped for longer than ``ttl``), it stops with
+  :class:`~dualmem.errors.RotationBusy` and sends nothing more.
 
 What is left: a holder frozen for longer than ``ttl`` between a check and the send that
-follows it sends that one batch while another rotation may already hold the lock.
+follows it (a few milliseconds apart) sends that one batch while another rotation may
+already hold the lock.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import redis
 
@@ -74,10 +78,24 @@ def _parse(raw: object) -> dict[str, object] | None:
     return value
 
 
+def _process_namespace() -> str:
+    """This boot and pid namespace (``boot_id:pid-ns inode``), ``""`` where /proc cannot
+    say: two processes with the same value see the same pids."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
 def _dead_here(raw: object) -> bool:
-    """True when ``raw`` names a process of this host that no longer exists."""
+    """True when ``raw`` names a process of this boot and pid namespace that no longer
+    exists. A container sharing the host name but not its pids never qualifies."""
     holder = _parse(raw)
     if holder is None or holder["host"] != socket.gethostname():
+        return False
+    here = _process_namespace()
+    if not here or holder.get("ns") != here:
         return False
     pid = int(holder["pid"])  # type: ignore[call-overload]
     if pid <= 0 or pid == os.getpid():
@@ -115,6 +133,7 @@ class RotationLock:
                 "pid": os.getpid(),
                 "token": secrets.token_hex(8),
                 "since": int(time.time()),
+                "ns": _process_namespace(),
             },
             sort_keys=True,
         ).encode()
@@ -134,6 +153,8 @@ class RotationLock:
                 if self.client.set(self.name, self.value, nx=True, px=self._ttl_ms):
                     break
                 holder = self.client.get(self.name)
+            if holder == self.value:
+                break  # our SET ran and its reply was lost; redis-py's retry found it taken
             if holder is not None and _dead_here(holder) and self._take_over(holder):
                 break
             if time.monotonic() >= deadline:
@@ -200,9 +221,16 @@ class RotationLock:
     def check(self) -> None:
         """Raise :class:`RotationBusy` unless the lock is still this rotation's: call it
         before anything that only the holder may do (send re-sealed records, edit the
-        key file)."""
+        key file). One GET: a take-over is seen at once, not at the next renewal."""
         if self._lost is None and time.monotonic() - self._renewed > self.ttl:
             self._lost = f"not renewed for more than {self.ttl:g} s"
+        if self._lost is None:
+            with translate_errors("key rotation lock"):
+                holder = self.client.get(self.name)
+            if holder != self.value:
+                self._lost = (
+                    "it expired" if holder is None else f"{describe_holder(holder)} holds it now"
+                )
         if self._lost is not None:
             raise RotationBusy(
                 f"this key rotation lost its lock ({self._lost}); nothing more was sent. "

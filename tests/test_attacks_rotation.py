@@ -671,10 +671,10 @@ def test_a_rotation_that_lost_its_lock_stops_before_it_sends(
     namespace = rotator.settings.namespace
     # Taken over by another process (this one was frozen past the lock's expiry): the
     # heartbeat sees a value that is not its own.
-    lock = RotationLock(raw_redis, namespace, ttl=0.4).acquire(timeout=0)
+    lock = RotationLock(raw_redis, namespace, ttl=5).acquire(timeout=0)
     raw_redis.set(b"dm:{%s:keyuse}:rotation" % namespace.encode(), b"someone else")
     before = _stream_length(raw_redis)
-    wait_until(lambda: lock._lost is not None, 5)
+    # At once, not at the heartbeat's next renewal (it kept sending for up to ttl/4).
     with pytest.raises(RotationBusy, match="lost its lock"):
         rotate_keys(rotator, timeout=5, lock=lock)
     assert _stream_length(raw_redis) == before
@@ -697,15 +697,32 @@ def test_the_lock_of_a_rotation_killed_on_this_host_is_taken_over_at_once(
     import subprocess
     import sys
 
+    from dualmem.rotation_lock import _process_namespace
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # reaped: its pid names no process now
-    value = json.dumps({"host": socket.gethostname(), "pid": dead.pid, "token": "x", "since": 0})
+    here = _process_namespace()
+    assert here  # Linux: boot id and pid namespace
+    holder = {"host": socket.gethostname(), "pid": dead.pid, "token": "x", "since": 0}
+    # The same host name in another pid namespace (a container on the host's network):
+    # that pid may well be alive there. It was taken over at once; now it is waited for.
+    elsewhere = json.dumps({**holder, "ns": "another-boot:1"})
+    raw_redis.set(b"dm:{ns:keyuse}:rotation", elsewhere, px=60_000)
+    with pytest.raises(RotationBusy, match=f"process {dead.pid} on"):
+        RotationLock(raw_redis, "ns").acquire(timeout=0.3)
+    value = json.dumps({**holder, "ns": here})
     raw_redis.set(b"dm:{ns:keyuse}:rotation", value, px=60_000)
     t0 = time.monotonic()
     lock = RotationLock(raw_redis, "ns").acquire(timeout=30)
     assert time.monotonic() - t0 < 5
     assert raw_redis.get(b"dm:{ns:keyuse}:rotation") == lock.value
     lock.release()
+    # Its own value already there (SET ran, its reply was lost, the retry found the key
+    # taken): acquired, not a wait for itself until the expiry.
+    mine = RotationLock(raw_redis, "ns")
+    raw_redis.set(b"dm:{ns:keyuse}:rotation", mine.value, px=60_000)
+    mine.acquire(timeout=0).release()
+    assert raw_redis.get(b"dm:{ns:keyuse}:rotation") is None
     # A live holder (this very process, seen from another lock) is waited for instead.
     alive = json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "token": "y"})
     raw_redis.set(b"dm:{ns:keyuse}:rotation", alive, px=60_000)
