@@ -12,6 +12,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -1128,3 +1129,22 @@ def test_agents_and_decisions_are_listed_past_one_page(
         loops.store_loop4_decision(owner, "auth", i, "PROCEED", "ok")
     loops.sync(10)
     assert [d.iteration for d in loops.list_loop4_decisions(owner, "auth")] == list(range(1, 8))
+
+
+@pytest.mark.parametrize("junk", [{"score": 10**400}, {"iteration": 10**400}])
+def test_a_loop2_record_with_a_number_too_big_is_skipped_not_raised(
+    make_mem: MakeMem, coder: Principal, junk: dict[str, Any]
+) -> None:
+    # float(10**400) raised OverflowError, which the junk filter did not catch: one
+    # member's record broke get_loop2_consensus for the whole swarm.
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    loops.store_loop2_consensus(BOSS, "impl", 1, 0.95, {}, [])
+    loops.sync()
+    prefix = f"cfn/shop/{SWARM}/loop2/impl/"
+    valid = mem.get(prefix + "000001", level=Level.SWARM, principal=BOSS, fresh=True)
+    rogue = Principal(agent_id="rogue", swarm=SWARM, project="shop")
+    bad = {**valid, "iteration": 2, **junk}
+    mem.sync(mem.put(prefix + "000002", bad, level=Level.SWARM, principal=rogue), timeout=10)
+    latest = loops.get_loop2_consensus(coder, "impl")
+    assert latest is not None and latest.iteration == 1

@@ -158,6 +158,34 @@ def test_a_damaged_page_fails_its_checks_and_the_others_still_run(
     assert code == 1 and "verify found problems" in out and "Traceback" not in err
 
 
+@pytest.mark.parametrize("damage", ["audit_log page", "text hash", "integer hash"])
+def test_junk_where_a_hash_belongs_is_a_broken_link_not_a_crash(
+    mem: DualMemory,
+    args: list[str],
+    db_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    damage: str,
+) -> None:
+    # A damaged audit_log page that SQLite decodes as junk rows (prev_hash NULL), or a
+    # hash column edited to text or a number (the columns are not STRICT): verify ended in a
+    # TypeError traceback, exit 1 like a report, with no report.
+    fill(mem)
+    mem.close()
+    if damage == "audit_log page":
+        damage_table(db_path, "audit_log")
+    else:
+        with sqlite3.connect(db_path) as conn:
+            value = "edited" if damage == "text hash" else 7
+            conn.execute("UPDATE journal SET prev_hash = ? WHERE seq = 2", (value,))
+        conn.close()
+    code, out, err = run_cli(capsys, "verify", *args, "--no-redis", "--json")
+    assert code == 1 and "Traceback" not in err, err
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    table = "audit_log" if damage == "audit_log page" else "journal"
+    assert checks[f"{table} hash chain"]["status"] == "fail"
+    assert "mission projection" in checks  # the checks after it still ran
+
+
 def test_a_deleted_journal_row_breaks_the_link(
     mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -291,7 +291,7 @@ class LoopMemory:
                 recorded_at=int(v["recorded_at"]),
                 gate_passed=confidence >= self.confidence_threshold,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise TamperedRecord(f"{key} does not hold a Loop 3 record: {exc!r}") from exc
 
     # -- Loop 2 --------------------------------------------------------------------------
@@ -394,6 +394,10 @@ class LoopMemory:
         v, key = r.value, r.key
         try:
             score = float(v["score"])
+            # The record names the place it is stored at: a value naming another
+            # iteration, phase or swarm is not that iteration's consensus.
+            if str(v["swarm"]) != self.swarm or self.key(2, v["phase"], v["iteration"]) != key:
+                raise ValueError("it names another swarm, phase or iteration than its key")
             return Loop2Consensus(
                 swarm=str(v["swarm"]),
                 phase=str(v["phase"]),
@@ -407,7 +411,7 @@ class LoopMemory:
                 recorded_at=int(v["recorded_at"]),
                 gate_passed=score >= self.consensus_threshold,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise TamperedRecord(f"{key} does not hold a Loop 2 record: {exc!r}") from exc
 
     # -- Loop 4 --------------------------------------------------------------------------
@@ -472,7 +476,7 @@ class LoopMemory:
                 decided_by=r.owner,  # the record's writer, not what its value claims
                 decided_at=int(v["decided_at"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise TamperedRecord(f"{r.key} does not hold a Loop 4 record: {exc!r}") from exc
 
     # -- read-your-writes ----------------------------------------------------------------

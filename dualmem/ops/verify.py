@@ -106,6 +106,13 @@ def guarded(name: str, run: Callable[[], Check]) -> Check:
         c.problem(f"SQLite could not read the database: {exc}")
         c.summary, c.fix = f"could not check: {exc}", _DAMAGED_FIX
         return c
+    except (TypeError, ValueError, OverflowError) as exc:
+        # A value of a type or size no dualmem writes (an edit, or a damaged page SQLite
+        # decoded as junk): this check fails with it, the others still run.
+        c = Check(name)
+        c.problem(f"a value no dualmem writes: {type(exc).__name__}: {exc}")
+        c.summary, c.fix = f"could not check: {exc}", _DAMAGED_FIX
+        return c
 
 
 def _not_run(name: str, why: str) -> Check:
@@ -194,7 +201,14 @@ def check_chain(conn: sqlite3.Connection, table: str, progress: ProgressFn = NO_
         values = row[:-2]
         if table == "journal":
             values = journal_hash_values(values)
-        prev_hash, digest = cast(bytes, row[-2]), cast(bytes, row[-1])
+        prev_hash, digest = row[-2], row[-1]
+        if not isinstance(prev_hash, bytes) or not isinstance(digest, bytes):
+            # Edited to text or NULL (the columns are not STRICT), or a damaged page read
+            # back as junk: a broken link, and the walk goes on from it.
+            c.problem(f"{id_name} {row[0]}: prev_hash or hash is not a 32-byte hash")
+            prev = digest if isinstance(digest, bytes) else b""
+            n += 1
+            continue
         if prev_hash != prev:
             c.problem(f"{id_name} {row[0]}: prev_hash does not match the previous row's hash")
         if chain_hash(prev_hash, values) != digest:
