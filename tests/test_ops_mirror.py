@@ -205,6 +205,15 @@ def test_only_its_owner_can_read_a_mirror(
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     for d in (mdir, file_of(mdir, "plan").parent, file_of(mdir, "spec", "project:shop").parent):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    # The directories it creates above the mirror too (they followed the umask).
+    deep = mdir.parent / "a" / "b" / "m"
+    old = os.umask(0o022)
+    try:
+        once(capsys, args, deep)
+    finally:
+        os.umask(old)
+    for d in (deep.parent.parent, deep.parent, deep):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
 
 
 @pytest.mark.parametrize("interval", ["0", "-1", "nan", "inf", "1e300"])

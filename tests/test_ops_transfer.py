@@ -422,6 +422,8 @@ def test_a_file_that_is_not_a_dualmem_database_is_refused(
         ["import", str(f), *keys],
         ["backup", str(tmp_path / "copy.db"), *keys],
         ["stats"],
+        ["migrate", "--dry-run"],  # said "would migrate 0 -> 4" while migrate refused
+        ["migrate"],
     ):
         code, _, err = run_cli(capsys, *argv, *common)
         assert code == 2, (argv, err)

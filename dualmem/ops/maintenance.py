@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from acl.errors import ConfigurationError
-from dualmem.migrations import MIGRATIONS, SCHEMA_VERSION, migrate, schema_version
+from dualmem.migrations import MIGRATIONS, SCHEMA_VERSION, migrate
 from dualmem.ops.backup import BackupResult, backup_database
 from dualmem.ops.database import (
     NO_PROGRESS,
     ProgressFn,
     check_current,
+    check_dualmem,
     database_size,
     open_database,
 )
@@ -46,7 +47,9 @@ def plan_migration(path: str | Path, target: int | None = None) -> MigrationPlan
     """
     goal = SCHEMA_VERSION if target is None else target
     with open_database(path) as conn:
-        current = schema_version(conn)
+        # A file with no dualmem schema is refused here as well as by the backup the real
+        # run takes first: the dry run said "would migrate 0 -> 4" and the run exit 2.
+        current = check_dualmem(conn, path)
     if current > SCHEMA_VERSION:
         raise ConfigurationError(
             f"{path} has schema version {current}, newer than this dualmem ({SCHEMA_VERSION}): "

@@ -230,7 +230,9 @@ class Mirror:
         self.dir = Path(directory)
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigurationError(f"{self.dir} exists and is not a directory")
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for d in [*reversed(self.dir.parents), self.dir]:
+            if not d.exists():  # every directory the mirror creates is 0700, parents too
+                d.mkdir(mode=0o700, exist_ok=True)
         wanted = sorted(int(lv) for lv in (levels or Level))
         state = MirrorState.load(self.dir)
         if state is not None and levels and state.levels != wanted:
