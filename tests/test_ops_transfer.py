@@ -335,7 +335,9 @@ def test_an_output_never_replaces_the_database(
     assert rows(db_path) == before
     # Nor the key that opens it: --force used to replace the key file with an export.
     keys = [a for i, a in enumerate(src) if i and src[i - 1] == "--keyring"]
-    for dest in (*keys, f"{db_path}.keys"):
+    link = db_path.parent / "another-name-for-the-keys.json"
+    os.link(keys[0], link)  # a hard link is the same file under another name
+    for dest in (*keys, f"{db_path}.keys", str(link)):
         before_key = Path(dest).read_bytes() if Path(dest).exists() else None
         code, _, err = run_cli(capsys, "export", *src, "--out", dest, "--force")
         assert code == 2 and "is the key file" in err, err

@@ -322,6 +322,12 @@ def cmd_export(args: argparse.Namespace) -> int:
             "a worker commits it",
             soft_wrap=True,
         )
+    if audited is not None and audited.dead:
+        console.print(
+            "[red]the export_decrypted audit event was dead-lettered[/]: replay it with "
+            "`dualmem dlq replay --all`",
+            soft_wrap=True,
+        )
     for e in result.errors:
         console.print(f"  left out {e}", markup=False, soft_wrap=True)
     return _EXIT_FOUND if result.errors else 0

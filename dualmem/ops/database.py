@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -166,5 +167,16 @@ def refuse_database_path(
     if target in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal")):
         raise ConfigurationError(f"{Path(dest).name} is the database {db_path} or one of its files")
     for key in (Path(f"{db}.keys"), keyring):
-        if key is not None and target == Path(key).resolve():
+        if key is not None and _same_file(target, Path(key)):
             raise ConfigurationError(f"{Path(dest).name} is the key file {key}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same path, or (both existing) the same file under another name: a hard link
+    or a bind mount of it."""
+    if a == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
