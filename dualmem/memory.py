@@ -995,7 +995,7 @@ def _load_keyring(settings: Settings) -> Keyring:
         path = settings.default_keyring_path
         if path.exists():
             return Keyring.load(path)
-        if holds_sealed_rows(settings.db_path):
+        if holds_sealed_rows(settings.db_path) and not path.exists():  # not made meanwhile
             # A database copied or moved without its key file: a new key would open none
             # of its records, and records sealed under it would be stranded once the old
             # file came back.

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from acl.errors import ConfigurationError
 from acl.levels import ENCRYPTED_LEVELS, Level
 from dualmem.batch import GENESIS, BatchPlan, chain_hash, plan_batch
 from dualmem.commands import MalformedCommand, sid_of
@@ -876,8 +877,10 @@ def _create_private(path: Path) -> None:
 
 
 def holds_sealed_rows(path: str | Path) -> bool:
-    """Whether the database at ``path`` holds a live record at an encrypted level (read
-    only; ``False`` for no file, an empty one, or one with no dualmem tables).
+    """Whether the database at ``path`` holds a live record, or a dead letter waiting for a
+    replay, at an encrypted level (read only; ``False`` for no file, an empty one, or one
+    with no dualmem tables). ``ConfigurationError`` when it cannot tell (the file is locked
+    or damaged): the caller must not guess.
 
     >>> holds_sealed_rows("/nonexistent/dualmem.db")
     False
@@ -887,18 +890,30 @@ def holds_sealed_rows(path: str | Path) -> bool:
         return False
     levels = ",".join(str(int(lv)) for lv in ENCRYPTED_LEVELS)
     try:
-        conn = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return False
-    try:
-        row = conn.execute(
-            f"SELECT 1 FROM memory WHERE level IN ({levels}) AND envelope IS NOT NULL LIMIT 1"
-        ).fetchone()
-    except sqlite3.Error:
-        return False  # no memory table: not a dualmem database (yet)
-    finally:
-        conn.close()
-    return row is not None
+        conn = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+        try:
+            row = conn.execute(
+                f"SELECT 1 FROM memory WHERE level IN ({levels}) AND envelope IS NOT NULL LIMIT 1"
+            ).fetchone()
+            if row is not None:
+                return True
+            letters = conn.execute(
+                "SELECT fields FROM dead_letters WHERE replayed_at IS NULL"
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        if "no such table" in str(exc):
+            return False  # not a dualmem database (yet)
+        raise ConfigurationError(f"cannot read {p} to see what it holds: {exc}") from exc
+    for (text,) in letters:
+        try:
+            fields = _fields_from_json(text)
+        except (ValueError, TypeError):
+            return True  # cannot tell: as if sealed
+        if fields.get(b"e") and fields.get(b"l", b"").decode(errors="replace") in levels:
+            return True
+    return False
 
 
 def _insert_rows(

@@ -365,3 +365,24 @@ def test_a_new_database_and_its_wal_are_private(tmp_path: Path) -> None:
         assert stat.S_IMODE(existing.stat().st_mode) == 0o640  # an existing file is kept
     finally:
         os.umask(old)
+
+
+def test_holds_sealed_rows_counts_dead_letters_waiting_at_an_encrypted_level(
+    tmp_path: Path,
+) -> None:
+    # Only the memory table was read: a database whose sealed data was all in dead
+    # letters got a new embedded key, and those letters could not be replayed.
+    from dualmem.sqlite_store import holds_sealed_rows
+
+    db = tmp_path / "m.db"
+    store = SQLiteStore(db)
+    plain = StreamEntry(0, "1-0", {b"op": b"put", b"l": b"3", b"e": b"\x01{}"})
+    store.dead_letter([(plain, "boom", 3)])
+    assert not holds_sealed_rows(db)  # plaintext level: nothing a key is needed for
+    sealed = StreamEntry(0, "2-0", {b"op": b"put", b"l": b"1", b"e": b"\x01sealed"})
+    store.dead_letter([(sealed, "boom", 3)])
+    assert holds_sealed_rows(db)
+    (letter,) = [d for d in store.dead_letters() if d.stream_id == "2-0"]
+    store.mark_replayed([letter.id])
+    assert not holds_sealed_rows(db)  # replayed: its command is back in the stream
+    store.close()
