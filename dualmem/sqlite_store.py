@@ -579,17 +579,41 @@ class SQLiteStore(Store):
         after: tuple[str, str] | None = None,
     ) -> list[StoredRow]:
         """See :meth:`Store.query`."""
+        if after is None:
+            return self._query(scopes, now_ms, prefix, since, until, limit)
+        # Two index seeks instead of one row-value filter, which SQLite does not use to
+        # seek beside "scope IN (...)": every page re-read its scope from the start, so
+        # reading N rows page by page cost N**2 / 2 / page.
+        after_scope, after_key = after
+        rows = []
+        if after_scope in scopes:
+            rows = self._query([after_scope], now_ms, prefix, since, until, limit, after_key)
+        later = [s for s in scopes if s > after_scope]  # str order is SQLite's BINARY order
+        if len(rows) < limit and later:
+            rows += self._query(later, now_ms, prefix, since, until, limit - len(rows))
+        return rows
+
+    def _query(
+        self,
+        scopes: Sequence[str],
+        now_ms: int,
+        prefix: str,
+        since: int | None,
+        until: int | None,
+        limit: int,
+        after_key: str | None = None,
+    ) -> list[StoredRow]:
         if not scopes:
             return []
         where = [f"scope IN ({','.join('?' * len(scopes))})", _LIVE]
         params: list[object] = [*scopes, now_ms]
-        if after is not None:
-            # Row values compare column by column, as ORDER BY scope, key sorts.
-            where.append("(scope, key) > (?, ?)")
-            params += [after[0], after[1]]
-        if prefix:
+        if after_key is not None and after_key >= prefix:
+            where.append("key > ?")  # the tighter lower bound: the index seeks to it
+            params.append(after_key)
+        elif prefix:
             where.append("key >= ?")
             params.append(prefix)
+        if prefix:
             upper = prefix_upper_bound(prefix)
             if upper is not None:
                 where.append("key < ?")
@@ -888,7 +912,8 @@ def holds_sealed_rows(path: str | Path) -> bool:
     p = Path(path)
     if not p.is_file() or p.stat().st_size == 0:
         return False
-    levels = ",".join(str(int(lv)) for lv in ENCRYPTED_LEVELS)
+    sealed_levels = {int(lv) for lv in ENCRYPTED_LEVELS}
+    levels = ",".join(map(str, sorted(sealed_levels)))
     try:
         conn = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
         try:
@@ -911,7 +936,11 @@ def holds_sealed_rows(path: str | Path) -> bool:
             fields = _fields_from_json(text)
         except (ValueError, TypeError):
             return True  # cannot tell: as if sealed
-        if fields.get(b"e") and fields.get(b"l", b"").decode(errors="replace") in levels:
+        try:
+            level = int(fields.get(b"l", b""))
+        except ValueError:
+            continue  # no level: a malformed command that no key could open either
+        if fields.get(b"e") and level in sealed_levels:
             return True
     return False
 

@@ -377,8 +377,10 @@ def test_holds_sealed_rows_counts_dead_letters_waiting_at_an_encrypted_level(
     db = tmp_path / "m.db"
     store = SQLiteStore(db)
     plain = StreamEntry(0, "1-0", {b"op": b"put", b"l": b"3", b"e": b"\x01{}"})
-    store.dead_letter([(plain, "boom", 3)])
-    assert not holds_sealed_rows(db)  # plaintext level: nothing a key is needed for
+    no_level = StreamEntry(0, "1-1", {b"op": b"put", b"e": b"junk"})
+    comma = StreamEntry(0, "1-2", {b"op": b"put", b"l": b",", b"e": b"junk"})
+    store.dead_letter([(plain, "boom", 3), (no_level, "malformed", 3), (comma, "malformed", 3)])
+    assert not holds_sealed_rows(db)  # plaintext or no level: nothing a key is needed for
     sealed = StreamEntry(0, "2-0", {b"op": b"put", b"l": b"1", b"e": b"\x01sealed"})
     store.dead_letter([(sealed, "boom", 3)])
     assert holds_sealed_rows(db)
