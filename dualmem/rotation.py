@@ -463,6 +463,7 @@ class _Rotation:
     def _reseal_cache(self) -> int:
         n = 0
         for names in self._cache_names():
+            self.lock.check()  # once a batch of cache entries, as for the rows
             with translate_errors("rotation: read cache"):
                 values = self.client.mget(names)
             for name, reply in zip(names, values, strict=True):
@@ -486,7 +487,6 @@ class _Rotation:
             return None
 
     def _compare_and_set(self, name: bytes, old: bytes, new: bytes) -> bool:
-        self.lock.check()
         with translate_errors("rotation: write cache"), self.client.pipeline() as pipe:
             try:
                 pipe.watch(name)  # type: ignore[no-untyped-call]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,8 @@ class Check:
         }
 
 
+log = logging.getLogger("dualmem.verify")
+
 _DAMAGED_FIX = "restore the newest backup (`dualmem backup` writes verified copies)"
 
 
@@ -108,7 +111,9 @@ def guarded(name: str, run: Callable[[], Check]) -> Check:
         return c
     except (TypeError, ValueError, OverflowError) as exc:
         # A value of a type or size no dualmem writes (an edit, or a damaged page SQLite
-        # decoded as junk): this check fails with it, the others still run.
+        # decoded as junk): this check fails with it, the others still run. It could also
+        # be a bug in the check: the traceback goes to the log, so it does not hide.
+        log.warning("verify: %s failed on a value no dualmem writes", name, exc_info=True)
         c = Check(name)
         c.problem(f"a value no dualmem writes: {type(exc).__name__}: {exc}")
         c.summary, c.fix = f"could not check: {exc}", _DAMAGED_FIX
