@@ -275,9 +275,9 @@ def rotate_keys(
     client, _ = connect(mem.settings)
     own = None
     try:
-        deadline = time.monotonic() + timeout
         if lock is None:
             lock = own = RotationLock(client, mem.settings.namespace).acquire(timeout)
+        deadline = time.monotonic() + timeout  # waiting for the lock is not re-sealing time
         run = _Rotation(mem, client, ring.active_id, batch_size, progress, lock)
         report = run.run(deadline, tuple(k for k in ring.ids if k != ring.active_id))
     finally:
