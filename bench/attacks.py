@@ -46,6 +46,7 @@ from bench.faultkit import (
 )
 from dualmem import DualMemError, DualMemory, Receipt
 from dualmem.batch import chain_hash
+from dualmem.commands import cached_envelope
 
 __all__ = [
     "NAMES",
@@ -119,7 +120,8 @@ def _cache_under(env: FaultEnv, key_id: str) -> int:
     n = 0
     for name in client.scan_iter(match=b"dm:*:c:*", count=1000):
         value = client.get(name)
-        if isinstance(value, bytes) and envelope_key_id(value) == key_id:
+        envelope = cached_envelope(value)[0] if isinstance(value, bytes) else None
+        if envelope is not None and envelope_key_id(envelope) == key_id:
             n += 1
     return n
 

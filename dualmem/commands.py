@@ -15,6 +15,7 @@ from acl.levels import ENCRYPTED_LEVELS, Level
 from acl.policy import level_of_scope
 
 __all__ = [
+    "CACHE_EXPIRING",
     "CACHE_TOMBSTONE",
     "MAX_KEY_BYTES",
     "MAX_TTL_SECONDS",
@@ -24,6 +25,8 @@ __all__ = [
     "MalformedCommand",
     "Receipt",
     "audit_fields",
+    "cache_value",
+    "cached_envelope",
     "check_int",
     "check_key",
     "check_text",
@@ -45,6 +48,11 @@ MAX_KEY_BYTES = 512
 #: falling back to SQLite's copy that the worker has not deleted yet. No envelope starts
 #: with a zero byte.
 CACHE_TOMBSTONE = b"\x00deleted"
+#: The cache entry of a put with a ttl: this prefix, its expiry (epoch ms, 8 bytes big
+#: endian), then the envelope. The entry outlives the ttl (at least ``cache_ttl``), so a
+#: fresh read after the expiry sees the put expired instead of falling back to SQLite's
+#: older row while the worker has not committed it yet.
+CACHE_EXPIRING = b"\x00x"
 MAX_TTL_SECONDS = 10 * 365 * 86_400
 OP_PUT = "put"
 OP_DELETE = "del"
@@ -492,3 +500,30 @@ def xadd_command(stream: bytes, fields: Mapping[bytes, Any]) -> tuple[Any, ...]:
     for name, value in fields.items():
         out += (name, value)
     return tuple(out)
+
+
+def cache_value(envelope: bytes, expires_at: int | None) -> bytes:
+    """What a put caches: the envelope, behind its expiry when it has one.
+
+    >>> cached_envelope(cache_value(b"\\x01env", 1_700_000_000_000))
+    (b'\\x01env', 1700000000000)
+    >>> cache_value(b"\\x01env", None)
+    b'\\x01env'
+    """
+    if expires_at is None:
+        return envelope
+    return CACHE_EXPIRING + int(expires_at).to_bytes(8, "big") + envelope
+
+
+def cached_envelope(value: bytes) -> tuple[bytes | None, int | None]:
+    """``(envelope, expires_at)`` of a cache entry; the envelope is ``None`` for a
+    delete's mark (:data:`CACHE_TOMBSTONE`).
+
+    >>> cached_envelope(CACHE_TOMBSTONE), cached_envelope(b"\\x01env")
+    ((None, None), (b'\\x01env', None))
+    """
+    if value == CACHE_TOMBSTONE:
+        return None, None
+    if value.startswith(CACHE_EXPIRING) and len(value) > 10:
+        return value[10:], int.from_bytes(value[2:10], "big")
+    return value, None

@@ -28,6 +28,8 @@ from dualmem.commands import (
     CACHE_TOMBSTONE,
     Receipt,
     audit_fields,
+    cache_value,
+    cached_envelope,
     check_int,
     check_key,
     check_text,
@@ -537,10 +539,17 @@ class DualMemory:
         expires_at = None if ttl_ms is None else now_us // 1000 + ttl_ms
         shard = self.layout.shard_of(sc, key)
         fields = put_fields(sc, key, lvl, principal.agent_id, now_us, envelope, expires_at)
-        px = ttl_ms if ttl_ms is not None else (self.settings.cache_ttl * 1000 or None)
+        cache_ms = self.settings.cache_ttl * 1000 or None
+        px = cache_ms
+        if ttl_ms is not None:
+            # Past its ttl too (the expiry is in the entry): until the commit a fresh read
+            # must see this put expired, not SQLite's older row.
+            px = ttl_ms if cache_ms is None else max(ttl_ms, cache_ms)
         if pinned:
             px = None  # no PX: the entry stays until the key is written again
-        sid = self._send(shard, fields, self.layout.cache_key(shard, sc, key), envelope, px)
+        cache_key = self.layout.cache_key(shard, sc, key)
+        cached = cache_value(envelope, expires_at)
+        sid = self._send(shard, fields, cache_key, cached, px)
         t2 = time.perf_counter_ns()
         self.metrics_registry.record("encode", t1 - t0)
         self.metrics_registry.record("redis_write", t2 - t1)
@@ -747,10 +756,14 @@ class DualMemory:
             shard = self.layout.shard_of(sc, key)
             with translate_errors("cache read"):
                 cached = self._redis.get(self.layout.cache_key(shard, sc, key))
-        if cached == CACHE_TOMBSTONE:
-            pass  # deleted, maybe not committed yet: SQLite's copy is older
-        elif cached is not None:
-            value = self._open(bytes(cached), sc, key, lvl, principal.agent_id)  # type: ignore[arg-type]
+        if cached is not None:
+            envelope, expires_at = cached_envelope(bytes(cached))  # type: ignore[arg-type]
+            # A delete's mark, or a put past its ttl: deleted or expired, maybe not
+            # committed yet; SQLite's copy is older.
+            if envelope is not None and (
+                expires_at is None or expires_at > time.time_ns() // 1_000_000
+            ):
+                value = self._open(envelope, sc, key, lvl, principal.agent_id)
         else:
             row = self.store.get(sc, key, int(time.time() * 1000))
             if row is not None:

@@ -48,7 +48,7 @@ from acl.errors import ConfigurationError, MissingKey, TamperedRecord
 from acl.levels import ENCRYPTED_LEVELS
 from acl.policy import level_of_scope
 from acl.principal import Principal
-from dualmem.commands import reseal_fields
+from dualmem.commands import cache_value, cached_envelope, reseal_fields
 from dualmem.errors import NotPersisted
 from dualmem.keyuse import clear_dropping, mark_dropping, wait_for_key_users
 from dualmem.redis_backend import connect, text, translate_errors
@@ -468,7 +468,7 @@ class _Rotation:
                 values = self.client.mget(names)
             for name, reply in zip(names, values, strict=True):
                 value = _bytes(reply)
-                if self._old(value) is None or value is None:
+                if value is None or self._old(cached_envelope(value)[0]) is None:
                     continue
                 new = self._reseal_cached(name, value)
                 if new is not None and self._compare_and_set(name, value, new):
@@ -480,8 +480,12 @@ class _Rotation:
         if where is None:
             return None
         _, scope, key = where
+        envelope, expires_at = cached_envelope(value)
+        if envelope is None:
+            return None
         try:
-            return self.mem.codec.reseal(value, scope=scope, key=key, level=level_of_scope(scope))
+            new = self.mem.codec.reseal(envelope, scope=scope, key=key, level=level_of_scope(scope))
+            return None if new is None else cache_value(new, expires_at)
         except (TamperedRecord, MissingKey, ValueError) as exc:
             log.warning("rotation: cache entry %r cannot be re-sealed: %s", name, exc)
             return None
@@ -539,7 +543,8 @@ class _Rotation:
             with translate_errors("rotation: read cache"):
                 values = self.client.mget(names)
             for value in values:
-                kid = self._old(_bytes(value))
+                raw = _bytes(value)
+                kid = None if raw is None else self._old(cached_envelope(raw)[0])
                 if kid is not None:
                     left.cache += 1
                     left.key_ids.add(kid)

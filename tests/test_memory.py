@@ -1451,3 +1451,47 @@ def test_query_pages_with_after_and_query_all_reads_every_page(
     ]
     with pytest.raises(ValidationError, match="after"):
         mem.query(principal=coder, after="b/1")  # type: ignore[arg-type]
+
+
+def test_a_fresh_read_after_a_puts_ttl_sees_it_expired_before_the_commit(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # The cache entry of a put with a ttl lived for that ttl only: past it, with the
+    # worker behind, a fresh read fell back to SQLite and answered the value the put had
+    # replaced.
+    first = make_mem()
+    first.sync(first.put("k", "old", level=Level.SWARM, principal=coder), timeout=10)
+    first.close()  # no worker from here on: the next put waits in the stream
+    writer = make_mem(worker=False)
+    r = writer.put("k", "new", level=Level.SWARM, principal=coder, ttl=0.3)
+    assert writer.get("k", level=Level.SWARM, principal=coder, fresh=True) == "new"
+    time.sleep(0.4)
+    assert writer.get("k", level=Level.SWARM, principal=coder, fresh=True) is None
+    assert writer.get("k", level=Level.SWARM, principal=coder) == "old"  # not committed
+    # The entry holds its expiry and outlives the ttl by cache_ttl.
+    name = writer.layout.cache_key(r.shard, r.scope, r.key)
+    assert raw_redis.pttl(name) > 1000
+    mem = make_mem()  # a worker again
+    mem.sync(r, timeout=10)
+    assert mem.get("k", level=Level.SWARM, principal=coder) is None  # committed, expired
+    assert mem.get("k", level=Level.SWARM, principal=coder, fresh=True) is None
+
+
+def test_key_rotation_keeps_a_cached_puts_expiry(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, keyfile: Path
+) -> None:
+    from acl import envelope_key_id
+    from dualmem.commands import cached_envelope
+    from dualmem.rotation import add_active_key, rotate_keys
+
+    writer = make_mem(worker=False)
+    r = writer.put("k", {"v": 1}, level=Level.PRIVATE, principal=coder, ttl=3600)
+    name = writer.layout.cache_key(r.shard, r.scope, r.key)
+    _, expires_at = cached_envelope(raw_redis.get(name))
+    assert expires_at is not None
+    new = add_active_key(keyfile).active_id
+    report = rotate_keys(make_mem(), timeout=30)
+    assert report.done and report.resealed_cache >= 1
+    envelope, kept = cached_envelope(raw_redis.get(name))
+    assert kept == expires_at and envelope is not None and envelope_key_id(envelope) == new
+    assert writer.get("k", level=Level.PRIVATE, principal=coder, fresh=True) == {"v": 1}

@@ -28,6 +28,9 @@ from dualmem.commands import (
     put_fields,
     xadd_command,
 )
+from dualmem.commands import (
+    cache_value as cached,
+)
 from dualmem.errors import Backpressure, KeyDropped, StoreUnavailable
 from dualmem.keyuse import KeyLease, dropping_key, dropping_refusal, send_carrying
 from dualmem.layout import Layout
@@ -234,7 +237,7 @@ class Runtime:
                 cache_value, px = CACHE_TOMBSTONE, self._px(None, now_us)
                 fields = delete_fields(w.scope, w.key, w.level, w.actor, now_us)
             else:
-                cache_value, px = w.envelope, self._px(w.expires_at, now_us)
+                cache_value, px = cached(w.envelope, w.expires_at), self._px(w.expires_at, now_us)
                 fields = put_fields(
                     w.scope, w.key, w.level, w.actor, now_us, w.envelope, w.expires_at
                 )
@@ -328,9 +331,12 @@ class Runtime:
         raise StoreUnavailable("the key drop mark kept changing: nothing was sent")
 
     def _px(self, expires_at: int | None, now_us: int) -> int | None:
+        cache_ms = self.settings.cache_ttl * 1000 or None
         if expires_at is not None:
-            return max(1, expires_at - now_us // 1000)
-        return self.settings.cache_ttl * 1000 or None
+            # As put: the entry (its expiry inside) outlives the expiry, by cache_ttl.
+            left = max(1, expires_at - now_us // 1000)
+            return left if cache_ms is None else max(left, cache_ms)
+        return cache_ms
 
     def _check_room(self, per_shard: Mapping[int, int]) -> None:
         with translate_errors("backlog check"):

@@ -16,7 +16,7 @@ from acl.errors import DualMemError
 from acl.levels import Level
 from acl.policy import level_of_scope
 from dualmem.batch import GENESIS, chain_hash, journal_hash_values
-from dualmem.commands import CACHE_TOMBSTONE, MalformedCommand, decode_command
+from dualmem.commands import CACHE_TOMBSTONE, MalformedCommand, cached_envelope, decode_command
 from dualmem.layout import Layout
 from dualmem.migrations import SCHEMA_VERSION, schema_version
 from dualmem.ops.database import NO_PROGRESS, ProgressFn
@@ -574,6 +574,9 @@ def _judge(
         if row is None:
             continue
         envelope, expires_at = row
+        cached_env, cached_expiry = cached_envelope(cached)
+        if cached_expiry is not None and cached_expiry <= now_ms:
+            return  # a put past its ttl: deleted or expired, like the row will be
         if cached == CACHE_TOMBSTONE:
             # A delete's mark: a committed delete (a tombstone, or no row) agrees with it.
             if envelope is not None:
@@ -582,10 +585,11 @@ def _judge(
             c.problem(f"{scope}/{key}: deleted in SQLite but still cached in Redis")
         elif expires_at is not None and expires_at <= now_ms:
             pass  # expiring: the cache entry follows within its own ttl
-        elif bytes(envelope) != cached:
+        elif bytes(envelope) != cached_env:
             c.problem(f"{scope}/{key}: the cached envelope differs from the SQLite row")
         return
-    if cached == CACHE_TOMBSTONE:
-        return  # deleted, and no row left (purged, or never committed)
+    expiry = cached_envelope(cached)[1]
+    if cached == CACHE_TOMBSTONE or (expiry is not None and expiry <= now_ms):
+        return  # deleted or expired, and no row left (purged, or never committed)
     scope, key = next(iter(candidates))[1:]
     c.problem(f"{scope}/{key}: cached in Redis but no row in SQLite")
