@@ -212,6 +212,7 @@ class CycleReport:
     rejected: int = 0
     restored: int = 0
     events: list[str] = field(default_factory=list)
+    #: Of the imports and of the events (``sync_events``), for ``Runtime.wait``.
     receipts: list[Any] = field(default_factory=list)
 
 
@@ -281,7 +282,9 @@ class Mirror:
             conn.close()
         if writes or events:
             try:
-                report.receipts = self.runtime.send(writes, audits=events)
+                # The events' receipts too: waiting on them means the sync_events rows
+                # are committed as well as the imports.
+                report.receipts = self.runtime.send(writes, audits=events, audit_receipts=True)
             except KeyDropped as exc:
                 # Sealed under a key a rotation is dropping: nothing was sent. The imports
                 # are undone (the next cycle reads the same edits again and seals them
@@ -296,7 +299,9 @@ class Mirror:
                 report.imported = 0
                 report.events.append(f"edits not sent ({exc}); the next cycle seals them again")
                 kept = [e for e in events if id(e) not in refused]
-                report.receipts = self.runtime.send([], audits=kept) if kept else []
+                report.receipts = (
+                    self.runtime.send([], audits=kept, audit_receipts=True) if kept else []
+                )
         self.state.seq = report.seq = head
         self.state.audit_id = audit_head
         self.state.save(self.dir)
