@@ -13,11 +13,12 @@ from acl.errors import TamperedRecord, ValidationError
 from dualmem.commands import MAX_KEY_BYTES, Receipt
 
 if TYPE_CHECKING:
-    from dualmem.memory import DualMemory
+    from dualmem.memory import DualMemory, Record
 
 __all__ = [
     "MAX_ITERATION",
     "ReceiptLog",
+    "SeenRecords",
     "check_ident",
     "check_iteration",
     "check_json_object",
@@ -174,6 +175,29 @@ def check_json_object(name: str, value: object) -> dict[str, Any]:
 def clock_us() -> int:
     """Wall-clock time in epoch microseconds."""
     return time.time_ns() // 1000
+
+
+class SeenRecords:
+    """Record versions already rejected. A bad record stays where it is while callers poll:
+    each version (key and stream id) is audited once, not once per poll.
+
+    >>> from collections import namedtuple
+    >>> R = namedtuple("R", "key stream_id")
+    >>> seen = SeenRecords()
+    >>> seen.first(R("k", "1-0")), seen.first(R("k", "1-0")), seen.first(R("k", "2-0"))
+    (True, False, True)
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, str]] = set()
+
+    def first(self, record: Record) -> bool:
+        """True the first time this version of ``record`` is seen."""
+        mark = (record.key, record.stream_id)
+        if mark in self._seen:
+            return False
+        self._seen.add(mark)
+        return True
 
 
 class ReceiptLog:

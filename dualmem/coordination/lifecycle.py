@@ -18,6 +18,7 @@ from acl.principal import Principal
 from dualmem.commands import Receipt
 from dualmem.coordination._validation import (
     ReceiptLog,
+    SeenRecords,
     check_ident,
     check_iteration,
     check_key_fits,
@@ -185,7 +186,7 @@ class AgentLifecycle:
         self._lock = threading.RLock()
         self._last_us = 0
         self._receipts = ReceiptLog(mem)
-        self._rejected_seen: set[tuple[str, str]] = set()
+        self._rejected = SeenRecords()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -420,10 +421,8 @@ class AgentLifecycle:
         # Any member of the scope can put junk under the registry's prefixes: it is skipped
         # (it must not hide the other agents, or switch off stale_agents) and audited high
         # once per record version, not once per poll.
-        mark = (record.key, record.stream_id)
-        if mark in self._rejected_seen:
+        if not self._rejected.first(record):
             return
-        self._rejected_seen.add(mark)
         if self.level in ENCRYPTED_LEVELS:
             # The audit log is plaintext; the reason quotes what the sealed record holds.
             reason = without_values(reason)

@@ -15,6 +15,7 @@ from dualmem.commands import Receipt
 from dualmem.coordination._validation import (
     MAX_ITERATION,
     ReceiptLog,
+    SeenRecords,
     check_ident,
     check_iteration,
     check_json_object,
@@ -159,7 +160,7 @@ class LoopMemory:
         self.consensus_threshold = check_threshold("consensus_threshold", consensus_threshold)
         self._receipts = ReceiptLog(mem)
         self._last_us = 0
-        self._rejected_seen: set[tuple[str, str]] = set()
+        self._rejected = SeenRecords()
 
     def _now_us(self) -> int:
         # Strictly increasing per LoopMemory, so decisions listed "in chronological order"
@@ -373,11 +374,8 @@ class LoopMemory:
         return None
 
     def _reject_once(self, principal: Principal, record: Record, reason: str) -> None:
-        # A bad record stays where it is while callers poll: audit it once per version.
-        mark = (record.key, record.stream_id)
-        if mark in self._rejected_seen:
+        if not self._rejected.first(record):
             return
-        self._rejected_seen.add(mark)
         self._receipts.add(
             self.mem.audit(
                 "loop_record_rejected",

@@ -18,6 +18,7 @@ from acl.principal import Principal
 from dualmem.commands import Receipt
 from dualmem.coordination._validation import (
     ReceiptLog,
+    SeenRecords,
     check_ident,
     check_key_fits,
     check_seconds,
@@ -269,7 +270,7 @@ class BlockingCoordinator:
         self._signer = _derive(secret)
         self._verifiers = {k.kid: k for k in (self._signer, *map(_derive, previous_secrets))}
         self._receipts = ReceiptLog(mem)
-        self._rejected_seen: set[tuple[str, str]] = set()
+        self._rejected = SeenRecords()
         # ACKs this object wrote that may not be committed yet, with the receipt of their
         # put (dropped once the put is committed).
         self._pending_acks: dict[str, tuple[Ack, Receipt]] = {}
@@ -618,12 +619,8 @@ class BlockingCoordinator:
     # -- waiting -------------------------------------------------------------------------
 
     def _reject_once(self, event: str, record: Record, reason: str, **detail: Any) -> None:
-        # A bad record stays where it is while we poll: audit it once, not once per poll.
-        mark = (record.key, record.stream_id)
-        if mark in self._rejected_seen:
-            return
-        self._rejected_seen.add(mark)
-        self._audit(event, "high", record.key, reason=reason, **detail)
+        if self._rejected.first(record):  # once per record version, not once per poll
+            self._audit(event, "high", record.key, reason=reason, **detail)
 
     def _check_ack(self, signal: Signal, target: str) -> tuple[bool, str | None]:
         """``(valid, rejection reason)`` for the target's ACK record as committed."""
