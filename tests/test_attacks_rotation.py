@@ -637,15 +637,21 @@ def _stream_length(raw_redis: redis.Redis) -> int:
     return sum(int(raw_redis.xlen(s)) for s in raw_redis.scan_iter(match=b"dm:*:s:*"))
 
 
-def test_a_second_rotation_waits_for_the_first_and_sends_nothing(
-    make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis
-) -> None:
-    # Two rotations at once each re-sealed the other's rows back under their own key.
+def _a_record_under_the_old_key(make_mem: MakeMem, keyfile: Path) -> DualMemory:
+    """One committed record sealed with the key a new active key just replaced; returns a
+    process (no worker of its own) to rotate with."""
     mem = make_mem()
     p = Principal(agent_id="a")
     mem.sync(mem.put("k", {"v": 1}, level=Level.PRIVATE, principal=p), timeout=10)
     add_active_key(keyfile)
-    rotator = make_mem(worker=False)
+    return make_mem(worker=False)
+
+
+def test_a_second_rotation_waits_for_the_first_and_sends_nothing(
+    make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis
+) -> None:
+    # Two rotations at once each re-sealed the other's rows back under their own key.
+    rotator = _a_record_under_the_old_key(make_mem, keyfile)
     first = RotationLock(raw_redis, rotator.settings.namespace).acquire(timeout=0)
     try:
         before = _stream_length(raw_redis)
@@ -663,11 +669,7 @@ def test_a_second_rotation_waits_for_the_first_and_sends_nothing(
 def test_a_rotation_that_lost_its_lock_stops_before_it_sends(
     make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis
 ) -> None:
-    mem = make_mem()
-    p = Principal(agent_id="a")
-    mem.sync(mem.put("k", {"v": 1}, level=Level.PRIVATE, principal=p), timeout=10)
-    add_active_key(keyfile)
-    rotator = make_mem(worker=False)
+    rotator = _a_record_under_the_old_key(make_mem, keyfile)
     namespace = rotator.settings.namespace
     # Taken over by another process (this one was frozen past the lock's expiry): the
     # heartbeat sees a value that is not its own.
