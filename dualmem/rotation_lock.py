@@ -36,11 +36,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from dualmem.errors import RotationBusy
-from dualmem.redis_backend import translate_errors
+from dualmem.redis_backend import (
+    OutcomeUnknown,
+    WatchedKeyChanged,
+    transact_watching,
+    translate_errors,
+)
 
 __all__ = ["ROTATION_LOCK_TTL", "RotationLock", "describe_holder"]
 
@@ -107,6 +113,10 @@ def _dead_here(raw: object) -> bool:
     except OSError:
         return False  # alive, owned by another user
     return False
+
+
+class _NotExpected(Exception):
+    """The lock holds another value than the one a compare-and-set expects."""
 
 
 class RotationLock:
@@ -178,33 +188,31 @@ class RotationLock:
     def _ttl_ms(self) -> int:
         return max(1, int(self.ttl * 1000))
 
+    def _if_still(self, expected: object, command: tuple[Any, ...]) -> bool:
+        """Run ``command`` only while the lock holds ``expected`` (a compare-and-set);
+        whether it ran."""
+
+        def decide(value: object) -> None:
+            if value != expected:
+                raise _NotExpected
+
+        try:
+            transact_watching(self.client, self.name, decide, [command])
+        except (_NotExpected, WatchedKeyChanged):
+            return False
+        return True
+
     def _take_over(self, holder: object) -> bool:
         """Replace a dead holder's value with ours, only if it is still that value."""
-        with translate_errors("key rotation lock"), self.client.pipeline() as pipe:
+        with translate_errors("key rotation lock"):
             try:
-                pipe.watch(self.name)  # type: ignore[no-untyped-call]
-                if pipe.get(self.name) != holder:
-                    return False
-                pipe.multi()
-                pipe.set(self.name, self.value, px=self._ttl_ms)
-                pipe.execute()
-            except redis.WatchError:
-                return False
-        return True
+                return self._if_still(holder, (b"SET", self.name, self.value, b"PX", self._ttl_ms))
+            except OutcomeUnknown:
+                return False  # the next look at the lock says whether it ran
 
     def _renew(self) -> bool:
         """Push the expiry back if the lock is still ours; False when it is not."""
-        with self.client.pipeline() as pipe:
-            try:
-                pipe.watch(self.name)  # type: ignore[no-untyped-call]
-                if pipe.get(self.name) != self.value:
-                    return False
-                pipe.multi()
-                pipe.pexpire(self.name, self._ttl_ms)
-                pipe.execute()
-            except redis.WatchError:
-                return False
-        return True
+        return self._if_still(self.value, (b"PEXPIRE", self.name, self._ttl_ms))
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl / 4):
@@ -242,12 +250,5 @@ class RotationLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        with contextlib.suppress(redis.RedisError), self.client.pipeline() as pipe:
-            try:
-                pipe.watch(self.name)  # type: ignore[no-untyped-call]
-                if pipe.get(self.name) == self.value:
-                    pipe.multi()
-                    pipe.delete(self.name)
-                    pipe.execute()
-            except redis.WatchError:
-                pass
+        with contextlib.suppress(redis.RedisError):
+            self._if_still(self.value, (b"DEL", self.name))
