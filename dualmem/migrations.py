@@ -299,7 +299,9 @@ def _v4(conn: sqlite3.Connection) -> None:
            WHERE envelope IS NULL AND key LIKE '\\_dm/mission/%' ESCAPE '\\'
              AND level IN (3, 4)"""
     )
-    _project_existing(conn)
+    # Records not projected yet (written by hand under schema 1, or a child written after
+    # its mission's delete under schema 3) are projected by v5, whose statements this
+    # code plans: they name v5's keys, which these tables do not have yet.
 
 
 def _project_existing(conn: sqlite3.Connection) -> None:
@@ -325,7 +327,82 @@ def _project_existing(conn: sqlite3.Connection) -> None:
             conn.execute(sql, params)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4]
+# v5: a mission's child rows (tool calls, decisions, playbook runs) are keyed by scope,
+# mission and id, as their records are (``_dm/tool_call/<mission>/<id>``). Keyed by scope
+# and id alone, a record that reused an id under another mission took the first one's
+# row over, and a delete of either removed the row the other still had. Each table is
+# rebuilt with the new key (its rows are copied as they are), then every live record is
+# projected again: the rows such a reuse had taken over come back.
+_V5_TABLES = {
+    "tool_calls": (
+        "call_id",
+        """
+    tool_name    TEXT    NOT NULL,
+    args         TEXT    NOT NULL CHECK (json_valid(args)),
+    result       TEXT    NOT NULL CHECK (json_valid(result)),
+    duration_ms  REAL    NOT NULL CHECK (duration_ms >= 0),
+    success      INTEGER NOT NULL CHECK (success IN (0, 1)),
+    error        TEXT,
+    called_at    INTEGER NOT NULL,""",
+        [
+            "CREATE INDEX tool_calls_mission ON tool_calls (scope, mission_id, called_at, call_id)",
+            "CREATE INDEX tool_calls_success "
+            "ON tool_calls (scope, mission_id, success, called_at, call_id)",
+        ],
+    ),
+    "decisions": (
+        "decision_id",
+        """
+    decision_type TEXT    NOT NULL,
+    rationale     TEXT    NOT NULL,
+    agent_name    TEXT    NOT NULL,
+    decided_at    INTEGER NOT NULL,""",
+        [
+            "CREATE INDEX decisions_mission "
+            "ON decisions (scope, mission_id, decided_at, decision_id)"
+        ],
+    ),
+    "playbook_runs": (
+        "run_id",
+        """
+    playbook_name TEXT    NOT NULL,
+    phase         TEXT    NOT NULL,
+    started_at    INTEGER NOT NULL,
+    completed_at  INTEGER,
+    success       INTEGER NOT NULL CHECK (success IN (0, 1)),""",
+        [
+            "CREATE INDEX playbook_runs_mission "
+            "ON playbook_runs (scope, mission_id, started_at, run_id)"
+        ],
+    ),
+}
+
+
+def _v5(conn: sqlite3.Connection) -> None:
+    """Mission child rows keyed by ``(scope, mission_id, id)`` (see above)."""
+    for table, (id_col, columns, indexes) in _V5_TABLES.items():
+        conn.execute(
+            f"""CREATE TABLE {table}_v5 (
+    scope        TEXT    NOT NULL,
+    mission_id   TEXT    NOT NULL,
+    {id_col}     TEXT    NOT NULL,{columns}
+    actor        TEXT    NOT NULL,
+    sid          BLOB    NOT NULL,
+    PRIMARY KEY (scope, mission_id, {id_col}),
+    FOREIGN KEY (scope, mission_id) REFERENCES missions (scope, mission_id) ON DELETE CASCADE
+)"""
+        )
+        names = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+        listed = ", ".join(names)
+        conn.execute(f"INSERT INTO {table}_v5 ({listed}) SELECT {listed} FROM {table}")
+        conn.execute(f"DROP TABLE {table}")
+        conn.execute(f"ALTER TABLE {table}_v5 RENAME TO {table}")
+        for sql in indexes:
+            conn.execute(sql)
+    _project_existing(conn)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -429,8 +429,8 @@ INSERT INTO tool_calls (scope, call_id, mission_id, tool_name, args, result, dur
 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
 WHERE EXISTS (SELECT 1 FROM missions WHERE scope = ? AND mission_id = ?)
   AND {_CURRENT} AND {_NOT_DELETED}
-ON CONFLICT (scope, call_id) DO UPDATE SET
-    mission_id = excluded.mission_id, tool_name = excluded.tool_name, args = excluded.args,
+ON CONFLICT (scope, mission_id, call_id) DO UPDATE SET
+    tool_name = excluded.tool_name, args = excluded.args,
     result = excluded.result, duration_ms = excluded.duration_ms, success = excluded.success,
     error = excluded.error, called_at = excluded.called_at, actor = excluded.actor,
     sid = excluded.sid
@@ -442,8 +442,8 @@ INSERT INTO decisions (scope, decision_id, mission_id, decision_type, rationale,
 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?
 WHERE EXISTS (SELECT 1 FROM missions WHERE scope = ? AND mission_id = ?)
   AND {_CURRENT} AND {_NOT_DELETED}
-ON CONFLICT (scope, decision_id) DO UPDATE SET
-    mission_id = excluded.mission_id, decision_type = excluded.decision_type,
+ON CONFLICT (scope, mission_id, decision_id) DO UPDATE SET
+    decision_type = excluded.decision_type,
     rationale = excluded.rationale, agent_name = excluded.agent_name,
     decided_at = excluded.decided_at, actor = excluded.actor, sid = excluded.sid
 WHERE excluded.sid > decisions.sid
@@ -454,8 +454,8 @@ INSERT INTO playbook_runs (scope, run_id, mission_id, playbook_name, phase, star
 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
 WHERE EXISTS (SELECT 1 FROM missions WHERE scope = ? AND mission_id = ?)
   AND {_CURRENT} AND {_NOT_DELETED}
-ON CONFLICT (scope, run_id) DO UPDATE SET
-    mission_id = excluded.mission_id, playbook_name = excluded.playbook_name,
+ON CONFLICT (scope, mission_id, run_id) DO UPDATE SET
+    playbook_name = excluded.playbook_name,
     phase = excluded.phase, started_at = excluded.started_at,
     completed_at = excluded.completed_at, success = excluded.success,
     actor = excluded.actor, sid = excluded.sid
@@ -570,8 +570,8 @@ def _plan_record(
                 (_DROP_EMPTY_PLACEHOLDER, ident * 4),
             ]
         table, id_col = _TABLES[kind]
-        sql = f"DELETE FROM {table} WHERE scope = ? AND {id_col} = ? AND sid < ?"
-        return [(sql, (cmd.scope, record_id, sid))]
+        sql = f"DELETE FROM {table} WHERE scope = ? AND mission_id = ? AND {id_col} = ? AND sid < ?"
+        return [(sql, (cmd.scope, mission_id, record_id, sid))]
     assert cmd.envelope is not None
     try:
         value = PLAINTEXT.open(cmd.envelope, scope=cmd.scope, key=cmd.key, level=cmd.level)

@@ -524,7 +524,7 @@ def test_verify_finds_a_projected_row_edited_by_hand(store: SQLiteStore) -> None
     assert check.status == "fail"
     assert sorted(check.problems) == [
         "project:shop mission m: projected row differs from its record",
-        "project:shop tool_call c1: projected row differs from its record",
+        "project:shop tool_call m/c1: projected row differs from its record",
     ]
 
 
@@ -587,7 +587,8 @@ def test_migrating_to_schema_4_projects_a_child_written_after_its_missions_delet
     tmp_path: Path,
 ) -> None:
     # Schema 3 hid a tool call written after its mission's delete; schema 4 projects
-    # it, and so must the migration, or verify fails on a healthy upgraded database.
+    # it, and so must the migration (schema 5 projects every record again), or verify
+    # fails on a healthy upgraded database.
     from dualmem.migrations import migrate
 
     path = tmp_path / "v3.db"
@@ -608,6 +609,76 @@ def test_migrating_to_schema_4_projects_a_child_written_after_its_missions_delet
     migrated = SQLiteStore(path)
     try:
         assert [c.call_id for c in migrated.tool_calls("project:shop", "m")] == ["c1"]
+        assert _projection_ok(migrated)
+    finally:
+        migrated.close()
+
+
+def test_one_id_under_two_missions_is_two_rows(store: SQLiteStore) -> None:
+    # Child rows were keyed by (scope, id): a record reusing an id under another mission
+    # took the first one's row over, and deleting either removed the row of both.
+    for ms, mid in [(10, "m1"), (11, "m2")]:
+        store.apply([put_entry(ms, mission_key(mid), mission_value(mid, "in_progress", ms))])
+    store.apply([put_entry(20, child_key("tool_call", "m1", "c1"), call_value("m1", "c1", 20))])
+    store.apply([put_entry(21, child_key("tool_call", "m2", "c1"), call_value("m2", "c1", 21))])
+    assert [c.mission_id for c in store.tool_calls("project:shop", "m1")] == ["m1"]
+    assert [c.mission_id for c in store.tool_calls("project:shop", "m2")] == ["m2"]
+    assert _projection_ok(store)
+    store.apply([del_entry(30, child_key("tool_call", "m2", "c1"))])
+    assert [c.call_id for c in store.tool_calls("project:shop", "m1")] == ["c1"]
+    assert store.tool_calls("project:shop", "m2") == []
+    assert _projection_ok(store)
+
+
+def test_migrating_to_schema_5_gives_a_reused_id_its_row_back(tmp_path: Path) -> None:
+    # A schema-4 file where m2's call c1 took m1's row over: after the migration each
+    # mission has its own row again, and verify passes.
+    from dualmem.commands import sid_of
+    from dualmem.migrations import migrate, schema_version
+
+    path = tmp_path / "v4.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, 4)
+    records = [
+        (mission_key("m1"), mission_value("m1", "in_progress", 10), "10-0"),
+        (mission_key("m2"), mission_value("m2", "in_progress", 11), "11-0"),
+        (child_key("tool_call", "m1", "c1"), call_value("m1", "c1", 20), "20-0"),
+        (child_key("tool_call", "m2", "c1"), call_value("m2", "c1", 21), "21-0"),
+    ]
+    for key, value, stream_id in records:
+        env = CODEC.seal(value, scope="project:shop", key=key, level=Level.PROJECT)
+        conn.execute(
+            "INSERT INTO memory (scope, key, level, owner, envelope, sid, stream_id, created_at,"
+            " updated_at) VALUES ('project:shop', ?, 4, 'lead', ?, ?, ?, 1, 1)",
+            (key, env, sid_of(stream_id), stream_id),
+        )
+    for mid, ms in [("m1", 10), ("m2", 11)]:
+        conn.execute(
+            "INSERT INTO missions (scope, mission_id, level, phase, status, started_at, "
+            "updated_at, actor, sid) VALUES ('project:shop', ?, 4, 'p', 'in_progress', ?, ?, "
+            "'lead', ?)",
+            (mid, ms, ms, sid_of(f"{ms}-0")),
+        )
+    conn.execute(  # what schema 4 kept: one row, the second record's
+        "INSERT INTO tool_calls (scope, call_id, mission_id, tool_name, args, result, "
+        "duration_ms, success, error, called_at, actor, sid) VALUES ('project:shop', 'c1', "
+        "'m2', 't', '{}', 'null', 1.0, 1, NULL, 21, 'lead', ?)",
+        (sid_of("21-0"),),
+    )
+    with pytest.raises(sqlite3.IntegrityError):  # the old key: one row per (scope, id)
+        conn.execute(
+            "INSERT INTO tool_calls (scope, call_id, mission_id, tool_name, args, result, "
+            "duration_ms, success, error, called_at, actor, sid) VALUES ('project:shop', 'c1',"
+            " 'm1', 't', '{}', 'null', 1.0, 1, NULL, 20, 'lead', x'00')"
+        )
+    conn.close()
+    migrated = SQLiteStore(path)
+    try:
+        with sqlite3.connect(path) as check:
+            assert schema_version(check) == 5
+        check.close()
+        assert [c.called_at for c in migrated.tool_calls("project:shop", "m1")] == [20]
+        assert [c.called_at for c in migrated.tool_calls("project:shop", "m2")] == [21]
         assert _projection_ok(migrated)
     finally:
         migrated.close()

@@ -292,14 +292,22 @@ _CONTENT: dict[str, tuple[str, Callable[[Sequence[Any]], MissionRecord]]] = {
 }
 
 
-def _projected_rows(conn: sqlite3.Connection) -> dict[tuple[str, str, str], object]:
-    """``{(kind, scope, id): sid}`` of every projected row but the missions' placeholders
-    (sid 0): a child row is read whatever its sid, so one planted with sid 0 shows."""
-    out: dict[tuple[str, str, str], object] = {}
+#: ``(kind, scope, mission_id, id)``: a projected row, and the record it comes from (a
+#: mission's id is its mission_id).
+_Ident = tuple[str, str, str, str]
+
+
+def _projected_rows(conn: sqlite3.Connection) -> dict[_Ident, object]:
+    """``{(kind, scope, mission_id, id): sid}`` of every projected row but the missions'
+    placeholders (sid 0): a child row is read whatever its sid, so one planted with sid 0
+    shows."""
+    out: dict[_Ident, object] = {}
     for kind, (table, id_col) in _PROJECTED.items():
         where = "WHERE sid > 0" if kind == "mission" else ""
-        for scope, ident, sid in conn.execute(f"SELECT scope, {id_col}, sid FROM {table} {where}"):
-            out[(kind, scope, ident)] = sid
+        for scope, mission_id, ident, sid in conn.execute(
+            f"SELECT scope, mission_id, {id_col}, sid FROM {table} {where}"
+        ):
+            out[(kind, scope, mission_id, ident)] = sid
     return out
 
 
@@ -328,11 +336,11 @@ def check_sids(conn: sqlite3.Connection) -> Check:
     return c
 
 
-_Live = dict[tuple[str, str, str], tuple[str, object, str, int, str, bytes]]
+_Live = dict[_Ident, tuple[object, str, int, str, bytes]]
 
 
 def _reserved_records(conn: sqlite3.Connection) -> tuple[_Live, dict[tuple[str, str], bytes]]:
-    """``{(kind, scope, id): (mission_id, sid, key, level, owner, envelope)}`` of live
+    """``{(kind, scope, mission_id, id): (sid, key, level, owner, envelope)}`` of live
     ``_dm/`` records at the plaintext levels, and the sid of each mission's newest delete
     (``mission_deletes``)."""
     upper = RESERVED_PREFIX[:-1] + chr(ord(RESERVED_PREFIX[-1]) + 1)
@@ -350,8 +358,7 @@ def _reserved_records(conn: sqlite3.Connection) -> tuple[_Live, dict[tuple[str, 
         if parsed is None:
             continue
         kind, mission_id, record_id = parsed
-        live[(kind, scope, record_id or mission_id)] = (
-            mission_id,
+        live[(kind, scope, mission_id, record_id or mission_id)] = (
             sid,
             key,
             level,
@@ -361,15 +368,15 @@ def _reserved_records(conn: sqlite3.Connection) -> tuple[_Live, dict[tuple[str, 
     return live, deleted
 
 
-def _content_differs(
-    conn: sqlite3.Connection, kind: str, scope: str, name: str, record: tuple[Any, ...]
-) -> bool:
+def _content_differs(conn: sqlite3.Connection, ident: _Ident, record: tuple[Any, ...]) -> bool:
     """Whether the projected row of a record says something else than the record."""
-    mission_id, _sid, key, level, owner, envelope = record
+    kind, scope, mission_id, name = ident
+    _sid, key, level, owner, envelope = record
     table, id_col = _PROJECTED[kind]
     columns, to_object = _CONTENT[kind]
     row = conn.execute(
-        f"SELECT {columns} FROM {table} WHERE scope = ? AND {id_col} = ?", (scope, name)
+        f"SELECT {columns} FROM {table} WHERE scope = ? AND mission_id = ? AND {id_col} = ?",
+        (scope, mission_id, name),
     ).fetchone()
     try:
         # The projection's own codec: the same bound on a value's size (a large tool call).
@@ -380,6 +387,12 @@ def _content_differs(
         return row is None or to_object(row) != expected
     except (DualMemError, ValueError):
         return True
+
+
+def _named(ident: _Ident) -> str:
+    """``scope kind id`` of a mission, ``scope kind mission/id`` of a child."""
+    kind, scope, mission_id, name = ident
+    return f"{scope} {kind} {name if kind == 'mission' else f'{mission_id}/{name}'}"
 
 
 def check_projections(conn: sqlite3.Connection) -> Check:
@@ -395,20 +408,21 @@ def check_projections(conn: sqlite3.Connection) -> Check:
         return c
     projected = _projected_rows(conn)
     live, deleted = _reserved_records(conn)
-    for (kind, scope, name), record in live.items():
-        mission_id, sid = record[0], record[1]
+    for ident, record in live.items():
+        _kind, scope, mission_id, _name = ident
+        sid = record[0]
         gone = deleted.get((scope, mission_id))
         if gone is not None and isinstance(sid, bytes) and sid < gone:
             continue  # older than its mission's delete: by design, not projected
-        got = projected.get((kind, scope, name))
+        got = projected.get(ident)
         if got is None:
-            c.problem(f"{scope} {kind} {name}: record has no projected row")
+            c.problem(f"{_named(ident)}: record has no projected row")
         elif got != sid:
-            c.problem(f"{scope} {kind} {name}: projected from another version of the record")
-        elif _content_differs(conn, kind, scope, name, record):
-            c.problem(f"{scope} {kind} {name}: projected row differs from its record")
-    for kind, scope, name in sorted(projected.keys() - live.keys()):
-        c.problem(f"{scope} {kind} {name}: projected row without its record")
+            c.problem(f"{_named(ident)}: projected from another version of the record")
+        elif _content_differs(conn, ident, record):
+            c.problem(f"{_named(ident)}: projected row differs from its record")
+    for ident in sorted(projected.keys() - live.keys()):
+        c.problem(f"{_named(ident)}: projected row without its record")
     c.summary = f"{len(projected)} rows ok" if c.ok else f"{c.problem_count} mismatch(es)"
     if not c.ok:
         c.fix = (
