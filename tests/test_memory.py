@@ -305,6 +305,9 @@ def test_other_agents_scope_is_denied_and_audited(
         lambda: mem.put("x", 1, level=Level.SYSTEM, principal=coder),
         lambda: mem.query(principal=coder, scope="team:frontend"),
         lambda: mem.query(principal=coder, level=Level.SYSTEM),
+        # A level and a scope that is not at it, or is no scope at all: another scope.
+        lambda: mem.query(principal=coder, level=Level.TEAM, scope="agent:coder-2"),
+        lambda: mem.query(principal=coder, level=Level.TEAM, scope="agentx:coder-2"),
         lambda: mem.history("secret", level=Level.PRIVATE, principal=coder, scope="agent:coder-2"),
         lambda: mem.delete("secret", level=Level.PRIVATE, principal=coder, scope="agent:coder-2"),
         lambda: mem.authorize(coder, Level.PRIVATE, "read", scope="agent:coder-2"),
