@@ -225,6 +225,10 @@ class Keyring:
                 raise ConfigurationError(
                     f"key {k.key_id!r} is {len(k.secret)} bytes; AES-256 needs {KEY_BYTES}"
                 )
+            if k.key_id in self._keys:
+                # Keeping one of two secrets under one id would make every record the
+                # other sealed look tampered with.
+                raise ConfigurationError(f"key id {k.key_id!r} appears twice in the keyring")
             self._keys[k.key_id] = k
         if active_id not in self._keys:
             raise ConfigurationError(f"active key id {active_id!r} is not in the keyring")
@@ -280,7 +284,10 @@ class Keyring:
 
     def with_new_key(self) -> Keyring:
         """A copy of this keyring with a fresh key added and made active (for rotation)."""
-        key = _Key(self._new_id(), AESGCM.generate_key(bit_length=256), _now_iso())
+        key_id = self._new_id()
+        while key_id in self._keys:  # 32 random bits: a repeat is rare, never reused
+            key_id = self._new_id()
+        key = _Key(key_id, AESGCM.generate_key(bit_length=256), _now_iso())
         return Keyring([*self._keys.values(), key], key.key_id)
 
     def without_key(self, key_id: str) -> Keyring:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import stat
 from pathlib import Path
@@ -261,6 +263,23 @@ def test_key_file_readable_by_others_is_refused(tmp_path: os.PathLike[str]) -> N
 def test_corrupt_key_files(text: str) -> None:
     with pytest.raises(ConfigurationError):
         Keyring.from_json(text)
+
+
+def test_a_key_id_given_twice_is_a_configuration_error() -> None:
+    # The second secret silently replaced the first: records the first sealed then
+    # failed authentication, audited as tampering, instead of naming the key file.
+    doc = json.loads(Keyring.generate().to_json())
+    twin = dict(doc["keys"][0], key=base64.b64encode(os.urandom(32)).decode())
+    doc["keys"].append(twin)
+    with pytest.raises(ConfigurationError, match="appears twice"):
+        Keyring.from_json(json.dumps(doc))
+
+
+def test_a_new_key_never_reuses_an_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = Keyring.generate()
+    ids = iter([ring.active_id, ring.active_id, "kfresh001"])
+    monkeypatch.setattr(Keyring, "_new_id", staticmethod(lambda: next(ids)))
+    assert ring.with_new_key().ids == (ring.active_id, "kfresh001")
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b"[" * 100_000, None])
