@@ -1,17 +1,23 @@
 """Envelopes: serialize (JSON) -> compress (lz4) -> encrypt (AES-256-GCM), and a keyring.
 
 An envelope is the only form a value takes outside the caller's process: in the Redis
-cache, in the command stream and in SQLite. Its layout (version 1)::
+cache, in the command stream and in SQLite. Its layout::
 
-    byte 0      version (1)
+    byte 0      version: 1 plaintext (or an encrypted envelope sealed before version 2),
+                2 encrypted
     byte 1      flags: 0x01 compressed, 0x02 encrypted
-    encrypted:  byte 2 = key id length n, n bytes key id (ASCII), 12-byte nonce,
-                ciphertext with its 16-byte GCM tag
+    encrypted:  byte 2 = key id length n, n bytes key id (ASCII),
+                (version 2) 8-byte write id, 2-byte big-endian length m, m bytes writer
+                (UTF-8), then a 12-byte nonce and the ciphertext with its 16-byte GCM tag
     plaintext:  the (possibly compressed) JSON bytes
 
-The GCM additional data is the header (version, flags, key id) plus the record's scope,
-key and level, each length-prefixed, so a sealed envelope opens only at the place it was
-sealed for: copied to another key, scope or level it raises :class:`TamperedRecord`.
+The GCM additional data is the header (everything before the nonce) plus the record's
+scope, key and level, each length-prefixed, so a sealed envelope opens only at the place
+it was sealed for: copied to another key, scope or level it raises
+:class:`TamperedRecord`. Version 2 also binds the **writer** (the agent id that put the
+value: a row that names another writer does not open) and a random **write id**, which a
+key rotation's re-encryption keeps: the worker accepts a re-sealed envelope only for the
+write it re-encrypts, so an older envelope of the record cannot be passed off as one.
 """
 
 from __future__ import annotations
@@ -48,9 +54,13 @@ __all__ = [
     "Keyring",
     "Lz4Compressor",
     "envelope_key_id",
+    "envelope_writer",
 ]
 
 ENVELOPE_VERSION = 1
+#: The version of an encrypted envelope that names its writer and write id.
+SEALED_VERSION = 2
+WRITE_ID_BYTES = 8
 FLAG_COMPRESSED = 0x01
 FLAGENCRYPTED_LEVELS = 0x02
 NONCE_BYTES = 12
@@ -405,12 +415,47 @@ def envelope_key_id(envelope: bytes) -> str | None:
     """The key id an envelope was sealed with, or ``None`` for a plaintext envelope."""
     if (
         len(envelope) < 3
-        or envelope[0] != ENVELOPE_VERSION
+        or envelope[0] not in (ENVELOPE_VERSION, SEALED_VERSION)
         or not envelope[1] & FLAGENCRYPTED_LEVELS
     ):
         return None
     n = envelope[2]
     return envelope[3 : 3 + n].decode("ascii", "replace")
+
+
+def envelope_writer(envelope: bytes) -> tuple[bytes, str] | None:
+    """``(write id, writer)`` an encrypted envelope is bound to; ``None`` for a plaintext
+    envelope or one sealed before version 2 (which names neither). Read from the header
+    without a key: authentic only once the envelope opens (:meth:`Codec.open`).
+
+    >>> codec = Codec(Keyring.generate())
+    >>> env = codec.seal(1, scope="agent:a", key="k", level=Level.PRIVATE, owner="a")
+    >>> envelope_writer(env)[1]
+    'a'
+    >>> envelope_writer(codec.seal(1, scope="swarm:s", key="k", level=Level.SWARM)) is None
+    True
+    """
+    parsed = _sealed_header(envelope)
+    return None if parsed is None else (parsed[1], parsed[2])
+
+
+def _sealed_header(envelope: bytes) -> tuple[int, bytes, str] | None:
+    """``(nonce offset, write id, writer)`` of a version-2 envelope, else ``None``."""
+    if len(envelope) < 3 or envelope[0] != SEALED_VERSION:
+        return None
+    at = 3 + envelope[2]
+    end = at + WRITE_ID_BYTES + 2
+    if len(envelope) < end:
+        return None
+    write_id = envelope[at : at + WRITE_ID_BYTES]
+    m = int.from_bytes(envelope[end - 2 : end], "big")
+    if len(envelope) < end + m:
+        return None
+    try:
+        writer = envelope[end : end + m].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return end + m, write_id, writer
 
 
 class Codec:
@@ -443,18 +488,32 @@ class Codec:
         self.serializer = JsonSerializer()
         self.compressor = Lz4Compressor(compress_threshold, max_value_bytes)
 
-    def seal(self, value: object, *, scope: str, key: str, level: Level) -> bytes:
-        """Encode ``value`` into an envelope bound to ``(scope, key, level)``."""
+    def seal(self, value: object, *, scope: str, key: str, level: Level, owner: str = "") -> bytes:
+        """Encode ``value`` into an envelope bound to ``(scope, key, level)`` and, at the
+        encrypted levels, to its writer ``owner`` (the agent id its row will name)."""
         data = self.serializer.encode(value)
         if len(data) > self.max_value_bytes:
             raise ValidationError(
                 f"value is {len(data)} bytes serialized; the limit is {self.max_value_bytes} "
                 "(setting max_value_bytes)"
             )
-        return self.seal_bytes(data, scope=scope, key=key, level=level)
+        return self.seal_bytes(data, scope=scope, key=key, level=level, owner=owner)
 
-    def seal_bytes(self, data: bytes, *, scope: str, key: str, level: Level) -> bytes:
-        """Compress and (for encrypted levels) encrypt already-serialized JSON bytes."""
+    def seal_bytes(
+        self,
+        data: bytes,
+        *,
+        scope: str,
+        key: str,
+        level: Level,
+        owner: str = "",
+        write_id: bytes | None = None,
+    ) -> bytes:
+        """Compress and (for encrypted levels) encrypt already-serialized JSON bytes.
+
+        ``write_id`` is for re-encryption only (:meth:`reseal` keeps the original's); a
+        new write gets a random one.
+        """
         payload, compressed = self.compressor.encode(data)
         flags = FLAG_COMPRESSED if compressed else 0
         if level not in ENCRYPTED_LEVELS:
@@ -465,16 +524,39 @@ class Codec:
                 f"level {level.name} is encrypted but no keyring is configured: "
                 "set keyring= (a file from `dualmem keygen`) or DUALMEM_KEY"
             )
+        writer = owner.encode("utf-8")
+        if len(writer) > 0xFFFF:
+            raise ValidationError("owner is longer than 65535 bytes")
+        if write_id is None:
+            write_id = _next_nonce()[:WRITE_ID_BYTES]
+        elif len(write_id) != WRITE_ID_BYTES:
+            raise ValueError(f"write_id must be {WRITE_ID_BYTES} bytes")
         kid = ring.active_id.encode("ascii")
-        header = bytes((ENVELOPE_VERSION, flags | FLAGENCRYPTED_LEVELS, len(kid))) + kid
+        header = b"".join(
+            (
+                bytes((SEALED_VERSION, flags | FLAGENCRYPTED_LEVELS, len(kid))),
+                kid,
+                write_id,
+                len(writer).to_bytes(2, "big"),
+                writer,
+            )
+        )
         nonce = _next_nonce()
         sealed = ring.aead(ring.active_id).encrypt(nonce, payload, _aad(header, scope, key, level))
         return header + nonce + sealed
 
-    def open_bytes(self, envelope: bytes, *, scope: str, key: str, level: Level) -> bytes:
-        """Authenticate, decrypt and decompress an envelope to its JSON bytes."""
+    def open_bytes(
+        self, envelope: bytes, *, scope: str, key: str, level: Level, owner: str | None = None
+    ) -> bytes:
+        """Authenticate, decrypt and decompress an envelope to its JSON bytes.
+
+        With ``owner`` (the writer the record's row names), an envelope sealed by another
+        writer raises :class:`TamperedRecord`: whoever can change a row or a stream entry
+        cannot make a value look written by someone else. Envelopes sealed before
+        version 2 name no writer and are not checked.
+        """
         where = f"{scope}/{key} at level {Level(level).name}"
-        if len(envelope) < 2 or envelope[0] != ENVELOPE_VERSION:
+        if len(envelope) < 2 or envelope[0] not in (ENVELOPE_VERSION, SEALED_VERSION):
             raise TamperedRecord(f"envelope for {where} has an unknown format")
         flags = envelope[1]
         if flags & ~(FLAG_COMPRESSED | FLAGENCRYPTED_LEVELS):
@@ -484,47 +566,94 @@ class Codec:
             # A plaintext envelope planted at an encrypted level (or the reverse) is an
             # attack on the level, not a format we accept.
             raise TamperedRecord(f"envelope for {where} does not match the level's encryption")
+        if envelope[0] == SEALED_VERSION and not encrypted:
+            raise TamperedRecord(f"envelope for {where} has an unknown format")
         if encrypted:
-            if len(envelope) < 3:
-                raise TamperedRecord(f"envelope for {where} is truncated")
-            n = envelope[2]
-            start = 3 + n
-            if n == 0 or len(envelope) < start + NONCE_BYTES + TAG_BYTES:
-                raise TamperedRecord(f"envelope for {where} is truncated")
-            try:
-                kid = envelope[3:start].decode("ascii")
-            except UnicodeDecodeError as exc:
-                raise TamperedRecord(f"envelope for {where} has a malformed key id") from exc
-            if self.keyring is None:
-                raise ConfigurationError(
-                    f"record {where} is encrypted but no keyring is configured"
-                )
-            aead = self.keyring.aead(kid)
-            nonce = envelope[start : start + NONCE_BYTES]
-            aad = _aad(envelope[:start], scope, key, level)
-            try:
-                payload = aead.decrypt(nonce, envelope[start + NONCE_BYTES :], aad)
-            except InvalidTag:
-                raise TamperedRecord(f"envelope failed authentication for {where}") from None
+            payload = self._decrypt(envelope, where, scope, key, level, owner)
         else:
             payload = envelope[2:]
         if flags & FLAG_COMPRESSED:
             return self.compressor.decode(payload)
         return payload
 
-    def open(self, envelope: bytes, *, scope: str, key: str, level: Level) -> Any:
-        """Inverse of :meth:`seal`: the value, or ``TamperedRecord`` / ``MissingKey``."""
-        data = self.open_bytes(envelope, scope=scope, key=key, level=level)
+    def _decrypt(
+        self,
+        envelope: bytes,
+        where: str,
+        scope: str,
+        key: str,
+        level: Level,
+        owner: str | None,
+    ) -> bytes:
+        """The (possibly compressed) payload of an encrypted envelope, authenticated."""
+        if len(envelope) < 3:
+            raise TamperedRecord(f"envelope for {where} is truncated")
+        n = envelope[2]
+        start = 3 + n
+        if envelope[0] == SEALED_VERSION:
+            sealed = _sealed_header(envelope)
+            if sealed is None:
+                raise TamperedRecord(f"envelope for {where} is truncated")
+            start = sealed[0]
+            if owner is not None and sealed[2] != owner:
+                raise TamperedRecord(
+                    f"envelope for {where} was sealed by {sealed[2]!r}, not by its "
+                    f"recorded writer {owner!r}"
+                )
+        if n == 0 or len(envelope) < start + NONCE_BYTES + TAG_BYTES:
+            raise TamperedRecord(f"envelope for {where} is truncated")
+        try:
+            kid = envelope[3 : 3 + n].decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise TamperedRecord(f"envelope for {where} has a malformed key id") from exc
+        if self.keyring is None:
+            raise ConfigurationError(f"record {where} is encrypted but no keyring is configured")
+        aead = self.keyring.aead(kid)
+        nonce = envelope[start : start + NONCE_BYTES]
+        aad = _aad(envelope[:start], scope, key, level)
+        try:
+            return aead.decrypt(nonce, envelope[start + NONCE_BYTES :], aad)
+        except InvalidTag:
+            raise TamperedRecord(f"envelope failed authentication for {where}") from None
+
+    def open(
+        self, envelope: bytes, *, scope: str, key: str, level: Level, owner: str | None = None
+    ) -> Any:
+        """Inverse of :meth:`seal`: the value, or ``TamperedRecord`` / ``MissingKey``
+        (``owner``: see :meth:`open_bytes`)."""
+        data = self.open_bytes(envelope, scope=scope, key=key, level=level, owner=owner)
         try:
             return self.serializer.decode(data)
         except (ValueError, RecursionError) as exc:
             raise TamperedRecord(f"envelope for {scope}/{key} holds malformed JSON") from exc
 
     def reseal(self, envelope: bytes, *, scope: str, key: str, level: Level) -> bytes | None:
-        """Re-encrypt under the active key; ``None`` if already sealed with it (rotation)."""
+        """Re-encrypt under the active key; ``None`` if already sealed with it (rotation).
+
+        The new envelope keeps the original's writer and write id, so the worker can tell
+        it re-encrypts that write; one sealed before version 2 stays in that form.
+        """
         if level not in ENCRYPTED_LEVELS or self.keyring is None:
             return None
         if envelope_key_id(envelope) == self.keyring.active_id:
             return None
         data = self.open_bytes(envelope, scope=scope, key=key, level=level)
-        return self.seal_bytes(data, scope=scope, key=key, level=level)
+        bound = envelope_writer(envelope)
+        if bound is None:
+            return self._seal_legacy(data, scope=scope, key=key, level=level)
+        write_id, owner = bound
+        return self.seal_bytes(
+            data, scope=scope, key=key, level=level, owner=owner, write_id=write_id
+        )
+
+    def _seal_legacy(self, data: bytes, *, scope: str, key: str, level: Level) -> bytes:
+        # A version-1 envelope re-encrypted as one: it names no writer to keep, and a
+        # version 2 with a new write id would not pass as a re-encryption of its write.
+        assert self.keyring is not None
+        payload, compressed = self.compressor.encode(data)
+        flags = (FLAG_COMPRESSED if compressed else 0) | FLAGENCRYPTED_LEVELS
+        kid = self.keyring.active_id.encode("ascii")
+        header = bytes((ENVELOPE_VERSION, flags, len(kid))) + kid
+        nonce = _next_nonce()
+        aead = self.keyring.aead(self.keyring.active_id)
+        return header + nonce + aead.encrypt(nonce, payload, _aad(header, scope, key, level))

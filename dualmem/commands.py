@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
 
+from acl.crypto import SEALED_VERSION, WRITE_ID_BYTES, envelope_writer
 from acl.errors import ValidationError
 from acl.levels import ENCRYPTED_LEVELS, Level
 from acl.policy import level_of_scope
@@ -343,7 +344,7 @@ def _decode_common(fields: Mapping[bytes, bytes]) -> Command | None:
             and "\x00" not in key
             and len(raw_key) <= MAX_KEY_BYTES
             and _scope_level(scope) is level
-            and (op == b"del" or envelope)
+            and (op == b"del" or (envelope and _sealed_by(envelope, fields[b"a"])))
         )
         if not plain:
             return None
@@ -353,6 +354,16 @@ def _decode_common(fields: Mapping[bytes, bytes]) -> Command | None:
         return Command(OP_PUT, scope, key, level, actor, ts_us, envelope, expires_at)
     except (KeyError, ValueError, UnicodeDecodeError):
         return None
+
+
+def _sealed_by(envelope: bytes, actor: bytes) -> bool:
+    """False only for a version-2 envelope whose writer is not ``actor`` (the hot path's
+    form of the check in :func:`decode_command`, on the raw bytes)."""
+    if envelope[0] != SEALED_VERSION:
+        return True
+    at = 3 + envelope[2] + WRITE_ID_BYTES
+    end = at + 2 + int.from_bytes(envelope[at : at + 2], "big")
+    return envelope[at + 2 : end] == actor
 
 
 def decode_command(fields: Mapping[bytes, bytes]) -> Command:
@@ -402,6 +413,13 @@ def decode_command(fields: Mapping[bytes, bytes]) -> Command:
     envelope = fields.get(b"e")
     if not envelope:
         raise MalformedCommand(f"{op} without an envelope")
+    if op == OP_PUT and level in ENCRYPTED_LEVELS:
+        bound = envelope_writer(envelope)
+        if bound is not None and bound[1] != actor:
+            # Re-sent with another writer: the row would name someone who never wrote it.
+            raise MalformedCommand(
+                f"envelope was sealed by {bound[1]!r}, not by the command's writer {actor!r}"
+            )
     if op == OP_RESEAL:
         if level not in ENCRYPTED_LEVELS:
             raise MalformedCommand(f"reseal at level {level.name}, which is not encrypted")

@@ -533,7 +533,7 @@ class DualMemory:
                     )
             else:
                 self._keyfile.check()
-        envelope = self.codec.seal(value, scope=sc, key=key, level=lvl)
+        envelope = self.codec.seal(value, scope=sc, key=key, level=lvl, owner=principal.agent_id)
         t1 = time.perf_counter_ns()
         now_us = time.time_ns() // 1000
         expires_at = None if ttl_ms is None else now_us // 1000 + ttl_ms
@@ -676,15 +676,25 @@ class DualMemory:
 
     # -- queries -----------------------------------------------------------------------
 
-    def _open(self, row_envelope: bytes, scope: str, key: str, level: Level, actor: str) -> Any:
+    def _open(
+        self,
+        row_envelope: bytes,
+        scope: str,
+        key: str,
+        level: Level,
+        actor: str,
+        owner: str | None = None,
+    ) -> Any:
+        """Open an envelope (``owner``: the writer its row names, checked against the one
+        it was sealed by), auditing a tampered record or a missing key."""
         try:
             try:
-                return self.codec.open(row_envelope, scope=scope, key=key, level=level)
+                return self.codec.open(row_envelope, scope=scope, key=key, level=level, owner=owner)
             except MissingKey:
                 # Re-sealed by a key rotation under a key this process has not loaded yet.
                 if self._keyfile is None or not self._keyfile.reload():
                     raise
-                return self.codec.open(row_envelope, scope=scope, key=key, level=level)
+                return self.codec.open(row_envelope, scope=scope, key=key, level=level, owner=owner)
         except (TamperedRecord, MissingKey) as exc:
             # An unknown key id is a lost key file or a forged header: audited either way.
             self._audit(
@@ -767,7 +777,7 @@ class DualMemory:
         else:
             row = self.store.get(sc, key, int(time.time() * 1000))
             if row is not None:
-                value = self._open(row.envelope, sc, key, lvl, principal.agent_id)
+                value = self._open(row.envelope, sc, key, lvl, principal.agent_id, row.owner)
         self.metrics_registry.record("read", time.perf_counter_ns() - t0)
         return lvl, sc, row, value
 
@@ -788,7 +798,8 @@ class DualMemory:
                 detail={"error": str(exc)},
             )
             raise
-        return _record_of(row, self._open(row.envelope, row.scope, row.key, level, actor))
+        value = self._open(row.envelope, row.scope, row.key, level, actor, row.owner)
+        return _record_of(row, value)
 
     def _scopes(
         self, principal: Principal, level: Level | int | None, scope: str | None

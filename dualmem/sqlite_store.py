@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from acl.crypto import envelope_writer
 from acl.errors import ConfigurationError
 from acl.levels import ENCRYPTED_LEVELS, Level
 from dualmem.batch import GENESIS, BatchPlan, chain_hash, plan_batch
@@ -102,6 +103,7 @@ _ENTRY_ERRORS = (
     sqlite3.ProgrammingError,
     sqlite3.InterfaceError,
     OverflowError,
+    MalformedCommand,  # a reseal that re-encrypts no write of its row (_check_reseals)
 )
 
 
@@ -360,6 +362,7 @@ class SQLiteStore(Store):
             conn.execute(sql, params)
         if plan.reseal:
             # After the upserts: a put in the same batch has moved the row past the guard.
+            _check_reseals(conn, plan.reseal)
             conn.executemany(_RESEAL, plan.reseal)
 
     def append_audit(
@@ -943,6 +946,32 @@ def holds_sealed_rows(path: str | Path) -> bool:
         if fields.get(b"e") and level in sealed_levels:
             return True
     return False
+
+
+def _check_reseals(conn: sqlite3.Connection, reseals: Sequence[tuple[object, ...]]) -> None:
+    """Refuse a reseal whose envelope is not a re-encryption of the write its row holds.
+
+    A key rotation re-encrypts a row's envelope keeping its write id (``Codec.reseal``).
+    Without this check, whoever could add a stream entry could pass an older envelope of
+    the record off as a re-encryption, guarded by the row's current stream id (which the
+    stream shows): the row would silently go back to an older value, with no journal row.
+    A row sealed before envelope version 2 has no write id, and takes any reseal.
+    """
+    for envelope, scope, key, level, guard in reseals:
+        row = conn.execute(
+            "SELECT envelope FROM memory WHERE scope = ? AND key = ? AND level = ? AND sid = ? "
+            "AND envelope IS NOT NULL",
+            (scope, key, level, guard),
+        ).fetchone()
+        if row is None:
+            continue  # the row moved on (or is gone): the guard leaves it alone
+        current = envelope_writer(bytes(row[0]))
+        assert isinstance(envelope, bytes)
+        if current is not None and envelope_writer(envelope) != current:
+            raise MalformedCommand(
+                f"reseal of {scope}/{key} is not a re-encryption of the write its row holds "
+                "(another write id or writer)"
+            )
 
 
 def _insert_rows(

@@ -21,12 +21,12 @@ from bench import attacks
 from bench.faultkit import FaultEnv
 from dualmem import DualMemory
 from dualmem.batch import GENESIS, chain_hash
-from dualmem.commands import put_fields
+from dualmem.commands import put_fields, reseal_fields, sid_of
 from dualmem.layout import Layout
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
 
-from .conftest import RedisServer
+from .conftest import RedisServer, wait_until
 
 MakeMem = Callable[..., DualMemory]
 # The suite shares two cores with whatever else runs: slow generation is not a failure,
@@ -157,6 +157,71 @@ def test_10_tampered_envelopes_in_sqlite_and_redis_never_read_as_plaintext(
             assert by_attack.get(f"{where}:{attack}:tampered", 0) > 0, (where, attack)
         assert by_attack.get(f"{where}:unknown_key_id:missing_key", 0) > 0
     assert fig.extra["leaks"] == 0 and fig.extra["audited"] >= fig.extra["detected"]
+
+
+# -- a Redis writer without the key ------------------------------------------------------------
+
+
+def _put_twice(mem: DualMemory, who: Principal) -> tuple[bytes, str]:
+    """Put an old then a new value of one private record; ``(old envelope, new row's
+    stream id)``."""
+    mem.sync(mem.put("role", {"role": "admin"}, level=Level.PRIVATE, principal=who))
+    old = mem.store.get("agent:coder-1", "role", 0)
+    mem.sync(mem.put("role", {"role": "revoked"}, level=Level.PRIVATE, principal=who))
+    new = mem.store.get("agent:coder-1", "role", 0)
+    assert old is not None and new is not None
+    return bytes(old.envelope), new.stream_id
+
+
+def test_an_older_envelope_passed_off_as_a_reseal_is_refused(
+    make_mem: MakeMem, raw_redis: redis.Redis
+) -> None:
+    # A forged key-rotation entry carrying the record's older envelope, guarded by the
+    # row's current stream id (the stream shows both), rolled the row back in silence:
+    # no journal row, and verify passed. The envelope's write id gives it away.
+    coder = Principal(agent_id="coder-1", team="backend")
+    mem = make_mem(max_deliveries=2, claim_idle_ms=50)
+    old_envelope, current = _put_twice(mem, coder)
+    fields = reseal_fields(
+        "agent:coder-1", "role", Level.PRIVATE, "rotation", 1, old_envelope, sid_of(current)
+    )
+    shard = mem.layout.shard_of("agent:coder-1", "role")
+    forged = raw_redis.xadd(mem.layout.stream(shard), fields).decode()  # type: ignore[arg-type]
+    (dead,) = wait_until(
+        lambda: [d for d in mem.store.dead_letters() if d.stream_id == forged],
+        what="the forged reseal dead-lettered",
+    )
+    assert "not a re-encryption of the write its row holds" in dead.error
+    assert mem.get("role", level=Level.PRIVATE, principal=coder) == {"role": "revoked"}
+
+
+def test_a_put_re_sent_under_another_writer_is_refused_and_a_row_naming_one_does_not_open(
+    make_mem: MakeMem, raw_redis: redis.Redis, db_path: Path
+) -> None:
+    # The writer was not sealed: a put re-sent with another agent id (or a row whose
+    # owner was edited) named someone who never wrote it, e.g. a Loop 4 decision's author.
+    coder = Principal(agent_id="coder-1", team="backend")
+    mem = make_mem(max_deliveries=2, claim_idle_ms=50)
+    _, current = _put_twice(mem, coder)
+    row = mem.store.get("agent:coder-1", "role", 0)
+    assert row is not None
+    fields = put_fields(
+        "agent:coder-1", "role", Level.PRIVATE, "intern-7", 1, bytes(row.envelope), None
+    )
+    shard = mem.layout.shard_of("agent:coder-1", "role")
+    forged = raw_redis.xadd(mem.layout.stream(shard), fields).decode()  # type: ignore[arg-type]
+    (dead,) = wait_until(
+        lambda: [d for d in mem.store.dead_letters() if d.stream_id == forged],
+        what="the re-sent put dead-lettered",
+    )
+    assert "sealed by 'coder-1', not by the command's writer 'intern-7'" in dead.error
+    record = mem.get_record("role", level=Level.PRIVATE, principal=coder)
+    assert record is not None and record.owner == "coder-1" and record.stream_id == current
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE memory SET owner = 'intern-7' WHERE key = 'role'")
+    conn.close()
+    with pytest.raises(TamperedRecord, match="not by its recorded writer 'intern-7'"):
+        mem.get("role", level=Level.PRIVATE, principal=coder)
 
 
 # -- 12. the audit log ------------------------------------------------------------------------

@@ -408,7 +408,7 @@ def test_an_operator_send_never_lands_under_a_key_being_dropped(
     rt = Runtime(settings, worker=False)
     try:
         old = rt.codec.keyring.active_id  # type: ignore[union-attr]
-        env = rt.codec.seal({"v": 1}, scope=SCOPE, key="imp", level=Level.PRIVATE)
+        env = rt.codec.seal({"v": 1}, scope=SCOPE, key="imp", level=Level.PRIVATE, owner="a")
         write = Write(SCOPE, "imp", Level.PRIVATE, "a", env)
         stream = rt.layout.stream(rt.layout.shard_of(SCOPE, "imp"))
         new = add_active_key(keyfile).active_id
@@ -441,7 +441,7 @@ def test_an_operator_send_never_lands_under_a_key_being_dropped(
             rt.send([write])
         assert raw_redis.xlen(stream) == 0
         # Sealed under the active key, it goes through.
-        fresh = rt.codec.seal({"v": 2}, scope=SCOPE, key="imp", level=Level.PRIVATE)
+        fresh = rt.codec.seal({"v": 2}, scope=SCOPE, key="imp", level=Level.PRIVATE, owner="a")
         assert envelope_key_id(fresh) == new
         (receipt,) = rt.send([Write(SCOPE, "imp", Level.PRIVATE, "a", fresh)])
         assert raw_redis.xlen(stream) == 1 and receipt.stream_id

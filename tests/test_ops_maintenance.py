@@ -197,7 +197,9 @@ def test_a_poison_entry_replayed_is_dead_again(
 def test_a_dead_letter_of_a_passing_failure_replays_and_commits(
     mem: DualMemory, args: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    env = mem.codec.seal({"v": 1}, scope="agent:coder-1", key="late", level=Level.PRIVATE)
+    env = mem.codec.seal(
+        {"v": 1}, scope="agent:coder-1", key="late", level=Level.PRIVATE, owner="coder-1"
+    )
     fields = put_fields(
         "agent:coder-1", "late", Level.PRIVATE, "coder-1", time.time_ns() // 1000, env, None
     )
@@ -225,7 +227,9 @@ def test_a_dead_letter_named_twice_is_replayed_once(
     mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # `dlq replay 1 1` sent dead letter 1 twice: two stream entries, two commits.
-    env = mem.codec.seal({"v": 1}, scope="agent:coder-1", key="late", level=Level.PRIVATE)
+    env = mem.codec.seal(
+        {"v": 1}, scope="agent:coder-1", key="late", level=Level.PRIVATE, owner="coder-1"
+    )
     fields = put_fields("agent:coder-1", "late", Level.PRIVATE, "coder-1", 1, env, None)
     raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
     mem.store.dead_letter([(StreamEntry(0, "1-1", raw), "disk I/O error", 3)])
@@ -256,7 +260,9 @@ def test_a_replay_names_every_key_in_its_lease_until_it_has_sent(
 
     mem = make_mem(keyring_reload_interval=3600)  # its own lease keeps naming the old key
     old = mem.codec.keyring.active_id  # type: ignore[union-attr]
-    env = mem.codec.seal({"v": 1}, scope="agent:coder-1", key="late", level=Level.PRIVATE)
+    env = mem.codec.seal(
+        {"v": 1}, scope="agent:coder-1", key="late", level=Level.PRIVATE, owner="coder-1"
+    )
     fields = put_fields("agent:coder-1", "late", Level.PRIVATE, "coder-1", 1, env, None)
     raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
     mem.store.dead_letter([(StreamEntry(0, "1-1", raw), "disk I/O error", 3)])

@@ -52,7 +52,9 @@ def prefill(db: Path, start: int, count: int, ctx: Bench) -> None:
                 scope = PRINCIPAL.scope(level)
                 assert scope is not None
                 key = f"bench/scale/{rng.getrandbits(64):016x}"
-                envelope = codec.seal_bytes(values[i % 64], scope=scope, key=key, level=level)
+                envelope = codec.seal_bytes(
+                    values[i % 64], scope=scope, key=key, level=level, owner=PRINCIPAL.agent_id
+                )
                 fields = put_fields(scope, key, level, PRINCIPAL.agent_id, now_us, envelope, None)
                 raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
                 # Stream ids far below any real one (ms 1), so they never meet the run's own.

@@ -113,7 +113,7 @@ def render_record(row: Row, codec: Codec) -> bytes:
     if level in ENCRYPTED_LEVELS:
         doc["envelope"] = base64.b64encode(bytes(envelope)).decode("ascii")
     else:
-        doc["value"] = codec.open(bytes(envelope), scope=scope, key=key, level=level)
+        doc["value"] = codec.open(bytes(envelope), scope=scope, key=key, level=level, owner=owner)
     return (json.dumps(doc, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
 
 
@@ -526,7 +526,7 @@ class Mirror:
         if ("value" in obj) == ("envelope" in obj):
             raise LineError("a file needs exactly one of 'value' and 'envelope'")
         expires = line_expiry(obj, int(time.time() * 1000))
-        envelope, payload = line_envelope(obj, self.codec, scope, key, level)
+        envelope, payload = line_envelope(obj, self.codec, scope, key, level, ACTOR)
         check_projectable(scope, key, level, ACTOR, envelope, expires)
         return scope, key, level, envelope, payload, expires
 

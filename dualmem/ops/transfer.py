@@ -133,7 +133,9 @@ def export_records(
                     result.sealed += 1
                     result.denied += decrypt_as is not None
                 else:
-                    line["value"] = codec.open(bytes(envelope), scope=scope, key=key, level=level)
+                    line["value"] = codec.open(
+                        bytes(envelope), scope=scope, key=key, level=level, owner=owner
+                    )
                     result.decrypted += level in ENCRYPTED_LEVELS
             except DualMemError as exc:
                 result.errors.append(f"{scope}/{key}: {exc}")
@@ -203,20 +205,22 @@ def line_identity(obj: dict[str, Any]) -> tuple[str, str, Level]:
 
 
 def line_envelope(
-    obj: dict[str, Any], codec: Codec, scope: str, key: str, level: Level
+    obj: dict[str, Any], codec: Codec, scope: str, key: str, level: Level, writer: str
 ) -> tuple[bytes, bytes]:
-    """``(envelope, plaintext JSON)`` of a line: its envelope checked, or its value sealed."""
+    """``(envelope, plaintext JSON)`` of a line written as ``writer``: its envelope
+    checked (it must have been sealed by that writer), or its value sealed."""
     try:
         if "envelope" not in obj:
             payload = codec.serializer.encode(obj["value"])
-            return codec.seal(obj["value"], scope=scope, key=key, level=level), payload
+            envelope = codec.seal(obj["value"], scope=scope, key=key, level=level, owner=writer)
+            return envelope, payload
         if not isinstance(obj["envelope"], str):
             raise LineError("envelope must be a base64 string")
         try:
             envelope = base64.b64decode(obj["envelope"], validate=True)
         except (binascii.Error, ValueError) as exc:
             raise LineError(f"envelope is not base64: {exc}") from None
-        payload = codec.open_bytes(envelope, scope=scope, key=key, level=level)
+        payload = codec.open_bytes(envelope, scope=scope, key=key, level=level, owner=writer)
         # What put would refuse is refused here too: a payload that is not the JSON a
         # seal makes (every reader of its scope would meet a TamperedRecord), or too big.
         if len(payload) > codec.max_value_bytes:
@@ -255,7 +259,7 @@ def parse_line(text: str, lineno: int, codec: Codec, now_ms: int) -> ImportItem 
         raise LineError("a line needs exactly one of 'value' and 'envelope'")
     if expires is not None and expires <= now_ms:
         return None
-    envelope, payload = line_envelope(obj, codec, scope, key, level)
+    envelope, payload = line_envelope(obj, codec, scope, key, level, owner)
     check_projectable(scope, key, level, owner, envelope, expires)
     return ImportItem(lineno, Write(scope, key, level, owner, envelope, expires), payload)
 
