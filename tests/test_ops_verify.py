@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 import redis
 
-from acl import Level, Principal
+from acl import Codec, Keyring, Level, Principal
 from dualmem import DualMemory
 from dualmem.migrations import SCHEMA_VERSION
 from dualmem.missions import MissionLog
 from dualmem.redis_backend import connect
+from dualmem.rotation import add_active_key, rotate_keys
 from dualmem.worker import Worker
 
 from .conftest import run_cli, wait_until
@@ -447,3 +448,53 @@ def test_a_redis_with_no_stream_yet_is_healthy_for_verify_stats_and_metrics(
     code, out, _ = run_cli(capsys, "metrics", *args)
     assert code == 0 and "dualmem_redis_up 1" in out, out
     assert "dualmem_backlog 0" in out
+
+
+def test_a_key_rotation_keeps_redis_and_sqlite_in_parity_and_a_tamper_still_fails(
+    make_mem: Any,
+    keyfile: Path,
+    args: list[str],
+    raw_redis: redis.Redis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A rotation re-seals the row (through the stream) and the cache entry (in place)
+    each with its own nonce: the bytes differ, the value does not. With the keyring,
+    verify opens both and compares values; without it, it cannot tell and says so."""
+    mem = make_mem()
+    receipts = [mem.put(f"r{i}", {"i": i}, level=Level.PRIVATE, principal=CODER) for i in range(3)]
+    mem.sync(receipts[-1], timeout=10)
+    add_active_key(keyfile)
+    rotation = rotate_keys(make_mem(), timeout=30)
+    assert rotation.done and rotation.resealed_rows == rotation.resealed_cache == 3
+    keyed = [*args, "--keyring", str(keyfile)]
+    code, checks = report(capsys, keyed)
+    parity = checks["redis <-> sqlite parity"]
+    assert code == 0, parity
+    assert parity["status"] == "ok"
+    assert parity["summary"] == (
+        "3 cache entries match (3 re-sealed apart by a key rotation: same value), 0 in flight"
+    )
+    # Without the key the two ciphertexts cannot be compared: a warning, not a failure.
+    code, checks = report(capsys, args)
+    parity = checks["redis <-> sqlite parity"]
+    assert code == 0, parity
+    assert parity["status"] == "warn"
+    assert "3 re-sealed by a key rotation not judged" in parity["summary"]
+    # A cache entry holding another value (sealed with the active key) or an envelope
+    # that does not open is still a failure, with the keyring or without it.
+    scope = "agent:coder-1"
+    codec = Codec(Keyring.load(keyfile))
+    other = codec.seal({"i": 99}, scope=scope, key="r0", level=Level.PRIVATE)
+    raw_redis.set(mem.layout.cache_key(mem.layout.shard_of(scope, "r0"), scope, "r0"), other)
+    name = mem.layout.cache_key(mem.layout.shard_of(scope, "r1"), scope, "r1")
+    flipped = bytearray(raw_redis.get(name))  # type: ignore[arg-type]
+    flipped[-1] ^= 1
+    raw_redis.set(name, bytes(flipped))
+    code, checks = report(capsys, keyed)
+    parity = checks["redis <-> sqlite parity"]
+    assert code == 1
+    assert sorted(parity["problems"]) == [
+        "agent:coder-1/r0: the cached envelope holds another value than the SQLite row",
+        f"agent:coder-1/r1: the cached envelope does not open: envelope failed "
+        f"authentication for {scope}/r1 at level PRIVATE",
+    ]

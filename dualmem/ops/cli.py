@@ -121,7 +121,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from dualmem.layout import Layout
     from dualmem.ops.database import open_database
     from dualmem.ops.mirror import check_mirror
-    from dualmem.ops.runtime import redis_client
+    from dualmem.ops.runtime import load_keyring, redis_client
     from dualmem.ops.verify import (
         Check,
         check_anchors,
@@ -136,6 +136,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with open_database(settings.db_path) as conn, _progress(console) as progress:
         checks = verify_database(conn, progress)
         if not args.no_redis:
+            # The parity check opens the envelopes a key rotation re-sealed apart (the row
+            # and its cache entry, each with its own nonce) to compare their values.
+            keyring = load_keyring(settings)
+            codec = (
+                None
+                if keyring is None
+                else Codec(keyring, max_value_bytes=settings.max_value_bytes)
+            )
             try:
                 client = redis_client(settings)
                 try:
@@ -143,7 +151,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     checks.append(
                         guarded(
                             "redis <-> sqlite parity",
-                            lambda: check_redis_parity(conn, client, layout, now_ms, progress),
+                            lambda: check_redis_parity(
+                                conn, client, layout, now_ms, progress, codec=codec
+                            ),
                         )
                     )
                     checks.append(
@@ -169,6 +179,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         table.add_row(c.name, _STYLE[c.status], c.summary)
     console.print(table)
     for c in checks:
+        if c.status == "warn" and c.fix:
+            console.print(f"[yellow]{c.name}[/]: {c.fix}", soft_wrap=True)
         if c.ok:
             continue
         console.print(f"[red]{c.name}[/]: {c.problem_count} problem(s)")

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import redis
 
+from acl.crypto import Codec, envelope_key_id
 from acl.errors import DualMemError
 from acl.levels import Level
 from acl.policy import level_of_scope
@@ -39,7 +40,10 @@ from dualmem.redis_backend import translate_errors
 from dualmem.worker import next_stream_id, safe_trim_id
 
 __all__ = [
+    "DIFFERENT",
     "MAX_PROBLEMS",
+    "SAME",
+    "UNJUDGED",
     "Check",
     "check_anchors",
     "check_chain",
@@ -49,6 +53,7 @@ __all__ = [
     "check_redis_parity",
     "check_schema",
     "guarded",
+    "same_value",
     "split_cache_key",
     "verify_database",
 ]
@@ -60,7 +65,8 @@ _CHUNK = 5_000
 
 @dataclass
 class Check:
-    """The outcome of one check: ``status`` is ``ok``, ``fail`` or ``skip``."""
+    """The outcome of one check: ``status`` is ``ok``, ``warn`` (passed, with something it
+    could not judge: the summary says what), ``fail`` or ``skip``."""
 
     name: str
     status: str = "ok"
@@ -78,7 +84,7 @@ class Check:
 
     @property
     def ok(self) -> bool:
-        """True unless the check failed."""
+        """True unless the check failed (a warning passes)."""
         return self.status != "fail"
 
     def to_dict(self) -> dict[str, object]:
@@ -531,15 +537,23 @@ def check_redis_parity(
     layout: Layout,
     now_ms: int,
     progress: ProgressFn = NO_PROGRESS,
+    *,
+    codec: Codec | None = None,
 ) -> Check:
     """Every live cache entry in Redis has its SQLite row holding the same envelope.
 
     Records with a command still in a stream are in flight (the worker has not committed
     them yet) and are counted, not judged; so are entries whose row has just expired (the
     cache and the row expire a few milliseconds apart).
+
+    A key rotation re-seals the row and the cache entry apart, each with its own nonce:
+    their bytes differ while their value does not. With a keyring (``codec``) both are
+    opened and their values compared. Without one, such a pair cannot be told from a
+    tamper: it is counted as not judged and the check ends in ``warn``, not ``fail``.
     """
     c = Check("redis <-> sqlite parity")
     streams = layout.streams()
+    tally = _Tally(conn, codec if codec is not None and codec.keyring is not None else None)
     with translate_errors("verify parity"):
         inflight = _in_flight(client, streams)
         checked = skipped = 0
@@ -556,38 +570,131 @@ def check_redis_parity(
                 if cached is None:
                     continue  # expired between SCAN and GET
                 checked += 1
-                _judge(conn, c, candidates, bytes(cached), now_ms)  # type: ignore[arg-type]
+                _judge(conn, c, tally, candidates, bytes(cached), now_ms)  # type: ignore[arg-type]
                 if checked % 1000 == 0:
                     progress("redis parity", checked, None)
     progress("redis parity", checked, checked)
-    c.summary = f"{checked} cache entries match, {skipped} in flight"
+    matched = checked - tally.unjudged
+    resealed = (
+        f" ({tally.resealed} re-sealed apart by a key rotation: same value)"
+        if tally.resealed
+        else ""
+    )
+    unjudged = (
+        f", {tally.unjudged} re-sealed by a key rotation not judged (no keyring)"
+        if tally.unjudged
+        else ""
+    )
+    c.summary = f"{matched} cache entries match{resealed}{unjudged}, {skipped} in flight"
     if not c.ok:
-        c.summary = f"{c.problem_count} of {checked} cache entries differ; {skipped} in flight"
+        c.summary = (
+            f"{c.problem_count} of {checked} cache entries differ{unjudged}; {skipped} in flight"
+        )
         c.fix = (
             "a write bypassed the stream or a row was edited: `dualmem dlq list`, then "
             "rewrite the record through the API (the stream re-syncs both sides)"
         )
+    elif tally.unjudged:
+        c.status = "warn"
+        c.fix = (
+            "pass the key file (--keyring or DUALMEM_KEYRING): verify then opens entries a "
+            "key rotation re-sealed and compares their values"
+        )
     return c
+
+
+class _Tally:
+    """How the encrypted pairs whose bytes differ were judged (see ``same_value``)."""
+
+    def __init__(self, conn: sqlite3.Connection, codec: Codec | None) -> None:
+        self.conn = conn
+        self.codec = codec
+        self.resealed = 0
+        self.unjudged = 0
+
+    @functools.cached_property
+    def rotated_at(self) -> int | None:
+        """The time (ms) of the newest committed key rotation, ``None`` if none ran; read
+        once, and only when a pair needs it."""
+        row = self.conn.execute(
+            "SELECT MAX(ts) FROM audit_log WHERE event = 'key_rotation'"
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+
+#: ``same_value`` verdicts.
+SAME, DIFFERENT, UNJUDGED = "same", "different", "unjudged"
+
+
+def same_value(
+    codec: Codec | None,
+    row_envelope: bytes,
+    cached: bytes,
+    *,
+    scope: str,
+    key: str,
+    level: Level,
+    resealed: bool,
+) -> tuple[str, str]:
+    """Whether two envelopes of one record whose bytes differ hold the same value:
+    ``(verdict, why)``.
+
+    Only a key rotation seals one value twice (the row and the cache entry, each with its
+    own nonce); any other write caches the very envelope it commits. With a keyring both
+    are opened with the record's ``(scope, key, level)``: the same plaintext bytes are
+    ``SAME``; another value, or an envelope that does not open, is ``DIFFERENT``. With
+    none, two encrypted envelopes of a row a rotation may have re-sealed (``resealed``)
+    are ``UNJUDGED``; anything else is ``DIFFERENT``.
+
+    >>> from acl.crypto import Keyring
+    >>> codec = Codec(Keyring.generate())
+    >>> where = dict(scope="agent:a", key="k", level=Level.PRIVATE)
+    >>> one, two = (codec.seal({"v": 1}, **where) for _ in range(2))
+    >>> same_value(codec, one, two, resealed=False, **where)
+    ('same', '')
+    >>> same_value(None, one, two, resealed=True, **where)
+    ('unjudged', '')
+    >>> same_value(None, one, two, resealed=False, **where)[0]
+    'different'
+    """
+    if codec is None or codec.keyring is None:
+        sealed = envelope_key_id(row_envelope) and envelope_key_id(cached)
+        if sealed and resealed:
+            return UNJUDGED, ""
+        return DIFFERENT, "the cached envelope differs from the SQLite row"
+    try:
+        row_value = codec.open_bytes(row_envelope, scope=scope, key=key, level=level)
+    except DualMemError as exc:
+        return DIFFERENT, f"the SQLite row does not open: {exc}"
+    try:
+        cached_value = codec.open_bytes(cached, scope=scope, key=key, level=level)
+    except DualMemError as exc:
+        return DIFFERENT, f"the cached envelope does not open: {exc}"
+    if row_value != cached_value:
+        return DIFFERENT, "the cached envelope holds another value than the SQLite row"
+    return SAME, ""
 
 
 def _judge(
     conn: sqlite3.Connection,
     c: Check,
+    tally: _Tally,
     candidates: Iterable[tuple[int, str, str]],
     cached: bytes,
     now_ms: int,
 ) -> None:
     for _, scope, key in candidates:
         try:
-            level_of_scope(scope)
+            level = level_of_scope(scope)
         except ValueError:
             continue
         row = conn.execute(
-            "SELECT envelope, expires_at FROM memory WHERE scope = ? AND key = ?", (scope, key)
+            "SELECT envelope, expires_at, updated_at FROM memory WHERE scope = ? AND key = ?",
+            (scope, key),
         ).fetchone()
         if row is None:
             continue
-        envelope, expires_at = row
+        envelope, expires_at, updated_at = row
         cached_env, cached_expiry = cached_envelope(cached)
         if cached_expiry is not None and cached_expiry <= now_ms:
             return  # a put past its ttl: deleted or expired, like the row will be
@@ -599,11 +706,34 @@ def _judge(
             c.problem(f"{scope}/{key}: deleted in SQLite but still cached in Redis")
         elif expires_at is not None and expires_at <= now_ms:
             pass  # expiring: the cache entry follows within its own ttl
-        elif bytes(envelope) != cached_env:
-            c.problem(f"{scope}/{key}: the cached envelope differs from the SQLite row")
+        elif cached_env is not None and bytes(envelope) != cached_env:
+            _judge_resealed(c, tally, (scope, key, level, updated_at), bytes(envelope), cached_env)
         return
     expiry = cached_envelope(cached)[1]
     if cached == CACHE_TOMBSTONE or (expiry is not None and expiry <= now_ms):
         return  # deleted or expired, and no row left (purged, or never committed)
     scope, key = next(iter(candidates))[1:]
     c.problem(f"{scope}/{key}: cached in Redis but no row in SQLite")
+
+
+def _judge_resealed(
+    c: Check, tally: _Tally, row: tuple[str, str, Level, object], envelope: bytes, cached: bytes
+) -> None:
+    """A row ``(scope, key, level, updated_at)`` and its cache entry whose bytes differ:
+    one value re-sealed apart by a key rotation, or a problem (see ``same_value``).
+
+    Both are opened with the scope's level, never the row's level column (an edited column
+    must not turn an encrypted record into a plaintext one), as ``get`` does."""
+    scope, key, at, updated_at = row
+    rotated = tally.rotated_at if tally.codec is None else None
+    # A rotation re-seals only rows written before it, and its event is committed after.
+    resealed = rotated is not None and isinstance(updated_at, int) and updated_at <= rotated
+    verdict, why = same_value(
+        tally.codec, envelope, cached, scope=scope, key=key, level=at, resealed=resealed
+    )
+    if verdict == SAME:
+        tally.resealed += 1
+    elif verdict == UNJUDGED:
+        tally.unjudged += 1
+    else:
+        c.problem(f"{scope}/{key}: {why}")
