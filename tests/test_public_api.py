@@ -1,14 +1,23 @@
-"""Every name in ``__all__`` imports, and every public module says what it is for."""
+"""Every name in ``__all__`` imports, every public module says what it is for, and every
+python example in the README runs (twice in one directory, as a user rerunning it would)."""
 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import acl
 import dualmem
+from acl import Keyring
+
+from .conftest import RedisServer
 
 
 @pytest.mark.parametrize("package", [acl, dualmem])
@@ -28,3 +37,40 @@ def test_modules_have_a_purpose_and_public_functions_have_docstrings(package: ob
             obj = getattr(module, name)
             if callable(obj):
                 assert obj.__doc__, f"{module.__name__}.{name} has no docstring"
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+_README_BLOCKS = _BLOCK.findall(README.read_text(encoding="utf-8"))
+_README_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def test_the_readme_has_python_examples() -> None:
+    assert len(_README_BLOCKS) >= 3  # quick start, coordination, mission log
+
+
+@pytest.mark.parametrize(
+    "code", _README_BLOCKS, ids=[f"block{i}" for i in range(len(_README_BLOCKS))]
+)
+def test_each_readme_example_runs_twice_in_one_directory(
+    code: str, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A user runs an example, then runs it again: the second run, on the ./dualmem.db
+    (and key file) the first one left, must work too. Each run is a fresh interpreter in
+    ``tmp_path``, as a user's would be; the quick start's real Redis is this test's."""
+    redis_server.client().flushall()
+    Keyring.generate().save(tmp_path / "keys.json")  # `dualmem keygen --out keys.json`
+    source = code.replace(_README_REDIS, redis_server.url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALMEM_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(README.parent), env.get("PYTHONPATH", "")])
+    for run in (1, 2):
+        done = subprocess.run(
+            [sys.executable, "-c", source],
+            check=False,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, f"run {run}:\n{done.stderr}"
