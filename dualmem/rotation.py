@@ -287,12 +287,15 @@ def rotate_keys(
     receipt = mem.audit(
         "key_rotation",
         principal=_ROTATOR,
-        risk="medium",
+        # A record that does not open under any key was tampered with (or its key lost):
+        # the rotation leaves it behind, and says so where verify and auditors look.
+        risk="high" if report.left.unreadable else "medium",
         detail={
             "active": report.active,
             "retired": list(report.retired),
             "resealed_rows": report.resealed_rows,
             "resealed_cache": report.resealed_cache,
+            "unreadable": report.left.unreadable,
             "done": report.done,
         },
     )

@@ -305,6 +305,26 @@ def test_rotate_keys_returns_once_its_audit_event_is_in_sqlite(
     assert sum(a.event == "key_rotation" for a in mem.store.audit_log()) == 2
 
 
+def test_a_record_a_rotation_cannot_open_is_left_and_audited(
+    make_mem: MakeMem, keyfile: Path, db_path: Path
+) -> None:
+    # Only a log line said so: the audit event of the rotation read as a clean one.
+    mem = make_mem()
+    p = Principal(agent_id="a", team="t")
+    for key in ("good", "bad"):
+        mem.sync(mem.put(key, {"v": key}, level=Level.PRIVATE, principal=p), timeout=10)
+    with sqlite3.connect(db_path) as conn:
+        (env,) = conn.execute("SELECT envelope FROM memory WHERE key = 'bad'").fetchone()
+        flipped = bytes(env[:-1]) + bytes((env[-1] ^ 1,))
+        conn.execute("UPDATE memory SET envelope = ? WHERE key = 'bad'", (flipped,))
+    conn.close()
+    add_active_key(keyfile)
+    report = rotate_keys(make_mem(), timeout=5)
+    assert report.left.unreadable == 1 and report.resealed_rows == 1
+    (event,) = [a for a in mem.store.audit_log() if a.event == "key_rotation"]
+    assert event.risk == "high" and json.loads(event.detail)["unreadable"] == 1
+
+
 def _field(key_id: str) -> bytes:
     return bytes((len(key_id),)) + key_id.encode()
 
