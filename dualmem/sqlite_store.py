@@ -141,7 +141,8 @@ def _change(r: Row) -> Change:
 class SQLiteStore(Store):
     """The store in one SQLite file (WAL, ``synchronous=NORMAL``, ``BEGIN IMMEDIATE``).
 
-    Each thread gets its own connection; the worker's is the only one that writes.
+    Each thread gets its own connection, closed when the thread ends; the worker's is the
+    only one that writes.
 
     >>> import tempfile, os
     >>> store = SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db"))
@@ -163,7 +164,9 @@ class SQLiteStore(Store):
         self.synchronous = synchronous
         self.writer_cache_mb = writer_cache_mb
         self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
+        # Every connection still open, for close(); a thread's own leaves it when the
+        # thread ends (see _ThreadConnection).
+        self._conns: set[sqlite3.Connection] = set()
         self._lock = threading.Lock()
         self._closed = False
         self._checkpointer: _Checkpointer | None = None
@@ -201,9 +204,9 @@ class SQLiteStore(Store):
     # -- connections -------------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn
+        held: _ThreadConnection | None = getattr(self._local, "conn", None)
+        if held is not None:
+            return held.conn
         if self._closed:
             raise StoreUnavailable(f"store {self.path} is closed")
         # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so the write
@@ -215,9 +218,9 @@ class SQLiteStore(Store):
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
-        self._local.conn = conn
         with self._lock:
-            self._conns.append(conn)
+            self._conns.add(conn)
+        self._local.conn = _ThreadConnection(conn, self._conns)
         return conn
 
     @contextmanager
@@ -829,13 +832,38 @@ class SQLiteStore(Store):
         """See :meth:`Store.close`."""
         self._closed = True
         with self._lock:
-            conns, self._conns = self._conns, []
+            conns = list(self._conns)
+            self._conns.clear()
             checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
             checkpointer.stop()
         for conn in conns:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+
+
+class _ThreadConnection:
+    """One thread's connection, held in the store's thread-local storage: when the thread
+    ends, Python drops that storage and this closes the connection. A program that runs
+    each task in a new thread would otherwise keep one connection (two file descriptors)
+    per thread it ever ran, until it hit the descriptor limit.
+
+    The connection is made with ``check_same_thread=False``, so whichever thread drops the
+    holder may close it; ``SQLiteStore.close`` closes those still open.
+    """
+
+    __slots__ = ("_open", "conn")
+
+    def __init__(self, conn: sqlite3.Connection, open_conns: set[sqlite3.Connection]) -> None:
+        self.conn = conn
+        self._open = open_conns
+
+    def __del__(self) -> None:
+        # No lock here: this runs at a thread's exit, and set.discard is atomic. A second
+        # close() (the store's, racing) is a no-op.
+        self._open.discard(self.conn)
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.close()
 
 
 class _Checkpointer:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -388,3 +390,35 @@ def test_holds_sealed_rows_counts_dead_letters_waiting_at_an_encrypted_level(
     store.mark_replayed([letter.id])
     assert not holds_sealed_rows(db)  # replayed: its command is back in the stream
     store.close()
+
+
+def test_a_finished_threads_connection_is_closed(store: SQLiteStore) -> None:
+    # Each thread that ever read kept its connection (two file descriptors) until close():
+    # a program running each task in a new thread ran out of descriptors.
+    store.apply([put(1)])
+    before = len(os.listdir("/proc/self/fd")), len(store._conns)
+    seen: list[bytes | None] = []
+    for _ in range(300):
+        t = threading.Thread(target=lambda: seen.append(value_of(store)))
+        t.start()
+        t.join()
+    assert seen == [b"v"] * 300
+    assert len(store._conns) <= before[1] + 1
+    assert len(os.listdir("/proc/self/fd")) <= before[0] + 4
+    # A thread still running keeps its connection, and close() closes it.
+    opened, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        value_of(store)
+        opened.set()
+        release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    opened.wait(10)
+    (conn,) = set(store._conns) - {store._conn()}
+    store.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        conn.execute("SELECT 1")
+    release.set()
+    holder.join()
