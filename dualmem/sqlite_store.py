@@ -390,13 +390,16 @@ class SQLiteStore(Store):
             return
         now_ms = int(time.time() * 1000)
         with self._write() as conn:
+            # The same entry comes again when a worker died between this commit and its
+            # XACK and another one claimed it. Its replay, if one ran in between, stands:
+            # clearing it listed the letter as waiting again, made sync() on the original
+            # receipt say dead-lettered, and a second replay journaled the command twice.
             conn.executemany(
                 """INSERT INTO dead_letters (shard, stream_id, fields, error, deliveries, failed_at)
                    VALUES (?, ?, ?, ?, ?, ?)
                    ON CONFLICT (shard, stream_id) DO UPDATE SET
                        error = excluded.error, deliveries = excluded.deliveries,
-                       failed_at = excluded.failed_at, replayed_at = NULL,
-                       replayed_as = NULL""",
+                       failed_at = excluded.failed_at""",
                 [
                     (e.shard, e.stream_id, _fields_to_json(e.fields), err, n, now_ms)
                     for e, err, n in items

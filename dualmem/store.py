@@ -216,7 +216,10 @@ class Store(ABC):
 
     @abstractmethod
     def dead_letter(self, items: Sequence[tuple[StreamEntry, str, int]]) -> None:
-        """Record ``(entry, error, deliveries)`` in dead letters, with an audit row each."""
+        """Record ``(entry, error, deliveries)`` in dead letters, with an audit row each.
+
+        An entry already dead-lettered (delivered again: a worker died before its ack)
+        gets the new error and deliveries; a replay of it, if one ran, stands."""
 
     @abstractmethod
     def status(self, shard: int, stream_id: str) -> str | None:

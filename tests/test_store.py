@@ -244,6 +244,24 @@ def test_dead_letters_and_status(store: SQLiteStore) -> None:
     assert store.status(0, "5-0") is None
 
 
+def test_a_replayed_letter_dead_lettered_again_stays_replayed(store: SQLiteStore) -> None:
+    # A worker died between committing the dead letter and its XACK; another claimed the
+    # entry after `dlq replay` ran and dead-lettered it again: the letter was listed as
+    # waiting again, sync() on its receipt said dead, and a second replay sent it twice.
+    poison = StreamEntry(0, "5-0", {b"op": b"junk"})
+    store.dead_letter([(poison, "malformed", 3)])
+    (dl,) = store.dead_letters()
+    store.apply([put(7)])  # the replay, committed under its new stream id
+    store.mark_replayed([dl.id], ["7-0"])
+    store.dead_letter([(poison, "malformed again", 4)])
+    assert store.dead_letters() == []
+    (again,) = store.dead_letters(include_replayed=True)
+    assert again.id == dl.id and again.replayed_at is not None
+    assert (again.error, again.deliveries) == ("malformed again", 4)
+    assert store.status(0, "5-0") == "committed"
+    assert [a.event for a in store.audit_log()].count("dead_letter") == 2
+
+
 def test_metrics_snapshots(store: SQLiteStore) -> None:
     snap = {"read": {"count": 3, "p50": 1.0, "p95": 2.0, "p99": 3.0, "max": 4.0}}
     store.record_metrics(1, "w1", snap)

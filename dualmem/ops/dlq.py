@@ -70,10 +70,11 @@ def replay(
     mark them replayed. An id named more than once is sent once.
 
     Marking is a direct write of ``dead_letters.replayed_at``, outside the worker: an
-    operational flag of rows the worker never touches again (it only writes a dead letter
-    under the stream id that failed, and the replay has a new one), so it cannot race a
-    worker's update. It comes after the send: a crash between them leaves the letter
-    listed, and a second replay re-applies the same command, which changes nothing.
+    operational flag the worker never writes (it writes a dead letter under the stream id
+    that failed, the replay has a new one, and the same entry dead-lettered again keeps
+    its replay), so it cannot race a worker's update. It comes after the send: a crash
+    between them leaves the letter listed, and a second replay re-applies the same
+    command, which changes nothing.
     """
     letters = runtime.store.dead_letters(include_replayed=ids is not None)
     by_id = {d.id: d for d in letters}
