@@ -55,14 +55,17 @@ class Subscriber:
     A lost notification (a dropped connection, a worker that died between commit and
     publish) costs latency, never a change: the journal is re-read every
     ``recheck_interval`` seconds and whenever a later notification arrives. Without Redis
-    it keeps delivering from SQLite by those re-reads, and re-subscribes with backoff.
+    it keeps delivering from SQLite by those re-reads, and re-subscribes with backoff;
+    a named one only while its position saves go through (see :meth:`poll`).
 
     When is a change consumed? When you ask for the next one (``poll``, ``next``), call
     :meth:`commit`, or leave a ``with`` block without an exception. The position is saved
     every ``commit_every`` consumed changes (default 1: each one). A process killed while
     handling a change gets that change again after the restart; nothing consumed before
-    it comes back. Position saves travel the put path: on a real Redis they are durable
-    at once (the cache entry and the stream), on ``memory://`` once the worker committed.
+    it comes back. When a save fails (Redis is down), nothing more is handed out until a
+    retry goes through, so a kill then repeats only what that save was for. Position
+    saves travel the put path: on a real Redis they are durable at once (the cache entry
+    and the stream), on ``memory://`` once the worker committed.
     For exactly-once side effects of your own, store ``change.seq`` with them in one
     transaction and restart with ``since=<that seq>``. A saved position past the journal's
     end (the database was replaced or restored from a backup) starts over from the
@@ -138,6 +141,10 @@ class Subscriber:
         self._delivered = start  # highest seq handed to the caller
         self._position = start  # highest seq consumed: what a restart resumes after
         self._saved = start  # highest position written through the put path
+        # The last save failed: poll hands out nothing until a retry (at _next_save) works.
+        self._save_failed = False
+        self._save_backoff = 0.0
+        self._next_save = 0.0
         self._in_flight = False
         self._unsaved = 0
         self._buffer: deque[Change] = deque()
@@ -233,7 +240,8 @@ class Subscriber:
     def commit(self) -> None:
         """Mark the change last handed out as consumed and save the position now.
 
-        Raises ``StoreUnavailable`` or ``Backpressure`` if the save cannot be written.
+        Raises ``StoreUnavailable`` or ``Backpressure`` if the save cannot be written;
+        :meth:`poll` then retries it before it hands out another change.
         """
         self._consume_in_flight(save=False)
         self._save()
@@ -248,13 +256,43 @@ class Subscriber:
             try:
                 self._save()
             except DualMemError as exc:
-                # Not fatal for delivery: the position is saved with a later change. Until
-                # then a restart would only see changes again, never miss one.
+                # Not fatal, but poll hands out nothing more until a retry saves it: each
+                # change delivered meanwhile would come back after a kill.
                 log.warning("subscriber %s: could not save its position: %s", self.name, exc)
 
     def _save(self) -> None:
         if self.name is None or self._position <= self._saved:
+            self._save_failed = False
             return
+        try:
+            self._write_position()
+        except DualMemError:
+            self._save_failed = True
+            self._save_backoff = min(_MAX_BACKOFF, self._save_backoff * 2 or 0.05)
+            self._next_save = time.monotonic() + self._save_backoff
+            raise
+        self._saved = self._position
+        self._unsaved = 0
+        self._save_failed = False
+        self._save_backoff = 0.0
+
+    def _retry_save(self) -> None:
+        try:
+            self._save()
+        except DualMemError as exc:
+            log.debug(
+                "subscriber %s: position %d still not saved (next try in %.2fs): %s",
+                self.name,
+                self._position,
+                self._save_backoff,
+                exc,
+            )
+        else:
+            log.info(
+                "subscriber %s: position %d saved; delivering again", self.name, self._position
+            )
+
+    def _write_position(self) -> None:
         value: dict[str, Any] = {
             "seq": self._position,
             "saved_at_us": time.time_ns() // 1000,
@@ -272,8 +310,6 @@ class Subscriber:
             level=Level.PRIVATE,
             principal=self.principal,
         )
-        self._saved = self._position
-        self._unsaved = 0
 
     # -- pub/sub -------------------------------------------------------------------------
 
@@ -382,7 +418,11 @@ class Subscriber:
         """The next change, waiting up to ``timeout`` seconds (``None``: until one comes
         or the subscriber is closed). Returns ``None`` on timeout or when closed.
 
-        Calling it consumes the change returned before (see the class notes).
+        Calling it consumes the change returned before (see the class notes) and saves
+        the position. If that save fails (``StoreUnavailable`` while Redis is down, or
+        ``Backpressure``), it hands out no change: it retries the save, with backoff up to
+        2 s, until the timeout ends, and then returns ``None`` as on any timeout (it
+        raises nothing). Delivery resumes with the first save that goes through.
         """
         if timeout is not None and not timeout >= 0:
             raise ValidationError(f"timeout must be >= 0 or None, got {timeout!r}")
@@ -399,6 +439,19 @@ class Subscriber:
         self._consume_in_flight(save=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._closing.is_set():
+            if self._save_failed:
+                # Handing out another change now would make it (and each one after it)
+                # come back after a kill: the restart resumes from the last saved position.
+                now = time.monotonic()
+                if now >= self._next_save:
+                    self._retry_save()
+                    continue
+                remaining = None if deadline is None else deadline - now
+                if remaining is not None and remaining <= 0:
+                    return None
+                wait = min(_SLICE, self._next_save - now)
+                self._wait(wait if remaining is None else min(wait, remaining))
+                continue
             if self._buffer:
                 change = self._buffer.popleft()
                 self._delivered = change.seq

@@ -308,6 +308,50 @@ def test_resubscribes_after_its_connection_is_killed(
     mem.close()
 
 
+@pytest.mark.real_redis
+def test_while_its_position_cannot_be_saved_nothing_more_is_handed_out(
+    own_redis_server: RedisServer, tmp_path: Path, keyfile: Path, coder: Principal
+) -> None:
+    # Redis went down: poll went on delivering from SQLite while no position could be
+    # saved, and a consumer killed then got every change it had consumed since again.
+    srv = own_redis_server
+    mem = DualMemory(redis_url=srv.url, db_path=str(tmp_path / "m.db"), keyring=str(keyfile))
+    subs: list[Subscriber] = []
+
+    def start() -> Subscriber:
+        subs.append(Subscriber(mem, coder, since="feed", recheck_interval=0.2))
+        return subs[-1]
+
+    try:
+        for i in range(10):
+            receipt = mem.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+        mem.sync(receipt, timeout=10)
+        expected = feed(mem, coder)
+        first = start()
+        assert [first.poll(timeout=5).seq for _ in range(3)] == expected[:3]  # type: ignore[union-attr]
+        srv.stop()
+        began = time.monotonic()
+        # expected[2] is consumed, its save fails: nothing more comes, the timeouts run out.
+        assert [first.poll(timeout=0.3) for _ in range(3)] == [None, None, None]
+        assert time.monotonic() - began >= 0.8
+        srv.start()  # the consumer was killed while Redis was down: no close()
+        second = start()
+        assert second.position == expected[1]  # only the change whose save failed comes back
+        assert [second.poll(timeout=5).seq for _ in range(2)] == expected[2:4]  # type: ignore[union-attr]
+        srv.stop()
+        assert second.poll(timeout=0.3) is None  # expected[3] consumed, not saved
+        srv.start()
+        # The save is retried and goes through; delivery resumes where it stopped.
+        assert [second.poll(timeout=10).seq for _ in range(2)] == expected[4:6]  # type: ignore[union-attr]
+        third = start()  # killed while handling expected[5]
+        assert third.position == expected[4]
+        assert [third.poll(timeout=5).seq for _ in range(4)] == expected[5:9]  # type: ignore[union-attr]
+    finally:
+        for sub in subs:
+            sub.close(commit=False)
+        mem.close(timeout=2)
+
+
 def test_positions_are_saved_through_the_put_path_as_private_bookkeeping(
     make_mem: MakeMem, coder: Principal
 ) -> None:
