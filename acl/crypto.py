@@ -7,17 +7,20 @@ cache, in the command stream and in SQLite. Its layout::
                 2 encrypted
     byte 1      flags: 0x01 compressed, 0x02 encrypted
     encrypted:  byte 2 = key id length n, n bytes key id (ASCII),
-                (version 2) 8-byte write id, 2-byte big-endian length m, m bytes writer
-                (UTF-8), then a 12-byte nonce and the ciphertext with its 16-byte GCM tag
+                (version 2) 8-byte write id, 4-byte big-endian generation, 2-byte
+                big-endian length m, m bytes writer (UTF-8), then a 12-byte nonce and the
+                ciphertext with its 16-byte GCM tag
     plaintext:  the (possibly compressed) JSON bytes
 
 The GCM additional data is the header (everything before the nonce) plus the record's
 scope, key and level, each length-prefixed, so a sealed envelope opens only at the place
 it was sealed for: copied to another key, scope or level it raises
 :class:`TamperedRecord`. Version 2 also binds the **writer** (the agent id that put the
-value: a row that names another writer does not open) and a random **write id**, which a
-key rotation's re-encryption keeps: the worker accepts a re-sealed envelope only for the
-write it re-encrypts, so an older envelope of the record cannot be passed off as one.
+value: a row that names another writer does not open), a random **write id**, which a
+key rotation's re-encryption keeps, and a **generation**, which each re-encryption counts
+up: the worker accepts a re-sealed envelope only for the write its row holds and only at
+a higher generation, so neither an older envelope of the record nor the record's own
+envelope from before a rotation can be passed off as one.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lz4.block
 from cryptography.exceptions import InvalidTag
@@ -53,14 +56,17 @@ __all__ = [
     "JsonSerializer",
     "Keyring",
     "Lz4Compressor",
+    "Sealing",
     "envelope_key_id",
-    "envelope_writer",
+    "envelope_sealing",
 ]
 
 ENVELOPE_VERSION = 1
 #: The version of an encrypted envelope that names its writer and write id.
 SEALED_VERSION = 2
 WRITE_ID_BYTES = 8
+#: Bytes between a version-2 header's key id and its writer's length: write id, generation.
+SEALING_BYTES = WRITE_ID_BYTES + 4
 FLAG_COMPRESSED = 0x01
 FLAGENCRYPTED_LEVELS = 0x02
 NONCE_BYTES = 12
@@ -423,31 +429,38 @@ def envelope_key_id(envelope: bytes) -> str | None:
     return envelope[3 : 3 + n].decode("ascii", "replace")
 
 
-def envelope_writer(envelope: bytes) -> tuple[bytes, str] | None:
-    """``(write id, writer)`` an encrypted envelope is bound to; ``None`` for a plaintext
-    envelope or one sealed before version 2 (which names neither). Read from the header
-    without a key: authentic only once the envelope opens (:meth:`Codec.open`).
+class Sealing(NamedTuple):
+    """What a version-2 envelope's header binds besides its place (see the module doc)."""
+
+    write_id: bytes
+    generation: int
+    writer: str
+
+
+def envelope_sealing(envelope: bytes) -> Sealing | None:
+    """The :class:`Sealing` of an encrypted envelope; ``None`` for a plaintext envelope,
+    one sealed before version 2 (which names none) or a malformed header. Read without a
+    key: authentic only once the envelope opens (:meth:`Codec.open`).
 
     >>> codec = Codec(Keyring.generate())
     >>> env = codec.seal(1, scope="agent:a", key="k", level=Level.PRIVATE, owner="a")
-    >>> envelope_writer(env)[1]
-    'a'
-    >>> envelope_writer(codec.seal(1, scope="swarm:s", key="k", level=Level.SWARM)) is None
+    >>> envelope_sealing(env).writer, envelope_sealing(env).generation
+    ('a', 0)
+    >>> envelope_sealing(codec.seal(1, scope="swarm:s", key="k", level=Level.SWARM)) is None
     True
     """
     parsed = _sealed_header(envelope)
-    return None if parsed is None else (parsed[1], parsed[2])
+    return None if parsed is None else parsed[1]
 
 
-def _sealed_header(envelope: bytes) -> tuple[int, bytes, str] | None:
-    """``(nonce offset, write id, writer)`` of a version-2 envelope, else ``None``."""
-    if len(envelope) < 3 or envelope[0] != SEALED_VERSION:
+def _sealed_header(envelope: bytes) -> tuple[int, Sealing] | None:
+    """``(nonce offset, sealing)`` of a version-2 envelope, else ``None``."""
+    if len(envelope) < 3 or envelope[0] != SEALED_VERSION or envelope[2] == 0:
         return None
     at = 3 + envelope[2]
-    end = at + WRITE_ID_BYTES + 2
+    end = at + SEALING_BYTES + 2
     if len(envelope) < end:
         return None
-    write_id = envelope[at : at + WRITE_ID_BYTES]
     m = int.from_bytes(envelope[end - 2 : end], "big")
     if len(envelope) < end + m:
         return None
@@ -455,7 +468,9 @@ def _sealed_header(envelope: bytes) -> tuple[int, bytes, str] | None:
         writer = envelope[end : end + m].decode("utf-8")
     except UnicodeDecodeError:
         return None
-    return end + m, write_id, writer
+    write_id = envelope[at : at + WRITE_ID_BYTES]
+    generation = int.from_bytes(envelope[at + WRITE_ID_BYTES : at + SEALING_BYTES], "big")
+    return end + m, Sealing(write_id, generation, writer)
 
 
 class Codec:
@@ -507,12 +522,12 @@ class Codec:
         key: str,
         level: Level,
         owner: str = "",
-        write_id: bytes | None = None,
+        sealing: Sealing | None = None,
     ) -> bytes:
         """Compress and (for encrypted levels) encrypt already-serialized JSON bytes.
 
-        ``write_id`` is for re-encryption only (:meth:`reseal` keeps the original's); a
-        new write gets a random one.
+        ``sealing`` is for re-encryption only (:meth:`reseal`: the original's write id and
+        writer, the next generation); a new write gets a random write id, generation 0.
         """
         payload, compressed = self.compressor.encode(data)
         flags = FLAG_COMPRESSED if compressed else 0
@@ -524,19 +539,20 @@ class Codec:
                 f"level {level.name} is encrypted but no keyring is configured: "
                 "set keyring= (a file from `dualmem keygen`) or DUALMEM_KEY"
             )
-        writer = owner.encode("utf-8")
+        if sealing is None:
+            sealing = Sealing(_next_nonce()[:WRITE_ID_BYTES], 0, owner)
+        writer = sealing.writer.encode("utf-8")
         if len(writer) > 0xFFFF:
             raise ValidationError("owner is longer than 65535 bytes")
-        if write_id is None:
-            write_id = _next_nonce()[:WRITE_ID_BYTES]
-        elif len(write_id) != WRITE_ID_BYTES:
-            raise ValueError(f"write_id must be {WRITE_ID_BYTES} bytes")
+        if len(sealing.write_id) != WRITE_ID_BYTES or not 0 <= sealing.generation < 1 << 32:
+            raise ValueError(f"not a valid sealing: {sealing!r}")
         kid = ring.active_id.encode("ascii")
         header = b"".join(
             (
                 bytes((SEALED_VERSION, flags | FLAGENCRYPTED_LEVELS, len(kid))),
                 kid,
-                write_id,
+                sealing.write_id,
+                sealing.generation.to_bytes(4, "big"),
                 len(writer).to_bytes(2, "big"),
                 writer,
             )
@@ -595,9 +611,9 @@ class Codec:
             if sealed is None:
                 raise TamperedRecord(f"envelope for {where} is truncated")
             start = sealed[0]
-            if owner is not None and sealed[2] != owner:
+            if owner is not None and sealed[1].writer != owner:
                 raise TamperedRecord(
-                    f"envelope for {where} was sealed by {sealed[2]!r}, not by its "
+                    f"envelope for {where} was sealed by {sealed[1].writer!r}, not by its "
                     f"recorded writer {owner!r}"
                 )
         if n == 0 or len(envelope) < start + NONCE_BYTES + TAG_BYTES:
@@ -630,21 +646,20 @@ class Codec:
     def reseal(self, envelope: bytes, *, scope: str, key: str, level: Level) -> bytes | None:
         """Re-encrypt under the active key; ``None`` if already sealed with it (rotation).
 
-        The new envelope keeps the original's writer and write id, so the worker can tell
-        it re-encrypts that write; one sealed before version 2 stays in that form.
+        The new envelope keeps the original's writer and write id, at the next
+        generation, so the worker can tell it re-encrypts that write, later than the row's
+        envelope; one sealed before version 2 stays in that form.
         """
         if level not in ENCRYPTED_LEVELS or self.keyring is None:
             return None
         if envelope_key_id(envelope) == self.keyring.active_id:
             return None
         data = self.open_bytes(envelope, scope=scope, key=key, level=level)
-        bound = envelope_writer(envelope)
-        if bound is None:
+        was = envelope_sealing(envelope)
+        if was is None:
             return self._seal_legacy(data, scope=scope, key=key, level=level)
-        write_id, owner = bound
-        return self.seal_bytes(
-            data, scope=scope, key=key, level=level, owner=owner, write_id=write_id
-        )
+        nxt = was._replace(generation=was.generation + 1)
+        return self.seal_bytes(data, scope=scope, key=key, level=level, sealing=nxt)
 
     def _seal_legacy(self, data: bytes, *, scope: str, key: str, level: Level) -> bytes:
         # A version-1 envelope re-encrypted as one: it names no writer to keep, and a

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from acl.crypto import SEALED_VERSION, WRITE_ID_BYTES, envelope_writer
+from acl.crypto import SEALED_VERSION, SEALING_BYTES, envelope_sealing
 from acl.errors import ValidationError
 from acl.levels import ENCRYPTED_LEVELS, Level
 from acl.policy import level_of_scope
@@ -361,7 +361,9 @@ def _sealed_by(envelope: bytes, actor: bytes) -> bool:
     form of the check in :func:`decode_command`, on the raw bytes)."""
     if envelope[0] != SEALED_VERSION:
         return True
-    at = 3 + envelope[2] + WRITE_ID_BYTES
+    if len(envelope) < 3:
+        return False  # the full path names what is wrong
+    at = 3 + envelope[2] + SEALING_BYTES
     end = at + 2 + int.from_bytes(envelope[at : at + 2], "big")
     return envelope[at + 2 : end] == actor
 
@@ -413,12 +415,14 @@ def decode_command(fields: Mapping[bytes, bytes]) -> Command:
     envelope = fields.get(b"e")
     if not envelope:
         raise MalformedCommand(f"{op} without an envelope")
-    if op == OP_PUT and level in ENCRYPTED_LEVELS:
-        bound = envelope_writer(envelope)
-        if bound is not None and bound[1] != actor:
+    if level in ENCRYPTED_LEVELS and envelope[0] == SEALED_VERSION:
+        sealing = envelope_sealing(envelope)
+        if sealing is None:
+            raise MalformedCommand(f"{op} with a malformed version-2 envelope header")
+        if op == OP_PUT and sealing.writer != actor:
             # Re-sent with another writer: the row would name someone who never wrote it.
             raise MalformedCommand(
-                f"envelope was sealed by {bound[1]!r}, not by the command's writer {actor!r}"
+                f"envelope was sealed by {sealing.writer!r}, not by the command's writer {actor!r}"
             )
     if op == OP_RESEAL:
         if level not in ENCRYPTED_LEVELS:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from acl.crypto import envelope_writer
+from acl.crypto import envelope_sealing
 from acl.errors import ConfigurationError
 from acl.levels import ENCRYPTED_LEVELS, Level
 from dualmem.batch import GENESIS, BatchPlan, chain_hash, plan_batch
@@ -980,13 +980,14 @@ def holds_sealed_rows(path: str | Path) -> bool:
 
 
 def _check_reseals(conn: sqlite3.Connection, reseals: Sequence[tuple[object, ...]]) -> None:
-    """Refuse a reseal whose envelope is not a re-encryption of the write its row holds.
+    """Refuse a reseal that is not a later re-encryption of the write its row holds.
 
-    A key rotation re-encrypts a row's envelope keeping its write id (``Codec.reseal``).
-    Without this check, whoever could add a stream entry could pass an older envelope of
-    the record off as a re-encryption, guarded by the row's current stream id (which the
-    stream shows): the row would silently go back to an older value, with no journal row.
-    A row sealed before envelope version 2 has no write id, and takes any reseal.
+    A key rotation re-encrypts a row's envelope keeping its write id and writer, one
+    generation up (``Codec.reseal``). Without this check, whoever could add a stream
+    entry could pass an older envelope of the record off as a re-encryption, guarded by
+    the row's current stream id (which the stream shows): the row would silently go back
+    to an older value, or back under a key a rotation retired, with no journal row. A
+    row sealed before envelope version 2 has no write id, and takes any reseal.
     """
     for envelope, scope, key, level, guard in reseals:
         row = conn.execute(
@@ -996,12 +997,19 @@ def _check_reseals(conn: sqlite3.Connection, reseals: Sequence[tuple[object, ...
         ).fetchone()
         if row is None:
             continue  # the row moved on (or is gone): the guard leaves it alone
-        current = envelope_writer(bytes(row[0]))
+        current = envelope_sealing(bytes(row[0]))
+        if current is None:
+            continue
         assert isinstance(envelope, bytes)
-        if current is not None and envelope_writer(envelope) != current:
+        new = envelope_sealing(envelope)
+        if (
+            new is None
+            or (new.write_id, new.writer) != (current.write_id, current.writer)
+            or new.generation <= current.generation
+        ):
             raise MalformedCommand(
-                f"reseal of {scope}/{key} is not a re-encryption of the write its row holds "
-                "(another write id or writer)"
+                f"reseal of {scope}/{key} is not a later re-encryption of the write its row "
+                "holds (another write id or writer, or not a newer generation)"
             )
 
 

@@ -349,7 +349,7 @@ def test_an_envelope_names_its_writer_and_a_reseal_keeps_it() -> None:
     # The writer and a write id are in the authenticated header: a row naming another
     # writer does not open, and a rotation's re-encryption keeps both, so the worker can
     # tell it from an older envelope of the record passed off as one.
-    from acl.crypto import envelope_writer
+    from acl.crypto import envelope_sealing
 
     codec = Codec(Keyring.generate())
     env = codec.seal({"v": 1}, scope="agent:a", key="k", level=Level.PRIVATE, owner="a")
@@ -360,21 +360,24 @@ def test_an_envelope_names_its_writer_and_a_reseal_keeps_it() -> None:
     with pytest.raises(TamperedRecord, match="failed authentication"):
         codec.open(forged, scope="agent:a", key="k", level=Level.PRIVATE, owner="b")
     again = codec.seal({"v": 1}, scope="agent:a", key="k", level=Level.PRIVATE, owner="a")
-    assert envelope_writer(again) != envelope_writer(env)  # a new write id per seal
+    assert envelope_sealing(again) != envelope_sealing(env)  # a new write id per seal
     rotated = Codec(codec.keyring.with_new_key())  # type: ignore[union-attr]
     resealed = rotated.reseal(env, scope="agent:a", key="k", level=Level.PRIVATE)
-    assert resealed is not None and envelope_writer(resealed) == envelope_writer(env)
+    before, after = envelope_sealing(env), envelope_sealing(resealed)  # type: ignore[arg-type]
+    assert before is not None and after is not None
+    assert (after.write_id, after.writer) == (before.write_id, before.writer)
+    assert after.generation == before.generation + 1
     assert rotated.open(resealed, scope="agent:a", key="k", level=Level.PRIVATE, owner="a") == {
         "v": 1
     }
 
 
 def test_an_envelope_sealed_before_version_2_still_opens_and_stays_in_its_form() -> None:
-    from acl.crypto import ENVELOPE_VERSION, envelope_writer
+    from acl.crypto import ENVELOPE_VERSION, envelope_sealing
 
     codec = Codec(Keyring.generate())
     legacy = codec._seal_legacy(b'{"v":1}', scope="agent:a", key="k", level=Level.PRIVATE)
-    assert legacy[0] == ENVELOPE_VERSION and envelope_writer(legacy) is None
+    assert legacy[0] == ENVELOPE_VERSION and envelope_sealing(legacy) is None
     assert codec.open(legacy, scope="agent:a", key="k", level=Level.PRIVATE, owner="x") == {"v": 1}
     rotated = Codec(codec.keyring.with_new_key())  # type: ignore[union-attr]
     resealed = rotated.reseal(legacy, scope="agent:a", key="k", level=Level.PRIVATE)

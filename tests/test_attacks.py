@@ -191,8 +191,59 @@ def test_an_older_envelope_passed_off_as_a_reseal_is_refused(
         lambda: [d for d in mem.store.dead_letters() if d.stream_id == forged],
         what="the forged reseal dead-lettered",
     )
-    assert "not a re-encryption of the write its row holds" in dead.error
+    assert "not a later re-encryption of the write its row holds" in dead.error
     assert mem.get("role", level=Level.PRIVATE, principal=coder) == {"role": "revoked"}
+
+
+def test_a_records_envelope_from_before_a_rotation_cannot_take_its_row_back(
+    make_mem: MakeMem, raw_redis: redis.Redis, keyfile: Path
+) -> None:
+    # Same write, same write id: only the generation tells the rotation's re-encryption
+    # from the envelope it replaced, which would move the row back under the retired key.
+    from dualmem.rotation import add_active_key, rotate_keys
+
+    coder = Principal(agent_id="coder-1", team="backend")
+    mem = make_mem(max_deliveries=2, claim_idle_ms=50)
+    mem.sync(mem.put("role", {"role": "admin"}, level=Level.PRIVATE, principal=coder))
+    before = mem.store.get("agent:coder-1", "role", 0)
+    add_active_key(keyfile)
+    assert rotate_keys(make_mem(), timeout=30).done
+    after = mem.store.get("agent:coder-1", "role", 0)
+    assert before is not None and after is not None and after.envelope != before.envelope
+    fields = reseal_fields(
+        "agent:coder-1",
+        "role",
+        Level.PRIVATE,
+        "rotation",
+        1,
+        bytes(before.envelope),
+        sid_of(after.stream_id),
+    )
+    shard = mem.layout.shard_of("agent:coder-1", "role")
+    forged = raw_redis.xadd(mem.layout.stream(shard), fields).decode()  # type: ignore[arg-type]
+    (dead,) = wait_until(
+        lambda: [d for d in mem.store.dead_letters() if d.stream_id == forged],
+        what="the replayed pre-rotation envelope dead-lettered",
+    )
+    assert "not a newer generation" in dead.error
+    now = mem.store.get("agent:coder-1", "role", 0)
+    assert now is not None and now.envelope == after.envelope
+
+
+@pytest.mark.parametrize("envelope", [b"\x02", b"\x02\x03", b"\x02\x03\x00abc"])
+def test_a_short_or_headless_version_2_envelope_fails_alone(
+    make_mem: MakeMem, raw_redis: redis.Redis, envelope: bytes
+) -> None:
+    # A 1- or 2-byte envelope starting with version 2 raised IndexError in the worker's
+    # hot path: retried with tracebacks instead of dead-lettered as malformed.
+    mem = make_mem(max_deliveries=2, claim_idle_ms=50)
+    fields = put_fields("agent:coder-1", "x", Level.PRIVATE, "coder-1", 1, envelope, None)
+    forged = raw_redis.xadd(mem.layout.stream(mem.layout.shard_of("agent:coder-1", "x")), fields)
+    (dead,) = wait_until(
+        lambda: [d for d in mem.store.dead_letters() if d.stream_id == forged.decode()],
+        what="the malformed put dead-lettered",
+    )
+    assert "malformed version-2 envelope header" in dead.error
 
 
 def test_a_put_re_sent_under_another_writer_is_refused_and_a_row_naming_one_does_not_open(
