@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -84,6 +87,33 @@ class CloseReport:
 
     pending: int
     drained: bool
+
+
+#: Every DualMemory not closed yet, held weakly (the set never keeps one alive). The worker
+#: thread is a daemon: at exit it would die with the puts it had not persisted, so one
+#: atexit hook closes (drains) whatever is still open. One hook for all, not one each:
+#: CPython never reuses the slot an unregistered atexit callback leaves, so a
+#: register/unregister per object would grow its list (and slow each unregister) for good.
+_OPEN: weakref.WeakSet[DualMemory] = weakref.WeakSet()
+_OPEN_LOCK = threading.Lock()
+
+
+def _close_open_at_exit() -> None:
+    """Close every DualMemory the process left open, each bounded by its ``close_timeout``.
+
+    Only those this process made: a forked child that exits must not drain, or release
+    the connections and lease of, its parent's objects.
+    """
+    with _OPEN_LOCK:
+        left = [mem for mem in _OPEN if mem._pid == os.getpid()]
+    for mem in left:
+        try:
+            mem.close()
+        except Exception:  # one failing close must not keep the others from draining
+            log.exception("closing a DualMemory at exit failed")
+
+
+atexit.register(_close_open_at_exit)
 
 
 def _record_of(row: StoredRow, value: Any) -> Record:
@@ -193,8 +223,11 @@ class DualMemory:
         self._closer = 0  # the thread running the first close()
         self._close_wait = 0.0
         self._in_flight = 0
+        self._pid = os.getpid()
         if settings.worker:
             self._start_worker()
+        with _OPEN_LOCK:
+            _OPEN.add(self)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -240,6 +273,8 @@ class DualMemory:
         holds unpersisted (by this writer or any other, see :meth:`backlog`), which the
         workers elsewhere own; on ``memory://`` that is lost when the process exits.
         Closing again returns the first close's report, after waiting for it to finish.
+        A DualMemory still open when the interpreter exits is closed by an atexit hook,
+        with this default timeout.
         """
         drain_timeout = self.settings.close_timeout if timeout is None else timeout
         _check_wait(drain_timeout)
@@ -249,6 +284,9 @@ class DualMemory:
             if not already:
                 self._closer = threading.get_ident()
                 self._close_wait = drain_timeout + self.settings.block_ms / 1000 + 10
+        if not already:
+            with _OPEN_LOCK:
+                _OPEN.discard(self)  # closed: nothing left for the exit hook to do
         if already:
             # Another close() (an atexit hook, a second thread) may still be draining:
             # its report is the answer, not "drained" because nothing is left to do here.

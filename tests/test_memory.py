@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import logging
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -953,6 +957,59 @@ def test_close_without_worker_reports_pending(make_mem: MakeMem, coder: Principa
     persisted.sync(persisted.put("j", 2, level=Level.SWARM, principal=coder))
     wait_until(lambda: persisted.backlog() == {0: 0}, what="the acks")  # they follow commits
     assert make_mem(worker=False).close() == CloseReport(pending=0, drained=True)
+
+
+def test_a_process_that_exits_without_close_persists_every_put(
+    redis_url: str, db_path: Path, keyfile: Path, coder: Principal
+) -> None:
+    # The worker thread is a daemon: a process that returned without close() took the
+    # puts it had not persisted with it (0 of 200 on the embedded default). An atexit hook
+    # closes what is left open, draining as close() does.
+    child = f"""
+from acl import Level, Principal
+from dualmem import DualMemory
+coder = Principal(agent_id="coder-1", team="backend", swarm="phase-1-auth", project="shop")
+mem = DualMemory(redis_url={redis_url!r}, db_path={str(db_path)!r}, keyring={str(keyfile)!r})
+for i in range(300):
+    level = (Level.PRIVATE, Level.SWARM)[i % 2]
+    mem.put(f"exit/{{i}}", i, level=level, principal=coder)
+"""
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", child],
+        env={**os.environ, "PYTHONPATH": root},
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    # No worker here: only what the child itself persisted is in the file.
+    with DualMemory(
+        redis_url=redis_url, db_path=str(db_path), keyring=str(keyfile), worker=False
+    ) as reader:
+        got = reader.query_all(principal=coder, prefix="exit/")
+    assert sorted(r.value for r in got) == list(range(300))
+
+
+def test_the_exit_hook_holds_no_object_and_forgets_closed_ones(
+    redis_url: str, db_path: Path, keyfile: Path
+) -> None:
+    # One hook for every object, holding them weakly: closed ones leave its set (no growth
+    # however many are made), and one dropped unclosed is still collected.
+    def made() -> DualMemory:
+        return DualMemory(
+            redis_url=redis_url, db_path=str(db_path), keyring=str(keyfile), worker=False
+        )
+
+    before = len(memory_module._OPEN)
+    for _ in range(20):
+        made().close()
+    assert len(memory_module._OPEN) == before
+    dropped = weakref.ref(made())
+    gc.collect()
+    assert dropped() is None
+    assert len(memory_module._OPEN) == before
 
 
 def test_shards_keep_keys_in_order(
