@@ -191,9 +191,15 @@ class DualMemory:
             else KeyfileWatcher(keyfile, self.codec, settings.keyring_reload_interval, seen=seen)
         )
         self._streams = self.layout.streams()
+        # Per shard, under _backlog_lock (threads share the estimate: see _reserve):
+        # the estimated stream length, counting this object's writes in flight;
         self._backlog = [0] * settings.shards
-        # Writes since the last XLEN, per shard; starting full, the first write reads it.
+        # writes since the last XLEN (starting full, the first write reads it);
         self._unchecked = [XLEN_EVERY - 1] * settings.shards
+        # and writes this object has started, and those of them whose round trip is over.
+        self._started = [0] * settings.shards
+        self._settled = [0] * settings.shards
+        self._backlog_lock = threading.Lock()
         self._closed = False
         self._committed = threading.Condition()
         self.store: Store = SQLiteStore.from_settings(settings)
@@ -618,33 +624,81 @@ class DualMemory:
         self._enter_gate()
         try:
             stream = self._streams[shard]
-            self._check_backlog(shard, stream)
+            check, settled = self._reserve(shard, stream)
             cache: tuple[Any, ...] = (b"SET", cache_key, cached)
             if px is not None:
                 cache += (b"PX", px)
-            check = (
-                self._unchecked[shard] >= XLEN_EVERY - 1
-                or self._backlog[shard] + XLEN_EVERY >= self.settings.max_backlog
-            )
             commands: tuple[tuple[Any, ...], ...] = (cache, xadd_command(stream, fields))
             if check:
                 commands += ((b"XLEN", stream),)
-            with translate_errors("write"):
-                replies = send_carrying(self._lease, commands, partial(transact, self._redis))
-            sid = replies[1]
-            if check:
-                self._backlog[shard] = int(replies[2])
-                self._unchecked[shard] = 0
-            else:
-                # Only ever too high for this writer alone: the worker's trimming lowers the
-                # real length. Other writers' commands show at the next XLEN.
-                self._backlog[shard] += 1
-                self._unchecked[shard] += 1
+            length = None
+            try:
+                with translate_errors("write"):
+                    replies = send_carrying(self._lease, commands, partial(transact, self._redis))
+                if check:
+                    length = int(replies[2])
+            finally:
+                # A failed write keeps its place in the estimate (it may have run: a reply
+                # that timed out); the next length read leaves it out once it is settled.
+                with self._backlog_lock:
+                    self._settled[shard] += 1
+                    if length is not None:
+                        self._backlog[shard] = length + self._uncertain(shard, settled) - 1
             if self._wakeup is not None:
                 self._wakeup.set()
-            return text(sid)
+            return text(replies[1])
         finally:
             self._leave_gate()
+
+    def _uncertain(self, shard: int, settled: int) -> int:
+        """This object's writes a length read may have missed: those started and not yet
+        settled when the read was sent (``settled`` then), or started since. Counted as
+        missed: some ran before the read, so the estimate is only ever too high. Held
+        under ``_backlog_lock``."""
+        return self._started[shard] - settled
+
+    def _reserve(self, shard: int, stream: bytes) -> tuple[bool, int]:
+        """Take a place under ``max_backlog`` for one write, or raise ``Backpressure``.
+
+        Checking the bound and counting the write in the estimate are one step under one
+        lock, so threads sharing this object never pass the bound together by each
+        reading the same estimate (32 threads passed it by 31). Returns whether the
+        write reads the stream's length too, and ``_settled`` when it was counted (what
+        its length read may have missed, see :meth:`_uncertain`).
+        """
+        bound = self.settings.max_backlog
+        with self._backlog_lock:
+            if self._backlog[shard] < bound:
+                return self._count(shard)
+            settled = self._settled[shard]
+        # At the bound by the estimate: only then a second round trip, to see whether the
+        # worker has caught up since the last read.
+        with translate_errors("backlog check"):
+            length = int(self._redis.xlen(stream))
+        with self._backlog_lock:
+            self._backlog[shard] = length + self._uncertain(shard, settled)
+            if self._backlog[shard] < bound:
+                return self._count(shard)
+            backlog = self._backlog[shard]
+        raise Backpressure(
+            f"command stream {stream.decode()} holds {backlog} entries "
+            f"(max_backlog={bound}); the worker is behind",
+            backlog=backlog,
+            bound=bound,
+        )
+
+    def _count(self, shard: int) -> tuple[bool, int]:
+        """Count one write in the estimate (under ``_backlog_lock``); see :meth:`_reserve`."""
+        check = (
+            self._unchecked[shard] >= XLEN_EVERY - 1
+            or self._backlog[shard] + XLEN_EVERY >= self.settings.max_backlog
+        )
+        # Only ever too high for this object alone: the worker's trimming lowers the real
+        # length. Other writers' commands show at the next XLEN.
+        self._unchecked[shard] = 0 if check else self._unchecked[shard] + 1
+        self._backlog[shard] += 1
+        self._started[shard] += 1
+        return check, self._settled[shard]
 
     def _enter_gate(self, *, refuse_closed: bool = True) -> bool:
         """Count a command about to reach Redis; ``close()`` waits for those in flight, so
@@ -663,22 +717,6 @@ class DualMemory:
             self._in_flight -= 1
             if not self._in_flight:
                 self._gate.notify_all()
-
-    def _check_backlog(self, shard: int, stream: bytes) -> None:
-        """Raise ``Backpressure`` if ``stream`` is at ``max_backlog``: when its last known
-        length says so, its length is read again before refusing the write."""
-        if self._backlog[shard] >= self.settings.max_backlog:
-            # Only past the bound do we pay a second round trip, to see whether the worker
-            # has caught up since the last write told us the length.
-            with translate_errors("backlog check"):
-                self._backlog[shard] = int(self._redis.xlen(stream))
-            if self._backlog[shard] >= self.settings.max_backlog:
-                raise Backpressure(
-                    f"command stream {stream.decode()} holds {self._backlog[shard]} entries "
-                    f"(max_backlog={self.settings.max_backlog}); the worker is behind",
-                    backlog=self._backlog[shard],
-                    bound=self.settings.max_backlog,
-                )
 
     # -- read-your-writes --------------------------------------------------------------
 

@@ -429,6 +429,39 @@ def test_backpressure_with_two_writers_overshoots_by_at_most_64_each(
     assert 300 <= raw_redis.xlen(a.layout.stream(0)) < 300 + 2 * 64
 
 
+def test_threads_sharing_one_writer_never_pass_the_bound(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # The estimate was read and raised without a lock: 32 threads each saw room for one
+    # more and passed a bound of 1000 by up to 31 (128 threads: by 99).
+    bound, threads = 300, 32
+    writer = make_mem(worker=False, max_backlog=bound)
+    start = threading.Barrier(threads)
+    accepted = [0] * threads
+    errors: list[BaseException] = []
+
+    def write(t: int) -> None:
+        start.wait()
+        try:
+            while True:
+                writer.put(f"t{t}/{accepted[t]}", 1, level=Level.SWARM, principal=coder)
+                accepted[t] += 1
+        except Backpressure:
+            return
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    running = [threading.Thread(target=write, args=(t,)) for t in range(threads)]
+    for th in running:
+        th.start()
+    for th in running:
+        th.join(60)
+    assert not errors
+    # Each thread stops once the stream is full as far as the writer knows; the last one
+    # running knows exactly, so the stream ends at the bound, not past it.
+    assert raw_redis.xlen(writer.layout.stream(0)) == sum(accepted) == bound
+
+
 def test_restart_finishes_pending_writes(make_mem: MakeMem, coder: Principal) -> None:
     first = make_mem(worker=False)
     receipts = [
