@@ -395,7 +395,8 @@ class DualMemory:
 
         Returns the level and the scope the operation would use (``scope``, or the
         principal's own scope at that level). A denial raises ``AccessDenied`` and writes
-        an audit row, exactly as a denied ``get`` or ``put`` does. Layers built on the
+        an audit row, exactly as a denied ``get`` or ``put`` does (once this DualMemory is
+        closed it still raises, with no audit row: nothing would persist it). Layers built on the
         facade (``dualmem.missions``) use it before reading their own tables.
 
         >>> import tempfile, os
@@ -411,10 +412,20 @@ class DualMemory:
         (<Level.TEAM: 2>, 'team:backend')
         denied
         """
-        return self._authorize(principal, level, action, scope, key)
+        # Once closed the decision still holds, but nothing would persist its audit row
+        # (on memory:// nothing ever will): a denial is raised without one. A call that
+        # began before close() is audited as a racing read is (see _audit).
+        return self._authorize(principal, level, action, scope, key, audit=not self._closed)
 
     def _authorize(
-        self, principal: object, level: object, action: str, scope: str | None, key: str | None
+        self,
+        principal: object,
+        level: object,
+        action: str,
+        scope: str | None,
+        key: str | None,
+        *,
+        audit: bool = True,
     ) -> tuple[Level, str]:
         if action not in ("read", "write"):
             raise ValidationError(f"action must be 'read' or 'write', got {action!r}")
@@ -424,6 +435,9 @@ class DualMemory:
         try:
             return resolve_scope(principal, level, action=action, scope=scope, key=key)
         except AccessDenied as exc:
+            if not audit:
+                exc.audit_receipt = None  # type: ignore[attr-defined]
+                raise
             exc.audit_receipt = self._audit(  # type: ignore[attr-defined]
                 "access_denied",
                 actor=principal.agent_id,
@@ -726,12 +740,14 @@ class DualMemory:
         Raises ``NotPersisted`` after ``timeout`` seconds, or at once if the command was
         dead-lettered.
         """
+        self._check_open()
         if not isinstance(receipt, Receipt):
             raise ValidationError("sync() takes the Receipt returned by put/delete")
         _check_wait(timeout)
         deadline = time.monotonic() + timeout
         delay = 0.0005
         while True:
+            self._check_open()  # a close() during the wait closes the store under it
             status = self.store.status(receipt.shard, receipt.stream_id)
             if status == "committed":
                 return

@@ -28,6 +28,7 @@ from dualmem import (
     AccessDenied,
     Backpressure,
     ConfigurationError,
+    DualMemError,
     DualMemory,
     NotPersisted,
     Receipt,
@@ -977,6 +978,31 @@ def test_an_audit_event_racing_close_still_reaches_redis(
     assert receipt is not None
     later = make_mem()
     later.sync(receipt, timeout=10)
+
+
+def test_sync_after_close_says_closed(make_mem: MakeMem, coder: Principal) -> None:
+    # It raised StoreUnavailable ("Cannot operate on a closed database") from the store.
+    mem = make_mem()
+    receipt = mem.put("k", 1, level=Level.SWARM, principal=coder)
+    mem.close()
+    with pytest.raises(DualMemError, match="this DualMemory is closed") as info:
+        mem.sync(receipt)
+    assert not isinstance(info.value, StoreUnavailable)
+
+
+def test_a_denial_after_close_sends_no_audit_event(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # authorize() after close() still denies, but sent its audit event into a stream no
+    # worker of this object would ever persist (on memory://, none at all).
+    mem = make_mem(worker=False)
+    mem.close()
+    stream = mem.layout.stream(0)
+    before = raw_redis.xlen(stream)
+    with pytest.raises(AccessDenied):
+        mem.authorize(coder, Level.PRIVATE, scope="agent:coder-2")
+    assert raw_redis.xlen(stream) == before
+    assert mem.authorize(coder, Level.SWARM) == (Level.SWARM, "swarm:phase-1-auth")
 
 
 def test_close_without_worker_reports_pending(make_mem: MakeMem, coder: Principal) -> None:
