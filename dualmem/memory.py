@@ -229,6 +229,10 @@ class DualMemory:
         self._closer = 0  # the thread running the first close()
         self._close_wait = 0.0
         self._in_flight = 0
+        # Pub/sub connections come from a client of their own, made at the first
+        # pubsub(): each holds its connection for good, and the command pool is bounded.
+        self._pubsub_client: redis.Redis | None = None
+        self._pubsub_lock = threading.Lock()
         self._pid = os.getpid()
         if settings.worker:
             self._start_worker()
@@ -316,6 +320,7 @@ class DualMemory:
         thread = self._worker_thread
         for release in (() if thread is not None and thread.is_alive() else (self.store.close,)) + (
             self._redis.close,
+            self._close_pubsub_client,
         ):
             try:
                 release()
@@ -360,7 +365,16 @@ class DualMemory:
         if self._lease is not None:
             self._lease.release()
         self._redis.close()
+        self._close_pubsub_client()
         return CloseReport(pending=pending, drained=pending == 0)
+
+    def _close_pubsub_client(self) -> None:
+        # Disconnects the pub/sub connections still open, as closing the one shared
+        # client did before they had their own.
+        with self._pubsub_lock:
+            client, self._pubsub_client = self._pubsub_client, None
+        if client is not None:
+            client.close()
 
     def _pending_or_unknown(self) -> int:
         """Commands Redis still holds unpersisted (acks follow commits, so 0 means all
@@ -1039,14 +1053,20 @@ class DualMemory:
         return self.store.changes(self._scopes(principal, level, None), since, limit)
 
     def pubsub(self) -> redis.client.PubSub:
-        """A new pub/sub connection on this memory's Redis; the caller closes it.
+        """A new pub/sub connection on this memory's Redis (its own, outside the pool
+        ``put`` draws from: see ``max_connections``); the caller closes it.
 
         The worker publishes one notification per committed change (seq, scope, key,
         level, op; never the value) on ``layout.channel(scope)``. ``dualmem.Subscriber``
         builds on this; redis errors on the returned object are the caller's to translate.
         """
         self._check_open()
-        ps: redis.client.PubSub = self._redis.pubsub(  # type: ignore[no-untyped-call]
+        with self._pubsub_lock:
+            self._check_open()  # a close() since would never close a client made now
+            if self._pubsub_client is None:
+                self._pubsub_client, _ = connect(self.settings, pubsub=True)
+            client = self._pubsub_client
+        ps: redis.client.PubSub = client.pubsub(  # type: ignore[no-untyped-call]
             ignore_subscribe_messages=False
         )
         return ps

@@ -3,7 +3,9 @@ translation of redis errors into dualmem errors at this one boundary."""
 
 from __future__ import annotations
 
+import collections
 import copy
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -85,8 +87,62 @@ def text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class _FairQueue(queue.LifoQueue[Any]):
+    """The command pool's idle connections, handed to waiting threads in the order they
+    came (``BlockingConnectionPool``'s ``queue_class``).
+
+    With redis-py's own ``LifoQueue`` a thread that gave a connection back took it again
+    for its next command before the waiter woken for it ran: with 120 threads on 100
+    connections and 2 CPUs, some waited past a one-second wait while Redis answered in
+    microseconds. Here a thread that finds others waiting queues behind them, and a
+    connection given back wakes the first in line only (waking every waiter for each one
+    made hundreds of threads fight over the lock and the GIL).
+    """
+
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self._line: collections.deque[threading.Condition] = collections.deque()
+
+    def _put(self, item: Any) -> None:  # called with the queue's lock held
+        super()._put(item)
+        if self._line:
+            self._line[0].notify()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        with self.mutex:
+            if not self._line and self._qsize():
+                return self._take()
+            if not block:
+                raise queue.Empty
+            turn = threading.Condition(self.mutex)
+            self._line.append(turn)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                while self._line[0] is not turn or not self._qsize():
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise queue.Empty
+                    turn.wait(left)
+                return self._take()
+            finally:
+                self._line.remove(turn)
+                if self._line and self._qsize():
+                    self._line[0].notify()  # the next in line may take what is left
+
+    def _take(self) -> Any:
+        item = self._get()
+        self.not_full.notify()
+        return item
+
+
+#: Connections a pub/sub client may hold: no cap of its own. Each open ``Subscriber`` (or
+#: ``DualMemory.pubsub()``) holds one for its lifetime, so the application decides how
+#: many; Redis's ``maxclients`` is the limit (redis-py's default pool refused the 101st).
+_PUBSUB_MAX_CONNECTIONS = 2**31 - 1
+
+
 def connect(
-    settings: Settings, *, extra_timeout: float = 0.0
+    settings: Settings, *, extra_timeout: float = 0.0, pubsub: bool = False
 ) -> tuple[redis.Redis, threading.Event | None]:
     """A client for ``settings.redis_url`` and, for ``memory://``, the server's wakeup event.
 
@@ -94,25 +150,56 @@ def connect(
     backoff, set here explicitly: the client library's defaults would retry for seconds,
     and a write path must fail fast (``StoreUnavailable``) when Redis is gone.
     ``extra_timeout`` lengthens the socket timeout for a worker's blocking reads.
+
+    The client's pool holds at most ``max_connections`` connections; a thread that finds
+    them all busy waits for one as long as a reply may take (the socket timeout), not
+    failing at once as redis-py's default pool does ("Too many connections" from a healthy
+    Redis). ``pubsub=True`` gives a client for long-lived pub/sub connections instead,
+    with no cap: each subscriber holds one for good, and in the command pool a hundred of
+    them left no connection for a put.
     """
+    wait = settings.socket_timeout + extra_timeout
     if settings.embedded:
         import fakeredis
 
         srv = memory_server(settings.redis_url)
-        fake = fakeredis.FakeRedis(server=srv.server)
-        pool = fake.connection_pool
-        pool.connection_class = in_process_connection_class(pool.connection_class)
+        if pubsub:
+            fake = fakeredis.FakeRedis(server=srv.server, max_connections=_PUBSUB_MAX_CONNECTIONS)
+        else:
+            fake = fakeredis.FakeRedis(
+                server=srv.server,
+                connection_pool_class=redis.BlockingConnectionPool,
+                max_connections=settings.max_connections,
+            )
+            # fakeredis passes no pool arguments but the connections' own.
+            fake.connection_pool.timeout = wait  # type: ignore[attr-defined]
+            fake.connection_pool.queue_class = _FairQueue  # type: ignore[attr-defined]
+            fake.connection_pool.reset()
+        fake_pool = fake.connection_pool
+        fake_pool.connection_class = in_process_connection_class(fake_pool.connection_class)
         return fake, srv.wakeup
     retry = _CountingRetry(ExponentialBackoff(cap=0.05, base=0.005), settings.redis_retries)
-    client = redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.socket_timeout + extra_timeout,
-        socket_connect_timeout=settings.connect_timeout,
-        retry=retry,
-        health_check_interval=0,  # transact checks an idle connection itself
-        client_name="dualmem",
-    )
-    return client, None
+    options: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout + extra_timeout,
+        "socket_connect_timeout": settings.connect_timeout,
+        "retry": retry,
+        "health_check_interval": 0,  # transact checks an idle connection itself
+        "client_name": "dualmem",
+    }
+    pool: redis.ConnectionPool
+    if pubsub:
+        pool = redis.ConnectionPool.from_url(
+            settings.redis_url, max_connections=_PUBSUB_MAX_CONNECTIONS, **options
+        )
+    else:
+        pool = redis.BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=settings.max_connections,
+            timeout=wait,
+            queue_class=_FairQueue,
+            **options,
+        )
+    return redis.Redis.from_pool(pool), None
 
 
 class _CountingRetry(Retry):

@@ -87,6 +87,10 @@ class Settings:
     connect_timeout: float = 0.25
     #: Retries of a failed Redis call (exponential backoff, capped at 50 ms).
     redis_retries: int = 1
+    #: Most connections one Redis client (a ``DualMemory``'s commands, its worker's) opens;
+    #: a thread finding them all busy waits up to ``socket_timeout`` for one, then
+    #: ``StoreUnavailable``. Pub/sub connections (``Subscriber``) are not counted.
+    max_connections: int = 100
     #: SQLite busy timeout, ms.
     busy_timeout_ms: int = 5_000
     #: ``close()`` waits at most this long for the worker to drain, seconds.
@@ -206,6 +210,7 @@ class Settings:
             "max_backlog",
             "max_value_bytes",
             "sqlite_cache_mb",
+            "max_connections",
         ):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"setting {name} must be >= 1 (got {getattr(self, name)})")

@@ -463,6 +463,42 @@ def test_threads_sharing_one_writer_never_pass_the_bound(
     assert raw_redis.xlen(writer.layout.stream(0)) == sum(accepted) == bound
 
 
+def put_from_threads(mem: DualMemory, who: Principal, threads: int, each: int) -> list[Exception]:
+    """``each`` puts from each of ``threads`` threads started at once; what they raised."""
+    start = threading.Barrier(threads)
+    errors: list[Exception] = []
+
+    def write(t: int) -> None:
+        start.wait()
+        for i in range(each):
+            try:
+                mem.put(f"t{t}/{i}", i, level=Level.SWARM, principal=who)
+            except Exception as exc:  # reported by the caller
+                errors.append(exc)
+
+    running = [threading.Thread(target=write, args=(t,)) for t in range(threads)]
+    for th in running:
+        th.start()
+    for th in running:
+        th.join(60)
+    return errors
+
+
+@pytest.mark.parametrize(("threads", "limit"), [(120, None), (24, 3)])
+def test_more_threads_than_connections_all_put(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, threads: int, limit: int | None
+) -> None:
+    # redis-py's default pool refuses a 101st connection at once: 120 threads putting
+    # through one DualMemory got StoreUnavailable ("Too many connections") from a healthy
+    # Redis. The pool is bounded (max_connections, 100) and a thread waits its turn.
+    mem = make_mem(worker=False, max_connections=limit)
+    errors = put_from_threads(mem, coder, threads, 10)
+    assert not errors, errors[:3]
+    assert raw_redis.xlen(mem.layout.stream(0)) == threads * 10
+    opened = mem._redis.connection_pool._connections  # type: ignore[attr-defined]
+    assert len(opened) <= (limit or 100)
+
+
 def test_restart_finishes_pending_writes(make_mem: MakeMem, coder: Principal) -> None:
     first = make_mem(worker=False)
     receipts = [

@@ -352,6 +352,27 @@ def test_while_its_position_cannot_be_saved_nothing_more_is_handed_out(
         mem.close(timeout=2)
 
 
+def test_many_open_subscribers_leave_connections_for_puts(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # Each subscriber's pub/sub connection came from the pool puts use, capped at 100 by
+    # redis-py: with 100 open, every put and the 101st subscriber raised StoreUnavailable
+    # ("Too many connections") from a healthy Redis.
+    mem = make_mem()
+    subs = [
+        Subscriber(mem, Principal(agent_id=f"agent-{i}", swarm=coder.swarm), since=0)
+        for i in range(150)
+    ]
+    try:
+        receipt = mem.put("after-150", 1, level=Level.SWARM, principal=coder)
+        assert mem.get("after-150", level=Level.SWARM, principal=coder, fresh=True) == 1
+        mem.sync(receipt, timeout=10)
+        assert [c.key for c in consume_until(subs[-1], "after-150")] == ["after-150"]
+    finally:
+        for sub in subs:
+            sub.close()
+
+
 def test_positions_are_saved_through_the_put_path_as_private_bookkeeping(
     make_mem: MakeMem, coder: Principal
 ) -> None:
