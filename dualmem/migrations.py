@@ -394,7 +394,15 @@ def _v5(conn: sqlite3.Connection) -> None:
         )
         names = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
         listed = ", ".join(names)
-        conn.execute(f"INSERT INTO {table}_v5 ({listed}) SELECT {listed} FROM {table}")
+        # A row whose mission row is gone (edited out by hand: verify's foreign key check
+        # names it) would fail the new table's foreign key and with it the migration, so
+        # the file could not be opened any more. It is left behind; if its record is live,
+        # the projection below writes it again, under a placeholder mission.
+        conn.execute(
+            f"INSERT INTO {table}_v5 ({listed}) SELECT {listed} FROM {table} AS t "
+            "WHERE EXISTS (SELECT 1 FROM missions AS m "
+            "WHERE m.scope = t.scope AND m.mission_id = t.mission_id)"
+        )
         conn.execute(f"DROP TABLE {table}")
         conn.execute(f"ALTER TABLE {table}_v5 RENAME TO {table}")
         for sql in indexes:

@@ -682,3 +682,39 @@ def test_migrating_to_schema_5_gives_a_reused_id_its_row_back(tmp_path: Path) ->
         assert _projection_ok(migrated)
     finally:
         migrated.close()
+
+
+def test_a_child_row_without_its_mission_does_not_stop_the_schema_5_migration(
+    tmp_path: Path,
+) -> None:
+    # A schema-4 file with an orphan tool call (its mission row deleted by hand): the
+    # rebuilt table's foreign key refused the copy, so the file could not be opened.
+    from dualmem.commands import sid_of
+    from dualmem.migrations import migrate
+
+    path = tmp_path / "v4.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, 4)
+    key = child_key("tool_call", "m", "c1")
+    env = CODEC.seal(call_value("m", "c1", 21), scope="project:shop", key=key, level=Level.PROJECT)
+    conn.execute(
+        "INSERT INTO memory (scope, key, level, owner, envelope, sid, stream_id, created_at,"
+        " updated_at) VALUES ('project:shop', ?, 4, 'lead', ?, ?, '21-0', 1, 1)",
+        (key, env, sid_of("21-0")),
+    )
+    conn.execute(
+        "INSERT INTO tool_calls (scope, call_id, mission_id, tool_name, args, result, "
+        "duration_ms, success, error, called_at, actor, sid) VALUES ('project:shop', 'c1', "
+        "'m', 't', '{}', 'null', 1.0, 1, NULL, 21, 'lead', ?)",
+        (sid_of("21-0"),),
+    )
+    conn.close()
+    migrated = SQLiteStore(path)
+    try:
+        assert [c.call_id for c in migrated.tool_calls("project:shop", "m")] == ["c1"]
+        with sqlite3.connect(path) as check:
+            assert check.execute("PRAGMA foreign_key_check").fetchall() == []
+        check.close()
+        assert _projection_ok(migrated)
+    finally:
+        migrated.close()
