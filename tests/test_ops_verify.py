@@ -474,12 +474,15 @@ def test_a_key_rotation_keeps_redis_and_sqlite_in_parity_and_a_tamper_still_fail
     assert parity["summary"] == (
         "3 cache entries match (3 re-sealed apart by a key rotation: same value), 0 in flight"
     )
-    # Without the key the two ciphertexts cannot be compared: a warning, not a failure.
+    # Without the key the headers tell one write's re-encryptions (same write id and
+    # writer) from another write's envelope.
     code, checks = report(capsys, args)
     parity = checks["redis <-> sqlite parity"]
     assert code == 0, parity
-    assert parity["status"] == "warn"
-    assert "3 re-sealed by a key rotation not judged" in parity["summary"]
+    assert parity["status"] == "ok"
+    assert parity["summary"] == (
+        "3 cache entries match (3 re-sealed apart by a key rotation: same value), 0 in flight"
+    )
     # A cache entry holding another value (sealed with the active key) or an envelope
     # that does not open is still a failure, with the keyring or without it.
     scope = "agent:coder-1"
@@ -497,4 +500,10 @@ def test_a_key_rotation_keeps_redis_and_sqlite_in_parity_and_a_tamper_still_fail
         "agent:coder-1/r0: the cached envelope holds another value than the SQLite row",
         f"agent:coder-1/r1: the cached envelope does not open: envelope failed "
         f"authentication for {scope}/r1 at level PRIVATE",
+    ]
+    code, checks = report(capsys, args)
+    parity = checks["redis <-> sqlite parity"]
+    assert code == 1
+    assert parity["problems"] == [
+        "agent:coder-1/r0: the cached envelope is another write than the SQLite row"
     ]

@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import redis
 
-from acl.crypto import Codec, envelope_key_id
+from acl.crypto import Codec, envelope_key_id, envelope_sealing
 from acl.errors import DualMemError
 from acl.levels import Level
 from acl.policy import level_of_scope
@@ -626,6 +626,19 @@ class _Tally:
 SAME, DIFFERENT, UNJUDGED = "same", "different", "unjudged"
 
 
+def _judged_by_headers(row_envelope: bytes, cached: bytes, *, resealed: bool) -> tuple[str, str]:
+    """:func:`same_value` without a keyring: what the envelopes' headers say."""
+    row_sealing, cached_sealing = envelope_sealing(row_envelope), envelope_sealing(cached)
+    if row_sealing is not None and cached_sealing is not None:
+        one_write = row_sealing.write_id == cached_sealing.write_id
+        if one_write and row_sealing.writer == cached_sealing.writer:
+            return SAME, ""
+        return DIFFERENT, "the cached envelope is another write than the SQLite row"
+    if resealed and envelope_key_id(row_envelope) and envelope_key_id(cached):
+        return UNJUDGED, ""
+    return DIFFERENT, "the cached envelope differs from the SQLite row"
+
+
 def same_value(
     codec: Codec | None,
     row_envelope: bytes,
@@ -643,8 +656,10 @@ def same_value(
     own nonce); any other write caches the very envelope it commits. With a keyring both
     are opened with the record's ``(scope, key, level)``: the same plaintext bytes are
     ``SAME``; another value, or an envelope that does not open, is ``DIFFERENT``. With
-    none, two encrypted envelopes of a row a rotation may have re-sealed (``resealed``)
-    are ``UNJUDGED``; anything else is ``DIFFERENT``.
+    none, the headers say it (envelope version 2): one write's envelopes (same write id
+    and writer, a rotation's re-encryption) are ``SAME``, two writes' are ``DIFFERENT``.
+    Two version-1 envelopes of a row a rotation may have re-sealed (``resealed``) are
+    ``UNJUDGED``; anything else is ``DIFFERENT``.
 
     >>> from acl.crypto import Keyring
     >>> codec = Codec(Keyring.generate())
@@ -652,16 +667,14 @@ def same_value(
     >>> one, two = (codec.seal({"v": 1}, **where) for _ in range(2))
     >>> same_value(codec, one, two, resealed=False, **where)
     ('same', '')
-    >>> same_value(None, one, two, resealed=True, **where)
-    ('unjudged', '')
-    >>> same_value(None, one, two, resealed=False, **where)[0]
+    >>> same_value(None, one, two, resealed=True, **where)[0]  # two writes
     'different'
+    >>> again = Codec(codec.keyring.with_new_key()).reseal(one, **where)
+    >>> same_value(None, one, again, resealed=True, **where)
+    ('same', '')
     """
     if codec is None or codec.keyring is None:
-        sealed = envelope_key_id(row_envelope) and envelope_key_id(cached)
-        if sealed and resealed:
-            return UNJUDGED, ""
-        return DIFFERENT, "the cached envelope differs from the SQLite row"
+        return _judged_by_headers(row_envelope, cached, resealed=resealed)
     try:
         row_value = codec.open_bytes(row_envelope, scope=scope, key=key, level=level)
     except DualMemError as exc:
