@@ -310,6 +310,25 @@ def test_encrypted_records_are_mirrored_sealed(
     assert SECRET not in f.read_text()  # written back sealed
 
 
+def test_an_expiry_edit_of_a_sealed_file_keeps_the_records_writer(
+    mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The envelope names its writer: sent as the mirror's own, the kept envelope was
+    # refused ("sealed by 'coder-1', not by its recorded writer 'mirror'").
+    put(mem, "token", {"t": SECRET}, Level.PRIVATE)
+    once(capsys, args, mdir)
+    f = file_of(mdir, "token", "agent:coder-1")
+    d = doc(f)
+    expires = int(time.time() * 1000) + 3_600_000
+    d["expires_at"] = expires
+    f.write_text(json.dumps(d))
+    out = once(capsys, args, mdir)
+    assert "1 imported" in out and " 0 rejected" in out, out
+    record = mem.get_record("token", level=Level.PRIVATE, principal=CODER)
+    assert record is not None and record.value == {"t": SECRET}
+    assert (record.owner, record.expires_at) == ("coder-1", expires)
+
+
 def test_a_mirror_keeps_its_levels(
     mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

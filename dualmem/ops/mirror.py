@@ -27,6 +27,8 @@ journal changes since its position to the files. Encrypted records are mirrored 
 from __future__ import annotations
 
 import base64
+import binascii
+import contextlib
 import hashlib
 import json
 import os
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from acl.crypto import Codec
+from acl.crypto import Codec, envelope_sealing
 from acl.errors import ConfigurationError, DualMemError
 from acl.levels import ENCRYPTED_LEVELS, Level
 from acl.policy import level_of_scope, stored_level
@@ -455,7 +457,7 @@ class Mirror:
     ) -> None:
         digest = _sha(data)
         try:
-            scope, key, level, envelope, payload, expires = self._parse(data, rel)
+            scope, key, level, envelope, payload, expires, writer = self._parse(data, rel)
         except LineError as exc:
             report.rejected += 1
             sc = entry["scope"] if entry else ""
@@ -495,7 +497,7 @@ class Mirror:
             report.events.append(f"conflict {rel}: the record was deleted; SQLite wins")
             self._refresh(conn, scope, key, now_ms, report)
             return
-        writes.append(Write(scope, key, level, ACTOR, envelope, expires))
+        writes.append(Write(scope, key, level, writer, envelope, expires))
         imported = self._event("imported", scope, key, level, detail)
         events.append(imported)
         self._imports.append((rel, self.state.files.get(rel), imported))
@@ -511,7 +513,13 @@ class Mirror:
         }
         self.state.rejected.pop(rel, None)
 
-    def _parse(self, data: bytes, rel: str) -> tuple[str, str, Level, bytes, bytes, int | None]:
+    def _parse(
+        self, data: bytes, rel: str
+    ) -> tuple[str, str, Level, bytes, bytes, int | None, str]:
+        """A file's ``(scope, key, level, envelope, payload, expiry, writer)``. The writer
+        is the mirror's own for a value it seals, and the sealed writer of an envelope
+        kept as it is (an edit of the expiry alone): an envelope opens only under the
+        writer it names."""
         try:
             obj = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
@@ -526,9 +534,14 @@ class Mirror:
         if ("value" in obj) == ("envelope" in obj):
             raise LineError("a file needs exactly one of 'value' and 'envelope'")
         expires = line_expiry(obj, int(time.time() * 1000))
-        envelope, payload = line_envelope(obj, self.codec, scope, key, level, ACTOR)
-        check_projectable(scope, key, level, ACTOR, envelope, expires)
-        return scope, key, level, envelope, payload, expires
+        writer = ACTOR
+        if isinstance(obj.get("envelope"), str):
+            with contextlib.suppress(binascii.Error, ValueError):
+                sealing = envelope_sealing(base64.b64decode(obj["envelope"], validate=True))
+                writer = ACTOR if sealing is None else sealing.writer
+        envelope, payload = line_envelope(obj, self.codec, scope, key, level, writer)
+        check_projectable(scope, key, level, writer, envelope, expires)
+        return scope, key, level, envelope, payload, expires, writer
 
     def _same(self, row: Row, envelope: bytes, payload: bytes) -> bool:
         if bytes(row[4]) == envelope:
