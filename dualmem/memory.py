@@ -169,7 +169,8 @@ class DualMemory:
                     "keyring": None if given_ring else keyring,
                     "worker": worker,
                     **overrides,
-                }
+                },
+                keyring_object=given_ring is not None,
             )
         elif redis_url or db_path or keyring or worker is not None or overrides:
             raise ConfigurationError("pass either settings= or individual settings, not both")

@@ -123,10 +123,16 @@ class Settings:
         overrides: Mapping[str, Any] | None = None,
         *,
         environ: Mapping[str, str] | None = None,
+        keyring_object: bool = False,
     ) -> Settings:
         """Build settings: explicit ``overrides`` win, then ``DUALMEM_*`` variables, then defaults.
 
         ``None`` in ``overrides`` means "not given". Unknown names are a ConfigurationError.
+        ``key`` and ``keyring`` are one choice: an argument for either one drops the
+        environment's other one, and both given as arguments (or both set in the
+        environment) is a ConfigurationError naming both. ``keyring_object`` says the
+        caller holds the keyring as a ``Keyring`` object, which is no setting but an
+        argument for ``keyring`` all the same.
         A ``DUALMEM_*`` variable that names no setting (a typo) is logged as a warning,
         with the setting it most resembles, once per process; it is not an error, since the
         environment is shared with other programs.
@@ -134,11 +140,12 @@ class Settings:
         env = os.environ if environ is None else environ
         known = {f.name: f for f in fields(cls)}
         _warn_unknown(env, known)
-        values: dict[str, Any] = {}
+        from_env: dict[str, Any] = {}
         for name, f in known.items():
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is not None and raw != "":
-                values[name] = _parse(name, str(f.type).replace(" | None", ""), raw)
+                from_env[name] = _parse(name, str(f.type).replace(" | None", ""), raw)
+        given: dict[str, Any] = {}
         for name, value in (overrides or {}).items():
             if name not in known:
                 raise ConfigurationError(
@@ -147,8 +154,9 @@ class Settings:
             if value is not None:
                 if isinstance(value, os.PathLike):
                     value = os.fspath(value)  # noqa: PLW2901
-                values[name] = _coerce(name, str(known[name].type), value)
-        settings = cls(**values)
+                given[name] = _coerce(name, str(known[name].type), value)
+        _choose_key_source(from_env, given, keyring_object=keyring_object)
+        settings = cls(**{**from_env, **given})
         settings.validate()
         return settings
 
@@ -278,6 +286,8 @@ class Settings:
             )
         if not self.db_path:
             raise ConfigurationError("setting db_path must not be empty")
+        if self.key and self.keyring:
+            raise ConfigurationError("settings key and keyring are both set: give one")
         if self.worker_sched not in WORKER_SCHED:
             raise ConfigurationError(
                 f"setting worker_sched={self.worker_sched!r} must be one of "
@@ -340,6 +350,39 @@ def _warn_unknown(env: Mapping[str, str], known: Mapping[str, object]) -> None:
             close = difflib.get_close_matches(rest, names, n=1)
             hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
             log.warning("ignoring %s: dualmem has no such setting%s", var, hint)
+
+
+def _choose_key_source(
+    from_env: dict[str, Any], given: dict[str, Any], *, keyring_object: bool
+) -> None:
+    """Leave at most one of ``key`` and ``keyring`` in ``from_env`` and ``given`` together.
+
+    They are two ways to name one thing, the keyring: an argument for either one must win
+    over the environment's other one (the keyring in use decides which records open), so
+    a choice of both is refused rather than resolved in silence.
+
+    >>> env = {"keyring": "env.json"}
+    >>> _choose_key_source(env, {"key": "a2V5"}, keyring_object=False); env
+    {}
+    >>> _choose_key_source({}, {"key": "a2V5", "keyring": "k.json"}, keyring_object=False)
+    Traceback (most recent call last):
+    ...
+    acl.errors.ConfigurationError: key and keyring are both given as arguments: pass one
+    """
+    if keyring_object and "key" in given:
+        raise ConfigurationError(
+            "key and keyring are both given as arguments (keyring as a Keyring): pass one"
+        )
+    if "key" in given and "keyring" in given:
+        raise ConfigurationError("key and keyring are both given as arguments: pass one")
+    if keyring_object or "key" in given or "keyring" in given:
+        from_env.pop("key", None)
+        from_env.pop("keyring", None)
+    elif "key" in from_env and "keyring" in from_env:
+        raise ConfigurationError(
+            f"{ENV_PREFIX}KEY and {ENV_PREFIX}KEYRING are both set: unset one (they are "
+            "two ways to give the one keyring)"
+        )
 
 
 def _parse(name: str, type_name: str, raw: str) -> Any:

@@ -42,6 +42,26 @@ def test_arguments_beat_environment_beat_defaults() -> None:
     assert Settings.load(environ={}).redis_url == "memory://"
 
 
+def test_key_and_keyring_are_one_choice() -> None:
+    # An argument for either drops the environment's other one (DUALMEM_KEYRING beat an
+    # explicit key= in silence); both as arguments, or both in the environment, is refused.
+    both_env = {"DUALMEM_KEY": "a2V5", "DUALMEM_KEYRING": "env.json"}
+    s = Settings.load({"key": "bXk="}, environ=both_env)
+    assert (s.key, s.keyring, s.keyring_file) == ("bXk=", None, None)
+    s = Settings.load({"keyring": "mine.json"}, environ={"DUALMEM_KEY": "a2V5"})
+    assert (s.key, s.keyring) == (None, "mine.json")
+    s = Settings.load({}, environ={"DUALMEM_KEY": "a2V5"}, keyring_object=True)
+    assert (s.key, s.keyring) == (None, None)
+    with pytest.raises(ConfigurationError, match="key and keyring are both given as arguments"):
+        Settings.load({"key": "bXk=", "keyring": "mine.json"}, environ={})
+    with pytest.raises(ConfigurationError, match="key and keyring are both given as arguments"):
+        Settings.load({"key": "bXk="}, environ={}, keyring_object=True)
+    with pytest.raises(ConfigurationError, match="DUALMEM_KEY and DUALMEM_KEYRING are both set"):
+        Settings.load({}, environ=both_env)
+    with pytest.raises(ConfigurationError, match="key and keyring are both set"):
+        Settings(key="bXk=", keyring="mine.json").validate()
+
+
 def test_a_misspelled_environment_variable_is_named_in_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -870,6 +870,37 @@ def test_key_from_environment(
     drop_memory_server(url)
 
 
+def test_a_key_argument_wins_over_a_keyring_from_the_environment(
+    tmp_path: Path, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DUALMEM_KEYRING silently replaced an explicit key=: records were sealed with the
+    # environment's key file, and the key the caller kept opened none of them.
+    import base64
+
+    from dualmem.redis_backend import drop_memory_server
+
+    env_keys = tmp_path / "env_keys.json"
+    Keyring.generate().save(env_keys)
+    monkeypatch.setenv("DUALMEM_KEYRING", str(env_keys))
+    key = base64.b64encode(b"k" * 32).decode()
+    url = "memory://key-arg-wins"
+    with DualMemory(redis_url=url, db_path=str(tmp_path / "k.db"), key=key) as mem:
+        assert mem.settings.keyring is None and mem.settings.keyring_file is None
+        mem.sync(mem.put("k", 1, level=Level.PRIVATE, principal=coder))
+    monkeypatch.delenv("DUALMEM_KEYRING")
+    with DualMemory(redis_url=url, db_path=str(tmp_path / "k.db"), key=key) as mem:
+        assert mem.get("k", level=Level.PRIVATE, principal=coder) == 1
+    # Both as arguments was resolved to the keyring in silence: now refused, as is a
+    # Keyring object beside key=.
+    with pytest.raises(ConfigurationError, match="key and keyring are both given"):
+        DualMemory(redis_url=url, db_path=str(tmp_path / "k.db"), key=key, keyring=str(env_keys))
+    with pytest.raises(ConfigurationError, match="key and keyring are both given"):
+        DualMemory(
+            redis_url=url, db_path=str(tmp_path / "k.db"), key=key, keyring=Keyring.generate()
+        )
+    drop_memory_server(url)
+
+
 def test_close_drains_and_reports(make_mem: MakeMem, coder: Principal) -> None:
     mem = make_mem()
     receipts = [mem.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(200)]
