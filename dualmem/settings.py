@@ -316,7 +316,7 @@ def _coerce(name: str, type_name: str, value: Any) -> Any:
     """Check an explicit argument's type (strings are parsed as the environment would be)."""
     base = type_name.replace(" | None", "")
     if isinstance(value, str) and base != "str":
-        return _parse(name, base, value)
+        return _parse(name, base, value, argument=True)
     if name == "key" and isinstance(value, bytes):
         # base64.b64encode() gives bytes: the natural way to pass a key.
         try:
@@ -332,7 +332,7 @@ def _coerce(name: str, type_name: str, value: Any) -> Any:
     if not ok:
         # A secret (the key, a password in the URL) is never quoted back.
         shown = type(value).__name__ if name in _SECRET_SETTINGS else repr(value)
-        raise ConfigurationError(f"setting {name} must be a {base}, got {shown}")
+        raise ConfigurationError(f"setting {name} must be {_a(base)}, got {shown}")
     return float(value) if base == "float" else value
 
 
@@ -385,7 +385,20 @@ def _choose_key_source(
         )
 
 
-def _parse(name: str, type_name: str, raw: str) -> Any:
+def _a(type_name: str) -> str:
+    """``type_name`` with its article: ``an int``, ``a float``."""
+    return f"{'an' if type_name[0] in 'aeiou' else 'a'} {type_name}"
+
+
+def _parse(name: str, type_name: str, raw: str, *, argument: bool = False) -> Any:
+    """``raw`` as the setting's type; the error names the argument when it is one (no
+    environment variable is involved then), else the ``DUALMEM_*`` variable.
+
+    >>> _parse("batch_size", "int", "five hundred", argument=True)
+    Traceback (most recent call last):
+    ...
+    acl.errors.ConfigurationError: setting batch_size must be an int, got 'five hundred'
+    """
     var = ENV_PREFIX + name.upper()
     try:
         if type_name == "bool":
@@ -400,5 +413,10 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
         if type_name == "float":
             return float(raw)
     except ValueError as exc:
+        if argument:
+            hint = " (true/false, yes/no, on/off or 1/0)" if type_name == "bool" else ""
+            raise ConfigurationError(
+                f"setting {name} must be {_a(type_name)}{hint}, got {raw!r}"
+            ) from exc
         raise ConfigurationError(f"{var}={raw!r} is not a valid {type_name}: {exc}") from exc
     return raw

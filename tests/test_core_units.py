@@ -108,6 +108,27 @@ def test_bad_settings_name_the_setting(
         Settings.load(overrides, environ=env)
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("batch_size", "five hundred", "setting batch_size must be an int, got 'five hundred'"),
+        ("shards", "two", "setting shards must be an int, got 'two'"),
+        ("socket_timeout", "soon", "setting socket_timeout must be a float, got 'soon'"),
+        ("worker", "maybe", "setting worker must be a bool (true/false, yes/no, on/off or 1/0)"),
+    ],
+)
+def test_a_bad_argument_is_named_as_the_argument_not_as_a_variable(
+    name: str, value: str, message: str
+) -> None:
+    # It was "DUALMEM_BATCH_SIZE='five hundred' is not a valid int" with no such variable set.
+    with pytest.raises(ConfigurationError) as exc:
+        Settings.load({name: value}, environ={})
+    assert str(exc.value).startswith(message)
+    assert "DUALMEM_" not in str(exc.value)
+    with pytest.raises(ConfigurationError, match=f"DUALMEM_{name.upper()}={value!r} is not"):
+        Settings.load({}, environ={f"DUALMEM_{name.upper()}": value})
+
+
 # -- keys, ttl, entries --------------------------------------------------------------------
 
 
