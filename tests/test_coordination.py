@@ -1079,6 +1079,33 @@ def test_timeouts_and_retries_are_checked_before_anything_is_done(
     assert boss.wait_for_acks(signal, timeout=5).complete
 
 
+def test_sync_timeouts_poll_interval_and_signal_ttl_are_checked_first(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    # The helpers' sync(timeout) was never checked: -1 or NaN waited not at all (and
+    # raised NotPersisted), "5" raised a raw TypeError and 2e6 a ValidationError quoting a
+    # figure nobody passed. poll_interval <= 0 or NaN busy-polled, "0.1" raised TypeError;
+    # signal_ttl=-1 was taken and refused at the first send_signal.
+    mem = make_mem(worker=False)  # nothing commits: a wait that is not refused times out
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    loops.store_loop3_confidence(coder, "auth", 1, 0.9, "x")
+    life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30)
+    life.register_spawn("coder-1", "Coder", "coder", [], Level.PRIVATE)
+    boss = BlockingCoordinator(mem, BOSS, secret)
+    signal = boss.send_signal(["coder-1"], "pause")
+    for bad in (-1, math.nan, math.inf, "5", True, 2e6, 10**400):
+        for sync in (loops.sync, life.sync, boss.sync):
+            with pytest.raises(ValidationError, match=rf"timeout must be .*, got {bad!r}$"):
+                sync(bad)  # type: ignore[arg-type]
+    for bad in (0, -1, math.nan, math.inf, "0.1", True, 2e6):
+        with pytest.raises(ValidationError, match=rf"poll_interval must be .*, got {bad!r}$"):
+            boss.wait_for_acks(signal, timeout=0.1, poll_interval=bad)  # type: ignore[arg-type]
+    for bad in (-1, 0, math.nan, "60", 10**12):
+        with pytest.raises(ValidationError, match=rf"signal_ttl must be .*, got {bad!r}$"):
+            BlockingCoordinator(mem, BOSS, secret, signal_ttl=bad)  # type: ignore[arg-type]
+    BlockingCoordinator(mem, BOSS, secret, signal_ttl=None)
+
+
 def test_coordinator_configuration_is_checked(make_mem: MakeMem, system: Principal) -> None:
     mem = make_mem()
     with pytest.raises(ConfigurationError, match="16 bytes"):

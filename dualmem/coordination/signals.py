@@ -15,7 +15,7 @@ from typing import Any
 from acl.errors import ConfigurationError, TamperedRecord, ValidationError
 from acl.levels import ENCRYPTED_LEVELS, Level, as_level
 from acl.principal import Principal
-from dualmem.commands import Receipt
+from dualmem.commands import MAX_TTL_SECONDS, Receipt, ttl_to_ms
 from dualmem.coordination._validation import (
     ReceiptLog,
     SeenRecords,
@@ -258,6 +258,14 @@ class BlockingCoordinator:
             raise ValidationError(
                 f"max_retries must be an int in 0..{_MAX_RETRIES}, got {max_retries!r}"
             )
+        try:
+            # The ttl of every signal's put: refused here, not at the first send_signal.
+            ttl_to_ms(signal_ttl)
+        except ValidationError:
+            raise ValidationError(
+                f"signal_ttl must be None (no expiry) or seconds in (0, {MAX_TTL_SECONDS}], "
+                f"got {signal_ttl!r}"
+            ) from None
         self.mem = mem
         self.principal = coordinator_id
         self.id = check_ident("coordinator_id", coordinator_id.agent_id)
@@ -660,8 +668,10 @@ class BlockingCoordinator:
         ``signal_retry`` (medium) per re-send, ``signal_ack_rejected`` (high) per bad ACK
         record, then ``signal_complete`` (low) or ``signal_timeout`` (medium).
         """
-        signal = self._resolve(signal)
         timeout = check_seconds("timeout", timeout)
+        # > 0: at 0 (or NaN, or below) the wait below polled without pausing.
+        poll_interval = check_seconds("poll_interval", poll_interval, positive=True)
+        signal = self._resolve(signal)
         if signal.sender != self.id:
             raise ValidationError(
                 f"signal {signal.id} was sent by {signal.sender!r}: only its sender waits "
