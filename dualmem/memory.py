@@ -49,7 +49,7 @@ from dualmem.projection import projected
 from dualmem.redis_backend import connect, text, transact, translate_errors
 from dualmem.rotation import KeyfileWatcher, keyfile_signature
 from dualmem.settings import MAX_WAIT_SECONDS, Settings
-from dualmem.sqlite_store import SQLiteStore, holds_sealed_rows
+from dualmem.sqlite_store import SQLiteStore, holds_sealed_rows, make_database_directory
 from dualmem.store import Change, Store, StoredRow
 from dualmem.worker import Worker, ensure_groups, stream_backlog
 
@@ -1144,11 +1144,19 @@ def _load_keyring(settings: Settings) -> Keyring:
                 "would open none of them"
             )
         ring = Keyring.generate()
+        # The key file goes beside the database: a db_path that cannot be used is named
+        # as such, not as the key file's raw OSError.
+        make_database_directory(settings.db_path)
         try:
             ring.save(path)
         except ConfigurationError:
             # Another process created it first: use theirs, so both read the same data.
             return Keyring.load(path)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot create the key file {path} beside db_path {settings.db_path}: "
+                f"{exc.strerror or exc}"
+            ) from exc
         log.info("created key file %s (keep it: it opens every encrypted record)", path)
         return ring
     raise ConfigurationError(

@@ -48,7 +48,7 @@ from dualmem.store import (
     StreamEntry,
 )
 
-__all__ = ["MEMORY_COLUMNS", "SQLiteStore", "prefix_upper_bound"]
+__all__ = ["MEMORY_COLUMNS", "SQLiteStore", "make_database_directory", "prefix_upper_bound"]
 
 Row = tuple[Any, ...]
 log = logging.getLogger("dualmem.store")
@@ -171,7 +171,7 @@ class SQLiteStore(Store):
         self._closed = False
         self._checkpointer: _Checkpointer | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_database_directory(self.path)
             _create_private(self.path)
             conn = self._conn()
             # auto_vacuum must be chosen before the file's first page is written, and
@@ -923,14 +923,49 @@ class _Checkpointer:
             conn.close()
 
 
+def make_database_directory(path: str | Path) -> None:
+    """Create the directory of the database file ``path``, with its parents.
+
+    What stands in the way (a regular file where a directory must be, no permission) is
+    a ``ConfigurationError`` naming ``path``, the ``OSError`` chained: a setting to fix,
+    not an outage.
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> open(f"{d}/afile", "w").close()
+    >>> make_database_directory(f"{d}/afile/x.db")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    acl.errors.ConfigurationError: db_path ... cannot be used: .../afile is not a directory
+    """
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        # The one nearest the root: the directories below it cannot be looked at.
+        blocker = next((a for a in reversed(p.parents) if a.exists() and not a.is_dir()), p.parent)
+        raise ConfigurationError(
+            f"db_path {p} cannot be used: {blocker} is not a directory"
+        ) from exc
+    except OSError as exc:
+        raise ConfigurationError(
+            f"db_path {p} cannot be used: cannot create its directory {p.parent}: "
+            f"{exc.strerror or exc}"
+        ) from exc
+
+
 def _create_private(path: Path) -> None:
     """Create a new database file with mode 0600 (an empty file is an empty database):
     levels 3 and 4 are plaintext in it, and SQLite gives its -wal and -shm files the
     database file's mode. An existing file keeps its mode."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError:
-        return  # there already, or not creatable: sqlite3 opens it or says why
+    except FileExistsError:
+        return  # there already (a file, or a directory sqlite3 will refuse)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"db_path {path} cannot be created: {exc.strerror or exc}"
+        ) from exc
     os.close(fd)
 
 

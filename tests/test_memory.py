@@ -901,6 +901,22 @@ def test_a_key_argument_wins_over_a_keyring_from_the_environment(
     drop_memory_server(url)
 
 
+def test_a_db_path_under_a_regular_file_is_a_configuration_error(
+    tmp_path: Path, redis_url: str, keyfile: Path
+) -> None:
+    # The embedded default creates its key file beside the database first, so the raw
+    # FileExistsError came from there; with a key file, from the store.
+    (tmp_path / "afile").write_text("")
+    db = tmp_path / "afile" / "x.db"
+    expected = f"db_path {db} cannot be used: {tmp_path / 'afile'} is not a directory"
+    for kwargs in ({"redis_url": "memory://under-a-file"}, {"keyring": str(keyfile)}):
+        kwargs.setdefault("redis_url", redis_url)
+        with pytest.raises(ConfigurationError) as exc:
+            DualMemory(db_path=str(db), **kwargs)
+        assert str(exc.value) == expected
+        assert isinstance(exc.value.__cause__, OSError)
+
+
 def test_close_drains_and_reports(make_mem: MakeMem, coder: Principal) -> None:
     mem = make_mem()
     receipts = [mem.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(200)]

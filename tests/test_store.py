@@ -269,6 +269,32 @@ def test_metrics_snapshots(store: SQLiteStore) -> None:
     assert store.latest_metrics()["w1"]["read"]["count"] == 5
 
 
+def test_a_db_path_that_cannot_be_created_is_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A regular file where the database's directory must be raised a raw FileExistsError
+    # (or NotADirectoryError), an unwritable parent a raw PermissionError: not DualMemErrors.
+    (tmp_path / "afile").write_text("")
+    for path in (tmp_path / "afile" / "x.db", tmp_path / "afile" / "sub" / "x.db"):
+        with pytest.raises(ConfigurationError) as exc:
+            SQLiteStore(path)
+        assert str(exc.value) == (
+            f"db_path {path} cannot be used: {tmp_path / 'afile'} is not a directory"
+        )
+        assert isinstance(exc.value.__cause__, OSError)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)  # root may write anywhere: pretend
+    with pytest.raises(ConfigurationError, match=r"cannot create its directory .*Permission"):
+        SQLiteStore(tmp_path / "new" / "x.db")
+    monkeypatch.undo()
+    monkeypatch.setattr("dualmem.sqlite_store.os.open", refuse)
+    with pytest.raises(ConfigurationError, match=r"x\.db cannot be created: Permission denied"):
+        SQLiteStore(tmp_path / "x.db")
+
+
 def test_schema_is_versioned_and_migrations_are_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "v.db"
     SQLiteStore(path).close()
