@@ -1003,6 +1003,10 @@ class DualMemory:
         ...     [r.key for r in mem.query_all(principal=agent, prefix="k", page=2)]
         ['k0', 'k1', 'k2', 'k3', 'k4']
         """
+        # Checked here, under its own name: query() would blame its limit, which the
+        # caller never passed.
+        if isinstance(page, bool) or not isinstance(page, int) or not 0 < page <= _MAX_QUERY_LIMIT:
+            raise ValidationError(f"page must be an int in 1..{_MAX_QUERY_LIMIT}, got {page!r}")
         out: list[Record] = []
         after: tuple[str, str] | None = None
         while True:

@@ -1655,6 +1655,15 @@ def test_query_pages_with_after_and_query_all_reads_every_page(
         mem.query(principal=coder, after="b/1")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("page", [0, -1, 10_001, 20_000, "5", True, 2.0])
+def test_query_all_names_a_bad_page_as_page(
+    mem: DualMemory, coder: Principal, page: object
+) -> None:
+    # It said "limit must be an int in 1..10000", naming a parameter the caller never passed.
+    with pytest.raises(ValidationError, match=r"^page must be an int in 1\.\.10000, got "):
+        mem.query_all(principal=coder, page=page)  # type: ignore[arg-type]
+
+
 def test_a_fresh_read_after_a_puts_ttl_sees_it_expired_before_the_commit(
     make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
 ) -> None:
