@@ -28,6 +28,27 @@ ENV_PREFIX = "DUALMEM_"
 MAX_WAIT_SECONDS = 1_000_000
 #: Values of ``Settings.worker_sched``.
 WORKER_SCHED = ("batch", "normal")
+#: The largest value of each integer setting that reaches Redis or SQLite as a number, or
+#: sizes something per unit. Past these a value was accepted, and then the worker (or every
+#: put) failed later, again and again, or the construction never ended.
+_MOST = {
+    # One stream per shard, each in every worker read and in per-shard lists of every
+    # process: DualMemory(shards=2**40) never finished building them.
+    "shards": 1024,
+    # The COUNT of XREADGROUP/XAUTOCLAIM and the rows of one SQLite transaction: at 2**63
+    # Redis refused every read and claim, and the worker retried forever.
+    "batch_size": 100_000,
+    # Stored in the dead letter's row: past 2**63-1 SQLite refused the row, forever.
+    "max_deliveries": 10_000,
+    # Every attempt may wait a connect and a socket timeout; the key lease's expiry is
+    # computed from it, and at 2**63 Redis refused it (every put failed).
+    "redis_retries": 100,
+    # PRAGMA cache_size is a 32-bit count of KiB: past this it wrapped (2**31 MiB gave 0).
+    "sqlite_cache_mb": 2**21,
+    # Purge's cut-off is now minus this, in ms: past ~9.2e15 s the SQLite parameter
+    # overflowed and every purge failed. As long as the longest ttl a put may have.
+    "tombstone_ttl": MAX_TTL_SECONDS,
+}
 
 
 @dataclass(frozen=True)
@@ -256,6 +277,11 @@ class Settings:
             if value > MAX_WAIT_SECONDS * 1000:
                 raise ConfigurationError(
                     f"setting {name} must be at most {MAX_WAIT_SECONDS * 1000:,} ms (got {value})"
+                )
+        for name, most in _MOST.items():
+            if getattr(self, name) > most:
+                raise ConfigurationError(
+                    f"setting {name} must be at most {most:,} (got {getattr(self, name)})"
                 )
         if self.cache_ttl > MAX_TTL_SECONDS:
             # Beyond it Redis refuses the cache entry's PX inside the put's transaction,

@@ -99,6 +99,14 @@ def test_a_misspelled_environment_variable_is_named_in_a_warning(
         ({"block_ms": 10**13}, {}, "block_ms"),  # the worker thread failed, close() raised
         ({"claim_idle_ms": 10**20}, {}, "claim_idle_ms"),  # XAUTOCLAIM refused, forever
         ({}, {"DUALMEM_BUSY_TIMEOUT_MS": str(10**13)}, "busy_timeout_ms"),
+        # Past these bounds the worker (or every put) failed later, again and again:
+        ({"batch_size": 2**63}, {}, "batch_size must be at most 100,000"),  # XREADGROUP COUNT
+        ({}, {"DUALMEM_BATCH_SIZE": "100001"}, "batch_size must be at most 100,000"),
+        ({"shards": 2**40}, {}, "shards must be at most 1,024"),  # construction never ended
+        ({"max_deliveries": 2**63}, {}, "max_deliveries"),  # the dead letter's row
+        ({"redis_retries": 2**63}, {}, "redis_retries"),  # the key lease's PX
+        ({"sqlite_cache_mb": 2**31}, {}, "sqlite_cache_mb"),  # cache_size wrapped to 0
+        ({"tombstone_ttl": 2**63}, {}, "tombstone_ttl"),  # purge's cut-off overflowed
     ],
 )
 def test_bad_settings_name_the_setting(
