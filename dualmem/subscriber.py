@@ -4,6 +4,7 @@ from the journal, then live through pub/sub, resumable from a saved position."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -424,8 +425,14 @@ class Subscriber:
         2 s, until the timeout ends, and then returns ``None`` as on any timeout (it
         raises nothing). Delivery resumes with the first save that goes through.
         """
-        if timeout is not None and not timeout >= 0:
-            raise ValidationError(f"timeout must be >= 0 or None, got {timeout!r}")
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 0 <= timeout < math.inf  # NaN fails it too
+        ):
+            raise ValidationError(
+                f"timeout must be None or a finite number of seconds >= 0, got {timeout!r}"
+            )
         with self._poll_lock:
             self._poll_owner = threading.get_ident()
             try:

@@ -519,6 +519,17 @@ def test_bad_arguments_are_rejected(make_mem: MakeMem, coder: Principal, since: 
         Subscriber(mem, "coder-1")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("timeout", ["1", b"1", True, -1, float("nan"), [1]])
+def test_a_bad_poll_timeout_is_a_validation_error(
+    make_mem: MakeMem, coder: Principal, timeout: object
+) -> None:
+    # timeout="1" raised a raw TypeError from the comparison.
+    with Subscriber(make_mem(), coder) as sub:
+        with pytest.raises(ValidationError, match="timeout must be None or a finite number"):
+            sub.poll(timeout=timeout)  # type: ignore[arg-type]
+        assert sub.poll(timeout=0) is None
+
+
 def test_a_saved_position_outlives_cache_ttl_while_its_save_waits_in_the_stream(
     make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
 ) -> None:
