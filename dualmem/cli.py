@@ -14,7 +14,7 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from acl.crypto import Keyring
 from dualmem.errors import ConfigurationError, DualMemError
@@ -307,7 +307,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        # Output still buffered reaches a closed pipe here, inside the handlers below,
+        # not in the interpreter's last flush (an "Exception ignored" message, exit 120).
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # stdout's reader went away (`dualmem stats --json | head -1`): end quietly, the
+        # way the commands that print through rich (the demo, the tables) already do.
+        _closed_stdout()
     except DualMemError as exc:
         print(f"dualmem {args.command}: {exc}", file=sys.stderr)
         return 2
@@ -321,6 +329,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _closed_stdout() -> NoReturn:
+    """End the process after its stdout was closed, as rich's ``Console`` does for the
+    commands that print through it: stdout pointed at devnull (so the interpreter's last
+    flush cannot fail again) and exit status 1, with nothing on stderr."""
+    from rich.console import Console
+
+    Console().on_broken_pipe()
+    raise SystemExit(1)  # pragma: no cover - on_broken_pipe raises it
 
 
 if __name__ == "__main__":  # pragma: no cover

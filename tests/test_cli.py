@@ -250,7 +250,6 @@ def test_stats_never_migrates_an_older_database(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["metrics", "--serve", "99999"], "port must be 0-65535"),
         (["purge", "--tombstone-ttl", "-5"], "must be >= 0"),
         (["export", "--out", "{tmp}/x.jsonl", "--prefix", "\udcff"], "surrogates not allowed"),
         (["export", "--out", "/nonexistent-dir/x.jsonl"], "does not exist"),
@@ -290,6 +289,45 @@ def test_a_sqlite_error_is_a_message_and_exit_2_not_a_traceback(
     err = capsys.readouterr().err
     assert code == 2, err
     assert err == "dualmem export: DatabaseError: database disk image is malformed\n"
+
+
+@pytest.mark.parametrize(
+    "command", [["stats", "--json"], ["doctor", "--json"], ["stats"], ["demo"]]
+)
+def test_a_closed_stdout_ends_quietly(tmp_path: Path, keyfile: Path, command: list[str]) -> None:
+    # `dualmem stats --json | head -1`: the JSON commands printed "dualmem stats:
+    # BrokenPipeError: [Errno 32] Broken pipe" and exited 2; those printing through rich
+    # (the tables, the demo) already ended quietly with 1, and all do now.
+    db = tmp_path / "m.db"
+    with DualMemory(redis_url="memory://cli-closed-stdout", db_path=str(db), keyring=str(keyfile)):
+        pass
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALMEM_")}
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dualmem", *command, "--db", str(db)],
+            cwd=tmp_path,
+            env=env,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (1, "")
+
+
+def test_metrics_serve_refuses_a_port_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
+    # --serve 99999 was "OverflowError: bind(): port must be 0-65535." from bind(), after
+    # the exporter had started; now argparse's usage error (exit 2).
+    for port in ("99999", "-1", "http"):
+        with pytest.raises(SystemExit) as exc:
+            main(["metrics", "--serve", port])
+        assert exc.value.code == 2
+        assert "argument --serve: the port must be" in capsys.readouterr().err
 
 
 def run_demo(cwd: Path, *args: str) -> str:

@@ -700,6 +700,26 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 # -- registration -------------------------------------------------------------------------
 
 
+def _port(text: str) -> int:
+    """A TCP port for argparse: an int in 0..65535 (0: any free port).
+
+    >>> _port("99999")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: the port must be 0..65535, got 99999
+    """
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"the port must be an int in 0..65535, got {text!r}"
+        ) from None
+    if not 0 <= port <= 65535:
+        # bind() refused it as an OverflowError after the exporter had started.
+        raise argparse.ArgumentTypeError(f"the port must be 0..65535, got {port}")
+    return port
+
+
 def _keyring_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keyring", help="key file (DUALMEM_KEYRING); needed for encrypted levels")
 
@@ -737,7 +757,9 @@ def _register_checks(sub: Any) -> None:
     p = sub.add_parser("metrics", help="Prometheus exposition (--serve PORT on 127.0.0.1)")
     add_common_arguments(p)
     _keyring_option(p)
-    p.add_argument("--serve", type=int, metavar="PORT", help="serve http://127.0.0.1:PORT/metrics")
+    p.add_argument(
+        "--serve", type=_port, metavar="PORT", help="serve http://127.0.0.1:PORT/metrics"
+    )
     p.set_defaults(func=cmd_metrics)
 
 
