@@ -1034,7 +1034,26 @@ class DualMemory:
         scope: str | None = None,
         limit: int | None = None,
     ) -> list[Change]:
-        """Journal entries of one record (puts and deletes, oldest first; no values)."""
+        """Journal entries of one record (puts and deletes, oldest first; no values).
+
+        This is the record's change feed read from its start: ``limit`` keeps the OLDEST
+        ``limit`` entries, not the newest (unlike ``AgentLifecycle.history``). There is no
+        offset; for the entries after the first ``n``, read more (``limit=None`` reads
+        them all) and slice: ``[n:]`` is the next page, ``[-n:]`` the newest ``n``.
+
+        >>> import tempfile, os
+        >>> from acl import Level, Principal
+        >>> agent = Principal(agent_id="a", swarm="s")
+        >>> db = os.path.join(tempfile.mkdtemp(), "mem.db")
+        >>> with DualMemory(redis_url="memory://doctest-history", db_path=db) as mem:
+        ...     for v in range(3):
+        ...         r = mem.put("k", v, level=Level.SWARM, principal=agent)
+        ...     mem.sync(r)
+        ...     every = mem.history("k", level=Level.SWARM, principal=agent)
+        ...     first = mem.history("k", level=Level.SWARM, principal=agent, limit=2)
+        ...     len(every), first == every[:2]
+        (3, True)
+        """
         self._check_open()
         check_key(key)
         check_int("limit", limit, low=0, optional=True)

@@ -450,6 +450,23 @@ def test_history_keeps_the_newest_events_past_one_page(
     assert [e.at for e in everything] == sorted(e.at for e in everything)
 
 
+def test_history_refuses_a_limit_as_dualmemory_history_does(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # AgentLifecycle.history(limit=-1) returned [] where DualMemory.history raises.
+    mem = make_mem()
+    life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30)
+    life.register_spawn("coder-1", "Coder", "coder", [], Level.PRIVATE)
+    life.sync()
+    for bad in (-1, True, "1", 1.0, 2**63):
+        with pytest.raises(ValidationError, match="limit must be an int from 0"):
+            life.history("coder-1", limit=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="limit must be an int from 0"):
+            mem.history("k", level=Level.PRIVATE, principal=coder, limit=bad)  # type: ignore[arg-type]
+    assert life.history("coder-1", limit=0) == []
+    assert [e.event for e in life.history("coder-1", limit=1)] == ["spawn"]
+
+
 def test_lifecycle_state_outlives_cache_ttl_while_the_worker_is_behind(
     make_mem: MakeMem,
 ) -> None:

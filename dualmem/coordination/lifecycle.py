@@ -15,7 +15,7 @@ from typing import Any
 from acl.errors import TamperedRecord, ValidationError
 from acl.levels import ENCRYPTED_LEVELS, Level, as_level
 from acl.principal import Principal
-from dualmem.commands import Receipt
+from dualmem.commands import Receipt, check_int
 from dualmem.coordination._validation import (
     ReceiptLog,
     SeenRecords,
@@ -442,15 +442,16 @@ class AgentLifecycle:
         limit: int | None = None,
         event_types: Iterable[str] | None = None,
     ) -> list[AgentEvent]:
-        """The agent's events, oldest first; ``limit`` keeps the newest ``limit`` of them,
-        ``event_types`` only those kinds.
+        """The agent's events, oldest first; ``limit`` (an int >= 0) keeps the newest
+        ``limit`` of them (``DualMemory.history`` keeps the oldest), ``event_types`` only
+        those kinds.
 
         All of the agent's events are read, page after page (10,000 records a page,
         ``DualMemory.query_all``), so the newest are found however many there are.
         """
         check_ident("agent_id", agent_id)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
-            raise ValidationError("limit must be an int or None")
+        # As DualMemory.history checks it: a negative limit was taken for 0 (an empty list).
+        check_int("limit", limit, low=0, optional=True)
         kinds = None if event_types is None else set(check_strings("event_types", event_types))
 
         records = self.mem.query_all(
