@@ -18,7 +18,7 @@ from acl.crypto import DEFAULT_COMPRESS_THRESHOLD, DEFAULT_MAX_VALUE_BYTES
 from acl.errors import ConfigurationError
 from dualmem.commands import MAX_TTL_SECONDS
 
-__all__ = ["ENV_PREFIX", "WORKER_SCHED", "Settings"]
+__all__ = ["ENV_PREFIX", "MAX_TOMBSTONE_TTL", "WORKER_SCHED", "Settings"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ ENV_PREFIX = "DUALMEM_"
 MAX_WAIT_SECONDS = 1_000_000
 #: Values of ``Settings.worker_sched``.
 WORKER_SCHED = ("batch", "normal")
+#: The longest ``tombstone_ttl`` (and ``dualmem purge --tombstone-ttl``), in seconds.
+MAX_TOMBSTONE_TTL = 10**12
 #: The largest value of each integer setting that reaches Redis or SQLite as a number, or
 #: sizes something per unit. Past these a value was accepted, and then the worker (or every
 #: put) failed later, again and again, or the construction never ended.
@@ -46,8 +48,9 @@ _MOST = {
     # PRAGMA cache_size is a 32-bit count of KiB: past this it wrapped (2**31 MiB gave 0).
     "sqlite_cache_mb": 2**21,
     # Purge's cut-off is now minus this, in ms: past ~9.2e15 s the SQLite parameter
-    # overflowed and every purge failed. As long as the longest ttl a put may have.
-    "tombstone_ttl": MAX_TTL_SECONDS,
+    # overflowed and every purge failed. 10**12 s (about 31,700 years) leaves room for
+    # "keep tombstones for good" and stays far from the overflow.
+    "tombstone_ttl": MAX_TOMBSTONE_TTL,
 }
 
 
@@ -172,6 +175,8 @@ class Settings:
                 raise ConfigurationError(
                     f"unknown setting {name!r}; known settings: {', '.join(sorted(known))}"
                 )
+            if name in ("key", "keyring") and value == "":
+                continue  # not given, as an empty DUALMEM_KEY(RING) is not set
             if value is not None:
                 if isinstance(value, os.PathLike):
                     value = os.fspath(value)  # noqa: PLW2901

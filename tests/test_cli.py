@@ -250,7 +250,8 @@ def test_stats_never_migrates_an_older_database(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["purge", "--tombstone-ttl", "-5"], "must be >= 0"),
+        (["purge", "--tombstone-ttl", "-5"], "must be 0..1000000000000 seconds"),
+        (["purge", "--tombstone-ttl", str(10**20)], "must be 0..1000000000000 seconds"),
         (["export", "--out", "{tmp}/x.jsonl", "--prefix", "\udcff"], "surrogates not allowed"),
         (["export", "--out", "/nonexistent-dir/x.jsonl"], "does not exist"),
     ],

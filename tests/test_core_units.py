@@ -103,10 +103,10 @@ def test_a_misspelled_environment_variable_is_named_in_a_warning(
         ({"batch_size": 2**63}, {}, "batch_size must be at most 100,000"),  # XREADGROUP COUNT
         ({}, {"DUALMEM_BATCH_SIZE": "100001"}, "batch_size must be at most 100,000"),
         ({"shards": 2**40}, {}, "shards must be at most 1,024"),  # construction never ended
-        ({"max_deliveries": 2**63}, {}, "max_deliveries"),  # the dead letter's row
-        ({"redis_retries": 2**63}, {}, "redis_retries"),  # the key lease's PX
-        ({"sqlite_cache_mb": 2**31}, {}, "sqlite_cache_mb"),  # cache_size wrapped to 0
-        ({"tombstone_ttl": 2**63}, {}, "tombstone_ttl"),  # purge's cut-off overflowed
+        ({"max_deliveries": 10_001}, {}, "max_deliveries must be at most 10,000"),  # its row
+        ({"redis_retries": 101}, {}, "redis_retries must be at most 100"),  # the lease's PX
+        ({"sqlite_cache_mb": 2**21 + 1}, {}, "sqlite_cache_mb must be at most 2,097,152"),
+        ({"tombstone_ttl": 10**12 + 1}, {}, "tombstone_ttl must be at most 1,000,000,000,000"),
     ],
 )
 def test_bad_settings_name_the_setting(
@@ -331,3 +331,11 @@ def test_metrics_snapshot_and_prometheus() -> None:
     # A path with no sample exports NaN quantiles, not a latency of 0.
     assert 'dualmem_latency_seconds{path="lag",quantile="0.95"} NaN' in text
     assert 'dualmem_latency_seconds_count{path="lag"} 0' in text
+
+
+def test_a_long_tombstone_ttl_and_an_empty_key_argument_are_accepted() -> None:
+    # A bound of ten years refused "keep tombstones for good" (10**10 s), which worked;
+    # an empty keyring= argument dropped DUALMEM_KEY, where an empty variable is unset.
+    assert Settings.load({"tombstone_ttl": 10**10}, environ={}).tombstone_ttl == 10**10
+    s = Settings.load({"keyring": ""}, environ={"DUALMEM_KEY": "a2V5"})
+    assert (s.key, s.keyring) == ("a2V5", None)

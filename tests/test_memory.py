@@ -917,6 +917,19 @@ def test_a_db_path_under_a_regular_file_is_a_configuration_error(
         assert isinstance(exc.value.__cause__, OSError)
 
 
+def test_an_embedded_key_file_that_cannot_be_created_is_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: Keyring, path: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Keyring, "save", refuse)
+    db = tmp_path / "m.db"
+    with pytest.raises(ConfigurationError, match="cannot create the key file") as exc:
+        DualMemory(db_path=str(db), redis_url="memory://no-key-file")
+    assert "Permission denied" in str(exc.value) and isinstance(exc.value.__cause__, OSError)
+
+
 def test_close_drains_and_reports(make_mem: MakeMem, coder: Principal) -> None:
     mem = make_mem()
     receipts = [mem.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(200)]

@@ -30,7 +30,7 @@ from acl.levels import Level, as_level
 from acl.principal import Principal
 from dualmem.cli import add_common_arguments, settings_from_args
 from dualmem.ops.database import ProgressFn
-from dualmem.settings import Settings
+from dualmem.settings import MAX_TOMBSTONE_TTL, Settings
 from dualmem.shutdown import stop_on_signals
 
 if TYPE_CHECKING:
@@ -557,10 +557,12 @@ def cmd_purge(args: argparse.Namespace) -> int:
     console = _console()
     now = int(time.time() * 1000)
     ttl = settings.tombstone_ttl if args.tombstone_ttl is None else args.tombstone_ttl
-    if ttl < 0:
+    if not 0 <= ttl <= MAX_TOMBSTONE_TTL:
         # Negative would date the cut-off in the future and drop tombstones that still
-        # guard against late, older commands.
-        raise ConfigurationError(f"--tombstone-ttl must be >= 0 seconds, got {ttl}")
+        # guard against late, older commands; past the bound the cut-off overflows SQLite.
+        raise ConfigurationError(
+            f"--tombstone-ttl must be 0..{MAX_TOMBSTONE_TTL} seconds, got {ttl}"
+        )
     with _progress(console) as progress:
         r = purge_database(
             settings.db_path,
