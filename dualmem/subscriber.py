@@ -4,7 +4,6 @@ from the journal, then live through pub/sub, resumable from a saved position."""
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -19,6 +18,7 @@ from acl.principal import Principal
 from dualmem.commands import check_key
 from dualmem.errors import DualMemError, StoreUnavailable
 from dualmem.memory import DualMemory
+from dualmem.settings import MAX_WAIT_SECONDS
 from dualmem.store import Change, Notification
 
 __all__ = ["POSITION_PREFIX", "Subscriber"]
@@ -428,10 +428,11 @@ class Subscriber:
         if timeout is not None and (
             isinstance(timeout, bool)
             or not isinstance(timeout, (int, float))
-            or not 0 <= timeout < math.inf  # NaN fails it too
+            or not 0 <= timeout <= MAX_WAIT_SECONDS  # NaN fails it too
         ):
             raise ValidationError(
-                f"timeout must be None or a finite number of seconds >= 0, got {timeout!r}"
+                f"timeout must be None or a finite number of seconds in [0, "
+                f"{MAX_WAIT_SECONDS:,}], got {timeout!r}"
             )
         with self._poll_lock:
             self._poll_owner = threading.get_ident()
