@@ -95,22 +95,38 @@ class CloseReport:
 #: CPython never reuses the slot an unregistered atexit callback leaves, so a
 #: register/unregister per object would grow its list (and slow each unregister) for good.
 _OPEN: weakref.WeakSet[DualMemory] = weakref.WeakSet()
-_OPEN_LOCK = threading.Lock()
+#: Re-entrant: a signal handler may make or close a DualMemory while its thread is in here.
+_OPEN_LOCK = threading.RLock()
 
 
 def _close_open_at_exit() -> None:
-    """Close every DualMemory the process left open, each bounded by its ``close_timeout``.
+    """Close every DualMemory the process made (a forked child that exits must not drain,
+    or release the connections and lease of, its parent's objects).
 
-    Only those this process made: a forked child that exits must not drain, or release
-    the connections and lease of, its parent's objects.
+    Each is bounded by its ``close_timeout``, and they close side by side, so the exit
+    waits about as long as the slowest one, not the sum. One already closing (in another
+    thread) is waited for: its drain must end before the interpreter does. A failing
+    close leaves the others alone.
     """
     with _OPEN_LOCK:
         left = [mem for mem in _OPEN if mem._pid == os.getpid()]
-    for mem in left:
+
+    def close(mem: DualMemory) -> None:
         try:
             mem.close()
-        except Exception:  # one failing close must not keep the others from draining
+        except Exception:
             log.exception("closing a DualMemory at exit failed")
+
+    if len(left) <= 1:
+        for mem in left:
+            close(mem)
+        return
+    threads = [threading.Thread(target=close, args=(m,), daemon=True) for m in left]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + max(m._close_bound() for m in left)
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
 
 
 atexit.register(_close_open_at_exit)
@@ -295,9 +311,8 @@ class DualMemory:
             if not already:
                 self._closer = threading.get_ident()
                 self._close_wait = drain_timeout + self.settings.block_ms / 1000 + 10
-        if not already:
-            with _OPEN_LOCK:
-                _OPEN.discard(self)  # closed: nothing left for the exit hook to do
+        # It stays in _OPEN (weakly): the exit hook calls close() again, which waits for a
+        # drain still running in another thread instead of ending the interpreter under it.
         if already:
             # Another close() (an atexit hook, a second thread) may still be draining:
             # its report is the answer, not "drained" because nothing is left to do here.
@@ -314,6 +329,10 @@ class DualMemory:
         finally:
             self._close_done.set()
         return self._close_report
+
+    def _close_bound(self) -> float:
+        """How long a close with the default timeout may take, waits included."""
+        return self.settings.close_timeout + self.settings.block_ms / 1000 + 15
 
     def _release_after_failed_close(self) -> None:
         # The store and the client are released even when the close itself failed; the

@@ -97,10 +97,19 @@ class _FairQueue(queue.LifoQueue[Any]):
     microseconds. Here a thread that finds others waiting queues behind them, and a
     connection given back wakes the first in line only (waking every waiter for each one
     made hundreds of threads fight over the lock and the GIL).
+
+    Its lock is re-entrant, as redis-py's own pool lock is: a signal handler that runs a
+    command (a ``close()`` asking Redis for the backlog) while its thread is inside this
+    queue would otherwise wait for itself forever. Re-entered, a ``get`` that finds no
+    connection waits out its timeout (``StoreUnavailable``) instead.
     """
 
     def __init__(self, maxsize: int = 0) -> None:
         super().__init__(maxsize)
+        self.mutex = threading.RLock()  # type: ignore[assignment]
+        self.not_empty = threading.Condition(self.mutex)
+        self.not_full = threading.Condition(self.mutex)
+        self.all_tasks_done = threading.Condition(self.mutex)
         self._line: collections.deque[threading.Condition] = collections.deque()
 
     def _put(self, item: Any) -> None:  # called with the queue's lock held

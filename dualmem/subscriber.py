@@ -63,8 +63,10 @@ class Subscriber:
     :meth:`commit`, or leave a ``with`` block without an exception. The position is saved
     every ``commit_every`` consumed changes (default 1: each one). A process killed while
     handling a change gets that change again after the restart; nothing consumed before
-    it comes back. When a save fails (Redis is down), nothing more is handed out until a
-    retry goes through, so a kill then repeats only what that save was for. Position
+    it comes back. When a save fails (Redis is down, or ``Backpressure``: the stream is at
+    ``max_backlog`` and no worker drains it), nothing more is handed out until a retry
+    goes through (:attr:`saving_stalled`), so a kill then repeats only what that save was
+    for. Position
     saves travel the put path: on a real Redis they are durable at once (the cache entry
     and the stream), on ``memory://`` once the worker committed.
     For exactly-once side effects of your own, store ``change.seq`` with them in one
@@ -145,6 +147,7 @@ class Subscriber:
         # The last save failed: poll hands out nothing until a retry (at _next_save) works.
         self._save_failed = False
         self._save_backoff = 0.0
+        self._stall_warned = False
         self._next_save = 0.0
         self._in_flight = False
         self._unsaved = 0
@@ -276,11 +279,29 @@ class Subscriber:
         self._unsaved = 0
         self._save_failed = False
         self._save_backoff = 0.0
+        self._stall_warned = False
+
+    @property
+    def saving_stalled(self) -> bool:
+        """True while the position of a consumed change could not be saved: :meth:`poll`
+        hands out nothing until a retry of the save goes through."""
+        return self._save_failed
 
     def _retry_save(self) -> None:
         try:
             self._save()
         except DualMemError as exc:
+            if self._save_backoff >= _MAX_BACKOFF and not self._stall_warned:
+                self._stall_warned = True  # once per stall: the retries go on quietly
+                log.warning(
+                    "subscriber %s: delivery paused, position %d still not saved (retrying "
+                    "every %.0fs): %s",
+                    self.name,
+                    self._position,
+                    _MAX_BACKOFF,
+                    exc,
+                )
+                return
             log.debug(
                 "subscriber %s: position %d still not saved (next try in %.2fs): %s",
                 self.name,

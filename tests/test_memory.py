@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import queue
 import signal
 import sqlite3
 import subprocess
@@ -1114,20 +1115,26 @@ def test_close_without_worker_reports_pending(make_mem: MakeMem, coder: Principa
     assert make_mem(worker=False).close() == CloseReport(pending=0, drained=True)
 
 
+@pytest.mark.parametrize("ending", ["return", "close in a daemon thread"])
 def test_a_process_that_exits_without_close_persists_every_put(
-    redis_url: str, db_path: Path, keyfile: Path, coder: Principal
+    redis_url: str, db_path: Path, keyfile: Path, coder: Principal, ending: str
 ) -> None:
     # The worker thread is a daemon: a process that returned without close() took the
     # puts it had not persisted with it (0 of 200 on the embedded default). An atexit hook
-    # closes what is left open, draining as close() does.
+    # closes what is left open, draining as close() does; a close already running in a
+    # daemon thread is waited for (the hook skipped it, and the exit cut its drain short).
+    n = 300 if ending == "return" else 3000
+    last = "threading.Thread(target=mem.close, daemon=True).start()" if n == 3000 else ""
     child = f"""
+import threading
 from acl import Level, Principal
 from dualmem import DualMemory
 coder = Principal(agent_id="coder-1", team="backend", swarm="phase-1-auth", project="shop")
 mem = DualMemory(redis_url={redis_url!r}, db_path={str(db_path)!r}, keyring={str(keyfile)!r})
-for i in range(300):
+for i in range({n}):
     level = (Level.PRIVATE, Level.SWARM)[i % 2]
     mem.put(f"exit/{{i}}", i, level=level, principal=coder)
+{last}
 """
     root = str(Path(__file__).resolve().parents[1])
     done = subprocess.run(
@@ -1144,7 +1151,7 @@ for i in range(300):
         redis_url=redis_url, db_path=str(db_path), keyring=str(keyfile), worker=False
     ) as reader:
         got = reader.query_all(principal=coder, prefix="exit/")
-    assert sorted(r.value for r in got) == list(range(300))
+    assert sorted(r.value for r in got) == list(range(n))
 
 
 def test_the_exit_hook_holds_no_object_and_forgets_closed_ones(
@@ -1160,11 +1167,44 @@ def test_the_exit_hook_holds_no_object_and_forgets_closed_ones(
     before = len(memory_module._OPEN)
     for _ in range(20):
         made().close()
+    gc.collect()
     assert len(memory_module._OPEN) == before
     dropped = weakref.ref(made())
     gc.collect()
     assert dropped() is None
     assert len(memory_module._OPEN) == before
+
+
+def test_a_signal_handler_may_close_while_its_thread_holds_the_exit_set_or_the_pool(
+    redis_url: str, db_path: Path, keyfile: Path
+) -> None:
+    # Both locks were plain ones: a handler's close() on a thread interrupted inside
+    # DualMemory() (the exit set) or inside a command (the pool's queue) waited for itself.
+    from dualmem.redis_backend import _FairQueue
+
+    def in_thread(job: Callable[[], object]) -> None:
+        t = threading.Thread(target=job, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "deadlocked"
+
+    mem = DualMemory(redis_url=redis_url, db_path=str(db_path), keyring=str(keyfile), worker=False)
+
+    def close_inside_the_exit_set() -> None:
+        with memory_module._OPEN_LOCK:
+            mem.close()
+
+    in_thread(close_inside_the_exit_set)
+    q = _FairQueue(2)
+    q.put_nowait("connection")
+
+    def command_inside_the_queue() -> None:
+        with q.mutex:
+            assert q.get(timeout=0.1) == "connection"
+            with pytest.raises(queue.Empty):
+                q.get(timeout=0.1)
+
+    in_thread(command_inside_the_queue)
 
 
 def test_shards_keep_keys_in_order(

@@ -334,6 +334,7 @@ def test_while_its_position_cannot_be_saved_nothing_more_is_handed_out(
         # expected[2] is consumed, its save fails: nothing more comes, the timeouts run out.
         assert [first.poll(timeout=0.3) for _ in range(3)] == [None, None, None]
         assert time.monotonic() - began >= 0.8
+        assert first.saving_stalled
         srv.start()  # the consumer was killed while Redis was down: no close()
         second = start()
         assert second.position == expected[1]  # only the change whose save failed comes back
@@ -343,6 +344,7 @@ def test_while_its_position_cannot_be_saved_nothing_more_is_handed_out(
         srv.start()
         # The save is retried and goes through; delivery resumes where it stopped.
         assert [second.poll(timeout=10).seq for _ in range(2)] == expected[4:6]  # type: ignore[union-attr]
+        assert not second.saving_stalled
         third = start()  # killed while handling expected[5]
         assert third.position == expected[4]
         assert [third.poll(timeout=5).seq for _ in range(4)] == expected[5:9]  # type: ignore[union-attr]
@@ -350,6 +352,30 @@ def test_while_its_position_cannot_be_saved_nothing_more_is_handed_out(
         for sub in subs:
             sub.close(commit=False)
         mem.close(timeout=2)
+
+
+def test_a_subscriber_whose_saves_meet_backpressure_pauses_and_says_so(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # Redis is up, the stream is at max_backlog and no worker drains it: the position's
+    # save is refused (Backpressure), delivery pauses, saving_stalled says why; a worker
+    # that drains the stream lets it resume.
+    writer = make_mem()
+    for i in range(3):
+        receipt = writer.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+    writer.sync(receipt, timeout=10)
+    writer.close()
+    mem = make_mem(worker=False, max_backlog=3)
+    expected = feed(mem, coder)
+    for i in range(3):
+        mem.put(f"fill{i}", i, level=Level.SWARM, principal=coder)
+    with Subscriber(mem, coder, since="paused") as sub:
+        assert sub.poll(timeout=5).seq == expected[0]  # type: ignore[union-attr]
+        assert sub.poll(timeout=0.3) is None  # expected[0] consumed, its save refused
+        assert sub.saving_stalled
+        make_mem()  # a worker drains the stream
+        assert sub.poll(timeout=15).seq == expected[1]  # type: ignore[union-attr]
+        assert not sub.saving_stalled
 
 
 def test_many_open_subscribers_leave_connections_for_puts(
