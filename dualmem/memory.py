@@ -216,7 +216,7 @@ class DualMemory:
         # and writes this object has started, and those of them whose round trip is over.
         self._started = [0] * settings.shards
         self._settled = [0] * settings.shards
-        self._backlog_lock = threading.Lock()
+        self._backlog_lock = threading.RLock()  # a signal handler may put too
         self._closed = False
         self._committed = threading.Condition()
         self.store: Store = SQLiteStore.from_settings(settings)
