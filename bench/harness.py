@@ -297,7 +297,15 @@ class Bench:
         return p
 
     def memory(self, backend: Backend, db: Path, **settings: Any) -> DualMemory:
-        """A ``DualMemory`` on ``backend`` with this run's key file."""
+        """A ``DualMemory`` on ``backend`` with this run's key file.
+
+        Its socket timeout is the raw baseline client's (5 s, ``RedisServer.client``), not
+        the default 0.25 s: a benchmark times a Redis stall (an AOF rewrite's fork under a
+        large data set took longer than 0.25 s once, at the scale suite's 1M records) as
+        the latency it is, where the default fails the put (``StoreUnavailable``) and
+        would end the run.
+        """
+        settings.setdefault("socket_timeout", 5.0)
         return DualMemory(
             redis_url=backend.url, db_path=str(db), keyring=str(self.keyfile), **settings
         )

@@ -292,7 +292,8 @@ def _sender_process(
     k: int, seed: str,
 ) -> None:  # fmt: skip
     """Entry point of one sender process: connect, say ready, wait for the start time."""
-    mem = DualMemory(redis_url=url, db_path=db, keyring=keyfile, worker=False)
+    # The raw client's socket timeout, as every benchmark DualMemory (see Bench.memory).
+    mem = DualMemory(redis_url=url, db_path=db, keyring=keyfile, worker=False, socket_timeout=5.0)
     try:
         conn.send("ready")
         start_ns = conn.recv()
