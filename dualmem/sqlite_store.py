@@ -1021,8 +1021,11 @@ def _check_reseals(conn: sqlite3.Connection, reseals: Sequence[tuple[object, ...
     generation up (``Codec.reseal``). Without this check, whoever could add a stream
     entry could pass an older envelope of the record off as a re-encryption, guarded by
     the row's current stream id (which the stream shows): the row would silently go back
-    to an older value, or back under a key a rotation retired, with no journal row. A
-    row sealed before envelope version 2 has no write id, and takes any reseal.
+    to an older value, or back under a key a rotation retired, with no journal row. The
+    same generation is taken: a reseal redelivered after its commit (it has no journal
+    row to be found a duplicate by), or sent again by a resumed rotation before the
+    first copy was applied, re-encrypts the same write at the same step. A row sealed
+    before envelope version 2 has no write id, and takes any reseal.
     """
     for envelope, scope, key, level, guard in reseals:
         row = conn.execute(
@@ -1040,11 +1043,11 @@ def _check_reseals(conn: sqlite3.Connection, reseals: Sequence[tuple[object, ...
         if (
             new is None
             or (new.write_id, new.writer) != (current.write_id, current.writer)
-            or new.generation <= current.generation
+            or new.generation < current.generation
         ):
             raise MalformedCommand(
-                f"reseal of {scope}/{key} is not a later re-encryption of the write its row "
-                "holds (another write id or writer, or not a newer generation)"
+                f"reseal of {scope}/{key} is not a re-encryption of the write its row holds "
+                "(another write id or writer, or an older generation)"
             )
 
 

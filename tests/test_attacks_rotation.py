@@ -84,6 +84,27 @@ def test_reseal_replaces_the_envelope_and_nothing_else(store: SQLiteStore) -> No
     assert again.failed == [] and envelope_of(store) == b"new-key"
 
 
+def test_a_reseal_redelivered_or_sent_again_at_its_generation_is_no_failure(
+    store: SQLiteStore,
+) -> None:
+    # A reseal has no journal row, so a redelivery after its commit is applied again; a
+    # resumed rotation sends another of the same generation. Both re-encrypt the same
+    # write at the same step: neither is dead-lettered. An older generation is.
+    codec = Codec(Keyring.generate())
+    original = codec.seal({"v": 1}, scope=SCOPE, key="k", level=Level.PRIVATE, owner="a")
+    store.apply([put("1-0", original)])
+    rotated = Codec(codec.keyring.with_new_key())  # type: ignore[union-attr]
+    first = rotated.reseal(original, scope=SCOPE, key="k", level=Level.PRIVATE)
+    second = rotated.reseal(original, scope=SCOPE, key="k", level=Level.PRIVATE)
+    assert first is not None and second is not None and first != second
+    for sid, envelope in [("2-0", first), ("2-0", first), ("3-0", second)]:
+        result = store.apply([reseal(sid, envelope, guard="1-0")])
+        assert result.failed == [] and envelope_of(store) == envelope
+    older = store.apply([reseal("4-0", original, guard="1-0")])
+    assert [e.stream_id for e, _ in older.failed] == ["4-0"]
+    assert envelope_of(store) == second
+
+
 def test_a_newer_put_always_wins_over_a_reseal(store: SQLiteStore) -> None:
     store.apply([put("1-0", b"v1-old-key")])
     store.apply([put("3-0", b"v2")])  # committed before the reseal arrives
