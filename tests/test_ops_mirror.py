@@ -329,6 +329,25 @@ def test_an_expiry_edit_of_a_sealed_file_keeps_the_records_writer(
     assert (record.owner, record.expires_at) == ("coder-1", expires)
 
 
+def test_an_older_envelope_pasted_into_a_sealed_file_is_refused(
+    mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Imported under the writer it names, the record's older envelope became a write its
+    # writer never made, and the row went back to the older value.
+    put(mem, "token", {"t": 1}, Level.PRIVATE)
+    once(capsys, args, mdir)
+    f = file_of(mdir, "token", "agent:coder-1")
+    older = doc(f)["envelope"]
+    put(mem, "token", {"t": 2}, Level.PRIVATE)
+    once(capsys, args, mdir)
+    d = doc(f)
+    d["envelope"] = older
+    f.write_text(json.dumps(d))
+    out = once(capsys, args, mdir)
+    assert " 1 rejected" in out and "not the record's current write" in out, out
+    assert mem.get("token", level=Level.PRIVATE, principal=CODER) == {"t": 2}
+
+
 def test_a_mirror_keeps_its_levels(
     mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

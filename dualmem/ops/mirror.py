@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from acl.crypto import Codec, envelope_sealing
+from acl.crypto import Codec, Sealing, envelope_sealing
 from acl.errors import ConfigurationError, DualMemError
 from acl.levels import ENCRYPTED_LEVELS, Level
 from acl.policy import level_of_scope, stored_level
@@ -457,7 +457,9 @@ class Mirror:
     ) -> None:
         digest = _sha(data)
         try:
-            scope, key, level, envelope, payload, expires, writer = self._parse(data, rel)
+            scope, key, level, envelope, payload, expires, writer = self._parse(
+                conn, data, rel, now_ms
+            )
         except LineError as exc:
             report.rejected += 1
             sc = entry["scope"] if entry else ""
@@ -514,12 +516,13 @@ class Mirror:
         self.state.rejected.pop(rel, None)
 
     def _parse(
-        self, data: bytes, rel: str
+        self, conn: sqlite3.Connection, data: bytes, rel: str, now_ms: int
     ) -> tuple[str, str, Level, bytes, bytes, int | None, str]:
         """A file's ``(scope, key, level, envelope, payload, expiry, writer)``. The writer
         is the mirror's own for a value it seals, and the sealed writer of an envelope
         kept as it is (an edit of the expiry alone): an envelope opens only under the
-        writer it names."""
+        writer it names. Any other envelope (an older write of the record pasted in) is
+        refused: imported, it would be a write its writer never made."""
         try:
             obj = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
@@ -535,13 +538,32 @@ class Mirror:
             raise LineError("a file needs exactly one of 'value' and 'envelope'")
         expires = line_expiry(obj, int(time.time() * 1000))
         writer = ACTOR
+        sealing = None
         if isinstance(obj.get("envelope"), str):
-            with contextlib.suppress(binascii.Error, ValueError):
+            with contextlib.suppress(binascii.Error, ValueError):  # line_envelope says why
                 sealing = envelope_sealing(base64.b64decode(obj["envelope"], validate=True))
-                writer = ACTOR if sealing is None else sealing.writer
+        if sealing is not None:
+            writer = self._kept_writer(conn, scope, key, now_ms, sealing)
         envelope, payload = line_envelope(obj, self.codec, scope, key, level, writer)
         check_projectable(scope, key, level, writer, envelope, expires)
         return scope, key, level, envelope, payload, expires, writer
+
+    def _kept_writer(
+        self, conn: sqlite3.Connection, scope: str, key: str, now_ms: int, sealing: Sealing
+    ) -> str:
+        """The writer of a file's envelope when it is the record's current write (kept as
+        it is, or re-encrypted by a rotation), else ``LineError``."""
+        row = self._row(conn, scope, key, now_ms)
+        current = None if row is None else envelope_sealing(bytes(row[4]))
+        if current is None or (current.write_id, current.writer) != (
+            sealing.write_id,
+            sealing.writer,
+        ):
+            raise LineError(
+                "its envelope is not the record's current write: change 'value' (sealed "
+                "on the way in), not 'envelope'"
+            )
+        return sealing.writer
 
     def _same(self, row: Row, envelope: bytes, payload: bytes) -> bool:
         if bytes(row[4]) == envelope:
