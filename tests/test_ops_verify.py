@@ -474,15 +474,13 @@ def test_a_key_rotation_keeps_redis_and_sqlite_in_parity_and_a_tamper_still_fail
     assert parity["summary"] == (
         "3 cache entries match (3 re-sealed apart by a key rotation: same value), 0 in flight"
     )
-    # Without the key the headers tell one write's re-encryptions (same write id and
-    # writer) from another write's envelope.
+    # Without the key the two ciphertexts cannot be compared: a warning, not a failure
+    # (headers that agree prove nothing: anyone can copy one).
     code, checks = report(capsys, args)
     parity = checks["redis <-> sqlite parity"]
     assert code == 0, parity
-    assert parity["status"] == "ok"
-    assert parity["summary"] == (
-        "3 cache entries match (3 re-sealed apart by a key rotation: same value), 0 in flight"
-    )
+    assert parity["status"] == "warn"
+    assert "3 re-sealed by a key rotation not judged" in parity["summary"]
     # A cache entry holding another value (sealed with the active key) or an envelope
     # that does not open is still a failure, with the keyring or without it.
     scope = "agent:coder-1"

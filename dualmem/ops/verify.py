@@ -627,14 +627,18 @@ SAME, DIFFERENT, UNJUDGED = "same", "different", "unjudged"
 
 
 def _judged_by_headers(row_envelope: bytes, cached: bytes, *, resealed: bool) -> tuple[str, str]:
-    """:func:`same_value` without a keyring: what the envelopes' headers say."""
+    """:func:`same_value` without a keyring. Only a key rotation makes two envelopes of
+    one value (``resealed``): otherwise differing bytes differ. The headers can only
+    condemn: names of another write (write id, writer) are another value, whereas
+    agreeing ones prove nothing without the key (anyone can copy a header)."""
+    if not resealed:
+        return DIFFERENT, "the cached envelope differs from the SQLite row"
     row_sealing, cached_sealing = envelope_sealing(row_envelope), envelope_sealing(cached)
     if row_sealing is not None and cached_sealing is not None:
         one_write = row_sealing.write_id == cached_sealing.write_id
-        if one_write and row_sealing.writer == cached_sealing.writer:
-            return SAME, ""
-        return DIFFERENT, "the cached envelope is another write than the SQLite row"
-    if resealed and envelope_key_id(row_envelope) and envelope_key_id(cached):
+        if not (one_write and row_sealing.writer == cached_sealing.writer):
+            return DIFFERENT, "the cached envelope is another write than the SQLite row"
+    if envelope_key_id(row_envelope) and envelope_key_id(cached):
         return UNJUDGED, ""
     return DIFFERENT, "the cached envelope differs from the SQLite row"
 
@@ -656,10 +660,9 @@ def same_value(
     own nonce); any other write caches the very envelope it commits. With a keyring both
     are opened with the record's ``(scope, key, level)``: the same plaintext bytes are
     ``SAME``; another value, or an envelope that does not open, is ``DIFFERENT``. With
-    none, the headers say it (envelope version 2): one write's envelopes (same write id
-    and writer, a rotation's re-encryption) are ``SAME``, two writes' are ``DIFFERENT``.
-    Two version-1 envelopes of a row a rotation may have re-sealed (``resealed``) are
-    ``UNJUDGED``; anything else is ``DIFFERENT``.
+    none, two encrypted envelopes of a row a rotation may have re-sealed (``resealed``)
+    are ``UNJUDGED``, unless their headers name two writes (``DIFFERENT``); anything else
+    is ``DIFFERENT``.
 
     >>> from acl.crypto import Keyring
     >>> codec = Codec(Keyring.generate())
@@ -670,8 +673,10 @@ def same_value(
     >>> same_value(None, one, two, resealed=True, **where)[0]  # two writes
     'different'
     >>> again = Codec(codec.keyring.with_new_key()).reseal(one, **where)
-    >>> same_value(None, one, again, resealed=True, **where)
-    ('same', '')
+    >>> same_value(None, one, again, resealed=True, **where)  # one write: not verified
+    ('unjudged', '')
+    >>> same_value(None, one, again, resealed=False, **where)[0]
+    'different'
     """
     if codec is None or codec.keyring is None:
         return _judged_by_headers(row_envelope, cached, resealed=resealed)
