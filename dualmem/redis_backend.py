@@ -100,8 +100,9 @@ class _FairQueue(queue.LifoQueue[Any]):
 
     Its lock is re-entrant, as redis-py's own pool lock is: a signal handler that runs a
     command (a ``close()`` asking Redis for the backlog) while its thread is inside this
-    queue would otherwise wait for itself forever. Re-entered, a ``get`` that finds no
-    connection waits out its timeout (``StoreUnavailable``) instead.
+    queue would otherwise wait for itself forever. Such a re-entered ``get`` never waits
+    (its own thread holds the turn it would wait behind): it takes an idle connection,
+    or fails at once (``StoreUnavailable``).
     """
 
     def __init__(self, maxsize: int = 0) -> None:
@@ -111,6 +112,7 @@ class _FairQueue(queue.LifoQueue[Any]):
         self.not_full = threading.Condition(self.mutex)
         self.all_tasks_done = threading.Condition(self.mutex)
         self._line: collections.deque[threading.Condition] = collections.deque()
+        self._inside: set[int] = set()  # threads in get(), waiting or not
 
     def _put(self, item: Any) -> None:  # called with the queue's lock held
         super()._put(item)
@@ -118,25 +120,38 @@ class _FairQueue(queue.LifoQueue[Any]):
             self._line[0].notify()
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        me = threading.get_ident()
         with self.mutex:
-            if not self._line and self._qsize():
-                return self._take()
-            if not block:
+            if me in self._inside:  # a signal handler of a thread already in here
+                if self._qsize():
+                    return self._take()
                 raise queue.Empty
-            turn = threading.Condition(self.mutex)
-            self._line.append(turn)
-            deadline = None if timeout is None else time.monotonic() + timeout
+            self._inside.add(me)
             try:
-                while self._line[0] is not turn or not self._qsize():
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise queue.Empty
-                    turn.wait(left)
-                return self._take()
+                return self._get_in_turn(block, timeout)
             finally:
-                self._line.remove(turn)
-                if self._line and self._qsize():
-                    self._line[0].notify()  # the next in line may take what is left
+                self._inside.discard(me)
+
+    def _get_in_turn(self, block: bool, timeout: float | None) -> Any:
+        # Called with the mutex held.
+        if not self._line and self._qsize():
+            return self._take()
+        if not block:
+            raise queue.Empty
+        turn = threading.Condition(self.mutex)
+        self._line.append(turn)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while self._line[0] is not turn or not self._qsize():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise queue.Empty
+                turn.wait(left)
+            return self._take()
+        finally:
+            self._line.remove(turn)
+            if self._line and self._qsize():
+                self._line[0].notify()  # the next in line may take what is left
 
     def _take(self) -> Any:
         item = self._get()

@@ -177,3 +177,38 @@ def test_a_command_that_crashes_the_server_code_leaves_no_replies_behind(path: s
         transact(client, [(b"SET", b"y", b"1"), (b"XPENDING", b"s", b"\xff")])
     assert client.get("a") == b"A"
     assert transact(client, [(b"SET", b"z", b"1")]) == [b"OK"]
+
+
+def test_a_get_re_entered_by_a_signal_handler_never_waits_behind_its_own_thread() -> None:
+    # The handler's get joined the line behind the turn its own (suspended) thread held,
+    # and waited out its whole timeout while that turn could not move; the turn's wake-up
+    # could be lost meanwhile. Re-entered, a get takes an idle connection or fails at once.
+    import queue
+    import signal
+    import threading
+    import time
+
+    from dualmem.redis_backend import _FairQueue
+
+    q = _FairQueue(2)
+    inner: list[tuple[str, float]] = []
+
+    def handler(signum: int, frame: object) -> None:
+        began = time.monotonic()
+        try:
+            q.get(timeout=5)
+            inner.append(("got", time.monotonic() - began))
+        except queue.Empty:
+            inner.append(("empty", time.monotonic() - began))
+
+    before = signal.signal(signal.SIGALRM, handler)
+    giver = threading.Timer(0.3, q.put_nowait, args=("connection",))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)  # while the get below waits in line
+        giver.start()
+        assert q.get(timeout=5) == "connection"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        giver.cancel()
+    assert len(inner) == 1 and inner[0][0] == "empty" and inner[0][1] < 1.0, inner
