@@ -19,8 +19,9 @@ it was sealed for: copied to another key, scope or level it raises
 value: a row that names another writer does not open), a random **write id**, which a
 key rotation's re-encryption keeps, and a **generation**, which each re-encryption counts
 up: the worker accepts a re-sealed envelope only for the write its row holds and only at
-a higher generation, so neither an older envelope of the record nor the record's own
-envelope from before a rotation can be passed off as one.
+a higher generation (or the same one under the same key: a redelivery), so neither an
+older envelope of the record nor the record's own envelope from before a rotation can be
+passed off as one.
 """
 
 from __future__ import annotations

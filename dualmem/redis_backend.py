@@ -4,6 +4,7 @@ translation of redis errors into dualmem errors at this one boundary."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import queue
 import threading
@@ -126,8 +127,10 @@ class _FairQueue(queue.LifoQueue[Any]):
                 if self._qsize():
                     return self._take()
                 raise queue.Empty
-            self._inside.add(me)
             try:
+                # Inside the try: a signal handler that raises right after the add must
+                # not leave this thread marked as inside for good.
+                self._inside.add(me)
                 return self._get_in_turn(block, timeout)
             finally:
                 self._inside.discard(me)
@@ -139,9 +142,9 @@ class _FairQueue(queue.LifoQueue[Any]):
         if not block:
             raise queue.Empty
         turn = threading.Condition(self.mutex)
-        self._line.append(turn)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
+            self._line.append(turn)  # inside the try, for the same reason as _inside
             while self._line[0] is not turn or not self._qsize():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -149,7 +152,8 @@ class _FairQueue(queue.LifoQueue[Any]):
                 turn.wait(left)
             return self._take()
         finally:
-            self._line.remove(turn)
+            with contextlib.suppress(ValueError):
+                self._line.remove(turn)
             if self._line and self._qsize():
                 self._line[0].notify()  # the next in line may take what is left
 

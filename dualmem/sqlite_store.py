@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from acl.crypto import envelope_sealing
+from acl.crypto import envelope_key_id, envelope_sealing
 from acl.errors import ConfigurationError
 from acl.levels import ENCRYPTED_LEVELS, Level
 from dualmem.batch import GENESIS, BatchPlan, chain_hash, plan_batch
@@ -1022,10 +1022,10 @@ def _check_reseals(conn: sqlite3.Connection, reseals: Sequence[tuple[object, ...
     entry could pass an older envelope of the record off as a re-encryption, guarded by
     the row's current stream id (which the stream shows): the row would silently go back
     to an older value, or back under a key a rotation retired, with no journal row. The
-    same generation is taken: a reseal redelivered after its commit (it has no journal
-    row to be found a duplicate by), or sent again by a resumed rotation before the
-    first copy was applied, re-encrypts the same write at the same step. A row sealed
-    before envelope version 2 has no write id, and takes any reseal.
+    same generation under the same key is taken: a reseal redelivered after its commit
+    (it has no journal row to be found a duplicate by), or sent again by a resumed
+    rotation before the first copy was applied, re-encrypts the same write at the same
+    step. A row sealed before envelope version 2 has no write id, and takes any reseal.
     """
     for envelope, scope, key, level, guard in reseals:
         row = conn.execute(
@@ -1040,10 +1040,15 @@ def _check_reseals(conn: sqlite3.Connection, reseals: Sequence[tuple[object, ...
             continue
         assert isinstance(envelope, bytes)
         new = envelope_sealing(envelope)
+        # The same generation only under the same key (a redelivery, or a resumed
+        # rotation's second copy): another key at that generation is an aborted
+        # rotation's envelope, which would put the row back under a key since retired.
+        same_step = new is not None and new.generation == current.generation
         if (
             new is None
             or (new.write_id, new.writer) != (current.write_id, current.writer)
             or new.generation < current.generation
+            or (same_step and envelope_key_id(envelope) != envelope_key_id(bytes(row[0])))
         ):
             raise MalformedCommand(
                 f"reseal of {scope}/{key} is not a re-encryption of the write its row holds "

@@ -102,6 +102,14 @@ def test_a_reseal_redelivered_or_sent_again_at_its_generation_is_no_failure(
         assert result.failed == [] and envelope_of(store) == envelope
     older = store.apply([reseal("4-0", original, guard="1-0")])
     assert [e.stream_id for e, _ in older.failed] == ["4-0"]
+    # The same generation under another key: an aborted rotation's envelope, which would
+    # put the row back under a key retired since.
+    aborted = Codec(codec.keyring.with_new_key()).reseal(  # type: ignore[union-attr]
+        original, scope=SCOPE, key="k", level=Level.PRIVATE
+    )
+    assert aborted is not None and envelope_key_id(aborted) != envelope_key_id(second)
+    refused = store.apply([reseal("5-0", aborted, guard="1-0")])
+    assert [e.stream_id for e, _ in refused.failed] == ["5-0"]
     assert envelope_of(store) == second
 
 

@@ -329,6 +329,32 @@ def test_an_expiry_edit_of_a_sealed_file_keeps_the_records_writer(
     assert (record.owner, record.expires_at) == ("coder-1", expires)
 
 
+def test_an_expiry_edit_made_before_a_rotation_reached_the_file_keeps_the_new_key(
+    mem: DualMemory,
+    make_mem: Callable[..., DualMemory],
+    keyfile: Path,
+    args: list[str],
+    mdir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The file's envelope is the write the row holds, sealed before a rotation re-sealed
+    # the row: imported as it was, it put the row back under the retired key.
+    put(mem, "token", {"t": SECRET}, Level.PRIVATE)
+    once(capsys, args, mdir)
+    f = file_of(mdir, "token", "agent:coder-1")
+    new = add_active_key(keyfile).active_id
+    assert rotate_keys(make_mem(), timeout=30).done
+    d = doc(f)
+    assert envelope_key_id(base64.b64decode(str(d["envelope"]))) != new
+    expires = int(time.time() * 1000) + 3_600_000
+    d["expires_at"] = expires
+    f.write_text(json.dumps(d))
+    out = once(capsys, args, mdir)
+    assert "1 imported" in out, out
+    row = mem.store.get("agent:coder-1", "token", 0)
+    assert row is not None and row.expires_at == expires and envelope_key_id(row.envelope) == new
+
+
 def test_an_older_envelope_pasted_into_a_sealed_file_is_refused(
     mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

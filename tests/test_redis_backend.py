@@ -212,3 +212,23 @@ def test_a_get_re_entered_by_a_signal_handler_never_waits_behind_its_own_thread(
         signal.signal(signal.SIGALRM, before)
         giver.cancel()
     assert len(inner) == 1 and inner[0][0] == "empty" and inner[0][1] < 1.0, inner
+
+
+def test_an_interrupt_right_after_entering_a_get_leaves_no_mark() -> None:
+    # A signal handler that raises (Ctrl-C caught by the application) just after the
+    # thread was marked as inside get left the mark: every later get of that thread was
+    # taken for a re-entered one and failed at once instead of waiting its turn.
+    import threading
+
+    from dualmem.redis_backend import _FairQueue
+
+    class InterruptedAfterAdd(set[int]):
+        def add(self, element: int) -> None:
+            super().add(element)
+            raise KeyboardInterrupt
+
+    q = _FairQueue(2)
+    q._inside = InterruptedAfterAdd()
+    with pytest.raises(KeyboardInterrupt):
+        q.get(timeout=0.1)
+    assert threading.get_ident() not in q._inside

@@ -543,16 +543,20 @@ class Mirror:
             with contextlib.suppress(binascii.Error, ValueError):  # line_envelope says why
                 sealing = envelope_sealing(base64.b64decode(obj["envelope"], validate=True))
         if sealing is not None:
-            writer = self._kept_writer(conn, scope, key, now_ms, sealing)
+            writer, current = self._kept_writer(conn, scope, key, now_ms, sealing)
+            # The row's own envelope, not the file's: a key rotation may have re-sealed
+            # the write since the file was written, and the file's copy would put the row
+            # back under the retired key.
+            obj = {**obj, "envelope": base64.b64encode(current).decode("ascii")}
         envelope, payload = line_envelope(obj, self.codec, scope, key, level, writer)
         check_projectable(scope, key, level, writer, envelope, expires)
         return scope, key, level, envelope, payload, expires, writer
 
     def _kept_writer(
         self, conn: sqlite3.Connection, scope: str, key: str, now_ms: int, sealing: Sealing
-    ) -> str:
-        """The writer of a file's envelope when it is the record's current write (kept as
-        it is, or re-encrypted by a rotation), else ``LineError``."""
+    ) -> tuple[str, bytes]:
+        """``(writer, the row's envelope)`` when a file's envelope is the record's current
+        write (kept as it is, or re-encrypted by a rotation since), else ``LineError``."""
         row = self._row(conn, scope, key, now_ms)
         current = None if row is None else envelope_sealing(bytes(row[4]))
         if current is None or (current.write_id, current.writer) != (
@@ -563,7 +567,8 @@ class Mirror:
                 "its envelope is not the record's current write: change 'value' (sealed "
                 "on the way in), not 'envelope'"
             )
-        return sealing.writer
+        assert row is not None
+        return sealing.writer, bytes(row[4])
 
     def _same(self, row: Row, envelope: bytes, payload: bytes) -> bool:
         if bytes(row[4]) == envelope:
