@@ -10,6 +10,7 @@ import sqlite3
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -24,7 +25,7 @@ from dualmem.batch import GENESIS, chain_hash
 from dualmem.commands import put_fields, reseal_fields, sid_of
 from dualmem.layout import Layout
 from dualmem.sqlite_store import SQLiteStore
-from dualmem.store import StreamEntry
+from dualmem.store import DeadLetter, StreamEntry
 
 from .conftest import RedisServer, wait_until
 
@@ -173,6 +174,19 @@ def _put_twice(mem: DualMemory, who: Principal) -> tuple[bytes, str]:
     return bytes(old.envelope), new.stream_id
 
 
+def _dead_letter_of(
+    mem: DualMemory, raw_redis: redis.Redis, fields: dict[bytes, Any], what: str
+) -> DeadLetter:
+    """Add ``fields`` to their record's stream, as a Redis writer without the key can,
+    and wait for the worker to dead-letter that entry."""
+    shard = mem.layout.shard_of(fields[b"s"], fields[b"k"])
+    forged = raw_redis.xadd(mem.layout.stream(shard), fields).decode()  # type: ignore[arg-type]
+    (dead,) = wait_until(
+        lambda: [d for d in mem.store.dead_letters() if d.stream_id == forged], what=what
+    )
+    return dead  # type: ignore[no-any-return]
+
+
 def test_an_older_envelope_passed_off_as_a_reseal_is_refused(
     make_mem: MakeMem, raw_redis: redis.Redis
 ) -> None:
@@ -185,12 +199,7 @@ def test_an_older_envelope_passed_off_as_a_reseal_is_refused(
     fields = reseal_fields(
         "agent:coder-1", "role", Level.PRIVATE, "rotation", 1, old_envelope, sid_of(current)
     )
-    shard = mem.layout.shard_of("agent:coder-1", "role")
-    forged = raw_redis.xadd(mem.layout.stream(shard), fields).decode()  # type: ignore[arg-type]
-    (dead,) = wait_until(
-        lambda: [d for d in mem.store.dead_letters() if d.stream_id == forged],
-        what="the forged reseal dead-lettered",
-    )
+    dead = _dead_letter_of(mem, raw_redis, fields, "the forged reseal dead-lettered")
     assert "not a re-encryption of the write its row holds" in dead.error
     assert mem.get("role", level=Level.PRIVATE, principal=coder) == {"role": "revoked"}
 
@@ -219,11 +228,8 @@ def test_a_records_envelope_from_before_a_rotation_cannot_take_its_row_back(
         bytes(before.envelope),
         sid_of(after.stream_id),
     )
-    shard = mem.layout.shard_of("agent:coder-1", "role")
-    forged = raw_redis.xadd(mem.layout.stream(shard), fields).decode()  # type: ignore[arg-type]
-    (dead,) = wait_until(
-        lambda: [d for d in mem.store.dead_letters() if d.stream_id == forged],
-        what="the replayed pre-rotation envelope dead-lettered",
+    dead = _dead_letter_of(
+        mem, raw_redis, fields, "the replayed pre-rotation envelope dead-lettered"
     )
     assert "or an older generation" in dead.error
     now = mem.store.get("agent:coder-1", "role", 0)
@@ -238,11 +244,7 @@ def test_a_short_or_headless_version_2_envelope_fails_alone(
     # hot path: retried with tracebacks instead of dead-lettered as malformed.
     mem = make_mem(max_deliveries=2, claim_idle_ms=50)
     fields = put_fields("agent:coder-1", "x", Level.PRIVATE, "coder-1", 1, envelope, None)
-    forged = raw_redis.xadd(mem.layout.stream(mem.layout.shard_of("agent:coder-1", "x")), fields)
-    (dead,) = wait_until(
-        lambda: [d for d in mem.store.dead_letters() if d.stream_id == forged.decode()],
-        what="the malformed put dead-lettered",
-    )
+    dead = _dead_letter_of(mem, raw_redis, fields, "the malformed put dead-lettered")
     assert "malformed version-2 envelope header" in dead.error
 
 
@@ -259,12 +261,7 @@ def test_a_put_re_sent_under_another_writer_is_refused_and_a_row_naming_one_does
     fields = put_fields(
         "agent:coder-1", "role", Level.PRIVATE, "intern-7", 1, bytes(row.envelope), None
     )
-    shard = mem.layout.shard_of("agent:coder-1", "role")
-    forged = raw_redis.xadd(mem.layout.stream(shard), fields).decode()  # type: ignore[arg-type]
-    (dead,) = wait_until(
-        lambda: [d for d in mem.store.dead_letters() if d.stream_id == forged],
-        what="the re-sent put dead-lettered",
-    )
+    dead = _dead_letter_of(mem, raw_redis, fields, "the re-sent put dead-lettered")
     assert "sealed by 'coder-1', not by the command's writer 'intern-7'" in dead.error
     record = mem.get_record("role", level=Level.PRIVATE, principal=coder)
     assert record is not None and record.owner == "coder-1" and record.stream_id == current
