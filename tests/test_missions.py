@@ -630,28 +630,49 @@ def test_one_id_under_two_missions_is_two_rows(store: SQLiteStore) -> None:
     assert _projection_ok(store)
 
 
+def _schema_4_file(path: Path) -> sqlite3.Connection:
+    """A fresh file at schema 4 (autocommit), for rows written as schema 4 kept them."""
+    from dualmem.migrations import migrate
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, 4)
+    return conn
+
+
+def _v4_record(conn: sqlite3.Connection, key: str, value: object, stream_id: str) -> None:
+    """The ``memory`` row of a put of ``value`` at ``key`` (project:shop) by lead."""
+    from dualmem.commands import sid_of
+
+    env = CODEC.seal(value, scope="project:shop", key=key, level=Level.PROJECT)
+    conn.execute(
+        "INSERT INTO memory (scope, key, level, owner, envelope, sid, stream_id, created_at,"
+        " updated_at) VALUES ('project:shop', ?, 4, 'lead', ?, ?, ?, 1, 1)",
+        (key, env, sid_of(stream_id), stream_id),
+    )
+
+
+def _v4_tool_call(conn: sqlite3.Connection, mission_id: str, called_at: int, sid: bytes) -> None:
+    """A projected row of tool call c1 under ``mission_id``, as schema 4 stored it."""
+    conn.execute(
+        "INSERT INTO tool_calls (scope, call_id, mission_id, tool_name, args, result, "
+        "duration_ms, success, error, called_at, actor, sid) VALUES ('project:shop', 'c1', "
+        "?, 't', '{}', 'null', 1.0, 1, NULL, ?, 'lead', ?)",
+        (mission_id, called_at, sid),
+    )
+
+
 def test_migrating_to_schema_5_gives_a_reused_id_its_row_back(tmp_path: Path) -> None:
     # A schema-4 file where m2's call c1 took m1's row over: after the migration each
     # mission has its own row again, and verify passes.
     from dualmem.commands import sid_of
-    from dualmem.migrations import migrate, schema_version
+    from dualmem.migrations import schema_version
 
     path = tmp_path / "v4.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    migrate(conn, 4)
-    records = [
-        (mission_key("m1"), mission_value("m1", "in_progress", 10), "10-0"),
-        (mission_key("m2"), mission_value("m2", "in_progress", 11), "11-0"),
-        (child_key("tool_call", "m1", "c1"), call_value("m1", "c1", 20), "20-0"),
-        (child_key("tool_call", "m2", "c1"), call_value("m2", "c1", 21), "21-0"),
-    ]
-    for key, value, stream_id in records:
-        env = CODEC.seal(value, scope="project:shop", key=key, level=Level.PROJECT)
-        conn.execute(
-            "INSERT INTO memory (scope, key, level, owner, envelope, sid, stream_id, created_at,"
-            " updated_at) VALUES ('project:shop', ?, 4, 'lead', ?, ?, ?, 1, 1)",
-            (key, env, sid_of(stream_id), stream_id),
-        )
+    conn = _schema_4_file(path)
+    _v4_record(conn, mission_key("m1"), mission_value("m1", "in_progress", 10), "10-0")
+    _v4_record(conn, mission_key("m2"), mission_value("m2", "in_progress", 11), "11-0")
+    _v4_record(conn, child_key("tool_call", "m1", "c1"), call_value("m1", "c1", 20), "20-0")
+    _v4_record(conn, child_key("tool_call", "m2", "c1"), call_value("m2", "c1", 21), "21-0")
     for mid, ms in [("m1", 10), ("m2", 11)]:
         conn.execute(
             "INSERT INTO missions (scope, mission_id, level, phase, status, started_at, "
@@ -659,18 +680,9 @@ def test_migrating_to_schema_5_gives_a_reused_id_its_row_back(tmp_path: Path) ->
             "'lead', ?)",
             (mid, ms, ms, sid_of(f"{ms}-0")),
         )
-    conn.execute(  # what schema 4 kept: one row, the second record's
-        "INSERT INTO tool_calls (scope, call_id, mission_id, tool_name, args, result, "
-        "duration_ms, success, error, called_at, actor, sid) VALUES ('project:shop', 'c1', "
-        "'m2', 't', '{}', 'null', 1.0, 1, NULL, 21, 'lead', ?)",
-        (sid_of("21-0"),),
-    )
+    _v4_tool_call(conn, "m2", 21, sid_of("21-0"))  # what schema 4 kept: the second record's
     with pytest.raises(sqlite3.IntegrityError):  # the old key: one row per (scope, id)
-        conn.execute(
-            "INSERT INTO tool_calls (scope, call_id, mission_id, tool_name, args, result, "
-            "duration_ms, success, error, called_at, actor, sid) VALUES ('project:shop', 'c1',"
-            " 'm1', 't', '{}', 'null', 1.0, 1, NULL, 20, 'lead', x'00')"
-        )
+        _v4_tool_call(conn, "m1", 20, b"\x00")
     conn.close()
     migrated = SQLiteStore(path)
     try:
@@ -690,24 +702,11 @@ def test_a_child_row_without_its_mission_does_not_stop_the_schema_5_migration(
     # A schema-4 file with an orphan tool call (its mission row deleted by hand): the
     # rebuilt table's foreign key refused the copy, so the file could not be opened.
     from dualmem.commands import sid_of
-    from dualmem.migrations import migrate
 
     path = tmp_path / "v4.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    migrate(conn, 4)
-    key = child_key("tool_call", "m", "c1")
-    env = CODEC.seal(call_value("m", "c1", 21), scope="project:shop", key=key, level=Level.PROJECT)
-    conn.execute(
-        "INSERT INTO memory (scope, key, level, owner, envelope, sid, stream_id, created_at,"
-        " updated_at) VALUES ('project:shop', ?, 4, 'lead', ?, ?, '21-0', 1, 1)",
-        (key, env, sid_of("21-0")),
-    )
-    conn.execute(
-        "INSERT INTO tool_calls (scope, call_id, mission_id, tool_name, args, result, "
-        "duration_ms, success, error, called_at, actor, sid) VALUES ('project:shop', 'c1', "
-        "'m', 't', '{}', 'null', 1.0, 1, NULL, 21, 'lead', ?)",
-        (sid_of("21-0"),),
-    )
+    conn = _schema_4_file(path)
+    _v4_record(conn, child_key("tool_call", "m", "c1"), call_value("m", "c1", 21), "21-0")
+    _v4_tool_call(conn, "m", 21, sid_of("21-0"))
     conn.close()
     migrated = SQLiteStore(path)
     try:
