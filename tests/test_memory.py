@@ -453,11 +453,7 @@ def test_threads_sharing_one_writer_never_pass_the_bound(
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    running = [threading.Thread(target=write, args=(t,)) for t in range(threads)]
-    for th in running:
-        th.start()
-    for th in running:
-        th.join(60)
+    in_threads(write, threads)
     assert not errors
     # Each thread stops once the stream is full as far as the writer knows; the last one
     # running knows exactly, so the stream ends at the bound, not past it.
@@ -477,12 +473,17 @@ def put_from_threads(mem: DualMemory, who: Principal, threads: int, each: int) -
             except Exception as exc:  # reported by the caller
                 errors.append(exc)
 
-    running = [threading.Thread(target=write, args=(t,)) for t in range(threads)]
+    in_threads(write, threads)
+    return errors
+
+
+def in_threads(target: Callable[[int], None], threads: int) -> None:
+    """Run ``target(0)`` .. ``target(threads - 1)`` each in a thread of its own; wait."""
+    running = [threading.Thread(target=target, args=(t,)) for t in range(threads)]
     for th in running:
         th.start()
     for th in running:
         th.join(60)
-    return errors
 
 
 @pytest.mark.parametrize(("threads", "limit"), [(120, None), (24, 3)])
