@@ -976,12 +976,7 @@ class DualMemory:
             check_text("after key", after[1])
         check_int("since", since, optional=True)
         check_int("until", until, optional=True)
-        if (
-            isinstance(limit, bool)
-            or not isinstance(limit, int)
-            or not 0 < limit <= _MAX_QUERY_LIMIT
-        ):
-            raise ValidationError(f"limit must be an int in 1..{_MAX_QUERY_LIMIT}")
+        _check_page_size("limit", limit)
         scopes = self._scopes(principal, level, scope)
         t0 = time.perf_counter_ns()
         rows = self.store.query(
@@ -1024,8 +1019,7 @@ class DualMemory:
         """
         # Checked here, under its own name: query() would blame its limit, which the
         # caller never passed.
-        if isinstance(page, bool) or not isinstance(page, int) or not 0 < page <= _MAX_QUERY_LIMIT:
-            raise ValidationError(f"page must be an int in 1..{_MAX_QUERY_LIMIT}, got {page!r}")
+        _check_page_size("page", page)
         out: list[Record] = []
         after: tuple[str, str] | None = None
         while True:
@@ -1152,6 +1146,12 @@ def _check_detail(detail: object) -> None:
         json.dumps(dict(detail), sort_keys=True, default=str)
     except (TypeError, ValueError, RecursionError) as exc:
         raise ValidationError(f"detail cannot be encoded as JSON: {exc}") from None
+
+
+def _check_page_size(name: str, value: object) -> None:
+    """``ValidationError`` unless ``value`` is an int (not a bool) in 1..10,000."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_QUERY_LIMIT:
+        raise ValidationError(f"{name} must be an int in 1..{_MAX_QUERY_LIMIT}, got {value!r}")
 
 
 def _check_wait(timeout: object) -> None:
