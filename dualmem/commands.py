@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from acl.crypto import SEALED_VERSION, SEALING_BYTES, envelope_sealing
+from acl.crypto import SEALED_VERSION, envelope_sealing, may_be_sealed_by
 from acl.errors import ValidationError
 from acl.levels import ENCRYPTED_LEVELS, Level
 from acl.policy import level_of_scope
@@ -344,7 +344,7 @@ def _decode_common(fields: Mapping[bytes, bytes]) -> Command | None:
             and "\x00" not in key
             and len(raw_key) <= MAX_KEY_BYTES
             and _scope_level(scope) is level
-            and (op == b"del" or (envelope and _sealed_by(envelope, fields[b"a"])))
+            and (op == b"del" or (envelope and may_be_sealed_by(envelope, fields[b"a"])))
         )
         if not plain:
             return None
@@ -354,18 +354,6 @@ def _decode_common(fields: Mapping[bytes, bytes]) -> Command | None:
         return Command(OP_PUT, scope, key, level, actor, ts_us, envelope, expires_at)
     except (KeyError, ValueError, UnicodeDecodeError):
         return None
-
-
-def _sealed_by(envelope: bytes, actor: bytes) -> bool:
-    """False only for a version-2 envelope whose writer is not ``actor`` (the hot path's
-    form of the check in :func:`decode_command`, on the raw bytes)."""
-    if envelope[0] != SEALED_VERSION:
-        return True
-    if len(envelope) < 3:
-        return False  # the full path names what is wrong
-    at = 3 + envelope[2] + SEALING_BYTES
-    end = at + 2 + int.from_bytes(envelope[at : at + 2], "big")
-    return envelope[at + 2 : end] == actor
 
 
 def decode_command(fields: Mapping[bytes, bytes]) -> Command:
