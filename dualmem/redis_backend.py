@@ -163,6 +163,9 @@ class _FairQueue(queue.LifoQueue[Any]):
         return item
 
 
+#: The longest pause between two attempts of one command, in seconds.
+_BACKOFF_CAP = 0.05
+
 #: Connections a pub/sub client may hold: no cap of its own. Each open ``Subscriber`` (or
 #: ``DualMemory.pubsub()``) holds one for its lifetime, so the application decides how
 #: many; Redis's ``maxclients`` is the limit (redis-py's default pool refused the 101st).
@@ -180,13 +183,17 @@ def connect(
     ``extra_timeout`` lengthens the socket timeout for a worker's blocking reads.
 
     The client's pool holds at most ``max_connections`` connections; a thread that finds
-    them all busy waits for one as long as a reply may take (the socket timeout), not
-    failing at once as redis-py's default pool does ("Too many connections" from a healthy
-    Redis). ``pubsub=True`` gives a client for long-lived pub/sub connections instead,
+    them all busy waits for one as long as a command may hold one (every attempt's connect
+    and reply timeouts, and the backoff between them), not failing at once as redis-py's
+    default pool does ("Too many connections" from a healthy Redis). A wait of one reply
+    timeout alone failed puts from a healthy Redis when 120 threads shared two CPUs.
+    ``pubsub=True`` gives a client for long-lived pub/sub connections instead,
     with no cap: each subscriber holds one for good, and in the command pool a hundred of
     them left no connection for a put.
     """
-    wait = settings.socket_timeout + extra_timeout
+    attempts = settings.redis_retries + 1
+    wait = (settings.connect_timeout + settings.socket_timeout + extra_timeout) * attempts
+    wait += _BACKOFF_CAP * settings.redis_retries
     if settings.embedded:
         import fakeredis
 
@@ -206,7 +213,7 @@ def connect(
         fake_pool = fake.connection_pool
         fake_pool.connection_class = in_process_connection_class(fake_pool.connection_class)
         return fake, srv.wakeup
-    retry = _CountingRetry(ExponentialBackoff(cap=0.05, base=0.005), settings.redis_retries)
+    retry = _CountingRetry(ExponentialBackoff(cap=_BACKOFF_CAP, base=0.005), settings.redis_retries)
     options: dict[str, Any] = {
         "socket_timeout": settings.socket_timeout + extra_timeout,
         "socket_connect_timeout": settings.connect_timeout,
