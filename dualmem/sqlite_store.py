@@ -97,6 +97,16 @@ _LIVE = "envelope IS NOT NULL AND (expires_at IS NULL OR expires_at > ?)"
 # Errors that belong to one entry's content (a constraint, a bad value): retried entry by
 # entry so the rest of the batch commits. Anything else (locked, I/O, full disk) fails
 # the whole batch, which the worker retries unchanged.
+_TAILS = """SELECT (SELECT seq FROM journal ORDER BY seq DESC LIMIT 1),
+                   (SELECT hash FROM journal ORDER BY seq DESC LIMIT 1),
+                   (SELECT id FROM audit_log ORDER BY id DESC LIMIT 1),
+                   (SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1)"""
+
+
+class _EntryFailed(Exception):
+    """A per-entry error (``_ENTRY_ERRORS``) inside a batch's transaction: roll it back."""
+
+
 _ENTRY_ERRORS = (
     sqlite3.IntegrityError,
     sqlite3.DataError,
@@ -271,21 +281,20 @@ class SQLiteStore(Store):
         """See :meth:`Store.apply`."""
         now_ms = int(time.time() * 1000)
         result = ApplyResult()
-        with self._write() as conn:
-            already = self._already(conn, entries)
-            jtail, atail = self._tail_of(conn, "journal"), self._tail_of(conn, "audit")
-            plan = plan_batch(
-                entries, already=already, journal_tail=jtail, audit_tail=atail, now_ms=now_ms
-            )
-            try:
-                conn.execute("SAVEPOINT batch")
-                self._write_plan(conn, plan)
-                conn.execute("RELEASE batch")
-                plans = [plan]
-            except _ENTRY_ERRORS:
-                conn.execute("ROLLBACK TO batch")
-                conn.execute("RELEASE batch")
-                plans = self._apply_each(conn, plan, now_ms)
+        try:
+            with self._write() as conn:
+                plan = self._plan(conn, entries, now_ms)
+                try:
+                    self._write_plan(conn, plan)
+                except _ENTRY_ERRORS as exc:
+                    raise _EntryFailed from exc  # rolls the whole batch back
+            plans = [plan]
+        except _EntryFailed:
+            # Slow path, only after the batch as a whole hit a per-entry error: planned
+            # again under a new write lock (another worker may have committed since),
+            # then each entry in its own savepoint, so one poison entry fails alone.
+            with self._write() as conn:
+                plans = self._apply_each(conn, self._plan(conn, entries, now_ms), now_ms)
         for p in plans:
             result.done.extend(p.applied)
             result.done.extend(p.duplicates)
@@ -300,13 +309,25 @@ class SQLiteStore(Store):
                 result.audit_head = p.audit_tail
         return result
 
+    def _plan(
+        self, conn: sqlite3.Connection, entries: Sequence[StreamEntry], now_ms: int
+    ) -> BatchPlan:
+        """The batch's rows, planned under the write lock: duplicates looked up, chains
+        continued from their tails."""
+        jtail, atail = self._tails(conn)
+        return plan_batch(
+            entries,
+            already=self._already(conn, entries),
+            journal_tail=jtail,
+            audit_tail=atail,
+            now_ms=now_ms,
+        )
+
     def _apply_each(
         self, conn: sqlite3.Connection, plan: BatchPlan, now_ms: int
     ) -> list[BatchPlan]:
-        # Slow path, only after the batch as a whole hit a per-entry error: each entry in
-        # its own savepoint, so one poison entry fails alone.
         out = [BatchPlan(duplicates=plan.duplicates, failed=plan.failed)]
-        jtail, atail = self._tail_of(conn, "journal"), self._tail_of(conn, "audit")
+        jtail, atail = self._tails(conn)
         for entry in plan.applied:
             one = plan_batch(
                 [entry], already=set(), journal_tail=jtail, audit_tail=atail, now_ms=now_ms
@@ -325,14 +346,15 @@ class SQLiteStore(Store):
         return out
 
     @staticmethod
-    def _tail_of(conn: sqlite3.Connection, chain: str) -> tuple[int, bytes]:
-        """``(last id, last hash)`` of the journal or audit chain, read under the write lock."""
-        sql = {
-            "journal": "SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1",
-            "audit": "SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1",
-        }[chain]
-        row = conn.execute(sql).fetchone()
-        return (0, GENESIS) if row is None else (int(row[0]), bytes(row[1]))
+    def _tails(conn: sqlite3.Connection) -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+        """``(last id, last hash)`` of the journal and of the audit chain, read under the
+        write lock in one statement (in one process with its writers, every statement
+        lets another thread take the GIL, and the worker waits for it back)."""
+        jseq, jhash, aid, ahash = conn.execute(_TAILS).fetchone()
+        return (
+            (0, GENESIS) if jseq is None else (int(jseq), bytes(jhash)),
+            (0, GENESIS) if aid is None else (int(aid), bytes(ahash)),
+        )
 
     @staticmethod
     def _already(conn: sqlite3.Connection, entries: Sequence[StreamEntry]) -> set[tuple[int, str]]:
@@ -375,7 +397,7 @@ class SQLiteStore(Store):
     ) -> None:
         """Append worker-originated audit rows ``(ts, event, actor, scope, key, level, risk,
         detail)`` inside the caller's write transaction, extending the hash chain."""
-        aid, ahash = self._tail_of(conn, "audit")
+        aid, ahash = self._tails(conn)[1]
         rows = []
         for ts, event, actor, scope, key, level, risk, detail in events:
             aid += 1
