@@ -51,7 +51,7 @@ from dualmem.rotation import KeyfileWatcher, keyfile_signature
 from dualmem.settings import MAX_WAIT_SECONDS, Settings
 from dualmem.sqlite_store import SQLiteStore, holds_sealed_rows, make_database_directory
 from dualmem.store import Change, Store, StoredRow
-from dualmem.worker import Worker, ensure_groups, stream_backlog
+from dualmem.worker import Worker, ensure_groups, settled_through, stream_backlog
 
 __all__ = ["CloseReport", "DualMemory", "Record"]
 
@@ -795,6 +795,54 @@ class DualMemory:
                 raise NotPersisted(
                     f"command {receipt.shard}/{receipt.stream_id} not committed within "
                     f"{timeout}s (is a worker running?)"
+                )
+            with self._committed:
+                self._committed.wait(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+
+    def settle(self, timeout: float = 5.0) -> None:
+        """Wait until every command in Redis when called, from any process, is committed to
+        SQLite (or dead-lettered): what reads and queries see then includes every write
+        made before the call. For when receipts are not at hand, such as the writes of
+        other processes; a worker must be running.
+
+        Raises ``NotPersisted`` after ``timeout`` seconds, naming the shards still behind.
+
+        >>> from acl import Level, Principal
+        >>> with DualMemory() as mem:
+        ...     me = Principal(agent_id="a", swarm="s")
+        ...     _ = mem.put("k", 1, level=Level.SWARM, principal=me)
+        ...     mem.settle()
+        ...     [r.key for r in mem.query(principal=me, level=Level.SWARM)]
+        ['k']
+        """
+        self._check_open()
+        _check_wait(timeout)
+        with translate_errors("settle"):
+            tops = {
+                shard: text(items[0][0])
+                for shard, stream in enumerate(self._streams)
+                if (items := self._redis.xrevrange(stream, "+", "-", count=1))
+            }
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            self._check_open()
+            with translate_errors("settle"):
+                tops = {
+                    shard: top
+                    for shard, top in tops.items()
+                    if not settled_through(
+                        self._redis, self._streams[shard], self.settings.group, top
+                    )
+                }
+            if not tops:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NotPersisted(
+                    f"commands up to {sorted(tops.items())} (shard, stream id) not settled "
+                    f"within {timeout}s (is a worker running?)"
                 )
             with self._committed:
                 self._committed.wait(min(delay, remaining))

@@ -195,11 +195,18 @@ class MissionLog:
         }
         return self._put(mission_key(current.mission_id), value, None)
 
-    def delete_mission(self, mission_id: str) -> list[Receipt]:
+    def delete_mission(self, mission_id: str, *, timeout: float = 5.0) -> list[Receipt]:
         """Delete a mission and its records at the log's level (the mission first, so a
-        late child cannot bring it back); returns every receipt, the mission's first."""
+        late child cannot bring it back); returns every receipt, the mission's first.
+
+        Its records are listed from SQLite once every write made before the call (by any
+        process) is there (:meth:`DualMemory.settle`, up to ``timeout`` seconds, then
+        ``NotPersisted`` and nothing deleted): a record written just before would be
+        missed otherwise, and outlive its mission.
+        """
         mission = self._existing(mission_id)
         lvl = self.level
+        self.mem.settle(timeout)
         # Listed before anything is deleted: at the plaintext levels the list comes from
         # the projection, which the mission's delete empties (ON DELETE CASCADE).
         children = [

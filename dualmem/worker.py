@@ -718,6 +718,20 @@ def stream_backlog(client: redis.Redis, stream: bytes, group: str) -> int:
     return int(client.xlen(stream))
 
 
+def settled_through(client: redis.Redis, stream: bytes, group: str, last_id: str) -> bool:
+    """Whether every entry of ``stream`` up to ``last_id`` has been delivered to ``group``
+    and acknowledged: committed to SQLite, or dead-lettered (a worker acknowledges only
+    after one of those). ``False`` while the group does not exist (no worker started yet).
+    """
+    for g in _groups(client, stream):
+        if text(g["name"]) != group:
+            continue
+        if sid_of(text(g["last-delivered-id"])) < sid_of(last_id):
+            return False
+        return not client.xpending_range(stream, group, "-", last_id, 1)
+    return False
+
+
 def stream_pending(client: redis.Redis, stream: bytes, group: str) -> int:
     """Entries of ``stream`` delivered to a consumer of ``group`` and not acknowledged
     (0 when the stream or the group does not exist yet)."""

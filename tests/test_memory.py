@@ -1761,3 +1761,22 @@ def test_key_rotation_keeps_a_cached_puts_expiry(
     envelope, kept = cached_envelope(raw_redis.get(name))
     assert kept == expires_at and envelope is not None and envelope_key_id(envelope) == new
     assert writer.get("k", level=Level.PRIVATE, principal=coder, fresh=True) == {"v": 1}
+
+
+def test_settle_waits_for_every_earlier_write_of_any_object_on_every_shard(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    writer = make_mem(worker=False, shards=4)
+    for i in range(60):
+        writer.put(f"k{i:02d}", i, level=Level.SWARM, principal=coder)
+    with pytest.raises(NotPersisted, match=r"not settled within 0\.2s"):
+        writer.settle(timeout=0.2)  # no worker anywhere yet
+    reader = make_mem(shards=4)
+    reader.settle(timeout=10)
+    keys = [r.key for r in reader.query(principal=coder, level=Level.SWARM)]
+    assert keys == [f"k{i:02d}" for i in range(60)]
+    writer.delete("k00", level=Level.SWARM, principal=coder)
+    writer.settle(timeout=10)  # reader's worker persists for it
+    assert reader.get("k00", level=Level.SWARM, principal=coder) is None
+    with pytest.raises(ValidationError):
+        reader.settle(timeout=-1)
