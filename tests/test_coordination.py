@@ -428,6 +428,52 @@ def test_agent_lifecycle_records_each_step_and_refuses_updates_after_termination
     assert [e.event for e in life.history("coder-1")][-2:] == ["terminate", "spawn"]
 
 
+def test_a_state_record_naming_another_agent_is_refused_and_redirects_no_write(
+    make_mem: MakeMem,
+) -> None:
+    # The state at lifecycle/agents/<id> was believed whatever agent it named: a member's
+    # record at helper's key naming the terminated coder-1 made the keeper's own
+    # heartbeat("helper") write coder-1's key, "active" again with the planted fields.
+    mem = make_mem()
+    life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30)
+    life.register_spawn("helper", "Helper", "coder", [], Level.SWARM)
+    life.register_spawn("coder-1", "Coder", "coder", ["python"], Level.SWARM)
+    life.register_termination("coder-1", "phase complete")
+    life.sync()
+    c1 = mem.get("lifecycle/agents/coder-1", level=Level.SWARM, principal=BOSS)
+    planted = {**c1, "status": "active", "ended_at": None, "capabilities": ["shell"]}
+    mem.sync(mem.put("lifecycle/agents/helper", planted, level=Level.SWARM, principal=ROGUE))
+    for attempt in (
+        lambda: life.agent("helper"),
+        lambda: life.heartbeat("helper"),
+        lambda: life.update_confidence("helper", 0.9, "ok", "auth", 1),
+        lambda: life.register_termination("helper", "done"),
+    ):
+        with pytest.raises(TamperedRecord, match="names agent 'coder-1'"):
+            attempt()
+    life.sync()
+    mem.sync(mem.put("sentinel", 1, level=Level.SWARM, principal=BOSS))
+    record = mem.get_record("lifecycle/agents/coder-1", level=Level.SWARM, principal=BOSS)
+    assert record is not None and record.value == c1  # not written again
+    one = life.agent("coder-1")
+    assert one is not None and one.status is AgentStatus.TERMINATED
+    assert one.capabilities == ("python",)
+    assert [e.event for e in life.history("coder-1")] == ["spawn", "terminate"]
+    assert [e.event for e in life.history("helper")] == ["spawn"]
+    (row,) = audit(mem, "agent_record_rejected")  # four reads of one version: one row
+    assert row.key == "lifecycle/agents/helper" and row.risk == "high"
+    assert "names agent 'coder-1'" in json.loads(row.detail)["reason"]
+    # Another version of the record (read from the cache: no stream id) is audited again.
+    planted = {**planted, "agent_id": "coder-9"}
+    mem.sync(mem.put("lifecycle/agents/helper", planted, level=Level.SWARM, principal=ROGUE))
+    for _ in range(2):
+        with pytest.raises(TamperedRecord, match="names agent 'coder-9'"):
+            life.heartbeat("helper")
+    life.sync()
+    mem.sync(mem.put("sentinel", 2, level=Level.SWARM, principal=BOSS))
+    assert len(audit(mem, "agent_record_rejected")) == 2
+
+
 def test_history_keeps_the_newest_events_past_one_page(
     make_mem: MakeMem, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -203,8 +204,19 @@ class SeenRecords:
         self._seen: set[tuple[str, str]] = set()
 
     def first(self, record: Record) -> bool:
-        """True the first time this version of ``record`` is seen."""
-        mark = (record.key, record.stream_id)
+        """True the first time this version of ``record`` is seen. A record read from the
+        Redis cache has no stream id: its value tells its versions apart.
+
+        >>> from collections import namedtuple
+        >>> R = namedtuple("R", "key stream_id value")
+        >>> seen = SeenRecords()
+        >>> [seen.first(R("k", "", v)) for v in ({"a": 1}, {"a": 1}, {"a": 2})]
+        [True, False, True]
+        """
+        version = record.stream_id or "cache:" + json.dumps(
+            record.value, sort_keys=True, default=repr
+        )
+        mark = (record.key, version)
         if mark in self._seen:
             return False
         self._seen.add(mark)

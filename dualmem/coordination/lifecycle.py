@@ -208,10 +208,29 @@ class AgentLifecycle:
         return self._put(key, value, ttl=self.event_ttl)
 
     def _current(self, agent_id: str) -> AgentInfo | None:
-        value = self.mem.get(
+        """The agent's state from the Redis cache, ``None`` if it has none. A record at its
+        key that is not its state (junk, or a record naming another agent) is audited
+        (:meth:`_reject_once`) and raised as ``TamperedRecord``: its fields must not be
+        taken for this agent's, nor its ``agent_id`` decide which key an update writes."""
+        record = self.mem.get_record(
             f"{_AGENTS}{agent_id}", level=self.level, principal=self.principal, fresh=True
         )
-        return None if value is None else AgentInfo.from_value(value)
+        if record is None:
+            return None
+        try:
+            return self._parse(record)
+        except TamperedRecord as exc:
+            self._reject_once(record, str(exc))
+            raise
+
+    @staticmethod
+    def _parse(record: Record) -> AgentInfo:
+        """The state ``record`` holds; ``TamperedRecord`` if it is not an agent record, or
+        names another agent than the one its key does."""
+        info = AgentInfo.from_value(record.value)
+        if record.key != f"{_AGENTS}{info.agent_id}":
+            raise TamperedRecord(f"names agent {info.agent_id!r}, stored under {record.key!r}")
+        return info
 
     def _live(self, agent_id: str) -> AgentInfo:
         info = self._current(check_ident("agent_id", agent_id))
@@ -361,7 +380,7 @@ class AgentLifecycle:
                 try:
                     info = self._current(candidate.agent_id)
                 except TamperedRecord:
-                    continue  # the cache holds junk for it; the committed record is fine
+                    continue  # the cache holds junk for it (audited); the committed record is fine
                 now = self._now_us()
                 if info is None or info.status.final or now - info.last_heartbeat <= limit_us:
                     continue
@@ -407,12 +426,9 @@ class AgentLifecycle:
         agents = []
         for r in records:
             try:
-                info = AgentInfo.from_value(r.value)
+                info = self._parse(r)
             except TamperedRecord as exc:
                 self._reject_once(r, str(exc))
-                continue
-            if r.key != f"{_AGENTS}{info.agent_id}":
-                self._reject_once(r, f"names agent {info.agent_id!r}, stored under {r.key!r}")
                 continue
             agents.append(info)
         return [a for a in agents if wanted is None or a.status is wanted]
