@@ -474,6 +474,46 @@ def test_a_state_record_naming_another_agent_is_refused_and_redirects_no_write(
     assert len(audit(mem, "agent_record_rejected")) == 2
 
 
+def test_spawn_over_a_record_that_is_not_the_agents_state_starts_a_new_life(
+    make_mem: MakeMem,
+) -> None:
+    # One junk record at lifecycle/agents/<id> (any swarm member can put one) made
+    # register_spawn(<id>) raise TamperedRecord for ever, unaudited: the id could never be
+    # registered again, though list_agents skipped the record as no agent.
+    mem = make_mem()
+    life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30)
+    life.register_spawn("other", "Other", "coder", [], Level.SWARM)
+    life.sync()
+    other = mem.get("lifecycle/agents/other", level=Level.SWARM, principal=BOSS)
+    planted = {
+        "lifecycle/agents/coder-1": {"hello": 1},
+        "lifecycle/agents/coder-2": {**other, "status": "active"},  # names "other"
+    }
+    for key, value in planted.items():
+        mem.sync(mem.put(key, value, level=Level.SWARM, principal=ROGUE))
+    assert [a.agent_id for a in life.list_agents()] == ["other"]
+    for agent_id in ("coder-1", "coder-2"):
+        with pytest.raises(TamperedRecord):  # an unknown, garbled agent: not heartbeated
+            life.heartbeat(agent_id)
+        life.register_spawn(agent_id, "Coder", "coder", ["python"], Level.SWARM)
+        with pytest.raises(ValidationError, match="already spawned"):  # alive now
+            life.register_spawn(agent_id, "Coder", "coder", ["python"], Level.SWARM)
+        life.heartbeat(agent_id)
+    life.sync()
+    mem.sync(mem.put("sentinel", 1, level=Level.SWARM, principal=BOSS))
+    assert [a.agent_id for a in life.list_agents()] == ["coder-1", "coder-2", "other"]
+    for agent_id in ("coder-1", "coder-2"):
+        info = life.agent(agent_id)
+        assert info is not None and info.status is AgentStatus.ACTIVE
+        assert info.agent_id == agent_id and info.capabilities == ("python",)
+        assert [e.event for e in life.history(agent_id)] == ["spawn"]
+    other_now = life.agent("other")
+    assert other_now is not None and other_now.status is AgentStatus.SPAWNED
+    rows = audit(mem, "agent_record_rejected")
+    assert sorted(r.key for r in rows) == sorted(planted)  # the junk, audited once each
+    assert all(r.risk == "high" for r in rows)
+
+
 def test_history_keeps_the_newest_events_past_one_page(
     make_mem: MakeMem, monkeypatch: pytest.MonkeyPatch
 ) -> None:

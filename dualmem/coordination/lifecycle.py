@@ -220,6 +220,11 @@ class AgentLifecycle:
         try:
             return self._parse(record)
         except TamperedRecord as exc:
+            # The cache gives no stream id: when SQLite has committed this same value, its
+            # row names the version, so list_agents' rejection of it is not repeated.
+            committed = self.mem.get_record(record.key, level=self.level, principal=self.principal)
+            if committed is not None and committed.value == record.value:
+                record = committed
             self._reject_once(record, str(exc))
             raise
 
@@ -272,7 +277,9 @@ class AgentLifecycle:
         """Register a new agent (``spawned``). ``level`` is the access level it works at.
 
         Re-spawning an agent that is terminated or dead starts a new life; spawning one
-        that is alive is a ``ValidationError``.
+        that is alive is a ``ValidationError``. A record at the agent's key that is not its
+        state (junk, or one naming another agent: skipped by :meth:`list_agents`) is no
+        living agent either: it is audited (``agent_record_rejected``) and replaced.
         """
         check_ident("agent_id", agent_id)
         # Its longest key, an event's, must fit: checked before anything is written.
@@ -282,7 +289,10 @@ class AgentLifecycle:
         caps = check_strings("capabilities", capabilities)
         lvl = as_level(level)
         with self._lock:
-            existing = self._current(agent_id)
+            try:
+                existing = self._current(agent_id)
+            except TamperedRecord:
+                existing = None  # not its state (audited by _current): a new life replaces it
             if existing is not None and not existing.status.final:
                 raise ValidationError(f"agent {agent_id!r} is already {existing.status.value}")
             now = self._now_us()
