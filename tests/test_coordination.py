@@ -1278,3 +1278,47 @@ def test_a_loop2_record_with_a_number_too_big_is_skipped_not_raised(
     mem.sync(mem.put(prefix + "000002", bad, level=Level.SWARM, principal=rogue), timeout=10)
     latest = loops.get_loop2_consensus(coder, "impl")
     assert latest is not None and latest.iteration == 1
+
+
+@pytest.mark.parametrize("score", [7.5, "0.95", -4, True])
+def test_a_score_the_write_path_refuses_is_no_record_on_read(
+    make_mem: MakeMem, coder: Principal, score: Any
+) -> None:
+    # Scores outside [0, 1] are refused on write, but a plain put of one was read back as
+    # a record: a Loop 2 score of 7.5 passed the gate, "0.95" too, -4 was the latest.
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    loops.store_loop2_consensus(BOSS, "impl", 1, 0.95, {}, [])
+    loops.store_loop3_confidence(coder, "impl", 1, 0.9, "ok")
+    life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30)
+    life.register_spawn("coder-1", "Coder", "coder", [], Level.SWARM)
+    life.update_confidence("coder-1", 0.8, "ok", "impl", 1)
+    for helper in (loops, life):
+        helper.sync()
+    with pytest.raises(ValidationError):
+        loops.store_loop2_consensus(BOSS, "impl", 2, score, {}, [])
+    loop2 = mem.get(loops.key(2, "impl", 1), level=Level.SWARM, principal=BOSS)
+    loop3 = mem.get(loops.key(3, "impl", 1), level=Level.PRIVATE, principal=coder)
+    state = mem.get("lifecycle/agents/coder-1", level=Level.SWARM, principal=BOSS)
+    bad2 = {**loop2, "iteration": 2, "score": score}
+    bad3 = {**loop3, "iteration": 2, "confidence": score}
+    for key, value, level, writer in (
+        (loops.key(2, "impl", 2), bad2, Level.SWARM, ROGUE),
+        (loops.key(3, "impl", 2), bad3, Level.PRIVATE, coder),  # its own entry
+        ("lifecycle/agents/coder-1", {**state, "confidence": score}, Level.SWARM, ROGUE),
+    ):
+        mem.sync(mem.put(key, value, level=level, principal=writer))
+    with pytest.raises(TamperedRecord, match="does not hold a Loop 2 record"):
+        loops.get_loop2_consensus(BOSS, "impl", 2)
+    latest = loops.get_loop2_consensus(BOSS, "impl")  # skipped: iteration 1 answers
+    assert latest is not None and (latest.iteration, latest.score) == (1, 0.95)
+    with pytest.raises(TamperedRecord, match="does not hold a Loop 3 record"):
+        loops.get_loop3_confidence(coder, "impl", 2)
+    assert life.list_agents() == []
+    with pytest.raises(TamperedRecord, match="not an agent lifecycle record"):
+        life.agent("coder-1")
+    for helper in (loops, life):
+        helper.sync()
+    mem.sync(mem.put("sentinel", 1, level=Level.SWARM, principal=BOSS))
+    assert [r.key for r in audit(mem, "loop_record_rejected")] == [loops.key(2, "impl", 2)]
+    assert [r.key for r in audit(mem, "agent_record_rejected")] == ["lifecycle/agents/coder-1"]

@@ -101,7 +101,10 @@ class AgentInfo:
                 status=AgentStatus(v["status"]),
                 spawned_at=int(v["spawned_at"]),
                 last_heartbeat=int(v["last_heartbeat"]),
-                confidence=None if v["confidence"] is None else float(v["confidence"]),
+                # As update_confidence checks it (a ValidationError is a ValueError).
+                confidence=(
+                    None if v["confidence"] is None else check_score("confidence", v["confidence"])
+                ),
                 phase=v["phase"],
                 iteration=v["iteration"],
                 ended_at=v["ended_at"],

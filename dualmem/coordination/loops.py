@@ -280,7 +280,8 @@ class LoopMemory:
 
     def _loop3(self, v: Any, key: str) -> Loop3Confidence:
         try:
-            confidence = float(v["confidence"])
+            # The write path's own check: a value it would refuse is no Loop 3 record.
+            confidence = check_score("confidence", v["confidence"])
             return Loop3Confidence(
                 agent_id=str(v["agent_id"]),
                 phase=str(v["phase"]),
@@ -391,7 +392,9 @@ class LoopMemory:
     def _loop2(self, r: Record) -> Loop2Consensus:
         v, key = r.value, r.key
         try:
-            score = float(v["score"])
+            # The write path's own check (a ValidationError is a ValueError): a score it
+            # would refuse (7.5, "0.95", -4) is no Loop 2 record.
+            score = check_score("score", v["score"])
             # The record names the place it is stored at: a value naming another
             # iteration, phase or swarm is not that iteration's consensus.
             if str(v["swarm"]) != self.swarm or self.key(2, v["phase"], v["iteration"]) != key:
