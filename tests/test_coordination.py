@@ -1322,3 +1322,26 @@ def test_a_score_the_write_path_refuses_is_no_record_on_read(
     mem.sync(mem.put("sentinel", 1, level=Level.SWARM, principal=BOSS))
     assert [r.key for r in audit(mem, "loop_record_rejected")] == [loops.key(2, "impl", 2)]
     assert [r.key for r in audit(mem, "agent_record_rejected")] == ["lifecycle/agents/coder-1"]
+
+
+def test_arguments_of_the_wrong_type_are_a_validation_error(
+    make_mem: MakeMem, secret: bytes
+) -> None:
+    # send_signal(None/5) and previous_secrets=None raised a bare TypeError (every error
+    # is to derive from DualMemError); key(3.0, ...) made "cfn/shop/<swarm>/loop3.0/...".
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret)
+    for targets in (None, 5):
+        with pytest.raises(ValidationError, match="targets must be a list of agent ids"):
+            boss.send_signal(targets, "pause")  # type: ignore[arg-type]
+    for previous in (None, 5, secret, secret.decode("latin-1")):
+        with pytest.raises(ValidationError, match="previous_secrets must be a list"):
+            BlockingCoordinator(mem, BOSS, secret, previous_secrets=previous)  # type: ignore[arg-type]
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    for loop in (3.0, True, "3", 1):
+        with pytest.raises(ValidationError, match="loop must be 2, 3 or 4"):
+            loops.key(loop, "impl", 1)  # type: ignore[arg-type]
+    assert loops.key(3, "impl", 1) == f"cfn/shop/{SWARM}/loop3/impl/000001"
+    boss.sync()
+    mem.sync(mem.put("sentinel", 1, level=Level.SWARM, principal=BOSS))
+    assert audit(mem, "signal_sent") == []  # nothing was sent

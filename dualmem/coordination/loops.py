@@ -196,7 +196,8 @@ class LoopMemory:
         ...     LoopMemory(mem, swarm="auth", project="shop").key(3, "impl", 7)
         'cfn/shop/auth/loop3/impl/000007'
         """
-        if loop not in (2, 3, 4):
+        # An int, not just equal to one: 3.0 == 3 made the key ".../loop3.0/...".
+        if isinstance(loop, bool) or not isinstance(loop, int) or loop not in (2, 3, 4):
             raise ValidationError(f"loop must be 2, 3 or 4, got {loop!r}")
         return f"{self._prefix(loop, check_ident('phase', phase))}{check_iteration(iteration):06d}"
 

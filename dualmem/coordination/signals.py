@@ -266,6 +266,11 @@ class BlockingCoordinator:
                 f"signal_ttl must be None (no expiry) or seconds in (0, {MAX_TTL_SECONDS}], "
                 f"got {signal_ttl!r}"
             ) from None
+        if isinstance(previous_secrets, (str, bytes)) or not isinstance(previous_secrets, Iterable):
+            raise ValidationError(
+                "previous_secrets must be a list of secrets (empty for none), got "
+                f"{type(previous_secrets).__name__}"
+            )
         self.mem = mem
         self.principal = coordinator_id
         self.id = check_ident("coordinator_id", coordinator_id.agent_id)
@@ -407,6 +412,10 @@ class BlockingCoordinator:
         """
         if isinstance(targets, str):
             raise ValidationError("targets must be a list of agent ids, not one string")
+        if not isinstance(targets, Iterable):
+            raise ValidationError(
+                f"targets must be a list of agent ids, got {targets.__class__.__name__}"
+            )
         wanted = tuple(dict.fromkeys(check_ident("target", t) for t in targets))
         if not wanted:
             raise ValidationError("a signal needs at least one target")
