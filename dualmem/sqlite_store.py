@@ -61,7 +61,8 @@ MEMORY_COLUMNS = (
 )  # fmt: skip
 _MEMORY_INSERT = f"INSERT INTO memory ({', '.join(MEMORY_COLUMNS)}) VALUES "
 # The sid guard makes the upsert idempotent and monotonic: a redelivered or late older
-# command never overwrites a newer value or revives a tombstone.
+# command never overwrites a newer value or revives a tombstone. A put over a deleted or
+# (at its own time) expired record starts a new record: a new created_at.
 _MEMORY_UPSERT = """
 ON CONFLICT (scope, key) DO UPDATE SET
     level = excluded.level,
@@ -69,7 +70,8 @@ ON CONFLICT (scope, key) DO UPDATE SET
     envelope = excluded.envelope,
     sid = excluded.sid,
     stream_id = excluded.stream_id,
-    created_at = CASE WHEN memory.envelope IS NULL THEN excluded.created_at
+    created_at = CASE WHEN memory.envelope IS NULL
+                        OR memory.expires_at <= excluded.updated_at THEN excluded.created_at
                       ELSE memory.created_at END,
     updated_at = excluded.updated_at,
     expires_at = excluded.expires_at

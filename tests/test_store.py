@@ -97,6 +97,16 @@ def test_several_commands_on_one_key_in_one_batch_end_with_the_newest(store: SQL
     assert row is not None and row.created_at == 4  # re-created after the delete
 
 
+def test_a_put_over_an_expired_record_starts_a_new_record(store: SQLiteStore) -> None:
+    # A read treats an expired record as gone, like a deleted one: writing the key again
+    # is a new record (it kept the expired one's created_at until purge ran).
+    store.apply([put(1, expires_at=5), put(10, key="k2", expires_at=50)])
+    store.apply([put(6, value=b"again"), put(20, key="k2", value=b"refresh")])
+    row, live = store.get("swarm:s", "k", 6), store.get("swarm:s", "k2", 20)
+    assert row is not None and (row.created_at, row.updated_at) == (6, 6)
+    assert live is not None and (live.created_at, live.updated_at) == (10, 20)
+
+
 def test_expired_rows_are_invisible_then_purged(store: SQLiteStore) -> None:
     store.apply([put(1, key="short", expires_at=1_000), put(2, key="long")])
     assert value_of(store, "short", now=999) == b"v"
