@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from acl.errors import ValidationError
-from acl.levels import Level
+from acl.levels import Level, as_level
 
 __all__ = ["MAX_ID_CHARS", "Principal"]
 
@@ -60,8 +60,15 @@ class Principal:
         if not isinstance(self.system, bool):
             raise ValidationError("Principal.system must be a bool")
 
-    def scope(self, level: Level) -> str | None:
-        """The scope this principal owns at ``level``, or ``None`` if it has none there."""
+    def scope(self, level: Level | int | str) -> str | None:
+        """The scope this principal owns at ``level`` (anything :func:`acl.as_level`
+        takes), or ``None`` if it has none there.
+
+        >>> Principal(agent_id="root", system=True).scope(1)
+        'agent:root'
+        """
+        if not isinstance(level, Level):
+            level = as_level(level)  # an int compared with `is` below fell through to SYSTEM
         if level is Level.PRIVATE:
             return f"agent:{self.agent_id}"
         if level is Level.TEAM:

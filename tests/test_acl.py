@@ -65,6 +65,19 @@ def test_scope_is_derived_from_the_principal() -> None:
     assert resolve_scope(CODER, 4, action="read", scope="project:shop")[1] == "project:shop"
 
 
+def test_principal_scope_takes_a_level_as_an_int_or_a_name_too() -> None:
+    # A plain int was compared with `is Level.X`, fell through to the SYSTEM branch, and a
+    # system principal's scope(1) was "system" (None for anyone else).
+    root = Principal(agent_id="root", team="t", swarm="s", project="p", system=True)
+    expected = ["agent:root", "team:t", "swarm:s", "project:p", "system"]
+    assert [root.scope(n) for n in range(1, 6)] == expected
+    assert [root.scope(Level(n)) for n in range(1, 6)] == expected
+    assert CODER.scope(1) == "agent:coder-1" and CODER.scope("team") == "team:backend"
+    for bad in (0, 6, True, "admin", None):
+        with pytest.raises(ValidationError):
+            root.scope(bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("level", "scope"),
     [
