@@ -47,6 +47,8 @@ from dualmem.projection import (
     ToolCall,
     check_id,
     child_key,
+    duration_ms_of,
+    epoch_ms_of,
     mission_key,
     parse_key,
     parse_record,
@@ -78,16 +80,21 @@ def _now_ms() -> int:
 
 
 def _epoch_ms(name: str, value: object, *, optional: bool = False) -> int | None:
-    """An epoch-ms int from an int (ms) or an aware ``datetime``."""
+    """An epoch-ms int from an int (ms) or an aware ``datetime``, from 0 to 2**63-1 (what
+    the worker's projection stores: beyond it the record was accepted here and then
+    dead-lettered)."""
     if value is None and optional:
         return None
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValidationError(f"{name} must be a timezone-aware datetime or epoch ms")
-        return int(value.timestamp() * 1000)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        value = int(value.timestamp() * 1000)
+    elif isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError(f"{name} must be epoch milliseconds (int >= 0) or a datetime")
-    return value
+    try:
+        return epoch_ms_of(name, value)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from None
 
 
 def _new_id() -> str:
@@ -235,13 +242,10 @@ class MissionLog:
     ) -> Receipt:
         """Record one tool call (``args``/``result``: any JSON values)."""
         mission = self._existing(mission_id)
-        if (
-            isinstance(duration_ms, bool)
-            or not isinstance(duration_ms, (int, float))
-            or not duration_ms >= 0
-            or duration_ms == float("inf")
-        ):
-            raise ValidationError("duration_ms must be a finite number >= 0")
+        try:
+            duration = duration_ms_of(duration_ms)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
         if not isinstance(success, bool):
             raise ValidationError("success must be a bool")
         if error is not None and not isinstance(error, str):
@@ -253,7 +257,7 @@ class MissionLog:
             "tool_name": _text("tool_name", tool_name, empty=False),
             "args": args,
             "result": result,
-            "duration_ms": float(duration_ms),
+            "duration_ms": duration,
             "success": success,
             "error": error,
             "called_at": _now_ms(),

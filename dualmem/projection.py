@@ -235,13 +235,51 @@ def _str(d: dict[str, Any], name: str, *, empty: bool = True) -> str:
     return v
 
 
+#: Epoch milliseconds above this do not fit an SQLite INTEGER.
+MAX_EPOCH_MS = (1 << 63) - 1
+
+
+def epoch_ms_of(name: str, v: object) -> int:
+    """``v`` if it is epoch milliseconds SQLite can store (an int, not a bool, from 0 to
+    2**63-1), else ``ValueError`` naming ``name``.
+
+    >>> epoch_ms_of("t", 2**63)
+    Traceback (most recent call last):
+    ...
+    ValueError: t must be epoch milliseconds (int from 0 to 9223372036854775807)
+    """
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_EPOCH_MS:
+        raise ValueError(f"{name} must be epoch milliseconds (int from 0 to {MAX_EPOCH_MS})")
+    return v
+
+
+def duration_ms_of(v: object) -> float:
+    """``v`` as a tool call's ``duration_ms``: a finite number >= 0 (not a bool), else
+    ``ValueError`` (an int too large for a float too: it raised ``OverflowError``).
+
+    >>> duration_ms_of(12), duration_ms_of(1.5)
+    (12.0, 1.5)
+    >>> duration_ms_of(10**400)
+    Traceback (most recent call last):
+    ...
+    ValueError: duration_ms must be a finite number >= 0
+    """
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        try:
+            duration = float(v)
+        except OverflowError:
+            pass
+        else:
+            if math.isfinite(duration) and duration >= 0:
+                return duration
+    raise ValueError("duration_ms must be a finite number >= 0")
+
+
 def _ms(d: dict[str, Any], name: str, *, optional: bool = False) -> int | None:
     v = d.get(name)
     if v is None and optional:
         return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{name} must be epoch milliseconds (int >= 0)")
-    return v
+    return epoch_ms_of(name, v)
 
 
 def _bool(d: dict[str, Any], name: str) -> bool:
@@ -295,14 +333,7 @@ def parse_record(
         raise ValueError(f"{id_field} in the value does not match the key")
     assert record_id is not None
     if kind == "tool_call":
-        duration = value.get("duration_ms")
-        if (
-            isinstance(duration, bool)
-            or not isinstance(duration, (int, float))
-            or not math.isfinite(duration)
-            or duration < 0
-        ):
-            raise ValueError("duration_ms must be a number >= 0")
+        duration = duration_ms_of(value.get("duration_ms"))
         error = value.get("error")
         if error is not None and not isinstance(error, str):
             raise ValueError("error must be a str or null")
@@ -315,7 +346,7 @@ def parse_record(
             _str(value, "tool_name", empty=False),
             value.get("args"),
             value.get("result"),
-            float(duration),
+            duration,
             _bool(value, "success"),
             error,
             called,

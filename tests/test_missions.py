@@ -750,3 +750,56 @@ def test_delete_mission_waits_for_earlier_writes_and_deletes_nothing_without_the
         with pytest.raises(NotPersisted, match=r"not settled within 0\.2s"):
             log.delete_mission("m1", timeout=0.2)
         assert log.get_mission("m1") is not None  # nothing deleted
+
+
+def test_times_and_durations_the_projection_cannot_store_are_refused_up_front(
+    mem: DualMemory,
+) -> None:
+    # started_at 2**63 and a datetime before 1970 were accepted and then dead-lettered by
+    # the worker (the run never appeared); since=2**63 and duration_ms=10**400 raised a
+    # bare OverflowError.
+    from datetime import UTC, datetime
+
+    log = MissionLog(mem, LEAD)
+    private = MissionLog(mem, LEAD, level=Level.PRIVATE)
+    sync_all(mem, [log.start_mission("m", "p"), private.start_mission("m", "p")])
+    before_1970 = datetime(1969, 12, 31, tzinfo=UTC)
+    for started in (2**63, before_1970):
+        with pytest.raises(ValidationError, match="started_at must be epoch milliseconds"):
+            log.record_playbook_run("m", "pb", "x", started, None, True)
+    with pytest.raises(ValidationError, match="completed_at"):
+        log.record_playbook_run("m", "pb", "x", 1, 2**63, True)
+    for reader in (log, private):
+        with pytest.raises(ValidationError, match="since"):
+            reader.tool_calls("m", since=2**63)
+    for duration in (10**400, float("nan"), -1, True):
+        with pytest.raises(ValidationError, match="duration_ms"):
+            log.record_tool_call("m", "t", None, None, duration, True)  # type: ignore[arg-type]
+    receipt = log.record_playbook_run("m", "pb", "x", 2**63 - 1, None, True)
+    sync_all(mem, [receipt])
+    assert [r.started_at for r in log.playbook_runs("m")] == [2**63 - 1]
+
+
+def test_a_tool_call_record_with_a_duration_too_large_for_a_float_is_dead_lettered(
+    mem: DualMemory,
+) -> None:
+    # Written with a plain put: the worker's projection raised OverflowError, an unexpected
+    # error that was retried (never dead-lettered while nothing else arrived).
+    log = MissionLog(mem, LEAD)
+    sync_all(mem, [log.start_mission("m", "p")])
+    call_id = "0000000000001-abcd"
+    value = {
+        "mission_id": "m",
+        "call_id": call_id,
+        "tool_name": "t",
+        "args": None,
+        "result": None,
+        "duration_ms": 10**400,
+        "success": True,
+        "error": None,
+        "called_at": 1,
+    }
+    bad = mem.put(child_key("tool_call", "m", call_id), value, level=Level.PROJECT, principal=LEAD)
+    with pytest.raises(NotPersisted, match="dead-lettered"):
+        mem.sync(bad, timeout=10)
+    assert log.tool_calls("m") == []
