@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -778,24 +778,37 @@ class DualMemory:
         if not isinstance(receipt, Receipt):
             raise ValidationError("sync() takes the Receipt returned by put/delete")
         _check_wait(timeout)
-        deadline = time.monotonic() + timeout
-        delay = 0.0005
-        while True:
-            self._check_open()  # a close() during the wait closes the store under it
+
+        def committed() -> bool:
             status = self.store.status(receipt.shard, receipt.stream_id)
-            if status == "committed":
-                return
             if status == "dead":
                 raise NotPersisted(
                     f"command {receipt.shard}/{receipt.stream_id} was dead-lettered; "
                     "see `dualmem dlq list`"
                 )
+            return status == "committed"
+
+        self._wait_for(
+            committed,
+            timeout,
+            lambda: (
+                f"command {receipt.shard}/{receipt.stream_id} not committed within "
+                f"{timeout}s (is a worker running?)"
+            ),
+        )
+
+    def _wait_for(self, done: Callable[[], bool], timeout: float, late: Callable[[], str]) -> None:
+        """Poll ``done`` until it is true, woken by the in-process worker's commits (else
+        backing off to 50 ms); ``NotPersisted(late())`` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            self._check_open()  # a close() during the wait closes the store under it
+            if done():
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise NotPersisted(
-                    f"command {receipt.shard}/{receipt.stream_id} not committed within "
-                    f"{timeout}s (is a worker running?)"
-                )
+                raise NotPersisted(late())
             with self._committed:
                 self._committed.wait(min(delay, remaining))
             delay = min(delay * 2, 0.05)
@@ -824,29 +837,22 @@ class DualMemory:
                 for shard, stream in enumerate(self._streams)
                 if (items := self._redis.xrevrange(stream, "+", "-", count=1))
             }
-        deadline = time.monotonic() + timeout
-        delay = 0.0005
-        while True:
-            self._check_open()
+
+        def settled() -> bool:
             with translate_errors("settle"):
-                tops = {
-                    shard: top
-                    for shard, top in tops.items()
-                    if not settled_through(
-                        self._redis, self._streams[shard], self.settings.group, top
-                    )
-                }
-            if not tops:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise NotPersisted(
-                    f"commands up to {sorted(tops.items())} (shard, stream id) not settled "
-                    f"within {timeout}s (is a worker running?)"
-                )
-            with self._committed:
-                self._committed.wait(min(delay, remaining))
-            delay = min(delay * 2, 0.05)
+                for shard, top in list(tops.items()):
+                    if settled_through(self._redis, self._streams[shard], self.settings.group, top):
+                        del tops[shard]
+            return not tops
+
+        self._wait_for(
+            settled,
+            timeout,
+            lambda: (
+                f"commands up to {sorted(tops.items())} (shard, stream id) not settled "
+                f"within {timeout}s (is a worker running?)"
+            ),
+        )
 
     # -- queries -----------------------------------------------------------------------
 
