@@ -336,6 +336,22 @@ def test_a_record_the_columns_refuse_fails_alone_and_the_batch_commits(
     assert [c.call_id for c in store.tool_calls("project:shop", "m")] == ["c2"]
 
 
+def test_a_record_nested_too_deep_to_parse_fails_alone(store: SQLiteStore) -> None:
+    # put refuses values nested deeper than 100 levels; a stream entry written straight
+    # into Redis is not bound by that. The JSON reader's RecursionError must stay a
+    # malformed record (the envelope reader turns it into one), not an unexpected error
+    # the worker retries forever while nothing else arrives.
+    bad = put_entry(10, child_key("tool_call", "m", "c1"), {**call_value("m", "c1", 10)})
+    env, depth = bad.fields[b"e"], 100_000
+    assert env.count(b'"args":{}') == 1  # levels 3 and 4 are plain JSON in the envelope
+    bad.fields[b"e"] = env.replace(b'"args":{}', b'"args":' + b"[" * depth + b"]" * depth)
+    good = put_entry(11, child_key("tool_call", "m", "c2"), call_value("m", "c2", 11))
+    result = store.apply([bad, good])
+    assert [e.stream_id for e, _ in result.failed] == ["10-0"]
+    assert "not a valid tool_call record" in result.failed[0][1]
+    assert [c.call_id for c in store.tool_calls("project:shop", "m")] == ["c2"]
+
+
 def test_projection_is_idempotent_and_never_goes_back(store: SQLiteStore) -> None:
     newer = put_entry(20, mission_key("m"), mission_value("m", "completed", 20))
     older = put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))
