@@ -15,7 +15,7 @@ from acl.errors import AccessDenied, ValidationError
 from acl.levels import Level, as_level
 from acl.policy import readable_scopes
 from acl.principal import Principal
-from dualmem.commands import check_key
+from dualmem.commands import check_int, check_key
 from dualmem.errors import DualMemError, StoreUnavailable
 from dualmem.memory import DualMemory
 from dualmem.settings import MAX_WAIT_SECONDS
@@ -108,21 +108,24 @@ class Subscriber:
             raise ValidationError("Subscriber needs a DualMemory")
         if not isinstance(principal, Principal):
             raise ValidationError("principal must be an acl.Principal")
-        for name, value, low in (("commit_every", commit_every, 1), ("batch_size", batch_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValidationError(f"{name} must be an int >= {low}, got {value!r}")
+        # Bounded by what SQLite stores too: batch_size is the LIMIT of every journal read.
+        check_int("commit_every", commit_every, low=1)
+        check_int("batch_size", batch_size, low=1)
         if isinstance(recheck_interval, bool) or not isinstance(recheck_interval, (int, float)):
             raise ValidationError("recheck_interval must be a number of seconds")
         if not recheck_interval > 0:
             raise ValidationError(f"recheck_interval must be > 0, got {recheck_interval}")
         self._mem = mem
         self.principal = principal
-        self.level = level
         self.commit_every = commit_every
         self.batch_size = batch_size
         self.recheck_interval = float(recheck_interval)
         self._own_scope = f"agent:{principal.agent_id}"
-        scopes = readable_scopes(principal, None if level is None else level)
+        # A level given by name or number is the Level it names (readable_scopes accepted
+        # "swarm"; saving the position then failed on int("swarm")). Checked first: 3.0
+        # reached readable_scopes as an iterable of levels (a TypeError).
+        self.level = None if level is None else as_level(level)
+        scopes = readable_scopes(principal, self.level)
         if level is not None and not scopes:
             # Let DualMemory raise (and audit) the denial, as for any other read.
             mem.changes(0, principal=principal, level=level, limit=1)
@@ -133,9 +136,6 @@ class Subscriber:
                 level=int(level),
                 scope=None,
             )
-        # A level given by name or number is the Level it names (readable_scopes accepted
-        # "swarm"; saving the position then failed on int("swarm")).
-        self.level = None if level is None else as_level(level)
         self.scopes = tuple(scopes.values())
         self._channels = [mem.layout.channel(s) for s in self.scopes]
 
@@ -192,11 +192,14 @@ class Subscriber:
                 )
                 saved = 0
             return since, key, saved
-        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+        try:
+            seq = check_int("since", since, low=0)  # a seq SQLite can compare with
+        except ValidationError:
             raise ValidationError(
-                f"since must be a journal seq (int >= 0) or a name, got {since!r}"
-            )
-        return None, "", since
+                f"since must be a journal seq (int from 0 to 2**63-1) or a name, got {since!r}"
+            ) from None
+        assert seq is not None
+        return None, "", seq
 
     def _check_same_filter(self, name: str, value: Any) -> None:
         """A position saved with another level filter skipped changes this subscriber

@@ -545,6 +545,26 @@ def test_bad_arguments_are_rejected(make_mem: MakeMem, coder: Principal, since: 
         Subscriber(mem, "coder-1")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"level": 3.0},  # a builtin TypeError ("'float' object is not iterable")
+        {"level": [3]},
+        {"since": 2**63},  # past SQLite's range: accepted, then failed at the first poll
+        {"batch_size": 2**63},
+        {"commit_every": 2**63},
+    ],
+)
+def test_bad_arguments_are_rejected_by_the_constructor(
+    make_mem: MakeMem, coder: Principal, kwargs: dict[str, object]
+) -> None:
+    mem = make_mem()
+    with pytest.raises(ValidationError):
+        Subscriber(mem, coder, **kwargs)  # type: ignore[arg-type]
+    with Subscriber(mem, coder, since=2**63 - 1, batch_size=2**63 - 1) as edge:  # the bound
+        assert edge.poll(timeout=0) is None and edge.backlog() == 0
+
+
 @pytest.mark.parametrize("timeout", ["1", b"1", True, -1, float("nan"), [1], 10**400])
 def test_a_bad_poll_timeout_is_a_validation_error(
     make_mem: MakeMem, coder: Principal, timeout: object
