@@ -158,9 +158,13 @@ class Subscriber:
         self._next_connect = 0.0
         self._backoff = 0.0
         self._closing = threading.Event()
-        self._poll_lock = threading.Lock()
-        # The thread inside poll(): a close() from that same thread (a signal handler
-        # running between two of poll's bytecodes) must not wait for poll's lock.
+        # Re-entrant: a signal handler's close() runs in the thread it interrupted, which
+        # may hold this lock (in poll(), or in close() itself: a second stop signal while
+        # the first close or the ``with`` block's exit saves the position). A plain Lock
+        # made that close() wait for its own thread forever. See close().
+        self._poll_lock = threading.RLock()
+        # The thread inside _poll_locked(): a close() from that same thread (a signal
+        # handler running between two of its bytecodes) must not close under it.
         self._poll_owner: int | None = None
         self._closed = False
         # Subscribe before the first journal read: whatever commits after that read is
@@ -525,16 +529,24 @@ class Subscriber:
 
         With ``commit`` (the default) the change last handed out counts as consumed and
         the position is saved; ``commit=False`` leaves it to be delivered again.
+
+        Safe in a signal handler: it always returns. One that interrupts this thread's own
+        ``poll`` only stops it (``poll`` returns ``None``, iteration ends) and leaves the
+        rest to the ``with`` block's exit or a later ``close()``; one that interrupts a
+        ``close()`` already under way returns at once and lets that one finish.
         """
         self._closing.set()
         if self._poll_owner == threading.get_ident():
-            # Called from inside this thread's own poll() (a signal handler): waiting for
-            # poll's lock would never end. poll() returns None at its next check, so
+            # Called from inside this thread's own poll() (a signal handler), mid-way: its
+            # state is not ours to save. poll() returns None at its next check, so
             # iteration ends; the ``with`` block's exit or a later close() finishes.
             return
+        # Re-entrant: this thread may hold it already (a signal landing at the edges of
+        # poll(), where no change is half handed out, or inside a close()). Another
+        # thread's poll() is waited for: it returns at its next check.
         with self._poll_lock:
             if self._closed:
-                return
+                return  # done, or under way in this thread (a signal interrupted it)
             self._closed = True
             try:
                 if commit:

@@ -3,6 +3,7 @@ principal's scopes; each test on fakeredis AND a real redis-server unless it say
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -532,6 +533,98 @@ def test_close_from_a_signal_handler_ends_iteration(
     except subprocess.TimeoutExpired:
         pytest.fail("close() from a signal handler hung the subscriber")
     assert done.returncode == 0 and done.stdout.strip() == "ended", done.stderr
+
+
+_SIGNAL_AT_CHILD = """
+import json, signal, sys
+from acl import Level, Principal
+from dualmem import DualMemory, Subscriber
+
+url, db, keys, where = sys.argv[1:5]
+mem = DualMemory(redis_url=url, db_path=db, keyring=keys)
+p = Principal(agent_id="coder-1", team="backend", swarm="s", project="shop")
+mem.put("k1", 1, level=Level.SWARM, principal=p)
+mem.sync(mem.put("k2", 2, level=Level.SWARM, principal=p))
+
+
+def stop_signal():
+    # Delivered at once: raise_signal runs the Python handler before it returns.
+    signal.raise_signal(signal.SIGUSR1)
+
+
+class LockEdges:
+    # The subscriber's lock; when armed, the stop signal lands right after the next
+    # acquire or right before the next release (the moments no owner is recorded).
+    def __init__(self, lock, edge):
+        self.lock, self.edge, self.armed = lock, edge, False
+
+    def __enter__(self):
+        entered = self.lock.__enter__()
+        if self.armed and self.edge == "acquire":
+            self.armed = False
+            stop_signal()
+        return entered
+
+    def __exit__(self, *exc):
+        if self.armed and self.edge == "release":
+            self.armed = False
+            stop_signal()
+        return self.lock.__exit__(*exc)
+
+
+got = []
+with Subscriber(mem, p, since="svc") as sub:
+    signal.signal(signal.SIGUSR1, lambda *_: sub.close())
+    edges = sub._poll_lock = LockEdges(sub._poll_lock, where.rpartition("-")[2])
+    write = sub._write_position
+
+    def write_interrupted():
+        # A second stop signal while a close() saves the position.
+        sub._write_position = write
+        stop_signal()
+        write()
+
+    edges.armed = where == "poll-release"  # lands as the first poll returns k1
+    for change in sub:
+        got.append(change.key)
+        if where == "poll-acquire":
+            edges.armed = True  # lands as the next poll starts
+        elif where == "exit-save":
+            sub._write_position = write_interrupted
+            break  # the with block's close saves, and is interrupted
+        elif where == "handler-save":
+            sub._write_position = write_interrupted
+            stop_signal()  # the handler's close saves, and is interrupted
+first = mem.changes(0, principal=p)[0].seq
+print(json.dumps([got, Subscriber.saved_position(mem, p, "svc"), first]))
+mem.close()
+"""
+
+
+@pytest.mark.parametrize("where", ["poll-acquire", "poll-release", "exit-save", "handler-save"])
+def test_close_from_a_signal_handler_returns_wherever_the_signal_lands(
+    redis_url: str, db_path: Path, keyfile: Path, where: str
+) -> None:
+    # poll() held a plain Lock and recorded its thread only inside it; close() only knew
+    # poll's thread. A stop signal right after poll took the lock, right before it let
+    # go, or while a close() (the with block's, or the handler's own) saved the position
+    # made the handler's close() wait forever for its own thread.
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    args = [redis_url, str(db_path), str(keyfile), where]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _SIGNAL_AT_CHILD, *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"close() from a signal handler at {where} hung the subscriber")
+    assert done.returncode == 0, done.stderr
+    got, saved, first_seq = json.loads(done.stdout)
+    # Iteration ended after the one change handed out, and its position was saved.
+    assert got == ["k1"] and saved == first_seq
 
 
 @pytest.mark.parametrize("since", [-1, True, 1.5, "", None])
