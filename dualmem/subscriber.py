@@ -45,7 +45,12 @@ class Subscriber:
     are consumed, so a restarted consumer resumes with no gap and no duplicate. A new
     name starts from the beginning. ``level`` restricts the feed to one level; a name is
     tied to the level it was saved with (its position skipped the other levels' changes),
-    and opening it with another ``level`` raises ``ValidationError``.
+    and opening it with another ``level`` raises ``ValidationError``. A position also
+    records the scopes it was consumed under: resumed by a principal that gained a scope
+    since (joined a team or swarm, became system), that scope is read from its beginning,
+    in seq order with the rest and without repeating the others; a scope it lost is left
+    out. A position saved before scopes were recorded resumes as it did: at its seq in
+    every scope the principal reads now.
 
     How it stays exact: it subscribes to the pub/sub channel of each scope it may read
     *first*, then reads the journal (so nothing committed in between is missed), then
@@ -139,7 +144,10 @@ class Subscriber:
         self.scopes = tuple(scopes.values())
         self._channels = [mem.layout.channel(s) for s in self.scopes]
 
-        self.name, self._position_key, start = self._start(since)
+        self.name, self._position_key, self._floors = self._start(since)
+        # Each scope is consumed up to its floor (a scope gained since the position was
+        # saved: up to 0). Reading starts at the lowest; what a floor covers is skipped.
+        start = min(self._floors.values())
         self._scanned = start  # highest journal seq examined (delivered or skipped)
         self._delivered = start  # highest seq handed to the caller
         self._position = start  # highest seq consumed: what a restart resumes after
@@ -171,8 +179,8 @@ class Subscriber:
         # published after we listen. Fail early if Redis is unreachable at start.
         self._connect()
 
-    def _start(self, since: object) -> tuple[str | None, str, int]:
-        """``(name, position key, seq to start after)`` from the ``since`` argument."""
+    def _start(self, since: object) -> tuple[str | None, str, dict[str, int]]:
+        """``(name, position key, {scope: seq to start after})`` from ``since``."""
         if isinstance(since, str):
             if not since.strip():
                 raise ValidationError("a subscriber name must not be empty")
@@ -194,8 +202,8 @@ class Subscriber:
                     saved,
                     last,
                 )
-                saved = 0
-            return since, key, saved
+                return since, key, dict.fromkeys(self.scopes, 0)
+            return since, key, self._floors_of(since, saved, saved_value)
         try:
             seq = check_int("since", since, low=0)  # a seq SQLite can compare with
         except ValidationError:
@@ -203,7 +211,40 @@ class Subscriber:
                 f"since must be a journal seq (int from 0 to 2**63-1) or a name, got {since!r}"
             ) from None
         assert seq is not None
-        return None, "", seq
+        return None, "", dict.fromkeys(self.scopes, seq)
+
+    def _floors_of(self, name: str, saved: int, value: Any) -> dict[str, int]:
+        """The seq each of this subscriber's scopes was consumed up to under the saved
+        position ``value`` (its seq is ``saved``): ``saved`` for a scope it was consumed
+        under, less for one still catching up ("behind"), 0 for one it never read."""
+        floors = dict.fromkeys(self.scopes, saved)
+        if not saved or not isinstance(value, dict) or "scopes" not in value:
+            # Saved before scopes were recorded: taken to cover the scopes read now.
+            return floors
+        recorded, behind = value["scopes"], value.get("behind", {})
+        if not (
+            isinstance(recorded, list)
+            and all(isinstance(scope, str) for scope in recorded)
+            and isinstance(behind, dict)
+            and all(
+                isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq <= saved
+                for seq in behind.values()
+            )
+        ):
+            raise ValidationError(f"saved position {name!r} has no valid scopes: {value!r}")
+        for scope in self.scopes:
+            if scope in behind:
+                floors[scope] = behind[scope]
+            elif scope not in recorded:
+                floors[scope] = 0
+        if min(floors.values()) < saved:
+            log.info(
+                "subscriber %s: reading %s from before its position %d (not consumed yet)",
+                name,
+                ", ".join(sorted(s for s, seq in floors.items() if seq < saved)),
+                saved,
+            )
+        return floors
 
     def _check_same_filter(self, name: str, value: Any) -> None:
         """A position saved with another level filter skipped changes this subscriber
@@ -322,13 +363,22 @@ class Subscriber:
             )
 
     def _write_position(self) -> None:
+        # How far each scope is consumed: a scope that started lower (gained since the
+        # position it resumed was saved) is "behind" until the feed passes the others.
+        through = {scope: max(floor, self._position) for scope, floor in self._floors.items()}
+        seq = max(through.values())
         value: dict[str, Any] = {
-            "seq": self._position,
+            "seq": seq,
             "saved_at_us": time.time_ns() // 1000,
             # The filter the position was consumed under (see _check_same_filter).
             "level": None if self.level is None else int(self.level),
+            # ... and the scopes (see _floors_of).
+            "scopes": sorted(through),
         }
-        chain = self._mem.store.journal_hash(self._position) if self._position else None
+        behind = {scope: done for scope, done in through.items() if done < seq}
+        if behind:
+            value["behind"] = behind
+        chain = self._mem.store.journal_hash(seq) if seq else None
         if chain is not None:
             value["hash"] = chain.hex()  # which change this was, see _same_history
         # A restart reads the position from the cache entry first (newest): it must not
@@ -423,9 +473,8 @@ class Subscriber:
         )
         for change in rows:
             self._scanned = change.seq
-            if change.scope == self._own_scope and change.key.startswith(POSITION_PREFIX):
-                continue
-            self._buffer.append(change)
+            if not self._skipped(change):
+                self._buffer.append(change)
         self._needs_scan = len(rows) >= self.batch_size
         self._next_recheck = time.monotonic() + self.recheck_interval
 
@@ -435,11 +484,14 @@ class Subscriber:
         rows = self._mem.changes(
             self._delivered, principal=self.principal, level=self.level, limit=limit
         )
-        return sum(
-            1
-            for c in rows
-            if not (c.scope == self._own_scope and c.key.startswith(POSITION_PREFIX))
-        )
+        return sum(1 for c in rows if not self._skipped(c))
+
+    def _skipped(self, change: Change) -> bool:
+        """A subscriber's own bookkeeping, or a change consumed before this start (in a
+        scope whose floor is above where reading started)."""
+        if change.scope == self._own_scope and change.key.startswith(POSITION_PREFIX):
+            return True
+        return change.seq <= self._floors.get(change.scope, 0)
 
     # -- consuming -----------------------------------------------------------------------
 

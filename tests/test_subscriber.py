@@ -180,6 +180,62 @@ def test_a_name_saved_under_a_level_filter_is_not_resumed_without_it(
         assert [c.key for c in consume_until(everything, "shared")] == ["secret", "shared"]
 
 
+def test_a_name_resumed_after_the_principal_gained_scopes_reads_their_history(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # The position recorded only the level filter: the same agent resuming it after it
+    # joined a team and a swarm never got their changes older than the position.
+    mem = make_mem()
+    alone = Principal(agent_id=coder.agent_id, project="shop")  # before it joined
+    mem.put("plan1", 1, level=Level.SWARM, principal=coder)
+    mem.put("mine1", 1, level=Level.PRIVATE, principal=alone)
+    mem.put("team1", 1, level=Level.TEAM, principal=coder)
+    mem.put("plan2", 2, level=Level.SWARM, principal=coder)
+    mem.sync(mem.put("shop1", 1, level=Level.PROJECT, principal=alone), timeout=10)
+    with Subscriber(mem, alone, since="feed") as before:
+        assert [c.key for c in consume_until(before, "shop1")] == ["mine1", "shop1"]
+    consumed = Subscriber.saved_position(mem, alone, "feed")
+    # Joined: the new scopes' history comes, in seq order, the old scopes' does not again.
+    first = Subscriber(mem, coder, since="feed")
+    assert first.backlog() == 3  # plan1, team1, plan2
+    assert [first.poll(timeout=15).key for _ in range(2)] == ["plan1", "team1"]  # type: ignore[union-attr]
+    assert first.poll(timeout=15).key == "plan2"  # type: ignore[union-attr]
+    # Killed while handling plan2 (team1 was consumed and saved, all three are older
+    # than the saved seq): no close, no commit. The restart must give plan2 again.
+    assert Subscriber.saved_position(mem, coder, "feed") == consumed  # still the old seq
+    first.close(commit=False)
+    mem.put("mine2", 2, level=Level.PRIVATE, principal=coder)
+    with Subscriber(mem, coder, since="feed") as resumed:
+        assert [c.key for c in consume_until(resumed, "mine2")] == ["plan2", "mine2"]
+    with Subscriber(mem, coder, since="feed") as again:
+        assert again.position == feed(mem, coder)[-1] and again.poll(timeout=0) is None
+    # Left the team and the swarm: it resumes (no error), with what it still reads.
+    mem.sync(mem.put("team2", 2, level=Level.TEAM, principal=coder), timeout=10)
+    with Subscriber(mem, alone, since="feed") as left:
+        assert left.position == feed(mem, coder)[-2] and left.poll(timeout=0) is None
+        mem.put("shop2", 2, level=Level.PROJECT, principal=alone)
+        assert [c.key for c in consume_until(left, "shop2")] == ["shop2"]
+
+
+def test_a_position_saved_without_its_scopes_resumes_at_its_seq(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # Positions saved before the scopes were recorded keep resuming where they were, in
+    # every scope the principal reads now (they cannot tell which scopes were new).
+    mem = make_mem()
+    mem.put("plan1", 1, level=Level.SWARM, principal=coder)
+    mem.sync(mem.put("mine1", 1, level=Level.PRIVATE, principal=coder), timeout=10)
+    seq = feed(mem, coder)[-1]
+    old_format = {"seq": seq, "saved_at_us": 1, "level": None}
+    mem.sync(mem.put(POSITION_PREFIX + "old", old_format, level=Level.PRIVATE, principal=coder))
+    mem.put("plan2", 2, level=Level.SWARM, principal=coder)
+    with Subscriber(mem, coder, since="old") as sub:
+        assert sub.position == seq
+        assert [c.key for c in consume_until(sub, "plan2")] == ["plan2"]
+    with Subscriber(mem, coder, since="old") as again:  # saved with its scopes now
+        assert again.position == feed(mem, coder)[-1] and again.poll(timeout=0) is None
+
+
 _CHILD = r"""
 import sys
 from acl import Principal
