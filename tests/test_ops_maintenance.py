@@ -289,6 +289,23 @@ def test_dlq_bad_input(
     assert code == 2 and "--all" in err
 
 
+def test_dlq_replay_of_ids_with_all_is_a_usage_error_and_replays_nothing(
+    mem: DualMemory, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `dlq replay 1 --all` replayed every dead letter, not the one named.
+    env = mem.codec.seal(
+        {"v": 1}, scope="agent:coder-1", key="late", level=Level.PRIVATE, owner="coder-1"
+    )
+    fields = put_fields("agent:coder-1", "late", Level.PRIVATE, "coder-1", 1, env, None)
+    raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+    mem.store.dead_letter([(StreamEntry(0, "1-1", raw), "disk I/O error", 3)])
+    mem.store.dead_letter([(StreamEntry(0, "1-2", raw), "disk I/O error", 3)])
+    first, _ = (d.id for d in mem.store.dead_letters())
+    code, _, err = run_cli(capsys, "dlq", "replay", *args, str(first), "--all")
+    assert code == 2 and "not both" in err
+    assert [d.replayed_at for d in mem.store.dead_letters(include_replayed=True)] == [None, None]
+
+
 def test_sync_reports_a_dead_letter_and_stats_count_it(
     make_mem: Callable[..., DualMemory], args: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:

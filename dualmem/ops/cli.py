@@ -633,8 +633,11 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             table.caption = "no dead letters"
         console.print(table)
         return 0
-    ids = None if args.all or not args.ids else list(args.ids)
-    if ids is None and not args.all:
+    if args.all and args.ids:
+        # Both given, --all won: every dead letter was replayed, not the ones named.
+        raise ConfigurationError("name the dead letters to replay (ids) or pass --all, not both")
+    ids = None if args.all else list(args.ids)
+    if not ids and not args.all:
         raise ConfigurationError("name the dead letters to replay (ids) or pass --all")
     # Dead letters hold envelopes under any key: the lease names them all while they are
     # re-sent, so a rotation cannot drop one in between (dualmem.keyuse).
