@@ -153,6 +153,18 @@ def test_migrating_to_an_explicit_version_and_a_missing_file(
     assert code == 2 and "no database at" in err
 
 
+def test_migrate_to_an_existing_backup_file_names_no_option_migrate_lacks(
+    v1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The message came from `backup` and said "or --force": migrate has no --force.
+    taken = tmp_path / "old.bak"
+    taken.write_text("keep me")
+    code, _, err = run_cli(capsys, "migrate", "--db", str(v1), "--backup", str(taken))
+    assert code == 2 and "already exists" in err and "--backup" in err
+    assert "--force" not in err
+    assert taken.read_text() == "keep me" and user_version(v1) == 1
+
+
 def test_mission_log_records_of_a_first_schema_file_are_projected_by_the_migration(
     v1: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -91,6 +91,12 @@ def migrate_database(
         return plan
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     dest = Path(backup_to) if backup_to else Path(f"{path}.v{plan.current}-{stamp}.bak")
+    if dest.exists():
+        # backup_database would say "or --force", an option `backup` has and migrate has
+        # not: migrate never replaces a file.
+        raise ConfigurationError(
+            f"{dest} already exists; choose another --backup file (migrate never replaces one)"
+        )
     plan.backup = backup_database(path, dest, progress=progress)
     with open_database(path, write=True) as conn:
         plan.applied = migrate(conn, plan.target)
