@@ -536,6 +536,36 @@ def test_operator_commands_never_migrate_behind_your_back(
         assert conn.execute("PRAGMA user_version").fetchone() == (1,)
 
 
+def test_an_operator_command_with_a_wrong_db_never_takes_the_deployments_commands(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    keyfile: Path,
+    tmp_path: Path,
+    mdir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A mistyped --db was created, and the command's in-process worker joined the
+    # deployment's consumer group: it committed the deployment's acknowledged puts into
+    # the new file and acknowledged them there; the real database never got them.
+    writer = make_mem(worker=False)  # the deployment, its worker restarting
+    receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=CODER) for i in range(20)]
+    wrong = tmp_path / "typo.db"
+    out = tmp_path / "out.jsonl"
+    common = ["--redis-url", redis_url, "--db", str(wrong), "--keyring", str(keyfile)]
+    for argv in (
+        ["mirror", "--dir", str(mdir), "--once"],
+        ["dlq", "replay", "--all"],
+        ["export", "--out", str(out), "--decrypt", "--as", CODER.agent_id],
+    ):
+        code, _, err = run_cli(capsys, *argv, *common)
+        assert code == 2 and f"no database at {wrong}" in err, (argv, err)
+    assert not wrong.exists() and not mdir.exists() and not out.exists()
+    worker = make_mem()  # the deployment's worker is back: every put is still its own
+    for r in receipts:
+        worker.sync(r, timeout=10)
+    assert worker.get("k19", level=Level.SWARM, principal=CODER) == 19
+
+
 def test_a_refused_import_keeps_its_hand_edit_when_the_cycle_refreshes_every_file(
     make_mem: Callable[..., DualMemory],
     redis_url: str,

@@ -487,6 +487,35 @@ def test_import_creates_a_missing_database(
     assert reader.get("secret", level=Level.PRIVATE, principal=CODER) == {"token": SECRET}
 
 
+def test_an_import_into_a_missing_database_never_takes_a_deployments_commands(
+    make_mem: Callable[..., DualMemory],
+    src: list[str],
+    tmp_path: Path,
+    keyfile: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A mistyped --db was created and the import's worker committed the deployment's
+    # pending puts into it. A missing database in a namespace that has command streams
+    # is refused (dry run too) unless --new-db asks for it; a new namespace (above) or
+    # the embedded memory:// of a new process has none.
+    writer = make_mem(worker=False)  # the deployment, its worker restarting
+    receipt = writer.put("pending", 1, level=Level.SWARM, principal=CODER)
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"scope": "swarm:s1", "key": "new", "level": 3, "value": 1}) + "\n")
+    wrong = tmp_path / "typo.db"
+    args = [*src[:2], "--db", str(wrong), "--keyring", str(keyfile)]
+    for extra in ([], ["--dry-run"]):
+        code, _, err = run_cli(capsys, "import", *args, str(f), *extra)
+        assert code == 2 and f"no database at {wrong}" in err and "--new-db" in err, err
+    assert not wrong.exists()
+    deployment = make_mem()  # its worker is back: the pending put is still its own
+    deployment.sync(receipt, timeout=10)
+    assert deployment.get("pending", level=Level.SWARM, principal=CODER) == 1
+    deployment.close(timeout=2)
+    code, out, _ = run_cli(capsys, "import", *args, str(f), "--new-db")
+    assert code == 0 and "imported 1 record(s)" in out and wrong.exists()
+
+
 # -- the line format alone (no Redis, no SQLite) --------------------------------------------
 
 json_values = st.recursive(

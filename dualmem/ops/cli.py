@@ -365,6 +365,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise ConfigurationError(f"no such file: {path}")
+    _check_new_database(settings, args.new_db)
     with contextlib.ExitStack() as stack:
         if args.dry_run:
             rt = None
@@ -377,7 +378,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             # Connected before the first seal: its key lease names every key it may send
             # under (sealed lines are copied as they are), so no rotation drops one of
             # them until this import has landed (dualmem.keyuse).
-            rt = stack.enter_context(Runtime(settings, lease_all_keys=True))
+            rt = stack.enter_context(Runtime(settings, lease_all_keys=True, create=True))
             codec = rt.codec
         plan = _plan_import(path, settings, codec, console, rt)
         for lineno, error in plan.errors:
@@ -436,6 +437,22 @@ def cmd_import(args: argparse.Namespace) -> int:
         else:
             console.print("nothing to import: every record is already there")
     return _EXIT_SKIPPED_LINES if plan.errors else 0
+
+
+def _check_new_database(settings: Settings, new_db: bool) -> None:
+    """Refuse an import into a missing database where its worker would take over another
+    deployment's pending commands (:func:`dualmem.ops.runtime.new_database_is_safe`),
+    unless ``--new-db`` says the new file is meant."""
+    from dualmem.ops.runtime import new_database_is_safe
+
+    if new_db or Path(settings.db_path).exists() or new_database_is_safe(settings):
+        return
+    raise ConfigurationError(
+        f"no database at {settings.db_path} (check --db or DUALMEM_DB_PATH): namespace "
+        f"{settings.namespace!r} on {settings.shown_url} already has command streams, whose "
+        "pending commands the import's worker would commit into a new file; pass --new-db "
+        f"if {settings.db_path} is to become that deployment's database"
+    )
 
 
 def _plan_import(
@@ -796,6 +813,12 @@ def _register_transfer(sub: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="report what would change")
     p.add_argument("--strict", action="store_true", help="any bad line: import nothing")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for commits")
+    p.add_argument(
+        "--new-db",
+        action="store_true",
+        help="create a missing --db even though the Redis namespace already has command "
+        "streams (their pending commands are committed into it)",
+    )
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("mirror", help="keep one JSON file per record in sync with the feed")

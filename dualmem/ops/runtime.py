@@ -48,7 +48,15 @@ from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.worker import Worker, ensure_groups
 
-__all__ = ["AuditEvent", "Runtime", "WaitResult", "Write", "load_keyring", "redis_client"]
+__all__ = [
+    "AuditEvent",
+    "Runtime",
+    "WaitResult",
+    "Write",
+    "load_keyring",
+    "new_database_is_safe",
+    "redis_client",
+]
 
 
 def load_keyring(settings: Settings) -> Keyring | None:
@@ -112,9 +120,17 @@ class Runtime:
         keyring: Keyring | None = None,
         worker: bool = True,
         lease_all_keys: bool = False,
+        create: bool = False,
     ) -> None:
         """``lease_all_keys``: this tool's key lease names every key of the keyring (see
-        :class:`dualmem.keyuse.KeyLease`), so no key is dropped while it runs."""
+        :class:`dualmem.keyuse.KeyLease`), so no key is dropped while it runs.
+
+        With ``worker``, a missing database file is refused (``ConfigurationError``, "no
+        database at ...") unless ``create``: the in-process worker joins the namespace's
+        consumer group and commits whatever its streams hold, so a mistyped ``--db``
+        would take the deployment's pending commands into a new file and acknowledge
+        them there (see :func:`new_database_is_safe` for when ``create`` is).
+        """
         self.settings = settings
         self.layout = Layout(settings.namespace, settings.shards)
         # A key file is watched, as by DualMemory: a long-running tool (the mirror) must
@@ -131,9 +147,11 @@ class Runtime:
             if keyfile is None or not keyfile.exists()
             else KeyfileWatcher(keyfile, self.codec, settings.keyring_reload_interval, seen=seen)
         )
-        if Path(settings.db_path).exists():
+        if Path(settings.db_path).exists() or (worker and not create):
             # SQLiteStore would migrate an older file on open; an operator command
-            # leaves upgrades to `dualmem migrate`, which backs up first.
+            # leaves upgrades to `dualmem migrate`, which backs up first. A missing file
+            # is refused here (open_database: "no database at ..."), before SQLiteStore
+            # creates it.
             with open_database(settings.db_path) as conn:
                 check_current(conn, settings.db_path)
         self.store = SQLiteStore.from_settings(settings)
@@ -379,6 +397,20 @@ class Runtime:
                 break
             time.sleep(0.01)
         return WaitResult(committed, dead, len(todo))
+
+
+def new_database_is_safe(settings: Settings) -> bool:
+    """Whether a command may create the missing database ``settings.db_path`` with its
+    in-process worker (``Runtime(create=True)``): when the namespace has no command stream
+    in Redis yet, so there is no deployment whose pending commands the new file would
+    take over. The embedded ``memory://`` Redis of a new process never has one."""
+    client = redis_client(settings)
+    try:
+        layout = Layout(settings.namespace, settings.shards)
+        with translate_errors("look for command streams"):
+            return not any(client.exists(stream) for stream in layout.streams())
+    finally:
+        client.close()
 
 
 def redis_client(settings: Settings) -> redis.Redis:
