@@ -277,6 +277,29 @@ def test_broken_deleted_and_stray_files(
     assert v["code"] == 1 and v["problems"] == ["swarm:s1/stray.json: no live record in SQLite"]
 
 
+def test_a_file_nested_too_deeply_to_parse_is_rejected_and_the_cycle_goes_on(
+    mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # json.loads raised RecursionError, which the mirror did not catch: every cycle
+    # ended in a traceback, so a running mirror died and stayed dead.
+    put(mem, "x", 1)
+    put(mem, "y", 2)
+    once(capsys, args, mdir)
+    fx, fy = file_of(mdir, "x"), file_of(mdir, "y")
+    deep = "[" * 100_000 + "]" * 100_000
+    fx.write_text(f'{{"scope": "swarm:s1", "key": "x", "level": 3, "value": {deep}}}')
+    write_value(fy, 3)  # an edit in the same cycle is still imported
+    out = once(capsys, args, mdir)
+    assert "rejected swarm:s1/x.json: not valid JSON" in out and " 1 imported" in out, out
+    assert doc(fx)["value"] == 1  # SQLite wins, as for any invalid file
+    assert mem.get("y", level=Level.SWARM, principal=CODER) == 3
+    other = mdir.parent / "other"
+    other.mkdir()
+    (other / STATE_FILE).write_text(deep)  # the mirror's own state: a usage error
+    code, _, err = run_cli(capsys, "mirror", *args, "--dir", str(other), "--once")
+    assert code == 2 and "is not a dualmem mirror state" in err, err
+
+
 def test_a_new_file_becomes_a_record_and_files_in_the_wrong_place_do_not(
     mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

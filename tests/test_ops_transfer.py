@@ -200,6 +200,27 @@ def test_bad_lines_are_reported_by_number_and_skipped_or_fail_the_import(
     assert mem.get("g2", level=Level.SWARM, principal=CODER) == 2
 
 
+def test_a_line_nested_too_deeply_to_parse_is_a_bad_line(
+    mem: DualMemory,
+    src: list[str],
+    tmp_path: Path,
+    db_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # json.loads raised RecursionError: a traceback (exit 1), even with --dry-run.
+    mem.sync(mem.put("seed", 1, level=Level.SWARM, principal=CODER))
+    f = tmp_path / "in.jsonl"
+    deep = "[" * 100_000 + "]" * 100_000
+    good = json.dumps({"scope": "swarm:s1", "key": "ok", "level": 3, "value": 1})
+    f.write_text(f'{good}\n{{"scope": "swarm:s1", "key": "deep", "level": 3, "value": {deep}}}\n')
+    n = journal_len(db_path)
+    for extra, exit_code in ((["--dry-run"], 3), (["--strict"], 1), ([], 3)):
+        code, out, _ = run_cli(capsys, "import", *src, str(f), *extra)
+        assert code == exit_code and f"{f}:2: not valid JSON" in out, (extra, out)
+    assert journal_len(db_path) == n + 1  # the good line, once
+    assert mem.get("ok", level=Level.SWARM, principal=CODER) == 1
+
+
 def test_lines_the_worker_or_redis_would_refuse_are_bad_lines_before_anything_is_sent(
     mem: DualMemory,
     src: list[str],

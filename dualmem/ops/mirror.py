@@ -154,7 +154,7 @@ class MirrorState:
                 int(doc.get("saved_ns", 0)),
                 int(doc.get("audit_id", 0)),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise ConfigurationError(f"{path} is not a dualmem mirror state: {exc}") from exc
 
     def save(self, directory: Path) -> None:
@@ -527,6 +527,9 @@ class Mirror:
             obj = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise LineError(f"not valid JSON: {exc}") from None
+        except RecursionError:
+            # Nested deeper than the parser's recursion limit: it ended the mirror.
+            raise LineError("not valid JSON: nested too deeply") from None
         if not isinstance(obj, dict):
             raise LineError("expected a JSON object")
         scope, key, level = line_identity(obj)

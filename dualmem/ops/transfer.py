@@ -241,6 +241,9 @@ def parse_line(text: str, lineno: int, codec: Codec, now_ms: int) -> ImportItem 
         obj = json.loads(text.rstrip("\r\n"))
     except ValueError as exc:
         raise LineError(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        # Nested deeper than the parser's recursion limit: a traceback, before.
+        raise LineError("not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise LineError("expected a JSON object")
     unknown = sorted(set(obj) - _ALLOWED)
