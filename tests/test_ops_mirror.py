@@ -253,6 +253,64 @@ def test_sqlite_wins_a_conflict_and_the_conflict_is_recorded(
     assert verify_mirror(capsys, args, mdir)["status"] == "ok"
 
 
+def test_a_running_mirror_knows_its_own_imports_from_changes_in_sqlite(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    # A running mirror kept the stream id the file was written from after importing an
+    # edit: once the import committed, the file's next edit was "conflict: SQLite changed
+    # too; SQLite wins" and lost, though the only change in SQLite was that import.
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    settings = Settings.load(
+        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
+    )
+    f = file_of(mdir, "cfg")
+
+    def edit_and_cycle(value: object) -> Any:
+        write_value(f, value)
+        return mirror.cycle(int(time.time() * 1000))
+
+    with Runtime(settings, worker=False) as rt:
+        mirror = Mirror(rt, mdir)
+        mirror.cycle(int(time.time() * 1000))
+        first = edit_and_cycle({"v": 1})
+        assert first.imported == 1
+        assert rt.wait(first.receipts, 10).committed == len(first.receipts)
+        second = edit_and_cycle({"v": 2})  # the next save, after the import committed
+        assert (second.imported, second.conflicts) == (1, 0), second.events
+        rt.wait(second.receipts, 10)
+        assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2}
+        # A genuine change in SQLite since is still a conflict, and SQLite wins.
+        put(mem, "cfg", {"v": "agent"})
+        third = edit_and_cycle({"v": 3})
+        assert (third.imported, third.conflicts) == (0, 1), third.events
+        assert doc(f)["value"] == {"v": "agent"}
+        rt.wait(third.receipts, 10)
+        # Edits imported while no worker runs are all the mirror's own once committed.
+        mem.close(timeout=2)
+        pending = [edit_and_cycle({"v": 4}), edit_and_cycle({"v": 5})]
+        assert [r.imported for r in pending] == [1, 1]
+        make_mem()  # a worker again
+        for r in pending:
+            assert rt.wait(r.receipts, 10).committed == len(r.receipts)
+        last = edit_and_cycle({"v": 6})
+        assert (last.imported, last.conflicts) == (1, 0), last.events
+        rt.wait(last.receipts, 10)
+    assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 6}
+    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == [
+        "imported",
+        "imported",
+        "conflict",
+        "imported",
+        "imported",
+        "imported",
+    ]
+
+
 def test_broken_deleted_and_stray_files(
     mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

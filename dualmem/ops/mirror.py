@@ -11,7 +11,8 @@ creates are 0700 (levels 3 and 4 are in the clear).
 Each cycle first looks for files edited by hand (their hash differs from the state):
 
 * the record did not change in SQLite since the file was written: the edit is imported
-  (through the stream, like any put; actor ``mirror``);
+  (through the stream, like any put; actor ``mirror``); the mirror's own imports of
+  earlier edits of the file are no change (their stream ids are in the state);
 * it did change: **SQLite wins**, the file is rewritten from SQLite;
 * the file is not valid (bad JSON, another scope/key/level, a value that does not seal):
   it is rejected and rewritten from SQLite (a new, untracked file is left alone);
@@ -267,7 +268,7 @@ class Mirror:
             )
             changed = self._changed(conn, head)
             self._scan_edits(conn, now_ms, changed, writes, events, report)
-            targets = changed
+            targets = set(changed)
             if self.fresh or self._rotated(conn, audit_head):
                 targets = self._all_live(conn, now_ms)
             # A file imported in this cycle keeps its hand edit until the import commits
@@ -287,6 +288,12 @@ class Mirror:
                 # The events' receipts too: waiting on them means the sync_events rows
                 # are committed as well as the imports.
                 report.receipts = self.runtime.send(writes, audits=events, audit_receipts=True)
+                # Each import's stream id: when it commits, the journal entry and the row
+                # it leaves are the mirror's own, not a change in SQLite to defend the
+                # file's next edit against.
+                sent = report.receipts[: len(writes)]
+                for (rel, _, _), receipt in zip(self._imports, sent, strict=True):
+                    self.state.files[rel]["sent"].append(receipt.stream_id)
             except KeyDropped as exc:
                 # Sealed under a key a rotation is dropping: nothing was sent. The imports
                 # are undone (the next cycle reads the same edits again and seals them
@@ -310,16 +317,21 @@ class Mirror:
         self.fresh = False
         return report
 
-    def _changed(self, conn: sqlite3.Connection, head: int) -> set[tuple[str, str]]:
+    def _changed(self, conn: sqlite3.Connection, head: int) -> dict[tuple[str, str], set[str]]:
+        """The records the journal changed since the last cycle, each with the stream ids
+        of those changes."""
         if self.fresh:
-            return set()
+            return {}
         marks = ",".join("?" * len(self.state.levels))
         rows = conn.execute(
-            f"SELECT DISTINCT scope, key FROM journal WHERE seq > ? AND seq <= ? "
+            f"SELECT scope, key, stream_id FROM journal WHERE seq > ? AND seq <= ? "
             f"AND level IN ({marks})",
             (self.state.seq, head, *self.state.levels),
         )
-        return {(str(s), str(k)) for s, k in rows}
+        changed: dict[tuple[str, str], set[str]] = {}
+        for scope, key, stream_id in rows:
+            changed.setdefault((str(scope), str(key)), set()).add(str(stream_id))
+        return changed
 
     def _rotated(self, conn: sqlite3.Connection, audit_head: int) -> bool:
         """Whether a key rotation ran since the last cycle: it re-seals rows in place,
@@ -387,7 +399,7 @@ class Mirror:
         self,
         conn: sqlite3.Connection,
         now_ms: int,
-        changed: set[tuple[str, str]],
+        changed: dict[tuple[str, str], set[str]],
         writes: list[Write],
         events: list[AuditEvent],
         report: CycleReport,
@@ -450,7 +462,7 @@ class Mirror:
         rel: str,
         data: bytes,
         entry: dict[str, Any] | None,
-        changed: set[tuple[str, str]],
+        changed: dict[tuple[str, str], set[str]],
         writes: list[Write],
         events: list[AuditEvent],
         report: CycleReport,
@@ -479,11 +491,14 @@ class Mirror:
         if same:
             self._refresh(conn, scope, key, now_ms, report)  # adopt (formatting only)
             return
+        # The mirror's own imports of earlier edits of this file (sent, maybe committed
+        # since) are no change in SQLite; any other write since the file was checked is.
+        mine = set(entry.get("sent", ())) if entry else set()
         moved = (
             entry is None
             or row is None
-            or row[7] != entry.get("stream_id")
-            or (scope, key) in changed
+            or (row[7] != entry.get("stream_id") and row[7] not in mine)
+            or bool(changed.get((scope, key), set()) - mine)
         )
         if row is not None and moved:
             report.conflicts += 1
@@ -505,11 +520,16 @@ class Mirror:
         self._imports.append((rel, self.state.files.get(rel), imported))
         report.imported += 1
         report.events.append(f"imported {rel}")
+        seen = changed.get((scope, key), set())
         self.state.files[rel] = {
             "scope": scope,
             "key": key,
             "sha256": digest,
-            "stream_id": entry.get("stream_id") if entry else None,
+            # The row this edit was checked against, and the imports of this file still
+            # in flight (those committed since the last cycle are in ``seen``): cycle()
+            # adds this one's stream id once it is sent.
+            "stream_id": None if row is None else row[7],
+            "sent": [i for i in (entry.get("sent", ()) if entry else ()) if i not in seen],
             "expires_at": expires,
             **_stamp(path),
         }
