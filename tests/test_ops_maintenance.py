@@ -467,6 +467,60 @@ def test_doctor_without_redis_or_key_and_with_a_newer_database(
     assert "not a file" in found["database"]["detail"] and "--db" in found["database"]["fix"]
 
 
+def test_doctor_fails_an_embedded_database_whose_key_file_is_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # doctor said the key "will be created on first use" (exit 0) where DualMemory
+    # refuses the database: a new key would open none of its sealed records.
+    from acl.errors import ConfigurationError
+    from dualmem.redis_backend import drop_memory_server
+
+    db = tmp_path / "d.db"
+    url = "memory://doctor-lost-key"
+    try:
+        with DualMemory(db_path=str(db), redis_url=url) as m:  # creates d.db.keys
+            m.sync(m.put("k", "secret", level=Level.PRIVATE, principal=CODER), timeout=5)
+        _, found = doctor(capsys, "--redis-url", url, "--db", str(db))
+        assert found["key file"]["status"] == "ok"
+        Path(f"{db}.keys").unlink()
+        with pytest.raises(ConfigurationError, match="key file"):
+            DualMemory(db_path=str(db), redis_url=url)
+        code, found = doctor(capsys, "--redis-url", url, "--db", str(db))
+        assert code == 1 and found["key"]["status"] == "fail", found["key"]
+        assert "holds encrypted records" in found["key"]["detail"]
+        assert found["key"]["fix"].startswith(f"restore {db}.keys")
+        # Without sealed records a new key is still made on first use.
+        fresh = tmp_path / "fresh.db"
+        with DualMemory(db_path=str(fresh), redis_url=url) as m:
+            m.sync(m.put("k", "plain", level=Level.SWARM, principal=CODER), timeout=5)
+        Path(f"{fresh}.keys").unlink()
+        _, found = doctor(capsys, "--redis-url", url, "--db", str(fresh))
+        assert found["key"]["status"] == "ok" and "created on first use" in found["key"]["detail"]
+    finally:
+        drop_memory_server(url)
+
+
+def test_doctor_fails_another_programs_database(
+    redis_url: str, tmp_path: Path, keyfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # doctor exited 0 with warnings whose fix was `dualmem migrate`, which then refused
+    # the file as "not a dualmem database".
+    db = tmp_path / "other.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    before = db.read_bytes()
+    argv = ("--redis-url", redis_url, "--db", str(db), "--keyring", str(keyfile))
+    code, found = doctor(capsys, *argv)
+    assert code == 1 and found["database"]["status"] == "fail", found
+    assert "is not a dualmem database" in found["database"]["detail"]
+    assert "--db" in found["database"]["fix"]
+    assert not [f for f in found.values() if "dualmem migrate" in f["fix"]]
+    code, _, err = run_cli(capsys, "migrate", "--db", str(db))
+    assert code == 2 and "is not a dualmem database" in err  # the same verdict
+    assert db.read_bytes() == before
+
+
 # -- metrics ------------------------------------------------------------------------------
 
 _SAMPLE = re.compile(

@@ -16,8 +16,10 @@ from acl.crypto import Keyring
 from acl.errors import ConfigurationError, DualMemError
 from dualmem.layout import Layout
 from dualmem.migrations import SCHEMA_VERSION, schema_version
+from dualmem.ops.database import check_dualmem
 from dualmem.redis_backend import connect, text, translate_errors
 from dualmem.settings import Settings
+from dualmem.sqlite_store import holds_sealed_rows
 
 __all__ = [
     "MIN_REDIS",
@@ -249,15 +251,32 @@ def _key_source(settings: Settings) -> Path | Finding:
         return Finding("key", "ok", "from DUALMEM_KEY (keep it out of shell history and logs)")
     if settings.embedded:
         path = settings.default_keyring_path
-        if path.exists():
-            return path
-        return Finding("key", "ok", f"{path} will be created on first use (embedded default)")
+        return path if path.exists() else _missing_embedded_key(settings, path)
     return Finding(
         "key",
         "fail",
         "no key configured: levels PRIVATE, TEAM and SYSTEM cannot be written",
         "dualmem keygen --out keys.json, then --keyring keys.json or DUALMEM_KEYRING",
     )
+
+
+def _missing_embedded_key(settings: Settings, path: Path) -> Finding:
+    """The embedded default's key file ``path`` does not exist: fine for a new database,
+    a failure for one holding sealed records (DualMemory refuses it the same way: a new
+    key would open none of them)."""
+    try:
+        sealed = holds_sealed_rows(settings.db_path)
+    except ConfigurationError as exc:
+        return Finding("key", "fail", str(exc), "check --db / DUALMEM_DB_PATH")
+    if sealed:
+        return Finding(
+            "key",
+            "fail",
+            f"{settings.db_path} holds encrypted records but its key file {path} is "
+            "missing: a new key would open none of them",
+            f"restore {path} from its backup (or pass --keyring / DUALMEM_KEYRING)",
+        )
+    return Finding("key", "ok", f"{path} will be created on first use (embedded default)")
 
 
 def _key_file(path: Path) -> Finding:
@@ -316,10 +335,22 @@ def check_database(settings: Settings) -> list[Finding]:
             mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0])
             version = schema_version(conn)
             vacuum = int(conn.execute("PRAGMA auto_vacuum").fetchone()[0])
+            check_dualmem(conn, db)
         finally:
             conn.close()
     except sqlite3.Error as exc:
         return [Finding("database", "fail", f"{db}: {exc}", "restore the newest backup")]
+    except ConfigurationError as exc:
+        # Another program's file (or an empty one): the other commands and `dualmem
+        # migrate` refuse it, so no finding may suggest running them on it.
+        return [
+            Finding(
+                "database",
+                "fail",
+                str(exc),
+                "point --db / DUALMEM_DB_PATH at the dualmem database",
+            )
+        ]
     out.append(
         Finding("journal mode", "ok", "WAL")
         if mode.lower() == "wal"
