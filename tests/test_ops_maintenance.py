@@ -223,10 +223,8 @@ def test_a_dead_letter_of_a_passing_failure_replays_and_commits(
     assert code == 0 and "nothing to replay" in out
 
 
-def test_a_dead_letter_named_twice_is_replayed_once(
-    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # `dlq replay 1 1` sent dead letter 1 twice: two stream entries, two commits.
+def two_dead_letters(mem: DualMemory) -> tuple[int, int]:
+    """Two dead letters of one put (entries 1-1 and 1-2); their ids."""
     env = mem.codec.seal(
         {"v": 1}, scope="agent:coder-1", key="late", level=Level.PRIVATE, owner="coder-1"
     )
@@ -235,6 +233,14 @@ def test_a_dead_letter_named_twice_is_replayed_once(
     mem.store.dead_letter([(StreamEntry(0, "1-1", raw), "disk I/O error", 3)])
     mem.store.dead_letter([(StreamEntry(0, "1-2", raw), "disk I/O error", 3)])
     first, second = (d.id for d in mem.store.dead_letters())
+    return first, second
+
+
+def test_a_dead_letter_named_twice_is_replayed_once(
+    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `dlq replay 1 1` sent dead letter 1 twice: two stream entries, two commits.
+    first, second = two_dead_letters(mem)
     code, out, _ = run_cli(
         capsys, "dlq", "replay", *args, str(second), str(first), str(second), str(first)
     )
@@ -293,14 +299,7 @@ def test_dlq_replay_of_ids_with_all_is_a_usage_error_and_replays_nothing(
     mem: DualMemory, args: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     # `dlq replay 1 --all` replayed every dead letter, not the one named.
-    env = mem.codec.seal(
-        {"v": 1}, scope="agent:coder-1", key="late", level=Level.PRIVATE, owner="coder-1"
-    )
-    fields = put_fields("agent:coder-1", "late", Level.PRIVATE, "coder-1", 1, env, None)
-    raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
-    mem.store.dead_letter([(StreamEntry(0, "1-1", raw), "disk I/O error", 3)])
-    mem.store.dead_letter([(StreamEntry(0, "1-2", raw), "disk I/O error", 3)])
-    first, _ = (d.id for d in mem.store.dead_letters())
+    first, _ = two_dead_letters(mem)
     code, _, err = run_cli(capsys, "dlq", "replay", *args, str(first), "--all")
     assert code == 2 and "not both" in err
     assert [d.replayed_at for d in mem.store.dead_letters(include_replayed=True)] == [None, None]

@@ -576,19 +576,26 @@ def test_close_from_a_signal_handler_ends_iteration(
     redis_url: str, db_path: Path, keyfile: Path
 ) -> None:
     # It used to wait forever for poll()'s lock, which its own thread held.
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    args = [redis_url, str(db_path), str(keyfile)]
+    done = run_child(_SIGNAL_CHILD, [redis_url, str(db_path), str(keyfile)], 60, "")
+    assert done.returncode == 0 and done.stdout.strip() == "ended", done.stderr
+
+
+def run_child(
+    script: str, args: list[str], timeout: float, where: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a child interpreter; a child still running at ``timeout`` means
+    close() from a signal handler (``where``) hung it."""
+    Path(args[1]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", _SIGNAL_CHILD, *args],
+        return subprocess.run(
+            [sys.executable, "-c", script, *args],
             check=False,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
-        pytest.fail("close() from a signal handler hung the subscriber")
-    assert done.returncode == 0 and done.stdout.strip() == "ended", done.stderr
+        pytest.fail(f"close() from a signal handler{where} hung the subscriber")
 
 
 _SIGNAL_AT_CHILD = """
@@ -665,18 +672,8 @@ def test_close_from_a_signal_handler_returns_wherever_the_signal_lands(
     # poll's thread. A stop signal right after poll took the lock, right before it let
     # go, or while a close() (the with block's, or the handler's own) saved the position
     # made the handler's close() wait forever for its own thread.
-    db_path.parent.mkdir(parents=True, exist_ok=True)
     args = [redis_url, str(db_path), str(keyfile), where]
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", _SIGNAL_AT_CHILD, *args],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"close() from a signal handler at {where} hung the subscriber")
+    done = run_child(_SIGNAL_AT_CHILD, args, 30, f" at {where}")
     assert done.returncode == 0, done.stderr
     got, saved, first_seq = json.loads(done.stdout)
     # Iteration ended after the one change handed out, and its position was saved.
