@@ -583,11 +583,15 @@ def test_a_rotation_that_cannot_run_leaves_the_key_file_alone(
         (["--redis-url", redis_server.url, "--db", str(db), "--timeout", "inf"], "--timeout"),
         (["--redis-url", "redis://127.0.0.1:1/0", "--db", str(db)], "unavailable"),
         (["--redis-url", redis_server.url, "--db", str(newer)], "newer"),
+        # A mistyped --db: the rotation's worker committed the deployment's pending
+        # commands into a new file, and --drop-retired dropped the real database's key.
+        (["--redis-url", redis_server.url, "--db", str(db), "--drop-retired"], "no database"),
     ]
     for extra, why in cases:
         code, _, err = run_cli(capsys, *base, *extra)
         assert code == 2 and why in err, (extra, err)
         assert keyfile.read_bytes() == before, extra
+    assert not db.exists()
 
 
 @pytest.mark.parametrize("junk", [b"5", b"null", b"true", b"{not json", b'{"a": 1}'])
@@ -790,6 +794,7 @@ def test_rotate_keys_waits_for_a_running_rotation_before_it_adds_a_key(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     before = keyfile.read_bytes()
+    SQLiteStore(tmp_path / "m.db").close()  # rotate-keys needs an existing database
     held = RotationLock(redis_server.client(), "dualmem").acquire(timeout=0)
     try:
         code, out, err = run_cli(
