@@ -144,9 +144,14 @@ class Subscriber:
         self.scopes = tuple(scopes.values())
         self._channels = [mem.layout.channel(s) for s in self.scopes]
 
+        # Scopes the saved position recorded that the principal no longer reads, with how
+        # far each was consumed: kept in the position, so a scope regained later resumes
+        # there instead of repeating its changes from the beginning.
+        self._kept: dict[str, int] = {}
         self.name, self._position_key, self._floors = self._start(since)
         # Each scope is consumed up to its floor (a scope gained since the position was
-        # saved: up to 0). Reading starts at the lowest; what a floor covers is skipped.
+        # saved: up to 0). Reading starts at the lowest; up to the next floor only the
+        # scopes at or below it are read (see _window).
         start = min(self._floors.values())
         self._scanned = start  # highest journal seq examined (delivered or skipped)
         self._delivered = start  # highest seq handed to the caller
@@ -237,6 +242,7 @@ class Subscriber:
                 floors[scope] = behind[scope]
             elif scope not in recorded:
                 floors[scope] = 0
+        self._kept = {scope: behind.get(scope, saved) for scope in recorded if scope not in floors}
         if min(floors.values()) < saved:
             log.info(
                 "subscriber %s: reading %s from before its position %d (not consumed yet)",
@@ -367,6 +373,7 @@ class Subscriber:
         # position it resumed was saved) is "behind" until the feed passes the others.
         through = {scope: max(floor, self._position) for scope, floor in self._floors.items()}
         seq = max(through.values())
+        through.update(self._kept)  # scopes no longer read keep how far they were read
         value: dict[str, Any] = {
             "seq": seq,
             "saved_at_us": time.time_ns() // 1000,
@@ -467,24 +474,56 @@ class Subscriber:
 
     # -- the journal ---------------------------------------------------------------------
 
+    def _window(self, after: int) -> tuple[list[str], int | None]:
+        """The scopes to read after ``after``, and the seq up to which only they are read
+        (``None``: every scope, no bound). A scope whose floor is above ``after`` was
+        consumed up to its floor; reading it from below would only skip its rows (all of
+        a database's history, for a scope gained after a long feed)."""
+        active = [scope for scope in self.scopes if self._floors[scope] <= after]
+        ahead = [floor for floor in self._floors.values() if floor > after]
+        return active, (min(ahead) if ahead else None)
+
     def _scan(self) -> None:
-        rows = self._mem.changes(
-            self._scanned, principal=self.principal, level=self.level, limit=self.batch_size
-        )
+        active, bound = self._window(self._scanned)
+        if bound is None:
+            rows = self._mem.changes(
+                self._scanned, principal=self.principal, level=self.level, limit=self.batch_size
+            )
+            more = len(rows) >= self.batch_size
+        else:
+            # The scopes are this principal's own (readable_scopes): a subset needs no
+            # other check than the one the constructor made.
+            rows = self._mem.store.changes(active, self._scanned, self.batch_size)
+            full = len(rows) >= self.batch_size
+            below = [c for c in rows if c.seq <= bound]
+            more, rows = True, below
+            if not full or len(below) < self.batch_size:
+                # Every row of the active scopes up to the bound is read: move to it, where
+                # the next scope's floor joins the read.
+                self._scanned = bound
         for change in rows:
-            self._scanned = change.seq
+            self._scanned = max(self._scanned, change.seq)
             if not self._skipped(change):
                 self._buffer.append(change)
-        self._needs_scan = len(rows) >= self.batch_size
+        self._needs_scan = more
         self._next_recheck = time.monotonic() + self.recheck_interval
 
     def backlog(self, limit: int = 10_000) -> int:
         """How many changes the journal holds for this subscriber beyond the last one
         handed out (at most ``limit`` are counted)."""
-        rows = self._mem.changes(
-            self._delivered, principal=self.principal, level=self.level, limit=limit
-        )
-        return sum(1 for c in rows if not self._skipped(c))
+        if self._window(self._delivered)[1] is None:
+            rows = self._mem.changes(
+                self._delivered, principal=self.principal, level=self.level, limit=limit
+            )
+        else:  # scope by scope, each after its own floor (see _window)
+            rows = [
+                c
+                for scope in self.scopes
+                for c in self._mem.store.changes(
+                    [scope], max(self._delivered, self._floors[scope]), limit
+                )
+            ]
+        return min(limit, sum(1 for c in rows if not self._skipped(c)))
 
     def _skipped(self, change: Change) -> bool:
         """A subscriber's own bookkeeping, or a change consumed before this start (in a
@@ -525,7 +564,12 @@ class Subscriber:
         if self._closed:
             return None
         self._consume_in_flight(save=True)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        # A scan can find only rows to skip (this subscriber's own position saves) with
+        # more behind them: scanning goes on at once, not a poll slice later, for the
+        # whole timeout and at least one slice (so poll(timeout=0) gets past them too).
+        scan_until = started + _SLICE if deadline is None else max(deadline, started + _SLICE)
         while not self._closing.is_set():
             if self._save_failed:
                 # Handing out another change now would make it (and each one after it)
@@ -548,7 +592,9 @@ class Subscriber:
             now = time.monotonic()
             if self._needs_scan or now >= self._next_recheck:
                 self._scan()
-                if self._buffer:
+                if self._buffer or (
+                    self._needs_scan and (deadline is None or time.monotonic() < scan_until)
+                ):
                     continue
             if self._pubsub is None and now >= self._next_connect:
                 try:

@@ -217,6 +217,52 @@ def test_a_name_resumed_after_the_principal_gained_scopes_reads_their_history(
         assert [c.key for c in consume_until(left, "shop2")] == ["shop2"]
 
 
+def test_a_scope_left_and_joined_again_resumes_where_it_was_read(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # The position dropped a scope the principal left: joined again, the scope was read
+    # from its beginning, and every change of it consumed before came again.
+    mem = make_mem()
+    alone = Principal(agent_id=coder.agent_id, project="shop")
+    mem.put("team1", 1, level=Level.TEAM, principal=coder)
+    mem.sync(mem.put("shop1", 1, level=Level.PROJECT, principal=coder), timeout=10)
+    with Subscriber(mem, coder, since="feed") as member:
+        assert [c.key for c in consume_until(member, "shop1")] == ["team1", "shop1"]
+    mem.put("team2", 2, level=Level.TEAM, principal=coder)  # written while out of the team
+    mem.sync(mem.put("shop2", 2, level=Level.PROJECT, principal=alone), timeout=10)
+    with Subscriber(mem, alone, since="feed") as left:
+        assert [c.key for c in consume_until(left, "shop2")] == ["shop2"]
+    with Subscriber(mem, coder, since="feed") as back:
+        assert back.backlog() == 1
+        assert [c.key for c in consume_until(back, "team2")] == ["team2"]
+        assert back.poll(timeout=0) is None
+
+
+def test_a_gained_scope_is_read_without_rescanning_the_others_history(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # Catching up a gained scope read every row of the journal from 0 and skipped the
+    # other scopes' rows, a batch per poll slice: backlog() counted the skipped rows
+    # against its limit (it said 0 with changes waiting) and poll(timeout=0) found none.
+    mem = make_mem()
+    alone = Principal(agent_id=coder.agent_id, project="shop")
+    mem.put("t-old", 1, level=Level.TEAM, principal=coder)
+    for i in range(300):
+        mem.put(f"shop{i:03d}", i, level=Level.PROJECT, principal=alone)
+    mem.sync(mem.put("shop-last", 1, level=Level.PROJECT, principal=alone), timeout=30)
+    with Subscriber(mem, alone, since="feed", batch_size=50) as before:
+        assert len(consume_until(before, "shop-last")) == 301
+    mem.sync(mem.put("t-new", 2, level=Level.TEAM, principal=coder), timeout=10)
+    with Subscriber(mem, coder, since="feed", batch_size=50) as joined:
+        assert joined.backlog(limit=10) == 2
+        first = joined.poll(timeout=0)
+        assert first is not None and first.key == "t-old"
+        assert joined.backlog(limit=10) == 1
+        second = joined.poll(timeout=0)
+        assert second is not None and second.key == "t-new"
+        assert joined.backlog() == 0
+
+
 def test_a_position_saved_without_its_scopes_resumes_at_its_seq(
     make_mem: MakeMem, coder: Principal
 ) -> None:
