@@ -311,6 +311,62 @@ def test_a_running_mirror_knows_its_own_imports_from_changes_in_sqlite(
     ]
 
 
+def test_an_edit_that_sets_a_past_expiry_expires_the_record(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The cycle that imported the edit also took the file for expired (its expiry is the
+    # edit's) and rewrote it from SQLite, so the entry lost its in-flight imports: the
+    # cycle died with KeyError after sending the import, before saving its state.
+    put(mem, "k", "v1")
+    once(capsys, args, mdir)
+    f = file_of(mdir, "k")
+    d = doc(f)
+    d["value"], d["expires_at"] = "v2", 1000
+    f.write_text(json.dumps(d), encoding="utf-8")
+    out = once(capsys, args, mdir)
+    assert "imported swarm:s1/k.json" in out and "1 removed" in out, out
+    assert not f.exists()
+    assert mem.get("k", level=Level.SWARM, principal=CODER) is None
+    state = json.loads((mdir / STATE_FILE).read_text())
+    assert state["files"] == {} and state["seq"] == mem.store.last_seq()
+    assert [(k, key) for k, key, _ in sync_events(db_path)] == [("imported", "k")]
+    assert verify_mirror(capsys, args, mdir)["status"] == "ok"
+
+
+def test_a_past_expiry_edit_stays_in_its_file_while_its_import_is_in_flight(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    mem = make_mem()
+    put(mem, "k", "v1")
+    settings = Settings.load(
+        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
+    )
+    f = file_of(mdir, "k")
+    with Runtime(settings, worker=False) as rt:
+        mirror = Mirror(rt, mdir)
+        mirror.cycle(int(time.time() * 1000))
+        mem.close(timeout=2)  # no worker: the import stays in flight
+        d = doc(f)
+        d["value"], d["expires_at"] = "v2", 1000
+        f.write_text(json.dumps(d), encoding="utf-8")
+        first = mirror.cycle(int(time.time() * 1000))
+        assert (first.imported, first.written, first.removed) == (1, 0, 0), first.events
+        # The next cycle, before the import commits: the file is the edit, not SQLite's
+        # (still live) row written back.
+        second = mirror.cycle(int(time.time() * 1000))
+        assert (second.written, second.removed) == (0, 0), second.events
+        assert doc(f)["value"] == "v2"
+        make_mem()  # a worker again
+        assert rt.wait(first.receipts, 10).committed == len(first.receipts)
+        last = mirror.cycle(int(time.time() * 1000))
+        assert last.removed == 1 and not f.exists(), last.events
+    assert make_mem().get("k", level=Level.SWARM, principal=CODER) is None
+
+
 def test_broken_deleted_and_stray_files(
     mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

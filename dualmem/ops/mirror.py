@@ -12,7 +12,9 @@ Each cycle first looks for files edited by hand (their hash differs from the sta
 
 * the record did not change in SQLite since the file was written: the edit is imported
   (through the stream, like any put; actor ``mirror``); the mirror's own imports of
-  earlier edits of the file are no change (their stream ids are in the state);
+  earlier edits of the file are no change (their stream ids are in the state); an edit
+  may set ``expires_at`` in the past: the record expires, and its file goes once the
+  import commits;
 * it did change: **SQLite wins**, the file is rewritten from SQLite;
 * the file is not valid (bad JSON, another scope/key/level, a value that does not seal):
   it is rejected and rewritten from SQLite (a new, untracked file is left alone);
@@ -279,7 +281,7 @@ class Mirror:
                 self._refresh(conn, scope, key, now_ms, report)
                 if i % 500 == 0:
                     progress("mirror", i, len(targets))
-            self._expire(conn, now_ms, report)
+            self._expire(conn, now_ms, report, skip={rel for rel, _, _ in self._imports})
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -293,7 +295,11 @@ class Mirror:
                 # file's next edit against.
                 sent = report.receipts[: len(writes)]
                 for (rel, _, _), receipt in zip(self._imports, sent, strict=True):
-                    self.state.files[rel]["sent"].append(receipt.stream_id)
+                    # The entry is the import's own (nothing after _edited replaces it);
+                    # tolerate one that is not: the imports are sent, the state must be saved.
+                    entry = self.state.files.get(rel)
+                    if entry is not None:
+                        entry.setdefault("sent", []).append(receipt.stream_id)
             except KeyDropped as exc:
                 # Sealed under a key a rotation is dropping: nothing was sent. The imports
                 # are undone (the next cycle reads the same edits again and seals them
@@ -388,8 +394,16 @@ class Mirror:
         }
         self.state.rejected.pop(rel, None)
 
-    def _expire(self, conn: sqlite3.Connection, now_ms: int, report: CycleReport) -> None:
-        for entry in list(self.state.files.values()):
+    def _expire(
+        self, conn: sqlite3.Connection, now_ms: int, report: CycleReport, skip: set[str]
+    ) -> None:
+        """Remove (or rewrite) the files whose recorded expiry has passed. Not the files
+        imported in ``skip`` (this cycle) or earlier and still in flight (``sent``): their
+        expiry is the hand edit's, not yet SQLite's (an edit may set it in the past, to
+        expire the record); the file is refreshed once the import's journal entry is read."""
+        for rel, entry in list(self.state.files.items()):
+            if rel in skip or entry.get("sent"):
+                continue
             if entry.get("expires_at") is not None and entry["expires_at"] <= now_ms:
                 self._refresh(conn, entry["scope"], entry["key"], now_ms, report)
 
