@@ -311,6 +311,86 @@ def test_a_running_mirror_knows_its_own_imports_from_changes_in_sqlite(
     ]
 
 
+def test_a_new_files_next_save_is_imported_while_the_first_is_in_flight(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    # A file that creates its record has no row until its import commits: its second
+    # save in the meantime was "conflict: the record was deleted; SQLite wins", the file
+    # was removed and the record ended with the first save.
+    mem = make_mem()
+    put(mem, "seed", 0)
+    settings = Settings.load(
+        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
+    )
+    f = file_of(mdir, "new")
+
+    def save_and_cycle(value: object) -> Any:
+        f.write_text(
+            json.dumps({"scope": "swarm:s1", "key": "new", "level": 3, "value": value}),
+            encoding="utf-8",
+        )
+        return mirror.cycle(int(time.time() * 1000))
+
+    with Runtime(settings, worker=False) as rt:
+        mirror = Mirror(rt, mdir)
+        mirror.cycle(int(time.time() * 1000))
+        mem.close(timeout=2)  # no worker: the imports stay in flight
+        pending = [save_and_cycle({"v": 1}), save_and_cycle({"v": 2}), save_and_cycle({"v": 3})]
+        assert [(r.imported, r.conflicts) for r in pending] == [(1, 0)] * 3, pending[-1].events
+        assert doc(f)["value"] == {"v": 3}
+        make_mem()  # a worker again
+        for r in pending:
+            assert rt.wait(r.receipts, 10).committed == len(r.receipts)
+        last = mirror.cycle(int(time.time() * 1000))
+        assert last.conflicts == 0 and doc(f)["owner"] == "mirror", last.events
+        assert doc(f)["value"] == {"v": 3}
+    assert make_mem().get("new", level=Level.SWARM, principal=CODER) == {"v": 3}
+    assert [k for k, key, _ in sync_events(db_path) if key == "new"] == ["imported"] * 3
+
+
+def test_a_new_files_record_deleted_after_its_import_committed_is_a_conflict(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    # The file's next save comes after the import committed and an agent deleted the
+    # record (both unread by the mirror yet): SQLite wins, as for any record's file.
+    mem = make_mem()
+    put(mem, "seed", 0)
+    settings = Settings.load(
+        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
+    )
+    f = file_of(mdir, "new")
+
+    def save_and_cycle(value: object) -> Any:
+        f.write_text(
+            json.dumps({"scope": "swarm:s1", "key": "new", "level": 3, "value": value}),
+            encoding="utf-8",
+        )
+        return mirror.cycle(int(time.time() * 1000))
+
+    with Runtime(settings, worker=False) as rt:
+        mirror = Mirror(rt, mdir)
+        mirror.cycle(int(time.time() * 1000))
+        first = save_and_cycle({"v": 1})
+        assert first.imported == 1
+        assert rt.wait(first.receipts, 10).committed == len(first.receipts)
+        mem.sync(mem.delete("new", level=Level.SWARM, principal=CODER), timeout=10)
+        second = save_and_cycle({"v": 2})
+        assert (second.imported, second.conflicts) == (0, 1), second.events
+        assert "conflict swarm:s1/new.json: the record was deleted; SQLite wins" in second.events
+        assert not f.exists()
+        rt.wait(second.receipts, 10)
+    assert mem.get("new", level=Level.SWARM, principal=CODER) is None
+    assert [k for k, key, _ in sync_events(db_path) if key == "new"] == ["imported", "conflict"]
+
+
 def test_an_edit_that_sets_a_past_expiry_expires_the_record(
     mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

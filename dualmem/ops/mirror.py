@@ -12,7 +12,8 @@ Each cycle first looks for files edited by hand (their hash differs from the sta
 
 * the record did not change in SQLite since the file was written: the edit is imported
   (through the stream, like any put; actor ``mirror``); the mirror's own imports of
-  earlier edits of the file are no change (their stream ids are in the state); an edit
+  earlier edits of the file are no change (their stream ids are in the state), nor is the
+  missing row of a new file whose first import has not committed yet; an edit
   may set ``expires_at`` in the past: the record expires, and its file goes once the
   import commits;
 * it did change: **SQLite wins**, the file is rewritten from SQLite;
@@ -521,7 +522,16 @@ class Mirror:
             report.events.append(f"conflict {rel}: SQLite changed too; SQLite wins")
             self._refresh(conn, scope, key, now_ms, report)
             return
-        if row is None and entry is not None:
+        # A file that created its record (no row when its first save was checked) has no
+        # row until the import of that save commits: while it is in flight (sent, and no
+        # journal entry for the record read since), the record was not deleted.
+        in_flight = (
+            entry is not None
+            and entry.get("stream_id") is None
+            and bool(mine)
+            and not changed.get((scope, key))
+        )
+        if row is None and entry is not None and not in_flight:
             # Deleted (or expired) in SQLite since the file was written: SQLite wins.
             report.conflicts += 1
             events.append(self._event("conflict", scope, key, level, detail, data))
