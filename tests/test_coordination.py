@@ -514,28 +514,6 @@ def test_spawn_over_a_record_that_is_not_the_agents_state_starts_a_new_life(
     assert all(r.risk == "high" for r in rows)
 
 
-def test_a_planted_state_read_before_and_after_its_commit_is_audited_once(
-    make_mem: MakeMem,
-) -> None:
-    # Read from the cache before the worker committed it, the version was marked by its
-    # value; read committed (list_agents), by its stream id: one version, two audit rows.
-    mem = make_mem()
-    life = AgentLifecycle(mem, BOSS)
-    planted = mem.put("lifecycle/agents/helper", {"hello": 1}, level=Level.SWARM, principal=ROGUE)
-    for _ in range(3):
-        with pytest.raises(TamperedRecord):
-            life.heartbeat("helper")
-    mem.sync(planted)
-    assert life.list_agents() == []
-    life.register_spawn("helper", "Helper", "coder", [], Level.SWARM)
-    again = mem.put("lifecycle/agents/helper", {"hello": 1}, level=Level.SWARM, principal=ROGUE)
-    mem.sync(again)  # the same junk written again is a new version
-    assert life.list_agents() == []
-    life.sync()
-    mem.sync(mem.put("sentinel", 1, level=Level.SWARM, principal=BOSS))
-    assert [r.key for r in audit(mem, "agent_record_rejected")] == ["lifecycle/agents/helper"] * 2
-
-
 def test_history_keeps_the_newest_events_past_one_page(
     make_mem: MakeMem, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -194,44 +194,33 @@ class SeenRecords:
     each version (key and stream id) is audited once, not once per poll.
 
     >>> from collections import namedtuple
-    >>> R = namedtuple("R", "key stream_id value")
+    >>> R = namedtuple("R", "key stream_id")
     >>> seen = SeenRecords()
-    >>> [seen.first(R("k", sid, 1)) for sid in ("1-0", "1-0", "2-0")]
-    [True, False, True]
+    >>> seen.first(R("k", "1-0")), seen.first(R("k", "1-0")), seen.first(R("k", "2-0"))
+    (True, False, True)
     """
 
     def __init__(self) -> None:
         self._seen: set[tuple[str, str]] = set()
-        # A record read from the Redis cache has no stream id: its value stands for its
-        # version, and names the stream id that version turns out to have once it is read
-        # committed (None until then).
-        self._by_value: dict[tuple[str, str], str | None] = {}
 
     def first(self, record: Record) -> bool:
-        """True the first time this version of ``record`` is seen. A version read from the
-        cache and later committed (or the other way round) is one version.
+        """True the first time this version of ``record`` is seen. A record read from the
+        Redis cache has no stream id: its value tells its versions apart.
 
         >>> from collections import namedtuple
         >>> R = namedtuple("R", "key stream_id value")
         >>> seen = SeenRecords()
         >>> [seen.first(R("k", "", v)) for v in ({"a": 1}, {"a": 1}, {"a": 2})]
         [True, False, True]
-        >>> seen.first(R("k", "5-0", {"a": 1})), seen.first(R("k", "6-0", {"a": 1}))
-        (False, True)
         """
-        by_value = (record.key, json.dumps(record.value, sort_keys=True, default=repr))
-        if not record.stream_id:
-            if by_value in self._by_value:
-                return False
-            self._by_value[by_value] = None
-            return True
-        mark = (record.key, record.stream_id)
+        version = record.stream_id or "cache:" + json.dumps(
+            record.value, sort_keys=True, default=repr
+        )
+        mark = (record.key, version)
         if mark in self._seen:
             return False
         self._seen.add(mark)
-        seen_in_cache = by_value in self._by_value and self._by_value[by_value] is None
-        self._by_value[by_value] = record.stream_id
-        return not seen_in_cache
+        return True
 
 
 class ReceiptLog:

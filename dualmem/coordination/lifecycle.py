@@ -223,7 +223,12 @@ class AgentLifecycle:
         try:
             return self._parse(record)
         except TamperedRecord as exc:
-            self._reject_once(record, str(exc))  # once per version, cached or committed
+            # The cache gives no stream id: when SQLite has committed this same value, its
+            # row names the version, so list_agents' rejection of it is not repeated.
+            committed = self.mem.get_record(record.key, level=self.level, principal=self.principal)
+            if committed is not None and committed.value == record.value:
+                record = committed
+            self._reject_once(record, str(exc))
             raise
 
     @staticmethod
