@@ -514,6 +514,29 @@ def test_spawn_over_a_record_that_is_not_the_agents_state_starts_a_new_life(
     assert all(r.risk == "high" for r in rows)
 
 
+def test_the_same_junk_planted_again_after_a_spawn_is_audited_again(
+    make_mem: MakeMem,
+) -> None:
+    # Each planting is a version of its own: one read from the cache only, replaced by a
+    # spawn, must not keep a second planting of the same value out of the audit log.
+    mem = make_mem()
+    life = AgentLifecycle(mem, BOSS)
+    junk = {"hello": 1}
+    first = mem.put("lifecycle/agents/helper", junk, level=Level.SWARM, principal=ROGUE)
+    with pytest.raises(TamperedRecord):
+        life.heartbeat("helper")  # read from the cache
+    life.register_spawn("helper", "Helper", "coder", [], Level.SWARM)
+    life.sync()
+    mem.sync(first)
+    mem.sync(mem.put("lifecycle/agents/helper", junk, level=Level.SWARM, principal=ROGUE))
+    assert life.list_agents() == []
+    with pytest.raises(TamperedRecord):
+        life.heartbeat("helper")
+    life.sync()
+    mem.sync(mem.put("sentinel", 1, level=Level.SWARM, principal=BOSS))
+    assert len(audit(mem, "agent_record_rejected")) == 2
+
+
 def test_history_keeps_the_newest_events_past_one_page(
     make_mem: MakeMem, monkeypatch: pytest.MonkeyPatch
 ) -> None:
