@@ -372,8 +372,10 @@ class Subscriber:
         # How far each scope is consumed: a scope that started lower (gained since the
         # position it resumed was saved) is "behind" until the feed passes the others.
         through = {scope: max(floor, self._position) for scope, floor in self._floors.items()}
-        seq = max(through.values())
         through.update(self._kept)  # scopes no longer read keep how far they were read
+        # The highest of all: a scope left behind may have been read further than any
+        # scope read now, and a position records no scope above its seq.
+        seq = max(through.values())
         value: dict[str, Any] = {
             "seq": seq,
             "saved_at_us": time.time_ns() // 1000,
@@ -511,19 +513,29 @@ class Subscriber:
     def backlog(self, limit: int = 10_000) -> int:
         """How many changes the journal holds for this subscriber beyond the last one
         handed out (at most ``limit`` are counted)."""
+        check_int("limit", limit, low=0)
         if self._window(self._delivered)[1] is None:
-            rows = self._mem.changes(
-                self._delivered, principal=self.principal, level=self.level, limit=limit
-            )
-        else:  # scope by scope, each after its own floor (see _window)
-            rows = [
-                c
-                for scope in self.scopes
-                for c in self._mem.store.changes(
-                    [scope], max(self._delivered, self._floors[scope]), limit
-                )
-            ]
-        return min(limit, sum(1 for c in rows if not self._skipped(c)))
+            return self._count(list(self.scopes), self._delivered, limit)
+        # Scope by scope, each after its own floor (see _window).
+        counted = 0
+        for scope in self.scopes:
+            after = max(self._delivered, self._floors[scope])
+            counted += self._count([scope], after, limit - counted)
+        return counted
+
+    def _count(self, scopes: list[str], after: int, limit: int) -> int:
+        """Changes of ``scopes`` after ``after`` this subscriber would hand out, up to
+        ``limit``: page by page, so rows it skips (its own position saves) do not use up
+        the count."""
+        self._mem._check_open()
+        counted = 0
+        while counted < limit:
+            rows = self._mem.store.changes(scopes, after, self.batch_size)
+            counted += sum(1 for c in rows if not self._skipped(c))
+            if len(rows) < self.batch_size:
+                break
+            after = rows[-1].seq
+        return min(counted, limit)
 
     def _skipped(self, change: Change) -> bool:
         """A subscriber's own bookkeeping, or a change consumed before this start (in a

@@ -263,6 +263,40 @@ def test_a_gained_scope_is_read_without_rescanning_the_others_history(
         assert joined.backlog() == 0
 
 
+def test_a_scope_left_for_one_read_less_far_keeps_its_progress(make_mem: MakeMem) -> None:
+    # The position's seq came from the scopes read now only: moved from swarm s1 (read
+    # to its 6th change) to s2 (read to its 1st), the position said seq 1 and s1 was read
+    # again from there when the agent moved back.
+    mem = make_mem()
+    in_s1, in_s2 = Principal(agent_id="a", swarm="s1"), Principal(agent_id="a", swarm="s2")
+    mem.sync(mem.put("s2-old", 0, level=Level.SWARM, principal=in_s2), timeout=10)
+    for i in range(5):
+        mem.put(f"s1-{i}", i, level=Level.SWARM, principal=in_s1)
+    mem.sync(mem.put("s1-last", 5, level=Level.SWARM, principal=in_s1), timeout=10)
+    with Subscriber(mem, in_s1, since="f", level=Level.SWARM) as first:
+        assert len(consume_until(first, "s1-last")) == 6
+    with Subscriber(mem, in_s2, since="f", level=Level.SWARM) as moved:
+        assert [c.key for c in consume_until(moved, "s2-old")] == ["s2-old"]
+    with Subscriber(mem, in_s1, since="f", level=Level.SWARM) as back:
+        assert back.backlog() == 0 and back.poll(timeout=0) is None
+
+
+def test_backlog_does_not_count_position_saves_against_its_limit(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # The subscriber's own position saves used up backlog's limit: 0 with a change waiting.
+    mem = make_mem()
+    other = Subscriber(mem, coder, since="other", level=Level.PRIVATE)
+    with Subscriber(mem, coder, since="feed") as sub:
+        for i in range(30):  # each consumed change is one position save of "other"
+            mem.sync(mem.put(f"k{i}", i, level=Level.PRIVATE, principal=coder), timeout=10)
+        assert len(consume_until(other, "k29")) == 30
+        other.close()
+        assert len(consume_until(sub, "k29")) == 30
+        mem.sync(mem.put("waiting", 1, level=Level.SWARM, principal=coder), timeout=10)
+        assert sub.backlog(limit=5) == 1
+
+
 def test_a_position_saved_without_its_scopes_resumes_at_its_seq(
     make_mem: MakeMem, coder: Principal
 ) -> None:
