@@ -48,9 +48,10 @@ class Subscriber:
     and opening it with another ``level`` raises ``ValidationError``. A position also
     records the scopes it was consumed under: resumed by a principal that gained a scope
     since (joined a team or swarm, became system), that scope is read from its beginning,
-    in seq order with the rest and without repeating the others; a scope it lost is left
-    out. A position saved before scopes were recorded resumes as it did: at its seq in
-    every scope the principal reads now.
+    in seq order with the rest and without repeating the others; a scope it left keeps
+    how far it was read, and resumes there if joined again. A position saved before
+    scopes were recorded resumes as it did: at its seq in every scope the principal reads
+    now.
 
     How it stays exact: it subscribes to the pub/sub channel of each scope it may read
     *first*, then reads the journal (so nothing committed in between is missed), then
