@@ -352,6 +352,57 @@ def test_a_new_files_next_save_is_imported_while_the_first_is_in_flight(
     assert [k for k, key, _ in sync_events(db_path) if key == "new"] == ["imported"] * 3
 
 
+def test_an_edit_put_back_while_its_import_is_in_flight_is_imported(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    # The second save puts back what SQLite still holds while the first save's import is
+    # in flight: it was taken for formatting only (the file's in-flight imports dropped
+    # with it), and the first save committed last. So for a plaintext value and for a
+    # sealed file's expiry.
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    put(mem, "token", {"t": SECRET}, Level.TEAM)
+    settings = Settings.load(
+        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
+    )
+    f, sealed = file_of(mdir, "cfg"), file_of(mdir, "token", "team:backend")
+
+    def set_expiry(expires: int | None) -> None:
+        d = doc(sealed)
+        d["expires_at"] = expires
+        sealed.write_text(json.dumps(d), encoding="utf-8")
+
+    with Runtime(settings, worker=False) as rt:
+        mirror = Mirror(rt, mdir)
+        mirror.cycle(int(time.time() * 1000))
+        assert "envelope" in doc(sealed)
+        mem.close(timeout=2)  # no worker: the imports stay in flight
+        write_value(f, {"v": 1})
+        set_expiry(int(time.time() * 1000) + 3_600_000)
+        first = mirror.cycle(int(time.time() * 1000))
+        assert first.imported == 2, first.events
+        write_value(f, {"v": 0})
+        set_expiry(None)
+        second = mirror.cycle(int(time.time() * 1000))
+        assert (second.imported, second.conflicts) == (2, 0), second.events
+        make_mem()  # a worker again
+        for r in (first, second):
+            assert rt.wait(r.receipts, 10).committed == len(r.receipts)
+        last = mirror.cycle(int(time.time() * 1000))
+        assert last.conflicts == 0, last.events
+        assert doc(f)["value"] == {"v": 0} and doc(sealed)["expires_at"] is None
+    mem = make_mem()
+    assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 0}
+    record = mem.get_record("token", level=Level.TEAM, principal=CODER)
+    assert record is not None and record.value == {"t": SECRET}
+    assert (record.owner, record.expires_at) == ("coder-1", None)
+    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported"] * 2
+
+
 def test_a_new_files_record_deleted_after_its_import_committed_is_a_conflict(
     make_mem: Callable[..., DualMemory],
     redis_url: str,

@@ -15,7 +15,8 @@ Each cycle first looks for files edited by hand (their hash differs from the sta
   earlier edits of the file are no change (their stream ids are in the state), nor is the
   missing row of a new file whose first import has not committed yet; an edit
   may set ``expires_at`` in the past: the record expires, and its file goes once the
-  import commits;
+  import commits; an edit that puts back what SQLite holds is imported too while an
+  earlier import of the file is in flight (the last save wins);
 * it did change: **SQLite wins**, the file is rewritten from SQLite;
 * the file is not valid (bad JSON, another scope/key/level, a value that does not seal):
   it is rejected and rewritten from SQLite (a new, untracked file is left alone);
@@ -503,19 +504,25 @@ class Mirror:
         row = self._row(conn, scope, key, now_ms)
         same = row is not None and row[6] == expires and self._same(row, envelope, payload)
         detail: dict[str, Any] = {"path": rel, "sha256": digest}
-        if same:
-            self._refresh(conn, scope, key, now_ms, report)  # adopt (formatting only)
-            return
         # The mirror's own imports of earlier edits of this file (sent, maybe committed
         # since) are no change in SQLite; any other write since the file was checked is.
         mine = set(entry.get("sent", ())) if entry else set()
+        # Those not committed yet (no journal entry read for them): the row is not what
+        # the record will hold once they commit.
+        pending = mine - changed.get((scope, key), set())
+        if same and not pending:
+            self._refresh(conn, scope, key, now_ms, report)  # adopt (formatting only)
+            return
+        # The same as SQLite while an earlier import of the file is in flight (an edit
+        # put back): imported too, so the last save wins over that import. Nothing in
+        # SQLite to defend: the file holds what SQLite holds.
         moved = (
             entry is None
             or row is None
             or (row[7] != entry.get("stream_id") and row[7] not in mine)
             or bool(changed.get((scope, key), set()) - mine)
         )
-        if row is not None and moved:
+        if row is not None and moved and not same:
             report.conflicts += 1
             detail["sqlite_stream_id"] = row[7]
             events.append(self._event("conflict", scope, key, level, detail, data))
