@@ -403,6 +403,57 @@ def test_an_edit_put_back_while_its_import_is_in_flight_is_imported(
     assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported"] * 2
 
 
+def test_a_file_deleted_while_its_import_is_in_flight_keeps_its_next_save(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    # The restore of a file deleted by hand dropped the ids of its imports in flight:
+    # once the import committed, the file's next save was "conflict: SQLite changed
+    # too; SQLite wins" and lost, though the only change in SQLite was that import.
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    put(mem, "other", {"v": 0})
+    settings = Settings.load(
+        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
+    )
+    f, g = file_of(mdir, "cfg"), file_of(mdir, "other")
+    with Runtime(settings, worker=False) as rt:
+        mirror = Mirror(rt, mdir)
+        mirror.cycle(int(time.time() * 1000))
+        mem.close(timeout=2)  # no worker: the imports stay in flight
+        write_value(f, {"v": 1})
+        write_value(g, {"v": 1})
+        first = mirror.cycle(int(time.time() * 1000))
+        assert first.imported == 2, first.events
+        f.unlink()
+        g.unlink()
+        restore = mirror.cycle(int(time.time() * 1000))
+        assert restore.restored == 2 and doc(f)["value"] == {"v": 0}, restore.events
+        mem = make_mem()  # a worker again
+        for r in (first, restore):
+            assert rt.wait(r.receipts, 10).committed == len(r.receipts)
+        # An agent's write since is still a change in SQLite: it wins.
+        put(mem, "other", {"v": "agent"})
+        write_value(f, {"v": 2})  # saved before the mirror read the commits
+        write_value(g, {"v": 2})
+        last = mirror.cycle(int(time.time() * 1000))
+        assert (last.imported, last.conflicts) == (1, 1), last.events
+        assert "conflict swarm:s1/other.json: SQLite changed too; SQLite wins" in last.events
+        assert doc(g)["value"] == {"v": "agent"}
+        rt.wait(last.receipts, 10)
+    mem = make_mem()
+    assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2}
+    assert mem.get("other", level=Level.SWARM, principal=CODER) == {"v": "agent"}
+    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == [
+        "imported",
+        "restored",
+        "imported",
+    ]
+
+
 def test_a_new_files_record_deleted_after_its_import_committed_is_a_conflict(
     make_mem: Callable[..., DualMemory],
     redis_url: str,

@@ -20,7 +20,8 @@ Each cycle first looks for files edited by hand (their hash differs from the sta
 * it did change: **SQLite wins**, the file is rewritten from SQLite;
 * the file is not valid (bad JSON, another scope/key/level, a value that does not seal):
   it is rejected and rewritten from SQLite (a new, untracked file is left alone);
-* a tracked file that was deleted is restored (records are deleted through the API).
+* a tracked file that was deleted is restored (records are deleted through the API),
+  from SQLite, keeping the ids of its imports still in flight.
 
 Each import, conflict, rejection and restore is an audit event ``mirror.<kind>`` that the
 worker also records in ``sync_events`` (see ``dualmem.projection``); for plaintext levels
@@ -440,7 +441,13 @@ class Mirror:
                 self._rename(conn, rel, entry, now_ms, report)
             elif rel not in present:
                 # Deleted by hand: records are deleted through the API, so put it back.
+                # Its imports still in flight stay in its entry: once they commit, the
+                # row they leave is the mirror's own, not a change to defend against.
+                seen = changed.get((entry["scope"], entry["key"]), set())
+                pending = [i for i in entry.get("sent", ()) if i not in seen]
                 self._refresh(conn, entry["scope"], entry["key"], now_ms, report)
+                if pending and rel in self.state.files:
+                    self.state.files[rel]["sent"] = pending
                 if rel in self.state.files:
                     report.restored += 1
                     events.append(
