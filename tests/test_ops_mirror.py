@@ -64,6 +64,19 @@ def write_value(path: Path, value: object) -> None:
     path.write_text(json.dumps(edited), encoding="utf-8")
 
 
+def settings_for(redis_url: str, db_path: Path, keyfile: Path) -> Settings:
+    return Settings.load({"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)})
+
+
+def save_new(mirror: Mirror, path: Path, value: object) -> Any:
+    """Save the file of the record swarm:s1/new by hand, then run one mirror cycle."""
+    path.write_text(
+        json.dumps({"scope": "swarm:s1", "key": "new", "level": 3, "value": value}),
+        encoding="utf-8",
+    )
+    return mirror.cycle(int(time.time() * 1000))
+
+
 def doc(path: Path) -> dict[str, object]:
     return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
 
@@ -265,9 +278,7 @@ def test_a_running_mirror_knows_its_own_imports_from_changes_in_sqlite(
     # too; SQLite wins" and lost, though the only change in SQLite was that import.
     mem = make_mem()
     put(mem, "cfg", {"v": 0})
-    settings = Settings.load(
-        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
-    )
+    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "cfg")
 
     def edit_and_cycle(value: object) -> Any:
@@ -323,23 +334,18 @@ def test_a_new_files_next_save_is_imported_while_the_first_is_in_flight(
     # was removed and the record ended with the first save.
     mem = make_mem()
     put(mem, "seed", 0)
-    settings = Settings.load(
-        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
-    )
+    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "new")
-
-    def save_and_cycle(value: object) -> Any:
-        f.write_text(
-            json.dumps({"scope": "swarm:s1", "key": "new", "level": 3, "value": value}),
-            encoding="utf-8",
-        )
-        return mirror.cycle(int(time.time() * 1000))
 
     with Runtime(settings, worker=False) as rt:
         mirror = Mirror(rt, mdir)
         mirror.cycle(int(time.time() * 1000))
         mem.close(timeout=2)  # no worker: the imports stay in flight
-        pending = [save_and_cycle({"v": 1}), save_and_cycle({"v": 2}), save_and_cycle({"v": 3})]
+        pending = [
+            save_new(mirror, f, {"v": 1}),
+            save_new(mirror, f, {"v": 2}),
+            save_new(mirror, f, {"v": 3}),
+        ]
         assert [(r.imported, r.conflicts) for r in pending] == [(1, 0)] * 3, pending[-1].events
         assert doc(f)["value"] == {"v": 3}
         make_mem()  # a worker again
@@ -366,9 +372,7 @@ def test_an_edit_put_back_while_its_import_is_in_flight_is_imported(
     mem = make_mem()
     put(mem, "cfg", {"v": 0})
     put(mem, "token", {"t": SECRET}, Level.TEAM)
-    settings = Settings.load(
-        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
-    )
+    settings = settings_for(redis_url, db_path, keyfile)
     f, sealed = file_of(mdir, "cfg"), file_of(mdir, "token", "team:backend")
 
     def set_expiry(expires: int | None) -> None:
@@ -416,9 +420,7 @@ def test_a_file_deleted_while_its_import_is_in_flight_keeps_its_next_save(
     mem = make_mem()
     put(mem, "cfg", {"v": 0})
     put(mem, "other", {"v": 0})
-    settings = Settings.load(
-        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
-    )
+    settings = settings_for(redis_url, db_path, keyfile)
     f, g = file_of(mdir, "cfg"), file_of(mdir, "other")
     with Runtime(settings, worker=False) as rt:
         mirror = Mirror(rt, mdir)
@@ -465,26 +467,17 @@ def test_a_new_files_record_deleted_after_its_import_committed_is_a_conflict(
     # record (both unread by the mirror yet): SQLite wins, as for any record's file.
     mem = make_mem()
     put(mem, "seed", 0)
-    settings = Settings.load(
-        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
-    )
+    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "new")
-
-    def save_and_cycle(value: object) -> Any:
-        f.write_text(
-            json.dumps({"scope": "swarm:s1", "key": "new", "level": 3, "value": value}),
-            encoding="utf-8",
-        )
-        return mirror.cycle(int(time.time() * 1000))
 
     with Runtime(settings, worker=False) as rt:
         mirror = Mirror(rt, mdir)
         mirror.cycle(int(time.time() * 1000))
-        first = save_and_cycle({"v": 1})
+        first = save_new(mirror, f, {"v": 1})
         assert first.imported == 1
         assert rt.wait(first.receipts, 10).committed == len(first.receipts)
         mem.sync(mem.delete("new", level=Level.SWARM, principal=CODER), timeout=10)
-        second = save_and_cycle({"v": 2})
+        second = save_new(mirror, f, {"v": 2})
         assert (second.imported, second.conflicts) == (0, 1), second.events
         assert "conflict swarm:s1/new.json: the record was deleted; SQLite wins" in second.events
         assert not f.exists()
@@ -524,9 +517,7 @@ def test_a_past_expiry_edit_stays_in_its_file_while_its_import_is_in_flight(
 ) -> None:
     mem = make_mem()
     put(mem, "k", "v1")
-    settings = Settings.load(
-        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
-    )
+    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "k")
     with Runtime(settings, worker=False) as rt:
         mirror = Mirror(rt, mdir)
@@ -803,9 +794,7 @@ def test_edits_sealed_under_a_key_being_dropped_wait_for_the_next_cycle(
     mem = make_mem()
     put(mem, "note", {"v": 1}, Level.TEAM)
     put(mem, "plain", {"v": 1})
-    settings = Settings.load(
-        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
-    )
+    settings = settings_for(redis_url, db_path, keyfile)
     with Runtime(settings, worker=False) as rt:
         mirror = Mirror(rt, mdir)
         mirror.cycle(int(time.time() * 1000))
@@ -900,9 +889,7 @@ def test_a_refused_import_keeps_its_hand_edit_when_the_cycle_refreshes_every_fil
 
     mem = make_mem()
     put(mem, "note", {"v": 1}, Level.TEAM)
-    settings = Settings.load(
-        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
-    )
+    settings = settings_for(redis_url, db_path, keyfile)
     with Runtime(settings, worker=False) as rt:
         mirror = Mirror(rt, mdir)
         mirror.cycle(int(time.time() * 1000))
