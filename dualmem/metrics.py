@@ -71,10 +71,10 @@ class Histogram:
         """Add one sample per value (nanoseconds), taking the lock once."""
         if not values:
             return
-        counts = self._counts
         indexes = [_index(v) for v in values]
         low, high = min(values), max(values)
         with self._lock:
+            counts = self._counts  # under the lock: reset() replaces the list
             for idx in indexes:
                 counts[idx] += 1
             if self.count == 0 or low < self.min:

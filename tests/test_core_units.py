@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 
 import pytest
 
@@ -304,6 +305,32 @@ def test_histogram_quantiles_match_exact_values() -> None:
         assert abs(h.quantile(q) - exact) / exact < 0.02, q
     assert h.max == samples[-1]
     assert h.count == len(samples)
+
+
+def test_a_reset_just_before_record_many_takes_its_lock_loses_no_bucket() -> None:
+    # record_many took the bucket list before the lock: a reset in between (the bench
+    # resets while the worker records lag) left count 10 and empty buckets, so every
+    # quantile said max.
+    h = Histogram()
+    h.record(5_000_000)
+
+    class ResetFirst:
+        def __init__(self) -> None:
+            self.inner, self.armed = threading.Lock(), True
+
+        def __enter__(self) -> None:
+            if self.armed:
+                self.armed = False
+                h.reset()  # lands between the caller's read of the state and its lock
+            self.inner.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            self.inner.release()
+
+    h._lock = ResetFirst()  # type: ignore[assignment]
+    h.record_many([1000] * 10)
+    assert h.count == sum(h._counts) == 10
+    assert h.quantile(0.5) == h.quantile(0.99) == 1000
 
 
 def test_histogram_memory_is_fixed() -> None:
