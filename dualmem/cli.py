@@ -103,15 +103,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
             flush=True,
         )
         left = worker.run(stop, drain_timeout=settings.close_timeout)
-    worker.snapshot_metrics()
+    try:
+        worker.snapshot_metrics()
+    except DualMemError as exc:
+        # Best effort, as at DualMemory.close(): a locked or full database must not turn
+        # a clean stop into a failure with no summary.
+        log.warning("could not save the latency figures at exit: %s", exc)
+    finally:
+        store.close()
+        client.close()
     s = worker.stats
+    pending = "an unknown number of commands (the drain failed)" if left < 0 else left
     print(
         f"dualmem worker {worker.consumer} stopped: {s.applied} applied, {s.duplicates} "
-        f"duplicates, {s.claimed} claimed, {s.dead_lettered} dead-lettered, {left} left pending",
+        f"duplicates, {s.claimed} claimed, {s.dead_lettered} dead-lettered, {pending} left "
+        "pending",
         flush=True,
     )
-    store.close()
-    client.close()
     return 0
 
 

@@ -427,6 +427,26 @@ def test_wait_until_helper_fails_loudly() -> None:
 
 
 @pytest.mark.real_redis
+@pytest.mark.real_redis
+def test_a_worker_stopped_while_the_database_is_locked_exits_cleanly(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Saving the latency figures at exit met a lock another process held: the worker
+    # exited 2 with "database is locked", no summary line, store and client left open.
+    db = tmp_path / "m.db"
+    proc = start_worker(redis_server.url, db)
+    wait_until(db.exists, what="the worker's database")
+    holder = sqlite3.connect(db, isolation_level=None, timeout=30)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        out = stop(proc)
+    finally:
+        holder.close()
+    assert proc.returncode == 0, out
+    assert "could not save the latency figures at exit" in out
+    assert "0 left pending" in out
+
+
 def test_a_redis_password_is_never_printed(
     redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
