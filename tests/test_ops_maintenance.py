@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -571,6 +572,17 @@ def test_metrics_server_serves_on_loopback_and_stops(
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
         assert err.value.code == 404
+        # A client that connects and sends nothing held the one-at-a-time server: every
+        # other scrape timed out, and shutdown() waited for it.
+        idle = socket.create_connection(("127.0.0.1", port))
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                assert resp.status == 200
+            t0 = time.monotonic()
+            server.shutdown()
+            assert time.monotonic() - t0 < 2
+        finally:
+            idle.close()
     finally:
         server.shutdown()
         server.server_close()

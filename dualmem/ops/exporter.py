@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 
 from dualmem.errors import DualMemError
@@ -84,6 +84,8 @@ class Exporter:
 
 class _Handler(BaseHTTPRequestHandler):
     render: Callable[[], str]
+    #: Seconds a connection may take to send its request: an idle client is dropped.
+    timeout = 10
 
     def do_GET(self) -> None:
         if self.path.split("?")[0] not in ("/metrics", "/"):
@@ -104,17 +106,30 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck connection's thread never holds up the exit
+    block_on_close = False
+
+
 def start_server(
     port: int, render: Callable[[], str], host: str = "127.0.0.1"
 ) -> tuple[HTTPServer, threading.Thread]:
     """Serve ``render()`` at ``http://host:port/metrics`` in a thread (port 0: any free
     port, see ``server.server_address``). Stop it with ``server.shutdown()``.
 
-    One request at a time: a scrape is quick, and the store's connection stays in one
-    thread instead of one per request.
+    Each connection has a thread of its own (and ``_Handler.timeout`` to send its
+    request): one client that connects and sends nothing held the single-threaded
+    server, so every other scrape timed out and ``shutdown()`` waited for it. The
+    renders themselves still run one at a time.
     """
-    handler = type("Handler", (_Handler,), {"render": staticmethod(render)})
-    server = HTTPServer((host, port), handler)
+    lock = threading.Lock()
+
+    def render_one() -> str:
+        with lock:
+            return render()
+
+    handler = type("Handler", (_Handler,), {"render": staticmethod(render_one)})
+    server = _Server((host, port), handler)
     thread = threading.Thread(target=server.serve_forever, name="dualmem-metrics", daemon=True)
     thread.start()
     return server, thread
