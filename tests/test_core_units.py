@@ -98,6 +98,7 @@ def test_a_misspelled_environment_variable_is_named_in_a_warning(
         ({"redis_url": "redis://h:notaport/0"}, {}, "redis_url"),  # bare ValueError
         ({"redis_url": "redis://h:99999/0"}, {}, "redis_url"),
         ({"block_ms": 10**13}, {}, "block_ms"),  # the worker thread failed, close() raised
+        ({"block_ms": 0}, {}, "block_ms must be >= 1"),  # an idle worker spun on reads
         ({"claim_idle_ms": 10**20}, {}, "claim_idle_ms"),  # XAUTOCLAIM refused, forever
         ({}, {"DUALMEM_BUSY_TIMEOUT_MS": str(10**13)}, "busy_timeout_ms"),
         # Past these bounds the worker (or every put) failed later, again and again:
