@@ -92,6 +92,8 @@ _AUDIT_INSERT = (
     "stream_id, prev_hash, hash) VALUES "
 )
 _MAX_PARAMS = 4000
+#: How long the latency snapshot of a worker that stopped writing them is kept (a day).
+METRICS_KEPT_MS = 24 * 3600 * 1000
 _ROW_COLUMNS = "scope, key, level, owner, envelope, created_at, updated_at, expires_at, stream_id"
 _CHANGE_COLUMNS = "seq, shard, stream_id, op, scope, key, level, actor, ts, committed_at"
 _LIVE = "envelope IS NOT NULL AND (expires_at IS NULL OR expires_at > ?)"
@@ -551,6 +553,14 @@ class SQLiteStore(Store):
                 "(ts, source, path, count, p50, p95, p99, max, sum) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
+            )
+            # Only the latest snapshot of a source is ever read (its histograms are
+            # cumulative), and a source silent for METRICS_KEPT_MS is a stopped worker:
+            # the table grew by a snapshot per worker per metrics_interval, for ever, and
+            # `stats`/`metrics` listed every worker that ever ran.
+            conn.execute(
+                "DELETE FROM metrics WHERE (source = ? AND ts < ?) OR ts < ?",
+                (source, ts_ms, ts_ms - METRICS_KEPT_MS),
             )
 
     # -- reads -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dualmem.commands import audit_fields, delete_fields, put_fields, reseal_fie
 from dualmem.migrations import SCHEMA_VERSION, migrate
 from dualmem.ops.verify import verify_database
 from dualmem.settings import Settings
-from dualmem.sqlite_store import SQLiteStore, prefix_upper_bound
+from dualmem.sqlite_store import METRICS_KEPT_MS, SQLiteStore, prefix_upper_bound
 from dualmem.store import StreamEntry
 
 
@@ -277,6 +277,17 @@ def test_metrics_snapshots(store: SQLiteStore) -> None:
     store.record_metrics(1, "w1", snap)
     store.record_metrics(2, "w1", {"read": {**snap["read"], "count": 5}})
     assert store.latest_metrics()["w1"]["read"]["count"] == 5
+    # Only the latest snapshot of each source is kept, and a source silent for a day
+    # goes (the table grew by a snapshot per worker per interval, and every worker that
+    # ever ran was listed for ever).
+    store.record_metrics(3, "w2", snap)
+    day = METRICS_KEPT_MS
+    store.record_metrics(day + 2, "w1", snap)
+    assert set(store.latest_metrics()) == {"w1", "w2"}
+    store.record_metrics(day + 4, "w1", snap)
+    assert set(store.latest_metrics()) == {"w1"}
+    rows = store._conn().execute("SELECT DISTINCT ts FROM metrics").fetchall()
+    assert rows == [(day + 4,)]
 
 
 def test_a_db_path_that_cannot_be_created_is_a_configuration_error(
