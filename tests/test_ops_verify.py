@@ -505,3 +505,38 @@ def test_a_key_rotation_keeps_redis_and_sqlite_in_parity_and_a_tamper_still_fail
     assert parity["problems"] == [
         "agent:coder-1/r0: the cached envelope is another write than the SQLite row"
     ]
+
+
+def test_a_put_landing_during_the_parity_scan_is_in_flight_not_a_failure(
+    make_mem: Any, db_path: Path, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The in-flight list was read once, before the cache scan: a put that reached Redis
+    # in between was judged against the older committed row, "the cached envelope
+    # differs from the SQLite row", a false failure while writes went on.
+    from dualmem.layout import Layout
+    from dualmem.ops import verify as verify_module
+
+    first = make_mem()
+    first.sync(first.put("k", {"v": 1}, level=Level.SWARM, principal=CODER), timeout=10)
+    first.close(timeout=5)  # no worker from here on: the next put stays in the stream
+    writer = make_mem(worker=False)
+    real = verify_module._in_flight
+    calls: list[int] = []
+
+    def in_flight_then_a_put(*args: Any, **kwargs: Any) -> set[tuple[str, str]]:
+        out = real(*args, **kwargs)
+        if not calls:
+            writer.put("k", {"v": 2}, level=Level.SWARM, principal=CODER)
+        calls.append(1)
+        return out
+
+    monkeypatch.setattr(verify_module, "_in_flight", in_flight_then_a_put)
+    conn = sqlite3.connect(db_path)
+    try:
+        check = verify_module.check_redis_parity(
+            conn, raw_redis, Layout(writer.settings.namespace, 1), 2**62
+        )
+    finally:
+        conn.close()
+    assert check.ok, check.problems
+    assert "1 in flight" in check.summary
