@@ -233,6 +233,10 @@ def test_rows_cut_off_the_end_of_a_chain_are_found_by_the_anchor(
         "journal ends at seq 20, before the anchored seq 23: rows were cut off its end",
         "audit_log ends at id 0, before the anchored id 1: rows were cut off its end",
     ]
+    # After a restore, only a row committed to that chain moves its anchor: the fix said
+    # "the next committed write", and plain puts never moved the audit_log's.
+    fix = checks["hash chain anchors"]["fix"]
+    assert "an audit event for audit_log" in fix and ":anchor}:audit_log:top" in fix
 
 
 def test_an_anchor_moves_on_with_the_next_commit(

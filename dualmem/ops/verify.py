@@ -275,10 +275,12 @@ def check_anchors(conn: sqlite3.Connection, client: redis.Redis, layout: Layout)
                 notes.append(f"{table}: ends at or after {id_name} {anchored_id}")
     c.summary = "; ".join(notes) if c.ok else f"{c.problem_count} chain end(s) do not match"
     if not c.ok:
+        keys = ", ".join(layout.anchor_key(table).decode() for table in _CHAINS)
         c.fix = (
             "rows were removed or replaced outside dualmem: restore a backup and investigate "
-            "(after a deliberate restore of an older backup, the next committed write moves "
-            "the anchor)"
+            "(after a deliberate restore of an older backup, a chain's anchor moves with the "
+            "next row the worker commits to that chain: any change for the journal, an audit "
+            f"event for audit_log; or delete the anchor keys in Redis: {keys})"
         )
     return c
 
