@@ -46,7 +46,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from acl.errors import ConfigurationError, MissingKey, TamperedRecord, ValidationError
-from acl.levels import ENCRYPTED_LEVELS, Level
+from acl.levels import ENCRYPTED_LEVELS, Level, as_level
 
 __all__ = [
     "DEFAULT_COMPRESS_THRESHOLD",
@@ -552,6 +552,8 @@ class Codec:
         ``sealing`` is for re-encryption only (:meth:`reseal`: the original's write id and
         writer, the next generation); a new write gets a random write id, generation 0.
         """
+        if not isinstance(level, Level):
+            level = as_level(level)  # "PRIVATE" was not in ENCRYPTED_LEVELS: plaintext
         payload, compressed = self.compressor.encode(data)
         flags = FLAG_COMPRESSED if compressed else 0
         if level not in ENCRYPTED_LEVELS:
@@ -594,7 +596,9 @@ class Codec:
         cannot make a value look written by someone else. Envelopes sealed before
         version 2 name no writer and are not checked.
         """
-        where = f"{scope}/{key} at level {Level(level).name}"
+        if not isinstance(level, Level):
+            level = as_level(level)
+        where = f"{scope}/{key} at level {level.name}"
         if len(envelope) < 2 or envelope[0] not in (ENVELOPE_VERSION, SEALED_VERSION):
             raise TamperedRecord(f"envelope for {where} has an unknown format")
         flags = envelope[1]

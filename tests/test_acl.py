@@ -146,6 +146,21 @@ def test_encrypted_levels_hide_the_plaintext(codec: Codec) -> None:
         assert (secret.encode() in env) is (not level.encrypted)
 
 
+def test_a_level_given_by_name_or_number_is_sealed_as_that_level(codec: Codec) -> None:
+    # seal(level="PRIVATE") compared a str with ENCRYPTED_LEVELS and wrote plaintext;
+    # level=9 or None was sealed as plaintext too, and open(level="PRIVATE") raised a bare
+    # ValueError.
+    for level in ("PRIVATE", "private", 1):
+        env = codec.seal({"secret": "hunter2"}, scope="agent:a", key="k", level=level)  # type: ignore[arg-type]
+        assert b"hunter2" not in env
+        assert codec.open(env, scope="agent:a", key="k", level=level) == {"secret": "hunter2"}  # type: ignore[arg-type]
+    for bad in (9, None, "root"):
+        with pytest.raises(ValidationError):
+            codec.seal({"v": 1}, scope="agent:a", key="k", level=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError):
+            codec.open(b"\x01\x00{}", scope="agent:a", key="k", level=bad)  # type: ignore[arg-type]
+
+
 def test_compression_happens_before_encryption(codec: Codec) -> None:
     big = {"v": "abc" * 10_000}
     env = codec.seal(big, scope="s:x", key="k", level=Level.PRIVATE)
