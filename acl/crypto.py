@@ -526,7 +526,9 @@ class Codec:
         self.serializer = JsonSerializer()
         self.compressor = Lz4Compressor(compress_threshold, max_value_bytes)
 
-    def seal(self, value: object, *, scope: str, key: str, level: Level, owner: str = "") -> bytes:
+    def seal(
+        self, value: object, *, scope: str, key: str, level: Level | int | str, owner: str = ""
+    ) -> bytes:
         """Encode ``value`` into an envelope bound to ``(scope, key, level)`` and, at the
         encrypted levels, to its writer ``owner`` (the agent id its row will name)."""
         data = self.serializer.encode(value)
@@ -543,7 +545,7 @@ class Codec:
         *,
         scope: str,
         key: str,
-        level: Level,
+        level: Level | int | str,
         owner: str = "",
         sealing: Sealing | None = None,
     ) -> bytes:
@@ -587,7 +589,13 @@ class Codec:
         return header + nonce + sealed
 
     def open_bytes(
-        self, envelope: bytes, *, scope: str, key: str, level: Level, owner: str | None = None
+        self,
+        envelope: bytes,
+        *,
+        scope: str,
+        key: str,
+        level: Level | int | str,
+        owner: str | None = None,
     ) -> bytes:
         """Authenticate, decrypt and decompress an envelope to its JSON bytes.
 
@@ -660,7 +668,13 @@ class Codec:
             raise TamperedRecord(f"envelope failed authentication for {where}") from None
 
     def open(
-        self, envelope: bytes, *, scope: str, key: str, level: Level, owner: str | None = None
+        self,
+        envelope: bytes,
+        *,
+        scope: str,
+        key: str,
+        level: Level | int | str,
+        owner: str | None = None,
     ) -> Any:
         """Inverse of :meth:`seal`: the value, or ``TamperedRecord`` / ``MissingKey``
         (``owner``: see :meth:`open_bytes`)."""
