@@ -51,6 +51,8 @@ _MOST = {
     # overflowed and every purge failed. 10**12 s (about 31,700 years) leaves room for
     # "keep tombstones for good" and stays far from the overflow.
     "tombstone_ttl": MAX_TOMBSTONE_TTL,
+    # The command pool builds its queue of slots up front: 10**9 never finished.
+    "max_connections": 10_000,
 }
 
 
@@ -321,11 +323,32 @@ class Settings:
             raise ConfigurationError("setting db_path must not be empty")
         if self.key and self.keyring:
             raise ConfigurationError("settings key and keyring are both set: give one")
+        for name in ("namespace", "group", "consumer", "db_path", "key", "keyring"):
+            value = getattr(self, name)
+            # Names of Redis keys and files: a lone surrogate or a NUL passed here and then
+            # raised UnicodeEncodeError or ValueError later (a consumer's killed the worker).
+            if value and (not _encodes(value) or "\x00" in value):
+                raise ConfigurationError(
+                    f"setting {name} must be valid Unicode without NUL characters"
+                )
         if self.worker_sched not in WORKER_SCHED:
             raise ConfigurationError(
                 f"setting worker_sched={self.worker_sched!r} must be one of "
                 f"{', '.join(WORKER_SCHED)}"
             )
+
+
+def _encodes(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (no lone surrogates).
+
+    >>> _encodes("ok"), _encodes("\\ud800")
+    (True, False)
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # Up to the last "@" before the path's query or fragment, as urllib splits userinfo (a

@@ -99,6 +99,13 @@ def test_a_misspelled_environment_variable_is_named_in_a_warning(
         ({"redis_url": "redis://h:99999/0"}, {}, "redis_url"),
         ({"block_ms": 10**13}, {}, "block_ms"),  # the worker thread failed, close() raised
         ({"block_ms": 0}, {}, "block_ms must be >= 1"),  # an idle worker spun on reads
+        ({"max_connections": 10**9}, {}, "max_connections must be at most 10,000"),  # hung
+        # A lone surrogate or NUL raised later: a consumer's killed the worker thread.
+        ({"consumer": "w\ud800"}, {}, "consumer must be valid Unicode"),
+        ({"namespace": "n\ud800"}, {}, "namespace must be valid Unicode"),
+        ({"group": "g\ud800"}, {}, "group must be valid Unicode"),
+        ({"db_path": "a\x00b.db"}, {}, "db_path must be valid Unicode without NUL"),
+        ({"keyring": "k\ud800.json"}, {}, "keyring must be valid Unicode"),
         ({"claim_idle_ms": 10**20}, {}, "claim_idle_ms"),  # XAUTOCLAIM refused, forever
         ({}, {"DUALMEM_BUSY_TIMEOUT_MS": str(10**13)}, "busy_timeout_ms"),
         # Past these bounds the worker (or every put) failed later, again and again:
