@@ -194,7 +194,8 @@ def ttl_to_ms(ttl: object) -> int | None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
         raise ValidationError(f"ttl must be a number of seconds, got {type(ttl).__name__}")
-    if not math.isfinite(ttl) or ttl <= 0 or ttl > MAX_TTL_SECONDS:
+    # Bounds first: math.isfinite(10**400) raised OverflowError.
+    if not 0 < ttl <= MAX_TTL_SECONDS or not math.isfinite(ttl):
         raise ValidationError(f"ttl must be > 0 and <= {MAX_TTL_SECONDS} seconds, got {ttl}")
     return max(1, int(ttl * 1000))
 

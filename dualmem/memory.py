@@ -448,7 +448,10 @@ class DualMemory:
         """
         # Once closed the decision still holds, but nothing would persist its audit row
         # (on memory:// nothing ever will): a denial is raised without one. A call that
-        # began before close() is audited as a racing read is (see _audit).
+        # began before close() is audited as a racing read is (see _audit). The key goes
+        # into the audit row: one that cannot travel raised UnicodeEncodeError with no
+        # audit, or was dead-lettered with it (bytes).
+        check_text("key", key, optional=True)
         return self._authorize(principal, level, action, scope, key, audit=not self._closed)
 
     def _authorize(

@@ -1780,3 +1780,18 @@ def test_settle_waits_for_every_earlier_write_of_any_object_on_every_shard(
     assert reader.get("k00", level=Level.SWARM, principal=coder) is None
     with pytest.raises(ValidationError):
         reader.settle(timeout=-1)
+
+
+def test_a_ttl_too_large_for_a_float_and_a_key_that_cannot_travel_are_refused(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # put(ttl=10**400) raised a bare OverflowError; authorize(key=...) never checked its
+    # key: a lone surrogate raised UnicodeEncodeError with no audit row for the denial,
+    # and bytes were sent in the audit command and dead-lettered.
+    mem = make_mem(worker=False)
+    with pytest.raises(ValidationError, match="ttl"):
+        mem.put("k", 1, level=Level.SWARM, principal=coder, ttl=10**400)
+    for key in ("\ud800", b"k", "a\x00b"):
+        with pytest.raises(ValidationError, match="key"):
+            mem.authorize(coder, Level.PRIVATE, scope="agent:other", key=key)  # type: ignore[arg-type]
+    assert sum(mem.backlog().values()) == 0  # nothing sent
