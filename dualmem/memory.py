@@ -780,6 +780,10 @@ class DualMemory:
         self._check_open()
         if not isinstance(receipt, Receipt):
             raise ValidationError("sync() takes the Receipt returned by put/delete")
+        # A Receipt built by hand: its shard and stream id go into SQLite parameters
+        # (a shard of 2**64 raised OverflowError, a lone surrogate UnicodeEncodeError).
+        check_int("receipt shard", receipt.shard, low=0)
+        check_text("receipt stream_id", receipt.stream_id)
         _check_wait(timeout)
 
         def committed() -> bool:

@@ -389,7 +389,12 @@ def _coerce(name: str, type_name: str, value: Any) -> Any:
         # A secret (the key, a password in the URL) is never quoted back.
         shown = type(value).__name__ if name in _SECRET_SETTINGS else repr(value)
         raise ConfigurationError(f"setting {name} must be {_a(base)}, got {shown}")
-    return float(value) if base == "float" else value
+    if base != "float":
+        return value
+    try:
+        return float(value)
+    except OverflowError:  # an int past a float's range (10**400)
+        raise ConfigurationError(f"setting {name} must be a finite number, got {value!r}") from None
 
 
 _WARNED: set[str] = set()

@@ -100,6 +100,7 @@ def test_a_misspelled_environment_variable_is_named_in_a_warning(
         ({"block_ms": 10**13}, {}, "block_ms"),  # the worker thread failed, close() raised
         ({"block_ms": 0}, {}, "block_ms must be >= 1"),  # an idle worker spun on reads
         ({"max_connections": 10**9}, {}, "max_connections must be at most 10,000"),  # hung
+        ({"socket_timeout": 10**400}, {}, "socket_timeout must be a finite number"),  # Overflow
         # A lone surrogate or NUL raised later: a consumer's killed the worker thread.
         ({"consumer": "w\ud800"}, {}, "consumer must be valid Unicode"),
         ({"namespace": "n\ud800"}, {}, "namespace must be valid Unicode"),

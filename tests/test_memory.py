@@ -1795,3 +1795,14 @@ def test_a_ttl_too_large_for_a_float_and_a_key_that_cannot_travel_are_refused(
         with pytest.raises(ValidationError, match="key"):
             mem.authorize(coder, Level.PRIVATE, scope="agent:other", key=key)  # type: ignore[arg-type]
     assert sum(mem.backlog().values()) == 0  # nothing sent
+
+
+def test_sync_refuses_a_receipt_built_by_hand_with_fields_that_cannot_be_looked_up(
+    make_mem: MakeMem,
+) -> None:
+    # shard 2**64 raised a bare OverflowError from SQLite; a lone surrogate in the stream
+    # id a UnicodeEncodeError.
+    mem = make_mem(worker=False)
+    for shard, sid in ((2**64, "1-0"), (-1, "1-0"), (0, "\ud800"), (0, 5)):
+        with pytest.raises(ValidationError, match="receipt"):
+            mem.sync(Receipt(shard, sid, "s", "k", "put"), timeout=0)  # type: ignore[arg-type]
