@@ -290,6 +290,10 @@ class Keyring:
         The default key id is derived from the secret's hash, so it is the same in every
         process that is given the same secret.
         """
+        if not isinstance(secret_b64, str):
+            raise ConfigurationError(
+                f"the key secret must be base64 text, got {type(secret_b64).__name__}"
+            )
         try:
             secret = base64.b64decode(secret_b64.strip(), validate=True)
         except (binascii.Error, ValueError) as exc:
@@ -360,7 +364,7 @@ class Keyring:
         ...
         acl.errors.ConfigurationError: key file /nonexistent/keys.json does not exist: create it ...
         """
-        p = Path(path)
+        p = _key_path(path)
         try:
             st = p.stat()
         except FileNotFoundError:
@@ -388,12 +392,15 @@ class Keyring:
         Without ``overwrite`` an existing file is never replaced: losing a key loses every
         record it sealed.
         """
-        p = Path(path)
-        if p.exists() and not overwrite:
-            raise ConfigurationError(f"key file {p} already exists; refusing to overwrite it")
-        p.parent.mkdir(parents=True, exist_ok=True)
+        p = _key_path(path)
         tmp = p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if p.exists() and not overwrite:
+                raise ConfigurationError(f"key file {p} already exists; refusing to overwrite it")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:  # a file where a directory must be, no permission, too long
+            raise ConfigurationError(f"key file {p} cannot be written: {exc}") from exc
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(self.to_json())
@@ -413,6 +420,32 @@ class Keyring:
             if tmp.exists():
                 tmp.unlink()
             raise
+
+
+def _key_path(path: object) -> Path:
+    """``path`` as a key file path; ``ConfigurationError`` for what cannot name a file
+    (None, a NUL, a lone surrogate), which raised TypeError, ValueError or
+    UnicodeEncodeError deep in the OS calls.
+
+    >>> _key_path("a\\x00b")
+    Traceback (most recent call last):
+    ...
+    acl.errors.ConfigurationError: a key file path must be text without NUL ...
+    """
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str) or "\x00" in text or not _utf8(text):
+        raise ConfigurationError(
+            f"a key file path must be text without NUL or lone surrogates, got {path!r}"
+        )
+    return Path(text)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _now_iso() -> str:

@@ -411,3 +411,25 @@ def test_an_envelope_sealed_before_version_2_still_opens_and_stays_in_its_form()
     resealed = rotated.reseal(legacy, scope="agent:a", key="k", level=Level.PRIVATE)
     assert resealed is not None and resealed[0] == ENVELOPE_VERSION
     assert rotated.open(resealed, scope="agent:a", key="k", level=Level.PRIVATE) == {"v": 1}
+
+
+def test_keyring_files_that_cannot_be_named_or_written_are_configuration_errors(
+    tmp_path: Path,
+) -> None:
+    # Raw FileExistsError, IsADirectoryError, OSError (name too long), ValueError (NUL),
+    # TypeError (None) and AttributeError came out of save, load and from_secret.
+    ring = Keyring.generate()
+    (tmp_path / "file").write_text("x")
+    for bad in (
+        "a\x00b.json",
+        "k\ud800.json",
+        None,
+        tmp_path / "file" / "k.json",
+        tmp_path / ("n" * 300),
+    ):
+        with pytest.raises(ConfigurationError):
+            ring.save(bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError):
+            Keyring.load(bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        Keyring.from_secret(None)  # type: ignore[arg-type]
