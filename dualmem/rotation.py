@@ -678,7 +678,7 @@ def _rotate_locked(
 def _preflight(args: argparse.Namespace, settings: Settings) -> None:
     """Refuse what would stop the rotation before the key file is changed: bad numbers,
     a Redis that does not answer, a database this dualmem cannot open."""
-    from dualmem.ops.database import check_dualmem, check_not_newer, open_database
+    from dualmem.ops.database import check_not_newer, open_database
 
     for name in ("grace", "timeout"):
         value = getattr(args, name)
@@ -694,11 +694,11 @@ def _preflight(args: argparse.Namespace, settings: Settings) -> None:
             client.ping()
     finally:
         client.close()
-    # An existing dualmem database, never a new one: the rotation's worker would commit the
-    # deployment's pending commands into a file made by a mistyped --db (and acknowledge
-    # them), and --drop-retired would then drop a key the real database still needs.
+    # An existing dualmem database (check_not_newer refuses another program's file), never
+    # a new one: the rotation's worker would commit the deployment's pending commands into
+    # a file made by a mistyped --db (and acknowledge them), and --drop-retired would then
+    # drop a key the real database still needs.
     with open_database(settings.db_path) as conn:
-        check_dualmem(conn, settings.db_path)
         check_not_newer(conn, settings.db_path)
 
 
