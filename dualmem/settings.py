@@ -15,8 +15,8 @@ from typing import Any
 from redis.connection import parse_url
 
 from acl.crypto import DEFAULT_COMPRESS_THRESHOLD, DEFAULT_MAX_VALUE_BYTES
-from acl.errors import ConfigurationError
-from dualmem.commands import MAX_TTL_SECONDS
+from acl.errors import ConfigurationError, ValidationError
+from dualmem.commands import MAX_TTL_SECONDS, check_text
 
 __all__ = ["ENV_PREFIX", "MAX_TOMBSTONE_TTL", "WORKER_SCHED", "Settings"]
 
@@ -324,31 +324,19 @@ class Settings:
         if self.key and self.keyring:
             raise ConfigurationError("settings key and keyring are both set: give one")
         for name in ("namespace", "group", "consumer", "db_path", "key", "keyring"):
-            value = getattr(self, name)
             # Names of Redis keys and files: a lone surrogate or a NUL passed here and then
             # raised UnicodeEncodeError or ValueError later (a consumer's killed the worker).
-            if value and (not _encodes(value) or "\x00" in value):
+            try:
+                check_text(name, getattr(self, name), optional=True)
+            except ValidationError:
                 raise ConfigurationError(
                     f"setting {name} must be valid Unicode without NUL characters"
-                )
+                ) from None
         if self.worker_sched not in WORKER_SCHED:
             raise ConfigurationError(
                 f"setting worker_sched={self.worker_sched!r} must be one of "
                 f"{', '.join(WORKER_SCHED)}"
             )
-
-
-def _encodes(text: str) -> bool:
-    """Whether ``text`` encodes as UTF-8 (no lone surrogates).
-
-    >>> _encodes("ok"), _encodes("\\ud800")
-    (True, False)
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 # Up to the last "@" before the path's query or fragment, as urllib splits userinfo (a
