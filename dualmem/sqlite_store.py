@@ -98,9 +98,7 @@ _ROW_COLUMNS = "scope, key, level, owner, envelope, created_at, updated_at, expi
 _CHANGE_COLUMNS = "seq, shard, stream_id, op, scope, key, level, actor, ts, committed_at"
 _LIVE = "envelope IS NOT NULL AND (expires_at IS NULL OR expires_at > ?)"
 
-# Errors that belong to one entry's content (a constraint, a bad value): retried entry by
-# entry so the rest of the batch commits. Anything else (locked, I/O, full disk) fails
-# the whole batch, which the worker retries unchanged.
+# The end (last id, last hash) of both hash chains, in one statement (see _tails).
 _TAILS = """SELECT (SELECT seq FROM journal ORDER BY seq DESC LIMIT 1),
                    (SELECT hash FROM journal ORDER BY seq DESC LIMIT 1),
                    (SELECT id FROM audit_log ORDER BY id DESC LIMIT 1),
@@ -111,6 +109,9 @@ class _EntryFailed(Exception):
     """A per-entry error (``_ENTRY_ERRORS``) inside a batch's transaction: roll it back."""
 
 
+# Errors that belong to one entry's content (a constraint, a bad value): retried entry by
+# entry so the rest of the batch commits. Anything else (locked, I/O, full disk) fails
+# the whole batch, which the worker retries unchanged.
 _ENTRY_ERRORS = (
     sqlite3.IntegrityError,
     sqlite3.DataError,
