@@ -1252,7 +1252,11 @@ def _load_keyring(settings: Settings) -> Keyring:
         make_database_directory(settings.db_path)
         try:
             ring.save(path)
-        except ConfigurationError:
+        except ConfigurationError as exc:
+            if not path.exists():  # not made first by another process: it cannot be made
+                raise ConfigurationError(
+                    f"cannot create the key file {path} beside db_path {settings.db_path}: {exc}"
+                ) from exc
             # Another process created it first: use theirs, so both read the same data.
             return Keyring.load(path)
         except OSError as exc:

@@ -932,6 +932,25 @@ def test_an_embedded_key_file_that_cannot_be_created_is_a_configuration_error(
     assert "Permission denied" in str(exc.value) and isinstance(exc.value.__cause__, OSError)
 
 
+def test_a_key_file_save_refused_as_a_configuration_error_is_not_taken_for_a_race(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Keyring.save reports an unwritable path as a ConfigurationError, like the file made
+    # first by another process: the embedded default took it for that race, loaded the
+    # missing file, and said "does not exist: create it with dualmem keygen".
+    real_open = os.open
+
+    def refusing_open(path: Any, *args: Any, **kwargs: Any) -> int:
+        if ".keys." in os.fspath(path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    with pytest.raises(ConfigurationError, match="cannot create the key file") as exc:
+        DualMemory(db_path=str(tmp_path / "m.db"), redis_url="memory://refused-key-file")
+    assert "Permission denied" in str(exc.value)
+
+
 def test_close_drains_and_reports(make_mem: MakeMem, coder: Principal) -> None:
     mem = make_mem()
     receipts = [mem.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(200)]
