@@ -5,13 +5,14 @@ edited by hand are imported, SQLite wins conflicts, every conflict is in sync_ev
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
 import sqlite3
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,16 @@ def write_value(path: Path, value: object) -> None:
 
 def settings_for(redis_url: str, db_path: Path, keyfile: Path) -> Settings:
     return Settings.load({"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)})
+
+
+@contextlib.contextmanager
+def started_mirror(settings: Settings, mdir: Path) -> Iterator[tuple[Runtime, Mirror]]:
+    """A Runtime with no worker of its own and a Mirror on ``mdir``, after its first
+    cycle."""
+    with Runtime(settings, worker=False) as rt:
+        mirror = Mirror(rt, mdir)
+        mirror.cycle(int(time.time() * 1000))
+        yield rt, mirror
 
 
 def save_new(mirror: Mirror, path: Path, value: object) -> Any:
@@ -285,9 +296,7 @@ def test_a_running_mirror_knows_its_own_imports_from_changes_in_sqlite(
         write_value(f, value)
         return mirror.cycle(int(time.time() * 1000))
 
-    with Runtime(settings, worker=False) as rt:
-        mirror = Mirror(rt, mdir)
-        mirror.cycle(int(time.time() * 1000))
+    with started_mirror(settings, mdir) as (rt, mirror):
         first = edit_and_cycle({"v": 1})
         assert first.imported == 1
         assert rt.wait(first.receipts, 10).committed == len(first.receipts)
@@ -337,9 +346,7 @@ def test_a_new_files_next_save_is_imported_while_the_first_is_in_flight(
     settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "new")
 
-    with Runtime(settings, worker=False) as rt:
-        mirror = Mirror(rt, mdir)
-        mirror.cycle(int(time.time() * 1000))
+    with started_mirror(settings, mdir) as (rt, mirror):
         mem.close(timeout=2)  # no worker: the imports stay in flight
         pending = [
             save_new(mirror, f, {"v": 1}),
@@ -380,9 +387,7 @@ def test_an_edit_put_back_while_its_import_is_in_flight_is_imported(
         d["expires_at"] = expires
         sealed.write_text(json.dumps(d), encoding="utf-8")
 
-    with Runtime(settings, worker=False) as rt:
-        mirror = Mirror(rt, mdir)
-        mirror.cycle(int(time.time() * 1000))
+    with started_mirror(settings, mdir) as (rt, mirror):
         assert "envelope" in doc(sealed)
         mem.close(timeout=2)  # no worker: the imports stay in flight
         write_value(f, {"v": 1})
@@ -422,9 +427,7 @@ def test_a_file_deleted_while_its_import_is_in_flight_keeps_its_next_save(
     put(mem, "other", {"v": 0})
     settings = settings_for(redis_url, db_path, keyfile)
     f, g = file_of(mdir, "cfg"), file_of(mdir, "other")
-    with Runtime(settings, worker=False) as rt:
-        mirror = Mirror(rt, mdir)
-        mirror.cycle(int(time.time() * 1000))
+    with started_mirror(settings, mdir) as (rt, mirror):
         mem.close(timeout=2)  # no worker: the imports stay in flight
         write_value(f, {"v": 1})
         write_value(g, {"v": 1})
@@ -470,9 +473,7 @@ def test_a_new_files_record_deleted_after_its_import_committed_is_a_conflict(
     settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "new")
 
-    with Runtime(settings, worker=False) as rt:
-        mirror = Mirror(rt, mdir)
-        mirror.cycle(int(time.time() * 1000))
+    with started_mirror(settings, mdir) as (rt, mirror):
         first = save_new(mirror, f, {"v": 1})
         assert first.imported == 1
         assert rt.wait(first.receipts, 10).committed == len(first.receipts)
@@ -519,9 +520,7 @@ def test_a_past_expiry_edit_stays_in_its_file_while_its_import_is_in_flight(
     put(mem, "k", "v1")
     settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "k")
-    with Runtime(settings, worker=False) as rt:
-        mirror = Mirror(rt, mdir)
-        mirror.cycle(int(time.time() * 1000))
+    with started_mirror(settings, mdir) as (rt, mirror):
         mem.close(timeout=2)  # no worker: the import stays in flight
         d = doc(f)
         d["value"], d["expires_at"] = "v2", 1000
@@ -754,9 +753,7 @@ def test_a_running_mirror_seals_edits_with_the_key_a_rotation_made_active(
             "keyring_reload_interval": 0.05,
         }
     )
-    with Runtime(settings, worker=False) as rt:
-        mirror = Mirror(rt, mdir)
-        mirror.cycle(int(time.time() * 1000))
+    with started_mirror(settings, mdir) as (rt, mirror):
         f = file_of(mdir, "note", "team:backend")
         old = Keyring.load(keyfile)
         # The end state of a rotation with --drop-retired: only the new key is left.
@@ -795,9 +792,7 @@ def test_edits_sealed_under_a_key_being_dropped_wait_for_the_next_cycle(
     put(mem, "note", {"v": 1}, Level.TEAM)
     put(mem, "plain", {"v": 1})
     settings = settings_for(redis_url, db_path, keyfile)
-    with Runtime(settings, worker=False) as rt:
-        mirror = Mirror(rt, mdir)
-        mirror.cycle(int(time.time() * 1000))
+    with started_mirror(settings, mdir) as (rt, mirror):
         f = file_of(mdir, "note", "team:backend")
         # A conflict in the same cycle: its file goes back to SQLite's value, and its
         # event (which holds the discarded hand edit) must survive the refusal.
@@ -890,9 +885,7 @@ def test_a_refused_import_keeps_its_hand_edit_when_the_cycle_refreshes_every_fil
     mem = make_mem()
     put(mem, "note", {"v": 1}, Level.TEAM)
     settings = settings_for(redis_url, db_path, keyfile)
-    with Runtime(settings, worker=False) as rt:
-        mirror = Mirror(rt, mdir)
-        mirror.cycle(int(time.time() * 1000))
+    with started_mirror(settings, mdir) as (rt, mirror):
         ops = Principal(agent_id="ops", system=True)
         mem.sync(mem.audit("key_rotation", principal=ops, detail={"done": True}), timeout=10)
         f = file_of(mdir, "note", "team:backend")
