@@ -467,7 +467,14 @@ class SQLiteStore(Store):
                 [(now_ms, new, i) for i, new in zip(ids, replayed_as, strict=True)],
             )
 
-    def purge(self, now_ms: int, tombstones_before_ms: int, limit: int = 10_000) -> int:
+    def purge(
+        self,
+        now_ms: int,
+        tombstones_before_ms: int,
+        limit: int = 10_000,
+        *,
+        floor: bytes | None = None,
+    ) -> int:
         """See :meth:`Store.purge`."""
         with self._write() as conn:
             # An expired row becomes a tombstone (dated at its expiry), not a gap: with no
@@ -492,13 +499,17 @@ class SQLiteStore(Store):
                 "INSERT OR IGNORE INTO temp.held_keys VALUES (?, ?)",
                 self._held_keys(conn, tombstones_before_ms),
             )
+            # So does one at or above the oldest command still unacknowledged in the
+            # streams: that command may be an older put of its key, delivered to a
+            # consumer that died, which its claim would otherwise bring back.
             tombs = conn.execute(
                 """DELETE FROM memory WHERE (scope, key) IN (
                        SELECT scope, key FROM memory m WHERE envelope IS NULL AND updated_at < ?
+                       AND (? IS NULL OR sid < ?)
                        AND NOT EXISTS (SELECT 1 FROM temp.held_keys h
                                        WHERE h.scope = m.scope AND h.key = m.key)
                        LIMIT ?)""",
-                (tombstones_before_ms, limit),
+                (tombstones_before_ms, floor, floor, limit),
             ).rowcount
             # A dead letter replayed a tombstone TTL ago has done its work and no longer
             # holds a tombstone, but it held the command's envelope (plaintext at levels

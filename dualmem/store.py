@@ -308,11 +308,20 @@ class Store(ABC):
         one stream id each, which :meth:`status` follows)."""
 
     @abstractmethod
-    def purge(self, now_ms: int, tombstones_before_ms: int, limit: int = 10_000) -> int:
+    def purge(
+        self,
+        now_ms: int,
+        tombstones_before_ms: int,
+        limit: int = 10_000,
+        *,
+        floor: bytes | None = None,
+    ) -> int:
         """Turn expired rows into tombstones dated at their expiry (so a late older
         command cannot bring a value back), delete tombstones last changed before
-        ``tombstones_before_ms`` (unless a dead letter of their key still needs them),
-        and dead letters replayed before it; returns how many rows changed or went."""
+        ``tombstones_before_ms`` (unless a dead letter of their key still needs them, or
+        their ordering id is at or above ``floor``, the oldest command still unacknowledged
+        in the streams: see :func:`dualmem.worker.purge_floor`), and dead letters replayed
+        before it; returns how many rows changed or went."""
 
     @abstractmethod
     def record_metrics(

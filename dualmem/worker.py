@@ -8,7 +8,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,14 @@ from dualmem.redis_backend import (
 from dualmem.settings import Settings
 from dualmem.store import ApplyResult, Notification, Store, StreamEntry
 
-__all__ = ["Worker", "WorkerStats", "default_consumer_name", "forget_consumer", "next_stream_id"]
+__all__ = [
+    "Worker",
+    "WorkerStats",
+    "default_consumer_name",
+    "forget_consumer",
+    "next_stream_id",
+    "purge_floor",
+]
 
 log = logging.getLogger("dualmem.worker")
 
@@ -551,7 +558,9 @@ class Worker:
         if now >= self._next_purge:
             self._next_purge = now + self.settings.purge_interval
             wall = int(time.time() * 1000)
-            self.store.purge(wall, wall - self.settings.tombstone_ttl * 1000)
+            with translate_errors("worker purge"):
+                floor = purge_floor(self.redis, self.streams)
+            self.store.purge(wall, wall - self.settings.tombstone_ttl * 1000, floor=floor)
         if now >= self._next_metrics:
             self._next_metrics = now + self.settings.metrics_interval
             self.snapshot_metrics()
@@ -690,6 +699,18 @@ def safe_trim_id(client: redis.Redis, stream: bytes) -> str | None:
         return None
     ms, seq = min(floors)
     return f"{ms}-{seq}"
+
+
+def purge_floor(client: redis.Redis, streams: Iterable[bytes]) -> bytes | None:
+    """The ordering id (:func:`sid_of`) of the oldest command any of ``streams`` still
+    holds unacknowledged by some group; ``None`` when there is none.
+
+    A purge keeps every tombstone at or above it: the command below may be an older put
+    of the tombstone's key, delivered to a consumer that died, and when it is claimed only
+    the tombstone's newer id keeps it from bringing the deleted value back.
+    """
+    floors = [sid_of(f) for f in (safe_trim_id(client, name) for name in streams) if f]
+    return min(floors, default=None)
 
 
 def stream_backlog(client: redis.Redis, stream: bytes, group: str) -> int:

@@ -45,7 +45,7 @@ from dualmem.ops.transfer import export_records
 from dualmem.redis_backend import transact
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
-from dualmem.worker import Worker
+from dualmem.worker import Worker, purge_floor
 
 from .conftest import RedisServer, run_cli, wait_until
 
@@ -695,6 +695,35 @@ def test_trimming_never_removes_a_pending_entry(
     assert w.step() == 3
     w._trim()
     assert raw_redis.xlen(stream) == 0
+
+
+def test_purge_keeps_a_tombstone_while_an_older_put_of_its_key_is_pending(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # A put delivered to a consumer that died, then its key's delete committed by another:
+    # purge (the worker's, or `dualmem purge --tombstone-ttl 0`) dropped the tombstone
+    # while the put still waited to be claimed, and the claim brought the deleted value back.
+    writer = make_mem(worker=False, claim_idle_ms=50, tombstone_ttl=0)
+    stream = writer.layout.stream(0)
+    writer.put("k", "old", level=Level.SWARM, principal=coder)
+    Worker(writer._redis, writer.store, writer.settings.replace(consumer="dead")).ensure_groups()
+    raw_redis.xreadgroup(writer.settings.group, "dead", {stream: ">"}, count=1)  # never acked
+    writer.delete("k", level=Level.SWARM, principal=coder)
+    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w._next_claim = time.monotonic() + 3600
+    assert w.step() == 1  # the delete: a tombstone
+    time.sleep(0.01)
+    w._next_purge = 0
+    w._housekeeping()  # tombstone_ttl 0: every tombstone is old enough
+    cut = int(time.time() * 1000) + 1
+    store = writer.store
+    assert store.purge(cut, cut, floor=purge_floor(raw_redis, [stream])) == 0
+    time.sleep(0.1)  # past claim_idle_ms: the dead consumer's put is claimed
+    w._next_claim = 0
+    assert w.step() == 1
+    assert writer.get("k", level=Level.SWARM, principal=coder, fresh=False) is None
+    # Once nothing older is pending, the tombstone goes like any other.
+    assert store.purge(cut, cut, floor=purge_floor(raw_redis, [stream])) == 1
 
 
 def test_notifications_carry_no_value(

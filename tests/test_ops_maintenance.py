@@ -29,6 +29,7 @@ from dualmem.commands import put_fields
 from dualmem.ops.exporter import Exporter, start_server
 from dualmem.settings import Settings
 from dualmem.store import StreamEntry
+from dualmem.worker import Worker
 
 from .conftest import RedisServer, free_port, run_cli, wait_until
 
@@ -169,6 +170,34 @@ def test_purge_on_an_old_file_converts_it_with_vacuum(
     assert code == 0 and "auto_vacuum INCREMENTAL (converted by VACUUM)" in out
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)
+
+
+@pytest.mark.parametrize("backend", ["redis"])  # memory:// holds no other process's commands
+def test_purge_keeps_a_tombstone_an_unacknowledged_older_put_needs(
+    make_mem: Callable[..., DualMemory],
+    args: list[str],
+    raw_redis: redis.Redis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    writer = make_mem(worker=False)
+    stream = writer.layout.stream(0)
+    writer.put("k", "old", level=Level.SWARM, principal=CODER)
+    raw_redis.xreadgroup(writer.settings.group, "dead", {stream: ">"}, count=1)  # never acked
+    writer.delete("k", level=Level.SWARM, principal=CODER)
+    worker = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    worker._next_claim = time.monotonic() + 3600  # claims nothing
+    assert worker.step() == 1  # the delete: a tombstone
+    time.sleep(0.01)
+    code, out, _ = run_cli(capsys, "purge", *args, "--tombstone-ttl", "0")
+    assert code == 0 and "purged 0 expired value(s)" in out, out
+    assert count(writer.store.path, "memory") == 1  # the tombstone the older put needs
+    raw_redis.xack(stream, writer.settings.group, raw_redis.xrange(stream, count=1)[0][0])
+    code, out, _ = run_cli(capsys, "purge", *args, "--tombstone-ttl", "0")
+    assert code == 0 and "purged 1 expired value(s)" in out, out
+    # With Redis unreachable it cannot know what is pending: it refuses, dropping nothing.
+    port = free_port()
+    code, _, err = run_cli(capsys, "purge", *args[2:], "--redis-url", f"redis://127.0.0.1:{port}/0")
+    assert code == 2 and "purge needs Redis at" in err and "--redis-url memory://" in err
 
 
 # -- dlq ----------------------------------------------------------------------------------

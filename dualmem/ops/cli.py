@@ -565,6 +565,32 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0 if r.ok else _EXIT_FOUND
 
 
+def _unacknowledged_floor(settings: Settings) -> bytes | None:
+    """The deployment's oldest unacknowledged command (``purge_floor``), read from Redis.
+
+    A tombstone above it must stay whatever its age, so purge does not go on without
+    knowing it. The embedded ``memory://`` Redis of this process holds no other process's
+    commands (and is how an operator whose Redis lost its data for good says so).
+    """
+    if settings.embedded:
+        return None
+    from dualmem.layout import Layout
+    from dualmem.redis_backend import connect, translate_errors
+    from dualmem.worker import purge_floor
+
+    client, _ = connect(settings)
+    try:
+        with translate_errors(
+            f"purge needs Redis at {settings.shown_url} to see which commands are still "
+            "unacknowledged (a tombstone newer than one of them must stay; with Redis's "
+            "data gone for good, pass --redis-url memory://)"
+        ):
+            layout = Layout(settings.namespace, settings.shards)
+            return purge_floor(client, [layout.stream(i) for i in range(settings.shards)])
+    finally:
+        client.close()
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
     """Drop expired values (their rows stay as tombstones) and delete old tombstones, then
     return free pages to the file system."""
@@ -580,12 +606,14 @@ def cmd_purge(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             f"--tombstone-ttl must be 0..{MAX_TOMBSTONE_TTL} seconds, got {ttl}"
         )
+    floor = _unacknowledged_floor(settings)
     with _progress(console) as progress:
         r = purge_database(
             settings.db_path,
             now_ms=now,
             tombstones_before_ms=now - ttl * 1000,
             full_vacuum=args.vacuum,
+            floor=floor,
             progress=progress,
         )
     console.print(

@@ -122,12 +122,15 @@ def purge_database(
     now_ms: int,
     tombstones_before_ms: int,
     full_vacuum: bool = False,
+    floor: bytes | None = None,
     progress: ProgressFn = NO_PROGRESS,
 ) -> PurgeResult:
     """Drop expired values and old tombstones, then hand free pages back to the file system.
 
     An expired row keeps its key as a tombstone until ``tombstones_before_ms`` passes its
     expiry, like a delete's, so a late older command cannot bring the value back.
+    ``floor`` (see :func:`dualmem.worker.purge_floor`) keeps every tombstone at or above
+    the oldest command still unacknowledged in Redis, whatever its age.
 
     The rows go through ``Store.purge``, the very transaction the worker runs on its own
     schedule; it deletes only rows that reads already treat as absent, and takes the write
@@ -145,7 +148,7 @@ def purge_database(
     removed = 0
     try:
         while True:
-            n = store.purge(now_ms, tombstones_before_ms, limit=10_000)
+            n = store.purge(now_ms, tombstones_before_ms, limit=10_000, floor=floor)
             removed += n
             progress("purge", removed, None)
             if n == 0:
