@@ -19,11 +19,12 @@ from acl.crypto import envelope_key_id, envelope_sealing
 from acl.errors import ConfigurationError
 from acl.levels import ENCRYPTED_LEVELS, Level
 from dualmem.batch import GENESIS, BatchPlan, chain_hash, plan_batch
-from dualmem.commands import MalformedCommand, sid_of
+from dualmem.commands import OP_DELETE, MalformedCommand, sid_of
 from dualmem.errors import StoreUnavailable
 from dualmem.migrations import migrate
 from dualmem.projection import (
     DECISION_COLUMNS,
+    KINDS,
     MISSION_COLUMNS,
     PLAYBOOK_RUN_COLUMNS,
     TOOL_CALL_COLUMNS,
@@ -31,6 +32,8 @@ from dualmem.projection import (
     Mission,
     PlaybookRun,
     ToolCall,
+    child_key,
+    mission_key,
     row_to_decision,
     row_to_mission,
     row_to_playbook_run,
@@ -876,6 +879,25 @@ class SQLiteStore(Store):
             (scope, mission_id),
         )
         return [row_to_playbook_run(r) for r in rows]
+
+    def stale_children(self, scope: str, mission_id: str) -> list[str]:
+        """See :meth:`Store.stale_children`."""
+        # The journal keeps every delete for good, at every level: the encrypted ones have
+        # no mark in mission_deletes (nothing is projected there), and purge may have
+        # taken the record's tombstone.
+        params: list[object] = []
+        for kind in KINDS[1:]:
+            prefix = child_key(kind, mission_id, "")
+            upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+            params += [scope, prefix, upper, scope, mission_key(mission_id), OP_DELETE]
+        # One indexed range per kind (an OR of ranges searches the whole scope).
+        ranged = (
+            "SELECT key FROM memory WHERE scope = ? AND key >= ? AND key < ? "
+            "AND envelope IS NOT NULL AND sid < (SELECT MAX(sid) FROM journal "
+            "WHERE scope = ? AND key = ? AND op = ?)"
+        )
+        rows = self._read(" UNION ALL ".join([ranged] * (len(KINDS) - 1)) + " ORDER BY key", params)
+        return [str(r[0]) for r in rows]
 
     def close(self) -> None:
         """See :meth:`Store.close`."""

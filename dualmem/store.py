@@ -362,5 +362,12 @@ class Store(ABC):
         """Playbook runs of a mission by start time."""
 
     @abstractmethod
+    def stale_children(self, scope: str, mission_id: str) -> list[str]:
+        """Keys of the live tool call, decision and playbook run records of a mission in
+        ``scope`` that were written before the newest delete of the mission's record (at
+        any level): they belong to the mission that delete ended, not to one of that id
+        started since. Empty if the mission's record was never deleted."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release connections; the store is unusable afterwards."""

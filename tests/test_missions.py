@@ -166,9 +166,10 @@ def test_reads_use_the_indexes(mem: DualMemory) -> None:
         store.tool_calls("project:shop", "m")
         store.decisions("project:shop", "m")
         store.playbook_runs("project:shop", "m")
+        store.stale_children("project:shop", "m")
     finally:
         conn.set_trace_callback(None)
-    assert len(seen) == 7
+    assert len(seen) == 8
     for sql in seen:
         plan = " ".join(str(r[-1]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
         assert "USING INDEX" in plan or "USING PRIMARY KEY" in plan, (sql, plan)
