@@ -209,7 +209,9 @@ class MissionLog:
         Its records are listed from SQLite once every write made before the call (by any
         process) is there (:meth:`DualMemory.settle`, up to ``timeout`` seconds, then
         ``NotPersisted`` and nothing deleted): a record written just before would be
-        missed otherwise, and outlive its mission.
+        missed otherwise, and outlive its mission. Records an earlier mission of this id
+        left behind (its record deleted with a plain ``delete``: no read lists them) are
+        deleted too.
         """
         mission = self._existing(mission_id)
         lvl = self.level
@@ -221,6 +223,10 @@ class MissionLog:
             for kind in KINDS[1:]
             for rec in self._children(kind, mission.mission_id, lvl)
         ]
+        # Left by an earlier mission of this id (its record deleted with a plain delete):
+        # every read hides them, so nothing but this ever deletes them.
+        stale = self.mem.store.stale_children(mission.scope, mission.mission_id)
+        children = list(dict.fromkeys([*children, *stale]))
         receipts = [
             self.mem.delete(mission_key(mission.mission_id), level=lvl, principal=self.principal)
         ]
@@ -367,7 +373,7 @@ class MissionLog:
             raise ValidationError("success must be a bool or None")
         lvl, scope = self._scope(level)
         if lvl in ENCRYPTED_LEVELS:
-            calls = self._scan("tool_call", child_key("tool_call", mid, ""), lvl, ToolCall)
+            calls = self._scan_children("tool_call", mid, lvl, scope, ToolCall)
             return sorted(
                 (
                     c
@@ -384,7 +390,7 @@ class MissionLog:
         mid = _checked(mission_id)
         lvl, scope = self._scope(level)
         if lvl in ENCRYPTED_LEVELS:
-            found = self._scan("decision", child_key("decision", mid, ""), lvl, Decision)
+            found = self._scan_children("decision", mid, lvl, scope, Decision)
             return sorted(found, key=lambda d: (d.decided_at, d.decision_id))
         return self.mem.store.decisions(scope, mid)
 
@@ -395,7 +401,7 @@ class MissionLog:
         mid = _checked(mission_id)
         lvl, scope = self._scope(level)
         if lvl in ENCRYPTED_LEVELS:
-            found = self._scan("playbook_run", child_key("playbook_run", mid, ""), lvl, PlaybookRun)
+            found = self._scan_children("playbook_run", mid, lvl, scope, PlaybookRun)
             return sorted(found, key=lambda r: (r.started_at, r.run_id))
         return self.mem.store.playbook_runs(scope, mid)
 
@@ -406,6 +412,17 @@ class MissionLog:
             "playbook_run": self.playbook_runs,
         }
         return list(readers[kind](mission_id, level=level))
+
+    def _scan_children(
+        self, kind: str, mission_id: str, level: Level, scope: str, cls: type[_R]
+    ) -> list[_R]:
+        """A mission's ``kind`` records at an encrypted level, but those older than the
+        mission's newest delete: the projection refuses those at the plaintext levels
+        (see ``dualmem.projection``), so a mission deleted with a plain ``delete``, and a
+        new one of its id, list none of its old records at any level."""
+        found = self._scan(kind, child_key(kind, mission_id, ""), level, cls)
+        stale = set(self.mem.store.stale_children(scope, mission_id)) if found else set()
+        return [rec for rec in found if child_key(kind, mission_id, _record_id(rec)) not in stale]
 
     def _scan(self, kind: str, prefix: str, level: Level, cls: type[_R]) -> list[_R]:
         """Decrypt the records under ``prefix`` at an encrypted level (one query page)."""

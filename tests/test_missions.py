@@ -826,3 +826,41 @@ def test_a_tool_call_record_with_a_duration_too_large_for_a_float_is_dead_letter
     with pytest.raises(NotPersisted, match="dead-lettered"):
         mem.sync(bad, timeout=10)
     assert log.tool_calls("m") == []
+
+
+@pytest.mark.parametrize("level", [Level.PROJECT, Level.PRIVATE])
+def test_a_plainly_deleted_missions_records_are_listed_at_no_level(
+    mem: DualMemory, db_path: Path, level: Level
+) -> None:
+    # A plain delete of the mission record leaves its children live as records. The
+    # projection drops their rows with the mission's and refuses them for good (they are
+    # older than the delete), so PROJECT listed none of them; PRIVATE scanned the records
+    # and listed them, for the deleted mission and for a new mission of the same id.
+    log = MissionLog(mem, LEAD, level=level)
+    sync_all(mem, [log.start_mission("m1", "p")])
+    old = [
+        log.record_tool_call("m1", "old", {}, None, 1, True),
+        log.record_decision("m1", "old", "r", "a"),
+        log.record_playbook_run("m1", "old", "x", 1, 2, True),
+    ]
+    sync_all(mem, old)
+    sync_all(mem, [mem.delete(mission_key("m1"), level=level, principal=LEAD)])
+    assert log.get_mission("m1") is None
+    assert log.tool_calls("m1") == [] and log.decisions("m1") == []
+    assert log.playbook_runs("m1") == []
+    sync_all(mem, [log.start_mission("m1", "again")])
+    sync_all(mem, [log.record_tool_call("m1", "new", {}, None, 1, True)])
+    assert [c.tool_name for c in log.tool_calls("m1")] == ["new"]
+    assert log.decisions("m1") == [] and log.playbook_runs("m1") == []
+    # The records themselves stay (a plain delete deletes one record); verify names them.
+    keys = {r.key for r in old}
+    assert {r.key for r in mem.query(principal=LEAD, level=level, prefix="_dm/")} >= keys
+    with raw_db(db_path) as conn:
+        check = check_projections(conn)
+    assert check.status == "warn", (check.summary, check.problems)
+    assert "3 orphaned record(s)" in check.summary
+    # delete_mission takes them with the mission's current records.
+    sync_all(mem, log.delete_mission("m1"))
+    assert mem.query(principal=LEAD, level=level, prefix="_dm/") == []
+    with raw_db(db_path) as conn:
+        assert check_projections(conn).status == "ok"
