@@ -864,3 +864,23 @@ def test_a_plainly_deleted_missions_records_are_listed_at_no_level(
     assert mem.query(principal=LEAD, level=level, prefix="_dm/") == []
     with raw_db(db_path) as conn:
         assert check_projections(conn).status == "ok"
+
+
+@pytest.mark.parametrize("level", [Level.PROJECT, Level.PRIVATE])
+def test_a_record_written_after_a_plain_mission_delete_is_listed_at_every_level(
+    mem: DualMemory, level: Level
+) -> None:
+    # Only records older than the delete are the deleted mission's: one written after it
+    # (another process that had not seen the delete) is listed, at PROJECT under the
+    # placeholder row, and stays the mission's when its id is used again.
+    log = MissionLog(mem, LEAD, level=level)
+    sync_all(mem, [log.start_mission("m1", "p")])
+    sync_all(mem, [log.record_tool_call("m1", "old", {}, None, 1, True)])
+    sync_all(mem, [mem.delete(mission_key("m1"), level=level, principal=LEAD)])
+    late = {**call_value("m1", "late", 1), "tool_name": "late"}
+    sync_all(
+        mem, [mem.put(child_key("tool_call", "m1", "late"), late, level=level, principal=LEAD)]
+    )
+    assert [c.tool_name for c in log.tool_calls("m1")] == ["late"]
+    sync_all(mem, [log.start_mission("m1", "again")])
+    assert [c.tool_name for c in log.tool_calls("m1")] == ["late"]
