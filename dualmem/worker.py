@@ -14,12 +14,13 @@ from typing import Any
 
 import redis
 
-from dualmem.commands import sid_of, stream_id_of
+from dualmem.commands import CACHE_TOMBSTONE, cache_value, sid_of, stream_id_of
 from dualmem.errors import DualMemError, StoreUnavailable
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics
 from dualmem.redis_backend import (
     in_process,
+    replace_if,
     retries_of,
     send_many,
     text,
@@ -536,7 +537,36 @@ class Worker:
         if dead:
             self.store.dead_letter(dead)
             self.stats.dead_lettered += len(dead)
+            self._forget_cached(dead)
         return dead
+
+    def _forget_cached(self, dead: list[tuple[StreamEntry, str, int]]) -> None:
+        """Drop the cache entry each dead-lettered put or delete left, if it still holds
+        that command's value: fresh reads answered it though it never reached SQLite, for
+        ``cache_ttl`` (for good, for an agent's pinned state record). A newer write's entry
+        stays (compared, and swapped out under WATCH). Best effort: the dead letter is
+        committed, and an entry left behind only outlives its command."""
+        for entry, _, _ in dead:
+            f = entry.fields
+            op, scope, key, envelope = f.get(b"op"), f.get(b"s"), f.get(b"k"), f.get(b"e")
+            try:
+                if op == b"del":
+                    expected = CACHE_TOMBSTONE
+                elif op == b"put" and envelope:
+                    x = f.get(b"x")
+                    expected = cache_value(envelope, None if x is None else int(x))
+                else:
+                    continue
+                sc, k = (scope or b"").decode(), (key or b"").decode()
+            except (ValueError, OverflowError):  # a malformed entry: its cache entry is not ours
+                continue
+            name = self.layout.cache_key(self.layout.shard_of(sc, k), sc, k)
+            try:
+                with translate_errors("worker cache"):
+                    replace_if(self.redis, name, expected, None)
+            except StoreUnavailable as exc:
+                log.warning("worker %s: cache entry of a dead letter kept: %s", self.consumer, exc)
+                return
 
     def _deliveries(self, entry: StreamEntry) -> int | None:
         """How often ``entry`` was delivered; ``None`` when it is no longer pending."""

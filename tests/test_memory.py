@@ -586,6 +586,38 @@ def test_poison_entries_go_to_dead_letters_and_the_rest_flows(
     wait_until(lambda: raw_redis.xpending(stream, "persist")["pending"] == 0, what="acked")
 
 
+
+def test_a_dead_lettered_write_leaves_no_cache_entry_for_fresh_reads(
+    make_mem: MakeMem, coder: Principal, db_path: Path
+) -> None:
+    # Fresh reads answered a dead-lettered put's value (or a delete's mark) from the cache
+    # for cache_ttl, for good for an agent's pinned state, though SQLite never had it.
+    writer = make_mem(worker=False)
+    swarm = {"level": Level.SWARM, "principal": coder}
+    kept = [writer.put(k, "committed", **swarm) for k in ("k", "d", "j")]
+    poison = [
+        writer.put("k", "never committed", **swarm),
+        writer.delete("d", **swarm),
+        writer.put("j", "never committed", **swarm),
+    ]
+    newer = writer.put("j", "newer", **swarm)  # its cache entry replaced the poison's
+    marks = ",".join(f"'{r.stream_id}'" for r in poison)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            f"CREATE TRIGGER poison BEFORE INSERT ON memory WHEN NEW.stream_id IN ({marks}) "
+            "BEGIN SELECT RAISE(ABORT, 'poisoned by test'); END"
+        )
+    conn.close()
+    assert writer.get("k", fresh=True, **swarm) == "never committed"
+    assert writer.get("d", fresh=True, **swarm) is None
+    worker = make_mem(max_deliveries=2, claim_idle_ms=50)
+    for r in [*kept, newer]:
+        worker.sync(r)
+    wait_until(lambda: len(worker.store.dead_letters()) == 3, what="three dead letters")
+    assert worker.get("k", fresh=True, **swarm) == "committed"
+    assert worker.get("d", fresh=True, **swarm) == "committed"
+    assert worker.get("j", fresh=True, **swarm) == "newer"
+
 def _trip_on(keys: set[bytes] | None) -> staticmethod[..., None]:
     """A stand-in for a bug in the store: ``SQLiteStore._write_plan`` raising RuntimeError
     (not an outage, not a per-entry SQLite error) for a plan holding one of ``keys``, or
