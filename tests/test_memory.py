@@ -586,7 +586,6 @@ def test_poison_entries_go_to_dead_letters_and_the_rest_flows(
     wait_until(lambda: raw_redis.xpending(stream, "persist")["pending"] == 0, what="acked")
 
 
-
 def test_a_dead_lettered_write_leaves_no_cache_entry_for_fresh_reads(
     make_mem: MakeMem, coder: Principal, db_path: Path
 ) -> None:
@@ -617,6 +616,7 @@ def test_a_dead_lettered_write_leaves_no_cache_entry_for_fresh_reads(
     assert worker.get("k", fresh=True, **swarm) == "committed"
     assert worker.get("d", fresh=True, **swarm) == "committed"
     assert worker.get("j", fresh=True, **swarm) == "newer"
+
 
 def _trip_on(keys: set[bytes] | None) -> staticmethod[..., None]:
     """A stand-in for a bug in the store: ``SQLiteStore._write_plan`` raising RuntimeError
