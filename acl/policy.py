@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from acl.errors import AccessDenied, TamperedRecord
+from collections.abc import Iterable
+
+from acl.errors import AccessDenied, TamperedRecord, ValidationError
 from acl.levels import Level, as_level
 from acl.principal import Principal
 
@@ -37,6 +39,8 @@ def resolve_scope(
     ...
     acl.errors.AccessDenied: coder-1 may not read scope 'agent:coder-2' at level PRIVATE
     """
+    if not isinstance(principal, Principal):  # None raised AttributeError from .scope()
+        raise ValidationError(f"principal must be an acl.Principal, got {type(principal).__name__}")
     lvl = as_level(level)
     own = principal.scope(lvl)
     if own is None:
@@ -60,12 +64,19 @@ def readable_scopes(principal: Principal, levels: object = None) -> dict[Level, 
     >>> readable_scopes(Principal(agent_id="a", swarm="s"))
     {<Level.PRIVATE: 1>: 'agent:a', <Level.SWARM: 3>: 'swarm:s'}
     """
+    if not isinstance(principal, Principal):
+        raise ValidationError(f"principal must be an acl.Principal, got {type(principal).__name__}")
     if levels is None:
         wanted: list[Level] = list(Level)
     elif isinstance(levels, (int, str)):
         wanted = [as_level(levels)]
     else:
-        wanted = [as_level(level) for level in levels]  # type: ignore[attr-defined]
+        if not isinstance(levels, Iterable):  # 3.5 raised TypeError: not iterable
+            raise ValidationError(
+                "levels must be None, a level or an iterable of levels, "
+                f"got {type(levels).__name__}"
+            )
+        wanted = [as_level(level) for level in levels]
     scopes: dict[Level, str] = {}
     for lvl in sorted(set(wanted)):
         own = principal.scope(lvl)
@@ -77,9 +88,13 @@ def readable_scopes(principal: Principal, levels: object = None) -> dict[Level, 
 def level_of_scope(scope: str) -> Level:
     """The level a scope string belongs to (a scope's prefix fixes its level).
 
+    ``ValidationError`` (a ``ValueError``) for anything else.
+
     >>> level_of_scope("swarm:phase-1")
     <Level.SWARM: 3>
     """
+    if not isinstance(scope, str):  # 5 raised AttributeError from .partition()
+        raise ValidationError(f"scope must be a str, got {type(scope).__name__}")
     if scope == "system":
         return Level.SYSTEM
     prefix, sep, rest = scope.partition(":")
@@ -92,7 +107,7 @@ def level_of_scope(scope: str) -> Level:
         ):
             if prefix == name:
                 return lvl
-    raise ValueError(f"not a dualmem scope: {scope!r}")
+    raise ValidationError(f"not a dualmem scope: {scope!r}")
 
 
 def stored_level(scope: str, level: int) -> Level:

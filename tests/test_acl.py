@@ -433,3 +433,20 @@ def test_keyring_files_that_cannot_be_named_or_written_are_configuration_errors(
             Keyring.load(bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError):
         Keyring.from_secret(None)  # type: ignore[arg-type]
+
+
+def test_public_helpers_given_the_wrong_type_raise_validation_errors() -> None:
+    # resolve_scope(None, ...) and readable_scopes(None) raised AttributeError from
+    # .scope(), readable_scopes(p, 3.5) TypeError (not iterable), level_of_scope(5)
+    # AttributeError from .partition(); a scope string it does not know was a bare
+    # ValueError, outside the DualMemError hierarchy.
+    with pytest.raises(ValidationError, match=r"principal must be an acl\.Principal, got NoneType"):
+        resolve_scope(None, 1, action="read")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match=r"principal must be an acl\.Principal, got str"):
+        readable_scopes("coder-1")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="levels must be None, a level or an iterable"):
+        readable_scopes(CODER, 3.5)
+    with pytest.raises(ValidationError, match="scope must be a str, got int"):
+        level_of_scope(5)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="not a dualmem scope"):
+        level_of_scope("nobody:x")
