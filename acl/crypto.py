@@ -448,6 +448,13 @@ def _utf8(text: str) -> bool:
     return True
 
 
+def _not_text(**given: object) -> ValidationError:
+    """The error for the first of ``given`` (a codec argument) that is not a str; built
+    only once a check failed, so the checks themselves stay inline on the hot path."""
+    name, value = next((n, v) for n, v in given.items() if not isinstance(v, str))
+    return ValidationError(f"{name} must be a str, got {type(value).__name__}")
+
+
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -554,6 +561,12 @@ class Codec:
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
     ) -> None:
+        if keyring is not None and not isinstance(keyring, Keyring):
+            # A path or a secret passed here failed only at the first encrypted seal, as an
+            # AttributeError; DualMemory(keyring=...) is the one that takes those.
+            raise ConfigurationError(
+                f"Codec keyring must be an acl.Keyring or None, got {type(keyring).__name__}"
+            )
         self.keyring = keyring
         self.max_value_bytes = max_value_bytes
         self.serializer = JsonSerializer()
@@ -587,6 +600,9 @@ class Codec:
         ``sealing`` is for re-encryption only (:meth:`reseal`: the original's write id and
         writer, the next generation); a new write gets a random write id, generation 0.
         """
+        if not isinstance(scope, str) or not isinstance(key, str):
+            # None went into the AAD as an AttributeError, or (plaintext) was not noticed.
+            raise _not_text(scope=scope, key=key)
         if not isinstance(level, Level):
             level = as_level(level)  # "PRIVATE" was not in ENCRYPTED_LEVELS: plaintext
         payload, compressed = self.compressor.encode(data)
@@ -600,6 +616,8 @@ class Codec:
                 "set keyring= (a file from `dualmem keygen`) or DUALMEM_KEY"
             )
         if sealing is None:
+            if not isinstance(owner, str):
+                raise _not_text(owner=owner)
             sealing = Sealing(_next_nonce()[:WRITE_ID_BYTES], 0, owner)
         writer = sealing.writer.encode("utf-8")
         if len(writer) > 0xFFFF:
@@ -637,6 +655,10 @@ class Codec:
         cannot make a value look written by someone else. Envelopes sealed before
         version 2 name no writer and are not checked.
         """
+        if not isinstance(envelope, bytes):  # None raised TypeError from len()
+            raise ValidationError(f"envelope must be bytes, got {type(envelope).__name__}")
+        if not isinstance(scope, str) or not isinstance(key, str):
+            raise _not_text(scope=scope, key=key)
         if not isinstance(level, Level):
             level = as_level(level)
         where = f"{scope}/{key} at level {level.name}"

@@ -450,3 +450,25 @@ def test_public_helpers_given_the_wrong_type_raise_validation_errors() -> None:
         level_of_scope(5)  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="not a dualmem scope"):
         level_of_scope("nobody:x")
+
+
+def test_a_codec_given_the_wrong_type_raises_a_dualmem_error(codec: Codec) -> None:
+    # Codec("x") failed only at the first encrypted seal (AttributeError: active_id);
+    # open(None) raised TypeError from len(); a None scope, key or owner raised
+    # AttributeError from the AAD (or, at a plaintext level, was sealed without a word).
+    with pytest.raises(ConfigurationError, match=r"keyring must be an acl\.Keyring or None"):
+        Codec("keys.json")  # type: ignore[arg-type]
+    assert Codec(None).keyring is None
+    where = {"scope": "agent:a", "key": "k", "level": Level.PRIVATE}
+    with pytest.raises(ValidationError, match="envelope must be bytes, got NoneType"):
+        codec.open(None, **where)  # type: ignore[arg-type]
+    env = codec.seal(1, **where)  # type: ignore[arg-type]
+    for level in (Level.PRIVATE, Level.SWARM):
+        for name in ("scope", "key"):
+            bad = {**where, "level": level, name: None}
+            with pytest.raises(ValidationError, match=f"{name} must be a str, got NoneType"):
+                codec.seal(1, **bad)  # type: ignore[arg-type]
+            with pytest.raises(ValidationError, match=f"{name} must be a str, got NoneType"):
+                codec.open(env, **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="owner must be a str, got NoneType"):
+        codec.seal(1, **where, owner=None)  # type: ignore[arg-type]
