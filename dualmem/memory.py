@@ -190,6 +190,10 @@ class DualMemory:
             )
         elif redis_url or db_path or keyring or worker is not None or overrides:
             raise ConfigurationError("pass either settings= or individual settings, not both")
+        elif not isinstance(settings, Settings):  # 5 raised AttributeError from .namespace
+            raise ConfigurationError(
+                f"settings must be a dualmem.Settings, got {type(settings).__name__}"
+            )
         self.settings = settings
         self.layout = Layout(settings.namespace, settings.shards)
         self.metrics_registry = Metrics()

@@ -1012,6 +1012,12 @@ def test_a_key_file_save_refused_as_a_configuration_error_is_not_taken_for_a_rac
     assert "Permission denied" in str(exc.value)
 
 
+def test_settings_that_are_not_a_settings_object_are_a_configuration_error() -> None:
+    # DualMemory(settings=5) raised AttributeError from settings.namespace.
+    with pytest.raises(ConfigurationError, match=r"settings must be a dualmem\.Settings, got int"):
+        DualMemory(settings=5)  # type: ignore[arg-type]
+
+
 def test_close_drains_and_reports(make_mem: MakeMem, coder: Principal) -> None:
     mem = make_mem()
     receipts = [mem.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(200)]
