@@ -1012,6 +1012,19 @@ def test_a_key_file_save_refused_as_a_configuration_error_is_not_taken_for_a_rac
     assert "Permission denied" in str(exc.value)
 
 
+def test_a_db_path_whose_key_file_name_is_too_long_is_a_configuration_error(
+    tmp_path: Path,
+) -> None:
+    # A 255-byte file name is a valid db_path, but its "<name>.keys" sibling is over
+    # NAME_MAX: Path.exists() raised a raw OSError (ENAMETOOLONG) from _load_keyring.
+    db = tmp_path / ("d" * 252 + ".db")
+    with pytest.raises(ConfigurationError, match="use a shorter db_path") as exc:
+        DualMemory(db_path=str(db), redis_url="memory://name-too-long")
+    assert f"cannot use the key file {db}.keys beside db_path {db}" in str(exc.value)
+    assert isinstance(exc.value.__cause__, OSError)
+    assert list(tmp_path.iterdir()) == []  # nothing was made
+
+
 def test_settings_that_are_not_a_settings_object_are_a_configuration_error() -> None:
     # DualMemory(settings=5) raised AttributeError from settings.namespace.
     with pytest.raises(ConfigurationError, match=r"settings must be a dualmem\.Settings, got int"):
