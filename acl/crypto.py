@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from acl.errors import ConfigurationError, MissingKey, TamperedRecord, ValidationError
 from acl.levels import ENCRYPTED_LEVELS, Level, as_level
+from acl.text import encodes_utf8
 
 __all__ = [
     "DEFAULT_COMPRESS_THRESHOLD",
@@ -433,19 +434,11 @@ def _key_path(path: object) -> Path:
     acl.errors.ConfigurationError: a key file path must be text without NUL ...
     """
     text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
-    if not isinstance(text, str) or "\x00" in text or not _utf8(text):
+    if not isinstance(text, str) or "\x00" in text or not encodes_utf8(text):
         raise ConfigurationError(
             f"a key file path must be text without NUL or lone surrogates, got {path!r}"
         )
     return Path(text)
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _not_text(**given: object) -> ValidationError:

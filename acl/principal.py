@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from acl.errors import ValidationError
 from acl.levels import Level, as_level
+from acl.text import encodes_utf8
 
 __all__ = ["MAX_ID_CHARS", "Principal"]
 
@@ -24,13 +25,8 @@ def _check_id(field: str, value: object, *, required: bool) -> None:
         raise ValidationError(f"Principal.{field} is longer than {MAX_ID_CHARS} characters")
     if any(ch < " " for ch in value):
         raise ValidationError(f"Principal.{field} must not contain control characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        # It becomes part of scopes, Redis keys and stream entries, all UTF-8.
-        raise ValidationError(
-            f"Principal.{field} must be valid Unicode (no lone surrogates)"
-        ) from None
+    if not encodes_utf8(value):  # it becomes part of scopes, Redis keys and stream entries
+        raise ValidationError(f"Principal.{field} must be valid Unicode (no lone surrogates)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -472,3 +472,19 @@ def test_a_codec_given_the_wrong_type_raises_a_dualmem_error(codec: Codec) -> No
                 codec.open(env, **bad)  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="owner must be a str, got NoneType"):
         codec.seal(1, **where, owner=None)  # type: ignore[arg-type]
+
+
+def test_one_utf8_check_serves_principal_ids_and_key_file_paths() -> None:
+    # Principal's id check and acl.crypto's key file path check each had their own copy
+    # of the encode test; both use acl.text.encodes_utf8, with their messages unchanged.
+    from acl.text import encodes_utf8
+
+    assert encodes_utf8("agent:coder-1") and encodes_utf8("équipe-ü")
+    assert not encodes_utf8("t\ud800") and not encodes_utf8("é\udfff")
+    assert Principal(agent_id="é", team="équipe").scope(Level.TEAM) == "team:équipe"
+    with pytest.raises(
+        ValidationError, match=r"^Principal\.team must be valid Unicode \(no lone surrogates\)$"
+    ):
+        Principal(agent_id="a", team="t\ud800")
+    with pytest.raises(ConfigurationError, match="without NUL or lone surrogates"):
+        Keyring.load("é\udc80.json")
