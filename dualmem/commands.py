@@ -14,6 +14,7 @@ from acl.crypto import SEALED_VERSION, envelope_sealing, may_be_sealed_by
 from acl.errors import ValidationError
 from acl.levels import ENCRYPTED_LEVELS, Level
 from acl.policy import level_of_scope
+from acl.text import encodes_utf8
 
 __all__ = [
     "CACHE_EXPIRING",
@@ -159,10 +160,8 @@ def check_text(name: str, value: object, *, optional: bool = False) -> str | Non
         raise ValidationError(f"{name} must be a str, got {type(value).__name__}")
     if "\x00" in value:
         raise ValidationError(f"{name} must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValidationError(f"{name} must be valid Unicode (no lone surrogates)") from None
+    if not encodes_utf8(value):
+        raise ValidationError(f"{name} must be valid Unicode (no lone surrogates)")
     return value
 
 
