@@ -50,7 +50,7 @@ from dualmem.metrics import Metrics, prometheus_text
 from dualmem.projection import projected
 from dualmem.redis_backend import connect, text, transact, translate_errors
 from dualmem.rotation import KeyfileWatcher, keyfile_signature
-from dualmem.settings import MAX_WAIT_SECONDS, Settings
+from dualmem.settings import Settings, check_seconds
 from dualmem.sqlite_store import SQLiteStore, holds_sealed_rows, make_database_directory
 from dualmem.store import Change, Store, StoredRow
 from dualmem.worker import Worker, ensure_groups, settled_through, stream_backlog
@@ -310,7 +310,7 @@ class DualMemory:
         with this default timeout.
         """
         drain_timeout = self.settings.close_timeout if timeout is None else timeout
-        _check_wait(drain_timeout)
+        check_seconds("timeout", drain_timeout)
         with self._gate:
             already = self._closed
             self._closed = True
@@ -790,7 +790,7 @@ class DualMemory:
         # (a shard of 2**64 raised OverflowError, a lone surrogate UnicodeEncodeError).
         check_int("receipt shard", receipt.shard, low=0)
         check_text("receipt stream_id", receipt.stream_id)
-        _check_wait(timeout)
+        check_seconds("timeout", timeout)
 
         def committed() -> bool:
             status = self.store.status(receipt.shard, receipt.stream_id)
@@ -843,7 +843,7 @@ class DualMemory:
         ['k']
         """
         self._check_open()
-        _check_wait(timeout)
+        check_seconds("timeout", timeout)
         with translate_errors("settle"):
             tops = {
                 shard: text(items[0][0])
@@ -1219,19 +1219,6 @@ def _check_page_size(name: str, value: object) -> None:
     """``ValidationError`` unless ``value`` is an int (not a bool) in 1..10,000."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_QUERY_LIMIT:
         raise ValidationError(f"{name} must be an int in 1..{_MAX_QUERY_LIMIT}, got {value!r}")
-
-
-def _check_wait(timeout: object) -> None:
-    """``ValidationError`` unless ``timeout`` is seconds in ``[0, MAX_WAIT_SECONDS]`` (NaN
-    compares false with everything: a wait on it never timed out; inf overflowed)."""
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, (int, float))
-        or not 0 <= timeout <= MAX_WAIT_SECONDS
-    ):
-        raise ValidationError(
-            f"timeout must be seconds in [0, {MAX_WAIT_SECONDS:,}], got {timeout!r}"
-        )
 
 
 def _unusable_key_file(settings: Settings, path: Path, exc: OSError) -> str:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from redis.connection import parse_url
 
@@ -18,7 +19,14 @@ from acl.crypto import DEFAULT_COMPRESS_THRESHOLD, DEFAULT_MAX_VALUE_BYTES
 from acl.errors import ConfigurationError, ValidationError
 from dualmem.commands import MAX_TTL_SECONDS, check_text
 
-__all__ = ["ENV_PREFIX", "MAX_TOMBSTONE_TTL", "WORKER_SCHED", "Settings"]
+__all__ = [
+    "ENV_PREFIX",
+    "MAX_TOMBSTONE_TTL",
+    "MAX_WAIT_SECONDS",
+    "WORKER_SCHED",
+    "Settings",
+    "check_seconds",
+]
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +351,54 @@ class Settings:
 # password may hold "@" or "/" unescaped, and redis-py accepts it).
 _USERINFO_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^?#]*@")
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+
+
+@overload
+def check_seconds(
+    name: str, value: object, *, positive: bool = ..., optional: Literal[False] = ...
+) -> float: ...
+@overload
+def check_seconds(
+    name: str, value: object, *, positive: bool = ..., optional: bool
+) -> float | None: ...
+def check_seconds(
+    name: str, value: object, *, positive: bool = False, optional: bool = False
+) -> float | None:
+    """A wait passed by a caller (``sync``/``close``/``poll`` timeouts, the coordination
+    helpers' timeouts and intervals): ``value`` as float seconds, else ``ValidationError``.
+
+    A number (not a bool, not a str) from 0 (more than 0 when ``positive``: an interval
+    of 0 would busy-loop) to ``MAX_WAIT_SECONDS``; ``None`` passes, as ``None``, when
+    ``optional`` (wait without end). NaN compares false with every bound, so a wait on it
+    never ended; inf or 10**400 overflowed in the wait itself.
+
+    >>> check_seconds("timeout", 5)
+    5.0
+    >>> check_seconds("timeout", float("nan"))
+    Traceback (most recent call last):
+    ...
+    acl.errors.ValidationError: timeout must be a number of seconds in [0, 1,000,000], got nan
+    >>> check_seconds("poll_interval", 0, positive=True)
+    Traceback (most recent call last):
+    ...
+    acl.errors.ValidationError: poll_interval must be a number of seconds in (0, 1,000,000], got 0
+    >>> check_seconds("timeout", None, optional=True) is None
+    True
+    """
+    if value is None and optional:
+        return None
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float: out of range like any other
+            seconds = math.inf
+        if (seconds > 0 if positive else seconds >= 0) and seconds <= MAX_WAIT_SECONDS:
+            return seconds  # NaN fails both comparisons, so it falls through to the error
+    low = "(0" if positive else "[0"
+    none = "None or " if optional else ""
+    raise ValidationError(
+        f"{name} must be {none}a number of seconds in {low}, {MAX_WAIT_SECONDS:,}], got {value!r}"
+    )
 
 
 def _redacted_url(url: str) -> str:

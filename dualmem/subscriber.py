@@ -18,7 +18,7 @@ from acl.principal import Principal
 from dualmem.commands import check_int, check_key
 from dualmem.errors import DualMemError, StoreUnavailable
 from dualmem.memory import DualMemory
-from dualmem.settings import MAX_WAIT_SECONDS
+from dualmem.settings import check_seconds
 from dualmem.store import Change, Notification
 
 __all__ = ["POSITION_PREFIX", "Subscriber"]
@@ -557,15 +557,7 @@ class Subscriber:
         2 s, until the timeout ends, and then returns ``None`` as on any timeout (it
         raises nothing). Delivery resumes with the first save that goes through.
         """
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or not 0 <= timeout <= MAX_WAIT_SECONDS  # NaN fails it too
-        ):
-            raise ValidationError(
-                f"timeout must be None or a finite number of seconds in [0, "
-                f"{MAX_WAIT_SECONDS:,}], got {timeout!r}"
-            )
+        check_seconds("timeout", timeout, optional=True)
         with self._poll_lock:
             self._poll_owner = threading.get_ident()
             try:

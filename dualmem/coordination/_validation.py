@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from acl.errors import TamperedRecord, ValidationError
 from dualmem.commands import MAX_KEY_BYTES, Receipt
-from dualmem.settings import MAX_WAIT_SECONDS
+from dualmem.settings import check_seconds  # re-exported: dualmem's one check of a wait
 
 if TYPE_CHECKING:
     from dualmem.memory import DualMemory, Record
@@ -59,36 +59,6 @@ def check_score(name: str, value: object) -> float:
     if not math.isfinite(score) or not 0.0 <= score <= 1.0:
         raise ValidationError(f"{name} must be within [0, 1], got {value!r}")
     return score
-
-
-def check_seconds(name: str, value: object, *, positive: bool = False) -> float:
-    """A duration: a number of seconds (not a bool, not a str) from 0 (more than 0 when
-    ``positive``) to ``MAX_WAIT_SECONDS``, the bound ``DualMemory.sync`` puts on its
-    timeout: a wait beyond it would fail there, quoting a figure the caller never passed.
-
-    >>> check_seconds("timeout", float("nan"))
-    Traceback (most recent call last):
-    ...
-    acl.errors.ValidationError: timeout must be a number of seconds in [0, 1,000,000], got nan
-    >>> check_seconds("poll_interval", 0, positive=True)
-    Traceback (most recent call last):
-    ...
-    acl.errors.ValidationError: poll_interval must be a number of seconds in (0, 1,000,000], got 0
-    """
-    low = "(0" if positive else "[0"
-    bad = ValidationError(
-        f"{name} must be a number of seconds in {low}, {MAX_WAIT_SECONDS:,}], got {value!r}"
-    )
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad
-    try:
-        seconds = float(value)
-    except OverflowError:  # an int too large for a float
-        raise bad from None
-    low_ok = seconds > 0 if positive else seconds >= 0
-    if not (low_ok and seconds <= MAX_WAIT_SECONDS):  # NaN fails both, so it is refused
-        raise bad
-    return seconds
 
 
 def check_threshold(name: str, value: object) -> float:
