@@ -117,15 +117,15 @@ class Subscriber:
         # Bounded by what SQLite stores too: batch_size is the LIMIT of every journal read.
         check_int("commit_every", commit_every, low=1)
         check_int("batch_size", batch_size, low=1)
-        if isinstance(recheck_interval, bool) or not isinstance(recheck_interval, (int, float)):
-            raise ValidationError("recheck_interval must be a number of seconds")
-        if not recheck_interval > 0:
-            raise ValidationError(f"recheck_interval must be > 0, got {recheck_interval}")
+        # More than 0 (0 re-read the journal in a busy loop) and bounded like every wait:
+        # 10**400 raised OverflowError, and inf was taken and never re-read, so a lost
+        # notification left its change undelivered until another one came.
+        interval = check_seconds("recheck_interval", recheck_interval, positive=True)
         self._mem = mem
         self.principal = principal
         self.commit_every = commit_every
         self.batch_size = batch_size
-        self.recheck_interval = float(recheck_interval)
+        self.recheck_interval = interval
         self._own_scope = f"agent:{principal.agent_id}"
         # A level given by name or number is the Level it names (readable_scopes accepted
         # "swarm"; saving the position then failed on int("swarm")). Checked first: 3.0

@@ -779,6 +779,9 @@ def test_bad_arguments_are_rejected(make_mem: MakeMem, coder: Principal, since: 
         {"since": 2**63},  # past SQLite's range: accepted, then failed at the first poll
         {"batch_size": 2**63},
         {"commit_every": 2**63},
+        {"recheck_interval": 10**400},  # a raw OverflowError from float()
+        {"recheck_interval": float("inf")},  # taken: the journal was never re-read
+        {"recheck_interval": 0},
     ],
 )
 def test_bad_arguments_are_rejected_by_the_constructor(
