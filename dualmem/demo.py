@@ -223,7 +223,7 @@ def _settings(
             args["namespace"] = DEMO_NAMESPACE
         if not base.keyring and not base.key:
             path = base.default_keyring_path
-            if not path.exists():
+            if not base.default_key_file_exists():
                 Keyring.generate().save(path)
             args["keyring"] = str(path)
             note = f"key file {path} (created on first use, mode 0600; keep it)"

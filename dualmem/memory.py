@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import errno
 import json
 import logging
 import os
@@ -13,7 +12,6 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -1221,19 +1219,6 @@ def _check_page_size(name: str, value: object) -> None:
         raise ValidationError(f"{name} must be an int in 1..{_MAX_QUERY_LIMIT}, got {value!r}")
 
 
-def _unusable_key_file(settings: Settings, path: Path, exc: OSError) -> str:
-    """Why the embedded key file ``path`` beside ``db_path`` cannot even be looked up."""
-    why = f"cannot use the key file {path} beside db_path {settings.db_path}: "
-    if exc.errno == errno.ENAMETOOLONG:
-        # A db_path name of up to NAME_MAX (255 bytes) is a valid file, but "<name>.keys"
-        # is 5 bytes longer: the database could be made, its key file never.
-        return why + (
-            "its name is too long for the file system (db_path's file name plus '.keys'); "
-            "use a shorter db_path, or pass keyring= / key="
-        )
-    return why + str(exc.strerror or exc)
-
-
 def _load_keyring(settings: Settings) -> Keyring:
     if settings.keyring:
         return Keyring.load(settings.keyring)
@@ -1241,11 +1226,7 @@ def _load_keyring(settings: Settings) -> Keyring:
         return Keyring.from_secret(settings.key)
     if settings.embedded:
         path = settings.default_keyring_path
-        try:
-            exists = path.exists()
-        except OSError as exc:  # only "no such file" is False; a name too long raised
-            raise ConfigurationError(_unusable_key_file(settings, path, exc)) from exc
-        if exists:
+        if settings.default_key_file_exists():
             return Keyring.load(path)
         if holds_sealed_rows(settings.db_path) and not path.exists():  # not made meanwhile
             # A database copied or moved without its key file: a new key would open none

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import logging
 import math
 import os
@@ -211,6 +212,31 @@ class Settings:
     def default_keyring_path(self) -> Path:
         """Where the embedded default keeps its key file: beside the database."""
         return Path(self.db_path + ".keys")
+
+    def default_key_file_exists(self) -> bool:
+        """Whether :attr:`default_keyring_path` exists; ``ConfigurationError`` when it
+        cannot even be looked up (only "no such file" is False: a name too long for the
+        file system, say, raised a bare OSError).
+
+        >>> Settings(db_path="/nonexistent/mem.db").default_key_file_exists()
+        False
+        """
+        path = self.default_keyring_path
+        try:
+            return path.exists()
+        except OSError as exc:
+            why = f"cannot use the key file {path} beside db_path {self.db_path}: "
+            if exc.errno == errno.ENAMETOOLONG:
+                # A db_path name of up to NAME_MAX (255 bytes) is a valid file, but
+                # "<name>.keys" is 5 bytes longer: the database could be made, its key
+                # file never.
+                why += (
+                    "its name is too long for the file system (db_path's file name plus "
+                    "'.keys'); use a shorter db_path, or pass keyring= / key="
+                )
+            else:
+                why += str(exc.strerror or exc)
+            raise ConfigurationError(why) from exc
 
     @property
     def keyring_file(self) -> Path | None:

@@ -251,7 +251,11 @@ def _key_source(settings: Settings) -> Path | Finding:
         return Finding("key", "ok", "from DUALMEM_KEY (keep it out of shell history and logs)")
     if settings.embedded:
         path = settings.default_keyring_path
-        return path if path.exists() else _missing_embedded_key(settings, path)
+        try:
+            exists = settings.default_key_file_exists()
+        except ConfigurationError as exc:
+            return Finding("key", "fail", str(exc), "use a shorter --db, or pass --keyring")
+        return path if exists else _missing_embedded_key(settings, path)
     return Finding(
         "key",
         "fail",

@@ -68,7 +68,7 @@ def load_keyring(settings: Settings) -> Keyring | None:
         return Keyring.load(settings.keyring)
     if settings.key:
         return Keyring.from_secret(settings.key)
-    if settings.embedded and settings.default_keyring_path.exists():
+    if settings.embedded and settings.default_key_file_exists():
         return Keyring.load(settings.default_keyring_path)
     return None
 
