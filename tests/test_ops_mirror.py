@@ -900,3 +900,24 @@ def test_a_refused_import_keeps_its_hand_edit_when_the_cycle_refreshes_every_fil
         assert report.imported == 1
         rt.wait(report.receipts, 10)
     assert mem.get("note", level=Level.TEAM, principal=CODER) == {"v": "by hand"}
+
+
+def test_a_record_deleted_in_a_cycle_that_sees_a_key_rotation_loses_its_file(
+    make_mem: Callable[..., DualMemory],
+    keyfile: Path,
+    args: list[str],
+    mdir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # After a rotation the cycle rewrote every live record's file instead of the records
+    # the journal changed: the file of a record deleted since the last cycle stayed.
+    mem = make_mem()
+    put(mem, "token", {"t": SECRET}, Level.PRIVATE)
+    put(mem, "gone", 1)
+    once(capsys, args, mdir)
+    Keyring.load(keyfile).with_new_key().save(keyfile, overwrite=True)
+    assert rotate_keys(make_mem(), timeout=30).done
+    mem.sync(mem.delete("gone", level=Level.SWARM, principal=CODER), timeout=10)
+    assert "1 removed" in once(capsys, args, mdir)
+    assert not file_of(mdir, "gone").exists()
+    assert verify_mirror(capsys, args, mdir)["status"] == "ok"

@@ -275,7 +275,9 @@ class Mirror:
             self._scan_edits(conn, now_ms, changed, writes, events, report)
             targets = set(changed)
             if self.fresh or self._rotated(conn, audit_head):
-                targets = self._all_live(conn, now_ms)
+                # Besides the records the journal changed: one deleted since is not
+                # live, and its file must go.
+                targets |= self._all_live(conn, now_ms)
             # A file imported in this cycle keeps its hand edit until the import commits
             # (a later cycle writes it back from SQLite): refreshed now, a refused send
             # (KeyDropped) would leave the edit overwritten and lost.
