@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -20,11 +21,13 @@ import pytest
 import redis
 
 from acl import Keyring, Level, Principal, envelope_key_id
-from dualmem import DualMemory
+from dualmem import DualMemory, Receipt
 from dualmem.ops.mirror import STATE_FILE, Mirror, record_path
 from dualmem.ops.runtime import Runtime
+from dualmem.redis_backend import connect
 from dualmem.rotation import add_active_key, drop_keys, rotate_keys
 from dualmem.settings import Settings
+from dualmem.worker import Worker
 
 from .conftest import run_cli
 
@@ -86,6 +89,20 @@ def save_new(mirror: Mirror, path: Path, value: object) -> Any:
         encoding="utf-8",
     )
     return mirror.cycle(int(time.time() * 1000))
+
+
+def commit_through(rt: Runtime, receipt: Receipt) -> None:
+    """Commit the stream's commands up to ``receipt``'s, one at a time, with a worker of
+    the test's own: the commands sent after it stay in flight."""
+    settings = dataclasses.replace(rt.settings, batch_size=1)
+    client, _ = connect(settings)
+    try:
+        worker = Worker(client, rt.store, settings)
+        worker.ensure_groups()
+        while rt.store.status(receipt.shard, receipt.stream_id) != "committed":
+            assert worker.step(), "the stream ended before the receipt's command"
+    finally:
+        client.close()
 
 
 def doc(path: Path) -> dict[str, object]:
@@ -457,6 +474,90 @@ def test_a_file_deleted_while_its_import_is_in_flight_keeps_its_next_save(
         "restored",
         "imported",
     ]
+
+
+def test_a_save_made_while_a_later_import_is_in_flight_is_imported(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    # With two imports of one file in flight, the cycle that read the first from the
+    # journal rewrote the file to it (the last save gone from the file) and forgot the
+    # second: a save made before the second was read was then "conflict: SQLite changed
+    # too; SQLite wins", and lost. The mirror is restarted in between: what is in flight
+    # is in its saved state.
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    mem.close(timeout=2)  # no worker: commands commit when commit_through says
+    settings = settings_for(redis_url, db_path, keyfile)
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        write_value(f, {"v": 1})
+        first = mirror.cycle(int(time.time() * 1000))
+        write_value(f, {"v": 2})
+        second = mirror.cycle(int(time.time() * 1000))
+        assert [(r.imported, r.conflicts) for r in (first, second)] == [(1, 0)] * 2
+        commit_through(rt, first.receipts[0])
+        r2 = second.receipts[0]
+        assert rt.store.status(r2.shard, r2.stream_id) is None  # still in flight
+    # The restarted mirror's first cycle reads the first import from the journal.
+    with started_mirror(settings, mdir) as (rt, mirror):
+        assert doc(f)["value"] == {"v": 2}  # the last save stays in its file
+        write_value(f, {"v": 3})
+        commit_through(rt, r2)  # committed before the mirror read it
+        third = mirror.cycle(int(time.time() * 1000))
+        assert (third.imported, third.conflicts) == (1, 0), third.events
+        make_mem()  # a worker again
+        assert rt.wait(third.receipts, 10).committed == len(third.receipts)
+        last = mirror.cycle(int(time.time() * 1000))
+        assert last.conflicts == 0 and doc(f)["value"] == {"v": 3}, last.events
+        assert doc(f)["owner"] == "mirror" and not mirror.state.files["swarm:s1/cfg.json"].get(
+            "sent"
+        )
+    assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 3}
+    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported"] * 3
+
+
+def test_a_save_after_a_conflict_is_imported_while_an_earlier_import_is_in_flight(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    # The conflict's rewrite from SQLite forgot the file's import still in flight: once
+    # it committed, a save made before the mirror read it was "conflict: SQLite changed
+    # too; SQLite wins", though the only change in SQLite was that import.
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    mem.close(timeout=2)  # no worker: commands commit when commit_through says
+    settings = settings_for(redis_url, db_path, keyfile)
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        agent = make_mem(worker=False).put(
+            "cfg", {"v": "agent"}, level=Level.SWARM, principal=CODER
+        )
+        write_value(f, {"v": 1})
+        first = mirror.cycle(int(time.time() * 1000))
+        assert first.imported == 1, first.events
+        commit_through(rt, agent)  # before the import, which stays in flight
+        write_value(f, {"v": 2})
+        second = mirror.cycle(int(time.time() * 1000))
+        assert (second.imported, second.conflicts) == (0, 1), second.events
+        assert doc(f)["value"] == {"v": "agent"}
+        write_value(f, {"v": 3})
+        commit_through(rt, first.receipts[0])  # committed before the mirror read it
+        third = mirror.cycle(int(time.time() * 1000))
+        assert (third.imported, third.conflicts) == (1, 0), third.events
+        make_mem()  # a worker again
+        assert rt.wait(third.receipts, 10).committed == len(third.receipts)
+        last = mirror.cycle(int(time.time() * 1000))
+        assert last.conflicts == 0 and doc(f)["value"] == {"v": 3}, last.events
+    assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 3}
+    kinds = [k for k, key, _ in sync_events(db_path) if key == "cfg"]
+    assert kinds == ["imported", "conflict", "imported"]
 
 
 def test_a_new_files_record_deleted_after_its_import_committed_is_a_conflict(

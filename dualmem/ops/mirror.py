@@ -4,8 +4,9 @@ Layout: ``DIR/<scope>/<key>.json`` (both percent-encoded, so any key is one safe
 name; a leading ``.`` too, as ``%2E``, so no record file is a hidden name; very long names
 become ``~<sha256>.json``, the file holds the real key) and
 ``DIR/.dualmem-mirror.json``, the mirror's state: the journal ``seq`` it has applied and,
-per file, the hash and stream id it last wrote. The state is saved after every cycle, so
-a stopped mirror resumes from its position. Files are written 0600 and the directories it
+per file, the hash and stream id it last wrote and the stream ids of its imports still in
+flight. The state is saved after every cycle, so a stopped mirror resumes from its
+position, its imports in flight too. Files are written 0600 and the directories it
 creates are 0700 (levels 3 and 4 are in the clear).
 
 Each cycle first looks for files edited by hand (their hash differs from the state):
@@ -21,13 +22,20 @@ Each cycle first looks for files edited by hand (their hash differs from the sta
 * the file is not valid (bad JSON, another scope/key/level, a value that does not seal):
   it is rejected and rewritten from SQLite (a new, untracked file is left alone);
 * a tracked file that was deleted is restored (records are deleted through the API),
-  from SQLite, keeping the ids of its imports still in flight.
+  from SQLite.
 
-Each import, conflict, rejection and restore is an audit event ``mirror.<kind>`` that the
-worker also records in ``sync_events`` (see ``dualmem.projection``); for plaintext levels
-the discarded file content is kept in the event's detail. Then the cycle applies the
-journal changes since its position to the files. Encrypted records are mirrored sealed
-(``envelope``, base64), never in the clear.
+A file rewritten from SQLite keeps the ids of its imports still in flight: once they
+commit, the rows they leave are the mirror's own, not changes to defend its next save
+against. While imports of a file are in flight, the journal's changes to its record do
+not rewrite it: it keeps the last save until the last of them is read (rewritten to an
+earlier one, it would show an older save), and a save made meanwhile is checked against
+the row the imports read so far left.
+
+Each import, conflict, rejection and restore is an audit event
+``mirror.<kind>`` that the worker also records in ``sync_events`` (see
+``dualmem.projection``); for plaintext levels the discarded file content is kept in the
+event's detail. Then the cycle applies the journal changes since its position to the
+files. Encrypted records are mirrored sealed (``envelope``, base64), never in the clear.
 """
 
 from __future__ import annotations
@@ -272,6 +280,7 @@ class Mirror:
                 conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit_log").fetchone()[0]
             )
             changed = self._changed(conn, head)
+            self._seen: dict[tuple[str, str], set[str]] = changed
             self._scan_edits(conn, now_ms, changed, writes, events, report)
             targets = set(changed)
             if self.fresh or self._rotated(conn, audit_head):
@@ -282,11 +291,9 @@ class Mirror:
             # (a later cycle writes it back from SQLite): refreshed now, a refused send
             # (KeyDropped) would leave the edit overwritten and lost.
             targets = targets - {(w.scope, w.key) for w in writes}
-            for i, (scope, key) in enumerate(sorted(targets), start=1):
-                self._refresh(conn, scope, key, now_ms, report)
-                if i % 500 == 0:
-                    progress("mirror", i, len(targets))
+            self._apply(conn, sorted(targets), changed, now_ms, report, progress)
             self._expire(conn, now_ms, report, skip={rel for rel, _, _ in self._imports})
+            self._forget_read(changed)
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -373,6 +380,7 @@ class Mirror:
         path = record_path(self.dir, scope, key)
         rel = path.relative_to(self.dir).as_posix()
         row = self._row(conn, scope, key, now_ms)
+        before = self.state.files.get(rel)
         if row is None:
             if path.exists():
                 path.unlink()
@@ -397,7 +405,65 @@ class Mirror:
             "expires_at": row[6],
             **_stamp(path),
         }
+        # Its imports still in flight stay in the entry, whatever the file shows now (a
+        # restore, a conflict, a rejection): once they commit, the row they leave is the
+        # mirror's own, not a change in SQLite to defend the file's next save against.
+        seen = self._seen.get((scope, key), set())
+        pending = [i for i in (before or {}).get("sent", ()) if i not in seen]
+        if pending:
+            self.state.files[rel]["sent"] = pending
         self.state.rejected.pop(rel, None)
+
+    def _apply(
+        self,
+        conn: sqlite3.Connection,
+        targets: list[tuple[str, str]],
+        changed: dict[tuple[str, str], set[str]],
+        now_ms: int,
+        report: CycleReport,
+        progress: ProgressFn,
+    ) -> None:
+        """Rewrite the files of ``targets`` from SQLite, but those held for imports."""
+        for i, (scope, key) in enumerate(targets, start=1):
+            if not self._held(conn, scope, key, changed, now_ms):
+                self._refresh(conn, scope, key, now_ms, report)
+            if i % 500 == 0:
+                progress("mirror", i, len(targets))
+
+    def _forget_read(self, changed: dict[tuple[str, str], set[str]]) -> None:
+        """The imports read from the journal in this cycle are in flight no more (where
+        one left the newest row, ``_held`` or ``_refresh`` made it the file's base)."""
+        for entry in self.state.files.values():
+            seen = changed.get((entry["scope"], entry["key"]), set())
+            if entry.get("sent"):
+                entry["sent"] = [i for i in entry["sent"] if i not in seen]
+
+    def _held(
+        self,
+        conn: sqlite3.Connection,
+        scope: str,
+        key: str,
+        changed: dict[tuple[str, str], set[str]],
+        now_ms: int,
+    ) -> bool:
+        """Whether the file of ``(scope, key)`` waits for imports of it still in flight
+        instead of being rewritten from SQLite: rewritten to an earlier import read from
+        the journal now, it would show an older save than the user's last one, and a save
+        made before the later imports are read would be checked against that row.
+
+        The row one of its imports left, read now, becomes the file's base: the next save
+        is checked against it, not against the row the import was checked against."""
+        entry = self.state.files.get(self._rel(scope, key))
+        if entry is None:
+            return False
+        sent = entry.get("sent", ())
+        seen = changed.get((scope, key), set())
+        if all(i in seen for i in sent):
+            return False
+        row = self._row(conn, scope, key, now_ms)
+        if row is not None and row[7] in sent:
+            entry["stream_id"] = row[7]
+        return True
 
     def _expire(
         self, conn: sqlite3.Connection, now_ms: int, report: CycleReport, skip: set[str]
@@ -442,14 +508,9 @@ class Mirror:
             if rel not in present and rel != self._rel(entry["scope"], entry["key"]):
                 self._rename(conn, rel, entry, now_ms, report)
             elif rel not in present:
-                # Deleted by hand: records are deleted through the API, so put it back.
-                # Its imports still in flight stay in its entry: once they commit, the
-                # row they leave is the mirror's own, not a change to defend against.
-                seen = changed.get((entry["scope"], entry["key"]), set())
-                pending = [i for i in entry.get("sent", ()) if i not in seen]
+                # Deleted by hand: records are deleted through the API, so put it back
+                # (keeping its imports in flight, see _refresh).
                 self._refresh(conn, entry["scope"], entry["key"], now_ms, report)
-                if pending and rel in self.state.files:
-                    self.state.files[rel]["sent"] = pending
                 if rel in self.state.files:
                     report.restored += 1
                     events.append(
