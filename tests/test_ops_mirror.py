@@ -22,6 +22,7 @@ import redis
 
 from acl import Keyring, Level, Principal, envelope_key_id
 from dualmem import DualMemory, Receipt
+from dualmem.ops import dlq
 from dualmem.ops.mirror import STATE_FILE, Mirror, record_path
 from dualmem.ops.runtime import Runtime
 from dualmem.redis_backend import connect
@@ -103,6 +104,18 @@ def commit_through(rt: Runtime, receipt: Receipt) -> None:
             assert worker.step(), "the stream ended before the receipt's command"
     finally:
         client.close()
+
+
+def poison(db: Path, key: str | None) -> None:
+    """Make the worker fail every put of ``key`` (``None``: none any more)."""
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TRIGGER IF EXISTS poison")
+        if key is not None:
+            conn.execute(
+                f"CREATE TRIGGER poison BEFORE INSERT ON memory WHEN NEW.key = '{key}' "
+                "BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
+            )
+    conn.close()
 
 
 def doc(path: Path) -> dict[str, object]:
@@ -558,6 +571,123 @@ def test_a_save_after_a_conflict_is_imported_while_an_earlier_import_is_in_fligh
     assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 3}
     kinds = [k for k, key, _ in sync_events(db_path) if key == "cfg"]
     assert kinds == ["imported", "conflict", "imported"]
+
+
+def test_an_import_the_worker_dead_letters_is_in_flight_no_more(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    # An import the worker dead-lettered stayed "in flight" until the file was next
+    # rewritten from SQLite: the file kept a save SQLite never got, and nothing said so.
+    mem = make_mem(max_deliveries=1)
+    put(mem, "cfg", {"v": 0})
+    settings = settings_for(redis_url, db_path, keyfile)
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        poison(db_path, "cfg")
+        write_value(f, {"v": 1, "note": "never committed"})
+        first = mirror.cycle(int(time.time() * 1000))
+        assert first.imported == 1, first.events
+        assert rt.wait(first.receipts, 10).dead == 1  # the import; its event commits
+        (letter,) = rt.store.dead_letters()
+        failed = mirror.cycle(int(time.time() * 1000))
+        assert (failed.failed, failed.written) == (1, 1), failed.events
+        assert (
+            f"dead-lettered (IntegrityError: poisoned); `dualmem dlq replay {letter.id}`"
+            in (failed.events[0])
+        )
+        assert doc(f)["value"] == {"v": 0}  # SQLite's
+        rt.wait(failed.receipts, 10)
+        poison(db_path, None)
+        # Nothing of the file in flight: SQLite's changes reach it, its saves are imported.
+        put(mem, "cfg", {"v": "agent"})
+        assert mirror.cycle(int(time.time() * 1000)).written == 1
+        assert doc(f)["value"] == {"v": "agent"}
+        write_value(f, {"v": 2})
+        last = mirror.cycle(int(time.time() * 1000))
+        assert (last.imported, last.conflicts) == (1, 0), last.events
+        rt.wait(last.receipts, 10)
+    assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2}
+    events = [(k, d) for k, key, d in sync_events(db_path) if key == "cfg"]
+    assert [k for k, _ in events] == ["imported", "failed", "imported"]
+    detail = events[1][1]
+    assert (detail["dead_letter"], detail["stream_id"]) == (letter.id, letter.stream_id)
+    assert letter.stream_id == first.receipts[0].stream_id
+    assert "never committed" in str(detail["discarded"])  # the save SQLite never got
+
+
+def test_a_dead_lettered_import_replayed_is_followed_to_its_replay(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    # The import's dead letter was replayed (`dualmem dlq replay`) before the mirror saw
+    # it: the replay is the mirror's own import under a new stream id, not a change in
+    # SQLite to defend the file's next save against.
+    mem = make_mem(max_deliveries=1)
+    put(mem, "cfg", {"v": 0})
+    settings = settings_for(redis_url, db_path, keyfile)
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        poison(db_path, "cfg")
+        write_value(f, {"v": 1})
+        first = mirror.cycle(int(time.time() * 1000))
+        assert rt.wait(first.receipts, 10).dead == 1
+        poison(db_path, None)
+        (replay,) = dlq.replay(rt, None).receipts
+        assert rt.wait([replay], 10).committed == 1
+        write_value(f, {"v": 2})
+        second = mirror.cycle(int(time.time() * 1000))
+        assert (second.imported, second.conflicts, second.failed) == (1, 0, 0), second.events
+        rt.wait(second.receipts, 10)
+    assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2}
+    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported"] * 2
+
+
+def test_an_import_redis_lost_is_sent_again(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+    raw_redis: redis.Redis,
+) -> None:
+    # An import gone from the stream with no commit and no dead letter (Redis restarted
+    # without its data) never commits: held in flight for ever, it kept SQLite's changes
+    # from the file, and the save it carried was lost.
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    put(mem, "other", {"v": 0})
+    settings = settings_for(redis_url, db_path, keyfile)
+    f, g = file_of(mdir, "cfg"), file_of(mdir, "other")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        mem.close(timeout=2)  # no worker: the imports stay in flight
+        write_value(f, {"v": 1})
+        write_value(g, {"v": 1})
+        first = mirror.cycle(int(time.time() * 1000))
+        assert first.imported == 2, first.events
+        waiting = mirror.cycle(int(time.time() * 1000))  # still in the stream: in flight
+        assert (waiting.imported, waiting.written) == (0, 0), waiting.events
+        lost = first.receipts[0]
+        assert (lost.key, lost.op) == ("cfg", "put")
+        assert raw_redis.xdel(rt.layout.stream(lost.shard), lost.stream_id) == 1
+        again = mirror.cycle(int(time.time() * 1000))
+        assert (again.imported, again.conflicts, again.written) == (1, 0, 0), again.events
+        assert "swarm:s1/cfg.json: its import was lost from the stream; sent again" in again.events
+        make_mem()  # a worker again
+        rest = [r for r in first.receipts if r != lost] + again.receipts
+        assert rt.wait(rest, 10).committed == len(rest)
+        last = mirror.cycle(int(time.time() * 1000))
+        assert last.conflicts == 0 and doc(f)["owner"] == "mirror", last.events
+    mem = make_mem()
+    assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 1}
+    assert mem.get("other", level=Level.SWARM, principal=CODER) == {"v": 1}
+    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported"] * 2
 
 
 def test_a_new_files_record_deleted_after_its_import_committed_is_a_conflict(

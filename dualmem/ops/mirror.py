@@ -29,9 +29,14 @@ commit, the rows they leave are the mirror's own, not changes to defend its next
 against. While imports of a file are in flight, the journal's changes to its record do
 not rewrite it: it keeps the last save until the last of them is read (rewritten to an
 earlier one, it would show an older save), and a save made meanwhile is checked against
-the row the imports read so far left.
+the row the imports read so far left. An import that will never commit is in flight no
+more: one the worker dead-lettered is a ``mirror.failed`` event (with the save, for
+plaintext levels; ``dualmem dlq replay`` sends it again, and a replay is followed as the
+import itself), and the file is rewritten from SQLite once nothing else of it is in
+flight; one gone from the stream that SQLite does not know either (Redis lost it) is sent
+again.
 
-Each import, conflict, rejection and restore is an audit event
+Each import, conflict, rejection, restore and failed import is an audit event
 ``mirror.<kind>`` that the worker also records in ``sync_events`` (see
 ``dualmem.projection``); for plaintext levels the discarded file content is kept in the
 event's detail. Then the cycle applies the journal changes since its position to the
@@ -70,6 +75,7 @@ from dualmem.ops.transfer import (
     line_identity,
 )
 from dualmem.ops.verify import Check
+from dualmem.redis_backend import translate_errors
 
 __all__ = [
     "ACTOR",
@@ -199,6 +205,30 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _follow(
+    conn: sqlite3.Connection, shard: int, sid: str
+) -> tuple[str | None, tuple[int, str] | None]:
+    """What became of the command ``sid`` of ``shard`` as the dead letters tell it:
+    ``(id, None)``, in flight or committed under ``id`` (``sid``, or the replay of its dead
+    letter, followed as ``Store.status`` does); ``(None, (letter, error))``, dead-lettered
+    and not replayed; ``(None, None)``, replayed under an id not recorded (a replay older
+    than schema 4)."""
+    for _ in range(16):  # a replay dead-lettered and replayed again, and so on
+        row = conn.execute(
+            "SELECT id, error, replayed_at, replayed_as FROM dead_letters "
+            "WHERE shard = ? AND stream_id = ?",
+            (shard, sid),
+        ).fetchone()
+        if row is None:
+            return sid, None
+        if row[2] is None:
+            return None, (int(row[0]), str(row[1]))
+        if row[3] is None:
+            return None, None
+        sid = str(row[3])
+    return sid, None
+
+
 _STAMP = ("mtime_ns", "size")
 _RACY_NS = 1_000_000_000
 
@@ -227,6 +257,8 @@ class CycleReport:
     conflicts: int = 0
     rejected: int = 0
     restored: int = 0
+    #: Imports in flight the worker dead-lettered (each a ``mirror.failed`` event).
+    failed: int = 0
     events: list[str] = field(default_factory=list)
     #: Of the imports and of the events (``sync_events``), for ``Runtime.wait``.
     receipts: list[Any] = field(default_factory=list)
@@ -281,8 +313,9 @@ class Mirror:
             )
             changed = self._changed(conn, head)
             self._seen: dict[tuple[str, str], set[str]] = changed
+            failed = self._settle_imports(conn, changed, events, report)
             self._scan_edits(conn, now_ms, changed, writes, events, report)
-            targets = set(changed)
+            targets = set(changed) | failed
             if self.fresh or self._rotated(conn, audit_head):
                 # Besides the records the journal changed: one deleted since is not
                 # live, and its file must go.
@@ -312,6 +345,9 @@ class Mirror:
                     entry = self.state.files.get(rel)
                     if entry is not None:
                         entry.setdefault("sent", []).append(receipt.stream_id)
+                        # The import of the save the file holds: if it never commits,
+                        # that save is what the rewrite from SQLite discards.
+                        entry["holds"] = receipt.stream_id
             except KeyDropped as exc:
                 # Sealed under a key a rotation is dropping: nothing was sent. The imports
                 # are undone (the next cycle reads the same edits again and seals them
@@ -437,6 +473,8 @@ class Mirror:
             seen = changed.get((entry["scope"], entry["key"]), set())
             if entry.get("sent"):
                 entry["sent"] = [i for i in entry["sent"] if i not in seen]
+            if entry.get("holds") not in entry.get("sent", ()):
+                entry.pop("holds", None)
 
     def _held(
         self,
@@ -464,6 +502,108 @@ class Mirror:
         if row is not None and row[7] in sent:
             entry["stream_id"] = row[7]
         return True
+
+    # -- imports that never commit ----------------------------------------------------
+
+    def _settle_imports(
+        self,
+        conn: sqlite3.Connection,
+        changed: dict[tuple[str, str], set[str]],
+        events: list[AuditEvent],
+        report: CycleReport,
+    ) -> set[tuple[str, str]]:
+        """Take out of the files' ``sent`` the imports that will never commit, and
+        return the records left with no import in flight, whose files are rewritten from
+        SQLite (what the record is, with those imports gone).
+
+        * Dead-lettered by the worker: each is a ``mirror.failed`` event (with the save it
+          carried, if the file still holds it), and `dualmem dlq replay` can send it
+          again. A dead letter replayed since is followed to its replay, in flight in its
+          place.
+        * Gone from the stream with no trace in SQLite (Redis lost it): the save the file
+          still holds is imported again, as if saved now; an earlier one was superseded
+          by a later save.
+        """
+        touched: list[dict[str, Any]] = []
+        # Not read from the journal and not dead-lettered: (rel, entry, shard, id) to
+        # look for in the stream.
+        unread: list[tuple[str, dict[str, Any], int, str]] = []
+        for rel, entry in self.state.files.items():
+            if not entry.get("sent"):
+                continue
+            scope, key = entry["scope"], entry["key"]
+            seen = changed.get((scope, key), set())
+            shard = self.runtime.layout.shard_of(scope, key)
+            kept: list[str] = []
+            for sid in entry["sent"]:
+                current, dead = (sid, None) if sid in seen else _follow(conn, shard, sid)
+                if dead is not None:
+                    self._failed(rel, entry, sid, dead, events, report)
+                    touched.append(entry)
+                elif current is not None:
+                    kept.append(current)
+                    if current not in seen:
+                        unread.append((rel, entry, shard, current))
+            entry["sent"] = kept
+        for rel, entry, sid in self._lost(unread):
+            entry["sent"].remove(sid)
+            if entry.get("holds") == sid:
+                # Read as a hand edit by _scan_edits: checked against SQLite and imported
+                # again (or a conflict) like any save, under a new stream id.
+                for name in ("holds", "sha256", *_STAMP):
+                    entry.pop(name, None)
+                report.events.append(f"{rel}: its import was lost from the stream; sent again")
+            else:
+                touched.append(entry)
+        return {(e["scope"], e["key"]) for e in touched if not e["sent"]}
+
+    def _lost(
+        self, unread: list[tuple[str, dict[str, Any], int, str]]
+    ) -> list[tuple[str, dict[str, Any], str]]:
+        """The imports of ``unread`` that neither the stream nor SQLite knows: lost."""
+        if not unread:
+            return []
+        with translate_errors("mirror"):
+            pipe = self.runtime.client.pipeline(transaction=False)
+            for _, _, shard, sid in unread:
+                pipe.xrange(self.runtime.layout.stream(shard), min=sid, max=sid, count=1)
+            found = pipe.execute()
+        lost = []
+        for (rel, entry, shard, sid), there in zip(unread, found, strict=True):
+            # Gone from the stream: acknowledged, so committed or dead-lettered, both in
+            # SQLite before the acknowledgement (and read by the next cycle); or lost, if
+            # SQLite does not know it either. Asked after the stream, so a commit that
+            # raced this cycle's snapshot is seen.
+            if not there and self.runtime.store.status(shard, sid) is None:
+                lost.append((rel, entry, sid))
+        return lost
+
+    def _failed(
+        self,
+        rel: str,
+        entry: dict[str, Any],
+        sid: str,
+        dead: tuple[int, str],
+        events: list[AuditEvent],
+        report: CycleReport,
+    ) -> None:
+        """Record a dead-lettered import of ``rel``: a ``mirror.failed`` event with, if
+        the file still holds the save it carried (plaintext levels), that save."""
+        scope, key = entry["scope"], entry["key"]
+        letter, error = dead
+        detail = {"path": rel, "stream_id": sid, "error": error, "dead_letter": letter}
+        report.events.append(
+            f"{rel}: its import was dead-lettered ({error}); "
+            f"`dualmem dlq replay {letter}` sends it again"
+        )
+        saved = None
+        path = self.dir / rel
+        if entry.get("holds") == sid:
+            entry.pop("holds")
+            data = path.read_bytes() if path.is_file() else b""
+            saved = data if _sha(data) == entry.get("sha256") else None
+        events.append(self._event("failed", scope, key, level_of_scope(scope), detail, saved))
+        report.failed += 1
 
     def _expire(
         self, conn: sqlite3.Connection, now_ms: int, report: CycleReport, skip: set[str]
