@@ -529,7 +529,6 @@ def test_doctor_fails_an_embedded_database_whose_key_file_is_gone(
         drop_memory_server(url)
 
 
-
 def test_doctor_names_a_key_file_name_too_long_for_the_file_system(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -542,6 +541,7 @@ def test_doctor_names_a_key_file_name_too_long_for_the_file_system(
     assert code == 1 and found["key"]["status"] == "fail", found["key"]
     assert "its name is too long for the file system" in found["key"]["detail"]
     assert "use a shorter db_path, or pass keyring= / key=" in found["key"]["detail"]
+
 
 def test_doctor_fails_another_programs_database(
     redis_url: str, tmp_path: Path, keyfile: Path, capsys: pytest.CaptureFixture[str]
