@@ -62,6 +62,15 @@ MEMORY_COLUMNS = (
     "scope", "key", "level", "owner", "envelope", "sid", "stream_id", "created_at",
     "updated_at", "expires_at",
 )  # fmt: skip
+#: A dead letter ``d`` whose replay (``replayed_as``, same shard) is neither committed
+#: (in the journal) nor dead-lettered again: it may still wait in the stream.
+_REPLAY_UNSETTLED = (
+    "(d.replayed_as IS NOT NULL "
+    "AND NOT EXISTS (SELECT 1 FROM journal j WHERE j.shard = d.shard "
+    "AND j.stream_id = d.replayed_as) "
+    "AND NOT EXISTS (SELECT 1 FROM dead_letters e WHERE e.shard = d.shard "
+    "AND e.stream_id = d.replayed_as))"
+)
 _MEMORY_INSERT = f"INSERT INTO memory ({', '.join(MEMORY_COLUMNS)}) VALUES "
 # The sid guard makes the upsert idempotent and monotonic: a redelivered or late older
 # command never overwrites a newer value or revives a tombstone. A put over a deleted or
@@ -514,14 +523,15 @@ class SQLiteStore(Store):
                        LIMIT ?)""",
                 (tombstones_before_ms, floor, floor, limit),
             ).rowcount
-            # A dead letter replayed a tombstone TTL ago has done its work and no longer
-            # holds a tombstone, but it held the command's envelope (plaintext at levels
-            # 3 and 4) for good. The envelope goes; the row stays, since sync() on the
-            # original receipt follows it to its replay (replayed_as).
+            # A dead letter replayed a tombstone TTL ago, its replay settled, has done its
+            # work and no longer holds a tombstone, but it held the command's envelope
+            # (plaintext at levels 3 and 4) for good. The envelope goes; the row stays,
+            # since sync() on the original receipt follows it to its replay (replayed_as).
             letters = conn.execute(
-                """UPDATE dead_letters SET fields = json_remove(fields, '$.' || ?)
-                   WHERE id IN (SELECT id FROM dead_letters
+                f"""UPDATE dead_letters SET fields = json_remove(fields, '$.' || ?)
+                   WHERE id IN (SELECT id FROM dead_letters d
                                 WHERE replayed_at < ? AND json_type(fields, '$.' || ?) IS NOT NULL
+                                AND NOT ({_REPLAY_UNSETTLED})
                                 LIMIT ?)""",
                 (_ENVELOPE_FIELD, tombstones_before_ms, _ENVELOPE_FIELD, limit),
             ).rowcount
@@ -529,18 +539,25 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _held_keys(conn: sqlite3.Connection, since_ms: int) -> list[tuple[str, str]]:
-        """``(scope, key)`` of every dead letter not replayed, or replayed at ``since_ms``
-        or later: a replay is marked when it is sent, and its command may still be in
-        the stream (a tombstone's own TTL later, it has long been committed)."""
+        """``(scope, key)`` of every dead letter not replayed, replayed at ``since_ms`` or
+        later, or replayed under an id (``replayed_as``) neither committed nor
+        dead-lettered yet. A replay is ordered by the original command's id, older than
+        the tombstone: while it waits in the stream (pending for a consumer that died,
+        however long), only the tombstone keeps it from bringing the value back. A
+        replay Redis lost holds its key's tombstone for good (one row), until the letter
+        is replayed again."""
         out = []
         for (text,) in conn.execute(
-            "SELECT fields FROM dead_letters WHERE replayed_at IS NULL OR replayed_at >= ?",
+            "SELECT fields FROM dead_letters d WHERE replayed_at IS NULL OR replayed_at >= ? "
+            f"OR {_REPLAY_UNSETTLED}",
             (since_ms,),
         ):
             try:
                 fields = _fields_from_json(text)
+                if fields.get(b"op") == b"audit":  # changes no record: holds nothing
+                    continue
                 out.append((fields[b"s"].decode(), fields[b"k"].decode()))
-            except (KeyError, ValueError):  # no scope/key (an audit event): holds nothing
+            except (KeyError, ValueError):  # no scope/key: holds nothing
                 continue
         return out
 

@@ -121,6 +121,7 @@ class Worker:
         self.consumer = settings.consumer or default_consumer_name()
         self.shards = list(range(settings.shards) if shards is None else shards)
         self.streams = {self.layout.stream(s): s for s in self.shards}
+        self._all_streams = [self.layout.stream(s) for s in range(settings.shards)]
         self.stats = WorkerStats()
         self._wakeup = wakeup
         self._on_commit = on_commit
@@ -588,8 +589,9 @@ class Worker:
         if now >= self._next_purge:
             self._next_purge = now + self.settings.purge_interval
             wall = int(time.time() * 1000)
+            # Every shard's stream, not only this worker's: the purge covers every row.
             with translate_errors("worker purge"):
-                floor = purge_floor(self.redis, self.streams)
+                floor = purge_floor(self.redis, self._all_streams)
             self.store.purge(wall, wall - self.settings.tombstone_ttl * 1000, floor=floor)
         if now >= self._next_metrics:
             self._next_metrics = now + self.settings.metrics_interval
@@ -739,7 +741,19 @@ def purge_floor(client: redis.Redis, streams: Iterable[bytes]) -> bytes | None:
     of the tombstone's key, delivered to a consumer that died, and when it is claimed only
     the tombstone's newer id keeps it from bringing the deleted value back.
     """
-    floors = [sid_of(f) for f in (safe_trim_id(client, name) for name in streams) if f]
+    floors: list[bytes] = []
+    for name in streams:
+        for g in _groups(client, name):
+            oldest = client.xpending(name, g["name"])["min"] if int(g["pending"]) > 0 else None
+            if oldest is None:
+                # Nothing pending (or all acked since XINFO): the first entry not yet
+                # delivered, if any. Not safe_trim_id's "next id": a group that never
+                # delivered anything would hold every tombstone for good.
+                start = next_stream_id(text(g["last-delivered-id"]))
+                page = client.xrange(name, min=start, max="+", count=1)
+                oldest = page[0][0] if page else None
+            if oldest is not None:
+                floors.append(sid_of(text(oldest)))
     return min(floors, default=None)
 
 

@@ -758,6 +758,31 @@ def test_purge_keeps_a_tombstone_while_an_older_put_of_its_key_is_pending(
     assert store.purge(cut, cut, floor=purge_floor(raw_redis, [stream])) == 1
 
 
+def test_a_worker_of_one_shard_purges_with_every_shards_floor(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # A worker serving shard 0 only took the floor from its own stream, while its purge
+    # covers every row: shard 1's held put then revived its deleted key.
+    writer = make_mem(worker=False, shards=2, tombstone_ttl=0)
+    key = next(
+        k for k in (f"k{i}" for i in range(100)) if writer.layout.shard_of("swarm:phase-1-auth", k)
+    )
+    stream = writer.layout.stream(1)
+    writer.put(key, "old", level=Level.SWARM, principal=coder)
+    raw_redis.xreadgroup(writer.settings.group, "dead", {stream: ">"}, count=1)  # never acked
+    writer.delete(key, level=Level.SWARM, principal=coder)
+    one = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w1"), shards=[1])
+    one._next_claim = time.monotonic() + 3600
+    assert one.step() == 1  # the delete: a tombstone
+    time.sleep(0.01)
+    zero = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w0"), shards=[0])
+    zero._next_purge = 0
+    zero._housekeeping()
+    with sqlite3.connect(writer.store.path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM memory WHERE envelope IS NULL").fetchone() == (1,)
+    conn.close()
+
+
 def test_notifications_carry_no_value(
     mem: DualMemory, coder: Principal, raw_redis: redis.Redis
 ) -> None:

@@ -179,11 +179,13 @@ def test_purge_keeps_a_tombstone_an_unacknowledged_older_put_needs(
     raw_redis: redis.Redis,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    writer = make_mem(worker=False)
-    stream = writer.layout.stream(0)
-    writer.put("k", "old", level=Level.SWARM, principal=CODER)
+    # On the second of two shards, with purge not told --shards 2: the journal says so.
+    writer = make_mem(worker=False, shards=2)
+    key = next(k for k in (f"k{i}" for i in range(100)) if writer.layout.shard_of("swarm:s1", k))
+    stream = writer.layout.stream(1)
+    writer.put(key, "old", level=Level.SWARM, principal=CODER)
     raw_redis.xreadgroup(writer.settings.group, "dead", {stream: ">"}, count=1)  # never acked
-    writer.delete("k", level=Level.SWARM, principal=CODER)
+    writer.delete(key, level=Level.SWARM, principal=CODER)
     worker = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
     worker._next_claim = time.monotonic() + 3600  # claims nothing
     assert worker.step() == 1  # the delete: a tombstone
@@ -194,6 +196,10 @@ def test_purge_keeps_a_tombstone_an_unacknowledged_older_put_needs(
     raw_redis.xack(stream, writer.settings.group, raw_redis.xrange(stream, count=1)[0][0])
     code, out, _ = run_cli(capsys, "purge", *args, "--tombstone-ttl", "0")
     assert code == 0 and "purged 1 expired value(s)" in out, out
+    assert "no Redis given" not in out
+    # With the embedded memory:// it cannot look, and says so.
+    code, out, _ = run_cli(capsys, "purge", *args[2:], "--redis-url", "memory://purge-note")
+    assert code == 0 and "note: no Redis given (memory://)" in out, out
     # With Redis unreachable it cannot know what is pending: it refuses, dropping nothing.
     port = free_port()
     code, _, err = run_cli(capsys, "purge", *args[2:], "--redis-url", f"redis://127.0.0.1:{port}/0")

@@ -163,6 +163,34 @@ def test_a_tombstone_outlives_its_ttl_while_a_dead_letter_of_its_key_waits(
     assert store.purge(now_ms=10, tombstones_before_ms=replayed_at + 1) == 0
 
 
+def test_a_tombstone_outlives_its_ttl_while_the_replay_of_a_dead_letter_waits(
+    store: SQLiteStore,
+) -> None:
+    # A replay is ordered by its original id, below the tombstone's. Held only for a
+    # tombstone TTL after it was sent, a replay still pending after that (its consumer
+    # died) found no tombstone when claimed, and brought the failed value back.
+    failed = put(1, value=b"old, failed")
+    store.dead_letter([(failed, "poisoned", 3)])
+    store.apply([put(2, value=b"newer"), delete(3)])
+    store.mark_replayed([d.id for d in store.dead_letters()], ["9-0"])
+    replayed_at = store.dead_letters(include_replayed=True)[0].replayed_at
+    assert replayed_at is not None
+    assert store.purge(now_ms=10, tombstones_before_ms=replayed_at + 1) == 0
+    (letter,) = store.dead_letters(include_replayed=True)
+    assert b"e" in letter.fields  # its envelope stays too: it may be replayed again
+    store.apply([StreamEntry(0, "9-0", {**failed.fields, b"o": b"1-0"})])  # claimed late
+    assert value_of(store) is None
+    # Committed: the replay has done its work, and the tombstone goes like any other.
+    assert store.purge(now_ms=10, tombstones_before_ms=replayed_at + 1) == 2
+    # An audit event's dead letter, replayed, holds no tombstone (it changes no record).
+    audit = StreamEntry(0, "20-0", {b"op": b"audit", b"s": b"swarm:s", b"k": b"a", b"t": b"20"})
+    store.dead_letter([(audit, "poisoned", 3)])
+    store.apply([put(21, key="a"), delete(22, key="a")])
+    store.mark_replayed([d.id for d in store.dead_letters()], ["30-0"])
+    later = max(d.replayed_at or 0 for d in store.dead_letters(include_replayed=True))
+    assert store.purge(now_ms=10, tombstones_before_ms=later + 1) == 1
+
+
 def test_purge_keeps_a_replayed_letter_that_sync_follows(store: SQLiteStore) -> None:
     # Deleting the replayed letter broke the chain sync() follows: a receipt whose
     # replay was dead-lettered again said "not committed (is a worker running?)".

@@ -566,7 +566,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def _unacknowledged_floor(settings: Settings) -> bytes | None:
-    """The deployment's oldest unacknowledged command (``purge_floor``), read from Redis.
+    """The deployment's oldest unacknowledged command (``purge_floor``), read from Redis,
+    on every shard ``--shards`` names or the database's journal has seen.
 
     A tombstone above it must stay whatever its age, so purge does not go on without
     knowing it. The embedded ``memory://`` Redis of this process holds no other process's
@@ -575,9 +576,14 @@ def _unacknowledged_floor(settings: Settings) -> bytes | None:
     if settings.embedded:
         return None
     from dualmem.layout import Layout
+    from dualmem.ops.database import check_current, open_database
     from dualmem.redis_backend import connect, translate_errors
     from dualmem.worker import purge_floor
 
+    with open_database(settings.db_path) as conn:
+        check_current(conn, settings.db_path)
+        top = conn.execute("SELECT MAX(shard) FROM journal").fetchone()[0]
+    shards = max(settings.shards, 0 if top is None else int(top) + 1)
     client, _ = connect(settings)
     try:
         with translate_errors(
@@ -585,8 +591,8 @@ def _unacknowledged_floor(settings: Settings) -> bytes | None:
             "unacknowledged (a tombstone newer than one of them must stay; with Redis's "
             "data gone for good, pass --redis-url memory://)"
         ):
-            layout = Layout(settings.namespace, settings.shards)
-            return purge_floor(client, [layout.stream(i) for i in range(settings.shards)])
+            layout = Layout(settings.namespace, shards)
+            return purge_floor(client, [layout.stream(i) for i in range(shards)])
     finally:
         client.close()
 
@@ -624,6 +630,14 @@ def cmd_purge(args: argparse.Namespace) -> int:
         markup=False,
         soft_wrap=True,
     )
+    if settings.embedded:
+        console.print(
+            "note: no Redis given (memory://), so tombstones past their ttl went without "
+            "a look at the commands still unacknowledged in the deployment's streams; "
+            "pass its --redis-url (and --namespace) to keep the ones those need",
+            markup=False,
+            soft_wrap=True,
+        )
     if r.auto_vacuum != "INCREMENTAL":
         console.print(
             "note: this database was created without auto_vacuum=INCREMENTAL, so free pages "
