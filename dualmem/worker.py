@@ -14,7 +14,14 @@ from typing import Any
 
 import redis
 
-from dualmem.commands import CACHE_TOMBSTONE, cache_value, sid_of, stream_id_of
+from acl.crypto import envelope_sealing
+from dualmem.commands import (
+    CACHE_TOMBSTONE,
+    cache_value,
+    cached_envelope,
+    sid_of,
+    stream_id_of,
+)
 from dualmem.errors import DualMemError, StoreUnavailable
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics
@@ -543,31 +550,59 @@ class Worker:
 
     def _forget_cached(self, dead: list[tuple[StreamEntry, str, int]]) -> None:
         """Drop the cache entry each dead-lettered put or delete left, if it still holds
-        that command's value: fresh reads answered it though it never reached SQLite, for
-        ``cache_ttl`` (for good, for an agent's pinned state record). A newer write's entry
-        stays (compared, and swapped out under WATCH). Best effort: the dead letter is
-        committed, and an entry left behind only outlives its command."""
+        that write: fresh reads answered it though it never reached SQLite, for
+        ``cache_ttl`` (for good, for an agent's pinned state record). The entry is that
+        write's when it holds its envelope, or one a key rotation re-sealed (same write
+        id); a plaintext envelope or a delete's mark names no write, so it is that write's
+        only if no later command of the key waits in the stream after it. Compared and
+        deleted under WATCH, so a newer write's entry stays. Best effort: the dead letter
+        is committed, and an entry left behind only outlives its command."""
         for entry, _, _ in dead:
-            f = entry.fields
-            op, scope, key, envelope = f.get(b"op"), f.get(b"s"), f.get(b"k"), f.get(b"e")
-            try:
-                if op == b"del":
-                    expected = CACHE_TOMBSTONE
-                elif op == b"put" and envelope:
-                    x = f.get(b"x")
-                    expected = cache_value(envelope, None if x is None else int(x))
-                else:
-                    continue
-                sc, k = (scope or b"").decode(), (key or b"").decode()
-            except (ValueError, OverflowError):  # a malformed entry: its cache entry is not ours
-                continue
-            name = self.layout.cache_key(self.layout.shard_of(sc, k), sc, k)
             try:
                 with translate_errors("worker cache"):
-                    replace_if(self.redis, name, expected, None)
+                    self._forget_one(entry)
             except StoreUnavailable as exc:
                 log.warning("worker %s: cache entry of a dead letter kept: %s", self.consumer, exc)
                 return
+
+    def _forget_one(self, entry: StreamEntry) -> None:
+        f = entry.fields
+        op, scope, key, envelope = f.get(b"op"), f.get(b"s"), f.get(b"k"), f.get(b"e")
+        try:
+            if op == b"del":
+                expected = CACHE_TOMBSTONE
+            elif op == b"put" and envelope:
+                x = f.get(b"x")
+                expected = cache_value(envelope, None if x is None else int(x))
+            else:
+                return
+            sc, k = (scope or b"").decode(), (key or b"").decode()
+        except (ValueError, OverflowError):  # a malformed entry: its cache entry is not ours
+            return
+        shard = self.layout.shard_of(sc, k)
+        unique = op == b"put" and envelope_sealing(envelope or b"") is not None
+
+        def ours(value: bytes | None) -> bool:
+            if value is None or not _same_write(value, expected):
+                return False
+            return unique or not self._later_in_stream(shard, entry.stream_id, scope, key)
+
+        replace_if(self.redis, self.layout.cache_key(shard, sc, k), ours, None)
+
+    def _later_in_stream(
+        self, shard: int, stream_id: str, scope: bytes | None, key: bytes | None
+    ) -> bool:
+        """Whether ``shard``'s stream holds a command of ``scope``/``key`` after
+        ``stream_id`` (nothing after a pending entry has been trimmed)."""
+        stream = self.layout.stream(shard)
+        start = next_stream_id(stream_id)
+        while True:
+            page: list[Any] = self.redis.xrange(stream, min=start, max="+", count=1000) or []
+            if any(f.get(b"s") == scope and f.get(b"k") == key for _, f in page if f):
+                return True
+            if len(page) < 1000:
+                return False
+            start = next_stream_id(text(page[-1][0]))
 
     def _deliveries(self, entry: StreamEntry) -> int | None:
         """How often ``entry`` was delivered; ``None`` when it is no longer pending."""
@@ -731,6 +766,21 @@ def safe_trim_id(client: redis.Redis, stream: bytes) -> str | None:
         return None
     ms, seq = min(floors)
     return f"{ms}-{seq}"
+
+
+def _same_write(value: bytes, expected: bytes) -> bool:
+    """Whether the cache entry ``value`` holds the write ``expected`` (a cache entry as
+    the put made it): the same bytes, or the same expiry and an envelope of the same write
+    (write id and writer: a key rotation re-seals a cache entry under a new nonce)."""
+    if value == expected:
+        return True
+    (env, expires), (want, want_expires) = cached_envelope(value), cached_envelope(expected)
+    if env is None or want is None or expires != want_expires:
+        return False
+    got, sealing = envelope_sealing(env), envelope_sealing(want)
+    if got is None or sealing is None:
+        return False
+    return (got.write_id, got.writer) == (sealing.write_id, sealing.writer)
 
 
 def purge_floor(client: redis.Redis, streams: Iterable[bytes]) -> bytes | None:

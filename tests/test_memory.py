@@ -600,13 +600,7 @@ def test_a_dead_lettered_write_leaves_no_cache_entry_for_fresh_reads(
         writer.put("j", "never committed", **swarm),
     ]
     newer = writer.put("j", "newer", **swarm)  # its cache entry replaced the poison's
-    marks = ",".join(f"'{r.stream_id}'" for r in poison)
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(
-            f"CREATE TRIGGER poison BEFORE INSERT ON memory WHEN NEW.stream_id IN ({marks}) "
-            "BEGIN SELECT RAISE(ABORT, 'poisoned by test'); END"
-        )
-    conn.close()
+    _poison(db_path, *(r.stream_id for r in poison))
     assert writer.get("k", fresh=True, **swarm) == "never committed"
     assert writer.get("d", fresh=True, **swarm) is None
     worker = make_mem(max_deliveries=2, claim_idle_ms=50)
@@ -616,6 +610,63 @@ def test_a_dead_lettered_write_leaves_no_cache_entry_for_fresh_reads(
     assert worker.get("k", fresh=True, **swarm) == "committed"
     assert worker.get("d", fresh=True, **swarm) == "committed"
     assert worker.get("j", fresh=True, **swarm) == "newer"
+
+
+def _poison(db_path: Path, *stream_ids: str) -> None:
+    """A trigger that fails the memory row of each of ``stream_ids`` (a real SQLite error)."""
+    marks = ",".join(f"'{sid}'" for sid in stream_ids)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            f"CREATE TRIGGER poison BEFORE INSERT ON memory WHEN NEW.stream_id IN ({marks}) "
+            "BEGIN SELECT RAISE(ABORT, 'poisoned by test'); END"
+        )
+    conn.close()
+
+
+def test_a_dead_lettered_write_keeps_the_cache_entry_of_a_newer_write_of_the_same_bytes(
+    make_mem: MakeMem, coder: Principal, db_path: Path
+) -> None:
+    # Every delete leaves the same mark, and a plaintext put of the same value the same
+    # envelope: dropping the entry because it held the dead write's bytes took the newer
+    # write's, and its writer no longer read its own delete (or put) before the commit.
+    writer = make_mem(worker=False)
+    swarm = {"level": Level.SWARM, "principal": coder}
+    settings = writer.settings.replace(consumer="w", batch_size=1, max_deliveries=1)
+    worker = Worker(writer._redis, writer.store, settings)
+    for k in ("d", "j"):
+        writer.put(k, "committed", **swarm)
+        assert worker.step() == 1
+    d1, _ = writer.delete("d", **swarm), writer.delete("d", **swarm)
+    j1, _ = writer.put("j", "again", **swarm), writer.put("j", "again", **swarm)
+    _poison(db_path, d1.stream_id, j1.stream_id)
+    assert worker.step() == 1 and len(writer.store.dead_letters()) == 1  # d1 dead, d2 waits
+    assert writer.get("d", fresh=True, **swarm) is None
+    assert worker.step() == 1  # d2 committed
+    assert worker.step() == 1 and len(writer.store.dead_letters()) == 2  # j1 dead, j2 waits
+    assert writer.get("j", fresh=True, **swarm) == "again"
+    assert worker.step() == 1
+    assert writer.get("j", **swarm) == "again" and writer.get("d", **swarm) is None
+
+
+def test_a_dead_lettered_write_re_sealed_by_a_key_rotation_leaves_no_cache_entry(
+    make_mem: MakeMem, coder: Principal, db_path: Path, keyfile: Path
+) -> None:
+    # A rotation re-seals the cache entry of a put not yet committed (a new nonce, the
+    # same write id): compared by its bytes, the dead write's entry looked like another
+    # write's and stayed, for good for a pinned agent state.
+    from dualmem.rotation import add_active_key, rotate_keys
+
+    writer = make_mem(worker=False)
+    private = {"level": Level.PRIVATE, "principal": coder}
+    committed = writer.put("s", {"v": "committed"}, **private)
+    poison = writer._put_pinned("s", {"v": "never committed"}, **private)
+    _poison(db_path, poison.stream_id)
+    add_active_key(keyfile)
+    assert rotate_keys(make_mem(worker=False), timeout=1).resealed_cache == 1
+    worker = make_mem(max_deliveries=1)
+    worker.sync(committed)
+    wait_until(lambda: len(worker.store.dead_letters()) == 1, what="the dead letter")
+    assert worker.get("s", fresh=True, **private) == {"v": "committed"}
 
 
 def _trip_on(keys: set[bytes] | None) -> staticmethod[..., None]:
