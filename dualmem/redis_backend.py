@@ -308,29 +308,22 @@ class WatchedKeyChanged(redis.WatchError):
     """``EXEC`` ran nothing: the watched key changed after ``WATCH`` (safe to try again)."""
 
 
-def replace_if(
-    client: redis.Redis,
-    name: bytes,
-    old: bytes | Callable[[bytes | None], bool],
-    new: bytes | None,
-) -> bool:
-    """If ``name`` holds ``old`` (or a value the predicate ``old`` accepts, asked under the
-    watch), set it to ``new`` (keeping its expiry), or delete it when ``new`` is None,
-    under ``WATCH``; False when it holds anything else, or changed between the look and
-    the write (a newer write's value stays).
+def replace_if(client: redis.Redis, name: bytes, old: bytes, new: bytes | None) -> bool:
+    """If ``name`` holds ``old``, set it to ``new`` (keeping its expiry), or delete it when
+    ``new`` is None, under ``WATCH``; False when it holds anything else, or changed
+    between the look and the write (a newer write's value stays).
 
     >>> import fakeredis
     >>> r = fakeredis.FakeRedis()
     >>> r.set(b"k", b"a"), replace_if(r, b"k", b"b", None), replace_if(r, b"k", b"a", b"c")
     (True, False, True)
-    >>> r.get(b"k"), replace_if(r, b"k", lambda v: v == b"c", None), r.exists(b"k")
+    >>> r.get(b"k"), replace_if(r, b"k", b"c", None), r.exists(b"k")
     (b'c', True, 0)
     """
     with client.pipeline() as pipe:
         try:
             pipe.watch(name)  # type: ignore[no-untyped-call]
-            value: Any = pipe.get(name)
-            if not (old(value) if callable(old) else value == old):
+            if pipe.get(name) != old:
                 return False
             pipe.multi()
             if new is None:

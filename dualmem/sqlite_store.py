@@ -62,10 +62,14 @@ MEMORY_COLUMNS = (
     "scope", "key", "level", "owner", "envelope", "sid", "stream_id", "created_at",
     "updated_at", "expires_at",
 )  # fmt: skip
-#: A dead letter ``d`` whose replay (``replayed_as``, same shard) is neither committed
-#: (in the journal) nor dead-lettered again: it may still wait in the stream.
+#: A dead letter ``d`` of a put or delete whose replay (``replayed_as``, same shard) is
+#: neither committed (in the journal) nor dead-lettered again: it may still wait in the
+#: stream. (Fields are stored base64: ``b3A=`` is ``op``, ``cHV0`` ``put``, ``ZGVs``
+#: ``del``.) A re-encryption (``reseal``) changes no value and journals nothing: its
+#: replay holds nothing, like an audit event's.
 _REPLAY_UNSETTLED = (
     "(d.replayed_as IS NOT NULL "
+    """AND json_extract(d.fields, '$."b3A="') IN ('cHV0', 'ZGVs') """
     "AND NOT EXISTS (SELECT 1 FROM journal j WHERE j.shard = d.shard "
     "AND j.stream_id = d.replayed_as) "
     "AND NOT EXISTS (SELECT 1 FROM dead_letters e WHERE e.shard = d.shard "
@@ -554,7 +558,7 @@ class SQLiteStore(Store):
         ):
             try:
                 fields = _fields_from_json(text)
-                if fields.get(b"op") == b"audit":  # changes no record: holds nothing
+                if fields.get(b"op") not in (b"put", b"del"):  # audit, reseal: hold nothing
                     continue
                 out.append((fields[b"s"].decode(), fields[b"k"].decode()))
             except (KeyError, ValueError):  # no scope/key: holds nothing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -27,7 +28,6 @@ from dualmem.layout import Layout
 from dualmem.metrics import Metrics
 from dualmem.redis_backend import (
     in_process,
-    replace_if,
     retries_of,
     send_many,
     text,
@@ -551,12 +551,15 @@ class Worker:
     def _forget_cached(self, dead: list[tuple[StreamEntry, str, int]]) -> None:
         """Drop the cache entry each dead-lettered put or delete left, if it still holds
         that write: fresh reads answered it though it never reached SQLite, for
-        ``cache_ttl`` (for good, for an agent's pinned state record). The entry is that
-        write's when it holds its envelope, or one a key rotation re-sealed (same write
-        id); a plaintext envelope or a delete's mark names no write, so it is that write's
-        only if no later command of the key waits in the stream after it. Compared and
-        deleted under WATCH, so a newer write's entry stays. Best effort: the dead letter
-        is committed, and an entry left behind only outlives its command."""
+        ``cache_ttl`` (for good, for an agent's pinned state record).
+
+        The entry holds that write when it holds its envelope (or one a key rotation
+        re-sealed: the same write id and writer) and no later command of the key waits in
+        the stream after it: a delete's mark, a plaintext envelope, even a sealed one
+        (an import copies envelopes) can be a newer write's too. A replay never writes a
+        cache entry, so it drops none. Best effort, and kept when unsure (more than
+        ``_FORGET_SCAN_LIMIT`` entries after it, a Redis error): the dead letter is
+        committed, and an entry left behind only outlives its command."""
         for entry, _, _ in dead:
             try:
                 with translate_errors("worker cache"):
@@ -569,6 +572,8 @@ class Worker:
         f = entry.fields
         op, scope, key, envelope = f.get(b"op"), f.get(b"s"), f.get(b"k"), f.get(b"e")
         try:
+            if b"o" in f:
+                return
             if op == b"del":
                 expected = CACHE_TOMBSTONE
             elif op == b"put" and envelope:
@@ -580,29 +585,22 @@ class Worker:
         except (ValueError, OverflowError):  # a malformed entry: its cache entry is not ours
             return
         shard = self.layout.shard_of(sc, k)
-        unique = op == b"put" and envelope_sealing(envelope or b"") is not None
-
-        def ours(value: bytes | None) -> bool:
-            if value is None or not _same_write(value, expected):
-                return False
-            return unique or not self._later_in_stream(shard, entry.stream_id, scope, key)
-
-        replace_if(self.redis, self.layout.cache_key(shard, sc, k), ours, None)
-
-    def _later_in_stream(
-        self, shard: int, stream_id: str, scope: bytes | None, key: bytes | None
-    ) -> bool:
-        """Whether ``shard``'s stream holds a command of ``scope``/``key`` after
-        ``stream_id`` (nothing after a pending entry has been trimmed)."""
-        stream = self.layout.stream(shard)
-        start = next_stream_id(stream_id)
-        while True:
-            page: list[Any] = self.redis.xrange(stream, min=start, max="+", count=1000) or []
-            if any(f.get(b"s") == scope and f.get(b"k") == key for _, f in page if f):
-                return True
-            if len(page) < 1000:
-                return False
-            start = next_stream_id(text(page[-1][0]))
+        name = self.layout.cache_key(shard, sc, k)
+        # Every look on the watched connection itself: with max_connections=1 a second
+        # one would never come.
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(name)  # type: ignore[no-untyped-call]
+                value: Any = pipe.get(name)
+                if value is None or not _same_write(value, expected):
+                    return
+                if _later_in_stream(pipe, self.layout.stream(shard), entry.stream_id, scope, key):
+                    return
+                pipe.multi()
+                pipe.delete(name)
+                pipe.execute()
+            except redis.WatchError:
+                return  # written again meanwhile: the entry is a newer write's
 
     def _deliveries(self, entry: StreamEntry) -> int | None:
         """How often ``entry`` was delivered; ``None`` when it is no longer pending."""
@@ -768,6 +766,30 @@ def safe_trim_id(client: redis.Redis, stream: bytes) -> str | None:
     return f"{ms}-{seq}"
 
 
+#: Stream entries ``_later_in_stream`` looks through after a dead-lettered write; past
+#: it the write's cache entry is kept (a dead letter under a large backlog).
+_FORGET_SCAN_LIMIT = 10_000
+
+
+def _later_in_stream(
+    client: Any, stream: bytes, stream_id: str, scope: bytes | None, key: bytes | None
+) -> bool:
+    """Whether ``stream`` holds a command of ``scope``/``key`` after ``stream_id`` (nothing
+    after a pending entry has been trimmed), or more than ``_FORGET_SCAN_LIMIT`` entries
+    (then it cannot tell, and says so)."""
+    start, seen = next_stream_id(stream_id), 0
+    while True:
+        page: list[Any] = client.xrange(stream, min=start, max="+", count=1000) or []
+        if any(f.get(b"s") == scope and f.get(b"k") == key for _, f in page if f):
+            return True
+        seen += len(page)
+        if len(page) < 1000:
+            return False
+        if seen >= _FORGET_SCAN_LIMIT:
+            return True
+        start = next_stream_id(text(page[-1][0]))
+
+
 def _same_write(value: bytes, expected: bytes) -> bool:
     """Whether the cache entry ``value`` holds the write ``expected`` (a cache entry as
     the put made it): the same bytes, or the same expiry and an envelope of the same write
@@ -783,18 +805,30 @@ def _same_write(value: bytes, expected: bytes) -> bool:
     return (got.write_id, got.writer) == (sealing.write_id, sealing.writer)
 
 
+#: Pending entries ``purge_floor`` reads the fields of (for replays' original ids) per
+#: group; beyond it the floor holds every tombstone for that purge.
+_FLOOR_READ_LIMIT = 10_000
+
+
 def purge_floor(client: redis.Redis, streams: Iterable[bytes]) -> bytes | None:
     """The ordering id (:func:`sid_of`) of the oldest command any of ``streams`` still
     holds unacknowledged by some group; ``None`` when there is none.
 
     A purge keeps every tombstone at or above it: the command below may be an older put
     of the tombstone's key, delivered to a consumer that died, and when it is claimed only
-    the tombstone's newer id keeps it from bringing the deleted value back.
+    the tombstone's newer id keeps it from bringing the deleted value back. A replayed dead
+    letter is ordered by its original id (``o``), older than its stream id: pending
+    entries count with that. (An undelivered replay is held by its dead letter, see
+    ``SQLiteStore.purge``.) Past ``_FLOOR_READ_LIMIT`` pending entries in a group the
+    floor is the lowest id there is: nothing is purged that time.
     """
     floors: list[bytes] = []
     for name in streams:
         for g in _groups(client, name):
-            oldest = client.xpending(name, g["name"])["min"] if int(g["pending"]) > 0 else None
+            pending = int(g["pending"])
+            if pending > _FLOOR_READ_LIMIT:
+                return sid_of("0-0")
+            oldest = client.xpending(name, g["name"])["min"] if pending else None
             if oldest is None:
                 # Nothing pending (or all acked since XINFO): the first entry not yet
                 # delivered, if any. Not safe_trim_id's "next id": a group that never
@@ -802,9 +836,27 @@ def purge_floor(client: redis.Redis, streams: Iterable[bytes]) -> bytes | None:
                 start = next_stream_id(text(g["last-delivered-id"]))
                 page = client.xrange(name, min=start, max="+", count=1)
                 oldest = page[0][0] if page else None
+            else:
+                floors += _origins(client, name, g["name"], pending)
             if oldest is not None:
                 floors.append(sid_of(text(oldest)))
     return min(floors, default=None)
+
+
+def _origins(client: redis.Redis, stream: bytes, group: Any, count: int) -> list[bytes]:
+    """Ordering ids of the original commands behind the replays pending in ``group``."""
+    rows = client.xpending_range(stream, group, "-", "+", count)
+    pipe = client.pipeline(transaction=False)
+    for row in rows:
+        pipe.xrange(stream, min=row["message_id"], max=row["message_id"], count=1)
+    out: list[bytes] = []
+    for page in pipe.execute() if rows else []:
+        for _, fields in page or []:
+            origin = (fields or {}).get(b"o")
+            if origin is not None:
+                with contextlib.suppress(ValueError, UnicodeDecodeError):
+                    out.append(sid_of(origin.decode()))
+    return out
 
 
 def stream_backlog(client: redis.Redis, stream: bytes, group: str) -> int:

@@ -39,6 +39,7 @@ from dualmem import (
 )
 from dualmem.commands import sid_of
 from dualmem.memory import CloseReport
+from dualmem.ops.dlq import replay
 from dualmem.ops.mirror import render_record
 from dualmem.ops.runtime import Runtime, Write
 from dualmem.ops.transfer import export_records
@@ -607,8 +608,12 @@ def test_a_dead_lettered_write_leaves_no_cache_entry_for_fresh_reads(
     for r in [*kept, newer]:
         worker.sync(r)
     wait_until(lambda: len(worker.store.dead_letters()) == 3, what="three dead letters")
-    assert worker.get("k", fresh=True, **swarm) == "committed"
-    assert worker.get("d", fresh=True, **swarm) == "committed"
+    # The entries go right after the dead letters' commit.
+    wait_until(
+        lambda: [worker.get(k, fresh=True, **swarm) for k in "kd"] == ["committed"] * 2,
+        timeout=2,
+        what="the dead writes' cache entries gone",
+    )
     assert worker.get("j", fresh=True, **swarm) == "newer"
 
 
@@ -648,6 +653,52 @@ def test_a_dead_lettered_write_keeps_the_cache_entry_of_a_newer_write_of_the_sam
     assert writer.get("j", **swarm) == "again" and writer.get("d", **swarm) is None
 
 
+def test_a_dead_lettered_copy_or_replay_keeps_the_cache_entry_of_a_later_write(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, db_path: Path
+) -> None:
+    # A sealed envelope names its write, but an import sends the same envelope again: the
+    # first copy dead-lettered dropped the second's entry while it waited. A replay never
+    # writes a cache entry, yet one dead-lettered again dropped the mark of a newer
+    # delete pending before it in the stream. One connection only: every look at Redis
+    # goes over the watched one (a second was never free, and the entry was kept).
+    writer = make_mem(worker=False, max_connections=1)
+    private = {"level": Level.PRIVATE, "principal": coder}
+    settings = writer.settings.replace(
+        consumer="w", batch_size=1, max_deliveries=1, claim_idle_ms=3_600_000
+    )
+    worker = Worker(writer._redis, writer.store, settings)
+    stream = writer.layout.stream(0)
+    writer.put("s", "committed", **private)
+    assert worker.step() == 1
+    first = writer.put("s", "copied", **private)
+    ((_, fields),) = raw_redis.xrange(stream, min=first.stream_id, max=first.stream_id)
+    raw_redis.xadd(stream, fields)  # the same command again, as an import of one line twice
+    _poison(db_path, first.stream_id)
+    assert worker.step() == 1 and len(writer.store.dead_letters()) == 1
+    assert writer.get("s", fresh=True, **private) == "copied"  # the copy waits
+    assert worker.step() == 1
+    # A replay dead-lettered again, with the writer's own newer delete pending before it.
+    writer.put("k", "v0", **private)
+    assert worker.step() == 1
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "CREATE TRIGGER no_delete BEFORE INSERT ON memory "
+            "WHEN NEW.key = 'k' AND NEW.envelope IS NULL BEGIN SELECT RAISE(ABORT, 'no'); END"
+        )
+    conn.close()
+    writer.delete("k", **private)
+    assert worker.step() == 1 and len(writer.store.dead_letters()) == 2
+    writer.delete("k", **private)
+    raw_redis.xreadgroup(settings.group, "dead", {stream: ">"}, count=1)  # held, not acked
+    letter = max(d.id for d in writer.store.dead_letters())
+    with Runtime(writer.settings.replace(consumer="ops"), worker=False) as rt:
+        replay(rt, [letter])
+    while worker.step():  # the replay, dead again, and its audit event
+        pass
+    assert len(writer.store.dead_letters(include_replayed=True)) == 3
+    assert writer.get("k", fresh=True, **private) is None
+
+
 def test_a_dead_lettered_write_re_sealed_by_a_key_rotation_leaves_no_cache_entry(
     make_mem: MakeMem, coder: Principal, db_path: Path, keyfile: Path
 ) -> None:
@@ -666,7 +717,12 @@ def test_a_dead_lettered_write_re_sealed_by_a_key_rotation_leaves_no_cache_entry
     worker = make_mem(max_deliveries=1)
     worker.sync(committed)
     wait_until(lambda: len(worker.store.dead_letters()) == 1, what="the dead letter")
-    assert worker.get("s", fresh=True, **private) == {"v": "committed"}
+    # The entry goes right after the dead letter's commit.
+    wait_until(
+        lambda: worker.get("s", fresh=True, **private) == {"v": "committed"},
+        timeout=2,
+        what="the dead write's cache entry gone",
+    )
 
 
 def _trip_on(keys: set[bytes] | None) -> staticmethod[..., None]:
@@ -807,6 +863,47 @@ def test_purge_keeps_a_tombstone_while_an_older_put_of_its_key_is_pending(
     assert writer.get("k", level=Level.SWARM, principal=coder, fresh=False) is None
     # Once nothing older is pending, the tombstone goes like any other.
     assert store.purge(cut, cut, floor=purge_floor(raw_redis, [stream])) == 1
+
+
+def test_purge_keeps_the_tombstone_a_dead_letter_replayed_twice_needs(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, db_path: Path
+) -> None:
+    # The first replay was read by a consumer that died; the second (a crash before the
+    # first was marked, or the letter named again) committed, and the letter then named
+    # only it. The first, ordered by the original id below the tombstone, was then no
+    # longer held by anything: purge dropped the tombstone and its claim revived the value.
+
+    writer = make_mem(worker=False)
+    swarm = {"level": Level.SWARM, "principal": coder}
+    settings = writer.settings.replace(consumer="w", max_deliveries=1, claim_idle_ms=3_600_000)
+    w = Worker(writer._redis, writer.store, settings)
+    writer.put("k", "committed", **swarm)
+    assert w.step() == 1
+    failed = writer.put("k", "old, failed", **swarm)
+    _poison(db_path, failed.stream_id)
+    assert w.step() == 1 and len(writer.store.dead_letters()) == 1
+    writer.delete("k", **swarm)
+    assert w.step() == 1  # the tombstone
+    (letter,) = writer.store.dead_letters()
+    with Runtime(writer.settings.replace(consumer="ops"), worker=False) as rt:
+        replay(rt, [letter.id])
+    stream = writer.layout.stream(0)
+    raw_redis.xreadgroup(settings.group, "dead", {stream: ">"}, count=1)  # never acked
+    with Runtime(writer.settings.replace(consumer="ops"), worker=False) as rt:
+        second = replay(rt, [letter.id]).receipts[0]
+    w.step()  # the second replay, and the replays' audit events
+    assert writer.store.status(0, second.stream_id) == "committed"
+    time.sleep(0.01)
+    cut = int(time.time() * 1000)
+    writer.store.purge(cut, cut, floor=purge_floor(raw_redis, [stream]))  # letter: envelope
+    with sqlite3.connect(db_path) as conn:  # the tombstone stays
+        assert conn.execute("SELECT envelope FROM memory WHERE key = 'k'").fetchall() == [(None,)]
+    conn.close()
+    time.sleep(0.01)
+    claimer = Worker(writer._redis, writer.store, settings.replace(consumer="c", claim_idle_ms=1))
+    assert claimer.step() >= 1  # the first replay, claimed at last
+    assert raw_redis.xpending(stream, settings.group)["pending"] == 0
+    assert writer.get("k", **swarm) is None
 
 
 def test_a_worker_of_one_shard_purges_with_every_shards_floor(

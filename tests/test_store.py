@@ -182,6 +182,19 @@ def test_a_tombstone_outlives_its_ttl_while_the_replay_of_a_dead_letter_waits(
     assert value_of(store) is None
     # Committed: the replay has done its work, and the tombstone goes like any other.
     assert store.purge(now_ms=10, tombstones_before_ms=replayed_at + 1) == 2
+    # A key rotation's re-encryption, dead-lettered and replayed, journals nothing when
+    # it commits: it held its key's tombstone and envelope for good. It changes no value
+    # (an UPDATE guarded by the row's id), so it holds nothing, as an audit event's.
+    reseal = StreamEntry(
+        0,
+        "15-0",
+        raw(reseal_fields("swarm:s", "r", Level.SWARM, "a", 15_000, b"\x01\x00v", sid_of("14-0"))),
+    )
+    store.dead_letter([(reseal, "poisoned", 3)])
+    store.apply([put(16, key="r"), delete(17, key="r")])
+    store.mark_replayed([d.id for d in store.dead_letters()], ["18-0"])
+    later = max(d.replayed_at or 0 for d in store.dead_letters(include_replayed=True))
+    assert store.purge(now_ms=10, tombstones_before_ms=later + 1) == 2  # tombstone, envelope
     # An audit event's dead letter, replayed, holds no tombstone (it changes no record).
     audit = StreamEntry(0, "20-0", {b"op": b"audit", b"s": b"swarm:s", b"k": b"a", b"t": b"20"})
     store.dead_letter([(audit, "poisoned", 3)])
