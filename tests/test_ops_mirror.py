@@ -649,7 +649,16 @@ def test_a_dead_lettered_import_replayed_is_followed_to_its_replay(
     assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported"] * 2
 
 
-def test_an_import_redis_lost_is_sent_again(
+def lose(raw_redis: redis.Redis, rt: Runtime, receipt: Receipt) -> None:
+    """Redis loses the command of ``receipt`` (as one restarted without its data would)."""
+    assert raw_redis.xdel(rt.layout.stream(receipt.shard), receipt.stream_id) == 1
+
+
+def failed_events(db: Path, key: str) -> list[dict[str, object]]:
+    return [d for k, kk, d in sync_events(db) if kk == key and k == "failed"]
+
+
+def test_an_import_redis_lost_is_a_failed_event_and_never_sent_again(
     make_mem: Callable[..., DualMemory],
     redis_url: str,
     db_path: Path,
@@ -658,8 +667,8 @@ def test_an_import_redis_lost_is_sent_again(
     raw_redis: redis.Redis,
 ) -> None:
     # An import gone from the stream with no commit and no dead letter (Redis restarted
-    # without its data) never commits: held in flight for ever, it kept SQLite's changes
-    # from the file, and the save it carried was lost.
+    # without its data) was sent again: a worker that still held it would write it twice.
+    # It is a failed import now: the event has the save, the file SQLite's content.
     mem = make_mem()
     put(mem, "cfg", {"v": 0})
     put(mem, "other", {"v": 0})
@@ -667,27 +676,259 @@ def test_an_import_redis_lost_is_sent_again(
     f, g = file_of(mdir, "cfg"), file_of(mdir, "other")
     with started_mirror(settings, mdir) as (rt, mirror):
         mem.close(timeout=2)  # no worker: the imports stay in flight
-        write_value(f, {"v": 1})
+        write_value(f, {"v": 1, "note": "lost save"})
         write_value(g, {"v": 1})
         first = mirror.cycle(int(time.time() * 1000))
         assert first.imported == 2, first.events
         waiting = mirror.cycle(int(time.time() * 1000))  # still in the stream: in flight
-        assert (waiting.imported, waiting.written) == (0, 0), waiting.events
+        assert (waiting.imported, waiting.written, waiting.failed) == (0, 0, 0), waiting.events
         lost = first.receipts[0]
         assert (lost.key, lost.op) == ("cfg", "put")
-        assert raw_redis.xdel(rt.layout.stream(lost.shard), lost.stream_id) == 1
+        lose(raw_redis, rt, lost)
         again = mirror.cycle(int(time.time() * 1000))
-        assert (again.imported, again.conflicts, again.written) == (1, 0, 0), again.events
-        assert "swarm:s1/cfg.json: its import was lost from the stream; sent again" in again.events
+        assert (again.imported, again.failed, again.written) == (0, 1, 1), again.events
+        assert "its import was lost from Redis before it was committed" in again.events[0]
+        assert doc(f)["value"] == {"v": 0}  # SQLite's
         make_mem()  # a worker again
         rest = [r for r in first.receipts if r != lost] + again.receipts
         assert rt.wait(rest, 10).committed == len(rest)
-        last = mirror.cycle(int(time.time() * 1000))
-        assert last.conflicts == 0 and doc(f)["owner"] == "mirror", last.events
+        assert mirror.cycle(int(time.time() * 1000)).conflicts == 0
     mem = make_mem()
-    assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 1}
+    assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 0}
     assert mem.get("other", level=Level.SWARM, principal=CODER) == {"v": 1}
-    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported"] * 2
+    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported", "failed"]
+    (detail,) = failed_events(db_path, "cfg")
+    assert detail["stream_id"] == lost.stream_id and "lost save" in str(detail["discarded"])
+
+
+def test_an_import_a_worker_commits_after_redis_lost_it_is_written_once(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+    raw_redis: redis.Redis,
+) -> None:
+    # Redis restarted empty while a worker held the import in memory: "lost" to the
+    # mirror, which sent it again; the worker then committed the original, and the copy
+    # sent again was written over an agent's later write.
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    mem.close(timeout=2)
+    settings = dataclasses.replace(settings_for(redis_url, db_path, keyfile), batch_size=10)
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        client, _ = connect(settings)
+        try:
+            worker = Worker(client, rt.store, settings)
+            worker.ensure_groups()
+            write_value(f, {"v": 1, "note": "user save"})
+            first = mirror.cycle(int(time.time() * 1000))
+            batch = worker._read(False)  # the worker holds the import, its commit under way
+            assert first.receipts[0].stream_id in [e.stream_id for e in batch]
+            raw_redis.flushall()  # Redis restarted without its data
+            lost = mirror.cycle(int(time.time() * 1000))
+            assert (lost.imported, lost.failed) == (0, 1), lost.events
+            worker._process(batch)  # ... and the worker's commit lands after all
+            assert rt.store.status(0, first.receipts[0].stream_id) == "committed"
+            write_value(f, {"v": 2})  # saved before the mirror read that commit
+            second = mirror.cycle(int(time.time() * 1000))
+            # The late commit is the mirror's own import, not a change to defend against.
+            assert (second.imported, second.conflicts) == (1, 0), second.events
+            assert "reported lost from Redis was committed after all" in " ".join(second.events)
+            agent = make_mem(worker=False)
+            agent.put("cfg", {"v": "agent"}, level=Level.SWARM, principal=CODER)
+            worker.ensure_groups()
+            while worker.step():
+                pass
+            last = mirror.cycle(int(time.time() * 1000))
+            assert (last.imported, last.conflicts) == (0, 0), last.events
+            assert doc(f)["value"] == {"v": "agent"}
+        finally:
+            client.close()
+    with sqlite3.connect(db_path) as conn:
+        mirror_puts = conn.execute(
+            "SELECT COUNT(*) FROM journal WHERE key = 'cfg' AND actor = 'mirror'"
+        ).fetchone()[0]
+    conn.close()
+    assert mirror_puts == 2  # the first save once, the second once
+    assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": "agent"}
+
+
+def test_a_new_files_import_redis_lost_is_a_failed_event(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+    raw_redis: redis.Redis,
+) -> None:
+    # Its entry lost its hash to be "sent again", and the new file was then taken for
+    # a record deleted in SQLite: a conflict, the file removed.
+    mem = make_mem()
+    put(mem, "seed", 0)
+    settings = settings_for(redis_url, db_path, keyfile)
+    f = file_of(mdir, "new")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        mem.close(timeout=2)
+        first = save_new(mirror, f, {"v": "my new record"})
+        assert first.imported == 1, first.events
+        lose(raw_redis, rt, first.receipts[0])
+        again = mirror.cycle(int(time.time() * 1000))
+        assert (again.failed, again.conflicts, again.removed) == (1, 0, 1), again.events
+        assert not f.exists()
+        rt.wait(again.receipts, 10)
+        # Saved again: a new record, imported.
+        make_mem()
+        last = save_new(mirror, f, {"v": "again"})
+        assert (last.imported, last.conflicts) == (1, 0), last.events
+        rt.wait(last.receipts, 10)
+    assert make_mem().get("new", level=Level.SWARM, principal=CODER) == {"v": "again"}
+    assert [k for k, key, _ in sync_events(db_path) if key == "new"] == [
+        "imported",
+        "failed",
+        "imported",
+    ]
+    (detail,) = failed_events(db_path, "new")
+    assert "my new record" in str(detail["discarded"])
+
+
+@pytest.mark.parametrize("between", [True, False], ids=["followed", "unseen"])
+def test_a_replayed_import_redis_lost_is_a_failed_event_with_its_save(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+    raw_redis: redis.Redis,
+    between: bool,
+) -> None:
+    # The replay of a dead-lettered import was followed as the import, but the save's
+    # marker stayed on the dead letter's id: Redis losing the replay lost the save
+    # silently (no event, the file rewritten from SQLite).
+    mem = make_mem(max_deliveries=1)
+    put(mem, "cfg", {"v": 0})
+    settings = settings_for(redis_url, db_path, keyfile)
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        poison(db_path, "cfg")
+        write_value(f, {"v": 1, "note": "the user's save"})
+        first = mirror.cycle(int(time.time() * 1000))
+        assert rt.wait(first.receipts, 10).dead == 1
+        mem.close(timeout=2)  # no worker: the replay stays in flight
+        poison(db_path, None)
+        (replay,) = dlq.replay(rt, None).receipts
+        if between:
+            mid = mirror.cycle(int(time.time() * 1000))
+            assert (mid.failed, mid.written) == (0, 0), mid.events
+        lose(raw_redis, rt, replay)
+        lost = mirror.cycle(int(time.time() * 1000))
+        assert (lost.failed, lost.written) == (1, 1), lost.events
+        assert doc(f)["value"] == {"v": 0}
+        make_mem()
+        rt.wait(lost.receipts, 10)
+    (detail,) = failed_events(db_path, "cfg")
+    assert detail["stream_id"] == replay.stream_id
+    assert "the user's save" in str(detail["discarded"])
+
+
+def test_a_replay_dead_lettered_again_is_a_failed_event_with_its_save(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    mem = make_mem(max_deliveries=1)
+    put(mem, "cfg", {"v": 0})
+    settings = settings_for(redis_url, db_path, keyfile)
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        poison(db_path, "cfg")
+        write_value(f, {"v": 1, "note": "the user's save"})
+        first = mirror.cycle(int(time.time() * 1000))
+        assert rt.wait(first.receipts, 10).dead == 1
+        mem.close(timeout=2)
+        (replay,) = dlq.replay(rt, None).receipts  # still poisoned
+        mid = mirror.cycle(int(time.time() * 1000))
+        assert mid.failed == 0, mid.events
+        make_mem(max_deliveries=1)
+        assert rt.wait([replay], 10).dead == 1
+        failed = mirror.cycle(int(time.time() * 1000))
+        assert (failed.failed, failed.written) == (1, 1), failed.events
+        rt.wait(failed.receipts, 10)
+    (detail,) = failed_events(db_path, "cfg")
+    assert detail["stream_id"] == replay.stream_id
+    assert "the user's save" in str(detail["discarded"])
+
+
+@pytest.mark.parametrize("how", ["deleted", "rejected"])
+def test_an_import_lost_after_its_file_was_rewritten_is_a_failed_event(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+    raw_redis: redis.Redis,
+    how: str,
+) -> None:
+    # The restore (or rejection) kept the import's id but not which save it carried:
+    # Redis losing it then dropped the save with no event.
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    settings = settings_for(redis_url, db_path, keyfile)
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        mem.close(timeout=2)
+        write_value(f, {"v": 1, "note": "the user's save"})
+        first = mirror.cycle(int(time.time() * 1000))
+        assert first.imported == 1, first.events
+        if how == "deleted":
+            f.unlink()
+        else:
+            f.write_text("{not json", encoding="utf-8")
+        rewritten = mirror.cycle(int(time.time() * 1000))
+        assert doc(f)["value"] == {"v": 0}, rewritten.events
+        lose(raw_redis, rt, first.receipts[0])
+        lost = mirror.cycle(int(time.time() * 1000))
+        assert (lost.failed, lost.imported) == (1, 0), lost.events
+        make_mem()
+        rt.wait(lost.receipts + rewritten.receipts, 10)
+    (detail,) = failed_events(db_path, "cfg")
+    assert "the user's save" in str(detail["discarded"])
+
+
+def test_a_new_file_deleted_while_its_import_is_in_flight_keeps_its_next_save(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    # With no row to restore, the entry went, and with it the import's id: once it
+    # committed, the next save was "SQLite changed too" and lost.
+    mem = make_mem()
+    put(mem, "seed", 0)
+    settings = settings_for(redis_url, db_path, keyfile)
+    f = file_of(mdir, "new")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        mem.close(timeout=2)
+        first = save_new(mirror, f, {"v": 1})
+        assert first.imported == 1, first.events
+        f.unlink()
+        gone = mirror.cycle(int(time.time() * 1000))
+        assert (gone.restored, gone.written) == (0, 0), gone.events
+        quiet = mirror.cycle(int(time.time() * 1000))  # no restore every cycle
+        assert (quiet.restored, quiet.events) == (0, []), quiet.events
+        commit_through(rt, first.receipts[0])
+        second = save_new(mirror, f, {"v": 2})  # saved before the mirror read the commit
+        assert (second.imported, second.conflicts) == (1, 0), second.events
+        make_mem()
+        rt.wait(second.receipts + gone.receipts, 10)
+        mirror.cycle(int(time.time() * 1000))
+        assert doc(f)["value"] == {"v": 2}
+    assert make_mem().get("new", level=Level.SWARM, principal=CODER) == {"v": 2}
+    assert [k for k, key, _ in sync_events(db_path) if key == "new"] == ["imported"] * 2
 
 
 def test_a_new_files_record_deleted_after_its_import_committed_is_a_conflict(

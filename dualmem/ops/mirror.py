@@ -4,10 +4,11 @@ Layout: ``DIR/<scope>/<key>.json`` (both percent-encoded, so any key is one safe
 name; a leading ``.`` too, as ``%2E``, so no record file is a hidden name; very long names
 become ``~<sha256>.json``, the file holds the real key) and
 ``DIR/.dualmem-mirror.json``, the mirror's state: the journal ``seq`` it has applied and,
-per file, the hash and stream id it last wrote and the stream ids of its imports still in
-flight. The state is saved after every cycle, so a stopped mirror resumes from its
-position, its imports in flight too. Files are written 0600 and the directories it
-creates are 0700 (levels 3 and 4 are in the clear).
+per file, the hash and stream id it last wrote, the stream ids of its imports still in
+flight with the saves they carry, and those of imports reported lost. The state is saved
+after every cycle, so a stopped mirror resumes from its position, its imports in flight
+too. Files are written 0600 and the directories it creates are 0700 (levels 3 and 4 are
+in the clear; so is the state's copy of the saves in flight).
 
 Each cycle first looks for files edited by hand (their hash differs from the state):
 
@@ -33,8 +34,14 @@ the row the imports read so far left. An import that will never commit is in fli
 more: one the worker dead-lettered is a ``mirror.failed`` event (with the save, for
 plaintext levels; ``dualmem dlq replay`` sends it again, and a replay is followed as the
 import itself), and the file is rewritten from SQLite once nothing else of it is in
-flight; one gone from the stream that SQLite does not know either (Redis lost it) is sent
-again.
+flight; one gone from the stream that SQLite does not know either (Redis lost it) is a
+``mirror.failed`` event too, never sent again (a worker that still held it may commit it
+later: sent again, it would be written twice). Each import in flight keeps the save it
+carries (``holds``, the save itself for plaintext levels) through restores, rejections,
+conflicts and replays, so the failed event has it whatever the file shows by then; a
+new record's file deleted while its import is in flight keeps its entry (no file), and
+an import reported lost that commits after all is the mirror's own, followed by the
+file.
 
 Each import, conflict, rejection, restore and failed import is an audit event
 ``mirror.<kind>`` that the worker also records in ``sync_events`` (see
@@ -229,6 +236,45 @@ def _follow(
     return sid, None
 
 
+def _holds(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The saves a file's imports in flight carry, by stream id: each its ``sha256`` and,
+    for plaintext levels, the ``save`` itself (what a failed event reports as discarded
+    when it never commits, whatever the file shows by then)."""
+    holds = entry.get("holds")
+    if not isinstance(holds, dict):
+        # A state from before saves were kept per import: the id of the import of the
+        # save the file holds, if any.
+        holds = {holds: {"sha256": entry.get("sha256")}} if isinstance(holds, str) else {}
+        entry["holds"] = holds
+    return holds
+
+
+#: Ids of imports reported lost kept per file, known as the mirror's own if a worker that
+#: still held one commits it after all.
+_MAX_LOST = 16
+
+
+def _in_flight(entry: dict[str, Any] | None, seen: Collection[str]) -> dict[str, Any]:
+    """What of a file's state ``entry`` stays with the file whatever it shows now (a
+    restore, a conflict, a rejection, a new save): its imports still in flight (not read
+    from the journal: not in ``seen``), the saves they carry, and the imports reported
+    lost. Once they commit, the rows they leave are the mirror's own, not changes in SQLite
+    to defend the file's next save against; if they never do, the failed event has the
+    save."""
+    if not entry:
+        return {}
+    kept: dict[str, Any] = {}
+    sent = [i for i in entry.get("sent", ()) if i not in seen]
+    if sent:
+        kept["sent"] = sent
+        holds = _holds(entry)
+        kept["holds"] = {i: holds[i] for i in sent if i in holds}
+    lost = [i for i in entry.get("lost", ()) if i not in seen]
+    if lost:
+        kept["lost"] = lost
+    return kept
+
+
 _STAMP = ("mtime_ns", "size")
 _RACY_NS = 1_000_000_000
 
@@ -301,8 +347,9 @@ class Mirror:
         report = CycleReport()
         writes: list[Write] = []
         events: list[AuditEvent] = []
-        # Each import's file, its state entry before, and its event: undone if refused.
-        self._imports: list[tuple[str, dict[str, Any] | None, AuditEvent]] = []
+        # Each import's file, its state entry before, its event and the save it carries
+        # (``_hold``): undone if refused.
+        self._imports: list[tuple[str, dict[str, Any] | None, AuditEvent, dict[str, Any]]] = []
         path = self.runtime.settings.db_path
         conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
         try:
@@ -325,7 +372,7 @@ class Mirror:
             # (KeyDropped) would leave the edit overwritten and lost.
             targets = targets - {(w.scope, w.key) for w in writes}
             self._apply(conn, sorted(targets), changed, now_ms, report, progress)
-            self._expire(conn, now_ms, report, skip={rel for rel, _, _ in self._imports})
+            self._expire(conn, now_ms, report, skip={rel for rel, *_ in self._imports})
             self._forget_read(changed)
             conn.execute("COMMIT")
         finally:
@@ -339,22 +386,22 @@ class Mirror:
                 # it leaves are the mirror's own, not a change in SQLite to defend the
                 # file's next edit against.
                 sent = report.receipts[: len(writes)]
-                for (rel, _, _), receipt in zip(self._imports, sent, strict=True):
+                for (rel, _, _, hold), receipt in zip(self._imports, sent, strict=True):
                     # The entry is the import's own (nothing after _edited replaces it);
                     # tolerate one that is not: the imports are sent, the state must be saved.
                     entry = self.state.files.get(rel)
                     if entry is not None:
                         entry.setdefault("sent", []).append(receipt.stream_id)
-                        # The import of the save the file holds: if it never commits,
-                        # that save is what the rewrite from SQLite discards.
-                        entry["holds"] = receipt.stream_id
+                        # The save the import carries: if it never commits, that save is
+                        # what the failed event reports, whatever the file shows by then.
+                        _holds(entry)[receipt.stream_id] = hold
             except KeyDropped as exc:
                 # Sealed under a key a rotation is dropping: nothing was sent. The imports
                 # are undone (the next cycle reads the same edits again and seals them
                 # with the key file's active key); everything else this cycle did to the
                 # files (conflicts, rejections, restores) stands, with its events.
-                refused = {id(event) for _, _, event in self._imports}
-                for rel, before, _ in reversed(self._imports):
+                refused = {id(event) for _, _, event, _ in self._imports}
+                for rel, before, _, _ in reversed(self._imports):
                     if before is None:
                         self.state.files.pop(rel, None)
                     else:
@@ -417,11 +464,26 @@ class Mirror:
         rel = path.relative_to(self.dir).as_posix()
         row = self._row(conn, scope, key, now_ms)
         before = self.state.files.get(rel)
+        # Its imports still in flight stay in the entry, whatever the file shows now (a
+        # restore, a conflict, a rejection): see _in_flight.
+        kept = _in_flight(before, self._seen.get((scope, key), set()))
         if row is None:
             if path.exists():
                 path.unlink()
                 report.removed += 1
-            self.state.files.pop(rel, None)
+            if before is not None and kept.get("sent"):
+                # A new record's file whose import is in flight: no row yet, no file,
+                # but the import is still the file's (its commit brings the file back).
+                self.state.files[rel] = {
+                    "scope": scope,
+                    "key": key,
+                    "sha256": None,  # no file: not to be restored
+                    "stream_id": before.get("stream_id"),
+                    "expires_at": before.get("expires_at"),
+                    **kept,
+                }
+            else:
+                self.state.files.pop(rel, None)
             return
         try:
             data = render_record(row, self.codec)
@@ -440,14 +502,8 @@ class Mirror:
             "stream_id": row[7],
             "expires_at": row[6],
             **_stamp(path),
+            **kept,
         }
-        # Its imports still in flight stay in the entry, whatever the file shows now (a
-        # restore, a conflict, a rejection): once they commit, the row they leave is the
-        # mirror's own, not a change in SQLite to defend the file's next save against.
-        seen = self._seen.get((scope, key), set())
-        pending = [i for i in (before or {}).get("sent", ()) if i not in seen]
-        if pending:
-            self.state.files[rel]["sent"] = pending
         self.state.rejected.pop(rel, None)
 
     def _apply(
@@ -468,13 +524,21 @@ class Mirror:
 
     def _forget_read(self, changed: dict[tuple[str, str], set[str]]) -> None:
         """The imports read from the journal in this cycle are in flight no more (where
-        one left the newest row, ``_held`` or ``_refresh`` made it the file's base)."""
+        one left the newest row, ``_held`` or ``_refresh`` made it the file's base), nor
+        are those reported lost that a worker committed after all (no change in SQLite
+        of anyone else's: the file follows it)."""
         for entry in self.state.files.values():
             seen = changed.get((entry["scope"], entry["key"]), set())
-            if entry.get("sent"):
-                entry["sent"] = [i for i in entry["sent"] if i not in seen]
-            if entry.get("holds") not in entry.get("sent", ()):
-                entry.pop("holds", None)
+            for name in ("sent", "lost"):
+                if entry.get(name):
+                    entry[name] = [i for i in entry[name] if i not in seen]
+                if name in entry and not entry[name]:
+                    del entry[name]
+            if "holds" in entry:
+                holds = _holds(entry)
+                entry["holds"] = {i: holds[i] for i in entry.get("sent", ()) if i in holds}
+                if not entry["holds"]:
+                    del entry["holds"]
 
     def _held(
         self,
@@ -517,44 +581,58 @@ class Mirror:
         SQLite (what the record is, with those imports gone).
 
         * Dead-lettered by the worker: each is a ``mirror.failed`` event (with the save it
-          carried, if the file still holds it), and `dualmem dlq replay` can send it
-          again. A dead letter replayed since is followed to its replay, in flight in its
-          place.
-        * Gone from the stream with no trace in SQLite (Redis lost it): the save the file
-          still holds is imported again, as if saved now; an earlier one was superseded
-          by a later save.
+          carried), and `dualmem dlq replay` can send it again. A dead letter replayed
+          since is followed to its replay, in flight in its place with its save.
+        * Gone from the stream with no trace in SQLite (Redis lost it): a
+          ``mirror.failed`` event too, never sent again. A worker may still hold it
+          (read before Redis lost its data) and commit it later: sent again, it would be
+          written twice, the second time over any write made in between. Its id is kept
+          (``lost``): if it commits after all, the row it leaves is the mirror's own.
         """
         touched: list[dict[str, Any]] = []
         # Not read from the journal and not dead-lettered: (rel, entry, shard, id) to
         # look for in the stream.
         unread: list[tuple[str, dict[str, Any], int, str]] = []
         for rel, entry in self.state.files.items():
-            if not entry.get("sent"):
-                continue
             scope, key = entry["scope"], entry["key"]
             seen = changed.get((scope, key), set())
+            if any(i in seen for i in entry.get("lost", ())):
+                report.events.append(
+                    f"{rel}: an import reported lost from Redis was committed after all"
+                )
+            if not entry.get("sent"):
+                continue
             shard = self.runtime.layout.shard_of(scope, key)
+            holds = _holds(entry)
             kept: list[str] = []
             for sid in entry["sent"]:
                 current, dead = (sid, None) if sid in seen else _follow(conn, shard, sid)
+                hold = holds.pop(sid, None)
                 if dead is not None:
-                    self._failed(rel, entry, sid, dead, events, report)
+                    letter, error = dead
+                    report.events.append(
+                        f"{rel}: its import was dead-lettered ({error}); "
+                        f"`dualmem dlq replay {letter}` sends it again"
+                    )
+                    detail = {"stream_id": sid, "error": error, "dead_letter": letter}
+                    self._failed(rel, entry, hold, detail, events, report)
                     touched.append(entry)
                 elif current is not None:
                     kept.append(current)
+                    if hold is not None:
+                        holds[current] = hold  # the replay carries the save
                     if current not in seen:
                         unread.append((rel, entry, shard, current))
             entry["sent"] = kept
         for rel, entry, sid in self._lost(unread):
             entry["sent"].remove(sid)
-            if entry.get("holds") == sid:
-                # Read as a hand edit by _scan_edits: checked against SQLite and imported
-                # again (or a conflict) like any save, under a new stream id.
-                for name in ("holds", "sha256", *_STAMP):
-                    entry.pop(name, None)
-                report.events.append(f"{rel}: its import was lost from the stream; sent again")
-            else:
-                touched.append(entry)
+            entry["lost"] = [*entry.get("lost", ()), sid][-_MAX_LOST:]
+            error = "lost from Redis before it was committed (not in the stream, not "
+            error += "committed, not dead-lettered); not sent again"
+            report.events.append(f"{rel}: its import was {error}")
+            hold = _holds(entry).pop(sid, None)
+            self._failed(rel, entry, hold, {"stream_id": sid, "error": error}, events, report)
+            touched.append(entry)
         return {(e["scope"], e["key"]) for e in touched if not e["sent"]}
 
     def _lost(
@@ -582,26 +660,23 @@ class Mirror:
         self,
         rel: str,
         entry: dict[str, Any],
-        sid: str,
-        dead: tuple[int, str],
+        hold: dict[str, Any] | None,
+        detail: dict[str, Any],
         events: list[AuditEvent],
         report: CycleReport,
     ) -> None:
-        """Record a dead-lettered import of ``rel``: a ``mirror.failed`` event with, if
-        the file still holds the save it carried (plaintext levels), that save."""
+        """Record an import of ``rel`` that will never commit: a ``mirror.failed`` event
+        with the save it carried (``hold``; plaintext levels), or, from a state that did
+        not keep it, the file's content if it still holds that save."""
         scope, key = entry["scope"], entry["key"]
-        letter, error = dead
-        detail = {"path": rel, "stream_id": sid, "error": error, "dead_letter": letter}
-        report.events.append(
-            f"{rel}: its import was dead-lettered ({error}); "
-            f"`dualmem dlq replay {letter}` sends it again"
-        )
         saved = None
-        path = self.dir / rel
-        if entry.get("holds") == sid:
-            entry.pop("holds")
+        if hold is not None and isinstance(hold.get("save"), str):
+            saved = hold["save"].encode("utf-8")
+        elif hold is not None:
+            path = self.dir / rel
             data = path.read_bytes() if path.is_file() else b""
-            saved = data if _sha(data) == entry.get("sha256") else None
+            saved = data if _sha(data) == hold.get("sha256") else None
+        detail = {"path": rel, **detail}
         events.append(self._event("failed", scope, key, level_of_scope(scope), detail, saved))
         report.failed += 1
 
@@ -647,14 +722,19 @@ class Mirror:
         for rel, entry in list(self.state.files.items()):
             if rel not in present and rel != self._rel(entry["scope"], entry["key"]):
                 self._rename(conn, rel, entry, now_ms, report)
-            elif rel not in present:
+            elif rel not in present and entry.get("sha256") is not None:
                 # Deleted by hand: records are deleted through the API, so put it back
                 # (keeping its imports in flight, see _refresh).
                 self._refresh(conn, entry["scope"], entry["key"], now_ms, report)
-                if rel in self.state.files:
+                if (self.dir / rel).is_file():
                     report.restored += 1
                     events.append(
                         self._event("restored", entry["scope"], entry["key"], None, {"path": rel})
+                    )
+                elif rel in self.state.files:
+                    report.events.append(
+                        f"{rel}: deleted while the import that creates its record is in "
+                        "flight; the file comes back once it commits"
                     )
 
     def _rel(self, scope: str, key: str) -> str:
@@ -715,11 +795,13 @@ class Mirror:
         same = row is not None and row[6] == expires and self._same(row, envelope, payload)
         detail: dict[str, Any] = {"path": rel, "sha256": digest}
         # The mirror's own imports of earlier edits of this file (sent, maybe committed
-        # since) are no change in SQLite; any other write since the file was checked is.
-        mine = set(entry.get("sent", ())) if entry else set()
+        # since, or reported lost and committed after all) are no change in SQLite; any
+        # other write since the file was checked is.
+        sent = set(entry.get("sent", ())) if entry else set()
+        mine = sent | set(entry.get("lost", ()) if entry else ())
         # Those not committed yet (no journal entry read for them): the row is not what
         # the record will hold once they commit.
-        pending = mine - changed.get((scope, key), set())
+        pending = sent - changed.get((scope, key), set())
         if same and not pending:
             self._refresh(conn, scope, key, now_ms, report)  # adopt (formatting only)
             return
@@ -740,13 +822,12 @@ class Mirror:
             self._refresh(conn, scope, key, now_ms, report)
             return
         # A file that created its record (no row when its first save was checked) has no
-        # row until the import of that save commits: while it is in flight (sent, and no
-        # journal entry for the record read since), the record was not deleted.
+        # row until the import of that save commits: while no journal entry for the record
+        # is read (its import in flight, or it never committed: dead-lettered or lost in
+        # this cycle), the record was not deleted. Once one is read, the file is
+        # rewritten from SQLite and its entry has the row's id.
         in_flight = (
-            entry is not None
-            and entry.get("stream_id") is None
-            and bool(mine)
-            and not changed.get((scope, key))
+            entry is not None and entry.get("stream_id") is None and not changed.get((scope, key))
         )
         if row is None and entry is not None and not in_flight:
             # Deleted (or expired) in SQLite since the file was written: SQLite wins.
@@ -758,7 +839,10 @@ class Mirror:
         writes.append(Write(scope, key, level, writer, envelope, expires))
         imported = self._event("imported", scope, key, level, detail)
         events.append(imported)
-        self._imports.append((rel, self.state.files.get(rel), imported))
+        hold: dict[str, Any] = {"sha256": digest}
+        if level not in ENCRYPTED_LEVELS:  # as _event: no save of an encrypted record
+            hold["save"] = data.decode("utf-8", "replace")
+        self._imports.append((rel, self.state.files.get(rel), imported, hold))
         report.imported += 1
         report.events.append(f"imported {rel}")
         seen = changed.get((scope, key), set())
@@ -770,7 +854,8 @@ class Mirror:
             # in flight (those committed since the last cycle are in ``seen``): cycle()
             # adds this one's stream id once it is sent.
             "stream_id": None if row is None else row[7],
-            "sent": [i for i in (entry.get("sent", ()) if entry else ()) if i not in seen],
+            "sent": [],
+            **_in_flight(entry, seen),
             "expires_at": expires,
             **_stamp(path),
         }
