@@ -554,53 +554,52 @@ class Worker:
         ``cache_ttl`` (for good, for an agent's pinned state record).
 
         The entry holds that write when it holds its envelope (or one a key rotation
-        re-sealed: the same write id and writer) and no later command of the key waits in
-        the stream after it: a delete's mark, a plaintext envelope, even a sealed one
+        re-sealed: the same write id and writer) and no later put or delete of the key is
+        in the stream after it: a delete's mark, a plaintext envelope, even a sealed one
         (an import copies envelopes) can be a newer write's too. A replay never writes a
-        cache entry, so it drops none. Best effort, and kept when unsure (more than
-        ``_FORGET_SCAN_LIMIT`` entries after it, a Redis error): the dead letter is
-        committed, and an entry left behind only outlives its command."""
-        for entry, _, _ in dead:
-            try:
-                with translate_errors("worker cache"):
-                    self._forget_one(entry)
-            except StoreUnavailable as exc:
-                log.warning("worker %s: cache entry of a dead letter kept: %s", self.consumer, exc)
-                return
-
-    def _forget_one(self, entry: StreamEntry) -> None:
-        f = entry.fields
-        op, scope, key, envelope = f.get(b"op"), f.get(b"s"), f.get(b"k"), f.get(b"e")
-        try:
-            if b"o" in f:
-                return
-            if op == b"del":
-                expected = CACHE_TOMBSTONE
-            elif op == b"put" and envelope:
-                x = f.get(b"x")
-                expected = cache_value(envelope, None if x is None else int(x))
-            else:
-                return
-            sc, k = (scope or b"").decode(), (key or b"").decode()
-        except (ValueError, OverflowError):  # a malformed entry: its cache entry is not ours
+        cache entry, so it drops none. The stream after the batch's dead entries is read
+        once, at most ``_FORGET_SCAN_LIMIT`` entries; past that, and on a Redis error, the
+        entries are kept: the dead letters are committed, and an entry left behind only
+        outlives its command."""
+        mine = [w for w in (_dead_write(entry) for entry, _, _ in dead) if w is not None]
+        if not mine:
             return
-        shard = self.layout.shard_of(sc, k)
-        name = self.layout.cache_key(shard, sc, k)
-        # Every look on the watched connection itself: with max_connections=1 a second
-        # one would never come.
-        with self.redis.pipeline() as pipe:
-            try:
-                pipe.watch(name)  # type: ignore[no-untyped-call]
-                value: Any = pipe.get(name)
-                if value is None or not _same_write(value, expected):
-                    return
-                if _later_in_stream(pipe, self.layout.stream(shard), entry.stream_id, scope, key):
-                    return
-                pipe.multi()
-                pipe.delete(name)
-                pipe.execute()
-            except redis.WatchError:
-                return  # written again meanwhile: the entry is a newer write's
+        try:
+            with translate_errors("worker cache"):
+                for shard in sorted({self.layout.shard_of(w.scope, w.key) for w in mine}):
+                    here = [w for w in mine if self.layout.shard_of(w.scope, w.key) == shard]
+                    self._forget_on(shard, here)
+        except StoreUnavailable as exc:
+            log.warning("worker %s: cache entries of dead letters kept: %s", self.consumer, exc)
+
+    def _forget_on(self, shard: int, writes: list[_DeadWrite]) -> None:
+        stream = self.layout.stream(shard)
+        start = min(writes, key=lambda w: sid_of(w.stream_id)).stream_id
+        after = _writes_after(self.redis, stream, start)
+        if after is None:
+            return  # more than _FORGET_SCAN_LIMIT entries behind them: cannot tell
+        for w in writes:
+            mine = sid_of(w.stream_id)
+            if any(sid > mine and sk == (w.s, w.k) for sid, sk in after.writes):
+                continue
+            name = self.layout.cache_key(shard, w.scope, w.key)
+            # Every look on the watched connection itself: with max_connections=1 a
+            # second one would never come.
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(name)  # type: ignore[no-untyped-call]
+                    value: Any = pipe.get(name)
+                    if value is None or not _same_write(value, w.expected):
+                        continue
+                    # Appended since the look above: a newer write's may be among them.
+                    tail = _writes_after(pipe, stream, after.last)
+                    if tail is None or any(sk == (w.s, w.k) for _, sk in tail.writes):
+                        continue
+                    pipe.multi()
+                    pipe.delete(name)
+                    pipe.execute()
+                except redis.WatchError:
+                    continue  # written again meanwhile: the entry is a newer write's
 
     def _deliveries(self, entry: StreamEntry) -> int | None:
         """How often ``entry`` was delivered; ``None`` when it is no longer pending."""
@@ -766,28 +765,68 @@ def safe_trim_id(client: redis.Redis, stream: bytes) -> str | None:
     return f"{ms}-{seq}"
 
 
-#: Stream entries ``_later_in_stream`` looks through after a dead-lettered write; past
-#: it the write's cache entry is kept (a dead letter under a large backlog).
-_FORGET_SCAN_LIMIT = 10_000
+#: Stream entries the dead-letter cache cleanup reads after a batch's dead entries (one
+#: XRANGE); with more behind them it keeps their cache entries.
+_FORGET_SCAN_LIMIT = 1000
 
 
-def _later_in_stream(
-    client: Any, stream: bytes, stream_id: str, scope: bytes | None, key: bytes | None
-) -> bool:
-    """Whether ``stream`` holds a command of ``scope``/``key`` after ``stream_id`` (nothing
-    after a pending entry has been trimmed), or more than ``_FORGET_SCAN_LIMIT`` entries
-    (then it cannot tell, and says so)."""
-    start, seen = next_stream_id(stream_id), 0
-    while True:
-        page: list[Any] = client.xrange(stream, min=start, max="+", count=1000) or []
-        if any(f.get(b"s") == scope and f.get(b"k") == key for _, f in page if f):
-            return True
-        seen += len(page)
-        if len(page) < 1000:
-            return False
-        if seen >= _FORGET_SCAN_LIMIT:
-            return True
-        start = next_stream_id(text(page[-1][0]))
+@dataclass(frozen=True, slots=True)
+class _DeadWrite:
+    """A dead-lettered put or delete, as its cache entry would hold it."""
+
+    stream_id: str
+    s: bytes
+    k: bytes
+    scope: str
+    key: str
+    expected: bytes
+
+
+def _dead_write(entry: StreamEntry) -> _DeadWrite | None:
+    """The cache entry ``entry`` wrote, if it is a put or delete that wrote one (a replay,
+    ``o``, writes none; a malformed entry's entry is not its own)."""
+    f = entry.fields
+    op, s, k, envelope = f.get(b"op"), f.get(b"s"), f.get(b"k"), f.get(b"e")
+    if b"o" in f or s is None or k is None:
+        return None
+    try:
+        if op == b"del":
+            expected = CACHE_TOMBSTONE
+        elif op == b"put" and envelope:
+            x = f.get(b"x")
+            expected = cache_value(envelope, None if x is None else int(x))
+        else:
+            return None
+        return _DeadWrite(entry.stream_id, s, k, s.decode(), k.decode(), expected)
+    except (ValueError, OverflowError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _After:
+    """Puts and deletes ``(ordering id, (scope, key))`` found after a stream id, and the
+    last id read."""
+
+    writes: list[tuple[bytes, tuple[bytes | None, bytes | None]]]
+    last: str
+
+
+def _writes_after(client: Any, stream: bytes, stream_id: str) -> _After | None:
+    """The puts and deletes in ``stream`` after ``stream_id`` (nothing after a pending
+    entry has been trimmed); ``None`` past ``_FORGET_SCAN_LIMIT`` entries. A reseal or an
+    audit event changes no value: not a later write."""
+    page: list[Any] = (
+        client.xrange(stream, min=next_stream_id(stream_id), max="+", count=_FORGET_SCAN_LIMIT)
+        or []
+    )
+    if len(page) >= _FORGET_SCAN_LIMIT:
+        return None
+    writes = [
+        (sid_of(text(sid)), (f.get(b"s"), f.get(b"k")))
+        for sid, f in page
+        if f and f.get(b"op") in (b"put", b"del")
+    ]
+    return _After(writes, text(page[-1][0]) if page else stream_id)
 
 
 def _same_write(value: bytes, expected: bytes) -> bool:

@@ -24,6 +24,7 @@ import pytest
 import redis
 
 import dualmem.memory as memory_module
+import dualmem.worker as worker_module
 from acl import Keyring, Level, Principal
 from dualmem import (
     AccessDenied,
@@ -704,18 +705,20 @@ def test_a_dead_lettered_write_re_sealed_by_a_key_rotation_leaves_no_cache_entry
 ) -> None:
     # A rotation re-seals the cache entry of a put not yet committed (a new nonce, the
     # same write id): compared by its bytes, the dead write's entry looked like another
-    # write's and stayed, for good for a pinned agent state.
+    # write's and stayed, for good for a pinned agent state. The re-encryption of the
+    # record's committed row, queued behind it, is no later write either.
     from dualmem.rotation import add_active_key, rotate_keys
 
     writer = make_mem(worker=False)
     private = {"level": Level.PRIVATE, "principal": coder}
-    committed = writer.put("s", {"v": "committed"}, **private)
+    writer.put("s", {"v": "committed"}, **private)
+    assert Worker(writer._redis, writer.store, writer.settings.replace(consumer="w")).step() == 1
     poison = writer._put_pinned("s", {"v": "never committed"}, **private)
     _poison(db_path, poison.stream_id)
     add_active_key(keyfile)
-    assert rotate_keys(make_mem(worker=False), timeout=1).resealed_cache == 1
+    report = rotate_keys(make_mem(worker=False), timeout=1)
+    assert (report.resealed_cache, report.resealed_rows) == (1, 1)
     worker = make_mem(max_deliveries=1)
-    worker.sync(committed)
     wait_until(lambda: len(worker.store.dead_letters()) == 1, what="the dead letter")
     # The entry goes right after the dead letter's commit.
     wait_until(
@@ -723,6 +726,29 @@ def test_a_dead_lettered_write_re_sealed_by_a_key_rotation_leaves_no_cache_entry
         timeout=2,
         what="the dead write's cache entry gone",
     )
+
+
+def test_a_dead_lettered_write_keeps_its_cache_entry_behind_a_long_stream(
+    make_mem: MakeMem, coder: Principal, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cleanup reads the stream behind a batch's dead entries once, up to a bound (a
+    # scan per dead letter through a large backlog stalled the worker for seconds); past
+    # the bound it cannot tell whether a later write of the key waits, and keeps the entry.
+    monkeypatch.setattr(worker_module, "_FORGET_SCAN_LIMIT", 3)
+    writer = make_mem(worker=False)
+    swarm = {"level": Level.SWARM, "principal": coder}
+    settings = writer.settings.replace(consumer="w", batch_size=1, max_deliveries=1)
+    worker = Worker(writer._redis, writer.store, settings)
+    writer.put("k", "committed", **swarm)
+    assert worker.step() == 1
+    poison = writer.put("k", "never committed", **swarm)
+    _poison(db_path, poison.stream_id)
+    behind = [writer.put(f"other{i}", i, **swarm) for i in range(3)]
+    assert worker.step() == 1 and len(writer.store.dead_letters()) == 1
+    assert writer.get("k", fresh=True, **swarm) == "never committed"  # kept: cannot tell
+    while worker.step():
+        pass
+    assert [writer.store.status(r.shard, r.stream_id) for r in behind] == ["committed"] * 3
 
 
 def _trip_on(keys: set[bytes] | None) -> staticmethod[..., None]:
