@@ -22,6 +22,7 @@ import redis
 
 from acl import Keyring, Level, Principal, envelope_key_id
 from dualmem import DualMemory, Receipt
+from dualmem.errors import Backpressure
 from dualmem.ops import dlq
 from dualmem.ops.mirror import STATE_FILE, Mirror, record_path
 from dualmem.ops.runtime import Runtime
@@ -647,6 +648,108 @@ def test_a_dead_lettered_import_replayed_is_followed_to_its_replay(
         rt.wait(second.receipts, 10)
     assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2}
     assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported"] * 2
+
+
+def fill_backlog(make_mem: Callable[..., DualMemory], n: int) -> None:
+    """Put ``n`` commands in the stream with no worker to take them: with
+    ``max_backlog=n``, the next send is refused (``Backpressure``), nothing sent."""
+    writer = make_mem(worker=False)
+    for i in range(n):
+        writer.put(f"bulk{i}", i, level=Level.SWARM, principal=CODER)
+
+
+def clear_backlog(make_mem: Callable[..., DualMemory], rt: Runtime) -> DualMemory:
+    """A worker again, and room in the stream for the mirror's sends."""
+    worker = make_mem()
+    worker.settle(10)
+    rt.settings = dataclasses.replace(rt.settings, max_backlog=10_000)
+    return worker
+
+
+@pytest.mark.parametrize("again", ["same", "restarted"])
+def test_a_cycle_whose_send_fails_loses_no_save(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+    again: str,
+) -> None:
+    # A cycle rewrote a conflicting (and a rejected) file from SQLite before it sent the
+    # events carrying those saves: when the send then failed (Backpressure), the saves
+    # were in neither the files nor any event, and the next cycle had nothing to report.
+    mem = make_mem()
+    for k in ("cfg", "bad", "other"):
+        put(mem, k, {"v": 0})
+    settings = dataclasses.replace(settings_for(redis_url, db_path, keyfile), max_backlog=3)
+    f, bad, other = file_of(mdir, "cfg"), file_of(mdir, "bad"), file_of(mdir, "other")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        put(mem, "cfg", {"v": "agent"})
+        mem.close(timeout=5)
+        fill_backlog(make_mem, 3)
+        write_value(f, {"v": 1, "note": "conflicting save"})
+        bad.write_text('{"rejected save": ', encoding="utf-8")
+        write_value(other, {"v": 1})
+        state = (mdir / STATE_FILE).read_bytes()
+        with pytest.raises(Backpressure):
+            mirror.cycle(int(time.time() * 1000))
+        # Nothing sent, nothing changed: the saves are where the user left them.
+        assert doc(f)["value"] == {"v": 1, "note": "conflicting save"}
+        assert bad.read_text(encoding="utf-8") == '{"rejected save": '
+        assert (mdir / STATE_FILE).read_bytes() == state
+        worker = clear_backlog(make_mem, rt)
+        cycling = Mirror(rt, mdir) if again == "restarted" else mirror
+        report = cycling.cycle(int(time.time() * 1000))
+        assert (report.conflicts, report.rejected, report.imported) == (1, 1, 1), report.events
+        rt.wait(report.receipts, 10)
+        assert doc(f)["value"] == {"v": "agent"}  # SQLite wins, once the events are sent
+        assert doc(bad)["value"] == {"v": 0}
+    worker.settle(10)
+    assert worker.get("other", level=Level.SWARM, principal=CODER) == {"v": 1}
+    events = {key: (kind, d) for kind, key, d in sync_events(db_path)}
+    assert events["cfg"][0] == "conflict"
+    assert "conflicting save" in str(events["cfg"][1]["discarded"])
+    assert events["bad"][0] == "rejected"
+    assert events["bad"][1]["discarded"] == '{"rejected save": '
+
+
+def test_a_mirror_whose_cycle_failed_does_the_same_work_again(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    # The cycle that found a dead-lettered import failed at its send (Backpressure), after
+    # taking the import out of flight and recording the hash of another file's save in
+    # the state in memory: cycled again, the same Mirror never reported the failed import
+    # and never imported the save.
+    mem = make_mem(max_deliveries=1)
+    put(mem, "cfg", {"v": 0})
+    put(mem, "x", {"v": 0})
+    settings = dataclasses.replace(settings_for(redis_url, db_path, keyfile), max_backlog=3)
+    f, x = file_of(mdir, "cfg"), file_of(mdir, "x")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        poison(db_path, "cfg")
+        write_value(f, {"v": 1, "note": "never committed"})
+        first = mirror.cycle(int(time.time() * 1000))
+        assert rt.wait(first.receipts, 10).dead == 1
+        mem.close(timeout=5)
+        fill_backlog(make_mem, 3)
+        write_value(x, {"v": 9})
+        with pytest.raises(Backpressure):
+            mirror.cycle(int(time.time() * 1000))
+        assert doc(f)["value"] == {"v": 1, "note": "never committed"}  # no event sent yet
+        worker = clear_backlog(make_mem, rt)
+        again = mirror.cycle(int(time.time() * 1000))
+        assert (again.failed, again.imported) == (1, 1), again.events
+        rt.wait(again.receipts, 10)
+        assert doc(f)["value"] == {"v": 0}
+    worker.settle(10)
+    assert worker.get("x", level=Level.SWARM, principal=CODER) == {"v": 9}
+    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported", "failed"]
+    (failed,) = failed_events(db_path, "cfg")
+    assert "never committed" in str(failed["discarded"])
 
 
 def lose(raw_redis: redis.Redis, rt: Runtime, receipt: Receipt) -> None:

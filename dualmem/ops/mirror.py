@@ -7,8 +7,12 @@ become ``~<sha256>.json``, the file holds the real key) and
 per file, the hash and stream id it last wrote, the stream ids of its imports still in
 flight with the saves they carry, and those of imports reported lost. The state is saved
 after every cycle, so a stopped mirror resumes from its position, its imports in flight
-too. Files are written 0600 and the directories it creates are 0700 (levels 3 and 4 are
-in the clear; so is the state's copy of the saves in flight).
+too. A cycle is all or nothing as far as hand edits go: it writes no file before its
+imports and events are sent, and one whose send fails (``Backpressure``,
+``StoreUnavailable``: nothing sent) leaves the files and the state as they were, so the
+next cycle, of this mirror or a restarted one, does the same work again. Files are
+written 0600 and the directories it creates are 0700 (levels 3 and 4 are in the clear;
+so is the state's copy of the saves in flight).
 
 Each cycle first looks for files edited by hand (their hash differs from the state):
 
@@ -61,8 +65,9 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -341,7 +346,24 @@ class Mirror:
     # -- one cycle ------------------------------------------------------------------
 
     def cycle(self, now_ms: int, progress: ProgressFn = NO_PROGRESS) -> CycleReport:
-        """Import hand edits, apply journal changes, drop expired files, save the state."""
+        """Import hand edits, apply journal changes, drop expired files, save the state.
+
+        All or nothing as far as hand edits go: the files are first written once the
+        cycle's imports and events are sent. A cycle that fails before (a send refused:
+        ``Backpressure``, ``StoreUnavailable``) leaves the files as they were and the
+        state as last saved, so the next cycle (this object, or a restarted mirror) does
+        the same work again: no save overwritten, every event sent."""
+        self._sent = False
+        try:
+            return self._cycle(now_ms, progress)
+        except BaseException:
+            if not self._sent:
+                # Nothing of this cycle reached the stream: forget what it changed in
+                # memory (ids dropped from ``sent``, hashes of edited files, ...).
+                self.state = MirrorState.load(self.dir) or MirrorState(levels=self.state.levels)
+            raise
+
+    def _cycle(self, now_ms: int, progress: ProgressFn) -> CycleReport:
         # Edits are sealed with the active key: learn a rotation's new key first.
         self.runtime.refresh_keys()
         report = CycleReport()
@@ -350,6 +372,10 @@ class Mirror:
         # Each import's file, its state entry before, its event and the save it carries
         # (``_hold``): undone if refused.
         self._imports: list[tuple[str, dict[str, Any] | None, AuditEvent, dict[str, Any]]] = []
+        # The files the scan rewrites from SQLite (conflicts, rejections, restores):
+        # rewritten once the cycle's events are sent, never before (a failed send would
+        # leave a conflicting save overwritten and in no event).
+        self._later: list[Callable[[], None]] = []
         path = self.runtime.settings.db_path
         conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
         try:
@@ -360,8 +386,14 @@ class Mirror:
             )
             changed = self._changed(conn, head)
             self._seen: dict[tuple[str, str], set[str]] = changed
+            self._own: dict[tuple[str, str], set[str]] = {}
             failed = self._settle_imports(conn, changed, events, report)
             self._scan_edits(conn, now_ms, changed, writes, events, report)
+            if writes or events:
+                self._send(writes, events, report)
+            self._sent = True
+            for rewrite in self._later:
+                rewrite()
             targets = set(changed) | failed
             if self.fresh or self._rotated(conn, audit_head):
                 # Besides the records the journal changed: one deleted since is not
@@ -377,46 +409,50 @@ class Mirror:
             conn.execute("COMMIT")
         finally:
             conn.close()
-        if writes or events:
-            try:
-                # The events' receipts too: waiting on them means the sync_events rows
-                # are committed as well as the imports.
-                report.receipts = self.runtime.send(writes, audits=events, audit_receipts=True)
-                # Each import's stream id: when it commits, the journal entry and the row
-                # it leaves are the mirror's own, not a change in SQLite to defend the
-                # file's next edit against.
-                sent = report.receipts[: len(writes)]
-                for (rel, _, _, hold), receipt in zip(self._imports, sent, strict=True):
-                    # The entry is the import's own (nothing after _edited replaces it);
-                    # tolerate one that is not: the imports are sent, the state must be saved.
-                    entry = self.state.files.get(rel)
-                    if entry is not None:
-                        entry.setdefault("sent", []).append(receipt.stream_id)
-                        # The save the import carries: if it never commits, that save is
-                        # what the failed event reports, whatever the file shows by then.
-                        _holds(entry)[receipt.stream_id] = hold
-            except KeyDropped as exc:
-                # Sealed under a key a rotation is dropping: nothing was sent. The imports
-                # are undone (the next cycle reads the same edits again and seals them
-                # with the key file's active key); everything else this cycle did to the
-                # files (conflicts, rejections, restores) stands, with its events.
-                refused = {id(event) for _, _, event, _ in self._imports}
-                for rel, before, _, _ in reversed(self._imports):
-                    if before is None:
-                        self.state.files.pop(rel, None)
-                    else:
-                        self.state.files[rel] = before
-                report.imported = 0
-                report.events.append(f"edits not sent ({exc}); the next cycle seals them again")
-                kept = [e for e in events if id(e) not in refused]
-                report.receipts = (
-                    self.runtime.send([], audits=kept, audit_receipts=True) if kept else []
-                )
         self.state.seq = report.seq = head
         self.state.audit_id = audit_head
         self.state.save(self.dir)
         self.fresh = False
         return report
+
+    def _send(self, writes: list[Write], events: list[AuditEvent], report: CycleReport) -> None:
+        """Send the cycle's imports and events (``Runtime.send``: all or none)."""
+        try:
+            # The events' receipts too: waiting on them means the sync_events rows
+            # are committed as well as the imports.
+            report.receipts = self.runtime.send(writes, audits=events, audit_receipts=True)
+        except KeyDropped as exc:
+            # Sealed under a key a rotation is dropping: nothing was sent. The imports
+            # are undone (the next cycle reads the same edits again and seals them
+            # with the key file's active key); everything else this cycle did to the
+            # files (conflicts, rejections, restores) stands, with its events.
+            refused = {id(event) for _, _, event, _ in self._imports}
+            for rel, before, _, _ in reversed(self._imports):
+                if before is None:
+                    self.state.files.pop(rel, None)
+                else:
+                    self.state.files[rel] = before
+            report.imported = 0
+            report.events.append(f"edits not sent ({exc}); the next cycle seals them again")
+            kept = [e for e in events if id(e) not in refused]
+            report.receipts = (
+                self.runtime.send([], audits=kept, audit_receipts=True) if kept else []
+            )
+            return
+        self._sent = True
+        # Each import's stream id: when it commits, the journal entry and the row
+        # it leaves are the mirror's own, not a change in SQLite to defend the
+        # file's next edit against.
+        sent = report.receipts[: len(writes)]
+        for (rel, _, _, hold), receipt in zip(self._imports, sent, strict=True):
+            # The entry is the import's own (nothing after _edited replaces it);
+            # tolerate one that is not: the imports are sent, the state must be saved.
+            entry = self.state.files.get(rel)
+            if entry is not None:
+                entry.setdefault("sent", []).append(receipt.stream_id)
+                # The save the import carries: if it never commits, that save is
+                # what the failed event reports, whatever the file shows by then.
+                _holds(entry)[receipt.stream_id] = hold
 
     def _changed(self, conn: sqlite3.Connection, head: int) -> dict[tuple[str, str], set[str]]:
         """The records the journal changed since the last cycle, each with the stream ids
@@ -720,22 +756,36 @@ class Mirror:
                 continue
             self._edited(conn, now_ms, path, rel, data, entry, changed, writes, events, report)
         for rel, entry in list(self.state.files.items()):
-            if rel not in present and rel != self._rel(entry["scope"], entry["key"]):
-                self._rename(conn, rel, entry, now_ms, report)
+            scope, key = entry["scope"], entry["key"]
+            if rel not in present and rel != self._rel(scope, key):
+                self._later.append(partial(self._rename, conn, rel, entry, now_ms, report))
             elif rel not in present and entry.get("sha256") is not None:
                 # Deleted by hand: records are deleted through the API, so put it back
-                # (keeping its imports in flight, see _refresh).
-                self._refresh(conn, entry["scope"], entry["key"], now_ms, report)
-                if (self.dir / rel).is_file():
+                # (keeping its imports in flight, see _refresh) once the events are sent.
+                row = self._row(conn, scope, key, now_ms)
+                if row is not None and self._renders(row):
                     report.restored += 1
-                    events.append(
-                        self._event("restored", entry["scope"], entry["key"], None, {"path": rel})
-                    )
-                elif rel in self.state.files:
+                    events.append(self._event("restored", scope, key, None, {"path": rel}))
+                elif row is None and _in_flight(entry, changed.get((scope, key), ())).get("sent"):
                     report.events.append(
                         f"{rel}: deleted while the import that creates its record is in "
                         "flight; the file comes back once it commits"
                     )
+                self._rewrite(conn, scope, key, now_ms, report)
+
+    def _rewrite(
+        self, conn: sqlite3.Connection, scope: str, key: str, now_ms: int, report: CycleReport
+    ) -> None:
+        """``_refresh`` the file of ``(scope, key)`` once the cycle's events are sent."""
+        self._later.append(partial(self._refresh, conn, scope, key, now_ms, report))
+
+    def _renders(self, row: Row) -> bool:
+        """Whether ``_refresh`` writes a file for ``row`` (an edited row does not open)."""
+        try:
+            render_record(row, self.codec)
+        except DualMemError:
+            return False
+        return True
 
     def _rel(self, scope: str, key: str) -> str:
         return record_path(self.dir, scope, key).relative_to(self.dir).as_posix()
@@ -789,7 +839,7 @@ class Mirror:
             if entry is None:
                 self.state.rejected[rel] = digest  # not ours: leave it, report it once
             else:
-                self._refresh(conn, sc, k, now_ms, report)  # SQLite wins
+                self._rewrite(conn, sc, k, now_ms, report)  # SQLite wins
             return
         row = self._row(conn, scope, key, now_ms)
         same = row is not None and row[6] == expires and self._same(row, envelope, payload)
@@ -803,7 +853,7 @@ class Mirror:
         # the record will hold once they commit.
         pending = sent - changed.get((scope, key), set())
         if same and not pending:
-            self._refresh(conn, scope, key, now_ms, report)  # adopt (formatting only)
+            self._rewrite(conn, scope, key, now_ms, report)  # adopt (formatting only)
             return
         # The same as SQLite while an earlier import of the file is in flight (an edit
         # put back): imported too, so the last save wins over that import. Nothing in
@@ -819,7 +869,7 @@ class Mirror:
             detail["sqlite_stream_id"] = row[7]
             events.append(self._event("conflict", scope, key, level, detail, data))
             report.events.append(f"conflict {rel}: SQLite changed too; SQLite wins")
-            self._refresh(conn, scope, key, now_ms, report)
+            self._rewrite(conn, scope, key, now_ms, report)
             return
         # A file that created its record (no row when its first save was checked) has no
         # row until the import of that save commits: while no journal entry for the record
@@ -834,7 +884,7 @@ class Mirror:
             report.conflicts += 1
             events.append(self._event("conflict", scope, key, level, detail, data))
             report.events.append(f"conflict {rel}: the record was deleted; SQLite wins")
-            self._refresh(conn, scope, key, now_ms, report)
+            self._rewrite(conn, scope, key, now_ms, report)
             return
         writes.append(Write(scope, key, level, writer, envelope, expires))
         imported = self._event("imported", scope, key, level, detail)
