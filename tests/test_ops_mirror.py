@@ -650,6 +650,42 @@ def test_a_dead_lettered_import_replayed_is_followed_to_its_replay(
     assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported"] * 2
 
 
+def test_a_failed_import_replayed_after_its_event_is_the_mirrors_own(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    # Replayed as its failed event advises (after the mirror reported it), a dead-lettered
+    # import's commit was a change in SQLite to the mirror: the file's next save was a
+    # false conflict, discarded.
+    mem = make_mem(max_deliveries=1)
+    put(mem, "cfg", {"v": 0})
+    settings = settings_for(redis_url, db_path, keyfile)
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        poison(db_path, "cfg")
+        write_value(f, {"v": 1})
+        first = mirror.cycle(int(time.time() * 1000))
+        assert rt.wait(first.receipts, 10).dead == 1
+        failed = mirror.cycle(int(time.time() * 1000))
+        assert failed.failed == 1, failed.events
+        rt.wait(failed.receipts, 10)
+        poison(db_path, None)
+        (letter,) = rt.store.dead_letters()
+        (replay,) = dlq.replay(rt, [letter.id]).receipts
+        assert rt.wait([replay], 10).committed == 1
+        write_value(f, {"v": 2, "note": "next save"})
+        second = mirror.cycle(int(time.time() * 1000))
+        assert (second.imported, second.conflicts) == (1, 0), second.events
+        rt.wait(second.receipts, 10)
+        assert mirror.cycle(int(time.time() * 1000)).conflicts == 0
+    assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2, "note": "next save"}
+    kinds = [k for k, key, _ in sync_events(db_path) if key == "cfg"]
+    assert kinds == ["imported", "failed", "imported"]
+
+
 def fill_backlog(make_mem: Callable[..., DualMemory], n: int) -> None:
     """Put ``n`` commands in the stream with no worker to take them: with
     ``max_backlog=n``, the next send is refused (``Backpressure``), nothing sent."""

@@ -37,15 +37,16 @@ earlier one, it would show an older save), and a save made meanwhile is checked 
 the row the imports read so far left. An import that will never commit is in flight no
 more: one the worker dead-lettered is a ``mirror.failed`` event (with the save, for
 plaintext levels; ``dualmem dlq replay`` sends it again, and a replay is followed as the
-import itself), and the file is rewritten from SQLite once nothing else of it is in
-flight; one gone from the stream that SQLite does not know either (Redis lost it) is a
-``mirror.failed`` event too, never sent again (a worker that still held it may commit it
-later: sent again, it would be written twice). Each import in flight keeps the save it
-carries (``holds``, the save itself for plaintext levels) through restores, rejections,
-conflicts and replays, so the failed event has it whatever the file shows by then; a
-new record's file deleted while its import is in flight keeps its entry (no file), and
-an import reported lost that commits after all is the mirror's own, followed by the
-file.
+import itself; the file keeps the ids of its last 16 failed imports, so a replay made
+after the event, once read from the journal, is the mirror's own import too), and the
+file is rewritten from SQLite once nothing else of it is in flight; one gone from the
+stream that SQLite does not know either (Redis lost it) is a ``mirror.failed`` event
+too, never sent again (a worker that still held it may commit it later: sent again, it
+would be written twice). Each import in flight keeps the save it carries (``holds``, the
+save itself for plaintext levels) through restores, rejections, conflicts and replays,
+so the failed event has it whatever the file shows by then; a new record's file deleted
+while its import is in flight keeps its entry (no file), and an import reported lost
+that commits after all is the mirror's own, followed by the file.
 
 Each import, conflict, rejection, restore and failed import is an audit event
 ``mirror.<kind>`` that the worker also records in ``sync_events`` (see
@@ -277,6 +278,8 @@ def _in_flight(entry: dict[str, Any] | None, seen: Collection[str]) -> dict[str,
     lost = [i for i in entry.get("lost", ()) if i not in seen]
     if lost:
         kept["lost"] = lost
+    if entry.get("failed"):
+        kept["failed"] = list(entry["failed"])
     return kept
 
 
@@ -636,9 +639,11 @@ class Mirror:
                 report.events.append(
                     f"{rel}: an import reported lost from Redis was committed after all"
                 )
+            shard = self.runtime.layout.shard_of(scope, key)
+            if entry.get("failed") and seen:
+                self._replays(conn, rel, entry, shard, seen, report)
             if not entry.get("sent"):
                 continue
-            shard = self.runtime.layout.shard_of(scope, key)
             holds = _holds(entry)
             kept: list[str] = []
             for sid in entry["sent"]:
@@ -652,6 +657,8 @@ class Mirror:
                     )
                     detail = {"stream_id": sid, "error": error, "dead_letter": letter}
                     self._failed(rel, entry, hold, detail, events, report)
+                    # Replayed later (as the event advises), its commit is the mirror's.
+                    entry["failed"] = [*entry.get("failed", ()), sid][-_MAX_LOST:]
                     touched.append(entry)
                 elif current is not None:
                     kept.append(current)
@@ -670,6 +677,33 @@ class Mirror:
             self._failed(rel, entry, hold, {"stream_id": sid, "error": error}, events, report)
             touched.append(entry)
         return {(e["scope"], e["key"]) for e in touched if not e["sent"]}
+
+    def _replays(
+        self,
+        conn: sqlite3.Connection,
+        rel: str,
+        entry: dict[str, Any],
+        shard: int,
+        seen: set[str],
+        report: CycleReport,
+    ) -> None:
+        """The imports of ``rel`` reported failed (dead-lettered) whose dead letter was
+        replayed since (``dualmem dlq replay``) and whose replay this cycle reads from the
+        journal: that commit is the mirror's own import (``_own``), not a change in SQLite
+        that makes the file's next save a conflict. Looked up only for records the journal
+        changed, so a cycle costs no more for files with old failures."""
+        left = []
+        for sid in entry["failed"]:
+            current, _ = _follow(conn, shard, sid)
+            if current is not None and current != sid and current in seen:
+                self._own.setdefault((entry["scope"], entry["key"]), set()).add(current)
+                report.events.append(f"{rel}: the replay of its failed import was committed")
+            else:
+                left.append(sid)
+        if left:
+            entry["failed"] = left
+        else:
+            del entry["failed"]
 
     def _lost(
         self, unread: list[tuple[str, dict[str, Any], int, str]]
@@ -849,6 +883,7 @@ class Mirror:
         # other write since the file was checked is.
         sent = set(entry.get("sent", ())) if entry else set()
         mine = sent | set(entry.get("lost", ()) if entry else ())
+        mine |= self._own.get((scope, key), set())  # replays of its failed imports
         # Those not committed yet (no journal entry read for them): the row is not what
         # the record will hold once they commit.
         pending = sent - changed.get((scope, key), set())
