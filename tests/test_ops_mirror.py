@@ -1532,3 +1532,83 @@ def test_a_record_deleted_in_a_cycle_that_sees_a_key_rotation_loses_its_file(
     assert "1 removed" in once(capsys, args, mdir)
     assert not file_of(mdir, "gone").exists()
     assert verify_mirror(capsys, args, mdir)["status"] == "ok"
+
+
+def test_a_save_made_while_the_cycle_sends_is_not_overwritten(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    # A conflict's rewrite from SQLite waits until the cycle's events are sent; it wrote
+    # the file whatever it held by then, so a save made meanwhile was in no file, no row
+    # and no event. It is now left for the next cycle, which judges it (made without
+    # the agent's change in view: a conflict too, the save in its event).
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    settings = settings_for(redis_url, db_path, keyfile)
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        put(mem, "cfg", {"v": "agent"})  # SQLite changes...
+        write_value(f, {"v": 1})  # ... and the file: a conflict
+        send = rt.send
+
+        def save_then_send(*args: Any, **kwargs: Any) -> Any:
+            write_value(f, {"v": 2})  # saved while the cycle sends
+            return send(*args, **kwargs)
+
+        rt.send = save_then_send  # type: ignore[method-assign]
+        first = mirror.cycle(int(time.time() * 1000))
+        rt.send = send  # type: ignore[method-assign]
+        assert first.conflicts == 1 and doc(f)["value"] == {"v": 2}, first.events
+        rt.wait(first.receipts, 10)
+        second = mirror.cycle(int(time.time() * 1000))
+        assert second.conflicts == 1 and doc(f)["value"] == {"v": "agent"}, second.events
+        rt.wait(second.receipts, 10)
+    saves = [d["discarded"] for kind, key, d in sync_events(db_path) if kind == "conflict"]
+    assert [json.loads(str(s))["value"] for s in saves] == [{"v": 1}, {"v": 2}]
+
+
+def test_a_file_write_failing_after_the_send_sends_nothing_twice(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Files are written once the cycle's imports and events are sent; a write failing
+    # then (a full disk) ended the cycle before the state was saved, and the restarted
+    # mirror sent the imports again. The state is now saved right after the send.
+    import dualmem.ops.mirror as mirror_module
+
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    put(mem, "other", {"v": 0})
+    mem.close(timeout=2)  # no worker: the import stays in flight
+    settings = settings_for(redis_url, db_path, keyfile)
+    f, other = file_of(mdir, "cfg"), file_of(mdir, "other")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        agent = make_mem(worker=False)
+        commit_through(rt, agent.put("cfg", {"v": "agent"}, level=Level.SWARM, principal=CODER))
+        write_value(f, {"v": 1})  # a conflict: rewritten after the send
+        write_value(other, {"v": 1})  # an import
+        real = mirror_module._atomic_write
+
+        def full_disk(path: Path, data: bytes) -> None:
+            if path == f:
+                raise OSError(28, "No space left on device", str(path))
+            real(path, data)
+
+        monkeypatch.setattr(mirror_module, "_atomic_write", full_disk)
+        with pytest.raises(OSError):
+            mirror.cycle(int(time.time() * 1000))
+        monkeypatch.setattr(mirror_module, "_atomic_write", real)
+        again = Mirror(rt, mdir).cycle(int(time.time() * 1000))  # restarted
+        assert again.imported == 0 and doc(f)["value"] == {"v": "agent"}, again.events
+    worker = make_mem()
+    worker.settle(10)
+    events = [(kind, key) for kind, key, _ in sync_events(db_path)]
+    assert events.count(("imported", "other")) == 1  # the conflict may be reported twice
+    assert worker.get("other", level=Level.SWARM, principal=CODER) == {"v": 1}

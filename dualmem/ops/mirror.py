@@ -283,6 +283,14 @@ def _in_flight(entry: dict[str, Any] | None, seen: Collection[str]) -> dict[str,
     return kept
 
 
+def _current(path: Path) -> str | None:
+    """The sha256 of the file at ``path`` now; None when there is none."""
+    try:
+        return _sha(path.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
 _STAMP = ("mtime_ns", "size")
 _RACY_NS = 1_000_000_000
 
@@ -352,10 +360,13 @@ class Mirror:
         """Import hand edits, apply journal changes, drop expired files, save the state.
 
         All or nothing as far as hand edits go: the files are first written once the
-        cycle's imports and events are sent. A cycle that fails before (a send refused:
-        ``Backpressure``, ``StoreUnavailable``) leaves the files as they were and the
-        state as last saved, so the next cycle (this object, or a restarted mirror) does
-        the same work again: no save overwritten, every event sent."""
+        cycle's imports and events are sent, and the state is saved right after the
+        send. A cycle that fails before (a send refused: ``Backpressure``,
+        ``StoreUnavailable``) leaves the files as they were and the state as last saved,
+        so the next cycle (this object, or a restarted mirror) does the same work again:
+        no save overwritten, every event sent. A send whose reply was lost (it may have
+        run) is taken for not sent: the next cycle sends it again. A file saved again
+        after the scan judged it is not rewritten: the next cycle judges that save."""
         self._sent = False
         try:
             return self._cycle(now_ms, progress)
@@ -379,6 +390,9 @@ class Mirror:
         # rewritten once the cycle's events are sent, never before (a failed send would
         # leave a conflicting save overwritten and in no event).
         self._later: list[Callable[[], None]] = []
+        # What the scan judged each file to hold (its sha256; absent: None): a file
+        # rewritten after the send is first checked against it (see _refresh).
+        self._judged: dict[str, str | None] = {}
         path = self.runtime.settings.db_path
         conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
         try:
@@ -394,6 +408,11 @@ class Mirror:
             self._scan_edits(conn, now_ms, changed, writes, events, report)
             if writes or events:
                 self._send(writes, events, report)
+                # Saved before any file is written: a file write that fails now (a full
+                # disk) ends the cycle, and the next one must know what was sent, not
+                # send it again. (The journal position stays: the next cycle reads the
+                # same changes, which rewrites nothing twice.)
+                self.state.save(self.dir)
             self._sent = True
             for rewrite in self._later:
                 rewrite()
@@ -503,6 +522,11 @@ class Mirror:
         rel = path.relative_to(self.dir).as_posix()
         row = self._row(conn, scope, key, now_ms)
         before = self.state.files.get(rel)
+        if _current(path) != self._judged.get(rel):
+            # Saved by hand after the scan judged it (while the cycle sent, say): the
+            # next cycle judges that save; rewritten now, it would be lost.
+            report.events.append(f"{rel}: saved during the cycle; the next cycle reads it")
+            return
         # Its imports still in flight stay in the entry, whatever the file shows now (a
         # restore, a conflict, a rejection): see _in_flight.
         kept = _in_flight(before, self._seen.get((scope, key), set()))
@@ -510,6 +534,7 @@ class Mirror:
             if path.exists():
                 path.unlink()
                 report.removed += 1
+            self._judged[rel] = None
             if before is not None and kept.get("sent"):
                 # A new record's file whose import is in flight: no row yet, no file,
                 # but the import is still the file's (its commit brings the file back).
@@ -534,6 +559,7 @@ class Mirror:
         if not path.is_file() or path.read_bytes() != data:
             _atomic_write(path, data)
             report.written += 1
+        self._judged[rel] = _sha(data)
         self.state.files[rel] = {
             "scope": scope,
             "key": key,
@@ -780,9 +806,10 @@ class Mirror:
             present.add(rel)
             entry = self.state.files.get(rel)
             if entry is not None and self._settled(path, entry):
+                self._judged[rel] = entry.get("sha256")
                 continue  # untouched since the mirror wrote it: no need to read it
             data = path.read_bytes()
-            digest = _sha(data)
+            digest = self._judged[rel] = _sha(data)
             if entry is not None and entry.get("sha256") == digest:
                 entry.update(_stamp(path))
                 continue
