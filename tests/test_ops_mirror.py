@@ -1612,3 +1612,76 @@ def test_a_file_write_failing_after_the_send_sends_nothing_twice(
     events = [(kind, key) for kind, key, _ in sync_events(db_path)]
     assert events.count(("imported", "other")) == 1  # the conflict may be reported twice
     assert worker.get("other", level=Level.SWARM, principal=CODER) == {"v": 1}
+
+
+def test_a_file_put_back_while_the_cycle_sends_is_still_rewritten(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+) -> None:
+    # The conflict's rewrite was skipped for a file saved again during the send; when
+    # that save put back the bytes the mirror had written, no later cycle saw a change,
+    # and the file kept the old value for good. It stays to be rewritten (`recheck`).
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    settings = settings_for(redis_url, db_path, keyfile)
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        original = f.read_bytes()
+        put(mem, "cfg", {"v": "agent"})
+        write_value(f, {"v": 1})  # a conflict
+        send = rt.send
+
+        def undo_then_send(*args: Any, **kwargs: Any) -> Any:
+            f.write_bytes(original)  # the edit undone while the cycle sends
+            return send(*args, **kwargs)
+
+        rt.send = undo_then_send  # type: ignore[method-assign]
+        first = mirror.cycle(int(time.time() * 1000))
+        rt.send = send  # type: ignore[method-assign]
+        assert first.conflicts == 1 and doc(f)["value"] == {"v": 0}
+        rt.wait(first.receipts, 10)
+        mirror.cycle(int(time.time() * 1000))
+        assert doc(f)["value"] == {"v": "agent"}
+
+
+@pytest.mark.parametrize("then", ["same", "restarted"])
+def test_a_failed_imports_file_goes_back_after_a_failed_file_write(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    then: str,
+) -> None:
+    # The cycle that sent a dead-lettered import's failed event saved its state, then
+    # failed to write the file back (a full disk): no later cycle rewrote it, and the
+    # file showed a save SQLite never got, for good.
+    import dualmem.ops.mirror as mirror_module
+
+    mem = make_mem(max_deliveries=1)
+    put(mem, "cfg", {"v": 0})
+    settings = settings_for(redis_url, db_path, keyfile)
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        poison(db_path, "cfg")
+        write_value(f, {"v": 1})
+        assert rt.wait(mirror.cycle(int(time.time() * 1000)).receipts, 10).dead == 1
+        real = mirror_module._atomic_write
+
+        def full_disk(path: Path, data: bytes) -> None:
+            if path == f:
+                raise OSError(28, "No space left on device", str(path))
+            real(path, data)
+
+        monkeypatch.setattr(mirror_module, "_atomic_write", full_disk)
+        with pytest.raises(OSError):
+            mirror.cycle(int(time.time() * 1000))  # the failed event sent, no file write
+        monkeypatch.setattr(mirror_module, "_atomic_write", real)
+        again = mirror if then == "same" else Mirror(rt, mdir)
+        again.cycle(int(time.time() * 1000))
+        assert doc(f)["value"] == {"v": 0}
+    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"].count("failed") == 1

@@ -168,6 +168,10 @@ class MirrorState:
     saved_ns: int = 0
     #: The newest audit row seen (a key rotation re-seals rows without a journal entry).
     audit_id: int = 0
+    #: ``[scope, key]`` of records whose file a cycle decided to rewrite from SQLite and
+    #: has not yet (saved before the files are written; a file saved again meanwhile is
+    #: judged by the next cycle, then rewritten if it still must be).
+    recheck: list[list[str]] = field(default_factory=list)
 
     @classmethod
     def load(cls, directory: Path) -> MirrorState | None:
@@ -186,6 +190,7 @@ class MirrorState:
                 dict(doc.get("rejected", {})),
                 int(doc.get("saved_ns", 0)),
                 int(doc.get("audit_id", 0)),
+                [[str(sc), str(k)] for sc, k in doc.get("recheck", [])],
             )
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise ConfigurationError(f"{path} is not a dualmem mirror state: {exc}") from exc
@@ -201,6 +206,7 @@ class MirrorState:
             "rejected": self.rejected,
             "saved_ns": time.time_ns(),
             "audit_id": self.audit_id,
+            "recheck": self.recheck,
         }
         _atomic_write(directory / STATE_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
 
@@ -390,6 +396,7 @@ class Mirror:
         # rewritten once the cycle's events are sent, never before (a failed send would
         # leave a conflicting save overwritten and in no event).
         self._later: list[Callable[[], None]] = []
+        self._later_keys: set[tuple[str, str]] = set()
         # What the scan judged each file to hold (its sha256; absent: None): a file
         # rewritten after the send is first checked against it (see _refresh).
         self._judged: dict[str, str | None] = {}
@@ -406,6 +413,11 @@ class Mirror:
             self._own: dict[tuple[str, str], set[str]] = {}
             failed = self._settle_imports(conn, changed, events, report)
             self._scan_edits(conn, now_ms, changed, writes, events, report)
+            # Every file this cycle decided to rewrite from SQLite, until it is: saved
+            # with the state before any file is written, so a cycle that ends in between
+            # (a full disk, a kill) leaves them to the next one.
+            recheck = {(sc, k) for sc, k in self.state.recheck} | failed | self._later_keys
+            self.state.recheck = sorted([sc, k] for sc, k in recheck)
             if writes or events:
                 self._send(writes, events, report)
                 # Saved before any file is written: a file write that fails now (a full
@@ -416,7 +428,7 @@ class Mirror:
             self._sent = True
             for rewrite in self._later:
                 rewrite()
-            targets = set(changed) | failed
+            targets = set(changed) | recheck
             if self.fresh or self._rotated(conn, audit_head):
                 # Besides the records the journal changed: one deleted since is not
                 # live, and its file must go.
@@ -524,8 +536,14 @@ class Mirror:
         before = self.state.files.get(rel)
         if _current(path) != self._judged.get(rel):
             # Saved by hand after the scan judged it (while the cycle sent, say): the
-            # next cycle judges that save; rewritten now, it would be lost.
+            # next cycle judges that save (read, whatever its stamp says), then rewrites
+            # the file if it still must (it stays in ``recheck``); rewritten now, the
+            # save would be lost.
             report.events.append(f"{rel}: saved during the cycle; the next cycle reads it")
+            if before is not None:
+                before.pop("mtime_ns", None)
+            if [scope, key] not in self.state.recheck:
+                self.state.recheck = sorted([*self.state.recheck, [scope, key]])
             return
         # Its imports still in flight stay in the entry, whatever the file shows now (a
         # restore, a conflict, a rejection): see _in_flight.
@@ -548,6 +566,7 @@ class Mirror:
                 }
             else:
                 self.state.files.pop(rel, None)
+            self._rechecked(scope, key)
             return
         try:
             data = render_record(row, self.codec)
@@ -555,11 +574,13 @@ class Mirror:
             # An edited row: its file is left as it is (never replaced by what the row
             # says), and `dualmem mirror --check` reports the row.
             report.events.append(f"{rel}: not mirrored: {exc}")
+            self._rechecked(scope, key)
             return
         if not path.is_file() or path.read_bytes() != data:
             _atomic_write(path, data)
             report.written += 1
         self._judged[rel] = _sha(data)
+        self._rechecked(scope, key)
         self.state.files[rel] = {
             "scope": scope,
             "key": key,
@@ -570,6 +591,11 @@ class Mirror:
             **kept,
         }
         self.state.rejected.pop(rel, None)
+
+    def _rechecked(self, scope: str, key: str) -> None:
+        """The file of ``(scope, key)`` matches SQLite now: out of ``recheck``."""
+        if [scope, key] in self.state.recheck:
+            self.state.recheck = [r for r in self.state.recheck if r != [scope, key]]
 
     def _apply(
         self,
@@ -838,6 +864,7 @@ class Mirror:
         self, conn: sqlite3.Connection, scope: str, key: str, now_ms: int, report: CycleReport
     ) -> None:
         """``_refresh`` the file of ``(scope, key)`` once the cycle's events are sent."""
+        self._later_keys.add((scope, key))
         self._later.append(partial(self._refresh, conn, scope, key, now_ms, report))
 
     def _renders(self, row: Row) -> bool:
