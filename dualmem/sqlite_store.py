@@ -909,8 +909,14 @@ class SQLiteStore(Store):
         params: list[object] = []
         for kind in KINDS[1:]:
             prefix = child_key(kind, mission_id, "")
-            upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-            params += [scope, prefix, upper, scope, mission_key(mission_id), OP_DELETE]
+            params += [
+                scope,
+                prefix,
+                prefix_upper_bound(prefix),
+                scope,
+                mission_key(mission_id),
+                OP_DELETE,
+            ]
         # One indexed range per kind (an OR of ranges searches the whole scope).
         ranged = (
             "SELECT key FROM memory WHERE scope = ? AND key >= ? AND key < ? "

@@ -44,6 +44,7 @@ from dualmem.projection import (
     row_to_tool_call,
 )
 from dualmem.redis_backend import translate_errors
+from dualmem.sqlite_store import prefix_upper_bound
 from dualmem.worker import next_stream_id, safe_trim_id
 
 __all__ = [
@@ -358,7 +359,7 @@ def _reserved_records(conn: sqlite3.Connection) -> tuple[_Live, dict[tuple[str, 
     """``{(kind, scope, mission_id, id): (sid, key, level, owner, envelope)}`` of live
     ``_dm/`` records at the plaintext levels, and the sid of each mission's newest delete
     (``mission_deletes``)."""
-    upper = RESERVED_PREFIX[:-1] + chr(ord(RESERVED_PREFIX[-1]) + 1)
+    upper = prefix_upper_bound(RESERVED_PREFIX)
     live: _Live = {}
     deleted = {
         (str(scope), str(mid)): bytes(sid)
@@ -473,7 +474,7 @@ def _sealed_orphans(conn: sqlite3.Connection) -> list[str]:
     level written before its mission's newest delete: ``MissionLog`` hides those as the
     projection does at the plaintext levels. Nothing is projected there, so the delete is
     the journal's (keys and ordering ids are not encrypted: no key file needed)."""
-    upper = RESERVED_PREFIX[:-1] + chr(ord(RESERVED_PREFIX[-1]) + 1)
+    upper = prefix_upper_bound(RESERVED_PREFIX)
     marks: dict[tuple[str, str], object] = {}
     out: list[str] = []
     for scope, key, sid in conn.execute(
