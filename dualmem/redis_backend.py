@@ -34,7 +34,6 @@ __all__ = [
     "drop_memory_server",
     "in_process_connection_class",
     "memory_server",
-    "replace_if",
     "retries_of",
     "text",
     "transact",
@@ -306,34 +305,6 @@ def transact(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[A
 
 class WatchedKeyChanged(redis.WatchError):
     """``EXEC`` ran nothing: the watched key changed after ``WATCH`` (safe to try again)."""
-
-
-def replace_if(client: redis.Redis, name: bytes, old: bytes, new: bytes | None) -> bool:
-    """If ``name`` holds ``old``, set it to ``new`` (keeping its expiry), or delete it when
-    ``new`` is None, under ``WATCH``; False when it holds anything else, or changed
-    between the look and the write (a newer write's value stays).
-
-    >>> import fakeredis
-    >>> r = fakeredis.FakeRedis()
-    >>> r.set(b"k", b"a"), replace_if(r, b"k", b"b", None), replace_if(r, b"k", b"a", b"c")
-    (True, False, True)
-    >>> r.get(b"k"), replace_if(r, b"k", b"c", None), r.exists(b"k")
-    (b'c', True, 0)
-    """
-    with client.pipeline() as pipe:
-        try:
-            pipe.watch(name)  # type: ignore[no-untyped-call]
-            if pipe.get(name) != old:
-                return False
-            pipe.multi()
-            if new is None:
-                pipe.delete(name)
-            else:
-                pipe.set(name, new, keepttl=True)
-            pipe.execute()
-        except redis.WatchError:
-            return False
-    return True
 
 
 def transact_watching(
