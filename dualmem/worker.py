@@ -867,29 +867,33 @@ def purge_floor(client: redis.Redis, streams: Iterable[bytes]) -> bytes | None:
             pending = int(g["pending"])
             if pending > _FLOOR_READ_LIMIT:
                 return sid_of("0-0")
-            oldest = client.xpending(name, g["name"])["min"] if pending else None
-            if oldest is None:
-                # Nothing pending (or all acked since XINFO): the first entry not yet
-                # delivered, if any. Not safe_trim_id's "next id": a group that never
-                # delivered anything would hold every tombstone for good.
-                start = next_stream_id(text(g["last-delivered-id"]))
-                page = client.xrange(name, min=start, max="+", count=1)
-                oldest = page[0][0] if page else None
-            else:
-                floors += _origins(client, name, g["name"], pending)
-            if oldest is not None:
-                floors.append(sid_of(text(oldest)))
+            ids = (
+                [r["message_id"] for r in client.xpending_range(name, g["name"], "-", "+", pending)]
+                if pending
+                else []
+            )
+            if ids:
+                # In id order: the first is the oldest pending; replays count by origin.
+                floors += [sid_of(text(ids[0])), *_origins(client, name, ids)]
+                continue
+            # Nothing pending (or all acked since XINFO): the first entry not yet
+            # delivered, if any. Not safe_trim_id's "next id": a group that never
+            # delivered anything would hold every tombstone for good.
+            start = next_stream_id(text(g["last-delivered-id"]))
+            page = client.xrange(name, min=start, max="+", count=1)
+            if page:
+                floors.append(sid_of(text(page[0][0])))
     return min(floors, default=None)
 
 
-def _origins(client: redis.Redis, stream: bytes, group: Any, count: int) -> list[bytes]:
-    """Ordering ids of the original commands behind the replays pending in ``group``."""
-    rows = client.xpending_range(stream, group, "-", "+", count)
+def _origins(client: redis.Redis, stream: bytes, ids: list[Any]) -> list[bytes]:
+    """Ordering ids of the original commands behind the replays among the pending
+    entries ``ids`` of ``stream``."""
     pipe = client.pipeline(transaction=False)
-    for row in rows:
-        pipe.xrange(stream, min=row["message_id"], max=row["message_id"], count=1)
+    for sid in ids:
+        pipe.xrange(stream, min=sid, max=sid, count=1)
     out: list[bytes] = []
-    for page in pipe.execute() if rows else []:
+    for page in pipe.execute():
         for _, fields in page or []:
             origin = (fields or {}).get(b"o")
             if origin is not None:
