@@ -16,10 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.connection import AbstractConnection, HiredisRespSerializer
 from redis.retry import Retry
 
 from dualmem.errors import StoreUnavailable
 from dualmem.settings import Settings
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # a dependency, but redis-py runs without it: so does pack()
+    _hiredis_pack = None
 
 if TYPE_CHECKING:
     # Imported where an in-process server is made: fakeredis pulls in numpy, whose BLAS
@@ -328,12 +335,12 @@ def transact_watching(
     pool = client.connection_pool
     conn: Any = pool.get_connection()
     try:
-        watch = conn.pack_commands([(b"WATCH", watched), (b"GET", watched)])
+        watch = pack(conn, [(b"WATCH", watched), (b"GET", watched)])
         _, value = conn.retry.call_with_retry(
             lambda: _read_replies(conn, watch, 2), lambda _err: conn.disconnect()
         )
         decide(value)
-        packed = conn.pack_commands([(b"MULTI",), *commands, (b"EXEC",)])
+        packed = pack(conn, [(b"MULTI",), *commands, (b"EXEC",)])
         replies = _exchange(conn, packed, len(commands), aborted_ok=True)
         if replies is None:
             raise WatchedKeyChanged(f"{watched!r} changed after WATCH: nothing ran")
@@ -372,7 +379,7 @@ def _round_trip(
     pool = client.connection_pool
     conn: Any = pool.get_connection()  # redis-py leaves parts of Connection untyped
     try:
-        packed = conn.pack_commands(commands)
+        packed = pack(conn, commands)
         result: list[Any] = conn.retry.call_with_retry(
             lambda: exchange(conn, packed, count), lambda _err: conn.disconnect()
         )
@@ -385,6 +392,42 @@ def _round_trip(
         raise
     finally:
         pool.release(conn)
+
+
+def pack(conn: Any, commands: Sequence[tuple[Any, ...]]) -> Any:
+    """``conn.pack_commands(commands)``: the bytes redis-py would send, made faster.
+
+    redis-py packs each command through a generator per argument and a buffer-splitting
+    loop: 9 µs for a put's ``MULTI; SET; XADD; EXEC``, more than the rest of the
+    transport's Python. Where its packer is hiredis's (``hiredis`` installed, a plain
+    redis-py connection), this hands each command to ``hiredis.pack_command`` as redis-py
+    does and joins the result: the same bytes for 2.5 µs. Anything redis-py would rewrite
+    first (a command name with a space, ``bytearray``: ``hiredis`` refuses that) takes
+    redis-py's own path, which also raises its errors.
+
+    >>> conn = redis.Connection()
+    >>> b"".join(pack(conn, [(b"SET", b"k", "v", 5)])) == b"".join(
+    ...     conn.pack_commands([(b"SET", b"k", "v", 5)]))
+    True
+    """
+    cls = type(conn)
+    if (
+        _hiredis_pack is not None
+        and cls.pack_commands is AbstractConnection.pack_commands
+        and type(getattr(conn, "_command_packer", None)) is HiredisRespSerializer
+    ):
+        out = []
+        for command in commands:
+            name = command[0]
+            if type(name) is not bytes or b" " in name:
+                break
+            try:
+                out.append(_hiredis_pack(command))
+            except TypeError:
+                break
+        else:
+            return [b"".join(out)]
+    return conn.pack_commands(commands)
 
 
 class _Direct(list[list[bytes]]):

@@ -14,6 +14,7 @@ from dualmem.redis_backend import (
     connect,
     drop_memory_server,
     in_process_connection_class,
+    pack,
     send_many,
     transact,
 )
@@ -232,3 +233,41 @@ def test_an_interrupt_right_after_entering_a_get_leaves_no_mark() -> None:
     with pytest.raises(KeyboardInterrupt):
         q.get(timeout=0.1)
     assert threading.get_ident() not in q._inside
+
+
+_PACKED_COMMANDS = [
+    [(b"MULTI",), (b"SET", b"k", b"v" * 9000, b"PX", 3_600_000), (b"EXEC",)],  # > cutoff
+    [(b"XADD", b"s", b"*", b"sc", "agent:é", b"lv", 1, b"ts", 1.5, b"e", memoryview(b"x"))],
+    [(b"GET", b"")],
+]
+_REDIS_PY_PATH = [
+    [(b"CLIENT SETNAME", b"w-1")],  # redis-py splits a name with a space
+    [(b"SET", b"k", bytearray(b"v"))],  # hiredis refuses bytearray; redis-py copies it
+    [("SET", b"k", b"v")],  # a str name: redis-py encodes and splits it
+]
+
+
+@pytest.mark.parametrize("commands", _PACKED_COMMANDS + _REDIS_PY_PATH)
+def test_pack_gives_the_bytes_redis_py_would_send(commands: list[tuple[Any, ...]]) -> None:
+    conn = redis.Connection()
+    assert b"".join(pack(conn, commands)) == b"".join(conn.pack_commands(commands))
+
+
+@pytest.mark.parametrize("commands", _PACKED_COMMANDS)
+def test_pack_makes_one_buffer_where_hiredis_can(commands: list[tuple[Any, ...]]) -> None:
+    # One bytes object, one sendall: redis-py's own packing is what the put path skips.
+    assert len(pack(redis.Connection(), commands)) == 1
+
+
+def test_pack_refuses_what_redis_py_refuses() -> None:
+    with pytest.raises(redis.DataError):
+        pack(redis.Connection(), [(b"SET", b"k", None)])
+
+
+def test_pack_without_hiredis_is_redis_py_packing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dualmem.redis_backend as backend
+
+    monkeypatch.setattr(backend, "_hiredis_pack", None)
+    conn = redis.Connection()
+    commands = _PACKED_COMMANDS[0]
+    assert pack(conn, commands) == conn.pack_commands(commands)
