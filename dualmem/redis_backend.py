@@ -28,6 +28,12 @@ try:
 except ImportError:  # a dependency, but redis-py runs without it: so does pack()
     _hiredis_pack = None
 
+_observability: Callable[[], Any] | None
+try:
+    from redis.observability.providers import get_observability_instance as _observability
+except ImportError:  # a redis-py without OpenTelemetry metrics
+    _observability = None
+
 if TYPE_CHECKING:
     # Imported where an in-process server is made: fakeredis pulls in numpy, whose BLAS
     # starts threads, and a `dualmem worker` process on a real Redis needs none of it.
@@ -170,6 +176,92 @@ class _FairQueue(queue.LifoQueue[Any]):
         return item
 
 
+def _observed() -> bool:
+    """Whether redis-py's OpenTelemetry metrics are switched on in this process."""
+    if _observability is None:
+        return False
+    try:
+        manager = _observability().get_provider_manager()
+        return manager is not None and bool(manager.config.enabled_telemetry)
+    except Exception:  # a redis-py whose observability API changed: do it redis-py's way
+        return True
+
+
+class _CommandPool(redis.BlockingConnectionPool):
+    """redis-py's blocking pool, handing out and taking back connections with less Python.
+
+    redis-py's ``get_connection`` and ``release`` took 10 µs per command: a deprecation
+    wrapper and six calls that record OpenTelemetry metrics (no-ops unless switched on)
+    around the queue. That was the largest part of the put path's transport after packing.
+    Here the common case does what redis-py does without them: check for a fork, take a
+    connection from the queue (``_FairQueue``: waiting threads in turn), connect it,
+    and, as redis-py does only with maintenance notifications off, reconnect one that
+    has data to read; given back, it goes to the queue. redis-py's own code runs
+    whenever anything else is in play: its metrics switched on, a client-side cache, a
+    pool in maintenance, a connection from before a fork or marked for reconnection.
+    """
+
+    def _plain(self) -> bool:
+        state: Any = self
+        return (
+            not getattr(state, "_in_maintenance", False)
+            and getattr(state, "cache", None) is None
+            and not _observed()
+        )
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        """A connected connection from the queue (see the class)."""
+        base: Any = super()
+        if args or kwargs or not self._plain():
+            return base.get_connection(*args, **kwargs)
+        self._checkpid()
+        state: Any = self
+        try:
+            conn = state.pool.get(block=True, timeout=state.timeout)
+        except queue.Empty:
+            raise redis.ConnectionError("No connection available.") from None
+        if conn is None:
+            try:
+                conn = state.make_connection()
+            except BaseException:
+                state.pool.put_nowait(None)  # the slot stays free
+                raise
+        try:
+            conn.connect()
+            if not state.maint_notifications_enabled():
+                # As redis-py: unread data, or a connection Redis closed, is reconnected.
+                # (With maintenance notifications on, the default, redis-py does not
+                # look: an idle connection may hold a notification. transact's PING of
+                # an idle connection is what finds one Redis closed.)
+                try:
+                    if conn.can_read():
+                        raise redis.ConnectionError("Connection has data")
+                except (redis.ConnectionError, redis.TimeoutError, OSError):
+                    conn.disconnect()
+                    conn.connect()
+                    if conn.can_read():
+                        raise redis.ConnectionError("Connection not ready") from None
+        except BaseException:
+            state.release(conn)
+            raise
+        return conn
+
+    def release(self, connection: Any) -> None:
+        """Give ``connection`` back to the queue (see the class)."""
+        self._checkpid()  # first: after a fork no connection of the parent's is ours
+        if (
+            not self._plain()
+            or not self.owns_connection(connection)
+            or connection.should_reconnect()
+        ):
+            base: Any = super()
+            base.release(connection)
+            return
+        state: Any = self
+        with contextlib.suppress(queue.Full):
+            state.pool.put_nowait(connection)
+
+
 #: The longest pause between two attempts of one command, in seconds.
 _BACKOFF_CAP = 0.05
 
@@ -210,7 +302,7 @@ def connect(
         else:
             fake = fakeredis.FakeRedis(
                 server=srv.server,
-                connection_pool_class=redis.BlockingConnectionPool,
+                connection_pool_class=_CommandPool,
                 max_connections=settings.max_connections,
             )
             # fakeredis passes no pool arguments but the connections' own.
@@ -234,7 +326,7 @@ def connect(
             settings.redis_url, max_connections=_PUBSUB_MAX_CONNECTIONS, **options
         )
     else:
-        pool = redis.BlockingConnectionPool.from_url(
+        pool = _CommandPool.from_url(
             settings.redis_url,
             max_connections=settings.max_connections,
             timeout=wait,

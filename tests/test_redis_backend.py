@@ -271,3 +271,106 @@ def test_pack_without_hiredis_is_redis_py_packing(monkeypatch: pytest.MonkeyPatc
     conn = redis.Connection()
     commands = _PACKED_COMMANDS[0]
     assert pack(conn, commands) == conn.pack_commands(commands)
+
+
+def _command_client(redis_url: str, **settings: Any) -> redis.Redis:
+    client, _ = connect(Settings(redis_url=redis_url, **settings))
+    return client
+
+
+def test_the_command_pool_hands_out_connections_without_redis_py_s_checkout(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The put path's checkout: redis-py's get_connection/release (10 µs of metrics calls
+    # and wrappers per command) are not on it while nothing needs them.
+    client = _command_client(redis_url)
+    try:
+        assert transact(client, [(b"SET", b"k", b"v")]) == [b"OK"]
+
+        def not_here(*_args: Any, **_kwargs: Any) -> Any:
+            raise AssertionError("redis-py's own checkout ran")
+
+        monkeypatch.setattr(redis.BlockingConnectionPool, "get_connection", not_here)
+        monkeypatch.setattr(redis.BlockingConnectionPool, "release", not_here)
+        assert transact(client, [(b"INCR", b"n")]) == [1]
+        assert client.get(b"k") == b"v"  # redis-py's own commands use the same pool
+    finally:
+        monkeypatch.undo()
+        client.close()
+
+
+def test_the_command_pool_lets_redis_py_check_out_when_its_metrics_are_on(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dualmem.redis_backend as backend
+
+    client = _command_client(redis_url)
+    seen: list[str] = []
+    get, release = redis.BlockingConnectionPool.get_connection, redis.BlockingConnectionPool.release
+
+    def counted_get(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append("get")
+        return get(self, *args, **kwargs)
+
+    def counted_release(self: Any, conn: Any) -> None:
+        seen.append("release")
+        release(self, conn)
+
+    monkeypatch.setattr(redis.BlockingConnectionPool, "get_connection", counted_get)
+    monkeypatch.setattr(redis.BlockingConnectionPool, "release", counted_release)
+    monkeypatch.setattr(backend, "_observed", lambda: True)
+    try:
+        assert transact(client, [(b"SET", b"k", b"v")]) == [b"OK"]
+        assert seen == ["get", "release"]
+    finally:
+        client.close()
+
+
+def test_a_connection_that_failed_to_be_made_leaves_its_slot(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One connection allowed: had the failed make_connection taken the slot's token with
+    # it, every later command would wait out the pool timeout and fail.
+    client = _command_client(redis_url, max_connections=1)
+    pool: Any = client.connection_pool
+    made = pool.make_connection
+
+    def fails_once() -> Any:
+        monkeypatch.setattr(pool, "make_connection", made)
+        raise OSError("no file descriptors left")
+
+    monkeypatch.setattr(pool, "make_connection", fails_once)
+    try:
+        with pytest.raises(OSError, match="no file descriptors"):
+            transact(client, [(b"SET", b"k", b"v")])
+        assert transact(client, [(b"GET", b"k")]) == [None]
+    finally:
+        client.close()
+
+
+@pytest.mark.real_redis
+def test_the_command_pool_is_fork_safe(redis_server: Any) -> None:
+    # A child must never use its parent's socket (both would read each other's replies).
+    import os
+
+    client = _command_client(redis_server.url)
+    try:
+        transact(client, [(b"SET", b"fork", b"parent")])
+        parent_conn: Any = client.connection_pool.get_connection()
+        parent_sock = parent_conn._sock
+        client.connection_pool.release(parent_conn)
+        pid = os.fork()
+        if pid == 0:  # the child: exit status tells the parent what it saw
+            ok = False
+            try:
+                conn: Any = client.connection_pool.get_connection()
+                fresh = conn._sock is not parent_sock and conn.pid == os.getpid()
+                client.connection_pool.release(conn)
+                ok = fresh and transact(client, [(b"GET", b"fork")]) == [b"parent"]
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert transact(client, [(b"SET", b"fork", b"still")]) == [b"OK"]  # parent's intact
+    finally:
+        client.close()
