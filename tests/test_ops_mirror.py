@@ -1174,6 +1174,60 @@ def test_broken_deleted_and_stray_files(
     assert v["code"] == 1 and v["problems"] == ["swarm:s1/stray.json: no live record in SQLite"]
 
 
+def test_a_running_mirror_reads_only_files_changed_since_its_last_save(
+    mem: DualMemory,
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The state's save time stayed what it was at start-up, so a long-running mirror read
+    # every file it had written since then again, each cycle, to compare its content.
+    import dualmem.ops.mirror as mirror_module
+
+    for i in range(5):
+        put(mem, f"r{i}", i)
+    mem.close(timeout=5)
+    read: list[str] = []
+    real = Path.read_bytes
+
+    def counted(path: Path) -> bytes:
+        if path.suffix == ".json" and path.name != STATE_FILE:
+            read.append(path.name)
+        return real(path)
+
+    with started_mirror(settings_for(redis_url, db_path, keyfile), mdir) as (_rt, mirror):
+        assert len(list((mdir / "swarm:s1").iterdir())) == 5
+        time.sleep(mirror_module._RACY_NS / 1e9 + 0.1)  # the files' stamps are settled
+        mirror.cycle(int(time.time() * 1000))  # saves the state: its time is now
+        time.sleep(0.05)
+        monkeypatch.setattr(Path, "read_bytes", counted)
+        write_value(file_of(mdir, "r0"), 10)
+        report = mirror.cycle(int(time.time() * 1000))
+        assert report.imported == 1, report.events
+        assert read == ["r0.json"]  # the edited file only
+
+
+def test_a_stray_file_deleted_leaves_the_state(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put(mem, "x", 1)
+    once(capsys, args, mdir)
+    stray = mdir / "swarm:s1" / "stray.json"
+    stray.write_text("not json at all", encoding="utf-8")
+    once(capsys, args, mdir)
+    assert list(json.loads((mdir / STATE_FILE).read_text())["rejected"]) == ["swarm:s1/stray.json"]
+    stray.unlink()
+    once(capsys, args, mdir)
+    assert json.loads((mdir / STATE_FILE).read_text())["rejected"] == {}
+    # Saved there again, the same bytes are judged again (and reported again).
+    stray.write_text("not json at all", encoding="utf-8")
+    out = once(capsys, args, mdir)
+    assert "rejected swarm:s1/stray.json" in out
+    assert [k for k, key, _ in sync_events(db_path) if key == ""] == ["rejected", "rejected"]
+
+
 def test_a_file_nested_too_deeply_to_parse_is_rejected_and_the_cycle_goes_on(
     mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -196,7 +196,9 @@ class MirrorState:
             raise ConfigurationError(f"{path} is not a dualmem mirror state: {exc}") from exc
 
     def save(self, directory: Path) -> None:
-        """Write the state atomically (temp file, fsync, rename)."""
+        """Write the state atomically (temp file, fsync, rename); ``saved_ns`` becomes
+        the time of this save, as a mirror restarted from the file would see it."""
+        now = time.time_ns()
         doc = {
             "format": _STATE_FORMAT,
             "version": 1,
@@ -204,11 +206,12 @@ class MirrorState:
             "levels": self.levels,
             "files": self.files,
             "rejected": self.rejected,
-            "saved_ns": time.time_ns(),
+            "saved_ns": now,
             "audit_id": self.audit_id,
             "recheck": self.recheck,
         }
         _atomic_write(directory / STATE_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
+        self.saved_ns = now
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -842,6 +845,8 @@ class Mirror:
             if entry is None and self.state.rejected.get(rel) == digest:
                 continue
             self._edited(conn, now_ms, path, rel, data, entry, changed, writes, events, report)
+        for rel in [rel for rel in self.state.rejected if rel not in present]:
+            del self.state.rejected[rel]  # gone: a file saved there later is judged afresh
         for rel, entry in list(self.state.files.items()):
             scope, key = entry["scope"], entry["key"]
             if rel not in present and rel != self._rel(scope, key):
