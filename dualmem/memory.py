@@ -48,7 +48,7 @@ from dualmem.metrics import Metrics, prometheus_text
 from dualmem.projection import projected
 from dualmem.redis_backend import connect, text, transact, translate_errors
 from dualmem.rotation import KeyfileWatcher, keyfile_signature
-from dualmem.settings import Settings, check_seconds
+from dualmem.settings import Settings, check_seconds, load_keyring
 from dualmem.sqlite_store import SQLiteStore, holds_sealed_rows, make_database_directory
 from dualmem.store import Change, Store, StoredRow
 from dualmem.worker import Worker, ensure_groups, settled_through, stream_backlog
@@ -1220,14 +1220,11 @@ def _check_page_size(name: str, value: object) -> None:
 
 
 def _load_keyring(settings: Settings) -> Keyring:
-    if settings.keyring:
-        return Keyring.load(settings.keyring)
-    if settings.key:
-        return Keyring.from_secret(settings.key)
+    ring = load_keyring(settings)
+    if ring is not None:
+        return ring
     if settings.embedded:
         path = settings.default_keyring_path
-        if settings.default_key_file_exists():
-            return Keyring.load(path)
         if holds_sealed_rows(settings.db_path) and not path.exists():  # not made meanwhile
             # A database copied or moved without its key file: a new key would open none
             # of its records, and records sealed under it would be stranded once the old

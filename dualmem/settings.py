@@ -16,7 +16,7 @@ from typing import Any, Literal, overload
 
 from redis.connection import parse_url
 
-from acl.crypto import DEFAULT_COMPRESS_THRESHOLD, DEFAULT_MAX_VALUE_BYTES
+from acl.crypto import DEFAULT_COMPRESS_THRESHOLD, DEFAULT_MAX_VALUE_BYTES, Keyring
 from acl.errors import ConfigurationError, ValidationError
 from dualmem.commands import MAX_TTL_SECONDS, check_text
 
@@ -27,6 +27,7 @@ __all__ = [
     "WORKER_SCHED",
     "Settings",
     "check_seconds",
+    "load_keyring",
 ]
 
 log = logging.getLogger(__name__)
@@ -551,3 +552,21 @@ def _parse(name: str, type_name: str, raw: str, *, argument: bool = False) -> An
             ) from exc
         raise ConfigurationError(f"{var}={raw!r} is not a valid {type_name}: {exc}") from exc
     return raw
+
+
+def load_keyring(settings: Settings) -> Keyring | None:
+    """The configured keyring, or ``None`` when no key is configured (never creates one:
+    ``DualMemory`` creates the embedded default's key file, operator tools never do).
+
+    A key file that others can read, or that does not exist, is a ``ConfigurationError``.
+
+    >>> load_keyring(Settings(redis_url="redis://127.0.0.1:6379/0")) is None
+    True
+    """
+    if settings.keyring:
+        return Keyring.load(settings.keyring)
+    if settings.key:
+        return Keyring.from_secret(settings.key)
+    if settings.embedded and settings.default_key_file_exists():
+        return Keyring.load(settings.default_keyring_path)
+    return None

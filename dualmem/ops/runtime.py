@@ -44,7 +44,7 @@ from dualmem.redis_backend import (
     translate_errors,
 )
 from dualmem.rotation import KeyfileWatcher, keyfile_signature
-from dualmem.settings import Settings
+from dualmem.settings import Settings, load_keyring
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.worker import Worker, ensure_groups
 
@@ -57,20 +57,6 @@ __all__ = [
     "new_database_is_safe",
     "redis_client",
 ]
-
-
-def load_keyring(settings: Settings) -> Keyring | None:
-    """The configured keyring, or ``None`` when no key is configured (never creates one).
-
-    A key file that others can read, or that does not exist, is a ``ConfigurationError``.
-    """
-    if settings.keyring:
-        return Keyring.load(settings.keyring)
-    if settings.key:
-        return Keyring.from_secret(settings.key)
-    if settings.embedded and settings.default_key_file_exists():
-        return Keyring.load(settings.default_keyring_path)
-    return None
 
 
 @dataclass(frozen=True, slots=True)
