@@ -509,24 +509,41 @@ def may_be_sealed_by(envelope: bytes, writer: bytes) -> bool:
     return envelope[at + 2 : end] == writer
 
 
-def _sealed_header(envelope: bytes) -> tuple[int, Sealing] | None:
-    """``(nonce offset, sealing)`` of a version-2 envelope, else ``None``."""
+def _writer_span(envelope: bytes) -> tuple[int, int] | None:
+    """Where a version-2 envelope's writer starts and ends (the nonce follows), else
+    ``None`` (another version, or a header cut short)."""
     if len(envelope) < 3 or envelope[0] != SEALED_VERSION or envelope[2] == 0:
         return None
-    at = 3 + envelope[2]
-    end = at + SEALING_BYTES + 2
+    end = 3 + envelope[2] + SEALING_BYTES + 2
     if len(envelope) < end:
         return None
-    m = int.from_bytes(envelope[end - 2 : end], "big")
-    if len(envelope) < end + m:
+    stop = end + int.from_bytes(envelope[end - 2 : end], "big")
+    return (end, stop) if len(envelope) >= stop else None
+
+
+def _sealed_header(envelope: bytes) -> tuple[int, Sealing] | None:
+    """``(nonce offset, sealing)`` of a version-2 envelope, else ``None``."""
+    span = _writer_span(envelope)
+    if span is None:
         return None
+    end, stop = span
     try:
-        writer = envelope[end : end + m].decode("utf-8")
+        writer = envelope[end:stop].decode("utf-8")
     except UnicodeDecodeError:
         return None
+    at = 3 + envelope[2]
     write_id = envelope[at : at + WRITE_ID_BYTES]
     generation = int.from_bytes(envelope[at + WRITE_ID_BYTES : at + SEALING_BYTES], "big")
-    return end + m, Sealing(write_id, generation, writer)
+    return stop, Sealing(write_id, generation, writer)
+
+
+def _where(scope: str, key: str, level: Level) -> str:
+    """A record's place, as error messages name it (built only for an error)."""
+    return f"{scope}/{key} at level {level.name}"
+
+
+def _tampered(scope: str, key: str, level: Level, what: str) -> TamperedRecord:
+    return TamperedRecord(f"envelope for {_where(scope, key, level)} {what}")
 
 
 class Codec:
@@ -654,23 +671,19 @@ class Codec:
             raise _not_text(scope=scope, key=key)
         if not isinstance(level, Level):
             level = as_level(level)
-        where = f"{scope}/{key} at level {level.name}"
         if len(envelope) < 2 or envelope[0] not in (ENVELOPE_VERSION, SEALED_VERSION):
-            raise TamperedRecord(f"envelope for {where} has an unknown format")
+            raise _tampered(scope, key, level, "has an unknown format")
         flags = envelope[1]
         if flags & ~(FLAG_COMPRESSED | FLAGENCRYPTED_LEVELS):
-            raise TamperedRecord(f"envelope for {where} has unknown flags")
+            raise _tampered(scope, key, level, "has unknown flags")
         encrypted = bool(flags & FLAGENCRYPTED_LEVELS)
         if encrypted != (level in ENCRYPTED_LEVELS):
             # A plaintext envelope planted at an encrypted level (or the reverse) is an
             # attack on the level, not a format we accept.
-            raise TamperedRecord(f"envelope for {where} does not match the level's encryption")
+            raise _tampered(scope, key, level, "does not match the level's encryption")
         if envelope[0] == SEALED_VERSION and not encrypted:
-            raise TamperedRecord(f"envelope for {where} has an unknown format")
-        if encrypted:
-            payload = self._decrypt(envelope, where, scope, key, level, owner)
-        else:
-            payload = envelope[2:]
+            raise _tampered(scope, key, level, "has an unknown format")
+        payload = self._decrypt(envelope, scope, key, level, owner) if encrypted else envelope[2:]
         if flags & FLAG_COMPRESSED:
             return self.compressor.decode(payload)
         return payload
@@ -678,7 +691,6 @@ class Codec:
     def _decrypt(
         self,
         envelope: bytes,
-        where: str,
         scope: str,
         key: str,
         level: Level,
@@ -686,34 +698,44 @@ class Codec:
     ) -> bytes:
         """The (possibly compressed) payload of an encrypted envelope, authenticated."""
         if len(envelope) < 3:
-            raise TamperedRecord(f"envelope for {where} is truncated")
+            raise _tampered(scope, key, level, "is truncated")
         n = envelope[2]
         start = 3 + n
         if envelope[0] == SEALED_VERSION:
-            sealed = _sealed_header(envelope)
-            if sealed is None:
-                raise TamperedRecord(f"envelope for {where} is truncated")
-            start = sealed[0]
-            if owner is not None and sealed[1].writer != owner:
-                raise TamperedRecord(
-                    f"envelope for {where} was sealed by {sealed[1].writer!r}, not by its "
-                    f"recorded writer {owner!r}"
+            span = _writer_span(envelope)
+            if span is None:
+                raise _tampered(scope, key, level, "is truncated")
+            try:
+                writer = envelope[span[0] : span[1]].decode("utf-8")
+            except UnicodeDecodeError:
+                raise _tampered(scope, key, level, "is truncated") from None
+            start = span[1]
+            if owner is not None and writer != owner:
+                raise _tampered(
+                    scope,
+                    key,
+                    level,
+                    f"was sealed by {writer!r}, not by its recorded writer {owner!r}",
                 )
         if n == 0 or len(envelope) < start + NONCE_BYTES + TAG_BYTES:
-            raise TamperedRecord(f"envelope for {where} is truncated")
+            raise _tampered(scope, key, level, "is truncated")
         try:
             kid = envelope[3 : 3 + n].decode("ascii")
         except UnicodeDecodeError as exc:
-            raise TamperedRecord(f"envelope for {where} has a malformed key id") from exc
+            raise _tampered(scope, key, level, "has a malformed key id") from exc
         if self.keyring is None:
-            raise ConfigurationError(f"record {where} is encrypted but no keyring is configured")
+            raise ConfigurationError(
+                f"record {_where(scope, key, level)} is encrypted but no keyring is configured"
+            )
         aead = self.keyring.aead(kid)
         nonce = envelope[start : start + NONCE_BYTES]
         aad = _aad(envelope[:start], scope, key, level)
         try:
             return aead.decrypt(nonce, envelope[start + NONCE_BYTES :], aad)
         except InvalidTag:
-            raise TamperedRecord(f"envelope failed authentication for {where}") from None
+            raise TamperedRecord(
+                f"envelope failed authentication for {_where(scope, key, level)}"
+            ) from None
 
     def open(
         self,

@@ -6,7 +6,7 @@ from enum import IntEnum
 
 from acl.errors import ValidationError
 
-__all__ = ["ENCRYPTED_LEVELS", "Level", "as_level"]
+__all__ = ["ENCRYPTED_LEVELS", "Level", "as_level", "level_of_number"]
 
 
 class Level(IntEnum):
@@ -31,6 +31,24 @@ class Level(IntEnum):
 
 
 ENCRYPTED_LEVELS = frozenset({Level.PRIVATE, Level.TEAM, Level.SYSTEM})
+
+_BY_NUMBER: dict[object, Level] = {int(level): level for level in Level}
+
+
+def level_of_number(number: int) -> Level:
+    """``Level(number)`` for a number read back from storage, in a dict lookup: the enum's
+    own call took 0.5 µs, on every row and every stream entry read. Anything that is not
+    a level's number raises ``ValueError``, as ``Level(number)`` does.
+
+    >>> level_of_number(2)
+    <Level.TEAM: 2>
+    >>> level_of_number(7)
+    Traceback (most recent call last):
+    ...
+    ValueError: 7 is not a valid Level
+    """
+    level = _BY_NUMBER.get(number)
+    return Level(number) if level is None else level
 
 
 def as_level(value: object) -> Level:

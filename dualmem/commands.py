@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from acl.crypto import SEALED_VERSION, envelope_sealing, may_be_sealed_by
 from acl.errors import ValidationError
-from acl.levels import ENCRYPTED_LEVELS, Level
+from acl.levels import ENCRYPTED_LEVELS, Level, level_of_number
 from acl.policy import level_of_scope
 from acl.text import encodes_utf8
 
@@ -389,7 +389,7 @@ def decode_command(fields: Mapping[bytes, bytes]) -> Command:
     key = _text(fields, b"k")
     try:
         check_key(key)
-        level = Level(_int(fields, b"l"))
+        level = level_of_number(_int(fields, b"l"))
         scope_level = level_of_scope(scope)
     except (ValidationError, ValueError) as exc:
         raise MalformedCommand(str(exc)) from exc

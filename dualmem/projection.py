@@ -30,7 +30,7 @@ from typing import Any
 
 from acl.crypto import Codec
 from acl.errors import DualMemError
-from acl.levels import Level
+from acl.levels import Level, level_of_number
 from dualmem.commands import OP_AUDIT, OP_DELETE, OP_PUT, Command, MalformedCommand
 
 __all__ = [
@@ -671,7 +671,9 @@ PLAYBOOK_RUN_COLUMNS = (
 
 def row_to_mission(r: Sequence[Any]) -> Mission:
     """A ``missions`` row (columns as in ``SQLiteStore``) as a :class:`Mission`."""
-    return Mission(r[1], r[0], Level(r[2]), r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9])
+    return Mission(
+        r[1], r[0], level_of_number(r[2]), r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9]
+    )
 
 
 def row_to_tool_call(r: Sequence[Any]) -> ToolCall:

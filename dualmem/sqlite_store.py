@@ -17,7 +17,7 @@ from typing import Any
 
 from acl.crypto import envelope_key_id, envelope_sealing
 from acl.errors import ConfigurationError
-from acl.levels import ENCRYPTED_LEVELS, Level
+from acl.levels import ENCRYPTED_LEVELS, level_of_number
 from dualmem.batch import GENESIS, BatchPlan, chain_hash, plan_batch
 from dualmem.commands import OP_DELETE, MalformedCommand, sid_of
 from dualmem.errors import StoreUnavailable
@@ -162,11 +162,11 @@ def prefix_upper_bound(prefix: str) -> str | None:
 
 
 def _row(r: Row) -> StoredRow:
-    return StoredRow(r[0], r[1], Level(r[2]), r[3], r[4], r[5], r[6], r[7], r[8])
+    return StoredRow(r[0], r[1], level_of_number(r[2]), r[3], r[4], r[5], r[6], r[7], r[8])
 
 
 def _change(r: Row) -> Change:
-    return Change(r[0], r[1], r[2], r[3], r[4], r[5], Level(r[6]), r[7], r[8], r[9])
+    return Change(r[0], r[1], r[2], r[3], r[4], r[5], level_of_number(r[6]), r[7], r[8], r[9])
 
 
 class SQLiteStore(Store):
@@ -810,7 +810,9 @@ class SQLiteStore(Store):
             "ORDER BY scope, key LIMIT ?",
             [*params, limit],
         )
-        return [SealedRow(r[0], r[1], Level(r[2]), bytes(r[3]), bytes(r[4])) for r in rows]
+        return [
+            SealedRow(r[0], r[1], level_of_number(r[2]), bytes(r[3]), bytes(r[4])) for r in rows
+        ]
 
     def count_sealed_rows(self, levels: Sequence[int], *, skip_key_field: bytes = b"") -> int:
         """See :meth:`Store.count_sealed_rows`."""
