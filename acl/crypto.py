@@ -577,6 +577,13 @@ class Codec:
             raise ConfigurationError(
                 f"Codec keyring must be an acl.Keyring or None, got {type(keyring).__name__}"
             )
+        for name, number, low in (
+            ("compress_threshold", compress_threshold, 0),
+            ("max_value_bytes", max_value_bytes, 1),
+        ):
+            # A str or None here failed at the first seal, as a TypeError from a compare.
+            if isinstance(number, bool) or not isinstance(number, int) or number < low:
+                raise ConfigurationError(f"Codec {name} must be an int >= {low}, got {number!r}")
         self.keyring = keyring
         self.max_value_bytes = max_value_bytes
         self.serializer = JsonSerializer()
@@ -669,6 +676,8 @@ class Codec:
             raise ValidationError(f"envelope must be bytes, got {type(envelope).__name__}")
         if not isinstance(scope, str) or not isinstance(key, str):
             raise _not_text(scope=scope, key=key)
+        if owner is not None and not isinstance(owner, str):
+            raise _not_text(owner=owner)  # never equal to a writer: it looked tampered with
         if not isinstance(level, Level):
             level = as_level(level)
         if len(envelope) < 2 or envelope[0] not in (ENVELOPE_VERSION, SEALED_VERSION):

@@ -472,6 +472,21 @@ def test_a_codec_given_the_wrong_type_raises_a_dualmem_error(codec: Codec) -> No
                 codec.open(env, **bad)  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="owner must be a str, got NoneType"):
         codec.seal(1, **where, owner=None)  # type: ignore[arg-type]
+    # An owner that is not a str was never equal to the envelope's writer: it read as a
+    # tampered record (and a reader would audit it as one).
+    with pytest.raises(ValidationError, match="owner must be a str, got int"):
+        codec.open(env, **where, owner=5)  # type: ignore[arg-type]
+    assert codec.open(env, **where, owner=None) == 1  # None: no writer to check
+    # A str or None size failed at the first seal, as a TypeError from a compare.
+    for name, bad_value in (
+        ("compress_threshold", "512"),
+        ("compress_threshold", -1),
+        ("max_value_bytes", None),
+        ("max_value_bytes", 0),
+        ("max_value_bytes", True),
+    ):
+        with pytest.raises(ConfigurationError, match=f"Codec {name} must be an int"):
+            Codec(None, **{name: bad_value})  # type: ignore[arg-type]
 
 
 def test_one_utf8_check_serves_principal_ids_and_key_file_paths() -> None:
