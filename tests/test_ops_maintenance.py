@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -178,6 +179,7 @@ def test_purge_keeps_a_tombstone_an_unacknowledged_older_put_needs(
     args: list[str],
     raw_redis: redis.Redis,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # On the second of two shards, with purge not told --shards 2: the journal says so.
     writer = make_mem(worker=False, shards=2)
@@ -190,8 +192,11 @@ def test_purge_keeps_a_tombstone_an_unacknowledged_older_put_needs(
     worker._next_claim = time.monotonic() + 3600  # claims nothing
     assert worker.step() == 1  # the delete: a tombstone
     time.sleep(0.01)
+    checks = _count_checks(monkeypatch)
     code, out, _ = run_cli(capsys, "purge", *args, "--tombstone-ttl", "0")
     assert code == 0 and "purged 0 expired value(s)" in out, out
+    # The journal's shards come from the one read-only open that checks the schema.
+    assert checks == {"check_current": 1, "read-only opens": 1}, checks
     assert count(writer.store.path, "memory") == 1  # the tombstone the older put needs
     raw_redis.xack(stream, writer.settings.group, raw_redis.xrange(stream, count=1)[0][0])
     code, out, _ = run_cli(capsys, "purge", *args, "--tombstone-ttl", "0")
@@ -204,6 +209,27 @@ def test_purge_keeps_a_tombstone_an_unacknowledged_older_put_needs(
     port = free_port()
     code, _, err = run_cli(capsys, "purge", *args[2:], "--redis-url", f"redis://127.0.0.1:{port}/0")
     assert code == 2 and "purge needs Redis at" in err and "--redis-url memory://" in err
+
+
+def _count_checks(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count ``check_current`` calls and read-only ``open_database`` opens from now on."""
+    from dualmem.ops import database, maintenance
+
+    counts = {"check_current": 0, "read-only opens": 0}
+    check, open_db = database.check_current, database.open_database
+
+    def counted_check(conn: sqlite3.Connection, path: str | Path) -> int:
+        counts["check_current"] += 1
+        return check(conn, path)
+
+    def counted_open(path: str | Path, *, write: bool = False) -> Any:
+        counts["read-only opens"] += not write
+        return open_db(path, write=write)
+
+    for module in (database, maintenance):
+        monkeypatch.setattr(module, "check_current", counted_check)
+        monkeypatch.setattr(module, "open_database", counted_open)
+    return counts
 
 
 # -- dlq ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -565,25 +566,21 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0 if r.ok else _EXIT_FOUND
 
 
-def _unacknowledged_floor(settings: Settings) -> bytes | None:
+def _unacknowledged_floor(settings: Settings, journal_shards: int) -> bytes | None:
     """The deployment's oldest unacknowledged command (``purge_floor``), read from Redis,
-    on every shard ``--shards`` names or the database's journal has seen.
+    on every shard ``--shards`` names or the database's journal has seen
+    (``journal_shards``, which ``purge_database`` counts when it checks the file).
 
     A tombstone above it must stay whatever its age, so purge does not go on without
     knowing it. The embedded ``memory://`` Redis of this process holds no other process's
-    commands (and is how an operator whose Redis lost its data for good says so).
+    commands (and is how an operator whose Redis lost its data for good says so): the
+    caller does not ask then.
     """
-    if settings.embedded:
-        return None
     from dualmem.layout import Layout
-    from dualmem.ops.database import check_current, open_database
     from dualmem.redis_backend import connect, translate_errors
     from dualmem.worker import purge_floor
 
-    with open_database(settings.db_path) as conn:
-        check_current(conn, settings.db_path)
-        top = conn.execute("SELECT MAX(shard) FROM journal").fetchone()[0]
-    shards = max(settings.shards, 0 if top is None else int(top) + 1)
+    shards = max(settings.shards, journal_shards)
     client, _ = connect(settings)
     try:
         with translate_errors(
@@ -612,14 +609,16 @@ def cmd_purge(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             f"--tombstone-ttl must be 0..{MAX_TOMBSTONE_TTL} seconds, got {ttl}"
         )
-    floor = _unacknowledged_floor(settings)
+    # The floor is read once purge_database has opened and checked the file (and counted
+    # its journal's shards), before it drops anything; memory:// has none to read.
+    read_floor = None if settings.embedded else functools.partial(_unacknowledged_floor, settings)
     with _progress(console) as progress:
         r = purge_database(
             settings.db_path,
             now_ms=now,
             tombstones_before_ms=now - ttl * 1000,
             full_vacuum=args.vacuum,
-            floor=floor,
+            read_floor=read_floor,
             progress=progress,
         )
     console.print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,7 @@ def purge_database(
     tombstones_before_ms: int,
     full_vacuum: bool = False,
     floor: bytes | None = None,
+    read_floor: Callable[[int], bytes | None] | None = None,
     progress: ProgressFn = NO_PROGRESS,
 ) -> PurgeResult:
     """Drop expired values and old tombstones, then hand free pages back to the file system.
@@ -130,7 +132,12 @@ def purge_database(
     An expired row keeps its key as a tombstone until ``tombstones_before_ms`` passes its
     expiry, like a delete's, so a late older command cannot bring the value back.
     ``floor`` (see :func:`dualmem.worker.purge_floor`) keeps every tombstone at or above
-    the oldest command still unacknowledged in Redis, whatever its age.
+    the oldest command still unacknowledged in Redis, whatever its age. ``read_floor``
+    instead finds it out: it is called once, after the database is opened and checked,
+    with the number of shards its journal has seen (``MAX(shard) + 1``, 0 for an empty
+    journal), and returns the floor; what it raises stops the purge before any row goes
+    (``dualmem purge`` reads the streams of those shards from Redis this way, without
+    opening the file a second time). Passing both is a ``ValueError``.
 
     The rows go through ``Store.purge``, the very transaction the worker runs on its own
     schedule; it deletes only rows that reads already treat as absent, and takes the write
@@ -141,9 +148,16 @@ def purge_database(
     for reuse but cannot shrink; ``full_vacuum`` converts it with one ``VACUUM``, which
     rewrites the whole file and blocks writers while it runs (an offline operation).
     """
+    if floor is not None and read_floor is not None:
+        raise ValueError("pass floor or read_floor, not both")
     with open_database(path) as conn:
         check_current(conn, path)
         before = database_size(conn, path)
+        top = None
+        if read_floor is not None:
+            top = conn.execute("SELECT MAX(shard) FROM journal").fetchone()[0]
+    if read_floor is not None:
+        floor = read_floor(0 if top is None else int(top) + 1)
     store = SQLiteStore(path)
     removed = 0
     try:
