@@ -22,13 +22,16 @@ import redis
 
 from acl import Keyring, Level, Principal, envelope_key_id
 from dualmem import DualMemory, Receipt
+from dualmem.commands import put_fields
 from dualmem.errors import Backpressure
 from dualmem.ops import dlq
-from dualmem.ops.mirror import STATE_FILE, Mirror, record_path
+from dualmem.ops.mirror import STATE_FILE, Mirror, _follow, record_path
 from dualmem.ops.runtime import Runtime
 from dualmem.redis_backend import connect
 from dualmem.rotation import add_active_key, drop_keys, rotate_keys
 from dualmem.settings import Settings
+from dualmem.sqlite_store import SQLiteStore
+from dualmem.store import StreamEntry
 from dualmem.worker import Worker
 
 from .conftest import run_cli
@@ -1739,3 +1742,40 @@ def test_a_failed_imports_file_goes_back_after_a_failed_file_write(
         again.cycle(int(time.time() * 1000))
         assert doc(f)["value"] == {"v": 0}
     assert [k for k, key, _ in sync_events(db_path) if key == "cfg"].count("failed") == 1
+
+
+def test_follow_tells_where_a_command_went(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "m.db")
+    fields = {
+        k: v if isinstance(v, bytes) else str(v).encode()
+        for k, v in put_fields("swarm:s", "k", Level.SWARM, "a", 1000, b"\x01\x00v", None).items()
+    }
+
+    def letter(sid: str, replayed_as: str | None = None, *, replayed: bool = True) -> int:
+        store.dead_letter([(StreamEntry(0, sid, fields), f"poisoned {sid}", 3)])
+        (d,) = [d for d in store.dead_letters(include_replayed=True) if d.stream_id == sid]
+        if replayed:
+            store.mark_replayed([d.id], None if replayed_as is None else [replayed_as])
+        return d.id
+
+    try:
+        dead = letter("2-0", replayed=False)
+        letter("3-0")  # replayed before schema 4: under an id not recorded
+        letter("4-0", "5-0")
+        for ms in range(100, 116):  # 16 dead letters, each replayed as the next id
+            letter(f"{ms}-0", f"{ms + 1}-0")
+        tail = letter("116-0", replayed=False)
+        with contextlib.closing(sqlite3.connect(tmp_path / "m.db")) as conn:
+            assert _follow(conn, 0, "1-0") == ("1-0", None)
+            assert _follow(conn, 1, "2-0") == ("2-0", None)  # another shard's letter
+            assert _follow(conn, 0, "2-0") == (None, (dead, "poisoned 2-0"))
+            # The dead letters alone tell it: a commit of the same id is not looked for.
+            store.apply([StreamEntry(0, "2-0", fields)])
+            assert _follow(conn, 0, "2-0") == (None, (dead, "poisoned 2-0"))
+            assert _follow(conn, 0, "3-0") == (None, None)
+            assert _follow(conn, 0, "4-0") == ("5-0", None)
+            # The replay after the 16th dead letter is not looked at.
+            assert _follow(conn, 0, "100-0") == ("116-0", None)
+            assert _follow(conn, 0, "101-0") == (None, (tail, "poisoned 116-0"))
+    finally:
+        store.close()

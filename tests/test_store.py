@@ -11,7 +11,14 @@ import pytest
 
 from acl import ConfigurationError, Level
 from dualmem.batch import GENESIS, chain_hash, journal_hash_values
-from dualmem.commands import audit_fields, delete_fields, put_fields, reseal_fields, sid_of
+from dualmem.commands import (
+    audit_fields,
+    delete_fields,
+    put_fields,
+    replay_fields,
+    reseal_fields,
+    sid_of,
+)
 from dualmem.migrations import SCHEMA_VERSION, migrate
 from dualmem.ops.verify import verify_database
 from dualmem.settings import Settings
@@ -311,6 +318,48 @@ def test_a_replayed_letter_dead_lettered_again_stays_replayed(store: SQLiteStore
     assert (again.error, again.deliveries) == ("malformed again", 4)
     assert store.status(0, "5-0") == "committed"
     assert [a.event for a in store.audit_log()].count("dead_letter") == 2
+
+
+def replay_chain(store: SQLiteStore, first: int, letters: int) -> str:
+    """Dead-letter ``first-0`` and replay it, the replay dead-lettered and replayed again,
+    ``letters`` dead letters in all (each replayed as the next id): the last replay's id."""
+    fields = put(first).fields
+    for ms in range(first, first + letters):
+        store.dead_letter([(StreamEntry(0, f"{ms}-0", fields), "poisoned", 3)])
+        (letter,) = store.dead_letters()
+        store.mark_replayed([letter.id], [f"{ms + 1}-0"])
+    return f"{first + letters}-0"
+
+
+def test_status_follows_replays_sixteen_dead_letters_deep(store: SQLiteStore) -> None:
+    # 15 dead letters: the 16th id looked at is the replay that committed.
+    store.apply([StreamEntry(0, replay_chain(store, 100, 15), put(100).fields)])
+    assert store.status(0, "100-0") == "committed"
+    # 16: the replay after the 16th is not looked at (dead-lettered itself here).
+    last = replay_chain(store, 200, 16)
+    store.dead_letter([(StreamEntry(0, last, put(200).fields), "poisoned", 3)])
+    assert store.status(0, "200-0") is None
+    assert store.status(0, "201-0") == "dead"
+
+
+def test_status_of_a_command_committed_and_dead_lettered_is_committed(
+    store: SQLiteStore,
+) -> None:
+    store.apply([put(3)])
+    store.dead_letter([(put(3), "failed on another worker", 3)])
+    assert store.status(0, "3-0") == "committed"
+
+
+def test_status_finds_a_replay_from_before_schema_4_by_its_original_sid(
+    store: SQLiteStore,
+) -> None:
+    first = put(1, value=b"poison")
+    store.dead_letter([(first, "poisoned", 3), (StreamEntry(1, "1-0", first.fields), "x", 3)])
+    store.mark_replayed([d.id for d in store.dead_letters()])  # no replayed_as: schema 3
+    assert store.status(0, "1-0") is None
+    store.apply([StreamEntry(0, "9-0", replay_fields(first.fields, "1-0"))])
+    assert store.status(0, "1-0") == "committed"
+    assert store.status(1, "1-0") is None  # the journal row is shard 0's
 
 
 def test_metrics_snapshots(store: SQLiteStore) -> None:
