@@ -89,6 +89,7 @@ from dualmem.ops.transfer import (
 )
 from dualmem.ops.verify import Check
 from dualmem.redis_backend import translate_errors
+from dualmem.sqlite_store import follow_replays
 
 __all__ = [
     "ACTOR",
@@ -232,23 +233,15 @@ def _follow(
 ) -> tuple[str | None, tuple[int, str] | None]:
     """What became of the command ``sid`` of ``shard`` as the dead letters tell it:
     ``(id, None)``, in flight or committed under ``id`` (``sid``, or the replay of its dead
-    letter, followed as ``Store.status`` does); ``(None, (letter, error))``, dead-lettered
-    and not replayed; ``(None, None)``, replayed under an id not recorded (a replay older
-    than schema 4)."""
-    for _ in range(16):  # a replay dead-lettered and replayed again, and so on
-        row = conn.execute(
-            "SELECT id, error, replayed_at, replayed_as FROM dead_letters "
-            "WHERE shard = ? AND stream_id = ?",
-            (shard, sid),
-        ).fetchone()
-        if row is None:
-            return sid, None
-        if row[2] is None:
-            return None, (int(row[0]), str(row[1]))
-        if row[3] is None:
-            return None, None
-        sid = str(row[3])
-    return sid, None
+    letter, followed by ``follow_replays`` as ``Store.status`` follows it);
+    ``(None, (letter, error))``, dead-lettered and not replayed; ``(None, None)``,
+    replayed under an id not recorded (a replay older than schema 4)."""
+    end = follow_replays(conn, shard, sid)
+    if end.state == "dead":
+        return None, end.letter
+    if end.state == "unrecorded":
+        return None, None
+    return end.stream_id, None  # open, or the replay past the last letter followed
 
 
 def _holds(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
