@@ -3,6 +3,7 @@ on fakeredis and a real redis-server; plus the projection on SQLiteStore alone."
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
@@ -528,6 +529,45 @@ def test_a_mission_delete_outlives_its_purged_tombstone(store: SQLiteStore) -> N
     conn.close()
     assert check.status == "warn" and check.problems == []
     assert "1 orphaned record(s)" in check.summary and f"project:shop {tc}" in check.fix
+
+
+def test_a_missions_newest_delete_in_its_scope_makes_its_sealed_children_stale(
+    store: SQLiteStore,
+) -> None:
+    # At an encrypted level nothing is projected: the journal's deletes of the mission's
+    # record alone tell which children are stale (MissionLog) or orphaned (verify).
+    scope, mission, envelope = "agent:lead", mission_key("m"), b"sealed, never opened here"
+
+    def entry(ms: int, key: str, *, deleted: bool = False, in_scope: str = scope) -> StreamEntry:
+        if deleted:
+            f = delete_fields(in_scope, key, Level.PRIVATE, "lead", ms * 1000)
+        else:
+            f = put_fields(in_scope, key, Level.PRIVATE, "lead", ms * 1000, envelope, None)
+        return StreamEntry(
+            0, f"{ms}-0", {k: v if isinstance(v, bytes) else str(v).encode() for k, v in f.items()}
+        )
+
+    calls = [child_key("tool_call", "m", c) for c in ("c1", "c2", "c3")]
+    for e in [
+        entry(10, mission),
+        entry(11, calls[0]),
+        entry(20, mission, deleted=True),
+        entry(21, mission),
+        entry(22, calls[1]),
+        entry(30, mission, deleted=True),  # the newest delete
+        entry(31, mission),
+        entry(32, calls[2]),
+        entry(33, mission),  # a put of the record: no delete
+        entry(40, mission, deleted=True, in_scope="agent:other"),  # another scope's mission
+    ]:
+        store.apply([e])
+    assert store.stale_children(scope, "m") == calls[:2]
+    assert store.stale_children("agent:other", "m") == []
+    with contextlib.closing(sqlite3.connect(store.path)) as conn:
+        check = check_projections(conn)
+    assert check.status == "warn" and check.problems == [], (check.summary, check.problems)
+    assert "2 orphaned record(s)" in check.summary
+    assert f"{scope} {calls[0]}, {scope} {calls[1]}" in check.fix and calls[2] not in check.fix
 
 
 def test_verify_finds_a_projected_row_edited_by_hand(store: SQLiteStore) -> None:
