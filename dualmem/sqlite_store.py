@@ -58,6 +58,7 @@ __all__ = [
     "SQLiteStore",
     "follow_replays",
     "make_database_directory",
+    "newest_mission_delete",
     "prefix_upper_bound",
 ]
 
@@ -233,6 +234,25 @@ def follow_replays(
             return ReplayEnd("unrecorded", stream_id, fields=fields)
         stream_id = str(replayed_as)
     return ReplayEnd("too_deep", stream_id)
+
+
+def newest_mission_delete(scope: str, mission_id: str) -> tuple[str, tuple[str, str, str]]:
+    """The query for the sid of the newest delete of mission ``mission_id``'s record in
+    ``scope`` (``NULL`` if it was never deleted), and its parameters: to run alone, or as
+    a scalar subquery in parentheses. It asks the journal, which keeps every delete for
+    good, at every level: the encrypted ones have no mark in ``mission_deletes``, and
+    purge may have taken the record's tombstone.
+
+    >>> sql, params = newest_mission_delete("project:shop", "m1")
+    >>> sql
+    'SELECT MAX(sid) FROM journal WHERE scope = ? AND key = ? AND op = ?'
+    >>> params
+    ('project:shop', '_dm/mission/m1', 'del')
+    """
+    return (
+        "SELECT MAX(sid) FROM journal WHERE scope = ? AND key = ? AND op = ?",
+        (scope, mission_key(mission_id), OP_DELETE),
+    )
 
 
 def _row(r: Row) -> StoredRow:
@@ -972,25 +992,16 @@ class SQLiteStore(Store):
 
     def stale_children(self, scope: str, mission_id: str) -> list[str]:
         """See :meth:`Store.stale_children`."""
-        # The journal keeps every delete for good, at every level: the encrypted ones have
-        # no mark in mission_deletes (nothing is projected there), and purge may have
-        # taken the record's tombstone.
+        # One statement, so the delete and the records are read from the same snapshot.
+        deleted, deleted_params = newest_mission_delete(scope, mission_id)
         params: list[object] = []
         for kind in KINDS[1:]:
             prefix = child_key(kind, mission_id, "")
-            params += [
-                scope,
-                prefix,
-                prefix_upper_bound(prefix),
-                scope,
-                mission_key(mission_id),
-                OP_DELETE,
-            ]
+            params += [scope, prefix, prefix_upper_bound(prefix), *deleted_params]
         # One indexed range per kind (an OR of ranges searches the whole scope).
         ranged = (
             "SELECT key FROM memory WHERE scope = ? AND key >= ? AND key < ? "
-            "AND envelope IS NOT NULL AND sid < (SELECT MAX(sid) FROM journal "
-            "WHERE scope = ? AND key = ? AND op = ?)"
+            f"AND envelope IS NOT NULL AND sid < ({deleted})"
         )
         rows = self._read(" UNION ALL ".join([ranged] * (len(KINDS) - 1)) + " ORDER BY key", params)
         return [str(r[0]) for r in rows]

@@ -19,7 +19,6 @@ from acl.policy import level_of_scope
 from dualmem.batch import GENESIS, chain_hash, journal_hash_values
 from dualmem.commands import (
     CACHE_TOMBSTONE,
-    OP_DELETE,
     MalformedCommand,
     cached_envelope,
     decode_command,
@@ -35,7 +34,6 @@ from dualmem.projection import (
     RESERVED_PREFIX,
     TOOL_CALL_COLUMNS,
     MissionRecord,
-    mission_key,
     parse_key,
     parse_record,
     row_to_decision,
@@ -44,7 +42,7 @@ from dualmem.projection import (
     row_to_tool_call,
 )
 from dualmem.redis_backend import translate_errors
-from dualmem.sqlite_store import prefix_upper_bound
+from dualmem.sqlite_store import newest_mission_delete, prefix_upper_bound
 from dualmem.worker import next_stream_id, safe_trim_id
 
 __all__ = [
@@ -487,10 +485,7 @@ def _sealed_orphans(conn: sqlite3.Connection) -> list[str]:
             continue
         mission = (str(scope), parsed[1])
         if mission not in marks:
-            marks[mission] = conn.execute(
-                "SELECT MAX(sid) FROM journal WHERE scope = ? AND key = ? AND op = ?",
-                (scope, mission_key(parsed[1]), OP_DELETE),
-            ).fetchone()[0]
+            marks[mission] = conn.execute(*newest_mission_delete(scope, parsed[1])).fetchone()[0]
         gone = marks[mission]
         if isinstance(gone, bytes) and isinstance(sid, bytes) and sid < gone:
             out.append(f"{scope} {key}")
