@@ -47,6 +47,7 @@ __all__ = [
     "in_process_connection_class",
     "memory_server",
     "retries_of",
+    "run_if_holds",
     "text",
     "transact",
     "transact_watching",
@@ -442,6 +443,36 @@ def transact_watching(
         raise
     finally:
         pool.release(conn)
+
+
+class _NotHeld(Exception):
+    """``run_if_holds``'s key holds another value: send nothing."""
+
+
+def run_if_holds(
+    client: redis.Redis, name: bytes, expected: object, command: tuple[Any, ...]
+) -> bool:
+    """Run ``command`` only while ``name`` holds ``expected`` (a compare-and-set, under
+    ``WATCH``: see :func:`transact_watching`); whether it ran. A value that changed
+    between the look and the write, or another value, is False and runs nothing.
+
+    >>> import fakeredis
+    >>> r = fakeredis.FakeRedis()
+    >>> r.set(b"k", b"a"), run_if_holds(r, b"k", b"b", (b"SET", b"k", b"c"))
+    (True, False)
+    >>> run_if_holds(r, b"k", b"a", (b"SET", b"k", b"c")), r.get(b"k")
+    (True, b'c')
+    """
+
+    def decide(value: object) -> None:
+        if value != expected:
+            raise _NotHeld
+
+    try:
+        transact_watching(client, name, decide, [command])
+    except (_NotHeld, WatchedKeyChanged):
+        return False
+    return True
 
 
 def send_many(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:

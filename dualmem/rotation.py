@@ -51,7 +51,7 @@ from acl.principal import Principal
 from dualmem.commands import cache_value, cached_envelope, reseal_fields
 from dualmem.errors import NotPersisted
 from dualmem.keyuse import clear_dropping, mark_dropping, wait_for_key_users
-from dualmem.redis_backend import connect, text, translate_errors
+from dualmem.redis_backend import connect, run_if_holds, text, translate_errors
 from dualmem.rotation_lock import RotationLock
 from dualmem.settings import MAX_WAIT_SECONDS, Settings
 
@@ -494,17 +494,9 @@ class _Rotation:
             return None
 
     def _compare_and_set(self, name: bytes, old: bytes, new: bytes) -> bool:
-        with translate_errors("rotation: write cache"), self.client.pipeline() as pipe:
-            try:
-                pipe.watch(name)  # type: ignore[no-untyped-call]
-                if pipe.get(name) != old:
-                    return False  # a newer put replaced it: the next pass looks at that one
-                pipe.multi()
-                pipe.set(name, new, keepttl=True)
-                pipe.execute()
-            except redis.WatchError:
-                return False
-        return True
+        # False: a newer put replaced it; the next pass looks at that one.
+        with translate_errors("rotation: write cache"):
+            return run_if_holds(self.client, name, old, (b"SET", name, new, b"KEEPTTL"))
 
     # -- what is left ----------------------------------------------------------------------
 

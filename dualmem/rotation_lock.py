@@ -41,12 +41,7 @@ from typing import Any
 import redis
 
 from dualmem.errors import RotationBusy
-from dualmem.redis_backend import (
-    OutcomeUnknown,
-    WatchedKeyChanged,
-    transact_watching,
-    translate_errors,
-)
+from dualmem.redis_backend import OutcomeUnknown, run_if_holds, translate_errors
 
 __all__ = ["ROTATION_LOCK_TTL", "RotationLock", "describe_holder"]
 
@@ -113,10 +108,6 @@ def _dead_here(raw: object) -> bool:
     except OSError:
         return False  # alive, owned by another user
     return False
-
-
-class _NotExpected(Exception):
-    """The lock holds another value than the one a compare-and-set expects."""
 
 
 class RotationLock:
@@ -191,16 +182,7 @@ class RotationLock:
     def _if_still(self, expected: object, command: tuple[Any, ...]) -> bool:
         """Run ``command`` only while the lock holds ``expected`` (a compare-and-set);
         whether it ran."""
-
-        def decide(value: object) -> None:
-            if value != expected:
-                raise _NotExpected
-
-        try:
-            transact_watching(self.client, self.name, decide, [command])
-        except (_NotExpected, WatchedKeyChanged):
-            return False
-        return True
+        return run_if_holds(self.client, self.name, expected, command)
 
     def _take_over(self, holder: object) -> bool:
         """Replace a dead holder's value with ours, only if it is still that value."""
