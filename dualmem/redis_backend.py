@@ -211,8 +211,8 @@ class _CommandPool(redis.BlockingConnectionPool):
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         """A connected connection from the queue (see the class)."""
-        base: Any = super()
         if args or kwargs or not self._plain():
+            base: Any = super()
             return base.get_connection(*args, **kwargs)
         self._checkpid()
         state: Any = self

@@ -564,11 +564,13 @@ class Worker:
         mine = [w for w in (_dead_write(entry) for entry, _, _ in dead) if w is not None]
         if not mine:
             return
+        by_shard: dict[int, list[_DeadWrite]] = {}
+        for w in mine:
+            by_shard.setdefault(self.layout.shard_of(w.scope, w.key), []).append(w)
         try:
             with translate_errors("worker cache"):
-                for shard in sorted({self.layout.shard_of(w.scope, w.key) for w in mine}):
-                    here = [w for w in mine if self.layout.shard_of(w.scope, w.key) == shard]
-                    self._forget_on(shard, here)
+                for shard in sorted(by_shard):
+                    self._forget_on(shard, by_shard[shard])
         except StoreUnavailable as exc:
             log.warning("worker %s: cache entries of dead letters kept: %s", self.consumer, exc)
 
