@@ -68,7 +68,7 @@ def as_level(value: object) -> Level:
         return value
     try:
         if isinstance(value, int) and not isinstance(value, bool):
-            return Level(value)
+            return level_of_number(value)
         if isinstance(value, str):
             return Level[value.strip().upper()]
     except (KeyError, ValueError):
