@@ -72,6 +72,8 @@ class Sizes:
     scale_sizes: tuple[int, ...]
     scale_put_ops: int
     scale_backlog: int
+    #: Drains of that backlog per size (each from the same database), medians reported.
+    scale_drain_rounds: int = 1
     #: Distinct keys the latency suites cycle over (puts overwrite, as agents do).
     key_space: int = 1000
     #: Highest offered rate one open-loop sender gets in the lag suite.
@@ -93,6 +95,7 @@ FULL = Sizes(
     scale_sizes=(1_000, 100_000, 1_000_000),
     scale_put_ops=10_000,
     scale_backlog=20_000,
+    scale_drain_rounds=3,
 )
 
 QUICK = Sizes(

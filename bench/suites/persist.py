@@ -22,6 +22,7 @@ from dualmem.store import StreamEntry
 
 __all__ = [
     "drain_rate",
+    "drop_anchors",
     "fill_backlog",
     "last_seq",
     "raw_connection",
@@ -228,7 +229,7 @@ def _refill(
         pipe.execute()
 
 
-def _drop_anchors(client: redis.Redis, settings: Settings) -> None:
+def drop_anchors(client: redis.Redis, settings: Settings) -> None:
     """Delete the worker's hash-chain anchors (``Layout.anchor_key``) of
     ``settings.namespace``, as if no database had been persisted there yet."""
     layout = Layout(settings.namespace, 1)
@@ -255,7 +256,7 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
                 # Each round drains into a fresh database: the last round's hash-chain
                 # anchors name ids this one does not hold, and the worker would warn
                 # "restored from an older backup?" at its first commit.
-                _drop_anchors(raw, mem.settings)
+                drop_anchors(raw, mem.settings)
             db = ctx.path(f"persist-{backend.name}-{r}.db")
             rate, info = drain_rate(mem, db, n)
             raw_rate = raw_executemany_rate(
