@@ -53,7 +53,7 @@ from dualmem.errors import NotPersisted
 from dualmem.keyuse import clear_dropping, mark_dropping, wait_for_key_users
 from dualmem.redis_backend import connect, run_if_holds, text, translate_errors
 from dualmem.rotation_lock import RotationLock
-from dualmem.settings import MAX_WAIT_SECONDS, Settings
+from dualmem.settings import Settings, check_seconds
 
 if TYPE_CHECKING:
     from dualmem.memory import DualMemory
@@ -674,10 +674,8 @@ def _preflight(args: argparse.Namespace, settings: Settings) -> None:
 
     for name in ("grace", "timeout"):
         value = getattr(args, name)
-        if value is not None and not 0 <= value <= MAX_WAIT_SECONDS:
-            raise ConfigurationError(
-                f"--{name} must be between 0 and {MAX_WAIT_SECONDS:,} seconds (got {value})"
-            )
+        if value is not None:
+            check_seconds(f"--{name}", value)
     if args.batch_size < 1:
         raise ConfigurationError(f"--batch-size must be >= 1 (got {args.batch_size})")
     client, _ = connect(settings)

@@ -13,7 +13,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import math
 import os
 import secrets
 import sys
@@ -31,7 +30,7 @@ from acl.levels import Level, as_level
 from acl.principal import Principal
 from dualmem.cli import add_common_arguments, settings_from_args
 from dualmem.ops.database import ProgressFn
-from dualmem.settings import MAX_TOMBSTONE_TTL, Settings
+from dualmem.settings import MAX_TOMBSTONE_TTL, Settings, check_seconds
 from dualmem.shutdown import stop_on_signals
 
 if TYPE_CHECKING:
@@ -493,14 +492,9 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     """Keep a directory of JSON files in sync with the change feed (resumable)."""
     from dualmem.ops.mirror import Mirror
     from dualmem.ops.runtime import Runtime
-    from dualmem.settings import MAX_WAIT_SECONDS
 
-    if not (math.isfinite(args.interval) and 0 < args.interval <= MAX_WAIT_SECONDS):
-        # 0, a negative number or nan made the loop spin without pause.
-        raise ConfigurationError(
-            f"--interval must be more than 0 and at most {MAX_WAIT_SECONDS:,} seconds "
-            f"(got {args.interval})"
-        )
+    # 0, a negative number or nan made the loop spin without pause.
+    check_seconds("--interval", args.interval, positive=True)
     settings = _settings(args)
     console = _console()
     # --once: nothing to stop. Otherwise SIGTERM/SIGINT end the loop after a last cycle.
