@@ -914,7 +914,7 @@ class DualMemory:
         Reads SQLite (what the worker has committed). ``fresh=True`` answers from the Redis
         cache entry when there is one, so a caller sees its own put before the commit.
         """
-        _, _, _, value = self._fetch(key, level, principal, scope, fresh)
+        _, _, _, value = self._fetch(key, level, principal, scope, fresh, whole_row=False)
         return default if value is _ABSENT else value
 
     def get_record(
@@ -931,7 +931,7 @@ class DualMemory:
         From the cache (``fresh=True``) only the value is known: owner, times and stream id
         are then empty.
         """
-        lvl, sc, row, value = self._fetch(key, level, principal, scope, fresh)
+        lvl, sc, row, value = self._fetch(key, level, principal, scope, fresh, whole_row=True)
         if value is _ABSENT:
             return None
         if row is None:
@@ -939,12 +939,20 @@ class DualMemory:
         return _record_of(row, value)
 
     def _fetch(
-        self, key: str, level: Level | int, principal: Principal, scope: str | None, fresh: bool
+        self,
+        key: str,
+        level: Level | int,
+        principal: Principal,
+        scope: str | None,
+        fresh: bool,
+        *,
+        whole_row: bool,
     ) -> tuple[Level, str, StoredRow | None, Any]:
         """Authorize, then read the cache entry (``fresh``) or the SQLite row, and open it.
 
-        Returns ``(level, scope, row or None, value or _ABSENT)``; ``get`` builds no
-        Record on its way out (the read path's own cost is what the read bench measures).
+        Returns ``(level, scope, row or None, value or _ABSENT)``; the row only with
+        ``whole_row``. ``get`` reads just the envelope and owner and builds no Record on
+        its way out (the read path's own cost is what the read bench measures).
         """
         self._check_open()
         check_key(key)
@@ -965,10 +973,14 @@ class DualMemory:
                 expires_at is None or expires_at > time.time_ns() // 1_000_000
             ):
                 value = self._open(envelope, sc, key, lvl, principal.agent_id)
-        else:
+        elif whole_row:
             row = self.store.get(sc, key, int(time.time() * 1000))
             if row is not None:
                 value = self._open(row.envelope, sc, key, lvl, principal.agent_id, row.owner)
+        else:
+            found = self.store.get_envelope(sc, key, int(time.time() * 1000))
+            if found is not None:
+                value = self._open(found[0], sc, key, lvl, principal.agent_id, found[1])
         self.metrics_registry.record("read", time.perf_counter_ns() - t0)
         return lvl, sc, row, value
 

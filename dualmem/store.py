@@ -229,6 +229,12 @@ class Store(ABC):
     def get(self, scope: str, key: str, now_ms: int) -> StoredRow | None:
         """The live row at ``(scope, key)``, or ``None``."""
 
+    def get_envelope(self, scope: str, key: str, now_ms: int) -> tuple[bytes, str] | None:
+        """``(envelope, owner)`` of the live row at ``(scope, key)``, or ``None``: what a
+        read needs to open the value, without the row's other columns."""
+        row = self.get(scope, key, now_ms)
+        return None if row is None else (row.envelope, row.owner)
+
     @abstractmethod
     def query(
         self,

@@ -269,7 +269,9 @@ def test_a_put_re_sent_under_another_writer_is_refused_and_a_row_naming_one_does
         conn.execute("UPDATE memory SET owner = 'intern-7' WHERE key = 'role'")
     conn.close()
     with pytest.raises(TamperedRecord, match="not by its recorded writer 'intern-7'"):
-        mem.get("role", level=Level.PRIVATE, principal=coder)
+        mem.get("role", level=Level.PRIVATE, principal=coder)  # envelope and owner only
+    with pytest.raises(TamperedRecord, match="not by its recorded writer 'intern-7'"):
+        mem.get_record("role", level=Level.PRIVATE, principal=coder)  # the whole row
 
 
 # -- 12. the audit log ------------------------------------------------------------------------

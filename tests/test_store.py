@@ -23,7 +23,7 @@ from dualmem.migrations import SCHEMA_VERSION, migrate
 from dualmem.ops.verify import verify_database
 from dualmem.settings import Settings
 from dualmem.sqlite_store import METRICS_KEPT_MS, SQLiteStore, prefix_upper_bound
-from dualmem.store import StreamEntry
+from dualmem.store import Store, StreamEntry
 
 
 def raw(fields: dict[bytes, bytes | str | int]) -> dict[bytes, bytes]:
@@ -64,6 +64,10 @@ def store(tmp_path: Path) -> SQLiteStore:
 
 def value_of(store: SQLiteStore, key: str = "k", now: int = 0) -> bytes | None:
     row = store.get("swarm:s", key, now)
+    # The read path's two-column lookup agrees with the whole row in every test here
+    # (expired, deleted, re-created, older puts delivered late).
+    slim = store.get_envelope("swarm:s", key, now)
+    assert slim == (None if row is None else (row.envelope, row.owner))
     return None if row is None else row.envelope[2:]
 
 
@@ -80,6 +84,22 @@ def test_apply_is_idempotent(store: SQLiteStore) -> None:
     assert again.notifications == []
     assert journal_count(store) == 2
     assert value_of(store) == b"a"
+
+
+def test_get_envelope_is_the_live_rows_envelope_and_owner_as_the_base_class_reads_them(
+    store: SQLiteStore,
+) -> None:
+    store.apply([put(1, value=b"a"), put(2, key="gone"), put(3, key="old", expires_at=10)])
+    store.apply([delete(4, key="gone")])
+    for key, now in [("k", 0), ("gone", 0), ("old", 9), ("old", 10), ("absent", 0)]:
+        assert store.get_envelope("swarm:s", key, now) == Store.get_envelope(
+            store, "swarm:s", key, now
+        )
+    assert store.get_envelope("swarm:s", "k", 0) == (b"\x01\x00a", "a")
+    assert store.get_envelope("swarm:s", "old", 9) is not None
+    assert store.get_envelope("swarm:s", "old", 10) is None
+    assert store.get_envelope("swarm:s", "gone", 0) is None
+    assert store.get_envelope("swarm:s", "absent", 0) is None
 
 
 def test_older_command_never_overwrites_newer(store: SQLiteStore) -> None:
