@@ -21,6 +21,7 @@ from bench import harness, machine, openloop, stats
 from bench.cli import main
 from bench.report import render_report
 from bench.suites import SUITES
+from dualmem import DualMemory
 
 from .conftest import _require_redis_server
 
@@ -99,6 +100,26 @@ def test_targets_and_flatness() -> None:
     assert stats.flatness([1.0, 0.0]) != stats.flatness([1.0, 0.0])  # nan: never flat
 
 
+def test_the_lag_suite_fails_on_a_write_that_was_never_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench.suites import lag
+
+    db = tmp_path / "m.db"
+    with DualMemory("memory://lag-loss", db_path=str(db)) as mem:
+        for i in range(2):
+            mem.sync(mem.put(f"bench/lag/7/{i}", i, level=3, principal=harness.PRINCIPAL), 10)
+        mem.sync(mem.put("bench/lag/70/0", 0, level=3, principal=harness.PRINCIPAL), 10)
+    monkeypatch.setattr(lag, "COMMIT_WAIT_S", 0.3)
+    row: dict[str, Any] = {"writes": 2}
+    lag._committed(db, 7, row)  # both there; the neighbouring rate's key is not counted
+    assert row["committed"] == 2
+    row = {"writes": 3}  # one acknowledged write the journal never got
+    with pytest.raises(RuntimeError, match="1 of 3 acknowledged writes were not committed"):
+        lag._committed(db, 7, row)
+    assert row["committed"] == 2
+
+
 def test_values_are_seeded_and_exactly_500_bytes() -> None:
     a = harness.make_values(harness.random.Random("1:x"), 5)
     b = harness.make_values(harness.random.Random("1:x"), 5)
@@ -144,6 +165,7 @@ def test_every_suite_runs_at_a_tiny_size_on_fakeredis(tmp_path: Path) -> None:
     docs = _run_tiny(tmp_path, "fakeredis")
     lag = docs["lag"]["backends"]["fakeredis"]["rates"]  # type: ignore[index]
     assert all(r["not_visible"] == 0 for r in lag)  # every write became queryable
+    assert all(r["committed"] == r["writes"] > 0 for r in lag)  # and was found afterwards
     for r in lag:  # one process: its full collections are on record, with their reach
         gcs = r["full_gc"]
         assert gcs["count"] >= 0 and gcs["max_ms"] <= gcs["total_ms"] + 1e-9
@@ -170,6 +192,7 @@ def test_every_suite_runs_at_a_tiny_size_on_a_real_redis(tmp_path: Path) -> None
     assert len(peers["floor"]) == 2 and all(x > 0 for x in peers["floor"].values())
     for r in docs["lag"]["backends"]["redis"]["rates"]:  # type: ignore[index]
         _check_cpu(r, ["worker", "redis-server", "senders", "observer"], self_measured=["senders"])
+        assert r["committed"] == r["writes"] > 0  # the worker process committed every write
 
 
 def _check_cpu(row: dict[str, Any], names: list[str], self_measured: list[str]) -> None:

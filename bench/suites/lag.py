@@ -20,11 +20,15 @@ from bench.openloop import Send, run_open_loop, schedule, senders_for
 from bench.servers import WorkerProcess, cpu_pressure_us
 from bench.stats import Target, summarize, us
 from dualmem import DualMemory
+from dualmem.sqlite_store import prefix_upper_bound
 
-__all__ = ["CpuUse", "FullCollections", "Observer", "ObserverProcess", "run"]
+__all__ = ["CpuUse", "FullCollections", "Observer", "ObserverProcess", "run", "wait_committed"]
 
 TARGETS_MS = {2000: 5.0, 10_000: 20.0}
 POLL_S = 0.0005
+#: How long the suite waits, after the observer's window, for every write of a rate to be
+#: committed before it calls the missing ones lost.
+COMMIT_WAIT_S = 600.0
 _START_DELAY_NS = 300_000_000
 
 METHOD = (
@@ -41,6 +45,11 @@ METHOD = (
     " one process). The first `lag_warmup_s` of each rate are sent but not counted. In the"
     " one-process case, full garbage collections during each rate are recorded (`full_gc`):"
     " count, longest and total pause, and how many counted writes were in flight during one."
+    " The observer stops `lag_seconds` + 60 s after the start; writes it has not seen by "
+    "then are `not_visible` (no lag figure: the rate's target is n/a). After the window "
+    "the suite waits (up to 600 s) until the journal holds every write of the rate and "
+    "records that count (`committed`); a write still missing then fails the run, so a "
+    "loss is never reported as lag."
     " CPU: each process's user + system time during a rate, per write sent (the senders and"
     " the observer count their own; the worker process and redis-server are read from"
     " `/proc`), and the share of the same window in which some runnable task waited for a"
@@ -394,6 +403,48 @@ def _run_rate_threads(
     return [s for r in results for s in r], {"observer": observer.cpu_seconds}
 
 
+def wait_committed(db: Path, prefix: str, writes: int, timeout_s: float = COMMIT_WAIT_S) -> int:
+    """How many writes under ``prefix`` the journal of ``db`` holds, once it holds
+    ``writes`` of them or ``timeout_s`` has passed (polled every 0.2 s).
+
+    Run after the observer's window closed: it tells writes that were only late apart
+    from writes that were lost.
+
+    >>> import tempfile
+    >>> db = Path(tempfile.mkdtemp()) / "m.db"
+    >>> with DualMemory("memory://wait-committed", db_path=str(db)) as mem:
+    ...     _ = [mem.put(f"lag/5/{i}", i, level=3, principal=PRINCIPAL) for i in range(3)]
+    ...     mem.sync(mem.put("lag/50/0", 0, level=3, principal=PRINCIPAL), timeout=10)
+    >>> wait_committed(db, "lag/5/", 3), wait_committed(db, "lag/5/", 4, timeout_s=0.3)
+    (3, 3)
+    """
+    upper = prefix_upper_bound(prefix)
+    sql = "SELECT COUNT(*) FROM journal WHERE key >= ?" + ("" if upper is None else " AND key < ?")
+    params = (prefix,) if upper is None else (prefix, upper)
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            n = int(conn.execute(sql, params).fetchone()[0])
+            if n >= writes or time.monotonic() >= deadline:
+                return n
+            time.sleep(0.2)
+    finally:
+        conn.close()
+
+
+def _committed(db: Path, rate: int, row: dict[str, Any]) -> None:
+    """Record how many of the rate's writes were committed in the end; fail on a loss."""
+    writes = row["writes"]
+    row["committed"] = n = wait_committed(db, f"bench/lag/{rate}/", writes, COMMIT_WAIT_S)
+    if n < writes:
+        raise RuntimeError(
+            f"lag at {rate}/s: {writes - n} of {writes} acknowledged writes were not "
+            f"committed {COMMIT_WAIT_S:.0f} s after the observer's window"
+        )
+
+
 def _analyse(
     rate: int,
     sends: list[Send],
@@ -452,6 +503,7 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
                     sends, reported = _run_rate_processes(ctx, backend, db, rate, observer, cpu)
                     row = _analyse(rate, sends, observer.seen, ctx)
                     row["cpu"] = cpu.report(len(sends), rate, reported)
+                    _committed(db, rate, row)
                     results.append(row)
                 finally:
                     observer.close()
@@ -467,6 +519,7 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
                         sends, reported = _run_rate_threads(ctx, mem, rate, observer, cpu)
                     row = _analyse(rate, sends, observer.seen, ctx, collections)
                     row["cpu"] = cpu.report(len(sends), rate, reported)
+                    _committed(db, rate, row)
                     results.append(row)
                 finally:
                     observer.close()
