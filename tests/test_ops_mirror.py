@@ -77,14 +77,28 @@ def settings_for(redis_url: str, db_path: Path, keyfile: Path) -> Settings:
     return Settings.load({"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)})
 
 
+@pytest.fixture
+def settings(redis_url: str, db_path: Path, keyfile: Path) -> Settings:
+    return settings_for(redis_url, db_path, keyfile)
+
+
 @contextlib.contextmanager
 def started_mirror(settings: Settings, mdir: Path) -> Iterator[tuple[Runtime, Mirror]]:
     """A Runtime with no worker of its own and a Mirror on ``mdir``, after its first
     cycle."""
     with Runtime(settings, worker=False) as rt:
         mirror = Mirror(rt, mdir)
-        mirror.cycle(int(time.time() * 1000))
+        cycle(mirror)
         yield rt, mirror
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def cycle(mirror: Mirror) -> Any:
+    """One mirror cycle now; its report."""
+    return mirror.cycle(now_ms())
 
 
 def save_new(mirror: Mirror, path: Path, value: object) -> Any:
@@ -93,7 +107,7 @@ def save_new(mirror: Mirror, path: Path, value: object) -> Any:
         json.dumps({"scope": "swarm:s1", "key": "new", "level": 3, "value": value}),
         encoding="utf-8",
     )
-    return mirror.cycle(int(time.time() * 1000))
+    return cycle(mirror)
 
 
 def commit_through(rt: Runtime, receipt: Receipt) -> None:
@@ -310,22 +324,20 @@ def test_sqlite_wins_a_conflict_and_the_conflict_is_recorded(
 
 def test_a_running_mirror_knows_its_own_imports_from_changes_in_sqlite(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
+    settings: Settings,
 ) -> None:
     # A running mirror kept the stream id the file was written from after importing an
     # edit: once the import committed, the file's next edit was "conflict: SQLite changed
     # too; SQLite wins" and lost, though the only change in SQLite was that import.
     mem = make_mem()
     put(mem, "cfg", {"v": 0})
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "cfg")
 
     def edit_and_cycle(value: object) -> Any:
         write_value(f, value)
-        return mirror.cycle(int(time.time() * 1000))
+        return cycle(mirror)
 
     with started_mirror(settings, mdir) as (rt, mirror):
         first = edit_and_cycle({"v": 1})
@@ -364,17 +376,15 @@ def test_a_running_mirror_knows_its_own_imports_from_changes_in_sqlite(
 
 def test_a_new_files_next_save_is_imported_while_the_first_is_in_flight(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
+    settings: Settings,
 ) -> None:
     # A file that creates its record has no row until its import commits: its second
     # save in the meantime was "conflict: the record was deleted; SQLite wins", the file
     # was removed and the record ended with the first save.
     mem = make_mem()
     put(mem, "seed", 0)
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "new")
 
     with started_mirror(settings, mdir) as (rt, mirror):
@@ -389,7 +399,7 @@ def test_a_new_files_next_save_is_imported_while_the_first_is_in_flight(
         make_mem()  # a worker again
         for r in pending:
             assert rt.wait(r.receipts, 10).committed == len(r.receipts)
-        last = mirror.cycle(int(time.time() * 1000))
+        last = cycle(mirror)
         assert last.conflicts == 0 and doc(f)["owner"] == "mirror", last.events
         assert doc(f)["value"] == {"v": 3}
     assert make_mem().get("new", level=Level.SWARM, principal=CODER) == {"v": 3}
@@ -398,10 +408,9 @@ def test_a_new_files_next_save_is_imported_while_the_first_is_in_flight(
 
 def test_an_edit_put_back_while_its_import_is_in_flight_is_imported(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
+    settings: Settings,
 ) -> None:
     # The second save puts back what SQLite still holds while the first save's import is
     # in flight: it was taken for formatting only (the file's in-flight imports dropped
@@ -410,7 +419,6 @@ def test_an_edit_put_back_while_its_import_is_in_flight_is_imported(
     mem = make_mem()
     put(mem, "cfg", {"v": 0})
     put(mem, "token", {"t": SECRET}, Level.TEAM)
-    settings = settings_for(redis_url, db_path, keyfile)
     f, sealed = file_of(mdir, "cfg"), file_of(mdir, "token", "team:backend")
 
     def set_expiry(expires: int | None) -> None:
@@ -423,16 +431,16 @@ def test_an_edit_put_back_while_its_import_is_in_flight_is_imported(
         mem.close(timeout=2)  # no worker: the imports stay in flight
         write_value(f, {"v": 1})
         set_expiry(int(time.time() * 1000) + 3_600_000)
-        first = mirror.cycle(int(time.time() * 1000))
+        first = cycle(mirror)
         assert first.imported == 2, first.events
         write_value(f, {"v": 0})
         set_expiry(None)
-        second = mirror.cycle(int(time.time() * 1000))
+        second = cycle(mirror)
         assert (second.imported, second.conflicts) == (2, 0), second.events
         make_mem()  # a worker again
         for r in (first, second):
             assert rt.wait(r.receipts, 10).committed == len(r.receipts)
-        last = mirror.cycle(int(time.time() * 1000))
+        last = cycle(mirror)
         assert last.conflicts == 0, last.events
         assert doc(f)["value"] == {"v": 0} and doc(sealed)["expires_at"] is None
     mem = make_mem()
@@ -445,10 +453,9 @@ def test_an_edit_put_back_while_its_import_is_in_flight_is_imported(
 
 def test_a_file_deleted_while_its_import_is_in_flight_keeps_its_next_save(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
+    settings: Settings,
 ) -> None:
     # The restore of a file deleted by hand dropped the ids of its imports in flight:
     # once the import committed, the file's next save was "conflict: SQLite changed
@@ -456,17 +463,16 @@ def test_a_file_deleted_while_its_import_is_in_flight_keeps_its_next_save(
     mem = make_mem()
     put(mem, "cfg", {"v": 0})
     put(mem, "other", {"v": 0})
-    settings = settings_for(redis_url, db_path, keyfile)
     f, g = file_of(mdir, "cfg"), file_of(mdir, "other")
     with started_mirror(settings, mdir) as (rt, mirror):
         mem.close(timeout=2)  # no worker: the imports stay in flight
         write_value(f, {"v": 1})
         write_value(g, {"v": 1})
-        first = mirror.cycle(int(time.time() * 1000))
+        first = cycle(mirror)
         assert first.imported == 2, first.events
         f.unlink()
         g.unlink()
-        restore = mirror.cycle(int(time.time() * 1000))
+        restore = cycle(mirror)
         assert restore.restored == 2 and doc(f)["value"] == {"v": 0}, restore.events
         mem = make_mem()  # a worker again
         for r in (first, restore):
@@ -475,7 +481,7 @@ def test_a_file_deleted_while_its_import_is_in_flight_keeps_its_next_save(
         put(mem, "other", {"v": "agent"})
         write_value(f, {"v": 2})  # saved before the mirror read the commits
         write_value(g, {"v": 2})
-        last = mirror.cycle(int(time.time() * 1000))
+        last = cycle(mirror)
         assert (last.imported, last.conflicts) == (1, 1), last.events
         assert "conflict swarm:s1/other.json: SQLite changed too; SQLite wins" in last.events
         assert doc(g)["value"] == {"v": "agent"}
@@ -492,10 +498,9 @@ def test_a_file_deleted_while_its_import_is_in_flight_keeps_its_next_save(
 
 def test_a_save_made_while_a_later_import_is_in_flight_is_imported(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
+    settings: Settings,
 ) -> None:
     # With two imports of one file in flight, the cycle that read the first from the
     # journal rewrote the file to it (the last save gone from the file) and forgot the
@@ -505,13 +510,12 @@ def test_a_save_made_while_a_later_import_is_in_flight_is_imported(
     mem = make_mem()
     put(mem, "cfg", {"v": 0})
     mem.close(timeout=2)  # no worker: commands commit when commit_through says
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
         write_value(f, {"v": 1})
-        first = mirror.cycle(int(time.time() * 1000))
+        first = cycle(mirror)
         write_value(f, {"v": 2})
-        second = mirror.cycle(int(time.time() * 1000))
+        second = cycle(mirror)
         assert [(r.imported, r.conflicts) for r in (first, second)] == [(1, 0)] * 2
         commit_through(rt, first.receipts[0])
         r2 = second.receipts[0]
@@ -521,11 +525,11 @@ def test_a_save_made_while_a_later_import_is_in_flight_is_imported(
         assert doc(f)["value"] == {"v": 2}  # the last save stays in its file
         write_value(f, {"v": 3})
         commit_through(rt, r2)  # committed before the mirror read it
-        third = mirror.cycle(int(time.time() * 1000))
+        third = cycle(mirror)
         assert (third.imported, third.conflicts) == (1, 0), third.events
         make_mem()  # a worker again
         assert rt.wait(third.receipts, 10).committed == len(third.receipts)
-        last = mirror.cycle(int(time.time() * 1000))
+        last = cycle(mirror)
         assert last.conflicts == 0 and doc(f)["value"] == {"v": 3}, last.events
         assert doc(f)["owner"] == "mirror" and not mirror.state.files["swarm:s1/cfg.json"].get(
             "sent"
@@ -536,10 +540,9 @@ def test_a_save_made_while_a_later_import_is_in_flight_is_imported(
 
 def test_a_save_after_a_conflict_is_imported_while_an_earlier_import_is_in_flight(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
+    settings: Settings,
 ) -> None:
     # The conflict's rewrite from SQLite forgot the file's import still in flight: once
     # it committed, a save made before the mirror read it was "conflict: SQLite changed
@@ -547,27 +550,26 @@ def test_a_save_after_a_conflict_is_imported_while_an_earlier_import_is_in_fligh
     mem = make_mem()
     put(mem, "cfg", {"v": 0})
     mem.close(timeout=2)  # no worker: commands commit when commit_through says
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
         agent = make_mem(worker=False).put(
             "cfg", {"v": "agent"}, level=Level.SWARM, principal=CODER
         )
         write_value(f, {"v": 1})
-        first = mirror.cycle(int(time.time() * 1000))
+        first = cycle(mirror)
         assert first.imported == 1, first.events
         commit_through(rt, agent)  # before the import, which stays in flight
         write_value(f, {"v": 2})
-        second = mirror.cycle(int(time.time() * 1000))
+        second = cycle(mirror)
         assert (second.imported, second.conflicts) == (0, 1), second.events
         assert doc(f)["value"] == {"v": "agent"}
         write_value(f, {"v": 3})
         commit_through(rt, first.receipts[0])  # committed before the mirror read it
-        third = mirror.cycle(int(time.time() * 1000))
+        third = cycle(mirror)
         assert (third.imported, third.conflicts) == (1, 0), third.events
         make_mem()  # a worker again
         assert rt.wait(third.receipts, 10).committed == len(third.receipts)
-        last = mirror.cycle(int(time.time() * 1000))
+        last = cycle(mirror)
         assert last.conflicts == 0 and doc(f)["value"] == {"v": 3}, last.events
     assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 3}
     kinds = [k for k, key, _ in sync_events(db_path) if key == "cfg"]
@@ -576,25 +578,23 @@ def test_a_save_after_a_conflict_is_imported_while_an_earlier_import_is_in_fligh
 
 def test_an_import_the_worker_dead_letters_is_in_flight_no_more(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
+    settings: Settings,
 ) -> None:
     # An import the worker dead-lettered stayed "in flight" until the file was next
     # rewritten from SQLite: the file kept a save SQLite never got, and nothing said so.
     mem = make_mem(max_deliveries=1)
     put(mem, "cfg", {"v": 0})
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
         poison(db_path, "cfg")
         write_value(f, {"v": 1, "note": "never committed"})
-        first = mirror.cycle(int(time.time() * 1000))
+        first = cycle(mirror)
         assert first.imported == 1, first.events
         assert rt.wait(first.receipts, 10).dead == 1  # the import; its event commits
         (letter,) = rt.store.dead_letters()
-        failed = mirror.cycle(int(time.time() * 1000))
+        failed = cycle(mirror)
         assert (failed.failed, failed.written) == (1, 1), failed.events
         assert (
             f"dead-lettered (IntegrityError: poisoned); `dualmem dlq replay {letter.id}`"
@@ -605,10 +605,10 @@ def test_an_import_the_worker_dead_letters_is_in_flight_no_more(
         poison(db_path, None)
         # Nothing of the file in flight: SQLite's changes reach it, its saves are imported.
         put(mem, "cfg", {"v": "agent"})
-        assert mirror.cycle(int(time.time() * 1000)).written == 1
+        assert cycle(mirror).written == 1
         assert doc(f)["value"] == {"v": "agent"}
         write_value(f, {"v": 2})
-        last = mirror.cycle(int(time.time() * 1000))
+        last = cycle(mirror)
         assert (last.imported, last.conflicts) == (1, 0), last.events
         rt.wait(last.receipts, 10)
     assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2}
@@ -622,28 +622,26 @@ def test_an_import_the_worker_dead_letters_is_in_flight_no_more(
 
 def test_a_dead_lettered_import_replayed_is_followed_to_its_replay(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
+    settings: Settings,
 ) -> None:
     # The import's dead letter was replayed (`dualmem dlq replay`) before the mirror saw
     # it: the replay is the mirror's own import under a new stream id, not a change in
     # SQLite to defend the file's next save against.
     mem = make_mem(max_deliveries=1)
     put(mem, "cfg", {"v": 0})
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
         poison(db_path, "cfg")
         write_value(f, {"v": 1})
-        first = mirror.cycle(int(time.time() * 1000))
+        first = cycle(mirror)
         assert rt.wait(first.receipts, 10).dead == 1
         poison(db_path, None)
         (replay,) = dlq.replay(rt, None).receipts
         assert rt.wait([replay], 10).committed == 1
         write_value(f, {"v": 2})
-        second = mirror.cycle(int(time.time() * 1000))
+        second = cycle(mirror)
         assert (second.imported, second.conflicts, second.failed) == (1, 0, 0), second.events
         rt.wait(second.receipts, 10)
     assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2}
@@ -652,24 +650,22 @@ def test_a_dead_lettered_import_replayed_is_followed_to_its_replay(
 
 def test_a_failed_import_replayed_after_its_event_is_the_mirrors_own(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
+    settings: Settings,
 ) -> None:
     # Replayed as its failed event advises (after the mirror reported it), a dead-lettered
     # import's commit was a change in SQLite to the mirror: the file's next save was a
     # false conflict, discarded.
     mem = make_mem(max_deliveries=1)
     put(mem, "cfg", {"v": 0})
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
         poison(db_path, "cfg")
         write_value(f, {"v": 1})
-        first = mirror.cycle(int(time.time() * 1000))
+        first = cycle(mirror)
         assert rt.wait(first.receipts, 10).dead == 1
-        failed = mirror.cycle(int(time.time() * 1000))
+        failed = cycle(mirror)
         assert failed.failed == 1, failed.events
         rt.wait(failed.receipts, 10)
         poison(db_path, None)
@@ -677,10 +673,10 @@ def test_a_failed_import_replayed_after_its_event_is_the_mirrors_own(
         (replay,) = dlq.replay(rt, [letter.id]).receipts
         assert rt.wait([replay], 10).committed == 1
         write_value(f, {"v": 2, "note": "next save"})
-        second = mirror.cycle(int(time.time() * 1000))
+        second = cycle(mirror)
         assert (second.imported, second.conflicts) == (1, 0), second.events
         rt.wait(second.receipts, 10)
-        assert mirror.cycle(int(time.time() * 1000)).conflicts == 0
+        assert cycle(mirror).conflicts == 0
     assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2, "note": "next save"}
     kinds = [k for k, key, _ in sync_events(db_path) if key == "cfg"]
     assert kinds == ["imported", "failed", "imported"]
@@ -728,14 +724,14 @@ def test_a_cycle_whose_send_fails_loses_no_save(
         write_value(other, {"v": 1})
         state = (mdir / STATE_FILE).read_bytes()
         with pytest.raises(Backpressure):
-            mirror.cycle(int(time.time() * 1000))
+            cycle(mirror)
         # Nothing sent, nothing changed: the saves are where the user left them.
         assert doc(f)["value"] == {"v": 1, "note": "conflicting save"}
         assert bad.read_text(encoding="utf-8") == '{"rejected save": '
         assert (mdir / STATE_FILE).read_bytes() == state
         worker = clear_backlog(make_mem, rt)
         cycling = Mirror(rt, mdir) if again == "restarted" else mirror
-        report = cycling.cycle(int(time.time() * 1000))
+        report = cycling.cycle(now_ms())
         assert (report.conflicts, report.rejected, report.imported) == (1, 1, 1), report.events
         rt.wait(report.receipts, 10)
         assert doc(f)["value"] == {"v": "agent"}  # SQLite wins, once the events are sent
@@ -768,16 +764,16 @@ def test_a_mirror_whose_cycle_failed_does_the_same_work_again(
     with started_mirror(settings, mdir) as (rt, mirror):
         poison(db_path, "cfg")
         write_value(f, {"v": 1, "note": "never committed"})
-        first = mirror.cycle(int(time.time() * 1000))
+        first = cycle(mirror)
         assert rt.wait(first.receipts, 10).dead == 1
         mem.close(timeout=5)
         fill_backlog(make_mem, 3)
         write_value(x, {"v": 9})
         with pytest.raises(Backpressure):
-            mirror.cycle(int(time.time() * 1000))
+            cycle(mirror)
         assert doc(f)["value"] == {"v": 1, "note": "never committed"}  # no event sent yet
         worker = clear_backlog(make_mem, rt)
-        again = mirror.cycle(int(time.time() * 1000))
+        again = cycle(mirror)
         assert (again.failed, again.imported) == (1, 1), again.events
         rt.wait(again.receipts, 10)
         assert doc(f)["value"] == {"v": 0}
@@ -799,11 +795,10 @@ def failed_events(db: Path, key: str) -> list[dict[str, object]]:
 
 def test_an_import_redis_lost_is_a_failed_event_and_never_sent_again(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
     raw_redis: redis.Redis,
+    settings: Settings,
 ) -> None:
     # An import gone from the stream with no commit and no dead letter (Redis restarted
     # without its data) was sent again: a worker that still held it would write it twice.
@@ -811,27 +806,26 @@ def test_an_import_redis_lost_is_a_failed_event_and_never_sent_again(
     mem = make_mem()
     put(mem, "cfg", {"v": 0})
     put(mem, "other", {"v": 0})
-    settings = settings_for(redis_url, db_path, keyfile)
     f, g = file_of(mdir, "cfg"), file_of(mdir, "other")
     with started_mirror(settings, mdir) as (rt, mirror):
         mem.close(timeout=2)  # no worker: the imports stay in flight
         write_value(f, {"v": 1, "note": "lost save"})
         write_value(g, {"v": 1})
-        first = mirror.cycle(int(time.time() * 1000))
+        first = cycle(mirror)
         assert first.imported == 2, first.events
-        waiting = mirror.cycle(int(time.time() * 1000))  # still in the stream: in flight
+        waiting = cycle(mirror)  # still in the stream: in flight
         assert (waiting.imported, waiting.written, waiting.failed) == (0, 0, 0), waiting.events
         lost = first.receipts[0]
         assert (lost.key, lost.op) == ("cfg", "put")
         lose(raw_redis, rt, lost)
-        again = mirror.cycle(int(time.time() * 1000))
+        again = cycle(mirror)
         assert (again.imported, again.failed, again.written) == (0, 1, 1), again.events
         assert "its import was lost from Redis before it was committed" in again.events[0]
         assert doc(f)["value"] == {"v": 0}  # SQLite's
         make_mem()  # a worker again
         rest = [r for r in first.receipts if r != lost] + again.receipts
         assert rt.wait(rest, 10).committed == len(rest)
-        assert mirror.cycle(int(time.time() * 1000)).conflicts == 0
+        assert cycle(mirror).conflicts == 0
     mem = make_mem()
     assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 0}
     assert mem.get("other", level=Level.SWARM, principal=CODER) == {"v": 1}
@@ -862,16 +856,16 @@ def test_an_import_a_worker_commits_after_redis_lost_it_is_written_once(
             worker = Worker(client, rt.store, settings)
             worker.ensure_groups()
             write_value(f, {"v": 1, "note": "user save"})
-            first = mirror.cycle(int(time.time() * 1000))
+            first = cycle(mirror)
             batch = worker._read(False)  # the worker holds the import, its commit under way
             assert first.receipts[0].stream_id in [e.stream_id for e in batch]
             raw_redis.flushall()  # Redis restarted without its data
-            lost = mirror.cycle(int(time.time() * 1000))
+            lost = cycle(mirror)
             assert (lost.imported, lost.failed) == (0, 1), lost.events
             worker._process(batch)  # ... and the worker's commit lands after all
             assert rt.store.status(0, first.receipts[0].stream_id) == "committed"
             write_value(f, {"v": 2})  # saved before the mirror read that commit
-            second = mirror.cycle(int(time.time() * 1000))
+            second = cycle(mirror)
             # The late commit is the mirror's own import, not a change to defend against.
             assert (second.imported, second.conflicts) == (1, 0), second.events
             assert "reported lost from Redis was committed after all" in " ".join(second.events)
@@ -880,7 +874,7 @@ def test_an_import_a_worker_commits_after_redis_lost_it_is_written_once(
             worker.ensure_groups()
             while worker.step():
                 pass
-            last = mirror.cycle(int(time.time() * 1000))
+            last = cycle(mirror)
             assert (last.imported, last.conflicts) == (0, 0), last.events
             assert doc(f)["value"] == {"v": "agent"}
         finally:
@@ -896,24 +890,22 @@ def test_an_import_a_worker_commits_after_redis_lost_it_is_written_once(
 
 def test_a_new_files_import_redis_lost_is_a_failed_event(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
     raw_redis: redis.Redis,
+    settings: Settings,
 ) -> None:
     # Its entry lost its hash to be "sent again", and the new file was then taken for
     # a record deleted in SQLite: a conflict, the file removed.
     mem = make_mem()
     put(mem, "seed", 0)
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "new")
     with started_mirror(settings, mdir) as (rt, mirror):
         mem.close(timeout=2)
         first = save_new(mirror, f, {"v": "my new record"})
         assert first.imported == 1, first.events
         lose(raw_redis, rt, first.receipts[0])
-        again = mirror.cycle(int(time.time() * 1000))
+        again = cycle(mirror)
         assert (again.failed, again.conflicts, again.removed) == (1, 0, 1), again.events
         assert not f.exists()
         rt.wait(again.receipts, 10)
@@ -935,33 +927,31 @@ def test_a_new_files_import_redis_lost_is_a_failed_event(
 @pytest.mark.parametrize("between", [True, False], ids=["followed", "unseen"])
 def test_a_replayed_import_redis_lost_is_a_failed_event_with_its_save(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
     raw_redis: redis.Redis,
     between: bool,
+    settings: Settings,
 ) -> None:
     # The replay of a dead-lettered import was followed as the import, but the save's
     # marker stayed on the dead letter's id: Redis losing the replay lost the save
     # silently (no event, the file rewritten from SQLite).
     mem = make_mem(max_deliveries=1)
     put(mem, "cfg", {"v": 0})
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
         poison(db_path, "cfg")
         write_value(f, {"v": 1, "note": "the user's save"})
-        first = mirror.cycle(int(time.time() * 1000))
+        first = cycle(mirror)
         assert rt.wait(first.receipts, 10).dead == 1
         mem.close(timeout=2)  # no worker: the replay stays in flight
         poison(db_path, None)
         (replay,) = dlq.replay(rt, None).receipts
         if between:
-            mid = mirror.cycle(int(time.time() * 1000))
+            mid = cycle(mirror)
             assert (mid.failed, mid.written) == (0, 0), mid.events
         lose(raw_redis, rt, replay)
-        lost = mirror.cycle(int(time.time() * 1000))
+        lost = cycle(mirror)
         assert (lost.failed, lost.written) == (1, 1), lost.events
         assert doc(f)["value"] == {"v": 0}
         make_mem()
@@ -973,27 +963,25 @@ def test_a_replayed_import_redis_lost_is_a_failed_event_with_its_save(
 
 def test_a_replay_dead_lettered_again_is_a_failed_event_with_its_save(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
+    settings: Settings,
 ) -> None:
     mem = make_mem(max_deliveries=1)
     put(mem, "cfg", {"v": 0})
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
         poison(db_path, "cfg")
         write_value(f, {"v": 1, "note": "the user's save"})
-        first = mirror.cycle(int(time.time() * 1000))
+        first = cycle(mirror)
         assert rt.wait(first.receipts, 10).dead == 1
         mem.close(timeout=2)
         (replay,) = dlq.replay(rt, None).receipts  # still poisoned
-        mid = mirror.cycle(int(time.time() * 1000))
+        mid = cycle(mirror)
         assert mid.failed == 0, mid.events
         make_mem(max_deliveries=1)
         assert rt.wait([replay], 10).dead == 1
-        failed = mirror.cycle(int(time.time() * 1000))
+        failed = cycle(mirror)
         assert (failed.failed, failed.written) == (1, 1), failed.events
         rt.wait(failed.receipts, 10)
     (detail,) = failed_events(db_path, "cfg")
@@ -1004,32 +992,30 @@ def test_a_replay_dead_lettered_again_is_a_failed_event_with_its_save(
 @pytest.mark.parametrize("how", ["deleted", "rejected"])
 def test_an_import_lost_after_its_file_was_rewritten_is_a_failed_event(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
     raw_redis: redis.Redis,
     how: str,
+    settings: Settings,
 ) -> None:
     # The restore (or rejection) kept the import's id but not which save it carried:
     # Redis losing it then dropped the save with no event.
     mem = make_mem()
     put(mem, "cfg", {"v": 0})
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
         mem.close(timeout=2)
         write_value(f, {"v": 1, "note": "the user's save"})
-        first = mirror.cycle(int(time.time() * 1000))
+        first = cycle(mirror)
         assert first.imported == 1, first.events
         if how == "deleted":
             f.unlink()
         else:
             f.write_text("{not json", encoding="utf-8")
-        rewritten = mirror.cycle(int(time.time() * 1000))
+        rewritten = cycle(mirror)
         assert doc(f)["value"] == {"v": 0}, rewritten.events
         lose(raw_redis, rt, first.receipts[0])
-        lost = mirror.cycle(int(time.time() * 1000))
+        lost = cycle(mirror)
         assert (lost.failed, lost.imported) == (1, 0), lost.events
         make_mem()
         rt.wait(lost.receipts + rewritten.receipts, 10)
@@ -1039,32 +1025,30 @@ def test_an_import_lost_after_its_file_was_rewritten_is_a_failed_event(
 
 def test_a_new_file_deleted_while_its_import_is_in_flight_keeps_its_next_save(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
+    settings: Settings,
 ) -> None:
     # With no row to restore, the entry went, and with it the import's id: once it
     # committed, the next save was "SQLite changed too" and lost.
     mem = make_mem()
     put(mem, "seed", 0)
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "new")
     with started_mirror(settings, mdir) as (rt, mirror):
         mem.close(timeout=2)
         first = save_new(mirror, f, {"v": 1})
         assert first.imported == 1, first.events
         f.unlink()
-        gone = mirror.cycle(int(time.time() * 1000))
+        gone = cycle(mirror)
         assert (gone.restored, gone.written) == (0, 0), gone.events
-        quiet = mirror.cycle(int(time.time() * 1000))  # no restore every cycle
+        quiet = cycle(mirror)  # no restore every cycle
         assert (quiet.restored, quiet.events) == (0, []), quiet.events
         commit_through(rt, first.receipts[0])
         second = save_new(mirror, f, {"v": 2})  # saved before the mirror read the commit
         assert (second.imported, second.conflicts) == (1, 0), second.events
         make_mem()
         rt.wait(second.receipts + gone.receipts, 10)
-        mirror.cycle(int(time.time() * 1000))
+        cycle(mirror)
         assert doc(f)["value"] == {"v": 2}
     assert make_mem().get("new", level=Level.SWARM, principal=CODER) == {"v": 2}
     assert [k for k, key, _ in sync_events(db_path) if key == "new"] == ["imported"] * 2
@@ -1072,16 +1056,14 @@ def test_a_new_file_deleted_while_its_import_is_in_flight_keeps_its_next_save(
 
 def test_a_new_files_record_deleted_after_its_import_committed_is_a_conflict(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
+    settings: Settings,
 ) -> None:
     # The file's next save comes after the import committed and an agent deleted the
     # record (both unread by the mirror yet): SQLite wins, as for any record's file.
     mem = make_mem()
     put(mem, "seed", 0)
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "new")
 
     with started_mirror(settings, mdir) as (rt, mirror):
@@ -1122,30 +1104,28 @@ def test_an_edit_that_sets_a_past_expiry_expires_the_record(
 
 def test_a_past_expiry_edit_stays_in_its_file_while_its_import_is_in_flight(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
+    settings: Settings,
 ) -> None:
     mem = make_mem()
     put(mem, "k", "v1")
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "k")
     with started_mirror(settings, mdir) as (rt, mirror):
         mem.close(timeout=2)  # no worker: the import stays in flight
         d = doc(f)
         d["value"], d["expires_at"] = "v2", 1000
         f.write_text(json.dumps(d), encoding="utf-8")
-        first = mirror.cycle(int(time.time() * 1000))
+        first = cycle(mirror)
         assert (first.imported, first.written, first.removed) == (1, 0, 0), first.events
         # The next cycle, before the import commits: the file is the edit, not SQLite's
         # (still live) row written back.
-        second = mirror.cycle(int(time.time() * 1000))
+        second = cycle(mirror)
         assert (second.written, second.removed) == (0, 0), second.events
         assert doc(f)["value"] == "v2"
         make_mem()  # a worker again
         assert rt.wait(first.receipts, 10).committed == len(first.receipts)
-        last = mirror.cycle(int(time.time() * 1000))
+        last = cycle(mirror)
         assert last.removed == 1 and not f.exists(), last.events
     assert make_mem().get("k", level=Level.SWARM, principal=CODER) is None
 
@@ -1200,11 +1180,11 @@ def test_a_running_mirror_reads_only_files_changed_since_its_last_save(
     with started_mirror(settings_for(redis_url, db_path, keyfile), mdir) as (_rt, mirror):
         assert len(list((mdir / "swarm:s1").iterdir())) == 5
         time.sleep(mirror_module._RACY_NS / 1e9 + 0.1)  # the files' stamps are settled
-        mirror.cycle(int(time.time() * 1000))  # saves the state: its time is now
+        cycle(mirror)  # saves the state: its time is now
         time.sleep(0.05)
         monkeypatch.setattr(Path, "read_bytes", counted)
         write_value(file_of(mdir, "r0"), 10)
-        report = mirror.cycle(int(time.time() * 1000))
+        report = cycle(mirror)
         assert report.imported == 1, report.events
         assert read == ["r0.json"]  # the edited file only
 
@@ -1426,7 +1406,7 @@ def test_a_running_mirror_seals_edits_with_the_key_a_rotation_made_active(
         rotated.without_key(old.active_id).save(keyfile, overwrite=True)
         time.sleep(0.1)  # past keyring_reload_interval
         write_value(f, {"v": 2})
-        report = mirror.cycle(int(time.time() * 1000))
+        report = cycle(mirror)
         assert report.imported == 1
         rt.wait(report.receipts, 10)
     with sqlite3.connect(db_path) as conn:
@@ -1441,12 +1421,12 @@ def test_a_running_mirror_seals_edits_with_the_key_a_rotation_made_active(
 
 def test_edits_sealed_under_a_key_being_dropped_wait_for_the_next_cycle(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
     keyfile: Path,
     mdir: Path,
     raw_redis: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
 ) -> None:
     # A cycle seals hand edits, then sends them; a drop of that key in between left them
     # committed under a key no longer in the key file. Now the send refuses and the next
@@ -1456,7 +1436,6 @@ def test_edits_sealed_under_a_key_being_dropped_wait_for_the_next_cycle(
     mem = make_mem()
     put(mem, "note", {"v": 1}, Level.TEAM)
     put(mem, "plain", {"v": 1})
-    settings = settings_for(redis_url, db_path, keyfile)
     with started_mirror(settings, mdir) as (rt, mirror):
         f = file_of(mdir, "note", "team:backend")
         # A conflict in the same cycle: its file goes back to SQLite's value, and its
@@ -1474,14 +1453,14 @@ def test_edits_sealed_under_a_key_being_dropped_wait_for_the_next_cycle(
             mark_dropping(raw_redis, "dualmem", [old], ttl=60)
 
         monkeypatch.setattr(Mirror, "_scan_edits", then_a_rotation)
-        report = mirror.cycle(int(time.time() * 1000))
+        report = cycle(mirror)
         monkeypatch.undo()
         assert any("not sent" in e for e in report.events) and report.conflicts == 1
         rt.wait(report.receipts, 10)
         assert [(k, key) for k, key, _ in sync_events(db_path)] == [("conflict", "plain")]
         drop_keys(keyfile, [old])
         clear_dropping(raw_redis, "dualmem")
-        report = mirror.cycle(int(time.time() * 1000))
+        report = cycle(mirror)
         assert report.imported == 1
         rt.wait(report.receipts, 10)
     reader = make_mem(keyring=Keyring.load(keyfile))  # has never seen the old key
@@ -1536,11 +1515,10 @@ def test_an_operator_command_with_a_wrong_db_never_takes_the_deployments_command
 
 def test_a_refused_import_keeps_its_hand_edit_when_the_cycle_refreshes_every_file(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
     raw_redis: redis.Redis,
+    settings: Settings,
 ) -> None:
     # After a key rotation a cycle rewrites every file from SQLite: the file just edited
     # by hand was rewritten too, before its import was sent; the send was refused, and
@@ -1549,7 +1527,6 @@ def test_a_refused_import_keeps_its_hand_edit_when_the_cycle_refreshes_every_fil
 
     mem = make_mem()
     put(mem, "note", {"v": 1}, Level.TEAM)
-    settings = settings_for(redis_url, db_path, keyfile)
     with started_mirror(settings, mdir) as (rt, mirror):
         ops = Principal(agent_id="ops", system=True)
         mem.sync(mem.audit("key_rotation", principal=ops, detail={"done": True}), timeout=10)
@@ -1557,11 +1534,11 @@ def test_a_refused_import_keeps_its_hand_edit_when_the_cycle_refreshes_every_fil
         write_value(f, {"v": "by hand"})
         active = rt.codec.keyring.active_id  # type: ignore[union-attr]
         mark_dropping(raw_redis, "dualmem", [active], ttl=60)
-        report = mirror.cycle(int(time.time() * 1000))
+        report = cycle(mirror)
         assert any("not sent" in e for e in report.events)
         assert doc(f)["value"] == {"v": "by hand"}  # still there
         clear_dropping(raw_redis, "dualmem")
-        report = mirror.cycle(int(time.time() * 1000))
+        report = cycle(mirror)
         assert report.imported == 1
         rt.wait(report.receipts, 10)
     assert mem.get("note", level=Level.TEAM, principal=CODER) == {"v": "by hand"}
@@ -1590,10 +1567,9 @@ def test_a_record_deleted_in_a_cycle_that_sees_a_key_rotation_loses_its_file(
 
 def test_a_save_made_while_the_cycle_sends_is_not_overwritten(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
+    settings: Settings,
 ) -> None:
     # A conflict's rewrite from SQLite waits until the cycle's events are sent; it wrote
     # the file whatever it held by then, so a save made meanwhile was in no file, no row
@@ -1601,7 +1577,6 @@ def test_a_save_made_while_the_cycle_sends_is_not_overwritten(
     # the agent's change in view: a conflict too, the save in its event).
     mem = make_mem()
     put(mem, "cfg", {"v": 0})
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
         put(mem, "cfg", {"v": "agent"})  # SQLite changes...
@@ -1613,11 +1588,11 @@ def test_a_save_made_while_the_cycle_sends_is_not_overwritten(
             return send(*args, **kwargs)
 
         rt.send = save_then_send  # type: ignore[method-assign]
-        first = mirror.cycle(int(time.time() * 1000))
+        first = cycle(mirror)
         rt.send = send  # type: ignore[method-assign]
         assert first.conflicts == 1 and doc(f)["value"] == {"v": 2}, first.events
         rt.wait(first.receipts, 10)
-        second = mirror.cycle(int(time.time() * 1000))
+        second = cycle(mirror)
         assert second.conflicts == 1 and doc(f)["value"] == {"v": "agent"}, second.events
         rt.wait(second.receipts, 10)
     saves = [d["discarded"] for kind, key, d in sync_events(db_path) if kind == "conflict"]
@@ -1626,11 +1601,10 @@ def test_a_save_made_while_the_cycle_sends_is_not_overwritten(
 
 def test_a_file_write_failing_after_the_send_sends_nothing_twice(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
     monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
 ) -> None:
     # Files are written once the cycle's imports and events are sent; a write failing
     # then (a full disk) ended the cycle before the state was saved, and the restarted
@@ -1641,7 +1615,6 @@ def test_a_file_write_failing_after_the_send_sends_nothing_twice(
     put(mem, "cfg", {"v": 0})
     put(mem, "other", {"v": 0})
     mem.close(timeout=2)  # no worker: the import stays in flight
-    settings = settings_for(redis_url, db_path, keyfile)
     f, other = file_of(mdir, "cfg"), file_of(mdir, "other")
     with started_mirror(settings, mdir) as (rt, mirror):
         agent = make_mem(worker=False)
@@ -1657,9 +1630,9 @@ def test_a_file_write_failing_after_the_send_sends_nothing_twice(
 
         monkeypatch.setattr(mirror_module, "_atomic_write", full_disk)
         with pytest.raises(OSError):
-            mirror.cycle(int(time.time() * 1000))
+            cycle(mirror)
         monkeypatch.setattr(mirror_module, "_atomic_write", real)
-        again = Mirror(rt, mdir).cycle(int(time.time() * 1000))  # restarted
+        again = Mirror(rt, mdir).cycle(now_ms())  # restarted
         assert again.imported == 0 and doc(f)["value"] == {"v": "agent"}, again.events
     worker = make_mem()
     worker.settle(10)
@@ -1670,17 +1643,15 @@ def test_a_file_write_failing_after_the_send_sends_nothing_twice(
 
 def test_a_file_put_back_while_the_cycle_sends_is_still_rewritten(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
+    settings: Settings,
 ) -> None:
     # The conflict's rewrite was skipped for a file saved again during the send; when
     # that save put back the bytes the mirror had written, no later cycle saw a change,
     # and the file kept the old value for good. It stays to be rewritten (`recheck`).
     mem = make_mem()
     put(mem, "cfg", {"v": 0})
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
         original = f.read_bytes()
@@ -1693,23 +1664,22 @@ def test_a_file_put_back_while_the_cycle_sends_is_still_rewritten(
             return send(*args, **kwargs)
 
         rt.send = undo_then_send  # type: ignore[method-assign]
-        first = mirror.cycle(int(time.time() * 1000))
+        first = cycle(mirror)
         rt.send = send  # type: ignore[method-assign]
         assert first.conflicts == 1 and doc(f)["value"] == {"v": 0}
         rt.wait(first.receipts, 10)
-        mirror.cycle(int(time.time() * 1000))
+        cycle(mirror)
         assert doc(f)["value"] == {"v": "agent"}
 
 
 @pytest.mark.parametrize("then", ["same", "restarted"])
 def test_a_failed_imports_file_goes_back_after_a_failed_file_write(
     make_mem: Callable[..., DualMemory],
-    redis_url: str,
     db_path: Path,
-    keyfile: Path,
     mdir: Path,
     monkeypatch: pytest.MonkeyPatch,
     then: str,
+    settings: Settings,
 ) -> None:
     # The cycle that sent a dead-lettered import's failed event saved its state, then
     # failed to write the file back (a full disk): no later cycle rewrote it, and the
@@ -1718,12 +1688,11 @@ def test_a_failed_imports_file_goes_back_after_a_failed_file_write(
 
     mem = make_mem(max_deliveries=1)
     put(mem, "cfg", {"v": 0})
-    settings = settings_for(redis_url, db_path, keyfile)
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
         poison(db_path, "cfg")
         write_value(f, {"v": 1})
-        assert rt.wait(mirror.cycle(int(time.time() * 1000)).receipts, 10).dead == 1
+        assert rt.wait(cycle(mirror).receipts, 10).dead == 1
         real = mirror_module._atomic_write
 
         def full_disk(path: Path, data: bytes) -> None:
@@ -1733,10 +1702,10 @@ def test_a_failed_imports_file_goes_back_after_a_failed_file_write(
 
         monkeypatch.setattr(mirror_module, "_atomic_write", full_disk)
         with pytest.raises(OSError):
-            mirror.cycle(int(time.time() * 1000))  # the failed event sent, no file write
+            cycle(mirror)  # the failed event sent, no file write
         monkeypatch.setattr(mirror_module, "_atomic_write", real)
         again = mirror if then == "same" else Mirror(rt, mdir)
-        again.cycle(int(time.time() * 1000))
+        again.cycle(now_ms())
         assert doc(f)["value"] == {"v": 0}
     assert [k for k, key, _ in sync_events(db_path) if key == "cfg"].count("failed") == 1
 
