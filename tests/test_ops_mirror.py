@@ -150,6 +150,11 @@ def sync_events(db: Path) -> list[tuple[str, str, dict[str, object]]]:
         ]
 
 
+def event_kinds(db: Path, key: str) -> list[str]:
+    """The kinds of ``key``'s sync events, oldest first."""
+    return [kind for kind, k, _ in sync_events(db) if k == key]
+
+
 def verify_mirror(capsys: pytest.CaptureFixture[str], args: list[str], mdir: Path) -> dict:
     code, out, _ = run_cli(capsys, "verify", *args, "--mirror", str(mdir), "--json")
     checks = {c["name"]: c for c in json.loads(out)["checks"]}
@@ -364,7 +369,7 @@ def test_a_running_mirror_knows_its_own_imports_from_changes_in_sqlite(
         assert (last.imported, last.conflicts) == (1, 0), last.events
         rt.wait(last.receipts, 10)
     assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 6}
-    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == [
+    assert event_kinds(db_path, "cfg") == [
         "imported",
         "imported",
         "conflict",
@@ -403,7 +408,7 @@ def test_a_new_files_next_save_is_imported_while_the_first_is_in_flight(
         assert last.conflicts == 0 and doc(f)["owner"] == "mirror", last.events
         assert doc(f)["value"] == {"v": 3}
     assert make_mem().get("new", level=Level.SWARM, principal=CODER) == {"v": 3}
-    assert [k for k, key, _ in sync_events(db_path) if key == "new"] == ["imported"] * 3
+    assert event_kinds(db_path, "new") == ["imported"] * 3
 
 
 def test_an_edit_put_back_while_its_import_is_in_flight_is_imported(
@@ -448,7 +453,7 @@ def test_an_edit_put_back_while_its_import_is_in_flight_is_imported(
     record = mem.get_record("token", level=Level.TEAM, principal=CODER)
     assert record is not None and record.value == {"t": SECRET}
     assert (record.owner, record.expires_at) == ("coder-1", None)
-    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported"] * 2
+    assert event_kinds(db_path, "cfg") == ["imported"] * 2
 
 
 def test_a_file_deleted_while_its_import_is_in_flight_keeps_its_next_save(
@@ -489,7 +494,7 @@ def test_a_file_deleted_while_its_import_is_in_flight_keeps_its_next_save(
     mem = make_mem()
     assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2}
     assert mem.get("other", level=Level.SWARM, principal=CODER) == {"v": "agent"}
-    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == [
+    assert event_kinds(db_path, "cfg") == [
         "imported",
         "restored",
         "imported",
@@ -535,7 +540,7 @@ def test_a_save_made_while_a_later_import_is_in_flight_is_imported(
             "sent"
         )
     assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 3}
-    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported"] * 3
+    assert event_kinds(db_path, "cfg") == ["imported"] * 3
 
 
 def test_a_save_after_a_conflict_is_imported_while_an_earlier_import_is_in_flight(
@@ -572,7 +577,7 @@ def test_a_save_after_a_conflict_is_imported_while_an_earlier_import_is_in_fligh
         last = cycle(mirror)
         assert last.conflicts == 0 and doc(f)["value"] == {"v": 3}, last.events
     assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 3}
-    kinds = [k for k, key, _ in sync_events(db_path) if key == "cfg"]
+    kinds = event_kinds(db_path, "cfg")
     assert kinds == ["imported", "conflict", "imported"]
 
 
@@ -645,7 +650,7 @@ def test_a_dead_lettered_import_replayed_is_followed_to_its_replay(
         assert (second.imported, second.conflicts, second.failed) == (1, 0, 0), second.events
         rt.wait(second.receipts, 10)
     assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2}
-    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported"] * 2
+    assert event_kinds(db_path, "cfg") == ["imported"] * 2
 
 
 def test_a_failed_import_replayed_after_its_event_is_the_mirrors_own(
@@ -678,7 +683,7 @@ def test_a_failed_import_replayed_after_its_event_is_the_mirrors_own(
         rt.wait(second.receipts, 10)
         assert cycle(mirror).conflicts == 0
     assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2, "note": "next save"}
-    kinds = [k for k, key, _ in sync_events(db_path) if key == "cfg"]
+    kinds = event_kinds(db_path, "cfg")
     assert kinds == ["imported", "failed", "imported"]
 
 
@@ -779,7 +784,7 @@ def test_a_mirror_whose_cycle_failed_does_the_same_work_again(
         assert doc(f)["value"] == {"v": 0}
     worker.settle(10)
     assert worker.get("x", level=Level.SWARM, principal=CODER) == {"v": 9}
-    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported", "failed"]
+    assert event_kinds(db_path, "cfg") == ["imported", "failed"]
     (failed,) = failed_events(db_path, "cfg")
     assert "never committed" in str(failed["discarded"])
 
@@ -829,7 +834,7 @@ def test_an_import_redis_lost_is_a_failed_event_and_never_sent_again(
     mem = make_mem()
     assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 0}
     assert mem.get("other", level=Level.SWARM, principal=CODER) == {"v": 1}
-    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"] == ["imported", "failed"]
+    assert event_kinds(db_path, "cfg") == ["imported", "failed"]
     (detail,) = failed_events(db_path, "cfg")
     assert detail["stream_id"] == lost.stream_id and "lost save" in str(detail["discarded"])
 
@@ -915,7 +920,7 @@ def test_a_new_files_import_redis_lost_is_a_failed_event(
         assert (last.imported, last.conflicts) == (1, 0), last.events
         rt.wait(last.receipts, 10)
     assert make_mem().get("new", level=Level.SWARM, principal=CODER) == {"v": "again"}
-    assert [k for k, key, _ in sync_events(db_path) if key == "new"] == [
+    assert event_kinds(db_path, "new") == [
         "imported",
         "failed",
         "imported",
@@ -1051,7 +1056,7 @@ def test_a_new_file_deleted_while_its_import_is_in_flight_keeps_its_next_save(
         cycle(mirror)
         assert doc(f)["value"] == {"v": 2}
     assert make_mem().get("new", level=Level.SWARM, principal=CODER) == {"v": 2}
-    assert [k for k, key, _ in sync_events(db_path) if key == "new"] == ["imported"] * 2
+    assert event_kinds(db_path, "new") == ["imported"] * 2
 
 
 def test_a_new_files_record_deleted_after_its_import_committed_is_a_conflict(
@@ -1077,7 +1082,7 @@ def test_a_new_files_record_deleted_after_its_import_committed_is_a_conflict(
         assert not f.exists()
         rt.wait(second.receipts, 10)
     assert mem.get("new", level=Level.SWARM, principal=CODER) is None
-    assert [k for k, key, _ in sync_events(db_path) if key == "new"] == ["imported", "conflict"]
+    assert event_kinds(db_path, "new") == ["imported", "conflict"]
 
 
 def test_an_edit_that_sets_a_past_expiry_expires_the_record(
@@ -1205,7 +1210,7 @@ def test_a_stray_file_deleted_leaves_the_state(
     stray.write_text("not json at all", encoding="utf-8")
     out = once(capsys, args, mdir)
     assert "rejected swarm:s1/stray.json" in out
-    assert [k for k, key, _ in sync_events(db_path) if key == ""] == ["rejected", "rejected"]
+    assert event_kinds(db_path, "") == ["rejected", "rejected"]
 
 
 def test_a_file_nested_too_deeply_to_parse_is_rejected_and_the_cycle_goes_on(
@@ -1707,7 +1712,7 @@ def test_a_failed_imports_file_goes_back_after_a_failed_file_write(
         again = mirror if then == "same" else Mirror(rt, mdir)
         again.cycle(now_ms())
         assert doc(f)["value"] == {"v": 0}
-    assert [k for k, key, _ in sync_events(db_path) if key == "cfg"].count("failed") == 1
+    assert event_kinds(db_path, "cfg").count("failed") == 1
 
 
 def test_follow_tells_where_a_command_went(tmp_path: Path) -> None:
