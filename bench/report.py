@@ -159,8 +159,9 @@ def _lag(result: Mapping[str, Any]) -> list[str]:
     lines = [
         "| offered | senders | achieved | lag p50 | lag p95 | lag p99 | lag max "
         "| send start delay p95 | lag p95 from send start | not visible in window "
-        "| committed | full GCs: count, longest, writes in flight |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| committed | full GCs: count, longest, writes in flight "
+        "| Redis forks: count, last fork call |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rates"]:
         lag = r["lag"]
@@ -174,7 +175,7 @@ def _lag(result: Mapping[str, Any]) -> list[str]:
             f"| {r['offered_rate']:,}/s | {r['senders']} | {r['achieved_send_rate']:,.0f}/s "
             f"| {us(lag['p50'])} | {us(lag['p95'])} | {us(lag['p99'])} | {us(lag['max'])} "
             f"| {us(r['send_start_delay']['p95'])} | {us(r['lag_from_send_start']['p95'])} "
-            f"| {r['not_visible']} | {_committed_cell(r)} | {gc_cell} |"
+            f"| {r['not_visible']} | {_committed_cell(r)} | {gc_cell} | {_forks_cell(r)} |"
         )
     lines += [
         "",
@@ -189,7 +190,11 @@ def _lag(result: Mapping[str, Any]) -> list[str]:
         "seen when it stopped, `lag_seconds` + 60 s after the start (no lag figure for them,"
         " so the rate's target reads n/a). Committed: writes of the rate the journal held "
         "afterwards; the suite waits for all of them and fails the run if one is missing, "
-        "so writes that were late are never confused with writes that were lost.",
+        "so writes that were late are never confused with writes that were lost. Redis "
+        "forks (real Redis only): the server's forks while the rate ran, with AOF on and "
+        "snapshots off each an AOF rewrite Redis started on its own (the file had doubled "
+        "and passed 64 MB); the rewrite takes a CPU while it runs and the fork call stops "
+        "the server (the last call's length: Redis keeps only that one).",
         "",
         *_lag_cpu(result["rates"]),
     ]
@@ -201,6 +206,23 @@ def _committed_cell(row: Mapping[str, Any]) -> str:
     if "committed" not in row:
         return "—"
     return f"{row['committed']:,} of {row['writes']:,}"
+
+
+def _forks_cell(row: Mapping[str, Any]) -> str:
+    """``count, last fork call`` (fakeredis, and results from before forks were
+    counted: a dash).
+
+    >>> _forks_cell({"redis_forks": {"count": 2, "latest_fork_ms": 3.14}})
+    '2, 3.1 ms'
+    >>> _forks_cell({"redis_forks": {"count": 0, "latest_fork_ms": None}}), _forks_cell({})
+    ('0', '—')
+    """
+    forks = row.get("redis_forks")
+    if forks is None:
+        return "—"
+    if not forks["count"]:
+        return "0"
+    return f"{forks['count']}, {forks['latest_fork_ms']:.1f} ms"
 
 
 def _lag_cpu(rates: Sequence[Mapping[str, Any]]) -> list[str]:

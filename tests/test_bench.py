@@ -23,7 +23,7 @@ from bench.report import render_report
 from bench.suites import SUITES
 from dualmem import DualMemory
 
-from .conftest import _require_redis_server
+from .conftest import _require_redis_server, wait_until
 
 pytest.importorskip("matplotlib", reason="the bench extra is not installed")
 pytest.importorskip("diskcache", reason="the bench extra is not installed")
@@ -120,6 +120,32 @@ def test_the_lag_suite_fails_on_a_write_that_was_never_committed(
     assert row["committed"] == 2
 
 
+@pytest.mark.real_redis
+def test_the_lag_suite_counts_the_forks_of_a_real_redis_during_a_rate(tmp_path: Path) -> None:
+    # An AOF rewrite (a fork) during a rate is on record beside that rate's lag; a rate
+    # with none says 0 and names no fork call.
+    from bench import servers
+    from bench.suites import lag
+
+    _require_redis_server()
+    with servers.RedisServer(tmp_path / "redis") as server:
+        client = server.client()
+        try:
+            with lag.RedisForks(client) as quiet:
+                client.set("k", "v")
+            assert quiet.report() == {"count": 0, "latest_fork_ms": None}
+            with lag.RedisForks(client) as rewrite:
+                client.bgrewriteaof()
+                wait_until(
+                    lambda: client.info("persistence")["aof_rewrite_in_progress"] == 0,
+                    what="the AOF rewrite to end",
+                )
+            report = rewrite.report()
+            assert report["count"] == 1 and report["latest_fork_ms"] > 0, report
+        finally:
+            client.close()
+
+
 def test_values_are_seeded_and_exactly_500_bytes() -> None:
     a = harness.make_values(harness.random.Random("1:x"), 5)
     b = harness.make_values(harness.random.Random("1:x"), 5)
@@ -171,6 +197,7 @@ def test_every_suite_runs_at_a_tiny_size_on_fakeredis(tmp_path: Path) -> None:
         assert gcs["count"] >= 0 and gcs["max_ms"] <= gcs["total_ms"] + 1e-9
         assert 0 <= gcs["writes_in_flight"] <= r["counted"]
         _check_cpu(r, ["dualmem process", "observer"], self_measured=["dualmem process"])
+        assert "redis_forks" not in r  # no redis-server to fork
     rendered = render_report(docs, {})
     assert rendered.count("### embedded fakeredis") == len(SUITES)
 
@@ -193,6 +220,10 @@ def test_every_suite_runs_at_a_tiny_size_on_a_real_redis(tmp_path: Path) -> None
     for r in docs["lag"]["backends"]["redis"]["rates"]:  # type: ignore[index]
         _check_cpu(r, ["worker", "redis-server", "senders", "observer"], self_measured=["senders"])
         assert r["committed"] == r["writes"] > 0  # the worker process committed every write
+        assert r["redis_forks"]["count"] >= 0 and set(r["redis_forks"]) == {
+            "count",
+            "latest_fork_ms",
+        }
 
 
 def _check_cpu(row: dict[str, Any], names: list[str], self_measured: list[str]) -> None:

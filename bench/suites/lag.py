@@ -3,6 +3,7 @@ open-loop offered rates."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import multiprocessing
@@ -22,7 +23,15 @@ from bench.stats import Target, summarize, us
 from dualmem import DualMemory
 from dualmem.sqlite_store import prefix_upper_bound
 
-__all__ = ["CpuUse", "FullCollections", "Observer", "ObserverProcess", "run", "wait_committed"]
+__all__ = [
+    "CpuUse",
+    "FullCollections",
+    "Observer",
+    "ObserverProcess",
+    "RedisForks",
+    "run",
+    "wait_committed",
+]
 
 TARGETS_MS = {2000: 5.0, 10_000: 20.0}
 POLL_S = 0.0005
@@ -45,6 +54,9 @@ METHOD = (
     " one process). The first `lag_warmup_s` of each rate are sent but not counted. In the"
     " one-process case, full garbage collections during each rate are recorded (`full_gc`):"
     " count, longest and total pause, and how many counted writes were in flight during one."
+    " On a real Redis, the server's forks during each rate are counted (`redis_forks`, from"
+    " `INFO stats`: with AOF on and no RDB snapshots, each one an automatic AOF rewrite)"
+    " with the longest fork call, which stops the server meanwhile."
     " The observer stops `lag_seconds` + 60 s after the start; writes it has not seen by "
     "then are `not_visible` (no lag figure: the rate's target is n/a). After the window "
     "the suite waits (up to 600 s) until the journal holds every write of the rate and "
@@ -117,6 +129,41 @@ class CpuUse:
             "cpus": os.cpu_count(),
             "cpu_wait_share": self.cpu_wait_share,
         }
+
+
+class RedisForks:
+    """Forks of a real redis-server while entered (``INFO stats``: ``total_forks``).
+
+    With AOF on and RDB snapshots off (the benchmark's server), each fork is an AOF
+    rewrite Redis starts on its own once the file has doubled (and passed 64 MB): the
+    rewrite child takes a CPU while it runs, and the ``fork()`` call itself stops the
+    server. The lag suite records both per rate, to tell a Redis rewrite from the
+    system under test when a rate's tail moves. ``latest_fork_ms`` is the last fork's
+    call (Redis keeps only the latest), or ``None`` when there was none.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._before = 0
+        self.count = 0
+        self.latest_fork_ms: float | None = None
+
+    def _stats(self) -> tuple[int, float]:
+        info = self._client.info("stats")
+        return int(info["total_forks"]), float(info["latest_fork_usec"]) / 1000
+
+    def __enter__(self) -> RedisForks:
+        self._before = self._stats()[0]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        total, latest_ms = self._stats()
+        self.count = total - self._before
+        self.latest_fork_ms = latest_ms if self.count else None
+
+    def report(self) -> dict[str, Any]:
+        """``{"count": forks, "latest_fork_ms": the last fork call's ms or None}``."""
+        return {"count": self.count, "latest_fork_ms": self.latest_fork_ms}
 
 
 class FullCollections:
@@ -495,14 +542,17 @@ def run(ctx: Bench, backend: Backend) -> dict[str, Any]:
         DualMemory(
             redis_url=backend.url, db_path=str(db), keyring=str(ctx.keyfile), worker=False
         ).close()
-        with WorkerProcess(backend.url, db) as worker:
+        raw = backend.raw_client()
+        with WorkerProcess(backend.url, db) as worker, contextlib.closing(raw):
             for rate in sizes.lag_rates:
                 observer = ObserverProcess(db, f"bench/lag/{rate}/")
                 try:
                     cpu = CpuUse({"worker": worker.cpu_seconds, "redis-server": server_cpu})
-                    sends, reported = _run_rate_processes(ctx, backend, db, rate, observer, cpu)
+                    with RedisForks(raw) as forks:
+                        sends, reported = _run_rate_processes(ctx, backend, db, rate, observer, cpu)
                     row = _analyse(rate, sends, observer.seen, ctx)
                     row["cpu"] = cpu.report(len(sends), rate, reported)
+                    row["redis_forks"] = forks.report()
                     _committed(db, rate, row)
                     results.append(row)
                 finally:
