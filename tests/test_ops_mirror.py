@@ -10,8 +10,11 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,9 +26,9 @@ import redis
 from acl import Keyring, Level, Principal, envelope_key_id
 from dualmem import DualMemory, Receipt
 from dualmem.commands import put_fields
-from dualmem.errors import Backpressure
+from dualmem.errors import Backpressure, StoreUnavailable
 from dualmem.ops import dlq
-from dualmem.ops.mirror import STATE_FILE, Mirror, _follow, record_path
+from dualmem.ops.mirror import SENDING_FILE, STATE_FILE, Mirror, _follow, record_path
 from dualmem.ops.runtime import Runtime
 from dualmem.redis_backend import connect
 from dualmem.rotation import add_active_key, drop_keys, rotate_keys
@@ -34,7 +37,7 @@ from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
 from dualmem.worker import Worker
 
-from .conftest import run_cli
+from .conftest import RedisServer, run_cli
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 SECRET = "mirror-secret-6c1b-never-in-files"
@@ -1713,6 +1716,159 @@ def test_a_failed_imports_file_goes_back_after_a_failed_file_write(
         again.cycle(now_ms())
         assert doc(f)["value"] == {"v": 0}
     assert event_kinds(db_path, "cfg").count("failed") == 1
+
+
+def _send_then(then: Callable[[], None]) -> Callable[..., Any]:
+    """``Runtime.send`` that sends, then calls ``then`` before it returns its receipts."""
+    real = Runtime.send
+
+    def send(self: Runtime, *args: Any, **kwargs: Any) -> Any:
+        receipts = real(self, *args, **kwargs)
+        then()
+        return receipts
+
+    return send
+
+
+@pytest.mark.real_redis
+@pytest.mark.parametrize("before_restart", ["in flight", "committed and trimmed"])
+def test_a_mirror_killed_between_its_send_and_its_state_save_knows_its_imports(
+    redis_server: RedisServer, db_path: Path, keyfile: Path, mdir: Path, before_restart: str
+) -> None:
+    # Killed (SIGKILL) after its imports reached the stream and before the state naming
+    # their stream ids was saved, a restarted mirror read the files as new saves: it
+    # imported them again, and once the first copy was read from the journal the file's
+    # next save was "conflict: SQLite changed too; SQLite wins", and lost.
+    redis_server.client().flushall()
+    url = redis_server.url
+    settings = settings_for(url, db_path, keyfile)
+    mem = DualMemory(redis_url=url, db_path=str(db_path), keyring=str(keyfile))
+    put(mem, "cfg", {"v": 0})
+    put(mem, "token", {"t": SECRET}, Level.TEAM)
+    mem.close(timeout=5)  # no worker: the imports stay in the stream
+    with started_mirror(settings, mdir):
+        pass
+    f, sealed = file_of(mdir, "cfg"), file_of(mdir, "token", "team:backend")
+    write_value(f, {"v": 1})
+    d = doc(sealed)
+    d["expires_at"] = int(time.time() * 1000) + 3_600_000  # an expiry edit of a sealed file
+    sealed.write_text(json.dumps(d), encoding="utf-8")
+    child = (
+        "import os, signal, time\n"
+        "from dualmem.ops.mirror import Mirror\n"
+        "from dualmem.ops.runtime import Runtime\n"
+        "from dualmem.settings import Settings\n"
+        "real = Runtime.send\n"
+        "def send(self, *args, **kwargs):\n"
+        "    real(self, *args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)  # sent; the state not saved yet\n"
+        "Runtime.send = send\n"
+        f"settings = Settings.load({{'redis_url': {url!r}, 'db_path': {str(db_path)!r},"
+        f" 'keyring': {str(keyfile)!r}}})\n"
+        "with Runtime(settings, worker=False) as rt:\n"
+        f"    Mirror(rt, {str(mdir)!r}).cycle(int(time.time() * 1000))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], timeout=120, check=False)
+    assert done.returncode == -signal.SIGKILL
+    assert (mdir / SENDING_FILE).exists()
+    raw = redis_server.client()
+    worker: DualMemory | None = None
+    try:
+        if before_restart == "committed and trimmed":
+            worker = DualMemory(redis_url=url, db_path=str(db_path), keyring=str(keyfile))
+            worker.settle(10)
+            for stream in raw.keys("*:cmd"):
+                raw.xtrim(stream, maxlen=0)  # found in the journal, not in the stream
+            # Saved before the restarted mirror read that commit: its own import, no change
+            # in SQLite to defend the save against.
+            write_value(f, {"v": 2})
+        with Runtime(settings, worker=False) as rt:
+            mirror = Mirror(rt, mdir)
+            restarted = cycle(mirror)
+            assert not (mdir / SENDING_FILE).exists()
+            if before_restart == "in flight":
+                assert (restarted.imported, restarted.conflicts) == (0, 0), restarted.events
+                ids = {rel: e.get("sent", []) for rel, e in mirror.state.files.items()}
+                assert len(ids["swarm:s1/cfg.json"]) == len(ids["team:backend/token.json"]) == 1
+                worker = DualMemory(redis_url=url, db_path=str(db_path), keyring=str(keyfile))
+                worker.settle(10)
+                assert cycle(mirror).conflicts == 0
+                write_value(f, {"v": 2})
+                restarted = cycle(mirror)
+            assert (restarted.imported, restarted.conflicts) == (1, 0), restarted.events
+            rt.wait(restarted.receipts, 10)
+            assert worker is not None
+        assert worker.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2}
+        assert worker.get("token", level=Level.TEAM, principal=CODER) == {"t": SECRET}
+        assert event_kinds(db_path, "cfg") == ["imported", "imported"]
+    finally:
+        raw.close()
+        if worker is not None:
+            worker.close(timeout=5)
+    assert event_kinds(db_path, "token") == ["imported"]
+
+
+def test_a_send_whose_reply_was_lost_is_looked_for_before_anything_is_sent_again(
+    make_mem: Callable[..., DualMemory],
+    raw_redis: redis.Redis,
+    db_path: Path,
+    mdir: Path,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A send that raised after the transaction reached Redis (the reply lost) was taken
+    # for one that sent nothing: the next cycle imported the save again, and its next
+    # save was a conflict with the first copy. One that raised before sending must be
+    # sent again, and a found import the worker dead-lettered is a failed event.
+    mem = make_mem(max_deliveries=1)
+    for k in ("cfg", "unsent", "poisoned"):
+        put(mem, k, {"v": 0})
+    mem.close(timeout=5)  # no worker: commands commit when the test says
+    f, unsent, poisoned = (file_of(mdir, k) for k in ("cfg", "unsent", "poisoned"))
+
+    def lost() -> None:
+        raise StoreUnavailable("send commands: the reply was lost (it may have run)")
+
+    with started_mirror(settings, mdir) as (rt, mirror):
+        write_value(f, {"v": 1})
+        monkeypatch.setattr(Runtime, "send", _send_then(lost))
+        with pytest.raises(StoreUnavailable):
+            cycle(mirror)
+        monkeypatch.undo()
+        found = cycle(mirror)
+        assert (found.imported, found.conflicts) == (0, 0), found.events
+        # Refused before it was sent: nothing to find, the next cycle sends the save.
+        write_value(unsent, {"v": 1})
+        monkeypatch.setattr(Runtime, "send", lambda *a, **k: lost())
+        with pytest.raises(StoreUnavailable):
+            cycle(mirror)
+        monkeypatch.undo()
+        assert cycle(mirror).imported == 1
+        # Dead-lettered (and trimmed from its stream) before the next cycle looked.
+        poison(db_path, "poisoned")
+        write_value(poisoned, {"v": 1, "note": "never committed"})
+        monkeypatch.setattr(Runtime, "send", _send_then(lost))
+        with pytest.raises(StoreUnavailable):
+            cycle(mirror)
+        monkeypatch.undo()
+        worker = make_mem(max_deliveries=1)
+        worker.settle(10)
+        for stream in raw_redis.keys("*:cmd"):
+            raw_redis.xtrim(stream, maxlen=0)
+        failed = cycle(mirror)
+        assert (failed.imported, failed.failed) == (0, 1), failed.events
+        rt.wait(failed.receipts, 10)
+        poison(db_path, None)
+        write_value(f, {"v": 2})
+        last = cycle(mirror)
+        assert (last.imported, last.conflicts) == (1, 0), last.events
+        rt.wait(last.receipts, 10)
+        assert not (mdir / SENDING_FILE).exists()
+    assert worker.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2}
+    assert worker.get("unsent", level=Level.SWARM, principal=CODER) == {"v": 1}
+    assert event_kinds(db_path, "cfg") == ["imported", "imported"]
+    assert event_kinds(db_path, "unsent") == ["imported"]
+    assert event_kinds(db_path, "poisoned") == ["imported", "failed"]
 
 
 def test_follow_tells_where_a_command_went(tmp_path: Path) -> None:

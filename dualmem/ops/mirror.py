@@ -10,7 +10,10 @@ after every cycle, so a stopped mirror resumes from its position, its imports in
 too. A cycle is all or nothing as far as hand edits go: it writes no file before its
 imports and events are sent, and one whose send fails (``Backpressure``,
 ``StoreUnavailable``: nothing sent) leaves the files and the state as they were, so the
-next cycle, of this mirror or a restarted one, does the same work again. Files are
+next cycle, of this mirror or a restarted one, does the same work again. The imports
+being sent are in ``DIR/.dualmem-mirror-sending.json`` until the state names their
+stream ids: a cycle that ended in between (killed, or a reply lost) is settled by the
+next one, which finds them in the stream, the journal or the dead letters. Files are
 written 0600 and the directories it creates are 0700 (levels 3 and 4 are in the clear;
 so is the state's copy of the saves in flight).
 
@@ -66,7 +69,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -77,7 +80,7 @@ from acl.crypto import Codec, Sealing, envelope_sealing
 from acl.errors import ConfigurationError, DualMemError
 from acl.levels import ENCRYPTED_LEVELS, Level
 from acl.policy import level_of_scope, stored_level
-from dualmem.errors import KeyDropped
+from dualmem.errors import Backpressure, KeyDropped
 from dualmem.ops.database import NO_PROGRESS, ProgressFn
 from dualmem.ops.runtime import AuditEvent, Runtime, Write
 from dualmem.ops.transfer import (
@@ -88,7 +91,7 @@ from dualmem.ops.transfer import (
     line_identity,
 )
 from dualmem.ops.verify import Check
-from dualmem.redis_backend import translate_errors
+from dualmem.redis_backend import text, translate_errors
 from dualmem.sqlite_store import follow_replays
 
 __all__ = [
@@ -103,8 +106,14 @@ __all__ = [
 ]
 
 STATE_FILE = ".dualmem-mirror.json"
+#: A cycle's imports while it sends them (see ``Mirror._send``): written before the send,
+#: removed once the state that names their stream ids is saved.
+SENDING_FILE = ".dualmem-mirror-sending.json"
 ACTOR = "mirror"
 _STATE_FORMAT = "dualmem-mirror"
+_SENDING_FORMAT = "dualmem-mirror-sending"
+#: Stream entries read per XRANGE while a cycle's send is looked for (see _find_sent).
+_SCAN_PAGE = 1000
 _MAX_NAME = 200
 _COLUMNS = "scope, key, level, owner, envelope, updated_at, expires_at, stream_id"
 _LIVE = "envelope IS NOT NULL AND (expires_at IS NULL OR expires_at > ?)"
@@ -181,36 +190,45 @@ class MirrorState:
         if not path.exists():
             return None
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-            if doc.get("format") != _STATE_FORMAT:
-                raise ValueError(f"format is not {_STATE_FORMAT!r}")
-            return cls(
-                int(doc["seq"]),
-                list(doc["levels"]),
-                dict(doc["files"]),
-                dict(doc.get("rejected", {})),
-                int(doc.get("saved_ns", 0)),
-                int(doc.get("audit_id", 0)),
-                [[str(sc), str(k)] for sc, k in doc.get("recheck", [])],
-            )
+            return cls.from_doc(json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise ConfigurationError(f"{path} is not a dualmem mirror state: {exc}") from exc
 
-    def save(self, directory: Path) -> None:
-        """Write the state atomically (temp file, fsync, rename); ``saved_ns`` becomes
-        the time of this save, as a mirror restarted from the file would see it."""
-        now = time.time_ns()
-        doc = {
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> MirrorState:
+        """The state a document of :meth:`to_doc` holds (``ValueError``, ``KeyError`` or
+        ``TypeError`` for one that is not)."""
+        if doc.get("format") != _STATE_FORMAT:
+            raise ValueError(f"format is not {_STATE_FORMAT!r}")
+        return cls(
+            int(doc["seq"]),
+            list(doc["levels"]),
+            dict(doc["files"]),
+            dict(doc.get("rejected", {})),
+            int(doc.get("saved_ns", 0)),
+            int(doc.get("audit_id", 0)),
+            [[str(sc), str(k)] for sc, k in doc.get("recheck", [])],
+        )
+
+    def to_doc(self, saved_ns: int) -> dict[str, Any]:
+        """The state as the JSON document it is saved as, saved at ``saved_ns``."""
+        return {
             "format": _STATE_FORMAT,
             "version": 1,
             "seq": self.seq,
             "levels": self.levels,
             "files": self.files,
             "rejected": self.rejected,
-            "saved_ns": now,
+            "saved_ns": saved_ns,
             "audit_id": self.audit_id,
             "recheck": self.recheck,
         }
+
+    def save(self, directory: Path) -> None:
+        """Write the state atomically (temp file, fsync, rename); ``saved_ns`` becomes
+        the time of this save, as a mirror restarted from the file would see it."""
+        now = time.time_ns()
+        doc = self.to_doc(now)
         _atomic_write(directory / STATE_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
         self.saved_ns = now
 
@@ -283,6 +301,22 @@ def _in_flight(entry: dict[str, Any] | None, seen: Collection[str]) -> dict[str,
     if entry.get("failed"):
         kept["failed"] = list(entry["failed"])
     return kept
+
+
+def _sent_as(
+    fields: Mapping[bytes, bytes], stamp: bytes, where: Mapping[tuple[str, str], int]
+) -> int | None:
+    """Which import (its index in ``where``) a command's ``fields`` are: a put with the
+    send's time ``stamp`` on one of the imported records; ``None`` for any other."""
+    if fields.get(b"t") != stamp or fields.get(b"op") != b"put":
+        return None
+    scope, key = fields.get(b"s", b""), fields.get(b"k", b"")
+    return where.get((scope.decode(errors="replace"), key.decode(errors="replace")))
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _current(path: Path) -> str | None:
@@ -366,9 +400,12 @@ class Mirror:
         send. A cycle that fails before (a send refused: ``Backpressure``,
         ``StoreUnavailable``) leaves the files as they were and the state as last saved,
         so the next cycle (this object, or a restarted mirror) does the same work again:
-        no save overwritten, every event sent. A send whose reply was lost (it may have
-        run) is taken for not sent: the next cycle sends it again. A file saved again
-        after the scan judged it is not rewritten: the next cycle judges that save."""
+        no save overwritten, every event sent. A cycle that ends after its send and before
+        that state save (a kill, a reply lost) leaves its imports in ``SENDING_FILE``:
+        the next cycle looks for them first and, found, takes the state this one was
+        about to save (see ``_settle_sending``), so no import is sent twice. A file saved
+        again after the scan judged it is not rewritten: the next cycle judges that
+        save."""
         self._sent = False
         try:
             return self._cycle(now_ms, progress)
@@ -382,6 +419,7 @@ class Mirror:
     def _cycle(self, now_ms: int, progress: ProgressFn) -> CycleReport:
         # Edits are sealed with the active key: learn a rotation's new key first.
         self.runtime.refresh_keys()
+        self._settle_sending()
         report = CycleReport()
         writes: list[Write] = []
         events: list[AuditEvent] = []
@@ -421,6 +459,7 @@ class Mirror:
                 # send it again. (The journal position stays: the next cycle reads the
                 # same changes, which rewrites nothing twice.)
                 self.state.save(self.dir)
+                _unlink(self.dir / SENDING_FILE)  # the state names the imports' ids now
             self._sent = True
             for rewrite in self._later:
                 rewrite()
@@ -447,11 +486,25 @@ class Mirror:
 
     def _send(self, writes: list[Write], events: list[AuditEvent], report: CycleReport) -> None:
         """Send the cycle's imports and events (``Runtime.send``: all or none)."""
+        # Their stream ids exist only once Redis has added the commands: a cycle that
+        # ends between the send and the state save that names them (a kill, a reply
+        # lost) would not know its imports. So the imports, the time their commands
+        # carry and the state to adopt once they are found go to a file first; the next
+        # cycle looks for them (_settle_sending) if the state was not saved.
+        now_us = time.time_ns() // 1000
+        if writes:
+            self._write_sending(writes, now_us)
         try:
             # The events' receipts too: waiting on them means the sync_events rows
             # are committed as well as the imports.
-            report.receipts = self.runtime.send(writes, audits=events, audit_receipts=True)
+            report.receipts = self.runtime.send(
+                writes, audits=events, audit_receipts=True, now_us=now_us
+            )
+        except Backpressure:
+            _unlink(self.dir / SENDING_FILE)  # refused before anything was written
+            raise
         except KeyDropped as exc:
+            _unlink(self.dir / SENDING_FILE)  # refused before anything was written
             # Sealed under a key a rotation is dropping: nothing was sent. The imports
             # are undone (the next cycle reads the same edits again and seals them
             # with the key file's active key); everything else this cycle did to the
@@ -483,6 +536,132 @@ class Mirror:
                 # The save the import carries: if it never commits, that save is
                 # what the failed event reports, whatever the file shows by then.
                 _holds(entry)[receipt.stream_id] = hold
+
+    def _write_sending(self, writes: list[Write], now_us: int) -> None:
+        """Before the send: each import (its file, record, writer, the file's state entry
+        before this cycle and the save it carries), the time its command carries, and the
+        state as it will be saved once the send is done, but for the imports' ids."""
+        imports = [
+            {
+                "file": rel,
+                "scope": w.scope,
+                "key": w.key,
+                "actor": w.actor,
+                "before": before,
+                "hold": hold,
+            }
+            for (rel, before, _, hold), w in zip(self._imports, writes, strict=True)
+        ]
+        doc = {
+            "format": _SENDING_FORMAT,
+            "version": 1,
+            "now_us": now_us,
+            "imports": imports,
+            "state": self.state.to_doc(time.time_ns()),
+        }
+        _atomic_write(self.dir / SENDING_FILE, json.dumps(doc, sort_keys=True).encode())
+
+    def _settle_sending(self) -> None:
+        """Finish the send of a cycle that ended before the state naming its imports was
+        saved (the mirror killed right after the send, or a send whose reply was lost).
+
+        Its imports are looked for where a command can be: in its stream, committed in
+        the journal, or dead-lettered (:meth:`_find_sent`). Found (one transaction sent
+        them all): the state that cycle was about to save is adopted, with their stream
+        ids, as if it had saved it; its events were sent with them. Not found: nothing
+        arrived, and the state saved before stands, so this cycle does that work again.
+        """
+        path = self.dir / SENDING_FILE
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if doc.get("format") != _SENDING_FORMAT:
+                raise ValueError(f"format is not {_SENDING_FORMAT!r}")
+            now_us = int(doc["now_us"])
+            imports = list(doc["imports"])
+            state = MirrorState.from_doc(doc["state"])
+        except FileNotFoundError:
+            return
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise ConfigurationError(
+                f"{path} is not a dualmem mirror send in progress: {exc}"
+            ) from exc
+        found = self._find_sent(imports, now_us)
+        if any(found):
+            for imp, stream_id in zip(imports, found, strict=True):
+                rel = imp["file"]
+                if stream_id is None:
+                    # Not arrived although the transaction that carried it did: its
+                    # file's entry goes back to what it was, and the next scan imports
+                    # the save again.
+                    if imp["before"] is None:
+                        state.files.pop(rel, None)
+                    else:
+                        state.files[rel] = imp["before"]
+                    continue
+                entry = state.files.get(rel)
+                if entry is not None:
+                    entry.setdefault("sent", []).append(stream_id)
+                    _holds(entry)[stream_id] = imp["hold"]
+            self.state = state
+            self.fresh = False
+            self.state.save(self.dir)
+        path.unlink()
+
+    def _find_sent(self, imports: list[dict[str, Any]], now_us: int) -> list[str | None]:
+        """The stream id of each import's command (``t`` = ``now_us``, its scope and key),
+        ``None`` where it is nowhere.
+
+        The streams are read first: an entry leaves its stream only once it is committed
+        or dead-lettered (acked, then trimmed), so one not found there, if it arrived at
+        all, is found next in the journal (by scope, key, writer and millisecond) or among
+        the dead letters."""
+        found: list[str | None] = [None] * len(imports)
+        where = {(imp["scope"], imp["key"]): i for i, imp in enumerate(imports)}
+        stamp = str(now_us).encode()
+        self._sent_in_streams(where, stamp, found)
+        if None in found:
+            self._sent_in_journal(imports, now_us, found)
+        if None in found:
+            for letter in self.runtime.store.dead_letters(include_replayed=True):
+                i = _sent_as(letter.fields, stamp, where)
+                if i is not None and found[i] is None:
+                    found[i] = letter.stream_id
+        return found
+
+    def _sent_in_streams(
+        self, where: dict[tuple[str, str], int], stamp: bytes, found: list[str | None]
+    ) -> None:
+        rt = self.runtime
+        client: Any = rt.client  # redis-py's xrange is loosely typed
+        streams = {rt.layout.stream(rt.layout.shard_of(sc, k)) for sc, k in where}
+        with translate_errors("mirror: look for a send"):
+            for stream in sorted(streams):
+                start = "-"
+                while True:
+                    page = client.xrange(stream, min=start, max="+", count=_SCAN_PAGE)
+                    for sid, fields in page:
+                        i = _sent_as(fields, stamp, where)
+                        if i is not None:
+                            found[i] = text(sid)
+                    if len(page) < _SCAN_PAGE:
+                        break
+                    start = "(" + text(page[-1][0])
+
+    def _sent_in_journal(
+        self, imports: list[dict[str, Any]], now_us: int, found: list[str | None]
+    ) -> None:
+        uri = f"{Path(self.runtime.settings.db_path).resolve().as_uri()}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+            for i, imp in enumerate(imports):
+                if found[i] is not None:
+                    continue
+                row = conn.execute(
+                    "SELECT stream_id FROM journal WHERE scope = ? AND key = ? AND ts = ? "
+                    "AND actor = ? AND op = 'put' ORDER BY seq DESC LIMIT 1",
+                    (imp["scope"], imp["key"], now_us // 1000, imp["actor"]),
+                ).fetchone()
+                if row is not None:
+                    found[i] = str(row[0])
 
     def _changed(self, conn: sqlite3.Connection, head: int) -> dict[tuple[str, str], set[str]]:
         """The records the journal changed since the last cycle, each with the stream ids

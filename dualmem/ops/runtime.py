@@ -213,6 +213,7 @@ class Runtime:
         audits: Sequence[AuditEvent] = (),
         raw: Sequence[tuple[int, Mapping[bytes, bytes]]] = (),
         audit_receipts: bool = False,
+        now_us: int | None = None,
     ) -> list[Receipt]:
         """Send every command in ONE ``MULTI``/``EXEC``: all of them reach the stream or none.
 
@@ -220,9 +221,13 @@ class Runtime:
         entries ``(shard, fields)`` sent as they are (dead-letter replay). Returns the
         receipts of ``writes`` and ``raw``, then (``audit_receipts``) those of ``audits``,
         for :meth:`wait`. Raises ``Backpressure`` before writing anything when the streams
-        cannot take them all.
+        cannot take them all. ``now_us`` is the time the commands carry (their ``t``
+        field; default: now): a caller that must find its commands again without their
+        stream ids (the mirror, after a kill between the send and its state save) picks
+        it before sending.
         """
-        now_us = time.time_ns() // 1000
+        if now_us is None:
+            now_us = time.time_ns() // 1000
         per_shard: dict[int, int] = {}
         planned: list[tuple[int, Write]] = []
         for w in writes:
