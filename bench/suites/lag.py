@@ -56,7 +56,7 @@ METHOD = (
     " count, longest and total pause, and how many counted writes were in flight during one."
     " On a real Redis, the server's forks during each rate are counted (`redis_forks`, from"
     " `INFO stats`: with AOF on and no RDB snapshots, each one an automatic AOF rewrite)"
-    " with the longest fork call, which stops the server meanwhile."
+    " with the length of the last fork call, which stops the server meanwhile."
     " The observer stops `lag_seconds` + 60 s after the start; writes it has not seen by "
     "then are `not_visible` (no lag figure: the rate's target is n/a). After the window "
     "the suite waits (up to 600 s) until the journal holds every write of the rate and "
