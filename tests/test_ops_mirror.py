@@ -28,7 +28,14 @@ from dualmem import DualMemory, Receipt
 from dualmem.commands import put_fields
 from dualmem.errors import Backpressure, StoreUnavailable
 from dualmem.ops import dlq
-from dualmem.ops.mirror import SENDING_FILE, STATE_FILE, Mirror, _follow, record_path
+from dualmem.ops.mirror import (
+    SENDING_FILE,
+    STATE_FILE,
+    Mirror,
+    _follow,
+    check_mirror,
+    record_path,
+)
 from dualmem.ops.runtime import Runtime
 from dualmem.redis_backend import connect
 from dualmem.rotation import add_active_key, drop_keys, rotate_keys
@@ -1771,6 +1778,9 @@ def test_a_mirror_killed_between_its_send_and_its_state_save_knows_its_imports(
     done = subprocess.run([sys.executable, "-c", child], timeout=120, check=False)
     assert done.returncode == -signal.SIGKILL
     assert (mdir / SENDING_FILE).exists()
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        check = check_mirror(conn, mdir, now_ms())
+    assert any("ended during its send" in p for p in check.problems), check.problems
     raw = redis_server.client()
     worker: DualMemory | None = None
     try:

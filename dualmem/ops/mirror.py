@@ -1285,7 +1285,8 @@ class Mirror:
 
 def check_mirror(conn: sqlite3.Connection, directory: str | Path, now_ms: int) -> Check:
     """Parity of a mirror directory with the database: every live record of the mirrored
-    levels has its file with the current content, and there is no other file."""
+    levels has its file with the current content, there is no other file, and no cycle
+    ended during its send without the next one having settled it."""
     d = Path(directory)
     c = Check(f"mirror {d}")
     state = MirrorState.load(d) if d.is_dir() else None
@@ -1306,6 +1307,11 @@ def check_mirror(conn: sqlite3.Connection, directory: str | Path, now_ms: int) -
         except DualMemError as exc:
             c.problem(f"{rel}: the SQLite row does not open: {exc}")
             expected[rel] = None
+    if (d / SENDING_FILE).exists():
+        c.problem(
+            f"a mirror cycle ended during its send ({SENDING_FILE} is there): the state may "
+            "not name imports that were sent; the next cycle finds them"
+        )
     found = {p.relative_to(d).as_posix(): p for p in _files(d)}
     stale = edited = 0
     for rel, data in expected.items():
