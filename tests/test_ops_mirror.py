@@ -1652,7 +1652,8 @@ def test_a_file_write_failing_after_the_send_sends_nothing_twice(
     worker = make_mem()
     worker.settle(10)
     events = [(kind, key) for kind, key, _ in sync_events(db_path)]
-    assert events.count(("imported", "other")) == 1  # the conflict may be reported twice
+    assert events.count(("imported", "other")) == 1
+    assert events.count(("conflict", "cfg")) == 1  # judged once, rewritten by the next cycle
     assert worker.get("other", level=Level.SWARM, principal=CODER) == {"v": 1}
 
 
@@ -1879,6 +1880,43 @@ def test_a_send_whose_reply_was_lost_is_looked_for_before_anything_is_sent_again
     assert event_kinds(db_path, "cfg") == ["imported", "imported"]
     assert event_kinds(db_path, "unsent") == ["imported"]
     assert event_kinds(db_path, "poisoned") == ["imported", "failed"]
+
+
+def test_a_cycle_that_sent_only_events_and_lost_its_reply_reports_them_once(
+    make_mem: Callable[..., DualMemory],
+    db_path: Path,
+    mdir: Path,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A cycle with no import (a conflict, a rejection, a restore) that ended after its
+    # send and before its state save had nothing to look for: the next cycle judged the
+    # same files again and sent every event a second time.
+    mem = make_mem()
+    for k in ("cfg", "bad", "gone"):
+        put(mem, k, {"v": 0})
+    f, bad, gone = (file_of(mdir, k) for k in ("cfg", "bad", "gone"))
+
+    def lost() -> None:
+        raise StoreUnavailable("send commands: the reply was lost (it may have run)")
+
+    with started_mirror(settings, mdir) as (_, mirror):
+        put(mem, "cfg", {"v": "agent"})  # committed; the mirror has not read it yet
+        write_value(f, {"v": 1, "note": "conflicting save"})
+        bad.write_text('{"rejected save": ', encoding="utf-8")
+        gone.unlink()
+        monkeypatch.setattr(Runtime, "send", _send_then(lost))
+        with pytest.raises(StoreUnavailable):
+            cycle(mirror)
+        monkeypatch.undo()
+        again = cycle(mirror)
+        assert (again.conflicts, again.rejected, again.restored) == (0, 0, 0), again.events
+        assert doc(f)["value"] == {"v": "agent"} and doc(bad)["value"] == {"v": 0}
+        assert doc(gone)["value"] == {"v": 0}
+        assert not mirror.state.reported and not (mdir / SENDING_FILE).exists()
+    mem.settle(10)
+    kinds = sorted((kind, key) for kind, key, _ in sync_events(db_path))
+    assert kinds == [("conflict", "cfg"), ("rejected", "bad"), ("restored", "gone")]
 
 
 def test_follow_tells_where_a_command_went(tmp_path: Path) -> None:

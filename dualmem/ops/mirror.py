@@ -11,9 +11,10 @@ too. A cycle is all or nothing as far as hand edits go: it writes no file before
 imports and events are sent, and one whose send fails (``Backpressure``,
 ``StoreUnavailable``: nothing sent) leaves the files and the state as they were, so the
 next cycle, of this mirror or a restarted one, does the same work again. The imports
-being sent are in ``DIR/.dualmem-mirror-sending.json`` until the state names their
-stream ids: a cycle that ended in between (killed, or a reply lost) is settled by the
-next one, which finds them in the stream, the journal or the dead letters. Files are
+and events being sent are in ``DIR/.dualmem-mirror-sending.json`` until the state names
+them: a cycle that ended in between (killed, or a reply lost) is settled by the next one,
+which finds them in the streams, committed or dead-lettered, and adopts the state that
+cycle was about to save; files whose verdict it sent are rewritten, not judged again. Files are
 written 0600 and the directories it creates are 0700 (levels 3 and 4 are in the clear;
 so is the state's copy of the saves in flight).
 
@@ -91,6 +92,7 @@ from dualmem.ops.transfer import (
     line_identity,
 )
 from dualmem.ops.verify import Check
+from dualmem.projection import SYNC_EVENT_PREFIX
 from dualmem.redis_backend import text, translate_errors
 from dualmem.sqlite_store import follow_replays
 
@@ -106,8 +108,8 @@ __all__ = [
 ]
 
 STATE_FILE = ".dualmem-mirror.json"
-#: A cycle's imports while it sends them (see ``Mirror._send``): written before the send,
-#: removed once the state that names their stream ids is saved.
+#: A cycle's imports and events while it sends them (see ``Mirror._send``): written
+#: before the send, removed once the state that names them is saved.
 SENDING_FILE = ".dualmem-mirror-sending.json"
 ACTOR = "mirror"
 _STATE_FORMAT = "dualmem-mirror"
@@ -182,6 +184,11 @@ class MirrorState:
     #: has not yet (saved before the files are written; a file saved again meanwhile is
     #: judged by the next cycle, then rewritten if it still must be).
     recheck: list[list[str]] = field(default_factory=list)
+    #: Of those files, what the scan that decided it judged each to hold (its sha256;
+    #: None: no file), its verdict (a conflict, a rejection, a restore) sent with the
+    #: cycle: a file still holding that is rewritten without being judged, and reported,
+    #: again.
+    reported: dict[str, str | None] = field(default_factory=dict)
 
     @classmethod
     def load(cls, directory: Path) -> MirrorState | None:
@@ -208,6 +215,7 @@ class MirrorState:
             int(doc.get("saved_ns", 0)),
             int(doc.get("audit_id", 0)),
             [[str(sc), str(k)] for sc, k in doc.get("recheck", [])],
+            {str(rel): sha for rel, sha in doc.get("reported", {}).items()},
         )
 
     def to_doc(self, saved_ns: int) -> dict[str, Any]:
@@ -222,6 +230,7 @@ class MirrorState:
             "saved_ns": saved_ns,
             "audit_id": self.audit_id,
             "recheck": self.recheck,
+            "reported": self.reported,
         }
 
     def save(self, directory: Path) -> None:
@@ -304,14 +313,19 @@ def _in_flight(entry: dict[str, Any] | None, seen: Collection[str]) -> dict[str,
 
 
 def _sent_as(
-    fields: Mapping[bytes, bytes], stamp: bytes, where: Mapping[tuple[str, str], int]
+    fields: Mapping[bytes, bytes],
+    stamp: bytes,
+    where: Mapping[tuple[str, str, str, str], int],
 ) -> int | None:
-    """Which import (its index in ``where``) a command's ``fields`` are: a put with the
-    send's time ``stamp`` on one of the imported records; ``None`` for any other."""
-    if fields.get(b"t") != stamp or fields.get(b"op") != b"put":
+    """Which of a send's commands (its index in ``where``) a stream entry's ``fields``
+    are: a put or an audit event with the send's time ``stamp`` on one of its records;
+    ``None`` for any other."""
+    if fields.get(b"t") != stamp:
         return None
+    op = fields.get(b"op", b"").decode(errors="replace")
+    event = fields.get(b"ev", b"").decode(errors="replace") if op == "audit" else ""
     scope, key = fields.get(b"s", b""), fields.get(b"k", b"")
-    return where.get((scope.decode(errors="replace"), key.decode(errors="replace")))
+    return where.get((op, event, scope.decode(errors="replace"), key.decode(errors="replace")))
 
 
 def _unlink(path: Path) -> None:
@@ -401,9 +415,9 @@ class Mirror:
         ``StoreUnavailable``) leaves the files as they were and the state as last saved,
         so the next cycle (this object, or a restarted mirror) does the same work again:
         no save overwritten, every event sent. A cycle that ends after its send and before
-        that state save (a kill, a reply lost) leaves its imports in ``SENDING_FILE``:
-        the next cycle looks for them first and, found, takes the state this one was
-        about to save (see ``_settle_sending``), so no import is sent twice. A file saved
+        that state save (a kill, a reply lost) leaves its imports and events in
+        ``SENDING_FILE``: the next cycle looks for them first and, found, takes the state
+        this one was about to save (see ``_settle_sending``), so nothing is sent twice. A file saved
         again after the scan judged it is not rewritten: the next cycle judges that
         save."""
         self._sent = False
@@ -452,6 +466,9 @@ class Mirror:
             # (a full disk, a kill) leaves them to the next one.
             recheck = {(sc, k) for sc, k in self.state.recheck} | failed | self._later_keys
             self.state.recheck = sorted([sc, k] for sc, k in recheck)
+            for sc, k in self._later_keys:
+                rel = self._rel(sc, k)
+                self.state.reported[rel] = self._judged.get(rel)
             if writes or events:
                 self._send(writes, events, report)
                 # Saved before any file is written: a file write that fails now (a full
@@ -488,12 +505,12 @@ class Mirror:
         """Send the cycle's imports and events (``Runtime.send``: all or none)."""
         # Their stream ids exist only once Redis has added the commands: a cycle that
         # ends between the send and the state save that names them (a kill, a reply
-        # lost) would not know its imports. So the imports, the time their commands
-        # carry and the state to adopt once they are found go to a file first; the next
-        # cycle looks for them (_settle_sending) if the state was not saved.
+        # lost) would not know its imports, nor that its events went. So the imports,
+        # the events, the time their commands carry and the state to adopt once they
+        # are found go to a file first; the next cycle looks for them
+        # (_settle_sending) if the state was not saved.
         now_us = time.time_ns() // 1000
-        if writes:
-            self._write_sending(writes, now_us)
+        self._write_sending(writes, events, now_us)
         try:
             # The events' receipts too: waiting on them means the sync_events rows
             # are committed as well as the imports.
@@ -537,10 +554,11 @@ class Mirror:
                 # what the failed event reports, whatever the file shows by then.
                 _holds(entry)[receipt.stream_id] = hold
 
-    def _write_sending(self, writes: list[Write], now_us: int) -> None:
+    def _write_sending(self, writes: list[Write], events: list[AuditEvent], now_us: int) -> None:
         """Before the send: each import (its file, record, writer, the file's state entry
-        before this cycle and the save it carries), the time its command carries, and the
-        state as it will be saved once the send is done, but for the imports' ids."""
+        before this cycle and the save it carries) and each event, the time their
+        commands carry, and the state as it will be saved once the send is done, but for
+        the imports' ids."""
         imports = [
             {
                 "file": rel,
@@ -557,19 +575,23 @@ class Mirror:
             "version": 1,
             "now_us": now_us,
             "imports": imports,
+            "events": [
+                {"event": e.event, "scope": e.scope or "", "key": e.key or ""} for e in events
+            ],
             "state": self.state.to_doc(time.time_ns()),
         }
         _atomic_write(self.dir / SENDING_FILE, json.dumps(doc, sort_keys=True).encode())
 
     def _settle_sending(self) -> None:
-        """Finish the send of a cycle that ended before the state naming its imports was
+        """Finish the send of a cycle that ended before the state naming what it sent was
         saved (the mirror killed right after the send, or a send whose reply was lost).
 
-        Its imports are looked for where a command can be: in its stream, committed in
-        the journal, or dead-lettered (:meth:`_find_sent`). Found (one transaction sent
-        them all): the state that cycle was about to save is adopted, with their stream
-        ids, as if it had saved it; its events were sent with them. Not found: nothing
-        arrived, and the state saved before stands, so this cycle does that work again.
+        Its commands (imports and events, one transaction: all arrived or none) are
+        looked for where a command can be: in its stream, committed (the journal, the
+        sync events), or dead-lettered (:meth:`_find_sent`). Found: the state that cycle
+        was about to save is adopted, with the imports' stream ids, as if it had saved
+        it. Not found: nothing arrived, and the state saved before stands, so this cycle
+        does that work again.
         """
         path = self.dir / SENDING_FILE
         try:
@@ -578,6 +600,9 @@ class Mirror:
                 raise ValueError(f"format is not {_SENDING_FORMAT!r}")
             now_us = int(doc["now_us"])
             imports = list(doc["imports"])
+            commands = [("put", "", imp["scope"], imp["key"]) for imp in imports] + [
+                ("audit", e["event"], e["scope"], e["key"]) for e in doc.get("events", [])
+            ]
             state = MirrorState.from_doc(doc["state"])
         except FileNotFoundError:
             return
@@ -585,9 +610,9 @@ class Mirror:
             raise ConfigurationError(
                 f"{path} is not a dualmem mirror send in progress: {exc}"
             ) from exc
-        found = self._find_sent(imports, now_us)
+        found = self._find_sent(commands, [imp["actor"] for imp in imports], now_us)
         if any(found):
-            for imp, stream_id in zip(imports, found, strict=True):
+            for imp, stream_id in zip(imports, found, strict=False):
                 rel = imp["file"]
                 if stream_id is None:
                     # Not arrived although the transaction that carried it did: its
@@ -607,20 +632,25 @@ class Mirror:
             self.state.save(self.dir)
         path.unlink()
 
-    def _find_sent(self, imports: list[dict[str, Any]], now_us: int) -> list[str | None]:
-        """The stream id of each import's command (``t`` = ``now_us``, its scope and key),
-        ``None`` where it is nowhere.
+    def _find_sent(
+        self, commands: list[tuple[str, str, str, str]], actors: list[str], now_us: int
+    ) -> list[str | None]:
+        """Where each of a send's ``commands`` (``(op, event, scope, key)``: the imports'
+        puts, whose writers are ``actors``, then the events) is: its stream id, or
+        ``None`` where it is nowhere (an event found committed has no id here: ``"sync
+        event"``).
 
         The streams are read first: an entry leaves its stream only once it is committed
         or dead-lettered (acked, then trimmed), so one not found there, if it arrived at
-        all, is found next in the journal (by scope, key, writer and millisecond) or among
-        the dead letters."""
-        found: list[str | None] = [None] * len(imports)
-        where = {(imp["scope"], imp["key"]): i for i, imp in enumerate(imports)}
+        all, is found next committed (a put in the journal by scope, key, writer and
+        millisecond; an event in the sync events by scope, key, kind and millisecond) or
+        among the dead letters."""
+        found: list[str | None] = [None] * len(commands)
+        where = {c: i for i, c in enumerate(commands)}
         stamp = str(now_us).encode()
         self._sent_in_streams(where, stamp, found)
         if None in found:
-            self._sent_in_journal(imports, now_us, found)
+            self._sent_committed(commands, actors, now_us // 1000, found)
         if None in found:
             for letter in self.runtime.store.dead_letters(include_replayed=True):
                 i = _sent_as(letter.fields, stamp, where)
@@ -629,11 +659,14 @@ class Mirror:
         return found
 
     def _sent_in_streams(
-        self, where: dict[tuple[str, str], int], stamp: bytes, found: list[str | None]
+        self,
+        where: dict[tuple[str, str, str, str], int],
+        stamp: bytes,
+        found: list[str | None],
     ) -> None:
         rt = self.runtime
         client: Any = rt.client  # redis-py's xrange is loosely typed
-        streams = {rt.layout.stream(rt.layout.shard_of(sc, k)) for sc, k in where}
+        streams = {rt.layout.stream(rt.layout.shard_of(sc, k)) for _, _, sc, k in where}
         with translate_errors("mirror: look for a send"):
             for stream in sorted(streams):
                 start = "-"
@@ -647,21 +680,34 @@ class Mirror:
                         break
                     start = "(" + text(page[-1][0])
 
-    def _sent_in_journal(
-        self, imports: list[dict[str, Any]], now_us: int, found: list[str | None]
+    def _sent_committed(
+        self,
+        commands: list[tuple[str, str, str, str]],
+        actors: list[str],
+        ts_ms: int,
+        found: list[str | None],
     ) -> None:
         uri = f"{Path(self.runtime.settings.db_path).resolve().as_uri()}?mode=ro"
         with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
-            for i, imp in enumerate(imports):
+            for i, (op, event, scope, key) in enumerate(commands):
                 if found[i] is not None:
                     continue
-                row = conn.execute(
-                    "SELECT stream_id FROM journal WHERE scope = ? AND key = ? AND ts = ? "
-                    "AND actor = ? AND op = 'put' ORDER BY seq DESC LIMIT 1",
-                    (imp["scope"], imp["key"], now_us // 1000, imp["actor"]),
-                ).fetchone()
-                if row is not None:
-                    found[i] = str(row[0])
+                if op == "put":
+                    row = conn.execute(
+                        "SELECT stream_id FROM journal WHERE scope = ? AND key = ? AND ts = ? "
+                        "AND actor = ? AND op = 'put' ORDER BY seq DESC LIMIT 1",
+                        (scope, key, ts_ms, actors[i]),
+                    ).fetchone()
+                    if row is not None:
+                        found[i] = str(row[0])
+                elif event.startswith(SYNC_EVENT_PREFIX):
+                    row = conn.execute(
+                        "SELECT 1 FROM sync_events WHERE scope = ? AND key = ? AND ts = ? "
+                        "AND kind = ? LIMIT 1",
+                        (scope, key, ts_ms, event[len(SYNC_EVENT_PREFIX) :]),
+                    ).fetchone()
+                    if row is not None:
+                        found[i] = "sync event"
 
     def _changed(self, conn: sqlite3.Connection, head: int) -> dict[tuple[str, str], set[str]]:
         """The records the journal changed since the last cycle, each with the stream ids
@@ -771,6 +817,7 @@ class Mirror:
         """The file of ``(scope, key)`` matches SQLite now: out of ``recheck``."""
         if [scope, key] in self.state.recheck:
             self.state.recheck = [r for r in self.state.recheck if r != [scope, key]]
+        self.state.reported.pop(self._rel(scope, key), None)
 
     def _apply(
         self,
@@ -1016,6 +1063,8 @@ class Mirror:
                 continue
             if entry is None and self.state.rejected.get(rel) == digest:
                 continue
+            if self._reported(rel, digest):
+                continue  # recheck rewrites it
             self._edited(conn, now_ms, path, rel, data, entry, changed, writes, events, report)
         for rel in [rel for rel in self.state.rejected if rel not in present]:
             del self.state.rejected[rel]  # gone: a file saved there later is judged afresh
@@ -1027,7 +1076,9 @@ class Mirror:
                 # Deleted by hand: records are deleted through the API, so put it back
                 # (keeping its imports in flight, see _refresh) once the events are sent.
                 row = self._row(conn, scope, key, now_ms)
-                if row is not None and self._renders(row):
+                if self.state.reported.get(rel, "") is None:
+                    pass  # its restore was reported by a cycle that ended before it
+                elif row is not None and self._renders(row):
                     report.restored += 1
                     events.append(self._event("restored", scope, key, None, {"path": rel}))
                 elif row is None and _in_flight(entry, changed.get((scope, key), ())).get("sent"):
@@ -1036,6 +1087,17 @@ class Mirror:
                         "flight; the file comes back once it commits"
                     )
                 self._rewrite(conn, scope, key, now_ms, report)
+
+    def _reported(self, rel: str, digest: str) -> bool:
+        """Whether the file ``rel`` still holds ``digest``, what a cycle that ended before
+        it rewrote the file judged it to hold, that verdict sent; saved again since, it
+        is judged afresh."""
+        if rel not in self.state.reported:
+            return False
+        if self.state.reported[rel] == digest:
+            return True
+        del self.state.reported[rel]
+        return False
 
     def _rewrite(
         self, conn: sqlite3.Connection, scope: str, key: str, now_ms: int, report: CycleReport
