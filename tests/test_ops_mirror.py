@@ -1726,16 +1726,24 @@ def test_a_failed_imports_file_goes_back_after_a_failed_file_write(
     assert event_kinds(db_path, "cfg").count("failed") == 1
 
 
-def _send_then(then: Callable[[], None]) -> Callable[..., Any]:
-    """``Runtime.send`` that sends, then calls ``then`` before it returns its receipts."""
+def cycle_losing_its_reply(
+    mirror: Mirror, monkeypatch: pytest.MonkeyPatch, *, sent: bool = True
+) -> None:
+    """One cycle whose send raises ``StoreUnavailable`` as a lost reply does: after its
+    transaction reached Redis (``sent``), or before anything was written."""
     real = Runtime.send
 
     def send(self: Runtime, *args: Any, **kwargs: Any) -> Any:
-        receipts = real(self, *args, **kwargs)
-        then()
-        return receipts
+        if sent:
+            real(self, *args, **kwargs)
+        raise StoreUnavailable("send commands: the reply was lost (it may have run)")
 
-    return send
+    monkeypatch.setattr(Runtime, "send", send)
+    try:
+        with pytest.raises(StoreUnavailable):
+            cycle(mirror)
+    finally:
+        monkeypatch.undo()
 
 
 @pytest.mark.real_redis
@@ -1837,31 +1845,19 @@ def test_a_send_whose_reply_was_lost_is_looked_for_before_anything_is_sent_again
     mem.close(timeout=5)  # no worker: commands commit when the test says
     f, unsent, poisoned = (file_of(mdir, k) for k in ("cfg", "unsent", "poisoned"))
 
-    def lost() -> None:
-        raise StoreUnavailable("send commands: the reply was lost (it may have run)")
-
     with started_mirror(settings, mdir) as (rt, mirror):
         write_value(f, {"v": 1})
-        monkeypatch.setattr(Runtime, "send", _send_then(lost))
-        with pytest.raises(StoreUnavailable):
-            cycle(mirror)
-        monkeypatch.undo()
+        cycle_losing_its_reply(mirror, monkeypatch)
         found = cycle(mirror)
         assert (found.imported, found.conflicts) == (0, 0), found.events
         # Refused before it was sent: nothing to find, the next cycle sends the save.
         write_value(unsent, {"v": 1})
-        monkeypatch.setattr(Runtime, "send", lambda *a, **k: lost())
-        with pytest.raises(StoreUnavailable):
-            cycle(mirror)
-        monkeypatch.undo()
+        cycle_losing_its_reply(mirror, monkeypatch, sent=False)
         assert cycle(mirror).imported == 1
         # Dead-lettered (and trimmed from its stream) before the next cycle looked.
         poison(db_path, "poisoned")
         write_value(poisoned, {"v": 1, "note": "never committed"})
-        monkeypatch.setattr(Runtime, "send", _send_then(lost))
-        with pytest.raises(StoreUnavailable):
-            cycle(mirror)
-        monkeypatch.undo()
+        cycle_losing_its_reply(mirror, monkeypatch)
         worker = make_mem(max_deliveries=1)
         worker.settle(10)
         for stream in raw_redis.keys("*:cmd"):
@@ -1897,18 +1893,12 @@ def test_a_cycle_that_sent_only_events_and_lost_its_reply_reports_them_once(
         put(mem, k, {"v": 0})
     f, bad, gone = (file_of(mdir, k) for k in ("cfg", "bad", "gone"))
 
-    def lost() -> None:
-        raise StoreUnavailable("send commands: the reply was lost (it may have run)")
-
     with started_mirror(settings, mdir) as (_, mirror):
         put(mem, "cfg", {"v": "agent"})  # committed; the mirror has not read it yet
         write_value(f, {"v": 1, "note": "conflicting save"})
         bad.write_text('{"rejected save": ', encoding="utf-8")
         gone.unlink()
-        monkeypatch.setattr(Runtime, "send", _send_then(lost))
-        with pytest.raises(StoreUnavailable):
-            cycle(mirror)
-        monkeypatch.undo()
+        cycle_losing_its_reply(mirror, monkeypatch)
         again = cycle(mirror)
         assert (again.conflicts, again.rejected, again.restored) == (0, 0, 0), again.events
         assert doc(f)["value"] == {"v": "agent"} and doc(bad)["value"] == {"v": 0}

@@ -612,7 +612,7 @@ class Mirror:
             ) from exc
         found = self._find_sent(commands, [imp["actor"] for imp in imports], now_us)
         if any(found):
-            for imp, stream_id in zip(imports, found, strict=False):
+            for imp, stream_id in zip(imports, found[: len(imports)], strict=True):
                 rel = imp["file"]
                 if stream_id is None:
                     # Not arrived although the transaction that carried it did: its
@@ -1076,8 +1076,8 @@ class Mirror:
                 # Deleted by hand: records are deleted through the API, so put it back
                 # (keeping its imports in flight, see _refresh) once the events are sent.
                 row = self._row(conn, scope, key, now_ms)
-                if self.state.reported.get(rel, "") is None:
-                    pass  # its restore was reported by a cycle that ended before it
+                if self._reported(rel, None):
+                    pass  # its restore was sent by a cycle that ended before it rewrote it
                 elif row is not None and self._renders(row):
                     report.restored += 1
                     events.append(self._event("restored", scope, key, None, {"path": rel}))
@@ -1088,10 +1088,10 @@ class Mirror:
                     )
                 self._rewrite(conn, scope, key, now_ms, report)
 
-    def _reported(self, rel: str, digest: str) -> bool:
-        """Whether the file ``rel`` still holds ``digest``, what a cycle that ended before
-        it rewrote the file judged it to hold, that verdict sent; saved again since, it
-        is judged afresh."""
+    def _reported(self, rel: str, digest: str | None) -> bool:
+        """Whether the file ``rel`` still holds ``digest`` (None: no file), what a cycle
+        that ended before it rewrote the file judged it to hold, that verdict sent; saved
+        (or deleted) since, it is judged afresh."""
         if rel not in self.state.reported:
             return False
         if self.state.reported[rel] == digest:
