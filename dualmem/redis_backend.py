@@ -578,6 +578,10 @@ def in_process_connection_class(base: type[Any]) -> type[Any]:
     same command code runs on the same arguments; replies, errors, transactions and
     pub/sub are read back as before. With a fakeredis whose socket lacks that method the
     commands go as RESP bytes (``tests/test_redis_backend.py`` notices).
+
+    A ``MULTI; ...; EXEC`` (a put) goes further: ``run_transaction`` runs its commands the
+    way the server's EXEC runs its queue, in one step (see there), and returns EXEC's
+    reply without the four trips through ``_process_command`` and the reply queue.
     """
 
     class InProcessConnection(base):  # type: ignore[misc]
@@ -616,6 +620,28 @@ def in_process_connection_class(base: type[Any]) -> type[Any]:
                 self.disconnect()
                 raise
 
+        def run_transaction(self, command: _Direct) -> Any:
+            """EXEC's reply to ``command`` (``MULTI; ...; EXEC``), run on the in-process
+            server in one step, or ``_NOT_DIRECT``: the ordinary path is needed.
+
+            Sent one by one, each of those commands takes the server's lock, clears out
+            closed connections, stamps every database's clock and goes through a reply
+            queue; EXEC then runs the queued ones under the lock. Here the queued
+            commands run as EXEC runs them (``_run_command``, in a transaction), after
+            the same checks (known command, ACL, arity), under one hold of the lock:
+            the same code on the same arguments, without the queueing. Anything the
+            ordinary path would answer with an error before EXEC (an unknown command, a
+            wrong arity), a connection with WATCHed keys or a transaction already open,
+            and a fakeredis without these methods take the ordinary path, which then
+            gives redis-py's errors and EXEC's abort exactly.
+            """
+            get_socket = getattr(self, "get_socket", None)
+            sock = self._sock if get_socket is None else get_socket()
+            if not self._server.connected or getattr(sock, "_killed", False):
+                return _NOT_DIRECT  # the ordinary path raises what redis-py raises
+            result = _run_direct(sock, command)
+            return result if result is _NOT_DIRECT else self._decode(result)
+
         def _arguments(self, args: Sequence[Any]) -> list[bytes]:
             # As redis-py packs them: a command name with spaces ("CLIENT SETNAME") is
             # several arguments; str, int and float are encoded, anything else refused.
@@ -630,6 +656,87 @@ def in_process_connection_class(base: type[Any]) -> type[Any]:
             return [a if type(a) is bytes else bytes(encode(a)) for a in args]
 
     return InProcessConnection
+
+
+#: ``run_transaction``'s answer when the transaction must take the ordinary path.
+_NOT_DIRECT: Any = object()
+
+
+def _run_direct(sock: Any, command: _Direct) -> Any:
+    """Run ``MULTI; <queued>; EXEC`` on fakeredis socket ``sock`` as its ``EXEC`` would;
+    the decoded results, or ``_NOT_DIRECT`` before anything ran."""
+    steps = _direct_steps(sock, command)
+    if steps is None:
+        return _NOT_DIRECT
+    from fakeredis._helpers import SimpleError  # imported by _direct_steps already
+
+    server, version = sock._server, sock.version
+    with server.lock:
+        try:
+            for _, sig, args in steps:
+                sig.check_arity(args, version)
+        except SimpleError:
+            return _NOT_DIRECT  # EXEC would abort: the ordinary path gives the error
+        # Nothing has run yet. What each command does first, once:
+        while server.closed_sockets:
+            gone = server.closed_sockets.pop()()
+            if gone:
+                gone._cleanup(server)
+        now = time.time()
+        for db in server.dbs.values():
+            db.time = now
+        # Then what EXEC does with its queue.
+        results = []
+        for func, sig, args in steps:
+            try:
+                sock._in_transaction = True
+                answer = sock._run_command(func, sig, args, False)
+            except SimpleError as exc:
+                answer = exc
+            finally:
+                sock._in_transaction = False
+            results.append(answer)
+    return sock._decode_result(results)
+
+
+def _direct_steps(sock: Any, command: _Direct) -> list[tuple[Any, Any, list[bytes]]] | None:
+    """The queued commands of ``command`` as ``(method, signature, arguments)``, checked
+    as the server checks a command it queues (known, allowed); ``None`` where the
+    ordinary path must run it (see ``run_transaction``)."""
+    try:
+        from fakeredis._helpers import SimpleError
+        from fakeredis._msgs import FLAG_TRANSACTION
+        from fakeredis._socket._resp import extract_command
+
+        if (
+            len(command) < 2
+            or command[0] != [b"MULTI"]
+            or command[-1] != [b"EXEC"]
+            or sock._watches
+            or sock._transaction is not None
+            or sock._transaction_paused
+            or sock._in_transaction
+            or sock._pubsub
+            or sock._reply_off
+            or sock._reply_skip
+            or sock._reply_skip_next
+        ):
+            return None
+        validate, info = sock._server.acl.validate_command, sock._client_info
+        steps = []
+        for fields in command:
+            name, args = extract_command(fields)
+            func, sig = sock._name_to_func(name)
+            validate(info.user, info, fields)
+            steps.append((func, sig, args))
+    except (ImportError, AttributeError):  # another fakeredis: the ordinary path
+        return None
+    except SimpleError:  # unknown or not allowed: the ordinary path answers it
+        return None
+    steps = steps[1:-1]
+    if any(FLAG_TRANSACTION in sig.flags for _, sig, _ in steps):
+        return None  # WATCH, MULTI, EXEC or DISCARD inside: the ordinary path
+    return steps
 
 
 def _read_replies(conn: Any, packed: Any, count: int) -> list[Any]:
@@ -661,6 +768,10 @@ def _exchange(conn: Any, packed: Any, queued: int, *, aborted_ok: bool = False) 
         conn.send_packed_command([_PING], check_health=False)
         if conn.read_response() not in (b"PONG", "PONG"):
             raise redis.ConnectionError("bad reply to PING")
+    if direct:
+        replies = conn.run_transaction(packed)
+        if replies is not _NOT_DIRECT:
+            return _exec_replies(replies, aborted_ok)
     conn.send_packed_command(packed, check_health=False)
     try:
         conn.read_response()  # +OK for MULTI
@@ -680,6 +791,10 @@ def _exchange(conn: Any, packed: Any, queued: int, *, aborted_ok: bool = False) 
         ) from exc
     if not direct:
         conn._dualmem_used = time.monotonic()
+    return _exec_replies(replies, aborted_ok)
+
+
+def _exec_replies(replies: Any, aborted_ok: bool) -> Any:
     if replies is None and aborted_ok:
         return None  # a WATCHed key changed: EXEC ran nothing
     if not isinstance(replies, list):

@@ -96,8 +96,9 @@ def test_put_is_one_round_trip_and_touches_no_sqlite(
     mem = make_mem(worker=False)
     mem.put("warm", 1, level=Level.SWARM, principal=coder)  # connection established
     # Every exchange with Redis (RESP bytes to a server, or argument lists handed to the
-    # in-process one) is one send_packed_command; real Redis is also counted below at the
-    # server, by its command statistics.
+    # in-process one) is one send_packed_command, or one run_transaction where the
+    # in-process server runs a MULTI/EXEC in one step; real Redis is also counted below at
+    # the server, by its command statistics.
     cls = mem._redis.connection_pool.connection_class
     sends: list[int] = []
     original = cls.send_packed_command
@@ -105,6 +106,15 @@ def test_put_is_one_round_trip_and_touches_no_sqlite(
     def counting(self: object, command: object, check_health: bool = True) -> None:
         sends.append(1)
         original(self, command, check_health)  # type: ignore[arg-type]
+
+    if backend == "fakeredis":
+        direct = cls.run_transaction
+
+        def counting_direct(self: object, command: object) -> object:
+            sends.append(1)
+            return direct(self, command)
+
+        monkeypatch.setattr(cls, "run_transaction", counting_direct)
 
     def no_sqlite(*_: object) -> None:
         raise AssertionError("the write path opened SQLite")
@@ -1721,7 +1731,18 @@ def test_an_interrupt_between_two_replies_leaves_no_reply_behind(
             raise KeyboardInterrupt
         return reply
 
-    conn.read_response = interrupted  # type: ignore[method-assign]
+    direct = getattr(conn, "run_transaction", None)
+    if direct is None:
+        conn.read_response = interrupted  # type: ignore[method-assign]
+    else:
+        # The in-process server runs a put's MULTI/EXEC in one step and no reply is read:
+        # the interrupt comes after it ran, before its reply was returned.
+        def interrupted_direct(command: Any) -> Any:
+            direct(command)
+            conn.run_transaction = direct
+            raise KeyboardInterrupt
+
+        conn.run_transaction = interrupted_direct
     with pytest.raises(KeyboardInterrupt):
         mem.put("interrupted", 0, level=Level.SWARM, principal=coder)
     stream = mem.layout.stream(0)

@@ -3,6 +3,9 @@ with the same replies, errors and connection failures as RESP bytes over a socke
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,12 +14,14 @@ import pytest
 import redis
 
 from dualmem.redis_backend import (
+    WatchedKeyChanged,
     connect,
     drop_memory_server,
     in_process_connection_class,
     pack,
     send_many,
     transact,
+    transact_watching,
 )
 from dualmem.settings import Settings
 
@@ -36,34 +41,89 @@ def fake() -> Iterator[fakeredis.FakeRedis]:
 
 
 def test_the_embedded_client_hands_the_installed_fakeredis_argument_lists() -> None:
-    # If a fakeredis release renames the method the in-process path calls, everything
-    # still works (commands go as RESP bytes) but loses the speed the README quotes.
+    # If a fakeredis release renames the methods the in-process path calls, everything
+    # still works (commands go as RESP bytes, transactions command by command) but loses
+    # the speed the README quotes.
     url = "memory://transport-test"
     client, _ = connect(Settings(redis_url=url))
     try:
-        # The pool's one connection, its socket watched: commands reach _process_command
-        # and nothing is sent as bytes.
+        # The pool's one connection, its socket watched: commands reach _process_command,
+        # a transaction's commands reach _run_command in one step, nothing goes as bytes.
         conn: Any = client.connection_pool.get_connection()
         sock = conn.get_socket()
         assert callable(getattr(sock, "_process_command", None))
         seen: list[list[bytes]] = []
-        real = sock._process_command
+        ran: list[list[bytes]] = []
+        real, real_run = sock._process_command, sock._run_command
 
         def spy(args: list[bytes]) -> None:
             seen.append(args)
             real(args)
 
+        def spy_run(func: Any, sig: Any, args: list[bytes], from_script: bool) -> Any:
+            ran.append([sig.name.encode(), *args])
+            return real_run(func, sig, args, from_script)
+
         sock._process_command = spy
+        sock._run_command = spy_run
         sock.sendall = lambda _data: pytest.fail("RESP bytes were sent")
         client.connection_pool.release(conn)
         assert transact(client, [(b"SET", b"k", "välue")]) == [b"OK"]
         assert client.get("k") == "välue".encode()
         assert client.execute_command("CLIENT SETNAME", "worker-1") in (True, b"OK")
-        assert seen[:3] == [[b"MULTI"], [b"SET", b"k", "välue".encode()], [b"EXEC"]]
+        assert ran[0] == [b"set", b"k", "välue".encode()]
+        assert [b"MULTI"] not in seen and [b"EXEC"] not in seen
         assert [b"CLIENT", b"SETNAME", b"worker-1"] in seen
+        # What the direct path leaves to the ordinary one: a transaction EXEC would abort
+        # goes command by command (and answers as Redis does).
+        with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
+            transact(client, [(b"SET", b"k")])
+        assert seen[-3:] == [[b"MULTI"], [b"SET", b"k"], [b"EXEC"]]
     finally:
         client.close()
         drop_memory_server(url)
+
+
+def test_a_fakeredis_without_the_direct_transaction_s_methods_takes_the_ordinary_path(
+    fake: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn: Any = fake.connection_pool.get_connection()
+    sock = conn.get_socket()
+    fake.connection_pool.release(conn)
+    # A release that moved the helper the direct path imports.
+    monkeypatch.setitem(sys.modules, "fakeredis._socket._resp", None)
+    seen: list[list[bytes]] = []
+    real = sock._process_command
+    monkeypatch.setattr(sock, "_process_command", lambda args: (seen.append(args), real(args)))
+    assert transact(fake, [(b"SET", b"k", b"v"), (b"INCR", b"n")]) == [b"OK", 1]
+    assert seen == [[b"MULTI"], [b"SET", b"k", b"v"], [b"INCR", b"n"], [b"EXEC"]]
+
+
+def test_a_direct_transaction_wakes_a_blocked_reader_and_honours_watch(
+    fake: fakeredis.FakeRedis,
+) -> None:
+    # The worker blocks in XREADGROUP on another connection; a put's XADD must wake it.
+    fake.xgroup_create("s", "g", id="0", mkstream=True)
+    reader = fakeredis.FakeRedis(server=fake.connection_pool.connection_kwargs["server"])
+    got: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: got.append(reader.xreadgroup("g", "c", {"s": ">"}, count=1, block=5000))
+    )
+    thread.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    transact(fake, [(b"XADD", b"s", b"*", b"op", b"put")])
+    thread.join(10)
+    assert got and got[0][0][1][0][1] == {b"op": b"put"}
+    assert time.monotonic() - t0 < 4  # woken, not timed out
+
+    # A WATCHed key changed by a direct transaction aborts the watcher's EXEC.
+    def decide(_value: object) -> None:
+        transact(fake, [(b"SET", b"w", b"meanwhile")])  # changed after WATCH
+
+    with pytest.raises(WatchedKeyChanged):
+        transact_watching(fake, b"w", decide, [(b"SET", b"w", b"mine")])
+    assert fake.get("w") == b"meanwhile"
 
 
 SCRIPT: list[tuple[Any, ...]] = [

@@ -35,7 +35,8 @@ METHOD = (
     "the put rounds too: on real Redis a peer's p95 over its p95 is the most any write "
     "through this Redis could show against that peer in this run. On the embedded "
     "fakeredis dualmem's transport hands the in-process server argument lists instead of "
-    "RESP bytes (see the write suite), so there a put can show more than the bare MULTI."
+    "RESP bytes and runs a transaction in one step (see the write suite), so there a put "
+    "can show more than the bare MULTI."
 )
 
 
