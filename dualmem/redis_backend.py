@@ -637,10 +637,11 @@ def in_process_connection_class(base: type[Any]) -> type[Any]:
             """
             get_socket = getattr(self, "get_socket", None)
             sock = self._sock if get_socket is None else get_socket()
-            if not self._server.connected or getattr(sock, "_killed", False):
+            decode = getattr(self, "_decode", None)  # looked up before anything runs
+            if decode is None or not self._server.connected or getattr(sock, "_killed", False):
                 return _NOT_DIRECT  # the ordinary path raises what redis-py raises
             result = _run_direct(sock, command)
-            return result if result is _NOT_DIRECT else self._decode(result)
+            return result if result is _NOT_DIRECT else decode(result)
 
         def _arguments(self, args: Sequence[Any]) -> list[bytes]:
             # As redis-py packs them: a command name with spaces ("CLIENT SETNAME") is
@@ -670,33 +671,42 @@ def _run_direct(sock: Any, command: _Direct) -> Any:
         return _NOT_DIRECT
     from fakeredis._helpers import SimpleError  # imported by _direct_steps already
 
-    server, version = sock._server, sock.version
-    with server.lock:
+    try:  # every attribute used below, before anything runs
+        server, version, run, decode = (
+            sock._server,
+            sock.version,
+            sock._run_command,
+            sock._decode_result,
+        )
+        lock, closed, dbs = server.lock, server.closed_sockets, server.dbs
+    except AttributeError:
+        return _NOT_DIRECT
+    with lock:
         try:
             for _, sig, args in steps:
                 sig.check_arity(args, version)
         except SimpleError:
             return _NOT_DIRECT  # EXEC would abort: the ordinary path gives the error
         # Nothing has run yet. What each command does first, once:
-        while server.closed_sockets:
-            gone = server.closed_sockets.pop()()
+        while closed:
+            gone = closed.pop()()
             if gone:
                 gone._cleanup(server)
         now = time.time()
-        for db in server.dbs.values():
+        for db in dbs.values():
             db.time = now
         # Then what EXEC does with its queue.
         results = []
         for func, sig, args in steps:
             try:
                 sock._in_transaction = True
-                answer = sock._run_command(func, sig, args, False)
+                answer = run(func, sig, args, False)
             except SimpleError as exc:
                 answer = exc
             finally:
                 sock._in_transaction = False
             results.append(answer)
-    return sock._decode_result(results)
+    return decode(results)
 
 
 def _direct_steps(sock: Any, command: _Direct) -> list[tuple[Any, Any, list[bytes]]] | None:
