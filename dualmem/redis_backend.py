@@ -730,6 +730,7 @@ def _direct_steps(sock: Any, command: _Direct) -> list[tuple[Any, Any, list[byte
             or sock._reply_off
             or sock._reply_skip
             or sock._reply_skip_next
+            or sock._server.server_type != "redis"  # others queue by other rules
         ):
             return None
         validate, info = sock._server.acl.validate_command, sock._client_info

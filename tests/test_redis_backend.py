@@ -99,6 +99,22 @@ def test_a_fakeredis_without_the_direct_transaction_s_methods_takes_the_ordinary
     assert seen == [[b"MULTI"], [b"SET", b"k", b"v"], [b"INCR", b"n"], [b"EXEC"]]
 
 
+def test_a_server_of_another_type_queues_by_its_own_rules(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Dragonfly refuses some commands inside MULTI as it queues them; the direct path
+    # replicates Redis's queueing only, so other server types take the ordinary path.
+    client = _direct_client(fakeredis.FakeServer(server_type="dragonfly"))
+    conn: Any = client.connection_pool.get_connection()
+    sock = conn.get_socket()
+    client.connection_pool.release(conn)
+    seen: list[list[bytes]] = []
+    real = sock._process_command
+    monkeypatch.setattr(sock, "_process_command", lambda args: (seen.append(args), real(args)))
+    assert transact(client, [(b"SET", b"k", b"v")]) == [b"OK"]
+    assert seen == [[b"MULTI"], [b"SET", b"k", b"v"], [b"EXEC"]]
+
+
 def test_a_direct_transaction_wakes_a_blocked_reader_and_honours_watch(
     fake: fakeredis.FakeRedis,
 ) -> None:
