@@ -632,8 +632,9 @@ def in_process_connection_class(base: type[Any]) -> type[Any]:
             the same code on the same arguments, without the queueing. Anything the
             ordinary path would answer with an error before EXEC (an unknown command, a
             wrong arity), a connection with WATCHed keys or a transaction already open,
-            and a fakeredis without these methods take the ordinary path, which then
-            gives redis-py's errors and EXEC's abort exactly.
+            a server of another type (Dragonfly queues by its own rules) and a fakeredis
+            that moved what this uses take the ordinary path, which then gives
+            redis-py's errors and EXEC's abort exactly.
             """
             get_socket = getattr(self, "get_socket", None)
             sock = self._sock if get_socket is None else get_socket()
