@@ -448,3 +448,13 @@ def test_the_command_pool_is_fork_safe(redis_server: Any) -> None:
         assert transact(client, [(b"SET", b"fork", b"still")]) == [b"OK"]  # parent's intact
     finally:
         client.close()
+
+
+def test_a_direct_transaction_runs_on_the_server_s_clock_of_now(fake: fakeredis.FakeRedis) -> None:
+    # Every command stamps the server's databases with the time before it runs, and an
+    # expiry counts from that stamp: a transaction run in one step must stamp it too, or
+    # a put's cache entry would expire early by the time since the server's last command.
+    assert transact(fake, [(b"SET", b"before", b"1")]) == [b"OK"]
+    time.sleep(2)
+    assert transact(fake, [(b"SET", b"k", b"v", b"PX", 600_000)]) == [b"OK"]
+    assert fake.pttl("k") > 599_000
