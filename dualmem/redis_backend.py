@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import functools
 import queue
 import threading
 import time
@@ -663,15 +664,35 @@ def in_process_connection_class(base: type[Any]) -> type[Any]:
 #: ``run_transaction``'s answer when the transaction must take the ordinary path.
 _NOT_DIRECT: Any = object()
 
+#: What the direct path uses from fakeredis beyond its sockets: ``(SimpleError,
+#: FLAG_TRANSACTION, extract_command)``.
+_FakeredisParts = tuple[type[Exception], str, Callable[[list[bytes]], Any]]
+
+
+@functools.cache
+def _fakeredis_parts() -> _FakeredisParts | None:
+    """:data:`_FakeredisParts`, imported once, on the first direct transaction (a put
+    pays no import statements; a process on a real Redis never imports fakeredis);
+    ``None`` when this fakeredis has moved one of them (the ordinary path then)."""
+    try:
+        from fakeredis._helpers import SimpleError
+        from fakeredis._msgs import FLAG_TRANSACTION
+        from fakeredis._socket._resp import extract_command
+    except ImportError:
+        return None
+    return SimpleError, FLAG_TRANSACTION, extract_command
+
 
 def _run_direct(sock: Any, command: _Direct) -> Any:
     """Run ``MULTI; <queued>; EXEC`` on fakeredis socket ``sock`` as its ``EXEC`` would;
     the decoded results, or ``_NOT_DIRECT`` before anything ran."""
-    steps = _direct_steps(sock, command)
+    parts = _fakeredis_parts()
+    if parts is None:
+        return _NOT_DIRECT
+    steps = _direct_steps(sock, command, parts)
     if steps is None:
         return _NOT_DIRECT
-    from fakeredis._helpers import SimpleError  # imported by _direct_steps already
-
+    simple_error = parts[0]
     try:  # every attribute used below, before anything runs
         server, version, run, decode = (
             sock._server,
@@ -686,7 +707,7 @@ def _run_direct(sock: Any, command: _Direct) -> Any:
         try:
             for _, sig, args in steps:
                 sig.check_arity(args, version)
-        except SimpleError:
+        except simple_error:
             return _NOT_DIRECT  # EXEC would abort: the ordinary path gives the error
         # Nothing has run yet. What each command does first, once:
         while closed:
@@ -702,7 +723,7 @@ def _run_direct(sock: Any, command: _Direct) -> Any:
             try:
                 sock._in_transaction = True
                 answer = run(func, sig, args, False)
-            except SimpleError as exc:
+            except simple_error as exc:
                 answer = exc
             finally:
                 sock._in_transaction = False
@@ -710,15 +731,14 @@ def _run_direct(sock: Any, command: _Direct) -> Any:
     return decode(results)
 
 
-def _direct_steps(sock: Any, command: _Direct) -> list[tuple[Any, Any, list[bytes]]] | None:
+def _direct_steps(
+    sock: Any, command: _Direct, parts: _FakeredisParts
+) -> list[tuple[Any, Any, list[bytes]]] | None:
     """The queued commands of ``command`` as ``(method, signature, arguments)``, checked
     as the server checks a command it queues (known, allowed); ``None`` where the
     ordinary path must run it (see ``run_transaction``)."""
+    simple_error, transaction_flag, extract_command = parts
     try:
-        from fakeredis._helpers import SimpleError
-        from fakeredis._msgs import FLAG_TRANSACTION
-        from fakeredis._socket._resp import extract_command
-
         if (
             len(command) < 2
             or command[0] != [b"MULTI"]
@@ -741,12 +761,12 @@ def _direct_steps(sock: Any, command: _Direct) -> list[tuple[Any, Any, list[byte
             func, sig = sock._name_to_func(name)
             validate(info.user, info, fields)
             steps.append((func, sig, args))
-    except (ImportError, AttributeError):  # another fakeredis: the ordinary path
+    except AttributeError:  # another fakeredis: the ordinary path
         return None
-    except SimpleError:  # unknown or not allowed: the ordinary path answers it
+    except simple_error:  # unknown or not allowed: the ordinary path answers it
         return None
     steps = steps[1:-1]
-    if any(FLAG_TRANSACTION in sig.flags for _, sig, _ in steps):
+    if any(transaction_flag in sig.flags for _, sig, _ in steps):
         return None  # WATCH, MULTI, EXEC or DISCARD inside: the ordinary path
     return steps
 

@@ -3,6 +3,7 @@ with the same replies, errors and connection failures as RESP bytes over a socke
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
@@ -90,7 +91,11 @@ def test_a_fakeredis_that_moved_what_the_direct_path_uses_takes_the_ordinary_pat
     conn: Any = fake.connection_pool.get_connection()
     sock = conn.get_socket()
     fake.connection_pool.release(conn)
-    # A release that moved the helper the direct path imports.
+    # A release that moved the helper the direct path imports (looked up once a process).
+    import dualmem.redis_backend as backend
+
+    fresh = functools.cache(backend._fakeredis_parts.__wrapped__)
+    monkeypatch.setattr(backend, "_fakeredis_parts", fresh)
     monkeypatch.setitem(sys.modules, "fakeredis._socket._resp", None)
     seen: list[list[bytes]] = []
     real = sock._process_command
