@@ -601,8 +601,7 @@ def in_process_connection_class(base: type[Any]) -> type[Any]:
             if not isinstance(command, _Direct):
                 super().send_packed_command(command, check_health)
                 return
-            get_socket = getattr(self, "get_socket", None)
-            sock = self._sock if get_socket is None else get_socket()
+            sock = self._fake_socket()
             process = getattr(sock, "_process_command", None)
             if process is None:  # a fakeredis without it: RESP bytes, as redis-py sends
                 super().send_packed_command(base.pack_commands(self, command), check_health)
@@ -637,13 +636,18 @@ def in_process_connection_class(base: type[Any]) -> type[Any]:
             that moved what this uses take the ordinary path, which then gives
             redis-py's errors and EXEC's abort exactly.
             """
-            get_socket = getattr(self, "get_socket", None)
-            sock = self._sock if get_socket is None else get_socket()
+            sock = self._fake_socket()
             decode = getattr(self, "_decode", None)  # looked up before anything runs
             if decode is None or not self._server.connected or getattr(sock, "_killed", False):
                 return _NOT_DIRECT  # the ordinary path raises what redis-py raises
             result = _run_direct(sock, command)
             return result if result is _NOT_DIRECT else decode(result)
+
+        def _fake_socket(self) -> Any:
+            # The in-process server's socket, connected if need be (an older fakeredis
+            # has no get_socket: its _sock then).
+            get_socket = getattr(self, "get_socket", None)
+            return self._sock if get_socket is None else get_socket()
 
         def _arguments(self, args: Sequence[Any]) -> list[bytes]:
             # As redis-py packs them: a command name with spaces ("CLIENT SETNAME") is
