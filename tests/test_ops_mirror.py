@@ -37,7 +37,7 @@ from dualmem.ops.mirror import (
     record_path,
 )
 from dualmem.ops.runtime import Runtime
-from dualmem.redis_backend import connect
+from dualmem.redis_backend import connect, text
 from dualmem.rotation import add_active_key, drop_keys, rotate_keys
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
@@ -1876,6 +1876,58 @@ def test_a_send_whose_reply_was_lost_is_looked_for_before_anything_is_sent_again
     assert event_kinds(db_path, "cfg") == ["imported", "imported"]
     assert event_kinds(db_path, "unsent") == ["imported"]
     assert event_kinds(db_path, "poisoned") == ["imported", "failed"]
+
+
+@pytest.mark.parametrize("sending_file", ["with the stream tops", "from before they were kept"])
+def test_the_look_for_a_lost_send_reads_its_streams_from_where_the_send_began(
+    make_mem: Callable[..., DualMemory],
+    db_path: Path,
+    mdir: Path,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    sending_file: str,
+) -> None:
+    # The look read every stream the send wrote to from its first entry: with the worker
+    # down, the whole backlog, once per cycle that lost its reply. The send's entries can
+    # only come after the last entry each stream held before it, which the sending file
+    # now records; a file written before that was recorded is still read whole.
+    backlog = 2_500
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    mem.close(timeout=5)
+    writer = make_mem(worker=False)  # no worker: the backlog stays in the stream
+    with started_mirror(settings, mdir) as (rt, mirror):
+        for i in range(backlog):
+            writer.put(f"noise/{i}", {"i": i}, level=Level.SWARM, principal=CODER)
+        write_value(file_of(mdir, "cfg"), {"v": 1})
+        (stream,) = rt.client.keys("*:cmd")
+        top = text(rt.client.xrevrange(stream, "+", "-", count=1)[0][0])
+        cycle_losing_its_reply(mirror, monkeypatch)
+        sending = json.loads((mdir / SENDING_FILE).read_text(encoding="utf-8"))
+        assert sending["after"] == {text(stream): top}
+        if sending_file == "from before they were kept":
+            del sending["after"]
+            (mdir / SENDING_FILE).write_text(json.dumps(sending), encoding="utf-8")
+        read: list[int] = []
+        real_xrange = rt.client.xrange
+
+        def xrange(*args: Any, **kwargs: Any) -> Any:
+            page = real_xrange(*args, **kwargs)
+            read.append(len(page))
+            return page
+
+        monkeypatch.setattr(rt.client, "xrange", xrange)
+        found = cycle(mirror)
+        monkeypatch.undo()
+        assert (found.imported, found.conflicts) == (0, 0), found.events
+        assert not (mdir / SENDING_FILE).exists()
+        assert len(mirror.state.files["swarm:s1/cfg.json"]["sent"]) == 1
+        if sending_file == "with the stream tops":
+            assert 0 < sum(read) < 5  # the send's own entries, nothing before them
+        else:
+            assert sum(read) > backlog
+    make_mem().settle(30)
+    assert event_kinds(db_path, "cfg") == ["imported"]
 
 
 def test_a_cycle_that_sent_only_events_and_lost_its_reply_reports_them_once(

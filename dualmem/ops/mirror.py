@@ -70,7 +70,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -570,10 +570,14 @@ class Mirror:
             }
             for (rel, before, _, hold), w in zip(self._imports, writes, strict=True)
         ]
+        records = [(w.scope, w.key) for w in writes] + [
+            (e.scope or "", e.key or "") for e in events
+        ]
         doc = {
             "format": _SENDING_FORMAT,
             "version": 1,
             "now_us": now_us,
+            "after": self._stream_tops(records),
             "imports": imports,
             "events": [
                 {"event": e.event, "scope": e.scope or "", "key": e.key or ""} for e in events
@@ -581,6 +585,30 @@ class Mirror:
             "state": self.state.to_doc(time.time_ns()),
         }
         _atomic_write(self.dir / SENDING_FILE, json.dumps(doc, sort_keys=True).encode())
+
+    def _streams_of(self, records: Iterable[tuple[str, str]]) -> list[bytes]:
+        """The command streams that commands on ``records`` (scope, key) go to."""
+        layout = self.runtime.layout
+        return sorted({layout.stream(layout.shard_of(sc, k)) for sc, k in records})
+
+    def _stream_tops(self, records: list[tuple[str, str]]) -> dict[str, str]:
+        """Before a send: the id of the last entry of each stream the send writes to
+        (``"0-0"``: empty or absent). Every entry the send adds comes after it (a
+        stream's ids only grow), so a look for the send (``_find_sent``) reads from there
+        instead of the whole stream, which holds the whole backlog while a worker is
+        down. One round trip; raises ``StoreUnavailable`` (nothing sent) when Redis is
+        unavailable."""
+        streams = self._streams_of(records)
+        client: Any = self.runtime.client  # redis-py's pipeline is loosely typed
+        with translate_errors("mirror: read the streams before a send"):
+            pipe = client.pipeline(transaction=False)
+            for stream in streams:
+                pipe.xrevrange(stream, "+", "-", count=1)
+            lasts = pipe.execute()
+        return {
+            text(stream): text(last[0][0]) if last else "0-0"
+            for stream, last in zip(streams, lasts, strict=True)
+        }
 
     def _settle_sending(self) -> None:
         """Finish the send of a cycle that ended before the state naming what it sent was
@@ -604,13 +632,15 @@ class Mirror:
                 ("audit", e["event"], e["scope"], e["key"]) for e in doc.get("events", [])
             ]
             state = MirrorState.from_doc(doc["state"])
+            # Absent in a file written before it was recorded: the whole stream is read.
+            after = {str(k): str(v) for k, v in dict(doc.get("after", {})).items()}
         except FileNotFoundError:
             return
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise ConfigurationError(
                 f"{path} is not a dualmem mirror send in progress: {exc}"
             ) from exc
-        found = self._find_sent(commands, [imp["actor"] for imp in imports], now_us)
+        found = self._find_sent(commands, [imp["actor"] for imp in imports], now_us, after)
         if any(found):
             for imp, stream_id in zip(imports, found[: len(imports)], strict=True):
                 rel = imp["file"]
@@ -633,14 +663,20 @@ class Mirror:
         path.unlink()
 
     def _find_sent(
-        self, commands: list[tuple[str, str, str, str]], actors: list[str], now_us: int
+        self,
+        commands: list[tuple[str, str, str, str]],
+        actors: list[str],
+        now_us: int,
+        after: Mapping[str, str],
     ) -> list[str | None]:
         """Where each of a send's ``commands`` (``(op, event, scope, key)``: the imports'
         puts, whose writers are ``actors``, then the events) is: its stream id, or
         ``None`` where it is nowhere (an event found committed has no id here: ``"sync
         event"``).
 
-        The streams are read first: an entry leaves its stream only once it is committed
+        The streams are read first, each past the id ``after`` names for it (its last
+        entry before the send; from the start where none is named): an entry leaves
+        its stream only once it is committed
         or dead-lettered (acked, then trimmed), so one not found there, if it arrived at
         all, is found next committed (a put in the journal by scope, key, writer and
         millisecond; an event in the sync events by scope, key, kind and millisecond) or
@@ -648,7 +684,7 @@ class Mirror:
         found: list[str | None] = [None] * len(commands)
         where = {c: i for i, c in enumerate(commands)}
         stamp = str(now_us).encode()
-        self._sent_in_streams(where, stamp, found)
+        self._sent_in_streams(where, stamp, found, after)
         if None in found:
             self._sent_committed(commands, actors, now_us // 1000, found)
         if None in found:
@@ -663,13 +699,13 @@ class Mirror:
         where: dict[tuple[str, str, str, str], int],
         stamp: bytes,
         found: list[str | None],
+        after: Mapping[str, str],
     ) -> None:
-        rt = self.runtime
-        client: Any = rt.client  # redis-py's xrange is loosely typed
-        streams = {rt.layout.stream(rt.layout.shard_of(sc, k)) for _, _, sc, k in where}
+        client: Any = self.runtime.client  # redis-py's xrange is loosely typed
         with translate_errors("mirror: look for a send"):
-            for stream in sorted(streams):
-                start = "-"
+            for stream in self._streams_of((sc, k) for _, _, sc, k in where):
+                top = after.get(text(stream))
+                start = "-" if top is None else f"({top}"
                 while True:
                     page = client.xrange(stream, min=start, max="+", count=_SCAN_PAGE)
                     for sid, fields in page:
