@@ -675,12 +675,11 @@ class Mirror:
         event"``).
 
         The streams are read first, each past the id ``after`` names for it (its last
-        entry before the send; from the start where none is named): an entry leaves
-        its stream only once it is committed
-        or dead-lettered (acked, then trimmed), so one not found there, if it arrived at
-        all, is found next committed (a put in the journal by scope, key, writer and
-        millisecond; an event in the sync events by scope, key, kind and millisecond) or
-        among the dead letters."""
+        entry before the send; from the start where none is named): an entry leaves its
+        stream only once it is committed or dead-lettered (acked, then trimmed), so one
+        not found there, if it arrived at all, is found next committed (a put in the
+        journal by scope, key, writer and millisecond; an event in the sync events by
+        scope, key, kind and millisecond) or among the dead letters."""
         found: list[str | None] = [None] * len(commands)
         where = {c: i for i, c in enumerate(commands)}
         stamp = str(now_us).encode()
