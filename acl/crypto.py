@@ -71,7 +71,7 @@ WRITE_ID_BYTES = 8
 #: Bytes between a version-2 header's key id and its writer's length: write id, generation.
 SEALING_BYTES = WRITE_ID_BYTES + 4
 FLAG_COMPRESSED = 0x01
-FLAGENCRYPTED_LEVELS = 0x02
+FLAG_ENCRYPTED = 0x02
 NONCE_BYTES = 12
 KEY_BYTES = 32
 TAG_BYTES = 16
@@ -462,7 +462,7 @@ def envelope_key_id(envelope: bytes) -> str | None:
     if (
         len(envelope) < 3
         or envelope[0] not in (ENVELOPE_VERSION, SEALED_VERSION)
-        or not envelope[1] & FLAGENCRYPTED_LEVELS
+        or not envelope[1] & FLAG_ENCRYPTED
     ):
         return None
     n = envelope[2]
@@ -649,7 +649,7 @@ class Codec:
         kid = ring.active_id.encode("ascii")
         header = b"".join(
             (
-                bytes((SEALED_VERSION, flags | FLAGENCRYPTED_LEVELS, len(kid))),
+                bytes((SEALED_VERSION, flags | FLAG_ENCRYPTED, len(kid))),
                 kid,
                 sealing.write_id,
                 sealing.generation.to_bytes(4, "big"),
@@ -688,9 +688,9 @@ class Codec:
         if len(envelope) < 2 or envelope[0] not in (ENVELOPE_VERSION, SEALED_VERSION):
             raise _tampered(scope, key, level, "has an unknown format")
         flags = envelope[1]
-        if flags & ~(FLAG_COMPRESSED | FLAGENCRYPTED_LEVELS):
+        if flags & ~(FLAG_COMPRESSED | FLAG_ENCRYPTED):
             raise _tampered(scope, key, level, "has unknown flags")
-        encrypted = bool(flags & FLAGENCRYPTED_LEVELS)
+        encrypted = bool(flags & FLAG_ENCRYPTED)
         if encrypted != (level in ENCRYPTED_LEVELS):
             # A plaintext envelope planted at an encrypted level (or the reverse) is an
             # attack on the level, not a format we accept.
@@ -791,7 +791,7 @@ class Codec:
         # version 2 with a new write id would not pass as a re-encryption of its write.
         assert self.keyring is not None
         payload, compressed = self.compressor.encode(data)
-        flags = (FLAG_COMPRESSED if compressed else 0) | FLAGENCRYPTED_LEVELS
+        flags = (FLAG_COMPRESSED if compressed else 0) | FLAG_ENCRYPTED
         kid = self.keyring.active_id.encode("ascii")
         header = bytes((ENVELOPE_VERSION, flags, len(kid))) + kid
         nonce = _next_nonce()
