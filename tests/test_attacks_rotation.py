@@ -130,6 +130,11 @@ def test_a_reseal_never_revives_a_deleted_row(store: SQLiteStore) -> None:
     store.apply([StreamEntry(0, "3-0", _raw(gone))])
     store.apply([reseal("2-0", b"v1-new-key", guard="1-0")])
     assert store.get(SCOPE, "k", 0) is None
+    # Nor one that names the tombstone itself as its guard (a reseal planted by whoever
+    # can add stream entries, carrying an older envelope of the record): the row is at
+    # that stream id, but holds no envelope to re-encrypt.
+    store.apply([reseal("4-0", b"v1-planted", guard="3-0")])
+    assert store.get(SCOPE, "k", 0) is None
 
 
 @pytest.mark.parametrize(
