@@ -164,6 +164,28 @@ def test_importing_twice_adds_nothing_and_dry_run_writes_nothing(
     assert journal_len(target) == n
 
 
+def test_a_line_that_differs_from_the_record_only_in_its_owner_is_imported(
+    mem: DualMemory, src: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A line is unchanged only with the same level, expiry, value and owner: a restore
+    # that names the record's writer must put it back, not report "nothing to import".
+    mem.sync(mem.put("o", {"v": 1}, level=Level.SWARM, principal=CODER), timeout=10)
+    a = tmp_path / "a.jsonl"
+    run_cli(capsys, "export", *src, "--out", str(a))
+    (line,) = [json.loads(t) for t in a.read_text(encoding="utf-8").splitlines()]
+    assert line["owner"] == CODER.agent_id
+    line["owner"] = OTHER.agent_id
+    a.write_text(json.dumps(line) + "\n", encoding="utf-8")
+    code, out, _ = run_cli(capsys, "import", *src, str(a), "--dry-run")
+    assert code == 0 and "would write (changed) swarm:s1/o" in out, out
+    code, out, _ = run_cli(capsys, "import", *src, str(a))
+    assert code == 0 and "nothing to import" not in out, out
+    mem.settle(10)
+    record = mem.get_record("o", level=Level.SWARM, principal=CODER)
+    assert record is not None and record.owner == OTHER.agent_id
+    assert record.value == {"v": 1}
+
+
 def test_bad_lines_are_reported_by_number_and_skipped_or_fail_the_import(
     mem: DualMemory,
     src: list[str],
