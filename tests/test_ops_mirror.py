@@ -1266,7 +1266,13 @@ def test_encrypted_records_are_mirrored_sealed(
     mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     put(mem, "token", {"t": SECRET}, Level.PRIVATE)
+    put(mem, "token", {"t": SECRET}, Level.TEAM)
+    root = Principal(agent_id="root", system=True)
+    mem.sync(mem.put("token", {"t": SECRET}, level=Level.SYSTEM, principal=root), timeout=10)
     once(capsys, args, mdir)
+    for scope in ("team:backend", "system"):  # every encrypted level, not only PRIVATE
+        sealed = file_of(mdir, "token", scope)
+        assert "envelope" in doc(sealed) and SECRET not in sealed.read_text(), scope
     f = file_of(mdir, "token", "agent:coder-1")
     assert "envelope" in doc(f) and SECRET not in f.read_text()
     # A hand edit may give a new value in the clear: it is sealed on the way in.
