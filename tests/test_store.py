@@ -136,10 +136,13 @@ def test_a_put_over_an_expired_record_starts_a_new_record(store: SQLiteStore) ->
 
 def test_expired_rows_are_invisible_then_purged(store: SQLiteStore) -> None:
     store.apply([put(1, key="short", expires_at=1_000), put(2, key="long")])
+    store.apply([put(3, key="next", expires_at=1_001)])  # live for one more millisecond
     assert value_of(store, "short", now=999) == b"v"
     assert value_of(store, "short", now=1_000) is None
-    assert [r.key for r in store.query(["swarm:s"], now_ms=1_000)] == ["long"]
+    assert [r.key for r in store.query(["swarm:s"], now_ms=1_000)] == ["long", "next"]
     assert store.purge(now_ms=1_000, tombstones_before_ms=0) == 1
+    # Purge takes what has expired, never a record still live.
+    assert value_of(store, "next", now=1_000) == b"v"
 
 
 def test_an_expired_row_stays_a_tombstone_so_a_late_older_put_cannot_revive_it(
