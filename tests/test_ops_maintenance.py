@@ -491,13 +491,21 @@ def test_doctor_finds_each_problem_and_says_how_to_fix_it(
         code, found = doctor(
             capsys, "--redis-url", srv.url, "--db", str(db), "--keyring", str(keyfile)
         )
+        # Evicting only keys with a ttl never takes a stream, but takes the cache entry
+        # a fresh read of a write not yet committed needs: a failure too, said so.
+        srv.client().config_set("maxmemory-policy", "volatile-lru")
+        _, volatile = doctor(capsys, "--redis-url", srv.url, "--db", str(db))
     finally:
         srv.stop()
     assert code == 1
     assert found["redis persistence"]["status"] == "warn"
     assert "CONFIG SET appendonly yes" in found["redis persistence"]["fix"]
     assert found["redis eviction"]["status"] == "fail"
+    assert "command stream" in found["redis eviction"]["detail"]
     assert "maxmemory-policy noeviction" in found["redis eviction"]["fix"]
+    assert volatile["redis eviction"]["status"] == "fail"
+    assert "fresh read" in volatile["redis eviction"]["detail"]
+    assert "maxmemory-policy noeviction" in volatile["redis eviction"]["fix"]
     assert (
         found["key file"]["status"] == "fail" and found["key file"]["fix"] == f"chmod 600 {keyfile}"
     )

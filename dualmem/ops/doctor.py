@@ -225,11 +225,19 @@ def _redis_config(client: redis.Redis) -> list[Finding]:
         )
     policy = conf.get("maxmemory-policy", "noeviction")
     if policy != "noeviction":
+        # volatile-* evicts only keys with a ttl: never a command stream, but the cache
+        # entry of a put not yet committed (it has cache_ttl), which a fresh read needs.
+        what = (
+            "the cache entries of writes not yet committed, and a fresh read then answers "
+            "SQLite's older value"
+            if policy.startswith("volatile")
+            else "the command stream itself, and with it commands not yet committed"
+        )
         out.append(
             Finding(
                 "redis eviction",
                 "fail",
-                f"maxmemory-policy {policy}: Redis may evict the command stream itself",
+                f"maxmemory-policy {policy}: Redis may evict {what}",
                 "redis-cli CONFIG SET maxmemory-policy noeviction (dualmem bounds the stream "
                 "with max_backlog instead)",
             )
