@@ -51,7 +51,13 @@ from dualmem.rotation import KeyfileWatcher, keyfile_signature
 from dualmem.settings import Settings, check_seconds, load_keyring
 from dualmem.sqlite_store import SQLiteStore, holds_sealed_rows, make_database_directory
 from dualmem.store import Change, Store, StoredRow
-from dualmem.worker import Worker, ensure_groups, settled_through, stream_backlog
+from dualmem.worker import (
+    Worker,
+    ensure_groups,
+    last_entry_ids,
+    settled_through,
+    stream_backlog,
+)
 
 __all__ = ["CloseReport", "DualMemory", "Record"]
 
@@ -844,9 +850,9 @@ class DualMemory:
         check_seconds("timeout", timeout)
         with translate_errors("settle"):
             tops = {
-                shard: text(items[0][0])
-                for shard, stream in enumerate(self._streams)
-                if (items := self._redis.xrevrange(stream, "+", "-", count=1))
+                shard: top
+                for shard, top in enumerate(last_entry_ids(self._redis, self._streams))
+                if top is not None
             }
 
         def settled() -> bool:

@@ -930,6 +930,23 @@ def stream_backlog(client: redis.Redis, stream: bytes, group: str) -> int:
     return int(client.xlen(stream))
 
 
+def last_entry_ids(client: redis.Redis, streams: Sequence[bytes]) -> list[str | None]:
+    """The id of each stream's last entry (``None``: empty or absent), in one round trip.
+    Every entry added later has a higher id: what ``settle`` waits through, and where the
+    mirror looks for a send that lost its reply.
+
+    >>> import fakeredis
+    >>> r = fakeredis.FakeRedis()
+    >>> sid = r.xadd(b"s", {b"f": b"v"})
+    >>> last_entry_ids(r, [b"s", b"none"]) == [sid.decode(), None]
+    True
+    """
+    pipe: Any = client.pipeline(transaction=False)  # redis-py's pipeline is loosely typed
+    for stream in streams:
+        pipe.xrevrange(stream, "+", "-", count=1)
+    return [text(items[0][0]) if items else None for items in pipe.execute()]
+
+
 def settled_through(client: redis.Redis, stream: bytes, group: str, last_id: str) -> bool:
     """Whether every entry of ``stream`` up to ``last_id`` has been delivered to ``group``
     and acknowledged: committed to SQLite, or dead-lettered (a worker acknowledges only

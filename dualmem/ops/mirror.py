@@ -95,6 +95,7 @@ from dualmem.ops.verify import Check
 from dualmem.projection import SYNC_EVENT_PREFIX
 from dualmem.redis_backend import text, translate_errors
 from dualmem.sqlite_store import follow_replays
+from dualmem.worker import last_entry_ids
 
 __all__ = [
     "ACTOR",
@@ -599,16 +600,9 @@ class Mirror:
         down. One round trip; raises ``StoreUnavailable`` (nothing sent) when Redis is
         unavailable."""
         streams = self._streams_of(records)
-        client: Any = self.runtime.client  # redis-py's pipeline is loosely typed
         with translate_errors("mirror: read the streams before a send"):
-            pipe = client.pipeline(transaction=False)
-            for stream in streams:
-                pipe.xrevrange(stream, "+", "-", count=1)
-            lasts = pipe.execute()
-        return {
-            text(stream): text(last[0][0]) if last else "0-0"
-            for stream, last in zip(streams, lasts, strict=True)
-        }
+            tops = last_entry_ids(self.runtime.client, streams)
+        return {text(s): top or "0-0" for s, top in zip(streams, tops, strict=True)}
 
     def _settle_sending(self) -> None:
         """Finish the send of a cycle that ended before the state naming what it sent was
