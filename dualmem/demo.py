@@ -555,10 +555,10 @@ class _Demo:
         for col in ("path", "measures", "count", "p50", "p95", "p99", "max"):
             table.add_column(col, justify="left" if col in ("path", "measures") else "right")
         measures = {
-            "redis_write": "put: MULTI SET XADD EXEC",
+            "redis_write": "put/delete: MULTI SET XADD EXEC",
             "encode": "JSON, lz4, AES-256-GCM",
             "persist": "worker commit, per record",
-            "lag": "put to SQLite commit",
+            "lag": "write to SQLite commit",
             "read": "get / query from SQLite",
         }
         rows: list[tuple[str, str, dict[str, float]]] = [

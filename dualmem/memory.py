@@ -671,7 +671,10 @@ class DualMemory:
         fields = delete_fields(sc, key, lvl, principal.agent_id, time.time_ns() // 1000)
         px = self.settings.cache_ttl * 1000 or None
         cache_key = self.layout.cache_key(shard, sc, key)
+        t0 = time.perf_counter_ns()
         sid = self._send(shard, fields, cache_key, CACHE_TOMBSTONE, px)
+        # The same round trip as a put's (MULTI SET XADD EXEC): a write path like it.
+        self.metrics_registry.record("redis_write", time.perf_counter_ns() - t0)
         return Receipt(shard, sid, sc, key, "del")
 
     def _send(
