@@ -154,6 +154,32 @@ def test_a_subscriber_killed_mid_stream_resumes_with_no_gap_and_no_duplicate(
     assert not any(c.key.startswith(POSITION_PREFIX) for c in handled + rest if c)
 
 
+def test_a_with_block_left_by_an_exception_leaves_its_change_to_come_again(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # The class promise: a change is consumed when the next is asked for, on commit(),
+    # or when the ``with`` block is left without an exception. One whose handling raised
+    # is delivered again to the next start; the one before it is not.
+    mem = make_mem()
+    for i in range(3):
+        mem.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+    mem.sync(mem.put("k3", 3, level=Level.SWARM, principal=coder), timeout=10)
+    with (
+        pytest.raises(RuntimeError, match="handler failed"),
+        Subscriber(mem, coder, since="jobs") as sub,
+    ):
+        done = sub.poll(timeout=5)
+        failing = sub.poll(timeout=5)  # consumes ``done``
+        assert done is not None and failing is not None
+        raise RuntimeError("handler failed")
+    assert Subscriber.saved_position(mem, coder, "jobs") == done.seq
+    with Subscriber(mem, coder, since="jobs") as again:
+        assert [c.key for c in consume_until(again, "k3")] == ["k1", "k2", "k3"]
+    # Left without an exception: the last change handed out is consumed.
+    with Subscriber(mem, coder, since="jobs") as after:
+        assert after.poll(timeout=0) is None
+
+
 def test_a_name_saved_under_a_level_filter_is_not_resumed_without_it(
     make_mem: MakeMem, coder: Principal
 ) -> None:
@@ -261,6 +287,33 @@ def test_a_gained_scope_is_read_without_rescanning_the_others_history(
         second = joined.poll(timeout=0)
         assert second is not None and second.key == "t-new"
         assert joined.backlog() == 0
+
+
+def test_a_gained_scopes_page_that_straddles_the_others_floor_moves_on(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # A gained scope is read alone up to the other scopes' floor. A full page that holds
+    # rows on both sides of it must move the read to the floor: stopping at the last row
+    # below it read the same page again on every scan, and the feed stalled there.
+    mem = make_mem()
+    alone = Principal(agent_id=coder.agent_id, project="shop")
+    for i in range(5):
+        mem.put(f"t-old{i}", i, level=Level.TEAM, principal=coder)
+    for i in range(10):
+        mem.put(f"shop{i}", i, level=Level.PROJECT, principal=alone)
+    mem.sync(mem.put("shop-last", 1, level=Level.PROJECT, principal=alone), timeout=30)
+    with Subscriber(mem, alone, since="feed") as before:
+        assert len(consume_until(before, "shop-last")) == 11
+    for i in range(5):
+        mem.put(f"t-new{i}", i, level=Level.TEAM, principal=coder)
+    mem.sync(mem.put("shop-new", 2, level=Level.PROJECT, principal=alone), timeout=30)
+    # Pages of 3: the team's rows 1-3, then 4, 5 and the first after the floor.
+    with Subscriber(mem, coder, since="feed", batch_size=3) as joined:
+        got = consume_until(joined, "shop-new")
+    assert [c.key for c in got] == [f"t-old{i}" for i in range(5)] + [
+        f"t-new{i}" for i in range(5)
+    ] + ["shop-new"]
+    assert [c.seq for c in got] == sorted(c.seq for c in got)
 
 
 def test_a_scope_left_for_one_read_less_far_keeps_its_progress(make_mem: MakeMem) -> None:
