@@ -829,6 +829,36 @@ def test_a_copy_of_an_ack_in_the_cache_does_not_stop_the_target_from_acking(
     assert result.acked == ("coder-1",) and not result.rejected
 
 
+def test_an_ack_of_another_body_under_the_signals_id_does_not_count(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    # An ACK is bound to the signal's body (its digest), not to its id alone: one its
+    # target signed over another body of the signal (another payload, say: what a tampered
+    # copy showed it) acknowledges something the coordinator never sent.
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret, max_retries=0)
+    signal = boss.send_signal(["coder-1"], "pause", {"until": "deploy"})
+    boss.sync()
+    one = BlockingCoordinator(mem, coder, secret)
+    other_body = dataclasses.replace(signal, payload={"until": "never"})
+    assert other_body.id == signal.id and other_body.digest != signal.digest
+    draft = Ack(signal.id, "coder-1", other_body.digest, clock_us(), one._signer.kid, "")
+    signed = dataclasses.replace(draft, mac=one._mac(draft.signed_part()))
+    mem.sync(
+        mem.put(
+            f"coord/acks/{signal.id}/coder-1", signed.to_value(), level=Level.SWARM, principal=coder
+        )
+    )
+    result = boss.wait_for_acks(signal, timeout=0.1)
+    assert result.missing == ("coder-1",)
+    assert result.rejected == {"coder-1": "acknowledges another signal (replayed)"}
+    # Its target still sees the signal as pending, and its own ACK then counts.
+    assert [s.id for s in one.pending_signals()] == [signal.id]
+    one.acknowledge_signal(signal)
+    one.sync()
+    assert boss.wait_for_acks(signal, timeout=5).acked == ("coder-1",)
+
+
 @pytest.mark.parametrize("planted", ["re-signed", "junk"])
 def test_an_ack_overwritten_after_it_was_written_is_written_again(
     make_mem: MakeMem, coder: Principal, secret: bytes, planted: str
