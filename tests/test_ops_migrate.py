@@ -4,6 +4,7 @@ readable afterwards, idempotent, no downgrades, newer databases refused."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from pathlib import Path
@@ -115,6 +116,20 @@ def test_migrating_the_first_schema_keeps_every_record(
         assert log.get_mission("after-upgrade") is not None
     code, out, _ = run_cli(capsys, "verify", "--db", str(v1), "--no-redis")
     assert code == 0, out
+
+
+def test_verify_fails_an_older_schema_and_says_to_migrate(
+    v1: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An unmigrated file is not healthy for this dualmem (its worker would refuse it), so
+    # verify fails it with the fix; it reads the file without migrating it.
+    code, out, _ = run_cli(capsys, "verify", "--db", str(v1), "--no-redis", "--json")
+    assert code == 1
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    schema = checks["schema version"]
+    assert schema["problems"] == [f"schema 1 is older than this dualmem ({SCHEMA_VERSION})"]
+    assert "dualmem migrate" in schema["fix"]
+    assert user_version(v1) == 1
 
 
 def test_migrate_is_idempotent(v1: Path, capsys: pytest.CaptureFixture[str]) -> None:

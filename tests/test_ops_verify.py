@@ -14,6 +14,7 @@ import redis
 
 from acl import Codec, Keyring, Level, Principal
 from dualmem import DualMemory
+from dualmem.batch import chain_hash, journal_hash_values
 from dualmem.migrations import SCHEMA_VERSION
 from dualmem.missions import MissionLog
 from dualmem.redis_backend import connect
@@ -237,6 +238,30 @@ def test_rows_cut_off_the_end_of_a_chain_are_found_by_the_anchor(
     # "the next committed write", and plain puts never moved the audit_log's.
     fix = checks["hash chain anchors"]["fix"]
     assert "an audit event for audit_log" in fix and ":anchor}:audit_log:top" in fix
+
+
+def test_a_chains_last_row_replaced_with_a_consistent_chain_is_found_by_the_anchor(
+    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The chain's last row rewritten, its hash recomputed: every link still holds, so
+    # only the anchor (the hash the worker committed at that seq) can tell.
+    fill(mem)
+    ends = "journal: ends at or after seq 23; audit_log: ends at or after id 1"
+    wait_until(lambda: report(capsys, args)[1]["hash chain anchors"]["summary"] == ends)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE journal SET actor = 'someone-else' WHERE seq = 23")
+        row = conn.execute(
+            "SELECT seq, shard, stream_id, sid, op, scope, key, level, actor, ts, "
+            "committed_at, prev_hash FROM journal WHERE seq = 23"
+        ).fetchone()
+        digest = chain_hash(row[-1], journal_hash_values(row[:-1]))
+        conn.execute("UPDATE journal SET hash = ? WHERE seq = 23", (digest,))
+    code, checks = report(capsys, args)
+    assert code == 1
+    assert checks["journal hash chain"]["status"] == "ok"
+    assert checks["hash chain anchors"]["problems"] == [
+        "journal seq 23: hash differs from the anchor"
+    ]
 
 
 def test_an_anchor_moves_on_with_the_next_commit(
