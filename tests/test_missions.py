@@ -591,6 +591,31 @@ def test_verify_finds_a_projected_row_edited_by_hand(store: SQLiteStore) -> None
     ]
 
 
+def test_verify_finds_a_projected_row_set_back_to_an_older_version(store: SQLiteStore) -> None:
+    # Same contents, an older version's sid: the row reads right, but the projection
+    # orders by that sid (a mission delete applied late removes the rows older than it,
+    # so it would remove this one although its record is newer than the delete).
+    tc = child_key("tool_call", "m", "c1")
+    store.apply([put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))])
+    store.apply([put_entry(11, tc, call_value("m", "c1", 11))])
+    with sqlite3.connect(store.path) as conn:
+        (first,) = conn.execute("SELECT sid FROM tool_calls").fetchone()
+    conn.close()
+    store.apply([put_entry(12, tc, call_value("m", "c1", 11))])  # written again, unchanged
+    assert _projection_ok(store)
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT sid FROM tool_calls").fetchone()[0] != first
+        conn.execute("UPDATE tool_calls SET sid = ?", (first,))
+    conn.close()
+    with sqlite3.connect(store.path) as conn:
+        check = check_projections(conn)
+    conn.close()
+    assert check.status == "fail"
+    assert check.problems == [
+        "project:shop tool_call m/c1: projected from another version of the record"
+    ]
+
+
 def test_verify_finds_hand_edits_its_walks_used_to_skip(store: SQLiteStore) -> None:
     # A tool call planted with sid 0 (children were read with "sid > 0", reads serve it),
     # a journal row at the smallest seq (the walk started after it), and a journal sid
