@@ -123,6 +123,27 @@ def test_level_of_scope() -> None:
             level_of_scope(bad)
 
 
+def test_a_rows_level_column_must_be_its_scopes_level_either_way() -> None:
+    # Raised or lowered: a column that disagrees with the scope was edited.
+    from acl.policy import stored_level
+
+    scopes = {
+        Level.PRIVATE: "agent:x",
+        Level.TEAM: "team:t",
+        Level.SWARM: "swarm:s",
+        Level.PROJECT: "project:p",
+        Level.SYSTEM: "system",
+    }
+    for scope_level, scope in scopes.items():
+        assert stored_level(scope, int(scope_level)) is scope_level
+        for column in Level:
+            if column is not scope_level:
+                with pytest.raises(TamperedRecord, match="edited"):
+                    stored_level(scope, int(column))
+    with pytest.raises(TamperedRecord):
+        stored_level("nobody:x", 3)
+
+
 # -- envelopes -------------------------------------------------------------------------
 
 
