@@ -392,6 +392,35 @@ def test_a_process_leases_the_keys_it_may_seal_with(
     assert _users(raw_redis) == {}
 
 
+def test_a_process_that_keeps_writing_keeps_its_lease_alive_past_its_ttl(
+    make_mem: MakeMem, raw_redis: redis.Redis
+) -> None:
+    # The renewal rides in a write's transaction when one is due; a write that carried
+    # none must not count as a renewal, or a busy writer's lease expired in Redis (a drop
+    # then went ahead) while the writer took it for fresh.
+    p = Principal(agent_id="a")
+    mem = make_mem(
+        worker=False,
+        keyring_reload_interval=0.05,
+        redis_retries=0,
+        connect_timeout=0.1,
+        socket_timeout=0.1,
+    )
+    assert mem._lease is not None
+    ttl_s = mem._lease._ttl_ms / 1000
+    assert ttl_s < 3  # the test below outlives it
+    token = mem._lease.token
+    ends = time.monotonic() + ttl_s + 0.5
+    i = 0
+    while time.monotonic() < ends:
+        mem.put("k", i, level=Level.PRIVATE, principal=p)
+        assert token in _users(raw_redis), f"lease gone after {i} writes"
+        i += 1
+        time.sleep(0.01)
+    pttl = raw_redis.pttl(b"dm:{dualmem:keyuse}:" + token.encode())
+    assert pttl > (ttl_s - 0.5) * 1000  # renewed within the last interval or so
+
+
 def test_the_lease_of_a_process_that_died_expires(redis_url: str, raw_redis: redis.Redis) -> None:
     ring = Keyring.generate()
     lease = KeyLease(raw_redis, "dualmem", Codec(ring), interval=0.05, slack=0.05)
