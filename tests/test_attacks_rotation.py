@@ -359,6 +359,52 @@ def test_a_record_a_rotation_cannot_open_is_left_and_audited(
     assert event.risk == "high" and json.loads(event.detail)["unreadable"] == 1
 
 
+def test_a_key_a_dead_letter_is_sealed_with_is_never_retired(
+    make_mem: MakeMem,
+    keyfile: Path,
+    redis_url: str,
+    db_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A dead letter keeps the envelope its put was sealed with: `dlq replay` sends it
+    # again later, so its key must stay in the key file though every row is re-sealed.
+    p = Principal(agent_id="a")
+    mem = make_mem()
+    old = mem.codec.keyring.active_id  # type: ignore[union-attr]
+    env = mem.codec.seal({"v": 1}, scope="agent:a", key="late", level=Level.PRIVATE, owner="a")
+    fields = put_fields("agent:a", "late", Level.PRIVATE, "a", 1, env, None)
+    mem.store.dead_letter([(StreamEntry(0, "1-1", _raw(fields)), "disk I/O error", 3)])
+    mem.sync(mem.put("k", {"v": 2}, level=Level.PRIVATE, principal=p), timeout=10)
+    add_active_key(keyfile)
+    report = rotate_keys(make_mem(), timeout=30)
+    assert report.done and report.resealed_rows == 1
+    assert report.left.dead_letters == 1 and report.retired == (), report
+    drop_keys(keyfile, report.retired)
+    assert old in Keyring.load(keyfile).ids
+    args = ["--redis-url", redis_url, "--db", str(db_path), "--keyring", str(keyfile)]
+    code, out, _ = run_cli(capsys, "dlq", "replay", *args, "--all")
+    assert code == 0 and "1 committed" in out, out
+    reader = make_mem(keyring=Keyring.load(keyfile))
+    assert reader.get("late", level=Level.PRIVATE, principal=p) == {"v": 1}
+
+
+def test_a_put_still_in_the_stream_under_the_old_key_keeps_the_rotation_from_done(
+    make_mem: MakeMem, keyfile: Path
+) -> None:
+    # Nothing in SQLite or the cache is left under the old key, but a put sealed with it
+    # waits in the stream (no worker): dropping the key now would make it unreadable
+    # once a worker commits it.
+    p = Principal(agent_id="a")
+    writer = make_mem(worker=False)
+    old = writer.codec.keyring.active_id  # type: ignore[union-attr]
+    writer.put("k", {"v": 1}, level=Level.PRIVATE, principal=p)
+    add_active_key(keyfile)
+    report = rotate_keys(make_mem(worker=False), timeout=0.5)
+    assert report.left.rows == report.left.cache == 0, report
+    assert report.left.stream == 1 and old in report.left.key_ids
+    assert not report.done and report.retired == ()
+
+
 def _field(key_id: str) -> bytes:
     return bytes((len(key_id),)) + key_id.encode()
 
