@@ -74,3 +74,32 @@ def test_each_readme_example_runs_twice_in_one_directory(
             timeout=60,
         )
         assert done.returncode == 0, f"run {run}:\n{done.stderr}"
+
+
+_TEST_NAME = re.compile(r"`(tests/(test_\w+\.py))?(?:::)?(test_\w+)`")
+
+
+def test_every_test_the_readme_names_exists_where_it_says() -> None:
+    """The promise tables name the test behind each promise: ``tests/<file>::<name>``,
+    then bare names (or ``::<name>``) in that same file; a row that names no file yet
+    may name a test of any file. A renamed or removed test would leave a promise that
+    no test keeps."""
+    tests_dir = Path(__file__).resolve().parent
+    defined = {
+        path.name: set(re.findall(r"^(?:async )?def (test_\w+)", path.read_text(), re.MULTILINE))
+        for path in tests_dir.glob("test_*.py")
+    }
+    anywhere = set().union(*defined.values())
+    named, wrong = 0, []
+    for line in README.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("|"):
+            continue
+        current = None
+        for match in _TEST_NAME.finditer(line):
+            current = match.group(2) or current
+            name = match.group(3)
+            named += 1
+            if name not in (defined.get(current, set()) if current else anywhere):
+                wrong.append(f"{current or 'tests/'}::{name}")
+    assert named > 100  # the tables are still there, and still parsed
+    assert not wrong, wrong
