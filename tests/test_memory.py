@@ -2073,6 +2073,27 @@ def test_a_fresh_read_after_a_puts_ttl_sees_it_expired_before_the_commit(
     assert mem.get("k", level=Level.SWARM, principal=coder, fresh=True) is None
 
 
+def test_a_fresh_read_and_sqlite_agree_on_the_millisecond_a_put_expires(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite holds a row live while expires_at > now (ms); the cache entry must answer the
+    # same at every millisecond, or a fresh read and a plain one disagree at the edge.
+    mem = make_mem()
+    r = mem.put("k", "v", level=Level.SWARM, principal=coder, ttl=60)
+    mem.sync(r, timeout=10)
+    record = mem.get_record("k", level=Level.SWARM, principal=coder)
+    assert record is not None and record.expires_at is not None
+    edge_ms = record.expires_at
+    for offset_ms, live in ((-1, True), (0, False), (1, False)):
+        at_ns = (edge_ms + offset_ms) * 1_000_000
+        with monkeypatch.context() as clock:  # the reads' clock only, then the real one
+            clock.setattr(time, "time_ns", lambda at_ns=at_ns: at_ns)
+            clock.setattr(time, "time", lambda at_ns=at_ns: at_ns / 1e9)
+            fresh = mem.get("k", level=Level.SWARM, principal=coder, fresh=True)
+            plain = mem.get("k", level=Level.SWARM, principal=coder)
+        assert (fresh == "v", plain == "v") == (live, live), offset_ms
+
+
 def test_key_rotation_keeps_a_cached_puts_expiry(
     make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, keyfile: Path
 ) -> None:
