@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -184,6 +185,34 @@ def test_a_line_that_differs_from_the_record_only_in_its_owner_is_imported(
     record = mem.get_record("o", level=Level.SWARM, principal=CODER)
     assert record is not None and record.owner == OTHER.agent_id
     assert record.value == {"v": 1}
+
+
+def test_a_line_that_differs_from_the_record_only_in_its_expiry_is_imported(
+    mem: DualMemory, src: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mem.sync(mem.put("e", {"v": 1}, level=Level.SWARM, principal=CODER), timeout=10)
+    a = tmp_path / "a.jsonl"
+    run_cli(capsys, "export", *src, "--out", str(a))
+    (line,) = [json.loads(t) for t in a.read_text(encoding="utf-8").splitlines()]
+    assert line["expires_at"] is None
+    line["expires_at"] = int(time.time() * 1000) + 3_600_000
+    a.write_text(json.dumps(line) + "\n", encoding="utf-8")
+    code, out, _ = run_cli(capsys, "import", *src, str(a), "--dry-run")
+    assert code == 0 and "would write (changed) swarm:s1/e" in out, out
+    assert run_cli(capsys, "import", *src, str(a))[0] == 0
+    mem.settle(10)
+    record = mem.get_record("e", level=Level.SWARM, principal=CODER)
+    assert record is not None and record.expires_at == line["expires_at"]
+
+
+def test_a_line_expiring_at_the_import_time_is_expired() -> None:
+    # The same edge as every read: live while expires_at > now (ms).
+    codec = Codec(Keyring.generate())
+    now = 1_800_000_000_000
+    line = {"scope": "swarm:s1", "key": "k", "level": 3, "owner": "a", "value": 1}
+    assert parse_line(json.dumps({**line, "expires_at": now}), 1, codec, now) is None
+    item = parse_line(json.dumps({**line, "expires_at": now + 1}), 1, codec, now)
+    assert item is not None and item.write.expires_at == now + 1
 
 
 def test_bad_lines_are_reported_by_number_and_skipped_or_fail_the_import(
@@ -498,6 +527,23 @@ def test_export_selects_by_level_and_prefix(
     assert code == 0
     got = [(d["level"], d["key"]) for d in map(json.loads, out.read_text().splitlines())]
     assert sorted(got) == sorted((lv, f"v/{i}") for i in range(len(VALUES)) for lv in (3, 4))
+
+
+def test_export_writes_live_records_under_the_prefix_only(
+    mem: DualMemory, src: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Keys sorting right after the prefix's range ("v0" after "v/...") are not under it,
+    # and a record past its expiry (not purged yet) is not a record any more.
+    for key in ("v/a", "v/b", "v0", "w/0", "u/9"):
+        mem.put(key, key, level=Level.SWARM, principal=CODER)
+    mem.sync(mem.put("v/gone", "x", level=Level.SWARM, principal=CODER, ttl=0.2), timeout=10)
+    time.sleep(0.3)
+    out = tmp_path / "sel.jsonl"
+    assert run_cli(capsys, "export", *src, "--out", str(out), "--prefix", "v/")[0] == 0
+    assert [d["key"] for d in map(json.loads, out.read_text().splitlines())] == ["v/a", "v/b"]
+    assert run_cli(capsys, "export", *src, "--out", str(out), "--force")[0] == 0
+    keys = [d["key"] for d in map(json.loads, out.read_text().splitlines())]
+    assert keys == ["u/9", "v/a", "v/b", "v0", "w/0"]
 
 
 def test_import_creates_a_missing_database(
