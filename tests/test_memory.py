@@ -2085,7 +2085,9 @@ def test_a_fresh_read_and_sqlite_agree_on_the_millisecond_a_put_expires(
     assert record is not None and record.expires_at is not None
     edge_ms = record.expires_at
     for offset_ms, live in ((-1, True), (0, False), (1, False)):
-        at_ns = (edge_ms + offset_ms) * 1_000_000
+        # Half a millisecond in: a float clock (time.time) holds it without rounding
+        # across the millisecond's edge.
+        at_ns = (edge_ms + offset_ms) * 1_000_000 + 500_000
         with monkeypatch.context() as clock:  # the reads' clock only, then the real one
             clock.setattr(time, "time_ns", lambda at_ns=at_ns: at_ns)
             clock.setattr(time, "time", lambda at_ns=at_ns: at_ns / 1e9)
