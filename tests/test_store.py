@@ -274,6 +274,19 @@ def test_query_filters_by_scope_time_and_limit(store: SQLiteStore) -> None:
     assert store.query([], now_ms=0) == []
 
 
+def test_a_page_after_a_key_below_the_prefix_stays_under_the_prefix(store: SQLiteStore) -> None:
+    # ``after`` names where the last page ended; one that sorts below the prefix (a page
+    # of another query, or a hand-made one) must not widen the range to the keys between.
+    keys = ["a", "a/1", "b", "b/1", "b/2", "b0", "c"]
+    store.apply([put(i, key=k) for i, k in enumerate(keys, start=1)])
+    page = store.query(["swarm:s"], now_ms=0, prefix="b/", after=("swarm:s", "a/1"))
+    assert [r.key for r in page] == ["b/1", "b/2"]
+    page = store.query(["swarm:s"], now_ms=0, prefix="b/", after=("swarm:s", "b/1"))
+    assert [r.key for r in page] == ["b/2"]
+    page = store.query(["swarm:s"], now_ms=0, prefix="b/", after=("swarm:s", "b0"))
+    assert page == []
+
+
 def test_one_failing_entry_does_not_fail_the_batch(store: SQLiteStore, tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "m.db") as conn:
         conn.execute(
