@@ -455,6 +455,31 @@ def test_the_command_pool_is_fork_safe(redis_server: Any) -> None:
         client.close()
 
 
+@pytest.mark.real_redis
+def test_a_pooled_connection_redis_closed_while_idle_is_found_before_a_transaction(
+    redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A transaction is never sent twice (its reply may be lost after it ran), so a
+    # pooled connection Redis closed while it sat idle (a restart, a CLIENT KILL, an
+    # idle timeout) must be found before the transaction goes out: an idle connection is
+    # PINGed first, and a failed PING is retried on a new connection. Without it, the put
+    # went out on the dead socket and failed as "may or may not have run".
+    import dualmem.redis_backend as backend
+
+    monkeypatch.setattr(backend, "_IDLE_PING_S", 0.05)
+    client = _command_client(redis_server.url)
+    admin = redis_server.client()
+    try:
+        assert transact(client, [(b"DEL", b"idle-counter")]) == [0]
+        assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+        time.sleep(0.1)
+        assert transact(client, [(b"INCR", b"idle-counter")]) == [1]
+        assert admin.get(b"idle-counter") == b"1"
+    finally:
+        client.close()
+        admin.close()
+
+
 def test_a_direct_transaction_runs_on_the_server_s_clock_of_now(fake: fakeredis.FakeRedis) -> None:
     # Every command stamps the server's databases with the time before it runs, and an
     # expiry counts from that stamp: a transaction run in one step must stamp it too, or
