@@ -495,6 +495,10 @@ def test_doctor_finds_each_problem_and_says_how_to_fix_it(
         # a fresh read of a write not yet committed needs: a failure too, said so.
         srv.client().config_set("maxmemory-policy", "volatile-lru")
         _, volatile = doctor(capsys, "--redis-url", srv.url, "--db", str(db))
+        # AOF on, but left to the OS to write out: a warning of its own.
+        srv.client().config_set("appendonly", "yes")
+        srv.client().config_set("appendfsync", "no")
+        _, no_fsync = doctor(capsys, "--redis-url", srv.url, "--db", str(db))
     finally:
         srv.stop()
     assert code == 1
@@ -503,6 +507,9 @@ def test_doctor_finds_each_problem_and_says_how_to_fix_it(
     assert found["redis eviction"]["status"] == "fail"
     assert "command stream" in found["redis eviction"]["detail"]
     assert "maxmemory-policy noeviction" in found["redis eviction"]["fix"]
+    assert no_fsync["redis persistence"]["status"] == "warn"
+    assert "appendfsync no" in no_fsync["redis persistence"]["detail"]
+    assert "appendfsync everysec" in no_fsync["redis persistence"]["fix"]
     assert volatile["redis eviction"]["status"] == "fail"
     assert "fresh read" in volatile["redis eviction"]["detail"]
     assert "maxmemory-policy noeviction" in volatile["redis eviction"]["fix"]
