@@ -303,6 +303,19 @@ def test_12_chain_hash_gives_every_row_its_own_encoding(values: list[str]) -> No
                 assert chain_hash(GENESIS, other) != h
 
 
+def test_12_chain_hash_is_one_to_one_over_every_short_row() -> None:
+    # Every row of two values over {a, \x1e, \x1f} up to 4 characters each (14,641 rows):
+    # no two share a hash. Escaping the separator alone (not the escape character) let
+    # ["x\x1e", "y\x1fz"] and ["x\x1fy\x1e", "z"] encode alike.
+    import itertools
+
+    alphabet = "a\x1e\x1f"
+    words = ["".join(w) for n in range(5) for w in itertools.product(alphabet, repeat=n)]
+    hashes = {chain_hash(GENESIS, [u, v]) for u in words for v in words}
+    assert len(hashes) == len(words) ** 2
+    assert chain_hash(GENESIS, ["x\x1e", "y\x1fz"]) != chain_hash(GENESIS, ["x\x1fy\x1e", "z"])
+
+
 # -- 13. fuzzed input -------------------------------------------------------------------------
 
 FUZZ_PRINCIPAL = Principal(agent_id="fz", team="fz", swarm="fz", project="fz", system=True)
