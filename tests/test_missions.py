@@ -384,6 +384,26 @@ def test_a_late_child_cannot_revive_a_deleted_mission(store: SQLiteStore) -> Non
     )
     assert store.mission("project:shop", "m") is None
     assert store.decisions("project:shop", "m") == []
+    # Not even a placeholder (sid 0) is left for it: only a child newer than the delete
+    # gets one.
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT count(*) FROM missions").fetchone()[0] == 0
+    conn.close()
+
+
+def test_an_older_mission_delete_applied_late_keeps_the_newer_deletes_mark(
+    store: SQLiteStore,
+) -> None:
+    # Two deletes of one mission, the older applied last (a claimed or replayed entry):
+    # the mark must stay at the newer one, or a child written between the two deletes
+    # and applied late is projected into the deleted mission.
+    tc = child_key("tool_call", "m", "c1")
+    store.apply([put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))])
+    store.apply([del_entry(20, mission_key("m"))])
+    store.apply([del_entry(12, mission_key("m"))])
+    store.apply([put_entry(15, tc, call_value("m", "c1", 15))])
+    assert store.tool_calls("project:shop", "m") == []
+    assert store.mission("project:shop", "m") is None
 
 
 def test_a_late_older_put_cannot_revive_a_deleted_mission_or_tool_call(
@@ -500,6 +520,27 @@ def test_a_mission_delete_applied_late_keeps_its_newer_children(store: SQLiteSto
     store.apply([put_entry(21, tc, call_value("m", "c1", 21))])
     store.apply([del_entry(20, mission_key("m"))])
     assert [c.call_id for c in store.tool_calls("project:shop", "m")] == ["c1"]
+    assert store.mission("project:shop", "m") is None
+    assert _projection_ok(store)
+
+
+def test_a_mission_delete_applied_late_keeps_its_newer_decision(
+    store: SQLiteStore,
+) -> None:
+    # As for a tool call: the placeholder the mission leaves behind holds the foreign key
+    # of a newer decision, so it stays while the decision does.
+    decision = {
+        "mission_id": "m",
+        "decision_id": "d1",
+        "decision_type": "x",
+        "rationale": "",
+        "agent_name": "a",
+        "decided_at": 21,
+    }
+    store.apply([put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))])
+    store.apply([put_entry(21, child_key("decision", "m", "d1"), decision)])
+    store.apply([del_entry(20, mission_key("m"))])
+    assert [d.decision_id for d in store.decisions("project:shop", "m")] == ["d1"]
     assert store.mission("project:shop", "m") is None
     assert _projection_ok(store)
 
