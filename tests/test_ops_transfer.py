@@ -13,6 +13,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -165,15 +166,24 @@ def test_importing_twice_adds_nothing_and_dry_run_writes_nothing(
     assert journal_len(target) == n
 
 
+def exported_line(
+    mem: DualMemory, key: str, src: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[Path, dict[str, Any]]:
+    """Put ``key`` (SWARM, by CODER), export the database to ``a.jsonl`` and return the
+    file and its one line: a test edits the line and imports it back."""
+    mem.sync(mem.put(key, {"v": 1}, level=Level.SWARM, principal=CODER), timeout=10)
+    a = tmp_path / "a.jsonl"
+    run_cli(capsys, "export", *src, "--out", str(a))
+    (line,) = [json.loads(t) for t in a.read_text(encoding="utf-8").splitlines()]
+    return a, line
+
+
 def test_a_line_that_differs_from_the_record_only_in_its_owner_is_imported(
     mem: DualMemory, src: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A line is unchanged only with the same level, expiry, value and owner: a restore
     # that names the record's writer must put it back, not report "nothing to import".
-    mem.sync(mem.put("o", {"v": 1}, level=Level.SWARM, principal=CODER), timeout=10)
-    a = tmp_path / "a.jsonl"
-    run_cli(capsys, "export", *src, "--out", str(a))
-    (line,) = [json.loads(t) for t in a.read_text(encoding="utf-8").splitlines()]
+    a, line = exported_line(mem, "o", src, tmp_path, capsys)
     assert line["owner"] == CODER.agent_id
     line["owner"] = OTHER.agent_id
     a.write_text(json.dumps(line) + "\n", encoding="utf-8")
@@ -190,10 +200,7 @@ def test_a_line_that_differs_from_the_record_only_in_its_owner_is_imported(
 def test_a_line_that_differs_from_the_record_only_in_its_expiry_is_imported(
     mem: DualMemory, src: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    mem.sync(mem.put("e", {"v": 1}, level=Level.SWARM, principal=CODER), timeout=10)
-    a = tmp_path / "a.jsonl"
-    run_cli(capsys, "export", *src, "--out", str(a))
-    (line,) = [json.loads(t) for t in a.read_text(encoding="utf-8").splitlines()]
+    a, line = exported_line(mem, "e", src, tmp_path, capsys)
     assert line["expires_at"] is None
     line["expires_at"] = int(time.time() * 1000) + 3_600_000
     a.write_text(json.dumps(line) + "\n", encoding="utf-8")

@@ -214,13 +214,20 @@ def test_an_audit_row_edited_behind_the_triggers_is_detected(
     assert "hash does not match" in checks["audit_log hash chain"]["problems"][0]
 
 
+def fill_and_wait_for_the_anchors(
+    mem: DualMemory, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    """``fill`` and wait until each chain's anchor names its last row (the worker sets
+    the anchors right after the commit that sync() waits for)."""
+    fill(mem)
+    ends = "journal: ends at or after seq 23; audit_log: ends at or after id 1"
+    wait_until(lambda: report(capsys, args)[1]["hash chain anchors"]["summary"] == ends)
+
+
 def test_rows_cut_off_the_end_of_a_chain_are_found_by_the_anchor(
     mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fill(mem)
-    ends = "journal: ends at or after seq 23; audit_log: ends at or after id 1"
-    # The worker sets the anchors right after the commit that sync() waits for.
-    wait_until(lambda: report(capsys, args)[1]["hash chain anchors"]["summary"] == ends)
+    fill_and_wait_for_the_anchors(mem, capsys, args)
     with sqlite3.connect(db_path) as conn:
         conn.execute("DELETE FROM journal WHERE seq > 20")
         conn.execute("DROP TRIGGER audit_log_no_delete")
@@ -245,9 +252,7 @@ def test_a_chains_last_row_replaced_with_a_consistent_chain_is_found_by_the_anch
 ) -> None:
     # The chain's last row rewritten, its hash recomputed: every link still holds, so
     # only the anchor (the hash the worker committed at that seq) can tell.
-    fill(mem)
-    ends = "journal: ends at or after seq 23; audit_log: ends at or after id 1"
-    wait_until(lambda: report(capsys, args)[1]["hash chain anchors"]["summary"] == ends)
+    fill_and_wait_for_the_anchors(mem, capsys, args)
     with sqlite3.connect(db_path) as conn:
         conn.execute("UPDATE journal SET actor = 'someone-else' WHERE seq = 23")
         row = conn.execute(
