@@ -186,6 +186,7 @@ def test_junk_under_a_phase_does_not_hide_or_replace_the_latest_consensus(
         "zzz": {**valid, "iteration": 7, "score": 0.1},  # well-formed, not an iteration key
         "0000031": {**valid, "iteration": 31},  # one digit too many
         "000003": {"hello": 1},  # an iteration key holding junk
+        "000004": {**valid, "iteration": 4, "swarm": "another-swarm"},  # another swarm's
     }
     for tail, value in planted.items():
         mem.put(prefix + tail, value, level=Level.SWARM, principal=ROGUE)
