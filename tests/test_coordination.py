@@ -205,6 +205,52 @@ def test_junk_under_a_phase_does_not_hide_or_replace_the_latest_consensus(
     assert all(r.risk == "high" and r.actor == "coder-1" for r in rows)
 
 
+def test_junk_under_loop4_is_left_out_of_the_decisions_and_audited_without_its_value(
+    make_mem: MakeMem, system: Principal, db_path: Path
+) -> None:
+    # One record under the Loop 4 prefix that was not a decision made
+    # list_loop4_decisions raise TamperedRecord for every reader, and a decision stored at
+    # another iteration's (or swarm's, or project's) key was listed as that one. Loop 2
+    # records were already checked against their key; Loop 4 records now are too. The
+    # audit row is plaintext and the value SYSTEM (encrypted): it quotes nothing of it.
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    loops.store_loop4_decision(system, "impl", 1, "PROCEED", "ship")
+    loops.store_loop4_decision(system, "impl", 2, "DEFER", "wait")
+    loops.sync()
+    prefix = f"cfn/shop/{SWARM}/loop4/impl/"
+    valid = mem.get(prefix + "000002", level=Level.SYSTEM, principal=system, fresh=True)
+    writer = Principal(agent_id="another-system-agent", system=True)
+    planted = {
+        "notes": {"hello": "NEEDLE-1"},  # junk at a key that is not an iteration
+        "zzz": {**valid, "iteration": 7},  # well-formed, not an iteration key
+        "000003": {"decision": "NEEDLE-2"},  # an iteration key holding junk
+        "000004": {**valid, "iteration": 4, "decision": "NEEDLE-3"},  # no decision
+        "000005": {**valid, "iteration": 6},  # names another iteration
+        "000007": {**valid, "iteration": 7, "phase": "design"},  # another phase
+        "000008": {**valid, "iteration": 8, "swarm": "another-swarm"},  # another swarm's
+        "000009": {**valid, "iteration": 9, "project": "another-project"},  # project
+    }
+    for tail, value in planted.items():
+        mem.put(prefix + tail, value, level=Level.SYSTEM, principal=writer)
+    mem.sync(mem.put("sentinel", 1, level=Level.SYSTEM, principal=writer))
+    for _ in range(2):  # read twice, audited once
+        listed = loops.list_loop4_decisions(system)
+        assert [(d.iteration, d.decision) for d in listed] == [
+            (1, Decision.PROCEED),
+            (2, Decision.DEFER),
+        ]
+        assert [d.iteration for d in loops.list_loop4_decisions(system, "impl")] == [1, 2]
+    loops.sync()
+    rows = audit(mem, "loop_record_rejected")
+    assert sorted(r.key for r in rows) == sorted(prefix + t for t in planted)
+    assert all(r.risk == "high" and r.actor == system.agent_id for r in rows)
+    assert all(r.level == int(Level.SYSTEM) for r in rows)
+    assert not any("NEEDLE" in r.detail for r in rows)
+    files = [db_path, db_path.with_name(db_path.name + "-wal")]
+    assert not any(b"NEEDLE" in f.read_bytes() for f in files if f.exists())
+
+
 def test_loop_records_name_their_writer_not_what_their_value_claims(
     make_mem: MakeMem, system: Principal
 ) -> None:

@@ -376,6 +376,9 @@ class LoopMemory:
         return None
 
     def _reject_once(self, principal: Principal, record: Record, reason: str) -> None:
+        """Audit ``record`` as ``loop_record_rejected`` (high risk), once per version. An
+        audit row is not encrypted: ``reason`` must quote nothing of a record whose level
+        is."""
         if not self._rejected.first(record):
             return
         self._receipts.add(
@@ -383,9 +386,9 @@ class LoopMemory:
                 "loop_record_rejected",
                 principal=principal,
                 risk="high",
-                scope=self.swarm_scope,
+                scope=record.scope,
                 key=record.key,
-                level=int(Level.SWARM),
+                level=int(record.level),
                 detail={"reason": reason},
             )
         )
@@ -452,20 +455,35 @@ class LoopMemory:
     ) -> list[Loop4Decision]:
         """Decisions of this swarm (of one ``phase`` if given), oldest first.
 
-        A non-system principal gets ``AccessDenied`` (audited).
+        A non-system principal gets ``AccessDenied`` (audited). A record under the prefix
+        that is not a decision of the iteration its key names (another key, a value the
+        write path would refuse, one naming another project, swarm, phase or iteration)
+        is left out and audited once as ``loop_record_rejected`` (high risk).
         """
         prefix = self._prefix(4, None if phase is None else check_ident("phase", phase))
         records = self.mem.query_all(
             principal=principal, level=Level.SYSTEM, prefix=prefix, page=_QUERY_LIMIT
         )
-        decisions = [self._loop4(r) for r in records]
+        decisions = []
+        for r in records:
+            try:
+                decisions.append(self._loop4(r))
+            except TamperedRecord:
+                # Not the exception's text: it can quote the value, which is encrypted.
+                self._reject_once(principal, r, "not a Loop 4 decision of its key")
         decisions.sort(key=lambda d: (d.decided_at, d.phase, d.iteration))
         return decisions
 
-    @staticmethod
-    def _loop4(r: Record) -> Loop4Decision:
-        v = r.value
+    def _loop4(self, r: Record) -> Loop4Decision:
+        v, key = r.value, r.key
         try:
+            # The record names the place it is stored at, as a Loop 2 record does.
+            if (
+                str(v["project"]) != self.project
+                or str(v["swarm"]) != self.swarm
+                or self.key(4, v["phase"], v["iteration"]) != key
+            ):
+                raise ValueError("it names another project, swarm, phase or iteration")
             return Loop4Decision(
                 project=str(v["project"]),
                 swarm=str(v["swarm"]),
@@ -479,7 +497,7 @@ class LoopMemory:
                 decided_at=int(v["decided_at"]),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise TamperedRecord(f"{r.key} does not hold a Loop 4 record: {exc!r}") from exc
+            raise TamperedRecord(f"{key} does not hold a Loop 4 record: {exc!r}") from exc
 
     # -- read-your-writes ----------------------------------------------------------------
 
