@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import random
 import threading
 
@@ -12,6 +14,7 @@ from acl import ConfigurationError, Level, ValidationError
 from dualmem.batch import GENESIS, chain_hash, journal_hash_values, plan_batch
 from dualmem.commands import (
     MAX_KEY_BYTES,
+    MAX_TTL_SECONDS,
     MalformedCommand,
     audit_fields,
     check_key,
@@ -24,7 +27,7 @@ from dualmem.commands import (
 )
 from dualmem.layout import Layout
 from dualmem.metrics import Histogram, Metrics, prometheus_text
-from dualmem.settings import Settings
+from dualmem.settings import MAX_WAIT_SECONDS, Settings
 from dualmem.store import StreamEntry
 
 
@@ -124,6 +127,100 @@ def test_bad_settings_name_the_setting(
 ) -> None:
     with pytest.raises(ConfigurationError, match=match):
         Settings.load(overrides, environ=env)
+
+
+# Every number setting's bounds, written out here rather than read from the code's own
+# lists: a setting dropped from one of them (its lower bound, its ceiling) passed every
+# test before (mutation check). The last assertion makes a new number setting join a row.
+_AT_LEAST_1 = (
+    "shards", "batch_size", "max_deliveries", "max_backlog", "max_value_bytes",
+    "sqlite_cache_mb", "max_connections", "block_ms",
+)  # fmt: skip
+_AT_LEAST_0 = (
+    "claim_idle_ms", "compress_threshold", "cache_ttl", "redis_retries", "busy_timeout_ms",
+    "tombstone_ttl",
+)  # fmt: skip
+_SECONDS = (
+    "socket_timeout", "connect_timeout", "close_timeout", "metrics_interval",
+    "purge_interval", "keyring_reload_interval",
+)  # fmt: skip
+_MILLISECONDS = ("block_ms", "claim_idle_ms", "busy_timeout_ms")
+_CEILINGS = {
+    "shards": 1024, "batch_size": 100_000, "max_deliveries": 10_000, "redis_retries": 100,
+    "sqlite_cache_mb": 2**21, "tombstone_ttl": 10**12, "max_connections": 10_000,
+    "cache_ttl": MAX_TTL_SECONDS,
+}  # fmt: skip
+
+
+def test_every_number_setting_refuses_a_value_past_its_bounds_and_takes_the_bound() -> None:
+    def refused(name: str, value: object, match: str) -> None:
+        with pytest.raises(ConfigurationError, match=f"setting {name} must be {match}"):
+            Settings.load({name: value}, environ={})
+
+    def accepted(name: str, value: object) -> None:
+        assert getattr(Settings.load({name: value}, environ={}), name) == value
+
+    for name in _AT_LEAST_1:
+        refused(name, 0, ">= 1")
+        accepted(name, 1)
+    for name in _AT_LEAST_0:
+        refused(name, -1, ">= 0")
+        accepted(name, 0)
+    for name in _SECONDS:
+        for bad in (0, -0.5, math.nan, MAX_WAIT_SECONDS + 0.5):
+            refused(name, bad, "> 0 and at most")
+        accepted(name, 0.001)
+        accepted(name, float(MAX_WAIT_SECONDS))
+    for name in _MILLISECONDS:
+        accepted(name, MAX_WAIT_SECONDS * 1000)
+        refused(name, MAX_WAIT_SECONDS * 1000 + 1, "at most")
+    for name, most in _CEILINGS.items():
+        accepted(name, most)
+        refused(name, most + 1, "at most|<=")
+    numbers = {f.name for f in dataclasses.fields(Settings) if f.type in ("int", "float")}
+    assert numbers == set(_AT_LEAST_1 + _AT_LEAST_0 + _SECONDS)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"redis_url": ""}, "redis_url"),
+        ({"sqlite_synchronous": "OFF"}, "sqlite_synchronous='OFF' must be NORMAL, FULL"),
+        ({"db_path": ""}, "db_path must not be empty"),
+        ({"key": "a2V5\x00"}, "key must be valid Unicode without NUL"),
+        ({"namespace": "a b"}, "namespace"),
+        ({"namespace": "a\tb"}, "namespace"),
+        ({"namespace": "a\nb"}, "namespace"),
+        ({"namespace": "a:b"}, "namespace"),
+        ({"namespace": ""}, "namespace"),
+        ({"socket_timeout": True}, "socket_timeout must be a float, got True"),
+    ],
+)
+def test_bad_text_settings_name_the_setting(overrides: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        Settings.load(overrides, environ={})
+
+
+def test_settings_are_read_as_written_by_hand() -> None:
+    # SQLite's synchronous takes any case; every spelling of a bool the error message
+    # offers is one, around spaces; an empty variable is unset, as an empty key argument
+    # is not given (it must not drop the environment's keyring); a PathLike is its path.
+    for mode in ("full", "Normal", "extra"):
+        assert Settings.load({"sqlite_synchronous": mode}, environ={}).sqlite_synchronous == mode
+    spellings = {" 1": True, "TRUE": True, "yes": True, "On\n": True}
+    spellings |= {"0": False, "false": False, " NO ": False, "off": False}
+    for raw, value in spellings.items():
+        assert Settings.load(environ={"DUALMEM_WORKER": raw}).worker is value
+        assert Settings.load({"worker": raw}, environ={}).worker is value
+    assert Settings.load(environ={"DUALMEM_SHARDS": ""}).shards == Settings().shards
+    env = {"DUALMEM_KEYRING": "env.json"}
+    assert Settings.load({"key": ""}, environ=env).keyring == "env.json"
+
+    class Place:
+        def __fspath__(self) -> str:
+            return "by-hand.db"
+
+    assert Settings.load({"db_path": Place()}, environ={}).db_path == "by-hand.db"
 
 
 @pytest.mark.parametrize(
