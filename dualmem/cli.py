@@ -23,11 +23,13 @@ from dualmem.shutdown import stop_on_signals
 
 __all__ = [
     "COMMAND_MODULES",
+    "WORKER_OPTIONS",
     "add_common_arguments",
     "build_parser",
     "main",
     "set_worker_scheduling",
     "settings_from_args",
+    "worker_settings",
 ]
 
 log = logging.getLogger("dualmem.worker")
@@ -57,24 +59,36 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, help="number of command streams (DUALMEM_SHARDS)")
 
 
+#: Options of ``dualmem worker`` beyond the common ones, each named as its setting.
+WORKER_OPTIONS = (
+    "batch_size",
+    "claim_idle_ms",
+    "max_deliveries",
+    "consumer",
+    "block_ms",
+    "worker_sched",
+)
+
+
+def worker_settings(args: argparse.Namespace) -> Settings:
+    """The settings of ``dualmem worker``: its options, then the common ones, then env.
+
+    >>> args = build_parser().parse_args(["worker", "--batch-size", "50", "--shards", "2"])
+    >>> s = worker_settings(args)
+    >>> s.batch_size, s.shards
+    (50, 2)
+    """
+    extra = {n: getattr(args, n) for n in WORKER_OPTIONS if getattr(args, n, None) is not None}
+    return settings_from_args(args, **extra)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a persistence worker until SIGTERM/SIGINT, then drain and exit."""
     from dualmem.redis_backend import connect
     from dualmem.sqlite_store import SQLiteStore
     from dualmem.worker import Worker
 
-    extra: dict[str, Any] = {}
-    for name in (
-        "batch_size",
-        "claim_idle_ms",
-        "max_deliveries",
-        "consumer",
-        "block_ms",
-        "worker_sched",
-    ):
-        if getattr(args, name, None) is not None:
-            extra[name] = getattr(args, name)
-    settings = settings_from_args(args, **extra)
+    settings = worker_settings(args)
     if settings.embedded:
         print(
             "dualmem worker: memory:// lives inside one process; a separate worker needs a "

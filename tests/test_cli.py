@@ -19,7 +19,8 @@ import pytest
 
 from acl import ConfigurationError, Keyring, Level, Principal
 from dualmem import DualMemory
-from dualmem.cli import main
+from dualmem.cli import WORKER_OPTIONS, build_parser, main, worker_settings
+from dualmem.settings import Settings
 
 from .conftest import RedisServer, wait_until
 
@@ -92,6 +93,7 @@ def test_worker_processes_persist_and_stop_cleanly(
     finally:
         outputs = [stop(w) for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
+    assert all("draining" in o for o in outputs), outputs  # the worker logs at INFO
     assert all("stopped" in o for o in outputs), outputs
     applied = sum(int(o.split(" applied")[0].rsplit(" ", 1)[-1]) for o in outputs)
     assert applied == 2000, outputs
@@ -171,6 +173,32 @@ def test_worker_process_runs_as_a_batch_task_unless_told_otherwise(
     assert proc.returncode == 0
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux-only")
+def test_scheduling_covers_the_threads_already_running_too() -> None:
+    # Linux schedules threads: setting the calling thread alone left a thread an imported
+    # library had started before at normal priority (new threads inherit it either way).
+    # In a process of its own: the test process's scheduling stays as it is.
+    script = """if True:
+        import os, threading
+        from dualmem.cli import set_worker_scheduling
+        started, done = threading.Event(), threading.Event()
+        def early():
+            started.set()
+            done.wait()
+        thread = threading.Thread(target=early)
+        thread.start()
+        started.wait()
+        print(set_worker_scheduling("batch"))
+        print(sorted({os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")}))
+        done.set()
+        thread.join()
+    """
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert r.stdout.split("\n")[:2] == ["batch", str([os.SCHED_BATCH])], r.stdout + r.stderr
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 here")
 def test_a_worker_prints_its_stacks_on_sigusr1_and_keeps_working(
     redis_server: RedisServer, tmp_path: Path, keyfile: Path
@@ -206,6 +234,32 @@ def test_worker_sched_setting_is_validated() -> None:
         Settings.load({"worker_sched": "idle"})
 
 
+def test_every_worker_option_reaches_its_setting_over_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Dropping an option from the list the worker passes on (or --shards, --namespace from
+    # the common ones) left `dualmem worker --batch-size 50` at the default in silence.
+    given = {
+        "redis_url": ("--redis-url", "redis://127.0.0.1:7777/3"),
+        "db_path": ("--db", "given.db"),
+        "namespace": ("--namespace", "given-ns"),
+        "shards": ("--shards", "3"),
+        "batch_size": ("--batch-size", "57"),
+        "claim_idle_ms": ("--claim-idle-ms", "1234"),
+        "max_deliveries": ("--max-deliveries", "7"),
+        "consumer": ("--consumer", "given-consumer"),
+        "block_ms": ("--block-ms", "42"),
+        "worker_sched": ("--worker-sched", "normal"),
+    }
+    assert set(given) >= set(WORKER_OPTIONS)
+    for name in given:  # every one also set in the environment: the option must win
+        monkeypatch.setenv(f"DUALMEM_{name.upper()}", str(getattr(Settings(), name)))
+    argv = ["worker"] + [part for option in given.values() for part in option]
+    settings = worker_settings(build_parser().parse_args(argv))
+    for name, (_, value) in given.items():
+        assert str(getattr(settings, name)) == value, name
+
+
 def test_worker_refuses_memory_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["worker", "--redis-url", "memory://", "--db", str(tmp_path / "x.db")]) == 2
     assert "real Redis" in capsys.readouterr().err
@@ -216,9 +270,21 @@ def test_stats_shows_the_workers_snapshot(
 ) -> None:
     redis_server.client().flushall()
     db = tmp_path / "s.db"
-    with DualMemory(redis_url=redis_server.url, db_path=str(db), keyring=str(keyfile)) as mem:
+    wal = tmp_path / "s.db-wal"
+    quiet = {"purge_interval": 3600, "metrics_interval": 3600}  # no write but the puts'
+    with DualMemory(
+        redis_url=redis_server.url, db_path=str(db), keyring=str(keyfile), **quiet
+    ) as mem:
         for i in range(50):
-            mem.put(f"k{i}", i, level=Level.SWARM, principal=CODER)
+            last = mem.put(f"k{i}", i, level=Level.SWARM, principal=CODER)
+        mem.sync(last)
+        # While the worker holds the database open (and idle), its WAL stays put: the
+        # figures are the files' own, and the journal's last seq is the 50th command.
+        assert main(["stats", "--redis-url", redis_server.url, "--db", str(db), "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["db_wal_bytes"] == wal.stat().st_size > 0
+        assert data["db_bytes"] == db.stat().st_size + wal.stat().st_size
+        assert data["journal_seq"] == 50 and data["pending"] == 0
     assert main(["stats", "--redis-url", redis_server.url, "--db", str(db), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     (source,) = data["metrics"].values()
@@ -292,17 +358,24 @@ def test_a_sqlite_error_is_a_message_and_exit_2_not_a_traceback(
     assert err == "dualmem export: DatabaseError: database disk image is malformed\n"
 
 
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
 @pytest.mark.parametrize(
     "command", [["stats", "--json"], ["doctor", "--json"], ["stats"], ["demo"]]
 )
-def test_a_closed_stdout_ends_quietly(tmp_path: Path, keyfile: Path, command: list[str]) -> None:
+def test_a_closed_stdout_ends_quietly(
+    tmp_path: Path, keyfile: Path, command: list[str], buffered: bool
+) -> None:
     # `dualmem stats --json | head -1`: the JSON commands printed "dualmem stats:
     # BrokenPipeError: [Errno 32] Broken pipe" and exited 2; those printing through rich
-    # (the tables, the demo) already ended quietly with 1, and all do now.
+    # (the tables, the demo) already ended quietly with 1, and all do now. Buffered (a
+    # shell's default) the output meets the closed pipe at the last flush, not at print:
+    # unflushed there, it was "Exception ignored ... BrokenPipeError" and exit status 120.
     db = tmp_path / "m.db"
     with DualMemory(redis_url="memory://cli-closed-stdout", db_path=str(db), keyring=str(keyfile)):
         pass
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALMEM_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DUALMEM_", "PYTHONUNBUF"))}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before the first write
     try:
@@ -394,6 +467,36 @@ def test_demo_runs_and_survives_a_restart(tmp_path: Path) -> None:
     check_demo_runs(run_demo(tmp_path), run_demo(tmp_path))
     for name in ("dualmem.db", "dualmem.db.keys", "dualmem.db.signal-secret"):
         assert (tmp_path / name).exists(), name
+
+
+def test_demo_seals_with_the_key_file_it_is_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `dualmem demo --keyring FILE` must seal with FILE, not make <db>.keys beside it:
+    # the records would open only with a key the user never chose.
+    for name in [n for n in os.environ if n.startswith("DUALMEM_")]:
+        monkeypatch.delenv(name)
+    keys, db = tmp_path / "chosen.json", tmp_path / "d.db"
+    assert main(["keygen", "--out", str(keys)]) == 0
+    assert main(["demo", "--db", str(db), "--keyring", str(keys)]) == 0, capsys.readouterr()
+    assert not (tmp_path / "d.db.keys").exists()
+    with pytest.raises(ConfigurationError, match="key file"):
+        DualMemory(redis_url="memory://cli-demo-keyring", db_path=str(db))
+    with DualMemory(redis_url="memory://cli-demo-keyring", db_path=str(db), keyring=str(keys)):
+        pass
+
+
+def test_a_command_interrupted_with_ctrl_c_exits_130(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The shell's convention for SIGINT (128 + 2), with no traceback: a script can tell
+    # an interrupted command from one that failed.
+    def interrupted() -> Keyring:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Keyring, "generate", interrupted)  # keygen's first step
+    assert main(["keygen", "--out", str(tmp_path / "k.json")]) == 130
+    assert capsys.readouterr().err == "" and not (tmp_path / "k.json").exists()
 
 
 def test_demo_against_a_real_redis(redis_server: RedisServer, tmp_path: Path) -> None:
