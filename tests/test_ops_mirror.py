@@ -244,6 +244,24 @@ def test_a_key_with_a_leading_dot_is_not_a_hidden_file(
     assert verify_mirror(capsys, args, mdir)["status"] == "ok"
 
 
+def test_a_key_too_long_for_a_file_name_is_mirrored_under_its_hash(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No test named a key this long: a mirror that used its percent-encoded name (over
+    # 300 bytes, more than a file name may have) ended every cycle in "File name too long".
+    key = "k" * 150 + "/é" * 30
+    put(mem, key, {"v": 1})
+    once(capsys, args, mdir)
+    f = file_of(mdir, key)
+    assert f.name.startswith("~") and len(f.name.encode()) <= 200
+    assert doc(f)["key"] == key  # the file holds the real key
+    assert verify_mirror(capsys, args, mdir)["status"] == "ok"
+    write_value(f, {"v": 2})
+    assert "1 imported" in once(capsys, args, mdir)
+    assert mem.get(key, level=Level.SWARM, principal=CODER) == {"v": 2}
+    assert [(k, kk) for k, kk, _ in sync_events(db_path)] == [("imported", key)]
+
+
 def test_a_mirror_written_with_hidden_names_moves_them_once(
     mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
