@@ -1303,6 +1303,39 @@ def test_encrypted_records_are_mirrored_sealed(
     assert SECRET not in f.read_text()  # written back sealed
 
 
+def test_an_encrypted_records_hand_edit_is_in_no_event_and_not_in_the_state(
+    make_mem: Callable[..., DualMemory], db_path: Path, mdir: Path, settings: Settings
+) -> None:
+    # What a save loses is kept in its event, and the save an import carries in the state,
+    # for plaintext levels only: the audit log, sync_events and the state are not sealed.
+    # No test had a conflict or an import in flight of an encrypted record, so a value
+    # typed in the clear into its file could have been copied to all three unnoticed.
+    mem = make_mem()
+    put(mem, "token", {"t": 0}, Level.TEAM)
+    put(mem, "note", {"n": 0}, Level.TEAM)
+    token, note = (file_of(mdir, k, "team:backend") for k in ("token", "note"))
+    with started_mirror(settings, mdir) as (rt, mirror):
+        put(mem, "token", {"t": "agent"}, Level.TEAM)  # SQLite changes: a conflict
+        mem.close(timeout=2)  # no worker: the import stays in flight
+        write_value(token, {"t": SECRET + "-lost-in-a-conflict"})
+        write_value(note, {"n": SECRET + "-imported"})
+        report = cycle(mirror)
+        assert (report.conflicts, report.imported) == (1, 1), report.events
+        assert SECRET not in (mdir / STATE_FILE).read_text(encoding="utf-8")
+        mem = make_mem()  # a worker again
+        assert rt.wait(report.receipts, 10).committed == len(report.receipts)
+    assert mem.get("note", level=Level.TEAM, principal=CODER) == {"n": SECRET + "-imported"}
+    events = sync_events(db_path)
+    assert sorted((kind, key) for kind, key, _ in events) == [
+        ("conflict", "token"),
+        ("imported", "note"),
+    ]
+    assert all("discarded" not in detail for _, _, detail in events)
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        details = [d for (d,) in conn.execute("SELECT detail FROM audit_log")]
+    assert details and not any(SECRET in str(d) for d in details)
+
+
 def test_an_expiry_edit_of_a_sealed_file_keeps_the_records_writer(
     mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
