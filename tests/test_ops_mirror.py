@@ -609,6 +609,36 @@ def test_a_save_after_a_conflict_is_imported_while_an_earlier_import_is_in_fligh
     assert kinds == ["imported", "conflict", "imported"]
 
 
+def test_a_write_an_import_overwrote_unread_is_still_a_change_for_the_next_save(
+    make_mem: Callable[..., DualMemory],
+    db_path: Path,
+    mdir: Path,
+    settings: Settings,
+) -> None:
+    # An agent's write committed just before the mirror's import of the file, both read
+    # by one cycle: the row is the mirror's own, but the agent's write is a change in
+    # SQLite the next save never saw. No test had both in one cycle, so a mirror that
+    # judged by the row alone (importing the save) went unnoticed.
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    mem.close(timeout=2)  # no worker: commands commit when commit_through says
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        make_mem(worker=False).put("cfg", {"v": "agent"}, level=Level.SWARM, principal=CODER)
+        write_value(f, {"v": 1})
+        first = cycle(mirror)  # checked against {"v": 0}: the agent's write is in flight
+        assert (first.imported, first.conflicts) == (1, 0), first.events
+        commit_through(rt, first.receipts[0])  # the agent's write, then the import over it
+        write_value(f, {"v": 2})  # saved before the mirror read either
+        second = cycle(mirror)
+        assert (second.imported, second.conflicts) == (0, 1), second.events
+        assert doc(f)["value"] == {"v": 1}  # SQLite's
+        make_mem()  # a worker again
+        rt.wait(second.receipts, 10)
+    assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 1}
+    assert event_kinds(db_path, "cfg") == ["imported", "conflict"]
+
+
 def test_an_import_the_worker_dead_letters_is_in_flight_no_more(
     make_mem: Callable[..., DualMemory],
     db_path: Path,
