@@ -745,6 +745,47 @@ def test_a_failed_import_replayed_after_its_event_is_the_mirrors_own(
     assert kinds == ["imported", "failed", "imported"]
 
 
+def test_a_failed_imports_replay_still_in_flight_stays_the_mirrors_own(
+    make_mem: Callable[..., DualMemory],
+    db_path: Path,
+    mdir: Path,
+    settings: Settings,
+) -> None:
+    # A cycle reads an agent's write of the record while the replay of its failed import
+    # is still in flight: the failed import must stay known until the replay is read.
+    # No test read another change first, so a mirror that forgot the failed import there
+    # (taking the replay for read) went unnoticed: once the replay committed, the next
+    # save was a false conflict, discarded.
+    mem = make_mem(max_deliveries=1)
+    put(mem, "cfg", {"v": 0})
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        poison(db_path, "cfg")
+        write_value(f, {"v": 1})
+        assert rt.wait(cycle(mirror).receipts, 10).dead == 1
+        failed = cycle(mirror)
+        assert failed.failed == 1, failed.events
+        rt.wait(failed.receipts, 10)
+        poison(db_path, None)
+        mem.close(timeout=2)  # no worker: commands commit when commit_through says
+        agent = make_mem(worker=False).put(
+            "cfg", {"v": "agent"}, level=Level.SWARM, principal=CODER
+        )
+        (letter,) = rt.store.dead_letters()
+        (replay,) = dlq.replay(rt, [letter.id]).receipts
+        commit_through(rt, agent)  # the agent's write; the replay stays in flight
+        mid = cycle(mirror)
+        assert mid.conflicts == 0 and doc(f)["value"] == {"v": "agent"}, mid.events
+        commit_through(rt, replay)
+        write_value(f, {"v": 2})  # saved before the mirror read the replay
+        second = cycle(mirror)
+        assert (second.imported, second.conflicts) == (1, 0), second.events
+        make_mem()  # a worker again
+        rt.wait(second.receipts, 10)
+    assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2}
+    assert event_kinds(db_path, "cfg") == ["imported", "failed", "imported"]
+
+
 def fill_backlog(make_mem: Callable[..., DualMemory], n: int) -> None:
     """Put ``n`` commands in the stream with no worker to take them: with
     ``max_backlog=n``, the next send is refused (``Backpressure``), nothing sent."""
