@@ -1234,6 +1234,25 @@ def test_a_past_expiry_edit_stays_in_its_file_while_its_import_is_in_flight(
     assert make_mem().get("k", level=Level.SWARM, principal=CODER) is None
 
 
+def test_a_file_goes_in_the_millisecond_its_record_expires(
+    mem: DualMemory, mdir: Path, settings: Settings
+) -> None:
+    # A record is live while its expiry is after now, so at its expiry it is gone. No
+    # test cycled at that very millisecond: a mirror that kept the file one more (while
+    # `verify --mirror` called it a file with no live record) went unnoticed.
+    mem.sync(mem.put("k", "v", level=Level.SWARM, principal=CODER, ttl=3600), timeout=10)
+    record = mem.get_record("k", level=Level.SWARM, principal=CODER)
+    assert record is not None and record.expires_at is not None
+    f = file_of(mdir, "k")
+    with Runtime(settings, worker=False) as rt:
+        mirror = Mirror(rt, mdir)
+        assert mirror.cycle(record.expires_at - 1).written == 1
+        assert mirror.cycle(record.expires_at - 1).removed == 0
+        report = mirror.cycle(record.expires_at)
+        assert report.removed == 1 and not f.exists(), report.events
+        assert mirror.state.files == {}
+
+
 def test_broken_deleted_and_stray_files(
     mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
