@@ -571,6 +571,41 @@ def test_a_save_made_while_a_later_import_is_in_flight_is_imported(
     assert event_kinds(db_path, "cfg") == ["imported"] * 3
 
 
+def test_a_save_made_after_an_earlier_import_was_read_is_checked_against_its_row(
+    make_mem: Callable[..., DualMemory],
+    db_path: Path,
+    mdir: Path,
+    settings: Settings,
+) -> None:
+    # The cycle that reads the first of two imports of a file keeps the file (its last
+    # save) and makes the row that import left the file's base. No test saved again
+    # before the second import committed, so a mirror that kept the older base went
+    # unnoticed: the first import, read and so no longer in flight, was then "SQLite
+    # changed too" for that save, and the save was lost.
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    mem.close(timeout=2)  # no worker: commands commit when commit_through says
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        write_value(f, {"v": 1})
+        first = cycle(mirror)
+        write_value(f, {"v": 2})
+        second = cycle(mirror)
+        assert [(r.imported, r.conflicts) for r in (first, second)] == [(1, 0)] * 2
+        commit_through(rt, first.receipts[0])
+        held = cycle(mirror)  # reads the first import; the second is in flight
+        assert held.written == 0 and doc(f)["value"] == {"v": 2}, held.events
+        write_value(f, {"v": 3})
+        third = cycle(mirror)
+        assert (third.imported, third.conflicts) == (1, 0), third.events
+        make_mem()  # a worker again
+        assert rt.wait(third.receipts, 10).committed == len(third.receipts)
+        last = cycle(mirror)
+        assert last.conflicts == 0 and doc(f)["value"] == {"v": 3}, last.events
+    assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 3}
+    assert event_kinds(db_path, "cfg") == ["imported"] * 3
+
+
 def test_a_save_after_a_conflict_is_imported_while_an_earlier_import_is_in_flight(
     make_mem: Callable[..., DualMemory],
     db_path: Path,
