@@ -1581,6 +1581,25 @@ def test_a_mirror_keeps_its_levels(
     assert code == 2 and "is not a directory" in err
 
 
+def test_a_file_of_a_level_the_mirror_does_not_keep_is_rejected_not_imported(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No test saved such a file: a mirror of --level project could have imported a swarm
+    # record from a file saved by hand in its directory.
+    put(mem, "p", 1, Level.PROJECT)
+    project_only = ["mirror", *args, "--dir", str(mdir), "--once", "--level", "project"]
+    assert run_cli(capsys, *project_only)[0] == 0
+    stray = file_of(mdir, "s")
+    stray.parent.mkdir(mode=0o700)
+    stray.write_text(json.dumps({"scope": "swarm:s1", "key": "s", "level": 3, "value": 2}))
+    code, out, err = run_cli(capsys, *project_only)
+    assert code == 0 and "rejected swarm:s1/s.json: level SWARM is not mirrored here" in out, err
+    mem.settle(10)
+    assert mem.get("s", level=Level.SWARM, principal=CODER) is None
+    assert doc(stray)["value"] == 2  # not the mirror's: left alone
+    assert [(k, key) for k, key, _ in sync_events(db_path)] == [("rejected", "")]
+
+
 def test_a_same_size_edit_right_after_a_write_is_still_seen(
     mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
