@@ -864,6 +864,9 @@ def test_a_cycle_whose_send_fails_loses_no_save(
         state = (mdir / STATE_FILE).read_bytes()
         with pytest.raises(Backpressure):
             cycle(mirror)
+        # Refused before anything was sent: no send for the next cycle to look for (nor
+        # for `verify --mirror` to report as a cycle that ended during its send).
+        assert not (mdir / SENDING_FILE).exists()
         # Nothing sent, nothing changed: the saves are where the user left them.
         assert doc(f)["value"] == {"v": 1, "note": "conflicting save"}
         assert bad.read_text(encoding="utf-8") == '{"rejected save": '
