@@ -2120,6 +2120,9 @@ def test_a_send_whose_reply_was_lost_is_looked_for_before_anything_is_sent_again
     assert event_kinds(db_path, "cfg") == ["imported", "imported"]
     assert event_kinds(db_path, "unsent") == ["imported"]
     assert event_kinds(db_path, "poisoned") == ["imported", "failed"]
+    # The save the found import carried, kept with its id (it was in no saved state).
+    (detail,) = failed_events(db_path, "poisoned")
+    assert "never committed" in str(detail["discarded"])
 
 
 @pytest.mark.parametrize("sending_file", ["with the stream tops", "from before they were kept"])
