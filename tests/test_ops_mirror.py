@@ -780,6 +780,37 @@ def test_a_failed_import_replayed_after_its_event_is_the_mirrors_own(
     assert kinds == ["imported", "failed", "imported"]
 
 
+def test_two_failed_imports_of_a_file_replayed_after_their_events_are_the_mirrors_own(
+    make_mem: Callable[..., DualMemory],
+    db_path: Path,
+    mdir: Path,
+    settings: Settings,
+) -> None:
+    # The file keeps the ids of its last 16 failed imports. No test had more than one,
+    # so a mirror that kept only the last went unnoticed: the replay of the earlier one
+    # was then a change in SQLite, and the file's next save a false conflict.
+    mem = make_mem(max_deliveries=1)
+    put(mem, "cfg", {"v": 0})
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        poison(db_path, "cfg")
+        for v in (1, 2):
+            write_value(f, {"v": v})
+            assert rt.wait(cycle(mirror).receipts, 10).dead == 1
+            failed = cycle(mirror)
+            assert failed.failed == 1, failed.events
+            rt.wait(failed.receipts, 10)
+        poison(db_path, None)
+        replays = dlq.replay(rt, None).receipts
+        assert len(replays) == 2 and rt.wait(replays, 10).committed == 2
+        write_value(f, {"v": 3})
+        last = cycle(mirror)
+        assert (last.imported, last.conflicts) == (1, 0), last.events
+        rt.wait(last.receipts, 10)
+    assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 3}
+    assert event_kinds(db_path, "cfg") == ["imported", "failed"] * 2 + ["imported"]
+
+
 def test_a_failed_imports_replay_still_in_flight_stays_the_mirrors_own(
     make_mem: Callable[..., DualMemory],
     db_path: Path,
