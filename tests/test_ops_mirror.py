@@ -1440,6 +1440,28 @@ def test_a_stray_file_deleted_leaves_the_state(
     assert event_kinds(db_path, "") == ["rejected", "rejected"]
 
 
+def test_a_stray_file_a_records_file_replaced_is_judged_afresh_when_saved_again(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A stray file is reported once; a record's file written over it ends that. No test
+    # had a record come and go at a stray file's path, so a mirror that still took the
+    # same bytes saved there again for the stray file it had reported (and said nothing)
+    # went unnoticed.
+    put(mem, "seed", 0)
+    once(capsys, args, mdir)
+    stray = file_of(mdir, "x")
+    stray.write_text("not json at all", encoding="utf-8")
+    assert "rejected swarm:s1/x.json" in once(capsys, args, mdir)
+    put(mem, "x", 1)
+    once(capsys, args, mdir)
+    assert doc(stray)["value"] == 1  # the record's file now
+    mem.sync(mem.delete("x", level=Level.SWARM, principal=CODER), timeout=10)
+    assert "1 removed" in once(capsys, args, mdir)
+    stray.write_text("not json at all", encoding="utf-8")
+    assert "rejected swarm:s1/x.json" in once(capsys, args, mdir)
+    assert event_kinds(db_path, "") == ["rejected", "rejected"]
+
+
 def test_a_file_nested_too_deeply_to_parse_is_rejected_and_the_cycle_goes_on(
     mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
