@@ -2230,16 +2230,20 @@ def test_the_look_for_a_lost_send_reads_its_streams_from_where_the_send_began(
     assert event_kinds(db_path, "cfg") == ["imported"]
 
 
+@pytest.mark.parametrize("found", ["in the stream", "committed and trimmed"])
 def test_a_cycle_that_sent_only_events_and_lost_its_reply_reports_them_once(
     make_mem: Callable[..., DualMemory],
     db_path: Path,
     mdir: Path,
+    raw_redis: redis.Redis,
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
+    found: str,
 ) -> None:
     # A cycle with no import (a conflict, a rejection, a restore) that ended after its
     # send and before its state save had nothing to look for: the next cycle judged the
-    # same files again and sent every event a second time.
+    # same files again and sent every event a second time. Events committed and gone
+    # from the stream are found in the sync events (no test trimmed them before).
     mem = make_mem()
     for k in ("cfg", "bad", "gone"):
         put(mem, k, {"v": 0})
@@ -2251,6 +2255,10 @@ def test_a_cycle_that_sent_only_events_and_lost_its_reply_reports_them_once(
         bad.write_text('{"rejected save": ', encoding="utf-8")
         gone.unlink()
         cycle_losing_its_reply(mirror, monkeypatch)
+        if found == "committed and trimmed":
+            mem.settle(10)
+            for stream in raw_redis.keys("*:cmd"):
+                raw_redis.xtrim(stream, maxlen=0)
         again = cycle(mirror)
         assert (again.conflicts, again.rejected, again.restored) == (0, 0, 0), again.events
         assert doc(f)["value"] == {"v": "agent"} and doc(bad)["value"] == {"v": 0}
