@@ -1485,6 +1485,33 @@ def test_a_file_nested_too_deeply_to_parse_is_rejected_and_the_cycle_goes_on(
     assert code == 2 and "is not a dualmem mirror state" in err, err
 
 
+def test_a_file_with_both_value_and_envelope_or_neither_is_rejected(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No test saved such a file: without the check, a value added beside a sealed file's
+    # envelope was dropped unreported (the envelope read, the file taken for formatting
+    # only), and a file with neither ended every cycle in a KeyError.
+    put(mem, "token", {"t": 1}, Level.TEAM)
+    put(mem, "plan", {"v": 1})
+    once(capsys, args, mdir)
+    both, neither = file_of(mdir, "token", "team:backend"), file_of(mdir, "plan")
+    d = doc(both)
+    d["value"] = {"t": 2}
+    both.write_text(json.dumps(d), encoding="utf-8")
+    d = doc(neither)
+    del d["value"]
+    neither.write_text(json.dumps(d), encoding="utf-8")
+    out = once(capsys, args, mdir)
+    assert out.count("a file needs exactly one of 'value' and 'envelope'") == 2, out
+    assert " 2 rejected" in out, out
+    assert mem.get("token", level=Level.TEAM, principal=CODER) == {"t": 1}
+    assert doc(neither)["value"] == {"v": 1}  # SQLite wins, as for any invalid file
+    assert sorted(event_kinds(db_path, "token") + event_kinds(db_path, "plan")) == [
+        "rejected",
+        "rejected",
+    ]
+
+
 def test_a_new_file_becomes_a_record_and_files_in_the_wrong_place_do_not(
     mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
