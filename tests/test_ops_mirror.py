@@ -2205,6 +2205,37 @@ def test_a_send_whose_reply_was_lost_is_looked_for_before_anything_is_sent_again
     assert "never committed" in str(detail["discarded"])
 
 
+def test_a_send_that_never_went_is_not_taken_for_an_older_dead_letter_of_its_file(
+    make_mem: Callable[..., DualMemory],
+    db_path: Path,
+    mdir: Path,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A lost send is looked for by record and by the time the send stamped on its
+    # commands. No test had an older dead letter of the same file, so a look that
+    # matched by record alone went unnoticed: it took that letter for the send that
+    # never went, reported it failed again and dropped the new save.
+    mem = make_mem(max_deliveries=1)
+    put(mem, "cfg", {"v": 0})
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        poison(db_path, "cfg")
+        write_value(f, {"v": 1})
+        assert rt.wait(cycle(mirror).receipts, 10).dead == 1
+        failed = cycle(mirror)
+        assert failed.failed == 1, failed.events
+        rt.wait(failed.receipts, 10)
+        poison(db_path, None)
+        write_value(f, {"v": 2})
+        cycle_losing_its_reply(mirror, monkeypatch, sent=False)
+        again = cycle(mirror)
+        assert (again.imported, again.failed) == (1, 0), again.events
+        rt.wait(again.receipts, 10)
+    assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2}
+    assert event_kinds(db_path, "cfg") == ["imported", "failed", "imported"]
+
+
 @pytest.mark.parametrize("sending_file", ["with the stream tops", "from before they were kept"])
 def test_the_look_for_a_lost_send_reads_its_streams_from_where_the_send_began(
     make_mem: Callable[..., DualMemory],
