@@ -1799,6 +1799,7 @@ def test_edits_sealed_under_a_key_being_dropped_wait_for_the_next_cycle(
         report = cycle(mirror)
         monkeypatch.undo()
         assert any("not sent" in e for e in report.events) and report.conflicts == 1
+        assert report.imported == 0  # the refused import is not reported as one
         rt.wait(report.receipts, 10)
         assert [(k, key) for k, key, _ in sync_events(db_path)] == [("conflict", "plain")]
         drop_keys(keyfile, [old])
