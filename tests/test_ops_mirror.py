@@ -188,7 +188,13 @@ def test_files_follow_the_change_feed_and_resume(
     put(mem, "a", {"n": 2})
     mem.sync(mem.delete("b/c:d", level=Level.SWARM, principal=CODER))
     put(mem, "new", [1, 2])
-    assert verify_mirror(capsys, args, mdir)["status"] == "fail"  # behind until it runs
+    behind = verify_mirror(capsys, args, mdir)  # behind until it runs
+    assert behind["status"] == "fail"
+    assert sorted(behind["problems"]) == [
+        "swarm:s1/a.json: behind SQLite (the mirror has not applied the newest change)",
+        "swarm:s1/b%2Fc%3Ad.json: no live record in SQLite",
+        "swarm:s1/new.json: missing",
+    ]
     out = once(capsys, args, mdir)
     assert "2 written, 1 removed" in out
     assert doc(file_of(mdir, "a"))["value"] == {"n": 2}
