@@ -724,6 +724,40 @@ def test_an_import_the_worker_dead_letters_is_in_flight_no_more(
     assert "never committed" in str(detail["discarded"])  # the save SQLite never got
 
 
+def test_a_failed_import_from_an_older_state_never_reports_a_later_save_as_its_own(
+    make_mem: Callable[..., DualMemory],
+    db_path: Path,
+    mdir: Path,
+    settings: Settings,
+) -> None:
+    # A state saved before imports kept their saves names only the import's id: its
+    # failed event has the file's content only while the file still holds that save
+    # (by its hash). No test had such a state, so a mirror that reported whatever the
+    # file held went unnoticed: a later save, imported next, was in the failed event as
+    # the save that never committed.
+    mem = make_mem(max_deliveries=1)
+    put(mem, "cfg", {"v": 0})
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        poison(db_path, "cfg")
+        write_value(f, {"v": 1, "note": "the failed save"})
+        first = cycle(mirror)
+        assert rt.wait(first.receipts, 10).dead == 1
+        poison(db_path, None)
+        state = json.loads((mdir / STATE_FILE).read_text(encoding="utf-8"))
+        entry = state["files"]["swarm:s1/cfg.json"]
+        (sid,) = entry["sent"]
+        entry["holds"] = sid  # as an older release saved it
+        (mdir / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+        write_value(f, {"v": 2, "note": "a later save"})
+        report = Mirror(rt, mdir).cycle(now_ms())  # restarted on that state
+        assert (report.failed, report.imported) == (1, 1), report.events
+        rt.wait(report.receipts, 10)
+    assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": 2, "note": "a later save"}
+    (detail,) = failed_events(db_path, "cfg")
+    assert detail["stream_id"] == sid and "discarded" not in detail
+
+
 def test_a_dead_lettered_import_replayed_is_followed_to_its_replay(
     make_mem: Callable[..., DualMemory],
     db_path: Path,
