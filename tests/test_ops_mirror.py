@@ -2250,6 +2250,37 @@ def test_a_send_whose_reply_was_lost_is_looked_for_before_anything_is_sent_again
     assert "never committed" in str(detail["discarded"])
 
 
+def test_an_import_missing_from_a_send_found_after_a_lost_reply_is_sent_again(
+    make_mem: Callable[..., DualMemory],
+    db_path: Path,
+    mdir: Path,
+    raw_redis: redis.Redis,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A send found by its event while its import is nowhere (its entry lost from the
+    # stream): the import did not arrive, and its file's entry goes back to what it was.
+    # No test lost part of a send, so a mirror that took the import for sent went
+    # unnoticed: the save was then in no import and no failed event.
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    mem.close(timeout=2)  # no worker: the send stays in the stream
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        write_value(f, {"v": 1})
+        cycle_losing_its_reply(mirror, monkeypatch)
+        (stream,) = raw_redis.keys("*:cmd")
+        *_, (sid, _) = [
+            e for e in raw_redis.xrange(stream) if (e[1][b"op"], e[1][b"k"]) == (b"put", b"cfg")
+        ]
+        assert raw_redis.xdel(stream, sid) == 1  # the import lost, its event there
+        again = cycle(mirror)
+        assert (again.imported, again.failed) == (1, 0), again.events
+        make_mem()  # a worker again
+        rt.wait(again.receipts, 10)
+    assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 1}
+
+
 def test_a_send_that_never_went_is_not_taken_for_an_older_dead_letter_of_its_file(
     make_mem: Callable[..., DualMemory],
     db_path: Path,
