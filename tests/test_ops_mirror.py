@@ -1141,6 +1141,46 @@ def test_an_import_a_worker_commits_after_redis_lost_it_is_written_once(
     assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": "agent"}
 
 
+def test_two_imports_a_worker_commits_after_redis_lost_them_are_the_mirrors_own(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+    raw_redis: redis.Redis,
+) -> None:
+    # The file keeps the ids of its last 16 imports reported lost. No test lost more than
+    # one, so a mirror that kept only the last went unnoticed: the late commit of the
+    # earlier one was then a change in SQLite, and the file's next save a false conflict.
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    mem.close(timeout=2)
+    settings = dataclasses.replace(settings_for(redis_url, db_path, keyfile), batch_size=10)
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        client, _ = connect(settings)
+        try:
+            worker = Worker(client, rt.store, settings)
+            worker.ensure_groups()
+            for v in (1, 2):
+                write_value(f, {"v": v})
+                assert cycle(mirror).imported == 1
+            batch = worker._read(False)  # the worker holds both imports
+            raw_redis.flushall()  # Redis restarted without its data
+            lost = cycle(mirror)
+            assert (lost.imported, lost.failed) == (0, 2), lost.events
+            worker._process(batch)  # ... and both commits land after all
+            write_value(f, {"v": 3})  # saved before the mirror read them
+            last = cycle(mirror)
+            assert (last.imported, last.conflicts) == (1, 0), last.events
+            worker.ensure_groups()
+            while worker.step():
+                pass
+        finally:
+            client.close()
+    assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 3}
+
+
 def test_a_new_files_import_redis_lost_is_a_failed_event(
     make_mem: Callable[..., DualMemory],
     db_path: Path,
