@@ -44,7 +44,7 @@ from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
 from dualmem.worker import Worker
 
-from .conftest import RedisServer, run_cli
+from .conftest import RedisServer, run_cli, wait_until
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 SECRET = "mirror-secret-6c1b-never-in-files"
@@ -1842,6 +1842,7 @@ def test_a_running_mirror_seals_edits_with_the_key_a_rotation_made_active(
     assert reader.get("note", level=Level.TEAM, principal=CODER) == {"v": 2}
 
 
+@pytest.mark.parametrize("events_reply", ["kept", "lost"])
 def test_edits_sealed_under_a_key_being_dropped_wait_for_the_next_cycle(
     make_mem: Callable[..., DualMemory],
     db_path: Path,
@@ -1850,10 +1851,13 @@ def test_edits_sealed_under_a_key_being_dropped_wait_for_the_next_cycle(
     raw_redis: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
     settings: Settings,
+    events_reply: str,
 ) -> None:
     # A cycle seals hand edits, then sends them; a drop of that key in between left them
     # committed under a key no longer in the key file. Now the send refuses and the next
-    # cycle seals the same edits again with the active key.
+    # cycle seals the same edits again with the active key. The cycle's other events go
+    # in a send of their own; its reply lost ("lost"), they were sent with no record of
+    # it, and the next cycle judged the same files again: a second conflict event.
     from dualmem.keyuse import clear_dropping, mark_dropping
 
     mem = make_mem()
@@ -1876,17 +1880,35 @@ def test_edits_sealed_under_a_key_being_dropped_wait_for_the_next_cycle(
             mark_dropping(raw_redis, "dualmem", [old], ttl=60)
 
         monkeypatch.setattr(Mirror, "_scan_edits", then_a_rotation)
-        report = cycle(mirror)
-        monkeypatch.undo()
-        assert any("not sent" in e for e in report.events) and report.conflicts == 1
-        assert report.imported == 0  # the refused import is not reported as one
-        rt.wait(report.receipts, 10)
+        if events_reply == "kept":
+            report = cycle(mirror)
+            monkeypatch.undo()
+            assert any("not sent" in e for e in report.events) and report.conflicts == 1
+            assert report.imported == 0  # the refused import is not reported as one
+            rt.wait(report.receipts, 10)
+        else:
+            real_send = Runtime.send
+
+            def refused_then_reply_lost(self: Runtime, *args: Any, **kwargs: Any) -> Any:
+                real_send(self, *args, **kwargs)  # the first raises KeyDropped
+                raise StoreUnavailable("send commands: the reply was lost (it may have run)")
+
+            monkeypatch.setattr(Runtime, "send", refused_then_reply_lost)
+            with pytest.raises(StoreUnavailable):
+                cycle(mirror)
+            monkeypatch.undo()
+        wait_until(lambda: len(sync_events(db_path)) == 1, timeout=10)
         assert [(k, key) for k, key, _ in sync_events(db_path)] == [("conflict", "plain")]
         drop_keys(keyfile, [old])
         clear_dropping(raw_redis, "dualmem")
         report = cycle(mirror)
-        assert report.imported == 1
+        assert (report.imported, report.conflicts) == (1, 0), report.events
         rt.wait(report.receipts, 10)
+        assert doc(plain)["value"] == {"v": 2}  # SQLite's, the conflict's outcome
+    assert [(k, key) for k, key, _ in sync_events(db_path)] == [
+        ("conflict", "plain"),
+        ("imported", "note"),
+    ]
     reader = make_mem(keyring=Keyring.load(keyfile))  # has never seen the old key
     assert reader.get("note", level=Level.TEAM, principal=CODER) == {"v": 2}
 

@@ -536,9 +536,15 @@ class Mirror:
             report.imported = 0
             report.events.append(f"edits not sent ({exc}); the next cycle seals them again")
             kept = [e for e in events if id(e) not in refused]
-            report.receipts = (
-                self.runtime.send([], audits=kept, audit_receipts=True) if kept else []
-            )
+            report.receipts = []
+            if kept:
+                # A send of its own, recorded as the first was: a reply lost now must
+                # not leave the next cycle to send these events a second time.
+                now_us = time.time_ns() // 1000
+                self._write_sending([], kept, now_us, imports=[])
+                report.receipts = self.runtime.send(
+                    [], audits=kept, audit_receipts=True, now_us=now_us
+                )
             return
         self._sent = True
         # Each import's stream id: when it commits, the journal entry and the row
@@ -555,12 +561,19 @@ class Mirror:
                 # what the failed event reports, whatever the file shows by then.
                 _holds(entry)[receipt.stream_id] = hold
 
-    def _write_sending(self, writes: list[Write], events: list[AuditEvent], now_us: int) -> None:
+    def _write_sending(
+        self,
+        writes: list[Write],
+        events: list[AuditEvent],
+        now_us: int,
+        *,
+        imports: list[tuple[str, dict[str, Any] | None, AuditEvent, dict[str, Any]]] | None = None,
+    ) -> None:
         """Before the send: each import (its file, record, writer, the file's state entry
         before this cycle and the save it carries) and each event, the time their
         commands carry, and the state as it will be saved once the send is done, but for
-        the imports' ids."""
-        imports = [
+        the imports' ids. ``imports``: the cycle's (``_imports``) unless given."""
+        sending = [
             {
                 "file": rel,
                 "scope": w.scope,
@@ -569,7 +582,9 @@ class Mirror:
                 "before": before,
                 "hold": hold,
             }
-            for (rel, before, _, hold), w in zip(self._imports, writes, strict=True)
+            for (rel, before, _, hold), w in zip(
+                self._imports if imports is None else imports, writes, strict=True
+            )
         ]
         records = [(w.scope, w.key) for w in writes] + [
             (e.scope or "", e.key or "") for e in events
@@ -579,7 +594,7 @@ class Mirror:
             "version": 1,
             "now_us": now_us,
             "after": self._stream_tops(records),
-            "imports": imports,
+            "imports": sending,
             "events": [
                 {"event": e.event, "scope": e.scope or "", "key": e.key or ""} for e in events
             ],
