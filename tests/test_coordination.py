@@ -691,6 +691,73 @@ def test_missed_heartbeats_mark_an_agent_dead(make_mem: MakeMem, raw_redis: redi
     assert [a.agent_id for a in life.list_agents(status="dead")] == ["alive", "hung"]
 
 
+def test_events_expire_after_event_ttl_and_the_state_never_does(make_mem: MakeMem) -> None:
+    # No test gave an event_ttl: events written without it (kept for good) went
+    # unnoticed, and a bad one was refused only by the first event's put.
+    mem = make_mem()
+    for bad in (0, -1, math.inf, "60", True):
+        with pytest.raises(ValidationError, match="ttl"):
+            AgentLifecycle(mem, BOSS, event_ttl=bad)
+    life = AgentLifecycle(mem, BOSS, event_ttl=60)
+    before = int(time.time() * 1000)
+    life.register_spawn("coder-1", "Coder", "coder", [], Level.SWARM)
+    life.update_confidence("coder-1", 0.8, "ok", "impl", 1)
+    life.sync(timeout=10)
+    after = int(time.time() * 1000)
+    records = mem.query(principal=BOSS, level=Level.SWARM, prefix="lifecycle/")
+    events = [r for r in records if r.key.startswith("lifecycle/events/")]
+    (state,) = [r for r in records if r.key.startswith("lifecycle/agents/")]
+    assert len(events) == 2 and state.expires_at is None
+    for r in events:
+        assert r.expires_at is not None and before + 60_000 <= r.expires_at <= after + 60_000
+
+
+def test_stale_agents_go_by_the_state_the_worker_has_not_persisted_yet(
+    make_mem: MakeMem, raw_redis: redis.Redis
+) -> None:
+    # Candidates come from SQLite, the verdict from the Redis cache. No test had the cache
+    # disagree with SQLite in these ways (mutation check): an agent terminated in the
+    # cache was marked dead over "terminated"; junk in the cache for one agent made
+    # stale_agents raise for all; a confidence did not count as a sign of life; the
+    # silence was measured from SQLite's older heartbeat; a second junk value in the
+    # cache was taken for the first, committed one and not audited.
+    mem = make_mem(worker=False)  # persistence by hand, to control what SQLite has seen
+    worker = Worker(raw_redis, mem.store, mem.settings.replace(consumer="test"))
+
+    def persist() -> None:
+        while worker.step():
+            pass
+
+    clock = FakeClock()
+    life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30, clock=clock)
+    for agent in ("ended", "junked", "beaten", "confident"):
+        life.register_spawn(agent, agent, "coder", [], Level.SWARM)
+    persist()
+    clock.now += 20  # t=20
+    life.update_confidence("confident", 0.9, "on track", "impl", 1)
+    persist()
+    life.heartbeat("beaten")  # from here on, nothing reaches SQLite: it still says t=0
+    life.register_termination("ended", "done")
+    mem.put("lifecycle/agents/junked", {"junk": 1}, level=Level.SWARM, principal=ROGUE)
+    clock.now += 20  # t=40
+    assert life.stale_agents() == []
+    ended = life.agent("ended")
+    assert ended is not None and ended.status is AgentStatus.TERMINATED
+    clock.now += 20  # t=60: beaten and confident last heard of at t=20
+    dead = life.stale_agents()
+    assert [(a.agent_id, a.end_reason) for a in dead] == [
+        ("beaten", "no heartbeat for 40.0s"),
+        ("confident", "no heartbeat for 40.0s"),
+    ]
+    mem.put("lifecycle/agents/junked", {"junk": 2}, level=Level.SWARM, principal=ROGUE)
+    with pytest.raises(TamperedRecord):
+        life.agent("junked")
+    persist()
+    life.sync(timeout=10)
+    rejected = [r.key for r in audit(mem, "agent_record_rejected")]
+    assert rejected == ["lifecycle/agents/junked"] * 2  # each junk value once
+
+
 # -- BlockingCoordinator -------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from acl.errors import TamperedRecord, ValidationError
 from acl.levels import ENCRYPTED_LEVELS, Level, as_level
 from acl.principal import Principal
-from dualmem.commands import Receipt, check_int
+from dualmem.commands import Receipt, check_int, ttl_to_ms
 from dualmem.coordination._validation import (
     ReceiptLog,
     SeenRecords,
@@ -134,7 +134,8 @@ class AgentLifecycle:
     write. An agent whose last heartbeat (or update) is older than ``heartbeat_timeout``
     seconds is marked ``dead`` by :meth:`stale_agents`, which records a ``dead`` event and
     an audit row. A terminated or dead agent cannot be updated (``ValidationError``) until
-    it is spawned again. ``clock`` (epoch seconds) is injectable for tests.
+    it is spawned again. Events expire after ``event_ttl`` seconds when it is given (a
+    put's ttl; the state never expires). ``clock`` (epoch seconds) is injectable for tests.
 
     Updates read the agent's state from the Redis cache (``fresh``) and write it back:
     one writer per agent at a time (a lock serialises this object's own threads). The
@@ -179,6 +180,9 @@ class AgentLifecycle:
             or heartbeat_timeout <= 0
         ):
             raise ValidationError(f"heartbeat_timeout must be > 0 seconds, got {heartbeat_timeout}")
+        # Checked as a put checks its ttl, before anything is written (a bad one was
+        # refused by the first event's put, inside register_spawn).
+        ttl_to_ms(event_ttl)
         self.mem = mem
         self.principal = principal
         self.level = as_level(level)
