@@ -832,6 +832,7 @@ def test_wait_for_acks_times_out_for_a_silent_target(
     boss = BlockingCoordinator(mem, BOSS, secret, max_retries=2)
     signal = boss.send_signal(["coder-1", "silent-1"], "checkpoint", None)
     BlockingCoordinator(mem, coder, secret).acknowledge_signal(signal)
+    began_ms = int(time.time() * 1000)
     result = boss.wait_for_acks(signal, timeout=0.6)
     assert not result.complete
     assert result.acked == ("coder-1",) and result.missing == ("silent-1",)
@@ -843,13 +844,77 @@ def test_wait_for_acks_times_out_for_a_silent_target(
     retries = audit(mem, "signal_retry")
     assert [json.loads(r.detail)["attempt"] for r in retries] == [2, 3]
     assert all(r.risk == "medium" and json.loads(r.detail)["missing"] for r in retries)
+    # Spread over the timeout: the i-th re-send not before i/3 of it (a bound a slow
+    # machine cannot break, only later re-sends; all of them early went unnoticed).
+    assert [r.ts >= began_ms + 200 * (i + 1) for i, r in enumerate(retries)] == [True] * 2
     (timeout,) = audit(mem, "signal_timeout")
     assert timeout.risk == "medium" and json.loads(timeout.detail)["missing"] == ["silent-1"]
+    assert json.loads(timeout.detail)["timeout_s"] == 0.6
     # The silent target still sees the re-sent signal as pending; acking late completes it.
     silent = BlockingCoordinator(mem, SILENT, secret)
     assert [s.attempt for s in silent.pending_signals()] == [3]
     silent.acknowledge_signal(silent.pending_signals()[0])
     assert boss.wait_for_acks(signal, timeout=10).complete
+
+
+def test_a_wait_with_no_time_left_still_makes_every_re_send(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    # A process starved past every retry time (here: a timeout of 0, all of them past at
+    # once) still re-sends max_retries times before it gives up. A loop that went on to
+    # the deadline after a re-send stopped after the first (mutation check). A target
+    # named twice is one target.
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret, max_retries=3)
+    signal = boss.send_signal(["coder-3", "coder-1", "coder-3", "silent-1"], "pause", None)
+    assert signal.targets == ("coder-3", "coder-1", "silent-1")
+    one = BlockingCoordinator(mem, coder, secret)
+    one.acknowledge_signal(signal)
+    one.sync()  # ACKs count as committed
+    boss.sync()
+    result = boss.wait_for_acks(signal, timeout=0)
+    assert (result.acked, result.missing, result.retries) == (
+        ("coder-1",),
+        ("coder-3", "silent-1"),
+        3,
+    )
+    for member in (SILENT, PEER):
+        BlockingCoordinator(mem, member, secret).acknowledge_signal(signal.id)
+    late = boss.wait_for_acks(signal, timeout=10)
+    assert late.complete and late.acked == ("coder-3", "coder-1", "silent-1")
+
+
+def test_signals_and_acks_expire_after_signal_ttl(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    # No test looked at the records' expiry: signals and ACKs kept for good (signal_ttl
+    # not passed on to their puts) went unnoticed.
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret, signal_ttl=120)
+    before = int(time.time() * 1000)
+    signal = boss.send_signal(["coder-1"], "pause", None)
+    BlockingCoordinator(mem, coder, secret, signal_ttl=120).acknowledge_signal(signal)
+    boss.sync()
+    mem.settle(10)
+    after = int(time.time() * 1000)
+    records = mem.query(principal=BOSS, level=Level.SWARM, prefix="coord/signals/")
+    records += mem.query(principal=BOSS, level=Level.SWARM, prefix="coord/acks/")
+    assert len(records) == 2, [r.key for r in records]
+    for r in records:
+        assert r.expires_at is not None and before + 120_000 <= r.expires_at <= after + 120_000
+
+
+def test_a_signal_under_a_key_id_it_does_not_know_is_named_as_such(
+    make_mem: MakeMem, secret: bytes
+) -> None:
+    # Not "MAC does not verify": the key id is named, so an operator sees a participant
+    # with another secret (or one not rotated in yet) rather than a forgery.
+    mem = make_mem()
+    signal = BlockingCoordinator(mem, BOSS, secrets.token_bytes(32)).send_signal(
+        ["coder-1"], "pause", None
+    )
+    problem = BlockingCoordinator(mem, BOSS, secret).signal_problem(signal)
+    assert problem == f"signed with unknown key id {signal.kid!r}"
 
 
 def test_a_forged_altered_or_replayed_ack_is_rejected_and_audited_high(
