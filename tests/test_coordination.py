@@ -654,14 +654,21 @@ def test_lifecycle_state_outlives_cache_ttl_while_the_worker_is_behind(
     assert [e.event for e in life.history("again")] == ["spawn", "terminate", "spawn"]
 
 
-def test_missed_heartbeats_mark_an_agent_dead(make_mem: MakeMem, raw_redis: redis.Redis) -> None:
-    mem = make_mem(worker=False)  # persistence by hand, to control what SQLite has seen
+def persistence_by_hand(mem: DualMemory, raw_redis: redis.Redis) -> Callable[[], None]:
+    """For a DualMemory made with ``worker=False``: a call commits what is in its streams,
+    so the test controls what SQLite has seen."""
     worker = Worker(raw_redis, mem.store, mem.settings.replace(consumer="test"))
 
     def persist() -> None:
         while worker.step():
             pass
 
+    return persist
+
+
+def test_missed_heartbeats_mark_an_agent_dead(make_mem: MakeMem, raw_redis: redis.Redis) -> None:
+    mem = make_mem(worker=False)
+    persist = persistence_by_hand(mem, raw_redis)
     clock = FakeClock()
     life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30, record_heartbeats=True, clock=clock)
     for agent in ("alive", "hung", "late"):
@@ -721,13 +728,8 @@ def test_stale_agents_go_by_the_state_the_worker_has_not_persisted_yet(
     # stale_agents raise for all; a confidence did not count as a sign of life; the
     # silence was measured from SQLite's older heartbeat; a second junk value in the
     # cache was taken for the first, committed one and not audited.
-    mem = make_mem(worker=False)  # persistence by hand, to control what SQLite has seen
-    worker = Worker(raw_redis, mem.store, mem.settings.replace(consumer="test"))
-
-    def persist() -> None:
-        while worker.step():
-            pass
-
+    mem = make_mem(worker=False)
+    persist = persistence_by_hand(mem, raw_redis)
     clock = FakeClock()
     life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30, clock=clock)
     for agent in ("ended", "junked", "beaten", "confident"):

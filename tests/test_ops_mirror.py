@@ -31,6 +31,7 @@ from dualmem.ops import dlq
 from dualmem.ops.mirror import (
     SENDING_FILE,
     STATE_FILE,
+    CycleReport,
     Mirror,
     _follow,
     check_mirror,
@@ -535,6 +536,26 @@ def test_a_file_deleted_while_its_import_is_in_flight_keeps_its_next_save(
     ]
 
 
+def cfg_without_a_worker(make_mem: Callable[..., DualMemory], mdir: Path) -> Path:
+    """The record ``cfg`` (``{"v": 0}``) committed, and no worker running from here on:
+    commands commit when ``commit_through`` says. Its file in ``mdir``."""
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    mem.close(timeout=2)
+    return file_of(mdir, "cfg")
+
+
+def two_saves_imported(mirror: Mirror, f: Path) -> tuple[CycleReport, CycleReport]:
+    """Saves ``{"v": 1}`` then ``{"v": 2}`` in ``f``, each imported by a cycle of its own:
+    the two cycles' reports."""
+    write_value(f, {"v": 1})
+    first = cycle(mirror)
+    write_value(f, {"v": 2})
+    second = cycle(mirror)
+    assert [(r.imported, r.conflicts) for r in (first, second)] == [(1, 0)] * 2
+    return first, second
+
+
 def test_a_save_made_while_a_later_import_is_in_flight_is_imported(
     make_mem: Callable[..., DualMemory],
     db_path: Path,
@@ -546,16 +567,9 @@ def test_a_save_made_while_a_later_import_is_in_flight_is_imported(
     # second: a save made before the second was read was then "conflict: SQLite changed
     # too; SQLite wins", and lost. The mirror is restarted in between: what is in flight
     # is in its saved state.
-    mem = make_mem()
-    put(mem, "cfg", {"v": 0})
-    mem.close(timeout=2)  # no worker: commands commit when commit_through says
-    f = file_of(mdir, "cfg")
+    f = cfg_without_a_worker(make_mem, mdir)
     with started_mirror(settings, mdir) as (rt, mirror):
-        write_value(f, {"v": 1})
-        first = cycle(mirror)
-        write_value(f, {"v": 2})
-        second = cycle(mirror)
-        assert [(r.imported, r.conflicts) for r in (first, second)] == [(1, 0)] * 2
+        first, second = two_saves_imported(mirror, f)
         commit_through(rt, first.receipts[0])
         r2 = second.receipts[0]
         assert rt.store.status(r2.shard, r2.stream_id) is None  # still in flight
@@ -588,16 +602,9 @@ def test_a_save_made_after_an_earlier_import_was_read_is_checked_against_its_row
     # before the second import committed, so a mirror that kept the older base went
     # unnoticed: the first import, read and so no longer in flight, was then "SQLite
     # changed too" for that save, and the save was lost.
-    mem = make_mem()
-    put(mem, "cfg", {"v": 0})
-    mem.close(timeout=2)  # no worker: commands commit when commit_through says
-    f = file_of(mdir, "cfg")
+    f = cfg_without_a_worker(make_mem, mdir)
     with started_mirror(settings, mdir) as (rt, mirror):
-        write_value(f, {"v": 1})
-        first = cycle(mirror)
-        write_value(f, {"v": 2})
-        second = cycle(mirror)
-        assert [(r.imported, r.conflicts) for r in (first, second)] == [(1, 0)] * 2
+        first, _ = two_saves_imported(mirror, f)
         commit_through(rt, first.receipts[0])
         held = cycle(mirror)  # reads the first import; the second is in flight
         assert held.written == 0 and doc(f)["value"] == {"v": 2}, held.events
@@ -621,10 +628,7 @@ def test_a_save_after_a_conflict_is_imported_while_an_earlier_import_is_in_fligh
     # The conflict's rewrite from SQLite forgot the file's import still in flight: once
     # it committed, a save made before the mirror read it was "conflict: SQLite changed
     # too; SQLite wins", though the only change in SQLite was that import.
-    mem = make_mem()
-    put(mem, "cfg", {"v": 0})
-    mem.close(timeout=2)  # no worker: commands commit when commit_through says
-    f = file_of(mdir, "cfg")
+    f = cfg_without_a_worker(make_mem, mdir)
     with started_mirror(settings, mdir) as (rt, mirror):
         agent = make_mem(worker=False).put(
             "cfg", {"v": "agent"}, level=Level.SWARM, principal=CODER
@@ -660,10 +664,7 @@ def test_a_write_an_import_overwrote_unread_is_still_a_change_for_the_next_save(
     # by one cycle: the row is the mirror's own, but the agent's write is a change in
     # SQLite the next save never saw. No test had both in one cycle, so a mirror that
     # judged by the row alone (importing the save) went unnoticed.
-    mem = make_mem()
-    put(mem, "cfg", {"v": 0})
-    mem.close(timeout=2)  # no worker: commands commit when commit_through says
-    f = file_of(mdir, "cfg")
+    f = cfg_without_a_worker(make_mem, mdir)
     with started_mirror(settings, mdir) as (rt, mirror):
         make_mem(worker=False).put("cfg", {"v": "agent"}, level=Level.SWARM, principal=CODER)
         write_value(f, {"v": 1})
@@ -820,6 +821,19 @@ def test_a_failed_import_replayed_after_its_event_is_the_mirrors_own(
     assert kinds == ["imported", "failed", "imported"]
 
 
+def a_failed_import(rt: Runtime, mirror: Mirror, db_path: Path, f: Path, value: Any) -> None:
+    """``value`` saved in ``f`` (the record ``cfg``), its import dead-lettered (a worker
+    with ``max_deliveries=1``) and its ``failed`` event committed; the poison is gone
+    after."""
+    poison(db_path, "cfg")
+    write_value(f, value)
+    assert rt.wait(cycle(mirror).receipts, 10).dead == 1
+    failed = cycle(mirror)
+    assert failed.failed == 1, failed.events
+    rt.wait(failed.receipts, 10)
+    poison(db_path, None)
+
+
 def test_two_failed_imports_of_a_file_replayed_after_their_events_are_the_mirrors_own(
     make_mem: Callable[..., DualMemory],
     db_path: Path,
@@ -833,14 +847,8 @@ def test_two_failed_imports_of_a_file_replayed_after_their_events_are_the_mirror
     put(mem, "cfg", {"v": 0})
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
-        poison(db_path, "cfg")
         for v in (1, 2):
-            write_value(f, {"v": v})
-            assert rt.wait(cycle(mirror).receipts, 10).dead == 1
-            failed = cycle(mirror)
-            assert failed.failed == 1, failed.events
-            rt.wait(failed.receipts, 10)
-        poison(db_path, None)
+            a_failed_import(rt, mirror, db_path, f, {"v": v})
         replays = dlq.replay(rt, None).receipts
         assert len(replays) == 2 and rt.wait(replays, 10).committed == 2
         write_value(f, {"v": 3})
@@ -866,13 +874,7 @@ def test_a_failed_imports_replay_still_in_flight_stays_the_mirrors_own(
     put(mem, "cfg", {"v": 0})
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
-        poison(db_path, "cfg")
-        write_value(f, {"v": 1})
-        assert rt.wait(cycle(mirror).receipts, 10).dead == 1
-        failed = cycle(mirror)
-        assert failed.failed == 1, failed.events
-        rt.wait(failed.receipts, 10)
-        poison(db_path, None)
+        a_failed_import(rt, mirror, db_path, f, {"v": 1})
         mem.close(timeout=2)  # no worker: commands commit when commit_through says
         agent = make_mem(worker=False).put(
             "cfg", {"v": "agent"}, level=Level.SWARM, principal=CODER
@@ -1059,10 +1061,7 @@ def test_an_import_committed_and_trimmed_during_the_cycle_is_not_lost(
     # before the cycle looked there is in neither: SQLite, asked after the stream, knows
     # it. No test raced the two, so a mirror that took the stream's word alone (a failed
     # event for a save SQLite has) went unnoticed.
-    mem = make_mem()
-    put(mem, "cfg", {"v": 0})
-    mem.close(timeout=2)  # no worker: commands commit when commit_through says
-    f = file_of(mdir, "cfg")
+    f = cfg_without_a_worker(make_mem, mdir)
     with started_mirror(settings, mdir) as (rt, mirror):
         write_value(f, {"v": 1})
         first = cycle(mirror)
@@ -1087,6 +1086,34 @@ def test_an_import_committed_and_trimmed_during_the_cycle_is_not_lost(
     assert event_kinds(db_path, "cfg") == ["imported"]
 
 
+@contextlib.contextmanager
+def mirror_and_a_worker_by_hand(
+    make_mem: Callable[..., DualMemory], redis_url: str, db_path: Path, keyfile: Path, mdir: Path
+) -> Iterator[tuple[Runtime, Mirror, Worker]]:
+    """A running mirror of the record ``cfg`` (``{"v": 0}``) and a worker on its database
+    that the test drives itself (batches of 10): ``worker._read`` takes a batch and holds
+    it, ``worker._process`` commits it, ``drain`` commits the rest."""
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    mem.close(timeout=2)
+    settings = dataclasses.replace(settings_for(redis_url, db_path, keyfile), batch_size=10)
+    with started_mirror(settings, mdir) as (rt, mirror):
+        client, _ = connect(settings)
+        try:
+            worker = Worker(client, rt.store, settings)
+            worker.ensure_groups()
+            yield rt, mirror, worker
+        finally:
+            client.close()
+
+
+def drain(worker: Worker) -> None:
+    """Commit everything in the streams (their groups made again: Redis may be new)."""
+    worker.ensure_groups()
+    while worker.step():
+        pass
+
+
 def test_an_import_a_worker_commits_after_redis_lost_it_is_written_once(
     make_mem: Callable[..., DualMemory],
     redis_url: str,
@@ -1098,40 +1125,32 @@ def test_an_import_a_worker_commits_after_redis_lost_it_is_written_once(
     # Redis restarted empty while a worker held the import in memory: "lost" to the
     # mirror, which sent it again; the worker then committed the original, and the copy
     # sent again was written over an agent's later write.
-    mem = make_mem()
-    put(mem, "cfg", {"v": 0})
-    mem.close(timeout=2)
-    settings = dataclasses.replace(settings_for(redis_url, db_path, keyfile), batch_size=10)
     f = file_of(mdir, "cfg")
-    with started_mirror(settings, mdir) as (rt, mirror):
-        client, _ = connect(settings)
-        try:
-            worker = Worker(client, rt.store, settings)
-            worker.ensure_groups()
-            write_value(f, {"v": 1, "note": "user save"})
-            first = cycle(mirror)
-            batch = worker._read(False)  # the worker holds the import, its commit under way
-            assert first.receipts[0].stream_id in [e.stream_id for e in batch]
-            raw_redis.flushall()  # Redis restarted without its data
-            lost = cycle(mirror)
-            assert (lost.imported, lost.failed) == (0, 1), lost.events
-            worker._process(batch)  # ... and the worker's commit lands after all
-            assert rt.store.status(0, first.receipts[0].stream_id) == "committed"
-            write_value(f, {"v": 2})  # saved before the mirror read that commit
-            second = cycle(mirror)
-            # The late commit is the mirror's own import, not a change to defend against.
-            assert (second.imported, second.conflicts) == (1, 0), second.events
-            assert "reported lost from Redis was committed after all" in " ".join(second.events)
-            agent = make_mem(worker=False)
-            agent.put("cfg", {"v": "agent"}, level=Level.SWARM, principal=CODER)
-            worker.ensure_groups()
-            while worker.step():
-                pass
-            last = cycle(mirror)
-            assert (last.imported, last.conflicts) == (0, 0), last.events
-            assert doc(f)["value"] == {"v": "agent"}
-        finally:
-            client.close()
+    with mirror_and_a_worker_by_hand(make_mem, redis_url, db_path, keyfile, mdir) as (
+        rt,
+        mirror,
+        worker,
+    ):
+        write_value(f, {"v": 1, "note": "user save"})
+        first = cycle(mirror)
+        batch = worker._read(False)  # the worker holds the import, its commit under way
+        assert first.receipts[0].stream_id in [e.stream_id for e in batch]
+        raw_redis.flushall()  # Redis restarted without its data
+        lost = cycle(mirror)
+        assert (lost.imported, lost.failed) == (0, 1), lost.events
+        worker._process(batch)  # ... and the worker's commit lands after all
+        assert rt.store.status(0, first.receipts[0].stream_id) == "committed"
+        write_value(f, {"v": 2})  # saved before the mirror read that commit
+        second = cycle(mirror)
+        # The late commit is the mirror's own import, not a change to defend against.
+        assert (second.imported, second.conflicts) == (1, 0), second.events
+        assert "reported lost from Redis was committed after all" in " ".join(second.events)
+        agent = make_mem(worker=False)
+        agent.put("cfg", {"v": "agent"}, level=Level.SWARM, principal=CODER)
+        drain(worker)
+        last = cycle(mirror)
+        assert (last.imported, last.conflicts) == (0, 0), last.events
+        assert doc(f)["value"] == {"v": "agent"}
     with sqlite3.connect(db_path) as conn:
         mirror_puts = conn.execute(
             "SELECT COUNT(*) FROM journal WHERE key = 'cfg' AND actor = 'mirror'"
@@ -1152,32 +1171,24 @@ def test_two_imports_a_worker_commits_after_redis_lost_them_are_the_mirrors_own(
     # The file keeps the ids of its last 16 imports reported lost. No test lost more than
     # one, so a mirror that kept only the last went unnoticed: the late commit of the
     # earlier one was then a change in SQLite, and the file's next save a false conflict.
-    mem = make_mem()
-    put(mem, "cfg", {"v": 0})
-    mem.close(timeout=2)
-    settings = dataclasses.replace(settings_for(redis_url, db_path, keyfile), batch_size=10)
     f = file_of(mdir, "cfg")
-    with started_mirror(settings, mdir) as (rt, mirror):
-        client, _ = connect(settings)
-        try:
-            worker = Worker(client, rt.store, settings)
-            worker.ensure_groups()
-            for v in (1, 2):
-                write_value(f, {"v": v})
-                assert cycle(mirror).imported == 1
-            batch = worker._read(False)  # the worker holds both imports
-            raw_redis.flushall()  # Redis restarted without its data
-            lost = cycle(mirror)
-            assert (lost.imported, lost.failed) == (0, 2), lost.events
-            worker._process(batch)  # ... and both commits land after all
-            write_value(f, {"v": 3})  # saved before the mirror read them
-            last = cycle(mirror)
-            assert (last.imported, last.conflicts) == (1, 0), last.events
-            worker.ensure_groups()
-            while worker.step():
-                pass
-        finally:
-            client.close()
+    with mirror_and_a_worker_by_hand(make_mem, redis_url, db_path, keyfile, mdir) as (
+        _rt,
+        mirror,
+        worker,
+    ):
+        for v in (1, 2):
+            write_value(f, {"v": v})
+            assert cycle(mirror).imported == 1
+        batch = worker._read(False)  # the worker holds both imports
+        raw_redis.flushall()  # Redis restarted without its data
+        lost = cycle(mirror)
+        assert (lost.imported, lost.failed) == (0, 2), lost.events
+        worker._process(batch)  # ... and both commits land after all
+        write_value(f, {"v": 3})  # saved before the mirror read them
+        last = cycle(mirror)
+        assert (last.imported, last.conflicts) == (1, 0), last.events
+        drain(worker)
     assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 3}
 
 
@@ -2357,13 +2368,7 @@ def test_a_send_that_never_went_is_not_taken_for_an_older_dead_letter_of_its_fil
     put(mem, "cfg", {"v": 0})
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
-        poison(db_path, "cfg")
-        write_value(f, {"v": 1})
-        assert rt.wait(cycle(mirror).receipts, 10).dead == 1
-        failed = cycle(mirror)
-        assert failed.failed == 1, failed.events
-        rt.wait(failed.receipts, 10)
-        poison(db_path, None)
+        a_failed_import(rt, mirror, db_path, f, {"v": 1})
         write_value(f, {"v": 2})
         cycle_losing_its_reply(mirror, monkeypatch, sent=False)
         again = cycle(mirror)
