@@ -1514,6 +1514,23 @@ def test_a_loop2_record_with_a_number_too_big_is_skipped_not_raised(
     assert latest is not None and latest.iteration == 1
 
 
+@pytest.mark.parametrize("named", [{"iteration": 7}, {"phase": "design"}, {"agent_id": "coder-9"}])
+def test_a_loop3_value_naming_another_entry_is_no_record_at_this_ones_key(
+    make_mem: MakeMem, coder: Principal, named: dict[str, Any]
+) -> None:
+    # An agent's own plain put of iteration 7's entry (or another phase's, or another
+    # agent's) at iteration 1's key was read back as iteration 1's confidence.
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    loops.store_loop3_confidence(coder, "impl", 1, 0.9, "ok")
+    key = loops.key(3, "impl", 1)
+    mine = mem.get(key, level=Level.PRIVATE, principal=coder, fresh=True)
+    assert loops.get_loop3_confidence(coder, "impl", 1, fresh=True) is not None
+    mem.put(key, {**mine, **named}, level=Level.PRIVATE, principal=coder)
+    with pytest.raises(TamperedRecord, match="names another agent, phase or iteration"):
+        loops.get_loop3_confidence(coder, "impl", 1, fresh=True)
+
+
 @pytest.mark.parametrize("score", [7.5, "0.95", -4, True])
 def test_a_score_the_write_path_refuses_is_no_record_on_read(
     make_mem: MakeMem, coder: Principal, score: Any

@@ -277,12 +277,17 @@ class LoopMemory:
         value = self.mem.get(
             key, level=Level.PRIVATE, principal=principal, scope=scope, fresh=fresh
         )
-        return None if value is None else self._loop3(value, key)
+        agent = principal.agent_id if agent_id is None else agent_id
+        return None if value is None else self._loop3(value, key, agent)
 
-    def _loop3(self, v: Any, key: str) -> Loop3Confidence:
+    def _loop3(self, v: Any, key: str, agent: str) -> Loop3Confidence:
         try:
             # The write path's own check: a value it would refuse is no Loop 3 record.
             confidence = check_score("confidence", v["confidence"])
+            # The record names the place it is stored at, as Loop 2 and 4 records do: a
+            # value naming another agent, phase or iteration is not this entry.
+            if str(v["agent_id"]) != agent or self.key(3, v["phase"], v["iteration"]) != key:
+                raise ValueError("it names another agent, phase or iteration than its key")
             return Loop3Confidence(
                 agent_id=str(v["agent_id"]),
                 phase=str(v["phase"]),
