@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from dualmem.redis_backend import connect
 from dualmem.rotation import add_active_key, rotate_keys
 from dualmem.worker import Worker
 
-from .conftest import run_cli, wait_until
+from .conftest import free_port, run_cli, wait_until
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 
@@ -48,7 +49,11 @@ def args(redis_url: str, db_path: Path) -> list[str]:
 
 def report(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, dict[str, dict]]:
     code, out, _ = run_cli(capsys, "verify", *args, "--json")
-    return code, {c["name"]: c for c in json.loads(out)["checks"]}
+    doc = json.loads(out)
+    # The report's "ok" is what a script reads: no test failed when it said true next to
+    # a failed check.
+    assert doc["ok"] is (code == 0) is all(c["status"] != "fail" for c in doc["checks"]), doc
+    return code, {c["name"]: c for c in doc["checks"]}
 
 
 def test_a_healthy_database_passes_every_check(
@@ -391,6 +396,45 @@ def test_redis_and_sqlite_disagreeing_is_reported(
         "swarm:s1/ghost: cached in Redis but no row in SQLite",
         "swarm:s1/k1: the cached envelope differs from the SQLite row",
         "swarm:s1/k4: deleted in SQLite but still cached in Redis",
+    ]
+
+
+def test_a_redis_that_cannot_be_reached_fails_verify_instead_of_passing_it(
+    mem: DualMemory, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No test failed when this failed check was left out of the report: verify then
+    # passed (exit 0) having compared nothing.
+    fill(mem)
+    down = ["--redis-url", f"redis://127.0.0.1:{free_port()}/0", "--db", str(db_path)]
+    code, checks = report(capsys, down)
+    assert code == 1
+    parity = checks["redis <-> sqlite parity"]
+    assert (parity["status"], parity["summary"]) == ("fail", "could not check"), parity
+    assert parity["fix"] == "check --redis-url"
+
+
+def test_verify_compares_the_cache_entries_of_every_shard(
+    make_mem: Callable[..., DualMemory],
+    args: list[str],
+    raw_redis: redis.Redis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # No test failed when verify, told --shards 2, scanned one shard's cache entries: a
+    # tampered entry of the second went unnoticed.
+    mem = make_mem(shards=2)
+    keys = [f"k{i}" for i in range(40)]
+    on_two = [k for k in keys if mem.layout.shard_of("swarm:s1", k) == 1][:3]
+    on_one = [k for k in keys if mem.layout.shard_of("swarm:s1", k) == 0][:2]
+    for r in [mem.put(k, 1, level=Level.SWARM, principal=CODER) for k in on_one + on_two]:
+        mem.sync(r, timeout=10)
+    code, checks = report(capsys, [*args, "--shards", "2"])
+    assert code == 0, checks
+    assert checks["redis <-> sqlite parity"]["summary"] == "5 cache entries match, 0 in flight"
+    raw_redis.set(mem.layout.cache_key(1, "swarm:s1", on_two[0]), b"\x01\x00{}")
+    code, checks = report(capsys, [*args, "--shards", "2"])
+    assert code == 1
+    assert checks["redis <-> sqlite parity"]["problems"] == [
+        f"swarm:s1/{on_two[0]}: the cached envelope differs from the SQLite row"
     ]
 
 
