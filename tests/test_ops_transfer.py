@@ -5,6 +5,7 @@ fakeredis and a real redis-server."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -258,6 +259,54 @@ def test_bad_lines_are_reported_by_number_and_skipped_or_fail_the_import(
     assert mem.get("g2", level=Level.SWARM, principal=CODER) == 2
 
 
+def test_an_import_is_audited_with_the_files_digest_and_its_bad_lines(
+    mem: DualMemory,
+    src: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The audit event is how an operator finds later which file went in and what of it
+    # did not: its digest and bad line numbers could be blank and no test noticed.
+    f = tmp_path / "in.jsonl"
+    good = {"scope": "swarm:s1", "key": "g", "level": 3, "value": 1}
+    f.write_text(json.dumps(good) + "\nnot json\n", encoding="utf-8")
+    code, out, _ = run_cli(capsys, "import", *src, str(f))
+    assert code == 3, out
+    mem.settle(10)
+    (event,) = [a for a in mem.store.audit_log() if a.event == "import"]
+    detail = json.loads(event.detail)
+    assert detail["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert (detail["file"], detail["new"], detail["changed"]) == (str(f), 1, 0)
+    assert detail["bad_lines"] == [2]
+
+
+def test_an_import_its_worker_cannot_commit_before_the_wait_is_exit_1(
+    make_mem: Callable[..., DualMemory],
+    src: list[str],
+    db_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No test failed when records still pending after --wait were reported and the
+    # import exited 0 as if they had landed (the epilog promises 1: not confirmed).
+    make_mem(worker=False)  # the database, no worker of its own
+    # Every commit fails, and is retried: the import stays pending (not dead) for --wait.
+    monkeypatch.setenv("DUALMEM_MAX_DELIVERIES", "1000")
+    monkeypatch.setenv("DUALMEM_CLOSE_TIMEOUT", "0.2")
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "CREATE TRIGGER test_no_commit BEFORE INSERT ON journal "
+            "BEGIN SELECT RAISE(ABORT, 'the test refuses every commit'); END"
+        )
+    conn.close()
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"scope": "swarm:s1", "key": "k", "level": 3, "value": 1}) + "\n")
+    code, out, err = run_cli(capsys, "import", *src, str(f), "--wait", "0.2")
+    assert code == 1, out + err
+    assert "imported 0 record(s); 1 still pending, a worker will commit them" in out
+
+
 def test_a_line_nested_too_deeply_to_parse_is_a_bad_line(
     mem: DualMemory,
     src: list[str],
@@ -379,6 +428,41 @@ def test_encrypted_levels_stay_sealed_unless_decrypted_by_an_allowed_principal(
     assert SECRET.encode() not in raw
 
 
+def test_a_system_principal_decrypts_the_system_level(
+    mem: DualMemory, src: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No test failed when --system was parsed but not passed on: the orchestrator's
+    # SYSTEM records stayed sealed in the file it asked to read.
+    mem.sync(mem.put("plan", {"token": SECRET}, level=Level.SYSTEM, principal=SYSTEM))
+    out = tmp_path / "clear.jsonl"
+    argv = ["--out", str(out), "--decrypt", "--as", "orchestrator", "--system"]
+    code, text, _ = run_cli(capsys, "export", *src, *argv)
+    assert code == 0 and "1 decrypted" in text, text
+    (line,) = map(json.loads, out.read_text(encoding="utf-8").splitlines())
+    assert (line["level"], line["value"]) == (5, {"token": SECRET})
+
+
+def test_an_export_that_leaves_out_a_record_it_cannot_open_exits_1(
+    mem: DualMemory,
+    src: list[str],
+    db_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # No test failed when a record left out was only printed and the export exited 0:
+    # a script would take the file for the whole database.
+    for key in ("a", "broken", "c"):
+        mem.sync(mem.put(key, {"v": key}, level=Level.SWARM, principal=CODER))
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE memory SET envelope = ? WHERE key = 'broken'", (b"\x01\x00{",))
+    conn.close()
+    out = tmp_path / "a.jsonl"
+    code, text, _ = run_cli(capsys, "export", *src, "--out", str(out))
+    assert code == 1, text
+    assert "exported 2 records" in text and "left out swarm:s1/broken" in text
+    assert [d["key"] for d in map(json.loads, out.read_text().splitlines())] == ["a", "c"]
+
+
 def test_a_decrypting_export_that_cannot_be_audited_leaves_no_file(
     mem: DualMemory,
     db_path: Path,
@@ -442,6 +526,10 @@ def test_bad_input_files_and_keys(
     assert run_cli(capsys, "export", *src, "--out", str(out))[0] == 0
     code, _, err = run_cli(capsys, "export", *src, "--out", str(out))
     assert code == 2 and "already exists" in err
+    # --decrypt with no one to decrypt as.
+    code, _, err = run_cli(capsys, "export", *src, "--out", str(tmp_path / "z"), "--decrypt")
+    assert code == 2 and "--decrypt needs --as AGENT_ID" in err
+    assert not (tmp_path / "z").exists()
     # A key file other users can read is refused, naming the fix.
     loose = tmp_path / "loose.json"
     shutil.copyfile(keyfile, loose)
