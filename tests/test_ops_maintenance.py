@@ -125,6 +125,20 @@ def test_backup_refuses_bad_destinations_and_a_damaged_source(
     assert not (tmp_path / "b.db").exists()
 
 
+def test_backup_with_force_replaces_an_existing_file(
+    mem: DualMemory, args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No test failed when --force was parsed and not passed on (a backup over the last
+    # one refused): every test of --force was one that must refuse.
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=CODER))
+    dest = tmp_path / "nightly.db"
+    dest.write_text("last night's copy")
+    code, out, err = run_cli(capsys, "backup", *args, str(dest), "--force")
+    assert code == 0, out + err
+    assert count(dest, "memory") == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("nightly")] == ["nightly.db"]
+
+
 # -- purge --------------------------------------------------------------------------------
 
 
@@ -346,6 +360,24 @@ def test_a_replay_names_every_key_in_its_lease_until_it_has_sent(
     code, out, _ = run_cli(capsys, "dlq", "replay", *args, "--all")
     assert code == 0 and "1 committed" in out
     assert sorted(seen) == sorted([(old,), (new, old)])
+
+
+def test_a_replay_its_worker_cannot_commit_in_time_is_exit_1(
+    make_mem: Callable[..., DualMemory], args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No test failed when a replay still pending after --wait exited 0. A dead
+    # letter of a deployment's second shard, replayed without --shards 2, goes to a stream
+    # the command's own worker does not read: it stays pending there for the
+    # deployment's workers.
+    mem = make_mem(shards=2, worker=False)
+    env = mem.codec.seal({"v": 1}, scope="swarm:s1", key="late", level=Level.SWARM)
+    fields = put_fields("swarm:s1", "late", Level.SWARM, "coder-1", 1, env, None)
+    raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+    mem.store.dead_letter([(StreamEntry(1, "1-1", raw), "disk I/O error", 3)])
+    code, out, _ = run_cli(capsys, "dlq", "replay", *args, "--all", "--wait", "0.2")
+    assert code == 1, out
+    assert "0 committed, 0 dead-lettered again, 1 pending" in out
+    assert mem._redis.xlen(mem.layout.stream(1)) == 1  # there for the deployment's workers
 
 
 def test_dlq_bad_input(
