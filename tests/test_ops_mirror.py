@@ -339,6 +339,42 @@ def test_an_interval_that_is_not_a_positive_duration_is_refused(
     assert not mdir.exists()
 
 
+def test_a_running_mirror_prints_a_line_only_for_a_cycle_that_did_something(
+    redis_server: RedisServer, db_path: Path, keyfile: Path, mdir: Path
+) -> None:
+    # Without --once the mirror keeps quiet about idle cycles: a summary line after each
+    # of them (every --interval) went unnoticed by every test, which all ran --once.
+    redis_server.client().flushall()
+    url = redis_server.url
+    with DualMemory(redis_url=url, db_path=str(db_path), keyring=str(keyfile)) as mem:
+        put(mem, "a", 1)
+    argv = ["--redis-url", url, "--db", str(db_path), "--keyring", str(keyfile)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dualmem", "mirror", *argv, "--dir", str(mdir), "--interval=0.01"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    state = mdir / STATE_FILE
+
+    def saved_ns() -> int:
+        with contextlib.suppress(FileNotFoundError):
+            return int(json.loads(state.read_text())["saved_ns"])
+        return 0
+
+    try:
+        wait_until(lambda: file_of(mdir, "a").exists() and saved_ns(), what="the first cycle")
+        for _ in range(2):  # each cycle saves the state: two idle cycles after the first
+            last = saved_ns()
+            wait_until(lambda: saved_ns() > last, what="an idle cycle")  # noqa: B023
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    lines = [line for line in out.splitlines() if line.startswith("mirror ")]
+    assert len(lines) == 1 and "1 written" in lines[0], out
+
+
 def test_sqlite_wins_a_conflict_and_the_conflict_is_recorded(
     mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
