@@ -171,6 +171,28 @@ def test_purge_drops_expired_values_and_shrinks_the_file(
     assert mem.get("kept", level=Level.SWARM, principal=CODER) == 1
 
 
+def test_purge_counts_the_tombstone_ttl_in_seconds(
+    make_mem: Callable[..., DualMemory],
+    args: list[str],
+    db_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # No test failed when --tombstone-ttl was taken as milliseconds: every purge test
+    # passed 0 or none, and a tombstone a minute old went under --tombstone-ttl 3600.
+    mem = make_mem(purge_interval=3600)  # the worker's own purge stays out of the way
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=CODER))
+    mem.sync(mem.delete("k", level=Level.SWARM, principal=CODER))
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE memory SET updated_at = updated_at - 60000 WHERE key = 'k'")
+    conn.close()
+    code, out, _ = run_cli(capsys, "purge", *args, "--tombstone-ttl", "3600")
+    assert code == 0 and "purged 0 expired value(s)" in out, out
+    assert count(db_path, "memory") == 1  # the tombstone, a minute into its hour
+    code, out, _ = run_cli(capsys, "purge", *args, "--tombstone-ttl", "30")
+    assert code == 0 and "purged 1 expired value(s)" in out, out
+    assert count(db_path, "memory") == 0
+
+
 def test_purge_on_an_old_file_converts_it_with_vacuum(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
