@@ -482,6 +482,35 @@ def test_a_decrypting_export_that_cannot_be_audited_leaves_no_file(
     assert list(tmp_path.glob("*clear.jsonl*")) == []
 
 
+def test_a_decrypting_export_whose_audit_event_is_dead_lettered_says_how_to_replay_it(
+    make_mem: Callable[..., DualMemory],
+    src: list[str],
+    db_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No test failed when the export kept quiet about its export_decrypted event being
+    # dead-lettered: the decryption would be off the audit trail, and no one told.
+    mem = make_mem()
+    mem.sync(mem.put("secret", {"token": SECRET}, level=Level.PRIVATE, principal=CODER))
+    mem.close()  # no worker but the export's own
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "CREATE TRIGGER test_no_export_audit BEFORE INSERT ON audit_log "
+            "WHEN NEW.event = 'export_decrypted' "
+            "BEGIN SELECT RAISE(ABORT, 'the test refuses this audit row'); END"
+        )
+    conn.close()
+    monkeypatch.setenv("DUALMEM_MAX_DELIVERIES", "1")
+    out = tmp_path / "clear.jsonl"
+    argv = ["--out", str(out), "--decrypt", "--as", "coder-1"]
+    _, text, err = run_cli(capsys, "export", *src, *argv)
+    assert "1 decrypted" in text, text + err
+    assert "the export_decrypted audit event was dead-lettered" in text
+    assert "dualmem dlq replay --all" in text
+
+
 def test_an_output_never_replaces_the_database(
     mem: DualMemory,
     src: list[str],
