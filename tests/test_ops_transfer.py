@@ -491,7 +491,8 @@ def test_a_decrypting_export_whose_audit_event_is_dead_lettered_says_how_to_repl
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # No test failed when the export kept quiet about its export_decrypted event being
-    # dead-lettered: the decryption would be off the audit trail, and no one told.
+    # dead-lettered: the decryption would be off the audit trail, and no one told. It
+    # also exited 0, where an import or a replay not confirmed exits 1.
     mem = make_mem()
     mem.sync(mem.put("secret", {"token": SECRET}, level=Level.PRIVATE, principal=CODER))
     mem.close()  # no worker but the export's own
@@ -505,10 +506,11 @@ def test_a_decrypting_export_whose_audit_event_is_dead_lettered_says_how_to_repl
     monkeypatch.setenv("DUALMEM_MAX_DELIVERIES", "1")
     out = tmp_path / "clear.jsonl"
     argv = ["--out", str(out), "--decrypt", "--as", "coder-1"]
-    _, text, err = run_cli(capsys, "export", *src, *argv)
+    code, text, err = run_cli(capsys, "export", *src, *argv)
     assert "1 decrypted" in text, text + err
     assert "the export_decrypted audit event was dead-lettered" in text
     assert "dualmem dlq replay --all" in text
+    assert code == 1  # a command not confirmed, as for import and dlq replay (it was 0)
 
 
 def test_an_output_never_replaces_the_database(

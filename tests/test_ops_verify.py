@@ -420,7 +420,8 @@ def test_verify_compares_the_cache_entries_of_every_shard(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # No test failed when verify, told --shards 2, scanned one shard's cache entries: a
-    # tampered entry of the second went unnoticed.
+    # tampered entry of the second went unnoticed. Without --shards it went unnoticed
+    # too: verify now reads every shard the journal has seen, as purge does.
     mem = make_mem(shards=2)
     keys = [f"k{i}" for i in range(40)]
     on_two = [k for k in keys if mem.layout.shard_of("swarm:s1", k) == 1][:3]
@@ -431,11 +432,12 @@ def test_verify_compares_the_cache_entries_of_every_shard(
     assert code == 0, checks
     assert checks["redis <-> sqlite parity"]["summary"] == "5 cache entries match, 0 in flight"
     raw_redis.set(mem.layout.cache_key(1, "swarm:s1", on_two[0]), b"\x01\x00{}")
-    code, checks = report(capsys, [*args, "--shards", "2"])
-    assert code == 1
-    assert checks["redis <-> sqlite parity"]["problems"] == [
-        f"swarm:s1/{on_two[0]}: the cached envelope differs from the SQLite row"
-    ]
+    for shards in (["--shards", "2"], []):
+        code, checks = report(capsys, [*args, *shards])
+        assert code == 1, shards
+        assert checks["redis <-> sqlite parity"]["problems"] == [
+            f"swarm:s1/{on_two[0]}: the cached envelope differs from the SQLite row"
+        ]
 
 
 def test_commands_not_yet_committed_are_in_flight_not_errors(

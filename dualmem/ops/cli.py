@@ -147,7 +147,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
             try:
                 client = redis_client(settings)
                 try:
-                    layout = Layout(settings.namespace, settings.shards)
+                    # Every shard the journal has seen, as purge reads them: without
+                    # --shards, a 2-shard deployment's second shard went unchecked.
+                    top = conn.execute("SELECT MAX(shard) FROM journal").fetchone()[0]
+                    shards = max(settings.shards, 0 if top is None else int(top) + 1)
+                    layout = Layout(settings.namespace, shards)
                     checks.append(
                         guarded(
                             "redis <-> sqlite parity",
@@ -342,7 +346,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     for e in result.errors:
         console.print(f"  left out {e}", markup=False, soft_wrap=True)
-    return _EXIT_FOUND if result.errors else 0
+    # An audit event not confirmed is a command not confirmed (exit 1), as for import and
+    # dlq replay: the decryption is not on the audit trail yet, or not at all.
+    unconfirmed = audited is not None and bool(audited.pending or audited.dead)
+    return _EXIT_FOUND if result.errors or unconfirmed else 0
 
 
 def _read_lines(path: Path) -> Iterator[str]:
@@ -821,7 +828,12 @@ def _register_checks(sub: Any) -> None:
 
 
 def _register_transfer(sub: Any) -> None:
-    p = sub.add_parser("export", help="write records to a JSON Lines file")
+    p = sub.add_parser(
+        "export",
+        help="write records to a JSON Lines file",
+        epilog="exit 0: exported; 1: a record left out (it cannot be opened), or the "
+        "export_decrypted audit event not confirmed (pending or dead-lettered)",
+    )
     add_common_arguments(p)
     _keyring_option(p)
     p.add_argument("--out", required=True, help="the .jsonl file to write")
