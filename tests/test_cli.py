@@ -649,7 +649,10 @@ def test_a_demo_interrupted_after_its_spawn_does_not_stop_the_next_run(tmp_path:
     proc.send_signal(signal.SIGINT)
     seen += proc.stdout.read()
     proc.wait(60)
-    assert "registers coder-1..3" in seen and "Loop 2 consensus" not in seen, seen
+    # Interrupted (130), wherever the signal found it after the spawns: on a busy machine
+    # the demo may have gone on for a while before it landed (a check that it had not
+    # reached Loop 2 failed once under load; the terminations come last either way).
+    assert "registers coder-1..3" in seen and proc.returncode == 130, seen
     out = run_demo(tmp_path)
     assert "an interrupted earlier run left coder-1 (" in out, out
     assert "gate (every confidence >= 0.75): passed" in out
