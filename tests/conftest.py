@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +27,13 @@ __all__ = ["RedisServer", "free_port", "wait_until"]
 
 REDIS_SERVER = shutil.which("redis-server")
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+#: A test still running after this many seconds has hung (the slowest take well under a
+#: minute; ``TEST_HANG_SECONDS`` overrides it). It fails where it hangs, every thread's
+#: stack in its captured stderr, and the run goes on: CI fails instead of waiting for
+#: its own time limit (a change that made a paged query loop forever hung the suite).
+HANG_SECONDS = float(os.environ.get("TEST_HANG_SECONDS", "300"))
+#: The signal the watchdog sends the main thread: a real-time one no test or code uses.
+_HANG_SIGNAL = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else None
 
 
 def _require_redis_server() -> None:
@@ -155,6 +165,35 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def no_test_hangs() -> Iterator[None]:
+    """Fail a test still running after ``HANG_SECONDS`` (see there), where it hangs."""
+    if _HANG_SIGNAL is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def hung(signum: int, frame: object) -> None:
+        frames = sys._current_frames()
+        for t in threading.enumerate():
+            stack = frames.get(t.ident or -1)
+            if stack is not None:
+                lines = "".join(traceback.format_stack(stack))
+                print(f"--- thread {t.name}:\n{lines}", file=sys.stderr)
+        pytest.fail(f"still running after {HANG_SECONDS:g} s: hung (stacks in stderr)")
+
+    before = signal.signal(_HANG_SIGNAL, hung)
+    watchdog = threading.Timer(HANG_SECONDS, signal.pthread_kill, (main, _HANG_SIGNAL))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield
+    finally:
+        watchdog.cancel()
+        signal.signal(_HANG_SIGNAL, before)
 
 
 @pytest.fixture(autouse=True)
