@@ -219,10 +219,73 @@ def test_plaintext_planted_at_an_encrypted_level_is_rejected(codec: Codec) -> No
         codec.open(plain, scope="agent:x", key="k", level=Level.PRIVATE)
 
 
-@pytest.mark.parametrize("junk", [b"", b"\x01", b"\x09\x00{}", b"\x01\x80{}", b"\x01\x02\x05ab"])
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"",
+        b"\x01",
+        b"\x09\x00{}",
+        b"\x01\x80{}",
+        b"\x01\x02\x05ab",
+        # A key id of length 0 is a malformed envelope, not a key this process lacks
+        # (MissingKey, audited as such): nothing read it as an empty id before.
+        b"\x01\x02\x00" + bytes(28),
+    ],
+)
 def test_malformed_envelopes(codec: Codec, junk: bytes) -> None:
     with pytest.raises(TamperedRecord):
         codec.open(junk, scope="agent:x", key="k", level=Level.PRIVATE)
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"\x01\x04{}",  # a flag no version defines
+        b"\x01\x81{}",
+        b"\x02\x00{}",  # the sealed format without encryption
+    ],
+)
+def test_malformed_plaintext_envelopes(codec: Codec, junk: bytes) -> None:
+    # Only the encrypted level's cases were tested: at a plaintext level an unknown flag,
+    # or the sealed version's byte on a plaintext payload, was read as the payload.
+    with pytest.raises(TamperedRecord):
+        codec.open(junk, scope="swarm:x", key="k", level=Level.SWARM)
+
+
+def test_an_envelope_opens_only_where_its_scope_and_key_end_where_they_did(
+    codec: Codec,
+) -> None:
+    # Scope and key are bound with their lengths: "team:ab" + "c" and "team:a" + "bc" are
+    # the same bytes end to end, and a row moved from one to the other must not open.
+    env = codec.seal({"v": 1}, scope="team:ab", key="c", level=Level.TEAM)
+    assert codec.open(env, scope="team:ab", key="c", level=Level.TEAM) == {"v": 1}
+    with pytest.raises(TamperedRecord):
+        codec.open(env, scope="team:a", key="bc", level=Level.TEAM)
+
+
+def test_a_writer_name_longer_than_its_header_field_is_a_validation_error(codec: Codec) -> None:
+    # The header stores the writer's length in 2 bytes: a longer owner was an
+    # OverflowError from int.to_bytes, not the library's error.
+    with pytest.raises(ValidationError, match="owner is longer than 65535 bytes"):
+        codec.seal(1, scope="agent:x", key="k", level=Level.PRIVATE, owner="w" * 65536)
+    env = codec.seal(1, scope="agent:x", key="k", level=Level.PRIVATE, owner="w" * 65535)
+    assert codec.open(env, scope="agent:x", key="k", level=Level.PRIVATE, owner="w" * 65535) == 1
+
+
+def test_values_are_compressed_past_the_threshold_and_only_when_it_saves_bytes() -> None:
+    # compress_threshold: values longer than it are compressed (one exactly that long is
+    # not), and a value lz4 cannot shrink is stored as it is (a compressed copy larger
+    # than the value went unnoticed: it opened all the same).
+    codec = Codec(Keyring.generate(), compress_threshold=64)
+
+    def compressed(value: str) -> bool:
+        env = codec.seal(value, scope="swarm:x", key="k", level=Level.SWARM)
+        assert codec.open(env, scope="swarm:x", key="k", level=Level.SWARM) == value
+        return bool(env[1] & 0x01)
+
+    assert [compressed("a" * n) for n in (62, 63)] == [False, True]  # JSON adds 2 quotes
+    noise = base64.b64encode(os.urandom(3000)).decode()
+    assert not compressed(noise)
 
 
 def test_unknown_key_id_is_missing_key(codec: Codec) -> None:
