@@ -449,6 +449,36 @@ def test_histogram_memory_is_fixed() -> None:
     assert h.summary()["max"] == 10**15 / 1e6
 
 
+def test_histogram_edges_nearest_rank_single_samples_and_sums() -> None:
+    # Mutation check: none of these was tested. Nearest rank: the p95 of 10 samples is
+    # the 10th (a floor took the 9th); one sample is every quantile exactly; a sample
+    # recorded n times adds n to the sum; a negative duration (clocks of two processes
+    # apart: lag) counts as 0, not in the top buckets where Python's negative index put
+    # it; 2**47 ns and more land in the last bucket (one past it was an IndexError).
+    h = Histogram()
+    for v in range(1, 11):  # below 64 ns every value has its own bucket
+        h.record(v)
+    assert (h.quantile(0.5), h.quantile(0.95), h.quantile(0.1)) == (5.0, 10.0, 1.0)
+    for record in (lambda h, v: h.record(v), lambda h, v: h.record_many([v])):
+        one = Histogram()
+        record(one, 123_457)
+        assert {one.quantile(q) for q in (0.01, 0.5, 0.99)} == {123_457.0}
+    bulk = Histogram()
+    bulk.record(20_000, n=10)
+    bulk.record_many([5_000, 5_000])
+    s = bulk.summary()
+    assert (s["count"], s["sum"], s["mean"]) == (12, 0.21, 0.0175)
+    skewed = Histogram()
+    skewed.record(-5_000)
+    skewed.record(1_000)
+    skewed.record(2_000)
+    assert skewed.quantile(0.3) == 0.0  # the negative sample ranks first
+    top = Histogram()
+    for v in (2**47, 2**48 - 1, 2**60):
+        top.record(v)
+    assert top.count == sum(top._counts) == 3 and top.max == 2**60
+
+
 def test_metrics_snapshot_and_prometheus() -> None:
     m = Metrics()
     m.record("redis_write", 150_000)
