@@ -487,7 +487,10 @@ def test_metrics_snapshot_and_prometheus() -> None:
     assert set(snap) == {"redis_write", "encode", "persist", "lag", "read"}
     assert snap["persist"]["count"] == 10
     text = prometheus_text(snap, {"backlog": 3})
-    assert 'dualmem_latency_seconds{path="redis_write",quantile="0.95"}' in text
+    # In seconds, as the metric's name says (the snapshot is in milliseconds): a value
+    # off by the unit went unnoticed while only the series' names were checked.
+    assert 'dualmem_latency_seconds{path="redis_write",quantile="0.95"} 0.00015\n' in text
+    assert 'dualmem_latency_seconds_sum{path="persist"} 0.0002\n' in text
     assert 'dualmem_latency_seconds_count{path="persist"} 10' in text
     assert "dualmem_backlog 3.0" in text
     assert "# HELP dualmem_backlog Commands in Redis not yet persisted" in text
