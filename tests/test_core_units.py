@@ -293,6 +293,10 @@ def test_put_entry_round_trip() -> None:
         lambda f: f.update({b"t": b"yesterday"}),
         lambda f: f.pop(b"e"),
         lambda f: f.update({b"x": b"soon"}),
+        # Refused by the full path; the worker's fast path must not take them either
+        # (mutation check: its own key checks could go and no test noticed).
+        lambda f: f.update({b"k": b"a\x00b"}),
+        lambda f: f.update({b"k": b"k" * (MAX_KEY_BYTES + 1)}),
     ],
 )
 def test_malformed_entries_say_why(mutate: object) -> None:
@@ -300,6 +304,17 @@ def test_malformed_entries_say_why(mutate: object) -> None:
     mutate(f)  # type: ignore[operator]
     with pytest.raises(MalformedCommand):
         decode_command(f)
+
+
+def test_a_replayed_entry_keeps_its_origin_and_a_tiny_ttl_is_one_millisecond() -> None:
+    # A replay carries its original stream id ("o"), which orders it: the worker's fast
+    # path for plain puts must leave it to the full decode, or the origin is dropped
+    # (mutation check). A ttl under a millisecond is 1 ms, not 0 (PX 0 is an error).
+    f = raw({**put_fields("swarm:s", "k", Level.SWARM, "a", 1, b"\x01\x00{}", None)})
+    assert decode_command(f).origin is None
+    f[b"o"] = b"1700000000000-7"
+    assert decode_command(f).origin == "1700000000000-7"
+    assert ttl_to_ms(0.0001) == 1
 
 
 def test_stream_ids_sort_as_their_ordering_ids() -> None:
