@@ -411,6 +411,33 @@ def test_plan_isolates_malformed_entries() -> None:
     assert len(plan.applied) == 2
 
 
+def test_plan_refuses_an_origin_after_its_entry_and_an_unknown_audit_risk() -> None:
+    # Mutation check. A replay is ordered by its original id ("o"): one claiming an
+    # origin after its own id would outrank every write made after it (a put that later
+    # writes could never replace). An audit risk other than low/medium/high is no audit
+    # row. An audit event with no scope stores NULL scope, key and level, not "" and 0.
+    late = entry(1)
+    late.fields[b"o"] = b"9999-0"  # its own id is 1001-0
+    replay = entry(2)
+    replay.fields[b"o"] = b"5-0"
+    odd = StreamEntry(0, "1003-0", raw(audit_fields("x", actor="a", ts_us=1, risk="extreme")))
+    bare = StreamEntry(0, "1004-0", raw(audit_fields("x", actor="a", ts_us=1, risk="low")))
+    plan = plan_batch(
+        [late, replay, odd, bare],
+        already=set(),
+        journal_tail=(0, GENESIS),
+        audit_tail=(0, GENESIS),
+        now_ms=0,
+    )
+    assert [(e, "after the entry" in why or "risk" in why) for e, why in plan.failed] == [
+        (late, True),
+        (odd, True),
+    ]
+    assert plan.memory[0][5] == sid_of("5-0")  # the replay, ordered by its origin
+    (row,) = plan.audit
+    assert row[4:7] == (None, None, None)
+
+
 # -- metrics -----------------------------------------------------------------------------------
 
 
