@@ -3,6 +3,7 @@ input for each; storage tests on fakeredis and a real redis-server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -137,6 +138,111 @@ def test_backup_with_force_replaces_an_existing_file(
     assert code == 0, out + err
     assert count(dest, "memory") == 1
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("nightly")] == ["nightly.db"]
+
+
+def _damage(db_path: Path, kind: str) -> None:
+    """Break ``db_path`` in a way only one of the copy's checks finds."""
+    with contextlib.closing(sqlite3.connect(db_path)) as conn, conn:
+        if kind == "audit_log hash chain":
+            conn.execute(
+                "INSERT INTO audit_log (ts, event, actor, risk, prev_hash, hash) "
+                "VALUES (1, 'forged', 'x', 'low', x'00', x'00')"
+            )
+        elif kind == "foreign_key_check":
+            conn.execute(
+                "INSERT INTO tool_calls (scope, call_id, mission_id, tool_name, args, result, "
+                "duration_ms, success, called_at, actor, sid) "
+                "VALUES ('project:shop', 'c1', 'no-such-mission', 't', '{}', '{}', 0, 1, 1, 'x', 1)"
+            )
+        else:  # an index whose definition no longer matches its entries
+            conn.execute("CREATE TABLE test_t (a, b)")
+            conn.execute("CREATE INDEX test_i ON test_t (a)")
+            conn.executemany("INSERT INTO test_t VALUES (?, ?)", [(i, -i) for i in range(10)])
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        if kind == "integrity_check":
+            conn.execute("PRAGMA writable_schema = ON")
+            conn.execute(
+                "UPDATE sqlite_schema SET sql = 'CREATE INDEX test_i ON test_t (b)' "
+                "WHERE name = 'test_i'"
+            )
+            conn.commit()
+
+
+@pytest.mark.parametrize("kind", ["audit_log hash chain", "foreign_key_check", "integrity_check"])
+def test_a_backup_whose_copy_fails_any_check_leaves_no_file(
+    mem: DualMemory,
+    args: list[str],
+    db_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    kind: str,
+) -> None:
+    # Only a forged journal was tried: no test failed when the copy's audit chain, foreign
+    # keys or integrity went unchecked, nor when a failed copy's partial file was left.
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=CODER))
+    mem.close(timeout=2)
+    _damage(db_path, kind)
+    dest = tmp_path / "backups" / "b.db"
+    dest.parent.mkdir()
+    code, _, err = run_cli(capsys, "backup", *args, str(dest))
+    assert code == 2 and "failed verification" in err and kind in err, err
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_a_backup_appears_complete_fsynced_and_renamed_into_place(
+    mem: DualMemory,
+    db_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No test failed when the copy was not fsynced before its rename, nor the directory
+    # after it (a crash could leave an empty or missing "verified" backup), nor when the
+    # progress counted the pages left instead of the pages copied.
+    from dualmem.ops.backup import backup_database
+
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=CODER))
+    dest = tmp_path / "backups" / "b.db"
+    dest.parent.mkdir()
+    events: list[tuple[str, ...]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def watched_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def watched_replace(a: Any, b: Any) -> None:
+        events.append(("replace", str(a), str(b)))
+        replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+    monkeypatch.setattr(os, "replace", watched_replace)
+    seen: list[tuple[int, int | None, bool]] = []
+    result = backup_database(
+        db_path,
+        dest,
+        progress=lambda _stage, done, total: seen.append((done, total, dest.exists())),
+    )
+    assert result.ok and result.bytes == dest.stat().st_size
+    assert seen and seen[-1] == (result.pages, result.pages, False)  # not there before it is done
+    ours = [e for e in events if str(dest.parent) in e[1]]
+    (partial,) = {e[1] for e in ours if e[1] != str(dest) and e[1] != str(dest.parent)}
+    assert ours == [
+        ("fsync", partial),
+        ("replace", partial, str(dest)),
+        ("fsync", str(dest.parent)),
+    ]
+
+
+def test_a_backup_to_a_directory_is_refused_with_force_too(
+    mem: DualMemory, args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Only refused without --force (as "already exists"); with it, no test looked.
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=CODER))
+    target = tmp_path / "backups"
+    target.mkdir()
+    code, _, err = run_cli(capsys, "backup", *args, str(target), "--force")
+    assert code == 2 and "is a directory" in err, err
+    assert list(target.iterdir()) == []
 
 
 # -- purge --------------------------------------------------------------------------------
