@@ -309,10 +309,83 @@ def test_purge_on_an_old_file_converts_it_with_vacuum(
     assert run_cli(capsys, "migrate", "--db", str(db))[0] == 0
     code, out, _ = run_cli(capsys, "purge", "--db", str(db))
     assert code == 0 and "auto_vacuum NONE" in out and "--vacuum" in out
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    assert free > 0  # the pages of the table schema 3 rebuilt
     code, out, _ = run_cli(capsys, "purge", "--db", str(db), "--vacuum")
     assert code == 0 and "auto_vacuum INCREMENTAL (converted by VACUUM)" in out
+    # The pages the VACUUM gave back are counted (they were reported as 0).
+    assert f"freed {free} page(s)" in out, out
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)
+
+
+def test_purge_goes_on_past_its_first_batch_of_expired_values(
+    make_mem: Callable[..., DualMemory],
+    args: list[str],
+    db_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Every purge test had fewer than one batch (10,000 rows): a purge that stopped after
+    # its first batch passed them all.
+    make_mem(worker=False).close(timeout=2)  # the database, no worker to purge it
+    with contextlib.closing(sqlite3.connect(db_path)) as conn, conn:
+        conn.executemany(
+            "INSERT INTO memory (scope, key, level, owner, envelope, sid, stream_id, "
+            "created_at, updated_at, expires_at) VALUES ('swarm:s1', ?, 3, 'o', x'00', 1, "
+            "'0-1', 1, 1, 2)",
+            [(f"k{i}",) for i in range(10_001)],
+        )
+    code, out, _ = run_cli(capsys, "purge", *args)
+    assert code == 0, out
+    assert count(db_path, "memory") == 0  # each value, then its tombstone (long expired)
+
+
+def test_purge_gives_back_every_free_page_and_vacuums_only_a_file_that_needs_it(
+    make_mem: Callable[..., DualMemory],
+    args: list[str],
+    db_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Every purge test freed fewer pages than one vacuum batch (2,000): a purge that gave
+    # back one batch passed them all; and --vacuum on a file already INCREMENTAL ran a
+    # full VACUUM (blocking writers) that nothing needed, reported as a conversion.
+    make_mem(worker=False).close(timeout=2)
+    with contextlib.closing(sqlite3.connect(db_path)) as conn, conn:
+        conn.execute("CREATE TABLE test_padding (b BLOB)")
+        conn.executemany("INSERT INTO test_padding VALUES (zeroblob(65536))", [()] * 160)
+    with contextlib.closing(sqlite3.connect(db_path)) as conn, conn:
+        conn.execute("DROP TABLE test_padding")
+        free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    assert free > 2_000
+    code, out, _ = run_cli(capsys, "purge", *args, "--vacuum")
+    assert code == 0, out
+    assert f"freed {free} page(s)" in out and "converted by VACUUM" not in out, out
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("PRAGMA freelist_count").fetchone() == (0,)
+
+
+def test_purge_takes_a_floor_or_reads_one_for_the_shards_its_journal_has_seen(
+    make_mem: Callable[..., DualMemory], db_path: Path
+) -> None:
+    # Both were taken, the floor given silently replaced by the one read; and an empty
+    # journal was reported as one shard, not none (the docstring's 0).
+    from dualmem.ops.maintenance import purge_database
+
+    make_mem(worker=False).close(timeout=2)
+    now = int(time.time() * 1000)
+    with pytest.raises(ValueError, match="not both"):
+        purge_database(
+            db_path, now_ms=now, tombstones_before_ms=now, floor=b"", read_floor=lambda n: None
+        )
+    asked: list[int] = []
+    purge_database(
+        db_path,
+        now_ms=now,
+        tombstones_before_ms=now,
+        read_floor=asked.append,
+    )
+    assert asked == [0]
 
 
 @pytest.mark.parametrize("backend", ["redis"])  # memory:// holds no other process's commands
