@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from acl import Codec, Keyring, Level, Principal
 from dualmem import DualMemory
 from dualmem.migrations import migrate
-from dualmem.ops.transfer import LineError, export_records, parse_line
+from dualmem.ops.transfer import LineError, export_records, parse_line, plan_import
 
 from .conftest import run_cli
 
@@ -412,6 +412,9 @@ def test_encrypted_levels_stay_sealed_unless_decrypted_by_an_allowed_principal(
         "backend",
     )
     assert code == 0, out
+    # The counts were not looked at: plaintext records counted as decrypted, and the
+    # records coder-1 may not read as 0.
+    assert "(6 sealed, 12 decrypted, 6 not readable by coder-1)" in out, out
     assert clear.stat().st_mode & 0o777 == 0o600  # it holds plaintext: its owner's only
     text = clear.read_text(encoding="utf-8")
     assert f'"{SECRET}"' in text and f'"{SECRET}-team"' in text  # coder-1 may read these
@@ -766,6 +769,101 @@ def test_a_plaintext_value_survives_the_line_format_byte_for_byte(value: object)
     assert item is not None
     assert item.write.envelope == envelope  # same JSON bytes, same compression decision
     assert item.payload == codec.open_bytes(envelope, scope="swarm:s", key="k", level=Level.SWARM)
+
+
+_LINE = {"scope": "swarm:s1", "key": "k", "level": 3, "owner": "a", "value": 1}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"key": ""}, "key must not be empty"),
+        ({"valeu": 2}, "unknown field(s): valeu"),
+        ({"owner": ""}, "owner must be a non-empty string"),
+        ({"envelope": "AQI="}, "exactly one of 'value' and 'envelope'"),
+        ({"expires_at": True}, "expires_at must be epoch milliseconds or null"),
+        ({"expires_at": 1.9e12}, "expires_at must be epoch milliseconds or null"),
+        ({"value": None, "envelope": 5}, "envelope must be a base64 string"),
+    ],
+)
+def test_a_line_outside_the_format_is_a_bad_line_naming_what_is_wrong(
+    change: dict[str, Any], message: str
+) -> None:
+    # Each check could go and no test noticed: the line went in (an empty key or owner, a
+    # misspelt field dropped, a value beside an envelope, true as 1 ms, a float expiry),
+    # or it was a traceback (an envelope that is not a string).
+    line = {**_LINE, **change}
+    if line["value"] is None:
+        del line["value"]
+    with pytest.raises(LineError) as caught:
+        parse_line(json.dumps(line), 1, Codec(Keyring.generate()), 1_800_000_000_000)
+    assert message in str(caught.value)
+
+
+def _database(*rows: tuple[str, str, int, str, bytes | None, int | None]) -> sqlite3.Connection:
+    """An in-memory database holding ``(scope, key, level, owner, envelope, expires_at)``
+    rows (envelope ``None``: a tombstone)."""
+    conn = sqlite3.connect(":memory:")
+    migrate(conn)
+    conn.executemany(
+        "INSERT INTO memory (scope, key, level, owner, envelope, sid, stream_id, "
+        "created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, 1, '0-1', 1, 1, ?)",
+        rows,
+    )
+    return conn
+
+
+def test_export_takes_the_key_equal_to_its_prefix_and_no_tombstone_or_expired_value() -> None:
+    # The prefix's own key could be left out (key > prefix), a record expiring at the
+    # export time written, and a tombstone (a deleted key) crashed the export; every
+    # export test had keys under the prefix, no deletes, and expiries far from now.
+    codec = Codec(None)
+    now = 1_800_000_000_000
+
+    def sealed(key: str) -> bytes:
+        return codec.seal(key, scope="swarm:s1", key=key, level=Level.SWARM, owner="o")
+
+    conn = _database(
+        ("swarm:s1", "v/", 3, "o", sealed("v/"), None),
+        ("swarm:s1", "v/a", 3, "o", sealed("v/a"), now + 1),
+        ("swarm:s1", "v/at-now", 3, "o", sealed("v/at-now"), now),
+        ("swarm:s1", "v/deleted", 3, "o", None, None),
+    )
+    buf = io.StringIO()
+    result = export_records(conn, buf, now_ms=now, codec=codec, prefix="v/")
+    assert [json.loads(t)["key"] for t in buf.getvalue().splitlines()] == ["v/", "v/a"]
+    assert (result.records, result.errors) == (2, [])
+
+
+def test_export_progress_counts_the_records_it_leaves_out() -> None:
+    # The progress stopped short of its total when a record could not be opened.
+    codec = Codec(None)
+    good = codec.seal(1, scope="swarm:s1", key="a", level=Level.SWARM, owner="o")
+    conn = _database(
+        ("swarm:s1", "a", 3, "o", good, None), ("swarm:s1", "b", 3, "o", b"\x01\x00{", None)
+    )
+    seen: list[tuple[str, int, int | None]] = []
+    result = export_records(
+        conn, io.StringIO(), now_ms=1, codec=codec, progress=lambda *a: seen.append(a)
+    )
+    assert result.records == 1 and len(result.errors) == 1
+    assert seen[-1] == ("export", 2, 2)
+
+
+def test_a_line_of_a_deleted_or_damaged_record_is_written_again() -> None:
+    # A row that cannot be opened was taken for the line's value ("unchanged": a restore
+    # from an export skipped the very record it was for), and a tombstone with the line's
+    # level and owner crashed the import; no test had either row.
+    codec = Codec(Keyring.generate())
+    conn = _database(
+        ("swarm:s1", "deleted", 3, "a", None, None),
+        ("swarm:s1", "damaged", 3, "a", b"\xff\xff", None),
+    )
+    lines = [json.dumps({**_LINE, "key": k}) for k in ("deleted", "damaged")]
+    plan = plan_import(lines, conn, codec, now_ms=1)
+    assert [i.write.key for i in plan.new] == ["deleted"]
+    assert [i.write.key for i in plan.changed] == ["damaged"]
+    assert (plan.unchanged, plan.errors) == (0, [])
 
 
 def test_an_import_names_every_key_it_may_send_under_until_it_has_sent(
