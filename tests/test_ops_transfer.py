@@ -784,6 +784,7 @@ _LINE = {"scope": "swarm:s1", "key": "k", "level": 3, "owner": "a", "value": 1}
         ({"expires_at": True}, "expires_at must be epoch milliseconds or null"),
         ({"expires_at": 1.9e12}, "expires_at must be epoch milliseconds or null"),
         ({"value": None, "envelope": 5}, "envelope must be a base64 string"),
+        ({"value": None, "envelope": "AQ!I="}, "envelope is not base64"),
     ],
 )
 def test_a_line_outside_the_format_is_a_bad_line_naming_what_is_wrong(
@@ -850,20 +851,48 @@ def test_export_progress_counts_the_records_it_leaves_out() -> None:
     assert seen[-1] == ("export", 2, 2)
 
 
-def test_a_line_of_a_deleted_or_damaged_record_is_written_again() -> None:
-    # A row that cannot be opened was taken for the line's value ("unchanged": a restore
-    # from an export skipped the very record it was for), and a tombstone with the line's
-    # level and owner crashed the import; no test had either row.
+def test_a_line_of_a_deleted_damaged_or_relevelled_record_is_written_again() -> None:
+    # A row that cannot be opened, or whose level column was edited, was taken for the
+    # line's record ("unchanged": a restore from an export skipped the very record it was
+    # for), and a tombstone with the line's level and owner crashed the import; no test
+    # had such rows. Blank lines (a hand-edited file) were bad lines.
     codec = Codec(Keyring.generate())
+    same = codec.seal(1, scope="swarm:s1", key="relevelled", level=Level.SWARM, owner="a")
     conn = _database(
         ("swarm:s1", "deleted", 3, "a", None, None),
         ("swarm:s1", "damaged", 3, "a", b"\xff\xff", None),
+        ("swarm:s1", "relevelled", 4, "a", same, None),
     )
-    lines = [json.dumps({**_LINE, "key": k}) for k in ("deleted", "damaged")]
-    plan = plan_import(lines, conn, codec, now_ms=1)
+    lines = [json.dumps({**_LINE, "key": k}) for k in ("deleted", "damaged", "relevelled")]
+    plan = plan_import([lines[0], "\n", lines[1], "  \n", lines[2]], conn, codec, now_ms=1)
     assert [i.write.key for i in plan.new] == ["deleted"]
-    assert [i.write.key for i in plan.changed] == ["damaged"]
-    assert (plan.unchanged, plan.errors) == (0, [])
+    assert [i.write.key for i in plan.changed] == ["damaged", "relevelled"]
+    assert (plan.lines, plan.unchanged, plan.errors) == (5, 0, [])
+
+
+def test_a_sealed_line_is_refused_under_another_writer_or_past_the_size_limit() -> None:
+    # The envelope was opened without its writer: a line could name anyone as the owner
+    # of a record another agent sealed. A payload one byte past max_value_bytes, which
+    # put refuses, went in: every size test was far past the limit.
+    codec = Codec(Keyring.generate(), max_value_bytes=64)
+    scope = "agent:coder-1"
+    sealed = codec.seal(1, scope=scope, key="k", level=Level.PRIVATE, owner="coder-1")
+    line = {"scope": scope, "key": "k", "level": 1, "owner": "coder-1", "envelope": _b64(sealed)}
+    item = parse_line(json.dumps(line), 1, codec, 1)
+    assert item is not None and item.write.actor == "coder-1"
+    with pytest.raises(LineError, match="sealed by 'coder-1'"):
+        parse_line(json.dumps({**line, "owner": "mallory"}), 1, codec, 1)
+    plain = Codec(None)
+    swarm_line = {k: v for k, v in _LINE.items() if k != "value"}
+    for size, ok in ((64, True), (65, False)):
+        value = "x" * (size - 2)  # and its two quotes
+        envelope = plain.seal(value, scope="swarm:s1", key="k", level=Level.SWARM, owner="a")
+        text = json.dumps({**swarm_line, "envelope": _b64(envelope)})
+        if ok:
+            assert parse_line(text, 1, codec, 1) is not None
+        else:
+            with pytest.raises(LineError, match="65 bytes serialized; the limit is 64"):
+                parse_line(text, 1, codec, 1)
 
 
 def test_an_import_names_every_key_it_may_send_under_until_it_has_sent(
