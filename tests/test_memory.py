@@ -1896,7 +1896,7 @@ def test_entries_whose_read_reply_was_lost_are_applied_without_waiting_for_a_cla
     # the first one read sat in the worker's own pending list until claim_idle_ms passed
     # (sync() timed out, close() reported it pending, a later put committed first).
     mem = DualMemory(redis_url=own_redis_server.url, db_path=str(db_path), keyring=str(keyfile))
-    armed = [True]
+    armed = [False]
     real = redis.Redis.parse_response
 
     def lossy(self: redis.Redis, conn: Any, command_name: str, **options: Any) -> Any:
@@ -1906,9 +1906,13 @@ def test_entries_whose_read_reply_was_lost_are_applied_without_waiting_for_a_cla
             raise redis.ConnectionError("connection reset by peer")  # Redis ran it
         return reply
 
+    # Patched before the warm-up, armed after it: the worker's read already blocked when
+    # "k" is put goes through ``lossy`` too (patched after the warm-up, a read blocked
+    # before the patch returned "k" through the real method, and the test waited in vain).
+    monkeypatch.setattr(redis.Redis, "parse_response", lossy)
     try:
         mem.sync(mem.put("warm", 0, level=Level.SWARM, principal=coder))
-        monkeypatch.setattr(redis.Redis, "parse_response", lossy)
+        armed[0] = True
         r1 = mem.put("k", "v1", level=Level.SWARM, principal=coder)
         wait_until(lambda: not armed[0], what="the lost reply")
         r2 = mem.put("k", "v2", level=Level.SWARM, principal=coder)
