@@ -119,7 +119,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Integrity, foreign keys, schema version, hash chains, projections, Redis parity,
     and a mirror directory's parity; exit 1 with a report when anything is off."""
     from dualmem.layout import Layout
-    from dualmem.ops.database import open_database
+    from dualmem.ops.database import journal_shards, open_database
     from dualmem.ops.mirror import check_mirror
     from dualmem.ops.runtime import load_keyring, redis_client
     from dualmem.ops.verify import (
@@ -149,8 +149,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 try:
                     # Every shard the journal has seen, as purge reads them: without
                     # --shards, a 2-shard deployment's second shard went unchecked.
-                    top = conn.execute("SELECT MAX(shard) FROM journal").fetchone()[0]
-                    shards = max(settings.shards, 0 if top is None else int(top) + 1)
+                    shards = max(settings.shards, journal_shards(conn))
                     layout = Layout(settings.namespace, shards)
                     checks.append(
                         guarded(

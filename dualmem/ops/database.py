@@ -20,6 +20,7 @@ __all__ = [
     "check_dualmem",
     "check_not_newer",
     "database_size",
+    "journal_shards",
     "open_database",
     "refuse_database_path",
 ]
@@ -124,6 +125,22 @@ class DatabaseSize:
     def total_bytes(self) -> int:
         """File plus WAL."""
         return self.file_bytes + self.wal_bytes
+
+
+def journal_shards(conn: sqlite3.Connection) -> int:
+    """How many shards the journal has seen (``MAX(shard) + 1``; 0 when it is empty): the
+    streams an operator command reads, whatever ``--shards`` says, to cover them all.
+
+    >>> conn = sqlite3.connect(":memory:")
+    >>> _ = conn.execute("CREATE TABLE journal (shard INTEGER)")
+    >>> journal_shards(conn)
+    0
+    >>> _ = conn.executemany("INSERT INTO journal VALUES (?)", [(0,), (2,)])
+    >>> journal_shards(conn)
+    3
+    """
+    top = conn.execute("SELECT MAX(shard) FROM journal").fetchone()[0]
+    return 0 if top is None else int(top) + 1
 
 
 def database_size(conn: sqlite3.Connection, path: str | Path) -> DatabaseSize:

@@ -18,6 +18,7 @@ from dualmem.ops.database import (
     check_current,
     check_dualmem,
     database_size,
+    journal_shards,
     open_database,
 )
 from dualmem.sqlite_store import SQLiteStore
@@ -134,8 +135,8 @@ def purge_database(
     ``floor`` (see :func:`dualmem.worker.purge_floor`) keeps every tombstone at or above
     the oldest command still unacknowledged in Redis, whatever its age. ``read_floor``
     instead finds it out: it is called once, after the database is opened and checked,
-    with the number of shards its journal has seen (``MAX(shard) + 1``, 0 for an empty
-    journal), and returns the floor; what it raises stops the purge before any row goes
+    with the number of shards its journal has seen (:func:`journal_shards`, 0 for an
+    empty journal), and returns the floor; what it raises stops the purge before any row goes
     (``dualmem purge`` reads the streams of those shards from Redis this way, without
     opening the file a second time). Passing both is a ``ValueError``.
 
@@ -153,11 +154,9 @@ def purge_database(
     with open_database(path) as conn:
         check_current(conn, path)
         before = database_size(conn, path)
-        top = None
-        if read_floor is not None:
-            top = conn.execute("SELECT MAX(shard) FROM journal").fetchone()[0]
+        shards = journal_shards(conn) if read_floor is not None else 0
     if read_floor is not None:
-        floor = read_floor(0 if top is None else int(top) + 1)
+        floor = read_floor(shards)
     store = SQLiteStore(path)
     removed = 0
     try:
