@@ -632,12 +632,11 @@ def test_lifecycle_state_outlives_cache_ttl_while_the_worker_is_behind(
     # and a second spawn of a living agent was let through.
     mem = make_mem(worker=False, cache_ttl=1)
     life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30)
-    worker = Worker(mem._redis, mem.store, mem.settings.replace(consumer="w"))
+    persist = persistence_by_hand(mem)
     life.register_spawn("ended", "Ended", "coder", [], Level.PRIVATE)
     life.register_spawn("again", "Again", "coder", [], Level.PRIVATE)
     life.register_termination("again", "done")
-    while worker.step():
-        pass
+    persist()
     life.register_termination("ended", "done")  # not committed from here on ...
     life.register_spawn("again", "Again", "coder", [], Level.PRIVATE)
     time.sleep(1.3)  # ... for longer than cache_ttl
@@ -654,10 +653,10 @@ def test_lifecycle_state_outlives_cache_ttl_while_the_worker_is_behind(
     assert [e.event for e in life.history("again")] == ["spawn", "terminate", "spawn"]
 
 
-def persistence_by_hand(mem: DualMemory, raw_redis: redis.Redis) -> Callable[[], None]:
+def persistence_by_hand(mem: DualMemory) -> Callable[[], None]:
     """For a DualMemory made with ``worker=False``: a call commits what is in its streams,
     so the test controls what SQLite has seen."""
-    worker = Worker(raw_redis, mem.store, mem.settings.replace(consumer="test"))
+    worker = Worker(mem._redis, mem.store, mem.settings.replace(consumer="test"))
 
     def persist() -> None:
         while worker.step():
@@ -666,9 +665,9 @@ def persistence_by_hand(mem: DualMemory, raw_redis: redis.Redis) -> Callable[[],
     return persist
 
 
-def test_missed_heartbeats_mark_an_agent_dead(make_mem: MakeMem, raw_redis: redis.Redis) -> None:
+def test_missed_heartbeats_mark_an_agent_dead(make_mem: MakeMem) -> None:
     mem = make_mem(worker=False)
-    persist = persistence_by_hand(mem, raw_redis)
+    persist = persistence_by_hand(mem)
     clock = FakeClock()
     life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30, record_heartbeats=True, clock=clock)
     for agent in ("alive", "hung", "late"):
@@ -720,7 +719,7 @@ def test_events_expire_after_event_ttl_and_the_state_never_does(make_mem: MakeMe
 
 
 def test_stale_agents_go_by_the_state_the_worker_has_not_persisted_yet(
-    make_mem: MakeMem, raw_redis: redis.Redis
+    make_mem: MakeMem,
 ) -> None:
     # Candidates come from SQLite, the verdict from the Redis cache. No test had the cache
     # disagree with SQLite in these ways (mutation check): an agent terminated in the
@@ -729,7 +728,7 @@ def test_stale_agents_go_by_the_state_the_worker_has_not_persisted_yet(
     # silence was measured from SQLite's older heartbeat; a second junk value in the
     # cache was taken for the first, committed one and not audited.
     mem = make_mem(worker=False)
-    persist = persistence_by_hand(mem, raw_redis)
+    persist = persistence_by_hand(mem)
     clock = FakeClock()
     life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30, clock=clock)
     for agent in ("ended", "junked", "beaten", "confident"):
@@ -807,17 +806,14 @@ def test_a_second_ack_by_another_object_is_a_no_op_once_the_first_is_committed(
     mem = make_mem(worker=False)
     boss = BlockingCoordinator(mem, BOSS, secret)
     signal = boss.send_signal(["coder-1"], "pause")
-    worker = Worker(mem._redis, mem.store, mem.settings.replace(consumer="w"))
-    while worker.step():
-        pass
+    persist = persistence_by_hand(mem)
+    persist()
     first = BlockingCoordinator(mem, coder, secret).acknowledge_signal(signal)
     second = BlockingCoordinator(mem, coder, secret).acknowledge_signal(signal)
     assert second != first  # written again: the first was not committed
-    while worker.step():
-        pass
+    persist()
     assert BlockingCoordinator(mem, coder, secret).acknowledge_signal(signal) == second
-    while worker.step():
-        pass
+    persist()
     ack_key = f"coord/acks/{signal.id}/coder-1"
     assert [h.op for h in mem.history(ack_key, level=Level.SWARM, principal=coder)] == [
         "put",
