@@ -226,9 +226,6 @@ def test_a_worker_prints_its_stacks_on_sigusr1_and_keeps_working(
 
 
 def test_worker_sched_setting_is_validated() -> None:
-    from acl.errors import ConfigurationError
-    from dualmem.settings import Settings
-
     assert Settings.load({"worker_sched": "normal"}).worker_sched == "normal"
     with pytest.raises(ConfigurationError, match="worker_sched"):
         Settings.load({"worker_sched": "idle"})
@@ -587,7 +584,6 @@ def test_a_redis_password_is_never_printed(
 
 def test_secrets_stay_out_of_reprs() -> None:
     from dualmem.coordination.signals import _derive
-    from dualmem.settings import Settings
 
     ring = Keyring.generate()
     secret = ring._keys[ring.active_id].secret
