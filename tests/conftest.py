@@ -11,7 +11,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from bench.servers import RedisServer, free_port
 from dualmem import DualMemory
 from dualmem.redis_backend import drop_memory_server
 
-__all__ = ["RedisServer", "free_port", "wait_until"]
+__all__ = ["RedisServer", "free_port", "redis_fields", "wait_until"]
 
 REDIS_SERVER = shutil.which("redis-server")
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
@@ -156,6 +156,12 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(0.01)
+
+
+def redis_fields(fields: Mapping[bytes, bytes | str | int]) -> dict[bytes, bytes]:
+    """A stream entry's fields as Redis returns them (every value bytes), e.g. of
+    ``put_fields(...)``, for a ``StreamEntry`` built by hand."""
+    return {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -27,7 +27,7 @@ from dualmem.layout import Layout
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import DeadLetter, StreamEntry
 
-from .conftest import RedisServer, wait_until
+from .conftest import RedisServer, redis_fields, wait_until
 
 MakeMem = Callable[..., DualMemory]
 # The suite shares two cores with whatever else runs: slow generation is not a failure,
@@ -514,7 +514,7 @@ def test_13_malformed_stream_entries_fail_alone_and_leave_no_trace(
         try:
             entries = [StreamEntry(0, f"{i + 1}-0", f) for i, f in enumerate(fields)]
             good = put_fields("swarm:ok", "k", Level.SWARM, "a", 1, b"\x01\x00{}", None)
-            raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in good.items()}
+            raw = redis_fields(good)
             entries.append(StreamEntry(0, f"{len(fields) + 1}-0", raw))
             result = store.apply(entries)  # never raises for bad content
             assert store.status(0, entries[-1].stream_id) == "committed"

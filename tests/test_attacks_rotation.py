@@ -33,14 +33,11 @@ from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
 
 from .conftest import RedisServer, run_cli, wait_until
+from .conftest import redis_fields as _raw
 
 MakeMem = Callable[..., DualMemory]
 
 SCOPE = "agent:a"
-
-
-def _raw(fields: dict[bytes, bytes | str | int]) -> dict[bytes, bytes]:
-    return {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
 
 
 def put(sid: str, envelope: bytes, key: str = "k") -> StreamEntry:

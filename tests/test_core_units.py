@@ -30,11 +30,7 @@ from dualmem.metrics import Histogram, Metrics, prometheus_text
 from dualmem.settings import MAX_WAIT_SECONDS, Settings
 from dualmem.store import StreamEntry
 
-
-def raw(fields: dict[bytes, bytes | str | int]) -> dict[bytes, bytes]:
-    """Fields as Redis returns them (every value bytes)."""
-    return {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
-
+from .conftest import redis_fields as raw
 
 # -- settings -----------------------------------------------------------------------------
 
@@ -209,9 +205,9 @@ def test_settings_are_read_as_written_by_hand() -> None:
         assert Settings.load({"sqlite_synchronous": mode}, environ={}).sqlite_synchronous == mode
     spellings = {" 1": True, "TRUE": True, "yes": True, "On\n": True}
     spellings |= {"0": False, "false": False, " NO ": False, "off": False}
-    for raw, value in spellings.items():
-        assert Settings.load(environ={"DUALMEM_WORKER": raw}).worker is value
-        assert Settings.load({"worker": raw}, environ={}).worker is value
+    for spelling, value in spellings.items():
+        assert Settings.load(environ={"DUALMEM_WORKER": spelling}).worker is value
+        assert Settings.load({"worker": spelling}, environ={}).worker is value
     assert Settings.load(environ={"DUALMEM_SHARDS": ""}).shards == Settings().shards
     env = {"DUALMEM_KEYRING": "env.json"}
     assert Settings.load({"key": ""}, environ=env).keyring == "env.json"

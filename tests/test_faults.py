@@ -31,7 +31,7 @@ from dualmem.worker import (
     stream_backlog,
 )
 
-from .conftest import RedisServer
+from .conftest import RedisServer, redis_fields
 
 pytestmark = [pytest.mark.real_redis, pytest.mark.slow]
 
@@ -107,7 +107,7 @@ def test_5_poison_entries_are_dead_lettered_and_replayed_without_going_back_in_t
 def test_replayed_command_takes_its_original_place(tmp_path: Path) -> None:
     def put(sid: str, value: bytes, origin: str | None = None) -> StreamEntry:
         fields = put_fields("swarm:s", "k", Level.SWARM, "a", 1, b"\x01\x00" + value, None)
-        raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+        raw = redis_fields(fields)
         return StreamEntry(0, sid, replay_fields(raw, origin) if origin else raw)
 
     store = SQLiteStore(tmp_path / "m.db")
@@ -271,7 +271,7 @@ def test_a_group_created_by_a_call_whose_reply_was_lost_still_gets_its_floor(
     redis_server.client().flushall()
     ahead = f"{int(time.time() * 1000) + 3_600_000}-0"
     fields = put_fields("swarm:s", "k", Level.SWARM, "a", 1, b"\x01\x00{}", None)
-    raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+    raw = redis_fields(fields)
     store = SQLiteStore(tmp_path / "m.db")
     store.apply([StreamEntry(0, ahead, raw)])
     client, _ = connect(Settings.load({"redis_url": redis_server.url}))

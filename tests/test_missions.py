@@ -20,7 +20,7 @@ from dualmem.projection import child_key, mission_key
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
 
-from .conftest import wait_until
+from .conftest import redis_fields, wait_until
 
 LEAD = Principal(agent_id="lead", team="backend", swarm="s1", project="shop")
 RIVAL = Principal(agent_id="rival", team="other", project="rival-shop")
@@ -263,16 +263,12 @@ CODEC = Codec(None)
 def put_entry(ms: int, key: str, value: object, scope: str = "project:shop") -> StreamEntry:
     env = CODEC.seal(value, scope=scope, key=key, level=Level.PROJECT)
     f = put_fields(scope, key, Level.PROJECT, "lead", ms * 1000, env, None)
-    return StreamEntry(
-        0, f"{ms}-0", {k: v if isinstance(v, bytes) else str(v).encode() for k, v in f.items()}
-    )
+    return StreamEntry(0, f"{ms}-0", redis_fields(f))
 
 
 def del_entry(ms: int, key: str, scope: str = "project:shop") -> StreamEntry:
     f = delete_fields(scope, key, Level.PROJECT, "lead", ms * 1000)
-    return StreamEntry(
-        0, f"{ms}-0", {k: v if isinstance(v, bytes) else str(v).encode() for k, v in f.items()}
-    )
+    return StreamEntry(0, f"{ms}-0", redis_fields(f))
 
 
 def mission_value(mid: str, status: str, ts: int) -> dict[str, object]:
@@ -452,9 +448,7 @@ def test_mission_log_records_cannot_expire(mem: DualMemory, store: SQLiteStore) 
         level=Level.PROJECT,
     )
     f = put_fields("project:shop", mission_key("m"), Level.PROJECT, "lead", 1000, env, 10**13)
-    entry = StreamEntry(
-        0, "1-0", {k: v if isinstance(v, bytes) else str(v).encode() for k, v in f.items()}
-    )
+    entry = StreamEntry(0, "1-0", redis_fields(f))
     result = store.apply([entry])
     assert "cannot expire" in result.failed[0][1]
     assert store.mission("project:shop", "m") is None
@@ -584,9 +578,7 @@ def test_a_missions_newest_delete_in_its_scope_makes_its_sealed_children_stale(
             f = delete_fields(in_scope, key, Level.PRIVATE, "lead", ms * 1000)
         else:
             f = put_fields(in_scope, key, Level.PRIVATE, "lead", ms * 1000, envelope, None)
-        return StreamEntry(
-            0, f"{ms}-0", {k: v if isinstance(v, bytes) else str(v).encode() for k, v in f.items()}
-        )
+        return StreamEntry(0, f"{ms}-0", redis_fields(f))
 
     calls = [child_key("tool_call", "m", c) for c in ("c1", "c2", "c3")]
     for e in [

@@ -33,7 +33,7 @@ from dualmem.settings import Settings
 from dualmem.store import StreamEntry
 from dualmem.worker import Worker
 
-from .conftest import RedisServer, free_port, run_cli, wait_until
+from .conftest import RedisServer, free_port, redis_fields, run_cli, wait_until
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 FIXTURE = Path(__file__).parent / "data" / "schema_v1.db"
@@ -480,7 +480,7 @@ def test_a_dead_letter_of_a_passing_failure_replays_and_commits(
     fields = put_fields(
         "agent:coder-1", "late", Level.PRIVATE, "coder-1", time.time_ns() // 1000, env, None
     )
-    raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+    raw = redis_fields(fields)
     # What the worker records when a batch keeps failing (say the disk was full).
     mem.store.dead_letter([(StreamEntry(0, "1-1", raw), "disk I/O error", 3)])
     code, out, _ = run_cli(capsys, "dlq", "list", *args, "--json")
@@ -506,7 +506,7 @@ def two_dead_letters(mem: DualMemory) -> tuple[int, int]:
         {"v": 1}, scope="agent:coder-1", key="late", level=Level.PRIVATE, owner="coder-1"
     )
     fields = put_fields("agent:coder-1", "late", Level.PRIVATE, "coder-1", 1, env, None)
-    raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+    raw = redis_fields(fields)
     mem.store.dead_letter([(StreamEntry(0, "1-1", raw), "disk I/O error", 3)])
     mem.store.dead_letter([(StreamEntry(0, "1-2", raw), "disk I/O error", 3)])
     first, second = (d.id for d in mem.store.dead_letters())
@@ -547,7 +547,7 @@ def test_a_replay_names_every_key_in_its_lease_until_it_has_sent(
         {"v": 1}, scope="agent:coder-1", key="late", level=Level.PRIVATE, owner="coder-1"
     )
     fields = put_fields("agent:coder-1", "late", Level.PRIVATE, "coder-1", 1, env, None)
-    raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+    raw = redis_fields(fields)
     mem.store.dead_letter([(StreamEntry(0, "1-1", raw), "disk I/O error", 3)])
     new = add_active_key(keyfile).active_id
     seen: list[tuple[str, ...]] = []
@@ -573,7 +573,7 @@ def test_a_replay_its_worker_cannot_commit_in_time_is_exit_1(
     mem = make_mem(shards=2, worker=False)
     env = mem.codec.seal({"v": 1}, scope="swarm:s1", key="late", level=Level.SWARM)
     fields = put_fields("swarm:s1", "late", Level.SWARM, "coder-1", 1, env, None)
-    raw = {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+    raw = redis_fields(fields)
     mem.store.dead_letter([(StreamEntry(1, "1-1", raw), "disk I/O error", 3)])
     code, out, _ = run_cli(capsys, "dlq", "replay", *args, "--all", "--wait", "0.2")
     assert code == 1, out

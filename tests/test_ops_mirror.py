@@ -45,7 +45,7 @@ from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
 from dualmem.worker import Worker
 
-from .conftest import RedisServer, run_cli, wait_until
+from .conftest import RedisServer, redis_fields, run_cli, wait_until
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 SECRET = "mirror-secret-6c1b-never-in-files"
@@ -2507,10 +2507,7 @@ def test_a_cycle_that_sent_only_events_and_lost_its_reply_reports_them_once(
 
 def test_follow_tells_where_a_command_went(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "m.db")
-    fields = {
-        k: v if isinstance(v, bytes) else str(v).encode()
-        for k, v in put_fields("swarm:s", "k", Level.SWARM, "a", 1000, b"\x01\x00v", None).items()
-    }
+    fields = redis_fields(put_fields("swarm:s", "k", Level.SWARM, "a", 1000, b"\x01\x00v", None))
 
     def letter(sid: str, replayed_as: str | None = None, *, replayed: bool = True) -> int:
         store.dead_letter([(StreamEntry(0, sid, fields), f"poisoned {sid}", 3)])

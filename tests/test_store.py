@@ -25,9 +25,7 @@ from dualmem.settings import Settings
 from dualmem.sqlite_store import METRICS_KEPT_MS, SQLiteStore, prefix_upper_bound
 from dualmem.store import Store, StreamEntry
 
-
-def raw(fields: dict[bytes, bytes | str | int]) -> dict[bytes, bytes]:
-    return {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+from .conftest import redis_fields as raw
 
 
 def put(
