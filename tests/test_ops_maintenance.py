@@ -563,22 +563,66 @@ def test_a_replay_names_every_key_in_its_lease_until_it_has_sent(
     assert sorted(seen) == sorted([(old,), (new, old)])
 
 
-def test_a_replay_its_worker_cannot_commit_in_time_is_exit_1(
-    make_mem: Callable[..., DualMemory], args: list[str], capsys: pytest.CaptureFixture[str]
-) -> None:
-    # No test failed when a replay still pending after --wait exited 0. A dead
-    # letter of a deployment's second shard, replayed without --shards 2, goes to a stream
-    # the command's own worker does not read: it stays pending there for the
-    # deployment's workers.
-    mem = make_mem(shards=2, worker=False)
+def a_shard_1_dead_letter(mem: DualMemory) -> None:
+    """A dead letter of a put that failed on shard 1 (entry 1-1)."""
     env = mem.codec.seal({"v": 1}, scope="swarm:s1", key="late", level=Level.SWARM)
     fields = put_fields("swarm:s1", "late", Level.SWARM, "coder-1", 1, env, None)
-    raw = redis_fields(fields)
-    mem.store.dead_letter([(StreamEntry(1, "1-1", raw), "disk I/O error", 3)])
-    code, out, _ = run_cli(capsys, "dlq", "replay", *args, "--all", "--wait", "0.2")
+    mem.store.dead_letter([(StreamEntry(1, "1-1", redis_fields(fields)), "disk I/O error", 3)])
+
+
+def test_a_dead_letter_of_a_shard_past_shards_is_replayed_and_confirmed(
+    make_mem: Callable[..., DualMemory],
+    args: list[str],
+    db_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A dead letter of a deployment's second shard, replayed without --shards 2, went to
+    # a stream the command's own worker did not read: it stayed pending there and the
+    # replay exited 1 whatever the deployment's workers did. The worker now reads every
+    # shard the database has seen, here in its dead letters alone (the journal is empty).
+    mem = make_mem(shards=2, worker=False)
+    a_shard_1_dead_letter(mem)
+    code, out, _ = run_cli(capsys, "dlq", "replay", *args, "--all", "--wait", "10")
+    assert code == 0, out
+    assert "1 committed, 0 dead-lettered again, 0 pending" in out
+    # Committed from its own shard's stream (the journal names the stream's shard).
+    assert count(db_path, "journal", "shard = 1 AND key = 'late'") == 1
+
+
+def test_a_replay_its_worker_cannot_commit_in_time_is_exit_1(
+    make_mem: Callable[..., DualMemory],
+    args: list[str],
+    db_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No test failed when a replay still pending after --wait exited 0. The command's
+    # worker applies nothing until the command's wait is over (the real apply, held back
+    # by a gate): it commits after that, too late for the answer.
+    from dualmem.ops.runtime import Runtime
+    from dualmem.sqlite_store import SQLiteStore
+
+    first, _ = two_dead_letters(make_mem(worker=False))
+    answered = threading.Event()
+    apply, wait = SQLiteStore.apply, Runtime.wait
+
+    def gated(self: SQLiteStore, *a: Any, **kw: Any) -> Any:
+        answered.wait(30)
+        return apply(self, *a, **kw)
+
+    def then_open(self: Runtime, *a: Any, **kw: Any) -> Any:
+        try:
+            return wait(self, *a, **kw)
+        finally:
+            answered.set()
+
+    monkeypatch.setattr(SQLiteStore, "apply", gated)
+    monkeypatch.setattr(Runtime, "wait", then_open)
+    code, out, _ = run_cli(capsys, "dlq", "replay", *args, str(first), "--wait", "0.2")
     assert code == 1, out
     assert "0 committed, 0 dead-lettered again, 1 pending" in out
-    assert mem._redis.xlen(mem.layout.stream(1)) == 1  # there for the deployment's workers
+    # Committed after the answer, by the command's worker as it drained.
+    assert count(db_path, "journal", "key = 'late'") == 1
 
 
 def test_dlq_bad_input(

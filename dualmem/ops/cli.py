@@ -119,7 +119,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Integrity, foreign keys, schema version, hash chains, projections, Redis parity,
     and a mirror directory's parity; exit 1 with a report when anything is off."""
     from dualmem.layout import Layout
-    from dualmem.ops.database import journal_shards, open_database
+    from dualmem.ops.database import open_database, seen_shards
     from dualmem.ops.mirror import check_mirror
     from dualmem.ops.runtime import load_keyring, redis_client
     from dualmem.ops.verify import (
@@ -147,9 +147,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             try:
                 client = redis_client(settings)
                 try:
-                    # Every shard the journal has seen, as purge reads them: without
+                    # Every shard the database has seen, as purge reads them: without
                     # --shards, a 2-shard deployment's second shard went unchecked.
-                    shards = max(settings.shards, journal_shards(conn))
+                    shards = max(settings.shards, seen_shards(conn))
                     layout = Layout(settings.namespace, shards)
                     checks.append(
                         guarded(
@@ -566,10 +566,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0 if r.ok else _EXIT_FOUND
 
 
-def _unacknowledged_floor(settings: Settings, journal_shards: int) -> bytes | None:
+def _unacknowledged_floor(settings: Settings, seen: int) -> bytes | None:
     """The deployment's oldest unacknowledged command (``purge_floor``), read from Redis,
-    on every shard ``--shards`` names or the database's journal has seen
-    (``journal_shards``, which ``purge_database`` counts when it checks the file).
+    on every shard ``--shards`` names or the database has seen (``seen``, which
+    ``purge_database`` counts with ``seen_shards`` when it checks the file).
 
     A tombstone above it must stay whatever its age, so purge does not go on without
     knowing it. The embedded ``memory://`` Redis of this process holds no other process's
@@ -580,7 +580,7 @@ def _unacknowledged_floor(settings: Settings, journal_shards: int) -> bytes | No
     from dualmem.redis_backend import connect, translate_errors
     from dualmem.worker import purge_floor
 
-    shards = max(settings.shards, journal_shards)
+    shards = max(settings.shards, seen)
     client, _ = connect(settings)
     try:
         with translate_errors(
@@ -653,17 +653,18 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def cmd_dlq(args: argparse.Namespace) -> int:
     """List dead letters, or replay them into the stream."""
+    from dualmem.ops.database import check_current, open_database, seen_shards
     from dualmem.ops.dlq import describe, replay
     from dualmem.ops.runtime import Runtime
 
     settings = _settings(args)
     console = _console()
+    with open_database(settings.db_path) as conn:
+        check_current(conn, settings.db_path)
+        seen = seen_shards(conn)
     if args.action == "list":
-        from dualmem.ops.database import check_current, open_database
         from dualmem.sqlite_store import SQLiteStore
 
-        with open_database(settings.db_path) as conn:
-            check_current(conn, settings.db_path)
         store = SQLiteStore(settings.db_path)
         try:
             views = [describe(d) for d in store.dead_letters(include_replayed=args.all)]
@@ -697,6 +698,11 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     ids = None if args.all else list(args.ids)
     if not ids and not args.all:
         raise ConfigurationError("name the dead letters to replay (ids) or pass --all")
+    # A dead letter goes back to its own shard's stream: the command's worker reads every
+    # shard the database has seen, whatever --shards says (as verify and purge read them),
+    # so it commits the replay and the command can confirm it. Without --shards 2, a
+    # second shard's dead letter stayed pending in a stream the worker did not read.
+    settings = settings.replace(shards=max(settings.shards, seen))
     # Dead letters hold envelopes under any key: the lease names them all while they are
     # re-sent, so a rotation cannot drop one in between (dualmem.keyuse).
     with Runtime(settings, lease_all_keys=True) as rt:

@@ -20,9 +20,9 @@ __all__ = [
     "check_dualmem",
     "check_not_newer",
     "database_size",
-    "journal_shards",
     "open_database",
     "refuse_database_path",
+    "seen_shards",
 ]
 
 #: ``progress(description, done, total)``: how long-running operations report progress
@@ -127,19 +127,27 @@ class DatabaseSize:
         return self.file_bytes + self.wal_bytes
 
 
-def journal_shards(conn: sqlite3.Connection) -> int:
-    """How many shards the journal has seen (``MAX(shard) + 1``; 0 when it is empty): the
-    streams an operator command reads, whatever ``--shards`` says, to cover them all.
+def seen_shards(conn: sqlite3.Connection) -> int:
+    """How many shards the database has seen, in its journal or its dead letters
+    (``MAX(shard) + 1``; 0 when both are empty): the streams an operator command reads,
+    whatever ``--shards`` says, to cover them all.
 
     >>> conn = sqlite3.connect(":memory:")
     >>> _ = conn.execute("CREATE TABLE journal (shard INTEGER)")
-    >>> journal_shards(conn)
+    >>> _ = conn.execute("CREATE TABLE dead_letters (shard INTEGER)")
+    >>> seen_shards(conn)
     0
     >>> _ = conn.executemany("INSERT INTO journal VALUES (?)", [(0,), (2,)])
-    >>> journal_shards(conn)
+    >>> seen_shards(conn)
     3
+    >>> _ = conn.execute("INSERT INTO dead_letters VALUES (4)")
+    >>> seen_shards(conn)
+    5
     """
-    top = conn.execute("SELECT MAX(shard) FROM journal").fetchone()[0]
+    top = conn.execute(
+        "SELECT MAX(s) FROM (SELECT MAX(shard) AS s FROM journal"
+        " UNION ALL SELECT MAX(shard) FROM dead_letters)"
+    ).fetchone()[0]
     return 0 if top is None else int(top) + 1
 
 

@@ -18,8 +18,8 @@ from dualmem.ops.database import (
     check_current,
     check_dualmem,
     database_size,
-    journal_shards,
     open_database,
+    seen_shards,
 )
 from dualmem.sqlite_store import SQLiteStore
 
@@ -135,10 +135,11 @@ def purge_database(
     ``floor`` (see :func:`dualmem.worker.purge_floor`) keeps every tombstone at or above
     the oldest command still unacknowledged in Redis, whatever its age. ``read_floor``
     instead finds it out: it is called once, after the database is opened and checked,
-    with the number of shards its journal has seen (:func:`journal_shards`, 0 for an
-    empty journal), and returns the floor; what it raises stops the purge before any row goes
-    (``dualmem purge`` reads the streams of those shards from Redis this way, without
-    opening the file a second time). Passing both is a ``ValueError``.
+    with the number of shards its journal and dead letters have seen
+    (:func:`~dualmem.ops.database.seen_shards`, 0 for neither), and returns the floor;
+    what it raises stops the purge before any row goes (``dualmem purge`` reads the
+    streams of those shards from Redis this way, without opening the file a second
+    time). Passing both is a ``ValueError``.
 
     The rows go through ``Store.purge``, the very transaction the worker runs on its own
     schedule; it deletes only rows that reads already treat as absent, and takes the write
@@ -154,7 +155,7 @@ def purge_database(
     with open_database(path) as conn:
         check_current(conn, path)
         before = database_size(conn, path)
-        shards = journal_shards(conn) if read_floor is not None else 0
+        shards = seen_shards(conn) if read_floor is not None else 0
     if read_floor is not None:
         floor = read_floor(shards)
     store = SQLiteStore(path)
