@@ -173,16 +173,25 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
     return code, out, err
 
 
-@pytest.fixture(autouse=True)
-def no_test_hangs() -> Iterator[None]:
-    """Fail a test still running after ``HANG_SECONDS`` (see there), where it hangs."""
-    if _HANG_SIGNAL is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    main = threading.main_thread().ident
-    assert main is not None
+class HangWatchdog:
+    """Fails a test still running after ``HANG_SECONDS`` (see there), where it hangs: its
+    set-up, call or tear-down. A plugin (registered by :func:`pytest_configure`), not an
+    autouse fixture, so it guards the modules' doctests too: a fixture of this file does
+    not reach the items under ``acl/`` and ``dualmem/``.
 
-    def hung(signum: int, frame: object) -> None:
+    A timer thread sends the main thread ``_HANG_SIGNAL``, whose handler (installed once,
+    for the whole run) fails the test only while one is armed: a timer that fires as its
+    test ends finds nothing to fail, where a handler put back to the signal's default
+    would have killed the run."""
+
+    def __init__(self) -> None:
+        self._armed: str | None = None
+        if _HANG_SIGNAL is not None:
+            signal.signal(_HANG_SIGNAL, self._hung)
+
+    def _hung(self, signum: int, frame: object) -> None:
+        if self._armed is None:
+            return
         frames = sys._current_frames()
         for t in threading.enumerate():
             stack = frames.get(t.ident or -1)
@@ -191,15 +200,27 @@ def no_test_hangs() -> Iterator[None]:
                 print(f"--- thread {t.name}:\n{lines}", file=sys.stderr)
         pytest.fail(f"still running after {HANG_SECONDS:g} s: hung (stacks in stderr)")
 
-    before = signal.signal(_HANG_SIGNAL, hung)
-    watchdog = threading.Timer(HANG_SECONDS, signal.pthread_kill, (main, _HANG_SIGNAL))
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        yield
-    finally:
-        watchdog.cancel()
-        signal.signal(_HANG_SIGNAL, before)
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item: pytest.Item) -> Iterator[object]:
+        """Arm a timer that signals the main thread; disarm it when the test is done."""
+        main = threading.main_thread().ident
+        if _HANG_SIGNAL is None or main != threading.get_ident():
+            return (yield)
+        watchdog = threading.Timer(HANG_SECONDS, signal.pthread_kill, (main, _HANG_SIGNAL))
+        watchdog.daemon = True
+        self._armed = item.nodeid
+        watchdog.start()
+        try:
+            return (yield)
+        finally:
+            self._armed = None
+            watchdog.cancel()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register :class:`HangWatchdog` for every test of the run, doctests included."""
+    if not config.pluginmanager.has_plugin("dualmem-hang-watchdog"):
+        config.pluginmanager.register(HangWatchdog(), "dualmem-hang-watchdog")
 
 
 @pytest.fixture(autouse=True)

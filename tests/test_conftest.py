@@ -1,8 +1,9 @@
-"""The test harness's own guards, run on a throwaway test file in a pytest of its own."""
+"""The test harness's own guards, run on throwaway files in a pytest of its own."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,18 +11,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_a_hung_test_fails_where_it_hangs_and_the_run_goes_on(tmp_path: Path) -> None:
-    # A change that made a loop spin (a paged query, in a mutation check) hung the whole
-    # suite: pytest has no time limit of its own, and CI waited for its own.
-    (tmp_path / "test_hangs.py").write_text(
-        "import time\n\n\ndef test_hangs():\n    time.sleep(60)\n\n\ndef test_after():\n    pass\n",
-        encoding="utf-8",
-    )
-    env = {**os.environ, "TEST_HANG_SECONDS": "1"}
-    argv = ["-p", "tests.conftest", "-p", "no:cacheprovider", "-o", "addopts="]
+def run_hang_limited(tmp_path: Path, name: str, source: str) -> str:
+    """Lay out ``tmp_path`` as this repository is (``tests/`` with this suite's conftest,
+    ``pkg/`` for a module's doctests), write ``source`` at ``name`` there, run pytest on
+    both directories with a 1 s hang limit; check that one test failed as hung and the
+    next one still ran; return the output."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "pkg").mkdir()
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "tests" / "conftest.py")
+    (tmp_path / name).write_text(source, encoding="utf-8")
+    env = {**os.environ, "TEST_HANG_SECONDS": "1", "PYTHONPATH": str(ROOT)}
+    argv = ["-p", "no:cacheprovider", "--rootdir", str(tmp_path), "--doctest-modules"]
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", *argv, str(tmp_path / "test_hangs.py")],
-        cwd=ROOT,
+        [sys.executable, "-m", "pytest", *argv, "tests", "pkg"],
+        cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
@@ -33,3 +36,24 @@ def test_a_hung_test_fails_where_it_hangs_and_the_run_goes_on(tmp_path: Path) ->
     assert "1 failed, 1 passed" in out, out
     assert "still running after 1 s: hung" in out and "time.sleep(60)" in out, out
     assert "--- thread MainThread:" in out, out  # every thread's stack, in its stderr
+    return out
+
+
+def test_a_hung_test_fails_where_it_hangs_and_the_run_goes_on(tmp_path: Path) -> None:
+    # A change that made a loop spin (a paged query, in a mutation check) hung the whole
+    # suite: pytest has no time limit of its own, and CI waited for its own.
+    source = (
+        "import time\n\n\ndef test_hangs():\n    time.sleep(60)\n\n\ndef test_after():\n    pass\n"
+    )
+    run_hang_limited(tmp_path, "tests/test_hangs.py", source)
+
+
+def test_a_hung_doctest_fails_where_it_hangs_and_the_run_goes_on(tmp_path: Path) -> None:
+    # The watchdog was an autouse fixture of tests/conftest.py, which does not reach the
+    # doctests of acl/ and dualmem/: a doctest that hung still hung the suite.
+    source = (
+        'def hangs():\n    """\n    >>> import time\n    >>> time.sleep(60)\n    """\n\n\n'
+        'def after():\n    """\n    >>> 1 + 1\n    2\n    """\n'
+    )
+    out = run_hang_limited(tmp_path, "pkg/hangs.py", source)
+    assert "FAILED pkg/hangs.py::hangs.hangs" in out, out  # the doctest that hung
