@@ -3,9 +3,11 @@ both fakeredis and that server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -23,7 +25,15 @@ from bench.servers import RedisServer, free_port
 from dualmem import DualMemory
 from dualmem.redis_backend import drop_memory_server
 
-__all__ = ["RedisServer", "free_port", "redis_fields", "wait_until"]
+__all__ = [
+    "REFUSED",
+    "RedisServer",
+    "allow_inserts",
+    "free_port",
+    "redis_fields",
+    "refuse_inserts",
+    "wait_until",
+]
 
 REDIS_SERVER = shutil.which("redis-server")
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
@@ -162,6 +172,29 @@ def redis_fields(fields: Mapping[bytes, bytes | str | int]) -> dict[bytes, bytes
     """A stream entry's fields as Redis returns them (every value bytes), e.g. of
     ``put_fields(...)``, for a ``StreamEntry`` built by hand."""
     return {k: v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+
+
+#: The error of a commit :func:`refuse_inserts` makes fail (a dead letter's ``error``).
+REFUSED = "refused by the test"
+
+
+def refuse_inserts(db: Path, when: str = "1", *, table: str = "memory") -> None:
+    """Make every commit that inserts a row of ``table`` for which ``when`` holds (an SQL
+    condition on ``NEW``) fail with :data:`REFUSED`, as a disk error would: the worker
+    retries it, then dead-letters it. Replaces the refusal made before, if any;
+    :func:`allow_inserts` ends it."""
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DROP TRIGGER IF EXISTS test_refuse")
+        conn.execute(
+            f"CREATE TRIGGER test_refuse BEFORE INSERT ON {table} WHEN {when} "
+            f"BEGIN SELECT RAISE(ABORT, '{REFUSED}'); END"
+        )
+
+
+def allow_inserts(db: Path) -> None:
+    """End the refusal :func:`refuse_inserts` made."""
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DROP TRIGGER IF EXISTS test_refuse")
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

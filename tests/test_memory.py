@@ -49,7 +49,14 @@ from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.worker import Worker, purge_floor
 
-from .conftest import RedisServer, run_cli, wait_until
+from .conftest import (
+    REFUSED,
+    RedisServer,
+    allow_inserts,
+    refuse_inserts,
+    run_cli,
+    wait_until,
+)
 
 MakeMem = Callable[..., DualMemory]
 
@@ -586,19 +593,14 @@ def test_poison_entries_go_to_dead_letters_and_the_rest_flows(
     bad_id = raw_redis.xadd(stream, {b"op": b"put", b"s": b"swarm:phase-1-auth", b"k": b"x"})
     poison = writer.put("poison", 2, level=Level.SWARM, principal=coder)
     good2 = writer.put("good2", 3, level=Level.SWARM, principal=coder)
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(
-            "CREATE TRIGGER poison BEFORE INSERT ON memory WHEN NEW.key = 'poison' "
-            "BEGIN SELECT RAISE(ABORT, 'poisoned by test'); END"
-        )
-    conn.close()
+    refuse_inserts(db_path, "NEW.key = 'poison'")
     worker = make_mem(worker=True, max_deliveries=3, claim_idle_ms=50)
     worker.sync(good1)
     worker.sync(good2)
     wait_until(lambda: len(worker.store.dead_letters()) == 2, what="two dead letters")
     dead = {d.stream_id: d for d in worker.store.dead_letters()}
     assert "malformed" in dead[bad_id.decode()].error
-    assert "poisoned by test" in dead[poison.stream_id].error
+    assert REFUSED in dead[poison.stream_id].error
     assert all(d.deliveries >= 3 for d in dead.values())
     with pytest.raises(NotPersisted, match="dead-lettered"):
         worker.sync(poison, timeout=1)
@@ -636,14 +638,9 @@ def test_a_dead_lettered_write_leaves_no_cache_entry_for_fresh_reads(
 
 
 def _poison(db_path: Path, *stream_ids: str) -> None:
-    """A trigger that fails the memory row of each of ``stream_ids`` (a real SQLite error)."""
+    """Make the memory row of each of ``stream_ids`` fail (a real SQLite error)."""
     marks = ",".join(f"'{sid}'" for sid in stream_ids)
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(
-            f"CREATE TRIGGER poison BEFORE INSERT ON memory WHEN NEW.stream_id IN ({marks}) "
-            "BEGIN SELECT RAISE(ABORT, 'poisoned by test'); END"
-        )
-    conn.close()
+    refuse_inserts(db_path, f"NEW.stream_id IN ({marks})")
 
 
 def test_a_dead_lettered_write_keeps_the_cache_entry_of_a_newer_write_of_the_same_bytes(
@@ -698,12 +695,7 @@ def test_a_dead_lettered_copy_or_replay_keeps_the_cache_entry_of_a_later_write(
     # A replay dead-lettered again, with the writer's own newer delete pending before it.
     writer.put("k", "v0", **private)
     assert worker.step() == 1
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(
-            "CREATE TRIGGER no_delete BEFORE INSERT ON memory "
-            "WHEN NEW.key = 'k' AND NEW.envelope IS NULL BEGIN SELECT RAISE(ABORT, 'no'); END"
-        )
-    conn.close()
+    refuse_inserts(db_path, "NEW.key = 'k' AND NEW.envelope IS NULL")
     writer.delete("k", **private)
     assert worker.step() == 1 and len(writer.store.dead_letters()) == 2
     writer.delete("k", **private)
@@ -1864,19 +1856,12 @@ def test_sync_of_a_dead_lettered_put_succeeds_once_its_replay_is_committed(
 
     mem = make_mem(max_deliveries=1)
     mem.sync(mem.put("warm", 0, level=Level.SWARM, principal=coder))
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(
-            "CREATE TRIGGER poison BEFORE INSERT ON memory WHEN NEW.key = 'p' "
-            "BEGIN SELECT RAISE(ABORT, 'transient'); END"
-        )
-    conn.close()
+    refuse_inserts(db_path, "NEW.key = 'p'")
     r = mem.put("p", 1, level=Level.SWARM, principal=coder)
     wait_until(mem.store.dead_letters, what="the dead letter")
     with pytest.raises(NotPersisted, match="dead-lettered"):
         mem.sync(r, timeout=1)
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("DROP TRIGGER poison")
-    conn.close()
+    allow_inserts(db_path)
     with Runtime(mem.settings, worker=False) as rt:
         (new,) = dlq.replay(rt, None).receipts
     mem.sync(new, timeout=10)

@@ -45,7 +45,15 @@ from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
 from dualmem.worker import Worker
 
-from .conftest import RedisServer, redis_fields, run_cli, wait_until
+from .conftest import (
+    REFUSED,
+    RedisServer,
+    allow_inserts,
+    redis_fields,
+    refuse_inserts,
+    run_cli,
+    wait_until,
+)
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 SECRET = "mirror-secret-6c1b-never-in-files"
@@ -133,18 +141,6 @@ def commit_through(rt: Runtime, receipt: Receipt) -> None:
             assert worker.step(), "the stream ended before the receipt's command"
     finally:
         client.close()
-
-
-def poison(db: Path, key: str | None) -> None:
-    """Make the worker fail every put of ``key`` (``None``: none any more)."""
-    with sqlite3.connect(db) as conn:
-        conn.execute("DROP TRIGGER IF EXISTS poison")
-        if key is not None:
-            conn.execute(
-                f"CREATE TRIGGER poison BEFORE INSERT ON memory WHEN NEW.key = '{key}' "
-                "BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
-            )
-    conn.close()
 
 
 def doc(path: Path) -> dict[str, object]:
@@ -729,7 +725,7 @@ def test_an_import_the_worker_dead_letters_is_in_flight_no_more(
     put(mem, "cfg", {"v": 0})
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
-        poison(db_path, "cfg")
+        refuse_inserts(db_path, "NEW.key = 'cfg'")
         write_value(f, {"v": 1, "note": "never committed"})
         first = cycle(mirror)
         assert first.imported == 1, first.events
@@ -738,12 +734,12 @@ def test_an_import_the_worker_dead_letters_is_in_flight_no_more(
         failed = cycle(mirror)
         assert (failed.failed, failed.written) == (1, 1), failed.events
         assert (
-            f"dead-lettered (IntegrityError: poisoned); `dualmem dlq replay {letter.id}`"
+            f"dead-lettered (IntegrityError: {REFUSED}); `dualmem dlq replay {letter.id}`"
             in (failed.events[0])
         )
         assert doc(f)["value"] == {"v": 0}  # SQLite's
         rt.wait(failed.receipts, 10)
-        poison(db_path, None)
+        allow_inserts(db_path)
         # Nothing of the file in flight: SQLite's changes reach it, its saves are imported.
         put(mem, "cfg", {"v": "agent"})
         assert cycle(mirror).written == 1
@@ -776,11 +772,11 @@ def test_a_failed_import_from_an_older_state_never_reports_a_later_save_as_its_o
     put(mem, "cfg", {"v": 0})
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
-        poison(db_path, "cfg")
+        refuse_inserts(db_path, "NEW.key = 'cfg'")
         write_value(f, {"v": 1, "note": "the failed save"})
         first = cycle(mirror)
         assert rt.wait(first.receipts, 10).dead == 1
-        poison(db_path, None)
+        allow_inserts(db_path)
         state = json.loads((mdir / STATE_FILE).read_text(encoding="utf-8"))
         entry = state["files"]["swarm:s1/cfg.json"]
         (sid,) = entry["sent"]
@@ -808,11 +804,11 @@ def test_a_dead_lettered_import_replayed_is_followed_to_its_replay(
     put(mem, "cfg", {"v": 0})
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
-        poison(db_path, "cfg")
+        refuse_inserts(db_path, "NEW.key = 'cfg'")
         write_value(f, {"v": 1})
         first = cycle(mirror)
         assert rt.wait(first.receipts, 10).dead == 1
-        poison(db_path, None)
+        allow_inserts(db_path)
         (replay,) = dlq.replay(rt, None).receipts
         assert rt.wait([replay], 10).committed == 1
         write_value(f, {"v": 2})
@@ -836,14 +832,14 @@ def test_a_failed_import_replayed_after_its_event_is_the_mirrors_own(
     put(mem, "cfg", {"v": 0})
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
-        poison(db_path, "cfg")
+        refuse_inserts(db_path, "NEW.key = 'cfg'")
         write_value(f, {"v": 1})
         first = cycle(mirror)
         assert rt.wait(first.receipts, 10).dead == 1
         failed = cycle(mirror)
         assert failed.failed == 1, failed.events
         rt.wait(failed.receipts, 10)
-        poison(db_path, None)
+        allow_inserts(db_path)
         (letter,) = rt.store.dead_letters()
         (replay,) = dlq.replay(rt, [letter.id]).receipts
         assert rt.wait([replay], 10).committed == 1
@@ -861,13 +857,13 @@ def a_failed_import(rt: Runtime, mirror: Mirror, db_path: Path, f: Path, value: 
     """``value`` saved in ``f`` (the record ``cfg``), its import dead-lettered (a worker
     with ``max_deliveries=1``) and its ``failed`` event committed; the poison is gone
     after."""
-    poison(db_path, "cfg")
+    refuse_inserts(db_path, "NEW.key = 'cfg'")
     write_value(f, value)
     assert rt.wait(cycle(mirror).receipts, 10).dead == 1
     failed = cycle(mirror)
     assert failed.failed == 1, failed.events
     rt.wait(failed.receipts, 10)
-    poison(db_path, None)
+    allow_inserts(db_path)
 
 
 def test_two_failed_imports_of_a_file_replayed_after_their_events_are_the_mirrors_own(
@@ -1013,7 +1009,7 @@ def test_a_mirror_whose_cycle_failed_does_the_same_work_again(
     settings = dataclasses.replace(settings_for(redis_url, db_path, keyfile), max_backlog=3)
     f, x = file_of(mdir, "cfg"), file_of(mdir, "x")
     with started_mirror(settings, mdir) as (rt, mirror):
-        poison(db_path, "cfg")
+        refuse_inserts(db_path, "NEW.key = 'cfg'")
         write_value(f, {"v": 1, "note": "never committed"})
         first = cycle(mirror)
         assert rt.wait(first.receipts, 10).dead == 1
@@ -1280,12 +1276,12 @@ def test_a_replayed_import_redis_lost_is_a_failed_event_with_its_save(
     put(mem, "cfg", {"v": 0})
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
-        poison(db_path, "cfg")
+        refuse_inserts(db_path, "NEW.key = 'cfg'")
         write_value(f, {"v": 1, "note": "the user's save"})
         first = cycle(mirror)
         assert rt.wait(first.receipts, 10).dead == 1
         mem.close(timeout=2)  # no worker: the replay stays in flight
-        poison(db_path, None)
+        allow_inserts(db_path)
         (replay,) = dlq.replay(rt, None).receipts
         if between:
             mid = cycle(mirror)
@@ -1311,7 +1307,7 @@ def test_a_replay_dead_lettered_again_is_a_failed_event_with_its_save(
     put(mem, "cfg", {"v": 0})
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
-        poison(db_path, "cfg")
+        refuse_inserts(db_path, "NEW.key = 'cfg'")
         write_value(f, {"v": 1, "note": "the user's save"})
         first = cycle(mirror)
         assert rt.wait(first.receipts, 10).dead == 1
@@ -2184,7 +2180,7 @@ def test_a_failed_imports_file_goes_back_after_a_failed_file_write(
     put(mem, "cfg", {"v": 0})
     f = file_of(mdir, "cfg")
     with started_mirror(settings, mdir) as (rt, mirror):
-        poison(db_path, "cfg")
+        refuse_inserts(db_path, "NEW.key = 'cfg'")
         write_value(f, {"v": 1})
         assert rt.wait(cycle(mirror).receipts, 10).dead == 1
         real = mirror_module._atomic_write
@@ -2333,7 +2329,7 @@ def test_a_send_whose_reply_was_lost_is_looked_for_before_anything_is_sent_again
         cycle_losing_its_reply(mirror, monkeypatch, sent=False)
         assert cycle(mirror).imported == 1
         # Dead-lettered (and trimmed from its stream) before the next cycle looked.
-        poison(db_path, "poisoned")
+        refuse_inserts(db_path, "NEW.key = 'poisoned'")
         write_value(poisoned, {"v": 1, "note": "never committed"})
         cycle_losing_its_reply(mirror, monkeypatch)
         worker = make_mem(max_deliveries=1)
@@ -2343,7 +2339,7 @@ def test_a_send_whose_reply_was_lost_is_looked_for_before_anything_is_sent_again
         failed = cycle(mirror)
         assert (failed.imported, failed.failed) == (0, 1), failed.events
         rt.wait(failed.receipts, 10)
-        poison(db_path, None)
+        allow_inserts(db_path)
         write_value(f, {"v": 2})
         last = cycle(mirror)
         assert (last.imported, last.conflicts) == (1, 0), last.events

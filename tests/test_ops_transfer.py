@@ -5,7 +5,6 @@ fakeredis and a real redis-server."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import io
 import json
@@ -27,7 +26,7 @@ from dualmem import DualMemory
 from dualmem.migrations import migrate
 from dualmem.ops.transfer import LineError, export_records, parse_line, plan_import
 
-from .conftest import run_cli
+from .conftest import refuse_inserts, run_cli
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 OTHER = Principal(agent_id="coder-2", team="frontend", swarm="s2", project="shop")
@@ -260,16 +259,6 @@ def test_bad_lines_are_reported_by_number_and_skipped_or_fail_the_import(
     assert mem.get("g2", level=Level.SWARM, principal=CODER) == 2
 
 
-def refuse_inserts(db_path: Path, table: str, when: str = "1") -> None:
-    """A trigger that makes every commit inserting into ``table`` (a row ``when`` holds)
-    fail, as a disk error would: the worker retries it, then dead-letters it."""
-    with contextlib.closing(sqlite3.connect(db_path)) as conn, conn:
-        conn.execute(
-            f"CREATE TRIGGER test_refuse_{table} BEFORE INSERT ON {table} WHEN {when} "
-            "BEGIN SELECT RAISE(ABORT, 'the test refuses this row'); END"
-        )
-
-
 def test_an_import_is_audited_with_the_files_digest_and_its_bad_lines(
     mem: DualMemory,
     src: list[str],
@@ -305,7 +294,7 @@ def test_an_import_its_worker_cannot_commit_before_the_wait_is_exit_1(
     # Every commit fails, and is retried: the import stays pending (not dead) for --wait.
     monkeypatch.setenv("DUALMEM_MAX_DELIVERIES", "1000")
     monkeypatch.setenv("DUALMEM_CLOSE_TIMEOUT", "0.2")
-    refuse_inserts(db_path, "journal")
+    refuse_inserts(db_path, table="journal")
     f = tmp_path / "in.jsonl"
     f.write_text(json.dumps({"scope": "swarm:s1", "key": "k", "level": 3, "value": 1}) + "\n")
     code, out, err = run_cli(capsys, "import", *src, str(f), "--wait", "0.2")
@@ -505,7 +494,7 @@ def test_a_decrypting_export_whose_audit_event_is_dead_lettered_says_how_to_repl
     mem = make_mem()
     mem.sync(mem.put("secret", {"token": SECRET}, level=Level.PRIVATE, principal=CODER))
     mem.close()  # no worker but the export's own
-    refuse_inserts(db_path, "audit_log", when="NEW.event = 'export_decrypted'")
+    refuse_inserts(db_path, "NEW.event = 'export_decrypted'", table="audit_log")
     monkeypatch.setenv("DUALMEM_MAX_DELIVERIES", "1")
     out = tmp_path / "clear.jsonl"
     argv = ["--out", str(out), "--decrypt", "--as", "coder-1"]

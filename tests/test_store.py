@@ -25,6 +25,7 @@ from dualmem.settings import Settings
 from dualmem.sqlite_store import METRICS_KEPT_MS, SQLiteStore, prefix_upper_bound
 from dualmem.store import Store, StreamEntry
 
+from .conftest import REFUSED, refuse_inserts
 from .conftest import redis_fields as raw
 
 
@@ -286,14 +287,10 @@ def test_a_page_after_a_key_below_the_prefix_stays_under_the_prefix(store: SQLit
 
 
 def test_one_failing_entry_does_not_fail_the_batch(store: SQLiteStore, tmp_path: Path) -> None:
-    with sqlite3.connect(tmp_path / "m.db") as conn:
-        conn.execute(
-            "CREATE TRIGGER poison BEFORE INSERT ON memory WHEN NEW.key = 'poison' "
-            "BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
-        )
+    refuse_inserts(tmp_path / "m.db", "NEW.key = 'poison'")
     result = store.apply([put(1, key="a"), put(2, key="poison"), put(3, key="b")])
     assert result.applied == 2
-    assert [(e.stream_id, "poisoned" in why) for e, why in result.failed] == [("2-0", True)]
+    assert [(e.stream_id, REFUSED in why) for e, why in result.failed] == [("2-0", True)]
     assert {e.stream_id for e in result.done} == {"1-0", "3-0"}
     assert [c.key for c in store.changes(["swarm:s"], 0)] == ["a", "b"]
     assert store.status(0, "2-0") is None
