@@ -20,6 +20,7 @@ from dualmem.redis_backend import (
     drop_memory_server,
     in_process_connection_class,
     pack,
+    retries_of,
     send_many,
     transact,
     transact_watching,
@@ -488,3 +489,51 @@ def test_a_direct_transaction_runs_on_the_server_s_clock_of_now(fake: fakeredis.
     time.sleep(2)
     assert transact(fake, [(b"SET", b"k", b"v", b"PX", 600_000)]) == [b"OK"]
     assert fake.pttl("k") > 599_000
+
+
+@pytest.mark.real_redis
+def test_a_worker_s_blocking_read_longer_than_the_reply_timeout_waits_it_out(
+    redis_server: Any,
+) -> None:
+    # A worker's client blocks in XREADGROUP for block_ms; connect(extra_timeout=...) is
+    # what keeps that wait from being a reply timeout. Without it, a block_ms above
+    # socket_timeout (0.25 s) made every idle read time out, be sent again by the retry
+    # policy and fail as "Redis is unavailable": the worker logged an outage and backed
+    # off while Redis was healthy, and each resent read could leave entries pending.
+    settings = Settings(redis_url=redis_server.url, block_ms=600)
+    redis_server.client().flushall()
+    client, _ = connect(settings, extra_timeout=settings.block_ms / 1000)
+    try:
+        client.xgroup_create("idle", "g", id="0", mkstream=True)
+        assert client.xreadgroup("g", "c", {"idle": ">"}, count=1, block=settings.block_ms) == []
+        assert retries_of(client) == 0
+    finally:
+        client.close()
+
+
+def test_a_redis_that_never_answers_the_connect_fails_fast() -> None:
+    # A host that drops the connect (a full listen queue here; a firewall or a dead host
+    # on a network) must fail within connect_timeout per attempt, as a refused one does.
+    # Without the connect timeout set, redis-py's default of 5 s per attempt held a put
+    # for 10 s before StoreUnavailable.
+    import socket
+
+    from dualmem.errors import StoreUnavailable
+    from dualmem.redis_backend import translate_errors
+
+    listener = socket.socket()
+    queued = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # never accepted: one connection fills the queue
+    port = listener.getsockname()[1]
+    client, _ = connect(Settings(redis_url=f"redis://127.0.0.1:{port}/0"))
+    try:
+        queued.connect(("127.0.0.1", port))
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="Timeout connecting"), translate_errors("write"):
+            transact(client, [(b"SET", b"k", b"v")])
+        assert time.monotonic() - t0 < 3.0  # two attempts of 0.25 s; without it, 10 s
+    finally:
+        client.close()
+        queued.close()
+        listener.close()
