@@ -537,3 +537,25 @@ def test_a_redis_that_never_answers_the_connect_fails_fast() -> None:
         client.close()
         queued.close()
         listener.close()
+
+
+def test_a_thread_waits_for_a_busy_connection_as_long_as_a_command_may_hold_it(
+    redis_url: str,
+) -> None:
+    # A command may hold its connection for both attempts' timeouts (an idle PING that
+    # times out, then the transaction on a new connection): a thread waiting for the
+    # pool's last connection must wait that long. Waiting one reply timeout only (or one
+    # attempt's) failed a put with "No connection available" from a healthy Redis while
+    # another thread's command was still within its own limits.
+    settings = Settings(redis_url=redis_url, max_connections=1)
+    client = _command_client(redis_url, max_connections=1)
+    pool: Any = client.connection_pool
+    held = pool.get_connection()
+    holds_for = 2 * settings.socket_timeout + 0.1  # beyond one attempt, within two
+    giver = threading.Timer(holds_for, pool.release, args=(held,))
+    giver.start()
+    try:
+        assert transact(client, [(b"INCR", b"n")]) == [1]
+    finally:
+        giver.join()
+        client.close()
