@@ -539,6 +539,36 @@ def test_a_redis_that_never_answers_the_connect_fails_fast() -> None:
         listener.close()
 
 
+@pytest.mark.parametrize("backend", ["fakeredis", "redis"])
+def test_a_compare_and_set_that_sends_nothing_leaves_no_watch_behind(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    # run_if_holds found another value and sent no MULTI: its WATCH was still set on the
+    # connection. Had that connection gone back to the pool as it was, a change to the
+    # watched key by anyone made the next transaction on it (a put) abort: EXEC ran
+    # nothing and the put failed.
+    from dualmem.redis_backend import run_if_holds
+
+    if backend == "redis":
+        srv = request.getfixturevalue("redis_server")
+        srv.client().flushall()
+        client = _command_client(srv.url)
+        other: redis.Redis = srv.client()
+    else:
+        server = fakeredis.FakeServer()
+        client = _direct_client(server)
+        other = fakeredis.FakeRedis(server=server)
+    try:
+        other.set(b"lock", b"theirs")
+        assert not run_if_holds(client, b"lock", b"mine", (b"DEL", b"lock"))
+        other.set(b"lock", b"changed")  # after the look: the WATCH, had it stayed, fires
+        assert transact(client, [(b"INCR", b"n")]) == [1]
+        assert other.get(b"n") == b"1"
+    finally:
+        client.close()
+        other.close()
+
+
 def test_a_thread_waits_for_a_busy_connection_as_long_as_a_command_may_hold_it(
     redis_url: str,
 ) -> None:
