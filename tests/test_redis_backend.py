@@ -589,3 +589,25 @@ def test_a_thread_waits_for_a_busy_connection_as_long_as_a_command_may_hold_it(
     finally:
         giver.join()
         client.close()
+
+
+@pytest.mark.real_redis
+def test_a_compare_and_set_on_a_connection_redis_closed_is_retried(redis_server: Any) -> None:
+    # WATCH and GET change nothing, so a failure there is retried on a new connection
+    # (the MULTI/EXEC after it is never sent twice). Without the retry, the first
+    # compare-and-set after a Redis restart (a rotation lock's, a key rotation's) failed
+    # on the pooled connection Redis had closed.
+    from dualmem.redis_backend import run_if_holds
+
+    redis_server.client().flushall()
+    client = _command_client(redis_server.url)
+    admin = redis_server.client()
+    try:
+        admin.set(b"lock", b"mine")
+        assert transact(client, [(b"GET", b"lock")]) == [b"mine"]  # a pooled connection
+        assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+        assert run_if_holds(client, b"lock", b"mine", (b"SET", b"lock", b"next"))
+        assert admin.get(b"lock") == b"next"
+    finally:
+        client.close()
+        admin.close()
