@@ -592,6 +592,26 @@ def test_a_thread_waits_for_a_busy_connection_as_long_as_a_command_may_hold_it(
 
 
 @pytest.mark.real_redis
+def test_a_connection_that_failed_to_connect_leaves_its_slot(own_redis_server: Any) -> None:
+    # One connection allowed, and Redis down when a command takes it: the connection
+    # that could not connect must go back to the pool. Kept by the failed command, its
+    # slot was gone for good, and once Redis was back every command waited out the pool
+    # timeout and failed ("No connection available") from a healthy Redis.
+    srv = own_redis_server
+    client = _command_client(srv.url, max_connections=1)
+    try:
+        assert transact(client, [(b"SET", b"k", b"v")]) == [b"OK"]
+        client.connection_pool.disconnect()  # the next command connects afresh
+        srv.kill()
+        with pytest.raises(redis.ConnectionError):
+            transact(client, [(b"SET", b"k", b"w")])
+        srv.start()
+        assert transact(client, [(b"GET", b"k")]) == [b"v"]
+    finally:
+        client.close()
+
+
+@pytest.mark.real_redis
 def test_a_compare_and_set_on_a_connection_redis_closed_is_retried(redis_server: Any) -> None:
     # WATCH and GET change nothing, so a failure there is retried on a new connection
     # (the MULTI/EXEC after it is never sent twice). Without the retry, the first
