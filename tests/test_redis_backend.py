@@ -631,3 +631,31 @@ def test_a_compare_and_set_on_a_connection_redis_closed_is_retried(redis_server:
     finally:
         client.close()
         admin.close()
+
+
+@pytest.mark.real_redis
+def test_a_command_redis_refuses_is_reported_as_a_refusal_not_an_outage(
+    redis_server: Any,
+) -> None:
+    # A Redis out of memory (maxmemory, noeviction) answers, and refuses writes: the
+    # error must say so, with Redis's reason, not send the operator looking for an
+    # outage ("Redis is unavailable") while Redis is up.
+    from dualmem.errors import StoreUnavailable
+    from dualmem.redis_backend import translate_errors
+
+    admin = redis_server.client()
+    client = _command_client(redis_server.url)
+    admin.flushall()
+    admin.config_set("maxmemory", "1")
+    try:
+        with (
+            pytest.raises(
+                StoreUnavailable, match="refused the command: command not allowed when used memory"
+            ),
+            translate_errors("write"),
+        ):
+            transact(client, [(b"SET", b"k", b"v")])
+    finally:
+        admin.config_set("maxmemory", "0")
+        client.close()
+        admin.close()
