@@ -16,7 +16,7 @@ from dualmem import DualMemory, NotPersisted
 from dualmem.commands import Receipt, delete_fields, put_fields
 from dualmem.missions import MissionLog
 from dualmem.ops.verify import check_projections
-from dualmem.projection import child_key, mission_key
+from dualmem.projection import Decision, PlaybookRun, ToolCall, child_key, mission_key
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
 
@@ -546,8 +546,11 @@ def test_a_mission_delete_outlives_its_purged_tombstone(store: SQLiteStore) -> N
 
     tc = child_key("tool_call", "m", "c1")
     late = put_entry(15, tc, call_value("m", "c1", 15))
+    # The mission's own older put too: its projection was refused by the tombstone alone.
+    late_mission = put_entry(16, mission_key("m"), mission_value("m", "completed", 16))
     store.apply([put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))])
     store.dead_letter([(late, "OperationalError: disk I/O error", 3)])
+    store.dead_letter([(late_mission, "OperationalError: disk I/O error", 3)])
     store.apply([del_entry(20, mission_key("m"))])
     store.apply([put_entry(21, child_key("tool_call", "m", "c2"), call_value("m", "c2", 21))])
     store.mark_replayed([d.id for d in store.dead_letters()])  # let purge take the tombstone
@@ -555,8 +558,10 @@ def test_a_mission_delete_outlives_its_purged_tombstone(store: SQLiteStore) -> N
     assert store.get("project:shop", mission_key("m"), 0) is None
     assert _projection_ok(store)
     store.apply([StreamEntry(0, "100-0", replay_fields(late.fields, late.stream_id))])
+    store.apply([StreamEntry(0, "101-0", replay_fields(late_mission.fields, "16-0"))])
     assert [c.call_id for c in store.tool_calls("project:shop", "m")] == ["c2"]
     assert store.mission("project:shop", "m") is None
+    assert store.missions("project:shop") == []
     # The replayed call is a live record of the deleted mission, listed at no level:
     # verify passes and names it, as it does any orphan of a plain mission delete.
     with sqlite3.connect(store.path) as conn:
@@ -982,3 +987,220 @@ def test_a_record_written_after_a_plain_mission_delete_is_listed_at_every_level(
     assert [c.tool_name for c in log.tool_calls("m1")] == ["late"]
     sync_all(mem, [log.start_mission("m1", "again")])
     assert [c.tool_name for c in log.tool_calls("m1")] == ["late"]
+
+
+# -- the projection's edges, found by mutating it -------------------------------------------
+
+CHILD_KINDS = ["tool_call", "decision", "playbook_run"]
+CHILD_ID = {"tool_call": "call_id", "decision": "decision_id", "playbook_run": "run_id"}
+
+
+def child_value(kind: str, mid: str, rid: str, ts: int) -> dict[str, object]:
+    """A valid record of a child ``kind`` at epoch ms ``ts``."""
+    if kind == "tool_call":
+        return call_value(mid, rid, ts)
+    if kind == "decision":
+        return {
+            "mission_id": mid,
+            "decision_id": rid,
+            "decision_type": "x",
+            "rationale": "",
+            "agent_name": "a",
+            "decided_at": ts,
+        }
+    return {
+        "mission_id": mid,
+        "run_id": rid,
+        "playbook_name": "pb",
+        "phase": "x",
+        "started_at": ts,
+        "completed_at": None,
+        "success": True,
+    }
+
+
+def child_ids(store: SQLiteStore, kind: str, mid: str) -> list[str]:
+    """The ids of mission ``mid``'s projected ``kind`` rows, as the store's read lists them."""
+    rows: list[ToolCall] | list[Decision] | list[PlaybookRun]
+    if kind == "tool_call":
+        rows = store.tool_calls("project:shop", mid)
+    elif kind == "decision":
+        rows = store.decisions("project:shop", mid)
+    else:
+        rows = store.playbook_runs("project:shop", mid)
+    return [getattr(rec, CHILD_ID[kind]) for rec in rows]
+
+
+def test_reserved_keys_of_other_shapes_are_plain_records(store: SQLiteStore) -> None:
+    # Only _dm/mission/<id> and _dm/<child kind>/<mission>/<id> are the mission log's; any
+    # other key under _dm/ holds a plain record. Parsed loosely, _dm/mission/m/notes was
+    # taken for mission m (or for a child of kind "mission") and failed as a malformed
+    # mission record: a plain write dead-lettered.
+    keys = ["_dm/mission/m/notes", "_dm/mission", "_dm/tool_call/m", "_dm/decision/m/d/x"]
+    result = store.apply([put_entry(10 + i, key, {"note": i}) for i, key in enumerate(keys)])
+    assert result.failed == [] and result.applied == len(keys)
+    assert all(store.get("project:shop", key, 0) is not None for key in keys)
+    with contextlib.closing(sqlite3.connect(store.path)) as conn:
+        assert conn.execute("SELECT count(*) FROM missions").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        (mission_key("m"), mission_value("other", "pending", 11), "mission_id in the value"),
+        (
+            mission_key("m"),
+            {**mission_value("m", "pending", 11), "metadata": [1]},
+            "metadata must be a JSON object",
+        ),
+        (child_key("tool_call", "m", "c1"), call_value("other", "c1", 11), "mission_id in the"),
+        (
+            child_key("tool_call", "m", "c1"),
+            {**call_value("m", "c1", 11), "error": 500},
+            "error must be a str or null",
+        ),
+        (
+            child_key("tool_call", "m", "c1"),
+            {**call_value("m", "c1", 11), "tool_name": ""},
+            "tool_name must be a non-empty str",
+        ),
+        (
+            child_key("playbook_run", "m", "r1"),
+            {**child_value("playbook_run", "m", "r1", 11), "completed_at": 10},
+            "completed_at is before started_at",
+        ),
+    ],
+)
+def test_a_record_that_does_not_fit_its_kind_fails_alone(
+    store: SQLiteStore, key: str, value: dict[str, object], reason: str
+) -> None:
+    # Each was projected as if it fitted: a row filed under the key's mission although the
+    # value names another, metadata that is not the dict Mission.metadata promises, an
+    # error column holding a number, a nameless tool, a run that ends before it starts.
+    good = put_entry(10, mission_key("g"), mission_value("g", "pending", 10))
+    result = store.apply([good, put_entry(11, key, value)])
+    assert result.applied == 1 and [e.stream_id for e, _ in result.failed] == ["11-0"]
+    assert reason in result.failed[0][1]
+    assert store.mission("project:shop", "m") is None
+    assert store.tool_calls("project:shop", "m") == []
+
+
+def test_a_mission_delete_applied_late_keeps_the_mission_started_again_after_it(
+    store: SQLiteStore,
+) -> None:
+    # Deleted (20) and started again (30), the delete applied last (claimed from a dead
+    # consumer): memory keeps the newer put, and the projection must too. Turned back into
+    # a placeholder, the live mission vanished from get_mission and list_missions.
+    store.apply([put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))])
+    store.apply([put_entry(30, mission_key("m"), mission_value("m", "pending", 30))])
+    store.apply([del_entry(20, mission_key("m"))])
+    m = store.mission("project:shop", "m")
+    assert m is not None and (m.status, m.started_at) == ("pending", 30)
+    assert [m.mission_id for m in store.missions("project:shop")] == ["m"]
+    assert _projection_ok(store)
+
+
+@pytest.mark.parametrize("kind", CHILD_KINDS)
+def test_a_mission_delete_applied_late_leaves_a_bare_hidden_placeholder(
+    store: SQLiteStore, kind: str
+) -> None:
+    # A child newer than the delete keeps its row under a placeholder mission. A playbook
+    # run lost it (the placeholder was dropped as empty, and the cascade took the run);
+    # list_missions listed the placeholder; and the placeholder kept the deleted
+    # mission's phase, status and metadata in the file.
+    deleted = {**mission_value("m", "in_progress", 10), "phase": "ship", "metadata": {"o": 1}}
+    store.apply([put_entry(10, mission_key("m"), deleted)])
+    store.apply([put_entry(21, child_key(kind, "m", "r1"), child_value(kind, "m", "r1", 21))])
+    store.apply([del_entry(20, mission_key("m"))])
+    assert child_ids(store, kind, "m") == ["r1"]
+    assert store.mission("project:shop", "m") is None and store.missions("project:shop") == []
+    with contextlib.closing(sqlite3.connect(store.path)) as conn:
+        rows = conn.execute("SELECT phase, status, metadata, completed_at FROM missions")
+        assert rows.fetchall() == [("", "pending", "{}", None)]
+    assert _projection_ok(store)
+
+
+@pytest.mark.parametrize("kind", CHILD_KINDS)
+def test_a_child_older_than_its_missions_delete_stays_out_of_the_mission_started_again(
+    store: SQLiteStore, kind: str
+) -> None:
+    # Written (15) before the mission's delete (20), applied after the mission was started
+    # again (30): it belongs to the deleted mission. Only a tool call was refused; a
+    # decision or a playbook run was listed under the new mission.
+    store.apply([put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))])
+    store.apply([del_entry(20, mission_key("m"))])
+    store.apply([put_entry(30, mission_key("m"), mission_value("m", "pending", 30))])
+    store.apply([put_entry(15, child_key(kind, "m", "r1"), child_value(kind, "m", "r1", 15))])
+    assert child_ids(store, kind, "m") == []
+    with contextlib.closing(sqlite3.connect(store.path)) as conn:
+        check = check_projections(conn)
+    assert check.status == "warn" and "1 orphaned record(s)" in check.summary
+
+
+@pytest.mark.parametrize("kind", CHILD_KINDS)
+def test_a_child_deleted_alone_is_ordered_by_stream_id_both_ways(
+    store: SQLiteStore, kind: str
+) -> None:
+    # Deleted (50), then an older put (45) applied late: a decision or a playbook run came
+    # back (only the tool call was tested). Put (70), then an older delete (60) applied
+    # late: the delete removed the newer put's row, a live record that no read listed.
+    key = child_key(kind, "m", "r1")
+    store.apply([put_entry(40, mission_key("m"), mission_value("m", "in_progress", 40))])
+    store.apply([del_entry(50, key)])
+    store.apply([put_entry(45, key, child_value(kind, "m", "r1", 45))])
+    assert child_ids(store, kind, "m") == []
+    store.apply([put_entry(70, key, child_value(kind, "m", "r1", 70))])
+    store.apply([del_entry(60, key)])
+    assert child_ids(store, kind, "m") == ["r1"]
+    assert _projection_ok(store)
+
+
+@pytest.mark.parametrize("child_first", [False, True])
+def test_a_child_with_the_same_stream_id_as_its_missions_delete_is_kept(
+    store: SQLiteStore, child_first: bool
+) -> None:
+    # Each shard has its own stream, so a mission's delete (shard 0) and a child's put
+    # (shard 1) can get the same id: the child is not older than the delete, and verify
+    # expects its row. Refused when applied after the delete, or removed by it when
+    # applied before, it was a live record without a row: verify failed.
+    tc = child_key("tool_call", "m", "c1")
+    store.apply([put_entry(10, mission_key("m"), mission_value("m", "in_progress", 10))])
+    child = put_entry(20, tc, call_value("m", "c1", 20))
+    both = [StreamEntry(1, child.stream_id, child.fields), del_entry(20, mission_key("m"))]
+    for entry in both if child_first else both[::-1]:
+        store.apply([entry])
+    assert [c.call_id for c in store.tool_calls("project:shop", "m")] == ["c1"]
+    assert store.mission("project:shop", "m") is None
+    assert _projection_ok(store)
+
+
+def test_stale_children_are_live_records_strictly_older_than_the_delete(
+    store: SQLiteStore,
+) -> None:
+    # At an encrypted level (nothing projected). A child deleted before its mission was
+    # listed as stale although it is no live record, and delete_mission deleted it again;
+    # a child with the delete's own stream id (another shard) was hidden by MissionLog
+    # while verify (strictly older) counts it as the mission's.
+    scope = "agent:lead"
+
+    def entry(ms: int, key: str, *, deleted: bool = False, shard: int = 0) -> StreamEntry:
+        if deleted:
+            f = delete_fields(scope, key, Level.PRIVATE, "lead", ms * 1000)
+        else:
+            f = put_fields(scope, key, Level.PRIVATE, "lead", ms * 1000, b"sealed", None)
+        return StreamEntry(shard, f"{ms}-0", redis_fields(f))
+
+    gone, old, tie = (child_key("tool_call", "m", c) for c in ("gone", "old", "tie"))
+    for e in [
+        entry(10, mission_key("m")),
+        entry(11, gone),
+        entry(12, gone, deleted=True),
+        entry(13, old),
+        entry(20, mission_key("m"), deleted=True),
+        entry(20, tie, shard=1),
+    ]:
+        store.apply([e])
+    assert store.stale_children(scope, "m") == [old]
+    with contextlib.closing(sqlite3.connect(store.path)) as conn:
+        check = check_projections(conn)
+    assert "1 orphaned record(s)" in check.summary and tie not in check.fix
