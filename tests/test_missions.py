@@ -137,7 +137,10 @@ def test_delete_cascades_to_the_mission_tables(mem: DualMemory, db_path: Path) -
         rs.append(log.record_decision(mid, "d", "r", "a"))
         rs.append(log.record_playbook_run(mid, "pb", "x", 1, 2, True))
     sync_all(mem, rs)
-    sync_all(mem, log.delete_mission("m1"))
+    receipts = log.delete_mission("m1")
+    # The mission's delete first (a late child cannot bring it back), then its records.
+    assert [r.key for r in receipts][:1] == [mission_key("m1")] and len(receipts) == 4
+    sync_all(mem, receipts)
     assert log.get_mission("m1") is None and log.tool_calls("m1") == []
     with raw_db(db_path) as conn:
         for table in ("missions", "tool_calls", "decisions", "playbook_runs"):
@@ -1204,3 +1207,135 @@ def test_stale_children_are_live_records_strictly_older_than_the_delete(
     with contextlib.closing(sqlite3.connect(store.path)) as conn:
         check = check_projections(conn)
     assert "1 orphaned record(s)" in check.summary and tie not in check.fix
+
+
+# -- MissionLog's reads and writes at every level, found by mutating them ----------------------
+
+
+@pytest.mark.parametrize("level", [Level.PROJECT, Level.PRIVATE])
+def test_reads_order_by_time_not_by_id_and_filter_at_every_level(
+    mem: DualMemory, level: Level
+) -> None:
+    # Ids sort by creation only when MissionLog makes them: a mission's id and a playbook
+    # run's start are the caller's, and any writer may put a record. Ordered by id
+    # (either way: the ids below sort neither like the times nor against them), with
+    # list_missions' status filter dropped at PRIVATE, or since= made exclusive, these
+    # reads listed the wrong records or in the wrong order; a failed playbook run was
+    # projected as a success, and a run ending the millisecond it started was refused
+    # (by the worker, and by record_playbook_run).
+    log = MissionLog(mem, LEAD, level=level)
+
+    def put(key: str, value: dict[str, object]) -> Receipt:
+        return mem.put(key, value, level=level, principal=LEAD)
+
+    rs = [
+        put(mission_key("zeta"), mission_value("zeta", "pending", 10)),
+        put(mission_key("alpha"), mission_value("alpha", "in_progress", 20)),
+        put(mission_key("mid"), mission_value("mid", "in_progress", 30)),
+    ]
+    for cid, ts in [("c-a", 30), ("c-b", 10), ("c-c", 20)]:
+        rs.append(put(child_key("tool_call", "zeta", cid), call_value("zeta", cid, ts)))
+    for did, ts in [("d-a", 20), ("d-b", 10), ("d-c", 30)]:
+        rs.append(put(child_key("decision", "zeta", did), child_value("decision", "zeta", did, ts)))
+    runs = [("r-a", 200, 200, True), ("r-b", 100, 150, False), ("r-c", 300, None, True)]
+    for rid, start, end, ok in runs:
+        value = {**child_value("playbook_run", "zeta", rid, start), "completed_at": end}
+        rs.append(put(child_key("playbook_run", "zeta", rid), {**value, "success": ok}))
+    rs.append(log.record_playbook_run("zeta", "instant", "x", 400, 400, True))
+    sync_all(mem, rs)
+    assert [m.mission_id for m in log.list_missions()] == ["zeta", "alpha", "mid"]
+    assert [m.mission_id for m in log.list_missions(status="pending")] == ["zeta"]
+    assert [c.call_id for c in log.tool_calls("zeta")] == ["c-b", "c-c", "c-a"]
+    assert [c.call_id for c in log.tool_calls("zeta", since=20)] == ["c-c", "c-a"]
+    assert [d.decision_id for d in log.decisions("zeta")] == ["d-b", "d-a", "d-c"]
+    got = [(r.playbook_name, r.started_at, r.success) for r in log.playbook_runs("zeta")]
+    assert got == [("pb", 100, False), ("pb", 200, True), ("pb", 300, True), ("instant", 400, True)]
+
+
+def test_a_junk_record_at_an_encrypted_level_is_skipped_by_reads(mem: DualMemory) -> None:
+    # Any member of the scope can put anything under the mission log's keys; at an
+    # encrypted level the reads parse the records themselves, and skip one that is not a
+    # record of its kind (a ValueError, not even a DualMemError, escaped them otherwise).
+    log = MissionLog(mem, LEAD, level=Level.TEAM)
+    sync_all(mem, [log.start_mission("m", "p")])
+    rs = [
+        mem.put(mission_key("junk"), {"x": 1}, level=Level.TEAM, principal=LEAD),
+        mem.put(child_key("tool_call", "m", "junk"), {"x": 1}, level=Level.TEAM, principal=LEAD),
+        log.record_tool_call("m", "grep", {}, None, 1, True),
+    ]
+    sync_all(mem, rs)
+    assert [m.mission_id for m in log.list_missions()] == ["m"]
+    assert [c.tool_name for c in log.tool_calls("m")] == ["grep"]
+
+
+def test_an_encrypted_read_refuses_more_records_than_it_scans(
+    mem: DualMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One query page of MAX_ENCRYPTED_SCAN records may not be all of them: a full page
+    # raises rather than list some. With the check at "more than a page" (never true of
+    # one page) the read silently dropped the rest. The bound is lowered to keep the test
+    # small; the code path is the same.
+    from dualmem import missions
+
+    monkeypatch.setattr(missions, "MAX_ENCRYPTED_SCAN", 3)
+    log = MissionLog(mem, LEAD, level=Level.PRIVATE)
+    sync_all(mem, [log.start_mission("m", "p")])
+    sync_all(mem, [log.record_tool_call("m", "t", {}, None, 1, True) for _ in range(2)])
+    assert len(log.tool_calls("m")) == 2
+    sync_all(mem, [log.record_tool_call("m", "t", {}, None, 1, True)])
+    with pytest.raises(ValidationError, match="more than 2 tool_call records"):
+        log.tool_calls("m")
+
+
+def test_every_record_kind_can_be_stored_at_another_level(mem: DualMemory) -> None:
+    # level= on record_decision and record_playbook_run was only tested for tool calls:
+    # ignored, a decision meant for PRIVATE was written at the log's level (PROJECT),
+    # in plaintext, for the whole project to read.
+    log = MissionLog(mem, LEAD)
+    rs = [log.start_mission("m", "p")]
+    rs.append(log.record_decision("m", "d", "secret reason", "a", level=Level.PRIVATE))
+    rs.append(log.record_playbook_run("m", "pb", "x", 1, 2, True, level=Level.PRIVATE))
+    sync_all(mem, rs)
+    assert log.decisions("m") == [] and log.playbook_runs("m") == []
+    assert [d.scope for d in log.decisions("m", level=Level.PRIVATE)] == ["agent:lead"]
+    assert [r.scope for r in log.playbook_runs("m", level=Level.PRIVATE)] == ["agent:lead"]
+
+
+def test_mission_ids_are_1_to_128_printable_characters(mem: DualMemory) -> None:
+    # The bounds of check_id: 128 characters were refused with ">=", and DEL passed as a
+    # printable character without its own test.
+    log = MissionLog(mem, LEAD)
+    longest = "m" * 128
+    sync_all(mem, [log.start_mission(longest, "p")])
+    mission = log.get_mission(longest)
+    assert mission is not None and mission.mission_id == longest
+    for bad, why in [
+        ("m" * 129, "longer than 128"),
+        ("a\x7fb", "control characters"),
+        ("a\nb", "control characters"),
+        ("", "non-empty"),
+    ]:
+        with pytest.raises(ValidationError, match=why):
+            log.start_mission(bad, "p")
+
+
+def test_a_mission_starts_pending_or_in_progress_only(mem: DualMemory) -> None:
+    # Started as completed or failed, a mission skipped the transitions update_mission
+    # enforces (and completed_at stayed None for a terminal mission).
+    log = MissionLog(mem, LEAD)
+    for status in ("completed", "failed", "done"):
+        with pytest.raises(ValidationError, match="starts as 'pending' or 'in_progress'"):
+            log.start_mission("m", "p", status=status)
+
+
+def test_update_mission_never_moves_updated_at_back(mem: DualMemory) -> None:
+    # The mission was last written by a process whose clock is an hour ahead: stamped
+    # with this process's clock alone, the update went back in time and completed_at
+    # came before updated_at's previous value.
+    log = MissionLog(mem, LEAD)
+    ahead = time.time_ns() // 1_000_000 + 3_600_000
+    value = {**mission_value("m", "in_progress", ahead - 10), "updated_at": ahead}
+    sync_all(mem, [mem.put(mission_key("m"), value, level=Level.PROJECT, principal=LEAD)])
+    sync_all(mem, [log.update_mission("m", status="completed")])
+    done = log.get_mission("m")
+    assert done is not None and done.updated_at == done.completed_at == ahead
