@@ -532,7 +532,10 @@ def test_a_redis_that_never_answers_the_connect_fails_fast() -> None:
         t0 = time.monotonic()
         with pytest.raises(StoreUnavailable, match="Timeout connecting"), translate_errors("write"):
             transact(client, [(b"SET", b"k", b"v")])
-        assert time.monotonic() - t0 < 3.0  # two attempts of 0.25 s; without it, 10 s
+        # Two attempts of connect_timeout (0.25 s each); without it, 10 s. The bound is
+        # not a speed target: it is wide enough for a loaded machine and still tells a
+        # connect timeout that is set from redis-py's default.
+        assert time.monotonic() - t0 < 6.0
     finally:
         client.close()
         queued.close()
