@@ -59,11 +59,14 @@ class Subscriber:
     always read from the journal with ``seq >`` the last one seen and the principal's own
     scopes in the SQL, so a notification that duplicates the catch-up, arrives out of
     order, is forged, or names a scope the principal may not read delivers nothing extra.
-    A lost notification (a dropped connection, a worker that died between commit and
-    publish) costs latency, never a change: the journal is re-read every
-    ``recheck_interval`` seconds and whenever a later notification arrives. Without Redis
-    it keeps delivering from SQLite by those re-reads, and re-subscribes with backoff;
-    a named one only while its position saves go through (see :meth:`poll`).
+    A dropped pub/sub connection is followed by a journal read as soon as it is back
+    (reconnected by redis-py on its own, or subscribed again by the subscriber), so what
+    was published meanwhile comes at once. Any other lost notification (a worker that
+    died between commit and publish) costs latency, never a change: the journal is
+    re-read every ``recheck_interval`` seconds and whenever a later notification arrives.
+    Without Redis it keeps delivering from SQLite by those re-reads, and re-subscribes
+    with backoff; a named one only while its position saves go through (see
+    :meth:`poll`).
 
     When is a change consumed? When you ask for the next one (``poll``, ``next``), call
     :meth:`commit`, or leave a ``with`` block without an exception. The position is saved
@@ -425,14 +428,35 @@ class Subscriber:
         except BaseException:
             _close_quietly(ps)
             raise
+        # redis-py reconnects a pub/sub connection Redis dropped (a restart, a client
+        # kill, a network blip) by itself inside get_message, and subscribes again: no
+        # error reaches _wait. Whatever was published in between was lost, so each such
+        # reconnect must be followed by a journal read, as a connect of ours is. Without
+        # this, those changes waited for the next recheck (recheck_interval later).
+        connection: Any = ps.connection  # typed None in redis-py; set by subscribe()
+        connection.register_connect_callback(self._reconnected)
         self._pubsub = ps
         self._backoff = 0.0
         # Anything published while we were not listening is in the journal.
         self._needs_scan = True
 
+    def _release(self, ps: redis.client.PubSub) -> None:
+        """Close ``ps``: its connection goes back to the pool without :meth:`_reconnected`
+        (another subscriber's connect on it is none of this one's business)."""
+        connection: Any = ps.connection
+        if connection is not None:
+            connection.deregister_connect_callback(self._reconnected)
+        _close_quietly(ps)
+
+    def _reconnected(self, connection: object) -> None:
+        """redis-py's callback after it reconnected (and re-subscribed) the pub/sub
+        connection: changes published while it was down are read from the journal."""
+        log.info("subscriber %s: pub/sub reconnected; reading the journal again", self.name)
+        self._needs_scan = True
+
     def _drop_pubsub(self, why: object) -> None:
         if self._pubsub is not None:
-            _close_quietly(self._pubsub)
+            self._release(self._pubsub)
             self._pubsub = None
         self._backoff = min(_MAX_BACKOFF, self._backoff * 2 or 0.05)
         self._next_connect = time.monotonic() + self._backoff
@@ -665,7 +689,7 @@ class Subscriber:
                         )
             finally:
                 if self._pubsub is not None:
-                    _close_quietly(self._pubsub)
+                    self._release(self._pubsub)
                     self._pubsub = None
 
     def __enter__(self) -> Subscriber:
