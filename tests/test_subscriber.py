@@ -17,6 +17,7 @@ import redis
 
 from acl import Level, Principal
 from dualmem import AccessDenied, DualMemory, Subscriber, ValidationError
+from dualmem.redis_backend import _IDLE_PING_S
 from dualmem.store import Change, Notification, StreamEntry
 from dualmem.subscriber import POSITION_PREFIX
 from dualmem.worker import Worker
@@ -334,6 +335,131 @@ def test_a_scope_left_for_one_read_less_far_keeps_its_progress(make_mem: MakeMem
         assert back.backlog() == 0 and back.poll(timeout=0) is None
 
 
+def test_a_scope_left_while_behind_and_joined_again_resumes_where_it_was_read(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # A gained scope, read part of the way (its "behind" seq), then left, then joined
+    # again with one more gained scope: three scopes each read from its own floor. The
+    # scope left behind was kept at the position's seq instead of its own, and came back
+    # with its unread changes skipped; with the window bounded by the highest floor
+    # instead of the next, the scope gained last was read past the team's floor alone,
+    # and the team's unread changes were skipped too.
+    mem = make_mem()
+    alone = Principal(agent_id=coder.agent_id, project="shop")
+    teamed = Principal(agent_id=coder.agent_id, team=coder.team, project="shop")
+    mem.put("plan1", 1, level=Level.SWARM, principal=coder)
+    for key in ("t1", "t2", "t3"):
+        mem.put(key, key, level=Level.TEAM, principal=coder)
+    mem.sync(mem.put("shop1", 1, level=Level.PROJECT, principal=alone), timeout=10)
+    with Subscriber(mem, alone, since="feed") as before:
+        assert [c.key for c in consume_until(before, "shop1")] == ["shop1"]
+    joined = Subscriber(mem, teamed, since="feed")
+    assert [c.key for c in consume_until(joined, "t2")] == ["t1", "t2"]
+    joined.close(commit=False)  # t1 consumed and saved, t2 not: the team is behind at t1
+    with Subscriber(mem, alone, since="feed") as left:
+        mem.sync(mem.put("shop2", 2, level=Level.PROJECT, principal=alone), timeout=10)
+        assert [c.key for c in consume_until(left, "shop2")] == ["shop2"]
+    with Subscriber(mem, coder, since="feed") as back:
+        assert back.backlog() == 3 and back.backlog(limit=2) == 2
+        assert [c.key for c in consume_until(back, "t3")] == ["plan1", "t2", "t3"]
+        assert back.poll(timeout=0) is None
+
+
+def test_another_scopes_key_under_the_position_prefix_is_delivered(
+    make_mem: MakeMem, coder: Principal, other: Principal
+) -> None:
+    # Only the principal's own PRIVATE keys under _subscriber/ are its bookkeeping. A
+    # record another agent put at such a key in a shared scope was skipped as one.
+    mem = make_mem()
+    teammate = Principal(agent_id="coder-2", team=coder.team, swarm=coder.swarm)
+    mem.put(POSITION_PREFIX + "x", "shared", level=Level.SWARM, principal=teammate)
+    mem.put(POSITION_PREFIX + "y", "mine", level=Level.PRIVATE, principal=coder)
+    mem.sync(mem.put("last", 1, level=Level.SWARM, principal=coder), timeout=10)
+    with Subscriber(mem, coder, since=0) as sub:
+        assert sub.backlog() == 2
+        got = consume_until(sub, "last")
+    assert [(c.scope, c.key) for c in got] == [
+        ("swarm:phase-1-auth", POSITION_PREFIX + "x"),
+        ("swarm:phase-1-auth", "last"),
+    ]
+
+
+def test_a_live_change_is_delivered_by_its_notification(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # No periodic re-read (recheck_interval): the notification alone must send the
+    # subscriber to the journal, the first change after its catch-up (the next seq) too.
+    mem = make_mem()
+    with Subscriber(mem, coder, since=0, recheck_interval=3600) as sub:
+        assert sub.poll(timeout=0) is None  # caught up (empty)
+        for key in ("first", "second"):
+            mem.put(key, 1, level=Level.SWARM, principal=coder)
+            assert [c.key for c in consume_until(sub, key)] == [key]
+
+
+def test_backlog_counts_past_one_journal_page(make_mem: MakeMem, coder: Principal) -> None:
+    # backlog() reads the journal a batch_size page at a time: it stopped after the first.
+    mem = make_mem()
+    for i in range(7):
+        r = mem.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+    mem.sync(r, timeout=10)
+    with Subscriber(mem, coder, since=0, batch_size=2) as sub:
+        assert sub.backlog() == 7 and sub.backlog(limit=5) == 5
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ({"seq": True}, "is not a journal seq"),
+        ({"seq": -1}, "is not a journal seq"),
+        ({"seq": "3"}, "is not a journal seq"),
+        ([3], "is not a journal seq"),
+        ({"seq": 1, "scopes": "agent:coder-1"}, "has no valid scopes"),
+        ({"seq": 1, "scopes": [1]}, "has no valid scopes"),
+        ({"seq": 1, "scopes": [], "behind": []}, "has no valid scopes"),
+        ({"seq": 1, "scopes": [], "behind": {"team:backend": 2}}, "has no valid scopes"),
+        ({"seq": 1, "scopes": [], "behind": {"team:backend": True}}, "has no valid scopes"),
+    ],
+)
+def test_a_saved_position_that_is_not_one_is_refused(
+    make_mem: MakeMem, coder: Principal, value: object, why: str
+) -> None:
+    # A position is the principal's own PRIVATE record, which it can overwrite with
+    # anything. Taken as it was, True resumed after seq 1, and a scope "behind" past the
+    # position's seq skipped that scope's changes up to there.
+    mem = make_mem()
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=coder), timeout=10)
+    mem.sync(mem.put(POSITION_PREFIX + "bad", value, level=Level.PRIVATE, principal=coder))
+    with pytest.raises(ValidationError, match=why):
+        Subscriber(mem, coder, since="bad")
+
+
+@pytest.mark.real_redis
+def test_a_saved_position_is_read_from_sqlite_while_redis_is_down(
+    own_redis_server: RedisServer, tmp_path: Path, keyfile: Path, coder: Principal
+) -> None:
+    # saved_position() reads the newest copy (the Redis cache entry) and, with Redis
+    # down, SQLite's: an operator looking at a consumer's progress during an outage got
+    # None, as if nothing was ever consumed.
+    mem = DualMemory(
+        redis_url=own_redis_server.url, db_path=str(tmp_path / "p.db"), keyring=str(keyfile)
+    )
+    try:
+        mem.sync(mem.put("k", 1, level=Level.SWARM, principal=coder), timeout=10)
+        with Subscriber(mem, coder, since="feed") as sub:
+            assert [c.key for c in consume_until(sub, "k")] == ["k"]
+            sub.commit()
+            position = sub.position
+        wait_until(
+            lambda: mem.get(POSITION_PREFIX + "feed", level=Level.PRIVATE, principal=coder),
+            what="the position in SQLite",
+        )
+        own_redis_server.kill()
+        assert Subscriber.saved_position(mem, coder, "feed") == position
+    finally:
+        mem.close(timeout=1)
+
+
 def test_backlog_does_not_count_position_saves_against_its_limit(
     make_mem: MakeMem, coder: Principal
 ) -> None:
@@ -483,19 +609,51 @@ def test_resubscribes_after_its_connection_is_killed(
     mem = DualMemory(
         redis_url=redis_server.url, db_path=str(tmp_path / "k.db"), keyring=str(keyfile)
     )
-    sub = Subscriber(mem, coder, since=0)
+    # No periodic re-read of the journal (recheck_interval): only the reconnect may send
+    # the subscriber back to it. redis-py reconnects a dropped pub/sub connection by
+    # itself inside get_message, and subscribes again, with no error for the subscriber
+    # to see: every change published while the connection was down waited for the next
+    # recheck (here: an hour).
+    sub = Subscriber(mem, coder, since=0, recheck_interval=3600)
     mem.put("before", 1, level=Level.SWARM, principal=coder)
     assert [c.key for c in consume_until(sub, "before")] == ["before"]
     killed = redis_server.client().client_kill_filter(_type="pubsub")
     assert killed >= 1
     for i in range(20):
-        mem.put(f"during/{i}", i, level=Level.SWARM, principal=coder)
+        last = mem.put(f"during/{i}", i, level=Level.SWARM, principal=coder)
+    mem.sync(last, timeout=10)  # all committed, all published to no one
     got = consume_until(sub, "during/19")
     assert [c.key for c in got] == [f"during/{i}" for i in range(20)]
     mem.put("after", 1, level=Level.SWARM, principal=coder)
     assert [c.key for c in consume_until(sub, "after")] == ["after"]
     sub.close()
     mem.close()
+
+
+@pytest.mark.real_redis
+def test_changes_committed_before_it_subscribes_again_are_read_at_once(
+    own_redis_server: RedisServer, tmp_path: Path, keyfile: Path, coder: Principal
+) -> None:
+    # Redis went down and the subscriber lost its pub/sub connection for good; once Redis
+    # is back it subscribes again itself. A change committed (and published to no one)
+    # before that must be read from the journal then, not at the next recheck (here: an
+    # hour away).
+    srv = own_redis_server
+    mem = DualMemory(redis_url=srv.url, db_path=str(tmp_path / "m.db"), keyring=str(keyfile))
+    sub = Subscriber(mem, coder, since=0, recheck_interval=3600)
+    try:
+        assert sub.poll(timeout=0) is None  # caught up (empty)
+        srv.stop()
+        assert sub.poll(timeout=0.5) is None  # its connection lost, no Redis to subscribe to
+        srv.start()
+        # A pooled connection idle this long is checked before a put is sent on it: the
+        # put does not go out on a socket the restart closed (a StoreUnavailable then).
+        time.sleep(_IDLE_PING_S + 0.1)
+        mem.sync(mem.put("back", 1, level=Level.SWARM, principal=coder), timeout=10)
+        assert [c.key for c in consume_until(sub, "back")] == ["back"]
+    finally:
+        sub.close()
+        mem.close(timeout=2)
 
 
 @pytest.mark.real_redis
@@ -813,7 +971,7 @@ def test_close_from_a_signal_handler_returns_wherever_the_signal_lands(
     assert got == ["k1"] and saved == first_seq
 
 
-@pytest.mark.parametrize("since", [-1, True, 1.5, "", None])
+@pytest.mark.parametrize("since", [-1, True, 1.5, "", " \t", None])
 def test_bad_arguments_are_rejected(make_mem: MakeMem, coder: Principal, since: object) -> None:
     mem = make_mem()
     with pytest.raises(ValidationError):
