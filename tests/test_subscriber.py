@@ -615,19 +615,21 @@ def test_resubscribes_after_its_connection_is_killed(
     # to see: every change published while the connection was down waited for the next
     # recheck (here: an hour).
     sub = Subscriber(mem, coder, since=0, recheck_interval=3600)
-    mem.put("before", 1, level=Level.SWARM, principal=coder)
-    assert [c.key for c in consume_until(sub, "before")] == ["before"]
-    killed = redis_server.client().client_kill_filter(_type="pubsub")
-    assert killed >= 1
-    for i in range(20):
-        last = mem.put(f"during/{i}", i, level=Level.SWARM, principal=coder)
-    mem.sync(last, timeout=10)  # all committed, all published to no one
-    got = consume_until(sub, "during/19")
-    assert [c.key for c in got] == [f"during/{i}" for i in range(20)]
-    mem.put("after", 1, level=Level.SWARM, principal=coder)
-    assert [c.key for c in consume_until(sub, "after")] == ["after"]
-    sub.close()
-    mem.close()
+    try:
+        mem.put("before", 1, level=Level.SWARM, principal=coder)
+        assert [c.key for c in consume_until(sub, "before")] == ["before"]
+        killed = redis_server.client().client_kill_filter(_type="pubsub")
+        assert killed >= 1
+        for i in range(20):
+            last = mem.put(f"during/{i}", i, level=Level.SWARM, principal=coder)
+        mem.sync(last, timeout=10)  # all committed, all published to no one
+        got = consume_until(sub, "during/19")
+        assert [c.key for c in got] == [f"during/{i}" for i in range(20)]
+        mem.put("after", 1, level=Level.SWARM, principal=coder)
+        assert [c.key for c in consume_until(sub, "after")] == ["after"]
+    finally:
+        sub.close()
+        mem.close()
 
 
 @pytest.mark.real_redis
