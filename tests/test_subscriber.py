@@ -659,6 +659,32 @@ def test_changes_committed_before_it_subscribes_again_are_read_at_once(
 
 
 @pytest.mark.real_redis
+def test_while_redis_is_down_it_subscribes_again_with_backoff(
+    own_redis_server: RedisServer,
+    tmp_path: Path,
+    keyfile: Path,
+    coder: Principal,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Each attempt to subscribe again waits twice as long as the one before (up to 2 s).
+    # Without the wait, a poll tried again at once, hundreds of times a second, for as
+    # long as Redis was down. A bound from above only: a slow machine makes fewer tries.
+    srv = own_redis_server
+    mem = DualMemory(redis_url=srv.url, db_path=str(tmp_path / "m.db"), keyring=str(keyfile))
+    sub = Subscriber(mem, coder, since=0, recheck_interval=3600)
+    try:
+        srv.stop()
+        with caplog.at_level("WARNING", logger="dualmem.subscriber"):
+            assert sub.poll(timeout=1.0) is None
+        tries = [r for r in caplog.records if "pub/sub lost" in r.getMessage()]
+        # 0.05 + 0.1 + 0.2 + 0.4 s of waits fit in the second: five tries at most.
+        assert 1 <= len(tries) <= 6, [r.getMessage() for r in tries]
+    finally:
+        sub.close()
+        mem.close(timeout=1)
+
+
+@pytest.mark.real_redis
 def test_while_its_position_cannot_be_saved_nothing_more_is_handed_out(
     own_redis_server: RedisServer, tmp_path: Path, keyfile: Path, coder: Principal
 ) -> None:
