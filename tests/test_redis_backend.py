@@ -27,6 +27,8 @@ from dualmem.redis_backend import (
 )
 from dualmem.settings import Settings
 
+from .conftest import wait_until
+
 
 def _direct_client(server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
     client = fakeredis.FakeRedis(server=server)
@@ -313,6 +315,81 @@ def test_an_interrupt_right_after_entering_a_get_leaves_no_mark() -> None:
     with pytest.raises(KeyboardInterrupt):
         q.get(timeout=0.1)
     assert threading.get_ident() not in q._inside
+
+
+def test_a_connection_given_back_goes_to_the_thread_waiting_for_it() -> None:
+    # A thread that gave its connection back and asked again at once took it before the
+    # waiter woken for it could run (redis-py's queue, or this one ignoring its line):
+    # with more threads than connections, some waited past the pool's whole wait while
+    # Redis answered at once. Holding the queue's lock from the give-back to the next
+    # get is that race decided against the waiter, every time.
+    import queue
+
+    from dualmem.redis_backend import _FairQueue
+
+    q = _FairQueue(2)
+    got: list[Any] = []
+
+    def wait_in_line() -> None:
+        try:
+            got.append(q.get(timeout=5))
+        except queue.Empty:
+            got.append("empty")
+
+    waiter = threading.Thread(target=wait_in_line)
+    waiter.start()
+    try:
+        wait_until(lambda: len(q._line) == 1, what="the waiter in line")
+        with q.mutex:
+            q.put_nowait("connection")
+            with pytest.raises(queue.Empty):
+                q.get(block=False)  # not this thread's turn
+    finally:
+        waiter.join(10)
+    assert got == ["connection"]
+
+
+def test_a_get_re_entered_by_a_signal_handler_takes_an_idle_connection() -> None:
+    # The handler runs while its thread waits in line and a connection was just given
+    # back (the wake-up for it not yet acted on): a close() asking Redis for the backlog
+    # then failed (StoreUnavailable) although a connection lay idle in the queue.
+    import queue
+    import signal
+
+    from dualmem.redis_backend import _FairQueue
+
+    q = _FairQueue(2)
+    inner: list[Any] = []
+    handled = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        try:
+            inner.append(q.get(timeout=5))
+        except queue.Empty:
+            inner.append("empty")
+        handled.set()
+
+    main = threading.get_ident()
+
+    def give_back() -> None:
+        wait_until(lambda: len(q._line) == 1, what="the main thread in line")
+        # The signal is sent before the lock is let go: the main thread cannot take the
+        # connection before its handler has run (signal handlers run in the main thread).
+        with q.mutex:
+            q.put_nowait("idle")
+            signal.pthread_kill(main, signal.SIGUSR1)
+        handled.wait(10)
+        q.put_nowait("later")
+
+    before = signal.signal(signal.SIGUSR1, handler)
+    giver = threading.Thread(target=give_back)
+    giver.start()
+    try:
+        outer = q.get(timeout=10)
+    finally:
+        giver.join(10)
+        signal.signal(signal.SIGUSR1, before)
+    assert inner == ["idle"] and outer == "later", (inner, outer)
 
 
 _PACKED_COMMANDS = [
