@@ -178,6 +178,10 @@ def _run(client: fakeredis.FakeRedis) -> dict[str, Any]:
         transact(client, [(b"SET", b"c", 1), (b"GET",)])  # refused while queueing
     out["abort"] = str(exc.value)
     out["after_abort"] = send_many(client, [(b"MGET", b"a", b"b", b"c"), (b"PING",)])
+    with pytest.raises(redis.ResponseError) as exc:
+        transact(client, [(b"SET", b"d", 1), (b"MULTI",), (b"SET", b"e", 2)])
+    out["nested"] = str(exc.value)
+    out["after_nested"] = send_many(client, [(b"MGET", b"d", b"e"), (b"PING",)])
     # redis-py's own paths: commands with response callbacks, a pipeline, a stream group.
     out["client"] = [client.incr("n"), client.get("k"), client.exists("a", "b", "c")]
     with pytest.raises(redis.DataError):
@@ -203,6 +207,11 @@ def test_argument_lists_and_resp_bytes_give_the_same_results() -> None:
     # A command failing inside EXEC leaves the others applied (Redis semantics); a command
     # refused while queueing discards the whole transaction.
     assert direct["after_abort"] == [[b"1", b"2", None], b"PONG"]
+    # MULTI inside a transaction is refused as it is queued, and the rest runs. Run on the
+    # direct path it opened a second transaction on the connection: no error, and every
+    # later command on it was queued (+QUEUED) instead of run.
+    assert "MULTI calls can not be nested" in direct["nested"]
+    assert direct["after_nested"] == [[b"1", b"2"], b"PONG"]
     assert direct["pipeline"] == [True, 2, b"2"]
 
 
