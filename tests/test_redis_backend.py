@@ -88,6 +88,28 @@ def test_the_embedded_client_hands_the_installed_fakeredis_argument_lists() -> N
         drop_memory_server(url)
 
 
+def test_a_dropped_in_process_server_starts_empty() -> None:
+    # drop_memory_server is a process restart for the embedded default (the restart tests,
+    # the bench between suites): had it kept the server, a "restarted" DualMemory would
+    # find the last run's cache entries and stream still in Redis.
+    url = "memory://drop-test"
+    first, _ = connect(Settings(redis_url=url))
+    same, _ = connect(Settings(redis_url=url + "/"))  # one server per name
+    clients = [first, same]
+    try:
+        first.set("k", "v")
+        assert same.get("k") == b"v"
+        drop_memory_server(url)
+        fresh, _ = connect(Settings(redis_url=url))
+        clients.append(fresh)
+        assert fresh.get("k") is None
+        assert first.get("k") == b"v"  # a client made before keeps the server it had
+    finally:
+        for client in clients:
+            client.close()
+        drop_memory_server(url)
+
+
 def test_a_fakeredis_that_moved_what_the_direct_path_uses_takes_the_ordinary_path(
     fake: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
