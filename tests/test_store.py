@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -608,3 +610,97 @@ def test_a_finished_threads_connection_is_closed(store: SQLiteStore) -> None:
         conn.execute("SELECT 1")
     release.set()
     holder.join()
+
+
+# -- found by mutating sqlite_store -----------------------------------------------------------
+
+
+def test_a_redelivered_audit_event_is_a_duplicate(store: SQLiteStore) -> None:
+    # Audit events are looked up in audit_log, puts and deletes in the journal. Looked up
+    # in the journal alone, an audit event delivered again (a worker died between the
+    # commit and its XACK) hit audit_log's unique stream id and was dead-lettered.
+    f = audit_fields("access_denied", actor="x", ts_us=1, risk="high", scope="agent:y")
+    batch = [StreamEntry(0, "9-0", raw(f)), put(10)]
+    assert store.apply(batch).failed == []
+    again = store.apply(batch)
+    assert (again.applied, again.duplicates, again.failed) == (0, 2, [])
+    assert [a.event for a in store.audit_log()] == ["access_denied"]
+
+
+def test_a_redelivered_batch_past_500_entries_is_all_duplicates(store: SQLiteStore) -> None:
+    # Stream ids are looked up 500 at a time (SQLite's bound on parameters). Only the
+    # first 500 looked up, the rest of a redelivered batch met the journal's unique
+    # stream id, failed, and was dead-lettered although it was committed.
+    batch = [put(i, key=f"k{i}") for i in range(1, 1202)]
+    assert store.apply(batch).applied == 1201
+    again = store.apply(batch)
+    assert (again.applied, again.duplicates, again.failed) == (0, 1201, [])
+
+
+def test_the_slow_path_plans_again_under_its_own_write_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch with a failing entry is applied again entry by entry, under a new write
+    # lock. Another worker may commit some of its entries in between (it claimed them
+    # from this one): planned again, they are duplicates; with the first plan they were
+    # applied a second time, met the unique stream id and were dead-lettered.
+    path = tmp_path / "m.db"
+    mine, other = SQLiteStore(path), SQLiteStore(path)
+    try:
+        refuse_inserts(path, "NEW.key = 'poison'")
+        batch = [put(1, key="a"), put(2, key="poison"), put(3, key="b")]
+        write, locks = mine._write, [0]
+
+        @contextlib.contextmanager
+        def then_the_other_commits() -> Iterator[sqlite3.Connection]:
+            locks[0] += 1
+            if locks[0] == 2:  # between the failed batch and the slow path
+                assert other.apply([batch[0]]).applied == 1
+            with write() as conn:
+                yield conn
+
+        monkeypatch.setattr(mine, "_write", then_the_other_commits)
+        result = mine.apply(batch)
+        assert locks[0] == 2
+        assert [e.stream_id for e, _ in result.failed] == ["2-0"]
+        assert (result.applied, result.duplicates) == (1, 1)
+        assert [c.key for c in mine.changes(["swarm:s"], 0)] == ["a", "b"]
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_a_page_after_a_key_never_holds_more_than_its_limit(store: SQLiteStore) -> None:
+    # A page after (scope, key) reads the rest of that scope, then the scopes after it,
+    # for what the limit leaves: asked again for the whole limit, the later scopes made
+    # the page longer than asked.
+    store.apply([put(i, key=f"a{i}", scope="agent:a") for i in range(1, 4)])
+    store.apply([put(i, key=f"s{i}") for i in range(4, 8)])
+    page = store.query(["agent:a", "swarm:s"], now_ms=0, limit=3, after=("agent:a", "a2"))
+    assert [r.key for r in page] == ["a3", "s4", "s5"]
+
+
+def test_changes_are_those_after_since(store: SQLiteStore) -> None:
+    # changes(since=N) is every change after seq N: the change at N came again.
+    store.apply([put(1, key="a"), put(2, key="b"), put(3, key="c")])
+    first = store.changes(["swarm:s"], 0)
+    assert [c.key for c in store.changes(["swarm:s"], first[0].seq)] == ["b", "c"]
+    assert [c.key for c in store.changes(["swarm:s"], first[0].seq, limit=1)] == ["b"]
+
+
+def test_max_sid_compares_stream_ids_as_numbers_in_every_table(store: SQLiteStore) -> None:
+    # Compared as text, "9-0" came after "10-0": a worker that recreated its consumer
+    # group after Redis lost its data started the new stream below ids already used.
+    f = audit_fields("access_denied", actor="x", ts_us=1, risk="high", scope="agent:y")
+    store.apply([StreamEntry(0, sid, raw(f)) for sid in ("9-0", "10-0")])
+    assert store.max_sid(0) == sid_of("10-0")
+    store.dead_letter([(StreamEntry(1, sid, {b"op": b"junk"}), "x", 3) for sid in ("9-5", "10-1")])
+    assert store.max_sid(1) == sid_of("10-1")
+
+
+def test_purge_keeps_a_tombstone_at_the_floor(store: SQLiteStore) -> None:
+    # The floor is the oldest command still unacknowledged: a tombstone at or above it
+    # stays (Store.purge), also the one whose own delete is that command.
+    store.apply([put(4), delete(5)])
+    assert store.purge(100, 100, floor=sid_of("5-0")) == 0
+    assert store.purge(100, 100, floor=sid_of("5-1")) == 1
