@@ -3,13 +3,14 @@ principal's scopes; each test on fakeredis AND a real redis-server unless it say
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -601,21 +602,34 @@ def test_a_lost_notification_costs_latency_not_a_change(
     sub.close()
 
 
+@contextlib.contextmanager
+def unprompted(
+    url: str, tmp_path: Path, keyfile: Path, who: Principal
+) -> Iterator[tuple[DualMemory, Subscriber]]:
+    """A DualMemory on ``url`` and an unnamed subscriber of ``who`` that never reads the
+    journal again of its own accord (``recheck_interval`` an hour): only notifications
+    and reconnects send it there. Both closed after."""
+    mem = DualMemory(redis_url=url, db_path=str(tmp_path / "m.db"), keyring=str(keyfile))
+    try:
+        sub = Subscriber(mem, who, since=0, recheck_interval=3600)
+        try:
+            yield mem, sub
+        finally:
+            sub.close()
+    finally:
+        mem.close(timeout=2)
+
+
 @pytest.mark.real_redis
 def test_resubscribes_after_its_connection_is_killed(
     redis_server: RedisServer, tmp_path: Path, keyfile: Path, coder: Principal
 ) -> None:
     redis_server.client().flushall()
-    mem = DualMemory(
-        redis_url=redis_server.url, db_path=str(tmp_path / "k.db"), keyring=str(keyfile)
-    )
-    # No periodic re-read of the journal (recheck_interval): only the reconnect may send
-    # the subscriber back to it. redis-py reconnects a dropped pub/sub connection by
-    # itself inside get_message, and subscribes again, with no error for the subscriber
-    # to see: every change published while the connection was down waited for the next
-    # recheck (here: an hour).
-    sub = Subscriber(mem, coder, since=0, recheck_interval=3600)
-    try:
+    # No periodic re-read of the journal: only the reconnect may send the subscriber back
+    # to it. redis-py reconnects a dropped pub/sub connection by itself inside
+    # get_message, and subscribes again, with no error for the subscriber to see: every
+    # change published while the connection was down waited for the next recheck.
+    with unprompted(redis_server.url, tmp_path, keyfile, coder) as (mem, sub):
         mem.put("before", 1, level=Level.SWARM, principal=coder)
         assert [c.key for c in consume_until(sub, "before")] == ["before"]
         killed = redis_server.client().client_kill_filter(_type="pubsub")
@@ -627,9 +641,6 @@ def test_resubscribes_after_its_connection_is_killed(
         assert [c.key for c in got] == [f"during/{i}" for i in range(20)]
         mem.put("after", 1, level=Level.SWARM, principal=coder)
         assert [c.key for c in consume_until(sub, "after")] == ["after"]
-    finally:
-        sub.close()
-        mem.close()
 
 
 @pytest.mark.real_redis
@@ -641,9 +652,7 @@ def test_changes_committed_before_it_subscribes_again_are_read_at_once(
     # before that must be read from the journal then, not at the next recheck (here: an
     # hour away).
     srv = own_redis_server
-    mem = DualMemory(redis_url=srv.url, db_path=str(tmp_path / "m.db"), keyring=str(keyfile))
-    sub = Subscriber(mem, coder, since=0, recheck_interval=3600)
-    try:
+    with unprompted(srv.url, tmp_path, keyfile, coder) as (mem, sub):
         assert sub.poll(timeout=0) is None  # caught up (empty)
         srv.stop()
         assert sub.poll(timeout=0.5) is None  # its connection lost, no Redis to subscribe to
@@ -653,9 +662,6 @@ def test_changes_committed_before_it_subscribes_again_are_read_at_once(
         time.sleep(_IDLE_PING_S + 0.1)
         mem.sync(mem.put("back", 1, level=Level.SWARM, principal=coder), timeout=10)
         assert [c.key for c in consume_until(sub, "back")] == ["back"]
-    finally:
-        sub.close()
-        mem.close(timeout=2)
 
 
 @pytest.mark.real_redis
@@ -670,18 +676,13 @@ def test_while_redis_is_down_it_subscribes_again_with_backoff(
     # Without the wait, a poll tried again at once, hundreds of times a second, for as
     # long as Redis was down. A bound from above only: a slow machine makes fewer tries.
     srv = own_redis_server
-    mem = DualMemory(redis_url=srv.url, db_path=str(tmp_path / "m.db"), keyring=str(keyfile))
-    sub = Subscriber(mem, coder, since=0, recheck_interval=3600)
-    try:
+    with unprompted(srv.url, tmp_path, keyfile, coder) as (_, sub):
         srv.stop()
         with caplog.at_level("WARNING", logger="dualmem.subscriber"):
             assert sub.poll(timeout=1.0) is None
         tries = [r for r in caplog.records if "pub/sub lost" in r.getMessage()]
         # 0.05 + 0.1 + 0.2 + 0.4 s of waits fit in the second: five tries at most.
         assert 1 <= len(tries) <= 6, [r.getMessage() for r in tries]
-    finally:
-        sub.close()
-        mem.close(timeout=1)
 
 
 @pytest.mark.real_redis
