@@ -2002,6 +2002,85 @@ def test_a_failed_entry_another_worker_settled_is_not_dead_lettered_again(
     ]
 
 
+def test_a_failed_entry_another_worker_dead_lettered_keeps_that_dead_letter(
+    make_mem: MakeMem,
+    coder: Principal,
+    raw_redis: redis.Redis,
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The entry failed here too, but another worker claimed it and dead-lettered it before
+    # this one looked: dead-lettering it again overwrote that letter's error and delivery
+    # count with this worker's guess (max_deliveries) and audited a second dead letter.
+    from dualmem.redis_backend import connect
+
+    writer = make_mem(worker=False, max_deliveries=3)
+    poison = writer.put("poison", 1, level=Level.SWARM, principal=coder)
+    refuse_inserts(db_path)
+    stream = writer.layout.stream(0)
+    store = writer.store
+    real_apply = store.apply
+
+    def apply(entries: Any) -> Any:
+        result = real_apply(entries)
+        for e, _ in result.failed:  # dead-lettered elsewhere, and acked there
+            store.dead_letter([(e, "failed there", 7)])
+            raw_redis.xack(stream, writer.settings.group, e.stream_id)
+        return result
+
+    monkeypatch.setattr(store, "apply", apply)
+    client, _ = connect(writer.settings)
+    worker = Worker(client, store, writer.settings)
+    worker.ensure_groups()
+    try:
+        assert worker.step() == 1
+    finally:
+        client.close()
+    (dead,) = store.dead_letters()
+    assert (dead.stream_id, dead.error, dead.deliveries) == (poison.stream_id, "failed there", 7)
+    assert [a.event for a in store.audit_log()].count("dead_letter") == 1
+
+
+def test_a_failed_entry_redis_lost_before_the_worker_looked_is_dead_lettered(
+    make_mem: MakeMem,
+    coder: Principal,
+    raw_redis: redis.Redis,
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An entry whose commit failed, no longer pending when the worker looked because Redis
+    # lost its data meanwhile (restarted empty, the group recreated by another worker): its
+    # dead letter is the only copy left. Taken for an entry another worker settled, or for
+    # one with deliveries to spare, it was dropped: the put was nowhere, not in SQLite,
+    # not in the stream, not in the dead letters.
+    from dualmem.redis_backend import connect
+
+    writer = make_mem(worker=False, max_deliveries=3)
+    lost = writer.put("lost", 1, level=Level.SWARM, principal=coder)
+    refuse_inserts(db_path)
+    store = writer.store
+    real_apply = store.apply
+    client, _ = connect(writer.settings)
+    worker = Worker(client, store, writer.settings)
+
+    def apply(entries: Any) -> Any:
+        result = real_apply(entries)
+        raw_redis.flushall()  # Redis restarted empty
+        worker.ensure_groups()  # and a worker recreated the group
+        return result
+
+    worker.ensure_groups()
+    monkeypatch.setattr(store, "apply", apply)
+    try:
+        assert worker.step() == 1
+    finally:
+        client.close()
+    (dead,) = store.dead_letters()
+    assert (dead.stream_id, dead.deliveries) == (lost.stream_id, 3)
+    assert REFUSED in dead.error
+    assert store.status(lost.shard, lost.stream_id) == "dead"
+
+
 def test_query_pages_with_after_and_query_all_reads_every_page(
     make_mem: MakeMem, coder: Principal
 ) -> None:
