@@ -1289,6 +1289,57 @@ def test_close_with_the_database_locked_gives_up_at_its_timeout_and_says_so(
         check.sync(r, timeout=30)
 
 
+def test_a_commit_retried_while_the_database_is_locked_counts_one_delivery(
+    make_mem: MakeMem,
+    coder: Principal,
+    db_path: Path,
+    raw_redis: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The worker retries a batch whose commit failed (the database locked) as it is. Read
+    # again from the pending list for each retry, the entries counted a delivery per retry:
+    # after a lock of a few retries, one failure of an entry dead-lettered it at once.
+    mem = make_mem(busy_timeout_ms=20)
+    mem.sync(mem.put("warm", 0, level=Level.SWARM, principal=coder))
+    attempts = [0]
+    real_apply = mem.store.apply
+
+    def apply(entries: Any) -> Any:
+        attempts[0] += 1
+        return real_apply(entries)
+
+    monkeypatch.setattr(mem.store, "apply", apply)
+    stream = mem.layout.stream(0)
+    with write_locked(db_path):
+        receipt = mem.put("k", 1, level=Level.SWARM, principal=coder)
+        wait_until(lambda: attempts[0] >= 5, what="five commit attempts")
+        pending = raw_redis.xpending_range(stream, mem.settings.group, "-", "+", 10)
+        assert [(p["message_id"], p["times_delivered"]) for p in pending] == [
+            (receipt.stream_id.encode(), 1)
+        ]
+    mem.sync(receipt, timeout=10)
+
+
+def test_a_drain_with_the_database_locked_retries_its_batch_without_redelivering_it(
+    make_mem: MakeMem, coder: Principal, db_path: Path, raw_redis: redis.Redis
+) -> None:
+    # The drain after stop was set retried its commits under the loop's stop event, which
+    # made every retry give up at once and read the batch again: each retry counted a
+    # delivery, as in the test above.
+    writer = make_mem(worker=False, busy_timeout_ms=20)
+    receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(3)]
+    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w.ensure_groups()
+    stop = threading.Event()
+    stop.set()
+    with write_locked(db_path):
+        assert w.run(stop, drain_timeout=0.5) == 3
+    pending = raw_redis.xpending_range(writer.layout.stream(0), "persist", "-", "+", 10)
+    assert [p["times_delivered"] for p in pending] == [1, 1, 1]
+    assert w.drain(10) == 0
+    assert [writer.store.status(r.shard, r.stream_id) for r in receipts] == ["committed"] * 3
+
+
 def test_a_second_close_waits_for_the_first_and_reports_what_it_found(
     make_mem: MakeMem, coder: Principal, db_path: Path
 ) -> None:
