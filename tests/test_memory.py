@@ -1340,6 +1340,21 @@ def test_a_drain_with_the_database_locked_retries_its_batch_without_redelivering
     assert [writer.store.status(r.shard, r.stream_id) for r in receipts] == ["committed"] * 3
 
 
+def test_a_drain_waits_for_a_dead_consumers_entries_to_become_claimable(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # Entries a dead consumer read, not idle long enough to be claimed when the drain
+    # started: the drain found nothing to read and returned at once with them pending,
+    # though its timeout left time to claim and commit them.
+    writer = make_mem(worker=False, claim_idle_ms=300)
+    receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(5)]
+    stream = writer.layout.stream(0)
+    assert len(raw_redis.xreadgroup("persist", "dead", {stream: ">"}, count=10)[0][1]) == 5
+    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    assert w.drain(10) == 0
+    assert [writer.store.status(r.shard, r.stream_id) for r in receipts] == ["committed"] * 5
+
+
 def test_a_second_close_waits_for_the_first_and_reports_what_it_found(
     make_mem: MakeMem, coder: Principal, db_path: Path
 ) -> None:
