@@ -1355,6 +1355,66 @@ def test_a_drain_waits_for_a_dead_consumers_entries_to_become_claimable(
     assert [writer.store.status(r.shard, r.stream_id) for r in receipts] == ["committed"] * 5
 
 
+class _RecordedWaits(threading.Event):
+    """A stop event whose ``wait`` records its timeout and returns at once (the worker's
+    backoff, without sleeping it); it is set at the ``stop_at``-th wait."""
+
+    def __init__(self, stop_at: int) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+        self.stop_at = stop_at
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        if len(self.waits) >= self.stop_at:
+            self.set()
+        return self.is_set()
+
+
+def test_the_commit_retry_backoff_is_bounded(
+    make_mem: MakeMem, coder: Principal, db_path: Path
+) -> None:
+    # The wait between two commit attempts doubles from 10 ms up to _MAX_BACKOFF: doubling
+    # without a bound, a database locked for a minute left the worker asleep for another
+    # minute after it was free again, and for hours after a longer lock.
+    writer = make_mem(worker=False, busy_timeout_ms=1)
+    receipt = writer.put("k", 1, level=Level.SWARM, principal=coder)
+    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w.ensure_groups()
+    stop = _RecordedWaits(stop_at=15)
+    with write_locked(db_path):
+        w.run(stop)
+    waits = stop.waits[:15]
+    assert waits[0] == 0.01 and max(t for t in waits if t is not None) == 1.0
+    assert w.drain(10) == 0
+    assert writer.store.status(receipt.shard, receipt.stream_id) == "committed"
+
+
+def test_the_worker_loops_backoff_while_redis_is_down_is_bounded(
+    own_redis_server: RedisServer, db_path: Path, keyfile: Path
+) -> None:
+    # The wait between two tries of the loop while Redis is down doubles from 10 ms up to
+    # _MAX_BACKOFF: doubling without a bound, after an outage of a minute the worker slept
+    # for another minute once Redis was back, and the backlog grew to its bound meanwhile.
+    from dualmem.redis_backend import connect
+
+    mem = DualMemory(
+        redis_url=own_redis_server.url, db_path=str(db_path), keyring=str(keyfile), worker=False
+    )
+    client, _ = connect(mem.settings)
+    w = Worker(client, mem.store, mem.settings.replace(consumer="w"))
+    w.ensure_groups()
+    own_redis_server.stop()
+    stop = _RecordedWaits(stop_at=15)
+    try:
+        w.run(stop)
+    finally:
+        client.close()
+        own_redis_server.start()
+        mem.close(timeout=5)
+    assert stop.waits[0] == 0.01 and max(t for t in stop.waits if t is not None) == 1.0
+
+
 def test_a_second_close_waits_for_the_first_and_reports_what_it_found(
     make_mem: MakeMem, coder: Principal, db_path: Path
 ) -> None:
