@@ -2128,6 +2128,47 @@ def test_a_failed_entry_another_worker_settled_is_not_dead_lettered_again(
     ]
 
 
+@pytest.mark.parametrize("failure", ["refused commit", "bug"])
+def test_an_entry_whose_dead_letter_failed_is_retried_without_waiting_for_a_claim(
+    make_mem: MakeMem,
+    coder: Principal,
+    raw_redis: redis.Redis,
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+) -> None:
+    # The loop caught the failed dead-letter write (an outage, or a bug: any error) and went
+    # on reading new entries only: the entry sat in the worker's own pending list until its
+    # next claim (claim_idle_ms/2), its receipt neither committed nor dead-lettered, the
+    # backlog held up meanwhile.
+    writer = make_mem(worker=False)
+    stream = writer.layout.stream(0)
+    bad_id = raw_redis.xadd(stream, {b"op": b"put", b"s": b"swarm:phase-1-auth", b"k": b"x"})
+    tripped = threading.Event()
+    if failure == "bug":
+        real = SQLiteStore.dead_letter
+
+        def dead_letter(self: SQLiteStore, items: Any) -> None:
+            if not tripped.is_set():
+                tripped.set()
+                raise RuntimeError("a bug planted by the test")
+            real(self, items)
+
+        monkeypatch.setattr(SQLiteStore, "dead_letter", dead_letter)
+    else:
+        refuse_inserts(db_path, table="dead_letters")
+    worker = make_mem(worker=True, max_deliveries=1, claim_idle_ms=60_000)
+    assert worker._worker is not None
+    stats = worker._worker.stats
+    wait_until(lambda: stats.failures >= 1, what="the malformed entry failed")
+    if failure != "bug":
+        allow_inserts(db_path)
+    wait_until(worker.store.dead_letters, timeout=10, what="its dead letter")
+    (dead,) = worker.store.dead_letters()
+    assert dead.stream_id == bad_id.decode() and "malformed" in dead.error
+    wait_until(lambda: worker.backlog() == {0: 0}, what="acked")
+
+
 def test_a_failed_entry_another_worker_dead_lettered_keeps_that_dead_letter(
     make_mem: MakeMem,
     coder: Principal,
