@@ -1415,6 +1415,20 @@ def test_the_worker_loops_backoff_while_redis_is_down_is_bounded(
     assert stop.waits[0] == 0.01 and max(t for t in stop.waits if t is not None) == 1.0
 
 
+def test_a_drain_goes_on_past_its_first_batch(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # A drain that returned after its first batch left the rest of the backlog in Redis
+    # at every close with more than batch_size commands behind. It trims what it acked.
+    writer = make_mem(worker=False, batch_size=5)
+    receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(12)]
+    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w.ensure_groups()
+    assert w.drain(10) == 0
+    assert [writer.store.status(r.shard, r.stream_id) for r in receipts] == ["committed"] * 12
+    assert raw_redis.xlen(writer.layout.stream(0)) == 0
+
+
 def test_a_second_close_waits_for_the_first_and_reports_what_it_found(
     make_mem: MakeMem, coder: Principal, db_path: Path
 ) -> None:
