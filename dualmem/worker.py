@@ -308,8 +308,10 @@ class Worker:
             if shard is None:
                 shard = self.layout.shard_of_stream(name)
             for sid, fields in items:
-                if fields is None:
-                    # Trimmed or deleted while pending: nothing left to apply.
+                if not fields:
+                    # Trimmed or deleted while pending: nothing left to apply. Redis says
+                    # nil, which redis-py (and fakeredis) hand over as {}; XADD never
+                    # makes an entry without fields.
                     gone.append((name, sid))
                     continue
                 out.append(StreamEntry(shard, sid.decode(), fields))

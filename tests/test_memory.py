@@ -1429,6 +1429,31 @@ def test_a_drain_goes_on_past_its_first_batch(
     assert raw_redis.xlen(writer.layout.stream(0)) == 0
 
 
+def test_a_pending_entry_deleted_from_the_stream_is_acknowledged(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # An entry of the worker's own pending list deleted from the stream (XDEL, a trim by
+    # hand) comes back without fields: Redis says nil, redis-py and fakeredis give {}.
+    # The worker looked for None only, so it applied {} as a command: "malformed",
+    # redelivered max_deliveries times, then dead-lettered, a letter with nothing in it.
+    # Left unacknowledged, it would stay pending for good: the backlog never 0 (every
+    # drain ran to its timeout), and no trim passed it.
+    writer = make_mem(worker=False)
+    receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(3)]
+    stream = writer.layout.stream(0)
+    assert len(raw_redis.xreadgroup("persist", "w", {stream: ">"}, count=10)[0][1]) == 3
+    raw_redis.xdel(stream, receipts[1].stream_id)
+    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    # Its own pending list read, no claim first: Redis 7's XAUTOCLAIM drops deleted
+    # entries from the pending list by itself.
+    w._next_claim = time.monotonic() + 3600
+    assert w.drain(5) == 0
+    assert raw_redis.xpending(stream, "persist")["pending"] == 0
+    status = [writer.store.status(r.shard, r.stream_id) for r in receipts]
+    assert status[0] == status[2] == "committed"
+    assert writer.store.dead_letters() == []
+
+
 def test_a_second_close_waits_for_the_first_and_reports_what_it_found(
     make_mem: MakeMem, coder: Principal, db_path: Path
 ) -> None:
