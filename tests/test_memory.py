@@ -900,6 +900,34 @@ def test_purge_keeps_a_tombstone_while_an_older_put_of_its_key_is_pending(
     assert store.purge(cut, cut, floor=purge_floor(raw_redis, [stream])) == 1
 
 
+def test_purge_keeps_a_tombstone_while_an_older_put_of_its_key_is_delivered_again(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # As above, but the dead consumer is forgotten while holding the put (it woke up as
+    # it was deleted): the group is set back and the put waits undelivered, nothing
+    # pending. A floor that counted pending entries only let purge drop the tombstone, and
+    # the put, delivered again, brought the deleted value back.
+    from dualmem.worker import forget_consumer, safe_trim_id
+
+    writer = make_mem(worker=False, tombstone_ttl=0)
+    stream = writer.layout.stream(0)
+    group = writer.settings.group
+    writer.put("k", "old", level=Level.SWARM, principal=coder)
+    Worker(writer._redis, writer.store, writer.settings.replace(consumer="dead")).ensure_groups()
+    raw_redis.xreadgroup(group, "dead", {stream: ">"}, count=1)  # never acked
+    writer.delete("k", level=Level.SWARM, principal=coder)
+    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w._next_claim = time.monotonic() + 3600
+    assert w.step() == 1  # the delete: a tombstone
+    assert forget_consumer(raw_redis, stream, group, "dead", safe_trim_id(raw_redis, stream)) == 1
+    assert raw_redis.xpending(stream, group)["pending"] == 0
+    time.sleep(0.01)
+    w._next_purge = 0
+    w._housekeeping()  # tombstone_ttl 0: every tombstone is old enough
+    assert w.drain(10) == 0  # the put, then the delete (a duplicate), delivered again
+    assert writer.get("k", level=Level.SWARM, principal=coder, fresh=False) is None
+
+
 def test_purge_keeps_the_tombstone_a_dead_letter_replayed_twice_needs(
     make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, db_path: Path
 ) -> None:
