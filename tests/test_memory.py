@@ -871,6 +871,27 @@ def test_trimming_never_removes_a_pending_entry(
     assert raw_redis.xlen(stream) == 0
 
 
+def test_trimming_keeps_what_another_group_has_not_acknowledged(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # The trim floor is the lowest of every group's: a floor taken from the group furthest
+    # ahead removed commands another group (another deployment reading the same streams)
+    # had not read yet.
+    writer = make_mem(worker=False)
+    stream = writer.layout.stream(0)
+    ids = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder).stream_id for i in range(5)]
+    raw_redis.xgroup_create(stream, "other", id="0")
+    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w.ensure_groups()
+    assert w.step() == 5
+    w._trim()
+    assert raw_redis.xlen(stream) == 5
+    raw_redis.xreadgroup("other", "o", {stream: ">"}, count=2)
+    raw_redis.xack(stream, "other", *ids[:2])
+    w._trim()
+    assert [sid.decode() for sid, _ in raw_redis.xrange(stream)] == ids[2:]
+
+
 def test_purge_keeps_a_tombstone_while_an_older_put_of_its_key_is_pending(
     make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
 ) -> None:
@@ -926,6 +947,22 @@ def test_purge_keeps_a_tombstone_while_an_older_put_of_its_key_is_delivered_agai
     w._housekeeping()  # tombstone_ttl 0: every tombstone is old enough
     assert w.drain(10) == 0  # the put, then the delete (a duplicate), delivered again
     assert writer.get("k", level=Level.SWARM, principal=coder, fresh=False) is None
+
+
+def test_a_purge_floor_past_its_read_limit_holds_every_tombstone(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past _FLOOR_READ_LIMIT pending entries in a group, the floor is the lowest id there
+    # is (nothing purged that time). A group skipped there counted for nothing: with no
+    # other floor, purge dropped tombstones that older puts among its entries still needed.
+    monkeypatch.setattr(worker_module, "_FLOOR_READ_LIMIT", 2)
+    writer = make_mem(worker=False)
+    stream = writer.layout.stream(0)
+    for i in range(3):
+        writer.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+    Worker(writer._redis, writer.store, writer.settings.replace(consumer="dead")).ensure_groups()
+    raw_redis.xreadgroup(writer.settings.group, "dead", {stream: ">"}, count=10)  # never acked
+    assert purge_floor(raw_redis, [stream]) == sid_of("0-0")
 
 
 def test_purge_keeps_the_tombstone_a_dead_letter_replayed_twice_needs(
