@@ -47,6 +47,7 @@ from dualmem.ops.transfer import export_records
 from dualmem.redis_backend import transact
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
+from dualmem.store import Notification
 from dualmem.worker import Worker, purge_floor
 
 from .conftest import (
@@ -1045,6 +1046,32 @@ def test_notifications_carry_no_value(
     assert body["key"] == "k" and body["op"] == "put" and body["level"] == 1
     assert b"NEEDLE" not in msg["data"]
     pubsub.close()
+
+
+def test_a_batch_publishes_every_change_of_a_scope_in_one_message(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # One message per scope and batch, holding each of its changes: a message that
+    # carried some of them only left subscribers without the others until a recheck.
+    writer = make_mem(worker=False)
+    receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(3)]
+    receipts.append(writer.delete("k1", level=Level.SWARM, principal=coder))
+    pubsub = raw_redis.pubsub()
+    pubsub.subscribe(writer.layout.channel("swarm:phase-1-auth"))
+    wait_until(lambda: pubsub.get_message(timeout=0.1), what="subscribe confirmation")
+    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w.ensure_groups()
+    assert w.step() == 4
+    msg = wait_until(lambda: pubsub.get_message(timeout=0.1), what="notification")
+    pubsub.close()
+    notes = Notification.parse_message(msg["data"])
+    assert [(n.key, n.op) for n in notes] == [
+        ("k0", "put"),
+        ("k1", "put"),
+        ("k2", "put"),
+        ("k1", "del"),
+    ]
+    assert [n.seq for n in notes] == sorted({n.seq for n in notes})
 
 
 def test_expired_records_are_invisible(mem: DualMemory, coder: Principal) -> None:
