@@ -800,6 +800,41 @@ def test_an_entry_tripping_an_unexpected_error_is_dead_lettered_and_the_rest_flo
     assert worker.get("good2", level=Level.SWARM, principal=coder) == 2
 
 
+def test_an_outage_while_entries_are_applied_alone_dead_letters_nothing(
+    make_mem: MakeMem, coder: Principal, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While a batch that hit a bug was applied entry by entry, the database was locked
+    # for one of them: taken for that entry's own failure, it was dead-lettered beside
+    # the poison (max_deliveries 1), though nothing was wrong with it.
+    writer = make_mem(worker=False, max_deliveries=1, busy_timeout_ms=20)
+    swarm = {"level": Level.SWARM, "principal": coder}
+    poison = writer.put("poison", 0, **swarm)
+    good = writer.put("good", 1, **swarm)
+    locked = writer.put("locked", 2, **swarm)
+    monkeypatch.setattr(SQLiteStore, "_write_plan", _trip_on({b"poison"}))
+    store = writer.store
+    real_apply = store.apply
+    held = threading.Event()
+
+    def apply(entries: Any) -> Any:
+        if [e.stream_id for e in entries] == [locked.stream_id] and not held.is_set():
+            held.set()
+            with write_locked(db_path):  # another connection holds the lock meanwhile
+                return real_apply(entries)
+        return real_apply(entries)
+
+    monkeypatch.setattr(store, "apply", apply)
+    w = Worker(writer._redis, store, writer.settings.replace(consumer="w"))
+    w.ensure_groups()
+    with pytest.raises(StoreUnavailable):  # an outage: the loop retries the batch
+        w.step()
+    assert held.is_set() and store.dead_letters() == []
+    assert w.drain(10) == 0
+    assert [d.stream_id for d in store.dead_letters()] == [poison.stream_id]
+    assert store.status(good.shard, good.stream_id) == "committed"
+    assert store.status(locked.shard, locked.stream_id) == "committed"
+
+
 def test_a_bug_failing_every_entry_dead_letters_nothing(
     make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
