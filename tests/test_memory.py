@@ -608,6 +608,25 @@ def test_poison_entries_go_to_dead_letters_and_the_rest_flows(
     wait_until(lambda: raw_redis.xpending(stream, "persist")["pending"] == 0, what="acked")
 
 
+def test_a_failing_entry_is_dead_lettered_at_delivery_max_deliveries_not_before(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, db_path: Path
+) -> None:
+    # Counted one delivery ahead, an entry was dead-lettered a delivery early (at its
+    # first with max_deliveries 2), its letter claiming the delivery it never had.
+    writer = make_mem(worker=False, max_deliveries=2)
+    poison = writer.put("poison", 1, level=Level.SWARM, principal=coder)
+    refuse_inserts(db_path)
+    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w.ensure_groups()
+    assert w.step() == 1
+    assert writer.store.dead_letters() == []
+    pending = raw_redis.xpending_range(writer.layout.stream(0), "persist", "-", "+", 10)
+    assert [p["times_delivered"] for p in pending] == [1]
+    assert w.step() == 1  # its own pending list, read again: the second delivery
+    (dead,) = writer.store.dead_letters()
+    assert (dead.stream_id, dead.deliveries) == (poison.stream_id, 2)
+
+
 def test_a_dead_lettered_write_leaves_no_cache_entry_for_fresh_reads(
     make_mem: MakeMem, coder: Principal, db_path: Path
 ) -> None:
