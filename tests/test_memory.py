@@ -688,6 +688,36 @@ def test_a_dead_lettered_write_keeps_the_cache_entry_of_a_newer_write_of_the_sam
     assert writer.get("j", **swarm) == "again" and writer.get("d", **swarm) is None
 
 
+def test_a_dead_lettered_delete_keeps_the_mark_of_a_delete_made_while_it_looked(
+    make_mem: MakeMem, coder: Principal, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As above, the newer delete made after the worker read the stream behind the dead
+    # one and before it watched the cache entry: the entry holds the same mark, so only
+    # the second look at the stream, on the watched connection, tells them apart.
+    writer = make_mem(worker=False)
+    swarm = {"level": Level.SWARM, "principal": coder}
+    settings = writer.settings.replace(consumer="w", batch_size=1, max_deliveries=1)
+    worker = Worker(writer._redis, writer.store, settings)
+    writer.put("d", "committed", **swarm)
+    assert worker.step() == 1
+    d1 = writer.delete("d", **swarm)
+    _poison(db_path, d1.stream_id)
+    real = worker_module._writes_after
+    newer: list[Receipt] = []
+
+    def writes_after(client: Any, stream: bytes, stream_id: str) -> Any:
+        after = real(client, stream, stream_id)
+        if not newer:
+            newer.append(writer.delete("d", **swarm))
+        return after
+
+    monkeypatch.setattr(worker_module, "_writes_after", writes_after)
+    assert worker.step() == 1 and len(writer.store.dead_letters()) == 1  # d1 dead
+    assert newer and writer.get("d", fresh=True, **swarm) is None
+    assert worker.step() == 1  # the newer delete committed
+    assert writer.get("d", **swarm) is None
+
+
 def test_a_dead_lettered_copy_or_replay_keeps_the_cache_entry_of_a_later_write(
     make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, db_path: Path
 ) -> None:
