@@ -256,6 +256,20 @@ def test_a_group_set_back_to_the_end_of_a_millisecond_still_reports_its_backlog(
     assert safe_trim_id(client, stream) == "100-0"
 
 
+def test_the_backlog_counts_pending_entries_where_redis_cannot_tell_the_lag(
+    raw_redis: redis.Redis,
+) -> None:
+    # An undelivered entry deleted (XDEL) leaves Redis 7 unable to tell the group's lag
+    # (nil); the entries after the last delivered one are counted instead, and the pending
+    # ones were left out there: a drain could report 0 with entries still pending.
+    stream = b"backlog-test"
+    ids = [raw_redis.xadd(stream, {b"n": b"x"}) for _ in range(6)]
+    raw_redis.xgroup_create(stream, "persist", id="0")
+    raw_redis.xreadgroup("persist", "slow", {stream: ">"}, count=2)  # pending: 2
+    raw_redis.xdel(stream, ids[3])
+    assert stream_backlog(raw_redis, stream, "persist") == 2 + 3
+
+
 @pytest.mark.real_redis
 def test_a_group_created_by_a_call_whose_reply_was_lost_still_gets_its_floor(
     redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
