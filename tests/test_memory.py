@@ -47,7 +47,7 @@ from dualmem.ops.transfer import export_records
 from dualmem.redis_backend import transact
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
-from dualmem.store import Notification
+from dualmem.store import Notification, StreamEntry
 from dualmem.worker import Worker, purge_floor
 
 from .conftest import (
@@ -2384,6 +2384,33 @@ def test_an_entry_whose_dead_letter_failed_is_retried_without_waiting_for_a_clai
     wait_until(lambda: worker.backlog() == {0: 0}, what="acked")
 
 
+def step_failing_then(
+    writer: DualMemory, db_path: Path, monkeypatch: pytest.MonkeyPatch, then: Callable[..., None]
+) -> None:
+    """One step of a worker on ``writer``'s store while every commit fails, ``then(worker,
+    failed)`` run right after its real ``apply`` returned (what another worker, or Redis,
+    does before this one looks at the entries that failed)."""
+    from dualmem.redis_backend import connect
+
+    refuse_inserts(db_path)
+    store = writer.store
+    real_apply = store.apply
+    client, _ = connect(writer.settings)
+    worker = Worker(client, store, writer.settings)
+    worker.ensure_groups()
+
+    def apply(entries: Any) -> Any:
+        result = real_apply(entries)
+        then(worker, [e for e, _ in result.failed])
+        return result
+
+    monkeypatch.setattr(store, "apply", apply)
+    try:
+        assert worker.step() == 1
+    finally:
+        client.close()
+
+
 def test_a_failed_entry_another_worker_dead_lettered_keeps_that_dead_letter(
     make_mem: MakeMem,
     coder: Principal,
@@ -2394,30 +2421,16 @@ def test_a_failed_entry_another_worker_dead_lettered_keeps_that_dead_letter(
     # The entry failed here too, but another worker claimed it and dead-lettered it before
     # this one looked: dead-lettering it again overwrote that letter's error and delivery
     # count with this worker's guess (max_deliveries) and audited a second dead letter.
-    from dualmem.redis_backend import connect
-
     writer = make_mem(worker=False, max_deliveries=3)
     poison = writer.put("poison", 1, level=Level.SWARM, principal=coder)
-    refuse_inserts(db_path)
-    stream = writer.layout.stream(0)
-    store = writer.store
-    real_apply = store.apply
+    stream, store = writer.layout.stream(0), writer.store
 
-    def apply(entries: Any) -> Any:
-        result = real_apply(entries)
-        for e, _ in result.failed:  # dead-lettered elsewhere, and acked there
+    def settled_there(_: Worker, failed: list[StreamEntry]) -> None:
+        for e in failed:  # dead-lettered elsewhere, and acked there
             store.dead_letter([(e, "failed there", 7)])
             raw_redis.xack(stream, writer.settings.group, e.stream_id)
-        return result
 
-    monkeypatch.setattr(store, "apply", apply)
-    client, _ = connect(writer.settings)
-    worker = Worker(client, store, writer.settings)
-    worker.ensure_groups()
-    try:
-        assert worker.step() == 1
-    finally:
-        client.close()
+    step_failing_then(writer, db_path, monkeypatch, settled_there)
     (dead,) = store.dead_letters()
     assert (dead.stream_id, dead.error, dead.deliveries) == (poison.stream_id, "failed there", 7)
     assert [a.event for a in store.audit_log()].count("dead_letter") == 1
@@ -2435,32 +2448,18 @@ def test_a_failed_entry_redis_lost_before_the_worker_looked_is_dead_lettered(
     # dead letter is the only copy left. Taken for an entry another worker settled, or for
     # one with deliveries to spare, it was dropped: the put was nowhere, not in SQLite,
     # not in the stream, not in the dead letters.
-    from dualmem.redis_backend import connect
-
     writer = make_mem(worker=False, max_deliveries=3)
     lost = writer.put("lost", 1, level=Level.SWARM, principal=coder)
-    refuse_inserts(db_path)
-    store = writer.store
-    real_apply = store.apply
-    client, _ = connect(writer.settings)
-    worker = Worker(client, store, writer.settings)
 
-    def apply(entries: Any) -> Any:
-        result = real_apply(entries)
+    def redis_lost_it(worker: Worker, _: list[StreamEntry]) -> None:
         raw_redis.flushall()  # Redis restarted empty
         worker.ensure_groups()  # and a worker recreated the group
-        return result
 
-    worker.ensure_groups()
-    monkeypatch.setattr(store, "apply", apply)
-    try:
-        assert worker.step() == 1
-    finally:
-        client.close()
-    (dead,) = store.dead_letters()
+    step_failing_then(writer, db_path, monkeypatch, redis_lost_it)
+    (dead,) = writer.store.dead_letters()
     assert (dead.stream_id, dead.deliveries) == (lost.stream_id, 3)
     assert REFUSED in dead.error
-    assert store.status(lost.shard, lost.stream_id) == "dead"
+    assert writer.store.status(lost.shard, lost.stream_id) == "dead"
 
 
 def test_query_pages_with_after_and_query_all_reads_every_page(
