@@ -26,7 +26,7 @@ from bench.faultkit import FaultEnv
 from dualmem import DualMemory, RotationBusy, StoreUnavailable
 from dualmem.cli import main
 from dualmem.commands import delete_fields, put_fields, reseal_fields, sid_of
-from dualmem.keyuse import KeyLease, key_users, wait_for_key_users
+from dualmem.keyuse import KeyLease, key_users, landing_slack, wait_for_key_users
 from dualmem.rotation import KeyfileWatcher, add_active_key, drop_keys, rotate_keys
 from dualmem.rotation_lock import RotationLock
 from dualmem.sqlite_store import SQLiteStore
@@ -462,6 +462,22 @@ def test_a_process_that_keeps_writing_keeps_its_lease_alive_past_its_ttl(
         time.sleep(0.01)
     pttl = raw_redis.pttl(b"dm:{dualmem:keyuse}:" + token.encode())
     assert pttl > (ttl_s - 0.5) * 1000  # renewed within the last interval or so
+
+
+def test_a_lease_outlives_the_last_write_it_covers(
+    make_mem: MakeMem, raw_redis: redis.Redis
+) -> None:
+    # After a renewal a writer seals without renewing until keyring_reload_interval + 1 s
+    # later (then its lease counts as lapsed), and such a write may take landing_slack to
+    # reach Redis: the lease must live that long. With an expiry of the interval alone, a
+    # lease vanished while its process still sealed with the old key, a drop went ahead,
+    # and that write landed under a key nobody has any more.
+    mem = make_mem(worker=False, keyring_reload_interval=2.0)
+    assert mem._lease is not None
+    covers = mem.settings.keyring_reload_interval + 1.0 + landing_slack(mem.settings)
+    mem._lease.renew()
+    pttl = raw_redis.pttl(b"dm:{dualmem:keyuse}:" + mem._lease.token.encode())
+    assert pttl > (covers - 0.5) * 1000, (pttl, covers)
 
 
 def test_the_lease_of_a_process_that_died_expires(redis_url: str, raw_redis: redis.Redis) -> None:
