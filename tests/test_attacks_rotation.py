@@ -480,6 +480,21 @@ def test_a_lease_outlives_the_last_write_it_covers(
     assert pttl > (covers - 0.5) * 1000, (pttl, covers)
 
 
+def test_a_renewal_asked_for_is_sent_though_none_is_due(raw_redis: redis.Redis) -> None:
+    # The mirror reloads its key file and renews its lease before each cycle seals
+    # (Runtime.refresh_keys): the lease then covers the cycle's seals until its send.
+    # When renew() waited for the interval like a write's renewal, the lease kept its old
+    # expiry and its old keys while the cycle sealed with the new one.
+    ring = Keyring.generate()
+    codec = Codec(ring)
+    lease = KeyLease(raw_redis, "dualmem", codec, interval=60, slack=60)
+    lease.renew()
+    codec.keyring = ring.with_new_key()  # the key file was reloaded
+    lease.renew()  # no renewal is due for a minute
+    assert _users(raw_redis) == {lease.token: (codec.keyring.active_id, ring.active_id)}
+    lease.release()
+
+
 def test_the_lease_of_a_process_that_died_expires(redis_url: str, raw_redis: redis.Redis) -> None:
     ring = Keyring.generate()
     lease = KeyLease(raw_redis, "dualmem", Codec(ring), interval=0.05, slack=0.05)
