@@ -895,6 +895,37 @@ def test_the_lock_of_a_rotation_killed_on_this_host_is_taken_over_at_once(
 
 
 @pytest.mark.real_redis
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a check as another user")
+def test_a_live_rotation_of_another_user_on_this_host_is_waited_for(
+    redis_server: RedisServer,
+) -> None:
+    # A holder whose pid another user may not signal (EPERM) is alive: it is waited for.
+    # Taken for dead, a second rotation took over the lock of a running one, and two
+    # rotations re-sealed and dropped keys at once.
+    from dualmem.rotation_lock import _process_namespace
+
+    client = redis_server.client()
+    client.flushall()
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": "x", "since": 0}
+    value = json.dumps({**holder, "ns": _process_namespace()}).encode()
+    client.set(b"dm:{ns:keyuse}:rotation", value, px=60_000)
+    child = os.fork()
+    if child == 0:  # the other user's rotation: may not signal this (root) process
+        code = 3
+        try:
+            os.setuid(65534)
+            RotationLock(redis.Redis.from_url(redis_server.url), "ns").acquire(timeout=0.3)
+            code = 1
+        except RotationBusy:
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the lock was taken over"
+    assert client.get(b"dm:{ns:keyuse}:rotation") == value
+
+
+@pytest.mark.real_redis
 def test_rotate_keys_waits_for_a_running_rotation_before_it_adds_a_key(
     redis_server: RedisServer,
     tmp_path: Path,
