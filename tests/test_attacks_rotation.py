@@ -894,6 +894,30 @@ def test_the_lock_of_a_rotation_killed_on_this_host_is_taken_over_at_once(
     assert raw_redis.get(b"dm:{ns:keyuse}:rotation") == alive.encode()
 
 
+def test_a_dead_holders_lock_is_taken_over_only_while_it_still_holds_it(
+    raw_redis: redis.Redis,
+) -> None:
+    # Two rotations that both read a killed holder's value race to take its lock over:
+    # the second to act finds the first's value there and must leave it. Overwritten,
+    # both rotations held the lock at once.
+    import subprocess
+    import sys
+
+    from dualmem.rotation_lock import _process_namespace
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    holder = {"host": socket.gethostname(), "pid": dead.pid, "token": "x", "since": 0}
+    stale = json.dumps({**holder, "ns": _process_namespace()}).encode()
+    raw_redis.set(b"dm:{ns:keyuse}:rotation", stale, px=60_000)
+    first = RotationLock(raw_redis, "ns").acquire(timeout=0)  # took it over
+    second = RotationLock(raw_redis, "ns")
+    assert not second._take_over(stale)  # what it read before the first took it over
+    assert raw_redis.get(b"dm:{ns:keyuse}:rotation") == first.value
+    first.check()
+    first.release()
+
+
 @pytest.mark.real_redis
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a check as another user")
 def test_a_live_rotation_of_another_user_on_this_host_is_waited_for(
