@@ -894,6 +894,24 @@ def test_the_lock_of_a_rotation_killed_on_this_host_is_taken_over_at_once(
     assert raw_redis.get(b"dm:{ns:keyuse}:rotation") == alive.encode()
 
 
+def test_the_heartbeat_keeps_the_lock_past_its_ttl_and_renews_only_its_own(
+    raw_redis: redis.Redis,
+) -> None:
+    # A rotation runs for longer than the lock's ttl: the heartbeat must renew it in
+    # time, or check() stopped every long rotation. And it renews only while the value
+    # is its own: extending another rotation's lock gave that one this ttl, and this one
+    # never learned it had lost the lock.
+    lock = RotationLock(raw_redis, "ns", ttl=1.0).acquire(timeout=0)
+    time.sleep(2.5)
+    lock.check()  # still ours
+    assert raw_redis.get(b"dm:{ns:keyuse}:rotation") == lock.value
+    raw_redis.set(b"dm:{ns:keyuse}:rotation", b"someone else", px=60_000)
+    wait_until(lambda: lock._lost is not None, timeout=10, what="the heartbeat to see it")
+    assert raw_redis.pttl(b"dm:{ns:keyuse}:rotation") > 30_000  # not renewed by this one
+    lock.release()
+    assert raw_redis.get(b"dm:{ns:keyuse}:rotation") == b"someone else"
+
+
 def test_a_dead_holders_lock_is_taken_over_only_while_it_still_holds_it(
     raw_redis: redis.Redis,
 ) -> None:
