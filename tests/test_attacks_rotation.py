@@ -544,6 +544,25 @@ def test_drop_retired_waits_for_a_writer_that_still_seals_with_the_old_key(
         reader.close()
 
 
+def test_the_drop_mark_lasts_its_ttl_and_one_nobody_can_read_refuses(
+    raw_redis: redis.Redis,
+) -> None:
+    # The drop marks the keys it removes for the whole of its last pass over the data
+    # (--timeout + 60 s): a mark that expired in as many milliseconds let an import land
+    # under a key the drop then removed. A mark that does not parse (another version
+    # wrote it) cannot say which keys are safe: every send refuses.
+    from dualmem.keyuse import clear_dropping, dropping_key, dropping_refusal, mark_dropping
+
+    mark = dropping_key("dualmem")
+    mark_dropping(raw_redis, "dualmem", ["k1"], ttl=60)
+    assert raw_redis.pttl(mark) > 30_000
+    assert dropping_refusal(raw_redis.get(mark), {"k1"}) is not None
+    raw_redis.set(mark, b"junk", px=60_000)
+    assert dropping_refusal(raw_redis.get(mark), {"k2"}) is not None
+    clear_dropping(raw_redis, "dualmem")
+    assert raw_redis.get(mark) is None
+
+
 def test_an_operator_send_never_lands_under_a_key_being_dropped(
     redis_url: str,
     db_path: Path,
