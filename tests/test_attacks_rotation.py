@@ -495,6 +495,22 @@ def test_a_renewal_asked_for_is_sent_though_none_is_due(raw_redis: redis.Redis) 
     lease.release()
 
 
+def test_a_drop_waits_for_a_lease_naming_an_old_key_to_move_on(raw_redis: redis.Redis) -> None:
+    # wait_for_key_users waits up to its timeout for the leases to name only the active
+    # key; when it returned at its first look, a drop refused while a writer was about
+    # to reload the key file.
+    ring = Keyring.generate()
+    lease = KeyLease(raw_redis, "dualmem", Codec(ring), interval=60, slack=60)
+    lease.renew()  # names only the old key: this process has not reloaded yet
+    new = ring.with_new_key()
+    timer = threading.Timer(0.3, lease.release)  # ... and then it stops writing
+    timer.start()
+    try:
+        assert wait_for_key_users(raw_redis, "dualmem", new.active_id, timeout=30) == []
+    finally:
+        timer.join()
+
+
 def test_the_lease_of_a_process_that_died_expires(redis_url: str, raw_redis: redis.Redis) -> None:
     ring = Keyring.generate()
     lease = KeyLease(raw_redis, "dualmem", Codec(ring), interval=0.05, slack=0.05)
@@ -911,6 +927,16 @@ def test_the_lock_of_a_rotation_killed_on_this_host_is_taken_over_at_once(
     with pytest.raises(RotationBusy, match=f"process {os.getppid()} on"):
         RotationLock(raw_redis, "ns").acquire(timeout=0.3)
     assert raw_redis.get(b"dm:{ns:keyuse}:rotation") == alive.encode()
+
+
+def test_a_rotation_whose_lock_expired_stops(raw_redis: redis.Redis) -> None:
+    # Redis lost the lock (evicted, flushed, failed over): another rotation can take it
+    # now, so this one must stop before it sends or edits anything more.
+    lock = RotationLock(raw_redis, "ns").acquire(timeout=0)
+    raw_redis.delete(b"dm:{ns:keyuse}:rotation")
+    with pytest.raises(RotationBusy, match="it expired"):
+        lock.check()
+    lock.release()
 
 
 def test_the_heartbeat_keeps_the_lock_past_its_ttl_and_renews_only_its_own(
