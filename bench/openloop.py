@@ -40,8 +40,8 @@ def schedule(
 def senders_for(rate: float, per_sender: float) -> int:
     """How many senders share ``rate`` so that none is offered more than ``per_sender``.
 
-    >>> senders_for(500, 2500), senders_for(10_000, 2500)
-    (1, 4)
+    >>> senders_for(500, 2500), senders_for(3_000, 2500), senders_for(10_000, 2500)
+    (1, 2, 4)
     """
     return max(1, -(-int(rate) // int(per_sender)))
 

@@ -30,6 +30,8 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     10
     >>> percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0.5)
     5
+    >>> percentile([1, 2, 3], 0), percentile([], 0.5)
+    (1, nan)
     """
     if not sorted_values:
         return math.nan
@@ -55,8 +57,10 @@ def summarize(samples_ns: Iterable[int]) -> dict[str, float]:
     in microseconds.
 
     >>> s = summarize(range(1000, 101000, 1000))
-    >>> s["count"], s["p50"], s["p95"], s["max"]
-    (100, 50.0, 95.0, 100.0)
+    >>> s["count"], s["p50"], s["p95"], s["p99"], s["max"], s["mean"]
+    (100, 50.0, 95.0, 99.0, 100.0, 50.5)
+    >>> summarize([3000, 1000, 2000])["p50"]  # any order
+    2.0
     """
     xs = sorted(samples_ns)
     if not xs:
@@ -103,8 +107,8 @@ def ratio(value: float, baseline: float) -> float:
 def flatness(values: Iterable[float]) -> float:
     """``max / min`` of positive values (1.0 means perfectly flat); ``nan`` if any is missing.
 
-    >>> flatness([2.0, 3.0, 2.5])
-    1.5
+    >>> flatness([3.0, 2.0, 2.5]), flatness([2.0, float("nan")]), flatness([2.0, 0.0])
+    (1.5, nan, nan)
     """
     xs = list(values)
     if not xs or any(math.isnan(x) or x <= 0 for x in xs):
@@ -121,6 +125,9 @@ class Target:
     >>> t = Target.check("write", "redis", "put p95 / raw p95, level 1", 1.13, "<=", 1.2)
     >>> t.met, t.text
     (True, '1.13 ≤ 1.2')
+    >>> t = Target.check("persist", "redis", "records/s", 50_000, ">=", 50_000, "/s")
+    >>> t.met, t.text
+    (True, '50000/s ≥ 50000/s')
     """
 
     suite: str

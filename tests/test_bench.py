@@ -9,6 +9,7 @@ import gc
 import importlib
 import json
 import logging
+import math
 import sqlite3
 import subprocess
 import sys
@@ -88,6 +89,10 @@ def test_schedule_splits_one_rate_over_senders_without_gaps() -> None:
     parts = [openloop.schedule(2000, 0.01, 5, senders=3, sender=k) for k in range(3)]
     merged = sorted(t for part in parts for t in part)
     assert merged == openloop.schedule(2000, 0.01, 5)
+    # A rate or duration of zero is a mistake, not an empty run that reports nothing.
+    for rate, duration in ((0, 1.0), (1000, 0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            openloop.schedule(rate, duration, 0)
 
 
 def test_targets_and_flatness() -> None:
@@ -96,7 +101,9 @@ def test_targets_and_flatness() -> None:
     assert not stats.Target.check("s", "b", "x", 0.5, ">=", 1).met
     t = stats.Target.check("s", "b", "x", float("nan"), "<=", 1)
     back = stats.Target.from_json(json.loads(json.dumps({**t.to_json(), "value": None})))
-    assert not back.met and stats.fmt(back.value) == "n/a"
+    assert not back.met and math.isnan(back.value)  # null in the file, NaN again
+    with pytest.raises(ValueError, match="op must be"):
+        stats.Target.check("s", "b", "x", 1.0, "==", 1.0)  # a target always says which way
     assert stats.flatness([1.0, 0.0]) != stats.flatness([1.0, 0.0])  # nan: never flat
 
 
