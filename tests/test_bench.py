@@ -175,7 +175,14 @@ def test_dualmem_cli_builds_without_importing_the_bench_extra() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def _run_tiny(tmp_path: Path, backend: str) -> dict[str, dict[str, object]]:
+def _run_tiny(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, dict[str, object]]:
+    from bench.suites import lag
+
+    # The tiny rates get lag targets of their own, so the target code runs (2000 and
+    # 10000 writes/s have them in a real run).
+    monkeypatch.setattr(lag, "TARGETS_MS", {200: 5.0, 400: 20.0})
     out = tmp_path / "results"
     assert main(["--sizes", "tiny", "--backend", backend, "--no-progress", "--out", str(out)]) == 0
     docs = {}
@@ -188,14 +195,17 @@ def _run_tiny(tmp_path: Path, backend: str) -> dict[str, dict[str, object]]:
             assert {"value", "limit", "met"} <= set(t)
     report = (out / "REPORT.md").read_text()
     assert "## Targets" in report and "| write |" in report
+    _check_targets_are_their_figures(docs, backend)
     assert (out / "write_cdf.png").stat().st_size > 0
     assert (out / "lag_vs_rate.png").stat().st_size > 0
     return docs
 
 
 @pytest.mark.slow
-def test_every_suite_runs_at_a_tiny_size_on_fakeredis(tmp_path: Path) -> None:
-    docs = _run_tiny(tmp_path, "fakeredis")
+def test_every_suite_runs_at_a_tiny_size_on_fakeredis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = _run_tiny(tmp_path, "fakeredis", monkeypatch)
     lag = docs["lag"]["backends"]["fakeredis"]["rates"]  # type: ignore[index]
     assert all(r["not_visible"] == 0 for r in lag)  # every write became queryable
     assert all(r["committed"] == r["writes"] > 0 for r in lag)  # and was found afterwards
@@ -211,9 +221,11 @@ def test_every_suite_runs_at_a_tiny_size_on_fakeredis(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.real_redis
-def test_every_suite_runs_at_a_tiny_size_on_a_real_redis(tmp_path: Path) -> None:
+def test_every_suite_runs_at_a_tiny_size_on_a_real_redis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _require_redis_server()
-    docs = _run_tiny(tmp_path, "redis")
+    docs = _run_tiny(tmp_path, "redis", monkeypatch)
     persist = docs["persist"]["backends"]["redis"]  # type: ignore[index]
     assert persist["rounds"][0]["batches"] >= 1
     # The breakdown is measured, not derived from one figure: each stage took time.
@@ -231,6 +243,57 @@ def test_every_suite_runs_at_a_tiny_size_on_a_real_redis(tmp_path: Path) -> None
             "count",
             "latest_fork_ms",
         }
+
+
+def _check_targets_are_their_figures(docs: dict[str, Any], backend: str) -> None:
+    """Each target's value is what the figures stored beside it give: the README quotes
+    these ratios, and a ratio taken the wrong way round, from the wrong row or the wrong
+    percentile would report a speed nobody measured (each suite's own arithmetic, checked
+    on what a tiny run measured, not on a timing)."""
+    r = {suite: doc["backends"][backend] for suite, doc in docs.items()}
+
+    def check(suite: str, values: list[float], limits: list[float]) -> None:
+        targets = r[suite]["targets"]
+        assert [t["value"] for t in targets] == pytest.approx(values), suite
+        assert [t["limit"] for t in targets] == limits, suite
+
+    rows = r["write"]["rows"]
+    assert [row["level"] for row in rows] == [1, 2, 3, 4, 5]
+    check("write", [row["dualmem_put"]["p95"] / row["raw_multi"]["p95"] for row in rows], [1.2] * 5)
+    persist = r["persist"]
+    rate, raw = persist["dualmem_rate"], persist["raw_rate"]
+    assert rate == pytest.approx(stats.median(x["dualmem_rate"] for x in persist["rounds"]))
+    assert raw == pytest.approx(stats.median(x["raw_rate"] for x in persist["rounds"]))
+    check("persist", [rate, rate / raw], [50_000, 0.8])
+    rows = r["read"]["rows"]
+    assert [row["level"] for row in rows] == [3, 1]
+    check(
+        "read",
+        [
+            row["dualmem_get"]["p95"] / row[baseline]["p95"]
+            for row in rows
+            for baseline in ("sqlite_select_json", "diskcache_get")
+        ],
+        [3.0, 2.5] * 2,
+    )
+    rows = r["lag"]["rates"]
+    assert [t["what"] for t in r["lag"]["targets"]] == [
+        f"lag p95 at {row['offered_rate']} writes/s" for row in rows
+    ]
+    check("lag", [row["lag"]["p95"] / 1000 for row in rows], [5.0, 20.0])  # ms, as the limit
+    put = r["peers"]["put"]
+    pairs = [t["what"].removesuffix(" put p95").split(" put p95 / ") for t in r["peers"]["targets"]]
+    assert pairs == [
+        [peer, name]
+        for peer in ("SqliteStore (defaults)", "SqliteStore (WAL, NORMAL)")
+        for name in ("dualmem L3 SWARM", "dualmem L1 PRIVATE")
+    ]
+    check("peers", [put[peer]["p95"] / put[name]["p95"] for peer, name in pairs], [4.0] * 4)
+    rows = r["scale"]["rows"]
+    ratios = [row["put"]["p95"] / row["raw_multi"]["p95"] for row in rows]
+    assert [row["put_p95_ratio"] for row in rows] == pytest.approx(ratios)
+    drains = [stats.median(d["persist_rate_ratio"] for d in row["persist_rounds"]) for row in rows]
+    check("scale", [max(ratios) / min(ratios), max(drains) / min(drains)], [1.5, 1.5])
 
 
 def _check_cpu(row: dict[str, Any], names: list[str], self_measured: list[str]) -> None:
