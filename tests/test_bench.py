@@ -153,6 +153,29 @@ def test_the_lag_suite_counts_the_forks_of_a_real_redis_during_a_rate(tmp_path: 
             client.close()
 
 
+def test_the_committed_report_and_the_readme_are_the_committed_results() -> None:
+    # The README quotes the committed run's targets table, and REPORT.md says it is
+    # generated from the JSON beside it: both must be what that JSON gives, so a figure
+    # edited by hand, or a run committed without its report (or the other way round),
+    # fails here rather than in a reader's hands.
+    from bench.report import _PLOTS, load_results, targets_table
+
+    root = Path(__file__).resolve().parent.parent
+    results = root / "bench" / "results"
+    docs = load_results(results)
+    assert set(docs) == set(SUITES)
+    plots = {suite: name for suite, (name, _) in _PLOTS.items() if (results / name).exists()}
+    assert set(plots) == set(_PLOTS)  # the plots are committed with the run
+    report = (results / "REPORT.md").read_text(encoding="utf-8")
+    assert render_report(docs, plots) == report
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert targets_table(docs) in readme
+    targets = [t for doc in docs.values() for r in doc["backends"].values() for t in r["targets"]]
+    met = sum(t["met"] for t in targets)
+    assert f"({met} of {len(targets)} targets met" in readme
+    assert f"## Targets ({met} of {len(targets)} met)" in report
+
+
 def test_values_are_seeded_and_exactly_500_bytes() -> None:
     a = harness.make_values(harness.random.Random("1:x"), 5)
     b = harness.make_values(harness.random.Random("1:x"), 5)
