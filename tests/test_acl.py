@@ -33,6 +33,8 @@ CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop"
 def test_levels_are_fixed_numbers() -> None:
     assert [int(lv) for lv in Level] == [1, 2, 3, 4, 5]
     assert {lv for lv in Level if lv.encrypted} == {Level.PRIVATE, Level.TEAM, Level.SYSTEM}
+    # A name in any case and with the spaces a command line or a config file leaves.
+    assert [as_level(x) for x in ("private", " Team ", "SWARM\n", 4)] == list(Level)[:4]
 
 
 @pytest.mark.parametrize("bad", [0, 6, -1, "ADMIN", None, True, 2.0])
@@ -48,9 +50,17 @@ def test_unknown_levels_are_validation_errors(bad: object) -> None:
         {"agent_id": "   "},
         {"agent_id": "a", "team": ""},
         {"agent_id": "a\x00b"},
+        {"agent_id": "a\nb"},  # a line break in a scope, a Redis key, an audit line
+        {"agent_id": "a\x1fb"},
         {"agent_id": "a" * 129},
         {"agent_id": 7},
+        {"agent_id": None},  # only the groups may be None ("not a member of any")
         {"agent_id": "a", "system": "yes"},
+        # Every group is checked as the agent id is: it becomes part of a scope too.
+        {"agent_id": "a", "swarm": "s\tt"},
+        {"agent_id": "a", "project": ""},
+        {"agent_id": "a", "project": "p\x00"},
+        {"agent_id": "a", "project": 3},
     ],
 )
 def test_principal_rejects_empty_or_bad_ids(kwargs: dict[str, object]) -> None:
@@ -113,12 +123,16 @@ def test_missing_membership_is_denied_not_defaulted() -> None:
         Level.TEAM: "team:backend",
         Level.SWARM: "swarm:s1",
     }
+    # One level, as a number or a name, is that level only (not every level, and a name
+    # is not taken for an iterable of one-letter levels).
+    assert readable_scopes(CODER, 3) == {Level.SWARM: "swarm:s1"}
+    assert readable_scopes(CODER, "team") == {Level.TEAM: "team:backend"}
 
 
 def test_level_of_scope() -> None:
     assert level_of_scope("agent:x") is Level.PRIVATE
     assert level_of_scope("system") is Level.SYSTEM
-    for bad in ("agent:", "nobody:x", "", "systems"):
+    for bad in ("agent:", "nobody:x", "", "systems", "agents:x", "teamwork:x", "projects:p"):
         with pytest.raises(ValueError):
             level_of_scope(bad)
 
