@@ -312,6 +312,25 @@ def test_loop4_decisions_are_system_only_encrypted_and_chronological(
     assert len(envelopes) == 3 and not any(b"NEEDLE" in e for e in envelopes)
 
 
+def test_decisions_stored_within_one_clock_tick_keep_their_order(
+    make_mem: MakeMem, system: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The clock standing still (a coarse clock, or one stepped back): decided_at still
+    # grows with each store, so "chronological" is the order they were stored in, not
+    # the order of their phases.
+    from dualmem.coordination import loops as loops_module
+
+    monkeypatch.setattr(loops_module, "clock_us", lambda: 1_700_000_000_000_000)
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    for phase in ("test", "impl", "design"):
+        loops.store_loop4_decision(system, phase, 1, "PROCEED", "ok")
+    loops.sync()
+    listed = loops.list_loop4_decisions(system)
+    assert [d.phase for d in listed] == ["test", "impl", "design"]
+    assert len({d.decided_at for d in listed}) == 3
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -408,6 +427,13 @@ def test_gate_thresholds_are_configurable(make_mem: MakeMem, coder: Principal) -
     for bad in (1.5, -0.1, math.nan):
         with pytest.raises(ValidationError):
             LoopMemory(mem, swarm=SWARM, project="shop", confidence_threshold=bad)
+        with pytest.raises(ValidationError):
+            LoopMemory(mem, swarm=SWARM, project="shop", consensus_threshold=bad)
+    # A confidence read back exactly at the threshold passes, as the gate says it does.
+    lenient.store_loop3_confidence(coder, "auth", 2, 0.5, "just")
+    lenient.sync()
+    at_threshold = lenient.get_loop3_confidence(coder, "auth", 2)
+    assert at_threshold is not None and at_threshold.gate_passed
     with pytest.raises(ValidationError, match="'/'"):
         LoopMemory(mem, swarm="a/b", project="shop")
     with pytest.raises(ValidationError, match="'/'"):
