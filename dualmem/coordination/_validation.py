@@ -172,61 +172,25 @@ class SeenRecords:
 
     def __init__(self) -> None:
         self._seen: set[tuple[str, str]] = set()
-        #: Versions seen in the Redis cache only, by key and value, whose stream id is not
-        #: known yet: the first committed version of the key holding that value is the
-        #: same write, not a version of its own.
-        self._uncommitted: set[tuple[str, str]] = set()
 
     def first(self, record: Record) -> bool:
         """True the first time this version of ``record`` is seen. A record read from the
-        Redis cache has no stream id: its value tells its versions apart, and the first
-        committed version of its key with that value is taken for the same write (seen
-        in the cache, then committed by the worker: one version, audited once).
+        Redis cache has no stream id: its value tells its versions apart.
 
         >>> from collections import namedtuple
         >>> R = namedtuple("R", "key stream_id value")
         >>> seen = SeenRecords()
         >>> [seen.first(R("k", "", v)) for v in ({"a": 1}, {"a": 1}, {"a": 2})]
         [True, False, True]
-        >>> seen.first(R("k", "5-0", {"a": 1})), seen.first(R("k", "6-0", {"a": 1}))
-        (False, True)
         """
-        if record.stream_id:
-            mark = (record.key, record.stream_id)
-            if mark in self._seen:
-                return False
-            self._seen.add(mark)
-            if not self._uncommitted:
-                return True
-            cached = (record.key, _cache_version(record.value))
-            if cached not in self._uncommitted:
-                return True
-            self._uncommitted.discard(cached)
-            return False
-        mark = (record.key, _cache_version(record.value))
+        version = record.stream_id or "cache:" + json.dumps(
+            record.value, sort_keys=True, default=repr
+        )
+        mark = (record.key, version)
         if mark in self._seen:
             return False
         self._seen.add(mark)
-        self._uncommitted.add(mark)
         return True
-
-    def replaced(self, key: str) -> None:
-        """The caller wrote ``key``: what the cache held there is gone, so the same value
-        written there later is a version of its own, wherever it is read first.
-
-        >>> from collections import namedtuple
-        >>> R = namedtuple("R", "key stream_id value")
-        >>> seen = SeenRecords()
-        >>> seen.first(R("k", "", 1)), seen.replaced("k"), seen.first(R("k", "9-0", 1))
-        (True, None, True)
-        """
-        self._seen = {m for m in self._seen if m[0] != key or not m[1].startswith("cache:")}
-        self._uncommitted = {m for m in self._uncommitted if m[0] != key}
-
-
-def _cache_version(value: object) -> str:
-    """What tells apart the versions of a key read from the Redis cache: its value."""
-    return "cache:" + json.dumps(value, sort_keys=True, default=repr)
 
 
 class ReceiptLog:

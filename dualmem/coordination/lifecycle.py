@@ -262,13 +262,14 @@ class AgentLifecycle:
         # state: a terminated agent's heartbeat would write "active" over "terminated".
         # The next write of the key replaces the entry (a delete's tombstone too, which
         # then expires as usual); a key rotation re-seals it in place.
-        key = f"{_AGENTS}{info.agent_id}"
-        receipt = self._receipts.add(
-            self.mem._put_pinned(key, info.to_value(), level=self.level, principal=self.principal)
+        return self._receipts.add(
+            self.mem._put_pinned(
+                f"{_AGENTS}{info.agent_id}",
+                info.to_value(),
+                level=self.level,
+                principal=self.principal,
+            )
         )
-        # Junk that was there is gone: the same junk planted again is audited again.
-        self._rejected.replaced(key)
-        return receipt
 
     # -- commands ------------------------------------------------------------------------
 
