@@ -499,6 +499,33 @@ def test_agent_lifecycle_records_each_step_and_refuses_updates_after_termination
     again = life.agent("coder-1")
     assert again is not None and again.status is AgentStatus.SPAWNED
     assert [e.event for e in life.history("coder-1")][-2:] == ["terminate", "spawn"]
+    # A confidence is a sign of life as a heartbeat is: spawned, then active.
+    life.update_confidence("coder-1", 0.5, "started", "auth", 3)
+    now_active = life.agent("coder-1")
+    assert now_active is not None and now_active.status is AgentStatus.ACTIVE
+
+
+def test_an_agents_history_holds_none_of_an_agent_whose_id_it_begins(make_mem: MakeMem) -> None:
+    # Events live under lifecycle/events/<agent_id>/: coder-1's history read the prefix
+    # lifecycle/events/coder-1, coder-10's events with it, if the slash were left out.
+    mem = make_mem()
+    life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30)
+    for agent in ("coder-1", "coder-10", "coder-1x"):
+        life.register_spawn(agent, agent, "coder", [], Level.SWARM)
+    life.register_termination("coder-10", "done")
+    life.sync()
+    assert [(e.agent_id, e.event) for e in life.history("coder-1")] == [("coder-1", "spawn")]
+    assert [e.event for e in life.history("coder-10")] == ["spawn", "terminate"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.inf, math.nan, True, "30"])
+def test_a_heartbeat_timeout_that_is_no_positive_number_of_seconds_is_refused(
+    make_mem: MakeMem, bad: object
+) -> None:
+    # 0 marked every agent dead at its first stale_agents(); infinity made it raise
+    # OverflowError (int(inf * 1e6)).
+    with pytest.raises(ValidationError, match="heartbeat_timeout"):
+        AgentLifecycle(make_mem(), BOSS, heartbeat_timeout=bad)  # type: ignore[arg-type]
 
 
 def test_a_state_record_naming_another_agent_is_refused_and_redirects_no_write(
