@@ -890,9 +890,9 @@ def test_doctor_fails_another_programs_database(
 
 # -- metrics ------------------------------------------------------------------------------
 
-_SAMPLE = re.compile(
-    r'^dualmem_[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? (-?[0-9.e+-]+|NaN)$'
-)
+#: A label value is quoted, with a backslash, a quote and a line break escaped.
+_LABEL = r'[a-z_]+="(?:[^"\\\n]|\\[\\"n])*"'
+_SAMPLE = re.compile(rf"^dualmem_[a-z_]+(\{{{_LABEL}(,{_LABEL})*\}})? (-?[0-9.e+-]+|NaN)$")
 
 
 def check_exposition(text: str) -> None:
@@ -956,6 +956,108 @@ def test_metrics_server_serves_on_loopback_and_stops(
         thread.join(5)
         exporter.close()
     assert not thread.is_alive()
+
+
+@pytest.mark.real_redis
+def test_the_exposition_sums_every_shard_and_labels_every_worker(
+    own_redis_server: RedisServer, tmp_path: Path, keyfile: Path
+) -> None:
+    # Each gauge from its own source: backlog and pending summed over every shard's
+    # stream (not the last one's), dead letters counted, the database's size with its
+    # WAL; one HELP/TYPE per family however many workers, and a worker name that needs
+    # escaping kept one label; redis_up 0 (and no backlog figures) once Redis is gone.
+    db = tmp_path / "m.db"
+    settings = Settings.load(
+        {"redis_url": own_redis_server.url, "db_path": str(db), "keyring": str(keyfile)}
+    ).replace(shards=2, worker=False)
+    raw = own_redis_server.client()
+    mem = DualMemory(settings=settings)
+    try:
+        streams = list(mem.layout.streams())  # the writer made their groups
+        keys = [f"k{i}" for i in range(40)]
+        for key in keys:
+            mem.put(key, 1, level=Level.SWARM, principal=CODER)
+        per_stream = [raw.xlen(stream) for stream in streams]
+        assert all(n > 0 for n in per_stream) and sum(per_stream) == len(keys)
+        raw.xreadgroup(settings.group, "c", {streams[1]: ">"}, count=3)  # 3 pending
+        two_dead_letters(mem)
+        snapshot = {"put": {"count": 2, "p50": 1.0, "p95": 2.0, "p99": 3.0, "max": 4.0}}
+        mem.store.record_metrics(1, 'host-1 "a\\b"', snapshot)
+        mem.store.record_metrics(1, "host-2", snapshot)
+    finally:
+        mem.close()
+    exporter = Exporter(settings)
+    try:
+        text = exporter.render()
+        check_exposition(text)
+        gauges = dict(
+            line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("dualmem_")
+        )
+        assert float(gauges["dualmem_backlog"]) == len(keys)
+        assert float(gauges["dualmem_pending"]) == 3
+        assert float(gauges["dualmem_dead_letters"]) == 2
+        wal = Path(f"{db}-wal")
+        assert wal.stat().st_size > 0
+        assert float(gauges["dualmem_db_bytes"]) == db.stat().st_size + wal.stat().st_size
+        assert float(gauges["dualmem_redis_up"]) == 1
+        assert text.count("# TYPE dualmem_latency_seconds summary") == 1
+        assert 'source="host-1 \\"a\\\\b\\"",path="put"' in text
+        assert 'source="host-2",path="put"' in text
+        own_redis_server.kill()
+        down = exporter.render()
+        assert "dualmem_redis_up 0" in down and "dualmem_backlog" not in down
+    finally:
+        exporter.close()
+
+
+def test_the_metrics_server_answers_a_query_string_and_503_when_it_cannot_render() -> None:
+    # Prometheus may add parameters (/metrics?name[]=...): they were a 404. A render
+    # that fails (Redis or SQLite gone) is a 503 with its reason, not a dropped
+    # connection; and scrapes render one at a time (one SQLite connection, one client).
+    from dualmem.errors import StoreUnavailable
+
+    active: list[int] = []
+    overlapped = threading.Event()
+    fail = threading.Event()
+
+    def render() -> str:
+        active.append(1)
+        try:
+            if len(active) > 1:
+                overlapped.set()
+            if fail.is_set():
+                raise StoreUnavailable("metrics: Redis is down")
+            overlapped.wait(0.5)  # long enough for a second scrape to come in
+            return "dualmem_up 1\n"
+        finally:
+            active.pop()
+
+    server, thread = start_server(0, render)
+    port = server.server_address[1]
+    try:
+        bodies: list[str] = []
+
+        def scrape(suffix: str) -> None:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/metrics{suffix}", timeout=10
+            ) as resp:
+                bodies.append(resp.read().decode())
+
+        scrapers = [threading.Thread(target=scrape, args=(s,)) for s in ("", "?name[]=x")]
+        for t in scrapers:
+            t.start()
+        for t in scrapers:
+            t.join(10)
+        assert bodies == ["dualmem_up 1\n"] * 2
+        assert not overlapped.is_set()
+        fail.set()
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert err.value.code == 503 and "Redis is down" in err.value.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def test_metrics_serve_command_runs_until_sigterm(
