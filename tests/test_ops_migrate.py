@@ -212,3 +212,136 @@ def test_mission_log_records_of_a_first_schema_file_are_projected_by_the_migrati
     conn.close()
     code, out, _ = run_cli(capsys, "verify", "--db", str(v1), "--no-redis")
     assert code == 0, out
+
+
+def test_a_schema_3_mission_delete_is_kept_for_good_by_the_migration(
+    v1: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Schema 4 moved a deleted mission's mark from its tombstone (which purge removes)
+    # to mission_deletes: a mark not carried over, or carried under a wrong mission id,
+    # let a late older put revive the mission after the upgrade. Only the projected
+    # levels have marks; a placeholder mission (sid 0) stays below every stream id.
+    assert run_cli(capsys, "migrate", "--db", str(v1), "--to", "3")[0] == 0
+    gone = (7 << 22) | 2
+    with sqlite3.connect(v1) as conn:
+        for scope, key, level in (
+            ("project:shop", "_dm/mission/gone", 4),
+            ("agent:coder-1", "_dm/mission/secret", 1),
+        ):
+            conn.execute(
+                f"INSERT INTO memory ({MEMORY_COLUMNS}) "
+                "VALUES (?, ?, ?, 'lead', NULL, ?, ?, 7, 7, NULL)",
+                (scope, key, level, gone, "7-2"),
+            )
+        conn.execute(
+            "INSERT INTO missions (scope, mission_id, level, phase, status, started_at, "
+            "updated_at, actor, sid) VALUES ('project:shop', 'early', 4, '', 'pending', 0, 0, "
+            "'', 0)"
+        )
+    conn.close()
+    assert run_cli(capsys, "migrate", "--db", str(v1))[0] == 0
+    with sqlite3.connect(v1) as conn:
+        marks = conn.execute("SELECT scope, mission_id, sid FROM mission_deletes").fetchall()
+        placeholder = conn.execute(
+            "SELECT typeof(sid), sid FROM missions WHERE mission_id = 'early'"
+        ).fetchone()
+    conn.close()
+    assert marks == [("project:shop", "gone", legacy_sid(gone))]
+    assert placeholder == ("integer", 0)
+
+
+def test_a_mission_record_that_does_not_parse_does_not_stop_the_migration(
+    v1: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The migration projects every mission-log record written before: one that is not a
+    # record of its kind is left as it is (verify names it), not a migration that fails
+    # and a file that no dualmem can open any more.
+    from acl import Codec
+
+    key = "_dm/tool_call/m1/c1"
+    env = Codec(None).seal({"junk": True}, scope="project:shop", key=key, level=Level.PROJECT)
+    with sqlite3.connect(v1) as conn:
+        conn.execute(
+            f"INSERT INTO memory ({MEMORY_COLUMNS}) VALUES (?, ?, 4, 'lead', ?, ?, ?, 5, 5, NULL)",
+            ("project:shop", key, env, (5 << 22) | 1, "5-1"),
+        )
+    conn.close()
+    assert run_cli(capsys, "migrate", "--db", str(v1))[0] == 0
+    assert user_version(v1) == SCHEMA_VERSION
+    with sqlite3.connect(v1) as conn:
+        assert conn.execute("SELECT count(*) FROM memory WHERE key = ?", (key,)).fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM tool_calls").fetchone() == (0,)
+    conn.close()
+
+
+def test_a_migration_that_fails_leaves_the_file_at_its_version(
+    v1: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each migration is one transaction: a failure half-way rolls back what it did, and
+    # the version stays where it was, so the next attempt starts from the same state.
+    from dualmem import migrations
+
+    def half_way(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE half_way (x)")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", [migrations.MIGRATIONS[0], half_way])
+    conn = sqlite3.connect(v1, isolation_level=None)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+            migrations.migrate(conn)
+    finally:
+        conn.close()
+    assert user_version(v1) == 1 and "half_way" not in tables(v1)
+
+
+def test_a_migration_another_process_made_meanwhile_is_not_made_again(
+    v1: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two processes opened the same old file: the second read version 1, waited for the
+    # write lock while the first migrated, and must look again under the lock (schema 4's
+    # ALTER TABLE run twice fails: "duplicate column name").
+    from dualmem import migrations
+
+    conn = sqlite3.connect(v1, isolation_level=None)
+    try:
+        assert migrations.migrate(conn) == list(range(2, SCHEMA_VERSION + 1))
+        real = migrations.schema_version
+        reads = iter([1])  # the first look, before the other process migrated
+
+        def stale_first(c: sqlite3.Connection) -> int:
+            return next(reads, None) or real(c)
+
+        monkeypatch.setattr(migrations, "schema_version", stale_first)
+        assert migrations.migrate(conn) == []
+    finally:
+        conn.close()
+    assert user_version(v1) == SCHEMA_VERSION
+
+
+def test_a_new_database_reclaims_space_incrementally_and_refuses_a_one_step_downgrade(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # auto_vacuum takes effect only before the first table: `purge` can give pages back
+    # to the file system (incremental_vacuum) only if the first migration set it. Both
+    # the store and migrate() itself (which any connection may call) see to it, and
+    # both the command and migrate() refuse to go back even one version.
+    from acl.errors import ConfigurationError
+    from dualmem import migrations
+    from dualmem.sqlite_store import SQLiteStore
+
+    SQLiteStore(tmp_path / "store.db").close()
+    conn = sqlite3.connect(tmp_path / "bare.db", isolation_level=None)
+    try:
+        migrations.migrate(conn)
+        with pytest.raises(ConfigurationError, match="refusing to downgrade"):
+            migrations.migrate(conn, SCHEMA_VERSION - 1)
+    finally:
+        conn.close()
+    for name in ("store.db", "bare.db"):
+        with sqlite3.connect(tmp_path / name) as check:
+            assert check.execute("PRAGMA auto_vacuum").fetchone() == (2,), name  # INCREMENTAL
+        check.close()
+    db = str(tmp_path / "store.db")
+    code, _, err = run_cli(capsys, "migrate", "--db", db, "--to", str(SCHEMA_VERSION - 1))
+    assert code == 2 and "refusing to downgrade" in err
