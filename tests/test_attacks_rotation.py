@@ -560,6 +560,184 @@ def test_drop_retired_waits_for_a_writer_that_still_seals_with_the_old_key(
         reader.close()
 
 
+_LOCK = b"dm:{dualmem:keyuse}:rotation"
+
+
+def _a_rotation_to_drop(
+    redis_server: RedisServer, tmp_path: Path, keyfile: Path
+) -> tuple[list[str], str]:
+    """A committed record sealed with the key file's active key (its writer closed: no
+    lease left), and the ``rotate-keys`` arguments that add a new key, re-seal the record
+    and drop the old key; returns them and the old key's id."""
+    redis_server.client().flushall()
+    db = str(tmp_path / "m.db")
+    writer = DualMemory(redis_url=redis_server.url, db_path=db, keyring=str(keyfile))
+    try:
+        old = writer.codec.keyring.active_id  # type: ignore[union-attr]
+        p = Principal(agent_id="a")
+        writer.sync(writer.put("k", 1, level=Level.PRIVATE, principal=p), timeout=10)
+    finally:
+        writer.close()
+    args = ["rotate-keys", "--redis-url", redis_server.url, "--db", db]
+    args += ["--keyring", str(keyfile), "--grace", "0.1", "--timeout", "30", "--drop-retired"]
+    return args, old
+
+
+def _lose_the_lock(client: redis.Redis, how: str) -> None:
+    if how == "expired":  # Redis lost it (evicted, flushed, failed over)
+        client.delete(_LOCK)
+    else:  # another rotation took it over
+        client.set(_LOCK, b"someone else", px=60_000)
+
+
+@pytest.mark.real_redis
+@pytest.mark.parametrize("how", ["expired", "taken over"])
+def test_a_drop_that_lost_its_lock_while_it_waited_marks_no_key(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    keyfile: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    # The drop waits up to --timeout for the key leases: its lock may be gone by then.
+    # It went on to mark the keys as being dropped (refusing imports and replays of
+    # another rotation, which holds the lock now) and to pass over the data again.
+    import dualmem.rotation as rotation_module
+
+    args, old = _a_rotation_to_drop(redis_server, tmp_path, keyfile)
+    client = redis_server.client()
+    real_wait, real_mark = rotation_module.wait_for_key_users, rotation_module.mark_dropping
+    marked: list[object] = []
+
+    def wait_then_lose(*a: object, **kw: object) -> object:
+        blocking = real_wait(*a, **kw)  # type: ignore[arg-type]
+        _lose_the_lock(client, how)
+        return blocking
+
+    def mark(*a: object, **kw: object) -> None:
+        marked.append(a[2])
+        real_mark(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rotation_module, "wait_for_key_users", wait_then_lose)
+    monkeypatch.setattr(rotation_module, "mark_dropping", mark)
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2 and "lost its lock" in err, (out, err)
+    assert marked == []
+    assert old in Keyring.load(keyfile).ids
+    assert client.get(_LOCK) == (None if how == "expired" else b"someone else")
+
+
+@pytest.mark.real_redis
+@pytest.mark.parametrize("how", ["expired", "taken over"])
+def test_a_drop_that_lost_its_lock_after_its_last_pass_keeps_the_keys(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    keyfile: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    # The lock was lost during the drop's last pass over the data: another rotation may
+    # have made its own key active and be re-sealing under it. This one edited the key
+    # file anyway, racing the other's edits.
+    import dualmem.rotation as rotation_module
+    from dualmem.keyuse import dropping_key
+
+    args, old = _a_rotation_to_drop(redis_server, tmp_path, keyfile)
+    client = redis_server.client()
+    real_pass = rotation_module._rotate_with_progress
+    passes: list[object] = []
+
+    def pass_then_lose(*a: object, **kw: object) -> object:
+        report = real_pass(*a, **kw)  # type: ignore[arg-type]
+        passes.append(report)
+        if len(passes) == 2:  # the drop's last pass
+            _lose_the_lock(client, how)
+        return report
+
+    monkeypatch.setattr(rotation_module, "_rotate_with_progress", pass_then_lose)
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2 and "lost its lock" in err, (out, err)
+    assert len(passes) == 2 and old in Keyring.load(keyfile).ids
+    assert client.get(dropping_key("dualmem")) is None  # the mark went with the drop
+
+
+@pytest.mark.real_redis
+def test_the_drop_marks_the_retired_keys_for_its_last_pass_and_then_clears_the_mark(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    keyfile: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The mark is what keeps an import or a replay from sending envelopes under a key
+    # the drop is about to remove: it must name that key for the whole last pass (which
+    # may take --timeout), and go once the drop is done, or every such send refused for
+    # a minute more (or, marking nothing, landed under a key gone from the key file).
+    import dualmem.rotation as rotation_module
+    from dualmem.keyuse import dropping_key
+
+    args, old = _a_rotation_to_drop(redis_server, tmp_path, keyfile)
+    client = redis_server.client()
+    mark = dropping_key("dualmem")
+    real_rotate = rotation_module.rotate_keys
+    seen: list[tuple[object, int]] = []
+
+    def rotate_and_look(*a: object, **kw: object) -> object:
+        seen.append((client.get(mark), client.pttl(mark)))
+        report = real_rotate(*a, **kw)  # type: ignore[arg-type]
+        seen.append((client.get(mark), client.pttl(mark)))
+        return report
+
+    monkeypatch.setattr(rotation_module, "rotate_keys", rotate_and_look)
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and f"dropped retired key(s) {old}" in out, out
+    assert len(seen) == 4 and seen[:2] == [(None, -2), (None, -2)]  # no mark on the first
+    for raw, pttl in seen[2:]:  # the last pass: before it starts and once it is over
+        assert raw is not None and json.loads(raw) == [old]
+        assert pttl > 30_000  # outlives the pass's own --timeout 30
+    assert client.get(mark) is None
+    assert Keyring.load(keyfile).ids == (Keyring.load(keyfile).active_id,)
+
+
+@pytest.mark.real_redis
+def test_a_drop_keeps_a_key_a_dead_letter_took_while_it_waited(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    keyfile: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A process that had not reloaded the key file yet (its lease made the drop wait)
+    # sealed a put with the old key, and the worker dead-lettered it: the last pass finds
+    # that dead letter, and `dlq replay` needs the old key to send it again. The drop
+    # used the first pass's list of retired keys and removed it anyway.
+    import dualmem.rotation as rotation_module
+    from dualmem.keyuse import dropping_key
+
+    args, old = _a_rotation_to_drop(redis_server, tmp_path, keyfile)
+    codec = Codec(Keyring.load(keyfile))  # the late process's keyring: the old key active
+    env = codec.seal({"v": 1}, scope=SCOPE, key="late", level=Level.PRIVATE, owner="a")
+    fields = put_fields(SCOPE, "late", Level.PRIVATE, "a", 1, env, None)
+    real_wait = rotation_module.wait_for_key_users
+
+    def wait_then_dead_letter(*a: object, **kw: object) -> object:
+        blocking = real_wait(*a, **kw)  # type: ignore[arg-type]
+        store = SQLiteStore(tmp_path / "m.db")
+        try:
+            store.dead_letter([(StreamEntry(0, "1-1", _raw(fields)), "disk I/O error", 3)])
+        finally:
+            store.close()
+        return blocking
+
+    monkeypatch.setattr(rotation_module, "wait_for_key_users", wait_then_dead_letter)
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 1 and "not dropped" in out and "1 dead letter(s)" in out, out
+    assert old in Keyring.load(keyfile).ids
+    assert redis_server.client().get(dropping_key("dualmem")) is None
+
+
 def test_the_drop_mark_lasts_its_ttl_and_one_nobody_can_read_refuses(
     raw_redis: redis.Redis,
 ) -> None:
