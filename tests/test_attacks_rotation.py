@@ -25,7 +25,7 @@ from bench import attacks
 from bench.faultkit import FaultEnv
 from dualmem import DualMemory, RotationBusy, StoreUnavailable
 from dualmem.cli import main
-from dualmem.commands import delete_fields, put_fields, reseal_fields, sid_of
+from dualmem.commands import cached_envelope, delete_fields, put_fields, reseal_fields, sid_of
 from dualmem.keyuse import KeyLease, key_users, landing_slack, wait_for_key_users
 from dualmem.rotation import KeyfileWatcher, add_active_key, drop_keys, rotate_keys
 from dualmem.rotation_lock import RotationLock
@@ -400,6 +400,246 @@ def test_a_put_still_in_the_stream_under_the_old_key_keeps_the_rotation_from_don
     assert report.left.rows == report.left.cache == 0, report
     assert report.left.stream == 1 and old in report.left.key_ids
     assert not report.done and report.retired == ()
+
+
+def _cache(raw_redis: redis.Redis) -> dict[bytes, bytes]:
+    return {bytes(n): bytes(raw_redis.get(n)) for n in raw_redis.scan_iter(match=b"dm:*:c:*")}
+
+
+def _cached_key_id(value: bytes | None) -> str | None:
+    envelope = None if value is None else cached_envelope(value)[0]
+    return None if envelope is None else envelope_key_id(envelope)
+
+
+def test_rotation_progress_counts_every_row_it_reads_and_never_passes_its_total(
+    make_mem: MakeMem, keyfile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # rotate-keys shows "done of total" from the progress callback. Rows written under
+    # the old key during the pass are read too: the total must grow with them, not show
+    # 8 of 7, and done counts rows, not batches.
+    from dualmem.rotation import _Rotation
+
+    p = Principal(agent_id="a")
+    writer = make_mem(keyring_reload_interval=3600)  # keeps sealing with the old key
+    for i in range(7):
+        receipt = writer.put(f"a{i}", i, level=Level.PRIVATE, principal=p)
+    writer.sync(receipt, timeout=10)
+    old = writer.codec.keyring.active_id  # type: ignore[union-attr]
+    add_active_key(keyfile)
+    rotator = make_mem()
+    real = _Rotation._reseal_rows
+
+    def reseal_rows(self: _Rotation, *a: object) -> int:
+        if not late:  # after the first batch was read
+            for i in range(3):  # after the pass's cursor: this pass reads them too
+                late.append(writer.put(f"z{i}", i, level=Level.PRIVATE, principal=p))
+            writer.sync(late[-1], timeout=10)
+        return real(self, *a)  # type: ignore[arg-type]
+
+    late: list[object] = []
+    monkeypatch.setattr(_Rotation, "_reseal_rows", reseal_rows)
+    seen: list[tuple[int, int]] = []
+    report = rotate_keys(
+        rotator, batch_size=2, timeout=30, progress=lambda d, t: seen.append((d, t))
+    )
+    assert report.done and report.resealed_rows == 10 and report.passes == 1, report
+    assert seen[0] == (0, 7) and seen[-1] == (10, 10), seen
+    assert all(d <= t for d, t in seen), seen
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen), seen
+    # The audit event names the key the rotation retired (mirror and auditors read it).
+    (event,) = [a for a in rotator.store.audit_log() if a.event == "key_rotation"]
+    assert json.loads(event.detail)["retired"] == [old]
+
+
+def test_a_cache_entry_left_under_the_old_key_after_the_pass_is_found_and_re_sealed(
+    make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cache entry under the old key that appears after the pass re-sealed the cache
+    # (what a process that had not reloaded yet leaves there; here only the cache holds
+    # it). The last look must count it and another pass re-seal it, keeping its TTL:
+    # reported done, the old key was dropped and that entry could not be opened.
+    from dualmem.rotation import _Rotation
+
+    p = Principal(agent_id="a")
+    mem = make_mem()
+    mem.sync(mem.put("k", {"v": 1}, level=Level.PRIVATE, principal=p), timeout=10)
+    before = _cache(raw_redis)
+    assert len(before) == 1
+    new = add_active_key(keyfile).active_id
+    rotator = make_mem()
+    real = _Rotation._reseal_cache
+    calls = [0]
+
+    def reseal_cache(self: _Rotation) -> int:
+        n = real(self)
+        calls[0] += 1
+        if calls[0] == 1:
+            for name, value in before.items():
+                raw_redis.set(name, value, keepttl=True)
+        return n
+
+    monkeypatch.setattr(_Rotation, "_reseal_cache", reseal_cache)
+    report = rotate_keys(rotator, timeout=30)
+    assert report.done and report.passes == 2 and report.resealed_cache == 2, report
+    for name in before:
+        assert _cached_key_id(raw_redis.get(name)) == new
+        assert raw_redis.pttl(name) > 0  # the put's cache TTL is kept
+    assert rotator.get("k", level=Level.PRIVATE, principal=p) == {"v": 1}
+
+
+def test_the_cache_re_seal_never_overwrites_a_newer_put(
+    make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A put replaced the cache entry between the rotation's read of it and its write:
+    # written over, the cache served the older value (re-sealed) until it expired.
+    from dualmem.rotation import _Rotation
+
+    p = Principal(agent_id="a")
+    mem = make_mem()
+    mem.sync(mem.put("k", {"v": 1}, level=Level.PRIVATE, principal=p), timeout=10)
+    new = add_active_key(keyfile).active_id
+    rotator, newer = make_mem(), make_mem()  # newer loaded the new key file
+    real = _Rotation._reseal_cached
+    receipts = []
+
+    def reseal_then_put(self: _Rotation, name: bytes, value: bytes) -> bytes | None:
+        resealed = real(self, name, value)
+        receipts.append(newer.put("k", {"v": 2}, level=Level.PRIVATE, principal=p))
+        return resealed
+
+    monkeypatch.setattr(_Rotation, "_reseal_cached", reseal_then_put)
+    report = rotate_keys(rotator, timeout=30)
+    assert len(receipts) == 1 and report.done, report
+    assert report.resealed_cache == 0  # the entry it read was gone: nothing re-sealed
+    newer.sync(receipts[0], timeout=10)
+    assert [_cached_key_id(v) for v in _cache(raw_redis).values()] == [new]
+    assert rotator.get("k", level=Level.PRIVATE, principal=p) == {"v": 2}
+
+
+def test_a_rotation_that_lost_its_lock_leaves_the_cache_alone(
+    make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lost between its rows and its cache entries: it went on re-sealing the cache in
+    # place while another rotation, holding the lock now, re-sealed it under its own key.
+    from dualmem.rotation import _Rotation
+
+    rotator = _a_record_under_the_old_key(make_mem, keyfile)
+    old = {_cached_key_id(v) for v in _cache(raw_redis).values()}
+    assert len(old) == 1 and None not in old
+    lock = RotationLock(raw_redis, rotator.settings.namespace).acquire(timeout=0)
+    real = _Rotation._reseal_rows
+
+    def send_then_lose(self: _Rotation, *a: object) -> int:
+        n = real(self, *a)  # type: ignore[arg-type]
+        raw_redis.set(b"dm:{dualmem:keyuse}:rotation", b"someone else", px=60_000)
+        return n
+
+    monkeypatch.setattr(_Rotation, "_reseal_rows", send_then_lose)
+    try:
+        with pytest.raises(RotationBusy, match="lost its lock"):
+            rotate_keys(rotator, timeout=5, lock=lock)
+    finally:
+        lock.release()
+    assert {_cached_key_id(v) for v in _cache(raw_redis).values()} == old
+
+
+def test_a_record_whose_key_is_gone_is_left_and_the_others_re_sealed(
+    make_mem: MakeMem, keyfile: Path
+) -> None:
+    # A row sealed with a key the key file does not hold (lost, or copied in from
+    # another deployment): MissingKey stopped the rotation, and no record after it in
+    # the batch was re-sealed.
+    p = Principal(agent_id="a")
+    mem = make_mem()
+    stranger = Codec(Keyring.generate())
+    env = stranger.seal({"v": 0}, scope=SCOPE, key="a-lost", level=Level.PRIVATE, owner="a")
+    fields = put_fields(SCOPE, "a-lost", Level.PRIVATE, "a", 1, env, None)
+    mem.store.apply([StreamEntry(0, "1-1", _raw(fields))])
+    mem.sync(mem.put("b-good", {"v": 1}, level=Level.PRIVATE, principal=p), timeout=10)
+    add_active_key(keyfile)
+    report = rotate_keys(make_mem(), timeout=5)
+    assert report.resealed_rows == 1 and report.left.unreadable == 1, report
+    assert not report.done and envelope_key_id(env) in report.left.key_ids
+
+
+def test_a_rotation_that_cannot_progress_stops_after_three_passes(
+    make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis
+) -> None:
+    # A cache entry that does not open (tampered) fails its re-seal at every pass: the
+    # rotation must give up after three passes without progress, say what is left, and
+    # not spin until --timeout.
+    p = Principal(agent_id="a")
+    mem = make_mem()
+    mem.sync(mem.put("k", {"v": 1}, level=Level.PRIVATE, principal=p), timeout=10)
+    ((name, value),) = _cache(raw_redis).items()
+    raw_redis.set(name, value[:-1] + bytes((value[-1] ^ 1,)), keepttl=True)
+    add_active_key(keyfile)
+    report = rotate_keys(make_mem(), timeout=30)
+    assert report.passes == 3 and not report.done, report
+    assert report.left.cache == 1 and report.left.rows == 0 and report.retired == ()
+
+
+def test_a_rotation_passes_again_once_a_lagging_worker_commits_a_put_under_the_old_key(
+    make_mem: MakeMem, keyfile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing left in SQLite or the cache, but a put under the old key still waits in
+    # the stream: taken for "only unreadable records left" (there are none), the
+    # rotation stopped not done instead of passing again once the worker committed it.
+    from dualmem.rotation import _Rotation
+
+    p = Principal(agent_id="a")
+    writer = make_mem(worker=False)
+    receipt = writer.put("k", {"v": 1}, level=Level.PRIVATE, principal=p)
+    add_active_key(keyfile)
+    rotator = make_mem(worker=False)
+    real = _Rotation._leftovers
+    workers: list[DualMemory] = []
+
+    def leftovers(self: _Rotation, unreadable: set[tuple[str, str]]) -> object:
+        left = real(self, unreadable)
+        if not workers:
+            workers.append(make_mem())  # the worker catches up now
+            workers[0].sync(receipt, timeout=10)
+        return left
+
+    monkeypatch.setattr(_Rotation, "_leftovers", leftovers)
+    report = rotate_keys(rotator, timeout=30)
+    assert report.done and report.passes == 2 and report.resealed_rows == 1, report
+
+
+def test_a_rotation_waits_for_its_reseals_and_sends_each_row_once(
+    make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis
+) -> None:
+    # No worker commits the re-sealed rows yet: the rotation must wait for them before it
+    # counts what is left. Counted at once, every row it had just sent was still "left",
+    # and each pass sent all of them again.
+    writer = make_mem(worker=False)
+    for i in range(5):  # committed long ago: in SQLite, no longer in the stream
+        env = writer.codec.seal(i, scope=SCOPE, key=f"k{i}", level=Level.PRIVATE, owner="a")
+        fields = put_fields(SCOPE, f"k{i}", Level.PRIVATE, "a", 1, env, None)
+        writer.store.apply([StreamEntry(0, f"1-{i}", _raw(fields))])
+    add_active_key(keyfile)
+    report = rotate_keys(make_mem(worker=False), timeout=1.5)
+    assert report.passes == 1 and report.resealed_rows == 5 and not report.done, report
+    assert _entries_added(raw_redis) == 5 + 1  # the reseals and the audit event
+
+
+def test_a_rotation_leaves_writers_headroom_in_the_stream(
+    make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis
+) -> None:
+    # The re-sealed rows go through the stream: with no worker to drain it, the rotation
+    # filled it to max_backlog, and every writer got Backpressure.
+    writer = make_mem(worker=False, max_backlog=20)
+    for i in range(40):  # committed long ago: in SQLite, no longer in the stream
+        env = writer.codec.seal(i, scope=SCOPE, key=f"k{i}", level=Level.PRIVATE, owner="a")
+        fields = put_fields(SCOPE, f"k{i}", Level.PRIVATE, "a", 1, env, None)
+        writer.store.apply([StreamEntry(0, f"1-{i}", _raw(fields))])
+    add_active_key(keyfile)
+    report = rotate_keys(make_mem(worker=False, max_backlog=20), batch_size=4, timeout=1)
+    assert 0 < report.resealed_rows < 40 and not report.done, report
+    # Sent while under half the bound (10): at most one batch past it, and the audit event.
+    assert _stream_length(raw_redis) <= 10 + 4
+    writer.put("w", 1, level=Level.PRIVATE, principal=Principal(agent_id="a"))
 
 
 def _field(key_id: str) -> bytes:
