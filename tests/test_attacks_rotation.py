@@ -27,7 +27,13 @@ from dualmem import DualMemory, RotationBusy, StoreUnavailable
 from dualmem.cli import main
 from dualmem.commands import cached_envelope, delete_fields, put_fields, reseal_fields, sid_of
 from dualmem.keyuse import KeyLease, key_users, landing_slack, wait_for_key_users
-from dualmem.rotation import KeyfileWatcher, add_active_key, drop_keys, rotate_keys
+from dualmem.rotation import (
+    KeyfileWatcher,
+    add_active_key,
+    drop_keys,
+    keyfile_signature,
+    rotate_keys,
+)
 from dualmem.rotation_lock import RotationLock
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
@@ -241,6 +247,68 @@ def test_two_edits_of_the_key_file_at_once_lose_no_key(
         t.join(10)
     monkeypatch.undo()
     assert len(added) == 2 and set(added) <= set(Keyring.load(keyfile).ids)
+
+
+def test_a_drop_and_a_rotation_editing_the_key_file_at_once_lose_no_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # rotate-keys --drop-retired removed a key while another rotation added one: each
+    # loaded the file and saved what it had loaded, and the later save lost the other's
+    # edit (the new active key, or the drop).
+    keyfile = tmp_path / "keys.json"
+    ring = Keyring.generate()
+    old = ring.active_id
+    ring.with_new_key().save(keyfile)
+    barrier = threading.Barrier(2)
+    load = Keyring.load
+
+    def load_and_wait(path: object) -> Keyring:
+        ring = load(path)  # type: ignore[arg-type]
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=0.5)  # without a lock both have loaded the same file here
+        return ring
+
+    monkeypatch.setattr(Keyring, "load", staticmethod(load_and_wait))
+    added: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: added.append(add_active_key(keyfile).active_id)),
+        threading.Thread(target=lambda: drop_keys(keyfile, [old])),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    monkeypatch.undo()
+    after = Keyring.load(keyfile)
+    assert len(added) == 1 and after.active_id == added[0] and old not in after.ids
+    # Asked to drop the active key (a caller's mistake), it keeps it.
+    assert drop_keys(keyfile, [after.active_id]).ids == after.ids
+
+
+def test_a_key_file_watcher_sees_a_same_size_file_saved_in_the_same_tick_and_a_missing_one(
+    tmp_path: Path,
+) -> None:
+    # Two saves within one tick of the file system's clock (milliseconds) and of the same
+    # size differ only by inode: without it the process kept the first keyring. A key
+    # file that is gone must read as failed: a writer whose lease lapsed then refuses to
+    # seal with a key a drop may have removed.
+    keyfile = tmp_path / "keys.json"
+    Keyring.generate().save(keyfile)
+    codec = Codec(Keyring.load(keyfile))
+    watcher = KeyfileWatcher(keyfile, codec, interval=3600, seen=keyfile_signature(keyfile))
+    st = keyfile.stat()
+    second = Keyring.generate()
+    second.save(keyfile, overwrite=True)
+    os.utime(keyfile, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same tick
+    assert keyfile.stat().st_size == st.st_size
+    assert watcher.reload() and codec.keyring is not None
+    assert codec.keyring.active_id == second.active_id and not watcher.failed
+    keyfile.unlink()
+    assert not watcher.reload() and watcher.failed
+    assert codec.keyring.active_id == second.active_id  # the keyring in use is kept
+    second.save(keyfile)
+    watcher.reload()
+    assert not watcher.failed
 
 
 # -- the library, on both backends -----------------------------------------------------------
@@ -978,6 +1046,63 @@ def test_a_drop_keeps_a_key_a_dead_letter_took_while_it_waited(
     assert redis_server.client().get(dropping_key("dualmem")) is None
 
 
+@pytest.mark.real_redis
+def test_rotate_keys_exits_1_while_a_put_under_the_old_key_is_left(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    keyfile: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A put sealed with the old key waits in the stream (no worker runs): a rotation that
+    # is not done must say so by its exit code, or a script takes it as finished.
+    redis_server.client().flushall()
+    db = str(tmp_path / "m.db")
+    writer = DualMemory(redis_url=redis_server.url, db_path=db, keyring=str(keyfile), worker=False)
+    try:
+        writer.put("k", 1, level=Level.PRIVATE, principal=Principal(agent_id="a"))
+        args = ["rotate-keys", "--redis-url", redis_server.url, "--db", db, "--no-worker"]
+        args += ["--keyring", str(keyfile), "--grace", "0", "--timeout", "0.5"]
+        code, out, _ = run_cli(capsys, *args)
+    finally:
+        writer.close()
+    assert code == 1 and "not done" in out and "--resume" in out, out
+
+
+@pytest.mark.real_redis
+def test_drop_retired_with_no_key_to_drop_succeeds_and_keeps_the_keys(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    keyfile: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every record re-sealed, but a dead letter still holds the old key: the rotation is
+    # done and there is nothing to drop. It went on to wait for the key leases, mark no
+    # key, pass over the data again, and then failed with "not dropped".
+    import dualmem.rotation as rotation_module
+
+    args, old = _a_rotation_to_drop(redis_server, tmp_path, keyfile)
+    codec = Codec(Keyring.load(keyfile))
+    env = codec.seal({"v": 1}, scope=SCOPE, key="late", level=Level.PRIVATE, owner="a")
+    fields = put_fields(SCOPE, "late", Level.PRIVATE, "a", 1, env, None)
+    store = SQLiteStore(tmp_path / "m.db")
+    try:
+        store.dead_letter([(StreamEntry(0, "1-1", _raw(fields)), "disk I/O error", 3)])
+    finally:
+        store.close()
+    waited: list[object] = []
+    real_wait = rotation_module.wait_for_key_users
+
+    def wait(*a: object, **kw: object) -> object:
+        waited.append(a)
+        return real_wait(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rotation_module, "wait_for_key_users", wait)
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and "1 dead letter(s)" in out and "not dropped" not in out, out
+    assert waited == [] and old in Keyring.load(keyfile).ids
+
+
 def test_the_drop_mark_lasts_its_ttl_and_one_nobody_can_read_refuses(
     raw_redis: redis.Redis,
 ) -> None:
@@ -1142,6 +1267,8 @@ def test_a_rotation_that_cannot_run_leaves_the_key_file_alone(
     cases = [
         (["--redis-url", redis_server.url, "--db", str(db), "--grace", "nan"], "--grace"),
         (["--redis-url", redis_server.url, "--db", str(db), "--timeout", "inf"], "--timeout"),
+        # A batch of 0 rows re-sealed nothing, after the new key was added.
+        (["--redis-url", redis_server.url, "--db", str(db), "--batch-size", "0"], "--batch-size"),
         (["--redis-url", "redis://127.0.0.1:1/0", "--db", str(db)], "unavailable"),
         (["--redis-url", redis_server.url, "--db", str(newer)], "newer"),
         # A mistyped --db: the rotation's worker committed the deployment's pending
