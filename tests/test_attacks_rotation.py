@@ -501,7 +501,8 @@ def test_rotation_progress_counts_every_row_it_reads_and_never_passes_its_total(
         if not late:  # after the first batch was read
             for i in range(3):  # after the pass's cursor: this pass reads them too
                 late.append(writer.put(f"z{i}", i, level=Level.PRIVATE, principal=p))
-            writer.sync(late[-1], timeout=10)
+            for r in late:  # two workers share the stream: each, not only the last
+                writer.sync(r, timeout=10)  # type: ignore[arg-type]
         return real(self, *a)  # type: ignore[arg-type]
 
     late: list[object] = []
@@ -510,7 +511,7 @@ def test_rotation_progress_counts_every_row_it_reads_and_never_passes_its_total(
     report = rotate_keys(
         rotator, batch_size=2, timeout=30, progress=lambda d, t: seen.append((d, t))
     )
-    assert report.done and report.resealed_rows == 10 and report.passes == 1, report
+    assert report.done and report.resealed_rows == 10, report
     assert seen[0] == (0, 7) and seen[-1] == (10, 10), seen
     assert all(d <= t for d, t in seen), seen
     assert [d for d, _ in seen] == sorted(d for d, _ in seen), seen
@@ -690,6 +691,89 @@ def test_a_rotation_waits_for_its_reseals_and_sends_each_row_once(
     report = rotate_keys(make_mem(worker=False), timeout=1.5)
     assert report.passes == 1 and report.resealed_rows == 5 and not report.done, report
     assert _entries_added(raw_redis) == 5 + 1  # the reseals and the audit event
+
+
+def test_a_rotation_waits_for_its_last_reseal_to_be_committed_not_its_first(
+    make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker had committed the first re-sealed rows and was still on the last one
+    # when the rotation counted what was left: that row counted as left, and the next
+    # pass sent it again (with a slow enough worker, three such passes gave up not done).
+    from dualmem.commands import OP_RESEAL
+    from dualmem.rotation import _Rotation
+
+    writer = make_mem(worker=False)
+    for i in range(4):  # committed long ago: in SQLite, no longer in the stream
+        env = writer.codec.seal(i, scope=SCOPE, key=f"k{i}", level=Level.PRIVATE, owner="a")
+        fields = put_fields(SCOPE, f"k{i}", Level.PRIVATE, "a", 1, env, None)
+        writer.store.apply([StreamEntry(0, f"1-{i}", _raw(fields))])
+    add_active_key(keyfile)
+    counted = threading.Event()
+    reseals: list[object] = []
+    real_apply, real_leftovers = SQLiteStore.apply, _Rotation._leftovers
+
+    def apply(self: SQLiteStore, entries: list[StreamEntry]) -> object:
+        if any(e.fields.get(b"op") == OP_RESEAL.encode() for e in entries):
+            reseals.append(entries)
+            if len(reseals) == 4:  # the last one: held until the rotation counts, or 2 s
+                counted.wait(timeout=2)
+        return real_apply(self, entries)
+
+    def leftovers(self: _Rotation, unreadable: set[tuple[str, str]]) -> object:
+        left = real_leftovers(self, unreadable)
+        counted.set()
+        return left
+
+    monkeypatch.setattr(SQLiteStore, "apply", apply)
+    monkeypatch.setattr(_Rotation, "_leftovers", leftovers)
+    make_mem(batch_size=1)  # the worker: one command per commit
+    report = rotate_keys(make_mem(worker=False), timeout=30)
+    assert report.done and report.passes == 1 and report.resealed_rows == 4, report
+    assert _entries_added(raw_redis) == 4 + 1  # each row sent once, and the audit event
+
+
+def test_a_put_under_the_old_key_a_worker_is_committing_keeps_the_rotation_from_done(
+    make_mem: MakeMem, keyfile: Path, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker had read the put (delivered, not yet acknowledged) and was committing it
+    # when the rotation counted what was left: reading the stream only after the last
+    # delivered entry missed it, the rotation said done, and --drop-retired removed the
+    # key that row is sealed with.
+    from dualmem.commands import OP_PUT
+    from dualmem.rotation import Leftovers, _Rotation
+
+    p = Principal(agent_id="a")
+    writer = make_mem(worker=False)
+    receipt = writer.put("k", {"v": 1}, level=Level.PRIVATE, principal=p)
+    new = add_active_key(keyfile).active_id
+    reading, counted = threading.Event(), threading.Event()
+    real_apply = SQLiteStore.apply
+
+    def apply(self: SQLiteStore, entries: list[StreamEntry]) -> object:
+        if any(e.fields.get(b"op") == OP_PUT.encode() for e in entries):
+            reading.set()
+            counted.wait(timeout=5)  # committed once the rotation has looked, or in 5 s
+        return real_apply(self, entries)
+
+    monkeypatch.setattr(SQLiteStore, "apply", apply)
+    worker = make_mem()
+    assert reading.wait(timeout=10)  # the worker holds the put, delivered
+    rotator = make_mem(worker=False)
+    real_leftovers = _Rotation._leftovers
+
+    def leftovers(self: _Rotation, unreadable: set[tuple[str, str]]) -> Leftovers:
+        left = real_leftovers(self, unreadable)
+        counted.set()
+        return left
+
+    monkeypatch.setattr(_Rotation, "_leftovers", leftovers)
+    report = rotate_keys(rotator, timeout=30)
+    worker.sync(receipt, timeout=10)
+    assert report.done and report.passes == 2 and report.resealed_rows == 1, report
+    with sqlite3.connect(db_path) as conn:
+        (env,) = conn.execute("SELECT envelope FROM memory WHERE key = 'k'").fetchone()
+    conn.close()
+    assert envelope_key_id(bytes(env)) == new
 
 
 def test_a_rotation_leaves_writers_headroom_in_the_stream(
