@@ -1187,6 +1187,40 @@ def test_drop_retired_with_no_key_to_drop_succeeds_and_keeps_the_keys(
     assert waited == [] and old in Keyring.load(keyfile).ids
 
 
+@pytest.mark.real_redis
+def test_drop_retired_waits_for_a_process_that_moves_on_after_its_first_look(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    keyfile: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A process still names the old key in its lease when the drop starts, and stops
+    # writing a moment later: the drop must wait for it (up to --timeout), not refuse at
+    # its first look.
+    import dualmem.keyuse as keyuse_module
+
+    args, old = _a_rotation_to_drop(redis_server, tmp_path, keyfile)
+    lease = KeyLease(
+        redis_server.client(), "dualmem", Codec(Keyring.load(keyfile)), interval=60, slack=60
+    )
+    lease.renew()  # loaded the key file before the rotation: names the old key only
+    real = keyuse_module.key_users
+    looks: list[list[str]] = []
+
+    def key_users(*a: object, **kw: object) -> object:
+        users = real(*a, **kw)  # type: ignore[arg-type]
+        looks.append([u.token for u in users])
+        if len(looks) == 1:
+            lease.release()  # it stops writing right after the drop's first look
+        return users
+
+    monkeypatch.setattr(keyuse_module, "key_users", key_users)
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and f"dropped retired key(s) {old}" in out, out
+    assert lease.token in looks[0] and old not in Keyring.load(keyfile).ids
+
+
 def test_the_drop_mark_lasts_its_ttl_and_one_nobody_can_read_refuses(
     raw_redis: redis.Redis,
 ) -> None:
