@@ -348,7 +348,10 @@ class DualMemory:
         # The store and the client are released even when the close itself failed; the
         # store stays open only under a worker thread that is still running.
         thread = self._worker_thread
-        for release in (() if thread is not None and thread.is_alive() else (self.store.close,)) + (
+        stopped: tuple[Callable[[], None], ...] = (self.store.close,)
+        if self._worker is not None:
+            stopped += (self._worker.redis.close,)
+        for release in (() if thread is not None and thread.is_alive() else stopped) + (
             self._redis.close,
             self._close_pubsub_client,
         ):
@@ -392,6 +395,10 @@ class DualMemory:
             log.error("dualmem worker thread did not stop; its store is left open")
         else:
             self.store.close()
+            if self._worker is not None:
+                # The worker's own client (its blocking reads): stayed open for as long
+                # as this object lived.
+                self._worker.redis.close()
         if self._lease is not None:
             self._lease.release()
         self._redis.close()

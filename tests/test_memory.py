@@ -1755,6 +1755,34 @@ def test_a_denial_after_close_sends_no_audit_event(
     assert mem.authorize(coder, Level.SWARM) == (Level.SWARM, "swarm:phase-1-auth")
 
 
+@pytest.mark.real_redis
+def test_close_releases_every_redis_connection_it_opened(
+    redis_server: RedisServer, db_path: Path, keyfile: Path, coder: Principal
+) -> None:
+    # close() releases connections: the worker thread's own (its blocking XREADGROUP)
+    # stayed open for as long as the closed object lived; the command pool's and the
+    # pub/sub client's are released too (a pub/sub object the caller never closed).
+    admin = redis_server.client()
+    admin.flushall()
+
+    def ours() -> set[str]:
+        return {c["id"] for c in admin.client_list() if c.get("name") == "dualmem"}
+
+    before = ours()
+    mem = DualMemory(redis_url=redis_server.url, db_path=str(db_path), keyring=str(keyfile))
+    try:
+        mem.sync(mem.put("k", 1, level=Level.SWARM, principal=coder))
+        ps = mem.pubsub()
+        ps.subscribe("ch")
+        assert ps.get_message(timeout=5) is not None  # its connection is open
+        opened = ours() - before
+        assert len(opened) == 3  # the command pool's, the worker's, the pub/sub one
+    finally:
+        mem.close()
+    wait_until(lambda: not ours() & opened, what="every connection of mem to close")
+    assert mem._worker_thread is not None and not mem._worker_thread.is_alive()
+
+
 def test_close_without_worker_reports_pending(make_mem: MakeMem, coder: Principal) -> None:
     # close() said (0, drained) with the put still in Redis: on memory:// it was lost at
     # exit with nothing reported.
