@@ -39,6 +39,7 @@ from dualmem import (
     ValidationError,
 )
 from dualmem.commands import sid_of
+from dualmem.keyuse import key_users
 from dualmem.memory import CloseReport
 from dualmem.ops.dlq import replay
 from dualmem.ops.mirror import render_record
@@ -1413,6 +1414,70 @@ def test_settings_that_are_not_a_settings_object_are_a_configuration_error() -> 
     # DualMemory(settings=5) raised AttributeError from settings.namespace.
     with pytest.raises(ConfigurationError, match=r"settings must be a dualmem\.Settings, got int"):
         DualMemory(settings=5)  # type: ignore[arg-type]
+
+
+def test_settings_with_individual_settings_too_is_a_configuration_error(tmp_path: Path) -> None:
+    # settings= is the whole configuration: an override beside it (shards=4) was to be
+    # refused, not dropped without a word.
+    settings = Settings.load({"redis_url": "memory://both", "db_path": str(tmp_path / "m.db")})
+    with pytest.raises(ConfigurationError, match="either settings= or individual settings"):
+        DualMemory(settings=settings, shards=4)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was made
+
+
+def test_a_failed_start_closes_the_database_it_opened(
+    db_path: Path, keyfile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A DualMemory whose Redis cannot be reached raises StoreUnavailable; the store it
+    # opened first is closed (its connection and checkpoint thread), not left to a caller
+    # that retries the construction in a loop.
+    from .conftest import free_port
+
+    opened: list[SQLiteStore] = []
+    real = SQLiteStore.from_settings.__func__  # type: ignore[attr-defined]
+
+    def recording(cls: type[SQLiteStore], settings: Settings) -> SQLiteStore:
+        opened.append(real(cls, settings))
+        return opened[-1]
+
+    monkeypatch.setattr(SQLiteStore, "from_settings", classmethod(recording))
+    with pytest.raises(StoreUnavailable):
+        DualMemory(
+            redis_url=f"redis://127.0.0.1:{free_port()}/0",
+            db_path=str(db_path),
+            keyring=str(keyfile),
+        )
+    (store,) = opened
+    with pytest.raises(StoreUnavailable):
+        store.get("swarm:s", "k", 0)
+
+
+def test_close_releases_the_key_lease(
+    make_mem: MakeMem, raw_redis: redis.Redis, coder: Principal
+) -> None:
+    # A closed process deletes its lease on the keys it seals with (dualmem.keyuse): a key
+    # drop waits for every live lease, and would wait for a closed writer's until it
+    # expired.
+    mem = make_mem(worker=False)
+    assert mem._lease is not None
+    mem.put("k", 1, level=Level.PRIVATE, principal=coder)
+    assert [u.token for u in key_users(raw_redis, mem.settings.namespace)] == [mem._lease.token]
+    mem.close()
+    assert key_users(raw_redis, mem.settings.namespace) == []
+
+
+def test_a_worker_thread_that_failed_is_not_taken_for_a_drain(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker thread died of a bug before persisting anything: its drain said nothing
+    # (-1), so close() asks Redis what is left, and reports that count, not the -1.
+    def failing(self: Worker, *args: object, **kwargs: object) -> int:
+        raise RuntimeError("a bug in the worker")
+
+    monkeypatch.setattr(Worker, "run", failing)
+    mem = make_mem()
+    mem.put("k", 1, level=Level.SWARM, principal=coder)
+    assert mem.close() == CloseReport(pending=1, drained=False)
 
 
 def test_close_drains_and_reports(make_mem: MakeMem, coder: Principal) -> None:
