@@ -2615,6 +2615,26 @@ def test_a_fresh_read_after_a_puts_ttl_sees_it_expired_before_the_commit(
     assert mem.get("k", level=Level.SWARM, principal=coder, fresh=True) is None
 
 
+def test_cache_entries_and_delete_marks_live_for_cache_ttl(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # A put's cache entry and a delete's mark live for cache_ttl (seconds); a put with a
+    # longer ttl keeps its entry that long, one with a shorter ttl still cache_ttl; a
+    # pinned entry has no expiry. A delete's mark sent without one stayed in Redis for good.
+    mem = make_mem(worker=False, cache_ttl=100)
+    swarm: dict[str, Any] = {"level": Level.SWARM, "principal": coder}
+    receipts = {
+        "put": (mem.put("p", 1, **swarm), 100_000),
+        "delete": (mem.delete("d", **swarm), 100_000),
+        "put with a longer ttl": (mem.put("l", 1, ttl=500, **swarm), 500_000),
+        "put with a shorter ttl": (mem.put("s", 1, ttl=5, **swarm), 100_000),
+        "pinned put": (mem._put_pinned("q", 1, **swarm), -1),
+    }
+    for what, (r, ms) in receipts.items():
+        left = raw_redis.pttl(mem.layout.cache_key(r.shard, r.scope, r.key))
+        assert (ms - 10_000 < left <= ms) if ms > 0 else left == ms, (what, left)
+
+
 def test_a_fresh_read_and_sqlite_agree_on_the_millisecond_a_put_expires(
     make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
