@@ -1820,6 +1820,25 @@ def test_a_denial_after_close_sends_no_audit_event(
     assert mem.authorize(coder, Level.SWARM) == (Level.SWARM, "swarm:phase-1-auth")
 
 
+def test_close_without_worker_while_redis_is_down_is_not_drained(
+    make_mem: MakeMem, coder: Principal, backend: str, request: pytest.FixtureRequest
+) -> None:
+    # With no worker, close() asks Redis what is left unpersisted; when Redis cannot say,
+    # the answer is "not known to be drained", not a drained close over a lost put.
+    if backend == "redis":
+        srv = request.getfixturevalue("own_redis_server")
+        mem = make_mem(redis_url=srv.url, worker=False)
+        mem.put("k", 1, level=Level.SWARM, principal=coder)
+        srv.kill()
+    else:
+        from dualmem.redis_backend import memory_server
+
+        mem = make_mem(worker=False)
+        mem.put("k", 1, level=Level.SWARM, principal=coder)
+        memory_server(mem.settings.redis_url).server.connected = False
+    assert mem.close() == CloseReport(pending=1, drained=False)
+
+
 @pytest.mark.real_redis
 def test_close_releases_every_redis_connection_it_opened(
     redis_server: RedisServer, db_path: Path, keyfile: Path, coder: Principal
