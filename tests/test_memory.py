@@ -365,6 +365,30 @@ def test_other_agents_scope_is_denied_and_audited(
     assert all(c.scope != "agent:coder-2" for c in mem.changes(0, principal=coder))
 
 
+def test_a_denial_is_audited_with_the_action_that_was_denied(
+    mem: DualMemory, coder: Principal
+) -> None:
+    # The audit row of a denial says what was attempted: a put or delete is a write, a
+    # get, history or query a read (a write denied as a read hid an attempt to change
+    # another agent's record among attempts to look).
+    other = {"level": Level.PRIVATE, "principal": coder, "scope": "agent:coder-2"}
+    attempts: dict[str, Callable[[], object]] = {
+        "put": lambda: mem.put("k", 1, **other),
+        "delete": lambda: mem.delete("k", **other),
+        "get": lambda: mem.get("k", **other),
+        "history": lambda: mem.history("k", **other),
+        "query": lambda: mem.query(principal=coder, scope="agent:coder-2"),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(AccessDenied) as info:
+            attempt()
+        mem.sync(info.value.audit_receipt)  # type: ignore[attr-defined]
+        row = [a for a in mem.store.audit_log() if a.event == "access_denied"][-1]
+        want = "write" if name in ("put", "delete") else "read"
+        assert json.loads(row.detail)["action"] == want, name
+        assert f"may not {want} scope 'agent:coder-2'" in json.loads(row.detail)["reason"]
+
+
 BAD_PUTS = [
     ({"key": ""}, "empty"),
     ({"key": "k" * 513}, "limit"),
@@ -1803,6 +1827,45 @@ def test_sync_after_close_says_closed(make_mem: MakeMem, coder: Principal) -> No
     with pytest.raises(DualMemError, match="this DualMemory is closed") as info:
         mem.sync(receipt)
     assert not isinstance(info.value, StoreUnavailable)
+
+
+def test_a_close_during_a_sync_ends_the_wait_with_closed(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # sync() waiting on a command no worker persists, and close() in another thread: the
+    # wait ends with "this DualMemory is closed", not with an error from the store that
+    # close() shut under it.
+    mem = make_mem(worker=False)
+    receipt = mem.put("k", 1, level=Level.SWARM, principal=coder)
+    waiting, closed = threading.Event(), threading.Event()
+
+    class HeldWait(threading.Condition):
+        """The wait between two looks, held until close() has returned."""
+
+        def wait(self, timeout: float | None = None) -> bool:
+            waiting.set()
+            closed.wait(10)
+            return False
+
+    mem._committed = HeldWait()
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            mem.sync(receipt, timeout=60)
+        except BaseException as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    assert waiting.wait(10)  # it looked once, and waits for the next look
+    mem.close()
+    closed.set()
+    waiter.join(30)
+    assert not waiter.is_alive()
+    (error,) = errors
+    assert isinstance(error, DualMemError) and "this DualMemory is closed" in str(error)
+    assert not isinstance(error, StoreUnavailable)
 
 
 def test_a_denial_after_close_sends_no_audit_event(
