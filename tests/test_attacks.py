@@ -272,6 +272,8 @@ def test_a_put_re_sent_under_another_writer_is_refused_and_a_row_naming_one_does
         mem.get("role", level=Level.PRIVATE, principal=coder)  # envelope and owner only
     with pytest.raises(TamperedRecord, match="not by its recorded writer 'intern-7'"):
         mem.get_record("role", level=Level.PRIVATE, principal=coder)  # the whole row
+    with pytest.raises(TamperedRecord, match="not by its recorded writer 'intern-7'"):
+        mem.query(principal=coder, level=Level.PRIVATE)  # every row it lists
 
 
 # -- 12. the audit log ------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from dualmem import (
     ConfigurationError,
     DualMemError,
     DualMemory,
+    MissingKey,
     NotPersisted,
     Receipt,
     StoreUnavailable,
@@ -365,12 +366,13 @@ def test_other_agents_scope_is_denied_and_audited(
     assert all(c.scope != "agent:coder-2" for c in mem.changes(0, principal=coder))
 
 
-def test_a_denial_is_audited_with_the_action_that_was_denied(
+def test_a_denial_is_audited_with_the_action_and_the_record_denied(
     mem: DualMemory, coder: Principal
 ) -> None:
-    # The audit row of a denial says what was attempted: a put or delete is a write, a
-    # get, history or query a read (a write denied as a read hid an attempt to change
-    # another agent's record among attempts to look).
+    # The audit row of a denial says what was attempted, and where: a put or delete is a
+    # write, a get, history or query a read (a write denied as a read hid an attempt to
+    # change another agent's record among attempts to look); its scope and key are the
+    # ones named.
     other = {"level": Level.PRIVATE, "principal": coder, "scope": "agent:coder-2"}
     attempts: dict[str, Callable[[], object]] = {
         "put": lambda: mem.put("k", 1, **other),
@@ -386,7 +388,62 @@ def test_a_denial_is_audited_with_the_action_that_was_denied(
         row = [a for a in mem.store.audit_log() if a.event == "access_denied"][-1]
         want = "write" if name in ("put", "delete") else "read"
         assert json.loads(row.detail)["action"] == want, name
+        assert (row.scope, row.key) == ("agent:coder-2", None if name == "query" else "k")
         assert f"may not {want} scope 'agent:coder-2'" in json.loads(row.detail)["reason"]
+
+
+def test_changes_keeps_to_the_level_asked_for_and_refuses_a_seq_that_is_not_one(
+    mem: DualMemory, coder: Principal
+) -> None:
+    # changes(level=...) is the feed of that level's scope only (it gave every scope the
+    # principal reads); since is a journal seq, an int in [0, 2**63).
+    for level in (Level.PRIVATE, Level.TEAM, Level.SWARM):
+        last = mem.put(f"k{int(level)}", 1, level=level, principal=coder)
+    mem.sync(last)
+    assert [c.scope for c in mem.changes(0, principal=coder, level=Level.SWARM)] == [
+        "swarm:phase-1-auth"
+    ]
+    assert len(mem.changes(0, principal=coder)) == 3
+    for bad in (-1, 1 << 63, True, 1.0):
+        with pytest.raises(ValidationError, match="since must be a journal seq"):
+            mem.changes(bad, principal=coder)  # type: ignore[arg-type]
+
+
+def test_a_record_past_its_expiry_is_absent_from_get_record_too(
+    mem: DualMemory, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # get_record reads the whole row, by its own path: at its expiry it is gone there as
+    # it is for get and query, not returned with expires_at in the past.
+    mem.sync(mem.put("k", "v", level=Level.SWARM, principal=coder, ttl=60), timeout=10)
+    record = mem.get_record("k", level=Level.SWARM, principal=coder)
+    assert record is not None and record.expires_at is not None
+    past = (record.expires_at + 1) / 1000
+    with monkeypatch.context() as clock:  # the reads' clock only, then the real one
+        clock.setattr(time, "time", lambda: past)
+        assert mem.get_record("k", level=Level.SWARM, principal=coder) is None
+        assert mem.get("k", level=Level.SWARM, principal=coder) is None
+
+
+def test_a_record_under_a_key_this_process_lacks_is_audited_as_a_missing_key(
+    make_mem: MakeMem, coder: Principal, tmp_path: Path
+) -> None:
+    # A record sealed under a key id the reader's key file does not hold (a lost or
+    # wrong key file, or a forged header) raises MissingKey and is audited as such, not
+    # as tampering: the two call for different fixes.
+    writer = make_mem()
+    writer.sync(writer.put("k", 1, level=Level.PRIVATE, principal=coder))
+    other_keys = tmp_path / "other-keys.json"
+    Keyring.generate().save(other_keys)
+    reader = make_mem(keyring=str(other_keys))
+    with pytest.raises(MissingKey):
+        reader.get("k", level=Level.PRIVATE, principal=coder)
+    rows = wait_until(
+        lambda: [a for a in writer.store.audit_log() if a.key == "k" and a.risk == "high"],
+        what="the audit row",
+    )
+    assert [(a.event, a.actor, a.scope) for a in rows] == [
+        ("missing_key", "coder-1", "agent:coder-1")
+    ]
 
 
 BAD_PUTS = [
