@@ -1940,22 +1940,32 @@ def test_a_denial_after_close_sends_no_audit_event(
     assert mem.authorize(coder, Level.SWARM) == (Level.SWARM, "swarm:phase-1-auth")
 
 
+def _mem_whose_redis_goes(
+    make_mem: MakeMem, backend: str, request: pytest.FixtureRequest, **kwargs: Any
+) -> tuple[DualMemory, Callable[[], None]]:
+    """A DualMemory, and what takes its Redis away: a server of its own, killed (real
+    Redis), or the in-process server disconnected."""
+    if backend == "redis":
+        srv = request.getfixturevalue("own_redis_server")
+        return make_mem(redis_url=srv.url, **kwargs), srv.kill
+    from dualmem.redis_backend import memory_server
+
+    mem = make_mem(**kwargs)
+
+    def cut() -> None:
+        memory_server(mem.settings.redis_url).server.connected = False
+
+    return mem, cut
+
+
 def test_close_without_worker_while_redis_is_down_is_not_drained(
     make_mem: MakeMem, coder: Principal, backend: str, request: pytest.FixtureRequest
 ) -> None:
     # With no worker, close() asks Redis what is left unpersisted; when Redis cannot say,
     # the answer is "not known to be drained", not a drained close over a lost put.
-    if backend == "redis":
-        srv = request.getfixturevalue("own_redis_server")
-        mem = make_mem(redis_url=srv.url, worker=False)
-        mem.put("k", 1, level=Level.SWARM, principal=coder)
-        srv.kill()
-    else:
-        from dualmem.redis_backend import memory_server
-
-        mem = make_mem(worker=False)
-        mem.put("k", 1, level=Level.SWARM, principal=coder)
-        memory_server(mem.settings.redis_url).server.connected = False
+    mem, cut_redis = _mem_whose_redis_goes(make_mem, backend, request, worker=False)
+    mem.put("k", 1, level=Level.SWARM, principal=coder)
+    cut_redis()
     assert mem.close() == CloseReport(pending=1, drained=False)
 
 
@@ -2116,6 +2126,18 @@ def test_prometheus_exposition(mem: DualMemory, coder: Principal) -> None:
     assert 'dualmem_latency_seconds_count{path="redis_write"} 1' in text
     assert "dualmem_redis_up 1.0" in text
     assert "dualmem_backlog 0\n" in text
+
+
+def test_prometheus_says_redis_is_down_when_it_cannot_read_the_backlog(
+    make_mem: MakeMem, backend: str, request: pytest.FixtureRequest
+) -> None:
+    # The exposition's redis_up gauge is what an alert watches: 0 with Redis gone (and no
+    # backlog figure it could not read), not 1.
+    mem, cut_redis = _mem_whose_redis_goes(make_mem, backend, request, worker=False)
+    assert "dualmem_redis_up 1.0\n" in mem.prometheus()
+    cut_redis()
+    text = mem.prometheus()
+    assert "dualmem_redis_up 0\n" in text and "dualmem_backlog " not in text
 
 
 def test_keyring_object_can_be_passed(tmp_path: Path, redis_url: str, coder: Principal) -> None:
@@ -2523,6 +2545,24 @@ def test_an_audit_detail_that_is_not_a_json_object_is_a_validation_error(
     mem.audit("deploy", principal=coder, detail={"ok": [1, 2], "when": time})  # str()'d
 
 
+def test_an_audit_event_with_a_bad_risk_or_level_is_refused_and_one_redis_cannot_take_raises(
+    make_mem: MakeMem, coder: Principal, backend: str, request: pytest.FixtureRequest
+) -> None:
+    # audit() records what the application says happened: a risk outside low, medium and
+    # high, or a level that is no level, is a ValidationError before anything is sent;
+    # an event Redis could not take raises StoreUnavailable, not a receipt of nothing.
+    mem, cut_redis = _mem_whose_redis_goes(make_mem, backend, request, worker=False)
+    for bad in ({"risk": "urgent"}, {"level": 9}, {"level": "ADMIN"}):
+        with pytest.raises(ValidationError, match=r"risk|level"):
+            mem.audit("deploy", principal=coder, **bad)  # type: ignore[arg-type]
+    assert mem.backlog() == {0: 0}
+    receipt = mem.audit("deploy", principal=coder, level="TEAM")  # type: ignore[arg-type]
+    assert mem.backlog() == {0: 1} and receipt.op == "audit"
+    cut_redis()
+    with pytest.raises(StoreUnavailable, match="audit event 'deploy' could not be written"):
+        mem.audit("deploy", principal=coder)
+
+
 def test_an_operator_audit_event_can_be_waited_for_like_a_write(make_mem: MakeMem) -> None:
     # `export --decrypt` waited on rt.send([], audits=[...]), which returned no receipt for
     # the event: the wait waited for nothing.
@@ -2717,8 +2757,10 @@ def test_query_pages_with_after_and_query_all_reads_every_page(
         "b/2",
         "b/~",
     ]
-    with pytest.raises(ValidationError, match="after"):
-        mem.query(principal=coder, after="b/1")  # type: ignore[arg-type]
+    for bad in ("b/1", ("swarm:phase-1-auth",), ("swarm:phase-1-auth", "b/1", "x")):
+        # A tuple of one or three raised IndexError, or was passed on to the store.
+        with pytest.raises(ValidationError, match=r"after must be a \(scope, key\) tuple"):
+            mem.query(principal=coder, after=bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("page", [0, -1, 10_001, 20_000, "5", True, 2.0])
