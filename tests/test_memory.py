@@ -2071,6 +2071,34 @@ def test_the_exit_hook_holds_no_object_and_forgets_closed_ones(
     assert len(memory_module._OPEN) == before
 
 
+@pytest.mark.real_redis
+def test_a_forked_child_that_exits_leaves_its_parents_objects_open(
+    redis_server: RedisServer, db_path: Path, keyfile: Path, coder: Principal
+) -> None:
+    # The exit hook closes the objects of the process that made them: a forked child (a
+    # multiprocessing worker) exiting through it closed its parent's copy too, and that
+    # close deleted the parent's key lease in Redis.
+    redis_server.client().flushall()
+    mem = DualMemory(
+        redis_url=redis_server.url, db_path=str(db_path), keyring=str(keyfile), worker=False
+    )
+    try:
+        assert mem._lease is not None
+        pid = os.fork()
+        if pid == 0:  # the child: what its interpreter's exit runs, then gone
+            try:
+                memory_module._close_open_at_exit()
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        users = key_users(redis_server.client(), mem.settings.namespace)
+        assert [u.token for u in users] == [mem._lease.token]
+        mem.put("k", 1, level=Level.PRIVATE, principal=coder)  # still open here
+    finally:
+        mem.close()
+
+
 def test_a_signal_handler_may_close_while_its_thread_holds_the_exit_set_or_the_pool(
     redis_url: str, db_path: Path, keyfile: Path
 ) -> None:
