@@ -1382,6 +1382,23 @@ def test_embedded_default_keeps_its_key_across_restarts(tmp_path: Path, coder: P
     drop_memory_server(url)
 
 
+def test_a_lapsed_lease_with_an_unreadable_key_file_refuses_only_encrypted_puts(
+    make_mem: MakeMem, coder: Principal, keyfile: Path
+) -> None:
+    # A writer whose key lease lapsed and whose key file cannot be read must not seal
+    # with a key a rotation may have dropped; a put at a plaintext level seals with no
+    # key, and goes through (it was refused too).
+    writer = make_mem(worker=False)
+    assert writer._lease is not None
+    keyfile.write_text("not a key file")
+    writer._lease._renewed_at -= 10 * writer._lease.interval + 10  # idle that long: lapsed
+    assert writer._lease.lapsed()
+    with pytest.raises(ConfigurationError, match="cannot be read"):
+        writer.put("secret", 1, level=Level.PRIVATE, principal=coder)
+    writer.put("open", 2, level=Level.SWARM, principal=coder)
+    assert writer.get("open", level=Level.SWARM, principal=coder, fresh=True) == 2
+
+
 def test_key_from_environment(
     tmp_path: Path, coder: Principal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
