@@ -424,6 +424,21 @@ def test_a_record_past_its_expiry_is_absent_from_get_record_too(
         assert mem.get("k", level=Level.SWARM, principal=coder) is None
 
 
+def test_a_fresh_get_record_leaves_what_the_cache_does_not_know_empty(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # From the cache entry only the value is known: the record's owner, times and stream
+    # id are empty, never filled in with the reader's name (another swarm member here,
+    # who did not write it).
+    mem = make_mem(worker=False)
+    mem.put("k", {"v": 1}, level=Level.SWARM, principal=coder)
+    reader = Principal(agent_id="reader-9", swarm=coder.swarm)
+    record = mem.get_record("k", level=Level.SWARM, principal=reader, fresh=True)
+    assert record == memory_module.Record(
+        "swarm:phase-1-auth", "k", Level.SWARM, "", {"v": 1}, 0, 0, None, ""
+    )
+
+
 def test_a_record_under_a_key_this_process_lacks_is_audited_as_a_missing_key(
     make_mem: MakeMem, coder: Principal, tmp_path: Path
 ) -> None:
