@@ -2938,6 +2938,20 @@ def test_settle_waits_for_every_earlier_write_of_any_object_on_every_shard(
         reader.settle(timeout=-1)
 
 
+def test_settle_with_nothing_in_redis_returns_without_a_worker(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # A shard whose stream holds no command has nothing to wait for: settle() returns at
+    # once, even with no worker anywhere, and a shard that holds one is still waited for.
+    mem = make_mem(worker=False, shards=2)
+    mem.settle(timeout=0)
+    mem.put("k", 1, level=Level.SWARM, principal=coder)
+    with pytest.raises(NotPersisted, match=r"not settled within 0s") as info:
+        mem.settle(timeout=0)
+    (shard,) = [s for s, n in mem.backlog().items() if n]
+    assert f"[({shard}, " in str(info.value)  # the shard written to, only
+
+
 def test_a_ttl_too_large_for_a_float_and_a_key_that_cannot_travel_are_refused(
     make_mem: MakeMem, coder: Principal
 ) -> None:
@@ -2962,3 +2976,7 @@ def test_sync_refuses_a_receipt_built_by_hand_with_fields_that_cannot_be_looked_
     for shard, sid in ((2**64, "1-0"), (-1, "1-0"), (0, "\ud800"), (0, 5)):
         with pytest.raises(ValidationError, match="receipt"):
             mem.sync(Receipt(shard, sid, "s", "k", "put"), timeout=0)  # type: ignore[arg-type]
+    # Not a Receipt at all (a stream id, a tuple): named as such, not an AttributeError.
+    for bad in ("1-0", (0, "1-0")):
+        with pytest.raises(ValidationError, match=r"sync\(\) takes the Receipt"):
+            mem.sync(bad, timeout=0)  # type: ignore[arg-type]
