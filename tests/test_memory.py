@@ -2178,6 +2178,36 @@ def test_shards_keep_keys_in_order(
     assert all(raw_redis.exists(mem.layout.stream(s)) for s in range(4))
 
 
+def test_a_close_between_pubsubs_open_check_and_its_lock_leaves_no_client_behind(
+    make_mem: MakeMem,
+) -> None:
+    # pubsub() looks again under its lock: a close() that ran between its first check and
+    # the lock had already closed the pub/sub client, and one made after it was never
+    # closed (a connection left open by a closed object).
+    mem = make_mem(worker=False)
+    real = mem._pubsub_lock
+
+    class CloseOnFirstEntry:
+        """The lock, entered first by pubsub() after its open check: close() runs there."""
+
+        def __init__(self) -> None:
+            self.entered = False
+
+        def __enter__(self) -> bool:
+            if not self.entered:
+                self.entered = True
+                mem.close()  # its own release of the pub/sub client enters this lock too
+            return real.__enter__()
+
+        def __exit__(self, *exc: object) -> None:
+            real.__exit__(*exc)
+
+    mem._pubsub_lock = CloseOnFirstEntry()  # type: ignore[assignment]
+    with pytest.raises(DualMemError, match="this DualMemory is closed"):
+        mem.pubsub()
+    assert mem._pubsub_client is None
+
+
 def test_prometheus_exposition(mem: DualMemory, coder: Principal) -> None:
     mem.sync(mem.put("k", 1, level=Level.SWARM, principal=coder))
     # sync() returns at the commit; the ack follows it, and the backlog counts until then.
