@@ -373,7 +373,7 @@ def test_a_denial_is_audited_with_the_action_and_the_record_denied(
     # write, a get, history or query a read (a write denied as a read hid an attempt to
     # change another agent's record among attempts to look); its scope and key are the
     # ones named.
-    other = {"level": Level.PRIVATE, "principal": coder, "scope": "agent:coder-2"}
+    other: dict[str, Any] = {"level": Level.PRIVATE, "principal": coder, "scope": "agent:coder-2"}
     attempts: dict[str, Callable[[], object]] = {
         "put": lambda: mem.put("k", 1, **other),
         "delete": lambda: mem.delete("k", **other),
@@ -2197,10 +2197,10 @@ def test_a_close_between_pubsubs_open_check_and_its_lock_leaves_no_client_behind
             if not self.entered:
                 self.entered = True
                 mem.close()  # its own release of the pub/sub client enters this lock too
-            return real.__enter__()
+            return real.acquire()
 
         def __exit__(self, *exc: object) -> None:
-            real.__exit__(*exc)
+            real.release()
 
     mem._pubsub_lock = CloseOnFirstEntry()  # type: ignore[assignment]
     with pytest.raises(DualMemError, match="this DualMemory is closed"):
@@ -2644,7 +2644,7 @@ def test_an_audit_event_with_a_bad_risk_or_level_is_refused_and_one_redis_cannot
     mem, cut_redis = _mem_whose_redis_goes(make_mem, backend, request, worker=False)
     for bad in ({"risk": "urgent"}, {"level": 9}, {"level": "ADMIN"}):
         with pytest.raises(ValidationError, match=r"risk|level"):
-            mem.audit("deploy", principal=coder, **bad)  # type: ignore[arg-type]
+            mem.audit("deploy", principal=coder, **bad)
     assert mem.backlog() == {0: 0}
     receipt = mem.audit("deploy", principal=coder, level="TEAM")  # type: ignore[arg-type]
     assert mem.backlog() == {0: 1} and receipt.op == "audit"
