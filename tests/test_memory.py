@@ -392,11 +392,12 @@ def test_a_denial_is_audited_with_the_action_and_the_record_denied(
         assert f"may not {want} scope 'agent:coder-2'" in json.loads(row.detail)["reason"]
 
 
-def test_changes_keeps_to_the_level_asked_for_and_refuses_a_seq_that_is_not_one(
+def test_changes_keeps_to_the_level_asked_for_and_refuses_a_bad_seq_or_limit(
     mem: DualMemory, coder: Principal
 ) -> None:
     # changes(level=...) is the feed of that level's scope only (it gave every scope the
-    # principal reads); since is a journal seq, an int in [0, 2**63).
+    # principal reads); since is a journal seq, an int in [0, 2**63), and limit an int
+    # >= 0.
     for level in (Level.PRIVATE, Level.TEAM, Level.SWARM):
         last = mem.put(f"k{int(level)}", 1, level=level, principal=coder)
     mem.sync(last)
@@ -407,6 +408,11 @@ def test_changes_keeps_to_the_level_asked_for_and_refuses_a_seq_that_is_not_one(
     for bad in (-1, 1 << 63, True, 1.0):
         with pytest.raises(ValidationError, match="since must be a journal seq"):
             mem.changes(bad, principal=coder)  # type: ignore[arg-type]
+    # limit is an int >= 0 too: -1 reached SQLite as LIMIT -1, every change.
+    assert len(mem.changes(0, principal=coder, limit=2)) == 2
+    for bad in (-1, 2.0, "2"):
+        with pytest.raises(ValidationError, match="limit"):
+            mem.changes(0, principal=coder, limit=bad)  # type: ignore[arg-type]
 
 
 def test_a_record_past_its_expiry_is_absent_from_get_record_too(
