@@ -410,9 +410,9 @@ def test_changes_keeps_to_the_level_asked_for_and_refuses_a_bad_seq_or_limit(
             mem.changes(bad, principal=coder)  # type: ignore[arg-type]
     # limit is an int >= 0 too: -1 reached SQLite as LIMIT -1, every change.
     assert len(mem.changes(0, principal=coder, limit=2)) == 2
-    for bad in (-1, 2.0, "2"):
+    for bad_limit in (-1, 2.0, "2"):
         with pytest.raises(ValidationError, match="limit"):
-            mem.changes(0, principal=coder, limit=bad)  # type: ignore[arg-type]
+            mem.changes(0, principal=coder, limit=bad_limit)  # type: ignore[arg-type]
 
 
 def test_a_record_past_its_expiry_is_absent_from_get_record_too(
@@ -2033,6 +2033,28 @@ def test_close_releases_every_redis_connection_it_opened(
         mem.close()
     wait_until(lambda: not ours() & opened, what="every connection of mem to close")
     assert mem._worker_thread is not None and not mem._worker_thread.is_alive()
+
+
+def test_a_write_after_close_is_refused_before_it_is_checked_or_audited(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # A put or delete on a closed DualMemory says "closed" first: not a ValidationError
+    # about its key, nor an AccessDenied whose audit event went into a stream that no
+    # worker of this object would persist.
+    mem = make_mem(worker=False)
+    mem.close()
+    stream = mem.layout.stream(0)
+    before = raw_redis.xlen(stream)
+    other = {"level": Level.PRIVATE, "principal": coder, "scope": "agent:coder-2"}
+    attempts: list[Callable[[], object]] = [
+        lambda: mem.put("", 1, level=Level.SWARM, principal=coder),
+        lambda: mem.put("k", 1, **other),  # type: ignore[arg-type]
+        lambda: mem.delete("k", **other),  # type: ignore[arg-type]
+    ]
+    for attempt in attempts:
+        with pytest.raises(DualMemError, match="this DualMemory is closed"):
+            attempt()
+    assert raw_redis.xlen(stream) == before
 
 
 def test_close_without_worker_reports_pending(make_mem: MakeMem, coder: Principal) -> None:
