@@ -2057,6 +2057,40 @@ def test_a_write_after_close_is_refused_before_it_is_checked_or_audited(
     assert raw_redis.xlen(stream) == before
 
 
+def test_a_close_interrupted_while_the_worker_commits_leaves_its_store_open(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A close() that fails (a KeyboardInterrupt while it waits for the worker thread)
+    # releases what it can, but not the store under a worker still committing: its
+    # commit goes through, where a store closed under it failed it.
+    mem = make_mem(close_timeout=2)
+    applying, go_on = threading.Event(), threading.Event()
+    real_apply = mem.store.apply
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        applying.set()
+        go_on.wait(10)
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(mem.store, "apply", held)
+    receipt = mem.put("k", 1, level=Level.SWARM, principal=coder)
+    assert applying.wait(10)  # the worker is inside its commit
+    thread = mem._worker_thread
+    assert thread is not None
+    real_join = thread.join
+
+    def interrupted(timeout: float | None = None) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(thread, "join", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mem.close()
+    go_on.set()
+    real_join(30)
+    assert not thread.is_alive()
+    assert make_mem(worker=False).store.status(receipt.shard, receipt.stream_id) == "committed"
+
+
 def test_close_without_worker_reports_pending(make_mem: MakeMem, coder: Principal) -> None:
     # close() said (0, drained) with the put still in Redis: on memory:// it was lost at
     # exit with nothing reported.
