@@ -2915,6 +2915,19 @@ def test_query_pages_with_after_and_query_all_reads_every_page(
             mem.query(principal=coder, after=bad)  # type: ignore[arg-type]
 
 
+def test_query_refuses_a_since_or_until_that_is_not_an_int(
+    mem: DualMemory, coder: Principal
+) -> None:
+    # since and until bound updated_at (ms): an int each. A string or a float was
+    # compared by SQLite as it came, and a number past 64 bits raised OverflowError.
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=coder))
+    assert [r.key for r in mem.query(principal=coder, since=0, until=2**62)] == ["k"]
+    for name in ("since", "until"):
+        for bad in ("5", 1.5, True, 2**64):
+            with pytest.raises(ValidationError, match=name):
+                mem.query(principal=coder, **{name: bad})  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("page", [0, -1, 10_001, 20_000, "5", True, 2.0])
 def test_query_all_names_a_bad_page_as_page(
     mem: DualMemory, coder: Principal, page: object
