@@ -1866,6 +1866,43 @@ def test_a_put_in_flight_when_close_starts_is_drained_with_the_rest(
     )
 
 
+def test_close_is_woken_by_the_last_write_in_flight_not_by_its_bound(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # close() waits for the writes already past their open check, and the last one to
+    # land wakes it: without that wake-up it sat out its whole bound (the drain timeout
+    # plus 5 s) after every such write.
+    mem = make_mem()
+    waiting, sending = threading.Event(), threading.Event()
+    woken: list[bool] = []
+
+    class Recording(threading.Condition):
+        """close()'s wait: says it has begun, and whether a notify ended it (True) or
+        its timeout did, cut to 10 s here (False)."""
+
+        def wait(self, timeout: float | None = None) -> bool:
+            waiting.set()
+            got = super().wait(10 if timeout is None else min(timeout, 10))
+            woken.append(got)
+            return got
+
+    mem._gate = Recording()
+    real = memory_module.transact
+
+    def held(client: Any, commands: Any) -> Any:
+        sending.set()
+        assert waiting.wait(10)  # close() waits for this write
+        return real(client, commands)
+
+    monkeypatch.setattr(memory_module, "transact", held)
+    writer = threading.Thread(target=lambda: mem.put("k", 1, level=Level.SWARM, principal=coder))
+    writer.start()
+    assert sending.wait(10)
+    report = mem.close()
+    writer.join(10)
+    assert woken == [True] and report.drained
+
+
 def _close_while_sending(
     make_mem: MakeMem, mem: DualMemory, sending: threading.Event, send: Callable[[], Receipt]
 ) -> None:
