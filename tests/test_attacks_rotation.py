@@ -1725,3 +1725,37 @@ def test_a_running_process_keeps_its_keys_when_its_key_file_turns_to_junk(
     assert mem.get("k", level=Level.PRIVATE, principal=p) == {"v": 1}
     assert mem.get("k2", level=Level.PRIVATE, principal=p) == {"v": 2}
     assert mem._keyfile is not None and mem._keyfile.failed
+
+
+def test_a_replay_or_a_send_whose_key_file_cannot_be_read_never_lands_under_a_dropped_key(
+    redis_url: str, db_path: Path, keyfile: Path, raw_redis: redis.Redis
+) -> None:
+    # A dead letter replayed is sent as its stream entry (raw): its envelope's key was
+    # not looked at, so a replay landed under a key the drop was removing. And a key file
+    # that cannot be read cannot say a key is still in it: such a send went through on
+    # the keyring loaded before.
+    from dualmem.errors import KeyDropped
+    from dualmem.keyuse import clear_dropping, mark_dropping
+    from dualmem.ops.runtime import Runtime, Write
+    from dualmem.settings import Settings
+
+    settings = Settings.load(
+        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
+    )
+    rt = Runtime(settings, worker=False)
+    try:
+        old = rt.codec.keyring.active_id  # type: ignore[union-attr]
+        env = rt.codec.seal({"v": 1}, scope=SCOPE, key="dl", level=Level.PRIVATE, owner="a")
+        letter = put_fields(SCOPE, "dl", Level.PRIVATE, "a", 1, env, None)
+        stream = rt.layout.stream(0)
+        mark_dropping(raw_redis, "dualmem", [old], ttl=60)
+        with pytest.raises(KeyDropped, match=old):
+            rt.send([], raw=[(0, _raw(letter))])
+        assert raw_redis.xlen(stream) == 0
+        clear_dropping(raw_redis, "dualmem")
+        keyfile.write_text("not a key file")
+        with pytest.raises(KeyDropped, match="cannot be read"):
+            rt.send([Write(SCOPE, "dl", Level.PRIVATE, "a", env)])
+        assert all(raw_redis.xlen(rt.layout.stream(s)) == 0 for s in range(settings.shards))
+    finally:
+        rt.close()

@@ -924,3 +924,83 @@ def test_an_import_names_every_key_it_may_send_under_until_it_has_sent(
     assert code == 0, out
     assert seen == [[(new, old)]]
     assert key_users(raw_redis, "copy") == []  # released once sent
+
+
+def test_an_operator_send_that_would_pass_max_backlog_sends_nothing(
+    redis_url: str, db_path: Path, keyfile: Path
+) -> None:
+    # An import, a replay or the mirror sends in one transaction: it must fit under
+    # max_backlog as a whole, counting every write and every raw entry it adds to each
+    # shard's stream (not one per shard, not the stream as it is before the send), and
+    # a send that ends exactly at the bound is let through.
+    from dualmem.commands import put_fields
+    from dualmem.errors import Backpressure
+    from dualmem.ops.runtime import Runtime, Write
+    from dualmem.settings import Settings
+
+    settings = Settings.load(
+        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
+    ).replace(max_backlog=4, shards=1)
+    rt = Runtime(settings, worker=False)
+    try:
+        scope = "swarm:s1"
+
+        def write(key: str) -> Write:
+            env = rt.codec.seal({"v": key}, scope=scope, key=key, level=Level.SWARM, owner="a")
+            return Write(scope, key, Level.SWARM, "a", env)
+
+        stream = rt.layout.stream(0)
+        rt.send([write("a"), write("b"), write("c")])
+        assert rt.client.xlen(stream) == 3
+        raw_env = rt.codec.seal(1, scope=scope, key="r", level=Level.SWARM, owner="a")
+        raw = put_fields(scope, "r", Level.SWARM, "a", 1, raw_env, None)
+        for writes, raws in (([write("d"), write("e")], []), ([write("d")], [(0, raw)])):
+            with pytest.raises(Backpressure, match="adds 2, over max_backlog=4"):
+                rt.send(writes, raw=raws)  # type: ignore[arg-type]
+            assert rt.client.xlen(stream) == 3  # nothing of it sent
+        rt.send([write("d")])  # 4 of 4
+        assert rt.client.xlen(stream) == 4
+    finally:
+        rt.close()
+
+
+def test_an_operator_sends_cache_entries_live_as_a_puts_and_a_deletes_do(
+    redis_url: str, db_path: Path, keyfile: Path
+) -> None:
+    # The cache entries an import, a replay or the mirror writes are read by fresh gets
+    # as put's are: a record's entry outlives its expiry by cache_ttl, a delete's mark
+    # lives cache_ttl (it never expired), and without a cache ttl an expiry already past
+    # is 1 ms, not a PX Redis refuses (which failed the whole send).
+    from dualmem.ops.runtime import Runtime, Write
+    from dualmem.settings import Settings
+
+    base = Settings.load({"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)})
+    scope = "swarm:s1"
+    for cache_ttl in (60, 0):
+        rt = Runtime(base.replace(cache_ttl=cache_ttl), worker=False)
+        try:
+            now_ms = int(time.time() * 1000)
+
+            def write(key: str, expires_at: int | None, rt: Runtime = rt) -> Write:
+                env = rt.codec.seal(1, scope=scope, key=key, level=Level.SWARM, owner="a")
+                return Write(scope, key, Level.SWARM, "a", env, expires_at)
+
+            writes = [
+                write(f"long{cache_ttl}", now_ms + 600_000),  # expires past the cache ttl
+                write(f"short{cache_ttl}", now_ms + 5_000),
+                write(f"past{cache_ttl}", now_ms - 5_000),
+                Write(scope, f"gone{cache_ttl}", Level.SWARM, "a", None),  # a delete
+            ]
+            receipts = rt.send(writes)
+            assert [r.op for r in receipts] == ["put", "put", "put", "del"]
+            pttl = [rt.client.pttl(rt.layout.cache_key(r.shard, scope, r.key)) for r in receipts]
+            if cache_ttl:
+                assert 590_000 < pttl[0] <= 600_000
+                assert 55_000 < pttl[1] <= 60_000 and 55_000 < pttl[2] <= 60_000
+                assert 55_000 < pttl[3] <= 60_000
+            else:
+                assert 590_000 < pttl[0] <= 600_000 and 0 < pttl[1] <= 5_000
+                assert pttl[2] in (-2, 0, 1)  # 1 ms: gone already, or about to be
+                assert pttl[3] == -1  # no cache ttl: the mark stays until replaced
+        finally:
+            rt.close()
