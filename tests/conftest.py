@@ -24,6 +24,7 @@ from acl import Keyring, Principal
 from bench.servers import RedisServer, free_port
 from dualmem import DualMemory
 from dualmem.redis_backend import drop_memory_server
+from dualmem.settings import Settings
 
 __all__ = [
     "REFUSED",
@@ -139,6 +140,13 @@ def make_mem(redis_url: str, db_path: Path, keyfile: Path) -> Iterator[Callable[
 @pytest.fixture
 def mem(make_mem: Callable[..., DualMemory]) -> DualMemory:
     return make_mem()
+
+
+@pytest.fixture
+def ops_settings(redis_url: str, db_path: Path, keyfile: Path) -> Settings:
+    """Settings of this test's Redis, database and key file, for an operator command's
+    ``Runtime`` (``with Runtime(ops_settings, worker=False) as rt:``)."""
+    return Settings.load({"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)})
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from dualmem.rotation import (
     rotate_keys,
 )
 from dualmem.rotation_lock import RotationLock
+from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import StreamEntry
 
@@ -1241,8 +1242,7 @@ def test_the_drop_mark_lasts_its_ttl_and_one_nobody_can_read_refuses(
 
 
 def test_an_operator_send_never_lands_under_a_key_being_dropped(
-    redis_url: str,
-    db_path: Path,
+    ops_settings: Settings,
     keyfile: Path,
     raw_redis: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
@@ -1253,13 +1253,8 @@ def test_an_operator_send_never_lands_under_a_key_being_dropped(
     from dualmem.keyuse import clear_dropping, mark_dropping
     from dualmem.ops import runtime as runtime_module
     from dualmem.ops.runtime import Runtime, Write
-    from dualmem.settings import Settings
 
-    settings = Settings.load(
-        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
-    )
-    rt = Runtime(settings, worker=False)
-    try:
+    with Runtime(ops_settings, worker=False) as rt:
         old = rt.codec.keyring.active_id  # type: ignore[union-attr]
         env = rt.codec.seal({"v": 1}, scope=SCOPE, key="imp", level=Level.PRIVATE, owner="a")
         write = Write(SCOPE, "imp", Level.PRIVATE, "a", env)
@@ -1298,8 +1293,6 @@ def test_an_operator_send_never_lands_under_a_key_being_dropped(
         assert envelope_key_id(fresh) == new
         (receipt,) = rt.send([Write(SCOPE, "imp", Level.PRIVATE, "a", fresh)])
         assert raw_redis.xlen(stream) == 1 and receipt.stream_id
-    finally:
-        rt.close()
 
 
 def test_a_writer_whose_lease_lapsed_reloads_its_key_file_before_it_seals(
@@ -1728,7 +1721,7 @@ def test_a_running_process_keeps_its_keys_when_its_key_file_turns_to_junk(
 
 
 def test_a_replay_or_a_send_whose_key_file_cannot_be_read_never_lands_under_a_dropped_key(
-    redis_url: str, db_path: Path, keyfile: Path, raw_redis: redis.Redis
+    ops_settings: Settings, keyfile: Path, raw_redis: redis.Redis
 ) -> None:
     # A dead letter replayed is sent as its stream entry (raw): its envelope's key was
     # not looked at, so a replay landed under a key the drop was removing. And a key file
@@ -1737,13 +1730,8 @@ def test_a_replay_or_a_send_whose_key_file_cannot_be_read_never_lands_under_a_dr
     from dualmem.errors import KeyDropped
     from dualmem.keyuse import clear_dropping, mark_dropping
     from dualmem.ops.runtime import Runtime, Write
-    from dualmem.settings import Settings
 
-    settings = Settings.load(
-        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
-    )
-    rt = Runtime(settings, worker=False)
-    try:
+    with Runtime(ops_settings, worker=False) as rt:
         old = rt.codec.keyring.active_id  # type: ignore[union-attr]
         env = rt.codec.seal({"v": 1}, scope=SCOPE, key="dl", level=Level.PRIVATE, owner="a")
         letter = put_fields(SCOPE, "dl", Level.PRIVATE, "a", 1, env, None)
@@ -1756,6 +1744,4 @@ def test_a_replay_or_a_send_whose_key_file_cannot_be_read_never_lands_under_a_dr
         keyfile.write_text("not a key file")
         with pytest.raises(KeyDropped, match="cannot be read"):
             rt.send([Write(SCOPE, "dl", Level.PRIVATE, "a", env)])
-        assert all(raw_redis.xlen(rt.layout.stream(s)) == 0 for s in range(settings.shards))
-    finally:
-        rt.close()
+        assert all(raw_redis.xlen(rt.layout.stream(s)) == 0 for s in range(ops_settings.shards))

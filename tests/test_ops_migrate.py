@@ -64,6 +64,19 @@ MEMORY_COLUMNS = (
 )
 
 
+def plant_project_record(db: Path, key: str, value: object) -> None:
+    """A record at level 4 written into the file by hand (stream id 5-1, schema 1's sid)."""
+    from acl import Codec
+
+    env = Codec(None).seal(value, scope="project:shop", key=key, level=Level.PROJECT)
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            f"INSERT INTO memory ({MEMORY_COLUMNS}) VALUES (?, ?, 4, 'lead', ?, ?, ?, 5, 5, NULL)",
+            ("project:shop", key, env, (5 << 22) | 1, "5-1"),
+        )
+    conn.close()
+
+
 def memory_rows(db: Path) -> list[tuple[object, ...]]:
     with sqlite3.connect(db) as conn:
         return conn.execute(f"SELECT {MEMORY_COLUMNS} FROM memory ORDER BY scope, key").fetchall()
@@ -185,8 +198,6 @@ def test_mission_log_records_of_a_first_schema_file_are_projected_by_the_migrati
 ) -> None:
     # Schema 2 created the mission tables empty: a `_dm/` record written before (by hand,
     # as v1 had no MissionLog) stayed unprojected, and verify failed after the upgrade.
-    from acl import Codec
-
     value = {
         "mission_id": "legacy",
         "phase": "p",
@@ -196,14 +207,7 @@ def test_mission_log_records_of_a_first_schema_file_are_projected_by_the_migrati
         "updated_at": 5,
         "completed_at": None,
     }
-    key = "_dm/mission/legacy"
-    env = Codec(None).seal(value, scope="project:shop", key=key, level=Level.PROJECT)
-    with sqlite3.connect(v1) as conn:
-        conn.execute(
-            f"INSERT INTO memory ({MEMORY_COLUMNS}) VALUES (?, ?, 4, 'lead', ?, ?, ?, 5, 5, NULL)",
-            ("project:shop", key, env, (5 << 22) | 1, "5-1"),
-        )
-    conn.close()
+    plant_project_record(v1, "_dm/mission/legacy", value)
     assert run_cli(capsys, "migrate", "--db", str(v1))[0] == 0
     with sqlite3.connect(v1) as conn:
         assert conn.execute("SELECT mission_id, status FROM missions").fetchall() == [
@@ -256,16 +260,8 @@ def test_a_mission_record_that_does_not_parse_does_not_stop_the_migration(
     # The migration projects every mission-log record written before: one that is not a
     # record of its kind is left as it is (verify names it), not a migration that fails
     # and a file that no dualmem can open any more.
-    from acl import Codec
-
     key = "_dm/tool_call/m1/c1"
-    env = Codec(None).seal({"junk": True}, scope="project:shop", key=key, level=Level.PROJECT)
-    with sqlite3.connect(v1) as conn:
-        conn.execute(
-            f"INSERT INTO memory ({MEMORY_COLUMNS}) VALUES (?, ?, 4, 'lead', ?, ?, ?, 5, 5, NULL)",
-            ("project:shop", key, env, (5 << 22) | 1, "5-1"),
-        )
-    conn.close()
+    plant_project_record(v1, key, {"junk": True})
     assert run_cli(capsys, "migrate", "--db", str(v1))[0] == 0
     assert user_version(v1) == SCHEMA_VERSION
     with sqlite3.connect(v1) as conn:

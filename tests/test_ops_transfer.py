@@ -25,6 +25,7 @@ from acl import Codec, Keyring, Level, Principal
 from dualmem import DualMemory
 from dualmem.migrations import migrate
 from dualmem.ops.transfer import LineError, export_records, parse_line, plan_import
+from dualmem.settings import Settings
 
 from .conftest import refuse_inserts, run_cli
 
@@ -927,7 +928,7 @@ def test_an_import_names_every_key_it_may_send_under_until_it_has_sent(
 
 
 def test_an_operator_send_that_would_pass_max_backlog_sends_nothing(
-    redis_url: str, db_path: Path, keyfile: Path
+    ops_settings: Settings,
 ) -> None:
     # An import, a replay or the mirror sends in one transaction: it must fit under
     # max_backlog as a whole, counting every write and every raw entry it adds to each
@@ -936,13 +937,8 @@ def test_an_operator_send_that_would_pass_max_backlog_sends_nothing(
     from dualmem.commands import put_fields
     from dualmem.errors import Backpressure
     from dualmem.ops.runtime import Runtime, Write
-    from dualmem.settings import Settings
 
-    settings = Settings.load(
-        {"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)}
-    ).replace(max_backlog=4, shards=1)
-    rt = Runtime(settings, worker=False)
-    try:
+    with Runtime(ops_settings.replace(max_backlog=4, shards=1), worker=False) as rt:
         scope = "swarm:s1"
 
         def write(key: str) -> Write:
@@ -960,25 +956,20 @@ def test_an_operator_send_that_would_pass_max_backlog_sends_nothing(
             assert rt.client.xlen(stream) == 3  # nothing of it sent
         rt.send([write("d")])  # 4 of 4
         assert rt.client.xlen(stream) == 4
-    finally:
-        rt.close()
 
 
 def test_an_operator_sends_cache_entries_live_as_a_puts_and_a_deletes_do(
-    redis_url: str, db_path: Path, keyfile: Path
+    ops_settings: Settings,
 ) -> None:
     # The cache entries an import, a replay or the mirror writes are read by fresh gets
     # as put's are: a record's entry outlives its expiry by cache_ttl, a delete's mark
     # lives cache_ttl (it never expired), and without a cache ttl an expiry already past
     # is 1 ms, not a PX Redis refuses (which failed the whole send).
     from dualmem.ops.runtime import Runtime, Write
-    from dualmem.settings import Settings
 
-    base = Settings.load({"redis_url": redis_url, "db_path": str(db_path), "keyring": str(keyfile)})
     scope = "swarm:s1"
     for cache_ttl in (60, 0):
-        rt = Runtime(base.replace(cache_ttl=cache_ttl), worker=False)
-        try:
+        with Runtime(ops_settings.replace(cache_ttl=cache_ttl), worker=False) as rt:
             now_ms = int(time.time() * 1000)
 
             def write(key: str, expires_at: int | None, rt: Runtime = rt) -> Write:
@@ -1002,5 +993,3 @@ def test_an_operator_sends_cache_entries_live_as_a_puts_and_a_deletes_do(
                 assert 590_000 < pttl[0] <= 600_000 and 0 < pttl[1] <= 5_000
                 assert pttl[2] in (-2, 0, 1)  # 1 ms: gone already, or about to be
                 assert pttl[3] == -1  # no cache ttl: the mark stays until replaced
-        finally:
-            rt.close()
