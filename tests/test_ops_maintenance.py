@@ -983,7 +983,7 @@ def test_the_exposition_sums_every_shard_and_labels_every_worker(
         two_dead_letters(mem)
         snapshot = {"put": {"count": 2, "p50": 1.0, "p95": 2.0, "p99": 3.0, "max": 4.0}}
         mem.store.record_metrics(1, 'host-1 "a\\b"', snapshot)
-        mem.store.record_metrics(1, "host-2", snapshot)
+        mem.store.record_metrics(1, "host-2\nw", snapshot)  # settings let a consumer have one
     finally:
         mem.close()
     exporter = Exporter(settings)
@@ -1002,7 +1002,7 @@ def test_the_exposition_sums_every_shard_and_labels_every_worker(
         assert float(gauges["dualmem_redis_up"]) == 1
         assert text.count("# TYPE dualmem_latency_seconds summary") == 1
         assert 'source="host-1 \\"a\\\\b\\"",path="put"' in text
-        assert 'source="host-2",path="put"' in text
+        assert 'source="host-2\\nw",path="put"' in text
         own_redis_server.kill()
         down = exporter.render()
         assert "dualmem_redis_up 0" in down and "dualmem_backlog" not in down
