@@ -28,6 +28,8 @@ import redis
 from acl import Level, Principal
 from dualmem import DualMemory, NotPersisted
 from dualmem.commands import put_fields
+from dualmem.layout import Layout
+from dualmem.migrations import migrate
 from dualmem.ops.exporter import Exporter, start_server
 from dualmem.settings import Settings
 from dualmem.store import StreamEntry
@@ -796,6 +798,90 @@ def test_doctor_finds_each_problem_and_says_how_to_fix_it(
     assert found["schema"]["status"] == "warn" and "dualmem migrate" in found["schema"]["fix"]
     assert found["auto_vacuum"]["status"] == "warn" and "--vacuum" in found["auto_vacuum"]["fix"]
     assert found["database permissions"]["fix"].startswith(f"chmod 600 {db}")
+
+
+def test_doctor_gates_the_versions_dualmem_needs(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite 3.38 (JSON functions in the mission tables) and Redis 6.2 (XAUTOCLAIM,
+    # MINID trimming): an older one is a failure that says what to upgrade, a release
+    # candidate or a patch level is read by its numbers.
+    from dualmem.ops import doctor as doctor_module
+
+    assert doctor_module._version("6.2.0-rc2") == (6, 2, 0)
+    assert doctor_module._version("10.0.1") == (10, 0, 1)
+    assert doctor_module._version("3.38.5.1") == (3, 38, 5)
+    for sqlite, status in (("3.37.2", "fail"), ("3.38.0", "ok"), ("3.45.1", "ok")):
+        monkeypatch.setattr(doctor_module.sqlite3, "sqlite_version", sqlite)
+        (found,) = [f for f in doctor_module.check_versions() if f.check == "sqlite library"]
+        assert found.status == status, (sqlite, found)
+    monkeypatch.undo()
+    real_connect = doctor_module.connect
+    for server, status in (("6.0.16", "fail"), ("6.2.0", "ok"), ("7.2.4", "ok")):
+
+        def connect(settings: Settings, version: str = server) -> Any:
+            client, pool = real_connect(settings)
+            client.info = lambda *a, **k: {"redis_version": version}  # type: ignore[method-assign]
+            return client, pool
+
+        monkeypatch.setattr(doctor_module, "connect", connect)
+        settings = Settings.load({"redis_url": redis_server.url, "db_path": "unused.db"})
+        (found,) = [f for f in doctor_module.check_redis(settings) if f.check == "redis version"]
+        assert found.status == status, (server, found)
+        assert status == "ok" or "upgrade to Redis 6.2.0" in found.fix
+
+
+def test_doctor_looks_at_every_shards_stream_and_warns_a_minute_ahead(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # The stream ids check looked at the first shard only when it had no stream yet, or
+    # kept the first stream it read, not the one furthest ahead; and two minutes ahead is
+    # already worth a look at the clock.
+    from dualmem.ops.doctor import check_stream_ids
+
+    client = redis_server.client()
+    client.flushall()
+    settings = Settings.load(
+        {"redis_url": redis_server.url, "db_path": str(tmp_path / "d.db")}
+    ).replace(shards=3)
+    streams = list(Layout(settings.namespace, settings.shards).streams())
+    now_ms = int(time.time() * 1000)
+    client.xadd(streams[1], {b"op": b"x"}, id=f"{now_ms - 1000}-0")  # behind: fine
+    client.xadd(streams[2], {b"op": b"x"}, id=f"{now_ms + 120_000}-7")  # two minutes ahead
+    (found,) = check_stream_ids(client, settings)
+    assert found.status == "warn" and streams[2].decode() in found.detail, found
+    assert "sequence 7" in found.detail
+    client.delete(streams[2])
+    (found,) = check_stream_ids(client, settings)
+    assert found.status == "ok", found
+    client.flushall()
+
+
+def test_doctor_fails_a_group_readable_or_broken_key_file_and_warns_a_rollback_journal(
+    redis_server: RedisServer, tmp_path: Path, keyfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Group-readable is readable by others than its owner; a key file that does not load
+    # cannot open a record; a database in rollback-journal mode blocks its writer while
+    # a reader reads, and one with auto_vacuum FULL (not INCREMENTAL) is not what purge
+    # expects either.
+    db = tmp_path / "d.db"
+    with sqlite3.connect(db) as conn:
+        migrate(conn)
+        conn.execute("PRAGMA auto_vacuum = FULL")  # from INCREMENTAL: no VACUUM needed
+        conn.execute("PRAGMA journal_mode = DELETE")
+    conn.close()
+    db.chmod(0o600)
+    args = ("--redis-url", redis_server.url, "--db", str(db), "--keyring", str(keyfile))
+    keyfile.chmod(0o640)
+    _, found = doctor(capsys, *args)
+    assert found["key file"]["status"] == "fail" and "mode 640" in found["key file"]["detail"]
+    assert found["key file"]["fix"] == f"chmod 600 {keyfile}"  # not "restore it from a backup"
+    assert found["journal mode"]["status"] == "warn", found["journal mode"]
+    assert found["auto_vacuum"]["status"] == "warn", found["auto_vacuum"]
+    keyfile.write_text("not a key file")
+    keyfile.chmod(0o600)
+    _, found = doctor(capsys, *args)
+    assert found["key file"]["status"] == "fail" and "restore" in found["key file"]["fix"]
 
 
 def test_doctor_without_redis_or_key_and_with_a_newer_database(

@@ -48,9 +48,15 @@ class Finding:
 
 
 def _version(text_version: str) -> tuple[int, ...]:
+    """The first three numbers of a version, each read up to its first non-digit (all of
+    a part's digits read "0-rc2" as 2).
+
+    >>> _version("6.2.0-rc2"), _version("3.45.1"), _version("7.2")
+    ((6, 2, 0), (3, 45, 1), (7, 2))
+    """
     parts = []
     for p in text_version.split(".")[:3]:
-        digits = "".join(ch for ch in p if ch.isdigit())
+        digits = p[: len(p) - len(p.lstrip("0123456789"))]
         parts.append(int(digits or 0))
     return tuple(parts)
 
