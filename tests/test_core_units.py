@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -116,6 +117,11 @@ def test_a_misspelled_environment_variable_is_named_in_a_warning(
         ({"redis_retries": 101}, {}, "redis_retries must be at most 100"),  # the lease's PX
         ({"sqlite_cache_mb": 2**21 + 1}, {}, "sqlite_cache_mb must be at most 2,097,152"),
         ({"tombstone_ttl": 10**12 + 1}, {}, "tombstone_ttl must be at most 1,000,000,000,000"),
+        # Not silently made into another value: a "2.5" shards read as 2, a 1 as a worker.
+        ({}, {"DUALMEM_SHARDS": "2.5"}, "DUALMEM_SHARDS='2.5' is not a valid int"),
+        ({}, {"DUALMEM_BATCH_SIZE": "1e3"}, "DUALMEM_BATCH_SIZE='1e3' is not a valid int"),
+        ({"worker": 1}, {}, "setting worker must be a bool, got 1"),
+        ({"worker": "1.0"}, {}, "setting worker must be a bool"),
     ],
 )
 def test_bad_settings_name_the_setting(
@@ -238,6 +244,34 @@ def test_a_bad_argument_is_named_as_the_argument_not_as_a_variable(
     assert "DUALMEM_" not in str(exc.value)
     with pytest.raises(ConfigurationError, match=f"DUALMEM_{name.upper()}={value!r} is not"):
         Settings.load({}, environ={f"DUALMEM_{name.upper()}": value})
+
+
+def test_replace_validates_the_copy() -> None:
+    # The operator tools widen shards with replace(): a copy that skipped validation took
+    # shards=0 or 2**40 into the per-shard streams it built (the latter never finished).
+    s = Settings.load(environ={})
+    assert s.replace(shards=4, batch_size=7).shards == 4
+    with pytest.raises(ConfigurationError, match="shards must be >= 1"):
+        s.replace(shards=0)
+    with pytest.raises(ConfigurationError, match="shards must be at most 1,024"):
+        s.replace(shards=2**40)
+    with pytest.raises(ConfigurationError, match="redis_url"):
+        s.replace(redis_url="http://db/0")
+
+
+def test_only_a_memory_url_is_embedded_and_a_keyring_names_the_key_file() -> None:
+    # A real Redis whose host is called "memory..." is no in-process fakeredis: taken for
+    # one, its writes would go to a server that dies with the process.
+    for url in ("redis://memory:6379/0", "rediss://memorystore.internal/1", "redis://a/0"):
+        assert not Settings(redis_url=url).embedded
+    assert Settings().embedded and Settings(redis_url="memory://other").embedded
+    # The key file in use is the keyring setting's, not the embedded default beside the
+    # database (a rotation or refusal check on the wrong file), and none for a bare key.
+    assert Settings(db_path="m.db", keyring="k.json").keyring_file == Path("k.json")
+    assert Settings(redis_url="redis://a/0", keyring="k.json").keyring_file == Path("k.json")
+    assert Settings(db_path="m.db").keyring_file == Path("m.db.keys")
+    assert Settings(db_path="m.db", key="a2V5").keyring_file is None
+    assert Settings(redis_url="redis://a/0").keyring_file is None
 
 
 # -- keys, ttl, entries --------------------------------------------------------------------
