@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from acl import ConfigurationError, Level, ValidationError
+from acl.crypto import Keyring
 from dualmem.batch import GENESIS, chain_hash, journal_hash_values, plan_batch
 from dualmem.commands import (
     MAX_KEY_BYTES,
@@ -28,7 +29,7 @@ from dualmem.commands import (
 )
 from dualmem.layout import Layout
 from dualmem.metrics import Histogram, Metrics, prometheus_text
-from dualmem.settings import MAX_WAIT_SECONDS, Settings
+from dualmem.settings import MAX_WAIT_SECONDS, Settings, check_seconds, load_keyring
 from dualmem.store import StreamEntry
 
 from .conftest import redis_fields as raw
@@ -272,6 +273,38 @@ def test_only_a_memory_url_is_embedded_and_a_keyring_names_the_key_file() -> Non
     assert Settings(db_path="m.db").keyring_file == Path("m.db.keys")
     assert Settings(db_path="m.db", key="a2V5").keyring_file is None
     assert Settings(redis_url="redis://a/0").keyring_file is None
+
+
+def test_only_the_embedded_default_loads_the_key_file_beside_the_database(
+    tmp_path: Path,
+) -> None:
+    # A key file left beside the database by an embedded run is not the keyring of a real
+    # Redis deployment of the same db_path: loading it there sealed records with a key
+    # no other process was told about (keyring_file says None for it, too).
+    ring = Keyring.generate()
+    ring.save(tmp_path / "m.db.keys")
+    embedded = load_keyring(Settings(db_path=str(tmp_path / "m.db")))
+    assert embedded is not None and embedded.active_id == ring.active_id
+    real = Settings(redis_url="redis://a/0", db_path=str(tmp_path / "m.db"))
+    assert load_keyring(real) is None and real.keyring_file is None
+
+
+def test_a_wait_takes_every_number_of_seconds_from_its_bound_to_its_ceiling() -> None:
+    # The bounds the docstring states, both ends included: 1,000,000 s was refused once
+    # "at most" became "less than"; 0 is a wait (poll once), but an interval of 0 spins.
+    assert check_seconds("timeout", MAX_WAIT_SECONDS) == MAX_WAIT_SECONDS
+    assert check_seconds("timeout", 0) == 0.0
+    assert check_seconds("poll_interval", 1e-6, positive=True) == 1e-6
+    assert check_seconds("timeout", None, optional=True) is None
+    for bad, kwargs in (
+        (MAX_WAIT_SECONDS + 1e-3, {}),
+        (0, {"positive": True}),
+        (None, {}),
+        (True, {}),
+        (-1e-9, {}),
+    ):
+        with pytest.raises(ValidationError, match="must be"):
+            check_seconds("timeout", bad, **kwargs)
 
 
 # -- keys, ttl, entries --------------------------------------------------------------------
