@@ -344,7 +344,15 @@ class Settings:
             try:
                 parse_url(self.redis_url)  # type: ignore[no-untyped-call]
             except ValueError as exc:
-                raise ConfigurationError(f"setting redis_url={self.shown_url!r}: {exc}") from None
+                # urllib's message may quote a piece of the URL, a password's first part
+                # as the port: a quote from inside a password is masked.
+                secrets = [self.redis_url[a:b] for a, b in _password_spans(self.redis_url)]
+                why = re.sub(
+                    r"'([^']*)'",
+                    lambda m: "'***'" if any(m[1] and m[1] in s for s in secrets) else m[0],
+                    str(exc),
+                )
+                raise ConfigurationError(f"setting redis_url={self.shown_url!r}: {why}") from None
         if not self.namespace or any(c in self.namespace for c in "{}: \t\n"):
             raise ConfigurationError(
                 f"setting namespace={self.namespace!r} must be non-empty without '{{}}:' or spaces"
@@ -377,6 +385,10 @@ class Settings:
 # Up to the last "@" before the path's query or fragment, as urllib splits userinfo (a
 # password may hold "@" or "/" unescaped, and redis-py accepts it).
 _USERINFO_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^?#]*@")
+# Else up to the last "@" at all: a password with an unescaped "?" or "#" ends the host
+# for urllib, so redis-py refuses the URL, and the error quoting it showed the password.
+# (An "@" in a query then masks more than the password: "redis://db:***@b", never less.)
+_USERINFO_PASSWORD_BROKEN = re.compile(r"(://[^:/@?#]*:).*@")
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
 
 
@@ -435,8 +447,28 @@ def _redacted_url(url: str) -> str:
     >>> _redacted_url("redis://app:s3cret@[::1/0"), _redacted_url("nonsense")
     ('redis://app:***@[::1/0', 'nonsense')
     """
-    shown = _USERINFO_PASSWORD.sub(r"\1***@", url, count=1)
-    return _QUERY_PASSWORD.sub(r"\1***", shown)
+    shown, end = [], 0
+    for start, stop in _password_spans(url):
+        shown += [url[end:start], "***"]
+        end = stop
+    return "".join([*shown, url[end:]])
+
+
+def _password_spans(url: str) -> list[tuple[int, int]]:
+    """Where ``url`` holds a password (before the host, as ``password=`` queries), sorted,
+    overlaps merged: a query password holding "@" overlaps a userinfo match that ends
+    inside it, and both together are masked."""
+    spans = [(m.end(1), m.end()) for m in _QUERY_PASSWORD.finditer(url)]
+    userinfo = _USERINFO_PASSWORD.search(url) or _USERINFO_PASSWORD_BROKEN.search(url)
+    if userinfo:
+        spans.append((userinfo.end(1), userinfo.end() - 1))
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(stop, merged[-1][1]))
+        else:
+            merged.append((start, stop))
+    return merged
 
 
 def _coerce(name: str, type_name: str, value: Any) -> Any:

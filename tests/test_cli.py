@@ -624,6 +624,26 @@ def test_secrets_stay_out_of_reprs() -> None:
     assert repr(signer.key) not in repr(signer)
 
 
+def test_a_password_that_breaks_the_url_stays_out_of_its_error() -> None:
+    # An unescaped "#" or "?" in a password ends the host for urllib and redis-py refuses
+    # the URL: the error quoted it whole (the mask wanted its "@" before any "?" or "#").
+    # With a "/" the URL was masked, but redis-py's message quoted the password's first
+    # part as the port.
+    for url in (
+        "redis://app:S3c#retPw@db/0",
+        "redis://:S3c?retPw@db:6379/0",
+        "rediss://:S3c/retPw@db:6380/0",
+        "redis://app:S3c#retPw@db/0?password=S3c@retPw",
+    ):
+        with pytest.raises(ConfigurationError, match="redis_url") as err:
+            Settings.load({"redis_url": url}, environ={})
+        text = str(err.value) + repr(Settings(redis_url=url))
+        assert "S3c" not in text and "retPw" not in text and "***" in text, text
+    # A quote that is no part of the password stays in the message.
+    with pytest.raises(ConfigurationError, match="as 'notaport'"):
+        Settings.load({"redis_url": "redis://app:S3cretPw@db:notaport/0"}, environ={})
+
+
 def test_a_demo_interrupted_after_its_spawn_does_not_stop_the_next_run(tmp_path: Path) -> None:
     # Every later run exited 2 with "agent 'coder-1' is already active" until the
     # database was deleted.
