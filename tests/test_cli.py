@@ -634,6 +634,7 @@ def test_a_password_that_breaks_the_url_stays_out_of_its_error() -> None:
         "redis://:S3c?retPw@db:6379/0",
         "rediss://:S3c/retPw@db:6380/0",
         "redis://app:S3c#retPw@db/0?password=S3c@retPw",
+        "redis://app:S3c?password=S3c#retPw@db/0",  # one mask inside the other
     ):
         with pytest.raises(ConfigurationError, match="redis_url") as err:
             Settings.load({"redis_url": url}, environ={})
@@ -642,6 +643,18 @@ def test_a_password_that_breaks_the_url_stays_out_of_its_error() -> None:
     # A quote that is no part of the password stays in the message.
     with pytest.raises(ConfigurationError, match="as 'notaport'"):
         Settings.load({"redis_url": "redis://app:S3cretPw@db:notaport/0"}, environ={})
+
+
+def test_a_masked_url_keeps_all_but_its_passwords() -> None:
+    # What is printed still says where Redis is: only the password goes, before the host
+    # (a "/" in it too) and in every password= query (a later one is one all the same).
+    shown = {
+        "redis://app:S3c/retPw@db:6379/0?db=1&x=a@b": "redis://app:***@db:6379/0?db=1&x=a@b",
+        "redis://db/0?password=S3c&db=1&password=retPw": "redis://db/0?password=***&db=1&password=***",
+        "rediss://:S3cretPw@db/2#frag": "rediss://:***@db/2#frag",
+    }
+    for url, masked in shown.items():
+        assert Settings(redis_url=url).shown_url == masked
 
 
 def test_a_demo_interrupted_after_its_spawn_does_not_stop_the_next_run(tmp_path: Path) -> None:
