@@ -44,6 +44,18 @@ def test_arguments_beat_environment_beat_defaults() -> None:
     assert Settings.load(environ={}).redis_url == "memory://"
 
 
+def test_without_an_environ_argument_the_process_environment_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The tests pass environ= everywhere; a load() that read no variables unless given
+    # one would leave every deployment's DUALMEM_* settings at their defaults in silence.
+    monkeypatch.setenv("DUALMEM_SHARDS", "5")
+    monkeypatch.setenv("DUALMEM_NAMESPACE", "from-env")
+    s = Settings.load({"namespace": "given"})
+    assert (s.shards, s.namespace) == (5, "given")
+    assert Settings.load(environ={}).shards == Settings().shards
+
+
 def test_key_and_keyring_are_one_choice() -> None:
     # An argument for either drops the environment's other one (DUALMEM_KEYRING beat an
     # explicit key= in silence); both as arguments, or both in the environment, is refused.
