@@ -622,3 +622,39 @@ def test_a_long_tombstone_ttl_and_an_empty_key_argument_are_accepted() -> None:
     assert Settings.load({"tombstone_ttl": 10**10}, environ={}).tombstone_ttl == 10**10
     s = Settings.load({"keyring": ""}, environ={"DUALMEM_KEY": "a2V5"})
     assert (s.key, s.keyring) == ("a2V5", None)
+
+
+def test_stream_entry_edges_the_worker_relies_on() -> None:
+    # Each of these passed unnoticed by a mutation check of dualmem.commands:
+    from dualmem.commands import (
+        CACHE_EXPIRING,
+        cached_envelope,
+        check_int,
+        replay_fields,
+        sid_hash_text,
+        sid_of,
+    )
+
+    # 2**63 does not fit SQLite's INTEGER: refused, not an OverflowError inside sqlite3.
+    assert check_int("limit", (1 << 63) - 1) == (1 << 63) - 1
+    with pytest.raises(ValidationError, match="limit must be an int"):
+        check_int("limit", 1 << 63)
+    # A dead letter replayed twice keeps the id it first had: ordered by it, it never
+    # overwrites what was committed after it first failed.
+    again = replay_fields(replay_fields({b"op": b"put"}, "5-0"), "9-0")
+    assert again[b"o"] == b"5-0"
+    # A stream id past the 41 bits of milliseconds schema 3 packed (September 2039)
+    # hashes as "ms-seq", not as an integer that overflows 63 bits.
+    late = f"{1 << 41}-3"
+    assert sid_hash_text(sid_of(late)) == late
+    # A cache entry that only starts like an expiring one (too short to hold the
+    # expiry) is taken as it is, not cut into an empty envelope and a garbled expiry.
+    short = CACHE_EXPIRING + b"12345678"
+    assert cached_envelope(short) == (short, None)
+    # A put with an empty envelope is malformed, as one without.
+    raw = {
+        k: v if isinstance(v, bytes) else str(v).encode()
+        for k, v in put_fields("swarm:s", "k", Level.SWARM, "a", 1, b"", None).items()
+    }
+    with pytest.raises(MalformedCommand, match="without an envelope"):
+        decode_command(raw)
