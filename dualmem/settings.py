@@ -383,7 +383,8 @@ class Settings:
 
 
 # Up to the last "@" before the path's query or fragment, as urllib splits userinfo (a
-# password may hold "@" or "/" unescaped, and redis-py accepts it).
+# password may hold "@" unescaped, and redis-py accepts it; one holding "/" is masked as
+# well, though redis-py refuses it: urllib ends the host at the "/").
 _USERINFO_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^?#]*@")
 # Else up to the last "@" at all: a password with an unescaped "?" or "#" ends the host
 # for urllib, so redis-py refuses the URL, and the error quoting it showed the password.
