@@ -390,7 +390,8 @@ _USERINFO_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^?#]*@")
 # for urllib, so redis-py refuses the URL, and the error quoting it showed the password.
 # (An "@" in a query then masks more than the password: "redis://db:***@b", never less.)
 _USERINFO_PASSWORD_BROKEN = re.compile(r"(://[^:/@?#]*:).*@")
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+# Any case: redis-py reads only "password=", but "PASSWORD=" is a secret to hide too.
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
 @overload

@@ -598,6 +598,7 @@ def test_secrets_stay_out_of_reprs() -> None:
         "redis://app:S3c@retPw@db:6379/0",  # an unescaped "@": urllib splits at the last
         "rediss://:S3cr/etPw@db:6380/0",
         "redis://db:6379/0?password=S3c@retPw",  # an "@" after the path is the query's
+        "redis://db:6379/0?PASSWORD=S3cretPw",  # not read by redis-py, but a secret all the same
     ):
         shown = Settings(redis_url=url)
         text = shown.shown_url + repr(shown)
