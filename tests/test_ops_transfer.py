@@ -993,3 +993,18 @@ def test_an_operator_sends_cache_entries_live_as_a_puts_and_a_deletes_do(
                 assert 590_000 < pttl[0] <= 600_000 and 0 < pttl[1] <= 5_000
                 assert pttl[2] in (-2, 0, 1)  # 1 ms: gone already, or about to be
                 assert pttl[3] == -1  # no cache ttl: the mark stays until replaced
+
+
+def test_a_new_database_is_safe_only_while_no_shard_has_a_command_stream(
+    ops_settings: Settings, raw_redis: redis.Redis
+) -> None:
+    # An import (or a replay) may create a missing database only for a namespace with no
+    # command stream yet: its worker would take over whatever a deployment has pending.
+    # A deployment that has written to its second shard only has no stream on shard 0.
+    from dualmem.layout import Layout
+    from dualmem.ops.runtime import new_database_is_safe
+
+    settings = ops_settings.replace(shards=3)
+    assert new_database_is_safe(settings)
+    raw_redis.xadd(Layout(settings.namespace, 3).stream(2), {b"op": b"put"})
+    assert not new_database_is_safe(settings)
