@@ -25,6 +25,7 @@ from bench.servers import RedisServer, free_port
 from dualmem import DualMemory
 from dualmem.redis_backend import drop_memory_server
 from dualmem.settings import Settings
+from dualmem.worker import Worker
 
 __all__ = [
     "REFUSED",
@@ -184,6 +185,12 @@ def redis_fields(fields: Mapping[bytes, bytes | str | int]) -> dict[bytes, bytes
 
 #: The error of a commit :func:`refuse_inserts` makes fail (a dead letter's ``error``).
 REFUSED = "refused by the test"
+
+
+def worker_of(mem: DualMemory, consumer: str, **kwargs: Any) -> Worker:
+    """A worker on ``mem``'s Redis, database and settings under a consumer name of its
+    own, run by hand (``step()``, ``drain()``): the test decides when SQLite sees what."""
+    return Worker(mem._redis, mem.store, mem.settings.replace(consumer=consumer), **kwargs)
 
 
 def refuse_inserts(db: Path, when: str = "1", *, table: str = "memory") -> None:

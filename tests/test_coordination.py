@@ -31,9 +31,8 @@ from dualmem.coordination import (
 from dualmem.coordination._validation import clock_us
 from dualmem.errors import ConfigurationError
 from dualmem.store import AuditRow
-from dualmem.worker import Worker
 
-from .conftest import wait_until
+from .conftest import wait_until, worker_of
 
 MakeMem = Callable[..., DualMemory]
 
@@ -718,7 +717,7 @@ def test_lifecycle_state_outlives_cache_ttl_while_the_worker_is_behind(
 def persistence_by_hand(mem: DualMemory) -> Callable[[], None]:
     """For a DualMemory made with ``worker=False``: a call commits what is in its streams,
     so the test controls what SQLite has seen."""
-    worker = Worker(mem._redis, mem.store, mem.settings.replace(consumer="test"))
+    worker = worker_of(mem, "test")
 
     def persist() -> None:
         while worker.step():
@@ -1052,7 +1051,7 @@ def test_a_copy_of_an_ack_in_the_cache_does_not_stop_the_target_from_acking(
     boss = BlockingCoordinator(writer, BOSS, secret)
     signal = boss.send_signal(["coder-1"], "pause")
     # The signal is committed (a target acks only a committed signal); what follows is not.
-    Worker(writer._redis, writer.store, writer.settings.replace(consumer="w")).step()
+    worker_of(writer, "w").step()
     # A swarm member holding the secret plants a MAC-valid ACK "by coder-1" before coder-1
     # acks. The cache does not say who wrote it; acknowledge_signal used to return it as
     # coder-1's own pending ACK and write nothing, so the coordinator (which checks the

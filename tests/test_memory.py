@@ -59,6 +59,7 @@ from .conftest import (
     refuse_inserts,
     run_cli,
     wait_until,
+    worker_of,
 )
 
 MakeMem = Callable[..., DualMemory]
@@ -719,7 +720,7 @@ def test_a_failing_entry_is_dead_lettered_at_delivery_max_deliveries_not_before(
     writer = make_mem(worker=False, max_deliveries=2)
     poison = writer.put("poison", 1, level=Level.SWARM, principal=coder)
     refuse_inserts(db_path)
-    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w = worker_of(writer, "w")
     w.ensure_groups()
     assert w.step() == 1
     assert writer.store.dead_letters() == []
@@ -874,7 +875,7 @@ def test_a_dead_lettered_write_re_sealed_by_a_key_rotation_leaves_no_cache_entry
     writer = make_mem(worker=False)
     private = {"level": Level.PRIVATE, "principal": coder}
     writer.put("s", {"v": "committed"}, **private)
-    assert Worker(writer._redis, writer.store, writer.settings.replace(consumer="w")).step() == 1
+    assert worker_of(writer, "w").step() == 1
     poison = writer._put_pinned("s", {"v": "never committed"}, **private)
     _poison(db_path, poison.stream_id)
     add_active_key(keyfile)
@@ -1011,13 +1012,13 @@ def test_a_bug_failing_every_new_write_dead_letters_nothing_beside_a_duplicate(
     writer = make_mem(worker=False, max_deliveries=2, claim_idle_ms=50)
     receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(4)]
     # A worker committed k0 and died before its XACK: k0 comes back as a duplicate.
-    dead = Worker(writer._redis, writer.store, writer.settings.replace(consumer="dead"))
+    dead = worker_of(writer, "dead")
     dead.ensure_groups()
     stream = writer.layout.stream(0)
     resp = writer._redis.xreadgroup(writer.settings.group, "dead", {stream: ">"}, count=1)
     writer.store.apply(dead._entries(resp))
     monkeypatch.setattr(SQLiteStore, "_write_plan", _trip_on(None))
-    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w = worker_of(writer, "w")
     w._next_claim = time.monotonic() + 3600  # first its own reads: k1..k3 fail, retried
     for _ in range(3):
         with contextlib.suppress(RuntimeError):
@@ -1040,7 +1041,7 @@ def test_trimming_never_removes_a_pending_entry(
     for i in range(10):
         writer.put(f"k{i}", i, level=Level.SWARM, principal=coder)
     held = [sid for sid, _ in raw_redis.xreadgroup("persist", "slow", {stream: ">"}, count=4)[0][1]]
-    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w = worker_of(writer, "w")
     assert w.step() == 6  # the other six, committed and acked
     w._trim()
     ids = [sid for sid, _ in raw_redis.xrange(stream)]
@@ -1069,7 +1070,7 @@ def test_trimming_keeps_what_another_group_has_not_acknowledged(
     stream = writer.layout.stream(0)
     ids = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder).stream_id for i in range(5)]
     raw_redis.xgroup_create(stream, "other", id="0")
-    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w = worker_of(writer, "w")
     w.ensure_groups()
     assert w.step() == 5
     w._trim()
@@ -1089,10 +1090,10 @@ def test_purge_keeps_a_tombstone_while_an_older_put_of_its_key_is_pending(
     writer = make_mem(worker=False, claim_idle_ms=50, tombstone_ttl=0)
     stream = writer.layout.stream(0)
     writer.put("k", "old", level=Level.SWARM, principal=coder)
-    Worker(writer._redis, writer.store, writer.settings.replace(consumer="dead")).ensure_groups()
+    worker_of(writer, "dead").ensure_groups()
     raw_redis.xreadgroup(writer.settings.group, "dead", {stream: ">"}, count=1)  # never acked
     writer.delete("k", level=Level.SWARM, principal=coder)
-    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w = worker_of(writer, "w")
     w._next_claim = time.monotonic() + 3600
     assert w.step() == 1  # the delete: a tombstone
     time.sleep(0.01)
@@ -1122,10 +1123,10 @@ def test_purge_keeps_a_tombstone_while_an_older_put_of_its_key_is_delivered_agai
     stream = writer.layout.stream(0)
     group = writer.settings.group
     writer.put("k", "old", level=Level.SWARM, principal=coder)
-    Worker(writer._redis, writer.store, writer.settings.replace(consumer="dead")).ensure_groups()
+    worker_of(writer, "dead").ensure_groups()
     raw_redis.xreadgroup(group, "dead", {stream: ">"}, count=1)  # never acked
     writer.delete("k", level=Level.SWARM, principal=coder)
-    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w = worker_of(writer, "w")
     w._next_claim = time.monotonic() + 3600
     assert w.step() == 1  # the delete: a tombstone
     assert forget_consumer(raw_redis, stream, group, "dead", safe_trim_id(raw_redis, stream)) == 1
@@ -1148,7 +1149,7 @@ def test_a_purge_floor_past_its_read_limit_holds_every_tombstone(
     stream = writer.layout.stream(0)
     for i in range(3):
         writer.put(f"k{i}", i, level=Level.SWARM, principal=coder)
-    Worker(writer._redis, writer.store, writer.settings.replace(consumer="dead")).ensure_groups()
+    worker_of(writer, "dead").ensure_groups()
     raw_redis.xreadgroup(writer.settings.group, "dead", {stream: ">"}, count=10)  # never acked
     assert purge_floor(raw_redis, [stream]) == sid_of("0-0")
 
@@ -1207,11 +1208,11 @@ def test_a_worker_of_one_shard_purges_with_every_shards_floor(
     writer.put(key, "old", level=Level.SWARM, principal=coder)
     raw_redis.xreadgroup(writer.settings.group, "dead", {stream: ">"}, count=1)  # never acked
     writer.delete(key, level=Level.SWARM, principal=coder)
-    one = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w1"), shards=[1])
+    one = worker_of(writer, "w1", shards=[1])
     one._next_claim = time.monotonic() + 3600
     assert one.step() == 1  # the delete: a tombstone
     time.sleep(0.01)
-    zero = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w0"), shards=[0])
+    zero = worker_of(writer, "w0", shards=[0])
     zero._next_purge = 0
     zero._housekeeping()
     with sqlite3.connect(writer.store.path) as conn:
@@ -1246,7 +1247,7 @@ def test_a_batch_publishes_every_change_of_a_scope_in_one_message(
     pubsub = raw_redis.pubsub()
     pubsub.subscribe(writer.layout.channel("swarm:phase-1-auth"))
     wait_until(lambda: pubsub.get_message(timeout=0.1), what="subscribe confirmation")
-    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w = worker_of(writer, "w")
     w.ensure_groups()
     assert w.step() == 4
     msg = wait_until(lambda: pubsub.get_message(timeout=0.1), what="notification")
@@ -1285,7 +1286,7 @@ def test_a_fresh_read_sees_a_delete_before_the_worker_commits_it(
     make_mem: MakeMem, coder: Principal, capsys: pytest.CaptureFixture[str]
 ) -> None:
     mem = make_mem(worker=False)
-    worker = Worker(mem._redis, mem.store, mem.settings.replace(consumer="w"))
+    worker = worker_of(mem, "w")
     mem.put("k", {"v": 1}, level=Level.PRIVATE, principal=coder)
     worker.step()
     r = mem.delete("k", level=Level.PRIVATE, principal=coder)
@@ -1688,7 +1689,7 @@ def test_a_drain_with_the_database_locked_retries_its_batch_without_redelivering
     # delivery, as in the test above.
     writer = make_mem(worker=False, busy_timeout_ms=20)
     receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(3)]
-    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w = worker_of(writer, "w")
     w.ensure_groups()
     stop = threading.Event()
     stop.set()
@@ -1710,7 +1711,7 @@ def test_a_drain_waits_for_a_dead_consumers_entries_to_become_claimable(
     receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(5)]
     stream = writer.layout.stream(0)
     assert len(raw_redis.xreadgroup("persist", "dead", {stream: ">"}, count=10)[0][1]) == 5
-    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w = worker_of(writer, "w")
     assert w.drain(10) == 0
     assert [writer.store.status(r.shard, r.stream_id) for r in receipts] == ["committed"] * 5
 
@@ -1739,7 +1740,7 @@ def test_the_commit_retry_backoff_is_bounded(
     # minute after it was free again, and for hours after a longer lock.
     writer = make_mem(worker=False, busy_timeout_ms=1)
     receipt = writer.put("k", 1, level=Level.SWARM, principal=coder)
-    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w = worker_of(writer, "w")
     w.ensure_groups()
     stop = _RecordedWaits(stop_at=15)
     with write_locked(db_path):
@@ -1782,7 +1783,7 @@ def test_a_drain_goes_on_past_its_first_batch(
     # at every close with more than batch_size commands behind. It trims what it acked.
     writer = make_mem(worker=False, batch_size=5)
     receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(12)]
-    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w = worker_of(writer, "w")
     w.ensure_groups()
     assert w.drain(10) == 0
     assert [writer.store.status(r.shard, r.stream_id) for r in receipts] == ["committed"] * 12
@@ -1803,7 +1804,7 @@ def test_a_pending_entry_deleted_from_the_stream_is_acknowledged(
     stream = writer.layout.stream(0)
     assert len(raw_redis.xreadgroup("persist", "w", {stream: ">"}, count=10)[0][1]) == 3
     raw_redis.xdel(stream, receipts[1].stream_id)
-    w = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    w = worker_of(writer, "w")
     # Its own pending list read, no claim first: Redis 7's XAUTOCLAIM drops deleted
     # entries from the pending list by itself.
     w._next_claim = time.monotonic() + 3600

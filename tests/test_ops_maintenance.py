@@ -33,9 +33,8 @@ from dualmem.migrations import migrate
 from dualmem.ops.exporter import Exporter, start_server
 from dualmem.settings import Settings
 from dualmem.store import StreamEntry
-from dualmem.worker import Worker
 
-from .conftest import RedisServer, free_port, redis_fields, run_cli, wait_until
+from .conftest import RedisServer, free_port, redis_fields, run_cli, wait_until, worker_of
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 FIXTURE = Path(__file__).parent / "data" / "schema_v1.db"
@@ -405,7 +404,7 @@ def test_purge_keeps_a_tombstone_an_unacknowledged_older_put_needs(
     writer.put(key, "old", level=Level.SWARM, principal=CODER)
     raw_redis.xreadgroup(writer.settings.group, "dead", {stream: ">"}, count=1)  # never acked
     writer.delete(key, level=Level.SWARM, principal=CODER)
-    worker = Worker(writer._redis, writer.store, writer.settings.replace(consumer="w"))
+    worker = worker_of(writer, "w")
     worker._next_claim = time.monotonic() + 3600  # claims nothing
     assert worker.step() == 1  # the delete: a tombstone
     time.sleep(0.01)
