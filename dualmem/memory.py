@@ -348,17 +348,19 @@ class DualMemory:
         # The store and the client are released even when the close itself failed; the
         # store stays open only under a worker thread that is still running.
         thread = self._worker_thread
-        stopped: tuple[Callable[[], None], ...] = (self.store.close,)
-        if self._worker is not None:
-            stopped += (self._worker.redis.close,)
-        for release in (() if thread is not None and thread.is_alive() else stopped) + (
-            self._redis.close,
-            self._close_pubsub_client,
-        ):
+        stopped = () if thread is not None and thread.is_alive() else self._worker_resources()
+        for release in (*stopped, self._redis.close, self._close_pubsub_client):
             try:
                 release()
             except Exception:  # pragma: no cover - best effort after the first error
                 log.exception("close: releasing a resource failed")
+
+    def _worker_resources(self) -> tuple[Callable[[], None], ...]:
+        """What closes once no worker thread runs: the store, and the worker's own Redis
+        client (its blocking reads; it stayed open as long as this object lived)."""
+        if self._worker is None:
+            return (self.store.close,)
+        return (self.store.close, self._worker.redis.close)
 
     def _close_first(self, drain_timeout: float) -> CloseReport:
         with self._gate:
@@ -394,11 +396,8 @@ class DualMemory:
             # corrupt nothing (SQLite rolls back) but would turn its retry into a crash.
             log.error("dualmem worker thread did not stop; its store is left open")
         else:
-            self.store.close()
-            if self._worker is not None:
-                # The worker's own client (its blocking reads): stayed open for as long
-                # as this object lived.
-                self._worker.redis.close()
+            for release in self._worker_resources():
+                release()
         if self._lease is not None:
             self._lease.release()
         self._redis.close()
