@@ -601,7 +601,7 @@ def test_a_rotation_that_lost_its_lock_leaves_the_cache_alone(
 
     def send_then_lose(self: _Rotation, *a: object) -> int:
         n = real(self, *a)  # type: ignore[arg-type]
-        raw_redis.set(b"dm:{dualmem:keyuse}:rotation", b"someone else", px=60_000)
+        raw_redis.set(_LOCK, b"someone else", px=60_000)
         return n
 
     monkeypatch.setattr(_Rotation, "_reseal_rows", send_then_lose)
