@@ -9,7 +9,8 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -41,7 +42,7 @@ from dualmem.commands import (
     ttl_to_ms,
     xadd_command,
 )
-from dualmem.errors import Backpressure, DualMemError, NotPersisted
+from dualmem.errors import Backpressure, DualMemError, NotPersisted, StoreUnavailable
 from dualmem.keyuse import KeyLease, send_carrying
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics, prometheus_text
@@ -431,6 +432,18 @@ class DualMemory:
         if self._closed:
             raise DualMemError("this DualMemory is closed")
 
+    @contextmanager
+    def _overtaken_by_close(self) -> Iterator[None]:
+        """A ``close()`` in another thread between a read's open check and its SQLite read
+        closes the store under it: say so, as the open check would have, rather than
+        ``StoreUnavailable`` (an outage, which a caller retries)."""
+        try:
+            yield
+        except StoreUnavailable as exc:
+            if self._closed:
+                raise DualMemError("this DualMemory is closed") from exc
+            raise
+
     # -- access ------------------------------------------------------------------------
 
     def authorize(
@@ -576,8 +589,6 @@ class DualMemory:
             detail=detail,
         )
         if receipt is None:
-            from dualmem.errors import StoreUnavailable
-
             raise StoreUnavailable(f"audit event {event!r} could not be written to Redis")
         return receipt
 
@@ -806,7 +817,8 @@ class DualMemory:
         check_seconds("timeout", timeout)
 
         def committed() -> bool:
-            status = self.store.status(receipt.shard, receipt.stream_id)
+            with self._overtaken_by_close():
+                status = self.store.status(receipt.shard, receipt.stream_id)
             if status == "dead":
                 raise NotPersisted(
                     f"command {receipt.shard}/{receipt.stream_id} was dead-lettered; "
@@ -989,11 +1001,13 @@ class DualMemory:
             ):
                 value = self._open(envelope, sc, key, lvl, principal.agent_id)
         elif whole_row:
-            row = self.store.get(sc, key, int(time.time() * 1000))
+            with self._overtaken_by_close():
+                row = self.store.get(sc, key, int(time.time() * 1000))
             if row is not None:
                 value = self._open(row.envelope, sc, key, lvl, principal.agent_id, row.owner)
         else:
-            found = self.store.get_envelope(sc, key, int(time.time() * 1000))
+            with self._overtaken_by_close():
+                found = self.store.get_envelope(sc, key, int(time.time() * 1000))
             if found is not None:
                 value = self._open(found[0], sc, key, lvl, principal.agent_id, found[1])
         self.metrics_registry.record("read", time.perf_counter_ns() - t0)
@@ -1071,15 +1085,16 @@ class DualMemory:
         _check_page_size("limit", limit)
         scopes = self._scopes(principal, level, scope)
         t0 = time.perf_counter_ns()
-        rows = self.store.query(
-            scopes,
-            now_ms=int(time.time() * 1000),
-            prefix=prefix,
-            since=since,
-            until=until,
-            limit=limit,
-            after=after,
-        )
+        with self._overtaken_by_close():
+            rows = self.store.query(
+                scopes,
+                now_ms=int(time.time() * 1000),
+                prefix=prefix,
+                since=since,
+                until=until,
+                limit=limit,
+                after=after,
+            )
         out = [self._record(r, principal.agent_id) for r in rows]
         self.metrics_registry.record("read", time.perf_counter_ns() - t0)
         return out
@@ -1163,7 +1178,8 @@ class DualMemory:
         check_key(key)
         check_int("limit", limit, low=0, optional=True)
         _, sc = self._authorize(principal, level, "read", scope, key)
-        return self.store.history(sc, key, limit)
+        with self._overtaken_by_close():
+            return self.store.history(sc, key, limit)
 
     def changes(
         self,
@@ -1179,7 +1195,9 @@ class DualMemory:
         if isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 1 << 63:
             raise ValidationError("since must be a journal seq (int >= 0)")
         check_int("limit", limit, low=0, optional=True)
-        return self.store.changes(self._scopes(principal, level, None), since, limit)
+        scopes = self._scopes(principal, level, None)
+        with self._overtaken_by_close():
+            return self.store.changes(scopes, since, limit)
 
     def pubsub(self) -> redis.client.PubSub:
         """A new pub/sub connection on this memory's Redis (its own, outside the pool

@@ -2001,6 +2001,43 @@ def test_a_close_during_a_sync_ends_the_wait_with_closed(
     assert not isinstance(error, StoreUnavailable)
 
 
+# Each read, by the store method it ends in (see _overtaken_by_close).
+_READS_CLOSE_CAN_OVERTAKE: dict[
+    str, tuple[str, Callable[[DualMemory, Principal, Receipt], object]]
+] = {
+    "get": ("get_envelope", lambda m, p, r: m.get("k", level=Level.SWARM, principal=p)),
+    "get_record": ("get", lambda m, p, r: m.get_record("k", level=Level.SWARM, principal=p)),
+    "query": ("query", lambda m, p, r: m.query(principal=p, level=Level.SWARM)),
+    "history": ("history", lambda m, p, r: m.history("k", level=Level.SWARM, principal=p)),
+    "changes": ("changes", lambda m, p, r: m.changes(principal=p)),
+    "sync": ("status", lambda m, p, r: m.sync(r, timeout=5)),
+}
+
+
+@pytest.mark.parametrize("read", sorted(_READS_CLOSE_CAN_OVERTAKE))
+def test_a_read_a_close_overtakes_says_closed(
+    make_mem: MakeMem, coder: Principal, read: str
+) -> None:
+    # A close() in another thread between a read's open check and its SQLite read closes
+    # the store under it: the read said StoreUnavailable ("read from ... failed: Cannot
+    # operate on a closed database"), an outage a caller retries, not the close it was.
+    # The store method is wrapped to run that close() first: the race, every time.
+    mem = make_mem(worker=False)
+    receipt = mem.put("k", 1, level=Level.SWARM, principal=coder)
+    method, call = _READS_CLOSE_CAN_OVERTAKE[read]
+    reached = getattr(mem.store, method)
+
+    def overtaken(*args: Any, **kwargs: Any) -> object:
+        mem.close(timeout=0)
+        return reached(*args, **kwargs)
+
+    setattr(mem.store, method, overtaken)
+    with pytest.raises(DualMemError, match="this DualMemory is closed") as info:
+        call(mem, coder, receipt)
+    assert not isinstance(info.value, StoreUnavailable)
+    assert isinstance(info.value.__cause__, StoreUnavailable)  # what the store said
+
+
 def test_a_denial_after_close_sends_no_audit_event(
     make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
 ) -> None:
