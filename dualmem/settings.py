@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, overload
+from urllib.parse import unquote, urlsplit
 
 from redis.connection import parse_url
 
@@ -353,6 +354,16 @@ class Settings:
                     str(exc),
                 )
                 raise ConfigurationError(f"setting redis_url={self.shown_url!r}: {why}") from None
+            # redis-py reads the path as the database number and ignores one that is not a
+            # number ("/1O" was database 0; a password's unescaped "/" made its first part
+            # the port and the rest a path): refused, not a write to the wrong place.
+            if self.redis_url.startswith(("redis://", "rediss://")) and not re.fullmatch(
+                r"/?(?:[0-9]+/?)?", unquote(urlsplit(self.redis_url).path)
+            ):
+                raise ConfigurationError(
+                    f"setting redis_url={self.shown_url!r}: the path after the host must be a "
+                    "database number (redis://host:6379/0); write a '/' in a password as %2F"
+                )
         if not self.namespace or any(c in self.namespace for c in "{}: \t\n"):
             raise ConfigurationError(
                 f"setting namespace={self.namespace!r} must be non-empty without '{{}}:' or spaces"

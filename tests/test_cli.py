@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis.connection
 
 from acl import ConfigurationError, Keyring, Level, Principal
 from dualmem import DualMemory
@@ -644,6 +645,28 @@ def test_a_password_that_breaks_the_url_stays_out_of_its_error() -> None:
     # A quote that is no part of the password stays in the message.
     with pytest.raises(ConfigurationError, match="as 'notaport'"):
         Settings.load({"redis_url": "redis://app:S3cretPw@db:notaport/0"}, environ={})
+
+
+def test_a_redis_url_whose_path_is_no_database_number_is_refused() -> None:
+    # redis-py reads the path as the database number and ignores one that is not a
+    # number: "redis://db/1O" (a letter O) used database 0, and a password holding an
+    # unescaped "/" whose first part is digits ("12345/x") made the host "app", the port
+    # 12345 and the rest a path it ignored. Both loaded, to write to the wrong place.
+    for url in ("redis://db:6379/1O", "redis://app:12345/x@db/0", "rediss://db/0/1"):
+        with pytest.raises(ConfigurationError, match="database number") as err:
+            Settings.load({"redis_url": url}, environ={})
+        assert "12345" not in str(err.value) and "x@" not in str(err.value), err.value
+    for url, db in {
+        "redis://db:6379/3": 3,
+        "redis://db:6379/": None,
+        "redis://db:6379": None,
+        "redis://db/0/": 0,
+        "redis://db/%33": 3,
+        "redis://app:12345%2Fx@db/0": 0,  # the "/" escaped: the password it is
+        "unix:///run/redis.sock?db=2": 2,
+    }.items():
+        loaded = Settings.load({"redis_url": url}, environ={})
+        assert redis.connection.parse_url(loaded.redis_url).get("db") == db, url
 
 
 def test_a_masked_url_keeps_all_but_its_passwords() -> None:
