@@ -336,6 +336,44 @@ class Settings:
             )
 
     def _validate_text(self) -> None:
+        self._validate_redis_url()
+        if not self.namespace or any(c in self.namespace for c in "{}: \t\n"):
+            raise ConfigurationError(
+                f"setting namespace={self.namespace!r} must be non-empty without '{{}}:' or spaces"
+            )
+        if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
+            raise ConfigurationError(
+                f"setting sqlite_synchronous={self.sqlite_synchronous!r} must be NORMAL, FULL "
+                "or EXTRA"
+            )
+        if not self.db_path:
+            raise ConfigurationError("setting db_path must not be empty")
+        if self.key and self.keyring:
+            raise ConfigurationError("settings key and keyring are both set: give one")
+        for name in ("namespace", "group", "consumer", "db_path", "key", "keyring"):
+            # Names of Redis keys and files: a lone surrogate or a NUL passed here and then
+            # raised UnicodeEncodeError or ValueError later (a consumer's killed the worker).
+            try:
+                check_text(name, getattr(self, name), optional=True)
+            except ValidationError:
+                raise ConfigurationError(
+                    f"setting {name} must be valid Unicode without NUL characters"
+                ) from None
+        if not self.group:
+            raise ConfigurationError("setting group must not be empty")
+        for name in ("group", "consumer"):
+            # They name the worker in its log lines: a line break there forged a line.
+            if _CONTROL.search(getattr(self, name) or ""):
+                raise ConfigurationError(
+                    f"setting {name} must hold no control characters (line breaks, escapes)"
+                )
+        if self.worker_sched not in WORKER_SCHED:
+            raise ConfigurationError(
+                f"setting worker_sched={self.worker_sched!r} must be one of "
+                f"{', '.join(WORKER_SCHED)}"
+            )
+
+    def _validate_redis_url(self) -> None:
         if not (self.redis_url.startswith(("memory://", "redis://", "rediss://", "unix://"))):
             raise ConfigurationError(
                 f"setting redis_url={self.shown_url!r} must start with memory://, redis://, "
@@ -364,35 +402,10 @@ class Settings:
                     f"setting redis_url={self.shown_url!r}: the path after the host must be a "
                     "database number (redis://host:6379/0); write a '/' in a password as %2F"
                 )
-        if not self.namespace or any(c in self.namespace for c in "{}: \t\n"):
-            raise ConfigurationError(
-                f"setting namespace={self.namespace!r} must be non-empty without '{{}}:' or spaces"
-            )
-        if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
-            raise ConfigurationError(
-                f"setting sqlite_synchronous={self.sqlite_synchronous!r} must be NORMAL, FULL "
-                "or EXTRA"
-            )
-        if not self.db_path:
-            raise ConfigurationError("setting db_path must not be empty")
-        if self.key and self.keyring:
-            raise ConfigurationError("settings key and keyring are both set: give one")
-        for name in ("namespace", "group", "consumer", "db_path", "key", "keyring"):
-            # Names of Redis keys and files: a lone surrogate or a NUL passed here and then
-            # raised UnicodeEncodeError or ValueError later (a consumer's killed the worker).
-            try:
-                check_text(name, getattr(self, name), optional=True)
-            except ValidationError:
-                raise ConfigurationError(
-                    f"setting {name} must be valid Unicode without NUL characters"
-                ) from None
-        if self.worker_sched not in WORKER_SCHED:
-            raise ConfigurationError(
-                f"setting worker_sched={self.worker_sched!r} must be one of "
-                f"{', '.join(WORKER_SCHED)}"
-            )
 
 
+# C0 and C1 control characters and DEL.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Up to the last "@" before the path's query or fragment, as urllib splits userinfo (a
 # password may hold "@" unescaped, and redis-py accepts it; one holding "/" is masked as
 # well, though redis-py refuses it: urllib ends the host at the "/").

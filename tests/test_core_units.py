@@ -120,6 +120,12 @@ def test_a_misspelled_environment_variable_is_named_in_a_warning(
         ({"group": "g\ud800"}, {}, "group must be valid Unicode"),
         ({"db_path": "a\x00b.db"}, {}, "db_path must be valid Unicode without NUL"),
         ({"keyring": "k\ud800.json"}, {}, "keyring must be valid Unicode"),
+        # A line break in a worker's name forged log lines ("worker %s: ..."); an empty
+        # group name reached XGROUP CREATE.
+        ({"consumer": "w\nWARNING forged"}, {}, "consumer must hold no control characters"),
+        ({"group": "g\x1b[31m"}, {}, "group must hold no control characters"),
+        ({"consumer": "w\x85"}, {}, "consumer must hold no control characters"),  # C1: NEL
+        ({"group": ""}, {}, "setting group must not be empty"),
         ({"claim_idle_ms": 10**20}, {}, "claim_idle_ms"),  # XAUTOCLAIM refused, forever
         ({}, {"DUALMEM_BUSY_TIMEOUT_MS": str(10**13)}, "busy_timeout_ms"),
         # Past these bounds the worker (or every put) failed later, again and again:
