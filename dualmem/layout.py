@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -97,12 +98,16 @@ class Layout:
         return shard, scope, key
 
     def cache_pattern(self, shard: int) -> bytes:
-        """SCAN pattern matching every cache key of ``shard``."""
-        return (
-            f"dm:{{{self.namespace}:{shard}}}:c:*".encode()
-            .replace(b"{", b"\\{")
-            .replace(b"}", b"\\}")
-        )
+        """SCAN pattern matching every cache key of ``shard``, and no other namespace's.
+
+        A namespace may hold glob characters: each is escaped ("n?" matched "nx"'s keys,
+        "n[1" none of its own).
+
+        >>> Layout("n[1?").cache_pattern(0)
+        b'dm:\\\\{n\\\\[1\\\\?:0\\\\}:c:*'
+        """
+        literal = f"{self._tag(shard)}:c:".encode()
+        return re.sub(rb"[\\*?\[\]{}]", lambda m: b"\\" + m[0], literal) + b"*"
 
     def anchor_key(self, chain: str) -> bytes:
         """Where the worker leaves the newest ``"<id>:<hash hex>"`` of a hash chain

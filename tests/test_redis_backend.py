@@ -14,6 +14,7 @@ import fakeredis
 import pytest
 import redis
 
+from dualmem.layout import Layout
 from dualmem.redis_backend import (
     WatchedKeyChanged,
     connect,
@@ -779,3 +780,18 @@ def test_a_command_redis_refuses_is_reported_as_a_refusal_not_an_outage(
         admin.config_set("maxmemory", "0")
         client.close()
         admin.close()
+
+
+def test_a_cache_scan_finds_exactly_its_own_namespaces_entries(raw_redis: redis.Redis) -> None:
+    # A namespace may hold glob characters, and its SCAN pattern escaped only the hash
+    # tag's braces: "n?" matched "nx"'s entries (which verify reported as "not a cache key
+    # of this namespace" in a Redis two deployments share), and "n[1" matched none of its
+    # own (rotation left them sealed under a key it then dropped; verify skipped them).
+    names = ["n[1", "n?", "nx", "n*", "n*x", "n\\", "n]", "n[x]", "n^"]
+    for ns in names:
+        Settings.load({"namespace": ns}, environ={})  # each one a namespace dualmem takes
+        raw_redis.set(Layout(ns).cache_key(0, "swarm:s", "k"), ns)
+    for ns in names:
+        lay = Layout(ns)
+        found = {bytes(n) for n in raw_redis.scan_iter(match=lay.cache_pattern(0), count=1000)}
+        assert found == {lay.cache_key(0, "swarm:s", "k")}, ns
