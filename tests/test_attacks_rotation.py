@@ -557,6 +557,25 @@ def test_a_cache_entry_left_under_the_old_key_after_the_pass_is_found_and_re_sea
     assert rotator.get("k", level=Level.PRIVATE, principal=p) == {"v": 1}
 
 
+def test_a_namespace_with_glob_characters_has_its_cache_re_sealed(
+    make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis
+) -> None:
+    # The cache scan's pattern was the namespace unescaped: "n[1" matched none of its own
+    # entries, the rotation re-sealed none and reported done, and once the old key was
+    # dropped a fresh read of the record failed (MissingKey).
+    p = Principal(agent_id="a")
+    mem = make_mem(namespace="n[1")
+    mem.sync(mem.put("k", {"v": 1}, level=Level.PRIVATE, principal=p), timeout=10)
+    (name,) = _cache(raw_redis)
+    new = add_active_key(keyfile).active_id
+    report = rotate_keys(make_mem(namespace="n[1"), timeout=30)
+    assert report.done and report.resealed_cache == 1, report
+    assert _cached_key_id(raw_redis.get(name)) == new
+    drop_keys(keyfile, report.retired)
+    reader = make_mem(namespace="n[1", keyring=Keyring.load(keyfile))
+    assert reader.get("k", level=Level.PRIVATE, principal=p, fresh=True) == {"v": 1}
+
+
 def test_the_cache_re_seal_never_overwrites_a_newer_put(
     make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
