@@ -129,7 +129,10 @@ class RedisServer:
         try:
             while True:
                 with contextlib.suppress(redis.ConnectionError):
-                    if self.client().ping():
+                    # Its own answer, not another server's: one that took the port between
+                    # free_port() and this bind answered PING too (and would have been used,
+                    # then shut down by stop()).
+                    if self.client().info("server").get("process_id") == self.proc.pid:
                         return self
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     log = self.workdir / "redis.log"

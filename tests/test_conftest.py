@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench.servers import RedisServer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -57,3 +61,19 @@ def test_a_hung_doctest_fails_where_it_hangs_and_the_run_goes_on(tmp_path: Path)
     )
     out = run_hang_limited(tmp_path, "pkg/hangs.py", source)
     assert "FAILED pkg/hangs.py::hangs.hangs" in out, out  # the doctest that hung
+
+
+def test_a_server_whose_port_was_taken_meanwhile_fails_to_start(
+    own_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Between free_port() and redis-server binding it, another process (a helper's test
+    # run, a second suite) may take the port. The other server answered the PING, so
+    # start() returned as if this one ran: its tests used (and flushed) the other's data,
+    # and its stop() shut the other down.
+    late = RedisServer(tmp_path / "late")
+    late.port = own_redis_server.port
+    with pytest.raises(RuntimeError, match="did not start"):
+        late.start()
+    assert late.proc is not None and late.proc.poll() is not None  # its own one is gone
+    late.stop()
+    assert own_redis_server.client().ping()  # the other one still runs
