@@ -430,6 +430,38 @@ def test_layout_keeps_one_hash_tag_per_shard() -> None:
     assert lay.shard_of_stream(lay.stream(5)) == 5
 
 
+def test_split_cache_key_takes_only_this_namespaces_cache_keys_as_written() -> None:
+    # A name that only looks like one (another spelling of the shard or of an escape, an
+    # unknown scope kind, another namespace) names no record: verify reports it, the
+    # rotation leaves it. Each check here stood alone in a mutation check.
+    lay = Layout("ns", shards=4)
+    for name in (
+        b"dm:{ns:00}:c:swarm:s:k",  # shard 0 spelled another way
+        b"dm:{ns:x}:c:swarm:s:k",  # no shard number (a ValueError)
+        b"dm:{ns:1}:c:swarm:a%3ab:k",  # an escape spelled in lower case
+        b"dm:{ns:1}:c:user:s:k",  # no such scope kind
+        b"dm:{ns:1}:c:swarm:s",  # no key
+        b"dm:{ns:1}:c:swarm::k",  # no scope name
+        b"xx:{ns:1}:c:swarm:s:k",
+        b"dm:{ns:1}:x:swarm:s:k",
+        Layout("ns2").cache_key(1, "swarm:s", "k"),
+        b"dm:{ns:1}:c:\xff:k",
+    ):
+        assert lay.split_cache_key(name) is None, name
+    for scope, key in (
+        ("system", "a:b"),
+        ("swarm:%3A", "k"),
+        ("agent:%25", "%3A"),
+        ("team:t", "k"),
+    ):
+        assert lay.split_cache_key(lay.cache_key(3, scope, key)) == (3, scope, key)
+    # Scope names holding what the escapes are made of: one entry each.
+    assert lay.cache_key(0, "swarm:x%3Ay", "z") != lay.cache_key(0, "swarm:x:y", "z")
+    # Each namespace's notifications on channels of its own.
+    assert Layout("a").channel("swarm:s") != Layout("b").channel("swarm:s")
+    assert lay.anchor_key("journal") != lay.anchor_key("audit_log")
+
+
 # -- batch planning -------------------------------------------------------------------------
 
 
