@@ -409,7 +409,9 @@ class _Rotation:
         return len(shards)
 
     def _throttle(self, deadline: float) -> None:
-        # Never push the stream past half its bound: writers keep their headroom.
+        # Each batch waits until every stream is under half its bound (XLEN, as puts count
+        # it), so the rotation takes it past half by one batch at most: writers keep
+        # their headroom.
         bound = max(1, self.mem.settings.max_backlog // 2)
         while time.monotonic() < deadline:
             with translate_errors("rotation: backlog"):
