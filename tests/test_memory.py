@@ -3031,9 +3031,17 @@ def test_a_fresh_read_after_a_puts_ttl_sees_it_expired_before_the_commit(
     first.sync(first.put("k", "old", level=Level.SWARM, principal=coder), timeout=10)
     first.close()  # no worker from here on: the next put waits in the stream
     writer = make_mem(worker=False)
-    r = writer.put("k", "new", level=Level.SWARM, principal=coder, ttl=0.3)
-    assert writer.get("k", level=Level.SWARM, principal=coder, fresh=True) == "new"
-    time.sleep(0.4)
+    # Read back before the ttl ends, for sure (see test_expired_records_are_invisible).
+    for ttl in (0.3, 1.0, 3.0, 10.0):
+        t0 = time.monotonic()
+        r = writer.put("k", "new", level=Level.SWARM, principal=coder, ttl=ttl)
+        seen = writer.get("k", level=Level.SWARM, principal=coder, fresh=True)
+        if time.monotonic() - t0 < ttl:
+            assert seen == "new"
+            break
+    else:
+        pytest.fail("no put was read back within its ttl, the longest 10 s")
+    time.sleep(max(0.0, t0 + ttl + 0.1 - time.monotonic()))
     assert writer.get("k", level=Level.SWARM, principal=coder, fresh=True) is None
     assert writer.get("k", level=Level.SWARM, principal=coder) == "old"  # not committed
     # The entry holds its expiry and outlives the ttl by cache_ttl.
