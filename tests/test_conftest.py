@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -77,3 +78,28 @@ def test_a_server_whose_port_was_taken_meanwhile_fails_to_start(
     assert late.proc is not None and late.proc.poll() is not None  # its own one is gone
     late.stop()
     assert own_redis_server.client().ping()  # the other one still runs
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses of the sockets listening on ``port`` (IPv4 and IPv6), from /proc."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for line in list(f)[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.rsplit(":", 1)
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.add(address)
+    return found
+
+
+def test_the_redis_server_the_tests_start_listens_on_loopback_only_with_aof_everysec(
+    redis_server: RedisServer,
+) -> None:
+    # Any server a test or benchmark starts listens on 127.0.0.1 only; the benchmarks
+    # run against AOF everysec, the configuration the README recommends.
+    assert _listening_addresses(redis_server.port) == {"0100007F"}  # 127.0.0.1, nothing else
+    config = redis_server.client().config_get("*")
+    assert config["bind"].split() == ["127.0.0.1"]
+    assert (config["appendonly"], config["appendfsync"]) == ("yes", "everysec")
+    assert config["protected-mode"] == "yes"
