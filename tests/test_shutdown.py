@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -109,3 +110,23 @@ def test_only_the_listed_signals_stop_it() -> None:
             assert stop.wait(5)
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_leaving_the_block_puts_back_the_handlers_and_leaves_no_thread_or_pipe() -> None:
+    # A command run from a program (the ops CLI's main() called in-process, a test) kept
+    # the no-op handler after the block: that program then ignored SIGTERM for good. And
+    # each use left a relay thread and the two ends of its pipe open.
+    def mine(signum: int, frame: object) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        fds = set(os.listdir("/proc/self/fd"))
+        with stop_on_signals() as stop:
+            assert signal.getsignal(signal.SIGTERM) is not mine
+        assert not stop.is_set()
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert not [t for t in threading.enumerate() if t.name == "dualmem-signals"]
+        assert set(os.listdir("/proc/self/fd")) == fds
+    finally:
+        signal.signal(signal.SIGTERM, previous)
