@@ -2394,6 +2394,20 @@ def test_authorize_returns_the_scope_an_operation_would_use(
         mem.authorize(coder, 9)
 
 
+def test_a_put_redis_refuses_inside_its_transaction_raises(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # Inside MULTI/EXEC one command can fail alone: the stream's name holding a string
+    # (an operator's mistake) makes XADD answer WRONGTYPE in EXEC's array, and the put
+    # built its receipt from that error. Redis has no rollback: the SET before it ran,
+    # so the cache entry stays (a fresh read shows it; it never reaches SQLite).
+    mem = make_mem(worker=False)
+    raw_redis.delete(mem.layout.stream(0))
+    raw_redis.set(mem.layout.stream(0), b"not a stream")
+    with pytest.raises(StoreUnavailable, match="Redis refused the command: WRONGTYPE"):
+        mem.put("k", 1, level=Level.SWARM, principal=coder)
+
+
 def test_send_many_reads_every_reply_before_raising(raw_redis: redis.Redis) -> None:
     from dualmem.redis_backend import send_many
 

@@ -690,6 +690,44 @@ def test_a_compare_and_set_that_sends_nothing_leaves_no_watch_behind(
         other.close()
 
 
+@pytest.mark.parametrize("backend", ["fakeredis", "redis"])
+def test_a_compare_and_set_whose_key_changes_after_its_look_is_false_and_runs_nothing(
+    backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The key held the expected value at the look (WATCH, GET) and changed before EXEC:
+    # EXEC runs nothing, and run_if_holds says False, as for another value. It raised
+    # WatchedKeyChanged instead (a rotation's cache re-seal, racing a put, then failed
+    # as "Redis is unavailable"). Another client writes between the look and the write.
+    from dualmem import redis_backend
+
+    if backend == "redis":
+        srv = request.getfixturevalue("redis_server")
+        srv.client().flushall()
+        client = _command_client(srv.url)
+        other: redis.Redis = srv.client()
+    else:
+        server = fakeredis.FakeServer()
+        client = _direct_client(server)
+        other = fakeredis.FakeRedis(server=server)
+    real = redis_backend.transact_watching
+
+    def a_put_comes_between(c: redis.Redis, watched: bytes, decide: Any, commands: Any) -> Any:
+        def look(value: object) -> None:
+            decide(value)
+            other.set(watched, b"newer")
+
+        return real(c, watched, look, commands)
+
+    monkeypatch.setattr(redis_backend, "transact_watching", a_put_comes_between)
+    try:
+        other.set(b"k", b"old")
+        assert not redis_backend.run_if_holds(client, b"k", b"old", (b"SET", b"k", b"resealed"))
+        assert other.get(b"k") == b"newer"
+    finally:
+        client.close()
+        other.close()
+
+
 def test_a_thread_waits_for_a_busy_connection_as_long_as_a_command_may_hold_it(
     redis_url: str,
 ) -> None:
