@@ -469,6 +469,26 @@ def test_a_database_from_a_newer_dualmem_fails_the_schema_check(
     assert "fix: upgrade dualmem" in out
 
 
+def test_a_negative_schema_version_is_not_an_older_schema(
+    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No dualmem writes a negative user_version (an edit, or a damaged header): verify
+    # called it "schema -1 is older than this dualmem" with the fix "run `dualmem
+    # migrate`", and that migrate took the newest migration for "version 0", failed
+    # half-way and left the file labelled schema 1 over schema-5 tables.
+    fill(mem)
+    mem.close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("PRAGMA user_version = -1")
+    conn.close()
+    code, checks = report(capsys, [*args, "--no-redis"])
+    assert code == 1
+    schema = checks["schema version"]
+    assert schema["problems"] == ["schema -1 is no version dualmem writes"]
+    assert "migrate" not in schema["fix"] and "restore the newest backup" in schema["fix"]
+    assert list(checks) == ["integrity_check", "foreign_key_check", "schema version"]
+
+
 def test_missing_and_foreign_files_are_usage_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

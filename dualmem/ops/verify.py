@@ -168,6 +168,11 @@ def check_schema(conn: sqlite3.Connection) -> Check:
     elif version == 0:
         c.problem("no dualmem schema: an empty file, or another program's database")
         c.fix = "check --db / DUALMEM_DB_PATH"
+    elif version < 0:
+        # An edit or a damaged header, not an older schema: `dualmem migrate` on it would
+        # take a migration list index for a version.
+        c.problem(f"schema {version} is no version dualmem writes")
+        c.fix = _DAMAGED_FIX
     elif version < SCHEMA_VERSION:
         c.problem(f"schema {version} is older than this dualmem ({SCHEMA_VERSION})")
         c.fix = "run `dualmem migrate` (it backs up first)"
