@@ -83,6 +83,8 @@ def test_an_edited_journal_row_breaks_the_chain(
     code, out, _ = run_cli(capsys, "verify", *args)
     assert code == 1
     assert "seq 7: hash does not match the row's contents" in out
+    # The fix is what the operator acts on (the README's example shows it).
+    assert "fix: rows were edited outside dualmem: restore a backup and investigate" in out
     assert "verify found problems" in out
 
 
@@ -151,7 +153,13 @@ def test_a_damaged_page_fails_its_checks_and_the_others_still_run(
     damage_table(db_path, "journal")
     code, checks = report(capsys, [*args, "--no-redis"])
     assert code == 1
-    assert checks["integrity_check"]["status"] == "fail"
+    # Every line SQLite's integrity_check gives is a problem, the first one too.
+    with sqlite3.connect(db_path) as conn:
+        lines = [str(r[0]) for r in conn.execute("PRAGMA integrity_check")]
+    conn.close()
+    integrity = checks["integrity_check"]
+    assert lines != ["ok"] and integrity["status"] == "fail"
+    assert (integrity["problems"], integrity["problem_count"]) == (lines[:20], len(lines))
     chain = checks["journal hash chain"]
     assert chain["status"] == "fail"
     assert chain["problems"] == [
@@ -190,6 +198,12 @@ def test_junk_where_a_hash_belongs_is_a_broken_link_not_a_crash(
     checks = {c["name"]: c for c in json.loads(out)["checks"]}
     table = "audit_log" if damage == "audit_log page" else "journal"
     assert checks[f"{table} hash chain"]["status"] == "fail"
+    if table == "journal":
+        # One broken link, and the walk goes on from that row's hash: seq 3 still links
+        # to seq 2 and every row is reached (no problem made up after the junk one).
+        assert checks["journal hash chain"]["problems"] == [
+            "seq 2: prev_hash or hash is not a 32-byte hash"
+        ]
     assert "mission projection" in checks  # the checks after it still ran
 
 
@@ -454,6 +468,12 @@ def test_commands_not_yet_committed_are_in_flight_not_errors(
     code, checks = report(capsys, args)
     assert code == 0, checks
     assert checks["redis <-> sqlite parity"]["summary"] == "0 cache entries match, 3 in flight"
+    # Nothing committed yet, so no anchor: said, not failed (and not a silent "ok").
+    anchors = checks["hash chain anchors"]
+    assert (anchors["status"], anchors["summary"]) == (
+        "ok",
+        "journal: no anchor; audit_log: no anchor",
+    )
 
 
 def test_a_database_from_a_newer_dualmem_fails_the_schema_check(
@@ -467,6 +487,10 @@ def test_a_database_from_a_newer_dualmem_fails_the_schema_check(
     assert code == 1
     assert f"schema 99 is newer than this dualmem ({SCHEMA_VERSION})" in out
     assert "fix: upgrade dualmem" in out
+    # Tables of a newer schema may hold other columns: no chain or projection check
+    # judges them (their "ok" would mislead).
+    code, checks = report(capsys, [*args, "--no-redis"])
+    assert list(checks) == ["integrity_check", "foreign_key_check", "schema version"]
 
 
 def test_a_negative_schema_version_is_not_an_older_schema(
@@ -645,3 +669,151 @@ def test_a_put_landing_during_the_parity_scan_is_in_flight_not_a_failure(
         conn.close()
     assert check.ok, check.problems
     assert "1 in flight" in check.summary
+
+
+def test_a_check_keeps_its_first_problems_and_counts_them_all(
+    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A report keeps MAX_PROBLEMS texts per check and counts every problem: no test had
+    # more than a few, so a list that grew past the bound, or a count that stopped at it
+    # (the operator told of 21 broken links where there were 23), went unnoticed.
+    from dualmem.ops.verify import MAX_PROBLEMS
+
+    fill(mem)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE journal SET actor = 'mallory'")  # every one of the 23 rows
+    conn.close()
+    code, checks = report(capsys, [*args, "--no-redis"])
+    chain = checks["journal hash chain"]
+    assert code == 1
+    assert chain["problems"] == [
+        f"seq {seq}: hash does not match the row's contents" for seq in range(1, MAX_PROBLEMS + 1)
+    ]
+    assert (chain["problem_count"], chain["summary"]) == (23, "23 broken link(s) in 23 rows")
+    code, out, _ = run_cli(capsys, "verify", *args, "--no-redis")
+    assert code == 1
+    assert "journal hash chain: 23 problem(s)" in out and "... and 3 more" in out
+
+
+def test_a_value_no_dualmem_writes_fails_its_check_and_the_others_still_run(
+    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The anchored row's hash edited to a negative number: bytes() of it raises
+    # ValueError, which would end verify with a traceback and no report if guarded()
+    # let it through.
+    fill_and_wait_for_the_anchors(mem, capsys, args)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE journal SET hash = -1 WHERE seq = 23")
+    conn.close()
+    code, checks = report(capsys, args)
+    assert code == 1
+    assert checks["journal hash chain"]["problems"] == [
+        "seq 23: prev_hash or hash is not a 32-byte hash"
+    ]
+    anchors = checks["hash chain anchors"]
+    assert anchors["problems"] == ["a value no dualmem writes: ValueError: negative count"]
+    assert "restore the newest backup" in anchors["fix"]
+
+
+def test_a_sid_out_of_form_is_found_in_every_table_that_holds_one(
+    mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The ordering-ids check lists six tables; no test edited a sid in memory, decisions
+    # or playbook_runs, so dropping any of them from the list went unnoticed (a sid set
+    # back to another form sorts apart from every other: history and the projection's
+    # "newer wins" then order that row wrongly).
+    fill(mem)
+    log = MissionLog(mem, CODER)
+    mem.sync(log.record_decision("m1", "merge", "tests pass", "coder"), timeout=10)
+    mem.sync(log.record_playbook_run("m1", "ship", "p", 1, 2, True), timeout=10)
+    tables = ["memory", "journal", "missions", "tool_calls", "decisions", "playbook_runs"]
+    with sqlite3.connect(db_path) as conn:
+        for table in tables:
+            conn.execute(
+                f"UPDATE {table} SET sid = x'00' WHERE sid = (SELECT max(sid) FROM {table})"
+            )
+    conn.close()
+    code, checks = report(capsys, [*args, "--no-redis"])
+    assert code == 1
+    assert checks["ordering ids"]["problems"] == [
+        f"{table}: 1 row(s) whose sid is not a 16-byte ordering id" for table in tables
+    ]
+
+
+def test_a_mission_placeholder_is_no_bad_ordering_id(tmp_path: Path) -> None:
+    # A child committed before its mission (another shard, another worker) leaves the
+    # mission a placeholder row with sid 0 until the mission's record arrives: a healthy
+    # state, which no verify test had (every check must pass on it).
+    from dualmem.ops.database import open_database
+    from dualmem.ops.verify import verify_database
+    from dualmem.projection import child_key
+    from dualmem.sqlite_store import SQLiteStore
+
+    from .test_missions import call_value, put_entry
+
+    store = SQLiteStore(tmp_path / "p.db")
+    try:
+        store.apply([put_entry(10, child_key("tool_call", "m", "c1"), call_value("m", "c1", 10))])
+    finally:
+        store.close()
+    with open_database(tmp_path / "p.db") as conn:
+        (placeholders,) = conn.execute("SELECT count(*) FROM missions WHERE sid = 0").fetchone()
+        checks = verify_database(conn)
+    assert placeholders == 1
+    assert [(c.name, c.status) for c in checks if c.status != "ok"] == []
+
+
+def test_the_orphan_warning_names_five_and_counts_the_rest(
+    mem: DualMemory, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The warning after a plain delete of a mission names its first five orphaned records
+    # and says how many more there are: no test had five or more, so a warning that
+    # named six, or ended "and 0 more" with exactly five, went unnoticed.
+    from dualmem.projection import mission_key
+
+    log = MissionLog(mem, CODER)
+    mem.sync(log.start_mission("m1", "p"), timeout=10)
+    calls = [log.record_tool_call("m1", f"t{i}", {}, None, 1, True) for i in range(5)]
+    mem.sync(calls[-1], timeout=10)
+    mem.sync(mem.delete(mission_key("m1"), level=Level.PROJECT, principal=CODER), timeout=10)
+    code, checks = report(capsys, [*args, "--no-redis"])
+    projection = checks["mission projection"]
+    assert code == 0 and projection["status"] == "warn", projection
+    named = sorted(f"project:shop {r.key}" for r in calls)
+    assert projection["summary"].endswith(
+        ", 5 orphaned record(s) (older than their mission's delete)"
+    )
+    assert projection["fix"].endswith(": " + ", ".join(named))
+    mem.sync(log.start_mission("m2", "p"), timeout=10)
+    one_more = log.record_tool_call("m2", "t", {}, None, 1, True)
+    mem.sync(one_more, timeout=10)
+    mem.sync(mem.delete(mission_key("m2"), level=Level.PROJECT, principal=CODER), timeout=10)
+    code, checks = report(capsys, [*args, "--no-redis"])
+    projection = checks["mission projection"]
+    assert code == 0 and "6 orphaned record(s)" in projection["summary"], projection
+    named = sorted([*named, f"project:shop {one_more.key}"])
+    assert projection["fix"].endswith(": " + ", ".join(named[:5]) + " and 1 more")
+
+
+def test_a_schema_4_file_has_its_ordering_ids_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Schema 4 made every ordering id 16 bytes; verify checks them from that version on.
+    # A file migrated to 4 and not further (`migrate --to 4`, or a deployment paused
+    # between steps) had no test: a check that began at 5 went unnoticed.
+    import shutil
+
+    db = tmp_path / "v4.db"
+    shutil.copyfile(Path(__file__).parent / "data" / "schema_v1.db", db)
+    assert run_cli(capsys, "migrate", "--db", str(db), "--to", "4")[0] == 0
+    code, checks = report(capsys, ["--db", str(db), "--no-redis"])
+    assert code == 1  # older than this dualmem: the schema check says to migrate
+    assert checks["schema version"]["summary"] == f"4 (this dualmem: {SCHEMA_VERSION})"
+    assert checks["ordering ids"]["status"] == "ok", checks["ordering ids"]
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE memory SET sid = x'00' WHERE sid = (SELECT max(sid) FROM memory)")
+    conn.close()
+    code, checks = report(capsys, ["--db", str(db), "--no-redis"])
+    assert checks["ordering ids"]["problems"] == [
+        "memory: 1 row(s) whose sid is not a 16-byte ordering id"
+    ]
