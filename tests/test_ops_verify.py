@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,10 @@ import pytest
 import redis
 
 from acl import Codec, Keyring, Level, Principal
+from acl.crypto import envelope_sealing
 from dualmem import DualMemory
 from dualmem.batch import chain_hash, journal_hash_values
+from dualmem.commands import CACHE_TOMBSTONE
 from dualmem.migrations import SCHEMA_VERSION
 from dualmem.missions import MissionLog
 from dualmem.redis_backend import connect
@@ -409,11 +412,17 @@ def test_redis_and_sqlite_disagreeing_is_reported(
     raw_redis.set(lay.cache_key(0, "swarm:s1", "k1"), b"\x01\x00{}")  # not what SQLite holds
     raw_redis.set(lay.cache_key(0, "swarm:s1", "ghost"), b"\x01\x00{}")  # no row at all
     raw_redis.set(lay.cache_key(0, "swarm:s1", "k4"), b"\x01\x00{}")  # deleted in SQLite
+    raw_redis.set(lay.cache_key(0, "swarm:s1", "k2"), CACHE_TOMBSTONE)  # live in SQLite
+    # A name in the cache's key space that is no record's cache key: nothing reads it.
+    junk = lay.cache_key(0, "swarm:s1", "k3").replace(b":c:swarm:", b":c:bogus:")
+    raw_redis.set(junk, b"\x01\x00{}")
     code, checks = report(capsys, args)
     assert code == 1
     assert sorted(checks["redis <-> sqlite parity"]["problems"]) == [
+        f"{junk!r}: not a cache key of this namespace",
         "swarm:s1/ghost: cached in Redis but no row in SQLite",
         "swarm:s1/k1: the cached envelope differs from the SQLite row",
+        "swarm:s1/k2: deleted in Redis but live in SQLite (a lost delete)",
         "swarm:s1/k4: deleted in SQLite but still cached in Redis",
     ]
 
@@ -609,7 +618,10 @@ def test_a_key_rotation_keeps_redis_and_sqlite_in_parity_and_a_tamper_still_fail
     parity = checks["redis <-> sqlite parity"]
     assert code == 0, parity
     assert parity["status"] == "warn"
-    assert "3 re-sealed by a key rotation not judged" in parity["summary"]
+    # None of the three is counted as a match: nothing compared their values.
+    assert parity["summary"] == (
+        "0 cache entries match, 3 re-sealed by a key rotation not judged (no keyring), 0 in flight"
+    )
     # A cache entry holding another value (sealed with the active key) or an envelope
     # that does not open is still a failure, with the keyring or without it.
     scope = "agent:coder-1"
@@ -668,7 +680,8 @@ def test_a_put_landing_during_the_parity_scan_is_in_flight_not_a_failure(
     finally:
         conn.close()
     assert check.ok, check.problems
-    assert "1 in flight" in check.summary
+    # The entry judged first is not judged after all: it is not counted as a match.
+    assert check.summary == "0 cache entries match, 1 in flight"
 
 
 def test_a_check_keeps_its_first_problems_and_counts_them_all(
@@ -695,6 +708,58 @@ def test_a_check_keeps_its_first_problems_and_counts_them_all(
     assert "journal hash chain: 23 problem(s)" in out and "... and 3 more" in out
 
 
+def test_verify_reads_chains_and_streams_past_their_first_page(
+    make_mem: Callable[..., DualMemory],
+    args: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The chains and the streams' in-flight commands are read in pages of 5,000 and no
+    # test had a second page: a keyset walk that skipped the row after each page, or an
+    # in-flight list that stopped after its first page (later puts then "cached in Redis
+    # but no row in SQLite"), went unnoticed. Pages of 2 rows or entries here.
+    from dualmem.ops import verify as verify_module
+
+    first = make_mem()
+    fill(first)
+    first.close(timeout=5)  # no worker from here on: the next puts stay in the stream
+    writer = make_mem(worker=False)
+    for i in range(5):
+        writer.put(f"p{i}", i, level=Level.SWARM, principal=CODER)
+    monkeypatch.setattr(verify_module, "_CHUNK", 2)
+    code, checks = report(capsys, args)
+    assert code == 0, checks
+    assert checks["journal hash chain"]["summary"] == "23 rows ok"
+    assert checks["redis <-> sqlite parity"]["summary"] == "22 cache entries match, 5 in flight"
+
+
+def test_the_cache_entries_of_purged_rows_are_no_parity_problem(
+    make_mem: Callable[..., DualMemory], db_path: Path, raw_redis: redis.Redis
+) -> None:
+    # Purge removes a deleted record's tombstone and an expired record's row; the delete's
+    # mark and the expired put's entry stay in Redis until cache_ttl. Neither is a value
+    # Redis serves, and no test had them: verify calling them "cached in Redis but no row
+    # in SQLite" would fail every verify after a purge.
+    from dualmem.ops.maintenance import purge_database
+    from dualmem.ops.verify import check_redis_parity
+
+    mem = make_mem(purge_interval=3600)  # the worker's own purge stays out of the way
+    mem.sync(mem.put("gone", 1, level=Level.SWARM, principal=CODER), timeout=10)
+    mem.sync(mem.delete("gone", level=Level.SWARM, principal=CODER), timeout=10)
+    mem.sync(mem.put("brief", 2, level=Level.SWARM, principal=CODER, ttl=60), timeout=10)
+    later = int(time.time() * 1000) + 120_000  # past the ttl: no waiting for it
+    purge_database(db_path, now_ms=later, tombstones_before_ms=later)
+    conn = sqlite3.connect(db_path)
+    try:
+        left = conn.execute("SELECT count(*) FROM memory WHERE key IN ('gone', 'brief')")
+        assert left.fetchone()[0] == 0
+        check = check_redis_parity(conn, raw_redis, mem.layout, later)
+    finally:
+        conn.close()
+    assert check.ok, check.problems
+    assert check.summary == "2 cache entries match, 0 in flight"
+
+
 def test_a_value_no_dualmem_writes_fails_its_check_and_the_others_still_run(
     mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -713,6 +778,101 @@ def test_a_value_no_dualmem_writes_fails_its_check_and_the_others_still_run(
     anchors = checks["hash chain anchors"]
     assert anchors["problems"] == ["a value no dualmem writes: ValueError: negative count"]
     assert "restore the newest backup" in anchors["fix"]
+
+
+def test_without_the_key_file_only_a_pair_a_rotation_resealed_goes_unjudged(
+    make_mem: Callable[..., DualMemory],
+    keyfile: Path,
+    args: list[str],
+    db_path: Path,
+    raw_redis: redis.Redis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without the key, verify may leave a row and its cache entry whose bytes differ
+    unjudged only when a key rotation re-sealed them apart: both encrypted, one write in
+    both headers, the row written before the newest rotation. Any other such pair fails:
+    a header agrees whenever it is copied (onto a flipped byte, say), and the second of
+    two rotations re-seals the rows written since the first."""
+    scope = "agent:coder-1"
+
+    def name(key: str) -> bytes:
+        return mem.layout.cache_key(mem.layout.shard_of(scope, key), scope, key)
+
+    def flipped(envelope: bytes) -> bytes:
+        out = bytearray(envelope)
+        out[-1] ^= 1
+        return bytes(out)
+
+    mem = make_mem()
+    mem.sync(mem.put("early", {"v": 1}, level=Level.PRIVATE, principal=CODER), timeout=10)
+    mem.sync(mem.put("shared", {"v": 1}, level=Level.SWARM, principal=CODER), timeout=10)
+    # No rotation yet: one byte flipped, header intact, is a failure, not "not judged".
+    good = bytes(raw_redis.get(name("early")))  # type: ignore[arg-type]
+    raw_redis.set(name("early"), flipped(good))
+    code, checks = report(capsys, args)
+    assert code == 1
+    assert checks["redis <-> sqlite parity"]["problems"] == [
+        f"{scope}/early: the cached envelope differs from the SQLite row"
+    ]
+    raw_redis.set(name("early"), good)
+    # Two rotations with a write between them; one more write after the second.
+    add_active_key(keyfile)
+    assert rotate_keys(make_mem(), timeout=30).done
+    between = make_mem()
+    second = between.put("between", {"v": 2}, level=Level.PRIVATE, principal=CODER)
+    between.sync(second, timeout=10)
+    add_active_key(keyfile)
+    assert rotate_keys(make_mem(), timeout=30).done
+    late = make_mem()
+    late.sync(late.put("late", {"v": 3}, level=Level.PRIVATE, principal=CODER), timeout=10)
+    code, checks = report(capsys, args)
+    parity = checks["redis <-> sqlite parity"]
+    assert code == 0, parity
+    assert parity["summary"] == (
+        "2 cache entries match, 2 re-sealed by a key rotation not judged (no keyring), 0 in flight"
+    )
+    # Written after the newest rotation: nothing re-sealed it, a flipped byte differs.
+    raw_redis.set(name("late"), flipped(bytes(raw_redis.get(name("late")))))  # type: ignore[arg-type]
+    # A plaintext record's entry replaced by an encrypted envelope: no rotation seals
+    # a plaintext row, whatever its age.
+    shared = mem.layout.cache_key(mem.layout.shard_of("swarm:s1", "shared"), "swarm:s1", "shared")
+    raw_redis.set(shared, good)
+    # The write id of the row, another writer: another write, re-sealed or not.
+    codec = Codec(Keyring.load(keyfile))
+    sealing = envelope_sealing(bytes(raw_redis.get(name("early"))))  # type: ignore[arg-type]
+    assert sealing is not None
+    forged = codec.seal_bytes(
+        b'{"v": 1}',
+        scope=scope,
+        key="early",
+        level=Level.PRIVATE,
+        sealing=sealing._replace(writer="mallory"),
+    )
+    raw_redis.set(name("early"), forged)
+    code, checks = report(capsys, args)
+    parity = checks["redis <-> sqlite parity"]
+    assert code == 1
+    assert sorted(parity["problems"]) == [
+        f"{scope}/early: the cached envelope is another write than the SQLite row",
+        f"{scope}/late: the cached envelope differs from the SQLite row",
+        "swarm:s1/shared: the cached envelope differs from the SQLite row",
+    ]
+    # With the key file, a row that does not open is a failure, not a match.
+    with sqlite3.connect(db_path) as conn:
+        (row,) = conn.execute(
+            "SELECT envelope FROM memory WHERE scope = ? AND key = 'between'", (scope,)
+        ).fetchone()
+        conn.execute(
+            "UPDATE memory SET envelope = ? WHERE scope = ? AND key = 'between'",
+            (flipped(row), scope),
+        )
+    conn.close()
+    code, checks = report(capsys, [*args, "--keyring", str(keyfile)])
+    assert code == 1
+    assert (
+        f"{scope}/between: the SQLite row does not open: envelope failed authentication "
+        f"for {scope}/between at level PRIVATE" in checks["redis <-> sqlite parity"]["problems"]
+    )
 
 
 def test_a_sid_out_of_form_is_found_in_every_table_that_holds_one(
