@@ -414,6 +414,15 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4, _v
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+#: Why a negative ``user_version`` is refused: no dualmem writes one, and taken for an
+#: older schema, ``MIGRATIONS[-1]`` ran as "version 0" and failed half-way (duplicate
+#: column), leaving the newest tables labelled schema 1.
+NEGATIVE_SCHEMA = (
+    "is no version dualmem writes (a damaged header or an edit); restore a backup "
+    "(`dualmem backup`'s copy, or migrate's .bak)"
+)
+
+
 def schema_version(conn: sqlite3.Connection) -> int:
     """The database's ``user_version``."""
     row = conn.execute("PRAGMA user_version").fetchone()
@@ -427,6 +436,8 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> list[int]
     writing into a schema it does not know is how data gets corrupted quietly.
     """
     current = schema_version(conn)
+    if current < 0:
+        raise ConfigurationError(f"database schema version {current} {NEGATIVE_SCHEMA}")
     if current > SCHEMA_VERSION:
         raise ConfigurationError(
             f"database schema version {current} is newer than this dualmem supports "

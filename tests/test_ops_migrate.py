@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from acl import Keyring, Level, Principal
+from acl import ConfigurationError, Keyring, Level, Principal
 from dualmem import DualMemory
 from dualmem.commands import legacy_sid, stream_id_of
 from dualmem.migrations import SCHEMA_VERSION
@@ -167,6 +167,26 @@ def test_downgrades_unknown_targets_and_newer_databases_are_refused(
     code, _, err = run_cli(capsys, "migrate", "--db", str(v1))
     assert code == 2 and "newer than this dualmem" in err
     assert user_version(v1) == 99
+
+
+def test_a_negative_schema_version_is_refused_and_the_file_left_as_it_is(
+    v1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No dualmem writes a negative user_version (a hand edit, a damaged header). migrate
+    # took it for an older schema: MIGRATIONS[-1] ran as "version 0", failed half-way
+    # (duplicate column) and left schema-5 tables labelled schema 1; opening the file
+    # did the same.
+    assert run_cli(capsys, "migrate", "--db", str(v1))[0] == 0
+    with sqlite3.connect(v1) as conn:
+        conn.execute("PRAGMA user_version = -1")
+    before = tables(v1)
+    code, _, err = run_cli(capsys, "migrate", "--db", str(v1))
+    assert code == 2 and "schema version -1 is no version dualmem writes" in err, err
+    Keyring.generate().save(tmp_path / "keys.json")
+    with pytest.raises(ConfigurationError, match="schema version -1 is no version"):
+        DualMemory(db_path=str(v1), keyring=str(tmp_path / "keys.json"))
+    assert user_version(v1) == -1 and tables(v1) == before
+    assert not list(tmp_path.glob("old.db.v-1-*"))  # refused before its backup, too
 
 
 def test_migrating_to_an_explicit_version_and_a_missing_file(

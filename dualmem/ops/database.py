@@ -11,7 +11,7 @@ from pathlib import Path
 
 from acl.errors import ConfigurationError
 from dualmem.errors import StoreUnavailable
-from dualmem.migrations import SCHEMA_VERSION, schema_version
+from dualmem.migrations import NEGATIVE_SCHEMA, SCHEMA_VERSION, schema_version
 
 __all__ = [
     "DatabaseSize",
@@ -74,6 +74,8 @@ def check_dualmem(conn: sqlite3.Connection, path: str | Path) -> int:
     program's database: nothing to read, and nothing ``dualmem migrate`` should write into.
     """
     version = schema_version(conn)
+    if version < 0:
+        raise ConfigurationError(f"{path}: schema version {version} {NEGATIVE_SCHEMA}")
     if version == 0:
         raise ConfigurationError(
             f"{path} is not a dualmem database (schema version 0: an empty file or another "
