@@ -755,6 +755,28 @@ def test_a_subscriber_whose_saves_meet_backpressure_pauses_and_says_so(
         assert not sub.saving_stalled
 
 
+def test_while_its_position_cannot_be_saved_the_save_is_retried_with_backoff(
+    make_mem: MakeMem, coder: Principal, caplog: pytest.LogCaptureFixture
+) -> None:
+    # poll's promise: a failed save is retried with backoff (each wait twice the one
+    # before, up to 2 s). Retried every 0.05 s instead, a stalled subscriber sent a put
+    # to a Redis at max_backlog twenty times a second for as long as no worker drained
+    # it. A bound from above only: a slow machine makes fewer tries.
+    writer = make_mem()
+    writer.sync(writer.put("k", 1, level=Level.SWARM, principal=coder), timeout=10)
+    writer.close()
+    mem = make_mem(worker=False, max_backlog=1)
+    mem.put("fill", 1, level=Level.SWARM, principal=coder)  # the stream is full
+    with Subscriber(mem, coder, since="paused") as sub:
+        assert sub.poll(timeout=5) is not None
+        with caplog.at_level("DEBUG", logger="dualmem.subscriber"):
+            assert sub.poll(timeout=1.0) is None  # its save refused, then retried
+        assert sub.saving_stalled
+        tries = [r for r in caplog.records if "still not saved" in r.getMessage()]
+        # Retries 0.05, 0.15, 0.35 and 0.75 s after the refused save fit in the second.
+        assert 1 <= len(tries) <= 6, [r.getMessage() for r in tries]
+
+
 def test_many_open_subscribers_leave_connections_for_puts(
     make_mem: MakeMem, coder: Principal
 ) -> None:
@@ -872,6 +894,46 @@ def test_close_from_another_thread_ends_iteration(make_mem: MakeMem, coder: Prin
     assert sub.poll(timeout=0) is None  # closed stays closed
     # The change was consumed (the loop asked for the next one): a restart skips it.
     assert Subscriber.saved_position(mem, coder, "loop") == feed(mem, coder)[-1]
+
+
+def test_a_poll_after_close_without_commit_consumes_nothing(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # close(commit=False) leaves the change last handed out to be delivered again. A
+    # poll() after the close must not consume it on its way to returning None (and save
+    # the position past it): the restart would skip it.
+    mem = make_mem()
+    for i in range(2):
+        receipt = mem.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+    mem.sync(receipt, timeout=10)
+    sub = Subscriber(mem, coder, since="feed")
+    handed = sub.poll(timeout=5)
+    assert handed is not None and handed.key == "k0"
+    sub.close(commit=False)
+    assert sub.poll(timeout=0) is None
+    assert Subscriber.saved_position(mem, coder, "feed") is None
+    with Subscriber(mem, coder, since="feed") as again:
+        assert [c.key for c in consume_until(again, "k1")] == ["k0", "k1"]
+
+
+def test_close_unsubscribes_from_every_channel(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # A closed subscriber that kept its pub/sub connection stayed subscribed: Redis went
+    # on queueing every notification of its scopes for a reader that never comes back
+    # (its output buffer growing until Redis drops the client), one connection for each
+    # subscriber ever closed.
+    mem = make_mem()
+    sub = Subscriber(mem, coder, since=0)
+    channels = [mem.layout.channel(scope) for scope in sub.scopes]
+    assert len(channels) == 4
+
+    def listeners() -> list[int]:
+        return [count for _, count in raw_redis.pubsub_numsub(*channels)]
+
+    assert listeners() == [1] * 4  # subscribed (and confirmed) by the constructor
+    sub.close()
+    wait_until(lambda: listeners() == [0] * 4, what="its channels to have no subscriber")
 
 
 _SIGNAL_CHILD = """
