@@ -4,6 +4,8 @@ test on fakeredis AND a real redis-server."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import json
 import math
 import re
@@ -974,6 +976,154 @@ def test_a_signal_under_a_key_id_it_does_not_know_is_named_as_such(
     )
     problem = BlockingCoordinator(mem, BOSS, secret).signal_problem(signal)
     assert problem == f"signed with unknown key id {signal.kid!r}"
+
+
+def test_a_signal_secret_of_sixteen_bytes_is_enough_and_one_less_is_not(
+    make_mem: MakeMem,
+) -> None:
+    # The documented floor is "at least 16 bytes": 16 is taken, 15 refused, as bytes or
+    # as a str (its UTF-8 bytes).
+    mem = make_mem()
+    for enough in (b"s" * 16, "s" * 16):
+        BlockingCoordinator(mem, BOSS, enough)
+    for short in (b"s" * 15, "s" * 15):
+        with pytest.raises(ConfigurationError, match="at least 16 bytes"):
+            BlockingCoordinator(mem, BOSS, short)
+
+
+def test_signals_and_acks_are_not_signed_with_the_callers_secret_itself(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    # The MAC key is derived from the secret: a secret also used elsewhere (an API token,
+    # say) does not make that other use an oracle for signal and ACK MACs. A MAC that is
+    # a plain HMAC-SHA256 under the secret would be one.
+    mem = make_mem()
+    signal = BlockingCoordinator(mem, BOSS, secret).send_signal(["coder-1"], "pause")
+    ack = BlockingCoordinator(mem, coder, secret).acknowledge_signal(signal)
+    for signed in (signal, ack):
+        plain = hmac.new(secret, signed.signed_part(), hashlib.sha256).hexdigest()
+        assert signed.mac != plain and len(signed.mac) == len(plain)
+
+
+def test_the_mac_covers_every_field_of_a_signal_and_of_an_ack(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    # "mac signs every other field": any one of them changed (under the same key id)
+    # breaks it. A field left out of the signed bytes (a signal's attempt, an ACK's
+    # target) could be changed without the secret.
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret)
+    signal = boss.send_signal(["coder-1"], "pause", {"why": "review"})
+    ack = BlockingCoordinator(mem, coder, secret).acknowledge_signal(signal)
+    forged = "MAC does not verify (forged or altered)"
+    for name, value in {
+        "id": "20261126T000000-000000000000",
+        "type": "resume",
+        "sender": "rogue",
+        "targets": ("coder-1", "rogue"),
+        "payload": {"why": "rm -rf"},
+        "sent_at": signal.sent_at + 1,
+        "attempt": signal.attempt + 1,
+    }.items():
+        assert boss.signal_problem(dataclasses.replace(signal, **{name: value})) == forged, name
+    for name, value in {
+        "signal_id": "20261126T000000-000000000000",
+        "target": "coder-3",
+        "digest": "0" * 64,
+        "acked_at": ack.acked_at + 1,
+    }.items():
+        altered = dataclasses.replace(ack, **{name: value})
+        assert boss.ack_problem(signal, "coder-1", altered, None) == forged, name
+
+
+def test_an_ack_under_a_key_id_it_does_not_know_is_named_as_such(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    # As for a signal: the key id is named, not "MAC does not verify", so an operator
+    # sees a target with another secret (or one not rotated in yet), not a forgery.
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret)
+    signal = boss.send_signal(["coder-1"], "pause")
+    elsewhere = BlockingCoordinator(mem, coder, secrets.token_bytes(32))
+    draft = Ack(signal.id, "coder-1", signal.digest, clock_us(), elsewhere._signer.kid, "")
+    ack = dataclasses.replace(draft, mac=elsewhere._mac(draft.signed_part()))
+    problem = boss.ack_problem(signal, "coder-1", ack, "coder-1")
+    assert problem == f"signed with unknown key id {ack.kid!r}"
+
+
+def test_pending_signals_are_listed_oldest_first(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    # The documented order is the order they were sent (keys sort by the second they
+    # were sent in and a random part: within one second, not in send order).
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret)
+    sent = [boss.send_signal(["coder-1"], "tick", {"n": i}).id for i in range(6)]
+    boss.sync()
+    assert [s.id for s in BlockingCoordinator(mem, coder, secret).pending_signals()] == sent
+
+
+def test_a_second_wait_goes_on_numbering_the_attempts(make_mem: MakeMem, secret: bytes) -> None:
+    # attempt is 1 for the first send and one more per re-send, across waits: a second
+    # wait that numbered its re-sends from the signal object again (attempt 2 again)
+    # stored a re-send that said it came before the one already stored.
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret, max_retries=1)
+    signal = boss.send_signal(["silent-1"], "pause")
+    boss.sync()
+    assert boss.wait_for_acks(signal, timeout=0).retries == 1
+    assert boss.wait_for_acks(signal, timeout=0).retries == 1
+    boss.sync()
+    assert [json.loads(r.detail)["attempt"] for r in audit(mem, "signal_retry")] == [2, 3]
+    stored = boss.get_signal(signal.id)
+    assert stored is not None and stored.attempt == 3
+
+
+@pytest.mark.parametrize("planted", ["another body", "a forged MAC"])
+def test_a_re_send_signs_only_the_senders_own_body_and_attempts(
+    make_mem: MakeMem, secret: bytes, planted: str
+) -> None:
+    # A re-send goes on from the newest stored attempt of the signal, read from the
+    # cache, where a swarm member can put a copy before the worker commits it. A copy
+    # with another body (signed: the member holds the secret) taken as that attempt made
+    # the coordinator sign the member's body and store it in its own name, a signal it
+    # never sent that passes every writer check; a copy with a MAC that does not verify
+    # (no secret needed) set the coordinator's attempt numbers.
+    mem = make_mem(worker=False)
+    persist = persistence_by_hand(mem)
+    boss = BlockingCoordinator(mem, BOSS, secret, max_retries=1)
+    signal = boss.send_signal(["silent-1"], "pause", {"why": "review"})
+    persist()
+    rogue = BlockingCoordinator(mem, ROGUE, secret)
+    if planted == "another body":
+        copy = rogue._sign_signal(dataclasses.replace(signal, payload={"why": "rm -rf"}), 5)
+    else:
+        copy = dataclasses.replace(signal, attempt=5, mac="00" * 32)
+    rogue._put(rogue._signal_key(signal.id), copy.to_value())  # in the cache only
+    assert boss.wait_for_acks(signal, timeout=0).retries == 1
+    persist()
+    stored = boss.get_signal(signal.id)
+    assert stored is not None and stored.payload == {"why": "review"} and stored.attempt == 2
+    assert boss.signal_problem(stored) is None
+    record = mem.get_record(rogue._signal_key(signal.id), level=Level.SWARM, principal=BOSS)
+    assert (
+        record is not None and record.owner == BOSS.agent_id and record.value == stored.to_value()
+    )
+
+
+def test_a_signal_argument_that_is_no_signal_is_a_validation_error(
+    make_mem: MakeMem, coder: Principal, secret: bytes
+) -> None:
+    # Neither a Signal nor a signal id: a ValidationError naming what was passed, not an
+    # AttributeError from deep inside the wait.
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret)
+    target = BlockingCoordinator(mem, coder, secret)
+    for bad in (None, 5, {"id": "x"}):
+        with pytest.raises(ValidationError, match="expected a Signal or a signal id"):
+            boss.wait_for_acks(bad, timeout=0)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="expected a Signal or a signal id"):
+            target.acknowledge_signal(bad, timeout=0)  # type: ignore[arg-type]
 
 
 def test_a_forged_altered_or_replayed_ack_is_rejected_and_audited_high(
