@@ -400,12 +400,16 @@ def test_a_live_change_is_delivered_by_its_notification(
 
 def test_backlog_counts_past_one_journal_page(make_mem: MakeMem, coder: Principal) -> None:
     # backlog() reads the journal a batch_size page at a time: it stopped after the first.
+    # A limit of 0 counts nothing (it is an int >= 0, as documented: "at most limit").
     mem = make_mem()
     for i in range(7):
         r = mem.put(f"k{i}", i, level=Level.SWARM, principal=coder)
     mem.sync(r, timeout=10)
     with Subscriber(mem, coder, since=0, batch_size=2) as sub:
         assert sub.backlog() == 7 and sub.backlog(limit=5) == 5
+        assert sub.backlog(limit=0) == 0
+        with pytest.raises(ValidationError, match="limit"):
+            sub.backlog(limit=-1)
 
 
 @pytest.mark.parametrize(
