@@ -654,8 +654,9 @@ class Subscriber:
     def close(self, *, commit: bool = True) -> None:
         """Stop: a ``poll`` waiting in another thread returns ``None``, iteration ends.
 
-        With ``commit`` (the default) the change last handed out counts as consumed and
-        the position is saved; ``commit=False`` leaves it to be delivered again.
+        With ``commit`` (the default) the change last handed out counts as consumed;
+        ``commit=False`` leaves it to be delivered again. Either way the position of the
+        changes consumed is saved.
 
         Safe in a signal handler: it always returns. One that interrupts this thread's own
         ``poll`` only stops it (``poll`` returns ``None``, iteration ends) and leaves the
@@ -678,15 +679,18 @@ class Subscriber:
             try:
                 if commit:
                     self._consume_in_flight(save=False)
-                    try:
-                        self._save()
-                    except DualMemError as exc:
-                        log.warning(
-                            "subscriber %s: position %d not saved at close: %s",
-                            self.name,
-                            self._position,
-                            exc,
-                        )
+                # Without commit too: the changes consumed before the one handed out (by
+                # asking for the next) are consumed, and commit_every may have left their
+                # position unsaved.
+                try:
+                    self._save()
+                except DualMemError as exc:
+                    log.warning(
+                        "subscriber %s: position %d not saved at close: %s",
+                        self.name,
+                        self._position,
+                        exc,
+                    )
             finally:
                 if self._pubsub is not None:
                     self._release(self._pubsub)

@@ -920,6 +920,31 @@ def test_a_poll_after_close_without_commit_consumes_nothing(
         assert [c.key for c in consume_until(again, "k1")] == ["k0", "k1"]
 
 
+@pytest.mark.parametrize("how", ["close(commit=False)", "an exception"])
+def test_a_stop_without_commit_leaves_only_the_last_change_to_come_again(
+    make_mem: MakeMem, coder: Principal, how: str
+) -> None:
+    # With commit_every=10 the position is saved every 10th consumed change. A stop that
+    # does not commit (close(commit=False), a with block left by an exception) leaves the
+    # change last handed out to come again; the changes consumed before it (by asking for
+    # the next) are consumed, yet their position was not written, and they came again
+    # too.
+    mem = make_mem()
+    for i in range(4):
+        receipt = mem.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+    mem.sync(receipt, timeout=10)
+    sub = Subscriber(mem, coder, since="batch", commit_every=10)
+    with contextlib.suppress(RuntimeError), sub:
+        got = [sub.poll(timeout=5) for _ in range(3)]  # k0 and k1 consumed, k2 handed out
+        assert [c.key for c in got if c] == ["k0", "k1", "k2"]
+        if how == "an exception":
+            raise RuntimeError("handler failed")
+        sub.close(commit=False)
+    assert Subscriber.saved_position(mem, coder, "batch") == got[1].seq  # type: ignore[union-attr]
+    with Subscriber(mem, coder, since="batch") as again:
+        assert [c.key for c in consume_until(again, "k3")] == ["k2", "k3"]
+
+
 def test_close_unsubscribes_from_every_channel(
     make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
 ) -> None:
