@@ -781,6 +781,37 @@ def test_while_its_position_cannot_be_saved_the_save_is_retried_with_backoff(
         assert 1 <= len(tries) <= 6, [r.getMessage() for r in tries]
 
 
+def test_a_stalled_save_warns_once_when_its_retries_reach_their_longest_wait(
+    make_mem: MakeMem, coder: Principal, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Once the retries of a refused save wait their longest (2 s), one warning says that
+    # delivery is paused; the retries after it go on quietly. A warning at every retry
+    # (every 2 s for as long as no worker drains the stream) buried the log. Polled until
+    # two retries at the longest wait are logged, however slow the machine is.
+    writer = make_mem()
+    writer.sync(writer.put("k", 1, level=Level.SWARM, principal=coder), timeout=10)
+    writer.close()
+    mem = make_mem(worker=False, max_backlog=1)
+    mem.put("fill", 1, level=Level.SWARM, principal=coder)  # the stream is full
+
+    def at_longest_wait() -> list[str]:
+        said = [r.getMessage() for r in caplog.records]
+        return [m for m in said if "retrying every 2s" in m or "next try in 2.00s" in m]
+
+    with Subscriber(mem, coder, since="paused") as sub:
+        assert sub.poll(timeout=5) is not None
+        with caplog.at_level("DEBUG", logger="dualmem.subscriber"):
+            for _ in range(100):
+                if len(at_longest_wait()) >= 2:
+                    break
+                assert sub.poll(timeout=0.5) is None  # its save refused, retried
+            else:
+                pytest.fail(f"no two retries at the longest wait: {at_longest_wait()}")
+        assert sub.saving_stalled
+    paused = [m for m in at_longest_wait() if "delivery paused" in m]
+    assert len(paused) == 1, at_longest_wait()
+
+
 def test_many_open_subscribers_leave_connections_for_puts(
     make_mem: MakeMem, coder: Principal
 ) -> None:
