@@ -760,6 +760,41 @@ def test_the_cache_entries_of_purged_rows_are_no_parity_problem(
     assert check.summary == "2 cache entries match, 0 in flight"
 
 
+def test_a_record_that_expires_while_verify_walks_the_chains_is_no_parity_problem(
+    make_mem: Callable[..., DualMemory],
+    db_path: Path,
+    args: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # verify read the clock before its SQLite checks, which take minutes on a big file:
+    # a record that expired meanwhile and that a purge turned into a tombstone was judged
+    # as live by its cache entry ("deleted in SQLite but still cached in Redis"). Here the
+    # chain walks are made to last until the record has expired and been purged.
+    from dualmem.ops import verify as verify_module
+    from dualmem.ops.maintenance import purge_database
+
+    mem = make_mem(purge_interval=3600)  # the purge below is the only one
+    t0 = time.monotonic()
+    mem.sync(mem.put("brief", 1, level=Level.SWARM, principal=CODER, ttl=2), timeout=10)
+    real = verify_module.verify_database
+
+    def long_walks(conn: sqlite3.Connection, progress: Any) -> Any:
+        checks = real(conn, progress)
+        time.sleep(max(0.0, t0 + 2.2 - time.monotonic()))
+        purge_database(db_path, now_ms=int(time.time() * 1000), tombstones_before_ms=0)
+        return checks
+
+    monkeypatch.setattr(verify_module, "verify_database", long_walks)
+    code, checks = report(capsys, args)
+    parity = checks["redis <-> sqlite parity"]
+    assert code == 0 and parity["status"] == "ok", parity
+    with sqlite3.connect(db_path) as conn:  # the purge did make it a tombstone
+        row = conn.execute("SELECT envelope FROM memory WHERE key = 'brief'").fetchone()
+    conn.close()
+    assert row == (None,)
+
+
 def test_a_value_no_dualmem_writes_fails_its_check_and_the_others_still_run(
     mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
