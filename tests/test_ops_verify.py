@@ -795,6 +795,50 @@ def test_a_record_that_expires_while_verify_walks_the_chains_is_no_parity_proble
     assert row == (None,)
 
 
+def test_redis_failing_during_the_anchors_check_fails_that_check_by_its_name(
+    make_mem: Callable[..., DualMemory],
+    db_path: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Redis went away after the parity check and before the anchors': its failure was
+    # reported as a second "redis <-> sqlite parity" check (two checks of one name in the
+    # JSON, the passed one beside it) and the anchors check was missing.
+    from dualmem.ops import verify as verify_module
+
+    if backend == "redis":
+        srv = request.getfixturevalue("own_redis_server")
+        mem = make_mem(redis_url=srv.url)
+        stop_redis: Callable[[], None] = srv.kill
+    else:
+        from dualmem.redis_backend import memory_server
+
+        mem = make_mem()
+
+        def stop_redis() -> None:
+            memory_server(mem.settings.redis_url).server.connected = False
+
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=CODER), timeout=10)
+    real = verify_module.check_anchors
+
+    def redis_goes_away(*a: Any, **kw: Any) -> Any:
+        stop_redis()
+        return real(*a, **kw)
+
+    monkeypatch.setattr(verify_module, "check_anchors", redis_goes_away)
+    code, out, _ = run_cli(capsys, "verify", "--redis-url", mem.settings.redis_url, "--db",
+                           str(db_path), "--json")  # fmt: skip
+    names = [c["name"] for c in json.loads(out)["checks"]]
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert code == 1 and len(names) == len(set(names)), names
+    assert checks["redis <-> sqlite parity"]["status"] == "ok"
+    anchors = checks["hash chain anchors"]
+    assert anchors["status"] == "fail" and anchors["summary"] == "could not check", anchors
+    assert "Redis is unavailable" in anchors["problems"][0]
+
+
 def test_a_value_no_dualmem_writes_fails_its_check_and_the_others_still_run(
     mem: DualMemory, args: list[str], db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

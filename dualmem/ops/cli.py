@@ -18,7 +18,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +36,7 @@ from dualmem.shutdown import stop_on_signals
 if TYPE_CHECKING:
     from dualmem.ops.runtime import Runtime
     from dualmem.ops.transfer import ImportPlan
+    from dualmem.ops.verify import Check
 
 __all__ = ["register_commands"]
 
@@ -119,6 +120,27 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _on_redis(name: str, run: Callable[[], Check]) -> Check:
+    """``guarded(name, run)``, and a Redis that fails during the check fails this check:
+    it was reported under the parity check's name (the anchors' failure as a second
+    "redis <-> sqlite parity" in the JSON)."""
+    from dualmem.ops.verify import guarded
+
+    try:
+        return guarded(name, run)
+    except DualMemError as exc:
+        return _redis_failed(name, exc)
+
+
+def _redis_failed(name: str, exc: DualMemError) -> Check:
+    from dualmem.ops.verify import Check
+
+    failed = Check(name)
+    failed.problem(str(exc))
+    failed.summary, failed.fix = "could not check", "check --redis-url"
+    return failed
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Integrity, foreign keys, schema version, hash chains, projections, Redis parity,
     and a mirror directory's parity; exit 1 with a report when anything is off."""
@@ -127,7 +149,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from dualmem.ops.mirror import check_mirror
     from dualmem.ops.runtime import load_keyring, redis_client
     from dualmem.ops.verify import (
-        Check,
         check_anchors,
         check_redis_parity,
         guarded,
@@ -158,7 +179,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     shards = max(settings.shards, seen_shards(conn))
                     layout = Layout(settings.namespace, shards)
                     checks.append(
-                        guarded(
+                        _on_redis(
                             "redis <-> sqlite parity",
                             lambda: check_redis_parity(
                                 conn, client, layout, _now_ms(), progress, codec=codec
@@ -166,15 +187,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
                         )
                     )
                     checks.append(
-                        guarded("hash chain anchors", lambda: check_anchors(conn, client, layout))
+                        _on_redis("hash chain anchors", lambda: check_anchors(conn, client, layout))
                     )
                 finally:
                     client.close()
             except DualMemError as exc:
-                failed = Check("redis <-> sqlite parity")
-                failed.problem(str(exc))
-                failed.summary, failed.fix = "could not check", "check --redis-url"
-                checks.append(failed)
+                checks.append(_redis_failed("redis <-> sqlite parity", exc))
         if args.mirror:
             checks.append(
                 guarded(f"mirror {args.mirror}", lambda: check_mirror(conn, args.mirror, _now_ms()))
