@@ -660,6 +660,19 @@ def test_a_redis_that_never_answers_the_connect_fails_fast() -> None:
         listener.close()
 
 
+def _client_and_other(
+    backend: str, request: pytest.FixtureRequest
+) -> tuple[redis.Redis, redis.Redis]:
+    """dualmem's command client on an empty server of ``backend``, and a plain client of
+    another program on the same server; the caller closes both."""
+    if backend == "redis":
+        srv = request.getfixturevalue("redis_server")
+        srv.client().flushall()
+        return _command_client(srv.url), srv.client()
+    server = fakeredis.FakeServer()
+    return _direct_client(server), fakeredis.FakeRedis(server=server)
+
+
 @pytest.mark.parametrize("backend", ["fakeredis", "redis"])
 def test_a_compare_and_set_that_sends_nothing_leaves_no_watch_behind(
     backend: str, request: pytest.FixtureRequest
@@ -670,15 +683,7 @@ def test_a_compare_and_set_that_sends_nothing_leaves_no_watch_behind(
     # nothing and the put failed.
     from dualmem.redis_backend import run_if_holds
 
-    if backend == "redis":
-        srv = request.getfixturevalue("redis_server")
-        srv.client().flushall()
-        client = _command_client(srv.url)
-        other: redis.Redis = srv.client()
-    else:
-        server = fakeredis.FakeServer()
-        client = _direct_client(server)
-        other = fakeredis.FakeRedis(server=server)
+    client, other = _client_and_other(backend, request)
     try:
         other.set(b"lock", b"theirs")
         assert not run_if_holds(client, b"lock", b"mine", (b"DEL", b"lock"))
@@ -700,15 +705,7 @@ def test_a_compare_and_set_whose_key_changes_after_its_look_is_false_and_runs_no
     # as "Redis is unavailable"). Another client writes between the look and the write.
     from dualmem import redis_backend
 
-    if backend == "redis":
-        srv = request.getfixturevalue("redis_server")
-        srv.client().flushall()
-        client = _command_client(srv.url)
-        other: redis.Redis = srv.client()
-    else:
-        server = fakeredis.FakeServer()
-        client = _direct_client(server)
-        other = fakeredis.FakeRedis(server=server)
+    client, other = _client_and_other(backend, request)
     real = redis_backend.transact_watching
 
     def a_put_comes_between(c: redis.Redis, watched: bytes, decide: Any, commands: Any) -> Any:
