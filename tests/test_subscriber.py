@@ -759,6 +759,17 @@ def test_a_subscriber_whose_saves_meet_backpressure_pauses_and_says_so(
         assert not sub.saving_stalled
 
 
+def one_change_and_a_full_stream(make_mem: MakeMem, coder: Principal) -> DualMemory:
+    """A memory with one committed change, no worker, and a stream at ``max_backlog``: a
+    subscriber's position save after that change meets ``Backpressure``."""
+    writer = make_mem()
+    writer.sync(writer.put("k", 1, level=Level.SWARM, principal=coder), timeout=10)
+    writer.close()
+    mem = make_mem(worker=False, max_backlog=1)
+    mem.put("fill", 1, level=Level.SWARM, principal=coder)  # the stream is full
+    return mem
+
+
 def test_while_its_position_cannot_be_saved_the_save_is_retried_with_backoff(
     make_mem: MakeMem, coder: Principal, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -766,11 +777,7 @@ def test_while_its_position_cannot_be_saved_the_save_is_retried_with_backoff(
     # before, up to 2 s). Retried every 0.05 s instead, a stalled subscriber sent a put
     # to a Redis at max_backlog twenty times a second for as long as no worker drained
     # it. A bound from above only: a slow machine makes fewer tries.
-    writer = make_mem()
-    writer.sync(writer.put("k", 1, level=Level.SWARM, principal=coder), timeout=10)
-    writer.close()
-    mem = make_mem(worker=False, max_backlog=1)
-    mem.put("fill", 1, level=Level.SWARM, principal=coder)  # the stream is full
+    mem = one_change_and_a_full_stream(make_mem, coder)
     with Subscriber(mem, coder, since="paused") as sub:
         assert sub.poll(timeout=5) is not None
         with caplog.at_level("DEBUG", logger="dualmem.subscriber"):
@@ -788,11 +795,7 @@ def test_a_stalled_save_warns_once_when_its_retries_reach_their_longest_wait(
     # delivery is paused; the retries after it go on quietly. A warning at every retry
     # (every 2 s for as long as no worker drains the stream) buried the log. Polled until
     # two retries at the longest wait are logged, however slow the machine is.
-    writer = make_mem()
-    writer.sync(writer.put("k", 1, level=Level.SWARM, principal=coder), timeout=10)
-    writer.close()
-    mem = make_mem(worker=False, max_backlog=1)
-    mem.put("fill", 1, level=Level.SWARM, principal=coder)  # the stream is full
+    mem = one_change_and_a_full_stream(make_mem, coder)
 
     def at_longest_wait() -> list[str]:
         said = [r.getMessage() for r in caplog.records]
