@@ -1639,6 +1639,25 @@ def test_a_file_with_both_value_and_envelope_or_neither_is_rejected(
     ]
 
 
+def test_an_expiring_records_file_shows_its_expiry_and_a_value_edit_keeps_it(
+    mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A file shows its record's expires_at, and an edit of the value alone is imported
+    # with it. No test looked at an expiring record's file: a mirror that wrote null
+    # there went unnoticed, and every value edit then made the record one that never
+    # expires.
+    mem.sync(mem.put("lease", "v1", level=Level.SWARM, principal=CODER, ttl=3600), timeout=10)
+    record = mem.get_record("lease", level=Level.SWARM, principal=CODER)
+    assert record is not None and record.expires_at is not None
+    once(capsys, args, mdir)
+    f = file_of(mdir, "lease")
+    assert doc(f)["expires_at"] == record.expires_at
+    write_value(f, "v2")
+    assert "1 imported" in once(capsys, args, mdir)
+    after = mem.get_record("lease", level=Level.SWARM, principal=CODER)
+    assert after is not None and (after.value, after.expires_at) == ("v2", record.expires_at)
+
+
 def test_a_new_file_becomes_a_record_and_files_in_the_wrong_place_do_not(
     mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
