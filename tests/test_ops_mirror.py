@@ -1658,6 +1658,26 @@ def test_an_expiring_records_file_shows_its_expiry_and_a_value_edit_keeps_it(
     assert after is not None and (after.value, after.expires_at) == ("v2", record.expires_at)
 
 
+def test_files_other_than_json_beside_the_records_are_left_alone(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Only `<key>.json` files are records. No test left anything else in a scope's
+    # directory, so a scan that took every file for one went unnoticed: an editor's
+    # backup copy (`plan.json~`) was rejected as a file in the wrong place, in an audit
+    # event, and `verify --mirror` failed on it.
+    put(mem, "plan", {"v": 1})
+    once(capsys, args, mdir)
+    f = file_of(mdir, "plan")
+    backup = f.with_name(f.name + "~")
+    shutil.copy(f, backup)
+    write_value(f, {"v": 2})
+    out = once(capsys, args, mdir)
+    assert "1 imported" in out and " 0 rejected" in out, out
+    assert doc(backup)["value"] == {"v": 1}  # not the mirror's: left as it is
+    assert [(k, key) for k, key, _ in sync_events(db_path)] == [("imported", "plan")]
+    assert verify_mirror(capsys, args, mdir)["status"] == "ok"
+
+
 def test_a_new_file_becomes_a_record_and_files_in_the_wrong_place_do_not(
     mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
