@@ -1678,6 +1678,57 @@ def test_files_other_than_json_beside_the_records_are_left_alone(
     assert verify_mirror(capsys, args, mdir)["status"] == "ok"
 
 
+def test_a_file_that_is_not_a_json_object_is_rejected_and_the_cycle_goes_on(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No test saved valid JSON that is not an object: without the check, its fields were
+    # looked up on a list (AttributeError), and every cycle ended in a traceback.
+    put(mem, "x", 1)
+    put(mem, "y", 2)
+    once(capsys, args, mdir)
+    fx, fy = file_of(mdir, "x"), file_of(mdir, "y")
+    fx.write_text('["scope", "swarm:s1", "key", "x"]', encoding="utf-8")
+    write_value(fy, 3)  # an edit in the same cycle is still imported
+    out = once(capsys, args, mdir)
+    assert "rejected swarm:s1/x.json: expected a JSON object" in out and " 1 imported" in out, out
+    assert doc(fx)["value"] == 1  # SQLite wins, as for any invalid file
+    assert mem.get("y", level=Level.SWARM, principal=CODER) == 3
+    assert sorted(k for k, key, _ in sync_events(db_path)) == ["imported", "rejected"]
+
+
+def test_a_file_the_worker_or_redis_would_refuse_is_rejected_before_anything_is_sent(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The mirror checks a save as `import` checks a line. Only import's checks were
+    # tested, so a mirror without them went unnoticed: an expiry past put's ttl bound
+    # went to Redis (which refuses its PX inside the transaction), and a mission-log
+    # record the projection refuses was sent for the worker to dead-letter.
+    put(mem, "x", 1)
+    once(capsys, args, mdir)
+    fx = file_of(mdir, "x")
+    d = doc(fx)
+    d["expires_at"] = 2**62
+    fx.write_text(json.dumps(d), encoding="utf-8")
+    mission = file_of(mdir, "_dm/mission/m1", "project:shop")
+    mission.parent.mkdir(mode=0o700, exist_ok=True)
+    mission.write_text(
+        json.dumps(
+            {"scope": "project:shop", "key": "_dm/mission/m1", "level": 4, "value": {"x": 1}}
+        ),
+        encoding="utf-8",
+    )
+    out = once(capsys, args, mdir)
+    assert "rejected swarm:s1/x.json: expires_at is more than" in out, out
+    assert "rejected project:shop/_dm%2Fmission%2Fm1.json: _dm/mission/m1: not a valid" in out
+    assert " 0 imported" in out and " 2 rejected" in out, out
+    mem.settle(10)
+    assert mem.store.dead_letters() == []
+    record = mem.get_record("x", level=Level.SWARM, principal=CODER)
+    assert record is not None and record.expires_at is None
+    assert doc(fx)["expires_at"] is None  # SQLite wins, as for any invalid file
+    assert sorted(k for k, _, _ in sync_events(db_path)) == ["rejected", "rejected"]
+
+
 def test_a_new_file_becomes_a_record_and_files_in_the_wrong_place_do_not(
     mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
