@@ -791,6 +791,63 @@ def test_a_failed_import_from_an_older_state_never_reports_a_later_save_as_its_o
     assert detail["stream_id"] == sid and "discarded" not in detail
 
 
+def test_a_failed_import_from_an_older_state_reports_the_save_its_file_still_holds(
+    make_mem: Callable[..., DualMemory],
+    db_path: Path,
+    mdir: Path,
+    settings: Settings,
+) -> None:
+    # A state saved before imports kept their saves names only the import's id: the
+    # failed event takes the save from the file while the file still holds it (by the
+    # hash the state kept). Only a file saved again since was tested, so a mirror that
+    # dropped such an id's hash went unnoticed: the failed event had no save at all.
+    mem = make_mem(max_deliveries=1)
+    put(mem, "cfg", {"v": 0})
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        refuse_inserts(db_path, "NEW.key = 'cfg'")
+        write_value(f, {"v": 1, "note": "the failed save"})
+        first = cycle(mirror)
+        assert rt.wait(first.receipts, 10).dead == 1
+        allow_inserts(db_path)
+        state = json.loads((mdir / STATE_FILE).read_text(encoding="utf-8"))
+        entry = state["files"]["swarm:s1/cfg.json"]
+        (sid,) = entry["sent"]
+        entry["holds"] = sid  # as an older release saved it
+        (mdir / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+        report = Mirror(rt, mdir).cycle(now_ms())  # restarted on that state
+        assert (report.failed, report.written) == (1, 1), report.events
+        rt.wait(report.receipts, 10)
+    (detail,) = failed_events(db_path, "cfg")
+    assert detail["stream_id"] == sid and "the failed save" in str(detail["discarded"])
+
+
+def test_the_replay_of_a_files_seventeenth_failed_import_is_the_mirrors_own(
+    make_mem: Callable[..., DualMemory],
+    db_path: Path,
+    mdir: Path,
+    settings: Settings,
+) -> None:
+    # The file keeps the ids of its last 16 failed imports. No test failed more than
+    # two, so a mirror that kept the first 16 went unnoticed: the replay of any later
+    # one, made after its event, was a change in SQLite, and the next save a false
+    # conflict.
+    mem = make_mem(max_deliveries=1)
+    put(mem, "cfg", {"v": 0})
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        for v in range(1, 18):
+            a_failed_import(rt, mirror, db_path, f, {"v": v})
+        newest = max(rt.store.dead_letters(), key=lambda letter: letter.id)
+        replays = dlq.replay(rt, [newest.id]).receipts
+        assert rt.wait(replays, 10).committed == 1
+        write_value(f, {"v": "last"})
+        last = cycle(mirror)
+        assert (last.imported, last.conflicts) == (1, 0), last.events
+        rt.wait(last.receipts, 10)
+    assert mem.get("cfg", level=Level.SWARM, principal=CODER) == {"v": "last"}
+
+
 def test_a_dead_lettered_import_replayed_is_followed_to_its_replay(
     make_mem: Callable[..., DualMemory],
     db_path: Path,
