@@ -187,6 +187,7 @@ def test_files_follow_the_change_feed_and_resume(
     put(mem, "new", [1, 2])
     behind = verify_mirror(capsys, args, mdir)  # behind until it runs
     assert behind["status"] == "fail"
+    assert behind["fix"] == f"run `dualmem mirror --dir {mdir} --once`"
     assert sorted(behind["problems"]) == [
         "swarm:s1/a.json: behind SQLite (the mirror has not applied the newest change)",
         "swarm:s1/b%2Fc%3Ad.json: no live record in SQLite",
@@ -1784,6 +1785,29 @@ def test_a_file_the_worker_or_redis_would_refuse_is_rejected_before_anything_is_
     assert record is not None and record.expires_at is None
     assert doc(fx)["expires_at"] is None  # SQLite wins, as for any invalid file
     assert sorted(k for k, _, _ in sync_events(db_path)) == ["rejected", "rejected"]
+
+
+def test_a_deleted_file_whose_row_does_not_open_is_not_reported_restored(
+    mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A row whose level column was edited does not open (TamperedRecord): the mirror
+    # leaves its file alone and `verify --mirror` names the row. No test had such a row,
+    # so a verify that also called its file edited by hand, and a mirror that reported
+    # the deleted file restored (an audit event) while it wrote nothing, went unnoticed.
+    put(mem, "creds", {"t": 1}, Level.PRIVATE)
+    once(capsys, args, mdir)
+    f = file_of(mdir, "creds", "agent:coder-1")
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE memory SET level = 3 WHERE scope = 'agent:coder-1'")
+    conn.close()
+    v = verify_mirror(capsys, args, mdir)
+    assert len(v["problems"]) == 1, v["problems"]
+    assert "agent:coder-1/creds.json: the SQLite row does not open" in v["problems"][0]
+    f.unlink()
+    out = once(capsys, args, mdir)
+    assert "agent:coder-1/creds.json: not mirrored" in out and " 0 restored" in out, out
+    assert not f.exists()
+    assert sync_events(db_path) == []
 
 
 def test_a_new_file_becomes_a_record_and_files_in_the_wrong_place_do_not(
