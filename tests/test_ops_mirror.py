@@ -2581,6 +2581,36 @@ def test_a_send_that_never_went_is_not_taken_for_an_older_dead_letter_of_its_fil
     assert event_kinds(db_path, "cfg") == ["imported", "failed", "imported"]
 
 
+def test_a_conflict_whose_send_never_went_is_judged_and_reported_by_the_next_cycle(
+    make_mem: Callable[..., DualMemory],
+    db_path: Path,
+    mdir: Path,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A send that ended before anything reached Redis leaves its sending file, and the
+    # next cycle finds none of it: the state saved before stands. No test lost a send
+    # that carried only a conflict, so a mirror that adopted the lost cycle's state
+    # anyway went unnoticed: the file counted as reported, was rewritten from SQLite
+    # unjudged, and the conflicting save was in no event.
+    mem = make_mem()
+    put(mem, "cfg", {"v": 0})
+    f = file_of(mdir, "cfg")
+    with started_mirror(settings, mdir) as (rt, mirror):
+        put(mem, "cfg", {"v": "agent"})
+        write_value(f, {"v": 1, "note": "conflicting save"})
+        cycle_losing_its_reply(mirror, monkeypatch, sent=False)
+        assert (mdir / SENDING_FILE).exists()
+        assert doc(f)["value"] == {"v": 1, "note": "conflicting save"}  # not rewritten
+        again = cycle(mirror)
+        assert again.conflicts == 1, again.events
+        rt.wait(again.receipts, 10)
+        assert doc(f)["value"] == {"v": "agent"}  # SQLite wins, once the event is sent
+    ((kind, key, detail),) = sync_events(db_path)
+    assert (kind, key) == ("conflict", "cfg")
+    assert "conflicting save" in str(detail["discarded"])
+
+
 @pytest.mark.parametrize("sending_file", ["with the stream tops", "from before they were kept"])
 def test_the_look_for_a_lost_send_reads_its_streams_from_where_the_send_began(
     make_mem: Callable[..., DualMemory],
