@@ -2015,6 +2015,42 @@ def test_sealed_files_follow_a_key_rotation(
     assert verify_mirror(capsys, args, mdir)["status"] == "ok"
 
 
+def test_only_the_cycle_that_sees_a_key_rotation_compares_every_file(
+    make_mem: Callable[..., DualMemory],
+    keyfile: Path,
+    mdir: Path,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A rotation re-seals rows with no journal entry, so the cycle that sees its audit
+    # event compares every live record's file with SQLite; the cycles after it do not.
+    # No test looked past that cycle: a mirror that never moved its audit position on
+    # read every file again in every cycle, for good.
+    mem = make_mem()
+    put(mem, "token", {"t": SECRET}, Level.PRIVATE)
+    put(mem, "plan", 1)
+    Keyring.load(keyfile).with_new_key().save(keyfile, overwrite=True)
+    with started_mirror(settings, mdir) as (_rt, mirror):
+        assert rotate_keys(make_mem(), timeout=30).done
+        assert cycle(mirror).written == 1  # the sealed file, re-sealed
+        past = time.time_ns() - 10 * 10**9
+        for f in (file_of(mdir, "token", "agent:coder-1"), file_of(mdir, "plan")):
+            os.utime(f, ns=(past, past))  # read once more by the next scan, then settled
+        cycle(mirror)
+        read: list[str] = []
+        real = Path.read_bytes
+
+        def counted(path: Path) -> bytes:
+            if path.suffix == ".json" and path.name != STATE_FILE:
+                read.append(path.name)
+            return real(path)
+
+        monkeypatch.setattr(Path, "read_bytes", counted)
+        report = cycle(mirror)
+        monkeypatch.undo()
+    assert (report.written, read) == (0, []), report.events
+
+
 def test_a_running_mirror_seals_edits_with_the_key_a_rotation_made_active(
     make_mem: Callable[..., DualMemory],
     redis_url: str,
