@@ -1282,6 +1282,43 @@ def test_two_imports_a_worker_commits_after_redis_lost_them_are_the_mirrors_own(
     assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 3}
 
 
+def test_a_late_commit_of_a_files_seventeenth_lost_import_is_the_mirrors_own(
+    make_mem: Callable[..., DualMemory],
+    redis_url: str,
+    db_path: Path,
+    keyfile: Path,
+    mdir: Path,
+    raw_redis: redis.Redis,
+) -> None:
+    # The file keeps the ids of its last 16 imports reported lost. No test lost more than
+    # two, so a mirror that kept the first 16 went unnoticed: the late commit of any later
+    # one was a change in SQLite, and the file's next save a false conflict.
+    f = file_of(mdir, "cfg")
+    with mirror_and_a_worker_by_hand(make_mem, redis_url, db_path, keyfile, mdir) as (
+        rt,
+        mirror,
+        worker,
+    ):
+        for v in range(1, 17):  # sixteen imports Redis lost for good
+            write_value(f, {"v": v})
+            sent = cycle(mirror)
+            assert sent.imported == 1, sent.events
+            lose(raw_redis, rt, sent.receipts[0])
+            assert cycle(mirror).failed == 1
+        drain(worker)  # their events
+        write_value(f, {"v": 17})
+        sent = cycle(mirror)
+        batch = worker._read(False)  # the worker holds the seventeenth import
+        lose(raw_redis, rt, sent.receipts[0])
+        assert cycle(mirror).failed == 1
+        worker._process(batch)  # ... and commits it after all
+        write_value(f, {"v": 18})  # saved before the mirror read that commit
+        last = cycle(mirror)
+        assert (last.imported, last.conflicts) == (1, 0), last.events
+        drain(worker)
+    assert make_mem().get("cfg", level=Level.SWARM, principal=CODER) == {"v": 18}
+
+
 def test_a_new_files_import_redis_lost_is_a_failed_event(
     make_mem: Callable[..., DualMemory],
     db_path: Path,
