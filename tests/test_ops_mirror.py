@@ -221,6 +221,7 @@ def test_a_file_edited_by_hand_is_imported(
     assert mem.get("plan", level=Level.SWARM, principal=CODER) == {"steps": 2, "edited": "by hand"}
     assert doc(f)["owner"] == "mirror"  # written back from SQLite after the commit
     assert [(k, key) for k, key, _ in sync_events(db_path)] == [("imported", "plan")]
+    assert {a.event: a.risk for a in mem.store.audit_log()}["mirror.imported"] == "low"
     assert verify_mirror(capsys, args, mdir)["status"] == "ok"
 
 
@@ -390,8 +391,9 @@ def test_sqlite_wins_a_conflict_and_the_conflict_is_recorded(
     assert (kind, key) == ("conflict", "k")
     assert "v2 from a human" in str(detail["discarded"])  # what lost is kept
     assert detail["path"] == "swarm:s1/k.json"
-    audit = [a.event for a in mem.store.audit_log()]
-    assert "mirror.conflict" in audit
+    # In the audit log too, as a medium risk (an import is low): a conflict discards a save.
+    audit = {a.event: a.risk for a in mem.store.audit_log()}
+    assert audit["mirror.conflict"] == "medium"
     assert verify_mirror(capsys, args, mdir)["status"] == "ok"
 
 
