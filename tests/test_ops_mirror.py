@@ -188,6 +188,7 @@ def test_files_follow_the_change_feed_and_resume(
     behind = verify_mirror(capsys, args, mdir)  # behind until it runs
     assert behind["status"] == "fail"
     assert behind["fix"] == f"run `dualmem mirror --dir {mdir} --once`"
+    assert behind["summary"].endswith("records out of sync (1 behind, 0 edited)")
     assert sorted(behind["problems"]) == [
         "swarm:s1/a.json: behind SQLite (the mirror has not applied the newest change)",
         "swarm:s1/b%2Fc%3Ad.json: no live record in SQLite",
@@ -213,9 +214,9 @@ def test_a_file_edited_by_hand_is_imported(
     d = doc(f)
     d["value"] = {"steps": 2, "edited": "by hand"}
     f.write_text(json.dumps(d), encoding="utf-8")  # compact: formatting differs too
-    assert "differs from SQLite (edited by hand" in " ".join(
-        verify_mirror(capsys, args, mdir)["problems"]
-    )
+    edited = verify_mirror(capsys, args, mdir)
+    assert "differs from SQLite (edited by hand" in " ".join(edited["problems"])
+    assert edited["summary"] == "1 of 1 records out of sync (0 behind, 1 edited)"
     out = once(capsys, args, mdir)
     assert "imported" in out
     assert mem.get("plan", level=Level.SWARM, principal=CODER) == {"steps": 2, "edited": "by hand"}
