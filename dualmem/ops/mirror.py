@@ -1420,26 +1420,32 @@ def check_mirror(conn: sqlite3.Connection, directory: str | Path, now_ms: int) -
         )
     found = {p.relative_to(d).as_posix(): p for p in _files(d)}
     stale = edited = 0
+    # The records out of sync (a problem is not one: a stray file, the sending file).
+    out = {rel for rel, data in expected.items() if data is None}
     for rel, data in expected.items():
         path = found.get(rel)
         if path is None:
+            out.add(rel)
             c.problem(f"{rel}: missing")
             continue
         content = path.read_bytes()
         if data is not None and content != data:
+            out.add(rel)
             if state.files.get(rel, {}).get("sha256") == _sha(content):
                 stale += 1
                 c.problem(f"{rel}: behind SQLite (the mirror has not applied the newest change)")
             else:
                 edited += 1
                 c.problem(f"{rel}: differs from SQLite (edited by hand, not imported yet)")
-    for rel in sorted(found.keys() - expected.keys()):
+    strays = sorted(found.keys() - expected.keys())
+    for rel in strays:
         c.problem(f"{rel}: no live record in SQLite")
     c.summary = f"{len(expected)} files match (journal seq {state.seq})"
     if not c.ok:
         c.summary = (
-            f"{c.problem_count} of {len(expected)} records out of sync "
-            f"({stale} behind, {edited} edited)"
+            f"{len(out)} of {len(expected)} records out of sync ({stale} behind, {edited} edited)"
         )
+        if strays:
+            c.summary += f", {len(strays)} stray file{'s' if len(strays) > 1 else ''}"
         c.fix = f"run `dualmem mirror --dir {d} --once`"
     return c
