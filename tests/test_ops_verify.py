@@ -4,6 +4,7 @@ report and exit 1, on each kind of damage; on fakeredis and a real redis-server.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -425,6 +426,14 @@ def test_redis_and_sqlite_disagreeing_is_reported(
         "swarm:s1/k2: deleted in Redis but live in SQLite (a lost delete)",
         "swarm:s1/k4: deleted in SQLite but still cached in Redis",
     ]
+    # The junk is a problem but no cache entry: counted apart ("5 of ..." counted it among
+    # the entries, and junk alone said "1 of 0 cache entries differ").
+    summary = checks["redis <-> sqlite parity"]["summary"]
+    assert re.fullmatch(
+        r"4 of \d+ cache entries differ, 1 name in the cache's key space that no cache key "
+        r"has; 0 in flight",
+        summary,
+    ), summary
 
 
 def test_a_redis_that_cannot_be_reached_fails_verify_instead_of_passing_it(

@@ -615,7 +615,7 @@ def check_redis_parity(
     tally = _Tally(conn, codec if codec is not None and codec.keyring is not None else None)
     with translate_errors("verify parity"):
         inflight = _in_flight(client, streams)
-        checked = skipped = 0
+        checked = skipped = strangers = 0
         # Entries that differ are judged again after the scan, against the streams as
         # they are then: a put that reached Redis after the in-flight list was read was
         # compared with the older committed row, a false failure while writes go on.
@@ -625,6 +625,7 @@ def check_redis_parity(
                 candidates = split_cache_key(layout, bytes(name))
                 if not candidates:
                     c.problem(f"{name!r}: not a cache key of this namespace")
+                    strangers += 1
                     continue
                 if any((sc, k) in inflight for _, sc, k in candidates):
                     skipped += 1
@@ -656,8 +657,16 @@ def check_redis_parity(
     )
     c.summary = f"{matched} cache entries match{resealed}{unjudged}, {skipped} in flight"
     if not c.ok:
+        # A name that is no cache key is a problem but no entry: "1 of 0 differ" it said.
+        others = (
+            f", {strangers} name{'s' if strangers > 1 else ''} in the cache's key space "
+            "that no cache key has"
+            if strangers
+            else ""
+        )
         c.summary = (
-            f"{c.problem_count} of {checked} cache entries differ{unjudged}; {skipped} in flight"
+            f"{c.problem_count - strangers} of {checked} cache entries differ{unjudged}"
+            f"{others}; {skipped} in flight"
         )
         c.fix = (
             "a write bypassed the stream or a row was edited: `dualmem dlq list`, then "
