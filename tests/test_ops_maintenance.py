@@ -856,6 +856,29 @@ def test_doctor_looks_at_every_shards_stream_and_warns_a_minute_ahead(
     client.flushall()
 
 
+def test_doctor_fails_a_command_stream_name_holding_another_type(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Another program's string at a shard's stream name makes every put fail (WRONGTYPE
+    # inside EXEC), each leaving its cache entry (Redis has no rollback): doctor only
+    # warned that it "cannot read the streams", quoting the WRONGTYPE error.
+    from dualmem.ops.doctor import check_stream_ids
+
+    client = redis_server.client()
+    client.flushall()
+    settings = Settings.load(
+        {"redis_url": redis_server.url, "db_path": str(tmp_path / "d.db")}
+    ).replace(shards=2)
+    streams = list(Layout(settings.namespace, settings.shards).streams())
+    client.xadd(streams[0], {b"op": b"x"})
+    client.set(streams[1], b"someone else's")
+    (found,) = check_stream_ids(client, settings)
+    assert found.status == "fail", found
+    assert f"{streams[1].decode()} holds a string, not a command stream" in found.detail
+    assert "RENAME" in found.fix
+    client.flushall()
+
+
 def test_doctor_fails_a_group_readable_or_broken_key_file_and_warns_a_rollback_journal(
     redis_server: RedisServer, tmp_path: Path, keyfile: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -135,6 +135,18 @@ def check_redis(settings: Settings) -> list[Finding]:
     return out
 
 
+def _not_a_stream(stream: bytes, kind: str) -> Finding:
+    # Every put fails (WRONGTYPE inside EXEC) and leaves its cache entry: the SET before
+    # the XADD ran, and Redis has no rollback.
+    return Finding(
+        "stream ids",
+        "fail",
+        f"{stream.decode()} holds a {kind}, not a command stream: every put to its shard fails",
+        f"another program wrote that key: move it away (redis-cli RENAME '{stream.decode()}' "
+        "<new name>) or delete it; dualmem creates the stream again",
+    )
+
+
 #: Warn when a stream's ids run this far ahead of Redis's clock, ms.
 _AHEAD_WARN_MS = 60_000
 
@@ -153,8 +165,11 @@ def check_stream_ids(client: redis.Redis, settings: Settings) -> list[Finding]:
             now_ms = int(now_s) * 1000 + int(now_us) // 1000
             worst: tuple[int, int, bytes] | None = None
             for stream in Layout(settings.namespace, settings.shards).streams():
-                if not client.exists(stream):
+                kind = text(client.type(stream))
+                if kind == "none":
                     continue
+                if kind != "stream":
+                    return [_not_a_stream(stream, kind)]
                 last = text(client.xinfo_stream(stream)["last-generated-id"])
                 ms_text, _, seq_text = last.partition("-")
                 ahead = (int(ms_text) - now_ms, int(seq_text or 0), stream)
