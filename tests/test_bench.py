@@ -13,6 +13,7 @@ import math
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -502,3 +503,24 @@ def test_a_worker_start_interrupted_while_it_waits_stops_the_worker(
             worker.start()
         monkeypatch.setattr(servers.time, "sleep", real_sleep)
         assert worker.proc is not None and worker.proc.poll() is not None
+
+
+def test_interleaved_runs_every_op_once_a_round_in_shuffled_orders() -> None:
+    # The latency suites' timing loop: the system and its baselines must meet the same
+    # noise, so each round runs every op once, with the round's number, in a new order (a
+    # fixed order gives one side the first-position cost every time), and the progress
+    # bar advances by exactly the rounds run.
+    calls: list[tuple[str, int]] = []
+    ops = {name: (lambda i, name=name: calls.append((name, i))) for name in ("a", "b", "c")}
+    advanced: list[int] = []
+    began = time.perf_counter_ns()
+    samples = harness.interleaved(ops, 300, harness.random.Random(7), advance=advanced.append)
+    took = time.perf_counter_ns() - began
+    assert sorted(samples) == ["a", "b", "c"]
+    assert all(len(s) == 300 and min(s) >= 0 for s in samples.values())
+    assert sum(map(sum, samples.values())) <= took  # durations, not clock readings
+    rounds = [calls[3 * i : 3 * i + 3] for i in range(300)]
+    assert all(sorted(r) == [("a", i), ("b", i), ("c", i)] for i, r in enumerate(rounds))
+    orders = {tuple(name for name, _ in r) for r in rounds}
+    assert len(orders) == 6  # every order of three, over 300 rounds
+    assert sum(advanced) == 300 and advanced[:2] == [128, 128]
