@@ -704,3 +704,38 @@ def test_purge_keeps_a_tombstone_at_the_floor(store: SQLiteStore) -> None:
     store.apply([put(4), delete(5)])
     assert store.purge(100, 100, floor=sid_of("5-0")) == 0
     assert store.purge(100, 100, floor=sid_of("5-1")) == 1
+
+
+# -- found by mutating sqlite_store, second check ------------------------------------------
+
+
+def test_a_page_after_a_scope_not_asked_for_reads_none_of_it(store: SQLiteStore) -> None:
+    # ``scopes`` are the ones acl authorized; ``after`` comes from the caller unchecked
+    # (DualMemory.query passes it through). Without the check that the after scope is
+    # one of them, a page after ("agent:other", "") read another agent's private rows.
+    store.apply([put(1, key="secret", scope="agent:other"), put(2, key="shared")])
+    page = store.query(["swarm:s"], now_ms=0, after=("agent:other", ""))
+    assert [(r.scope, r.key) for r in page] == [("swarm:s", "shared")]
+    # An after scope sorting past every asked one: the page is empty, not the other's.
+    store.apply([put(3, key="late", scope="zzz:other")])
+    assert store.query(["swarm:s"], now_ms=0, after=("zzz:other", "")) == []
+
+
+def test_a_page_after_the_prefix_itself_leaves_that_key_out(store: SQLiteStore) -> None:
+    # A key may equal the prefix, and a page can end on it. The seek starts after the
+    # after key when it is at or above the prefix: started at the prefix instead, the
+    # next page began with the key the page before ended on (query_all read it twice).
+    store.apply([put(i, key=k) for i, k in enumerate(["a", "b", "b1", "b2", "c"], start=1)])
+    page = store.query(["swarm:s"], now_ms=0, prefix="b", after=("swarm:s", "b"))
+    assert [r.key for r in page] == ["b1", "b2"]
+
+
+def test_a_put_at_the_very_ms_its_key_expired_starts_a_new_record(store: SQLiteStore) -> None:
+    # A record is gone from its expires_at on (reads see it live while now < expires_at),
+    # so a put at that very millisecond writes a new record: compared strictly, it kept
+    # the expired record's created_at.
+    store.apply([put(1, expires_at=5)])
+    assert value_of(store, now=5) is None
+    store.apply([put(5, value=b"new")])
+    row = store.get("swarm:s", "k", 5)
+    assert row is not None and (row.created_at, row.updated_at) == (5, 5)
