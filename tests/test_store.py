@@ -739,3 +739,36 @@ def test_a_put_at_the_very_ms_its_key_expired_starts_a_new_record(store: SQLiteS
     store.apply([put(5, value=b"new")])
     row = store.get("swarm:s", "k", 5)
     assert row is not None and (row.created_at, row.updated_at) == (5, 5)
+
+
+def test_changes_come_in_commit_order_not_stream_order(store: SQLiteStore) -> None:
+    # The change feed is read by seq (a subscriber resumes after the last seq it saw).
+    # An older command delivered late commits after a newer one: read in sid order, it
+    # came before the change committed first, and a feed paged by seq went backwards.
+    store.apply([put(2, key="new")])
+    store.apply([put(1, key="late")])  # claimed late from a dead consumer
+    feed = store.changes(["swarm:s"], 0)
+    assert [c.key for c in feed] == ["new", "late"]
+    assert [c.seq for c in feed] == sorted(c.seq for c in feed)
+
+
+def test_the_audit_log_reads_after_its_id_and_keeps_its_limit(store: SQLiteStore) -> None:
+    # audit_log(since_id) is what a reader reads after the last row it saw, at most
+    # `limit` rows: the row at since_id came again, and the limit was not kept.
+    events = [
+        StreamEntry(0, f"{ms}-0", raw(audit_fields(e, actor="x", ts_us=ms, risk="low")))
+        for ms, e in [(1, "one"), (2, "two"), (3, "three")]
+    ]
+    store.apply(events)
+    first = store.audit_log()
+    assert [a.event for a in first] == ["one", "two", "three"]
+    assert [a.event for a in store.audit_log(first[0].id)] == ["two", "three"]
+    assert [a.event for a in store.audit_log(first[0].id, limit=1)] == ["two"]
+
+
+def test_a_record_history_keeps_its_limit(store: SQLiteStore) -> None:
+    # history(limit=n) is the record's OLDEST n changes (DualMemory.history's promise):
+    # without the limit every change came back.
+    store.apply([put(1, value=b"a"), put(2, value=b"b"), delete(3), put(4, value=b"c")])
+    assert [c.stream_id for c in store.history("swarm:s", "k", limit=2)] == ["1-0", "2-0"]
+    assert len(store.history("swarm:s", "k")) == 4
