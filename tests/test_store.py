@@ -772,3 +772,58 @@ def test_a_record_history_keeps_its_limit(store: SQLiteStore) -> None:
     store.apply([put(1, value=b"a"), put(2, value=b"b"), delete(3), put(4, value=b"c")])
     assert [c.stream_id for c in store.history("swarm:s", "k", limit=2)] == ["1-0", "2-0"]
     assert len(store.history("swarm:s", "k")) == 4
+
+
+def test_purge_never_takes_a_live_record(store: SQLiteStore) -> None:
+    # Only tombstones go after their TTL: without the envelope check, every record last
+    # written before the tombstone cutoff (a day ago by default) was deleted as well.
+    store.apply([put(1, key="live"), put(2, key="gone"), delete(3, key="gone")])
+    assert store.purge(now_ms=10, tombstones_before_ms=10) == 1
+    assert value_of(store, "live") == b"v"
+
+
+def test_purge_does_at_most_limit_rows_of_each_kind_per_call(store: SQLiteStore) -> None:
+    # The worker purges inside its write lock, between batches: `limit` bounds that
+    # pause (dualmem purge calls again until nothing is left). Unbounded, a day of
+    # expiries held every commit back while it ran.
+    store.apply([put(i, key=f"e{i}", expires_at=5) for i in range(1, 4)])
+    assert store.purge(now_ms=5, tombstones_before_ms=0, limit=2) == 2
+    assert store.purge(now_ms=5, tombstones_before_ms=0, limit=2) == 1
+    assert store.purge(now_ms=6, tombstones_before_ms=6, limit=2) == 2  # tombstones now
+    assert store.purge(now_ms=6, tombstones_before_ms=6, limit=2) == 1
+    assert store.purge(now_ms=6, tombstones_before_ms=6, limit=2) == 0
+
+
+def test_a_letter_whose_replay_was_dead_lettered_again_gives_up_its_envelope(
+    store: SQLiteStore,
+) -> None:
+    # Its replay failed and is a dead letter of its own (which keeps the command): the
+    # first letter has settled. Counted as still waiting, it kept the envelope
+    # (plaintext at levels 3 and 4) in the file for good.
+    first = put(1, value=b"poison")
+    store.dead_letter([(first, "poisoned", 3)])
+    (letter,) = store.dead_letters()
+    store.mark_replayed([letter.id], ["7-0"])
+    store.dead_letter([(StreamEntry(0, "7-0", first.fields), "poisoned again", 3)])
+    replayed_at = store.dead_letters(include_replayed=True)[0].replayed_at
+    assert replayed_at is not None
+    assert store.purge(now_ms=10, tombstones_before_ms=replayed_at + 1) == 1
+    old, again = store.dead_letters(include_replayed=True)
+    assert b"e" not in old.fields and b"e" in again.fields
+
+
+def test_a_replay_is_settled_only_by_a_commit_in_its_own_shard(store: SQLiteStore) -> None:
+    # Each shard's stream hands out its own ids, so another shard may commit the same
+    # id. Taken for the replay's commit, it let purge drop the tombstone while the
+    # replay still waited, and the replay then brought the failed value back.
+    failed = put(1, value=b"old, failed")
+    store.dead_letter([(failed, "poisoned", 3)])
+    store.apply([put(2, value=b"newer"), delete(3)])
+    store.mark_replayed([d.id for d in store.dead_letters()], ["9-0"])
+    other = put(9, key="elsewhere")
+    store.apply([StreamEntry(1, "9-0", other.fields)])  # shard 1's 9-0, not the replay
+    replayed_at = store.dead_letters(include_replayed=True)[0].replayed_at
+    assert replayed_at is not None
+    assert store.purge(now_ms=10, tombstones_before_ms=replayed_at + 1) == 0
+    store.apply([StreamEntry(0, "9-0", {**failed.fields, b"o": b"1-0"})])  # the replay
+    assert value_of(store) is None
