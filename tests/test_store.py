@@ -21,6 +21,7 @@ from dualmem.commands import (
     reseal_fields,
     sid_of,
 )
+from dualmem.errors import StoreUnavailable
 from dualmem.migrations import SCHEMA_VERSION, migrate
 from dualmem.ops.verify import verify_database
 from dualmem.settings import Settings
@@ -577,6 +578,11 @@ def test_holds_sealed_rows_counts_dead_letters_waiting_at_an_encrypted_level(
     (letter,) = [d for d in store.dead_letters() if d.stream_id == "2-0"]
     store.mark_replayed([letter.id])
     assert not holds_sealed_rows(db)  # replayed: its command is back in the stream
+    # A delete waiting at an encrypted level has no envelope: no key is needed to replay
+    # it (counted anyway, a lost key file refused a database holding nothing sealed).
+    gone = StreamEntry(0, "3-0", {b"op": b"del", b"l": b"1", b"s": b"agent:a", b"k": b"k"})
+    store.dead_letter([(gone, "boom", 3)])
+    assert not holds_sealed_rows(db)
     store.close()
 
 
@@ -827,3 +833,53 @@ def test_a_replay_is_settled_only_by_a_commit_in_its_own_shard(store: SQLiteStor
     assert store.purge(now_ms=10, tombstones_before_ms=replayed_at + 1) == 0
     store.apply([StreamEntry(0, "9-0", {**failed.fields, b"o": b"1-0"})])  # the replay
     assert value_of(store) is None
+
+
+def test_the_chain_heads_name_only_rows_this_call_committed(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    # ApplyResult.*_head is the newest row this call committed, None if none: the worker
+    # anchors it in Redis. Set from every plan, an audit-only batch reported the
+    # journal's old end, and a slow path whose last entry failed reported (0, GENESIS).
+    first = store.apply([put(1)])
+    assert first.journal_head is not None and first.audit_head is None
+    f = audit_fields("access_denied", actor="x", ts_us=1, risk="high", scope="agent:y")
+    audited = store.apply([StreamEntry(0, "2-0", raw(f))])
+    assert audited.journal_head is None and audited.audit_head is not None
+    refuse_inserts(tmp_path / "m.db", "NEW.key = 'poison'")
+    slow = store.apply([put(3, key="a"), put(4, key="poison")])
+    assert [e.stream_id for e, _ in slow.failed] == ["4-0"]
+    (change,) = store.changes(["swarm:s"], first.journal_head[0])
+    assert slow.journal_head == (change.seq, store.journal_hash(change.seq))
+
+
+def test_a_closed_store_opens_no_new_connection(store: SQLiteStore) -> None:
+    # close() leaves the store unusable (Store.close): a thread that read afterwards
+    # opened a new connection that nothing would ever close.
+    store.apply([put(1)])
+    store.close()
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            value_of(store)
+        except StoreUnavailable as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=read)
+    t.start()
+    t.join()
+    assert [str(e) for e in errors] == [f"store {store.path} is closed"]
+    assert store._conns == set()
+
+
+def test_sealed_rows_page_after_the_row_named(store: SQLiteStore) -> None:
+    # Key rotation reads the rows to re-encrypt page by page, each after the last row
+    # of the page before: a page that began with that row again made `rotate-keys` read
+    # it for ever (the rotation tests hang rather than fail).
+    level = int(Level.PRIVATE)
+    store.apply([put(i, key=f"k{i}", scope="agent:a") for i in range(1, 4)])
+    first = store.sealed_rows([level], limit=2)
+    assert [r.key for r in first] == ["k1", "k2"]
+    rest = store.sealed_rows([level], after=(first[-1].scope, first[-1].key), limit=2)
+    assert [r.key for r in rest] == ["k3"]
