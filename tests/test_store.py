@@ -330,7 +330,10 @@ def test_dead_letters_and_status(store: SQLiteStore) -> None:
     assert store.status(0, "5-0") == "dead"
     (dl,) = store.dead_letters()
     assert (dl.fields, dl.error, dl.deliveries) == (e.fields, "malformed", 3)
-    assert store.audit_log()[-1].event == "dead_letter"
+    # A dead letter is a command that will not commit: a medium risk for whoever reads
+    # the audit log by risk (as a low one it was filed with routine events).
+    last = store.audit_log()[-1]
+    assert (last.event, last.risk) == ("dead_letter", "medium")
     store.mark_replayed([dl.id])
     assert store.dead_letters() == []
     assert store.status(0, "5-0") is None
@@ -583,6 +586,11 @@ def test_holds_sealed_rows_counts_dead_letters_waiting_at_an_encrypted_level(
     gone = StreamEntry(0, "3-0", {b"op": b"del", b"l": b"1", b"s": b"agent:a", b"k": b"k"})
     store.dead_letter([(gone, "boom", 3)])
     assert not holds_sealed_rows(db)
+    # A letter whose stored fields do not decode cannot be told apart: as if sealed (a
+    # new key would be made for a database that may hold data only the lost one opens).
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE dead_letters SET fields = 'not json' WHERE stream_id = '3-0'")
+    assert holds_sealed_rows(db)
     store.close()
 
 
@@ -702,6 +710,8 @@ def test_max_sid_compares_stream_ids_as_numbers_in_every_table(store: SQLiteStor
     assert store.max_sid(0) == sid_of("10-0")
     store.dead_letter([(StreamEntry(1, sid, {b"op": b"junk"}), "x", 3) for sid in ("9-5", "10-1")])
     assert store.max_sid(1) == sid_of("10-1")
+    # Each shard's own ids only: another shard's raised this stream past its own clock.
+    assert store.max_sid(0) == sid_of("10-0")
 
 
 def test_purge_keeps_a_tombstone_at_the_floor(store: SQLiteStore) -> None:
