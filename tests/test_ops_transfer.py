@@ -1045,6 +1045,21 @@ def test_a_key_named_twice_is_a_duplicate_even_when_its_first_line_is_already_th
     assert (plan.unchanged, plan.new, plan.changed) == (1, [], [])
 
 
+def test_the_check_reports_progress_every_1000_lines_whatever_those_lines_are() -> None:
+    # `dualmem import` renews its key lease from this callback while it seals (a check of
+    # a big file outlasts the lease, and a rotation could then drop a key the file's
+    # sealed lines need). It was called only when the 1000th line was a good one: a file
+    # with a blank line after each record (every 1000th line blank) never renewed it.
+    codec = Codec(None)
+    lines = []
+    for i in range(1500):
+        lines += [json.dumps({**_LINE, "key": f"k{i}"}), "\n"]
+    seen: list[tuple[str, int, int | None]] = []
+    plan = plan_import(lines, _database(), codec, now_ms=1, progress=lambda *a: seen.append(a))
+    assert len(plan.new) == 1500 and plan.errors == []
+    assert seen == [("check", 1000, None), ("check", 2000, None), ("check", 3000, None)]
+
+
 def test_an_import_names_every_key_it_may_send_under_until_it_has_sent(
     mem: DualMemory,
     src: list[str],

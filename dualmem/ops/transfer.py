@@ -311,6 +311,9 @@ def plan_import(
     first_line: dict[tuple[str, str], int] = {}
     for lineno, raw in enumerate(lines, start=1):
         plan.lines = lineno
+        if lineno % 1000 == 0:
+            # Whatever this line is: the import renews its key lease from here.
+            progress("check", lineno, None)
         if not raw.strip():
             continue
         try:
@@ -335,8 +338,6 @@ def plan_import(
             plan.changed.append(item)
         else:
             plan.unchanged += 1
-        if lineno % 1000 == 0:
-            progress("check", lineno, None)
     return plan
 
 
