@@ -27,7 +27,7 @@ import redis
 
 from acl import Level, Principal
 from dualmem import DualMemory, NotPersisted
-from dualmem.commands import put_fields
+from dualmem.commands import audit_fields, put_fields
 from dualmem.layout import Layout
 from dualmem.migrations import migrate
 from dualmem.ops.exporter import Exporter, start_server
@@ -465,6 +465,9 @@ def test_a_poison_entry_replayed_is_dead_again(
     code, out, _ = run_cli(capsys, "dlq", "list", *args, "--json")
     (dead,) = json.loads(out)
     assert dead["stream_id"] == sid.decode() and dead["op"] == "put" and dead["key"] == "p"
+    # Its fields do not decode as a command: the list shows them raw, its scope too (it
+    # showed "/p", which record had failed left to guess).
+    assert dead["scope"] == "swarm:s1"
     assert "put without an envelope" in dead["error"]
     code, out, _ = run_cli(capsys, "dlq", "replay", *args, str(dead["id"]))
     assert code == 1 and "1 dead-lettered again" in out
@@ -523,9 +526,56 @@ def test_a_dead_letter_named_twice_is_replayed_once(
         capsys, "dlq", "replay", *args, str(second), str(first), str(second), str(first)
     )
     assert code == 0 and "2 committed" in out, out
+    assert f"replayed 2 dead letter(s) ({second}, {first})" in out, out
     assert count(db_path, "journal", "key = 'late'") == 2
     (event,) = [a for a in mem.store.audit_log() if a.event == "dlq_replay"]
     assert json.loads(event.detail)["ids"] == [second, first]
+    # The audit event names the stream entries replayed, in the same order, and the tool
+    # that replayed them: both could go (an empty list, another actor) and no test saw.
+    assert json.loads(event.detail)["stream_ids"] == ["1-2", "1-1"]
+    assert event.actor == "dualmem-dlq"
+
+
+def test_a_dead_lettered_audit_event_is_listed_by_its_event_and_replays_into_the_log(
+    mem: DualMemory, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An audit event has no key: the list shows its event name there. Without that, the
+    # export_decrypted event a decrypting export asks to replay (its message names
+    # `dlq replay --all`) was listed as "/", an empty op/key no operator could place.
+    fields = audit_fields(
+        "export_decrypted", actor="coder-1", ts_us=1, risk="medium", detail={"file": "x"}
+    )
+    mem.store.dead_letter([(StreamEntry(0, "1-1", redis_fields(fields)), "disk I/O error", 3)])
+    code, out, _ = run_cli(capsys, "dlq", "list", *args, "--json")
+    (dead,) = json.loads(out)
+    assert (dead["op"], dead["scope"], dead["key"]) == ("audit", "", "export_decrypted")
+    code, out, _ = run_cli(capsys, "dlq", "replay", *args, "--all")
+    assert code == 0 and "1 committed" in out, out
+    (event,) = [a for a in mem.store.audit_log() if a.event == "export_decrypted"]
+    assert (event.actor, json.loads(event.detail)) == ("coder-1", {"file": "x"})
+
+
+def test_a_replay_the_streams_cannot_take_sends_nothing_and_marks_nothing(
+    make_mem: Callable[..., DualMemory], ops_settings: Settings
+) -> None:
+    # A letter is marked replayed only after its send went: marked first, a send refused
+    # (here the backlog bound; Redis down alike) took it off the list with nothing sent,
+    # and `dlq replay --all` never found it again. Every replay test's send went through.
+    from dualmem.errors import Backpressure
+    from dualmem.ops.dlq import replay
+    from dualmem.ops.runtime import Runtime
+
+    first, second = two_dead_letters(make_mem(worker=False))
+    with Runtime(ops_settings.replace(max_backlog=1, shards=1), worker=False) as rt:
+        stream = rt.layout.stream(0)
+        before = rt.client.xlen(stream)
+        with pytest.raises(Backpressure):  # 2 commands, room for 1
+            replay(rt, None)
+        with pytest.raises(Backpressure):
+            replay(rt, [second, first])
+        assert rt.client.xlen(stream) == before
+        letters = rt.store.dead_letters()
+    assert [(d.id, d.replayed_at) for d in letters] == [(first, None), (second, None)]
 
 
 def test_a_replay_names_every_key_in_its_lease_until_it_has_sent(
@@ -631,6 +681,9 @@ def test_dlq_bad_input(
 ) -> None:
     code, _, err = run_cli(capsys, "dlq", "replay", *args, "99")
     assert code == 2 and "no dead letter with id 99" in err
+    # Every id that is not there is named, not only the first (one fix, then the next).
+    code, _, err = run_cli(capsys, "dlq", "replay", *args, "99", "98", "99")
+    assert code == 2 and "no dead letter with id 98, 99" in err, err
     code, _, err = run_cli(capsys, "dlq", "replay", *args)
     assert code == 2 and "--all" in err
 
