@@ -883,6 +883,18 @@ def test_doctor_gates_the_versions_dualmem_needs(
         assert status == "ok" or "upgrade to Redis 6.2.0" in found.fix
 
 
+def an_empty_redis_of(
+    redis_server: RedisServer, tmp_path: Path, *, shards: int
+) -> tuple[redis.Redis, Settings, list[bytes]]:
+    """The session's Redis emptied, settings for it with ``shards``, and their streams."""
+    client = redis_server.client()
+    client.flushall()
+    settings = Settings.load(
+        {"redis_url": redis_server.url, "db_path": str(tmp_path / "d.db")}
+    ).replace(shards=shards)
+    return client, settings, list(Layout(settings.namespace, settings.shards).streams())
+
+
 def test_doctor_looks_at_every_shards_stream_and_warns_a_minute_ahead(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -891,12 +903,7 @@ def test_doctor_looks_at_every_shards_stream_and_warns_a_minute_ahead(
     # already worth a look at the clock.
     from dualmem.ops.doctor import check_stream_ids
 
-    client = redis_server.client()
-    client.flushall()
-    settings = Settings.load(
-        {"redis_url": redis_server.url, "db_path": str(tmp_path / "d.db")}
-    ).replace(shards=3)
-    streams = list(Layout(settings.namespace, settings.shards).streams())
+    client, settings, streams = an_empty_redis_of(redis_server, tmp_path, shards=3)
     now_ms = int(time.time() * 1000)
     client.xadd(streams[1], {b"op": b"x"}, id=f"{now_ms - 1000}-0")  # behind: fine
     client.xadd(streams[2], {b"op": b"x"}, id=f"{now_ms + 120_000}-7")  # two minutes ahead
@@ -917,12 +924,7 @@ def test_doctor_fails_a_command_stream_name_holding_another_type(
     # warned that it "cannot read the streams", quoting the WRONGTYPE error.
     from dualmem.ops.doctor import check_stream_ids
 
-    client = redis_server.client()
-    client.flushall()
-    settings = Settings.load(
-        {"redis_url": redis_server.url, "db_path": str(tmp_path / "d.db")}
-    ).replace(shards=2)
-    streams = list(Layout(settings.namespace, settings.shards).streams())
+    client, settings, streams = an_empty_redis_of(redis_server, tmp_path, shards=2)
     client.xadd(streams[0], {b"op": b"x"})
     client.set(streams[1], b"someone else's")
     (found,) = check_stream_ids(client, settings)
