@@ -65,6 +65,9 @@ __all__ = ["CloseReport", "DualMemory", "Record"]
 log = logging.getLogger("dualmem")
 
 _MAX_QUERY_LIMIT = 10_000
+#: What every call on a closed DualMemory raises: its open check, the write gate, and a
+#: read whose store a close() in another thread shut under it.
+_CLOSED = "this DualMemory is closed"
 #: put reads its stream's length (XLEN inside its MULTI) on one write in XLEN_EVERY per
 #: shard, and on every write once its estimate (the last length read plus its own writes
 #: since) is within XLEN_EVERY of max_backlog. XLEN is nearly free on a real Redis but
@@ -430,7 +433,7 @@ class DualMemory:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise DualMemError("this DualMemory is closed")
+            raise DualMemError(_CLOSED)
 
     @contextmanager
     def _overtaken_by_close(self) -> Iterator[None]:
@@ -441,7 +444,7 @@ class DualMemory:
             yield
         except StoreUnavailable as exc:
             if self._closed:
-                raise DualMemError("this DualMemory is closed") from exc
+                raise DualMemError(_CLOSED) from exc
             raise
 
     # -- access ------------------------------------------------------------------------
@@ -788,7 +791,7 @@ class DualMemory:
         with self._gate:
             if self._closed:
                 if refuse_closed:
-                    raise DualMemError("this DualMemory is closed")
+                    raise DualMemError(_CLOSED)
                 return False
             self._in_flight += 1
             return True
