@@ -1068,7 +1068,8 @@ def test_a_mirror_whose_cycle_failed_does_the_same_work_again(
     mem = make_mem(max_deliveries=1)
     put(mem, "cfg", {"v": 0})
     put(mem, "x", {"v": 0})
-    settings = dataclasses.replace(settings_for(redis_url, db_path, keyfile), max_backlog=3)
+    # Room for the first cycle's import and its audit event after the two puts.
+    settings = dataclasses.replace(settings_for(redis_url, db_path, keyfile), max_backlog=4)
     f, x = file_of(mdir, "cfg"), file_of(mdir, "x")
     with started_mirror(settings, mdir) as (rt, mirror):
         refuse_inserts(db_path, "NEW.key = 'cfg'")

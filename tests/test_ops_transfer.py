@@ -1101,10 +1101,12 @@ def test_an_operator_send_that_would_pass_max_backlog_sends_nothing(
     # An import, a replay or the mirror sends in one transaction: it must fit under
     # max_backlog as a whole, counting every write and every raw entry it adds to each
     # shard's stream (not one per shard, not the stream as it is before the send), and
-    # a send that ends exactly at the bound is let through.
+    # a send that ends exactly at the bound is let through. The audit events it carries
+    # are commands in those streams too: uncounted, an import's audit event went past
+    # the bound its check had just let through.
     from dualmem.commands import put_fields
     from dualmem.errors import Backpressure
-    from dualmem.ops.runtime import Runtime, Write
+    from dualmem.ops.runtime import AuditEvent, Runtime, Write
 
     with Runtime(ops_settings.replace(max_backlog=4, shards=1), worker=False) as rt:
         scope = "swarm:s1"
@@ -1118,9 +1120,14 @@ def test_an_operator_send_that_would_pass_max_backlog_sends_nothing(
         assert rt.client.xlen(stream) == 3
         raw_env = rt.codec.seal(1, scope=scope, key="r", level=Level.SWARM, owner="a")
         raw = put_fields(scope, "r", Level.SWARM, "a", 1, raw_env, None)
-        for writes, raws in (([write("d"), write("e")], []), ([write("d")], [(0, raw)])):
+        audit = AuditEvent("import", "a", {"lines": 1})
+        for writes, raws, audits in (
+            ([write("d"), write("e")], [], []),
+            ([write("d")], [(0, raw)], []),
+            ([write("d")], [], [audit]),
+        ):
             with pytest.raises(Backpressure, match="adds 2, over max_backlog=4"):
-                rt.send(writes, raw=raws)  # type: ignore[arg-type]
+                rt.send(writes, raw=raws, audits=audits)  # type: ignore[arg-type]
             assert rt.client.xlen(stream) == 3  # nothing of it sent
         rt.send([write("d")])  # 4 of 4
         assert rt.client.xlen(stream) == 4

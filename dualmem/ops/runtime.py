@@ -236,6 +236,9 @@ class Runtime:
             planned.append((shard, w))
         for shard, _ in raw:
             per_shard[shard] = per_shard.get(shard, 0) + 1
+        audit_shards = [self.layout.shard_of(a.scope or "", a.key or "") for a in audits]
+        for shard in audit_shards:
+            per_shard[shard] = per_shard.get(shard, 0) + 1
         self._check_room(per_shard)
         # One MULTI/EXEC through dualmem's transport, like put: never sent twice (a reply
         # timeout raises "may or may not have run" instead of sending it again).
@@ -254,8 +257,7 @@ class Runtime:
             commands.append(xadd_command(self.layout.stream(shard), fields))
         for shard, entry in raw:
             commands.append(xadd_command(self.layout.stream(shard), entry))
-        audit_shards: list[int] = []
-        for a in audits:
+        for shard, a in zip(audit_shards, audits, strict=True):
             fields = audit_fields(
                 a.event,
                 actor=a.actor,
@@ -266,8 +268,6 @@ class Runtime:
                 level=a.level,
                 detail=a.detail,
             )
-            shard = self.layout.shard_of(a.scope or "", a.key or "")
-            audit_shards.append(shard)
             commands.append(xadd_command(self.layout.stream(shard), fields))
         key_ids = self._sealed_under(writes, raw)
         with translate_errors("send commands"):
