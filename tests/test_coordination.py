@@ -4,6 +4,7 @@ test on fakeredis AND a real redis-server."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import hmac
 import json
@@ -858,6 +859,24 @@ def test_every_target_acks_once_and_a_second_ack_is_a_no_op(
     # Only targets may ACK.
     with pytest.raises(ValidationError, match="not addressed"):
         BlockingCoordinator(mem, ROGUE, secret).acknowledge_signal(signal)
+
+
+def test_a_signal_id_names_its_send_time_in_utc(
+    make_mem: MakeMem, secret: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The id's time was the sender's local time: two senders in other time zones (or one
+    # across a DST change) made ids naming times hours apart from their sends, so the
+    # ids told nothing reliable about when a signal was sent.
+    monkeypatch.setenv("TZ", "XST-05:45")  # POSIX form, no tz database needed: UTC+05:45
+    time.tzset()
+    try:
+        signal = BlockingCoordinator(make_mem(), BOSS, secret).send_signal(["coder-1"], "go")
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    stamp, _, _ = signal.id.partition("-")
+    sent = datetime.datetime.strptime(stamp, "%Y%m%dT%H%M%S").replace(tzinfo=datetime.UTC)
+    assert int(sent.timestamp()) == signal.sent_at // 1_000_000
 
 
 def test_a_second_ack_by_another_object_is_a_no_op_once_the_first_is_committed(

@@ -425,8 +425,13 @@ class BlockingCoordinator:
             _canonical({"payload": payload})
         except (TypeError, ValueError) as exc:
             raise ValidationError(f"payload is not JSON-serializable: {exc}") from exc
-        sid = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(6)}"
-        draft = Signal(sid, type, self.id, wanted, payload, clock_us(), 1, self._signer.kid, "")
+        # The id's time is the send time in UTC, from the same clock reading as sent_at:
+        # in local time, ids from participants in other time zones (or across a DST
+        # change) named times hours apart from when they were sent.
+        sent_at = clock_us()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(sent_at // 1_000_000))
+        sid = f"{stamp}-{secrets.token_hex(6)}"
+        draft = Signal(sid, type, self.id, wanted, payload, sent_at, 1, self._signer.kid, "")
         signal = self._sign_signal(draft, 1)
         self._put(self._signal_key(sid), signal.to_value())
         self._audit(
