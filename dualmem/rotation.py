@@ -280,10 +280,20 @@ def rotate_keys(
         deadline = time.monotonic() + timeout  # waiting for the lock is not re-sealing time
         run = _Rotation(mem, client, ring.active_id, batch_size, progress, lock)
         report = run.run(deadline, tuple(k for k in ring.ids if k != ring.active_id))
+        # Under the lock still: while it is held, `verify` knows that rows and cache
+        # entries may be re-sealed apart; released first, it judged them by the committed
+        # event, which was not there yet.
+        _audit_rotation(mem, report, deadline)
     finally:
         if own is not None:
             own.release()
         client.close()
+    return report
+
+
+def _audit_rotation(mem: DualMemory, report: RotationReport, deadline: float) -> None:
+    """Record the rotation's ``key_rotation`` audit event and wait (until ``deadline``)
+    for it to be committed; ``report.audited`` says whether it was."""
     receipt = mem.audit(
         "key_rotation",
         principal=_ROTATOR,
@@ -306,7 +316,6 @@ def rotate_keys(
         report.audited = True
     except NotPersisted as exc:
         log.warning("key rotation audit event not committed yet: %s", exc)
-    return report
 
 
 class _Rotation:

@@ -378,7 +378,7 @@ def test_rotation_reseals_everything_and_never_overwrites_a_newer_put(
 
 
 def test_rotate_keys_returns_once_its_audit_event_is_in_sqlite(
-    make_mem: MakeMem, keyfile: Path, db_path: Path
+    make_mem: MakeMem, keyfile: Path, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A mirror or verify run right after a rotation must see it: re-sealed rows have no
     journal entry, so the committed ``key_rotation`` event is the only signal."""
@@ -387,11 +387,27 @@ def test_rotate_keys_returns_once_its_audit_event_is_in_sqlite(
     mem.sync(mem.put("k", {"v": 1}, level=Level.PRIVATE, principal=p), timeout=10)
     add_active_key(keyfile)
     rotator = make_mem()
+
+    def committed_events() -> int:
+        # A fresh connection: no waiting, no help from the store's caches.
+        with contextlib.closing(sqlite3.connect(db_path)) as conn:
+            sql = "SELECT COUNT(*) FROM audit_log WHERE event = 'key_rotation'"
+            return int(conn.execute(sql).fetchone()[0])
+
+    # And it holds its lock until then: `verify` without the key file takes a held lock
+    # for a rotation that may have re-sealed rows and cache entries apart; released
+    # before its event was committed, verify failed those pairs in between.
+    at_release: list[int] = []
+    release = RotationLock.release
+
+    def noting_release(lock: RotationLock) -> None:
+        at_release.append(committed_events())
+        release(lock)
+
+    monkeypatch.setattr(RotationLock, "release", noting_release)
     report = rotate_keys(rotator, timeout=30)
-    # Read with a fresh connection at once: no waiting, no help from the store's caches.
-    with sqlite3.connect(db_path) as conn:
-        events = conn.execute("SELECT COUNT(*) FROM audit_log WHERE event = 'key_rotation'")
-        assert events.fetchone()[0] == 1
+    assert committed_events() == 1
+    assert at_release == [1]
     assert report.done and report.audited
     # With no worker to commit it, the call still returns (after at least a second) and
     # says so; the event waits in the stream for a worker.
