@@ -43,7 +43,7 @@ import redis
 from dualmem.errors import RotationBusy
 from dualmem.redis_backend import OutcomeUnknown, run_if_holds, translate_errors
 
-__all__ = ["ROTATION_LOCK_TTL", "RotationLock", "describe_holder"]
+__all__ = ["ROTATION_LOCK_TTL", "RotationLock", "describe_holder", "rotation_running"]
 
 #: Seconds a rotation's lock outlives its last renewal (a killed holder's, at most).
 ROTATION_LOCK_TTL = 10.0
@@ -51,6 +51,13 @@ ROTATION_LOCK_TTL = 10.0
 
 def _lock_key(namespace: str) -> bytes:
     return f"dm:{{{namespace}:keyuse}}:rotation".encode()
+
+
+def rotation_running(client: redis.Redis, namespace: str) -> bool:
+    """Whether a key rotation holds ``namespace``'s lock: one is running (or was killed
+    less than its lock's ttl ago). ``verify`` asks, since such a rotation re-seals cache
+    entries and rows apart before its ``key_rotation`` event is committed."""
+    return bool(client.exists(_lock_key(namespace)))
 
 
 def describe_holder(raw: object) -> str:

@@ -24,6 +24,7 @@ from dualmem.migrations import SCHEMA_VERSION
 from dualmem.missions import MissionLog
 from dualmem.redis_backend import connect
 from dualmem.rotation import add_active_key, rotate_keys
+from dualmem.rotation_lock import RotationLock
 from dualmem.worker import Worker
 
 from .conftest import free_port, run_cli, wait_until
@@ -866,6 +867,69 @@ def test_a_value_no_dualmem_writes_fails_its_check_and_the_others_still_run(
     anchors = checks["hash chain anchors"]
     assert anchors["problems"] == ["a value no dualmem writes: ValueError: negative count"]
     assert "restore the newest backup" in anchors["fix"]
+
+
+def test_a_pair_re_sealed_apart_while_a_rotation_runs_is_not_a_failure_without_the_key(
+    make_mem: Callable[..., DualMemory],
+    keyfile: Path,
+    args: list[str],
+    raw_redis: redis.Redis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A running rotation re-seals cache entries and rows apart before its key_rotation
+    # event is committed. verify without the key file knew only committed rotations: it
+    # failed every such pair ("differs from the SQLite row") for as long as one ran. The
+    # rotation's lock in Redis says one is running; the headers still condemn.
+    scope = "agent:coder-1"
+    mem = make_mem()
+    mem.sync(mem.put("r", {"v": 1}, level=Level.PRIVATE, principal=CODER), timeout=10)
+    name = mem.layout.cache_key(mem.layout.shard_of(scope, "r"), scope, "r")
+    add_active_key(keyfile)
+    codec = Codec(Keyring.load(keyfile))
+    resealed = codec.reseal(
+        bytes(raw_redis.get(name)),  # type: ignore[arg-type]
+        scope=scope,
+        key="r",
+        level=Level.PRIVATE,
+    )
+    assert resealed is not None
+    raw_redis.set(name, resealed)  # the rotation re-sealed the cache entry, not the row yet
+    client, _ = connect(mem.settings)
+    lock = RotationLock(client, mem.settings.namespace).acquire(5)
+    try:
+        code, checks = report(capsys, args)
+        parity = checks["redis <-> sqlite parity"]
+        assert (code, parity["status"]) == (0, "warn"), parity
+        assert parity["summary"] == (
+            "0 cache entries match, 1 re-sealed by a key rotation not judged (no keyring), "
+            "0 in flight"
+        )
+        # Another write's header is another value, rotation or not.
+        sealing = envelope_sealing(resealed)
+        assert sealing is not None
+        forged = codec.seal_bytes(
+            b'{"v": 2}',
+            scope=scope,
+            key="r",
+            level=Level.PRIVATE,
+            sealing=sealing._replace(writer="mallory"),
+        )
+        raw_redis.set(name, forged)
+        code, checks = report(capsys, args)
+        assert code == 1
+        assert checks["redis <-> sqlite parity"]["problems"] == [
+            f"{scope}/r: the cached envelope is another write than the SQLite row"
+        ]
+        raw_redis.set(name, resealed)
+    finally:
+        lock.release()
+        client.close()
+    # No rotation running and none committed: nothing re-seals, the pair differs.
+    code, checks = report(capsys, args)
+    assert code == 1
+    assert checks["redis <-> sqlite parity"]["problems"] == [
+        f"{scope}/r: the cached envelope differs from the SQLite row"
+    ]
 
 
 def test_without_the_key_file_only_a_pair_a_rotation_resealed_goes_unjudged(

@@ -42,6 +42,7 @@ from dualmem.projection import (
     row_to_tool_call,
 )
 from dualmem.redis_backend import translate_errors
+from dualmem.rotation_lock import rotation_running
 from dualmem.sqlite_store import newest_mission_delete, prefix_upper_bound
 from dualmem.worker import next_stream_id, safe_trim_id
 
@@ -641,6 +642,9 @@ def check_redis_parity(
                 if checked % 1000 == 0:
                     progress("redis parity", checked, None)
         if suspects:
+            # Read before the entries are judged again: a rotation that ends meanwhile has
+            # its event committed before it lets go of the lock.
+            tally.rotating = tally.codec is None and rotation_running(client, layout.namespace)
             dropped, landed = _judge_again(conn, client, streams, c, tally, suspects, now_ms)
             checked, skipped = checked - dropped, skipped + landed
     progress("redis parity", checked, checked)
@@ -714,6 +718,9 @@ class _Tally:
         self.codec = codec
         self.resealed = 0
         self.unjudged = 0
+        #: A key rotation holds its lock (see ``rotation_running``) when the suspects are
+        #: judged again: any row may have been re-sealed apart from its cache entry.
+        self.rotating = False
 
     @functools.cached_property
     def rotated_at(self) -> int | None:
@@ -847,8 +854,12 @@ def _judge_resealed(
     must not turn an encrypted record into a plaintext one), as ``get`` does."""
     scope, key, at, updated_at = row
     rotated = tally.rotated_at if tally.codec is None else None
-    # A rotation re-seals only rows written before it, and its event is committed after.
-    resealed = rotated is not None and isinstance(updated_at, int) and updated_at <= rotated
+    # A finished rotation re-seals only rows written before it, and its event is
+    # committed after. A running one re-seals whatever is under an old key, whenever it
+    # was written: the headers alone can condemn then.
+    resealed = tally.rotating or (
+        rotated is not None and isinstance(updated_at, int) and updated_at <= rotated
+    )
     verdict, why = same_value(
         tally.codec, envelope, cached, scope=scope, key=key, level=at, resealed=resealed
     )
