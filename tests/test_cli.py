@@ -258,13 +258,27 @@ def test_every_worker_option_reaches_its_setting_over_the_environment(
         assert str(getattr(settings, name)) == value, name
 
 
+@pytest.mark.parametrize("option", ["--batch-size", "--max-deliveries", "--block-ms"])
+def test_a_worker_option_given_as_zero_is_refused_not_dropped(option: str) -> None:
+    # An option is passed on when it was given, not when it is truthy: `--batch-size 0`
+    # dropped as "not given" ran the worker on the environment's or the default value
+    # in silence, where the setting's own check refuses it.
+    name = option[2:].replace("-", "_")
+    with pytest.raises(ConfigurationError, match=f"setting {name} must be >= 1"):
+        worker_settings(build_parser().parse_args(["worker", option, "0"]))
+
+
 def test_worker_refuses_memory_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["worker", "--redis-url", "memory://", "--db", str(tmp_path / "x.db")]) == 2
     assert "real Redis" in capsys.readouterr().err
 
 
 def test_stats_shows_the_workers_snapshot(
-    redis_server: RedisServer, tmp_path: Path, keyfile: Path, capsys: pytest.CaptureFixture[str]
+    redis_server: RedisServer,
+    tmp_path: Path,
+    keyfile: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     redis_server.client().flushall()
     db = tmp_path / "s.db"
@@ -289,9 +303,15 @@ def test_stats_shows_the_workers_snapshot(
     assert source["redis_write"]["count"] == 50
     assert source["persist"]["count"] == 50
     assert data["backlog"] == 0 and data["dead_letters"] == 0
+    monkeypatch.setenv("COLUMNS", "200")  # one table row a line
     assert main(["stats", "--redis-url", redis_server.url, "--db", str(db)]) == 0
     out = capsys.readouterr().out
     assert "redis_write" in out and "p95" in out
+    # Each figure under its own heading (p95 and p99 were swappable unseen).
+    (row,) = [line for line in out.splitlines() if "redis_write" in line]
+    shown = re.findall(r"\d+\.\d{3}", row)
+    wrote = source["redis_write"]
+    assert shown == [f"{wrote[k]:.3f}" for k in ("p50", "p95", "p99", "max")], row
 
 
 def test_stats_without_a_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
