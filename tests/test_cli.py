@@ -706,14 +706,23 @@ def test_a_demo_interrupted_after_its_spawn_does_not_stop_the_next_run(tmp_path:
     # database was deleted.
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUALMEM_")}
     env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dualmem", "demo"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    # Ctrl-C as a terminal sends it: a suite run in the background of a shell (`pytest
+    # &`) has SIGINT ignored, a child inherits that, and Python leaves an ignored SIGINT
+    # ignored: the demo ran to its end and this test failed (it read as load-sensitive).
+    # A handler, unlike "ignore", is not inherited across exec: the child gets SIGINT's
+    # default action, and Python its KeyboardInterrupt.
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dualmem", "demo"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     assert proc.stdout is not None
     seen = ""
     for line in proc.stdout:
