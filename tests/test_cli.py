@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -23,7 +25,7 @@ from dualmem import DualMemory
 from dualmem.cli import WORKER_OPTIONS, build_parser, main, worker_settings
 from dualmem.settings import Settings
 
-from .conftest import RedisServer, wait_until
+from .conftest import RedisServer, run_cli, wait_until
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 
@@ -266,6 +268,39 @@ def test_a_worker_option_given_as_zero_is_refused_not_dropped(option: str) -> No
     name = option[2:].replace("-", "_")
     with pytest.raises(ConfigurationError, match=f"setting {name} must be >= 1"):
         worker_settings(build_parser().parse_args(["worker", option, "0"]))
+
+
+@pytest.mark.parametrize("wait", ["nan", "-1", "inf"])
+def test_a_wait_that_is_no_duration_is_refused_before_anything_is_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], wait: str
+) -> None:
+    # `import`, `mirror` and `dlq replay` took any float for --wait: nan waited for a
+    # commit that did not come for ever (no deadline compares true with nan), -1 gave up
+    # at once and called every command pending; both after sending.
+    line = {"scope": "swarm:s1", "key": "k", "level": 3, "owner": "a", "value": 1}
+    line |= {"created_at": 1, "updated_at": 1, "expires_at": None}
+    records = tmp_path / "in.jsonl"
+    records.write_text(json.dumps(line) + "\n", encoding="utf-8")
+    db = tmp_path / "w.db"
+    common = ["--redis-url", f"memory://cli-wait-{secrets.token_hex(4)}", "--db", str(db)]
+    for argv in (
+        ["import", str(records), *common],
+        ["mirror", *common, "--dir", str(tmp_path / "m"), "--once"],
+        ["dlq", "replay", "--all", *common],
+    ):
+        if argv[0] == "dlq":
+            with DualMemory(redis_url=common[1], db_path=str(db)):
+                pass  # dlq needs a database to read
+        code, _, err = run_cli(capsys, *argv, f"--wait={wait}")
+        assert code == 2, (argv, err)
+        assert f"--wait must be a number of seconds in [0, 1,000,000], got {float(wait)}" in err
+    assert not db.exists() or not _keys_in(db)
+    assert not (tmp_path / "m").exists()
+
+
+def _keys_in(db: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return [k for (k,) in conn.execute("SELECT key FROM memory")]
 
 
 def test_worker_refuses_memory_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

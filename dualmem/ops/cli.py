@@ -390,6 +390,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     """Import a JSON Lines file through the stream (idempotent; --dry-run; --strict)."""
     from dualmem.ops.runtime import AuditEvent, Runtime, load_keyring
 
+    check_seconds("--wait", args.wait)
     settings = _settings(args)
     console = _console()
     path = Path(args.file)
@@ -525,6 +526,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 
     # 0, a negative number or nan made the loop spin without pause.
     check_seconds("--interval", args.interval, positive=True)
+    check_seconds("--wait", args.wait)
     settings = _settings(args)
     console = _console()
     # --once: nothing to stop. Otherwise SIGTERM/SIGINT end the loop after a last cycle.
@@ -722,6 +724,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     ids = None if args.all else list(args.ids)
     if not ids and not args.all:
         raise ConfigurationError("name the dead letters to replay (ids) or pass --all")
+    check_seconds("--wait", args.wait)
     # A dead letter goes back to its own shard's stream: the command's worker reads every
     # shard the database has seen, whatever --shards says (as verify and purge read them),
     # so it commits the replay and the command can confirm it. Without --shards 2, a

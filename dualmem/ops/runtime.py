@@ -44,7 +44,7 @@ from dualmem.redis_backend import (
     translate_errors,
 )
 from dualmem.rotation import KeyfileWatcher, keyfile_signature
-from dualmem.settings import Settings, load_keyring
+from dualmem.settings import Settings, check_seconds, load_keyring
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.worker import Worker, ensure_groups
 
@@ -367,8 +367,9 @@ class Runtime:
         timeout: float,
         progress: ProgressFn = NO_PROGRESS,
     ) -> WaitResult:
-        """Wait until every receipt is committed or dead-lettered, at most ``timeout`` s."""
-        deadline = time.monotonic() + timeout
+        """Wait until every receipt is committed or dead-lettered, at most ``timeout`` s
+        (``ValidationError`` for a timeout that is no number of seconds: nan never ended)."""
+        deadline = time.monotonic() + check_seconds("timeout", timeout)
         todo = list(receipts)
         committed = dead = 0
         total = len(todo)
