@@ -583,6 +583,40 @@ def test_wait_until_helper_fails_loudly() -> None:
 
 
 @pytest.mark.real_redis
+def test_a_worker_stopped_with_a_backlog_drains_it_before_it_exits(
+    redis_server: RedisServer, tmp_path: Path, keyfile: Path
+) -> None:
+    # SIGTERM ends the loop, then the worker drains (up to close_timeout): a worker that
+    # gave up at once left the backlog to the next one and said "N left pending". The
+    # database is held locked while the backlog is written and the SIGTERM lands, so
+    # the loop cannot have taken it all before the stop.
+    redis_server.client().flushall()
+    db = tmp_path / "d.db"
+    proc = start_worker(redis_server.url, db, "--batch-size", "100")
+    holder = sqlite3.connect(db, isolation_level=None, timeout=30)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        # Another process's writes: its own store file, the same streams.
+        with DualMemory(
+            redis_url=redis_server.url,
+            db_path=str(tmp_path / "writer.db"),
+            keyring=str(keyfile),
+            worker=False,
+        ) as writer:
+            for i in range(1000):
+                writer.put(f"k{i}", i, level=Level.SWARM, principal=CODER)
+            writer.close(timeout=0)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the signal lands; the loop is held at its first commit
+    finally:
+        holder.close()
+    out = stop(proc)
+    assert proc.returncode == 0, out
+    assert "0 left pending" in out, out
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM memory").fetchone()[0] == 1000
+
+
 @pytest.mark.real_redis
 def test_a_worker_stopped_while_the_database_is_locked_exits_cleanly(
     redis_server: RedisServer, tmp_path: Path
