@@ -618,6 +618,20 @@ def test_a_worker_stopped_with_a_backlog_drains_it_before_it_exits(
 
 
 @pytest.mark.real_redis
+def test_a_worker_whose_drain_failed_does_not_claim_a_count(
+    own_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # With Redis gone at the stop, the drain cannot tell what is pending: the summary
+    # said "-1 left pending", a number where none is known.
+    proc = start_worker(own_redis_server.url, tmp_path / "g.db", "--block-ms", "100")
+    own_redis_server.kill()
+    out = stop(proc)
+    assert proc.returncode == 0, out
+    assert "an unknown number of commands (the drain failed) left pending" in out, out
+    assert "-1 left" not in out
+
+
+@pytest.mark.real_redis
 def test_a_worker_stopped_while_the_database_is_locked_exits_cleanly(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
