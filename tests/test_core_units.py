@@ -551,6 +551,53 @@ def test_plan_refuses_an_origin_after_its_entry_and_an_unknown_audit_risk() -> N
     assert row[4:7] == (None, None, None)
 
 
+def test_chain_hash_of_a_row_holding_a_separator_is_the_one_verify_has_always_read() -> None:
+    # Mutation check. verify recomputes the hash of every stored row: an encoding that
+    # changed for a value holding \x1e or \x1f (escaped only when it has \x1f, a \x1e
+    # left raw on the fast path, None spelled "None" on the escaped path) would report
+    # rows written by this release as tampered. Pinned hashes of such rows, with a None.
+    assert chain_hash(GENESIS, [7, None, "a\x1eb"]).hex()[:16] == "41379757bb7c8195"
+    assert chain_hash(GENESIS, [7, None, "a\x1fb"]).hex()[:16] == "6abacbf11e4619d5"
+    assert chain_hash(GENESIS, [7, None, "a\x1e\x1fb"]).hex()[:16] == "2d7de16da123b6de"
+
+
+def test_plan_continues_both_chains_from_their_tails_and_fills_every_column() -> None:
+    # Mutation check: the tests planned from empty chains and looked at a few columns.
+    # The audit tail is what the next entry of the slow path (one plan per entry) starts
+    # from: counting the batch's rows instead of continuing the id reused audit ids. A
+    # mirror.* audit event's sync_events row names its own audit row (the id before it
+    # named the previous one, or 0), and is written at all. The journal keeps ts and
+    # committed_at apart and names the actor; the worker publishes each change under its
+    # journal seq and records its lag from the writer's clock in microseconds.
+    jh, ah = b"j" * 32, b"a" * 32
+    sync = StreamEntry(
+        0,
+        "1004-0",
+        raw(
+            audit_fields(
+                "mirror.mission", actor="m", ts_us=4_000, risk="low", scope="system", key="q"
+            )
+        ),
+    )
+    plan = plan_batch(
+        [entry(1), entry(2, op="audit"), sync, entry(3, op="del")],
+        already=set(),
+        journal_tail=(7, jh),
+        audit_tail=(4, ah),
+        now_ms=99,
+    )
+    assert [r[0] for r in plan.audit] == [5, 6]
+    assert plan.audit[0][-2] == ah and plan.audit[1][-2] == plan.audit[0][-1]
+    assert plan.audit_tail == (6, plan.audit[1][-1])
+    assert [params[0] for _, params in plan.projections] == [6]
+    # seq, shard, stream id, sid, op, scope, key, level, actor, ts (ms), committed_at
+    put_row = (8, 0, "1001-0", sid_of("1001-0"), "put", "swarm:s", "k", 3, "a", 1, 99)
+    assert plan.journal[0][:11] == put_row
+    assert plan.journal[0][-2] == jh and plan.journal_tail == (9, plan.journal[1][-1])
+    assert [n.seq for n in plan.notifications] == [8, 9]
+    assert plan.ts_us == [1_000, 3_000]
+
+
 # -- metrics -----------------------------------------------------------------------------------
 
 
