@@ -41,8 +41,9 @@ def chain_hash(prev: bytes, values: Iterable[object]) -> bytes:
     parts = ["" if v is None else str(v) for v in values]
     text = "\x1f".join(parts)
     if "\x1e" in text or text.count("\x1f") != len(parts) - 1:
-        # Rare: a value holds a separator; escape each value (see _chain_text).
-        text = "\x1f".join([_chain_text(v) for v in values])
+        # Rare: a value holds a separator; escape each value (see _chain_text). From
+        # parts: ``values`` may be an iterator, already used up.
+        text = "\x1f".join([_chain_text(p) for p in parts])
     return hashlib.sha256(prev + text.encode("utf-8")).digest()
 
 

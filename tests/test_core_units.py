@@ -561,6 +561,14 @@ def test_chain_hash_of_a_row_holding_a_separator_is_the_one_verify_has_always_re
     assert chain_hash(GENESIS, [7, None, "a\x1e\x1fb"]).hex()[:16] == "2d7de16da123b6de"
 
 
+def test_chain_hash_reads_values_given_once_like_a_list_of_them() -> None:
+    # chain_hash takes any iterable, and read it twice when a value held a separator:
+    # a generator was used up by then, so its row hashed as if it had no values at all.
+    row = [7, None, "a\x1fb", "c"]
+    assert chain_hash(GENESIS, iter(row)) == chain_hash(GENESIS, row)
+    assert chain_hash(GENESIS, iter(row)) != chain_hash(GENESIS, [])
+
+
 def test_plan_continues_both_chains_from_their_tails_and_fills_every_column() -> None:
     # Mutation check: the tests planned from empty chains and looked at a few columns.
     # The audit tail is what the next entry of the slow path (one plan per entry) starts
