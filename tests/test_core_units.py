@@ -709,6 +709,87 @@ def test_metrics_snapshot_and_prometheus() -> None:
     assert 'dualmem_latency_seconds_count{path="lag"} 0' in text
 
 
+def test_samples_recorded_n_at_a_time_or_in_a_list_rank_like_single_ones() -> None:
+    # Mutation check. The worker records its persist time n at a time (one figure per
+    # batch): a bucket counting the call once put p50 past every sample (it said max).
+    # Its lag goes in lists, one per batch: a list's min and max taken the wrong way
+    # round, or a later batch's max replacing an earlier larger one, showed wrong
+    # figures; an audit-only batch has no lag to record (an empty list raised in the
+    # worker). A quantile is never above the largest sample (122,880 ns is the bottom
+    # of its bucket, whose middle was shown), and a sample of 20 to 39 hours has a
+    # bucket (with one bucket row too few recording it was an IndexError).
+    h = Histogram()
+    h.record(10, n=9)  # below 64 ns every value has its own bucket
+    h.record(50)
+    assert (h.quantile(0.9), h.quantile(0.95)) == (10.0, 50.0)
+    lag = Histogram()
+    lag.record_many([30, 10, 20])
+    lag.record_many([5])
+    lag.record_many([])
+    assert (lag.count, lag.min, lag.max) == (4, 5, 30)
+    assert [lag.quantile(q) for q in (0.25, 0.5, 0.75, 1.0)] == [5.0, 10.0, 20.0, 30.0]
+    low = Histogram()
+    low.record(122_880)
+    assert low.quantile(0.99) == 122_880.0
+    day = Histogram()
+    day.record(2**46)
+    day.record(2**47 - 1)
+    assert day.count == sum(day._counts) == 2
+    assert abs(day.quantile(0.5) - 2**46) / 2**46 < 1 / 64
+
+
+def test_summary_p99_and_reset_of_every_path() -> None:
+    # Mutation check: the summaries tested had one sample, or p50 and p95 alone, so a
+    # p99 taken at 0.999 or showing p95 went unnoticed; a reset that kept the max (or
+    # reset only the first path) showed the last run's max beside the new run's figures
+    # (the bench resets the registry between its runs).
+    h = Histogram()
+    h.record(10, n=90)
+    h.record(20, n=5)
+    h.record(30, n=4)
+    h.record(40)
+    s = h.summary()
+    assert (s["p50"], s["p95"], s["p99"], s["max"]) == (10 / 1e6, 20 / 1e6, 30 / 1e6, 40 / 1e6)
+    m = Metrics()
+    for path in m.histograms:
+        m.record(path, 1_000)
+    m.reset()
+    assert m.snapshot() == Metrics().snapshot()
+
+
+def test_prometheus_text_is_the_exposition_format_line_for_line() -> None:
+    # Mutation check: the test looked for a few lines. The quantile labels must name
+    # the figures they carry (p95 and p99 swapped, or p99 left out, went unnoticed), the
+    # types are summary and gauge, a gauge without a help text of its own is described
+    # by its name (not a KeyError), and the text ends with a line feed, which the
+    # format requires of its last line. A path whose samples all took 0 ns has a
+    # latency of 0, not NaN (that is for a path with no sample).
+    h = Histogram()
+    h.record(10, n=90)
+    h.record(20, n=5)
+    h.record(30, n=4)
+    h.record(40)
+    text = prometheus_text({"persist": h.summary()}, {"db_bytes": 4096, "open_files": 2})
+    assert text == (
+        "# HELP dualmem_latency_seconds Latency per dualmem path.\n"
+        "# TYPE dualmem_latency_seconds summary\n"
+        'dualmem_latency_seconds{path="persist",quantile="0.5"} 1e-08\n'
+        'dualmem_latency_seconds{path="persist",quantile="0.95"} 2e-08\n'
+        'dualmem_latency_seconds{path="persist",quantile="0.99"} 3.0000000000000004e-08\n'
+        'dualmem_latency_seconds_sum{path="persist"} 1.16e-06\n'
+        'dualmem_latency_seconds_count{path="persist"} 100\n'
+        "# HELP dualmem_db_bytes Size of the SQLite database and its WAL file, bytes.\n"
+        "# TYPE dualmem_db_bytes gauge\n"
+        "dualmem_db_bytes 4096.0\n"
+        "# HELP dualmem_open_files open files.\n"
+        "# TYPE dualmem_open_files gauge\n"
+        "dualmem_open_files 2.0\n"
+    )
+    instant = Histogram()
+    instant.record(0)
+    assert "NaN" not in prometheus_text({"encode": instant.summary()})
+
+
 def test_a_long_tombstone_ttl_and_an_empty_key_argument_are_accepted() -> None:
     # A bound of ten years refused "keep tombstones for good" (10**10 s), which worked;
     # an empty keyring= argument dropped DUALMEM_KEY, where an empty variable is unset.
