@@ -14,7 +14,7 @@ PATHS = ("redis_write", "encode", "persist", "lag", "read")
 # within 1/2**_SUB (1.6 %) of the truth and memory is fixed whatever the sample count.
 _SUB = 6
 _M = 1 << _SUB
-_MAX_EXP = 40  # 2**46 ns is about 20 hours: anything longer lands in the last bucket
+_MAX_EXP = 40  # below 2**47 ns (about 39 hours); from there on, the last bucket
 _NBUCKETS = (_MAX_EXP + 2) * _M
 
 
