@@ -25,7 +25,7 @@ from dualmem import DualMemory
 from dualmem.cli import WORKER_OPTIONS, build_parser, main, worker_settings
 from dualmem.settings import Settings
 
-from .conftest import RedisServer, run_cli, wait_until
+from .conftest import RedisServer, refuse_inserts, run_cli, wait_until
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 
@@ -42,6 +42,7 @@ def start_worker(url: str, db: Path, *extra: str) -> subprocess.Popen[str]:
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("dualmem worker ") and "->" in line:
+            proc.banner = line  # type: ignore[attr-defined]
             return proc
     raise AssertionError(f"worker exited before its banner (code {proc.wait(10)})")
 
@@ -166,6 +167,9 @@ def test_worker_process_runs_as_a_batch_task_unless_told_otherwise(
     )
     proc = start_worker(redis_server.url, db, *extra)
     try:
+        # The banner names the policy in effect, not the one asked for alone.
+        banner = proc.banner  # type: ignore[attr-defined]
+        assert f"scheduling {'batch' if policy == 'SCHED_BATCH' else 'normal'})" in banner
         # A commit starts the SQLite checkpointer thread: it must inherit the policy.
         writer.sync(writer.put("k", {"v": 1}, level=Level.SWARM, principal=CODER), timeout=20)
         wait_until(lambda: len(os.listdir(f"/proc/{proc.pid}/task")) > 1, timeout=10)
@@ -347,6 +351,45 @@ def test_stats_shows_the_workers_snapshot(
     shown = re.findall(r"\d+\.\d{3}", row)
     wrote = source["redis_write"]
     assert shown == [f"{wrote[k]:.3f}" for k in ("p50", "p95", "p99", "max")], row
+
+
+@pytest.mark.real_redis
+def test_stats_counts_every_shards_backlog_its_pending_and_the_dead_letters(
+    redis_server: RedisServer, tmp_path: Path, keyfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The figures an operator watches were tested at zero: a backlog summed over the
+    # first shard alone, the pending count or the dead letters shown as 0 passed.
+    client = redis_server.client()
+    client.flushall()
+    db = tmp_path / "b.db"
+    mem = DualMemory(
+        redis_url=redis_server.url,
+        db_path=str(db),
+        keyring=str(keyfile),
+        shards=2,
+        max_deliveries=1,
+    )
+    refuse_inserts(db, "NEW.key = 'bad'")
+    bad = mem.put("bad", 0, level=Level.SWARM, principal=CODER)
+    wait_until(lambda: mem.store.status(bad.shard, bad.stream_id) == "dead", what="dead letter")
+    mem.close()
+    with DualMemory(
+        redis_url=redis_server.url,
+        db_path=str(db),
+        keyring=str(keyfile),
+        shards=2,
+        worker=False,
+    ) as writer:
+        for i in range(40):
+            writer.put(f"k{i}", i, level=Level.SWARM, principal=CODER)
+        lengths = [client.xlen(writer.layout.stream(s)) for s in range(2)]
+        # A consumer that took three of the second shard's commands and died.
+        client.xreadgroup("persist", "gone", {writer.layout.stream(1): ">"}, count=3)
+    assert all(lengths)  # the puts went to both shards
+    argv = ["stats", "--redis-url", redis_server.url, "--db", str(db), "--shards", "2"]
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["backlog"], data["pending"], data["dead_letters"]) == (40, 3, 1), data
 
 
 def test_stats_without_a_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
