@@ -3,6 +3,7 @@ backends (what it measures is never asserted: speed is proven by bench/results, 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import doctest
 import gc
@@ -21,7 +22,7 @@ import pytest
 
 from bench import harness, machine, openloop, stats
 from bench.cli import main
-from bench.report import render_report
+from bench.report import load_results, render_report, targets_table
 from bench.suites import SUITES
 from dualmem import DualMemory
 
@@ -159,7 +160,7 @@ def test_the_committed_report_and_the_readme_are_the_committed_results() -> None
     # generated from the JSON beside it: both must be what that JSON gives, so a figure
     # edited by hand, or a run committed without its report (or the other way round),
     # fails here rather than in a reader's hands.
-    from bench.report import _PLOTS, load_results, targets_table
+    from bench.report import _PLOTS
 
     root = Path(__file__).resolve().parent.parent
     results = root / "bench" / "results"
@@ -175,6 +176,66 @@ def test_the_committed_report_and_the_readme_are_the_committed_results() -> None
     met = sum(t["met"] for t in targets)
     assert f"({met} of {len(targets)} targets met" in readme
     assert f"## Targets ({met} of {len(targets)} met)" in report
+
+
+_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+
+
+def _committed_docs() -> dict[str, dict[str, Any]]:
+    return copy.deepcopy(load_results(_RESULTS))
+
+
+def test_a_target_without_a_figure_reads_n_a_is_missed_and_is_not_counted_as_met() -> None:
+    # A lag rate whose writes did not all become visible has no lag figure: its target is
+    # null in the file (NaN) and not met. A report that showed it met, or counted it in
+    # "N of M met", would claim a speed nobody measured. Made from the committed run: its
+    # one met lag target given no figure, and no figures beside it.
+    docs = _committed_docs()
+    targets = docs["lag"]["backends"]["redis"]["targets"]
+    target = next(t for t in targets if t["met"])
+    target.update(value=None, met=False, dualmem="", baseline="")
+    every = [t for d in docs.values() for r in d["backends"].values() for t in r["targets"]]
+    met = sum(t["met"] for t in every)
+    (row,) = [x for x in targets_table(docs).splitlines() if f"| redis | {target['what']} |" in x]
+    assert row == f"| lag | redis | {target['what']} | — | — | n/a ms | ≤ 5 ms | **missed** |"
+    assert f"## Targets ({met} of {len(every)} met)" in render_report(docs, {})
+
+
+def test_the_lag_table_says_what_was_not_visible_committed_unknown_and_no_pressure_figure() -> None:
+    # Writes the observer never saw, a row from before commits were checked and a kernel
+    # without pressure stall information must read as such: a report showing 0 not
+    # visible, every write committed or 0 % waiting for a CPU would hide why a rate's
+    # lag target reads n/a, or claim a check that never ran.
+    docs = _committed_docs()
+    rows = docs["lag"]["backends"]["redis"]["rates"]
+    rows[0]["not_visible"] = 3
+    rows[1]["committed"] = rows[1]["writes"] - 1  # a run fails on this; the cell says it
+    del rows[2]["committed"]
+    for r in rows:
+        r["cpu"]["cpu_wait_share"] = None
+    section = render_report(docs, {}).split("## Lag")[1].split("### embedded fakeredis")[0]
+    lines = [x for x in section.splitlines() if x.startswith(("| 500/s", "| 2,000/s", "| 10,"))]
+    lag, cpu = [x.split(" | ") for x in lines[:3]], lines[3:]
+    assert [c[9] for c in lag] == ["3", "0", "0"]
+    assert [c[10] for c in lag] == [
+        f"{rows[0]['committed']:,} of {rows[0]['writes']:,}",
+        f"{rows[1]['writes'] - 1:,} of {rows[1]['writes']:,}",
+        "—",
+    ]
+    assert len(cpu) == 3 and all(x.endswith("| n/a |") for x in cpu), cpu
+
+
+def test_the_report_names_the_runs_seed_and_every_backend_it_ran() -> None:
+    # A run with --seed 7 on a real Redis alone: the report must say seed 7 (the data it
+    # measured) and show each suite's redis-server section, not leave out the only one.
+    docs = _committed_docs()
+    for doc in docs.values():
+        doc["run"]["seed"] = 7
+        del doc["backends"]["fakeredis"]
+    text = render_report(docs, {})
+    assert "seed 7," in text and "seed 1," not in text
+    assert text.count("### real redis-server") == len(SUITES)
+    assert "### embedded fakeredis" not in text
 
 
 def test_values_are_seeded_and_exactly_500_bytes() -> None:
@@ -219,6 +280,8 @@ def _run_tiny(
             assert {"value", "limit", "met"} <= set(t)
     report = (out / "REPORT.md").read_text()
     assert "## Targets" in report and "| write |" in report
+    # The report a run writes shows the plots it drew beside it.
+    assert "](write_cdf.png)" in report and "](lag_vs_rate.png)" in report
     _check_targets_are_their_figures(docs, backend)
     assert (out / "write_cdf.png").stat().st_size > 0
     assert (out / "lag_vs_rate.png").stat().st_size > 0
