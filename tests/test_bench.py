@@ -3,6 +3,7 @@ backends (what it measures is never asserted: speed is proven by bench/results, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import doctest
@@ -15,7 +16,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -243,6 +246,104 @@ def test_values_are_seeded_and_exactly_500_bytes() -> None:
     b = harness.make_values(harness.random.Random("1:x"), 5)
     assert a == b
     assert {len(harness.json_bytes(v)) for v in a} == {harness.VALUE_BYTES}
+
+
+def test_the_baselines_store_the_bytes_dualmem_serializes() -> None:
+    # The raw baselines store json_bytes(value) beside dualmem's put of the same value:
+    # bytes that differ from what dualmem serializes (spaces after separators, keys in
+    # another order) give the baseline other work than dualmem's, and the ratio is off.
+    from acl.crypto import JsonSerializer
+
+    for value in harness.make_values(harness.random.Random(3), 5):
+        assert harness.json_bytes(value) == JsonSerializer().encode(value)
+
+
+def test_a_suites_data_is_the_runs_seed_and_its_own_name(tmp_path: Path) -> None:
+    # The report names the run's seed as what made the data: a generator that ignored
+    # it would make --seed change nothing, and one that ignored the name would give every
+    # suite and backend the same stream.
+    def draws(seed: int, name: str) -> list[float]:
+        rng = harness.Bench(harness.TINY, seed, tmp_path).rng(name)
+        return [rng.random() for _ in range(4)]
+
+    assert draws(1, "write") == draws(1, "write")
+    assert draws(2, "write") != draws(1, "write") != draws(1, "read")
+
+
+def test_the_full_sizes_are_what_made_the_committed_results() -> None:
+    # FULL is documented as the sizes of the committed run, and the report names them
+    # "full": a FULL changed without a new run would describe work the results never did.
+    full = json.loads(json.dumps(harness.sizes_json(harness.FULL)))
+    docs = load_results(_RESULTS)
+    assert docs and all(doc["run"]["sizes"] == full for doc in docs.values())
+
+
+def test_a_scratch_path_starts_without_the_last_databases_wal(tmp_path: Path) -> None:
+    # A database removed without its -wal and -shm leaves SQLite a log of frames for the
+    # next database of that name to replay: each suite's round must start from nothing.
+    ctx = harness.Bench(harness.TINY, 1, tmp_path)
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"round.db{suffix}").write_bytes(b"left over")
+    assert ctx.path("round.db") == tmp_path / "round.db"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench-keys.json"]
+
+
+def test_a_bench_writer_is_deployed_as_each_backend_is_meant_to_be(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a real Redis the timed writer runs no worker of its own and one `dualmem worker`
+    # process persists (a worker thread in the writer would compete for its GIL and slow
+    # the puts the targets compare); every bench DualMemory waits 5 s on a Redis stall
+    # (timing it) rather than failing; and an embedded worker that did not drain fails
+    # the run instead of reporting a persist rate for records it never stored.
+    ctx = harness.Bench(harness.TINY, 1, tmp_path)
+    processes: list[tuple[str, Path, str]] = []
+
+    @contextlib.contextmanager
+    def worker_process(url: str, db: Path) -> Iterator[None]:
+        processes.append((url, db, "started"))
+        yield
+        processes.append((url, db, "stopped"))
+
+    monkeypatch.setattr(harness, "WorkerProcess", worker_process)
+    db = tmp_path / "w.db"
+    real = harness.Backend("redis", "memory://bench-writer-test", server=object())  # type: ignore[arg-type]
+    with ctx.writer(real, db) as mem:
+        assert processes == [(real.url, db, "started")]
+        assert mem.settings.worker is False and mem.settings.socket_timeout == 5.0
+    assert processes[-1] == (real.url, db, "stopped")
+    with harness.open_backend("fakeredis", tmp_path) as embedded:
+        with ctx.writer(embedded, tmp_path / "e.db", socket_timeout=1.0) as mem:
+            assert mem.settings.worker is True and mem.settings.socket_timeout == 1.0
+        closed: list[float | None] = []
+
+        class Undrained:
+            def close(self, timeout: float | None = None) -> Any:
+                closed.append(timeout)
+                return SimpleNamespace(drained=False, pending=3)
+
+        monkeypatch.setattr(ctx, "memory", lambda *a, **k: Undrained())
+        undrained = ctx.writer(embedded, tmp_path / "u.db")
+        with pytest.raises(RuntimeError, match="worker did not drain: 3 left"), undrained:
+            pass
+        assert closed == [120]
+    assert len(processes) == 2  # the embedded backend started no worker process
+
+
+def test_resetting_a_backend_empties_its_redis(tmp_path: Path) -> None:
+    # Suites run one after another on one backend: the next must not find the last
+    # one's streams and keys (a backlog it would drain, records it would count).
+    flushed: list[bool] = []
+    server = SimpleNamespace(client=lambda: SimpleNamespace(flushall=lambda: flushed.append(True)))
+    harness.Backend("redis", "redis://unused", server=server).reset()  # type: ignore[arg-type]
+    assert flushed == [True]
+    with harness.open_backend("fakeredis", tmp_path) as backend:
+        backend.raw_client().set("left", "over")
+        backend.reset()
+        assert backend.raw_client().keys("*") == []
+    unknown = harness.open_backend("redis-server", tmp_path)  # not a quiet fakeredis run
+    with pytest.raises(ValueError, match="unknown backend"), unknown:
+        pass
 
 
 def test_machine_description_names_the_versions() -> None:
