@@ -346,10 +346,54 @@ def test_resetting_a_backend_empties_its_redis(tmp_path: Path) -> None:
         pass
 
 
-def test_machine_description_names_the_versions() -> None:
+def test_machine_description_names_the_versions(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the report says the figures were measured on: this machine's CPUs and its
+    # three load averages, the SQLite library (not the sqlite3 module's own version),
+    # the parser redis-py really uses and every package the run may depend on.
+    import os
+
+    from redis.utils import HIREDIS_AVAILABLE
+
     m = machine.describe_machine()
-    assert m["cpu_count"] and m["python"] and m["sqlite"]
+    assert m["cpu_count"] == os.cpu_count() and m["python"]
+    assert m["sqlite"] == sqlite3.sqlite_version
+    assert len(m["load_average_at_start"]) == 3
+    assert m["redis_py_parser"] == ("hiredis" if HIREDIS_AVAILABLE else "python")
+    assert set(m["packages"]) == set(machine._PACKAGES)
     assert set(m["packages"]) >= {"redis", "fakeredis", "diskcache"}
+    monkeypatch.setattr("redis.utils.HIREDIS_AVAILABLE", not HIREDIS_AVAILABLE)
+    other = "python" if HIREDIS_AVAILABLE else "hiredis"
+    assert machine.describe_machine()["redis_py_parser"] == other
+
+
+def test_the_machine_description_reads_the_redis_server_version_and_cpu_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The report names the redis-server the figures were measured on: its version is
+    # the `v=` field of `--version` (not another field, nor the field with its name), and
+    # the binary the run was given, not whichever one is on PATH.
+    fake = tmp_path / "redis-server"
+    fake.write_text(
+        "#!/bin/sh\necho 'Redis server v=7.9.1 sha=00000000:0 malloc=jemalloc bits=64'\n"
+    )
+    fake.chmod(0o755)
+    assert machine.redis_server_version(str(fake)) == "7.9.1"
+    assert machine.redis_server_version(None) is None
+    assert machine.redis_server_version(str(tmp_path / "missing")) is None
+    assert machine.describe_machine(str(fake))["redis_server"] == "7.9.1"
+    # A package that is not installed is named as absent, not given a version.
+    assert machine._version("no-such-package-dualmem-bench") is None
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs /proc/cpuinfo")
+def test_the_machine_description_names_the_cpu_model() -> None:
+    # /proc/cpuinfo has a "model" line (a number) before "model name" on x86: the
+    # report must name the processor, not its model number.
+    lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    names = [x.split(":", 1)[1].strip() for x in lines if x.lower().startswith("model name")]
+    if not names:
+        pytest.skip("no model name in /proc/cpuinfo")
+    assert machine.describe_machine()["cpu_model"] == names[0]
 
 
 def test_dualmem_cli_builds_without_importing_the_bench_extra() -> None:
