@@ -241,6 +241,52 @@ def test_the_report_names_the_runs_seed_and_every_backend_it_ran() -> None:
     assert "### embedded fakeredis" not in text
 
 
+def test_the_plots_draw_the_figures_they_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The report shows the plots beside the tables: each line must be the figures its
+    # label names (p95 lag in milliseconds at the offered rate, a CDF with latency along
+    # x), the dotted line the p95 level, and a star at every lag target's limit.
+    import matplotlib.pyplot as plt
+
+    from bench.plots import make_plots
+    from bench.suites.lag import TARGETS_MS
+
+    docs = copy.deepcopy(load_results(_RESULTS))
+    figures: list[Any] = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # kept open to be read
+    assert make_plots({s: docs[s] for s in ("write", "lag")}, tmp_path) == {
+        "write": "write_cdf.png",
+        "lag": "lag_vs_rate.png",
+    }
+    write_fig, lag_fig = figures
+    try:
+        for ax, backend in zip(write_fig.axes, ("redis", "fakeredis"), strict=True):
+            cdf = docs["write"]["backends"][backend]["cdf_us"]
+            lines = {line.get_label(): line for line in ax.get_lines()}
+            for name, points in cdf.items():
+                assert list(lines[name].get_xdata()) == [p[0] for p in points]
+                assert list(lines[name].get_ydata()) == [p[1] for p in points]
+            (level,) = [line for name, line in lines.items() if name not in cdf]
+            assert list(level.get_ydata()) == [0.95, 0.95]
+        (ax,) = lag_fig.axes
+        lines = ax.get_lines()
+        for backend, title in (("redis", "real redis-server"), ("fakeredis", "embedded fakeredis")):
+            rates = docs["lag"]["backends"][backend]["rates"]
+            for q in ("p50", "p95", "p99"):
+                (line,) = [x for x in lines if x.get_label() == f"{title} {q}"]
+                assert list(line.get_xdata()) == [r["offered_rate"] for r in rates]
+                assert list(line.get_ydata()) == [r["lag"][q] / 1000 for r in rates]
+        stars = [(x.get_xdata()[0], x.get_ydata()[0]) for x in lines if x.get_marker() == "*"]
+        assert stars == list(TARGETS_MS.items())
+        notes = [t.get_text() for t in ax.texts]
+        assert notes == [f"target p95 ≤ {limit:g} ms" for limit in TARGETS_MS.values()]
+    finally:
+        for fig in figures:
+            close(fig)
+
+
 def test_values_are_seeded_and_exactly_500_bytes() -> None:
     a = harness.make_values(harness.random.Random("1:x"), 5)
     b = harness.make_values(harness.random.Random("1:x"), 5)
