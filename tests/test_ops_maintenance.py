@@ -29,7 +29,7 @@ from acl import Level, Principal
 from dualmem import DualMemory, NotPersisted
 from dualmem.commands import audit_fields, put_fields
 from dualmem.layout import Layout
-from dualmem.migrations import migrate
+from dualmem.migrations import SCHEMA_VERSION, migrate
 from dualmem.ops.exporter import Exporter, start_server
 from dualmem.settings import Settings
 from dualmem.store import StreamEntry
@@ -224,6 +224,11 @@ def test_a_backup_appears_complete_fsynced_and_renamed_into_place(
         progress=lambda _stage, done, total: seen.append((done, total, dest.exists())),
     )
     assert result.ok and result.bytes == dest.stat().st_size
+    # What `dualmem backup` prints from it: no test looked at the file it names, the schema
+    # version or the rows it counts (only the memory table's could be counted).
+    assert result.dest == dest and result.schema_version == SCHEMA_VERSION
+    counted = ("memory", "journal", "audit_log", "dead_letters", "missions", "tool_calls")
+    assert result.rows == {t: count(dest, t) for t in counted}
     assert seen and seen[-1] == (result.pages, result.pages, False)  # not there before it is done
     ours = [e for e in events if str(dest.parent) in e[1]]
     (partial,) = {e[1] for e in ours if e[1] != str(dest) and e[1] != str(dest.parent)}
@@ -232,6 +237,35 @@ def test_a_backup_appears_complete_fsynced_and_renamed_into_place(
         ("replace", partial, str(dest)),
         ("fsync", str(dest.parent)),
     ]
+
+
+def test_a_backup_killed_mid_copy_does_not_stop_the_next_one(
+    mem: DualMemory, db_path: Path, tmp_path: Path
+) -> None:
+    # A backup killed outright (SIGKILL, an OOM kill, a crash) leaves its partial file
+    # behind. No test failed when that file's name was the same on every run: every later
+    # backup to the same DEST then refused ("cannot create .b.db.partial: File exists"),
+    # night after night, until someone found and deleted the hidden file.
+    from dualmem.ops.backup import backup_database
+
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=CODER))
+    dest = tmp_path / "backups" / "b.db"
+    dest.parent.mkdir()
+    # Killed once the pages are copied, before the copy is checked and renamed.
+    script = (
+        "import os, signal, sys\n"
+        "from dualmem.ops.backup import backup_database\n"
+        "backup_database(sys.argv[1], sys.argv[2],\n"
+        "                progress=lambda *_: os.kill(os.getpid(), signal.SIGKILL))\n"
+    )
+    argv = [sys.executable, "-c", script, str(db_path), str(dest)]
+    killed = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (left,) = dest.parent.iterdir()  # the killed copy's partial file, never DEST
+    assert left.name.startswith(".b.db.") and left.name.endswith(".partial")
+    result = backup_database(db_path, dest)
+    assert result.ok and count(dest, "memory") == 1
+    assert sorted(p.name for p in dest.parent.iterdir()) == sorted([left.name, "b.db"])
 
 
 def test_a_backup_to_a_directory_is_refused_with_force_too(
@@ -387,6 +421,54 @@ def test_purge_takes_a_floor_or_reads_one_for_the_shards_its_journal_has_seen(
         read_floor=asked.append,
     )
     assert asked == [0]
+
+
+def test_purge_reports_its_progress_and_sizes_and_leaves_no_thread_behind(
+    make_mem: Callable[..., DualMemory], db_path: Path
+) -> None:
+    # No test looked at what purge_database reports while it runs or at the sizes it
+    # returns: the progress bar stayed empty (the purge's or the vacuum's calls dropped)
+    # or counted the pages left as the pages done; the size before left out the WAL and
+    # the size after counted the shared-memory file; and a purge that never closed its
+    # store left its checkpoint thread and a connection to the file behind in the caller.
+    from dualmem.ops.maintenance import purge_database
+
+    make_mem(worker=False).close(timeout=2)
+    # A connection held open keeps the WAL (and its -shm file) while purge runs.
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        holder.execute("CREATE TABLE test_padding (b BLOB)")
+        holder.executemany("INSERT INTO test_padding VALUES (zeroblob(65536))", [()] * 160)
+        holder.execute("DROP TABLE test_padding")
+        holder.executemany(
+            "INSERT INTO memory (scope, key, level, owner, envelope, sid, stream_id, "
+            "created_at, updated_at, expires_at) VALUES ('swarm:s1', ?, 3, 'o', x'00', 1, "
+            "'0-1', 1, 1, 2)",
+            [(f"k{i}",) for i in range(3)],
+        )
+        wal = Path(f"{db_path}-wal")
+        before = db_path.stat().st_size + wal.stat().st_size
+        assert wal.stat().st_size > 0
+        checkpointers = sum(t.name == "dualmem-checkpoint" for t in threading.enumerate())
+        seen: list[tuple[str, int, int | None]] = []
+        now = int(time.time() * 1000)
+        r = purge_database(
+            db_path,
+            now_ms=now,
+            tombstones_before_ms=now,
+            progress=lambda stage, done, total: seen.append((stage, done, total)),
+        )
+        assert sum(t.name == "dualmem-checkpoint" for t in threading.enumerate()) == checkpointers
+        assert r.rows == 6  # each value, then its tombstone (long expired)
+        assert [e for e in seen if e[0] == "purge"][-1] == ("purge", 6, None)
+        vacuum = [e for e in seen if e[0] == "vacuum"]
+        assert r.freed_pages > 2_000 and len(vacuum) >= 2  # more than one batch
+        assert vacuum[-1] == ("vacuum", r.freed_pages, r.freed_pages)
+        assert r.bytes_before == before
+        assert r.bytes_after == db_path.stat().st_size + wal.stat().st_size
+        assert Path(f"{db_path}-shm").exists()  # held open: not counted as the WAL
+    finally:
+        holder.close()
 
 
 @pytest.mark.parametrize("backend", ["redis"])  # memory:// holds no other process's commands
