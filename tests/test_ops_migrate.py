@@ -131,6 +131,56 @@ def test_migrating_the_first_schema_keeps_every_record(
     assert code == 0, out
 
 
+def test_the_plan_names_each_step_by_its_own_migration_and_the_backup_shows_progress(
+    v1: Path,
+) -> None:
+    # The dry run's text was only searched for two phrases, which every step list had
+    # whichever migration each version was paired with: a plan one off said schema 3 adds
+    # the mission log. And no test failed when migrate drew no progress for its backup.
+    from dualmem.ops.maintenance import migrate_database, plan_migration
+
+    steps = dict(plan_migration(v1).steps)
+    assert sorted(steps) == list(range(2, SCHEMA_VERSION + 1))
+    assert steps[2].startswith("Mission log") and steps[3].startswith("The memory table")
+    assert steps[4].startswith("Ordering ids") and steps[5].startswith("Mission child rows")
+    seen: list[tuple[str, int, int | None]] = []
+    plan = migrate_database(v1, progress=lambda *event: seen.append(event))
+    assert plan.backup is not None and plan.applied == list(range(2, SCHEMA_VERSION + 1))
+    assert seen and seen[-1] == ("backup", plan.backup.pages, plan.backup.pages)
+
+
+def test_a_file_one_schema_off_is_refused_by_the_commands_that_need_this_schema(
+    v1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Refusals were tried with the first schema (four behind) and schema 99 only: a check
+    # one off let purge work on a file one schema behind (tables this code's purge does
+    # not know), and export and purge read a file one schema ahead as if it were theirs.
+    assert run_cli(capsys, "migrate", "--db", str(v1), "--to", str(SCHEMA_VERSION - 1))[0] == 0
+    code, _, err = run_cli(capsys, "purge", "--db", str(v1))
+    assert code == 2 and "run `dualmem migrate" in err, err
+    assert run_cli(capsys, "migrate", "--db", str(v1))[0] == 0
+    with sqlite3.connect(v1) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    out = tmp_path / "out.jsonl"
+    for argv in (["purge"], ["export", "--out", str(out)]):
+        code, _, err = run_cli(capsys, *argv, "--db", str(v1), "--redis-url", "memory://newer")
+        assert code == 2 and "newer than this dualmem supports" in err, (argv, err)
+    assert user_version(v1) == SCHEMA_VERSION + 1 and not out.exists()
+
+
+def test_an_operator_command_opens_the_file_read_only_unless_it_writes(v1: Path) -> None:
+    # verify, export and backup look at a file of any version through this, and it
+    # promises to change nothing: no test failed with query_only dropped.
+    from dualmem.ops.database import open_database
+
+    with open_database(v1) as conn, pytest.raises(sqlite3.OperationalError, match="readonly"):
+        conn.execute("CREATE TABLE test_written (x)")
+    with open_database(v1, write=True) as conn:
+        conn.execute("CREATE TABLE test_written (x)")
+    assert "test_written" in tables(v1) and user_version(v1) == 1
+
+
 def test_verify_fails_an_older_schema_and_says_to_migrate(
     v1: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -160,13 +210,19 @@ def test_downgrades_unknown_targets_and_newer_databases_are_refused(
     assert run_cli(capsys, "migrate", "--db", str(v1))[0] == 0
     code, _, err = run_cli(capsys, "migrate", "--db", str(v1), "--to", "1")
     assert code == 2 and "refusing to downgrade" in err
-    code, _, err = run_cli(capsys, "migrate", "--db", str(v1), "--to", "7")
-    assert code == 2 and "--to must be between 1 and" in err
-    with sqlite3.connect(v1) as conn:
-        conn.execute("PRAGMA user_version = 99")
-    code, _, err = run_cli(capsys, "migrate", "--db", str(v1))
-    assert code == 2 and "newer than this dualmem" in err
-    assert user_version(v1) == 99
+    # Each bound just past it: `--to 6` (one past) crashed on a missing migration, `--to 0`
+    # and a file one schema newer said "refusing to downgrade ... restore a backup", when
+    # --to 7 and schema 99 were the only ones tried.
+    for to in (SCHEMA_VERSION + 1, 0, SCHEMA_VERSION + 2):
+        code, _, err = run_cli(capsys, "migrate", "--db", str(v1), "--to", str(to))
+        assert code == 2 and "--to must be between 1 and" in err, (to, err)
+    for newer in (SCHEMA_VERSION + 1, 99):
+        with sqlite3.connect(v1) as conn:
+            conn.execute(f"PRAGMA user_version = {newer}")
+        conn.close()
+        code, _, err = run_cli(capsys, "migrate", "--db", str(v1))
+        assert code == 2 and "newer than this dualmem" in err, (newer, err)
+        assert user_version(v1) == newer
 
 
 def test_a_negative_schema_version_is_refused_and_the_file_left_as_it_is(
