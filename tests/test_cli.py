@@ -335,6 +335,13 @@ def test_stats_shows_the_workers_snapshot(
         data = json.loads(capsys.readouterr().out)
         assert data["db_wal_bytes"] == wal.stat().st_size > 0
         assert data["db_bytes"] == db.stat().st_size + wal.stat().st_size
+        # The free pages' bytes (no test looked: all the file's pages went as free).
+        with sqlite3.connect(db) as conn:
+            free, size = (
+                conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("freelist_count", "page_size")
+            )
+        conn.close()
+        assert data["db_free_bytes"] == free * size
         assert data["journal_seq"] == 50 and data["pending"] == 0
     assert main(["stats", "--redis-url", redis_server.url, "--db", str(db), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
