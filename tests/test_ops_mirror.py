@@ -206,6 +206,23 @@ def test_files_follow_the_change_feed_and_resume(
     assert sync_events(db_path) == []
 
 
+def test_verify_summarises_a_send_a_cycle_did_not_finish_as_such(
+    mem: DualMemory, args: list[str], mdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A sending file left by a mirror killed mid-send, every file in sync: the summary
+    # said "0 of 1 records out of sync (0 behind, 0 edited)", nothing of what was wrong.
+    put(mem, "a", {"n": 1})
+    once(capsys, args, mdir)
+    (mdir / SENDING_FILE).write_text("{}", encoding="utf-8")
+    left = verify_mirror(capsys, args, mdir)
+    assert (left["code"], left["status"]) == (1, "fail")
+    assert left["summary"] == "1 files match, a cycle ended during its send"
+    (stray := mdir / "swarm:s1" / "gone.json").write_text("{}", encoding="utf-8")
+    left = verify_mirror(capsys, args, mdir)
+    assert left["summary"] == "1 files match, 1 stray file, a cycle ended during its send"
+    stray.unlink()
+
+
 def test_a_file_edited_by_hand_is_imported(
     mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

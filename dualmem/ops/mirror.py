@@ -1389,6 +1389,27 @@ class Mirror:
         )
 
 
+def _out_of_sync(
+    out: int, expected: int, stale: int, edited: int, strays: int, sending: bool
+) -> str:
+    """The summary of a mirror out of sync: only what is wrong (a leftover sending file
+    alone read "0 of N records out of sync (0 behind, 0 edited)").
+
+    >>> _out_of_sync(0, 3, 0, 0, 1, True)
+    '3 files match, 1 stray file, a cycle ended during its send'
+    """
+    summary = (
+        f"{out} of {expected} records out of sync ({stale} behind, {edited} edited)"
+        if out
+        else f"{expected} files match"
+    )
+    if strays:
+        summary += f", {strays} stray file{'s' if strays > 1 else ''}"
+    if sending:
+        summary += ", a cycle ended during its send"
+    return summary
+
+
 def check_mirror(conn: sqlite3.Connection, directory: str | Path, now_ms: int) -> Check:
     """Parity of a mirror directory with the database: every live record of the mirrored
     levels has its file with the current content, there is no other file, and no cycle
@@ -1413,7 +1434,8 @@ def check_mirror(conn: sqlite3.Connection, directory: str | Path, now_ms: int) -
         except DualMemError as exc:
             c.problem(f"{rel}: the SQLite row does not open: {exc}")
             expected[rel] = None
-    if (d / SENDING_FILE).exists():
+    sending = (d / SENDING_FILE).exists()
+    if sending:
         c.problem(
             f"a mirror cycle ended during its send ({SENDING_FILE} is there): the state may "
             "not name imports that were sent; the next cycle finds them"
@@ -1442,10 +1464,6 @@ def check_mirror(conn: sqlite3.Connection, directory: str | Path, now_ms: int) -
         c.problem(f"{rel}: no live record in SQLite")
     c.summary = f"{len(expected)} files match (journal seq {state.seq})"
     if not c.ok:
-        c.summary = (
-            f"{len(out)} of {len(expected)} records out of sync ({stale} behind, {edited} edited)"
-        )
-        if strays:
-            c.summary += f", {len(strays)} stray file{'s' if len(strays) > 1 else ''}"
+        c.summary = _out_of_sync(len(out), len(expected), stale, edited, len(strays), sending)
         c.fix = f"run `dualmem mirror --dir {d} --once`"
     return c
