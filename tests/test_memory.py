@@ -953,6 +953,46 @@ def test_an_entry_tripping_an_unexpected_error_is_dead_lettered_and_the_rest_flo
     assert worker.get("good2", level=Level.SWARM, principal=coder) == 2
 
 
+def test_entries_applied_alone_are_acked_published_and_timed_in_that_step(
+    make_mem: MakeMem,
+    coder: Principal,
+    raw_redis: redis.Redis,
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # After a batch hit a bug, each entry is applied alone and the results are merged:
+    # a merge that dropped the committed entries, an entry's own failure, the
+    # notifications or the lag samples passed every test (the entries came back and were
+    # settled later; a subscriber saw them at its next journal recheck). In the step
+    # itself they must be acked or dead-lettered, published and timed as a batch's are.
+    writer = make_mem(worker=False, max_deliveries=1)
+    swarm = {"level": Level.SWARM, "principal": coder}
+    writer.put("poison", 0, **swarm)
+    for i in range(3):
+        writer.put(f"good{i}", i, **swarm)
+    monkeypatch.setattr(SQLiteStore, "_write_plan", _trip_on({b"poison"}))
+    refuse_inserts(db_path, "NEW.key = 'good2'")  # fails alone too, as a full disk would
+    feed = raw_redis.pubsub()
+    feed.subscribe(writer.layout.channel("swarm:phase-1-auth"))
+    w = worker_of(writer, "w")
+    w.ensure_groups()
+    assert feed.get_message(timeout=5)["type"] == "subscribe"  # type: ignore[index]
+    assert w.step() == 4
+    assert raw_redis.xpending(writer.layout.stream(0), writer.settings.group)["pending"] == 0
+    dead = sorted(d.fields[b"k"].decode() for d in writer.store.dead_letters())
+    assert dead == ["good2", "poison"]
+    published = []
+    while (message := feed.get_message(timeout=1)) is not None:
+        published += [n.key for n in Notification.parse_message(message["data"])]
+    feed.close()
+    assert sorted(published) == ["good0", "good1"]
+    assert w.metrics.histograms["lag"].count == 2
+    assert w.stats.applied == 2
+    # The chain anchors name the newest rows, not the first entry's.
+    (journal,) = raw_redis.zrange(writer.layout.anchor_key("journal"), -1, -1)
+    assert int(journal.split(b":")[0]) == writer.store.last_seq()
+
+
 def test_an_outage_while_entries_are_applied_alone_dead_letters_nothing(
     make_mem: MakeMem, coder: Principal, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
