@@ -606,6 +606,17 @@ def test_plan_continues_both_chains_from_their_tails_and_fills_every_column() ->
     assert plan.ts_us == [1_000, 3_000]
 
 
+def test_a_notification_message_of_one_object_parses_as_one() -> None:
+    # parse_message reads a batch's JSON array and the single-object form (one
+    # notification per message): reading the latter as no notification at all passed
+    # every test, and a subscriber fed by such a publisher would miss each change.
+    from dualmem.store import Notification
+
+    note = Notification(7, "swarm:s", "k", 3, "del")
+    assert Notification.parse_message(note.to_json()) == [note]
+    assert Notification.parse_message(note.to_json().decode()) == [note]
+
+
 # -- metrics -----------------------------------------------------------------------------------
 
 

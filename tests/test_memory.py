@@ -968,8 +968,10 @@ def test_entries_applied_alone_are_acked_published_and_timed_in_that_step(
     writer = make_mem(worker=False, max_deliveries=1)
     swarm = {"level": Level.SWARM, "principal": coder}
     writer.put("poison", 0, **swarm)
+    writer.audit("first", principal=coder)
     for i in range(3):
         writer.put(f"good{i}", i, **swarm)
+    writer.audit("last", principal=coder)
     monkeypatch.setattr(SQLiteStore, "_write_plan", _trip_on({b"poison"}))
     refuse_inserts(db_path, "NEW.key = 'good2'")  # fails alone too, as a full disk would
     feed = raw_redis.pubsub()
@@ -977,7 +979,7 @@ def test_entries_applied_alone_are_acked_published_and_timed_in_that_step(
     w = worker_of(writer, "w")
     w.ensure_groups()
     assert feed.get_message(timeout=5)["type"] == "subscribe"  # type: ignore[index]
-    assert w.step() == 4
+    assert w.step() == 6
     assert raw_redis.xpending(writer.layout.stream(0), writer.settings.group)["pending"] == 0
     dead = sorted(d.fields[b"k"].decode() for d in writer.store.dead_letters())
     assert dead == ["good2", "poison"]
@@ -986,11 +988,14 @@ def test_entries_applied_alone_are_acked_published_and_timed_in_that_step(
         published += [n.key for n in Notification.parse_message(message["data"])]
     feed.close()
     assert sorted(published) == ["good0", "good1"]
-    assert w.metrics.histograms["lag"].count == 2
-    assert w.stats.applied == 2
+    assert w.metrics.histograms["lag"].count == 2  # the two puts (events carry no lag)
+    assert w.stats.applied == 4
     # The chain anchors name the newest rows, not the first entry's.
     (journal,) = raw_redis.zrange(writer.layout.anchor_key("journal"), -1, -1)
     assert int(journal.split(b":")[0]) == writer.store.last_seq()
+    (audit,) = raw_redis.zrange(writer.layout.anchor_key("audit_log"), -1, -1)
+    (last,) = [a.id for a in writer.store.audit_log() if a.event == "last"]
+    assert int(audit.split(b":")[0]) == last  # the dead letters' rows are written after
 
 
 def test_an_outage_while_entries_are_applied_alone_dead_letters_nothing(
