@@ -601,3 +601,267 @@ def test_one_utf8_check_serves_principal_ids_and_key_file_paths() -> None:
         Principal(agent_id="a", team="t\ud800")
     with pytest.raises(ConfigurationError, match="without NUL or lone surrogates"):
         Keyring.load("é\udc80.json")
+
+
+# -- found by an acl/crypto.py mutation check ---------------------------------------------
+
+_FIXED_KEY_FILE = (
+    '{"format": "dualmem-keyring", "version": 1, "active": "kfixed01", "keys": [{"id": '
+    '"kfixed01", "key": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=", "created_at": ""}]}'
+)
+
+
+def test_envelopes_and_key_files_written_by_this_format_keep_opening() -> None:
+    # Envelopes sealed and a key file written before an upgrade, as bytes: every other test
+    # seals and opens with the same code, so an AAD laid out another way (a length
+    # little-endian, the level moved, a length dropped), a renamed key file format or
+    # another id for a DUALMEM_KEY secret passed them all, and every record already stored
+    # would have stopped opening (TamperedRecord, MissingKey) after the upgrade.
+    codec = Codec(Keyring.from_json(_FIXED_KEY_FILE), compress_threshold=64)
+    sealed = bytes.fromhex(
+        "0202086b666978656430313cd14a2bfb654e910000000000016122319f4cfd8affd00b1a8e268299"
+        "3632b03c59e9f9a28f7e23368619a767340e9888d9"
+    )
+    assert codec.open(sealed, scope="agent:a", key="k", level=Level.PRIVATE, owner="a") == {"v": 1}
+    compressed = bytes.fromhex(
+        "0203086b666978656430311d9389d04a35766a000000000001614faa46760931c676950128b5a2db"
+        "846faf0a2a757a96959cd26f08de5e1a93e0c1ceb10e6b5a0cb0f1eba32899"
+    )
+    assert codec.open(compressed, scope="team:t", key="notes/1", level=Level.TEAM) == "ab" * 100
+    legacy = bytes.fromhex(
+        "0102086b66697865643031043751231550667305b15be5d6bdf7246870dfae47eaacdf7f43b2ca34"
+        "9ccdb8c90d05"
+    )
+    assert codec.open(legacy, scope="system", key="k", level=Level.SYSTEM) == {"v": 1}
+    secret = base64.b64encode(bytes(range(32))).decode()
+    assert Keyring.from_secret(secret).active_id == "e45f6987e"
+
+
+def test_a_scope_and_key_whose_bytes_split_elsewhere_with_their_lengths_do_not_open() -> None:
+    # Only the key's length was bound by a test ("team:ab"/"c" against "team:a"/"bc"
+    # differ in it): without the scope's length, scope "x" with key "\0\0\0\x01y" and
+    # scope "x\0\0\0\x05" with key "y" made the same additional data.
+    codec = Codec(Keyring.generate())
+    env = codec.seal(1, scope="x", key="\x00\x00\x00\x01y", level=Level.PRIVATE)
+    with pytest.raises(TamperedRecord):
+        codec.open(env, scope="x\x00\x00\x00\x05", key="y", level=Level.PRIVATE)
+
+
+def _nonce(env: bytes) -> bytes:
+    start = 3 + env[2]
+    if env[0] == 2:  # write id, generation, writer's length and the writer
+        start += 12 + 2 + int.from_bytes(env[start + 12 : start + 14], "big")
+    return env[start : start + 12]
+
+
+def test_every_seal_draws_a_fresh_nonce() -> None:
+    # Two seals under one key with one nonce give away the XOR of their values and GCM's
+    # authentication key; a nonce fixed at zero opened and round-tripped like any other.
+    codec = Codec(Keyring.generate())
+    where = {"scope": "agent:a", "key": "k", "level": Level.PRIVATE}
+    nonces = {_nonce(codec.seal({"v": 1}, **where)) for _ in range(3)}  # type: ignore[arg-type]
+    legacy = {_nonce(codec._seal_legacy(b"1", **where)) for _ in range(3)}  # type: ignore[arg-type]
+    assert len(nonces) == len(legacy) == 3 and len(nonces | legacy) == 6
+
+
+@pytest.mark.parametrize(
+    ("key_id", "secret"),
+    [("", bytes(32)), ("kl\u00e9", bytes(32)), ("k" * 33, bytes(32)), ("k1", bytes(16))],
+)
+def test_a_key_the_envelope_format_cannot_carry_is_refused(key_id: str, secret: bytes) -> None:
+    # An empty key id sealed envelopes that never opened ("truncated"), a non-ASCII one
+    # failed every seal with UnicodeEncodeError, and a 16-byte secret sealed with AES-128
+    # where AES-256 is promised.
+    doc = {
+        "format": "dualmem-keyring",
+        "active": key_id,
+        "keys": [{"id": key_id, "key": base64.b64encode(secret).decode()}],
+    }
+    with pytest.raises(ConfigurationError):
+        Keyring.from_json(json.dumps(doc))
+
+
+def test_a_keyring_must_hold_its_active_key_and_keep_it() -> None:
+    ring = Keyring.generate()
+    doc = json.loads(ring.to_json())
+    doc["active"] = "kother"
+    with pytest.raises(ConfigurationError, match="active key id 'kother' is not in the keyring"):
+        Keyring.from_json(json.dumps(doc))
+    with pytest.raises(ConfigurationError, match="cannot drop the active key"):
+        ring.without_key(ring.active_id)
+    # A dropped key is gone: what only it sealed is a missing key, not still readable.
+    env = Codec(ring).seal(1, scope="agent:a", key="k", level=Level.PRIVATE)
+    rotated = ring.with_new_key()
+    dropped = rotated.without_key(ring.active_id)
+    assert dropped.ids == (rotated.active_id,)
+    with pytest.raises(MissingKey):
+        Codec(dropped).open(env, scope="agent:a", key="k", level=Level.PRIVATE)
+
+
+def test_a_key_file_or_secret_that_is_not_exactly_that_is_refused() -> None:
+    # Another program's JSON with keys and an active id was taken for a key file, and a
+    # secret with stray characters had them dropped silently.
+    doc = json.loads(Keyring.generate().to_json())
+    doc["format"] = "other-keyring"
+    with pytest.raises(ConfigurationError, match="not a dualmem key file"):
+        Keyring.from_json(json.dumps(doc))
+    with pytest.raises(ConfigurationError, match="not valid base64"):
+        Keyring.from_secret("*" + base64.b64encode(bytes(32)).decode())
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o620, 0o610, 0o604, 0o602, 0o601])
+def test_a_key_file_any_group_or_other_bit_is_set_on_is_refused(tmp_path: Path, mode: int) -> None:
+    # Only 0644 was tried: a group-readable file (0640) was loaded, and a group- or
+    # world-writable one lets someone else replace the keys new records are sealed with.
+    path = tmp_path / "keys.json"
+    Keyring.generate().save(path)
+    path.chmod(mode)
+    with pytest.raises(ConfigurationError, match="chmod 600"):
+        Keyring.load(path)
+
+
+def test_saving_a_key_file_leaves_no_second_copy_and_overwrite_replaces_it(
+    tmp_path: Path,
+) -> None:
+    # The temp file holding the keys was left beside the key file after a save (a copy a
+    # rotation's drop never removes); save(overwrite=True), which rotate-keys uses, must
+    # replace the file, and a failed write must take its temp file with it.
+    path = tmp_path / "keys.json"
+    first = Keyring.generate()
+    first.save(path)
+    assert os.listdir(tmp_path) == ["keys.json"]
+    second = first.with_new_key()
+    second.save(path, overwrite=True)
+    assert os.listdir(tmp_path) == ["keys.json"]
+    assert Keyring.load(path).ids == second.ids
+
+    class Broken(Keyring):
+        def to_json(self) -> str:
+            raise OSError("disk full")
+
+    broken = Broken([first._keys[first.active_id]], first.active_id)
+    with pytest.raises(OSError, match="disk full"):
+        broken.save(tmp_path / "k2.json")
+    assert os.listdir(tmp_path) == ["keys.json"]
+
+
+def test_a_key_file_another_process_creates_while_this_one_writes_wins(tmp_path: Path) -> None:
+    # The existence check comes before the write: a key file created in between (another
+    # `dualmem keygen`, the embedded default of a second process) must be kept, or the
+    # records it sealed lose their key.
+    path = tmp_path / "keys.json"
+    theirs = Keyring.generate()
+
+    class Racing(Keyring):
+        def to_json(self) -> str:
+            theirs.save(path)  # lands after this save's check, before its link
+            return super().to_json()
+
+    mine = Keyring.generate()
+    racing = Racing([mine._keys[mine.active_id]], mine.active_id)
+    with pytest.raises(ConfigurationError, match="already exists"):
+        racing.save(path)
+    assert Keyring.load(path).ids == theirs.ids
+    assert os.listdir(tmp_path) == ["keys.json"]
+
+
+def test_size_limits_hold_at_their_bounds_and_a_forged_size_is_refused() -> None:
+    # A value exactly max_value_bytes long is accepted and opens (compressed too); a
+    # compressed payload claiming one byte more is refused before lz4 allocates it, and
+    # a payload too short for its size or that does not decompress is a tampered record
+    # (raw struct.error and LZ4BlockError escaped).
+    codec = Codec(None, compress_threshold=0, max_value_bytes=102)
+    value = "a" * 100  # 102 bytes with its quotes
+    env = codec.seal(value, scope="swarm:x", key="k", level=Level.SWARM)
+    assert env[1] & 0x01
+    assert codec.open(env, scope="swarm:x", key="k", level=Level.SWARM) == value
+    with pytest.raises(ValidationError, match="limit is 102"):
+        codec.seal(value + "a", scope="swarm:x", key="k", level=Level.SWARM)
+    where = {"scope": "swarm:x", "key": "k", "level": Level.SWARM}
+    forged = b"\x01\x01" + (103).to_bytes(4, "little") + env[6:]
+    with pytest.raises(TamperedRecord, match="claims 103 bytes, over the limit"):
+        codec.open(forged, **where)  # type: ignore[arg-type]
+    for junk in (b"\x01\x01abc", b"\x01\x01" + (10).to_bytes(4, "little") + b"\xff\xff"):
+        with pytest.raises(TamperedRecord):
+            codec.open(junk, **where)  # type: ignore[arg-type]
+
+
+def test_json_nesting_is_limited_at_exactly_max_depth() -> None:
+    from acl.crypto import MAX_JSON_DEPTH
+
+    codec = Codec(None)
+    for wrap in (lambda v: [v], lambda v: {"k": v}):
+        value: object = 1
+        for _ in range(MAX_JSON_DEPTH):
+            value = wrap(value)
+        env = codec.seal(value, scope="swarm:x", key="k", level=Level.SWARM)
+        assert codec.open(env, scope="swarm:x", key="k", level=Level.SWARM) == value
+        with pytest.raises(ValidationError, match="nested deeper than 100"):
+            codec.seal(wrap(value), scope="swarm:x", key="k", level=Level.SWARM)
+
+
+@pytest.mark.parametrize(
+    "junk", [b"\x01\x00{", b"\x01\x00" + b"[" * 100_000 + b"]" * 100_000, b"\x00\x00{}"]
+)
+def test_a_plaintext_envelope_that_is_not_one_of_ours_is_a_tampered_record(junk: bytes) -> None:
+    # Malformed or too deep JSON escaped as JSONDecodeError or RecursionError, and a
+    # version 0 byte was read as a plaintext envelope.
+    with pytest.raises(TamperedRecord):
+        Codec(None).open(junk, scope="swarm:x", key="k", level=Level.SWARM)
+
+
+def test_malformed_encrypted_headers_are_tampered_records_not_a_missing_key() -> None:
+    # A header cut after its flags raised IndexError; a key id or writer that is not text
+    # was reported as a key to load (MissingKey) instead of a tampered record; an
+    # encrypted envelope at a plaintext level is refused for its level.
+    codec = Codec(Keyring.generate())
+    where = {"scope": "agent:a", "key": "k", "level": Level.PRIVATE}
+    kid = codec.keyring.active_id.encode()  # type: ignore[union-attr]
+    good = codec.seal(1, **where, owner="a")  # type: ignore[arg-type]
+    bad_writer = bytes((2, 2, len(kid))) + kid + bytes(12) + b"\x00\x01\xff" + bytes(40)
+    for junk in (
+        b"\x01\x02",
+        b"\x02\x02",
+        b"\x01\x02\x01\xff" + bytes(40),
+        b"\x02\x02\x01\xff" + bytes(60),
+        bad_writer,
+        good[:-1][: 3 + len(kid) + 12 + 2 + 1 + 12],
+    ):
+        with pytest.raises(TamperedRecord):
+            codec.open(junk, **where)  # type: ignore[arg-type]
+    with pytest.raises(TamperedRecord, match="does not match the level's encryption"):
+        codec.open(good, scope="agent:a", key="k", level=Level.SWARM)
+    with pytest.raises(TamperedRecord, match="not by its recorded writer ''"):
+        codec.open(good, **where, owner="")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="no keyring is configured"):
+        Codec(None).open(good, **where)  # type: ignore[arg-type]
+
+
+def test_header_readers_name_nothing_for_a_header_cut_short() -> None:
+    from acl.crypto import envelope_sealing, may_be_sealed_by
+
+    assert envelope_key_id(b"\x01\x02") is None
+    assert envelope_sealing(b"\x02\x02\x00" + bytes(40)) is None  # no key id
+    assert envelope_sealing(b"\x02\x02\x01k" + bytes(12) + b"\xff\xff" + bytes(8)) is None
+    assert may_be_sealed_by(b"\x02\x02", b"") is False
+
+
+def test_a_rotation_reseals_only_encrypted_levels_each_at_its_own_level() -> None:
+    # A SWARM record handed to reseal was encrypted (and then refused at its level); a
+    # TEAM or SYSTEM record was opened as PRIVATE; a record sealed before version 2 lost
+    # its compression when re-sealed.
+    old = Codec(Keyring.generate(), compress_threshold=64)
+    rotated = Codec(old.keyring.with_new_key(), compress_threshold=64)  # type: ignore[union-attr]
+    plain = old.seal(1, scope="swarm:s", key="k", level=Level.SWARM)
+    assert rotated.reseal(plain, scope="swarm:s", key="k", level=Level.SWARM) is None
+    for level, scope in ((Level.TEAM, "team:t"), (Level.SYSTEM, "system")):
+        env = old.seal({"v": 1}, scope=scope, key="k", level=level, owner="a")
+        again = rotated.reseal(env, scope=scope, key="k", level=level)
+        assert again is not None
+        assert rotated.open(again, scope=scope, key="k", level=level, owner="a") == {"v": 1}
+    big = json.dumps("ab" * 500).encode()
+    legacy = old._seal_legacy(big, scope="agent:a", key="k", level=Level.PRIVATE)
+    assert legacy[1] & 0x01 and len(legacy) < 200
+    again = rotated.reseal(legacy, scope="agent:a", key="k", level=Level.PRIVATE)
+    assert again is not None and again[1] & 0x01 and len(again) < 200
+    assert rotated.open(again, scope="agent:a", key="k", level=Level.PRIVATE) == "ab" * 500
