@@ -393,7 +393,8 @@ class Keyring:
         return cls.from_json(text, source=str(p))
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
-        """Write the key file with mode 0600, atomically (temp file + rename).
+        """Write the key file with mode 0600, atomically (temp file + rename, each
+        fsynced).
 
         Without ``overwrite`` an existing file is never replaced: losing a key loses every
         record it sealed.
@@ -426,6 +427,22 @@ class Keyring:
             if tmp.exists():
                 tmp.unlink()
             raise
+        _fsync_dir(p.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or link in ``path`` durable: until its directory entry is on disk a
+    power loss can take the new key file away after records were sealed with its key."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _key_path(path: object) -> Path:

@@ -765,6 +765,42 @@ def test_a_key_file_another_process_creates_while_this_one_writes_wins(tmp_path:
     assert os.listdir(tmp_path) == ["keys.json"]
 
 
+def test_a_key_file_is_on_disk_before_it_is_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without the fsync before the link a power loss could leave an empty key file in
+    # place, and without the directory's fsync after it none at all, while records sealed
+    # with its key are committed: they could never be read again.
+    events: list[tuple[str, str]] = []
+    fsync, link, replace = os.fsync, os.link, os.replace
+
+    def watched_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def watched_link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(("link", str(dst)))
+        link(src, dst)
+
+    def watched_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(("replace", str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+    monkeypatch.setattr(os, "link", watched_link)
+    monkeypatch.setattr(os, "replace", watched_replace)
+    path = tmp_path / "keys.json"
+    ring = Keyring.generate()
+    ring.save(path)
+    ring.with_new_key().save(path, overwrite=True)
+    for step, done in enumerate(("link", "replace")):
+        written, placed, synced = events[3 * step : 3 * step + 3]
+        assert written[0] == "fsync" and written[1].startswith(str(tmp_path / ".keys.json."))
+        assert placed == (done, str(path))
+        assert synced == ("fsync", str(tmp_path))
+    assert len(events) == 6
+
+
 def test_size_limits_hold_at_their_bounds_and_a_forged_size_is_refused() -> None:
     # A value exactly max_value_bytes long is accepted and opens (compressed too); a
     # compressed payload claiming one byte more is refused before lz4 allocates it, and
