@@ -733,7 +733,9 @@ def test_saving_a_key_file_leaves_no_second_copy_and_overwrite_replaces_it(
     second = first.with_new_key()
     second.save(path, overwrite=True)
     assert os.listdir(tmp_path) == ["keys.json"]
+    # The file names the new key active: rotate-keys saves before it re-seals anything.
     assert Keyring.load(path).ids == second.ids
+    assert Keyring.load(path).active_id == second.active_id != first.active_id
 
     class Broken(Keyring):
         def to_json(self) -> str:
@@ -880,6 +882,28 @@ def test_header_readers_name_nothing_for_a_header_cut_short() -> None:
     assert envelope_sealing(b"\x02\x02\x00" + bytes(40)) is None  # no key id
     assert envelope_sealing(b"\x02\x02\x01k" + bytes(12) + b"\xff\xff" + bytes(8)) is None
     assert may_be_sealed_by(b"\x02\x02", b"") is False
+    # A writer whose name starts with the one asked about is another writer.
+    env = Codec(Keyring.generate()).seal(1, scope="agent:ab", key="k", level=1, owner="ab")
+    assert may_be_sealed_by(env, b"ab") is True
+    assert may_be_sealed_by(env, b"a") is False
+
+
+def test_a_sealing_the_header_cannot_hold_is_refused() -> None:
+    # seal_bytes(sealing=...) with a write id of another length wrote a header every
+    # reader parses at the wrong offsets; a generation past 32 bits raised OverflowError.
+    from acl.crypto import Sealing
+
+    codec = Codec(Keyring.generate())
+    for bad in (
+        Sealing(bytes(7), 1, "a"),
+        Sealing(bytes(9), 1, "a"),
+        Sealing(bytes(8), 1 << 32, "a"),
+    ):
+        with pytest.raises(ValueError, match="not a valid sealing"):
+            codec.seal_bytes(b"1", scope="agent:a", key="k", level=Level.PRIVATE, sealing=bad)
+    top = Sealing(bytes(8), (1 << 32) - 1, "a")
+    env = codec.seal_bytes(b"1", scope="agent:a", key="k", level=Level.PRIVATE, sealing=top)
+    assert codec.open(env, scope="agent:a", key="k", level=Level.PRIVATE, owner="a") == 1
 
 
 def test_a_rotation_reseals_only_encrypted_levels_each_at_its_own_level() -> None:
