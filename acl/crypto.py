@@ -61,6 +61,7 @@ __all__ = [
     "Sealing",
     "envelope_key_id",
     "envelope_sealing",
+    "fsync_dir",
     "may_be_sealed_by",
 ]
 
@@ -427,12 +428,14 @@ class Keyring:
             if tmp.exists():
                 tmp.unlink()
             raise
-        _fsync_dir(p.parent)
+        fsync_dir(p.parent)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or link in ``path`` durable: until its directory entry is on disk a
-    power loss can take the new key file away after records were sealed with its key."""
+def fsync_dir(path: Path) -> None:
+    """Make a rename or link in the directory ``path`` durable: until its entry is on
+    disk a power loss can take the new file away (a key file after records were sealed
+    with its key, a backup after it was reported done). Best effort where the platform
+    cannot open or fsync a directory."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

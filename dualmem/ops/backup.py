@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from acl.crypto import fsync_dir
 from acl.errors import ConfigurationError
 from dualmem.errors import StoreUnavailable
 from dualmem.migrations import schema_version
@@ -99,7 +100,7 @@ def backup_database(
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except sqlite3.Error as exc:
         raise StoreUnavailable(f"backup to {target} failed: {exc}") from exc
     finally:
@@ -126,17 +127,3 @@ def _verify_copy(conn: sqlite3.Connection, target: Path) -> BackupResult:
         failed = "; ".join(f"{c.name}: {c.summary}" for c in checks if not c.ok)
         raise StoreUnavailable(f"the copy failed verification ({failed}); nothing was written")
     return result
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename is durable only once the directory entry is on disk.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
