@@ -541,6 +541,40 @@ def test_a_decrypting_export_whose_audit_event_is_dead_lettered_says_how_to_repl
     assert code == 1  # a command not confirmed, as for import and dlq replay (it was 0)
 
 
+def test_a_decrypting_export_whose_audit_event_is_still_pending_says_so_and_exits_1(
+    make_mem: Callable[..., DualMemory],
+    src: list[str],
+    db_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No test failed when an export_decrypted event still pending after the export's wait
+    # counted as confirmed: the command exited 0 though the decryption was not on the
+    # audit trail yet (the epilog promises 1: not confirmed, pending or dead-lettered).
+    from dualmem.ops.runtime import Runtime
+
+    mem = make_mem()
+    mem.sync(mem.put("secret", {"token": SECRET}, level=Level.PRIVATE, principal=CODER))
+    mem.close()  # no worker but the export's own
+    # Every commit of the event fails and is retried: it stays pending, not dead.
+    refuse_inserts(db_path, "NEW.event = 'export_decrypted'", table="audit_log")
+    monkeypatch.setenv("DUALMEM_MAX_DELIVERIES", "1000")
+    monkeypatch.setenv("DUALMEM_CLOSE_TIMEOUT", "0.2")
+    real_wait = Runtime.wait
+    # The export waits 10 s for its event; a shorter wait changes only how long it waits.
+    monkeypatch.setattr(
+        Runtime, "wait", lambda rt, receipts, _t, *a: real_wait(rt, receipts, 0.2, *a)
+    )
+    out = tmp_path / "clear.jsonl"
+    argv = ["--out", str(out), "--decrypt", "--as", "coder-1"]
+    code, text, err = run_cli(capsys, "export", *src, *argv)
+    assert "1 decrypted" in text, text + err
+    assert "the export_decrypted audit event is in the command stream, not committed yet" in text
+    assert "dead-lettered" not in text
+    assert code == 1, text + err
+
+
 def test_an_output_never_replaces_the_database(
     mem: DualMemory,
     src: list[str],
