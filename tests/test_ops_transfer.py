@@ -303,6 +303,41 @@ def test_an_import_its_worker_cannot_commit_before_the_wait_is_exit_1(
     assert "imported 0 record(s); 1 still pending, a worker will commit them" in out
 
 
+def test_an_import_whose_commit_is_dead_lettered_says_so_and_exits_1(
+    make_mem: Callable[..., DualMemory],
+    src: list[str],
+    db_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Only a pending import was tried: no test failed when a dead-lettered one exited 0
+    # (or 3) as if it had landed, and the operator would not look in the dead letters.
+    make_mem(worker=False)  # the database, no worker of its own
+    monkeypatch.setenv("DUALMEM_MAX_DELIVERIES", "1")
+    refuse_inserts(db_path, table="journal")
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"scope": "swarm:s1", "key": "k", "level": 3, "value": 1}) + "\n")
+    code, out, err = run_cli(capsys, "import", *src, str(f))
+    assert "imported 0 record(s); 1 dead-lettered (dualmem dlq list)" in out, out + err
+    assert code == 1, out + err
+
+
+def test_a_dry_run_names_its_first_20_writes_and_counts_the_rest(
+    src: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No dry run had more than two writes: one that named only its first five, or kept
+    # quiet about the writes past the twentieth, went unnoticed.
+    f = tmp_path / "in.jsonl"
+    lines = [{"scope": "swarm:s1", "key": f"k{i:02}", "level": 3, "value": i} for i in range(25)]
+    f.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    code, out, err = run_cli(capsys, "import", *src, str(f), "--dry-run", "--new-db")
+    assert code == 0, out + err
+    named = [line.split()[-1] for line in out.splitlines() if "would write (new)" in line]
+    assert named == [f"swarm:s1/k{i:02}" for i in range(20)], out
+    assert "  ... and 5 more" in out and "dry run: nothing was written" in out
+
+
 def test_a_line_nested_too_deeply_to_parse_is_a_bad_line(
     mem: DualMemory,
     src: list[str],
