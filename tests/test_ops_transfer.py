@@ -251,6 +251,9 @@ def test_bad_lines_are_reported_by_number_and_skipped_or_fail_the_import(
     assert journal_len(db_path) == n  # never half-applied
     code, out, _ = run_cli(capsys, "import", *src, str(f))
     assert code == 3
+    # The table counts them too (its "bad lines" could say 0 and no test noticed).
+    (row,) = [r for r in out.splitlines() if r.startswith("│") and "new" not in r]
+    assert [c.strip() for c in row.split("│")[1:-1]] == ["3", "0", "0", "0", "5"], out
     assert f"{f}:2: not valid JSON" in out
     assert f"{f}:4: scope 'swarm:s1' is not at level PROJECT" in out
     assert f"{f}:5: a line needs exactly one of 'value' and 'envelope'" in out
