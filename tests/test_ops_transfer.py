@@ -10,7 +10,10 @@ import io
 import json
 import os
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +26,7 @@ from hypothesis import strategies as st
 
 from acl import Codec, Keyring, Level, Principal
 from dualmem import DualMemory
+from dualmem.cli import main
 from dualmem.migrations import migrate
 from dualmem.ops.transfer import LineError, export_records, parse_line, plan_import
 from dualmem.settings import Settings
@@ -611,6 +615,48 @@ def test_a_decrypting_export_whose_audit_event_is_still_pending_says_so_and_exit
     assert "the export_decrypted audit event is in the command stream, not committed yet" in text
     assert "dead-lettered" not in text
     assert code == 1, text + err
+
+
+@pytest.mark.parametrize(
+    "option", [["--team", "t"], ["--swarm", "s1"], ["--project", "p"], ["--system"]]
+)
+def test_a_principals_option_without_decrypt_is_refused(
+    src: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str]
+) -> None:
+    # Only --as was tried: a --team (--swarm, --project, --system) without --decrypt was
+    # ignored with no test failing, the file sealed where the operator asked to read it.
+    out = tmp_path / "x.jsonl"
+    code, _, err = run_cli(capsys, "export", *src, "--out", str(out), *option)
+    assert code == 2 and "need --decrypt" in err, err
+    assert not out.exists()
+
+
+def test_an_export_killed_mid_write_does_not_stop_the_next_one(
+    mem: DualMemory, src: list[str], tmp_path: Path
+) -> None:
+    # An export killed outright leaves its partial file behind. Were its name the same on
+    # every run, every later export to that --out would refuse ("File exists") until
+    # someone found and deleted the hidden file (as backup did; no export test had one).
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=CODER))
+    out = tmp_path / "exports" / "x.jsonl"
+    out.parent.mkdir()
+    # Killed as it writes its records, once the partial file is there.
+    script = (
+        "import contextlib, os, signal, sys\n"
+        "import dualmem.ops.cli as cli\n"
+        "from dualmem.cli import main\n"
+        "kill = lambda *_: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "cli._progress = lambda console: contextlib.nullcontext(kill)\n"
+        "main(sys.argv[1:])\n"
+    )
+    argv = [sys.executable, "-c", script, "export", *src, "--out", str(out)]
+    killed = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (left,) = out.parent.iterdir()  # the killed export's partial file, never --out
+    assert left.name.startswith(".x.jsonl.") and left.name.endswith(".partial")
+    code = main(["export", *src, "--out", str(out)])
+    assert code == 0 and json.loads(out.read_text(encoding="utf-8"))["key"] == "k"
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([left.name, "x.jsonl"])
 
 
 def test_an_output_never_replaces_the_database(
