@@ -139,6 +139,10 @@ def test_backup_with_force_replaces_an_existing_file(
     assert code == 0, out + err
     assert count(dest, "memory") == 1
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("nightly")] == ["nightly.db"]
+    # It prints the rows of every counted table (only the first, memory's, failed nothing).
+    for table in ("memory", "journal", "audit_log", "dead_letters", "missions", "tool_calls"):
+        n = count(dest, table)
+        assert re.search(rf"rows in {table}\s*│\s*{n}\s*│", out), (table, out)
 
 
 def _damage(db_path: Path, kind: str) -> None:
