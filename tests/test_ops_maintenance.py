@@ -562,7 +562,10 @@ def test_a_poison_entry_replayed_is_dead_again(
 
 
 def test_a_dead_letter_of_a_passing_failure_replays_and_commits(
-    mem: DualMemory, args: list[str], capsys: pytest.CaptureFixture[str]
+    mem: DualMemory,
+    args: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     env = mem.codec.seal(
         {"v": 1}, scope="agent:coder-1", key="late", level=Level.PRIVATE, owner="coder-1"
@@ -580,8 +583,21 @@ def test_a_dead_letter_of_a_passing_failure_replays_and_commits(
         "agent:coder-1",
         "late",
     )
-    code, out, _ = run_cli(capsys, "dlq", "replay", *args, "--all")
+    # It waits as long as --wait says (a replay that waited its fixed default whatever
+    # --wait said failed nothing: a slow worker's replay was called pending too soon).
+    from dualmem.ops.runtime import Runtime
+
+    waits: list[float] = []
+    real_wait = Runtime.wait
+
+    def wait(rt: Runtime, receipts: Any, timeout: float, *a: Any) -> Any:
+        waits.append(timeout)
+        return real_wait(rt, receipts, timeout, *a)
+
+    monkeypatch.setattr(Runtime, "wait", wait)
+    code, out, _ = run_cli(capsys, "dlq", "replay", *args, "--all", "--wait", "25")
     assert code == 0 and "1 committed" in out
+    assert waits == [25.0]
     assert mem.get("late", level=Level.PRIVATE, principal=CODER) == {"v": 1}
     code, out, _ = run_cli(capsys, "dlq", "list", *args)
     assert "no dead letters" in out
