@@ -244,6 +244,34 @@ def test_a_file_edited_by_hand_is_imported(
     assert verify_mirror(capsys, args, mdir)["status"] == "ok"
 
 
+def test_mirror_once_waits_its_wait_for_the_edits_it_imported(
+    mem: DualMemory,
+    args: list[str],
+    mdir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # --once waits up to --wait for the edits it imported to commit before its last
+    # cycle writes them back. No test failed when it did not wait at all: with a worker
+    # slower than the next cycle, the directory was left behind SQLite at exit.
+    put(mem, "plan", {"steps": 1})
+    once(capsys, args, mdir)
+    f = file_of(mdir, "plan")
+    write_value(f, {"steps": 2})
+    waits: list[float] = []
+    real_wait = Runtime.wait
+
+    def wait(rt: Runtime, receipts: Any, timeout: float, *a: Any) -> Any:
+        waits.append(timeout)
+        return real_wait(rt, receipts, timeout, *a)
+
+    monkeypatch.setattr(Runtime, "wait", wait)
+    code, out, err = run_cli(capsys, "mirror", *args, "--dir", str(mdir), "--once", "--wait", "7")
+    assert code == 0 and "1 imported" in out, out + err
+    assert waits == [7.0]
+    assert doc(f)["owner"] == "mirror"  # written back from SQLite after the commit
+
+
 def test_a_key_with_a_leading_dot_is_not_a_hidden_file(
     mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
