@@ -924,6 +924,11 @@ def test_doctor_finds_each_problem_and_says_how_to_fix_it(
         code, found = doctor(
             capsys, "--redis-url", srv.url, "--db", str(db), "--keyring", str(keyfile)
         )
+        # Its table says how to fix each too (a table without the fix column, the one
+        # an operator reads, failed nothing: every other test read --json).
+        argv = ["--redis-url", srv.url, "--db", str(db), "--keyring", str(keyfile)]
+        table_code, table, _ = run_cli(capsys, "doctor", *argv)
+        assert table_code == 1 and "chmod" in table and "noeviction" in table, table
         # Evicting only keys with a ttl never takes a stream, but takes the cache entry
         # a fresh read of a write not yet committed needs: a failure too, said so.
         srv.client().config_set("maxmemory-policy", "volatile-lru")
