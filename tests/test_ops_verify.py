@@ -716,6 +716,9 @@ def test_a_check_keeps_its_first_problems_and_counts_them_all(
     code, out, _ = run_cli(capsys, "verify", *args, "--no-redis")
     assert code == 1
     assert "journal hash chain: 23 problem(s)" in out and "... and 3 more" in out
+    # The table's report lists every problem kept, not only the first.
+    for seq in range(1, MAX_PROBLEMS + 1):
+        assert f"  - seq {seq}: hash does not match the row's contents\n" in out, out
 
 
 def test_verify_reads_chains_and_streams_past_their_first_page(
@@ -1096,6 +1099,9 @@ def test_the_orphan_warning_names_five_and_counts_the_rest(
         ", 5 orphaned record(s) (older than their mission's delete)"
     )
     assert projection["fix"].endswith(": " + ", ".join(named))
+    # The table says how to fix a warning too (it could keep quiet: every test read --json).
+    code, out, _ = run_cli(capsys, "verify", *args, "--no-redis")
+    assert code == 0 and f"mission projection: {projection['fix']}\n" in out, out
     mem.sync(log.start_mission("m2", "p"), timeout=10)
     one_more = log.record_tool_call("m2", "t", {}, None, 1, True)
     mem.sync(one_more, timeout=10)
