@@ -57,6 +57,16 @@ def test_dry_run_changes_nothing(v1: Path, capsys: pytest.CaptureFixture[str]) -
     assert "dry run: nothing was changed" in out
     assert v1.read_bytes() == before
     assert list(v1.parent.glob("*.bak")) == []
+    # Its table calls every step planned, none applied (a table that called them all
+    # applied failed nothing); the migration then calls them applied, and a file already
+    # current is named with its schema, nothing to do.
+    states = [r.split("│")[3].strip() for r in out.splitlines() if r.startswith("│ ")]
+    assert len(states) > 1 and set(states) - {""} == {"planned"}, out
+    code, out, _ = run_cli(capsys, "migrate", "--db", str(v1))
+    states = [r.split("│")[3].strip() for r in out.splitlines() if r.startswith("│ ")]
+    assert code == 0 and len(states) > 1 and set(states) - {""} == {"applied"}, out
+    code, out, _ = run_cli(capsys, "migrate", "--db", str(v1))
+    assert code == 0 and f"is at schema {SCHEMA_VERSION}: nothing to do" in out, out
 
 
 MEMORY_COLUMNS = (
