@@ -212,6 +212,36 @@ def allow_inserts(db: Path) -> None:
         conn.execute("DROP TRIGGER IF EXISTS test_refuse")
 
 
+def record_runtime_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The timeouts every ``Runtime.wait`` is called with from now on (it still waits):
+    what an operator command passes on from its ``--wait``."""
+    from dualmem.ops.runtime import Runtime
+
+    waits: list[float] = []
+    real_wait = Runtime.wait
+
+    def wait(rt: Runtime, receipts: Any, timeout: float, *a: Any) -> Any:
+        waits.append(timeout)
+        return real_wait(rt, receipts, timeout, *a)
+
+    monkeypatch.setattr(Runtime, "wait", wait)
+    return waits
+
+
+def partial_left_by_a_kill(script: str, args: list[str], dest: Path) -> Path:
+    """Run the Python ``script`` with ``args``, which kills itself with SIGKILL while it
+    writes ``dest``; the one file it left in ``dest``'s directory: its hidden partial
+    file (``.<name>.<random>.partial``), never ``dest``."""
+    import subprocess
+
+    argv = [sys.executable, "-c", script, *args]
+    killed = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (left,) = dest.parent.iterdir()
+    assert left.name.startswith(f".{dest.name}.") and left.name.endswith(".partial")
+    return left
+
+
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     """Run ``dualmem <argv>`` in this process; its exit code, stdout and stderr."""
     from dualmem.cli import main

@@ -34,7 +34,16 @@ from dualmem.ops.exporter import Exporter, start_server
 from dualmem.settings import Settings
 from dualmem.store import StreamEntry
 
-from .conftest import RedisServer, free_port, redis_fields, run_cli, wait_until, worker_of
+from .conftest import (
+    RedisServer,
+    free_port,
+    partial_left_by_a_kill,
+    record_runtime_waits,
+    redis_fields,
+    run_cli,
+    wait_until,
+    worker_of,
+)
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 FIXTURE = Path(__file__).parent / "data" / "schema_v1.db"
@@ -262,11 +271,7 @@ def test_a_backup_killed_mid_copy_does_not_stop_the_next_one(
         "backup_database(sys.argv[1], sys.argv[2],\n"
         "                progress=lambda *_: os.kill(os.getpid(), signal.SIGKILL))\n"
     )
-    argv = [sys.executable, "-c", script, str(db_path), str(dest)]
-    killed = subprocess.run(argv, capture_output=True, timeout=60, check=False)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    (left,) = dest.parent.iterdir()  # the killed copy's partial file, never DEST
-    assert left.name.startswith(".b.db.") and left.name.endswith(".partial")
+    left = partial_left_by_a_kill(script, [str(db_path), str(dest)], dest)
     result = backup_database(db_path, dest)
     assert result.ok and count(dest, "memory") == 1
     assert sorted(p.name for p in dest.parent.iterdir()) == sorted([left.name, "b.db"])
@@ -585,16 +590,7 @@ def test_a_dead_letter_of_a_passing_failure_replays_and_commits(
     )
     # It waits as long as --wait says (a replay that waited its fixed default whatever
     # --wait said failed nothing: a slow worker's replay was called pending too soon).
-    from dualmem.ops.runtime import Runtime
-
-    waits: list[float] = []
-    real_wait = Runtime.wait
-
-    def wait(rt: Runtime, receipts: Any, timeout: float, *a: Any) -> Any:
-        waits.append(timeout)
-        return real_wait(rt, receipts, timeout, *a)
-
-    monkeypatch.setattr(Runtime, "wait", wait)
+    waits = record_runtime_waits(monkeypatch)
     code, out, _ = run_cli(capsys, "dlq", "replay", *args, "--all", "--wait", "25")
     assert code == 0 and "1 committed" in out
     assert waits == [25.0]

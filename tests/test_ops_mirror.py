@@ -49,6 +49,7 @@ from .conftest import (
     REFUSED,
     RedisServer,
     allow_inserts,
+    record_runtime_waits,
     redis_fields,
     refuse_inserts,
     run_cli,
@@ -258,14 +259,7 @@ def test_mirror_once_waits_its_wait_for_the_edits_it_imported(
     once(capsys, args, mdir)
     f = file_of(mdir, "plan")
     write_value(f, {"steps": 2})
-    waits: list[float] = []
-    real_wait = Runtime.wait
-
-    def wait(rt: Runtime, receipts: Any, timeout: float, *a: Any) -> Any:
-        waits.append(timeout)
-        return real_wait(rt, receipts, timeout, *a)
-
-    monkeypatch.setattr(Runtime, "wait", wait)
+    waits = record_runtime_waits(monkeypatch)
     code, out, err = run_cli(capsys, "mirror", *args, "--dir", str(mdir), "--once", "--wait", "7")
     assert code == 0 and "1 imported" in out, out + err
     assert waits == [7.0]

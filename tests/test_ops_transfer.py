@@ -10,10 +10,7 @@ import io
 import json
 import os
 import shutil
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +28,7 @@ from dualmem.migrations import migrate
 from dualmem.ops.transfer import LineError, export_records, parse_line, plan_import
 from dualmem.settings import Settings
 
-from .conftest import refuse_inserts, run_cli
+from .conftest import partial_left_by_a_kill, refuse_inserts, run_cli
 
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 OTHER = Principal(agent_id="coder-2", team="frontend", swarm="s2", project="shop")
@@ -558,6 +555,24 @@ def test_a_decrypting_export_that_cannot_be_audited_leaves_no_file(
     assert list(tmp_path.glob("*clear.jsonl*")) == []
 
 
+def export_whose_audit_event_fails(
+    make_mem: Callable[..., DualMemory],
+    src: list[str],
+    db_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> tuple[int, str, str]:
+    """`export --decrypt --as coder-1` of one private record, every commit of its
+    export_decrypted audit event refused (``DUALMEM_MAX_DELIVERIES`` decides whether it
+    ends pending or dead-lettered); the command's exit code, stdout and stderr."""
+    mem = make_mem()
+    mem.sync(mem.put("secret", {"token": SECRET}, level=Level.PRIVATE, principal=CODER))
+    mem.close()  # no worker but the export's own
+    refuse_inserts(db_path, "NEW.event = 'export_decrypted'", table="audit_log")
+    out = tmp_path / "clear.jsonl"
+    return run_cli(capsys, "export", *src, "--out", str(out), "--decrypt", "--as", "coder-1")
+
+
 def test_a_decrypting_export_whose_audit_event_is_dead_lettered_says_how_to_replay_it(
     make_mem: Callable[..., DualMemory],
     src: list[str],
@@ -569,14 +584,8 @@ def test_a_decrypting_export_whose_audit_event_is_dead_lettered_says_how_to_repl
     # No test failed when the export kept quiet about its export_decrypted event being
     # dead-lettered: the decryption would be off the audit trail, and no one told. It
     # also exited 0, where an import or a replay not confirmed exits 1.
-    mem = make_mem()
-    mem.sync(mem.put("secret", {"token": SECRET}, level=Level.PRIVATE, principal=CODER))
-    mem.close()  # no worker but the export's own
-    refuse_inserts(db_path, "NEW.event = 'export_decrypted'", table="audit_log")
     monkeypatch.setenv("DUALMEM_MAX_DELIVERIES", "1")
-    out = tmp_path / "clear.jsonl"
-    argv = ["--out", str(out), "--decrypt", "--as", "coder-1"]
-    code, text, err = run_cli(capsys, "export", *src, *argv)
+    code, text, err = export_whose_audit_event_fails(make_mem, src, db_path, tmp_path, capsys)
     assert "1 decrypted" in text, text + err
     assert "the export_decrypted audit event was dead-lettered" in text
     assert "dualmem dlq replay --all" in text
@@ -596,11 +605,7 @@ def test_a_decrypting_export_whose_audit_event_is_still_pending_says_so_and_exit
     # audit trail yet (the epilog promises 1: not confirmed, pending or dead-lettered).
     from dualmem.ops.runtime import Runtime
 
-    mem = make_mem()
-    mem.sync(mem.put("secret", {"token": SECRET}, level=Level.PRIVATE, principal=CODER))
-    mem.close()  # no worker but the export's own
     # Every commit of the event fails and is retried: it stays pending, not dead.
-    refuse_inserts(db_path, "NEW.event = 'export_decrypted'", table="audit_log")
     monkeypatch.setenv("DUALMEM_MAX_DELIVERIES", "1000")
     monkeypatch.setenv("DUALMEM_CLOSE_TIMEOUT", "0.2")
     real_wait = Runtime.wait
@@ -608,9 +613,7 @@ def test_a_decrypting_export_whose_audit_event_is_still_pending_says_so_and_exit
     monkeypatch.setattr(
         Runtime, "wait", lambda rt, receipts, _t, *a: real_wait(rt, receipts, 0.2, *a)
     )
-    out = tmp_path / "clear.jsonl"
-    argv = ["--out", str(out), "--decrypt", "--as", "coder-1"]
-    code, text, err = run_cli(capsys, "export", *src, *argv)
+    code, text, err = export_whose_audit_event_fails(make_mem, src, db_path, tmp_path, capsys)
     assert "1 decrypted" in text, text + err
     assert "the export_decrypted audit event is in the command stream, not committed yet" in text
     assert "dead-lettered" not in text
@@ -649,11 +652,7 @@ def test_an_export_killed_mid_write_does_not_stop_the_next_one(
         "cli._progress = lambda console: contextlib.nullcontext(kill)\n"
         "main(sys.argv[1:])\n"
     )
-    argv = [sys.executable, "-c", script, "export", *src, "--out", str(out)]
-    killed = subprocess.run(argv, capture_output=True, timeout=60, check=False)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    (left,) = out.parent.iterdir()  # the killed export's partial file, never --out
-    assert left.name.startswith(".x.jsonl.") and left.name.endswith(".partial")
+    left = partial_left_by_a_kill(script, ["export", *src, "--out", str(out)], out)
     code = main(["export", *src, "--out", str(out)])
     assert code == 0 and json.loads(out.read_text(encoding="utf-8"))["key"] == "k"
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([left.name, "x.jsonl"])
