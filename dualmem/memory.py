@@ -47,7 +47,7 @@ from dualmem.keyuse import KeyLease, send_carrying
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics, prometheus_text
 from dualmem.projection import projected
-from dualmem.redis_backend import connect, text, transact, translate_errors
+from dualmem.redis_backend import connect, run_if_holds, text, transact, translate_errors
 from dualmem.rotation import KeyfileWatcher, keyfile_signature
 from dualmem.settings import Settings, check_seconds, load_keyring
 from dualmem.sqlite_store import SQLiteStore, holds_sealed_rows, make_database_directory
@@ -718,7 +718,8 @@ class DualMemory:
             length = None
             try:
                 with translate_errors("write"):
-                    replies = send_carrying(self._lease, commands, partial(transact, self._redis))
+                    send = partial(self._transact, cache_key, cached)
+                    replies = send_carrying(self._lease, commands, send)
                 if check:
                     length = int(replies[2])
             finally:
@@ -733,6 +734,37 @@ class DualMemory:
             return text(replies[1])
         finally:
             self._leave_gate()
+
+    def _transact(
+        self, cache_key: bytes, cached: bytes, commands: list[tuple[Any, ...]]
+    ) -> list[Any]:
+        """A write's ``MULTI; SET; XADD; ...; EXEC`` (see :meth:`_send`): its replies, or
+        the first error a command in it answered.
+
+        Redis runs the rest of a transaction past a failed command and has no rollback:
+        an ``XADD`` refused (the stream's name holding another type: an operator's
+        mistake) left the ``SET``'s cache entry, which fresh reads then showed for a
+        write that raised and that no command would ever bring to SQLite. The entry is
+        taken back then, only while it still holds this write's bytes (another write may
+        have replaced it since).
+        """
+        replies = transact(self._redis, commands, keep_errors=True)
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError):
+                break
+        else:
+            return replies
+        if isinstance(replies[1], redis.ResponseError) and replies[0] == b"OK":
+            try:
+                run_if_holds(self._redis, cache_key, cached, (b"DEL", cache_key))
+            except redis.RedisError as exc:
+                log.warning(
+                    "a refused write's cache entry %r stays (until it expires or the key "
+                    "is written again): %s",
+                    cache_key,
+                    exc,
+                )
+        raise reply
 
     def _uncertain(self, shard: int, settled: int) -> int:
         """This object's writes a length read may have missed: those started and not yet

@@ -384,13 +384,18 @@ class OutcomeUnknown(redis.RedisError):
     retry policy retries those)."""
 
 
-def transact(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+def transact(
+    client: redis.Redis, commands: Sequence[tuple[Any, ...]], *, keep_errors: bool = False
+) -> list[Any]:
     """``MULTI; <commands>; EXEC`` as one write and one read on a pooled connection.
 
     Returns EXEC's raw replies (no response callbacks: ``SET`` gives ``b"OK"``, ``XADD`` the
     id as bytes). This is the put path's round trip; going around redis-py's ``Pipeline``
     object saves about 20 µs per call, more than dualmem's own work on a put. Errors are
-    redis-py's; a failed exchange drops the connection (it may hold unread replies). It is
+    redis-py's: a command EXEC ran and that failed raises its ``ResponseError`` (the
+    others ran: Redis has no rollback), or with ``keep_errors`` stays in its place among
+    the replies, so the caller can tell which ones ran. A failed exchange drops the
+    connection (it may hold unread replies). It is
     retried under the client's retry policy only if it failed before the whole transaction
     was handed to the socket (EXEC is its last command, so Redis ran none of it); once
     sent, a timeout or a dropped connection raises ``OutcomeUnknown`` instead: sending it
@@ -399,8 +404,13 @@ def transact(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[A
     >>> import fakeredis
     >>> transact(fakeredis.FakeRedis(), [(b"SET", b"k", b"v"), (b"INCR", b"n")])
     [b'OK', 1]
+    >>> ok, failed = transact(
+    ...     fakeredis.FakeRedis(), [(b"SET", b"k", b"v"), (b"INCR", b"k")], keep_errors=True)
+    >>> ok, str(failed)
+    (b'OK', 'value is not an integer or out of range')
     """
-    return _round_trip(client, [(b"MULTI",), *commands, (b"EXEC",)], len(commands), _exchange)
+    exchange = _exchange_keeping_errors if keep_errors else _exchange
+    return _round_trip(client, [(b"MULTI",), *commands, (b"EXEC",)], len(commands), exchange)
 
 
 class WatchedKeyChanged(redis.WatchError):
@@ -792,7 +802,9 @@ def _read_replies(conn: Any, packed: Any, count: int) -> list[Any]:
     return replies
 
 
-def _exchange(conn: Any, packed: Any, queued: int, *, aborted_ok: bool = False) -> Any:
+def _exchange(
+    conn: Any, packed: Any, queued: int, *, aborted_ok: bool = False, keep_errors: bool = False
+) -> Any:
     # Everything up to the send is safe to retry: an idle connection's PING, connecting,
     # and the send itself (if it fails, EXEC did not reach Redis whole, so none of it ran).
     direct = isinstance(packed, _Direct)  # in-process: no socket to go stale
@@ -807,7 +819,7 @@ def _exchange(conn: Any, packed: Any, queued: int, *, aborted_ok: bool = False) 
     if direct:
         replies = conn.run_transaction(packed)
         if replies is not _NOT_DIRECT:
-            return _exec_replies(replies, aborted_ok)
+            return _exec_replies(replies, aborted_ok, keep_errors)
     conn.send_packed_command(packed, check_health=False)
     try:
         conn.read_response()  # +OK for MULTI
@@ -827,17 +839,21 @@ def _exchange(conn: Any, packed: Any, queued: int, *, aborted_ok: bool = False) 
         ) from exc
     if not direct:
         conn._dualmem_used = time.monotonic()
-    return _exec_replies(replies, aborted_ok)
+    return _exec_replies(replies, aborted_ok, keep_errors)
 
 
-def _exec_replies(replies: Any, aborted_ok: bool) -> Any:
+_exchange_keeping_errors = functools.partial(_exchange, keep_errors=True)
+
+
+def _exec_replies(replies: Any, aborted_ok: bool, keep_errors: bool = False) -> Any:
     if replies is None and aborted_ok:
         return None  # a WATCHed key changed: EXEC ran nothing
     if not isinstance(replies, list):
         raise redis.ResponseError(f"EXEC returned {replies!r}")
-    for reply in replies:
-        if isinstance(reply, redis.ResponseError):
-            raise reply
+    if not keep_errors:
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError):
+                raise reply
     return replies
 
 

@@ -528,9 +528,11 @@ def test_put_reads_the_backlog_one_write_in_64_and_each_write_near_the_bound(
     sent: list[tuple[bytes, ...]] = []
     original = memory_module.transact
 
-    def recording(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    def recording(
+        client: redis.Redis, commands: Sequence[tuple[Any, ...]], **kwargs: Any
+    ) -> list[Any]:
         sent.append(tuple(c[0] for c in commands))
-        return original(client, commands)
+        return original(client, commands, **kwargs)
 
     monkeypatch.setattr(memory_module, "transact", recording)
     for i in range(199):
@@ -1908,10 +1910,10 @@ def test_a_put_in_flight_when_close_starts_is_drained_with_the_rest(
     real = memory_module.transact
     sending = threading.Event()
 
-    def slow_network(client: Any, commands: Any) -> Any:
+    def slow_network(client: Any, commands: Any, **kwargs: Any) -> Any:
         sending.set()
         time.sleep(0.3)  # the XADD lands after close() has begun
-        return real(client, commands)
+        return real(client, commands, **kwargs)
 
     monkeypatch.setattr(memory_module, "transact", slow_network)
     # close() waits for writes already past its open check, then drains them too: a put
@@ -1944,10 +1946,10 @@ def test_close_is_woken_by_the_last_write_in_flight_not_by_its_bound(
     mem._gate = Recording()
     real = memory_module.transact
 
-    def held(client: Any, commands: Any) -> Any:
+    def held(client: Any, commands: Any, **kwargs: Any) -> Any:
         sending.set()
         assert waiting.wait(10)  # close() waits for this write
-        return real(client, commands)
+        return real(client, commands, **kwargs)
 
     monkeypatch.setattr(memory_module, "transact", held)
     writer = threading.Thread(target=lambda: mem.put("k", 1, level=Level.SWARM, principal=coder))
@@ -2439,18 +2441,28 @@ def test_authorize_returns_the_scope_an_operation_would_use(
         mem.authorize(coder, 9)
 
 
-def test_a_put_redis_refuses_inside_its_transaction_raises(
+def test_a_put_redis_refuses_inside_its_transaction_raises_and_leaves_nothing(
     make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
 ) -> None:
     # Inside MULTI/EXEC one command can fail alone: the stream's name holding a string
     # (an operator's mistake) makes XADD answer WRONGTYPE in EXEC's array, and the put
-    # built its receipt from that error. Redis has no rollback: the SET before it ran,
-    # so the cache entry stays (a fresh read shows it; it never reaches SQLite).
+    # built its receipt from that error. Redis has no rollback: the SET before it ran, and
+    # its cache entry stayed, so a fresh read showed a value (or a delete's tombstone)
+    # that no command would ever bring to SQLite, after a put that raised.
     mem = make_mem(worker=False)
-    raw_redis.delete(mem.layout.stream(0))
-    raw_redis.set(mem.layout.stream(0), b"not a stream")
+    mem.put("k", 1, level=Level.SWARM, principal=coder)
+    scope = coder.scope(Level.SWARM)
+    shard = mem.layout.shard_of(scope, "k")
+    cache_key = mem.layout.cache_key(shard, scope, "k")
+    stream = mem.layout.stream(shard)
+    raw_redis.rename(stream, stream + b"-aside")
+    raw_redis.set(stream, b"not a stream")
     with pytest.raises(StoreUnavailable, match="Redis refused the command: WRONGTYPE"):
-        mem.put("k", 1, level=Level.SWARM, principal=coder)
+        mem.put("k", 2, level=Level.SWARM, principal=coder)
+    assert mem.get("k", level=Level.SWARM, principal=coder, fresh=True) != 2
+    with pytest.raises(StoreUnavailable, match="Redis refused the command: WRONGTYPE"):
+        mem.delete("k", level=Level.SWARM, principal=coder)
+    assert not raw_redis.exists(cache_key)
 
 
 def test_send_many_reads_every_reply_before_raising(raw_redis: redis.Redis) -> None:

@@ -136,8 +136,8 @@ def check_redis(settings: Settings) -> list[Finding]:
 
 
 def _not_a_stream(stream: bytes, kind: str) -> Finding:
-    # Every put fails (WRONGTYPE inside EXEC) and leaves its cache entry: the SET before
-    # the XADD ran, and Redis has no rollback.
+    # Every put fails (WRONGTYPE inside EXEC; the put then takes back the cache entry its
+    # SET left, Redis having no rollback).
     return Finding(
         "stream ids",
         "fail",
