@@ -224,6 +224,43 @@ def test_verify_summarises_a_send_a_cycle_did_not_finish_as_such(
     stray.unlink()
 
 
+def test_the_sending_file_is_on_disk_before_the_send_and_the_state_after_it(
+    mem: DualMemory, settings: Settings, mdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sending file is how a cycle that ends during its send (a kill, a power loss)
+    # is settled by the next one without sending its imports twice, and the state file
+    # names what was sent. Each was fsynced, its directory entry was not: a power loss
+    # after the send could take the renamed file away and leave the old one.
+    put(mem, "plan", {"steps": 1})
+    with started_mirror(settings, mdir) as (rt, mirror):
+        write_value(file_of(mdir, "plan"), {"steps": 2})
+        events: list[tuple[str, str]] = []
+        fsync, replace, send = os.fsync, os.replace, rt.send
+
+        def watched_fsync(fd: int) -> None:
+            events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+            fsync(fd)
+
+        def watched_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+            events.append(("replace", str(dst)))
+            replace(src, dst)
+
+        def watched_send(*args: Any, **kwargs: Any) -> Any:
+            events.append(("send", ""))
+            return send(*args, **kwargs)
+
+        monkeypatch.setattr(os, "fsync", watched_fsync)
+        monkeypatch.setattr(os, "replace", watched_replace)
+        monkeypatch.setattr(rt, "send", watched_send)
+        assert cycle(mirror).imported == 1
+    at = events.index(("send", ""))
+    sending, state, directory = str(mdir / SENDING_FILE), str(mdir / STATE_FILE), str(mdir)
+    assert events[at - 2 : at] == [("replace", sending), ("fsync", directory)]
+    after = events[at + 1 :]
+    saved = after.index(("replace", state))
+    assert after[saved + 1] == ("fsync", directory)
+
+
 def test_a_file_edited_by_hand_is_imported(
     mem: DualMemory, args: list[str], mdir: Path, db_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -2400,10 +2437,10 @@ def test_a_file_write_failing_after_the_send_sends_nothing_twice(
         write_value(other, {"v": 1})  # an import
         real = mirror_module._atomic_write
 
-        def full_disk(path: Path, data: bytes) -> None:
+        def full_disk(path: Path, data: bytes, **kwargs: Any) -> None:
             if path == f:
                 raise OSError(28, "No space left on device", str(path))
-            real(path, data)
+            real(path, data, **kwargs)
 
         monkeypatch.setattr(mirror_module, "_atomic_write", full_disk)
         with pytest.raises(OSError):
@@ -2473,10 +2510,10 @@ def test_a_failed_imports_file_goes_back_after_a_failed_file_write(
         assert rt.wait(cycle(mirror).receipts, 10).dead == 1
         real = mirror_module._atomic_write
 
-        def full_disk(path: Path, data: bytes) -> None:
+        def full_disk(path: Path, data: bytes, **kwargs: Any) -> None:
             if path == f:
                 raise OSError(28, "No space left on device", str(path))
-            real(path, data)
+            real(path, data, **kwargs)
 
         monkeypatch.setattr(mirror_module, "_atomic_write", full_disk)
         with pytest.raises(OSError):

@@ -77,7 +77,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from acl.crypto import Codec, Sealing, envelope_sealing
+from acl.crypto import Codec, Sealing, envelope_sealing, fsync_dir
 from acl.errors import ConfigurationError, DualMemError
 from acl.levels import ENCRYPTED_LEVELS, Level
 from acl.policy import level_of_scope, stored_level
@@ -239,11 +239,15 @@ class MirrorState:
         the time of this save, as a mirror restarted from the file would see it."""
         now = time.time_ns()
         doc = self.to_doc(now)
-        _atomic_write(directory / STATE_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
+        _atomic_write(
+            directory / STATE_FILE,
+            json.dumps(doc, indent=1, sort_keys=True).encode(),
+            sync_dir=True,
+        )
         self.saved_ns = now
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, *, sync_dir: bool = False) -> None:
     # Only its owner can read a mirror, whatever the umask (as `backup` and `export`):
     # levels 3 and 4 are in the clear, and every key name is.
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -254,6 +258,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    if sync_dir:
+        # The rename too, for the mirror's own files (the state, the sending file): a
+        # power loss after the send must not bring the old one back. A record's file
+        # is rewritten from SQLite by the next cycle if it goes.
+        fsync_dir(path.parent)
 
 
 def _follow(
@@ -600,7 +609,9 @@ class Mirror:
             ],
             "state": self.state.to_doc(time.time_ns()),
         }
-        _atomic_write(self.dir / SENDING_FILE, json.dumps(doc, sort_keys=True).encode())
+        _atomic_write(
+            self.dir / SENDING_FILE, json.dumps(doc, sort_keys=True).encode(), sync_dir=True
+        )
 
     def _streams_of(self, records: Iterable[tuple[str, str]]) -> list[bytes]:
         """The command streams that commands on ``records`` (scope, key) go to."""
