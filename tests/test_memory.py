@@ -2465,6 +2465,29 @@ def test_a_put_redis_refuses_inside_its_transaction_raises_and_leaves_nothing(
     assert not raw_redis.exists(cache_key)
 
 
+def test_a_put_whose_key_lease_renewal_alone_is_refused_returns_its_receipt(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The key lease's renewal rides in a put's transaction. When Redis refused only the
+    # renewal (another program's string at the lease index), the put's SET and XADD had
+    # run and the worker committed the write, yet the put raised "Redis refused the
+    # command": a caller told nothing was written retried, and wrote it twice.
+    mem = make_mem(worker=False, keyring_reload_interval=0.05)
+    assert mem._lease is not None
+    renewed = mem._lease._renewed_at
+    index = mem._lease._index
+    raw_redis.delete(index)
+    raw_redis.set(index, b"not a set")
+    time.sleep(0.1)  # a renewal is due: the put carries it
+    with caplog.at_level(logging.WARNING, logger="dualmem"):
+        receipt = mem.put("k", 1, level=Level.PRIVATE, principal=coder)
+    assert raw_redis.xrange(mem.layout.stream(receipt.shard))[-1][0].decode() == receipt.stream_id
+    assert "key lease" in caplog.text and "WRONGTYPE" in caplog.text
+    # Not confirmed: the renewal is due again at the next write, and the lease lapses as
+    # it would with no renewal getting through (the writer then reloads its key file).
+    assert mem._lease._renewed_at == renewed
+
+
 def test_send_many_reads_every_reply_before_raising(raw_redis: redis.Redis) -> None:
     from dualmem.redis_backend import send_many
 
