@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -40,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 
@@ -48,7 +49,7 @@ from acl.crypto import Codec
 from dualmem.redis_backend import text, transact, translate_errors
 from dualmem.settings import Settings
 
-_R = TypeVar("_R")
+log = logging.getLogger("dualmem")
 
 __all__ = [
     "KeyLease",
@@ -249,21 +250,38 @@ def dropping_refusal(raw: object, ids: set[str]) -> str | None:
 def send_carrying(
     lease: KeyLease | None,
     commands: Sequence[tuple[Any, ...]],
-    send: Callable[[list[tuple[Any, ...]]], _R],
-) -> _R:
+    send: Callable[[list[tuple[Any, ...]]], list[Any]],
+) -> list[Any]:
     """``send(commands)`` with ``lease``'s renewal appended when one is due (last, so the
-    replies to ``commands`` keep their places), confirmed once ``send`` returned: a
-    renewal whose transaction failed is due again at the next write.
+    replies to ``commands`` keep their places); the replies to ``commands``.
 
-    >>> send_carrying(None, [(b"PING",)], list)
-    [(b'PING',)]
+    ``send`` runs them in one ``MULTI``/``EXEC`` and returns EXEC's replies with each
+    failed command's error in its place (``transact(..., keep_errors=True)``). An error
+    among ``commands`` is raised (the others ran: Redis has no rollback). A refused
+    renewal alone is logged, not raised: ``commands`` ran, and a caller told otherwise
+    sends them again. The renewal is confirmed only once it ran; one that failed is due
+    again at the next write (and the lease lapses as when none gets through).
+
+    >>> send_carrying(None, [(b"PING",)], lambda sent: [b"PONG" for _ in sent])
+    [b'PONG']
     """
     renewal = () if lease is None else lease.commands()
     sent_at = time.monotonic()
-    result = send([*commands, *renewal])
-    if renewal and lease is not None:
-        lease.confirm(sent_at)
-    return result
+    replies = send([*commands, *renewal])
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError):
+            break
+    else:
+        if renewal and lease is not None:
+            lease.confirm(sent_at)
+        return replies
+    own = len(commands)
+    for reply in replies[:own]:
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+    refused = next(r for r in replies[own:] if isinstance(r, redis.ResponseError))
+    log.warning("Redis refused the key lease renewal (the write ran): %s", refused)
+    return replies[:own]
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,16 +65,6 @@ __all__ = ["CloseReport", "DualMemory", "Record"]
 log = logging.getLogger("dualmem")
 
 
-class _RenewalRefused(Exception):
-    """A write's transaction ran, and Redis refused only the key lease renewal it carried
-    (``error``); ``replies``: EXEC's, the renewal's error among them."""
-
-    def __init__(self, replies: list[Any], error: redis.ResponseError) -> None:
-        super().__init__(str(error))
-        self.replies = replies
-        self.error = error
-
-
 _MAX_QUERY_LIMIT = 10_000
 #: What every call on a closed DualMemory raises: its open check, the write gate, and a
 #: read whose store a close() in another thread shut under it.
@@ -729,14 +719,8 @@ class DualMemory:
             length = None
             try:
                 with translate_errors("write"):
-                    send = partial(self._transact, cache_key, cached, len(commands))
-                    try:
-                        replies = send_carrying(self._lease, commands, send)
-                    except _RenewalRefused as refused:
-                        # The write ran; the lease stays unconfirmed (due again at the
-                        # next write, lapsing as when no renewal gets through).
-                        log.warning("key lease renewal refused by Redis: %s", refused.error)
-                        replies = refused.replies
+                    send = partial(self._transact, cache_key, cached)
+                    replies = send_carrying(self._lease, commands, send)
                 if check:
                     length = int(replies[2])
             finally:
@@ -753,28 +737,19 @@ class DualMemory:
             self._leave_gate()
 
     def _transact(
-        self, cache_key: bytes, cached: bytes, own: int, commands: list[tuple[Any, ...]]
+        self, cache_key: bytes, cached: bytes, commands: list[tuple[Any, ...]]
     ) -> list[Any]:
-        """A write's ``MULTI; SET; XADD; ...; EXEC`` (see :meth:`_send`), its first ``own``
-        commands the write's, the rest a key lease renewal: its replies, or the first
-        error a command in it answered.
+        """A write's ``MULTI; SET; XADD; ...; EXEC`` (see :meth:`_send`): EXEC's replies,
+        a failed command's error in its place (``send_carrying`` raises it).
 
         Redis runs the rest of a transaction past a failed command and has no rollback:
         an ``XADD`` refused (the stream's name holding another type: an operator's
         mistake) left the ``SET``'s cache entry, which fresh reads then showed for a
         write that raised and that no command would ever bring to SQLite. The entry is
         taken back then, only while it still holds this write's bytes (another write may
-        have replaced it since). A refused renewal alone is ``_RenewalRefused``: the
-        write itself ran, and raising "refused" for it had callers write it twice.
+        have replaced it since).
         """
         replies = transact(self._redis, commands, keep_errors=True)
-        for reply in replies:
-            if isinstance(reply, redis.ResponseError):
-                break
-        else:
-            return replies
-        if replies.index(reply) >= own:
-            raise _RenewalRefused(replies, reply)
         if isinstance(replies[1], redis.ResponseError) and replies[0] == b"OK":
             try:
                 run_if_holds(self._redis, cache_key, cached, (b"DEL", cache_key))
@@ -785,7 +760,7 @@ class DualMemory:
                     cache_key,
                     exc,
                 )
-        raise reply
+        return replies
 
     def _uncertain(self, shard: int, settled: int) -> int:
         """This object's writes a length read may have missed: those started and not yet

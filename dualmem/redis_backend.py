@@ -422,13 +422,16 @@ def transact_watching(
     watched: bytes,
     decide: Callable[[Any], None],
     commands: Sequence[tuple[Any, ...]],
+    *,
+    keep_errors: bool = False,
 ) -> list[Any]:
     """``WATCH watched; GET watched``, then ``decide(value)`` (raise to send nothing),
     then ``MULTI; <commands>; EXEC`` on the same connection: the transaction runs only if
     ``watched`` did not change in between, else ``WatchedKeyChanged`` (nothing ran).
 
     As :func:`transact`: the transaction is never sent twice (a missing reply is
-    ``OutcomeUnknown``); the ``WATCH``/``GET`` exchange, which changes nothing, is retried.
+    ``OutcomeUnknown``); a failed command's error is raised, or kept in its place with
+    ``keep_errors``; the ``WATCH``/``GET`` exchange, which changes nothing, is retried.
 
     >>> import fakeredis
     >>> r = fakeredis.FakeRedis()
@@ -444,7 +447,7 @@ def transact_watching(
         )
         decide(value)
         packed = pack(conn, [(b"MULTI",), *commands, (b"EXEC",)])
-        replies = _exchange(conn, packed, len(commands), aborted_ok=True)
+        replies = _exchange(conn, packed, len(commands), aborted_ok=True, keep_errors=keep_errors)
         if replies is None:
             raise WatchedKeyChanged(f"{watched!r} changed after WATCH: nothing ran")
         result: list[Any] = replies

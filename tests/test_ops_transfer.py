@@ -1253,6 +1253,32 @@ def test_an_operator_send_that_would_pass_max_backlog_sends_nothing(
         assert rt.client.xlen(stream) == 4
 
 
+def test_an_operator_send_whose_key_lease_renewal_alone_is_refused_returns_its_receipts(
+    ops_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As a put's: an import, a replay or a mirror cycle carries the key lease renewal in
+    # its transaction. Redis refusing only the renewal (another program's string at the
+    # lease index) raised "refused" for writes that had run, and the import run again
+    # sent them twice. Sealed (the WATCHed send) and plaintext writes alike.
+    import logging
+
+    from dualmem.ops.runtime import Runtime, Write
+
+    with Runtime(ops_settings.replace(keyring_reload_interval=0.05), worker=False) as rt:
+        assert rt._lease is not None
+        rt.client.delete(rt._lease._index)
+        rt.client.set(rt._lease._index, b"not a set")
+        for level, scope in ((Level.SWARM, "swarm:s1"), (Level.PRIVATE, "agent:a")):
+            time.sleep(0.1)  # a renewal is due: the send carries it
+            env = rt.codec.seal({"v": 1}, scope=scope, key="k", level=level, owner="a")
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="dualmem"):
+                (receipt,) = rt.send([Write(scope, "k", level, "a", env)])
+            entries = rt.client.xrange(rt.layout.stream(receipt.shard))
+            assert receipt.stream_id in [sid.decode() for sid, _ in entries]
+            assert "key lease renewal" in caplog.text and "WRONGTYPE" in caplog.text
+
+
 def test_an_operator_sends_cache_entries_live_as_a_puts_and_a_deletes_do(
     ops_settings: Settings,
 ) -> None:

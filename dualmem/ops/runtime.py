@@ -300,8 +300,9 @@ class Runtime:
         return {k for e in envelopes if e and (k := envelope_key_id(bytes(e))) is not None}
 
     def _transact(self, commands: list[tuple[Any, ...]], key_ids: set[str]) -> list[Any]:
-        """One MULTI/EXEC; with envelopes sealed under ``key_ids``, only while no key drop
-        is under way for one of them and the key file still holds them all.
+        """One MULTI/EXEC (EXEC's replies, a failed command's error in its place:
+        ``send_carrying`` raises it); with envelopes sealed under ``key_ids``, only while
+        no key drop is under way for one of them and the key file still holds them all.
 
         A drop (``rotate-keys --drop-retired``) marks the keys it is about to remove
         before its last look at the data, and this send WATCHes that mark: a send that
@@ -310,7 +311,7 @@ class Runtime:
         file no longer holds the key: reloaded here, after the WATCH, that refuses too.
         """
         if not key_ids:
-            return transact(self.client, commands)
+            return transact(self.client, commands, keep_errors=True)
 
         def decide(mark: object) -> None:
             if self._keyfile is not None:
@@ -333,7 +334,11 @@ class Runtime:
         for _ in range(5):
             try:
                 return transact_watching(
-                    self.client, dropping_key(self.settings.namespace), decide, commands
+                    self.client,
+                    dropping_key(self.settings.namespace),
+                    decide,
+                    commands,
+                    keep_errors=True,
                 )
             except WatchedKeyChanged:
                 continue  # a drop started meanwhile: look at its mark again
