@@ -242,6 +242,30 @@ def partial_left_by_a_kill(script: str, args: list[str], dest: Path) -> Path:
     return left
 
 
+def record_file_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record this test's real ``os.fsync``, ``os.link`` and ``os.replace`` calls, in
+    order, as ``("fsync", path of the fd)``, ``("link", dest)``, ``("replace", dest)``."""
+    events: list[tuple[str, str]] = []
+    fsync, link, replace = os.fsync, os.link, os.replace
+
+    def watched_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def watched_link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(("link", str(dst)))
+        link(src, dst)
+
+    def watched_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(("replace", str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+    monkeypatch.setattr(os, "link", watched_link)
+    monkeypatch.setattr(os, "replace", watched_replace)
+    return events
+
+
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     """Run ``dualmem <argv>`` in this process; its exit code, stdout and stderr."""
     from dualmem.cli import main

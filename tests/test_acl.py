@@ -27,6 +27,8 @@ from acl import (
     resolve_scope,
 )
 
+from .conftest import record_file_calls
+
 CODER = Principal(agent_id="coder-1", team="backend", swarm="s1", project="shop")
 
 
@@ -773,24 +775,7 @@ def test_a_key_file_is_on_disk_before_it_is_in_place(
     # Without the fsync before the link a power loss could leave an empty key file in
     # place, and without the directory's fsync after it none at all, while records sealed
     # with its key are committed: they could never be read again.
-    events: list[tuple[str, str]] = []
-    fsync, link, replace = os.fsync, os.link, os.replace
-
-    def watched_fsync(fd: int) -> None:
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        fsync(fd)
-
-    def watched_link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        events.append(("link", str(dst)))
-        link(src, dst)
-
-    def watched_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        events.append(("replace", str(dst)))
-        replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", watched_fsync)
-    monkeypatch.setattr(os, "link", watched_link)
-    monkeypatch.setattr(os, "replace", watched_replace)
+    events = record_file_calls(monkeypatch)
     path = tmp_path / "keys.json"
     ring = Keyring.generate()
     ring.save(path)

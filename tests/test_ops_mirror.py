@@ -49,6 +49,7 @@ from .conftest import (
     REFUSED,
     RedisServer,
     allow_inserts,
+    record_file_calls,
     record_runtime_waits,
     redis_fields,
     refuse_inserts,
@@ -234,23 +235,13 @@ def test_the_sending_file_is_on_disk_before_the_send_and_the_state_after_it(
     put(mem, "plan", {"steps": 1})
     with started_mirror(settings, mdir) as (rt, mirror):
         write_value(file_of(mdir, "plan"), {"steps": 2})
-        events: list[tuple[str, str]] = []
-        fsync, replace, send = os.fsync, os.replace, rt.send
-
-        def watched_fsync(fd: int) -> None:
-            events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-            fsync(fd)
-
-        def watched_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-            events.append(("replace", str(dst)))
-            replace(src, dst)
+        events = record_file_calls(monkeypatch)
+        send = rt.send
 
         def watched_send(*args: Any, **kwargs: Any) -> Any:
             events.append(("send", ""))
             return send(*args, **kwargs)
 
-        monkeypatch.setattr(os, "fsync", watched_fsync)
-        monkeypatch.setattr(os, "replace", watched_replace)
         monkeypatch.setattr(rt, "send", watched_send)
         assert cycle(mirror).imported == 1
     at = events.index(("send", ""))
