@@ -1285,6 +1285,9 @@ def test_an_encrypted_read_refuses_more_records_than_it_scans(
     sync_all(mem, [log.record_tool_call("m", "t", {}, None, 1, True)])
     with pytest.raises(ValidationError, match="more than 2 tool_call records"):
         log.tool_calls("m")
+    # Each read scans its own kind: the mission's three tool calls are no missions (a scan
+    # of all of "_dm/" refused list_missions here).
+    assert [m.mission_id for m in log.list_missions()] == ["m"]
 
 
 def test_every_record_kind_can_be_stored_at_another_level(mem: DualMemory) -> None:
@@ -1339,3 +1342,146 @@ def test_update_mission_never_moves_updated_at_back(mem: DualMemory) -> None:
     sync_all(mem, [log.update_mission("m", status="completed")])
     done = log.get_mission("m")
     assert done is not None and done.updated_at == done.completed_at == ahead
+
+
+@pytest.mark.parametrize("level", [Level.PROJECT, Level.PRIVATE])
+def test_update_mission_changes_only_what_it_is_given(mem: DualMemory, level: Level) -> None:
+    # Each field update_mission is not given is the current one: a phase-only update
+    # moved a pending mission to in_progress, a status change emptied the phase or kept
+    # the old metadata, and metadata given was merged into the old (it is replaced) or
+    # ignored; started_at was stamped again on every update.
+    log = MissionLog(mem, LEAD, level=level)
+    sync_all(mem, [log.start_mission("m", "plan", {"a": 1, "b": 2}, status="pending")])
+    started = log.get_mission("m")
+    assert started is not None
+    time.sleep(0.002)  # the update's clock is past the start's
+    sync_all(mem, [log.update_mission("m", phase="build")])
+    m = log.get_mission("m")
+    assert m is not None
+    assert (m.status, m.phase, m.metadata) == ("pending", "build", {"a": 1, "b": 2})
+    assert m.started_at == started.started_at and m.updated_at > started.updated_at
+    sync_all(mem, [log.update_mission("m", metadata={"a": 3})])
+    m = log.get_mission("m")
+    assert m is not None and (m.status, m.phase, m.metadata) == ("pending", "build", {"a": 3})
+    sync_all(mem, [log.update_mission("m", status="in_progress")])
+    sync_all(mem, [log.update_mission("m", status="completed")])
+    done = log.get_mission("m")
+    assert done is not None
+    assert (done.status, done.phase, done.metadata) == ("completed", "build", {"a": 3})
+    assert done.started_at == started.started_at and done.completed_at == done.updated_at
+
+
+@pytest.mark.parametrize("level", [Level.PROJECT, Level.PRIVATE])
+def test_times_given_as_aware_datetimes_are_epoch_milliseconds(
+    mem: DualMemory, level: Level
+) -> None:
+    # Only ints were tested: a datetime taken as epoch seconds stored a run 1000 times
+    # too early, and tool_calls(since=<datetime>) listed calls made before it.
+    from datetime import UTC, datetime, timedelta
+
+    log = MissionLog(mem, LEAD, level=level)
+    sync_all(mem, [log.start_mission("m", "p")])
+    start = datetime(2026, 3, 1, 12, 0, 0, 250_000, tzinfo=UTC)
+    end = start + timedelta(seconds=90)
+    sync_all(mem, [log.record_playbook_run("m", "deploy", "prod", start, end, True)])
+    (run,) = log.playbook_runs("m")
+    assert (run.started_at, run.completed_at) == (1_772_366_400_250, 1_772_366_490_250)
+    sync_all(mem, [log.record_tool_call("m", "old", {}, None, 1, True)])
+    time.sleep(0.002)
+    cut = datetime.now(UTC)
+    time.sleep(0.002)
+    sync_all(mem, [log.record_tool_call("m", "new", {}, None, 1, True)])
+    assert [c.tool_name for c in log.tool_calls("m", since=cut)] == ["new"]
+
+
+def test_mission_log_arguments_of_the_wrong_type_are_refused_before_any_write(
+    mem: DualMemory,
+) -> None:
+    # Each was taken and written (success="yes", error=5, a phase of 5, an empty name, a
+    # naive datetime: whose zone?), read as an empty answer (an unknown status, success
+    # "yes"), or failed with something other than a ValidationError (a principal given by
+    # name, metadata that is no mapping, a playbook run without a start time: a bare
+    # AssertionError).
+    from datetime import datetime
+
+    with pytest.raises(ValidationError, match=r"principal must be an acl\.Principal"):
+        MissionLog(mem, "lead")  # type: ignore[arg-type]
+    log = MissionLog(mem, LEAD)
+    sync_all(mem, [log.start_mission("m", "p")])
+    wait_until(lambda: mem.backlog() == {0: 0}, what="the ack after the commit")
+    before = mem.backlog()
+    with pytest.raises(ValidationError, match="phase must be a str"):
+        log.start_mission("m2", 5)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="phase must be a str"):
+        log.update_mission("m", phase=5)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="metadata must be a mapping"):
+        log.start_mission("m2", "p", ["owner"])  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="metadata must be a mapping"):
+        log.update_mission("m", metadata="owner")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="success must be a bool"):
+        log.record_tool_call("m", "t", {}, None, 1, "yes")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="error must be a str or None"):
+        log.record_tool_call("m", "t", {}, None, 1, False, 5)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="tool_name must be a non-empty str"):
+        log.record_tool_call("m", "", {}, None, 1, True)
+    with pytest.raises(ValidationError, match="decision_type must be a non-empty str"):
+        log.record_decision("m", "", "r", "a")
+    with pytest.raises(ValidationError, match="agent_name must be a non-empty str"):
+        log.record_decision("m", "d", "r", "")
+    with pytest.raises(ValidationError, match="playbook_name must be a non-empty str"):
+        log.record_playbook_run("m", "", "x", 1, 2, True)
+    with pytest.raises(ValidationError, match="success must be a bool"):
+        log.record_playbook_run("m", "pb", "x", 1, 2, 1)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="started_at must be epoch milliseconds"):
+        log.record_playbook_run("m", "pb", "x", None, None, True)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="timezone-aware"):
+        log.record_playbook_run("m", "pb", "x", datetime(2026, 3, 1), None, True)
+    with pytest.raises(ValidationError, match="timezone-aware"):
+        log.tool_calls("m", since=datetime(2026, 3, 1))
+    with pytest.raises(ValidationError, match="success must be a bool or None"):
+        log.tool_calls("m", success="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="status must be one of"):
+        log.list_missions(status="done")
+    assert mem.backlog() == before  # nothing reached the stream
+
+
+def test_records_made_within_one_millisecond_are_all_kept(mem: DualMemory) -> None:
+    # A record's id starts with the time in ms and ends in random hex: ids of the time
+    # alone made records written within one millisecond share a key, the later one
+    # replacing the earlier.
+    log = MissionLog(mem, LEAD)
+    sync_all(mem, [log.start_mission("m", "p")])
+    rs = []
+    for i in range(100):
+        rs.append(log.record_tool_call("m", f"t{i}", {}, None, 1, True))
+        rs.append(log.record_decision("m", "d", f"r{i}", "a"))
+    sync_all(mem, rs)
+    assert len({r.key for r in rs}) == 200
+    assert sorted(c.tool_name for c in log.tool_calls("m")) == sorted(f"t{i}" for i in range(100))
+    assert len(log.decisions("m")) == 100
+
+
+@pytest.mark.parametrize("level", [Level.PROJECT, Level.PRIVATE])
+def test_decisions_and_playbook_runs_read_back_every_field_as_recorded(
+    mem: DualMemory, level: Level
+) -> None:
+    # Only the rationale and the playbook's name were read back: a decision's agent
+    # stored as the log's principal, a run's phase lost, a failed run stored as a
+    # success all passed, and so did an empty rationale being refused.
+    log = MissionLog(mem, LEAD, level=level)
+    sync_all(mem, [log.start_mission("m", "p")])
+    rs = [
+        log.record_decision("m", "approach", "", "architect"),
+        log.record_playbook_run("m", "deploy", "staging", 100, 150, False),
+    ]
+    sync_all(mem, rs)
+    (d,) = log.decisions("m")
+    assert (d.decision_type, d.rationale, d.agent_name) == ("approach", "", "architect")
+    (run,) = log.playbook_runs("m")
+    assert (run.playbook_name, run.phase, run.started_at, run.completed_at, run.success) == (
+        "deploy",
+        "staging",
+        100,
+        150,
+        False,
+    )
