@@ -407,6 +407,73 @@ def test_the_receipt_log_drops_committed_receipts_and_keeps_the_rest(
     assert log._outstanding == [pending]
 
 
+def test_a_receipt_logs_sync_waits_for_all_its_receipts_within_one_timeout(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sync(timeout) is one deadline for every receipt: given each receipt the whole
+    # timeout, a sync of n receipts each committed just in time took n times as long.
+    from dualmem.coordination._validation import ReceiptLog
+
+    mem = make_mem()
+    log = ReceiptLog(mem)
+    for i in range(3):
+        log.add(mem.put(f"k{i}", i, level=Level.SWARM, principal=coder))
+    waits: list[float] = []
+    real_sync = mem.sync
+
+    def sync(receipt: Any, timeout: float = 5.0) -> Any:
+        waits.append(timeout)
+        return real_sync(receipt, timeout=timeout)
+
+    monkeypatch.setattr(mem, "sync", sync)
+    log.sync(30)
+    assert len(waits) == 3 and all(w < 30 for w in waits)  # what is left of one deadline
+    assert log._outstanding == []
+
+
+def test_a_receipt_added_while_a_receipt_log_syncs_is_kept_for_the_next_sync(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another thread's write made during a sync was not waited for by it: emptying the
+    # log afterwards dropped its receipt, and the next sync returned before its commit.
+    from dualmem.coordination._validation import ReceiptLog
+
+    mem = make_mem()
+    log = ReceiptLog(mem)
+    log.add(mem.put("first", 1, level=Level.SWARM, principal=coder))
+    late: list[Any] = []
+    real_sync = mem.sync
+
+    def sync(receipt: Any, timeout: float = 5.0) -> Any:
+        if not late:  # another thread writes while this sync waits
+            late.append(log.add(mem.put("late", 2, level=Level.SWARM, principal=coder)))
+        return real_sync(receipt, timeout=timeout)
+
+    monkeypatch.setattr(mem, "sync", sync)
+    log.sync(10)
+    assert log._outstanding == late
+
+
+def test_a_receipt_log_full_of_uncommitted_receipts_prunes_again_only_after_as_many_more(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With no worker nothing commits, and a prune keeps every receipt: pruning again at
+    # the next add (the bound not moved past what is kept) asked SQLite for the status of
+    # every outstanding receipt on every write, thousands of queries a put.
+    from dualmem.coordination._validation import ReceiptLog
+
+    monkeypatch.setattr(ReceiptLog, "_PRUNE_AT", 2)
+    mem = make_mem(worker=False)
+    log = ReceiptLog(mem)
+    for i in range(2):
+        log.add(mem.put(f"k{i}", i, level=Level.SWARM, principal=coder))
+    assert len(log._outstanding) == 2 and log._prune_at == 4  # pruned, kept both
+    log.add(mem.put("k2", 2, level=Level.SWARM, principal=coder))
+    assert log._prune_at == 4  # no prune before the fourth
+    log.add(mem.put("k3", 3, level=Level.SWARM, principal=coder))
+    assert len(log._outstanding) == 4 and log._prune_at == 8
+
+
 def test_gate_thresholds_are_configurable(make_mem: MakeMem, coder: Principal) -> None:
     mem = make_mem()
     default = LoopMemory(mem, swarm=SWARM, project="shop")
@@ -1530,7 +1597,10 @@ def test_rejection_reasons_at_an_encrypted_level_quote_nothing_from_the_sealed_r
     boss = BlockingCoordinator(mem, lead, secret, level=Level.TEAM, max_retries=0)
     signal = boss.send_signal(["member"], "pause")
     forger = BlockingCoordinator(mem, rogue, secret, level=Level.TEAM)
-    draft = Ack(signal.id, "NEEDLE-target", signal.digest, clock_us(), forger._signer.kid, "")
+    # A target holding both kinds of quote: its repr escapes one of them, and a reason cut
+    # short at the escaped quote ('x\'...) quoted the rest of it.
+    target_id = "x'y\"NEEDLE-target"
+    draft = Ack(signal.id, target_id, signal.digest, clock_us(), forger._signer.kid, "")
     ack = dataclasses.replace(draft, mac=forger._mac(draft.signed_part()))
     lifecycle = AgentLifecycle(mem, lead, level=Level.TEAM)
     lifecycle.register_spawn("member", "Member", "coder", ["python"], Level.TEAM)
@@ -1540,7 +1610,7 @@ def test_rejection_reasons_at_an_encrypted_level_quote_nothing_from_the_sealed_r
         "coord/signals/s2": {**signal.to_value(), "id": "s2", "kid": "NEEDLE-2"},
         f"coord/acks/{signal.id}/member": ack.to_value(),
         "lifecycle/agents/a1": {**good, "agent_id": "a1", "status": "NEEDLE-3"},
-        "lifecycle/agents/a2": {**good, "agent_id": "NEEDLE-4"},
+        "lifecycle/agents/a2": {**good, "agent_id": "NEEDLE's-4"},  # repr in "..."
         "lifecycle/events/member/e1": {"agent_id": "member", "event": "x", "at": "NEEDLE-5"},
     }
     for key, value in planted.items():
@@ -1550,7 +1620,7 @@ def test_rejection_reasons_at_an_encrypted_level_quote_nothing_from_the_sealed_r
     assert [a.agent_id for a in lifecycle.list_agents()] == ["member"]
     assert [e.event for e in lifecycle.history("member")] == ["spawn"]
     result = boss.wait_for_acks(signal, timeout=0.2)
-    assert "NEEDLE-target" in result.rejected["member"]  # the caller still gets it
+    assert repr(target_id) in result.rejected["member"]  # the caller still gets it
     for c in (boss, target, lifecycle):
         c.sync()
     rows = [
@@ -1822,3 +1892,206 @@ def test_arguments_of_the_wrong_type_are_a_validation_error(
     boss.sync()
     mem.sync(mem.put("sentinel", 1, level=Level.SWARM, principal=BOSS))
     assert audit(mem, "signal_sent") == []  # nothing was sent
+
+
+# -- the input checks' bounds, found by mutating _validation.py ----------------------------
+
+
+def nothing_written_since(mem: DualMemory, principal: Principal, seq: int) -> bool:
+    """Whether nothing but a sentinel put now reached SQLite after change ``seq``."""
+    mem.sync(mem.put("sentinel", 1, level=Level.SWARM, principal=principal))
+    return [c.key for c in mem.changes(seq, principal=principal)] == ["sentinel"]
+
+
+def test_idents_are_1_to_128_printable_characters_without_a_slash(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # Only '/' and lone surrogates were tested: an empty or blank phase, one of 129
+    # characters, a '/' leading it, a newline, \x1f or DEL in it were each taken into a
+    # key, a phase of 5 raised AttributeError, and 128 characters were refused with ">=".
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    longest = "p" * 128
+    loops.store_loop3_confidence(coder, longest, 1, 0.9, "ok")
+    loops.sync()
+    mine = loops.get_loop3_confidence(coder, longest, 1)
+    assert mine is not None and mine.phase == longest
+    seq = mem.changes(0, principal=coder)[-1].seq
+    for bad, why in [
+        (5, "phase must be a str, got int"),
+        ("", "phase must not be empty"),
+        ("  ", "phase must not be empty"),
+        ("p" * 129, "phase is longer than 128 characters"),
+        ("a/b", "phase must not contain '/'"),
+        ("/auth", "phase must not contain '/'"),
+        ("a\nb", "phase must not contain control characters"),
+        ("a\x1fb", "phase must not contain control characters"),
+        ("a\x7fb", "phase must not contain control characters"),
+    ]:
+        with pytest.raises(ValidationError, match=why):
+            loops.store_loop3_confidence(coder, bad, 1, 0.9, "ok")  # type: ignore[arg-type]
+    assert nothing_written_since(mem, coder, seq)
+
+
+def test_iterations_are_ints_from_0_to_999999(make_mem: MakeMem, coder: Principal) -> None:
+    # Only 999999 + 1 was tested: -1 was taken (a key ending "0000-1"), the highest
+    # iteration refused with "<", and True stored as iteration 1.
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    loops.store_loop2_consensus(coder, "auth", 0, 0.5, {}, [])
+    loops.store_loop2_consensus(coder, "auth", 999_999, 0.95, {}, [])
+    loops.sync()
+    latest = loops.get_loop2_consensus(BOSS, "auth")
+    assert latest is not None and latest.iteration == 999_999
+    first = loops.get_loop2_consensus(BOSS, "auth", 0)
+    assert first is not None and first.score == 0.5
+    seq = mem.changes(0, principal=coder)[-1].seq
+    for bad in (-1, 1_000_000, True, 1.0, "1"):
+        with pytest.raises(ValidationError, match="iteration must be"):
+            loops.store_loop2_consensus(coder, "auth", bad, 0.9, {}, [])  # type: ignore[arg-type]
+    assert nothing_written_since(mem, coder, seq)
+
+
+def test_scores_of_exactly_0_and_1_and_an_empty_reasoning_are_accepted(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # [0, 1] is closed: a confidence of 1.0 refused with "<" had no test; and reasoning
+    # may be empty (only a name may not), which refusing failed nothing either.
+    mem = make_mem()
+    strict = LoopMemory(
+        mem, swarm=SWARM, project="shop", confidence_threshold=1.0, consensus_threshold=0.0
+    )
+    assert strict.confidence_gate_passed(1.0) and not strict.confidence_gate_passed(0.9999)
+    assert strict.consensus_gate_passed(0.0)
+    strict.store_loop3_confidence(coder, "auth", 1, 1.0, "")
+    strict.store_loop2_consensus(coder, "auth", 1, 0, {}, [])
+    life = AgentLifecycle(mem, BOSS)
+    life.register_spawn("coder-1", "Coder", "coder", [], Level.SWARM)
+    life.update_confidence("coder-1", 1.0, "", "auth", 1)
+    life.register_termination("coder-1", "")
+    for helper in (strict, life):
+        helper.sync()
+    mine = strict.get_loop3_confidence(coder, "auth", 1)
+    assert mine is not None and (mine.confidence, mine.reasoning, mine.gate_passed) == (
+        1.0,
+        "",
+        True,
+    )
+    consensus = strict.get_loop2_consensus(BOSS, "auth", 1)
+    assert consensus is not None and (consensus.score, consensus.gate_passed) == (0.0, True)
+    agent = life.agent("coder-1")
+    assert agent is not None and (agent.confidence, agent.end_reason) == (1.0, "")
+
+
+def test_free_text_is_a_str_of_at_most_64_kib_characters_and_a_name_is_not_blank(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # Reasoning of 5 raised a bare TypeError; the 64 KiB bound was never reached (65536
+    # characters refused with ">=", one more taken with the bound moved); a blank or
+    # empty agent name was registered.
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    longest = "r" * (64 * 1024)
+    loops.store_loop3_confidence(coder, "auth", 1, 0.9, longest)
+    loops.sync()
+    mine = loops.get_loop3_confidence(coder, "auth", 1)
+    assert mine is not None and mine.reasoning == longest
+    seq = mem.changes(0, principal=coder)[-1].seq
+    with pytest.raises(ValidationError, match="reasoning is longer than 65536 characters"):
+        loops.store_loop3_confidence(coder, "auth", 2, 0.9, longest + "r")
+    with pytest.raises(ValidationError, match="reasoning must be a str, got int"):
+        loops.store_loop3_confidence(coder, "auth", 2, 0.9, 5)  # type: ignore[arg-type]
+    life = AgentLifecycle(mem, BOSS)
+    for name in ("", "  "):
+        with pytest.raises(ValidationError, match="name must not be empty"):
+            life.register_spawn("coder-1", name, "coder", [], Level.SWARM)
+    assert nothing_written_since(mem, coder, seq)
+    assert life.list_agents() == []
+
+
+def test_lists_of_strings_are_neither_one_str_nor_bytes_nor_hold_anything_else(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # A str of blockers was stored one character each ("flaky" as f, l, a, k, y), bytes
+    # as their ints, a number raised a bare TypeError, a list holding an int was stored;
+    # and every item counts, in the order given.
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    loops.store_loop3_confidence(coder, "auth", 1, 0.9, "ok", blockers=("b", "a", "c"))
+    loops.sync()
+    mine = loops.get_loop3_confidence(coder, "auth", 1)
+    assert mine is not None and mine.blockers == ("b", "a", "c")
+    seq = mem.changes(0, principal=coder)[-1].seq
+    for bad, why in [
+        ("flaky", "blockers must be a list of strings, got str"),
+        (b"flaky", "blockers must be a list of strings, got bytes"),
+        (5, "blockers must be a list of strings, got int"),
+        (["flaky", 5], "blockers must hold strings only, got int"),
+    ]:
+        with pytest.raises(ValidationError, match=why):
+            loops.store_loop3_confidence(coder, "auth", 2, 0.9, "ok", blockers=bad)  # type: ignore[arg-type]
+    assert nothing_written_since(mem, coder, seq)
+
+
+def test_metadata_is_a_mapping_with_str_keys_and_any_mapping_will_do(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # A dict with an int key was stored (JSON turned it into "1"), a list or a number
+    # raised a bare TypeError, and a read-only mapping (not a dict) was handed on as it
+    # was, to be refused as no JSON.
+    from types import MappingProxyType
+
+    mem = make_mem()
+    loops = LoopMemory(mem, swarm=SWARM, project="shop")
+    loops.store_loop3_confidence(coder, "auth", 1, 0.9, "ok", metadata=MappingProxyType({"n": 3}))
+    loops.sync()
+    mine = loops.get_loop3_confidence(coder, "auth", 1)
+    assert mine is not None and mine.metadata == {"n": 3}
+    seq = mem.changes(0, principal=coder)[-1].seq
+    for bad in ({1: "x"}, ["n"], 5):
+        with pytest.raises(ValidationError, match="metadata must be a mapping with str keys"):
+            loops.store_loop3_confidence(coder, "auth", 2, 0.9, "ok", metadata=bad)  # type: ignore[arg-type]
+    assert nothing_written_since(mem, coder, seq)
+
+
+def test_the_same_junk_under_two_agents_keys_read_from_the_cache_is_audited_for_each(
+    make_mem: MakeMem,
+) -> None:
+    # A version read from the cache has no stream id: its value tells it apart, and its
+    # key does. Marked by the value alone, the same junk under a second agent's key was
+    # taken as seen and never audited.
+    mem = make_mem(worker=False)
+    persist = persistence_by_hand(mem)
+    life = AgentLifecycle(mem, BOSS)
+    for agent in ("helper-1", "helper-2"):
+        mem.put(f"lifecycle/agents/{agent}", {"hello": 1}, level=Level.SWARM, principal=ROGUE)
+    for agent in ("helper-1", "helper-2"):
+        with pytest.raises(TamperedRecord):
+            life.heartbeat(agent)  # read from the cache: nothing committed yet
+    persist()
+    assert sorted(r.key for r in audit(mem, "agent_record_rejected")) == [
+        "lifecycle/agents/helper-1",
+        "lifecycle/agents/helper-2",
+    ]
+
+
+def test_a_target_whose_ack_key_is_exactly_512_bytes_fits(make_mem: MakeMem, secret: bytes) -> None:
+    # The limit is 512 bytes inclusive, and the refusal names the room a target has: a
+    # target of exactly that many bytes (an ACK key of 512) was refused with ">=".
+    mem = make_mem()
+    boss = BlockingCoordinator(mem, BOSS, secret, max_retries=0)
+    with pytest.raises(ValidationError, match=r"at most (\d+) bytes for target") as refused:
+        boss.send_signal(["\U0001f600" * 128], "pause")
+    room_match = re.search(r"at most (\d+) bytes", str(refused.value))
+    assert room_match is not None
+    room = int(room_match.group(1))
+    exact = "\U0001f600" * (room // 4) + "a" * (room % 4)
+    assert len(exact.encode("utf-8")) == room
+    with pytest.raises(ValidationError, match="target is too long"):
+        boss.send_signal([exact + "a"], "pause")
+    signal = boss.send_signal([exact], "pause")
+    boss.sync()
+    BlockingCoordinator(mem, Principal(agent_id=exact, swarm=SWARM), secret).acknowledge_signal(
+        signal
+    )
+    assert boss.wait_for_acks(signal, timeout=5).acked == (exact,)
