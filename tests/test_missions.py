@@ -1485,3 +1485,22 @@ def test_decisions_and_playbook_runs_read_back_every_field_as_recorded(
         150,
         False,
     )
+
+
+@pytest.mark.parametrize("level", [Level.PROJECT, Level.PRIVATE])
+def test_records_made_within_one_millisecond_are_read_in_the_order_they_were_made(
+    mem: DualMemory, level: Level
+) -> None:
+    # Reads order by time (ms), then by id: ids of the time and random hex alone put the
+    # records one process made within a millisecond in random order, so tool_calls() and
+    # decisions() ("in call order", "in the order they were taken") listed a burst of
+    # them shuffled.
+    log = MissionLog(mem, LEAD, level=level)
+    sync_all(mem, [log.start_mission("m", "p")])
+    rs = []
+    for i in range(100):
+        rs.append(log.record_tool_call("m", f"t{i:03d}", {}, None, 1, True))
+        rs.append(log.record_decision("m", "d", f"r{i:03d}", "a"))
+    sync_all(mem, rs)
+    assert [c.tool_name for c in log.tool_calls("m")] == [f"t{i:03d}" for i in range(100)]
+    assert [d.rationale for d in log.decisions("m")] == [f"r{i:03d}" for i in range(100)]
