@@ -69,7 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _clean(value: Any) -> Any:
-    """NaN as null, so result files are strict JSON."""
+    """NaN as null, so result files are strict JSON.
+
+    >>> _clean({"p95": float("nan"), "rows": [(1, float("nan"))], "count": 3})
+    {'p95': None, 'rows': [[1, None]], 'count': 3}
+    """
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):

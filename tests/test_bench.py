@@ -12,9 +12,12 @@ import importlib
 import json
 import logging
 import math
+import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +42,7 @@ pytest.importorskip("langgraph.store.sqlite", reason="the bench extra is not ins
 @pytest.mark.parametrize(
     "module",
     [
+        "bench.cli",
         "bench.stats",
         "bench.openloop",
         "bench.harness",
@@ -451,6 +455,98 @@ def test_dualmem_cli_builds_without_importing_the_bench_extra() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_a_run_writes_the_suites_it_was_asked_for_and_the_command_that_repeats_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The result files name the command, seed and sizes that made them (the report quotes
+    # them): any part of the command left out, a seed or sizes other than the run's, a
+    # suite or backend not asked for, or a summary that counted a missed target as met
+    # would describe a run nobody made. --sizes wins over --quick.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the scratch directory's
+    out = tmp_path / "new" / "results"
+    argv = ["--quick", "--sizes", "tiny", "--suite", "write", "--backend", "fakeredis"]
+    argv += ["--seed", "7", "--no-progress", "--no-plots", "--out", str(out)]
+    sigterm = signal.getsignal(signal.SIGTERM)
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # SIGTERM's handler is given back
+    assert sorted(p.name for p in out.iterdir()) == ["REPORT.md", "write.json"]
+    text = (out / "write.json").read_text()
+    assert text.endswith("}\n")  # a text file: its last line ends
+    doc = json.loads(text)
+    run = doc["run"]
+    assert run["command"] == (
+        "python -m bench --quick --sizes tiny --suite write --backend fakeredis --seed 7"
+    )
+    assert run["seed"] == 7 and run["id"].endswith("-7") and run["seconds"] > 0
+    assert run["sizes"] == json.loads(json.dumps(harness.sizes_json(harness.TINY)))
+    assert doc["description"] == SUITES["write"] and list(doc["backends"]) == ["fakeredis"]
+    targets = doc["backends"]["fakeredis"]["targets"]
+    *lines, last = printed.out.splitlines()
+    assert [line[:6] for line in lines] == ["met   " if t["met"] else "MISSED" for t in targets]
+    assert all(t["what"] in line for t, line in zip(targets, lines, strict=True))
+    met = sum(t["met"] for t in targets)
+    assert last.startswith(f"{met} of {len(targets)} targets met in ")
+    assert last.endswith(f"report: {out / 'REPORT.md'}")
+    assert printed.err == ""  # --no-progress: no bars
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]  # the scratch is gone
+
+
+def test_dualmem_bench_names_itself_and_a_smaller_run_writes_to_a_new_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `dualmem bench --quick` with no --out: the quick preset, seed 1, results in a new
+    # temporary directory (only a full run writes the committed bench/results), and the
+    # command recorded as the one that was typed.
+    from bench import cli
+    from dualmem.cli import main as dualmem_main
+
+    committed = tmp_path / "committed"  # where a full run writes: not this one
+    monkeypatch.setattr(cli, "DEFAULT_RESULTS", committed)
+    monkeypatch.setitem(harness.PRESETS, "quick", dataclasses.replace(harness.TINY, name="quick"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    argv = ["bench", "--quick", "--suite", "write", "--backend", "fakeredis", "--no-progress"]
+    assert dualmem_main([*argv, "--no-plots"]) == 0
+    report = Path(capsys.readouterr().out.splitlines()[-1].split("report: ")[1])
+    assert report.parent.parent == tmp_path and report.parent.name.startswith(
+        "dualmem-bench-quick-"
+    )
+    run = json.loads((report.parent / "write.json").read_text())["run"]
+    assert run["command"] == "dualmem bench --quick --suite write --backend fakeredis"
+    assert run["seed"] == 1 and run["sizes"]["name"] == "quick"
+    assert not committed.exists()
+
+
+@pytest.mark.real_redis
+def test_a_run_on_both_backends_uses_the_redis_server_it_is_given_and_reports_both(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --redis-server names the binary that is run (and whose version the results record),
+    # not the one on PATH; the summary lists the targets of both backends and only those
+    # of the suites that ran, though the results directory holds another suite's file.
+    _require_redis_server()
+    real = shutil.which("redis-server")
+    assert real is not None
+    calls = tmp_path / "calls"
+    binary = tmp_path / "my-redis-server"
+    binary.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {real} "$@"\n')
+    binary.chmod(0o755)
+    out = tmp_path / "results"
+    out.mkdir()
+    shutil.copy(_RESULTS / "read.json", out / "read.json")  # an earlier run's
+    argv = ["--sizes", "tiny", "--suite", "write", "--redis-server", str(binary)]
+    assert main([*argv, "--no-progress", "--no-plots", "--out", str(out)]) == 0
+    *lines, last = capsys.readouterr().out.splitlines()
+    doc = json.loads((out / "write.json").read_text())
+    assert list(doc["backends"]) == ["redis", "fakeredis"]
+    targets = [t for b in doc["backends"].values() for t in b["targets"]]
+    assert [line.split()[1:3] for line in lines] == [[t["suite"], t["backend"]] for t in targets]
+    assert last.startswith(f"{sum(t['met'] for t in targets)} of {len(targets)} targets met")
+    ran = calls.read_text().splitlines()
+    assert "--version" in ran and len(ran) >= 2, ran  # its version, and the server
+    assert doc["run"]["machine"]["redis_server"] == machine.redis_server_version(real)
+
+
 def _run_tiny(
     tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, dict[str, object]]:
@@ -698,7 +794,6 @@ def test_a_bench_stopped_with_sigterm_stops_every_process_it_started(tmp_path: P
     # SIGTERM (timeout, a cancelled CI job) killed Python at once: its redis-server and
     # `dualmem worker` kept running, and the scratch directory stayed.
     import os
-    import signal
     import time
 
     _require_redis_server()
