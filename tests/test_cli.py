@@ -23,6 +23,7 @@ import redis.connection
 from acl import ConfigurationError, Keyring, Level, Principal
 from dualmem import DualMemory
 from dualmem.cli import WORKER_OPTIONS, build_parser, main, worker_settings
+from dualmem.coordination import BlockingCoordinator, LoopMemory, Signal
 from dualmem.settings import Settings
 
 from .conftest import RedisServer, refuse_inserts, run_cli, wait_until
@@ -507,10 +508,11 @@ def test_metrics_serve_refuses_a_port_out_of_range(capsys: pytest.CaptureFixture
         assert "argument --serve: the port must be" in capsys.readouterr().err
 
 
-def run_demo(cwd: Path, *args: str) -> str:
-    """``dualmem demo`` in ``cwd`` with no DUALMEM_* settings; its output, whitespace-folded
-    (rich wraps long lines)."""
+def run_demo(cwd: Path, *args: str, env_settings: dict[str, str] | None = None) -> str:
+    """``dualmem demo`` in ``cwd`` with no DUALMEM_* settings but ``env_settings``; its
+    output, whitespace-folded (rich wraps long lines)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUALMEM_")}
+    env.update(env_settings or {})
     r = subprocess.run(
         [sys.executable, "-m", "dualmem", "demo", *args],
         cwd=cwd,
@@ -532,7 +534,9 @@ def check_demo_runs(first: str, second: str) -> None:
             "gate (every confidence >= 0.75): not passed",
             "gate (every confidence >= 0.75): passed",
             "coder-2 reads coder-1's entry → AccessDenied",
+            "coder-2 reads its own → 0.81",  # its entry of the first iteration
             "Loop 2 consensus auth",
+            "gate (>= 0.90): passed → Loop 4",
             "validator-1 lists decisions → AccessDenied",
             "acked coder-1, coder-2; missing coder-3 after 2 re-sends",
             "ACK for coder-3 rejected: MAC does not verify",
@@ -544,6 +548,23 @@ def check_demo_runs(first: str, second: str) -> None:
             assert seen in out, seen
         # The Subscriber feed printed changes live, and the latency table has every path.
         assert re.search(r"live #\d+ put Loop 2 consensus auth #\d+ swarm by validator-1", out)
+        # Each change named by what it is: an agent's state was "agents state" with the
+        # wrong part of its key, an ACK named the signal id, not the agent it is for, and
+        # the first send of a signal read "re-sent" with the two words swapped.
+        assert re.search(r"live #\d+ put coder-3 state swarm by coordinator", out)
+        # Each agent's confidence reaches the (SWARM) registry, though its entry is private.
+        assert re.search(r"live #\d+ put coder-2 event: confidence swarm by coordinator", out)
+        sent = re.findall(r"put signal \.\.(\w{6}) (sent|re-sent) swarm by coordinator", out)
+        assert [how for _, how in sent] == ["sent", "re-sent", "re-sent"], sent
+        signal_id = sent[0][0]
+        # Each step waits until the feed printed its changes: the six of the spawns come
+        # before the next step, the dead agent's state before the line that reports it.
+        spawns = out[out.index("1. Spawn three agents") : out.index("2. Loop 3")]
+        assert len(re.findall(r"live #\d+ put coder-\d (state|event: spawn) ", spawns)) == 6
+        dead = out[out.index("7. Heartbeats") : out.index("coder-3: no heartbeat")]
+        assert re.search(r"live #\d+ put coder-3 state ", dead), dead
+        assert f"put ACK ..{signal_id} for coder-1 swarm by coder-1" in out
+        assert f"put ACK ..{signal_id} for coder-3 swarm by rogue-agent" in out
         for path in ("redis_write", "encode", "persist", "lag", "read", "feed"):
             cell = r" [│|] (\S+)"  # rich draws ASCII bars when the output is not UTF-8
             row = re.search(rf"[│|] {path} [│|][^│|]*[│|] ([\d,]+){cell * 4} [│|]", out)
@@ -551,8 +572,21 @@ def check_demo_runs(first: str, second: str) -> None:
             count, *quantiles = row.groups()
             p50, p95, p99, top = map(float, quantiles)
             assert int(count.replace(",", "")) > 0 and p50 <= p95 <= p99 <= top, row.group(0)
+            if path == "feed":
+                # Measured in whole milliseconds ("1 ms steps"), so its max is one: a lag
+                # recorded in the wrong unit read 0.009 ms for 9 ms.
+                assert quantiles[3].endswith(".000"), row.group(0)
         assert "p50" in out and "p95" in out and "p99" in out
     assert "First run" in first and "Found the state" not in first
+    # Said only when the observer had nothing to catch up on: the first run.
+    assert "(nothing to catch up on)" in first and "nothing to catch up" not in second
+    # The audit summary counts this run's rows, the same in both (the second counted the
+    # first run's too when it started after the oldest row, not the newest).
+    audits = [
+        re.findall(r"audit log: (\d+) rows this run; (\d+) high risk", out)
+        for out in (first, second)
+    ]
+    assert audits[0] == audits[1] and len(audits[0]) == 1, audits
     # The second run reads the first run's state back from SQLite ...
     assert "Found the state of 1 earlier run" in second
     assert "decision auth #2: PROCEED by product-owner" in second
@@ -562,14 +596,64 @@ def check_demo_runs(first: str, second: str) -> None:
     saved = re.search(r"saved its position at seq (\d+)", first)
     assert saved is not None
     assert f"'demo-observer', after seq {saved.group(1)}" in second
+    assert f"Subscriber saved its position at journal seq {saved.group(1)}" in second
     assert re.search(r"caught up #\d+ put coder-1 event: terminate", second)
+    # All four changes written after the first run's observer stopped are caught up, the
+    # last one too (it was shown as "live" when the catch-up ended one change early).
+    caught_up = second[: second.index("1. Spawn three agents")]
+    assert re.search(r"caught up #\d+ put coder-2 state", caught_up), caught_up
+    assert " live " not in caught_up, caught_up
     assert "decision auth #4" in second  # the loop went on with the next iterations
 
 
 def test_demo_runs_and_survives_a_restart(tmp_path: Path) -> None:
-    check_demo_runs(run_demo(tmp_path), run_demo(tmp_path))
+    first = run_demo(tmp_path)
+    check_demo_runs(first, run_demo(tmp_path))
     for name in ("dualmem.db", "dualmem.db.keys", "dualmem.db.signal-secret"):
         assert (tmp_path / name).exists(), name
+    # A third run counts both earlier runs, lists both decisions and goes on from there.
+    third = run_demo(tmp_path)
+    assert "Found the state of 2 earlier runs" in third
+    assert "decision auth #2: PROCEED" in third and "decision auth #4: PROCEED" in third
+    assert "Loop 3, iteration 5:" in third and "put decision auth #6 " in third
+    # The participants' signal secret is kept private and reused: the signals of all
+    # three runs verify with the one in the file (the file was readable by anyone, and the
+    # later runs signed with a fresh secret nobody kept).
+    secret = tmp_path / "dualmem.db.signal-secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    coordinator = Principal(agent_id="coordinator", swarm="phase-1-auth", project="shop")
+    db = str(tmp_path / "dualmem.db")
+    with DualMemory(redis_url="memory://cli-demo-signals", db_path=db) as mem:
+        records = mem.query(principal=coordinator, prefix="coord/signals/")
+        signals = [Signal.from_value(r.value) for r in records]
+        checker = BlockingCoordinator(mem, coordinator, secret.read_bytes())
+        assert len(signals) == 3 and [checker.signal_problem(s) for s in signals] == [None] * 3
+        # What the first run said of coder-1's sealed entry is that entry in SQLite.
+        key = LoopMemory(mem, swarm="phase-1-auth", project="shop").key(3, "auth", 1)
+        row = mem.store.get("agent:coder-1", key, int(time.time() * 1000))
+        assert row is not None
+        said = f"coder-1's entry is {len(row.envelope)} bytes of AES-256-GCM ciphertext"
+        assert said in first, first
+
+
+def test_the_demos_observer_catches_up_on_what_the_database_held_before_it(
+    tmp_path: Path,
+) -> None:
+    # The observer follows everything it may read, from the beginning: a database with
+    # eleven earlier SWARM changes shows the first eight and counts the other three (the
+    # count was dropped, or printed again at every later step, with nothing new hidden).
+    planner = Principal(agent_id="planner", swarm="phase-1-auth", project="shop")
+    db = tmp_path / "dualmem.db"
+    with DualMemory(redis_url="memory://cli-demo-catch-up", db_path=str(db)) as mem:
+        for i in range(11):
+            receipt = mem.put(f"plan/step-{i}", {"step": i}, level=Level.SWARM, principal=planner)
+        mem.sync(receipt, 10)
+    out = run_demo(tmp_path)
+    assert "First run" in out and "from the beginning" in out
+    before = out[: out.index("1. Spawn three agents")]
+    assert re.findall(r"caught up #\d+ put (\S+)", before) == [f"plan/step-{i}" for i in range(8)]
+    assert out.count("more caught up") == 1 and "... and 3 more caught up" in before, before
+    assert "nothing to catch up on" not in out
 
 
 def test_demo_seals_with_the_key_file_it_is_given(
@@ -610,6 +694,24 @@ def test_demo_against_a_real_redis(redis_server: RedisServer, tmp_path: Path) ->
     # Its own namespace: nothing of the demo under the default one.
     keys = redis_server.client().keys("*")
     assert keys and all(k.startswith(b"dm:{dualmem-demo:") for k in keys)
+
+
+def test_demo_against_a_real_redis_seals_with_the_key_in_the_environment(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # DUALMEM_KEY is the user's key: the demo made a key file of its own beside the
+    # database (and sealed with it) when only a key file, not a key, counted as given.
+    redis_server.client().flushall()
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    out = run_demo(tmp_path, "--redis-url", redis_server.url, env_settings={"DUALMEM_KEY": key})
+    assert "(real Redis)" in out and "key file" not in out
+    assert "1,500 encrypted Loop 3 writes" in out
+    assert not (tmp_path / "dualmem.db.keys").exists()
+    owner = Principal(agent_id="product-owner", swarm="phase-1-auth", project="shop", system=True)
+    db = str(tmp_path / "dualmem.db")
+    with DualMemory(redis_url=redis_server.url, db_path=db, key=key, namespace="dualmem-demo") as m:
+        loops = LoopMemory(m, swarm="phase-1-auth", project="shop")
+        assert [d.decision.value for d in loops.list_loop4_decisions(owner, "auth")] == ["PROCEED"]
 
 
 def test_python_m_dualmem_help() -> None:
@@ -871,4 +973,6 @@ def test_a_demo_interrupted_after_its_spawn_does_not_stop_the_next_run(tmp_path:
     assert "registers coder-1..3" in seen and proc.returncode == 130, seen
     out = run_demo(tmp_path)
     assert "an interrupted earlier run left coder-1 (" in out, out
+    # The agents it left are earlier state, shown as such (not "First run").
+    assert "First run" not in out and "- agents: coder-1 " in out, out
     assert "gate (every confidence >= 0.75): passed" in out
