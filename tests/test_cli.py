@@ -543,6 +543,10 @@ def check_demo_runs(first: str, second: str) -> None:
             "the second ACK was a no-op",
             "coder-3: no heartbeat for",
             "marked dead",
+            "still active: coder-1, coder-2 8. The write path",  # not the dead coder-3
+            # Two refused reads and the forged ACK are the high-risk rows, by event.
+            "3 high risk (access_denied, signal_ack_rejected), the rest agent_dead, "
+            "signal_ack, signal_retry, signal_sent, signal_timeout",
             "1,500 encrypted Loop 3 writes",
         ):
             assert seen in out, seen
@@ -576,8 +580,21 @@ def check_demo_runs(first: str, second: str) -> None:
                 # Measured in whole milliseconds ("1 ms steps"), so its max is one: a lag
                 # recorded in the wrong unit read 0.009 ms for 9 ms.
                 assert quantiles[3].endswith(".000"), row.group(0)
+                # One sample per change the observer was shown live.
+                shown = re.search(r"the observer was shown (\d+) ", out)
+                assert shown is not None
+                assert count == shown.group(1) == str(out.count(" live #")), row.group(0)
         assert "p50" in out and "p95" in out and "p99" in out
+        # This run's journal: no more changes than this run wrote (not the whole journal).
+        writes = re.search(r"[│|] redis_write [│|][^│|]*[│|] ([\d,]+) ", out)
+        journal = re.search(r"journal: ([\d,]+) changes this run", out)
+        assert writes is not None and journal is not None
+        assert 0 < int(journal.group(1).replace(",", "")) <= int(writes.group(1).replace(",", ""))
+        assert "closed (drained)." in out
     assert "First run" in first and "Found the state" not in first
+    assert "Run dualmem demo again: run 2 finds this state" in first
+    # The consensus is stored for the iteration that passed the confidence gate.
+    assert "put Loop 2 consensus auth #2 " in first and "0.93 (iteration 2)" in first
     # Said only when the observer had nothing to catch up on: the first run.
     assert "(nothing to catch up on)" in first and "nothing to catch up" not in second
     # The audit summary counts this run's rows, the same in both (the second counted the
