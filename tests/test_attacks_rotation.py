@@ -1276,6 +1276,90 @@ def test_the_drop_mark_lasts_its_ttl_and_one_nobody_can_read_refuses(
     assert raw_redis.get(mark) is None
 
 
+def test_the_drop_mark_names_every_key_dropped_and_replaces_a_mark_left_behind(
+    raw_redis: redis.Redis,
+) -> None:
+    # A drop of two retired keys marked only the first: an import sealed under the
+    # second landed during the last pass and the drop removed its key. A drop that
+    # crashed leaves its mark (it expires after --timeout + 60 s); the next drop's mark
+    # written only if none was there kept naming the old keys, not the new drop's.
+    from dualmem.keyuse import clear_dropping, dropping_key, dropping_refusal, mark_dropping
+
+    mark = dropping_key("dualmem")
+    mark_dropping(raw_redis, "dualmem", ["k2", "k1"], ttl=60)
+    assert dropping_refusal(raw_redis.get(mark), {"k1"}) is not None
+    assert dropping_refusal(raw_redis.get(mark), {"k2"}) is not None
+    assert dropping_refusal(raw_redis.get(mark), {"k3"}) is None
+    mark_dropping(raw_redis, "dualmem", ["k3"], ttl=60)  # the first drop never cleared
+    assert dropping_refusal(raw_redis.get(mark), {"k3"}) is not None
+    clear_dropping(raw_redis, "dualmem")
+
+
+def test_the_drop_mark_with_redis_down_is_a_clean_error_and_its_clearing_a_no_op() -> None:
+    # mark_dropping with Redis unreachable raised redis-py's ConnectionError, not
+    # StoreUnavailable (the CLI's "Redis is unavailable"); clear_dropping, run in a
+    # finally after the last pass, raised too and replaced the error that ended the drop
+    # (the mark expires anyway).
+    from dualmem.keyuse import clear_dropping, mark_dropping
+
+    down = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    with pytest.raises(StoreUnavailable):
+        mark_dropping(down, "dualmem", ["k1"], ttl=60)
+    clear_dropping(down, "dualmem")
+
+
+def test_an_operator_send_in_another_namespace_refuses_under_its_drop_mark(
+    ops_settings: Settings, raw_redis: redis.Redis
+) -> None:
+    # The send WATCHes and reads dropping_key(namespace), the key mark_dropping writes
+    # for the drop of that namespace: a mark looked up under the default namespace let
+    # an import of the "team" deployment land under a key its drop then removed.
+    from dualmem.errors import KeyDropped
+    from dualmem.keyuse import clear_dropping, dropping_key, mark_dropping
+    from dualmem.ops.runtime import Runtime, Write
+
+    assert dropping_key("team") != dropping_key("dualmem")
+    with Runtime(ops_settings.replace(namespace="team"), worker=False) as rt:
+        old = rt.codec.keyring.active_id  # type: ignore[union-attr]
+        env = rt.codec.seal({"v": 1}, scope=SCOPE, key="imp", level=Level.PRIVATE, owner="a")
+        stream = rt.layout.stream(rt.layout.shard_of(SCOPE, "imp"))
+        mark_dropping(raw_redis, "team", [old], ttl=60)
+        with pytest.raises(KeyDropped, match=old):
+            rt.send([Write(SCOPE, "imp", Level.PRIVATE, "a", env)])
+        assert raw_redis.xlen(stream) == 0
+        clear_dropping(raw_redis, "team")
+        rt.send([Write(SCOPE, "imp", Level.PRIVATE, "a", env)])
+        assert raw_redis.xlen(stream) == 1
+
+
+def test_leases_of_two_namespaces_on_one_redis_stay_apart_each_in_one_slot(
+    raw_redis: redis.Redis,
+) -> None:
+    # Two deployments share a Redis under their own namespaces. One index for both made
+    # the first namespace's drop take the second's leases for expired and remove them
+    # from the index: the second's drop then saw no process sealing with its old key.
+    # The lease's index and entry share the hash tag {<namespace>:keyuse}, so the
+    # renewal's MULTI touches one slot (valid on Redis Cluster) whatever the namespace.
+    from redis.crc import key_slot
+
+    codec = Codec(Keyring.generate())
+    alpha = KeyLease(raw_redis, "alpha", codec, interval=60, slack=3)
+    beta = KeyLease(raw_redis, "beta", codec, interval=60, slack=3)
+    alpha.renew()
+    beta.renew()
+    assert [u.token for u in key_users(raw_redis, "alpha")] == [alpha.token]
+    assert [u.token for u in key_users(raw_redis, "beta")] == [beta.token]
+    assert [u.token for u in key_users(raw_redis, "alpha")] == [alpha.token]
+    for ns, lease in (("alpha", alpha), ("beta", beta)):
+        index, entry = f"dm:{{{ns}:keyuse}}".encode(), f"dm:{{{ns}:keyuse}}:{lease.token}"
+        assert raw_redis.sismember(index, lease.token)
+        assert raw_redis.exists(entry.encode())
+        assert key_slot(index) == key_slot(entry.encode())
+    alpha.release()
+    assert key_users(raw_redis, "alpha") == []
+    assert [u.token for u in key_users(raw_redis, "beta")] == [beta.token]
+
+
 def test_an_operator_send_never_lands_under_a_key_being_dropped(
     ops_settings: Settings,
     keyfile: Path,
