@@ -667,6 +667,51 @@ def test_dead_consumers_entries_are_claimed(
     assert len(rescuer.changes(0, principal=coder)) == 50
 
 
+def test_a_worker_restarted_under_its_name_takes_back_its_own_pending_entries_at_once(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # A worker with a fixed consumer name died holding entries, and came back. Its first
+    # claim also reads its own pending list: without that, its first steps found nothing
+    # (the entries are its own, not idle past claim_idle_ms) and they waited a full
+    # claim time (a minute here) to be claimed like a dead consumer's.
+    writer = make_mem(worker=False, claim_idle_ms=60_000)
+    receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(3)]
+    stream = writer.layout.stream(0)
+    assert len(raw_redis.xreadgroup("persist", "w", {stream: ">"}, count=10)[0][1]) == 3
+    w = worker_of(writer, "w")
+    assert w.step() == 3
+    assert [writer.store.status(r.shard, r.stream_id) for r in receipts] == ["committed"] * 3
+    assert raw_redis.xpending(stream, "persist")["pending"] == 0
+
+
+@pytest.mark.real_redis
+@pytest.mark.parametrize("backend", ["redis"])  # fakeredis: a re-read keeps the idle time
+def test_a_dead_consumers_entries_behind_many_fresh_pending_ones_are_claimed(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # XAUTOCLAIM looks at no more than ten times COUNT pending entries a call (Redis 7).
+    # With a live consumer's 19 fresh entries first in the pending list and a batch of
+    # 2, the first call claims one dead entry: a claim that stopped there (and started
+    # from the same place at every claim) left the others waiting behind the live
+    # consumer's; one that asked the next call for a whole batch again took 3.
+    writer = make_mem(worker=False, claim_idle_ms=200, batch_size=2)
+    receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(22)]
+    stream = writer.layout.stream(0)
+    assert len(raw_redis.xreadgroup("persist", "busy", {stream: ">"}, count=19)[0][1]) == 19
+    assert len(raw_redis.xreadgroup("persist", "dead", {stream: ">"}, count=10)[0][1]) == 3
+    time.sleep(0.3)  # the dead consumer's entries are idle past claim_idle_ms
+    # The live consumer reads its pending entries again: they are not idle.
+    assert len(raw_redis.xreadgroup("persist", "busy", {stream: "0"}, count=19)[0][1]) == 19
+    w = worker_of(writer, "w")
+    assert w.step() == 2
+    assert w.stats.claimed == 2
+    assert [writer.store.status(r.shard, r.stream_id) for r in receipts[19:]] == [
+        "committed",
+        "committed",
+        None,
+    ]
+
+
 def test_replayed_entries_change_nothing(
     make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, db_path: Path
 ) -> None:
@@ -1672,6 +1717,22 @@ def test_close_drains_and_reports(make_mem: MakeMem, coder: Principal) -> None:
         mem.put("k", 1, level=Level.SWARM, principal=coder)
 
 
+def test_close_drains_a_backlog_of_many_batches_within_its_timeout(
+    make_mem: MakeMem, coder: Principal, db_path: Path
+) -> None:
+    # The worker thread asks for close(timeout=...) when its drain starts. A drain that
+    # took no time for it committed one batch and reported the rest pending, though
+    # the database was free again and 30 s allowed.
+    mem = make_mem(batch_size=2, busy_timeout_ms=50)
+    mem.sync(mem.put("warm", 0, level=Level.SWARM, principal=coder))
+    with write_locked(db_path):  # the backlog builds up behind a busy database
+        receipts = [mem.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(20)]
+    report = mem.close(timeout=30)
+    assert report.drained and report.pending == 0
+    check = make_mem(worker=False)
+    assert {check.store.status(r.shard, r.stream_id) for r in receipts} == {"committed"}
+
+
 @contextlib.contextmanager
 def write_locked(db_path: Path) -> Iterator[None]:
     """Hold the database's write lock, as a backup, a shell or a migration would."""
@@ -1761,19 +1822,21 @@ def test_a_drain_with_the_database_locked_retries_its_batch_without_redelivering
     assert [writer.store.status(r.shard, r.stream_id) for r in receipts] == ["committed"] * 3
 
 
+@pytest.mark.parametrize("held", [1, 5])
 def test_a_drain_waits_for_a_dead_consumers_entries_to_become_claimable(
-    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, held: int
 ) -> None:
     # Entries a dead consumer read, not idle long enough to be claimed when the drain
     # started: the drain found nothing to read and returned at once with them pending,
-    # though its timeout left time to claim and commit them.
+    # though its timeout left time to claim and commit them. One entry alone as well: a
+    # drain content with one left over passed with five.
     writer = make_mem(worker=False, claim_idle_ms=300)
-    receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(5)]
+    receipts = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder) for i in range(held)]
     stream = writer.layout.stream(0)
-    assert len(raw_redis.xreadgroup("persist", "dead", {stream: ">"}, count=10)[0][1]) == 5
+    assert len(raw_redis.xreadgroup("persist", "dead", {stream: ">"}, count=10)[0][1]) == held
     w = worker_of(writer, "w")
     assert w.drain(10) == 0
-    assert [writer.store.status(r.shard, r.stream_id) for r in receipts] == ["committed"] * 5
+    assert [writer.store.status(r.shard, r.stream_id) for r in receipts] == ["committed"] * held
 
 
 class _RecordedWaits(threading.Event):
