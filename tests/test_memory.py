@@ -684,6 +684,30 @@ def test_a_worker_restarted_under_its_name_takes_back_its_own_pending_entries_at
     assert raw_redis.xpending(stream, "persist")["pending"] == 0
 
 
+@pytest.mark.parametrize("backend", ["fakeredis"])  # a real Redis's clock cannot be moved
+def test_a_worker_forgets_consumers_silent_for_minutes_and_keeps_recent_ones(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every restart adds a consumer name; the claim deletes those with nothing pending
+    # silent for a minute (and four claim times). Without it XINFO CONSUMERS grew by one
+    # name a restart for good; with the claim time alone as the limit, a worker between
+    # two reads a few hundred milliseconds apart was deleted from under itself.
+    import fakeredis.model._stream as fake_stream
+
+    writer = make_mem(worker=False, claim_idle_ms=200)
+    stream = writer.layout.stream(0)
+    writer.put("k0", 0, level=Level.SWARM, principal=coder)
+    assert worker_of(writer, "gone").step() == 1  # committed and acked: nothing pending
+    clock = fake_stream.current_time
+    monkeypatch.setattr(fake_stream, "current_time", lambda: clock() + 120_000)  # 2 min on
+    writer.put("k1", 1, level=Level.SWARM, principal=coder)
+    assert worker_of(writer, "recent").step() == 1
+    time.sleep(0.3)  # silent past claim_idle_ms, far from a minute
+    worker_of(writer, "w").step()
+    names = {c["name"].decode() for c in raw_redis.xinfo_consumers(stream, "persist")}
+    assert names == {"recent", "w"}
+
+
 @pytest.mark.real_redis
 @pytest.mark.parametrize("backend", ["redis"])  # fakeredis: a re-read keeps the idle time
 def test_a_dead_consumers_entries_behind_many_fresh_pending_ones_are_claimed(
@@ -786,26 +810,30 @@ def test_a_dead_lettered_write_leaves_no_cache_entry_for_fresh_reads(
     make_mem: MakeMem, coder: Principal, db_path: Path
 ) -> None:
     # Fresh reads answered a dead-lettered put's value (or a delete's mark) from the cache
-    # for cache_ttl, for good for an agent's pinned state, though SQLite never had it.
+    # for cache_ttl, for good for an agent's pinned state, though SQLite never had it. A
+    # put with a ttl too: its cache entry holds its expiry, and the worker looked for
+    # one without it, found none and kept the entry.
     writer = make_mem(worker=False)
     swarm = {"level": Level.SWARM, "principal": coder}
-    kept = [writer.put(k, "committed", **swarm) for k in ("k", "d", "j")]
+    kept = [writer.put(k, "committed", **swarm) for k in ("k", "d", "j", "t")]
     poison = [
         writer.put("k", "never committed", **swarm),
         writer.delete("d", **swarm),
         writer.put("j", "never committed", **swarm),
+        writer.put("t", "never committed", ttl=3600, **swarm),
     ]
     newer = writer.put("j", "newer", **swarm)  # its cache entry replaced the poison's
     _poison(db_path, *(r.stream_id for r in poison))
     assert writer.get("k", fresh=True, **swarm) == "never committed"
     assert writer.get("d", fresh=True, **swarm) is None
+    assert writer.get("t", fresh=True, **swarm) == "never committed"
     worker = make_mem(max_deliveries=2, claim_idle_ms=50)
     for r in [*kept, newer]:
         worker.sync(r)
-    wait_until(lambda: len(worker.store.dead_letters()) == 3, what="three dead letters")
+    wait_until(lambda: len(worker.store.dead_letters()) == 4, what="four dead letters")
     # The entries go right after the dead letters' commit.
     wait_until(
-        lambda: [worker.get(k, fresh=True, **swarm) for k in "kd"] == ["committed"] * 2,
+        lambda: [worker.get(k, fresh=True, **swarm) for k in "kdt"] == ["committed"] * 3,
         timeout=2,
         what="the dead writes' cache entries gone",
     )
