@@ -812,7 +812,8 @@ def test_a_dead_lettered_write_leaves_no_cache_entry_for_fresh_reads(
     # Fresh reads answered a dead-lettered put's value (or a delete's mark) from the cache
     # for cache_ttl, for good for an agent's pinned state, though SQLite never had it. A
     # put with a ttl too: its cache entry holds its expiry, and the worker looked for
-    # one without it, found none and kept the entry.
+    # one without it, found none and kept the entry. The last entry of the stream too:
+    # the look at what came after it took the entry itself for a later write.
     writer = make_mem(worker=False)
     swarm = {"level": Level.SWARM, "principal": coder}
     kept = [writer.put(k, "committed", **swarm) for k in ("k", "d", "j", "t")]
@@ -820,9 +821,9 @@ def test_a_dead_lettered_write_leaves_no_cache_entry_for_fresh_reads(
         writer.put("k", "never committed", **swarm),
         writer.delete("d", **swarm),
         writer.put("j", "never committed", **swarm),
-        writer.put("t", "never committed", ttl=3600, **swarm),
     ]
     newer = writer.put("j", "newer", **swarm)  # its cache entry replaced the poison's
+    poison.append(writer.put("t", "never committed", ttl=3600, **swarm))  # the last entry
     _poison(db_path, *(r.stream_id for r in poison))
     assert writer.get("k", fresh=True, **swarm) == "never committed"
     assert writer.get("d", fresh=True, **swarm) is None
