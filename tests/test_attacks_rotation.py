@@ -863,6 +863,27 @@ def test_a_process_leases_the_keys_it_may_seal_with(
     assert _users(raw_redis) == {}
 
 
+def test_a_write_carries_a_lease_renewal_only_when_one_is_due(
+    make_mem: MakeMem, raw_redis: redis.Redis
+) -> None:
+    # The renewal rides in a write's transaction once keyring_reload_interval has
+    # passed: sending it with every write cost each put two more commands and renewed
+    # an hour-long lease at every write.
+    p = Principal(agent_id="a")
+    mem = make_mem(worker=False, keyring_reload_interval=3600)
+    assert mem._lease is not None
+    taken = mem._lease._renewed_at
+    entry = f"dm:{{dualmem:keyuse}}:{mem._lease.token}".encode()
+    raw_redis.pexpire(entry, 600_000)  # what a renewal would set back to over an hour
+    for i in range(3):
+        mem.put("k", i, level=Level.PRIVATE, principal=p)
+    assert mem._lease._renewed_at == taken
+    assert 0 < raw_redis.pttl(entry) <= 600_000
+    mem._lease._renewed_at -= 3600  # an hour on: the next write renews
+    mem.put("k", 3, level=Level.PRIVATE, principal=p)
+    assert raw_redis.pttl(entry) > 3_600_000
+
+
 def test_a_process_that_keeps_writing_keeps_its_lease_alive_past_its_ttl(
     make_mem: MakeMem, raw_redis: redis.Redis
 ) -> None:
