@@ -884,6 +884,25 @@ def test_a_write_carries_a_lease_renewal_only_when_one_is_due(
     assert raw_redis.pttl(entry) > 3_600_000
 
 
+def test_a_send_whose_renewal_alone_is_refused_returns_the_replies_to_its_commands(
+    raw_redis: redis.Redis,
+) -> None:
+    # send_carrying returns the replies to the caller's commands: with the renewal
+    # refused, it handed back the renewal's replies too, after them. The renewal stays
+    # unconfirmed (due again at the next write).
+    from functools import partial
+
+    from dualmem.keyuse import send_carrying
+    from dualmem.redis_backend import transact
+
+    lease = KeyLease(raw_redis, "dualmem", Codec(Keyring.generate()), interval=60, slack=3)
+    raw_redis.set(b"dm:{dualmem:keyuse}", b"not a set")  # SADD to it fails
+    send = partial(transact, raw_redis, keep_errors=True)
+    replies = send_carrying(lease, [(b"SET", b"x", b"1"), (b"GET", b"x")], send)
+    assert replies == [b"OK", b"1"]
+    assert lease.lapsed() and lease.commands()
+
+
 def test_a_process_that_keeps_writing_keeps_its_lease_alive_past_its_ttl(
     make_mem: MakeMem, raw_redis: redis.Redis
 ) -> None:
