@@ -1563,6 +1563,19 @@ def test_a_lease_holding_junk_blocks_a_drop_and_breaks_nothing(
     assert user.token == "h:1:x" and user.ids != ("kactive",)
 
 
+def test_a_lease_naming_an_old_key_after_the_active_one_blocks_a_drop(
+    raw_redis: redis.Redis,
+) -> None:
+    # A lease names the active key first, then the keys it may still seal with (one
+    # active less than landing_slack ago, every key of an import's keyring). Looking at
+    # the first id alone let the drop go ahead under a process still sealing with kold.
+    raw_redis.sadd(b"dm:{dualmem:keyuse}", b"h:1:x", b"h:2:y")
+    raw_redis.set(b"dm:{dualmem:keyuse}:h:1:x", json.dumps(["kactive", "kold"]))
+    raw_redis.set(b"dm:{dualmem:keyuse}:h:2:y", json.dumps(["kactive"]))
+    (user,) = wait_for_key_users(raw_redis, "dualmem", "kactive", timeout=0)
+    assert user.token == "h:1:x" and user.ids == ("kactive", "kold")
+
+
 def test_the_last_look_never_misses_a_put_the_worker_commits_meanwhile(
     make_mem: MakeMem, keyfile: Path, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
