@@ -50,7 +50,7 @@ from dualmem.redis_backend import transact
 from dualmem.settings import Settings
 from dualmem.sqlite_store import SQLiteStore
 from dualmem.store import Notification, StreamEntry
-from dualmem.worker import Worker, purge_floor
+from dualmem.worker import Worker, WorkerStats, purge_floor
 
 from .conftest import (
     REFUSED,
@@ -736,6 +736,30 @@ def test_a_dead_consumers_entries_behind_many_fresh_pending_ones_are_claimed(
     ]
 
 
+def test_the_worker_counts_what_its_stop_summary_prints(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # `dualmem worker` ends with "<n> applied, <n> duplicates, <n> claimed, <n>
+    # dead-lettered": duplicates (entries committed before a crash, redelivered) and
+    # batches were never counted, and nothing failed for it.
+    from dualmem.store import StreamEntry
+
+    writer = make_mem(worker=False, max_deliveries=1)
+    stream = writer.layout.stream(0)
+    for i in range(3):
+        writer.put(f"d{i}", i, level=Level.SWARM, principal=coder)
+    # The crash between COMMIT and XACK: committed, not acknowledged.
+    writer.store.apply([StreamEntry(0, sid.decode(), f) for sid, f in raw_redis.xrange(stream)])
+    for i in range(2):
+        writer.put(f"n{i}", i, level=Level.SWARM, principal=coder)
+    raw_redis.xadd(stream, {b"op": b"put", b"s": b"swarm:phase-1-auth", b"k": b"x"})  # malformed
+    w = worker_of(writer, "w")
+    assert w.step() == 6
+    assert w.stats == WorkerStats(
+        batches=1, applied=2, duplicates=3, claimed=0, dead_lettered=1, failures=1
+    )
+
+
 def test_replayed_entries_change_nothing(
     make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, db_path: Path
 ) -> None:
@@ -1204,6 +1228,23 @@ def test_trimming_keeps_what_another_group_has_not_acknowledged(
     raw_redis.xack(stream, "other", *ids[:2])
     w._trim()
     assert [sid.decode() for sid, _ in raw_redis.xrange(stream)] == ids[2:]
+
+
+def test_the_workers_purge_keeps_a_tombstone_younger_than_tombstone_ttl(
+    make_mem: MakeMem, coder: Principal, db_path: Path
+) -> None:
+    # The worker's periodic purge drops tombstones older than tombstone_ttl only: one
+    # that purged every tombstone at once passed every test (they set the ttl to 0).
+    writer = make_mem(worker=False, tombstone_ttl=3600)
+    writer.put("k", "v", level=Level.SWARM, principal=coder)
+    writer.delete("k", level=Level.SWARM, principal=coder)
+    w = worker_of(writer, "w")
+    assert w.step() == 2
+    w._next_purge = 0
+    w._housekeeping()
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        rows = conn.execute("SELECT key, envelope FROM memory").fetchall()
+    assert rows == [("k", None)]  # the tombstone, kept for its hour
 
 
 def test_purge_keeps_a_tombstone_while_an_older_put_of_its_key_is_pending(
