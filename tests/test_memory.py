@@ -1230,6 +1230,22 @@ def test_trimming_keeps_what_another_group_has_not_acknowledged(
     assert [sid.decode() for sid, _ in raw_redis.xrange(stream)] == ids[2:]
 
 
+def test_a_running_worker_saves_its_latency_figures_every_metrics_interval(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # `dualmem stats` and the exporter read the figures a worker saves every
+    # metrics_interval while it runs: a worker that saved them only when it stopped
+    # showed nothing for as long as it ran, and nothing failed.
+    writer = make_mem(worker=False)
+    writer.put("k", "v", level=Level.SWARM, principal=coder)
+    w = worker_of(writer, "w")
+    assert w.step() == 1
+    assert "w" not in writer.store.latest_metrics()
+    w._next_metrics = 0
+    w._housekeeping()
+    assert writer.store.latest_metrics()["w"]["persist"]["count"] == 1
+
+
 def test_the_workers_purge_keeps_a_tombstone_younger_than_tombstone_ttl(
     make_mem: MakeMem, coder: Principal, db_path: Path
 ) -> None:
