@@ -736,6 +736,34 @@ def test_a_dead_consumers_entries_behind_many_fresh_pending_ones_are_claimed(
     ]
 
 
+def test_entries_committed_whose_ack_failed_are_read_again_at_the_next_step(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis failed the ack pipeline after the commit: the entries stay in this worker's
+    # pending list. Without a look at that list next, they waited for a claim
+    # (claim_idle_ms, a minute here), held in the backlog and unsettled for sync().
+    writer = make_mem(worker=False, claim_idle_ms=60_000)
+    stream = writer.layout.stream(0)
+    for i in range(2):
+        writer.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+    real = worker_module.send_many
+    failed: list[int] = []
+
+    def send_many(client: Any, commands: Any) -> Any:
+        if not failed:
+            failed.append(1)
+            raise StoreUnavailable("ack: Redis is unavailable (planted by the test)")
+        return real(client, commands)
+
+    monkeypatch.setattr(worker_module, "send_many", send_many)
+    w = worker_of(writer, "w")
+    assert w.step() == 2 and failed  # committed, not acknowledged
+    assert raw_redis.xpending(stream, "persist")["pending"] == 2
+    assert w.step() == 2
+    assert (w.stats.applied, w.stats.duplicates) == (2, 2)
+    assert raw_redis.xpending(stream, "persist")["pending"] == 0
+
+
 def test_the_worker_counts_what_its_stop_summary_prints(
     make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
 ) -> None:
