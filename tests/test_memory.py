@@ -1258,6 +1258,53 @@ def test_trimming_keeps_what_another_group_has_not_acknowledged(
     assert [sid.decode() for sid, _ in raw_redis.xrange(stream)] == ids[2:]
 
 
+def test_trimming_leaves_a_stream_whose_group_is_gone_whole(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # Redis came back without the consumer group, and writers' XADDs recreated the
+    # stream: nothing says what was acknowledged, so nothing is trimmed. A trim sent
+    # anyway (with no floor) failed the worker's step and its drain.
+    writer = make_mem(worker=False)
+    stream = writer.layout.stream(0)
+    w = worker_of(writer, "w")
+    w.ensure_groups()
+    raw_redis.xgroup_destroy(stream, writer.settings.group)
+    for i in range(3):
+        writer.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+    w._trim()
+    assert raw_redis.xlen(stream) == 3
+
+
+def test_a_drain_counts_what_every_shard_still_holds(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # A worker of two shards whose drain ran out of time with a dead consumer's entry
+    # still pending on shard 0 (not idle long enough to claim): it counted the last
+    # shard's backlog alone and reported 0, drained.
+    writer = make_mem(worker=False, shards=2, claim_idle_ms=60_000)
+    scope = "swarm:phase-1-auth"  # the coder's swarm
+    key = next(k for k in (f"k{i}" for i in range(100)) if writer.layout.shard_of(scope, k) == 0)
+    writer.put(key, 1, level=Level.SWARM, principal=coder)
+    w = worker_of(writer, "w")
+    w.ensure_groups()
+    stream = writer.layout.stream(0)
+    raw_redis.xreadgroup(writer.settings.group, "dead", {stream: ">"}, count=10)
+    assert w.backlog() == 1
+    assert w.drain(0.1) == 1
+
+
+def test_creating_the_consumer_groups_on_a_key_that_is_no_stream_fails(
+    make_mem: MakeMem, raw_redis: redis.Redis
+) -> None:
+    # Only "the group exists already" is taken for done: a stream's key holding
+    # another program's string let the worker start without a group and fail every
+    # read after that, a warning a cycle, for as long as it ran.
+    writer = make_mem(worker=False)
+    raw_redis.set(writer.layout.stream(0), b"not a stream")
+    with pytest.raises(DualMemError, match="WRONGTYPE"):
+        worker_of(writer, "w").ensure_groups()
+
+
 def test_a_running_worker_saves_its_latency_figures_every_metrics_interval(
     make_mem: MakeMem, coder: Principal
 ) -> None:
