@@ -2041,6 +2041,23 @@ def test_the_commit_retry_backoff_is_bounded(
     assert writer.store.status(receipt.shard, receipt.stream_id) == "committed"
 
 
+def test_a_drains_commit_retries_never_wait_past_its_timeout(
+    make_mem: MakeMem, coder: Principal, db_path: Path
+) -> None:
+    # While it drains, the worker's wait between two commit attempts is cut to what is
+    # left of the drain's timeout: waiting its whole backoff (up to 1 s) overran
+    # close(timeout=...) by as much.
+    writer = make_mem(worker=False, busy_timeout_ms=1)
+    writer.put("k", 1, level=Level.SWARM, principal=coder)
+    w = worker_of(writer, "w")
+    w.ensure_groups()
+    waits = w._stopping = _RecordedWaits(stop_at=1_000_000)  # records, never stops
+    with write_locked(db_path):
+        assert w.drain(0.3) == 1
+    assert len(waits.waits) > 5
+    assert all(t is not None and t <= 0.3 for t in waits.waits)
+
+
 def test_the_worker_loops_backoff_while_redis_is_down_is_bounded(
     own_redis_server: RedisServer, db_path: Path, keyfile: Path
 ) -> None:
