@@ -1336,16 +1336,39 @@ def test_the_drop_mark_names_every_key_dropped_and_replaces_a_mark_left_behind(
 
 
 def test_the_drop_mark_with_redis_down_is_a_clean_error_and_its_clearing_a_no_op() -> None:
-    # mark_dropping with Redis unreachable raised redis-py's ConnectionError, not
-    # StoreUnavailable (the CLI's "Redis is unavailable"); clear_dropping, run in a
-    # finally after the last pass, raised too and replaced the error that ended the drop
-    # (the mark expires anyway).
+    # mark_dropping (and the wait for the leases before it) with Redis unreachable
+    # raised redis-py's ConnectionError, not StoreUnavailable (the CLI's "Redis is
+    # unavailable"); clear_dropping, run in a finally after the last pass, raised too
+    # and replaced the error that ended the drop (the mark expires anyway).
     from dualmem.keyuse import clear_dropping, mark_dropping
 
     down = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
     with pytest.raises(StoreUnavailable):
+        wait_for_key_users(down, "dualmem", "kactive", timeout=0)
+    with pytest.raises(StoreUnavailable):
         mark_dropping(down, "dualmem", ["k1"], ttl=60)
     clear_dropping(down, "dualmem")
+
+
+def test_the_wait_for_key_users_returns_at_its_first_look_when_no_lease_blocks(
+    raw_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With every lease naming the active key alone, the drop goes ahead at once: a wait
+    # that slept through its --timeout whatever it found passed every test.
+    import dualmem.keyuse as keyuse_module
+
+    raw_redis.sadd(b"dm:{dualmem:keyuse}", b"h:1:x")
+    raw_redis.set(b"dm:{dualmem:keyuse}:h:1:x", json.dumps(["kactive"]))
+
+    class Clock:
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            raise AssertionError(f"waited {seconds} s though no lease blocks")
+
+    monkeypatch.setattr(keyuse_module, "time", Clock)
+    assert wait_for_key_users(raw_redis, "dualmem", "kactive", timeout=600) == []
 
 
 def test_an_operator_send_in_another_namespace_refuses_under_its_drop_mark(
