@@ -899,6 +899,29 @@ def test_a_dead_lettered_write_leaves_no_cache_entry_for_fresh_reads(
     assert worker.get("j", fresh=True, **swarm) == "newer"
 
 
+def test_a_dead_lettered_write_on_another_shard_leaves_no_cache_entry(
+    make_mem: MakeMem, coder: Principal, db_path: Path
+) -> None:
+    # The cache entry is looked for on the shard of the write's key: looked for on
+    # shard 0, a dead-lettered put of a shard-1 key kept answering fresh reads.
+    writer = make_mem(worker=False, shards=2)
+    swarm = {"level": Level.SWARM, "principal": coder}
+    scope = "swarm:phase-1-auth"  # the coder's swarm
+    key = next(k for k in (f"k{i}" for i in range(100)) if writer.layout.shard_of(scope, k) == 1)
+    kept = writer.put(key, "committed", **swarm)
+    poison = writer.put(key, "never committed", **swarm)
+    _poison(db_path, poison.stream_id)
+    assert writer.get(key, fresh=True, **swarm) == "never committed"
+    worker = make_mem(max_deliveries=1, shards=2)
+    worker.sync(kept)
+    wait_until(lambda: len(worker.store.dead_letters()) == 1, what="the dead letter")
+    wait_until(
+        lambda: worker.get(key, fresh=True, **swarm) == "committed",
+        timeout=2,
+        what="the dead write's cache entry gone",
+    )
+
+
 def _poison(db_path: Path, *stream_ids: str) -> None:
     """Make the memory row of each of ``stream_ids`` fail (a real SQLite error)."""
     marks = ",".join(f"'{sid}'" for sid in stream_ids)
@@ -1417,6 +1440,19 @@ def test_a_purge_floor_past_its_read_limit_holds_every_tombstone(
     assert purge_floor(raw_redis, [stream]) == sid_of("0-0")
 
 
+def test_the_purge_floor_is_the_oldest_of_several_pending_entries(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # A dead consumer holds two puts: the floor is the older one's id. Taken from the
+    # newest pending entry, it let a purge drop a tombstone the older put still needed.
+    writer = make_mem(worker=False)
+    stream = writer.layout.stream(0)
+    ids = [writer.put(f"k{i}", i, level=Level.SWARM, principal=coder).stream_id for i in range(3)]
+    worker_of(writer, "w").ensure_groups()
+    raw_redis.xreadgroup(writer.settings.group, "dead", {stream: ">"}, count=2)
+    assert purge_floor(raw_redis, [stream]) == sid_of(ids[0])
+
+
 def test_purge_keeps_the_tombstone_a_dead_letter_replayed_twice_needs(
     make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, db_path: Path
 ) -> None:
@@ -1447,6 +1483,8 @@ def test_purge_keeps_the_tombstone_a_dead_letter_replayed_twice_needs(
     assert writer.store.status(0, second.stream_id) == "committed"
     time.sleep(0.01)
     cut = int(time.time() * 1000)
+    # The pending replay counts by its original id, below the tombstone's.
+    assert purge_floor(raw_redis, [stream]) == sid_of(failed.stream_id)
     writer.store.purge(cut, cut, floor=purge_floor(raw_redis, [stream]))  # letter: envelope
     with sqlite3.connect(db_path) as conn:  # the tombstone stays
         assert conn.execute("SELECT envelope FROM memory WHERE key = 'k'").fetchall() == [(None,)]
