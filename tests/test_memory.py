@@ -3499,6 +3499,25 @@ def test_key_rotation_keeps_a_cached_puts_expiry(
     assert writer.get("k", level=Level.PRIVATE, principal=coder, fresh=True) == {"v": 1}
 
 
+def test_settled_through_an_id_ignores_what_is_pending_after_it(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis
+) -> None:
+    # settle() waits through the last entry when it was called: a look at every pending
+    # entry, not those up to that id, also waited for writes made after the call, for
+    # good under steady writes or a dead consumer holding a later one.
+    from dualmem.worker import settled_through
+
+    writer = make_mem(worker=False)
+    stream = writer.layout.stream(0)
+    first = writer.put("a", 1, level=Level.SWARM, principal=coder)
+    w = worker_of(writer, "w")
+    assert w.step() == 1
+    later = writer.put("b", 2, level=Level.SWARM, principal=coder)
+    raw_redis.xreadgroup(writer.settings.group, "dead", {stream: ">"}, count=1)  # never acked
+    assert settled_through(raw_redis, stream, writer.settings.group, first.stream_id)
+    assert not settled_through(raw_redis, stream, writer.settings.group, later.stream_id)
+
+
 def test_settle_waits_for_every_earlier_write_of_any_object_on_every_shard(
     make_mem: MakeMem, coder: Principal
 ) -> None:
