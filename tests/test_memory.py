@@ -1328,10 +1328,15 @@ def test_creating_the_consumer_groups_on_a_key_that_is_no_stream_fails(
     # Only "the group exists already" is taken for done: a stream's key holding
     # another program's string let the worker start without a group and fail every
     # read after that, a warning a cycle, for as long as it ran.
+    from dualmem.worker import stream_pending
+
     writer = make_mem(worker=False)
     raw_redis.set(writer.layout.stream(0), b"not a stream")
     with pytest.raises(DualMemError, match="WRONGTYPE"):
         worker_of(writer, "w").ensure_groups()
+    # Only a missing stream reads as "no groups": `dualmem stats` showed 0 pending.
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        stream_pending(raw_redis, writer.layout.stream(0), writer.settings.group)
 
 
 def test_a_running_worker_saves_its_latency_figures_every_metrics_interval(
