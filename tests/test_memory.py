@@ -899,6 +899,30 @@ def test_a_dead_lettered_write_leaves_no_cache_entry_for_fresh_reads(
     assert worker.get("j", fresh=True, **swarm) == "newer"
 
 
+def test_dead_writes_of_one_batch_keep_the_mark_of_a_delete_between_them(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, db_path: Path
+) -> None:
+    # Two dead writes in one batch, and between them in the stream a delete of the
+    # first's key that a dead consumer holds (not committed yet): its mark is the same
+    # bytes as the dead delete's. Reading the stream after the batch's newest dead write
+    # missed it, and the cleanup took its mark: fresh reads showed the deleted value.
+    writer = make_mem(worker=False, max_deliveries=2, claim_idle_ms=3_600_000)
+    swarm = {"level": Level.SWARM, "principal": coder}
+    stream, group = writer.layout.stream(0), writer.settings.group
+    writer.put("k", "v", **swarm)
+    assert worker_of(writer, "w").step() == 1
+    dead_delete = writer.delete("k", **swarm)
+    writer.delete("k", **swarm)  # held by a dead consumer
+    dead_put = writer.put("j", "never committed", **swarm)
+    _poison(db_path, dead_delete.stream_id, dead_put.stream_id)
+    for consumer in ("w", "dead", "w"):
+        assert len(raw_redis.xreadgroup(group, consumer, {stream: ">"}, count=1)[0][1]) == 1
+    w = worker_of(writer, "w")  # back: its first step reads its own pending entries
+    assert w.step() == 2
+    assert len(writer.store.dead_letters()) == 2
+    assert writer.get("k", fresh=True, **swarm) is None
+
+
 def test_a_dead_lettered_write_on_another_shard_leaves_no_cache_entry(
     make_mem: MakeMem, coder: Principal, db_path: Path
 ) -> None:
