@@ -351,7 +351,7 @@ class Worker:
     def _forget_idle_consumers(self) -> None:
         # Every restart adds a consumer name; drop those with nothing pending that have
         # been silent far longer than the claim time, so XINFO stays readable.
-        limit = max(self.settings.claim_idle_ms * 4, 60_000)
+        limit = max(self.settings.claim_idle_ms * 4, _FORGET_IDLE_MS)
         for name in self.streams:
             floor = safe_trim_id(self.redis, name)  # taken before looking at the consumers
             for c in self.redis.xinfo_consumers(name, self.group):
@@ -772,6 +772,9 @@ def safe_trim_id(client: redis.Redis, stream: bytes) -> str | None:
 #: Stream entries the dead-letter cache cleanup reads after a batch's dead entries (one
 #: XRANGE); with more behind them it keeps their cache entries.
 _FORGET_SCAN_LIMIT = 1000
+#: A consumer with nothing pending is forgotten once silent this long (ms), and four
+#: claim times: far longer than a live worker ever is between two reads.
+_FORGET_IDLE_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
