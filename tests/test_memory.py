@@ -2125,6 +2125,36 @@ def test_a_drains_commit_retries_never_wait_past_its_timeout(
     assert all(t is not None and t <= 0.3 for t in waits.waits)
 
 
+def test_raising_a_streams_last_id_raises_any_refusal_but_the_race_it_expects(
+    own_redis_server: RedisServer,
+) -> None:
+    # Raising a recreated stream's last id above the newest committed one (after Redis
+    # lost its data) expects one refusal: a writer's XADD got there first, "equal or
+    # smaller". Any other (here a user not allowed XDEL; OOM, a read-only replica in
+    # practice) was swallowed as that race, and the worker went on with a stream whose
+    # new ids could sort below committed rows.
+    from dualmem.commands import sid_of
+    from dualmem.worker import raise_last_id
+
+    admin = own_redis_server.client()
+    admin.xadd(b"s", {b"op": b"x"}, id="5-0")
+    admin.acl_setuser("no-xdel", enabled=True, nopass=True, keys=["*"], commands=["+@all", "-xdel"])
+    limited = redis.Redis(
+        host="127.0.0.1", port=own_redis_server.port, username="no-xdel", socket_timeout=5
+    )
+    try:
+        with pytest.raises(redis.ResponseError):
+            raise_last_id(limited, b"s", sid_of("9-0"))
+        assert admin.xinfo_stream(b"s")["last-generated-id"] == b"5-0"  # nothing ran
+        # The race it expects is no error: the stream is past the floor already.
+        assert raise_last_id(admin, b"s", sid_of("5-0")) is False
+        assert raise_last_id(admin, b"s", sid_of("9-0")) is True
+        assert admin.xinfo_stream(b"s")["last-generated-id"] == b"9-0"
+    finally:
+        limited.close()
+        admin.close()
+
+
 def test_the_worker_loops_backoff_while_redis_is_down_is_bounded(
     own_redis_server: RedisServer, db_path: Path, keyfile: Path
 ) -> None:
