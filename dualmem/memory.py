@@ -64,7 +64,6 @@ __all__ = ["CloseReport", "DualMemory", "Record"]
 
 log = logging.getLogger("dualmem")
 
-
 _MAX_QUERY_LIMIT = 10_000
 #: What every call on a closed DualMemory raises: its open check, the write gate, and a
 #: read whose store a close() in another thread shut under it.
