@@ -339,9 +339,14 @@ class _Demo:
             self.say(f"First run: {self.mem.settings.db_path} holds no earlier loop.")
             return 1
         runs = len(decisions)
+        # Agents and no decision: a run interrupted before its Loop 4 (not "0 runs").
+        found = (
+            f"the state of {runs} earlier run{'s' if runs != 1 else ''}"
+            if runs
+            else "the state an interrupted earlier run left"
+        )
         self.out.print(
-            f"[bold green]Found the state of {runs} earlier run{'s' if runs != 1 else ''}[/] "
-            f"in {self.mem.settings.db_path}: it survived the restart."
+            f"[bold green]Found {found}[/] in {self.mem.settings.db_path}: it survived the restart."
         )
         for d in decisions[-3:]:
             when = time.strftime("%H:%M:%S", time.localtime(d.decided_at / 1e6))

@@ -992,4 +992,6 @@ def test_a_demo_interrupted_after_its_spawn_does_not_stop_the_next_run(tmp_path:
     assert "an interrupted earlier run left coder-1 (" in out, out
     # The agents it left are earlier state, shown as such (not "First run").
     assert "First run" not in out and "- agents: coder-1 " in out, out
+    # Named as what it is: "Found the state of 0 earlier runs" read as nothing found.
+    assert "Found the state an interrupted earlier run left" in out and "0 earlier" not in out
     assert "gate (every confidence >= 0.75): passed" in out
