@@ -12,7 +12,6 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import redis
@@ -47,7 +46,13 @@ from dualmem.keyuse import KeyLease, send_carrying
 from dualmem.layout import Layout
 from dualmem.metrics import Metrics, prometheus_text
 from dualmem.projection import projected
-from dualmem.redis_backend import connect, run_if_holds, text, transact, translate_errors
+from dualmem.redis_backend import (
+    connect,
+    take_back_refused_sets,
+    text,
+    transact,
+    translate_errors,
+)
 from dualmem.rotation import KeyfileWatcher, keyfile_signature
 from dualmem.settings import Settings, check_seconds, load_keyring
 from dualmem.sqlite_store import SQLiteStore, holds_sealed_rows, make_database_directory
@@ -718,8 +723,7 @@ class DualMemory:
             length = None
             try:
                 with translate_errors("write"):
-                    send = partial(self._transact, cache_key, cached)
-                    replies = send_carrying(self._lease, commands, send)
+                    replies = send_carrying(self._lease, commands, self._transact)
                 if check:
                     length = int(replies[2])
             finally:
@@ -735,30 +739,13 @@ class DualMemory:
         finally:
             self._leave_gate()
 
-    def _transact(
-        self, cache_key: bytes, cached: bytes, commands: list[tuple[Any, ...]]
-    ) -> list[Any]:
+    def _transact(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """A write's ``MULTI; SET; XADD; ...; EXEC`` (see :meth:`_send`): EXEC's replies,
-        a failed command's error in its place (``send_carrying`` raises it).
-
-        Redis runs the rest of a transaction past a failed command and has no rollback:
-        an ``XADD`` refused (the stream's name holding another type: an operator's
-        mistake) left the ``SET``'s cache entry, which fresh reads then showed for a
-        write that raised and that no command would ever bring to SQLite. The entry is
-        taken back then, only while it still holds this write's bytes (another write may
-        have replaced it since).
-        """
+        a failed command's error in its place (``send_carrying`` raises it), after taking
+        back the cache entry of a refused ``XADD`` (``take_back_refused_sets``)."""
         replies = transact(self._redis, commands, keep_errors=True)
-        if isinstance(replies[1], redis.ResponseError) and replies[0] == b"OK":
-            try:
-                run_if_holds(self._redis, cache_key, cached, (b"DEL", cache_key))
-            except redis.RedisError as exc:
-                log.warning(
-                    "a refused write's cache entry %r stays (until it expires or the key "
-                    "is written again): %s",
-                    cache_key,
-                    exc,
-                )
+        if isinstance(replies[1], redis.ResponseError):
+            take_back_refused_sets(self._redis, commands, replies, 1)
         return replies
 
     def _uncertain(self, shard: int, settled: int) -> int:

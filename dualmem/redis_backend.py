@@ -7,6 +7,7 @@ import collections
 import contextlib
 import copy
 import functools
+import logging
 import queue
 import threading
 import time
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     # starts threads, and a `dualmem worker` process on a real Redis needs none of it.
     import fakeredis
 
+log = logging.getLogger("dualmem")
+
 __all__ = [
     "MemoryServer",
     "OutcomeUnknown",
@@ -49,6 +52,7 @@ __all__ = [
     "memory_server",
     "retries_of",
     "run_if_holds",
+    "take_back_refused_sets",
     "text",
     "transact",
     "transact_watching",
@@ -487,6 +491,38 @@ def run_if_holds(
     except (_NotHeld, WatchedKeyChanged):
         return False
     return True
+
+
+def take_back_refused_sets(
+    client: redis.Redis, commands: Sequence[tuple[Any, ...]], replies: Sequence[Any], pairs: int
+) -> None:
+    """After a transaction whose first ``pairs`` command pairs are ``SET cache``,
+    ``XADD command`` (a write's): delete each cache entry whose ``SET`` ran and whose
+    ``XADD`` Redis refused (the stream's name holding another type), only while it still
+    holds that write's bytes (:func:`run_if_holds`). Redis runs the rest of a transaction
+    past a failed command and has no rollback: the entry would show a write that raised,
+    and that no command will ever bring to SQLite. A Redis error here is logged.
+
+    >>> import fakeredis
+    >>> r = fakeredis.FakeRedis()
+    >>> _ = r.set(b"s", b"not a stream")
+    >>> sent = [(b"SET", b"c", b"v"), (b"XADD", b"s", b"*", b"op", b"put")]
+    >>> replies = transact(r, sent, keep_errors=True)
+    >>> take_back_refused_sets(r, sent, replies, 1); r.exists(b"c")
+    0
+    """
+    for i in range(pairs):
+        if isinstance(replies[2 * i + 1], redis.ResponseError) and replies[2 * i] == b"OK":
+            name, value = commands[2 * i][1], commands[2 * i][2]
+            try:
+                run_if_holds(client, name, value, (b"DEL", name))
+            except redis.RedisError as exc:
+                log.warning(
+                    "a refused write's cache entry %r stays (until it expires or the key "
+                    "is written again): %s",
+                    name,
+                    exc,
+                )
 
 
 def send_many(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:

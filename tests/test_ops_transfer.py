@@ -1253,6 +1253,35 @@ def test_an_operator_send_that_would_pass_max_backlog_sends_nothing(
         assert rt.client.xlen(stream) == 4
 
 
+def test_an_operator_send_whose_xadds_redis_refuses_leaves_no_cache_entry(
+    ops_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As a put's: Redis runs a transaction past a failed command, with no rollback. The
+    # send checks each stream's length first (a stream's name holding another type
+    # fails there); changed between that check and the send, every XADD was refused and
+    # every SET ran: fresh reads showed records no command would bring to SQLite.
+    from dualmem.errors import StoreUnavailable
+    from dualmem.ops.runtime import Runtime, Write
+
+    with Runtime(ops_settings.replace(shards=1), worker=False) as rt:
+        scope, stream = "swarm:s1", rt.layout.stream(0)
+        check_room = rt._check_room
+
+        def then_replaced(per_shard: Any) -> None:
+            check_room(per_shard)
+            rt.client.delete(stream)
+            rt.client.set(stream, b"not a stream")  # another program, just now
+
+        monkeypatch.setattr(rt, "_check_room", then_replaced)
+        writes = [
+            Write(scope, k, Level.SWARM, "a", rt.codec.seal(1, scope=scope, key=k, level=3))
+            for k in ("a", "b")
+        ]
+        with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
+            rt.send(writes)
+        assert [rt.client.exists(rt.layout.cache_key(0, scope, k)) for k in ("a", "b")] == [0, 0]
+
+
 def test_an_operator_send_whose_key_lease_renewal_alone_is_refused_returns_its_receipts(
     ops_settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -38,6 +38,7 @@ from dualmem.ops.database import NO_PROGRESS, ProgressFn, check_current, open_da
 from dualmem.redis_backend import (
     WatchedKeyChanged,
     connect,
+    take_back_refused_sets,
     text,
     transact,
     transact_watching,
@@ -271,7 +272,8 @@ class Runtime:
             commands.append(xadd_command(self.layout.stream(shard), fields))
         key_ids = self._sealed_under(writes, raw)
         with translate_errors("send commands"):
-            replies = send_carrying(self._lease, commands, partial(self._transact, key_ids=key_ids))
+            send = partial(self._transact, key_ids=key_ids, pairs=len(planned))
+            replies = send_carrying(self._lease, commands, send)
         if self._wakeup is not None:
             self._wakeup.set()
         receipts = [
@@ -299,10 +301,21 @@ class Runtime:
         envelopes = [w.envelope for w in writes] + [fields.get(b"e") for _, fields in raw]
         return {k for e in envelopes if e and (k := envelope_key_id(bytes(e))) is not None}
 
-    def _transact(self, commands: list[tuple[Any, ...]], key_ids: set[str]) -> list[Any]:
+    def _transact(
+        self, commands: list[tuple[Any, ...]], key_ids: set[str], pairs: int
+    ) -> list[Any]:
         """One MULTI/EXEC (EXEC's replies, a failed command's error in its place:
-        ``send_carrying`` raises it); with envelopes sealed under ``key_ids``, only while
-        no key drop is under way for one of them and the key file still holds them all.
+        ``send_carrying`` raises it), its first ``pairs`` command pairs writes' ``SET``
+        and ``XADD`` (the cache entry of a refused ``XADD`` is taken back:
+        ``take_back_refused_sets``).
+        """
+        replies = self._run(commands, key_ids)
+        take_back_refused_sets(self.client, commands, replies, pairs)
+        return replies
+
+    def _run(self, commands: list[tuple[Any, ...]], key_ids: set[str]) -> list[Any]:
+        """One MULTI/EXEC; with envelopes sealed under ``key_ids``, only while no key drop
+        is under way for one of them and the key file still holds them all.
 
         A drop (``rotate-keys --drop-retired``) marks the keys it is about to remove
         before its last look at the data, and this send WATCHes that mark: a send that
