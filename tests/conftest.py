@@ -242,10 +242,11 @@ def partial_left_by_a_kill(script: str, args: list[str], dest: Path) -> Path:
     return left
 
 
-def record_file_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+def record_file_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
     """Record this test's real ``os.fsync``, ``os.link`` and ``os.replace`` calls, in
-    order, as ``("fsync", path of the fd)``, ``("link", dest)``, ``("replace", dest)``."""
-    events: list[tuple[str, str]] = []
+    order, as ``("fsync", path of the fd)``, ``("link", src, dest)``, ``("replace", src,
+    dest)``."""
+    events: list[tuple[str, ...]] = []
     fsync, link, replace = os.fsync, os.link, os.replace
 
     def watched_fsync(fd: int) -> None:
@@ -253,11 +254,11 @@ def record_file_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
         fsync(fd)
 
     def watched_link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        events.append(("link", str(dst)))
+        events.append(("link", str(src), str(dst)))
         link(src, dst)
 
     def watched_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        events.append(("replace", str(dst)))
+        events.append(("replace", str(src), str(dst)))
         replace(src, dst)
 
     monkeypatch.setattr(os, "fsync", watched_fsync)

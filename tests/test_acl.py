@@ -783,7 +783,7 @@ def test_a_key_file_is_on_disk_before_it_is_in_place(
     for step, done in enumerate(("link", "replace")):
         written, placed, synced = events[3 * step : 3 * step + 3]
         assert written[0] == "fsync" and written[1].startswith(str(tmp_path / ".keys.json."))
-        assert placed == (done, str(path))
+        assert placed == (done, written[1], str(path))  # the file fsynced just before
         assert synced == ("fsync", str(tmp_path))
     assert len(events) == 6
 

@@ -38,6 +38,7 @@ from .conftest import (
     RedisServer,
     free_port,
     partial_left_by_a_kill,
+    record_file_calls,
     record_runtime_waits,
     redis_fields,
     run_cli,
@@ -217,19 +218,7 @@ def test_a_backup_appears_complete_fsynced_and_renamed_into_place(
     mem.sync(mem.put("k", 1, level=Level.SWARM, principal=CODER))
     dest = tmp_path / "backups" / "b.db"
     dest.parent.mkdir()
-    events: list[tuple[str, ...]] = []
-    fsync, replace = os.fsync, os.replace
-
-    def watched_fsync(fd: int) -> None:
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        fsync(fd)
-
-    def watched_replace(a: Any, b: Any) -> None:
-        events.append(("replace", str(a), str(b)))
-        replace(a, b)
-
-    monkeypatch.setattr(os, "fsync", watched_fsync)
-    monkeypatch.setattr(os, "replace", watched_replace)
+    events = record_file_calls(monkeypatch)
     seen: list[tuple[int, int | None, bool]] = []
     result = backup_database(
         db_path,
