@@ -501,8 +501,12 @@ def _checked(mission_id: object) -> str:
 
 
 def _text(name: str, value: object, *, empty: bool = True) -> str:
-    if not isinstance(value, str) or (not empty and not value):
-        raise ValidationError(f"{name} must be a {'' if empty else 'non-empty '}str")
+    # A name (empty=False) must hold more than white space, as the coordination checks
+    # ask; the projection still takes a blank one, which an older version wrote.
+    if not isinstance(value, str) or (not empty and not value.strip()):
+        raise ValidationError(
+            f"{name} must be a str" if empty else f"{name} must be a non-empty str, not blank"
+        )
     return value
 
 

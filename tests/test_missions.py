@@ -316,6 +316,24 @@ def test_a_child_before_its_mission_keeps_the_foreign_key(store: SQLiteStore) ->
     assert m is not None and m.status == "in_progress"
 
 
+def test_a_record_with_a_blank_name_an_older_version_wrote_is_still_projected(
+    store: SQLiteStore,
+) -> None:
+    # MissionLog refuses a name of white space only now; records an older version wrote
+    # with one may still be in a stream, and refusing them in the projection would
+    # dead-letter history.
+    store.apply(
+        [
+            put_entry(
+                10,
+                child_key("tool_call", "m", "c1"),
+                {**call_value("m", "c1", 10), "tool_name": " "},
+            )
+        ]
+    )
+    assert [c.tool_name for c in store.tool_calls("project:shop", "m")] == [" "]
+
+
 def test_a_record_the_columns_refuse_fails_alone_and_the_batch_commits(
     store: SQLiteStore,
 ) -> None:
@@ -1430,6 +1448,16 @@ def test_mission_log_arguments_of_the_wrong_type_are_refused_before_any_write(
         log.record_decision("m", "d", "r", "")
     with pytest.raises(ValidationError, match="playbook_name must be a non-empty str"):
         log.record_playbook_run("m", "", "x", 1, 2, True)
+    # A name of white space only was taken (the coordination checks refuse it): a
+    # decision by "  " reads as one by nobody.
+    with pytest.raises(ValidationError, match="tool_name must be a non-empty str"):
+        log.record_tool_call("m", " ", {}, None, 1, True)
+    with pytest.raises(ValidationError, match="decision_type must be a non-empty str"):
+        log.record_decision("m", "\t", "r", "a")
+    with pytest.raises(ValidationError, match="agent_name must be a non-empty str"):
+        log.record_decision("m", "d", "r", "  ")
+    with pytest.raises(ValidationError, match="playbook_name must be a non-empty str"):
+        log.record_playbook_run("m", "\n", "x", 1, 2, True)
     with pytest.raises(ValidationError, match="success must be a bool"):
         log.record_playbook_run("m", "pb", "x", 1, 2, 1)  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="started_at must be epoch milliseconds"):
