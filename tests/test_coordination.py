@@ -796,6 +796,23 @@ def persistence_by_hand(mem: DualMemory) -> Callable[[], None]:
     return persist
 
 
+def test_a_dead_agents_reason_gives_its_silence_to_a_tenth_of_a_second(make_mem: MakeMem) -> None:
+    # The reason gave what a round to the millisecond left ("no heartbeat for 31.032s" in
+    # one run, "31.2s" in the next): a reader comparing reasons saw formats, not times.
+    # The event's silent_s keeps the milliseconds.
+    mem = make_mem(worker=False)
+    persist = persistence_by_hand(mem)
+    clock = FakeClock()
+    life = AgentLifecycle(mem, BOSS, heartbeat_timeout=30, clock=clock)
+    life.register_spawn("hung", "hung", "coder", [], Level.SWARM)
+    persist()
+    clock.now += 31.032
+    assert [a.end_reason for a in life.stale_agents()] == ["no heartbeat for 31.0s"]
+    persist()
+    (dead,) = life.history("hung", event_types=["dead"])
+    assert dead.detail["silent_s"] == 31.032
+
+
 def test_missed_heartbeats_mark_an_agent_dead(make_mem: MakeMem) -> None:
     mem = make_mem(worker=False)
     persist = persistence_by_hand(mem)

@@ -412,7 +412,7 @@ class AgentLifecycle:
                     info,
                     status=AgentStatus.DEAD,
                     ended_at=now,
-                    end_reason=f"no heartbeat for {silent_s}s",
+                    end_reason=f"no heartbeat for {silent_s:.1f}s",
                 )
                 self._save(marked)
                 self._receipts.add(
