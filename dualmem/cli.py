@@ -184,7 +184,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     store = SQLiteStore.from_settings(settings)
     try:
         snapshots = store.latest_metrics()
-        dead = len(store.dead_letters())
+        dead = store.dead_letter_count()
         last_seq = store.last_seq()
     finally:
         store.close()

@@ -888,6 +888,11 @@ class SQLiteStore(Store):
             for r in rows
         ]
 
+    def dead_letter_count(self) -> int:
+        """See :meth:`Store.dead_letter_count`."""
+        ((n,),) = self._read("SELECT COUNT(*) FROM dead_letters WHERE replayed_at IS NULL")
+        return int(n)
+
     def sealed_rows(
         self,
         levels: Sequence[int],

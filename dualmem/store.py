@@ -288,6 +288,11 @@ class Store(ABC):
         """Dead-lettered commands, oldest first."""
 
     @abstractmethod
+    def dead_letter_count(self) -> int:
+        """How many dead-lettered commands wait for a replay (``len(dead_letters())``
+        without reading them)."""
+
+    @abstractmethod
     def sealed_rows(
         self,
         levels: Sequence[int],

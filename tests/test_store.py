@@ -180,7 +180,9 @@ def test_a_tombstone_outlives_its_ttl_while_a_dead_letter_of_its_key_waits(
     assert value_of(store) is None
     # Replayed (marked when sent): the command may still be in the stream, so the
     # tombstone stays for a tombstone TTL after the replay, then goes like any other.
+    assert store.dead_letter_count() == 1
     store.mark_replayed([d.id for d in store.dead_letters()])
+    assert store.dead_letter_count() == 0  # what `stats` and the exporter show
     replayed_at = store.dead_letters(include_replayed=True)[0].replayed_at
     assert replayed_at is not None
     assert store.purge(now_ms=10, tombstones_before_ms=replayed_at) == 0

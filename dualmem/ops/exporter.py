@@ -49,7 +49,7 @@ class Exporter:
         db = Path(self.settings.db_path)
         size = sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
         out = {
-            "dead_letters": float(len(self.store.dead_letters())),
+            "dead_letters": float(self.store.dead_letter_count()),
             "db_bytes": float(size),
             "journal_seq": float(self.store.last_seq()),
         }
