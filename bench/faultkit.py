@@ -176,10 +176,12 @@ class WorkerProc:
         self.log = env.workdir / f"worker-{consumer}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
+        self._log_start = 0  # where this process's output starts in the log
 
     def start(self) -> WorkerProc:
-        """Spawn the process."""
+        """Spawn the process (again: its output goes on in the same log)."""
         with open(self.log, "ab") as out:
+            self._log_start = out.tell()
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
         self.started_at = time.monotonic()
         return self
@@ -195,19 +197,29 @@ class WorkerProc:
         """SIGTERM (drain, then exit) and the counters the worker printed when it stopped.
 
         Waits for the start-up banner first: it is printed after the signal handlers are
-        installed, and a SIGTERM before that ends the process without its report.
+        installed, and a SIGTERM before that ends the process without its report. Both
+        are looked for in this process's output only: a restarted worker's log holds the
+        banner and the report of the process before it.
         """
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(TimeoutError):
-                wait_for(lambda: "dualmem worker" in self.text(), 30, "the worker banner")
+                wait_for(lambda: "dualmem worker" in self.own_text(), 30, "the worker banner")
             self.proc.send_signal(signal.SIGTERM)
         if self.proc is not None:
             self.proc.wait(timeout)
-        return worker_counters(self.text())
+        return worker_counters(self.own_text())
 
     def text(self) -> str:
-        """Everything the process wrote so far."""
+        """Everything written to the log so far (by every start of this worker)."""
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def own_text(self) -> str:
+        """What the process of the last :meth:`start` wrote so far."""
+        if not self.log.exists():
+            return ""
+        with open(self.log, "rb") as f:
+            f.seek(self._log_start)
+            return f.read().decode(errors="replace")
 
 
 def worker_counters(log: str) -> dict[str, int]:

@@ -7,6 +7,8 @@ that did not hold is listed in ``problems`` and fails the test.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +20,15 @@ import redis
 
 from acl import Level, Principal
 from bench import faults
-from bench.faultkit import FaultEnv, Figures
+from bench.faultkit import (
+    FaultEnv,
+    Figures,
+    TrackedWriter,
+    WorkerProc,
+    wait_drained,
+    wait_for,
+    workers_stopped,
+)
 from dualmem import DualMemory
 from dualmem.commands import put_fields, replay_fields
 from dualmem.sqlite_store import SQLiteStore
@@ -336,3 +346,50 @@ def test_the_backlog_counts_past_ten_thousand_and_is_zero_before_the_first_write
     (mid,) = [g for g in client.xinfo_groups(stream) if g["name"] == b"mid"]
     assert mid["lag"] is None
     assert stream_backlog(client, stream, "mid") == 10_000
+
+
+def test_a_killed_worker_process_dies_of_sigkill_and_a_stopped_one_reports_its_counters(
+    env: FaultEnv,
+) -> None:
+    # The scenarios trust WorkerProc.kill to crash the worker and WorkerProc.stop to drain
+    # it and return what it printed: a kill that sent SIGTERM (a clean drain, no crash at
+    # all) passed scenario 1 (a faultkit mutation check). And a worker started again
+    # was sent its SIGTERM before it could handle it (stop found the banner of the process
+    # before it in the same log): it died without draining, and stop returned the earlier
+    # process's counters.
+    mem = env.memory()
+    writer = TrackedWriter(mem, keys=10)
+    writer.run(30)
+    first = WorkerProc(env, "first", extra=("--worker-sched", "normal")).start()
+    wait_drained(mem, 60)
+    writer.run(5)
+    wait_drained(mem, 60)
+    counters = first.stop()
+    assert first.proc is not None and first.proc.returncode == 0
+    assert "scheduling normal)" in first.text()  # the extra arguments reached it
+    assert counters == {
+        "applied": 35,
+        "duplicates": 0,
+        "claimed": 0,
+        "dead-lettered": 0,
+        "left pending": 0,
+    }
+    # The same worker started again (the same log) and stopped at once: it waits for the
+    # new process's banner (the old one's is in the log), drains what waits, and reports
+    # the new process's counters.
+    writer.run(3)
+    assert first.start().stop() == {**counters, "applied": 3}
+    victim = WorkerProc(env, "victim").start()
+    wait_for(lambda: "dualmem worker" in victim.text(), 30, "the victim's banner")
+    writer.run(4)
+    victim.kill()
+    mem.close()
+    assert victim.proc is not None and victim.proc.returncode == -signal.SIGKILL
+    assert " stopped: " not in victim.text()  # no drain, no goodbye
+    assert victim.stop() == {}
+    # A scenario that fails half-way leaves no worker process behind.
+    late = WorkerProc(env, "late")
+    with contextlib.suppress(RuntimeError), workers_stopped([late]):
+        late.start()
+        raise RuntimeError("the scenario failed")
+    assert late.proc is not None and late.proc.returncode == -signal.SIGKILL
