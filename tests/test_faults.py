@@ -8,7 +8,9 @@ that did not hold is listed in ``problems`` and fails the test.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,13 +20,17 @@ from typing import Any
 import pytest
 import redis
 
-from acl import Level, Principal
+from acl import Keyring, Level, Principal
 from bench import faults
 from bench.faultkit import (
+    WRITER,
     FaultEnv,
     Figures,
+    PendingMonitor,
     TrackedWriter,
     WorkerProc,
+    check_persisted,
+    spawn_role,
     wait_drained,
     wait_for,
     workers_stopped,
@@ -41,7 +47,7 @@ from dualmem.worker import (
     stream_backlog,
 )
 
-from .conftest import RedisServer, redis_fields
+from .conftest import RedisServer, redis_fields, worker_of
 
 pytestmark = [pytest.mark.real_redis, pytest.mark.slow]
 
@@ -348,6 +354,77 @@ def test_the_backlog_counts_past_ten_thousand_and_is_zero_before_the_first_write
     assert stream_backlog(client, stream, "mid") == 10_000
 
 
+def test_the_fault_check_reports_lost_puts_stale_rows_phantoms_and_a_corrupt_file(
+    env: FaultEnv,
+) -> None:
+    # Every scenario ends in check_persisted and _record_check, but only ever on a database
+    # that holds everything: a check that counted no loss, let a stale row pass, or never
+    # ran integrity_check (found by a faultkit/faults mutation check) passed them all.
+    mem = env.memory()
+    writer = TrackedWriter(mem, keys=4)  # k0..k3 each get three puts, k1 and k3 plaintext
+    writer.run(8)
+    writer.run(4)  # goes on where the first run stopped
+    assert [(a.key, a.level, a.value) for a in writer.acks[:4]] == [
+        ("k0", Level.PRIVATE, 0),
+        ("k1", Level.SWARM, 1),
+        ("k2", Level.PRIVATE, 2),
+        ("k3", Level.SWARM, 3),
+    ]
+    assert [a.value for a in writer.acks] == list(range(12)) and writer.sent == 12
+    with pytest.raises(TimeoutError):
+        wait_drained(mem, 0.2)  # no worker yet: nothing drains
+    assert worker_of(mem, "w").drain(30) == 0
+    clean = check_persisted(env.db, writer.acks, mem)
+    assert (clean.acked, clean.persisted, clean.lost, clean.phantoms) == (12, 12, [], 0)
+    assert (clean.duplicated, clean.stale, clean.integrity) == (0, [], "ok")
+    fig = Figures("check", "test")
+    faults._record_check(fig, clean)
+    assert fig.problems == [] and (fig.acked, fig.persisted, fig.lost) == (12, 12, 0)
+
+    acks = writer.acks
+    again = writer.put_one(11)  # k3's last value acknowledged twice: the later id counts
+    assert again is not None
+    mem.put("k2", {"i": 6}, level=Level.PRIVATE, principal=WRITER)  # no one saw it acked
+    assert worker_of(mem, "w").drain(30) == 0
+    with contextlib.closing(sqlite3.connect(env.db)) as conn, conn:
+        # k0's first put gone from the journal; k1's row gone; k3's row back at the
+        # older copy of its value.
+        conn.execute("DELETE FROM journal WHERE stream_id = ?", (acks[0].stream_id,))
+        conn.execute("DELETE FROM memory WHERE key = 'k1'")
+        conn.execute("UPDATE memory SET stream_id = ? WHERE key = 'k3'", (acks[11].stream_id,))
+    check = check_persisted(env.db, writer.acks, mem)
+    assert check.acked == 13 and check.persisted == 12 and check.lost == [acks[0]]
+    assert check.phantoms == 1 and check.duplicated == 0 and check.integrity == "ok"
+    stale = {s.split(":")[0]: s for s in check.stale}
+    assert sorted(stale) == ["k1", "k2", "k3"], check.stale
+    assert "missing" in stale["k1"]
+    assert acks[11].stream_id in stale["k3"] and again.stream_id in stale["k3"]
+    fig = Figures("check", "test")
+    faults._record_check(fig, check)
+    assert (fig.acked, fig.persisted, fig.lost) == (13, 12, 1)
+    assert len(fig.problems) == 2, fig.problems
+    assert fig.problems[0].startswith("1 acknowledged puts missing")
+    assert fig.problems[1].startswith("3 keys without their last value")
+
+    # An index that no longer matches its table: integrity_check says so, and so must
+    # the figures.
+    with contextlib.closing(sqlite3.connect(env.db)) as conn, conn:
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute(
+            "UPDATE sqlite_master SET sql = 'CREATE INDEX journal_scope_seq ON journal (key, seq)' "
+            "WHERE name = 'journal_scope_seq'"
+        )
+    corrupt = check_persisted(env.db, writer.acks, mem)
+    env.server.kill()
+    with pytest.raises(TimeoutError):
+        wait_drained(mem, 0.2)  # Redis gone: the backlog is unknown, not drained
+    mem.close()
+    assert corrupt.integrity != "ok" and "journal_scope_seq" in corrupt.integrity
+    fig = Figures("check", "test")
+    faults._record_check(fig, corrupt)
+    assert fig.problems[-1] == f"integrity_check: {corrupt.integrity}"
+
+
 def test_a_killed_worker_process_dies_of_sigkill_and_a_stopped_one_reports_its_counters(
     env: FaultEnv,
 ) -> None:
@@ -393,3 +470,93 @@ def test_a_killed_worker_process_dies_of_sigkill_and_a_stopped_one_reports_its_c
         late.start()
         raise RuntimeError("the scenario failed")
     assert late.proc is not None and late.proc.returncode == -signal.SIGKILL
+
+
+def test_the_pending_monitor_counts_a_dead_consumer_recovered_only_once_nothing_is_pending(
+    redis_server: RedisServer,
+) -> None:
+    # Scenario 1's recovery figures come from PendingMonitor; a monitor that counted a
+    # consumer recovered with entries still pending (or at once), or noted what another
+    # consumer held as the dead one's, passed scenario 1 with figures that lied.
+    client, stream = _empty_group(redis_server)
+    for i in range(5):
+        client.xadd(stream, {b"n": str(i).encode()})
+    held = client.xreadgroup("persist", "dead", {stream: ">"}, count=3)[0][1]
+    client.xreadgroup("persist", "alive", {stream: ">"}, count=2)
+    monitor = PendingMonitor(redis_server.client(), stream).start()
+    monitor.died("dead")
+    assert monitor.left_pending == {"dead": 3}
+    client.xack(stream, "persist", *(sid for sid, _ in held[:2]))
+    assert monitor.stop() == []  # one entry still pending: not recovered
+    monitor = PendingMonitor(redis_server.client(), stream).start()
+    monitor.died("dead")
+    client.xack(stream, "persist", held[2][0])
+    (took,) = monitor.stop()
+    assert took >= 0 and monitor.left_pending == {"dead": 1}
+
+
+def test_the_fault_suite_command_exits_1_and_reports_every_problem_a_scenario_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing ran `python -m bench.faults` itself: an exit status of 0 whatever the
+    # scenarios found, a report that said "none" or dropped the PROBLEM lines, or a quick
+    # run that replaced the committed full-size report, all passed (a mutation check).
+    worlds: list[tuple[FaultEnv, faults.Size]] = []
+
+    def broken(env: FaultEnv, size: faults.Size) -> Figures:
+        worlds.append((env, size))
+        fig = Figures("98. broken on purpose", "one size")
+        fig.lost = 2
+        fig.require(False, "2 acknowledged puts missing")
+        return fig
+
+    def fine(env: FaultEnv, size: faults.Size) -> Figures:
+        worlds.append((env, size))
+        return Figures("99. fine", "one size", lost=0)
+
+    monkeypatch.setitem(faults.FAULTS, "broken", broken)
+    monkeypatch.setitem(faults.FAULTS, "fine", fine)
+    committed = tmp_path / "committed" / "FAULTS.md"
+    monkeypatch.setattr(faults, "RESULTS", committed)
+    out = tmp_path / "report.md"
+    assert faults.main(["--quick", "--only", "broken", "fine", "--out", str(out)]) == 1
+    report = out.read_text()
+    assert "| 98. broken on purpose | one size | - | - | - | 2 | - | - | - | 1 |" in report
+    assert "| 99. fine | one size | - | - | - | 0 | - | - | - | none |" in report
+    assert "**In all: 2 lost, 0 duplicated, 1 problems.**" in report
+    assert "- **PROBLEM**: 2 acknowledged puts missing" in report
+    # Each scenario ran at the quick size in a world of its own, whose Redis is gone.
+    assert [size for _, size in worlds] == [faults.QUICK, faults.QUICK]
+    assert worlds[0][0].workdir != worlds[1][0].workdir
+    assert all(
+        env.server.proc is not None and env.server.proc.poll() is not None for env, _ in worlds
+    )
+    # Only the scenario asked for; a quick run without --out leaves the committed report.
+    assert faults.main(["--quick", "--only", "fine"]) == 0
+    assert len(worlds) == 3 and not committed.exists()
+
+
+def test_a_reader_process_counts_every_read_that_raised(env: FaultEnv) -> None:
+    # Scenario 8 fails on the errors its reader processes report ("database is locked"
+    # among them), but never saw one: a reader that swallowed its errors passed it. A
+    # reader holding the wrong key file cannot open the encrypted keys.
+    mem = env.memory(worker=True)
+    writer = TrackedWriter(mem, keys=4)
+    writer.run(4)
+    wait_drained(mem, 30)
+    mem.close()
+    wrong = env.workdir / "other-keys.json"
+    Keyring.generate().save(wrong)
+    log = env.workdir / "reader.log"
+    reader = spawn_role(
+        "reader",
+        *("--redis-url", env.server.url, "--db", str(env.db), "--keyring", str(wrong)),
+        *("--keys", "4", "--seconds", "0.5"),
+        log=log,
+    )
+    assert reader.wait(60) == 0
+    report = json.loads(log.read_text().splitlines()[-1])
+    # k1 and k3 (plaintext) read fine; every read of k0 and k2 raised, and was counted.
+    assert report["reads"] > 0 and report["regressions"] == 0
+    assert sum(report["errors"].values()) > 0, report
+    assert all(e.startswith("MissingKey: ") for e in report["errors"]), report
