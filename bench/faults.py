@@ -78,6 +78,7 @@ def worker_sigkill(env: FaultEnv, *, puts: int, kills: int, seed: int = 1) -> Fi
     mem = env.memory()
     monitor = PendingMonitor(env.server.client(), mem.layout.stream(0)).start()
     procs: list[WorkerProc] = []
+    killed = 0  # workers that died of the SIGKILL (not of something else, not alive)
     with workers_stopped(procs):
         procs.append(WorkerProc(env, "w0").start())
         # Spread the puts over the kills, so every kill lands while the writer is busy.
@@ -87,6 +88,7 @@ def worker_sigkill(env: FaultEnv, *, puts: int, kills: int, seed: int = 1) -> Fi
             wait_for(lambda w=w: "dualmem worker" in w.text(), 30, "worker start")  # type: ignore[misc]
             time.sleep(rnd.uniform(0.0, 0.25))  # a random point in its work
             w.kill()
+            killed += w.proc is not None and w.proc.returncode == -signal.SIGKILL
             monitor.died(w.consumer)
             procs.append(WorkerProc(env, f"w{n}").start())
         writer.join()
@@ -98,8 +100,10 @@ def worker_sigkill(env: FaultEnv, *, puts: int, kills: int, seed: int = 1) -> Fi
     fig.sent = writer.sent
     _record_check(fig, check)
     fig.recover_s = max(recoveries) if recoveries else None
+    fig.require(killed == kills, f"only {killed} of {kills} workers died of a SIGKILL")
     fig.require(len(recoveries) == kills, f"only {len(recoveries)} of {kills} kills recovered")
     fig.extra = {
+        "killed_by_sigkill": killed,
         "median_recover_s": statistics.median(recoveries) if recoveries else None,
         "kills_with_entries_in_flight": sum(1 for n in monitor.left_pending.values() if n),
         "entries_in_flight_at_kills": sum(monitor.left_pending.values()),
@@ -209,6 +213,10 @@ def redis_restart(env: FaultEnv, *, puts: int, seconds: float = 6.0) -> Figures:
     w = WorkerProc(env, "w0").start()
     pause = min(1.5, seconds / 6)
     at_stake: list[int] = []
+    exits: list[int | None] = []  # redis-server's exit status at each restart
+
+    def went_down() -> None:
+        exits.append(None if env.server.proc is None else env.server.proc.poll())
 
     def freeze_worker() -> None:
         assert w.proc is not None
@@ -226,6 +234,7 @@ def redis_restart(env: FaultEnv, *, puts: int, seconds: float = 6.0) -> Figures:
         freeze_worker()
         t_shutdown = time.monotonic()
         env.server.stop()
+        went_down()
         time.sleep(0.3)
         env.server.start()
         t_up1 = time.monotonic()
@@ -234,6 +243,7 @@ def redis_restart(env: FaultEnv, *, puts: int, seconds: float = 6.0) -> Figures:
         freeze_worker()
         t_kill = time.monotonic()
         env.server.kill()
+        went_down()
         time.sleep(0.3)
         env.server.start()
         t_up2 = time.monotonic()
@@ -250,6 +260,8 @@ def redis_restart(env: FaultEnv, *, puts: int, seconds: float = 6.0) -> Figures:
     fig.duplicated = check.duplicated
     before_shutdown = [a for a in check.lost if a.at <= t_shutdown]
     outside_window = [a for a in check.lost if a.at <= t_kill - 1.0 or t_up2 < a.at]
+    # A clean SHUTDOWN exits 0; a SIGKILL is the crash the loss window is about.
+    fig.require(exits == [0, -signal.SIGKILL], f"redis-server exit statuses {exits}")
     fig.require(not before_shutdown, f"{len(before_shutdown)} puts acked before SHUTDOWN lost")
     fig.require(not outside_window, f"{len(outside_window)} lost puts outside the 1 s fsync window")
     fig.require(check.duplicated == 0, f"{check.duplicated} stream ids applied twice")
@@ -267,6 +279,7 @@ def redis_restart(env: FaultEnv, *, puts: int, seconds: float = 6.0) -> Figures:
         "lost_after_sigkill": len(check.lost),
         "loss_window_s": round(window, 3),
         "refused_while_down": dict(writer.errors),
+        "redis_exit_statuses": exits,
         "first_put_after_restart_s": [r1, r2],
         "drain_s": round(drain, 3),
         "worker": counters,
@@ -359,6 +372,7 @@ def redis_unreachable(env: FaultEnv, *, probes: int = 20) -> Figures:
         env.server.proc.send_signal(signal.SIGCONT)
     comeback("frozen")
     # (c) back but empty (its data directory lost): groups must come back by themselves
+    env.server.client().set(b"faults:witness", b"written before the crash")
     env.server.kill()
     workdir = getattr(env.server, "workdir", None)
     if workdir is not None:
@@ -366,6 +380,8 @@ def redis_unreachable(env: FaultEnv, *, probes: int = 20) -> Figures:
             if f.is_file():
                 f.unlink()
     env.server.start()
+    came_back_empty = not env.server.client().exists(b"faults:witness")
+    fig.require(came_back_empty, "redis-server came back with its data: it was not emptied")
     outage_empty_t = time.monotonic()
     comeback("empty")
     try:
@@ -395,6 +411,7 @@ def redis_unreachable(env: FaultEnv, *, probes: int = 20) -> Figures:
         "persisted_after_outage_s": {k: round(v, 3) for k, v in persist.items()},
         "failed_puts_applied_later": phantoms,
         "empty_restart_at": round(outage_empty_t - t0, 3),
+        "came_back_empty": came_back_empty,
     }
     fig.notes.append(
         "a put that times out (frozen Redis) raised StoreUnavailable but its command may "
@@ -645,6 +662,7 @@ def kill_in_transaction(env: FaultEnv, *, rounds: int, batch: int = 400) -> Figu
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait(10)
+        fig.require(child.returncode == -signal.SIGKILL, f"round {r}: exit {child.returncode}")
         fig.require(integrity(env.db) == "ok", f"round {r}: integrity_check failed")
         visible_partial += _visible(env.db, ids)
     w = WorkerProc(env, "rescuer").start()

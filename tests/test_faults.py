@@ -76,6 +76,7 @@ def test_1_worker_killed_at_random_points_loses_and_repeats_nothing(env: FaultEn
     fig = faults.worker_sigkill(env, puts=Q.sigkill_puts, kills=Q.sigkill_kills)
     assert_nothing_lost(fig, Q.sigkill_puts)
     assert fig.recover_s is not None and fig.recover_s < 10
+    assert fig.extra["killed_by_sigkill"] == Q.sigkill_kills  # the kills were real
 
 
 def test_2_crash_between_commit_and_xack_applies_nothing_twice(env: FaultEnv) -> None:
@@ -94,6 +95,7 @@ def test_3_redis_restarts_lose_no_acknowledged_put(env: FaultEnv) -> None:
     assert fig.extra["loss_window_s"] <= 1.0
     assert fig.acked == Q.restart_puts
     assert sum(fig.extra["refused_while_down"].values()) > 0  # the outages were real
+    assert fig.extra["redis_exit_statuses"] == [0, -signal.SIGKILL]  # SHUTDOWN, then a crash
     # Acknowledged puts that existed only in Redis when it went down (the worker frozen).
     assert all(n > 0 for n in fig.extra["uncommitted_acked_puts_at_shutdown_and_sigkill"])
 
@@ -105,6 +107,7 @@ def test_4_redis_unreachable_fails_fast_reads_work_writes_resume(env: FaultEnv) 
     assert fig.extra["reads_ok_during_outages"] == 2 * Q.unreachable_probes
     # Down, frozen and back empty: each time a put went through and was persisted.
     assert set(fig.extra["persisted_after_outage_s"]) == {"down", "frozen", "empty"}
+    assert fig.extra["came_back_empty"] is True  # what was in Redis before was gone
 
 
 def test_5_poison_entries_are_dead_lettered_and_replayed_without_going_back_in_time(
@@ -148,6 +151,7 @@ def test_6_backlog_bound_refuses_keeps_memory_flat_and_never_trims_pending(
     fig = faults.backpressure(env, bound=Q.backlog_bound, hammer_s=0.5, puts=Q.backlog_puts)
     assert_nothing_lost(fig, Q.backlog_bound + Q.backlog_puts)
     assert fig.extra["xlen_at_bound"] == Q.backlog_bound
+    assert fig.extra["held_entries"] == 20  # the stuck consumer really holds some
     assert fig.extra["refused_at_bound"] > 0
     assert fig.extra["used_memory_growth_while_refusing_bytes"] < 256 * 1024
     assert fig.extra["max_xlen"] <= Q.backlog_bound + 1
@@ -168,6 +172,7 @@ def test_8_two_workers_and_readers_no_lock_errors_no_loss(env: FaultEnv) -> None
     assert_nothing_lost(fig)
     assert fig.extra["reader_errors"] == 0 and fig.extra["locked_in_worker_logs"] == 0
     assert fig.extra["reads"] > 0 and fig.extra["regressions"] == 0
+    assert len(fig.extra["applied_per_worker"]) == 2
     assert all(n > 0 for n in fig.extra["applied_per_worker"])
 
 
@@ -531,9 +536,15 @@ def test_the_fault_suite_command_exits_1_and_reports_every_problem_a_scenario_fo
     assert all(
         env.server.proc is not None and env.server.proc.poll() is not None for env, _ in worlds
     )
-    # Only the scenario asked for; a quick run without --out leaves the committed report.
+    # Only the scenarios asked for; a quick run without --out leaves the committed report,
+    # which only a full run of every scenario replaces.
     assert faults.main(["--quick", "--only", "fine"]) == 0
     assert len(worlds) == 3 and not committed.exists()
+    monkeypatch.setattr(faults, "FAULTS", {"fine": fine})
+    assert faults.main(["--quick"]) == 0
+    assert len(worlds) == 4 and not committed.exists()
+    assert faults.main([]) == 0
+    assert worlds[-1][1] == faults.FULL and "| 99. fine |" in committed.read_text()
 
 
 def test_a_reader_process_counts_every_read_that_raised(env: FaultEnv) -> None:
