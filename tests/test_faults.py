@@ -481,8 +481,9 @@ def test_the_pending_monitor_counts_a_dead_consumer_recovered_only_once_nothing_
     redis_server: RedisServer,
 ) -> None:
     # Scenario 1's recovery figures come from PendingMonitor; a monitor that counted a
-    # consumer recovered with entries still pending (or at once), or noted what another
-    # consumer held as the dead one's, passed scenario 1 with figures that lied.
+    # consumer recovered with entries still pending (or at once), never counted one the
+    # group had forgotten, or noted what another consumer held as the dead one's, passed
+    # scenario 1 with figures that lied (a faultkit mutation check).
     client, stream = _empty_group(redis_server)
     for i in range(5):
         client.xadd(stream, {b"n": str(i).encode()})
@@ -495,9 +496,10 @@ def test_the_pending_monitor_counts_a_dead_consumer_recovered_only_once_nothing_
     assert monitor.stop() == []  # one entry still pending: not recovered
     monitor = PendingMonitor(redis_server.client(), stream).start()
     monitor.died("dead")
+    monitor.died("forgotten")  # gone from the group (a worker forgets idle consumers)
     client.xack(stream, "persist", held[2][0])
-    (took,) = monitor.stop()
-    assert took >= 0 and monitor.left_pending == {"dead": 1}
+    assert len(monitor.stop()) == 2
+    assert monitor.left_pending == {"dead": 1}
 
 
 def test_the_fault_suite_command_exits_1_and_reports_every_problem_a_scenario_found(
@@ -540,6 +542,9 @@ def test_the_fault_suite_command_exits_1_and_reports_every_problem_a_scenario_fo
     # which only a full run of every scenario replaces.
     assert faults.main(["--quick", "--only", "fine"]) == 0
     assert len(worlds) == 3 and not committed.exists()
+    # The attack scenarios get a memory with its worker (their syncs wait for it).
+    assert faults.main(["--quick", "--only", "cross_scope_reads", "--out", str(out)]) == 0
+    assert " | none |" in out.read_text()
     monkeypatch.setattr(faults, "FAULTS", {"fine": fine})
     assert faults.main(["--quick"]) == 0
     assert len(worlds) == 4 and not committed.exists()
