@@ -6,6 +6,7 @@ Every storage test runs on fakeredis and a real redis-server (the ``redis_url`` 
 from __future__ import annotations
 
 import contextlib
+import random
 import sqlite3
 import tempfile
 from collections.abc import Callable
@@ -17,7 +18,16 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from acl import AccessDenied, Level, MissingKey, Principal, TamperedRecord, ValidationError
+from acl import (
+    AccessDenied,
+    Level,
+    MissingKey,
+    Principal,
+    TamperedRecord,
+    ValidationError,
+    level_of_scope,
+)
+from acl.policy import resolve_scope
 from bench import attacks
 from bench.faultkit import FaultEnv
 from dualmem import DualMemory
@@ -142,6 +152,157 @@ def test_9_many_random_reads_leak_nothing_and_every_denial_is_audited(mem: DualM
     fig = attacks.cross_scope_reads(mem, attempts=400)
     assert fig.problems == [], fig.problems
     assert fig.denials and fig.extra["denials_audited"] == fig.denials
+
+
+def test_9_write_everywhere_puts_every_key_at_every_scope_the_writer_has(mem: DualMemory) -> None:
+    # A writer without a team (so without a project) stopped at the first level it had no
+    # scope at: its swarm and system records were never written, and no read could cross
+    # into them.
+    writer = attacks.make_principal("a", None, "s", True)
+    receipts = attacks.write_everywhere(mem, writer, ["k", "b:k"])
+    assert sorted((r.scope, r.key) for r in receipts) == sorted(
+        (scope, key) for scope in ("agent:a", "swarm:s", "system") for key in ("k", "b:k")
+    )
+
+
+def test_9_random_probes_and_readers_cover_every_op_level_scope_shape_and_role() -> None:
+    # Probes that never read from the cache ("fresh"), a named scope mostly at a level not
+    # its own (a ValidationError before any read) or readers never system: the attack
+    # reported nothing because it tried less, not because nothing leaked.
+    rnd = random.Random(9)
+    probes = [attacks.random_probe(rnd, ["k", "b:k"]) for _ in range(2000)]
+    assert {p.op for p in probes} == {"get", "fresh", "query", "history", "changes"}
+    assert {p.level for p in probes} == {None, *Level}
+    shapes = {p.scope.partition(":")[0] if p.scope else None for p in probes}
+    assert shapes == {None, "system", "agent", "team", "swarm", "project"}
+    named = [p for p in probes if p.scope is not None]
+    at_its_level = [p for p in named if p.level == level_of_scope(str(p.scope))]
+    assert len(at_its_level) > 0.7 * len(named)  # reaches the ACL, not the level check
+    readers = [attacks.random_principal(rnd) for _ in range(500)]
+    assert {r.system for r in readers} == {True, False}
+    assert any(r.team is None for r in readers) and any(r.swarm is None for r in readers)
+
+
+def test_9_a_read_that_meets_another_records_envelope_is_reported(
+    make_mem: MakeMem, raw_redis: redis.Redis, db_path: Path
+) -> None:
+    # A cross-scope read that ends in TamperedRecord was passed as "no problem"; a "fresh"
+    # probe read SQLite, so an entry crossing scopes in the cache was never read at all.
+    mem = make_mem()
+    me, other = (
+        attacks.make_principal("a", "t", "s", False),
+        attacks.make_principal("b", "u", "s", False),
+    )
+    receipts = attacks.write_everywhere(mem, me, ["k"]) + attacks.write_everywhere(
+        mem, other, ["k"]
+    )
+    mem.sync(receipts[-1])
+    get = attacks.Probe("get", Level.PRIVATE, "k", None)
+    fresh = attacks.Probe("fresh", Level.PRIVATE, "k", None)
+    assert attacks.run_probe(mem, me, fresh) == ([], None)
+    lay = mem.layout
+    raw_redis.set(
+        lay.cache_key(lay.shard_of("agent:a", "k"), "agent:a", "k"),
+        raw_redis.get(lay.cache_key(lay.shard_of("agent:b", "k"), "agent:b", "k")),  # type: ignore[arg-type]
+    )
+    assert attacks.run_probe(mem, me, get) == ([], None)  # SQLite still holds its own
+    problems, receipt = attacks.run_probe(mem, me, fresh)
+    assert receipt is None and len(problems) == 1 and " met " in problems[0], problems
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(
+            "UPDATE memory SET envelope = (SELECT envelope FROM memory WHERE scope = "
+            "'agent:b') WHERE scope = 'agent:a'"
+        )
+    conn.close()
+    problems, receipt = attacks.run_probe(mem, me, get)
+    assert receipt is None and len(problems) == 1 and " met " in problems[0], problems
+
+
+def test_9_a_value_filed_under_another_scope_or_key_is_reported(mem: DualMemory) -> None:
+    # The value names where it was written; a record whose value names another scope or
+    # key (another record's plaintext) was passed as "no problem".
+    reader = attacks.make_principal("a", "t", "s", False)
+    stray = {"scope": "swarm:s", "key": "other", "by": "a"}
+    mem.sync(mem.put("k", stray, level=Level.SWARM, principal=reader))
+    for op in ("get", "fresh", "query"):
+        problems, _ = attacks.run_probe(mem, reader, attacks.Probe(op, Level.SWARM, "k", None))
+        assert len(problems) == 1 and "as swarm:s/k" in problems[0], (op, problems)
+
+
+def _lax_policy(
+    principal: Principal,
+    level: object,
+    *,
+    action: str,
+    scope: str | None = None,
+    key: str | None = None,
+) -> tuple[Level, str]:
+    """A broken ACL for the harness to find: any scope a reader names is granted."""
+    if action == "read" and scope is not None:
+        return Level(level), scope  # type: ignore[call-overload]
+    return resolve_scope(principal, level, action=action, scope=scope, key=key)
+
+
+def test_9_a_memory_whose_acl_grants_a_named_scope_is_reported_as_leaking(
+    mem: DualMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The attack against a memory with a hole in its ACL (injected here: a reader may name
+    # any scope) must report leaks; with the scope check or the collection of its problems
+    # gone, it reported none and the hole passed.
+    victim = attacks.make_principal("b", "b", "b", False)
+    reader = attacks.make_principal("a", "a", "a", False)
+    mem.sync(
+        mem.put(
+            "k", {"scope": "swarm:b", "key": "k", "by": "b"}, level=Level.SWARM, principal=victim
+        )
+    )
+    probe = attacks.Probe("get", Level.SWARM, "k", "swarm:b")
+    problems, receipt = attacks.run_probe(mem, reader, probe)
+    assert problems == [] and receipt is not None  # denied and audited
+    monkeypatch.setattr("dualmem.memory.resolve_scope", _lax_policy)
+    problems, receipt = attacks.run_probe(mem, reader, probe)
+    assert receipt is None and len(problems) == 1 and "got swarm:b/k" in problems[0], problems
+    fig = attacks.cross_scope_reads(mem, attempts=200)
+    assert fig.extra["leaks"] > 0 and any("values outside" in p for p in fig.problems), fig
+
+
+def test_9_a_denial_that_leaves_no_audit_receipt_is_reported(
+    mem: DualMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A denial raised without its audit receipt (injected here: the audit write returns
+    # nothing) was passed as "no problem": an unaudited denial is one of the attack's findings.
+    reader = attacks.make_principal("a", "a", "a", False)
+    probe = attacks.Probe("get", Level.SWARM, "k", "swarm:b")
+    monkeypatch.setattr(mem, "_audit", lambda *args, **kwargs: None)
+    problems, receipt = attacks.run_probe(mem, reader, probe)
+    assert receipt is None and len(problems) == 1 and "without an audit receipt" in problems[0]
+
+
+def test_9_denials_whose_receipts_name_no_denial_row_are_reported(
+    mem: DualMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Injected: each denial hands back the receipt of another audit event, and no
+    # access_denied row is written. Counting every audit row, or not comparing the count
+    # with the denials, passed the run as "every denial audited".
+    audit = mem._audit
+    monkeypatch.setattr(
+        mem, "_audit", lambda *args, **kwargs: audit("not_a_denial", actor="x", risk="low")
+    )
+    fig = attacks.cross_scope_reads(mem, attempts=100)
+    assert fig.denials and fig.extra["denials_audited"] == 0
+    assert any("audit rows" in p for p in fig.problems), fig.problems
+
+
+def test_9_cross_scope_reads_on_a_memory_read_before_count_only_their_own_denials(
+    mem: DualMemory,
+) -> None:
+    # The audit rows were counted from zero, not from the run's start: a second run on the
+    # same memory found its predecessor's denials too and reported a mismatch.
+    first = attacks.cross_scope_reads(mem, attempts=150)
+    second = attacks.cross_scope_reads(mem, attempts=150, seed=19)
+    for fig in (first, second):
+        assert fig.problems == [], fig.problems
+        assert fig.denials and fig.extra["denials_audited"] == fig.denials
 
 
 # -- 10. ciphertext tampering -----------------------------------------------------------------
