@@ -20,13 +20,16 @@ from hypothesis import strategies as st
 
 from acl import (
     AccessDenied,
+    Keyring,
     Level,
     MissingKey,
     Principal,
     TamperedRecord,
     ValidationError,
+    crypto,
     level_of_scope,
 )
+from acl.crypto import _aad as _real_aad
 from acl.policy import resolve_scope
 from bench import attacks
 from bench.faultkit import FaultEnv
@@ -319,6 +322,46 @@ def test_10_tampered_envelopes_in_sqlite_and_redis_never_read_as_plaintext(
             assert by_attack.get(f"{where}:{attack}:tampered", 0) > 0, (where, attack)
         assert by_attack.get(f"{where}:unknown_key_id:missing_key", 0) > 0
     assert fig.extra["leaks"] == 0 and fig.extra["audited"] >= fig.extra["detected"]
+
+
+def _aad_without_scope(header: bytes, scope: str, key: str, level: int) -> bytes:
+    """A broken codec for the harness to find: the additional data leaves out the scope."""
+    return _real_aad(header, "", key, level)
+
+
+def test_10_tampering_reports_a_codec_that_does_not_bind_the_scope(
+    mem: DualMemory, raw_redis: redis.Redis, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Injected: envelopes sealed and opened without their scope in the GCM additional data,
+    # so one scope's envelope opens under another's name. The attack must report it: with
+    # a read that opened not counted as a leak, the leaks not required away, or the "scope"
+    # swap taking another key's envelope (which the key still refuses), it passed.
+    monkeypatch.setattr(crypto, "_aad", _aad_without_scope)
+    fig = attacks.tampering(mem, raw_redis, db_path, rounds=120)
+    assert fig.extra["leaks"] > 0
+    # SQLite's row names its writer too, which the swapped envelope fails; the cache's not.
+    assert len(fig.problems) == 1 and "were read" in fig.problems[0], fig.problems
+    assert (
+        "scope in redis" in fig.problems[0] and "redis:scope:tampered" not in fig.extra["by_attack"]
+    )
+
+
+def test_10_tampering_reports_a_keyring_that_cannot_open_a_key_it_holds(
+    mem: DualMemory, raw_redis: redis.Redis, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Injected: a keyring that answers MissingKey for every key but its active one. A swap
+    # between two keys the ring holds must fail authentication, never MissingKey: with
+    # that count not kept, the attack passed a keyring that cannot read its own records.
+    real_aead = Keyring.aead
+
+    def active_only(ring: Keyring, key_id: str) -> Any:
+        if key_id != ring.active_id:
+            raise MissingKey(f"no key {key_id!r} (injected)")
+        return real_aead(ring, key_id)
+
+    monkeypatch.setattr(Keyring, "aead", active_only)
+    fig = attacks.tampering(mem, raw_redis, db_path, rounds=60)
+    assert any("swaps between known keys gave MissingKey" in p for p in fig.problems), fig
 
 
 # -- a Redis writer without the key ------------------------------------------------------------
