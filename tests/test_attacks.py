@@ -492,6 +492,37 @@ def test_12_audit_log_refuses_edits_and_verify_finds_forged_rows(
     found = fig.extra["verify_found"]
     assert found.pop("untouched copy (must pass)") == []
     assert len(found) == 5 and all(found.values()), found
+    # Each edit is found by the chain of its table, not by some other check that happens
+    # to fail on the copy.
+    for name, failed in found.items():
+        chain = "journal hash chain" if name.startswith("journal") else "audit_log hash chain"
+        assert chain in failed, (name, failed)
+
+
+def test_12_the_careful_forger_edits_an_audit_row_and_gives_it_a_hash_of_its_own(
+    mem: DualMemory, db_path: Path
+) -> None:
+    # The forger that rewrites the edited row's hash (so only the next row's prev_hash
+    # gives it away) was a careless one: its hash was left as it was, or computed over the
+    # wrong columns, and verify found the row by its own hash instead.
+    p = Principal(agent_id="auditor", swarm="s")
+    for n in range(3):
+        mem.sync(mem.audit("app_event", principal=p, detail={"n": n}))
+    with sqlite3.connect(db_path) as conn:
+        ids = [r[0] for r in conn.execute("SELECT id FROM audit_log ORDER BY id")]
+        before = conn.execute("SELECT hash FROM audit_log WHERE id = ?", (ids[1],)).fetchone()
+    conn.close()
+    attacks._edit_and_rehash(db_path, ids[1])
+    cols = "id, ts, event, actor, scope, key, level, risk, detail, shard, stream_id, prev_hash"
+    with sqlite3.connect(db_path) as conn:
+        row = conn.execute(f"SELECT {cols}, hash FROM audit_log WHERE id = ?", (ids[1],)).fetchone()
+        following = conn.execute(
+            "SELECT prev_hash FROM audit_log WHERE id = ?", (ids[2],)
+        ).fetchone()
+    conn.close()
+    assert row[3] == "someone" and bytes(row[-1]) != bytes(before[0])
+    assert bytes(row[-1]) == chain_hash(bytes(row[-2]), row[:-2])  # its own hash holds
+    assert bytes(following[0]) == bytes(before[0])  # the next row still names the old one
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=SLOW_OK)
