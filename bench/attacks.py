@@ -763,6 +763,8 @@ class _FuzzTally:
     partial: int = 0
     wrong: int = 0
     envelopes: int = 0
+    #: junk envelopes a read refused (TamperedRecord, MissingKey): the ones that reached a read
+    refused_envelopes: int = 0
     errors: Counter[str] = field(default_factory=Counter)
 
     def crash(self, what: str, exc: Exception) -> None:
@@ -816,7 +818,7 @@ def _fuzz_envelopes(
         try:
             mem.get(f"junk{i}", level=level, principal=p, fresh=True)
         except (TamperedRecord, MissingKey):
-            pass
+            t.refused_envelopes += 1
         except Exception as exc:
             t.crash("envelope: ", exc)
             continue
@@ -894,6 +896,7 @@ def fuzz(env: FaultEnv, *, cases: int, seed: int = 13) -> Figures:
         "rejected_puts": t.rejected,
         "errors": dict(t.errors.most_common(8)),
         "junk_envelopes_rejected": t.envelopes,
+        "junk_envelopes_refused_by_a_read": t.refused_envelopes,
         "junk_stream_entries": len(junk_ids),
         "worker": counters,
     }

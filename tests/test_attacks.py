@@ -768,6 +768,21 @@ def test_13_malformed_stream_entries_fail_alone_and_leave_no_trace(
             store.close()
 
 
+def test_13_a_dead_lettered_entry_that_left_a_row_behind_is_counted(tmp_path: Path) -> None:
+    # The fuzz run's last check (a junk entry dead-lettered yet holding a journal, memory
+    # or audit row: a partial write) counted nothing, whatever the database held.
+    store = SQLiteStore(tmp_path / "m.db")
+    try:
+        fields = redis_fields(put_fields("swarm:ok", "k", Level.SWARM, "a", 1, b"\x01\x00{}", None))
+        committed, dead_only = StreamEntry(0, "1-0", fields), StreamEntry(0, "2-0", fields)
+        assert not store.apply([committed]).failed
+        store.dead_letter([(committed, "dead and committed", 1), (dead_only, "dead only", 1)])
+    finally:
+        store.close()
+    assert attacks._fuzz_traces(tmp_path / "m.db", [b"1-0", b"2-0"]) == 1
+    assert attacks._fuzz_traces(tmp_path / "m.db", [b"2-0"]) == 0
+
+
 @pytest.mark.real_redis
 @pytest.mark.slow
 def test_13_fuzzed_puts_envelopes_and_entries_against_a_worker_process(
@@ -777,3 +792,39 @@ def test_13_fuzzed_puts_envelopes_and_entries_against_a_worker_process(
     assert fig.problems == [], fig.problems
     assert fig.extra["accepted_puts"] > 50 and fig.extra["rejected_puts"] > 50
     assert fig.extra["worker"]["dead-lettered"] > 0  # the junk entries reached the worker
+    # The junk envelopes reached a read (one that never placed them read nothing, and
+    # counted that as a rejection).
+    assert fig.extra["junk_envelopes_refused_by_a_read"] > 0.9 * 200
+
+
+@pytest.mark.real_redis
+def test_13_fuzz_reports_a_memory_that_loses_values_crashes_and_rejects_after_writing(
+    own_redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Injected faults the fuzz run must report: SQLite reads that lose the value, a put
+    # that raises an untranslated error, a put rejected after its command reached the
+    # stream, a fresh read of a junk envelope that raises something else than
+    # TamperedRecord. With any of those counts dropped, the run passed such a memory.
+    real_put, real_get = DualMemory.put, DualMemory.get
+
+    def put(mem: DualMemory, key: Any, value: Any, **kwargs: Any) -> Any:
+        if kwargs.get("ttl") == 600:
+            raise KeyError("injected")
+        if kwargs.get("ttl") == 3.5:
+            real_put(mem, "stray", 1, level=Level.SWARM, principal=kwargs["principal"])
+            raise ValidationError("injected, after a write")
+        return real_put(mem, key, value, **kwargs)
+
+    def get(mem: DualMemory, key: Any, **kwargs: Any) -> Any:
+        if kwargs.get("fresh") and key == "junk3":
+            raise RuntimeError("injected")
+        return None if not kwargs.get("fresh") else real_get(mem, key, **kwargs)
+
+    monkeypatch.setattr(DualMemory, "put", put)
+    monkeypatch.setattr(DualMemory, "get", get)
+    fig = attacks.fuzz(FaultEnv(own_redis_server, tmp_path / "world"), cases=200)
+    problems = "\n".join(fig.problems)
+    assert "untranslated errors" in problems and "put: KeyError" in problems
+    assert "envelope: RuntimeError: injected" in fig.extra["errors"]
+    assert "rejected inputs left something behind" in problems
+    assert "accepted values did not read back equal" in problems
