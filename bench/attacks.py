@@ -151,7 +151,7 @@ def key_rotation(
         # Concurrent puts to the same keys throughout the rotation.
         writer.start(2 * records, rate=2 * records / 4.0)
         first = _rotate(env, "--batch-size", str(batch), "--grace", "0.5", log=logs)
-        killed_at = None
+        killed_at = new = None
         if kill:
             new = wait_for(
                 lambda: (k := Keyring.load(env.keyfile).active_id) != old and k, 30, "new key"
@@ -182,6 +182,9 @@ def key_rotation(
     ring = Keyring.load(env.keyfile)
     fig.require(old not in ring.ids, f"retired key {old} still in the key file")
     fig.require(active != old, "the active key did not change")
+    # --resume finishes the killed run's rotation: a run that made a key of its own instead
+    # would re-seal everything again and leave "killed and resumed" untested.
+    fig.require(not kill or active == new, f"the resumed run made another key than {new}")
     check = check_persisted(env.db, writer.acks, mem)
     mem.close()
     # Every last value reads back through a process that never had the old key.
@@ -208,6 +211,7 @@ def key_rotation(
         "left_under_old_key_after": left_rows,
         "cache_entries_under_old_key_after": left_cache,
         "old_key_dropped": old not in ring.ids,
+        "resumed_the_killed_runs_key": kill and active == new,
         "keys_lost_newest_value": len(check.stale),
         "worker": counters,
         "rotate_keys_output": [ln for ln in out.splitlines() if "re-sealed" in ln][-3:],

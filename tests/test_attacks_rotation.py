@@ -8,6 +8,7 @@ concurrent newer put or delete always wins, and replaying it changes nothing.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from acl import Codec, Keyring, Level, Principal, envelope_key_id
+from acl import Codec, Keyring, Level, Principal, crypto, envelope_key_id
 from bench import attacks
 from bench.faultkit import FaultEnv
 from dualmem import DualMemory, RotationBusy, StoreUnavailable
@@ -168,6 +169,19 @@ def test_nonces_never_repeat_under_one_key() -> None:
     fig = attacks.nonces(250_000)  # the report runs 1,000,000
     assert fig.problems == [] and fig.extra["repeated"] == 0
     assert fig.extra["distinct_nonces"] == 250_000
+
+
+def test_the_nonce_check_reports_a_nonce_source_that_repeats(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Injected: a nonce source cycling through three nonces that differ in their last byte
+    # only. The check counted no repeat (its count not kept or not required), or read
+    # something else than the nonce: the tag's bytes, or the nonce without its last bytes.
+    cycle = itertools.cycle([bytes(11) + bytes([j]) for j in range(3)])
+    monkeypatch.setattr(crypto, "_next_nonce", lambda: next(cycle))
+    fig = attacks.nonces(100)
+    assert fig.extra["distinct_nonces"] == 3 and fig.extra["repeated"] == 97
+    assert fig.problems == ["97 repeated nonces in 100 seals"]
 
 
 # -- processes learn the new key -------------------------------------------------------------
@@ -1528,7 +1542,31 @@ def test_rotate_keys_online_killed_and_resumed(
     assert fig.extra["left_under_old_key_after"] == 0
     assert fig.extra["cache_entries_under_old_key_after"] == 0
     assert fig.extra["old_key_dropped"] and fig.extra["keys_lost_newest_value"] == 0
-    assert fig.extra["left_under_old_key_when_killed"] > 0  # the kill was mid-way
+    # The kill was mid-way: after the first row was re-sealed, before the last.
+    assert (
+        0 < fig.extra["left_under_old_key_when_killed"] < fig.extra["records_under_old_key_before"]
+    )
+    assert fig.extra["resumed_the_killed_runs_key"]  # --resume finished that run's rotation
+
+
+@pytest.mark.real_redis
+def test_the_rotation_attack_counts_the_rows_and_cache_entries_sealed_under_a_key(
+    own_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # The attack's "nothing left under the old key" counted cache entries with a pattern
+    # no cache key matches: 0 whatever the cache held.
+    env = FaultEnv(own_redis_server, tmp_path / "world")
+    mem = env.memory(worker=True)
+    try:
+        p = Principal(agent_id="a", team="t", swarm="s")
+        levels = (Level.PRIVATE, Level.TEAM, Level.SWARM)  # swarm: plaintext, no key id
+        for r in [mem.put(f"k{i}", i, level=lvl, principal=p) for i in range(3) for lvl in levels]:
+            mem.sync(r, timeout=30)
+    finally:
+        mem.close()
+    kid = Keyring.load(env.keyfile).active_id
+    assert attacks._rows_under(env.db, kid) == 6 and attacks._cache_under(env, kid) == 6
+    assert attacks._rows_under(env.db, "k0000dead") == attacks._cache_under(env, "k0000dead") == 0
 
 
 def test_rotate_keys_refuses_memory_url_and_needs_a_key_file(
