@@ -61,6 +61,13 @@ def _record_check(fig: Figures, check: Any) -> None:
         not check.lost, f"{len(check.lost)} acknowledged puts missing, e.g. {check.lost[:3]}"
     )
     fig.require(check.duplicated == 0, f"{check.duplicated} stream ids applied twice")
+    # Where no put raised, every put in the journal is one its writer saw acknowledged:
+    # another is a command sent twice under a second id (which the journal's one row per
+    # stream id cannot show), or one no one made.
+    fig.require(
+        fig.sent != check.acked or check.phantoms == 0,
+        f"{check.phantoms} puts in the journal that no put returned (a command sent twice?)",
+    )
     fig.require(
         not check.stale, f"{len(check.stale)} keys without their last value: {check.stale[:3]}"
     )

@@ -382,7 +382,7 @@ def test_the_fault_check_reports_lost_puts_stale_rows_phantoms_and_a_corrupt_fil
     clean = check_persisted(env.db, writer.acks, mem)
     assert (clean.acked, clean.persisted, clean.lost, clean.phantoms) == (12, 12, [], 0)
     assert (clean.duplicated, clean.stale, clean.integrity) == (0, [], "ok")
-    fig = Figures("check", "test")
+    fig = Figures("check", "test", sent=12)
     faults._record_check(fig, clean)
     assert fig.problems == [] and (fig.acked, fig.persisted, fig.lost) == (12, 12, 0)
 
@@ -410,6 +410,12 @@ def test_the_fault_check_reports_lost_puts_stale_rows_phantoms_and_a_corrupt_fil
     assert len(fig.problems) == 2, fig.problems
     assert fig.problems[0].startswith("1 acknowledged puts missing")
     assert fig.problems[1].startswith("3 keys without their last value")
+    # Had no put raised, the put no one saw acknowledged (k2's) is one too many: a
+    # command sent twice under a second id shows only that way.
+    fig = Figures("check", "test", sent=13)
+    faults._record_check(fig, check)
+    assert len(fig.problems) == 3, fig.problems
+    assert fig.problems[1].startswith("1 puts in the journal that no put returned")
 
     # An index that no longer matches its table: integrity_check says so, and so must
     # the figures.
