@@ -424,6 +424,7 @@ def test_backlog_counts_past_one_journal_page(make_mem: MakeMem, coder: Principa
         ({"seq": 1, "scopes": [], "behind": []}, "has no valid scopes"),
         ({"seq": 1, "scopes": [], "behind": {"team:backend": 2}}, "has no valid scopes"),
         ({"seq": 1, "scopes": [], "behind": {"team:backend": True}}, "has no valid scopes"),
+        ({"seq": 1, "scopes": [], "behind": {"team:backend": -1}}, "has no valid scopes"),
     ],
 )
 def test_a_saved_position_that_is_not_one_is_refused(
@@ -864,6 +865,24 @@ def test_positions_are_saved_through_the_put_path_as_private_bookkeeping(
         assert change is not None and change.key == "k10"
 
 
+def test_a_resumed_subscriber_that_consumes_nothing_saves_nothing(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # A position is saved when a change is consumed. Counted from 0 instead of from the
+    # position it resumed, an idle consumer restarted wrote its unchanged position again
+    # at every close: a journal row (and a stream entry) per restart, for nothing.
+    mem = make_mem()
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=coder), timeout=10)
+    with Subscriber(mem, coder, since="idle") as first:
+        assert [c.key for c in consume_until(first, "k")] == ["k"]
+    for _ in range(3):
+        with Subscriber(mem, coder, since="idle") as again:
+            assert again.poll(timeout=0) is None
+    mem.sync(mem.put("barrier", 0, level=Level.SWARM, principal=coder))  # saves committed
+    saves = mem.history(POSITION_PREFIX + "idle", level=Level.PRIVATE, principal=coder)
+    assert [h.op for h in saves] == ["put"]
+
+
 def test_a_position_past_the_journal_end_does_not_skip_a_new_databases_changes(
     make_mem: MakeMem, coder: Principal, tmp_path: Path
 ) -> None:
@@ -1134,6 +1153,9 @@ def test_bad_arguments_are_rejected(make_mem: MakeMem, coder: Principal, since: 
         Subscriber(mem, coder, commit_every=0)
     with pytest.raises(ValidationError):
         Subscriber(mem, "coder-1")  # type: ignore[arg-type]
+    # Not a DualMemory: refused up front, not an AttributeError from deep inside.
+    with pytest.raises(ValidationError, match="needs a DualMemory"):
+        Subscriber(mem.store, coder)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -1143,6 +1165,7 @@ def test_bad_arguments_are_rejected(make_mem: MakeMem, coder: Principal, since: 
         {"level": [3]},
         {"since": 2**63},  # past SQLite's range: accepted, then failed at the first poll
         {"batch_size": 2**63},
+        {"batch_size": 0},  # every journal read LIMIT 0: nothing ever delivered
         {"commit_every": 2**63},
         {"recheck_interval": 10**400},  # a raw OverflowError from float()
         {"recheck_interval": float("inf")},  # taken: the journal was never re-read
