@@ -816,6 +816,50 @@ def test_a_stalled_save_warns_once_when_its_retries_reach_their_longest_wait(
     assert len(paused) == 1, at_longest_wait()
 
 
+def test_a_save_that_goes_through_ends_the_stall_and_the_next_stall_starts_over(
+    make_mem: MakeMem, coder: Principal, raw_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A save that goes through ends a stall, commit()'s too: saving_stalled said True
+    # after commit() had saved the position, until the next poll. And each stall is
+    # retried from the shortest wait: the wait the last stall had reached was kept, so a
+    # later stall's first retry came that much later (up to 2 s) than its own backoff.
+    writer = make_mem()
+    for i in range(2):
+        receipt = writer.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+    writer.sync(receipt, timeout=10)
+    writer.close()
+    mem = make_mem(worker=False, max_backlog=1)
+    expected = feed(mem, coder)
+
+    def drained() -> bool:
+        return all(raw_redis.xlen(stream) == 0 for stream in mem.layout.streams())
+
+    mem.put("fill", 1, level=Level.SWARM, principal=coder)  # the stream is full
+    with Subscriber(mem, coder, since="paused") as sub:
+        assert sub.poll(timeout=5).seq == expected[0]  # type: ignore[union-attr]
+        assert sub.poll(timeout=0.3) is None and sub.saving_stalled  # its save refused
+        drainer = make_mem()  # a worker drains the stream
+        wait_until(drained, what="the stream drained")
+        sub.commit()  # the save, by hand this time: it goes through
+        assert not sub.saving_stalled
+        assert Subscriber.saved_position(mem, coder, "paused") == expected[0]
+        assert sub.poll(timeout=5).seq == expected[1]  # type: ignore[union-attr]
+        wait_until(drained, what="the save drained")
+        drainer.close()  # no worker again
+        mem.put("fill2", 2, level=Level.SWARM, principal=coder)  # the stream is full again
+        with caplog.at_level("DEBUG", logger="dualmem.subscriber"):
+            for _ in range(100):
+                retries = [r.getMessage() for r in caplog.records if "still not" in r.getMessage()]
+                if retries:
+                    break
+                assert sub.poll(timeout=0.5) is None  # expected[1] consumed, its save refused
+            else:
+                pytest.fail("the refused save was never retried")
+        assert sub.saving_stalled
+        # The first retry failed after the shortest wait (0.05 s): the next waits 0.1 s.
+        assert "next try in 0.10s" in retries[0], retries
+
+
 def test_many_open_subscribers_leave_connections_for_puts(
     make_mem: MakeMem, coder: Principal
 ) -> None:
