@@ -691,6 +691,43 @@ def test_while_redis_is_down_it_subscribes_again_with_backoff(
 
 
 @pytest.mark.real_redis
+def test_after_it_subscribed_again_the_next_outage_backs_off_from_the_start(
+    own_redis_server: RedisServer,
+    tmp_path: Path,
+    keyfile: Path,
+    coder: Principal,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A subscribe that goes through ends the backoff: the wait the last outage had grown
+    # to was kept, so after a second outage the first try to subscribe again came that
+    # much later (up to 2 s), and changes published meanwhile with it.
+    srv = own_redis_server
+    with unprompted(srv.url, tmp_path, keyfile, coder) as (mem, sub):
+        channel = mem.layout.channel(sub.scopes[0])
+        srv.stop()
+        assert sub.poll(timeout=1.0) is None  # the backoff grows through the outage
+        srv.start()
+        listener = srv.client()
+
+        def subscribed_again() -> bool:
+            assert sub.poll(timeout=0.1) is None
+            return bool(listener.pubsub_numsub(channel)[0][1])
+
+        wait_until(subscribed_again, what="the subscriber to subscribe again")
+        caplog.clear()
+        srv.stop()
+        with caplog.at_level("WARNING", logger="dualmem.subscriber"):
+            for _ in range(100):
+                lost = [r.getMessage() for r in caplog.records if "pub/sub lost" in r.getMessage()]
+                if lost:
+                    break
+                assert sub.poll(timeout=0.1) is None
+            else:
+                pytest.fail("the subscriber never saw its connection go")
+        assert "re-subscribing in 0.05s" in lost[0], lost
+
+
+@pytest.mark.real_redis
 def test_while_its_position_cannot_be_saved_nothing_more_is_handed_out(
     own_redis_server: RedisServer, tmp_path: Path, keyfile: Path, coder: Principal
 ) -> None:
