@@ -17,7 +17,14 @@ import pytest
 import redis
 
 from acl import Level, Principal
-from dualmem import AccessDenied, DualMemory, Subscriber, ValidationError
+from dualmem import (
+    AccessDenied,
+    DualMemError,
+    DualMemory,
+    StoreUnavailable,
+    Subscriber,
+    ValidationError,
+)
 from dualmem.redis_backend import _IDLE_PING_S
 from dualmem.store import Change, Notification, StreamEntry
 from dualmem.subscriber import POSITION_PREFIX
@@ -410,6 +417,24 @@ def test_backlog_counts_past_one_journal_page(make_mem: MakeMem, coder: Principa
         assert sub.backlog(limit=0) == 0
         with pytest.raises(ValidationError, match="limit"):
             sub.backlog(limit=-1)
+
+
+def test_backlog_after_its_memory_is_closed_says_closed_not_unavailable(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # backlog() on a closed DualMemory raised StoreUnavailable ("read ... failed: Cannot
+    # operate on a closed database"): an outage, which a caller retries forever. Like
+    # every read, and like poll(), it says the memory is closed.
+    mem = make_mem()
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=coder), timeout=10)
+    sub = Subscriber(mem, coder, since=0)
+    assert sub.backlog() == 1
+    mem.close()
+    for read in (sub.backlog, lambda: sub.poll(timeout=0)):
+        with pytest.raises(DualMemError, match="this DualMemory is closed") as closed:
+            read()
+        assert not isinstance(closed.value, StoreUnavailable)
+    sub.close()
 
 
 @pytest.mark.parametrize(
