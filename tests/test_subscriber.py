@@ -390,6 +390,14 @@ def test_another_scopes_key_under_the_position_prefix_is_delivered(
         ("swarm:phase-1-auth", POSITION_PREFIX + "x"),
         ("swarm:phase-1-auth", "last"),
     ]
+    # Live too: its notification alone (no periodic re-read here) brings it. Taken for a
+    # position save's and dropped, it waited for the next other change.
+    with Subscriber(mem, coder, since=0, recheck_interval=3600) as live:
+        assert len(consume_until(live, "last")) == 2
+        mem.put(POSITION_PREFIX + "z", "shared", level=Level.SWARM, principal=teammate)
+        assert [c.key for c in consume_until(live, POSITION_PREFIX + "z")] == [
+            POSITION_PREFIX + "z"
+        ]
 
 
 def test_a_live_change_is_delivered_by_its_notification(
