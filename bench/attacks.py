@@ -291,9 +291,16 @@ def run_probe(mem: DualMemory, reader: Principal, probe: Probe) -> tuple[list[st
         if receipt is None:
             problems.append(f"denial without an audit receipt: {exc}")
         return problems, receipt
+    prefix = probe.key[:1] if probe.op == "query" else None
     for scope, key, value in found:
         if scope not in allowed:
             problems.append(f"{reader.agent_id} got {scope}/{key} via {probe}")
+        # Inside its own scopes too, a read hands out only what was asked for: another
+        # key, another prefix's or another named scope's record is a read past the query.
+        asked_key = key.startswith(prefix) if prefix is not None else key == probe.key
+        asked_scope = probe.scope is None or scope == probe.scope
+        if probe.op != "changes" and not (asked_key and asked_scope):
+            problems.append(f"{reader.agent_id} got {scope}/{key}, not asked for, via {probe}")
         if value is not None and (value.get("scope"), value.get("key")) != (scope, key):
             problems.append(f"{reader.agent_id} got {value} as {scope}/{key} via {probe}")
     return problems, None

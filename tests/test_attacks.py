@@ -232,6 +232,36 @@ def test_9_a_value_filed_under_another_scope_or_key_is_reported(mem: DualMemory)
         assert len(problems) == 1 and "as swarm:s/k" in problems[0], (op, problems)
 
 
+def test_9_a_read_that_hands_out_what_was_not_asked_for_is_reported(
+    mem: DualMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A read past its query inside the reader's own scopes (a query ignoring its prefix,
+    # a get answering with another key's record, a named scope answered from another of
+    # the reader's scopes) was passed as "no problem": only a scope not the reader's was.
+    reader = attacks.make_principal("a", "t", "s", False)
+    for key in ("k", "x"):
+        for level, scope in ((Level.SWARM, "swarm:s"), (Level.TEAM, "team:t")):
+            value = {"scope": scope, "key": key, "by": "a"}
+            mem.sync(mem.put(key, value, level=level, principal=reader))
+    probes = [
+        attacks.Probe("query", None, "k", None),
+        attacks.Probe("get", Level.SWARM, "k", None),
+        attacks.Probe("history", Level.SWARM, "k", "swarm:s"),
+    ]
+    for probe in probes:
+        assert attacks.run_probe(mem, reader, probe) == ([], None), probe
+    query, get_record, history = mem.query, mem.get_record, mem.history
+    monkeypatch.setattr(mem, "query", lambda **kw: query(**{**kw, "prefix": ""}))
+    monkeypatch.setattr(mem, "get_record", lambda key, **kw: get_record("x", **kw))
+    monkeypatch.setattr(
+        mem, "history", lambda key, **kw: history(key, **{**kw, "level": Level.TEAM, "scope": None})
+    )
+    for probe, wrong in zip(probes, ("swarm:s/x", "swarm:s/x", "team:t/k"), strict=True):
+        problems, _ = attacks.run_probe(mem, reader, probe)
+        assert problems and all("not asked for" in p for p in problems), (probe, problems)
+        assert any(f"got {wrong}, not asked for" in p for p in problems), (probe, problems)
+
+
 def _lax_policy(
     principal: Principal,
     level: object,
