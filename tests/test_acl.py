@@ -108,6 +108,29 @@ def test_naming_another_scope_is_denied(level: Level, scope: str) -> None:
     assert info.value.action == "read"
 
 
+@pytest.mark.parametrize(
+    "scope",
+    [
+        "agent:coder",  # the start of the principal's own scope
+        "agent:coder-10",  # another agent whose id starts with this one's
+        "agent:Coder-1",  # another agent as far as every id comparison goes
+        "agent:coder-1 ",  # an agent id may end with a space: another agent too
+        "team:back",
+        "team:backend-ops",
+        "",
+    ],
+)
+def test_a_scope_that_only_resembles_the_principals_own_is_denied(scope: str) -> None:
+    # Only scopes unlike the principal's own were named: a comparison by prefix, either
+    # way round, without case or spaces, or one that took an empty scope for none named,
+    # let coder-1 name these without an AccessDenied (so without the audit of an attempt
+    # on another scope) and read its own record as if it were the one named.
+    level = Level.TEAM if scope.startswith("team") else Level.PRIVATE
+    with pytest.raises(AccessDenied) as info:
+        resolve_scope(CODER, level, action="read", scope=scope, key="k")
+    assert info.value.scope == scope
+
+
 def test_system_level_needs_a_system_principal() -> None:
     with pytest.raises(AccessDenied):
         resolve_scope(CODER, Level.SYSTEM, action="write")
@@ -129,12 +152,24 @@ def test_missing_membership_is_denied_not_defaulted() -> None:
     # is not taken for an iterable of one-letter levels).
     assert readable_scopes(CODER, 3) == {Level.SWARM: "swarm:s1"}
     assert readable_scopes(CODER, "team") == {Level.TEAM: "team:backend"}
+    # No level is no level, and 0 or "" is not a level: each was taken for "every level"
+    # by a check for a false value instead of for None.
+    assert readable_scopes(CODER, []) == {}
+    for bad in (0, ""):
+        with pytest.raises(ValidationError):
+            readable_scopes(CODER, bad)
 
 
 def test_level_of_scope() -> None:
     assert level_of_scope("agent:x") is Level.PRIVATE
     assert level_of_scope("system") is Level.SYSTEM
-    for bad in ("agent:", "nobody:x", "", "systems", "agents:x", "teamwork:x", "projects:p"):
+    # A scope is exactly what Principal.scope makes: a prefix matched without case, by its
+    # start, or the system scope with spaces or a name after it was given a level (a
+    # stream entry naming "system:x" passed as a SYSTEM record, ":x" as a PRIVATE one).
+    for bad in (
+        *("agent:", "nobody:x", "", "systems", "agents:x", "teamwork:x", "projects:p"),
+        *("AGENT:x", "Team:t", "ag:x", ":x", "system:x", " system", "system\n"),
+    ):
         with pytest.raises(ValueError):
             level_of_scope(bad)
 
