@@ -699,6 +699,14 @@ def test_every_seal_draws_a_fresh_nonce() -> None:
     nonces = {_nonce(codec.seal({"v": 1}, **where)) for _ in range(3)}  # type: ignore[arg-type]
     legacy = {_nonce(codec._seal_legacy(b"1", **where)) for _ in range(3)}  # type: ignore[arg-type]
     assert len(nonces) == len(legacy) == 3 and len(nonces | legacy) == 6
+    # A re-encryption keeps its write's write id and generation: a nonce made of those
+    # (fresh only because a new write's id is) repeated whenever one write was sealed
+    # again with its sealing under the same key.
+    from acl.crypto import Sealing
+
+    sealing = Sealing(bytes(8), 1, "a")
+    again = {_nonce(codec.seal_bytes(b"1", **where, sealing=sealing)) for _ in range(3)}  # type: ignore[arg-type]
+    assert len(again) == 3
 
 
 @pytest.mark.parametrize(
@@ -744,6 +752,12 @@ def test_a_key_file_or_secret_that_is_not_exactly_that_is_refused() -> None:
         Keyring.from_json(json.dumps(doc))
     with pytest.raises(ConfigurationError, match="not valid base64"):
         Keyring.from_secret("*" + base64.b64encode(bytes(32)).decode())
+    # A key file's secrets are read as strictly: a stray character was dropped there too,
+    # and the key loaded as if the file were intact.
+    doc = json.loads(Keyring.generate().to_json())
+    doc["keys"][0]["key"] = "*" + doc["keys"][0]["key"]
+    with pytest.raises(ConfigurationError, match="unreadable key file"):
+        Keyring.from_json(json.dumps(doc))
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o620, 0o610, 0o604, 0o602, 0o601])
@@ -906,6 +920,11 @@ def test_header_readers_name_nothing_for_a_header_cut_short() -> None:
     env = Codec(Keyring.generate()).seal(1, scope="agent:ab", key="k", level=1, owner="ab")
     assert may_be_sealed_by(env, b"ab") is True
     assert may_be_sealed_by(env, b"a") is False
+    # Plaintext and pre-version-2 envelopes name no writer: nothing for this check to
+    # refuse (False sent every plaintext put down the worker's slow path).
+    legacy = Codec(Keyring.generate())._seal_legacy(b"1", scope="agent:ab", key="k", level=1)
+    assert may_be_sealed_by(b"\x01\x00{}", b"b") is True
+    assert may_be_sealed_by(legacy, b"b") is True
 
 
 def test_a_sealing_the_header_cannot_hold_is_refused() -> None:
@@ -939,9 +958,62 @@ def test_a_rotation_reseals_only_encrypted_levels_each_at_its_own_level() -> Non
         again = rotated.reseal(env, scope=scope, key="k", level=level)
         assert again is not None
         assert rotated.open(again, scope=scope, key="k", level=level, owner="a") == {"v": 1}
+        # One sealed before version 2 is re-sealed bound to its own level too (bound to
+        # PRIVATE, a rotation made every old TEAM and SYSTEM record unreadable).
+        legacy = old._seal_legacy(b'{"v":2}', scope=scope, key="k", level=level)
+        again = rotated.reseal(legacy, scope=scope, key="k", level=level)
+        assert again is not None
+        assert rotated.open(again, scope=scope, key="k", level=level) == {"v": 2}
     big = json.dumps("ab" * 500).encode()
     legacy = old._seal_legacy(big, scope="agent:a", key="k", level=Level.PRIVATE)
     assert legacy[1] & 0x01 and len(legacy) < 200
     again = rotated.reseal(legacy, scope="agent:a", key="k", level=Level.PRIVATE)
     assert again is not None and again[1] & 0x01 and len(again) < 200
     assert rotated.open(again, scope="agent:a", key="k", level=Level.PRIVATE) == "ab" * 500
+
+
+_WHERE = {"scope": "agent:a", "key": "k", "level": Level.PRIVATE}
+
+
+def _saved_secrets(text: str) -> dict[str, str]:
+    return {item["id"]: item["key"] for item in json.loads(text)["keys"]}
+
+
+def test_every_generated_or_rotated_in_key_is_a_new_secret() -> None:
+    # Keys were only told apart by their ids: a generate() that made the same secret every
+    # time, or a rotation that put the old secret under a new id, sealed and opened like
+    # any other; a record then opened with another keyring's secret, and a rotation away
+    # from a leaked key changed nothing for whoever held it.
+    first = Keyring.generate()
+    env = Codec(first).seal(1, **_WHERE)  # type: ignore[arg-type]
+    for other in (Keyring.generate(), first.with_new_key()):
+        secret = _saved_secrets(other.to_json())[other.active_id]
+        impostor = Keyring.from_secret(secret, key_id=first.active_id)
+        with pytest.raises(TamperedRecord, match="failed authentication"):
+            Codec(impostor).open(env, **_WHERE)  # type: ignore[arg-type]
+
+
+def test_a_key_file_keeps_each_key_under_its_own_id_and_each_id_seals_with_its_own_key(
+    tmp_path: Path,
+) -> None:
+    # The key file tests compared ids only: a keyring that sealed under the new id with
+    # the first key's cipher, or a key file written (or read back) with one secret under
+    # both ids after a rotation, passed them; the reloaded file then failed every record
+    # sealed before or since the rotation, or the new key alone (its line of the file, or
+    # the same secret as DUALMEM_KEY) did not open what was sealed under its id.
+    first = Keyring.generate()
+    rotated = first.with_new_key()
+    path = tmp_path / "keys.json"
+    rotated.save(path)
+    old_env = Codec(first).seal("old", **_WHERE)  # type: ignore[arg-type]
+    new_env = Codec(rotated).seal("new", **_WHERE)  # type: ignore[arg-type]
+    loaded = Codec(Keyring.load(path))
+    assert loaded.open(old_env, **_WHERE) == "old"  # type: ignore[arg-type]
+    assert loaded.open(new_env, **_WHERE) == "new"  # type: ignore[arg-type]
+    saved = _saved_secrets(path.read_text())
+    for env, key_id, value in (
+        (old_env, first.active_id, "old"),
+        (new_env, rotated.active_id, "new"),
+    ):
+        alone = Codec(Keyring.from_secret(saved[key_id], key_id=key_id))
+        assert alone.open(env, **_WHERE) == value  # type: ignore[arg-type]
