@@ -524,8 +524,10 @@ def may_be_sealed_by(envelope: bytes, writer: bytes) -> bool:
     (True, False)
     >>> may_be_sealed_by(b"\\x01\\x00{}", b"b")  # plaintext: nothing to check here
     True
+    >>> may_be_sealed_by(b"", b"b")  # no envelope at all: the full check decides
+    True
     """
-    if envelope[0] != SEALED_VERSION:
+    if not envelope or envelope[0] != SEALED_VERSION:
         return True
     if len(envelope) < 3:
         return False
