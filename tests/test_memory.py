@@ -101,6 +101,21 @@ def test_issue_api_round_trip(make_mem: MakeMem, coder: Principal) -> None:
         assert 0 < m[path]["p50"] <= m[path]["p95"] <= m[path]["p99"] <= m[path]["max"]
 
 
+def test_a_receipt_names_the_operation_scope_and_key_it_stands_for(
+    make_mem: MakeMem, coder: Principal
+) -> None:
+    # A put's receipt said "del" and nothing noticed: a caller sorting its receipts by
+    # operation (or logging them) was told a write was a delete.
+    mem = make_mem(worker=False)
+    put = mem.put("k", 1, level=Level.SWARM, principal=coder)
+    gone = mem.delete("k", level=Level.SWARM, principal=coder)
+    event = mem.audit("checked", principal=coder, scope="swarm:phase-1-auth", key="k")
+    assert (put.op, put.scope, put.key) == ("put", "swarm:phase-1-auth", "k")
+    assert (gone.op, gone.scope, gone.key) == ("del", "swarm:phase-1-auth", "k")
+    assert (event.op, event.scope, event.key) == ("audit", "swarm:phase-1-auth", "k")
+    assert put.shard == gone.shard and put.stream_id != gone.stream_id
+
+
 def test_put_is_one_round_trip_and_touches_no_sqlite(
     make_mem: MakeMem,
     coder: Principal,
@@ -1881,6 +1896,18 @@ def test_settings_with_individual_settings_too_is_a_configuration_error(tmp_path
     settings = Settings.load({"redis_url": "memory://both", "db_path": str(tmp_path / "m.db")})
     with pytest.raises(ConfigurationError, match="either settings= or individual settings"):
         DualMemory(settings=settings, shards=4)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was made
+
+
+@pytest.mark.parametrize("keyring", ["keys.json", Keyring.generate()], ids=["path", "object"])
+def test_settings_with_a_keyring_beside_them_is_a_configuration_error(
+    tmp_path: Path, keyring: str | Keyring
+) -> None:
+    # A keyring= beside settings= was dropped without a word: every record was sealed
+    # with the settings' key, not the one the caller passed.
+    settings = Settings.load({"redis_url": "memory://both-keys", "db_path": str(tmp_path / "m.db")})
+    with pytest.raises(ConfigurationError, match="either settings= or individual settings"):
+        DualMemory(settings=settings, keyring=keyring)
     assert list(tmp_path.iterdir()) == []  # refused before anything was made
 
 
