@@ -205,6 +205,26 @@ def test_a_running_process_learns_a_rotated_key(tmp_path: Path) -> None:
     assert not watcher.reload() and codec.keyring.active_id == new  # a broken file is ignored
 
 
+def test_a_running_writer_seals_its_next_puts_with_a_rotated_key(
+    make_mem: MakeMem, keyfile: Path, raw_redis: redis.Redis
+) -> None:
+    # put looks at its key file (every keyring_reload_interval): with that look gone, a
+    # running writer sealed with the old key for good, and a rotation never finished.
+    writer = make_mem(worker=False, keyring_reload_interval=0.05)
+    p = Principal(agent_id="a", team="t")
+    writer.put("k", 0, level=Level.TEAM, principal=p)
+    new = add_active_key(keyfile).active_id
+
+    def sealed_with() -> str | None:
+        r = writer.put("k", 1, level=Level.TEAM, principal=p)
+        raw = raw_redis.get(writer.layout.cache_key(r.shard, r.scope, r.key))
+        envelope, _ = cached_envelope(raw or b"")
+        assert envelope is not None
+        return envelope_key_id(envelope)
+
+    wait_until(lambda: sealed_with() == new, what="a put sealed with the rotated key")
+
+
 def test_a_process_started_during_a_rotation_still_learns_the_new_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
