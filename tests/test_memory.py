@@ -3487,6 +3487,34 @@ def test_query_refuses_a_since_or_until_that_is_not_an_int(
                 mem.query(principal=coder, **{name: bad})  # type: ignore[arg-type]
 
 
+def test_query_keeps_to_its_updated_at_range_at_both_ends(
+    mem: DualMemory, coder: Principal
+) -> None:
+    # until was dropped on its way to the store and every later record came back: a
+    # caller reading "what changed up to t" was handed what changed after it too.
+    mem.sync(mem.put("a", 1, level=Level.SWARM, principal=coder))
+    (first,) = mem.query(principal=coder)
+    wait_until(lambda: time.time() * 1000 > first.updated_at + 1, what="the next millisecond")
+    mem.sync(mem.put("b", 2, level=Level.SWARM, principal=coder))
+    second = mem.get_record("b", level=Level.SWARM, principal=coder)
+    assert second is not None and second.updated_at > first.updated_at
+    # since <= updated_at < until (Store.query)
+    assert [r.key for r in mem.query(principal=coder, until=second.updated_at)] == ["a"]
+    assert [r.key for r in mem.query(principal=coder, since=second.updated_at)] == ["b"]
+    both = mem.query(principal=coder, since=first.updated_at, until=second.updated_at + 1)
+    assert [r.key for r in both] == ["a", "b"]
+
+
+def test_history_refuses_a_limit_that_is_not_a_count(mem: DualMemory, coder: Principal) -> None:
+    # history passed its limit to SQLite unchecked: -1 read every entry, a string was
+    # compared as it came, and one past 64 bits raised OverflowError.
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=coder))
+    assert len(mem.history("k", level=Level.SWARM, principal=coder, limit=0)) == 0
+    for bad in (-1, "2", True, 1.0, 2**64):
+        with pytest.raises(ValidationError, match="limit"):
+            mem.history("k", level=Level.SWARM, principal=coder, limit=bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("page", [0, -1, 10_001, 20_000, "5", True, 2.0])
 def test_query_all_names_a_bad_page_as_page(
     mem: DualMemory, coder: Principal, page: object
