@@ -1082,7 +1082,8 @@ class DualMemory:
         scope: str | None = None,
         after: tuple[str, str] | None = None,
     ) -> list[Record]:
-        """Records the principal may read, by key prefix, level and ``updated_at`` range.
+        """Records the principal may read, by key prefix, level and ``updated_at`` range
+        (epoch ms, ``since <= updated_at < until``).
 
         ``level=None`` searches every level the principal has a scope at; naming a level
         or scope it has none at raises ``AccessDenied``. Ordered by scope, then key, at
