@@ -806,18 +806,26 @@ def test_while_its_position_cannot_be_saved_nothing_more_is_handed_out(
         mem.close(timeout=2)
 
 
+def committed_then_no_worker(
+    make_mem: MakeMem, coder: Principal, *, changes: int, max_backlog: int
+) -> DualMemory:
+    """A memory with ``changes`` committed SWARM changes (``k0``, ``k1``, ...), no worker,
+    and a stream bound of ``max_backlog``."""
+    writer = make_mem()
+    for i in range(changes):
+        receipt = writer.put(f"k{i}", i, level=Level.SWARM, principal=coder)
+    writer.sync(receipt, timeout=10)
+    writer.close()
+    return make_mem(worker=False, max_backlog=max_backlog)
+
+
 def test_a_subscriber_whose_saves_meet_backpressure_pauses_and_says_so(
     make_mem: MakeMem, coder: Principal
 ) -> None:
     # Redis is up, the stream is at max_backlog and no worker drains it: the position's
     # save is refused (Backpressure), delivery pauses, saving_stalled says why; a worker
     # that drains the stream lets it resume.
-    writer = make_mem()
-    for i in range(3):
-        receipt = writer.put(f"k{i}", i, level=Level.SWARM, principal=coder)
-    writer.sync(receipt, timeout=10)
-    writer.close()
-    mem = make_mem(worker=False, max_backlog=3)
+    mem = committed_then_no_worker(make_mem, coder, changes=3, max_backlog=3)
     expected = feed(mem, coder)
     for i in range(3):
         mem.put(f"fill{i}", i, level=Level.SWARM, principal=coder)
@@ -833,10 +841,7 @@ def test_a_subscriber_whose_saves_meet_backpressure_pauses_and_says_so(
 def one_change_and_a_full_stream(make_mem: MakeMem, coder: Principal) -> DualMemory:
     """A memory with one committed change, no worker, and a stream at ``max_backlog``: a
     subscriber's position save after that change meets ``Backpressure``."""
-    writer = make_mem()
-    writer.sync(writer.put("k", 1, level=Level.SWARM, principal=coder), timeout=10)
-    writer.close()
-    mem = make_mem(worker=False, max_backlog=1)
+    mem = committed_then_no_worker(make_mem, coder, changes=1, max_backlog=1)
     mem.put("fill", 1, level=Level.SWARM, principal=coder)  # the stream is full
     return mem
 
@@ -893,12 +898,7 @@ def test_a_save_that_goes_through_ends_the_stall_and_the_next_stall_starts_over(
     # after commit() had saved the position, until the next poll. And each stall is
     # retried from the shortest wait: the wait the last stall had reached was kept, so a
     # later stall's first retry came that much later (up to 2 s) than its own backoff.
-    writer = make_mem()
-    for i in range(2):
-        receipt = writer.put(f"k{i}", i, level=Level.SWARM, principal=coder)
-    writer.sync(receipt, timeout=10)
-    writer.close()
-    mem = make_mem(worker=False, max_backlog=1)
+    mem = committed_then_no_worker(make_mem, coder, changes=2, max_backlog=1)
     expected = feed(mem, coder)
 
     def drained() -> bool:
