@@ -2603,6 +2603,29 @@ def test_a_close_interrupted_while_the_worker_commits_leaves_its_store_open(
     assert make_mem(worker=False).store.status(receipt.shard, receipt.stream_id) == "committed"
 
 
+def test_a_close_that_fails_after_its_worker_stopped_still_releases_the_store(
+    make_mem: MakeMem, coder: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A close() that fails once the worker thread has stopped (here a bug in the metrics
+    # snapshot) raises, and still closes the store and the worker's Redis client: with
+    # nothing running under them, keeping them open only leaked a connection and the
+    # checkpoint thread. (A memory.py mutation check: nothing looked.)
+    mem = make_mem()
+    mem.sync(mem.put("k", 1, level=Level.SWARM, principal=coder), timeout=10)
+    worker = mem._worker
+    assert worker is not None
+
+    def broken() -> None:
+        raise RuntimeError("a bug in the snapshot")
+
+    monkeypatch.setattr(worker, "snapshot_metrics", broken)
+    with pytest.raises(RuntimeError, match="a bug in the snapshot"):
+        mem.close()
+    assert mem._worker_thread is not None and not mem._worker_thread.is_alive()
+    with pytest.raises(StoreUnavailable):
+        mem.store.get("swarm:phase-1-auth", "k", 0)
+
+
 def test_close_without_worker_reports_pending(make_mem: MakeMem, coder: Principal) -> None:
     # close() said (0, drained) with the put still in Redis: on memory:// it was lost at
     # exit with nothing reported.
